@@ -1,0 +1,21 @@
+//! Sans-IO core of Migratory TCP (M-TCP).
+//!
+//! No sockets, no async runtime, no clock: time comes in as an argument. This crate holds
+//! everything that can be decided without I/O — the wire messages and their codecs, tokens and
+//! the peer-channel handshake, the state record that moves between servers, the byte-offset
+//! bookkeeping of both ends (upstream retention at the agent, the output log and replay
+//! verification at the server) and the agent's liveness trigger.
+
+pub mod auth;
+pub mod offsets;
+pub mod record;
+pub mod sum;
+pub mod trigger;
+pub mod wire;
+
+pub use auth::{Cid, ClusterKey, Token};
+pub use record::StateRecord;
+pub use wire::{Frame, FrameDecoder, Msg};
+
+/// Version of the wire protocol and of the state record. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,360 @@
+//! Wire format shared by the session (agent ↔ server), peer (server ↔ server) and admin channels.
+//!
+//! Every connection starts with a 6-byte preamble from each side: `MTCP` and the protocol
+//! version (u16, big endian). Then frames: `[kind: u8][len: u32 BE][payload]`. Kind 0 is stream
+//! data (payload = raw bytes, no copy on decode); kind 1 is a control message encoded with
+//! postcard. Frame sizes are limited by the decoder, so a peer can never make us buffer more
+//! than one frame's worth.
+
+use crate::auth::{Cid, Token};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Magic bytes every M-TCP connection starts with.
+pub const MAGIC: [u8; 4] = *b"MTCP";
+/// Length of the preamble: magic + version.
+pub const PREAMBLE_LEN: usize = 6;
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 5;
+/// Default maximum frame payload on session channels (data frames are cut to this).
+pub const MAX_SESSION_FRAME: usize = 1 << 20;
+
+const KIND_DATA: u8 = 0;
+const KIND_MSG: u8 = 1;
+
+/// The preamble to send for `version`.
+pub fn preamble(version: u16) -> [u8; PREAMBLE_LEN] {
+    let v = version.to_be_bytes();
+    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], v[0], v[1]]
+}
+
+/// Parses a peer's preamble and returns its protocol version.
+pub fn parse_preamble(b: &[u8; PREAMBLE_LEN]) -> Result<u16, WireError> {
+    if b[..4] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    Ok(u16::from_be_bytes([b[4], b[5]]))
+}
+
+/// Errors decoding bytes from the network. Each one ends the channel it came from.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("not an M-TCP peer (bad magic bytes)")]
+    BadMagic,
+    #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+/// Which state-transfer mode a cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// The destination fetches the state from the live origin at migration time.
+    Lazy,
+    /// Snapshots are pushed to backups as they are taken (crash survival).
+    Eager,
+}
+
+/// A server the agent may move to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub id: String,
+    /// Where agents connect (`host:port`).
+    pub data: String,
+}
+
+/// Why a server refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseCode {
+    VersionMismatch,
+    BadToken,
+    StaleEpoch,
+    UnknownConnection,
+    OriginUnreachable,
+    Busy,
+    Draining,
+    Divergence,
+    Malformed,
+    TooLarge,
+    Unauthenticated,
+    Internal,
+}
+
+/// Why a server hints a connection away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HintReason {
+    Drain,
+    Overload,
+    Balance,
+}
+
+/// Sent by the agent to a destination to take a connection over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migrate {
+    pub cid: Cid,
+    pub epoch: u64,
+    pub token: Token,
+    /// Id of the server that serves the connection now.
+    pub origin: String,
+    /// Downstream bytes the agent has received (and delivered to the client program).
+    pub down_recv: u64,
+    /// Start of the range that `down_sum` covers.
+    pub sum_from: u64,
+    /// Checksum (see [`crate::sum`]) of downstream bytes `[sum_from, down_recv)`.
+    pub down_sum: u64,
+    /// Upstream bytes the agent has sent so far.
+    pub up_sent: u64,
+}
+
+/// The server's answer to HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub server: String,
+    pub cid: Cid,
+    pub epoch: u64,
+    pub token: Token,
+    pub alternates: Vec<ServerInfo>,
+    pub mode: Mode,
+    pub heartbeat_ms: u32,
+}
+
+/// The destination's answer to a successful MIGRATE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    pub server: String,
+    pub epoch: u64,
+    pub token: Token,
+    /// The agent resends retained upstream bytes from this offset.
+    pub up_from: u64,
+    pub alternates: Vec<ServerInfo>,
+    pub heartbeat_ms: u32,
+}
+
+/// Per-server numbers returned over the admin channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub id: String,
+    pub connections: u32,
+    pub draining: bool,
+    pub migrated_in: u64,
+    pub migrated_out: u64,
+}
+
+/// Every control message of every channel. New variants go at the end (postcard encodes the
+/// variant index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    // ---- session, agent → server
+    /// Opens a new connection. `orig_dst` is the client program's original destination in
+    /// transparent mode.
+    Hello { caps: u32, orig_dst: Option<String> },
+    Migrate(Migrate),
+    /// Downstream progress, so the server can trim its output log.
+    Ack { down_recv: u64, sum_from: u64 },
+    Ping { t: u64 },
+    /// The client program finished sending at `up_total`.
+    UpFin { up_total: u64 },
+    /// The agent ends the session (client program gone).
+    Close,
+    // ---- session, server → agent
+    Welcome(Welcome),
+    Resumed(Resumed),
+    Refused { code: RefuseCode, reason: String },
+    /// A snapshot covering upstream `[0, in_off)` and downstream `[0, out_off)` is safe.
+    Snap { in_off: u64, out_off: u64 },
+    Hint { reason: HintReason, target: Option<String> },
+    Pong { t: u64 },
+    Heartbeat,
+    /// The application closed the connection after writing `down_total` bytes.
+    Closed { down_total: u64 },
+    // ---- peer and admin channels
+    PeerChallenge { nonce: [u8; 16] },
+    PeerAuth { from: String, nonce: [u8; 16], proof: [u8; 32] },
+    PeerAccept { proof: [u8; 32] },
+    /// Destination → origin: freeze connection `cid` at `epoch` and send its state record.
+    Fetch { cid: Cid, epoch: u64 },
+    /// Origin → destination: the encoded [`crate::StateRecord`].
+    State(#[serde(with = "serde_bytes")] Vec<u8>),
+    AdminDrain,
+    AdminUndrain,
+    AdminStatus,
+    AdminStatusReply(ServerStatus),
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Data(Bytes),
+    Msg(Msg),
+}
+
+impl Msg {
+    /// Appends this message as a frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let body = postcard::to_stdvec(self).expect("postcard encodes to a Vec without failing");
+        out.reserve(HEADER_LEN + body.len());
+        out.put_u8(KIND_MSG);
+        out.put_u32(body.len() as u32);
+        out.put_slice(&body);
+    }
+
+    /// This message as one frame.
+    pub fn to_frame(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+}
+
+/// The header of a data frame carrying `len` bytes.
+pub fn data_header(len: usize) -> [u8; HEADER_LEN] {
+    let l = (len as u32).to_be_bytes();
+    [KIND_DATA, l[0], l[1], l[2], l[3]]
+}
+
+/// Incremental frame decoder with a size limit.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    max_frame: usize,
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        Self { max_frame }
+    }
+
+    /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` if more bytes are
+    /// needed. On error the channel must be closed: the stream can't be resynchronised.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = buf[0];
+        if kind != KIND_DATA && kind != KIND_MSG {
+            return Err(WireError::UnknownKind(kind));
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len > self.max_frame {
+            return Err(WireError::TooLarge { len, max: self.max_frame });
+        }
+        if buf.len() < HEADER_LEN + len {
+            buf.reserve(HEADER_LEN + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let payload = buf.split_to(len);
+        match kind {
+            KIND_DATA => Ok(Some(Frame::Data(payload.freeze()))),
+            _ => postcard::from_bytes::<Msg>(&payload)
+                .map(|m| Some(Frame::Msg(m)))
+                .map_err(|e| WireError::Malformed(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_msg() -> impl Strategy<Value = Msg> {
+        let cid = any::<[u8; 16]>().prop_map(Cid);
+        let token = any::<[u8; 32]>().prop_map(Token);
+        let server = (any::<String>(), any::<String>()).prop_map(|(id, data)| ServerInfo { id, data });
+        prop_oneof![
+            (any::<u32>(), proptest::option::of(any::<String>()))
+                .prop_map(|(caps, orig_dst)| Msg::Hello { caps, orig_dst }),
+            (cid.clone(), any::<u64>(), token.clone(), any::<String>(), any::<[u64; 4]>()).prop_map(
+                |(cid, epoch, token, origin, n)| Msg::Migrate(Migrate {
+                    cid,
+                    epoch,
+                    token,
+                    origin,
+                    down_recv: n[0],
+                    sum_from: n[1],
+                    down_sum: n[2],
+                    up_sent: n[3],
+                })
+            ),
+            (any::<u64>(), any::<u64>()).prop_map(|(down_recv, sum_from)| Msg::Ack { down_recv, sum_from }),
+            any::<u64>().prop_map(|t| Msg::Ping { t }),
+            any::<u64>().prop_map(|up_total| Msg::UpFin { up_total }),
+            Just(Msg::Close),
+            (any::<String>(), cid.clone(), any::<u64>(), token.clone(), proptest::collection::vec(server.clone(), 0..4), any::<u32>())
+                .prop_map(|(server, cid, epoch, token, alternates, heartbeat_ms)| Msg::Welcome(Welcome {
+                    server, cid, epoch, token, alternates, mode: Mode::Lazy, heartbeat_ms
+                })),
+            (any::<String>(), any::<u64>(), token, any::<u64>(), proptest::collection::vec(server, 0..4))
+                .prop_map(|(server, epoch, token, up_from, alternates)| Msg::Resumed(Resumed {
+                    server, epoch, token, up_from, alternates, heartbeat_ms: 100
+                })),
+            any::<String>().prop_map(|reason| Msg::Refused { code: RefuseCode::BadToken, reason }),
+            (any::<u64>(), any::<u64>()).prop_map(|(in_off, out_off)| Msg::Snap { in_off, out_off }),
+            proptest::option::of(any::<String>()).prop_map(|target| Msg::Hint { reason: HintReason::Drain, target }),
+            (cid, any::<u64>()).prop_map(|(cid, epoch)| Msg::Fetch { cid, epoch }),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::State),
+            (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
+                .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip_in_any_split(msgs in proptest::collection::vec(arb_msg(), 1..8),
+                                            data in proptest::collection::vec(any::<u8>(), 0..2000),
+                                            cut in 1usize..64) {
+            let mut wire = BytesMut::new();
+            for m in &msgs {
+                m.encode(&mut wire);
+                wire.extend_from_slice(&data_header(data.len()));
+                wire.extend_from_slice(&data);
+            }
+            // Feed the decoder in pieces of `cut` bytes: frames must come out whole and in order.
+            let dec = FrameDecoder::new(MAX_SESSION_FRAME);
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for chunk in wire.chunks(cut) {
+                buf.extend_from_slice(chunk);
+                while let Some(f) = dec.decode(&mut buf).unwrap() {
+                    out.push(f);
+                }
+            }
+            prop_assert!(buf.is_empty());
+            let mut expect = Vec::new();
+            for m in msgs {
+                expect.push(Frame::Msg(m));
+                expect.push(Frame::Data(Bytes::from(data.clone())));
+            }
+            prop_assert_eq!(out, expect);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let dec = FrameDecoder::new(4096);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = dec.decode(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_rejected() {
+        let dec = FrameDecoder::new(100);
+        let mut b = BytesMut::from(&data_header(101)[..]);
+        assert_eq!(dec.decode(&mut b), Err(WireError::TooLarge { len: 101, max: 100 }));
+        let mut b = BytesMut::from(&[9u8, 0, 0, 0, 0][..]);
+        assert_eq!(dec.decode(&mut b), Err(WireError::UnknownKind(9)));
+        let mut b = BytesMut::from(&[KIND_MSG, 0, 0, 0, 2, 0xff, 0xff][..]);
+        assert!(matches!(dec.decode(&mut b), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn preamble_checks_magic() {
+        assert_eq!(parse_preamble(&preamble(7)), Ok(7));
+        assert_eq!(parse_preamble(b"GET / "), Err(WireError::BadMagic));
+    }
+}
