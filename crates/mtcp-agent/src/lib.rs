@@ -1,1 +1,176 @@
+//! The M-TCP agent: the client host's side of Migratory TCP.
+//!
+//! In forward mode it listens on a local port; each connection an unmodified client program
+//! makes there is relayed over an M-TCP session to a server of the service. The agent retains
+//! upstream bytes until a snapshot covers them, counts and checksums downstream bytes, watches
+//! the session, and moves it to another server when a trigger fires.
 
+pub mod admin;
+mod relay;
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Servers of the service, tried in order for new connections.
+    pub connect: Vec<String>,
+    /// Most upstream bytes retained per connection; beyond it the agent stops reading from the
+    /// client program (backpressure, never loss).
+    pub max_retained: u64,
+    /// Connect timeout for a server.
+    pub connect_timeout: Duration,
+    /// How long a destination may take to answer MIGRATE (it may wait on the origin's lock).
+    pub migrate_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            connect: Vec::new(),
+            max_retained: 64 << 20,
+            connect_timeout: Duration::from_secs(2),
+            migrate_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// One migration as the agent saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationEvent {
+    /// Milliseconds since the agent started.
+    pub at_ms: u64,
+    pub from: String,
+    pub to: Option<String>,
+    pub reason: String,
+    pub ok: bool,
+    /// From the trigger to RESUMED, microseconds.
+    pub resumed_us: Option<u64>,
+    /// From the trigger to the first downstream byte after RESUMED, microseconds.
+    pub first_byte_us: Option<u64>,
+    /// Size of the state record the destination received.
+    pub state_bytes: Option<u64>,
+    /// Why candidates refused, if any did.
+    pub refusals: Vec<String>,
+}
+
+/// What `mtcp status` shows of one connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConnStatus {
+    pub cid: String,
+    pub server: String,
+    pub epoch: u64,
+    pub migrations: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub state: String,
+    pub timeline: Vec<MigrationEvent>,
+}
+
+/// A request to move a connection.
+#[derive(Debug)]
+pub(crate) struct MoveRequest {
+    pub to: Option<String>,
+    pub reason: String,
+    pub done: Option<oneshot::Sender<Result<String, String>>>,
+}
+
+pub(crate) struct ConnEntry {
+    pub status: Arc<Mutex<ConnStatus>>,
+    pub cmd: mpsc::UnboundedSender<MoveRequest>,
+}
+
+pub(crate) struct AgentInner {
+    pub cfg: AgentConfig,
+    pub started: Instant,
+    pub conns: Mutex<HashMap<u64, ConnEntry>>,
+    next: AtomicU64,
+    /// Finished connections, newest last (bounded), so status can show completed transfers.
+    pub finished: Mutex<Vec<ConnStatus>>,
+}
+
+/// A running agent.
+#[derive(Clone)]
+pub struct Agent {
+    pub(crate) inner: Arc<AgentInner>,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Self {
+        Agent {
+            inner: Arc::new(AgentInner {
+                cfg,
+                started: Instant::now(),
+                conns: Mutex::new(HashMap::new()),
+                next: AtomicU64::new(1),
+                finished: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Relays every connection accepted on `listener` (forward mode). Runs until dropped.
+    pub async fn serve(&self, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((client, _)) => {
+                    let _ = client.set_nodelay(true);
+                    let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(relay::relay(self.inner.clone(), id, client));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Every live connection, then recently finished ones.
+    pub fn status(&self) -> Vec<ConnStatus> {
+        let mut v: Vec<ConnStatus> = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.status.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        v.extend(self.inner.finished.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        v
+    }
+
+    /// Moves connection `cid` (or every live one when `None`) and waits for the outcome of each.
+    pub async fn migrate(&self, cid: Option<&str>, to: Option<String>) -> Vec<(String, Result<String, String>)> {
+        let mut waits = Vec::new();
+        {
+            let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
+            for e in conns.values() {
+                let c = e.status.lock().unwrap_or_else(|p| p.into_inner()).cid.clone();
+                if cid.is_some_and(|x| x != c) {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                let req = MoveRequest { to: to.clone(), reason: "manual".into(), done: Some(tx) };
+                if e.cmd.send(req).is_ok() {
+                    waits.push((c, rx));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (c, rx) in waits {
+            let r = match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err("connection ended".into()),
+                Err(_) => Err("timed out".into()),
+            };
+            out.push((c, r));
+        }
+        out
+    }
+}

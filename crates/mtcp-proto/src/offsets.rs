@@ -104,6 +104,47 @@ impl ByteLog {
         Ok(out.freeze())
     }
 
+    /// Copies bytes starting at `off` into `dst`; returns how many (0 at or past `end()`).
+    pub fn read_at(&self, off: u64, dst: &mut [u8]) -> usize {
+        if off < self.start || off >= self.end() {
+            return 0;
+        }
+        let mut skip = off - self.start;
+        let mut n = 0;
+        for c in &self.chunks {
+            let l = c.len() as u64;
+            if skip >= l {
+                skip -= l;
+                continue;
+            }
+            let src = &c[skip as usize..];
+            let k = src.len().min(dst.len() - n);
+            dst[n..n + k].copy_from_slice(&src[..k]);
+            n += k;
+            skip = 0;
+            if n == dst.len() {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Forgets bytes at and above `off` (no-op at or past `end()`; clamps at `start()`).
+    pub fn truncate_end(&mut self, off: u64) {
+        let off = off.max(self.start);
+        while self.end() > off {
+            let excess = self.end() - off;
+            let back = self.chunks.back_mut().expect("len > 0 while end > start");
+            let drop = excess.min(back.len() as u64) as usize;
+            if drop == back.len() {
+                self.chunks.pop_back();
+            } else {
+                back.truncate(back.len() - drop);
+            }
+            self.len -= drop as u64;
+        }
+    }
+
     fn check(&self, off: u64) -> Result<(), OffsetError> {
         if off < self.start || off > self.end() {
             return Err(OffsetError::OutOfRange { off, start: self.start, end: self.end() });
@@ -214,6 +255,13 @@ mod tests {
             prop_assert_eq!(&joined[..], &data[a..]);
             prop_assert!(l.copy_range(start + trim as u64 - (trim > 0) as u64, l.end()).is_err() || trim == 0);
             prop_assert!(l.chunks_from(l.end() + 1).is_err());
+            let mut dst = vec![0u8; b - a];
+            prop_assert_eq!(l.read_at(start + a as u64, &mut dst), b - a);
+            prop_assert_eq!(&dst[..], &data[a..b]);
+            let mut t = l.clone();
+            t.truncate_end(start + b as u64);
+            prop_assert_eq!(t.end(), start + b.max(trim) as u64);
+            prop_assert_eq!(&t.copy_range(t.start(), t.end()).unwrap()[..], &data[trim..b.max(trim)]);
         }
 
         /// Whatever the restart point and the client's position, a deterministic application's

@@ -133,6 +133,8 @@ pub struct Resumed {
     pub up_from: u64,
     pub alternates: Vec<ServerInfo>,
     pub heartbeat_ms: u32,
+    /// Size of the state record that was transferred (for measurements).
+    pub state_bytes: u64,
 }
 
 /// Per-server numbers returned over the admin channel.
@@ -291,7 +293,7 @@ mod tests {
                 })),
             (any::<String>(), any::<u64>(), token, any::<u64>(), proptest::collection::vec(server, 0..4))
                 .prop_map(|(server, epoch, token, up_from, alternates)| Msg::Resumed(Resumed {
-                    server, epoch, token, up_from, alternates, heartbeat_ms: 100
+                    server, epoch, token, up_from, alternates, heartbeat_ms: 100, state_bytes: 7
                 })),
             any::<String>().prop_map(|reason| Msg::Refused { code: RefuseCode::BadToken, reason }),
             (any::<u64>(), any::<u64>()).prop_map(|(in_off, out_off)| Msg::Snap { in_off, out_off }),

@@ -1,1 +1,17 @@
+//! Migratory TCP runtime (tokio): the server side of M-TCP and the state API applications use.
+//!
+//! A [`Server`] accepts connections that are either new or migrated here ([`Start`]); each
+//! [`Connection`] is `AsyncRead + AsyncWrite`, and exports restart points with
+//! [`Connection::set_state`]. Another server of the cluster fetches the connection's state over
+//! the authenticated peer channel when the client's agent moves it.
 
+pub mod config;
+pub mod conn;
+pub mod framed;
+pub mod peer;
+pub mod server;
+
+pub use config::{Cluster, Limits, ServerEntry};
+pub use conn::{is_migrated, Connection, Start, StateError, StateGuard};
+pub use server::{BindError, Server};
+pub use mtcp_proto as proto;

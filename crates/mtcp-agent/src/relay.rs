@@ -1,0 +1,449 @@
+//! One client program's connection: relay it over an M-TCP session, and move the session when
+//! a trigger fires.
+
+use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
+use bytes::BytesMut;
+use mtcp::framed::{self, ChannelError, FrameReader, Out};
+use mtcp_proto::offsets::ByteLog;
+use mtcp_proto::sum::DownTracker;
+use mtcp_proto::trigger::Liveness;
+use mtcp_proto::wire::{self, Frame, Migrate, Msg, ServerInfo};
+use mtcp_proto::{Cid, Token};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const SETUP_FRAME: usize = 64 << 10;
+const ACK_EVERY: u64 = 256 << 10;
+const PING_EVERY: Duration = Duration::from_secs(1);
+const CLIENT_READ: usize = 128 << 10;
+
+/// An open session with a server.
+struct Session {
+    reader: FrameReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+}
+
+/// What the agent knows of the connection across sessions.
+struct Conn {
+    id: u64,
+    cid: Cid,
+    epoch: u64,
+    token: Token,
+    server: String,
+    alternates: Vec<ServerInfo>,
+    heartbeat: Duration,
+    /// Upstream bytes not yet covered by a snapshot.
+    retained: ByteLog,
+    down: DownTracker,
+    acked: u64,
+    client_eof: bool,
+    status: Arc<Mutex<ConnStatus>>,
+    /// The migration whose first resumed byte is awaited: (trigger time, index in timeline).
+    awaiting_first_byte: Option<(Instant, usize)>,
+    last_state_bytes: u64,
+}
+
+enum End {
+    /// Orderly end: everything delivered.
+    Done,
+    /// Move the session.
+    Move { reason: String, to: Option<String>, done: Option<tokio::sync::oneshot::Sender<Result<String, String>>> },
+    /// Give up: the client program's connection is reset.
+    Abort(String),
+}
+
+pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<MoveRequest>();
+    let (mut session, mut conn) = match open(&inner, id).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(conn = id, "cannot open a session with any server: {e}; closing the client connection");
+            reset(client);
+            return;
+        }
+    };
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id, ConnEntry { status: conn.status.clone(), cmd: cmd_tx });
+    tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "session open");
+    let (mut cr, mut cw) = client.into_split();
+    let outcome = loop {
+        let end = run(&inner, &mut conn, &mut session, &mut cr, &mut cw, &mut cmd_rx).await;
+        match end {
+            End::Done => break Ok(()),
+            End::Abort(why) => break Err(why),
+            End::Move { reason, to, done } => {
+                drop(session);
+                match migrate(&inner, &mut conn, &reason, to.as_deref()).await {
+                    Ok(s) => {
+                        session = s;
+                        if let Some(d) = done {
+                            let _ = d.send(Ok(conn.server.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(d) = done {
+                            let _ = d.send(Err(e.clone()));
+                        }
+                        break Err(format!("migration failed: {e}"));
+                    }
+                }
+            }
+        }
+    };
+    let final_status = {
+        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.bytes_down = conn.down.received();
+        st.state = match &outcome {
+            Ok(()) => "closed".into(),
+            Err(e) => format!("aborted: {e}"),
+        };
+        st.clone()
+    };
+    inner.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    {
+        let mut f = inner.finished.lock().unwrap_or_else(|p| p.into_inner());
+        f.push(final_status);
+        if f.len() > 64 {
+            f.remove(0);
+        }
+    }
+    match outcome {
+        Ok(()) => {
+            tracing::info!(conn = id, cid = %conn.cid, "connection closed in order");
+            let _ = cw.shutdown().await;
+        }
+        Err(why) => {
+            tracing::error!(conn = id, cid = %conn.cid, "closing the client connection: {why}");
+            if let Ok(c) = cr.reunite(cw) {
+                reset(c);
+            }
+        }
+    }
+}
+
+/// Closes `s` with a reset so the client program sees an error, not a clean end.
+fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+async fn connect(addr: &str, limit: Duration) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
+    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr)).await.map_err(|_| ChannelError::Timeout)??;
+    let _ = s.set_nodelay(true);
+    tokio::time::timeout(limit, framed::exchange_preamble(&mut s)).await.map_err(|_| ChannelError::Timeout)??;
+    let (r, w) = s.into_split();
+    Ok((FrameReader::new(r, SETUP_FRAME), w))
+}
+
+/// HELLO to the configured servers in order.
+async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), String> {
+    let mut errs = Vec::new();
+    for addr in &inner.cfg.connect {
+        let r = async {
+            let (mut reader, mut w) = connect(addr, inner.cfg.connect_timeout).await?;
+            framed::write_msg(&mut w, &Msg::Hello { caps: 0, orig_dst: None }).await?;
+            match reader.next_msg(inner.cfg.connect_timeout).await? {
+                Msg::Welcome(wl) => Ok((reader, w, wl)),
+                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!("refused ({code:?}): {reason}"))),
+                other => Err(ChannelError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        .await;
+        match r {
+            Ok((mut reader, w, wl)) => {
+                reader.set_max_frame(wire::MAX_SESSION_FRAME);
+                let status = Arc::new(Mutex::new(ConnStatus {
+                    cid: wl.cid.to_string(),
+                    server: wl.server.clone(),
+                    epoch: wl.epoch,
+                    migrations: 0,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                    state: "live".into(),
+                    timeline: Vec::new(),
+                }));
+                let conn = Conn {
+                    id,
+                    cid: wl.cid,
+                    epoch: wl.epoch,
+                    token: wl.token,
+                    alternates: known_servers(wl.alternates, &wl.server, addr),
+                    server: wl.server,
+                    heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
+                    retained: ByteLog::new(0),
+                    down: DownTracker::new(0),
+                    acked: 0,
+                    client_eof: false,
+                    status,
+                    awaiting_first_byte: None,
+                    last_state_bytes: 0,
+                };
+                return Ok((Session { reader, w }, conn));
+            }
+            Err(e) => {
+                tracing::warn!(server = %addr, "cannot open a session: {e}");
+                errs.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    Err(errs.join("; "))
+}
+
+/// Relays until the session ends or must move.
+async fn run(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    s: &mut Session,
+    cr: &mut OwnedReadHalf,
+    cw: &mut OwnedWriteHalf,
+    cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
+) -> End {
+    let mut live = Liveness::new(Instant::now(), conn.heartbeat);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = BytesMut::with_capacity(CLIENT_READ);
+    let mut closed_at: Option<u64> = None;
+    loop {
+        let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
+        if buf.capacity() < CLIENT_READ / 2 {
+            buf.reserve(CLIENT_READ);
+        }
+        let deadline = tokio::time::Instant::from_std(live.deadline());
+        tokio::select! {
+            r = cr.read_buf(&mut buf), if can_read => match r {
+                Ok(0) | Err(_) => {
+                    // A reset from the client program is treated like its orderly end of input:
+                    // the server application decides what to do with it.
+                    conn.client_eof = true;
+                    let up_total = conn.retained.end();
+                    if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
+                        return session_broke(conn, "session write failed");
+                    }
+                }
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
+                    conn.retained.push(chunk.clone());
+                    if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
+                        return session_broke(conn, "session write failed");
+                    }
+                    conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
+                }
+            },
+            f = s.reader.next() => {
+                live.on_receive(Instant::now());
+                match f {
+                    Ok(Frame::Data(d)) => {
+                        if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
+                            let us = t0.elapsed().as_micros() as u64;
+                            let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(ev) = st.timeline.get_mut(idx) {
+                                ev.first_byte_us = Some(us);
+                            }
+                        }
+                        if let Some(t) = closed_at {
+                            if conn.down.received() + d.len() as u64 > t {
+                                return End::Abort("server sent data past its close".into());
+                            }
+                        }
+                        if cw.write_all(&d).await.is_err() {
+                            // The client program is gone; end the session in order.
+                            let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
+                            return End::Abort("client program closed its connection".into());
+                        }
+                        conn.down.on_data(&d);
+                        let recv = conn.down.received();
+                        if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) {
+                            conn.acked = recv;
+                            let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                            if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
+                                return session_broke(conn, "session write failed");
+                            }
+                            conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = recv;
+                        }
+                        if closed_at == Some(recv) {
+                            return End::Done;
+                        }
+                    }
+                    Ok(Frame::Msg(m)) => match m {
+                        Msg::Snap { in_off, out_off } => {
+                            conn.retained.trim_to(in_off);
+                            conn.down.on_snap(out_off);
+                        }
+                        Msg::Heartbeat => {}
+                        Msg::Pong { t } => {
+                            let now = inner.started.elapsed().as_micros() as u64;
+                            live.rtt.sample(Duration::from_micros(now.saturating_sub(t)));
+                        }
+                        Msg::Hint { reason, target } => {
+                            return End::Move { reason: format!("hint ({reason:?})").to_lowercase(), to: target, done: None };
+                        }
+                        Msg::Closed { down_total } => {
+                            let recv = conn.down.received();
+                            if recv == down_total {
+                                let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                                let _ = framed::write_msg(&mut s.w, &ack).await;
+                                return End::Done;
+                            }
+                            closed_at = Some(down_total);
+                        }
+                        Msg::Refused { code, reason } => {
+                            return End::Abort(format!("server {} ended the connection ({code:?}): {reason}", conn.server));
+                        }
+                        other => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
+                    },
+                    Err(e) => {
+                        if let Some(t) = closed_at {
+                            if conn.down.received() >= t {
+                                return End::Done;
+                            }
+                        }
+                        return session_broke(conn, &format!("session with {} ended: {e}", conn.server));
+                    }
+                }
+            },
+            Some(req) = cmd.recv() => {
+                return End::Move { reason: req.reason, to: req.to, done: req.done };
+            }
+            _ = ping.tick() => {
+                let t = inner.started.elapsed().as_micros() as u64;
+                if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
+                    return session_broke(conn, "session write failed");
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None };
+            }
+        }
+    }
+}
+
+fn session_broke(conn: &Conn, why: &str) -> End {
+    tracing::info!(conn = conn.id, cid = %conn.cid, "{why}");
+    End::Move { reason: why.to_string(), to: None, done: None }
+}
+
+/// Moves the connection: MIGRATE to candidates in order until one resumes it.
+async fn migrate(inner: &Arc<AgentInner>, conn: &mut Conn, reason: &str, to: Option<&str>) -> Result<Session, String> {
+    let t0 = Instant::now();
+    let from = conn.server.clone();
+    // Candidates: the requested one, then alternates in order, then the current server itself
+    // (which re-attaches the connection where it is when the origin is alive and reachable).
+    let mut cands: Vec<ServerInfo> = Vec::new();
+    if let Some(t) = to {
+        match conn.alternates.iter().find(|a| a.id == t) {
+            Some(a) => cands.push(a.clone()),
+            None => return Err(format!("unknown server {t:?}")),
+        }
+    }
+    for a in &conn.alternates {
+        if a.id != conn.server && !cands.iter().any(|c| c.id == a.id) {
+            cands.push(a.clone());
+        }
+    }
+    if let Some(me) = conn.alternates.iter().find(|a| a.id == conn.server) {
+        cands.push(me.clone());
+    }
+    tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating: {reason}");
+    let m = Migrate {
+        cid: conn.cid,
+        epoch: conn.epoch,
+        token: conn.token,
+        origin: conn.server.clone(),
+        down_recv: conn.down.received(),
+        sum_from: conn.down.sum_from(),
+        down_sum: conn.down.sum(),
+        up_sent: conn.retained.end(),
+    };
+    let mut refusals = Vec::new();
+    for cand in cands {
+        match try_resume(inner, conn, &cand, &m).await {
+            Ok(s) => {
+                let resumed_us = t0.elapsed().as_micros() as u64;
+                let idx = {
+                    let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.server = conn.server.clone();
+                    st.epoch = conn.epoch;
+                    st.migrations += 1;
+                    st.timeline.push(MigrationEvent {
+                        at_ms: t0.duration_since(inner.started).as_millis() as u64,
+                        from: from.clone(),
+                        to: Some(conn.server.clone()),
+                        reason: reason.to_string(),
+                        ok: true,
+                        resumed_us: Some(resumed_us),
+                        first_byte_us: None,
+                        state_bytes: Some(conn.last_state_bytes),
+                        refusals: refusals.clone(),
+                    });
+                    st.timeline.len() - 1
+                };
+                conn.awaiting_first_byte = Some((t0, idx));
+                tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
+                return Ok(s);
+            }
+            Err(e) => {
+                tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
+                refusals.push(format!("{}: {e}", cand.id));
+            }
+        }
+    }
+    let why = refusals.join("; ");
+    conn.status.lock().unwrap_or_else(|p| p.into_inner()).timeline.push(MigrationEvent {
+        at_ms: t0.duration_since(inner.started).as_millis() as u64,
+        from,
+        to: None,
+        reason: reason.to_string(),
+        ok: false,
+        resumed_us: None,
+        first_byte_us: None,
+        state_bytes: None,
+        refusals,
+    });
+    Err(if why.is_empty() { "no server to move to".into() } else { why })
+}
+
+/// Every server the agent knows: the alternates a server listed, plus that server itself (kept
+/// so the connection can re-attach to it).
+fn known_servers(mut alternates: Vec<ServerInfo>, current: &str, current_addr: &str) -> Vec<ServerInfo> {
+    alternates.retain(|a| a.id != current);
+    alternates.push(ServerInfo { id: current.to_string(), data: current_addr.to_string() });
+    alternates
+}
+
+async fn try_resume(inner: &Arc<AgentInner>, conn: &mut Conn, cand: &ServerInfo, m: &Migrate) -> Result<Session, String> {
+    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout).await.map_err(|e| e.to_string())?;
+    framed::write_msg(&mut w, &Msg::Migrate(m.clone())).await.map_err(|e| e.to_string())?;
+    let r = match reader.next_msg(inner.cfg.migrate_timeout).await.map_err(|e| e.to_string())? {
+        Msg::Resumed(r) => r,
+        Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    if r.up_from < conn.retained.start() || r.up_from > conn.retained.end() {
+        return Err(format!(
+            "server wants upstream from {} but the agent retains [{}, {})",
+            r.up_from,
+            conn.retained.start(),
+            conn.retained.end()
+        ));
+    }
+    reader.set_max_frame(wire::MAX_SESSION_FRAME);
+    conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
+    conn.epoch = r.epoch;
+    conn.last_state_bytes = r.state_bytes;
+    conn.token = r.token;
+    conn.server = r.server;
+    conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
+    let mut items: Vec<Out> = conn.retained.chunks_from(r.up_from).map_err(|e| e.to_string())?.into_iter().map(Out::Data).collect();
+    if conn.client_eof {
+        items.push(Out::Msg(Msg::UpFin { up_total: conn.retained.end() }));
+    }
+    framed::write_frames(&mut w, &items).await.map_err(|e| e.to_string())?;
+    Ok(Session { reader, w })
+}

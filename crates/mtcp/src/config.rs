@@ -1,0 +1,220 @@
+//! The cluster file (TOML) and per-server settings.
+//!
+//! ```toml
+//! key = "<64 hex chars>"        # or key_file = "path"
+//! mode = "lazy"
+//! [[server]]
+//! id = "s1"
+//! data = "127.0.0.1:7001"       # agents connect here
+//! peer = "127.0.0.1:7101"       # server-to-server state transfer
+//! admin = "127.0.0.1:7201"      # drain / status
+//! ```
+
+use mtcp_proto::wire::{Mode, ServerInfo};
+use mtcp_proto::ClusterKey;
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a cluster file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("{path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+    #[error("server id {id:?} is not in cluster file {path} (known: {known})")]
+    UnknownServer { path: String, id: String, known: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    key: Option<String>,
+    key_file: Option<String>,
+    #[serde(default = "default_mode")]
+    mode: String,
+    heartbeat_ms: Option<u32>,
+    #[serde(default)]
+    server: Vec<RawServer>,
+}
+
+fn default_mode() -> String {
+    "lazy".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    id: String,
+    data: String,
+    peer: String,
+    admin: String,
+}
+
+/// One server of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub id: String,
+    pub data: String,
+    pub peer: String,
+    pub admin: String,
+}
+
+/// A parsed, validated cluster file.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub key: ClusterKey,
+    pub mode: Mode,
+    pub heartbeat: Duration,
+    pub servers: Vec<ServerEntry>,
+}
+
+impl Cluster {
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses cluster-file text; `path` names the file in errors and anchors `key_file`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let invalid = |msg: String| ConfigError::Invalid { path: p.clone(), msg };
+        let raw: RawCluster =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: p.clone(), msg: e.to_string() })?;
+        let key_text = match (raw.key, raw.key_file) {
+            (Some(k), None) => k,
+            (None, Some(f)) => {
+                let f = path.parent().unwrap_or(Path::new(".")).join(f);
+                std::fs::read_to_string(&f)
+                    .map_err(|err| ConfigError::Read { path: f.display().to_string(), err })?
+            }
+            (Some(_), Some(_)) => return Err(invalid("give either `key` or `key_file`, not both".into())),
+            (None, None) => return Err(invalid("missing `key` (64 hex characters) or `key_file`".into())),
+        };
+        let key = ClusterKey::from_hex(&key_text).map_err(|e| invalid(e.to_string()))?;
+        let mode = match raw.mode.as_str() {
+            "lazy" => Mode::Lazy,
+            "eager" => return Err(invalid("mode \"eager\" is not implemented yet; use \"lazy\"".into())),
+            m => return Err(invalid(format!("unknown mode {m:?} (expected \"lazy\")"))),
+        };
+        if raw.server.is_empty() {
+            return Err(invalid("no [[server]] entries".into()));
+        }
+        let mut servers = Vec::new();
+        for s in raw.server {
+            for (what, addr) in [("data", &s.data), ("peer", &s.peer), ("admin", &s.admin)] {
+                if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+                    return Err(invalid(format!("server {:?}: {what} address {addr:?} is not host:port", s.id)));
+                }
+            }
+            if s.id.is_empty() || s.id.len() > 64 {
+                return Err(invalid("server ids must be 1 to 64 characters".into()));
+            }
+            if servers.iter().any(|e: &ServerEntry| e.id == s.id) {
+                return Err(invalid(format!("server id {:?} appears twice", s.id)));
+            }
+            servers.push(ServerEntry { id: s.id, data: s.data, peer: s.peer, admin: s.admin });
+        }
+        let heartbeat = Duration::from_millis(raw.heartbeat_ms.unwrap_or(100).clamp(10, 10_000) as u64);
+        Ok(Self { key, mode, heartbeat, servers })
+    }
+
+    pub fn server(&self, id: &str) -> Option<&ServerEntry> {
+        self.servers.iter().find(|s| s.id == id)
+    }
+
+    /// The entry for `id`, or an error naming the known ids.
+    pub fn require(&self, id: &str, path: &str) -> Result<&ServerEntry, ConfigError> {
+        self.server(id).ok_or_else(|| ConfigError::UnknownServer {
+            path: path.into(),
+            id: id.into(),
+            known: self.servers.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Every server but `id`, as the agent sees them.
+    pub fn alternates(&self, id: &str) -> Vec<ServerInfo> {
+        self.servers
+            .iter()
+            .filter(|s| s.id != id)
+            .map(|s| ServerInfo { id: s.id.clone(), data: s.data.clone() })
+            .collect()
+    }
+}
+
+/// Resource limits of a server. Defaults suit the HTTP app and the tests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest snapshot `set_state` accepts.
+    pub max_snapshot: usize,
+    /// Output kept since the snapshot beyond which a connection stops being migratable.
+    pub max_output_log: u64,
+    /// Upstream bytes received but not yet read by the app before the server stops reading.
+    pub max_unread: u64,
+    /// Downstream bytes queued for the session socket before the app's writes wait.
+    pub max_queued: u64,
+    /// How long a migration waits for a `lock_state` section to end.
+    pub lock_timeout: Duration,
+    /// How long state is kept for a connection whose agent went away.
+    pub dead_session: Duration,
+    /// How long a destination waits for the origin's state.
+    pub fetch_timeout: Duration,
+    /// Largest state record accepted over the peer channel.
+    pub max_record: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_snapshot: 1 << 20,
+            max_output_log: 256 << 20,
+            max_unread: 4 << 20,
+            max_queued: 4 << 20,
+            lock_timeout: Duration::from_secs(10),
+            dead_session: Duration::from_secs(120),
+            fetch_timeout: Duration::from_secs(3),
+            max_record: 512 << 20,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn parse(t: &str) -> Result<Cluster, ConfigError> {
+        Cluster::parse(t, Path::new("c.toml"))
+    }
+
+    #[test]
+    fn parses_a_cluster() {
+        let c = parse(&format!(
+            "key = \"{KEY}\"\nmode = \"lazy\"\n[[server]]\nid = \"a\"\ndata = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nadmin = \"127.0.0.1:3\"\n[[server]]\nid = \"b\"\ndata = \"127.0.0.1:4\"\npeer = \"127.0.0.1:5\"\nadmin = \"127.0.0.1:6\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.alternates("a"), vec![ServerInfo { id: "b".into(), data: "127.0.0.1:4".into() }]);
+        assert!(c.require("zz", "c.toml").unwrap_err().to_string().contains("known: a, b"));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = parse("mode = \"lazy\"\n").unwrap_err().to_string();
+        assert!(e.contains("missing `key`"), "{e}");
+        let e = parse("key = \"12\"\n").unwrap_err().to_string();
+        assert!(e.contains("64 hex"), "{e}");
+        let e = parse(&format!("key = \"{KEY}\"\nmode = \"fast\"\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown mode"), "{e}");
+        let e = parse(&format!("key = \"{KEY}\"\n")).unwrap_err().to_string();
+        assert!(e.contains("no [[server]]"), "{e}");
+        let e = parse("key = [").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml:"), "{e}");
+    }
+}

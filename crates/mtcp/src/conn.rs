@@ -1,0 +1,467 @@
+//! A migratable connection as the application sees it, and the per-connection state the runtime
+//! keeps behind it.
+//!
+//! The application reads and writes a [`Connection`] like a TCP stream. Behind it the runtime
+//! logs the input consumed since the last snapshot and the output the agent may still need, so
+//! that another server can restart the application from the snapshot and continue both streams
+//! exactly where the client is.
+
+use crate::framed::Out;
+use crate::server::ServerInner;
+use bytes::Bytes;
+use mtcp_proto::offsets::{ByteLog, ReplayVerifier};
+use mtcp_proto::wire::Msg;
+use mtcp_proto::{Cid, StateRecord};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, Notify};
+
+/// Largest piece one `poll_write` takes (keeps data frames and the output log's chunks sized).
+const MAX_WRITE: usize = 256 << 10;
+
+/// How a connection starts on this server: `get_state` of the original API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A new connection from a client.
+    New,
+    /// A connection that migrated here; restart the application from this snapshot.
+    Migrated(Bytes),
+}
+
+/// Errors of the state API.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// The connection moved to another server; this server's application must let it go.
+    #[error("connection migrated to another server")]
+    Migrated,
+    #[error("connection closed")]
+    Closed,
+    #[error("connection aborted: {0}")]
+    Aborted(String),
+    #[error("snapshot of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+impl From<StateError> for io::Error {
+    fn from(e: StateError) -> io::Error {
+        let kind = match e {
+            StateError::Migrated => io::ErrorKind::ConnectionAborted,
+            StateError::Closed => io::ErrorKind::BrokenPipe,
+            StateError::Aborted(_) => io::ErrorKind::ConnectionReset,
+            StateError::TooLarge { .. } => io::ErrorKind::InvalidInput,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Whether an I/O error from a [`Connection`] means "this connection migrated away".
+pub fn is_migrated(e: &io::Error) -> bool {
+    e.get_ref().and_then(|i| i.downcast_ref::<StateError>()) == Some(&StateError::Migrated)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Live,
+    /// The application is done; kept until the agent has every byte.
+    AppClosed,
+    Migrated,
+    Aborted(String),
+    Closed,
+}
+
+pub(crate) struct ConnState {
+    pub epoch: u64,
+    pub phase: Phase,
+    /// Upstream `[snap_in, up_recv)`: the input log, then unread input.
+    pub input: ByteLog,
+    pub in_off: u64,
+    pub up_fin: Option<u64>,
+    /// Downstream `[out_start, out_off)`.
+    pub out: ByteLog,
+    pub acked: u64,
+    pub agent_sum_from: u64,
+    /// Highest downstream offset the agent may report (the client's position at resume).
+    pub down_high: u64,
+    pub migratable: bool,
+    pub verifier: Option<ReplayVerifier>,
+    pub snapshot: Option<Bytes>,
+    pub snap_in: u64,
+    pub snap_out: u64,
+    pub locked: bool,
+    pub tx: Option<mpsc::UnboundedSender<Out>>,
+    pub queued: u64,
+    pub detached_at: Option<Instant>,
+    pub read_waker: Option<Waker>,
+    pub write_waker: Option<Waker>,
+    pub migrations: u64,
+}
+
+impl ConnState {
+    pub fn out_off(&self) -> u64 {
+        self.out.end()
+    }
+
+    fn ensure_live(&self) -> Result<(), StateError> {
+        match &self.phase {
+            Phase::Live => Ok(()),
+            Phase::Migrated => Err(StateError::Migrated),
+            Phase::Aborted(r) => Err(StateError::Aborted(r.clone())),
+            Phase::AppClosed | Phase::Closed => Err(StateError::Closed),
+        }
+    }
+
+    pub fn send(&mut self, o: Out) {
+        if let Out::Data(d) = &o {
+            self.queued += d.len() as u64;
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(o);
+        }
+    }
+
+    pub fn wake_all(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Output below this offset is no longer needed by anyone.
+    fn out_trim_point(&self) -> u64 {
+        self.acked.min(self.agent_sum_from).min(self.snap_out)
+    }
+
+    /// The agent reported downstream progress.
+    pub fn on_ack(&mut self, down_recv: u64, sum_from: u64) {
+        let high = self.out_off().max(self.down_high);
+        self.acked = self.acked.max(down_recv.min(high));
+        self.agent_sum_from = self.agent_sum_from.max(sum_from.min(self.acked));
+        let t = self.out_trim_point();
+        self.out.trim_to(t);
+    }
+
+    /// Freezes the connection and takes its state record. The application sees
+    /// [`StateError::Migrated`] from its next call.
+    pub fn freeze(&mut self, cid: Cid) -> StateRecord {
+        let input_end = self.input.end();
+        let rec = StateRecord {
+            cid,
+            epoch: self.epoch,
+            snapshot: self.snapshot.clone(),
+            snap_in: self.snap_in,
+            snap_out: self.snap_out,
+            input: self.input.copy_range(self.snap_in, input_end).expect("input log starts at snap_in"),
+            up_fin: self.up_fin,
+            out_start: self.out.start(),
+            output: self.out.copy_range(self.out.start(), self.out.end()).expect("whole log"),
+        };
+        self.phase = Phase::Migrated;
+        self.tx = None;
+        self.wake_all();
+        rec
+    }
+}
+
+/// Shared between the application's [`Connection`], the session tasks and the server's table.
+pub(crate) struct Shared {
+    pub cid: Cid,
+    pub st: Mutex<ConnState>,
+    /// Signalled when a `lock_state` section ends.
+    pub unlocked: Notify,
+    /// Signalled when the application consumed input (the session reader may read more).
+    pub consumed: Notify,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, ConnState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// State for a brand-new connection.
+    pub fn new_conn(cid: Cid, tx: mpsc::UnboundedSender<Out>) -> Arc<Self> {
+        Self::with_state(
+            cid,
+            ConnState {
+                epoch: 0,
+                phase: Phase::Live,
+                input: ByteLog::new(0),
+                in_off: 0,
+                up_fin: None,
+                out: ByteLog::new(0),
+                acked: 0,
+                agent_sum_from: 0,
+                down_high: 0,
+                migratable: true,
+                verifier: None,
+                snapshot: None,
+                snap_in: 0,
+                snap_out: 0,
+                locked: false,
+                tx: Some(tx),
+                queued: 0,
+                detached_at: None,
+                read_waker: None,
+                write_waker: None,
+                migrations: 0,
+            },
+        )
+    }
+
+    /// State for a connection restarting from `rec` at `epoch`, the client holding `down_recv`
+    /// downstream bytes whose checksum started at `sum_from`.
+    pub fn from_record(
+        rec: StateRecord,
+        epoch: u64,
+        down_recv: u64,
+        sum_from: u64,
+        tx: mpsc::UnboundedSender<Out>,
+    ) -> Result<Arc<Self>, mtcp_proto::offsets::OffsetError> {
+        let mut log = ByteLog::new(rec.out_start);
+        log.push(rec.output.clone());
+        let verifier = ReplayVerifier::new(rec.snap_out, down_recv, log.clone())?;
+        let tail = verifier.tail_to_send()?;
+        let mut out = log;
+        out.truncate_end(rec.snap_out);
+        let mut input = ByteLog::new(rec.snap_in);
+        input.push(rec.input.clone());
+        let mut st = ConnState {
+            epoch,
+            phase: Phase::Live,
+            input,
+            in_off: rec.snap_in,
+            up_fin: rec.up_fin,
+            out,
+            acked: down_recv,
+            agent_sum_from: sum_from,
+            down_high: down_recv,
+            migratable: true,
+            verifier: (!verifier.done()).then_some(verifier),
+            snapshot: rec.snapshot.clone(),
+            snap_in: rec.snap_in,
+            snap_out: rec.snap_out,
+            locked: false,
+            tx: Some(tx),
+            queued: 0,
+            detached_at: None,
+            read_waker: None,
+            write_waker: None,
+            migrations: 0,
+        };
+        let t = st.out_trim_point();
+        st.out.trim_to(t);
+        if !tail.is_empty() {
+            st.send(Out::Data(tail));
+        }
+        Ok(Self::with_state(rec.cid, st))
+    }
+
+    fn with_state(cid: Cid, st: ConnState) -> Arc<Self> {
+        Arc::new(Self {
+            cid,
+            st: Mutex::new(st),
+            unlocked: Notify::new(),
+            consumed: Notify::new(),
+        })
+    }
+}
+
+/// A connection accepted by [`crate::Server`]: read and write it like a TCP stream; export
+/// restart points with [`Connection::set_state`]; protect sections that must not be split by a
+/// migration with [`Connection::lock_state`].
+pub struct Connection {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) server: Arc<ServerInner>,
+    pub(crate) start: Start,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("cid", &self.shared.cid).field("start", &self.start).finish()
+    }
+}
+
+impl Connection {
+    /// `get_state`: whether this connection is new here or migrated, with its snapshot.
+    pub fn start(&self) -> &Start {
+        &self.start
+    }
+
+    pub fn cid(&self) -> Cid {
+        self.shared.cid
+    }
+
+    /// `set_state`: exports a restart point. `snapshot` must describe the application's state
+    /// given exactly the bytes it has read from and written to this connection so far.
+    pub fn set_state(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
+        let snapshot = snapshot.into();
+        let max = self.server.limits.max_snapshot;
+        if snapshot.len() > max {
+            return Err(StateError::TooLarge { len: snapshot.len(), max });
+        }
+        let mut st = self.shared.lock();
+        st.ensure_live()?;
+        let (in_off, out_off) = (st.in_off, st.out_off());
+        st.snapshot = Some(snapshot);
+        st.snap_in = in_off;
+        st.snap_out = out_off;
+        st.input.trim_to(in_off);
+        let t = st.out_trim_point();
+        st.out.trim_to(t);
+        st.migratable = true;
+        // Lazy mode: stored here, so the snapshot is safe as soon as it is taken.
+        st.send(Out::Msg(Msg::Snap { in_off, out_off }));
+        Ok(())
+    }
+
+    /// `lock_state`: starts a section that a migration will not split. Returns
+    /// [`StateError::Migrated`] if the connection already moved; otherwise a guard whose drop is
+    /// `unlock_state`. A migration requested meanwhile waits (bounded) for the guard to drop.
+    pub async fn lock_state(&self) -> Result<StateGuard<'_>, StateError> {
+        loop {
+            let notified = self.shared.unlocked.notified();
+            {
+                let mut st = self.shared.lock();
+                st.ensure_live()?;
+                if !st.locked {
+                    st.locked = true;
+                    return Ok(StateGuard { conn: self });
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Bytes read and written so far (upstream, downstream offsets).
+    pub fn offsets(&self) -> (u64, u64) {
+        let st = self.shared.lock();
+        (st.in_off, st.out_off())
+    }
+
+    fn close_by_app(&self) {
+        let mut st = self.shared.lock();
+        if st.phase != Phase::Live {
+            return;
+        }
+        let down_total = st.out_off();
+        st.phase = Phase::AppClosed;
+        st.send(Out::Msg(Msg::Closed { down_total }));
+        let done = st.acked >= down_total;
+        drop(st);
+        if done {
+            self.server.forget(self.shared.cid);
+        }
+    }
+}
+
+/// Held while a section must not be split by a migration; dropping it is `unlock_state`.
+pub struct StateGuard<'a> {
+    conn: &'a Connection,
+}
+
+impl StateGuard<'_> {
+    /// Ends the section (same as dropping the guard).
+    pub fn unlock(self) {}
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.conn.shared.lock().locked = false;
+        self.conn.shared.unlocked.notify_waiters();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close_by_app();
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        st.ensure_live()?;
+        let off = st.in_off;
+        let n = st.input.read_at(off, buf.initialize_unfilled());
+        if n > 0 {
+            buf.advance(n);
+            st.in_off += n as u64;
+            drop(st);
+            self.shared.consumed.notify_one();
+            return Poll::Ready(Ok(()));
+        }
+        if st.up_fin == Some(off) {
+            return Poll::Ready(Ok(()));
+        }
+        st.read_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        st.ensure_live()?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if st.queued >= self.server.limits.max_queued {
+            st.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = data.len().min(MAX_WRITE);
+        let chunk = Bytes::copy_from_slice(&data[..n]);
+        let to_send = match st.verifier.as_mut() {
+            None => chunk.clone(),
+            Some(v) => match v.on_write(chunk.clone()) {
+                Ok(s) => s,
+                Err(d) => {
+                    let reason = d.to_string();
+                    tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
+                    st.phase = Phase::Aborted(reason.clone());
+                    st.send(Out::Msg(Msg::Refused { code: mtcp_proto::wire::RefuseCode::Divergence, reason: reason.clone() }));
+                    st.tx = None;
+                    drop(st);
+                    self.server.forget(self.shared.cid);
+                    return Poll::Ready(Err(StateError::Aborted(reason).into()));
+                }
+            },
+        };
+        if st.verifier.as_ref().is_some_and(|v| v.done()) {
+            st.verifier = None;
+        }
+        st.out.push(chunk);
+        if st.out.len() > self.server.limits.max_output_log && st.migratable {
+            tracing::warn!(
+                cid = %self.shared.cid,
+                "application wrote over {} bytes since its last snapshot; connection not migratable until the next one",
+                self.server.limits.max_output_log
+            );
+            st.migratable = false;
+        }
+        if !st.migratable {
+            let acked = st.acked;
+            st.out.trim_to(acked);
+        }
+        if !to_send.is_empty() {
+            st.send(Out::Data(to_send));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let st = self.shared.lock();
+        st.ensure_live()?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close_by_app();
+        Poll::Ready(Ok(()))
+    }
+}

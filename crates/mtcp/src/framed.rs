@@ -1,0 +1,204 @@
+//! Framed I/O over tokio streams: the preamble exchange, reading frames with a size limit and
+//! writing batches of frames with vectored writes.
+
+use bytes::{Bytes, BytesMut};
+use mtcp_proto::wire::{self, Frame, FrameDecoder, Msg, WireError, PREAMBLE_LEN};
+use mtcp_proto::PROTOCOL_VERSION;
+use std::io::{self, IoSlice};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Why a channel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+}
+
+/// Sends our preamble and checks the peer's: magic and version.
+pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ChannelError> {
+    s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
+    let mut p = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut p).await.map_err(eof_is_closed)?;
+    let theirs = wire::parse_preamble(&p)?;
+    if theirs != PROTOCOL_VERSION {
+        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs }.into());
+    }
+    Ok(())
+}
+
+fn eof_is_closed(e: io::Error) -> ChannelError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ChannelError::Closed
+    } else {
+        ChannelError::Io(e)
+    }
+}
+
+/// Reads frames off a stream.
+pub struct FrameReader<R> {
+    r: R,
+    buf: BytesMut,
+    dec: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(r: R, max_frame: usize) -> Self {
+        Self { r, buf: BytesMut::with_capacity(256 << 10), dec: FrameDecoder::new(max_frame) }
+    }
+
+    /// The next frame; `Err(Closed)` on end of stream.
+    pub async fn next(&mut self) -> Result<Frame, ChannelError> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf)? {
+                return Ok(f);
+            }
+            if self.buf.capacity() - self.buf.len() < 64 << 10 {
+                self.buf.reserve(256 << 10);
+            }
+            if self.r.read_buf(&mut self.buf).await? == 0 {
+                return Err(ChannelError::Closed);
+            }
+        }
+    }
+
+    /// The next frame, which must be a control message, within `limit`.
+    pub async fn next_msg(&mut self, limit: Duration) -> Result<Msg, ChannelError> {
+        match tokio::time::timeout(limit, self.next()).await {
+            Err(_) => Err(ChannelError::Timeout),
+            Ok(Ok(Frame::Msg(m))) => Ok(m),
+            Ok(Ok(Frame::Data(_))) => Err(ChannelError::Unexpected("data frame before setup".into())),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// Changes the frame size limit (raised once a peer is authenticated).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.dec = FrameDecoder::new(max_frame);
+    }
+
+    pub fn into_inner(self) -> (R, BytesMut) {
+        (self.r, self.buf)
+    }
+
+    pub fn from_parts(r: R, buf: BytesMut, max_frame: usize) -> Self {
+        Self { r, buf, dec: FrameDecoder::new(max_frame) }
+    }
+}
+
+/// One item to write: a control message or stream data.
+#[derive(Debug, Clone)]
+pub enum Out {
+    Msg(Msg),
+    Data(Bytes),
+}
+
+/// Writes `items` as frames with as few syscalls as possible.
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, items: &[Out]) -> io::Result<()> {
+    // Headers and small control messages are laid out in one buffer; data payloads are
+    // referenced in place.
+    let mut small = BytesMut::new();
+    let mut spans: Vec<(bool, usize, usize)> = Vec::with_capacity(items.len() * 2); // (is_small, idx/start, len)
+    for (i, it) in items.iter().enumerate() {
+        match it {
+            Out::Msg(m) => {
+                let s = small.len();
+                m.encode(&mut small);
+                spans.push((true, s, small.len() - s));
+            }
+            Out::Data(d) => {
+                let s = small.len();
+                small.extend_from_slice(&wire::data_header(d.len()));
+                spans.push((true, s, wire::HEADER_LEN));
+                spans.push((false, i, d.len()));
+            }
+        }
+    }
+    let slices: Vec<&[u8]> = spans
+        .iter()
+        .map(|&(is_small, a, l)| {
+            if is_small {
+                &small[a..a + l]
+            } else {
+                match &items[a] {
+                    Out::Data(d) => &d[..],
+                    Out::Msg(_) => unreachable!("data span points at a data item"),
+                }
+            }
+        })
+        .collect();
+    write_all_vectored(w, &slices).await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, slices: &[&[u8]]) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < slices.len() {
+        let mut io: Vec<IoSlice<'_>> = Vec::with_capacity((slices.len() - idx).min(64));
+        io.push(IoSlice::new(&slices[idx][off..]));
+        for s in slices[idx + 1..].iter().take(63) {
+            io.push(IoSlice::new(s));
+        }
+        let mut n = w.write_vectored(&io).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while idx < slices.len() && n >= slices[idx].len() - off {
+            n -= slices[idx].len() - off;
+            idx += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// Writes one control message.
+pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
+    w.write_all(&m.to_frame()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_written_in_batches_read_back_in_order() {
+        let (mut a, b) = tokio::io::duplex(1000);
+        let items: Vec<Out> = (0..50)
+            .map(|i| if i % 3 == 0 { Out::Msg(Msg::Ping { t: i }) } else { Out::Data(Bytes::from(vec![i as u8; i as usize * 37])) })
+            .collect();
+        let expect = items.clone();
+        let w = tokio::spawn(async move { write_frames(&mut a, &items).await.unwrap() });
+        let mut r = FrameReader::new(b, 1 << 20);
+        for it in expect {
+            let f = r.next().await.unwrap();
+            match (it, f) {
+                (Out::Msg(m), Frame::Msg(g)) => assert_eq!(m, g),
+                (Out::Data(d), Frame::Data(g)) => assert_eq!(d, g),
+                (x, y) => panic!("{x:?} vs {y:?}"),
+            }
+        }
+        w.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn preamble_mismatch_is_reported() {
+        let (mut a, mut b) = tokio::io::duplex(100);
+        tokio::spawn(async move {
+            b.write_all(b"MTCP\x00\x09").await.unwrap();
+            let mut x = [0u8; 6];
+            let _ = b.read_exact(&mut x).await;
+        });
+        let e = exchange_preamble(&mut a).await.unwrap_err();
+        assert!(e.to_string().contains("version mismatch"), "{e}");
+    }
+}

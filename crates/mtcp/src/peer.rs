@@ -1,0 +1,200 @@
+//! The peer channel (server ↔ server state transfer) and the admin channel (drain, status).
+//!
+//! Both start with mutual challenge–response authentication under the cluster key: the acceptor
+//! sends a nonce, the opener answers with its own nonce and an HMAC over both and its id, the
+//! acceptor proves itself back. Until then frames are limited to a few KiB, so an
+//! unauthenticated peer can make us buffer nothing large.
+
+use crate::config::ServerEntry;
+use crate::framed::{self, ChannelError, FrameReader};
+use crate::server::{msg_name, ServerInner};
+use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
+use mtcp_proto::{Cid, ClusterKey, StateRecord};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+const AUTH_FRAME: usize = 4 << 10;
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_FRAME: usize = 64 << 10;
+const IDLE: Duration = Duration::from_secs(60);
+
+type Channel = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+
+/// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves. Returns the
+/// channel and the opener's id.
+async fn accept_authenticated(mut s: TcpStream, key: &ClusterKey) -> Result<(Channel, String), ChannelError> {
+    tokio::time::timeout(AUTH_TIMEOUT, framed::exchange_preamble(&mut s))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
+    let (r, mut w) = s.into_split();
+    let mut reader = FrameReader::new(r, AUTH_FRAME);
+    let nonce: [u8; 16] = rand::random();
+    framed::write_msg(&mut w, &Msg::PeerChallenge { nonce }).await?;
+    match reader.next_msg(AUTH_TIMEOUT).await? {
+        Msg::PeerAuth { from, nonce: theirs, proof } if key.check_peer_proof(&nonce, &theirs, &from, &proof) => {
+            let proof = key.peer_accept_proof(&nonce, &theirs);
+            framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
+            Ok(((reader, w), from))
+        }
+        Msg::PeerAuth { .. } => {
+            let _ = framed::write_msg(
+                &mut w,
+                &Msg::Refused { code: RefuseCode::Unauthenticated, reason: "wrong cluster key".into() },
+            )
+            .await;
+            Err(ChannelError::Unexpected("authentication failed (wrong cluster key)".into()))
+        }
+        other => Err(ChannelError::Unexpected(format!("expected authentication, got {}", msg_name(&other)))),
+    }
+}
+
+/// Opener side: connects to `addr` and authenticates as `from`.
+pub async fn connect_authenticated(
+    addr: &str,
+    key: &ClusterKey,
+    from: &str,
+    max_frame: usize,
+    limit: Duration,
+) -> Result<Channel, ChannelError> {
+    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr)).await.map_err(|_| ChannelError::Timeout)??;
+    let _ = s.set_nodelay(true);
+    tokio::time::timeout(limit, framed::exchange_preamble(&mut s)).await.map_err(|_| ChannelError::Timeout)??;
+    let (r, mut w) = s.into_split();
+    let mut reader = FrameReader::new(r, AUTH_FRAME);
+    let Msg::PeerChallenge { nonce: theirs } = reader.next_msg(limit).await? else {
+        return Err(ChannelError::Unexpected("expected a challenge".into()));
+    };
+    let nonce: [u8; 16] = rand::random();
+    let proof = key.peer_proof(&theirs, &nonce, from);
+    framed::write_msg(&mut w, &Msg::PeerAuth { from: from.to_string(), nonce, proof }).await?;
+    match reader.next_msg(limit).await? {
+        Msg::PeerAccept { proof } if key.check_peer_accept_proof(&theirs, &nonce, &proof) => {}
+        Msg::PeerAccept { .. } => return Err(ChannelError::Unexpected("server failed to prove the cluster key".into())),
+        Msg::Refused { reason, .. } => return Err(ChannelError::Unexpected(format!("refused: {reason}"))),
+        other => return Err(ChannelError::Unexpected(format!("expected acceptance, got {}", msg_name(&other)))),
+    }
+    reader.set_max_frame(max_frame);
+    Ok((reader, w))
+}
+
+/// Destination side of a lazy migration: asks `origin` to freeze `cid` and send its state.
+pub(crate) async fn fetch(
+    inner: &Arc<ServerInner>,
+    origin: &ServerEntry,
+    cid: Cid,
+    epoch: u64,
+) -> Result<StateRecord, (RefuseCode, String)> {
+    let unreachable = |e: ChannelError| (RefuseCode::OriginUnreachable, format!("origin {} ({}): {e}", origin.id, origin.peer));
+    let lim = inner.limits.fetch_timeout;
+    let (mut reader, mut w) =
+        connect_authenticated(&origin.peer, &inner.cluster.key, &inner.id, inner.limits.max_record + 1024, lim)
+            .await
+            .map_err(unreachable)?;
+    framed::write_msg(&mut w, &Msg::Fetch { cid, epoch }).await.map_err(|e| unreachable(e.into()))?;
+    // The origin may wait for a lock_state section to end before it answers.
+    match reader.next_msg(lim + inner.limits.lock_timeout).await.map_err(unreachable)? {
+        Msg::State(b) => StateRecord::decode(&b).map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+        Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
+        other => Err((RefuseCode::Internal, format!("origin {} answered {}", origin.id, msg_name(&other)))),
+    }
+}
+
+/// Serves one connection on the peer port.
+pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
+    let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ((mut reader, mut w), from) = match accept_authenticated(s, &inner.cluster.key).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(peer = %addr, "peer port: {e}; closing");
+            return;
+        }
+    };
+    if inner.cluster.server(&from).is_none() {
+        tracing::warn!(peer = %addr, "peer port: {from:?} is not a server of the cluster; closing");
+        return;
+    }
+    reader.set_max_frame(ADMIN_FRAME);
+    loop {
+        let reply = match reader.next_msg(IDLE).await {
+            Ok(Msg::Fetch { cid, epoch }) => match inner.freeze_local(cid, epoch).await {
+                Ok(rec) => Msg::State(rec.encode()),
+                Err((code, reason)) => Msg::Refused { code, reason },
+            },
+            Ok(other) => {
+                tracing::warn!(peer = %from, "peer port: unexpected {}; closing", msg_name(&other));
+                return;
+            }
+            Err(ChannelError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(peer = %from, "peer port: {e}; closing");
+                return;
+            }
+        };
+        if framed::write_msg(&mut w, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves one connection on the admin port.
+pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
+    let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ((mut reader, mut w), from) = match accept_authenticated(s, &inner.cluster.key).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(peer = %addr, "admin port: {e}; closing");
+            return;
+        }
+    };
+    reader.set_max_frame(ADMIN_FRAME);
+    loop {
+        match reader.next_msg(IDLE).await {
+            Ok(Msg::AdminDrain) => {
+                tracing::info!(by = %from, "draining: hinting every connection away");
+                inner.draining.store(true, Ordering::Relaxed);
+                inner.hint_all(HintReason::Drain);
+            }
+            Ok(Msg::AdminUndrain) => inner.draining.store(false, Ordering::Relaxed),
+            Ok(Msg::AdminStatus) => {
+                if inner.draining.load(Ordering::Relaxed) {
+                    // Hints can be lost with a session that breaks; repeat them.
+                    inner.hint_all(HintReason::Drain);
+                }
+            }
+            Ok(other) => {
+                tracing::warn!(peer = %addr, "admin port: unexpected {}; closing", msg_name(&other));
+                return;
+            }
+            Err(ChannelError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(peer = %addr, "admin port: {e}; closing");
+                return;
+            }
+        }
+        if framed::write_msg(&mut w, &Msg::AdminStatusReply(inner.status())).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin {addr}: {err}")]
+    Channel { addr: String, err: ChannelError },
+}
+
+/// Client side of the admin channel: one request (`AdminDrain`, `AdminUndrain`, `AdminStatus`).
+pub async fn admin_request(addr: &str, key: &ClusterKey, req: Msg) -> Result<ServerStatus, AdminError> {
+    let err = |err: ChannelError| AdminError::Channel { addr: addr.to_string(), err };
+    let lim = Duration::from_secs(5);
+    let (mut reader, mut w) = connect_authenticated(addr, key, "admin", ADMIN_FRAME, lim).await.map_err(err)?;
+    framed::write_msg(&mut w, &req).await.map_err(|e| err(e.into()))?;
+    match reader.next_msg(lim).await.map_err(err)? {
+        Msg::AdminStatusReply(s) => Ok(s),
+        other => Err(err(ChannelError::Unexpected(msg_name(&other)))),
+    }
+}

@@ -1,0 +1,506 @@
+//! The server side of the runtime: the data port where agents open and migrate sessions, the
+//! session tasks that move frames between a socket and a connection's state, and the janitor
+//! that forgets connections whose agent is gone.
+
+use crate::config::{Cluster, ConfigError, Limits};
+use crate::conn::{Connection, Phase, Shared, Start};
+use crate::framed::{self, ChannelError, FrameReader, Out};
+use crate::peer;
+use mtcp_proto::wire::{self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome};
+use mtcp_proto::{Cid, StateRecord};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Limit on the first message of a session, before the peer is known.
+const SETUP_FRAME: usize = 64 << 10;
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {what} address {addr}: {err}")]
+    Listen { what: &'static str, addr: String, err: std::io::Error },
+}
+
+pub(crate) struct ServerInner {
+    pub id: String,
+    pub cluster: Cluster,
+    pub limits: Limits,
+    pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
+    pub draining: AtomicBool,
+    pub migrated_in: AtomicU64,
+    pub migrated_out: AtomicU64,
+    accept_tx: mpsc::UnboundedSender<Connection>,
+}
+
+impl ServerInner {
+    pub fn forget(&self, cid: Cid) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&cid);
+    }
+
+    fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(cid).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Shared>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn status(&self) -> ServerStatus {
+        ServerStatus {
+            id: self.id.clone(),
+            connections: self.conns.lock().unwrap_or_else(|p| p.into_inner()).len() as u32,
+            draining: self.draining.load(Ordering::Relaxed),
+            migrated_in: self.migrated_in.load(Ordering::Relaxed),
+            migrated_out: self.migrated_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hints every live connection away (drain).
+    pub fn hint_all(&self, reason: HintReason) {
+        for c in self.all() {
+            let mut st = c.lock();
+            if st.phase == Phase::Live {
+                st.send(Out::Msg(Msg::Hint { reason, target: None }));
+            }
+        }
+    }
+
+    /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
+    /// for a `lock_state` section to end.
+    pub async fn freeze_local(&self, cid: Cid, epoch: u64) -> Result<StateRecord, (RefuseCode, String)> {
+        let shared = self
+            .get(&cid)
+            .ok_or((RefuseCode::UnknownConnection, format!("server {} has no connection {cid}", self.id)))?;
+        let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
+        loop {
+            let notified = shared.unlocked.notified();
+            {
+                let mut st = shared.lock();
+                if st.epoch != epoch {
+                    return Err((
+                        RefuseCode::StaleEpoch,
+                        format!("connection {cid} is at epoch {}, not {epoch}", st.epoch),
+                    ));
+                }
+                if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+                    return Err((RefuseCode::UnknownConnection, format!("connection {cid} is no longer served here")));
+                }
+                if !st.migratable {
+                    return Err((RefuseCode::Busy, "connection has no usable snapshot (output since it too large)".into()));
+                }
+                if !st.locked {
+                    let rec = st.freeze(cid);
+                    drop(st);
+                    self.forget(cid);
+                    self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%cid, epoch, "connection frozen and handed over");
+                    return Ok(rec);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err((
+                    RefuseCode::Busy,
+                    format!("connection stayed locked longer than {:?}", self.limits.lock_timeout),
+                ));
+            }
+        }
+    }
+}
+
+/// A server of an M-TCP cluster: accepts new and migrated connections.
+pub struct Server {
+    inner: Arc<ServerInner>,
+    rx: mpsc::UnboundedReceiver<Connection>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Server {
+    /// Listens on the data, peer and admin addresses of server `id` of `cluster`.
+    pub async fn bind(cluster: Cluster, id: &str, limits: Limits) -> Result<Server, BindError> {
+        let me = cluster.require(id, "cluster file")?.clone();
+        let listen = |what: &'static str, addr: String| async move {
+            TcpListener::bind(&addr).await.map_err(|err| BindError::Listen { what, addr, err })
+        };
+        let data = listen("data", me.data.clone()).await?;
+        let peer_l = listen("peer", me.peer.clone()).await?;
+        let admin = listen("admin", me.admin.clone()).await?;
+        let (accept_tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(ServerInner {
+            id: id.to_string(),
+            cluster,
+            limits,
+            conns: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            migrated_in: AtomicU64::new(0),
+            migrated_out: AtomicU64::new(0),
+            accept_tx,
+        });
+        let tasks = vec![
+            tokio::spawn(accept_loop(data, inner.clone(), |i, s| Box::pin(handle_session(i, s)))),
+            tokio::spawn(accept_loop(peer_l, inner.clone(), |i, s| Box::pin(peer::serve_peer(i, s)))),
+            tokio::spawn(accept_loop(admin, inner.clone(), |i, s| Box::pin(peer::serve_admin(i, s)))),
+            tokio::spawn(janitor(Arc::downgrade(&inner))),
+        ];
+        tracing::info!(id, data = %me.data, peer = %me.peer, admin = %me.admin, "server listening");
+        Ok(Server { inner, rx, tasks })
+    }
+
+    /// The next connection, new or migrated here.
+    pub async fn accept(&mut self) -> Option<Connection> {
+        self.rx.recv().await
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    pub fn status(&self) -> ServerStatus {
+        self.inner.status()
+    }
+
+    /// Refuses new connections and hints every connection to move elsewhere.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        self.inner.hint_all(HintReason::Drain);
+    }
+}
+
+type Handler = fn(Arc<ServerInner>, TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, handler: Handler) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handler(inner.clone(), s));
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn janitor(inner: std::sync::Weak<ServerInner>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        for c in inner.all() {
+            let mut st = c.lock();
+            if st.detached_at.is_some_and(|t| now.duration_since(t) > inner.limits.dead_session) {
+                tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
+                st.phase = Phase::Aborted("agent gone".into());
+                st.tx = None;
+                st.wake_all();
+                drop(st);
+                inner.forget(c.cid);
+            }
+        }
+    }
+}
+
+async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
+    tracing::info!(?code, "refusing session: {reason}");
+    let _ = framed::write_msg(w, &Msg::Refused { code, reason }).await;
+    let _ = w.shutdown().await;
+}
+
+async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
+    let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut s = s;
+    match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(ChannelError::Wire(e @ wire::WireError::Version { .. }))) => {
+            let (_, mut w) = s.into_split();
+            refuse(&mut w, RefuseCode::VersionMismatch, e.to_string()).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer_addr, "data port: {e}; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer_addr, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
+            return;
+        }
+    }
+    let (r, mut w) = s.into_split();
+    let mut reader = FrameReader::new(r, SETUP_FRAME);
+    let first = match reader.next_msg(SETUP_TIMEOUT).await {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(&mut w, RefuseCode::Malformed, format!("bad session setup: {e}")).await;
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (shared, start) = match first {
+        Msg::Hello { .. } => {
+            if inner.draining.load(Ordering::Relaxed) {
+                refuse(&mut w, RefuseCode::Draining, format!("server {} is draining", inner.id)).await;
+                return;
+            }
+            let cid = Cid(rand::random());
+            let shared = Shared::new_conn(cid, tx);
+            let welcome = Welcome {
+                server: inner.id.clone(),
+                cid,
+                epoch: 0,
+                token: inner.cluster.key.token(cid, 0),
+                alternates: inner.cluster.alternates(&inner.id),
+                mode: inner.cluster.mode,
+                heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+            };
+            if framed::write_msg(&mut w, &Msg::Welcome(welcome)).await.is_err() {
+                return;
+            }
+            inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(cid, shared.clone());
+            tracing::debug!(%cid, peer = %peer_addr, "new connection");
+            (shared, Start::New)
+        }
+        Msg::Migrate(m) => {
+            let started = Instant::now();
+            match take_over(&inner, &m, tx).await {
+                Ok((shared, start, resumed)) => {
+                    if framed::write_msg(&mut w, &Msg::Resumed(resumed)).await.is_err() {
+                        // The agent will try elsewhere; the state stays here until it comes back
+                        // or the janitor drops it.
+                        shared.lock().detached_at = Some(Instant::now());
+                    }
+                    inner.migrated_in.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(cid = %m.cid, from = %m.origin, took = ?started.elapsed(), "connection migrated here");
+                    (shared, start)
+                }
+                Err((code, reason)) => {
+                    refuse(&mut w, code, reason).await;
+                    return;
+                }
+            }
+        }
+        other => {
+            refuse(&mut w, RefuseCode::Malformed, format!("expected HELLO or MIGRATE, got {}", msg_name(&other))).await;
+            return;
+        }
+    };
+    let conn = Connection { shared: shared.clone(), server: inner.clone(), start };
+    if inner.accept_tx.send(conn).is_err() {
+        return;
+    }
+    let (buf_r, buf) = reader.into_inner();
+    let reader = FrameReader::from_parts(buf_r, buf, wire::MAX_SESSION_FRAME);
+    let writer = tokio::spawn(writer_loop(w, rx, shared.clone(), inner.cluster.heartbeat));
+    if reader_loop(reader, &shared, &inner).await {
+        // Orderly end: let the writer flush what is queued (it ends when the queue closes).
+        if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+            tracing::debug!(cid = %shared.cid, "session writer did not finish in time");
+        }
+    } else {
+        writer.abort();
+    }
+}
+
+/// MIGRATE: check the token, get the state record from the origin, restart here.
+async fn take_over(
+    inner: &Arc<ServerInner>,
+    m: &Migrate,
+    tx: mpsc::UnboundedSender<Out>,
+) -> Result<(Arc<Shared>, Start, Resumed), (RefuseCode, String)> {
+    if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
+        return Err((RefuseCode::BadToken, format!("token does not match connection {} at epoch {}", m.cid, m.epoch)));
+    }
+    if inner.draining.load(Ordering::Relaxed) {
+        return Err((RefuseCode::Draining, format!("server {} is draining", inner.id)));
+    }
+    let origin = inner
+        .cluster
+        .server(&m.origin)
+        .ok_or((RefuseCode::UnknownConnection, format!("origin {:?} is not in the cluster", m.origin)))?
+        .clone();
+    let rec = if origin.id == inner.id {
+        inner.freeze_local(m.cid, m.epoch).await?
+    } else {
+        peer::fetch(inner, &origin, m.cid, m.epoch).await?
+    };
+    if rec.cid != m.cid || rec.epoch != m.epoch {
+        return Err((RefuseCode::Internal, "origin sent the record of another connection".into()));
+    }
+    if m.up_sent < rec.up_recv() {
+        return Err((
+            RefuseCode::Malformed,
+            format!("agent says it sent {} upstream bytes but the origin received {}", m.up_sent, rec.up_recv()),
+        ));
+    }
+    if !(rec.out_start <= m.sum_from && m.sum_from <= m.down_recv && m.down_recv <= rec.out_end()) {
+        return Err((
+            RefuseCode::Divergence,
+            format!(
+                "agent's downstream position [{}, {}) is outside the origin's output log [{}, {})",
+                m.sum_from,
+                m.down_recv,
+                rec.out_start,
+                rec.out_end()
+            ),
+        ));
+    }
+    let a = (m.sum_from - rec.out_start) as usize;
+    let b = (m.down_recv - rec.out_start) as usize;
+    if mtcp_proto::sum::checksum(&rec.output[a..b]) != m.down_sum {
+        return Err((
+            RefuseCode::Divergence,
+            format!("the client received different bytes in [{}, {}) than the origin sent", m.sum_from, m.down_recv),
+        ));
+    }
+    let epoch = m.epoch + 1;
+    let up_from = rec.up_recv();
+    let state_bytes = rec.encode().len() as u64;
+    let start = rec.snapshot.clone().map(Start::Migrated).unwrap_or(Start::New);
+    let shared = Shared::from_record(rec, epoch, m.down_recv, m.sum_from, tx)
+        .map_err(|e| (RefuseCode::Internal, format!("state record does not cover the client: {e}")))?;
+    shared.lock().migrations += 1;
+    inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(m.cid, shared.clone());
+    let resumed = Resumed {
+        server: inner.id.clone(),
+        epoch,
+        token: inner.cluster.key.token(m.cid, epoch),
+        up_from,
+        alternates: inner.cluster.alternates(&inner.id),
+        heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+        state_bytes,
+    };
+    Ok((shared, start, resumed))
+}
+
+pub(crate) fn msg_name(m: &Msg) -> String {
+    let s = format!("{m:?}");
+    s.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string()
+}
+
+async fn writer_loop(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>, shared: Arc<Shared>, hb: Duration) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        let first = tokio::select! {
+            x = rx.recv() => x,
+            _ = tokio::time::sleep(hb) => Some(Out::Msg(Msg::Heartbeat)),
+        };
+        let Some(first) = first else { break };
+        batch.clear();
+        batch.push(first);
+        let mut bytes = 0usize;
+        while bytes < (1 << 20) && batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(o) => {
+                    if let Out::Data(d) = &o {
+                        bytes += d.len();
+                    }
+                    batch.push(o)
+                }
+                Err(_) => break,
+            }
+        }
+        let data: u64 = batch.iter().map(|o| if let Out::Data(d) = o { d.len() as u64 } else { 0 }).sum();
+        if let Err(e) = framed::write_frames(&mut w, &batch).await {
+            tracing::debug!(cid = %shared.cid, "session write failed: {e}");
+            return;
+        }
+        let mut st = shared.lock();
+        st.queued = st.queued.saturating_sub(data);
+        if let Some(wk) = st.write_waker.take() {
+            wk.wake();
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Returns whether the session ended in order (the writer should flush) rather than broke.
+async fn reader_loop(mut reader: FrameReader<OwnedReadHalf>, shared: &Arc<Shared>, inner: &Arc<ServerInner>) -> bool {
+    let why = loop {
+        // Upstream backpressure: stop reading while the application is behind.
+        loop {
+            let consumed = shared.consumed.notified();
+            {
+                let st = shared.lock();
+                if st.phase != Phase::Live || st.input.end() - st.in_off < inner.limits.max_unread {
+                    break;
+                }
+            }
+            consumed.await;
+        }
+        let f = match reader.next().await {
+            Ok(f) => f,
+            Err(e) => break e.to_string(),
+        };
+        let mut st = shared.lock();
+        if matches!(st.phase, Phase::Migrated | Phase::Aborted(_) | Phase::Closed) {
+            return st.phase != Phase::Migrated;
+        }
+        match f {
+            Frame::Data(b) => {
+                if st.up_fin.is_some() {
+                    break "data after end of input".into();
+                }
+                if st.phase == Phase::Live {
+                    st.input.push(b);
+                    if let Some(w) = st.read_waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            Frame::Msg(Msg::Ack { down_recv, sum_from }) => {
+                st.on_ack(down_recv, sum_from);
+                if st.phase == Phase::AppClosed && st.acked >= st.out_off() {
+                    st.phase = Phase::Closed;
+                    st.tx = None;
+                    drop(st);
+                    inner.forget(shared.cid);
+                    return true;
+                }
+            }
+            Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
+            Frame::Msg(Msg::UpFin { up_total }) => {
+                if up_total != st.input.end() {
+                    break format!("end of input at {up_total} but {} bytes arrived", st.input.end());
+                }
+                st.up_fin = Some(up_total);
+                if let Some(w) = st.read_waker.take() {
+                    w.wake();
+                }
+            }
+            Frame::Msg(Msg::Close) => {
+                st.phase = Phase::Closed;
+                st.tx = None;
+                st.wake_all();
+                drop(st);
+                inner.forget(shared.cid);
+                return true;
+            }
+            Frame::Msg(other) => break format!("unexpected {} in a session", msg_name(&other)),
+        }
+    };
+    let mut st = shared.lock();
+    if matches!(st.phase, Phase::Live | Phase::AppClosed) {
+        tracing::debug!(cid = %shared.cid, "session detached: {why}");
+        st.detached_at = Some(Instant::now());
+    }
+    false
+}
