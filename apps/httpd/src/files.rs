@@ -52,12 +52,18 @@ pub(crate) async fn reopen(root: &Path, body: &Body) -> io::Result<File> {
 fn open_regular(path: &PathBuf) -> io::Result<(File, u64)> {
     // Check before opening: opening a FIFO or device could block or have side effects.
     if !std::fs::metadata(path)?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "not a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a regular file",
+        ));
     }
     let file = File::open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "not a regular file"));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a regular file",
+        ));
     }
     Ok((file, meta.len()))
 }

@@ -205,7 +205,13 @@ pub fn parse(buf: &[u8]) -> Parse {
     };
     Parse::Complete {
         head_len,
-        request: Request { method, path, range, connection, body_len: content_length.unwrap_or(0) },
+        request: Request {
+            method,
+            path,
+            range,
+            connection,
+            body_len: content_length.unwrap_or(0),
+        },
     }
 }
 
@@ -245,7 +251,9 @@ pub fn parse_range(value: &[u8]) -> Option<RangeSpec> {
 /// Resolves a range against a file of `len` bytes (RFC 9110 §14.1.2). Any range of an empty
 /// file is unsatisfiable.
 pub fn resolve_range(range: Option<RangeSpec>, len: u64) -> Resolved {
-    let Some(range) = range else { return Resolved::Full };
+    let Some(range) = range else {
+        return Resolved::Full;
+    };
     let (start, end) = match range {
         RangeSpec::FromTo(a, b) => (a, b.saturating_add(1).min(len)),
         RangeSpec::From(a) => (a, len),
@@ -262,7 +270,10 @@ pub fn resolve_range(range: Option<RangeSpec>, len: u64) -> Resolved {
 /// the query and the fragment, percent-decodes, and normalizes.
 fn target_path(target: &str) -> Result<String, Status> {
     let mut t = target;
-    if let Some(rest) = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")) {
+    if let Some(rest) = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+    {
         t = rest.find('/').map_or("/", |i| &rest[i..]);
     }
     if !t.starts_with('/') {
@@ -449,30 +460,54 @@ mod tests {
     #[test]
     fn connection_semantics() {
         let c = |s: &str| complete(s.as_bytes()).1.connection;
-        assert_eq!(c("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"), Connection::Close);
-        assert_eq!(c("GET / HTTP/1.1\r\nConnection: te, close\r\n\r\n"), Connection::Close);
+        assert_eq!(
+            c("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"),
+            Connection::Close
+        );
+        assert_eq!(
+            c("GET / HTTP/1.1\r\nConnection: te, close\r\n\r\n"),
+            Connection::Close
+        );
         assert_eq!(c("GET / HTTP/1.0\r\n\r\n"), Connection::Close);
-        assert_eq!(c("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"), Connection::KeepAlive);
-        assert_eq!(c("GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"), Connection::Persistent);
+        assert_eq!(
+            c("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
+            Connection::KeepAlive
+        );
+        assert_eq!(
+            c("GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"),
+            Connection::Persistent
+        );
     }
 
     #[test]
     fn partial_and_fatal() {
         assert_eq!(parse(b""), Parse::Partial);
         assert_eq!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n"), Parse::Partial);
-        assert_eq!(parse(b"\x01\x02 garbage\r\n\r\n"), Parse::Fatal(Status::BadRequest));
-        assert_eq!(parse(b"GET / HTTP/2.0\r\n\r\n"), Parse::Fatal(Status::BadRequest));
+        assert_eq!(
+            parse(b"\x01\x02 garbage\r\n\r\n"),
+            Parse::Fatal(Status::BadRequest)
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/2.0\r\n\r\n"),
+            Parse::Fatal(Status::BadRequest)
+        );
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(parse(&big), Parse::Fatal(Status::HeaderFieldsTooLarge));
         let many: String = (0..100).map(|i| format!("H{i}: v\r\n")).collect();
         let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(parse(req.as_bytes()), Parse::Fatal(Status::HeaderFieldsTooLarge));
+        assert_eq!(
+            parse(req.as_bytes()),
+            Parse::Fatal(Status::HeaderFieldsTooLarge)
+        );
         let te = b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(parse(te), Parse::Fatal(Status::NotImplemented));
         let cl = b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(parse(cl), Parse::Fatal(Status::BadRequest));
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Parse::Fatal(Status::BadRequest));
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Parse::Fatal(Status::BadRequest)
+        );
     }
 
     #[test]
@@ -480,7 +515,10 @@ mod tests {
         let (_, r) = complete(b"POST /x HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
         assert_eq!(r.method, None);
         assert_eq!(r.body_len, 12);
-        assert_eq!(complete(b"HEAD /x HTTP/1.1\r\n\r\n").1.method, Some(Method::Head));
+        assert_eq!(
+            complete(b"HEAD /x HTTP/1.1\r\n\r\n").1.method,
+            Some(Method::Head)
+        );
     }
 
     #[test]
@@ -514,14 +552,20 @@ mod tests {
         assert_eq!(resolve_range(None, 10), Resolved::Full);
         let r = |s, len| resolve_range(parse_range(s), len);
         assert_eq!(r(b"bytes=2-4", 10), Resolved::Partial { start: 2, end: 5 });
-        assert_eq!(r(b"bytes=2-400", 10), Resolved::Partial { start: 2, end: 10 });
+        assert_eq!(
+            r(b"bytes=2-400", 10),
+            Resolved::Partial { start: 2, end: 10 }
+        );
         assert_eq!(r(b"bytes=9-", 10), Resolved::Partial { start: 9, end: 10 });
         assert_eq!(r(b"bytes=10-", 10), Resolved::Unsatisfiable);
         assert_eq!(r(b"bytes=-3", 10), Resolved::Partial { start: 7, end: 10 });
         assert_eq!(r(b"bytes=-30", 10), Resolved::Partial { start: 0, end: 10 });
         assert_eq!(r(b"bytes=-0", 10), Resolved::Unsatisfiable);
         assert_eq!(r(b"bytes=0-", 0), Resolved::Unsatisfiable);
-        assert_eq!(r(b"bytes=0-18446744073709551615", 10), Resolved::Partial { start: 0, end: 10 });
+        assert_eq!(
+            r(b"bytes=0-18446744073709551615", 10),
+            Resolved::Partial { start: 0, end: 10 }
+        );
     }
 
     #[test]
@@ -530,7 +574,11 @@ mod tests {
             status: Status::PartialContent,
             content_type: content_type("x/y.BIN"),
             content_length: 3,
-            content_range: Some(ContentRange::Bytes { start: 2, end: 5, total: 10 }),
+            content_range: Some(ContentRange::Bytes {
+                start: 2,
+                end: 5,
+                total: 10,
+            }),
             connection: Connection::Close,
         };
         let mut out = Vec::new();
@@ -592,7 +640,7 @@ mod tests {
         fn normalized_paths_never_escape(s in "[a-z./%]{0,40}") {
             if let Some(p) = normalize_path(&s) {
                 prop_assert!(!p.starts_with('/'));
-                prop_assert!(p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
+                prop_assert!(p.is_empty() || p.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."));
                 prop_assert_eq!(normalize_path(&p), Some(p.clone()));
             }
         }

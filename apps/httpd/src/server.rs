@@ -33,8 +33,6 @@ pub(crate) struct Server<'a, C> {
     cfg: &'a Config,
     /// Bytes read from the connection and not yet consumed. Always part of the snapshot.
     input: Vec<u8>,
-    /// Body chunk buffers, reused across chunks and responses.
-    spare: Vec<Vec<u8>>,
 }
 
 impl<'a, C> Server<'a, C>
@@ -42,7 +40,11 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Snapshots,
 {
     pub(crate) fn new(conn: C, cfg: &'a Config) -> Self {
-        Self { conn, cfg, input: Vec::new(), spare: Vec::new() }
+        Self {
+            conn,
+            cfg,
+            input: Vec::new(),
+        }
     }
 
     pub(crate) async fn run(mut self, restart: Option<bytes::Bytes>) -> io::Result<()> {
@@ -86,7 +88,9 @@ where
         if !connection.keep_alive() {
             return Ok(false);
         }
-        self.snapshot(&State::Idle { leftover: self.input.clone() })?;
+        self.snapshot(&State::Idle {
+            leftover: self.input.clone(),
+        })?;
         Ok(true)
     }
 
@@ -112,7 +116,10 @@ where
     async fn next_request(&mut self) -> io::Result<Next> {
         loop {
             match http::parse(&self.input) {
-                Parse::Complete { head_len, mut request } => {
+                Parse::Complete {
+                    head_len,
+                    mut request,
+                } => {
                     self.input.drain(..head_len);
                     if request.body_len > MAX_DISCARD {
                         request.connection = Connection::Close;
@@ -129,7 +136,12 @@ where
             loop {
                 let old = self.input.len();
                 if self.read_input().await? == 0 {
-                    return Ok(Next::Eof);
+                    // Judge what is buffered once more, so that the answer to input ending in
+                    // garbage does not depend on how that input was split into reads.
+                    return Ok(match http::parse(&self.input) {
+                        Parse::Fatal(status) => Next::Fatal(status),
+                        _ => Next::Eof,
+                    });
                 }
                 if self.input[old..].contains(&b'\n') || self.input.len() >= http::MAX_HEAD {
                     break;
@@ -141,7 +153,10 @@ where
     /// Consumes `len` bytes of request body. Reads no further than the body's end, so `input`
     /// holds no more than before. Returns false on EOF inside the body.
     async fn discard(&mut self, len: u64) -> io::Result<bool> {
-        let buffered = self.input.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        let buffered = self
+            .input
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX));
         self.input.drain(..buffered);
         let mut left = len - buffered as u64;
         let mut scratch = vec![0u8; left.min(64 * 1024) as usize];
@@ -158,11 +173,19 @@ where
 
     /// Writes the whole response to `request`; returns its `Connection`.
     async fn respond(&mut self, request: Request) -> io::Result<Connection> {
-        let Request { method, path, range, connection, .. } = request;
+        let Request {
+            method,
+            path,
+            range,
+            connection,
+            ..
+        } = request;
         let head_only = method == Some(Method::Head);
         let simple = |status, range| http::simple_response(status, range, connection, head_only);
         let Some(_) = method else {
-            self.conn.write_all(&simple(Status::MethodNotAllowed, None)).await?;
+            self.conn
+                .write_all(&simple(Status::MethodNotAllowed, None))
+                .await?;
             return Ok(connection);
         };
         let path = match path {
@@ -186,11 +209,21 @@ where
             Resolved::Partial { start, end } => (start, end, true),
             Resolved::Unsatisfiable => {
                 let range = Some(ContentRange::Unsatisfied { total: file_len });
-                self.conn.write_all(&simple(Status::RangeNotSatisfiable, range)).await?;
+                self.conn
+                    .write_all(&simple(Status::RangeNotSatisfiable, range))
+                    .await?;
                 return Ok(connection);
             }
         };
-        let body = Body { path, file_len, start, end, partial, connection, sent: 0 };
+        let body = Body {
+            path,
+            file_len,
+            start,
+            end,
+            partial,
+            connection,
+            sent: 0,
+        };
         tracing::debug!(path = %body.path, start, end, head_only, "serving");
         if head_only || body.len() == 0 {
             let mut head = Vec::with_capacity(256);
@@ -198,7 +231,10 @@ where
             self.conn.write_all(&head).await?;
             return Ok(connection);
         }
-        self.snapshot(&State::Body { body: body.clone(), leftover: self.input.clone() })?;
+        self.snapshot(&State::Body {
+            body: body.clone(),
+            leftover: self.input.clone(),
+        })?;
         self.send_body(body, file).await?;
         Ok(connection)
     }
@@ -220,8 +256,10 @@ where
             n as usize
         };
 
-        let mut first = self.spare.pop().unwrap_or_default();
-        first.clear();
+        // Two buffers alternate (one being filled while the other is written); they are dropped
+        // with the body so that idle keep-alive connections hold no chunk memory.
+        let mut spare: Vec<Vec<u8>> = Vec::with_capacity(2);
+        let mut first = Vec::new();
         if body.sent == 0 {
             body.head().render(&mut first);
         }
@@ -234,15 +272,23 @@ where
             let sent = body.sent + len as u64;
             let next = (sent < total).then(|| {
                 let next_len = chunk_at(sent);
-                let next_buf = self.spare.pop().unwrap_or_default();
-                (files::spawn_read(file, next_buf, 0, body.start + sent, next_len), next_len)
+                let next_buf = spare.pop().unwrap_or_default();
+                (
+                    files::spawn_read(file, next_buf, 0, body.start + sent, next_len),
+                    next_len,
+                )
             });
             self.conn.write_all(&buf).await?;
-            self.spare.push(buf);
+            spare.push(buf);
             body.sent = sent;
-            let Some((next_task, next_len)) = next else { return Ok(()) };
-            if every > 0 && sent % every == 0 {
-                self.snapshot(&State::Body { body: body.clone(), leftover: self.input.clone() })?;
+            let Some((next_task, next_len)) = next else {
+                return Ok(());
+            };
+            if every > 0 && sent.is_multiple_of(every) {
+                self.snapshot(&State::Body {
+                    body: body.clone(),
+                    leftover: self.input.clone(),
+                })?;
             }
             task = next_task;
             len = next_len;

@@ -16,6 +16,10 @@ pub const SNAPSHOT_VERSION: u16 = 1;
 /// Upper bound of an encoded snapshot: a path of at most [`MAX_TARGET`] bytes plus unread input
 /// of less than one request read ([`crate::READ_SIZE`]) plus a few dozen bytes of fields.
 pub const MAX_SNAPSHOT_LEN: usize = MAX_TARGET + crate::READ_SIZE + 64;
+const _: () = assert!(
+    MAX_SNAPSHOT_LEN < 4096,
+    "snapshots must stay well under 4 KiB"
+);
 
 /// Where the connection is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +64,11 @@ impl Body {
     /// The response head, a pure function of the fields.
     pub fn head(&self) -> Head {
         Head {
-            status: if self.partial { Status::PartialContent } else { Status::Ok },
+            status: if self.partial {
+                Status::PartialContent
+            } else {
+                Status::Ok
+            },
             content_type: content_type(&self.path),
             content_length: self.len(),
             content_range: self.partial.then_some(ContentRange::Bytes {
@@ -109,7 +117,8 @@ pub(crate) fn decode(snapshot: &[u8]) -> io::Result<State> {
     let state: State =
         postcard::from_bytes(body).map_err(|e| invalid(format!("bad httpd snapshot: {e}")))?;
     if let State::Body { body, .. } = &state {
-        body.validate().map_err(|e| invalid(format!("bad httpd snapshot: {e}")))?;
+        body.validate()
+            .map_err(|e| invalid(format!("bad httpd snapshot: {e}")))?;
     }
     Ok(state)
 }
@@ -139,7 +148,9 @@ pub enum SnapshotInfo {
 /// Decodes a snapshot taken by this crate into a summary.
 pub fn inspect_snapshot(snapshot: &[u8]) -> io::Result<SnapshotInfo> {
     Ok(match decode(snapshot)? {
-        State::Idle { leftover } => SnapshotInfo::Idle { leftover: leftover.len() },
+        State::Idle { leftover } => SnapshotInfo::Idle {
+            leftover: leftover.len(),
+        },
         State::Body { body, leftover } => SnapshotInfo::Body {
             sent: body.sent,
             len: body.len(),
@@ -169,8 +180,13 @@ mod tests {
     fn round_trip() {
         let states = [
             State::Idle { leftover: vec![] },
-            State::Idle { leftover: b"GET / HTTP/1.1\r\n".to_vec() },
-            State::Body { body: body(), leftover: b"HEAD".to_vec() },
+            State::Idle {
+                leftover: b"GET / HTTP/1.1\r\n".to_vec(),
+            },
+            State::Body {
+                body: body(),
+                leftover: b"HEAD".to_vec(),
+            },
         ];
         for s in states {
             let enc = encode(&s).unwrap();
@@ -181,7 +197,11 @@ mod tests {
 
     #[test]
     fn rejects_bad_snapshots() {
-        let enc = encode(&State::Body { body: body(), leftover: vec![] }).unwrap();
+        let enc = encode(&State::Body {
+            body: body(),
+            leftover: vec![],
+        })
+        .unwrap();
         for cut in 0..enc.len() {
             assert!(decode(&enc[..cut]).is_err(), "truncated at {cut}");
         }
@@ -190,23 +210,49 @@ mod tests {
         let err = decode(&other).unwrap_err();
         assert!(err.to_string().contains("version"), "{err}");
         for bad in [
-            Body { path: "../x".into(), ..body() },
-            Body { path: "/abs".into(), ..body() },
-            Body { path: String::new(), ..body() },
+            Body {
+                path: "../x".into(),
+                ..body()
+            },
+            Body {
+                path: "/abs".into(),
+                ..body()
+            },
+            Body {
+                path: String::new(),
+                ..body()
+            },
             Body { sent: 50, ..body() },
             Body { end: 101, ..body() },
-            Body { partial: false, ..body() },
+            Body {
+                partial: false,
+                ..body()
+            },
         ] {
-            let enc = encode(&State::Body { body: bad.clone(), leftover: vec![] }).unwrap();
+            let enc = encode(&State::Body {
+                body: bad.clone(),
+                leftover: vec![],
+            })
+            .unwrap();
             assert!(decode(&enc).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn largest_snapshot_fits_the_bound() {
-        let body = Body { path: "a".repeat(MAX_TARGET), ..body() };
-        let enc = encode(&State::Body { body, leftover: vec![0xff; crate::READ_SIZE - 1] }).unwrap();
-        assert!(enc.len() <= MAX_SNAPSHOT_LEN, "{} > {MAX_SNAPSHOT_LEN}", enc.len());
-        assert!(MAX_SNAPSHOT_LEN < 4096);
+        let body = Body {
+            path: "a".repeat(MAX_TARGET),
+            ..body()
+        };
+        let enc = encode(&State::Body {
+            body,
+            leftover: vec![0xff; crate::READ_SIZE - 1],
+        })
+        .unwrap();
+        assert!(
+            enc.len() <= MAX_SNAPSHOT_LEN,
+            "{} > {MAX_SNAPSHOT_LEN}",
+            enc.len()
+        );
     }
 }

@@ -217,6 +217,32 @@ async fn run(
         }
         let deadline = tokio::time::Instant::from_std(live.deadline());
         tokio::select! {
+            f = s.reader.next() => {
+                live.on_receive(Instant::now());
+                match f {
+                    Ok(Frame::Data(d)) => {
+                        if let Err(e) = on_data(conn, s, cw, d, &mut live, closed_at).await {
+                            return e;
+                        }
+                        if closed_at == Some(conn.down.received()) {
+                            return End::Done;
+                        }
+                    }
+                    Ok(Frame::Msg(m)) => {
+                        if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
+                            return end;
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(t) = closed_at {
+                            if conn.down.received() >= t {
+                                return End::Done;
+                            }
+                        }
+                        return session_broke(conn, &format!("session with {} ended: {e}", conn.server));
+                    }
+                }
+            },
             r = cr.read_buf(&mut buf), if can_read => match r {
                 Ok(0) | Err(_) => {
                     // A reset from the client program is treated like its orderly end of input:
@@ -236,78 +262,6 @@ async fn run(
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
                 }
             },
-            f = s.reader.next() => {
-                live.on_receive(Instant::now());
-                match f {
-                    Ok(Frame::Data(d)) => {
-                        if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
-                            let us = t0.elapsed().as_micros() as u64;
-                            let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(ev) = st.timeline.get_mut(idx) {
-                                ev.first_byte_us = Some(us);
-                            }
-                        }
-                        if let Some(t) = closed_at {
-                            if conn.down.received() + d.len() as u64 > t {
-                                return End::Abort("server sent data past its close".into());
-                            }
-                        }
-                        if cw.write_all(&d).await.is_err() {
-                            // The client program is gone; end the session in order.
-                            let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
-                            return End::Abort("client program closed its connection".into());
-                        }
-                        conn.down.on_data(&d);
-                        let recv = conn.down.received();
-                        if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) {
-                            conn.acked = recv;
-                            let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
-                            if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
-                                return session_broke(conn, "session write failed");
-                            }
-                            conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = recv;
-                        }
-                        if closed_at == Some(recv) {
-                            return End::Done;
-                        }
-                    }
-                    Ok(Frame::Msg(m)) => match m {
-                        Msg::Snap { in_off, out_off } => {
-                            conn.retained.trim_to(in_off);
-                            conn.down.on_snap(out_off);
-                        }
-                        Msg::Heartbeat => {}
-                        Msg::Pong { t } => {
-                            let now = inner.started.elapsed().as_micros() as u64;
-                            live.rtt.sample(Duration::from_micros(now.saturating_sub(t)));
-                        }
-                        Msg::Hint { reason, target } => {
-                            return End::Move { reason: format!("hint ({reason:?})").to_lowercase(), to: target, done: None };
-                        }
-                        Msg::Closed { down_total } => {
-                            let recv = conn.down.received();
-                            if recv == down_total {
-                                let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
-                                let _ = framed::write_msg(&mut s.w, &ack).await;
-                                return End::Done;
-                            }
-                            closed_at = Some(down_total);
-                        }
-                        Msg::Refused { code, reason } => {
-                            return End::Abort(format!("server {} ended the connection ({code:?}): {reason}", conn.server));
-                        }
-                        other => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
-                    },
-                    Err(e) => {
-                        if let Some(t) = closed_at {
-                            if conn.down.received() >= t {
-                                return End::Done;
-                            }
-                        }
-                        return session_broke(conn, &format!("session with {} ended: {e}", conn.server));
-                    }
-                }
-            },
             Some(req) = cmd.recv() => {
                 return End::Move { reason: req.reason, to: req.to, done: req.done };
             }
@@ -322,6 +276,86 @@ async fn run(
             }
         }
     }
+}
+
+/// Downstream data: deliver to the client program, count, checksum, acknowledge.
+async fn on_data(
+    conn: &mut Conn,
+    s: &mut Session,
+    cw: &mut OwnedWriteHalf,
+    d: bytes::Bytes,
+    live: &mut Liveness,
+    closed_at: Option<u64>,
+) -> Result<(), End> {
+    if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
+        let us = t0.elapsed().as_micros() as u64;
+        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ev) = st.timeline.get_mut(idx) {
+            ev.first_byte_us = Some(us);
+        }
+    }
+    if let Some(t) = closed_at {
+        if conn.down.received() + d.len() as u64 > t {
+            return Err(End::Abort("server sent data past its close".into()));
+        }
+    }
+    if cw.write_all(&d).await.is_err() {
+        // The client program is gone; end the session in order.
+        let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
+        return Err(End::Abort("client program closed its connection".into()));
+    }
+    conn.down.on_data(&d);
+    // Time spent waiting on the client program is not the server's silence.
+    live.on_receive(Instant::now());
+    let recv = conn.down.received();
+    if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) {
+        conn.acked = recv;
+        let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+        if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
+            return Err(session_broke(conn, "session write failed"));
+        }
+        conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = recv;
+    }
+    Ok(())
+}
+
+/// A control message on the session; `Some` ends the session.
+async fn on_msg(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    s: &mut Session,
+    m: Msg,
+    live: &mut Liveness,
+    closed_at: &mut Option<u64>,
+) -> Option<End> {
+    match m {
+        Msg::Snap { in_off, out_off } => {
+            conn.retained.trim_to(in_off);
+            conn.down.on_snap(out_off);
+        }
+        Msg::Heartbeat => {}
+        Msg::Pong { t } => {
+            let now = inner.started.elapsed().as_micros() as u64;
+            live.rtt.sample(Duration::from_micros(now.saturating_sub(t)));
+        }
+        Msg::Hint { reason, target } => {
+            return Some(End::Move { reason: format!("hint ({reason:?})").to_lowercase(), to: target, done: None });
+        }
+        Msg::Closed { down_total } => {
+            let recv = conn.down.received();
+            if recv == down_total {
+                let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                let _ = framed::write_msg(&mut s.w, &ack).await;
+                return Some(End::Done);
+            }
+            *closed_at = Some(down_total);
+        }
+        Msg::Refused { code, reason } => {
+            return Some(End::Abort(format!("server {} ended the connection ({code:?}): {reason}", conn.server)));
+        }
+        other => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
+    }
+    None
 }
 
 fn session_broke(conn: &Conn, why: &str) -> End {
@@ -435,6 +469,9 @@ async fn try_resume(inner: &Arc<AgentInner>, conn: &mut Conn, cand: &ServerInfo,
     }
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
+    // The destination checked everything up to our position with the origin: the downstream
+    // checksum restarts there.
+    conn.down = DownTracker::new(conn.down.received());
     conn.epoch = r.epoch;
     conn.last_state_bytes = r.state_bytes;
     conn.token = r.token;

@@ -1,1 +1,272 @@
-fn main(){}
+//! `mtcp`: run servers and agents of a Migratory TCP cluster, move connections, and show it
+//! working (`demo`, `bench`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mtcp::proto::wire::Msg;
+use mtcp::{Cluster, Limits, Server, Start};
+use mtcp_agent::admin::{Request, Response};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "mtcp", version, about = "Migratory TCP: live TCP connections that move between servers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one server of a cluster with an application.
+    Server(ServerArgs),
+    /// Run the client-side agent (forward mode: listen locally, relay to the service).
+    Agent(AgentArgs),
+    /// Move a connection (or all) of an agent to another server.
+    Migrate(MigrateArgs),
+    /// Move every connection off a server (before maintenance); returns when none is left.
+    Drain(DrainArgs),
+    /// Show an agent's connections.
+    Status(StatusArgs),
+    /// Live demo on loopback: three servers, an agent, a download that moves twice.
+    Demo(mtcp_cli::demo::DemoArgs),
+    /// Benchmarks: throughput vs direct TCP, migration latency.
+    Bench(mtcp_cli::bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Cluster file (TOML).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// This server's id in the cluster file.
+    #[arg(long)]
+    id: String,
+    #[command(subcommand)]
+    app: App,
+}
+
+#[derive(Subcommand)]
+enum App {
+    /// HTTP/1.1 file server.
+    Httpd {
+        /// Directory to serve.
+        #[arg(long)]
+        root: PathBuf,
+        /// Body bytes between snapshots inside a response.
+        #[arg(long, default_value_t = mtcp_httpd::DEFAULT_SNAPSHOT_EVERY)]
+        snapshot_every: u64,
+        /// Also serve the same files over plain TCP (no M-TCP) on this address, for baselines.
+        #[arg(long)]
+        plain: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Servers of the service (data addresses), tried in order for new connections.
+    #[arg(long, value_delimiter = ',', required = true)]
+    connect: Vec<String>,
+    /// Where client programs connect.
+    #[arg(long)]
+    listen: String,
+    /// Admin endpoint for `mtcp status` / `mtcp migrate`.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Most upstream bytes retained per connection (MiB) before the agent stops reading.
+    #[arg(long, default_value_t = 64)]
+    max_retained_mib: u64,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The agent's admin address.
+    #[arg(long)]
+    agent: String,
+    /// Every connection.
+    #[arg(long, conflicts_with = "conn", required_unless_present = "conn")]
+    all: bool,
+    /// One connection, by cid (see `mtcp status`).
+    #[arg(long)]
+    conn: Option<String>,
+    /// Target server id (default: the agent's choice).
+    #[arg(long)]
+    to: Option<String>,
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    #[arg(long)]
+    cluster: PathBuf,
+    #[arg(long)]
+    id: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long)]
+    agent: String,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let r = rt.block_on(run(cli));
+    if let Err(e) = r {
+        eprintln!("mtcp: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Server(a) => server(a).await,
+        Cmd::Agent(a) => agent(a).await,
+        Cmd::Migrate(a) => migrate(a).await,
+        Cmd::Drain(a) => drain(a).await,
+        Cmd::Status(a) => status(a).await,
+        Cmd::Demo(a) => mtcp_cli::demo::run(a).await,
+        Cmd::Bench(a) => mtcp_cli::bench::run(a).await,
+    }
+}
+
+async fn server(a: ServerArgs) -> Result<()> {
+    let cluster = Cluster::load(&a.cluster)?;
+    let App::Httpd { root, snapshot_every, plain } = a.app;
+    if !root.is_dir() {
+        bail!("--root {} is not a directory", root.display());
+    }
+    let mut cfg = mtcp_httpd::Config::new(root);
+    cfg.snapshot_every = snapshot_every;
+    if let Some(p) = plain {
+        let l = tokio::net::TcpListener::bind(&p).await.with_context(|| format!("cannot listen on plain address {p}"))?;
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let _ = s.set_nodelay(true);
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    let _ = mtcp_httpd::serve_with(mtcp_httpd::Plain(s), None, &cfg).await;
+                });
+            }
+        });
+    }
+    let mut server = Server::bind(cluster, &a.id, Limits::default()).await?;
+    loop {
+        tokio::select! {
+            c = server.accept() => {
+                let Some(conn) = c else { return Ok(()) };
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    let restart = match conn.start() {
+                        Start::New => None,
+                        Start::Migrated(s) => Some(s.clone()),
+                    };
+                    let cid = conn.cid();
+                    match mtcp_httpd::serve_with(conn, restart, &cfg).await {
+                        Ok(()) => tracing::debug!(%cid, "connection done"),
+                        Err(e) if mtcp::is_migrated(&e) => tracing::debug!(%cid, "connection migrated away"),
+                        Err(e) => tracing::info!(%cid, "connection ended: {e}"),
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; exiting");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn agent(a: AgentArgs) -> Result<()> {
+    let cfg = mtcp_agent::AgentConfig {
+        connect: a.connect,
+        max_retained: a.max_retained_mib << 20,
+        ..Default::default()
+    };
+    let l = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    let agent = mtcp_agent::Agent::new(cfg);
+    if let Some(ad) = &a.admin {
+        let al = tokio::net::TcpListener::bind(ad).await.with_context(|| format!("cannot listen on admin address {ad}"))?;
+        tokio::spawn(mtcp_agent::admin::serve(agent.clone(), al));
+    }
+    tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
+    tokio::select! {
+        _ = agent.serve(l) => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+async fn migrate(a: MigrateArgs) -> Result<()> {
+    let req = Request::Migrate { conn: if a.all { None } else { a.conn.clone() }, to: a.to };
+    match mtcp_agent::admin::request(&a.agent, &req).await.map_err(|e| anyhow!(e))? {
+        Response::Migrated { results } => {
+            if results.is_empty() {
+                bail!("no matching connection at agent {}", a.agent);
+            }
+            let mut failed = 0;
+            for r in &results {
+                if r.ok {
+                    println!("{} -> {}", r.cid, r.detail);
+                } else {
+                    failed += 1;
+                    println!("{} FAILED: {}", r.cid, r.detail);
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} migrations failed", results.len());
+            }
+            Ok(())
+        }
+        Response::Error { message } => bail!("agent: {message}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+async fn drain(a: DrainArgs) -> Result<()> {
+    let cluster = Cluster::load(&a.cluster)?;
+    let me = cluster.require(&a.id, &a.cluster.display().to_string())?.clone();
+    let t0 = Instant::now();
+    let mut st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminDrain).await?;
+    eprintln!("draining {}: {} connection(s)", a.id, st.connections);
+    while st.connections > 0 {
+        if t0.elapsed() > Duration::from_secs(a.timeout) {
+            bail!("{} connection(s) still on {} after {}s", st.connections, a.id, a.timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminStatus).await?;
+    }
+    println!("{} drained in {:?} ({} migrated out in total)", a.id, t0.elapsed(), st.migrated_out);
+    Ok(())
+}
+
+async fn status(a: StatusArgs) -> Result<()> {
+    match mtcp_agent::admin::request(&a.agent, &Request::Status).await.map_err(|e| anyhow!(e))? {
+        Response::Status { connections } => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&connections)?);
+            } else {
+                println!("{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  state", "cid", "server", "epoch", "migrations", "bytes up", "bytes down");
+                for c in connections {
+                    println!(
+                        "{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  {}",
+                        c.cid, c.server, c.epoch, c.migrations, c.bytes_up, c.bytes_down, c.state
+                    );
+                }
+            }
+            Ok(())
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+}

@@ -9,6 +9,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Snapshot plus the byte ranges around it.
+///
+/// Only what cannot be regenerated crosses the network: the snapshot, the input since it, the
+/// downstream bytes before the snapshot that the client still lacks (the *tail*), and a checksum
+/// of the downstream bytes after the snapshot that the client already has, against which the
+/// destination verifies its regenerated output before sending anything new.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRecord {
     pub cid: Cid,
@@ -25,10 +30,12 @@ pub struct StateRecord {
     pub input: Bytes,
     /// Upstream end of stream, if the client already finished sending.
     pub up_fin: Option<u64>,
-    /// Downstream bytes `[out_start, out_start + output.len())` that the origin wrote: every byte
-    /// the client may lack, and every byte written since the snapshot (for exact verification).
-    pub out_start: u64,
-    pub output: Bytes,
+    /// Downstream bytes `[snap_out - tail.len(), snap_out)` the client lacks: sent first.
+    pub tail: Bytes,
+    /// The client holds downstream bytes up to `check_end` (at or past `snap_out`)...
+    pub check_end: u64,
+    /// ... and this is the checksum ([`crate::sum`]) of the origin's bytes `[snap_out, check_end)`.
+    pub check_sum: u64,
 }
 
 /// Why a record could not be decoded.
@@ -70,19 +77,24 @@ impl StateRecord {
         self.snap_in + self.input.len() as u64
     }
 
-    /// Downstream bytes the origin's application had written.
-    pub fn out_end(&self) -> u64 {
-        self.out_start + self.output.len() as u64
+    /// Downstream offset the client holds: where the destination's output continues.
+    pub fn client_down(&self) -> u64 {
+        if self.tail.is_empty() {
+            self.check_end
+        } else {
+            self.snap_out - self.tail.len() as u64
+        }
     }
 
     fn validate(&self) -> Result<(), RecordError> {
-        if self.out_start > self.snap_out || self.snap_out > self.out_end() {
-            return Err(RecordError::Inconsistent("output log does not reach the snapshot"));
-        }
-        if self.snap_in.checked_add(self.input.len() as u64).is_none()
-            || self.out_start.checked_add(self.output.len() as u64).is_none()
-        {
+        if self.snap_in.checked_add(self.input.len() as u64).is_none() {
             return Err(RecordError::Inconsistent("offset overflow"));
+        }
+        if (self.tail.len() as u64) > self.snap_out {
+            return Err(RecordError::Inconsistent("tail reaches below offset 0"));
+        }
+        if self.check_end < self.snap_out || (!self.tail.is_empty() && self.check_end != self.snap_out) {
+            return Err(RecordError::Inconsistent("checked range does not start at the snapshot"));
         }
         if let Some(f) = self.up_fin {
             if f != self.up_recv() {
@@ -102,14 +114,15 @@ mod tests {
         #[test]
         fn records_round_trip(snap in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..100)),
                               input in proptest::collection::vec(any::<u8>(), 0..100),
-                              output in proptest::collection::vec(any::<u8>(), 0..100),
-                              snap_in in 0u64..1<<40, out_start in 0u64..1<<40, k in 0usize..100, fin: bool) {
-            let k = k.min(output.len()) as u64;
+                              tail in proptest::collection::vec(any::<u8>(), 0..100),
+                              snap_in in 0u64..1<<40, snap_out in 100u64..1<<40, ahead in 0u64..1000,
+                              fin: bool, sum: u64) {
             let r = StateRecord {
                 cid: Cid([3; 16]), epoch: 9, snapshot: snap.map(Bytes::from),
-                snap_in, snap_out: out_start + k, input: Bytes::from(input.clone()),
+                snap_in, snap_out, input: Bytes::from(input.clone()),
                 up_fin: fin.then_some(snap_in + input.len() as u64),
-                out_start, output: Bytes::from(output),
+                check_end: if tail.is_empty() { snap_out + ahead } else { snap_out },
+                tail: Bytes::from(tail), check_sum: sum,
             };
             prop_assert_eq!(StateRecord::decode(&r.encode()).unwrap(), r);
         }
@@ -124,7 +137,7 @@ mod tests {
     fn wrong_version_is_named() {
         let mut b = StateRecord {
             cid: Cid([0; 16]), epoch: 0, snapshot: None, snap_in: 0, snap_out: 0,
-            input: Bytes::new(), up_fin: None, out_start: 0, output: Bytes::new(),
+            input: Bytes::new(), up_fin: None, tail: Bytes::new(), check_end: 0, check_sum: 0,
         }
         .encode();
         b[1] = 99;

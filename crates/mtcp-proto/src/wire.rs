@@ -178,8 +178,9 @@ pub enum Msg {
     PeerChallenge { nonce: [u8; 16] },
     PeerAuth { from: String, nonce: [u8; 16], proof: [u8; 32] },
     PeerAccept { proof: [u8; 32] },
-    /// Destination → origin: freeze connection `cid` at `epoch` and send its state record.
-    Fetch { cid: Cid, epoch: u64 },
+    /// Destination → origin: freeze connection `cid` at `epoch` and send its state record for a
+    /// client holding `down_recv` downstream bytes (checksum `down_sum` from `sum_from`).
+    Fetch { cid: Cid, epoch: u64, down_recv: u64, sum_from: u64, down_sum: u64 },
     /// Origin → destination: the encoded [`crate::StateRecord`].
     State(#[serde(with = "serde_bytes")] Vec<u8>),
     AdminDrain,
@@ -298,7 +299,7 @@ mod tests {
             any::<String>().prop_map(|reason| Msg::Refused { code: RefuseCode::BadToken, reason }),
             (any::<u64>(), any::<u64>()).prop_map(|(in_off, out_off)| Msg::Snap { in_off, out_off }),
             proptest::option::of(any::<String>()).prop_map(|target| Msg::Hint { reason: HintReason::Drain, target }),
-            (cid, any::<u64>()).prop_map(|(cid, epoch)| Msg::Fetch { cid, epoch }),
+            (cid, any::<[u64; 4]>()).prop_map(|(cid, n)| Msg::Fetch { cid, epoch: n[0], down_recv: n[1], sum_from: n[2], down_sum: n[3] }),
             proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::State),
             (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
                 .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),

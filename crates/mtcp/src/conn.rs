@@ -10,10 +10,12 @@ use crate::framed::Out;
 use crate::server::ServerInner;
 use bytes::Bytes;
 use mtcp_proto::offsets::{ByteLog, ReplayVerifier};
-use mtcp_proto::wire::Msg;
+use mtcp_proto::sum::checksum;
+use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::{Cid, StateRecord};
 use std::io;
 use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -73,6 +75,17 @@ pub(crate) enum Phase {
     Closed,
 }
 
+/// One restart point.
+#[derive(Debug, Clone)]
+pub(crate) struct Snap {
+    pub state: Option<Bytes>,
+    pub in_off: u64,
+    pub out_off: u64,
+}
+
+/// Most restart points kept per connection.
+const MAX_SNAPS: usize = 64;
+
 pub(crate) struct ConnState {
     pub epoch: u64,
     pub phase: Phase,
@@ -88,9 +101,10 @@ pub(crate) struct ConnState {
     pub down_high: u64,
     pub migratable: bool,
     pub verifier: Option<ReplayVerifier>,
-    pub snapshot: Option<Bytes>,
-    pub snap_in: u64,
-    pub snap_out: u64,
+    /// Restart points, oldest first; never empty (a new connection starts with the implicit
+    /// empty one at offsets 0). Older ones are kept while the client has not yet received
+    /// everything up to a newer one, so a restart needs no output the client lacks.
+    pub snaps: VecDeque<Snap>,
     pub locked: bool,
     pub tx: Option<mpsc::UnboundedSender<Out>>,
     pub queued: u64,
@@ -114,12 +128,23 @@ impl ConnState {
         }
     }
 
+    /// Queues `o` for the session socket; data is cut into frames of at most [`MAX_WRITE`].
     pub fn send(&mut self, o: Out) {
-        if let Out::Data(d) = &o {
-            self.queued += d.len() as u64;
-        }
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(o);
+        match o {
+            Out::Data(mut d) => {
+                self.queued += d.len() as u64;
+                while !d.is_empty() {
+                    let piece = d.split_to(d.len().min(MAX_WRITE));
+                    if let Some(tx) = &self.tx {
+                        let _ = tx.send(Out::Data(piece));
+                    }
+                }
+            }
+            m => {
+                if let Some(tx) = &self.tx {
+                    let _ = tx.send(m);
+                }
+            }
         }
     }
 
@@ -132,9 +157,17 @@ impl ConnState {
         }
     }
 
-    /// Output below this offset is no longer needed by anyone.
-    fn out_trim_point(&self) -> u64 {
-        self.acked.min(self.agent_sum_from).min(self.snap_out)
+    /// Forgets restart points, input and output no restart can need any more.
+    pub fn trim(&mut self) {
+        while self.snaps.len() >= 2 && self.snaps[1].out_off <= self.acked {
+            self.snaps.pop_front();
+        }
+        let first = &self.snaps[0];
+        let (in_keep, out_keep) = (first.in_off, self.acked.min(self.agent_sum_from).min(first.out_off));
+        self.input.trim_to(in_keep);
+        if self.migratable {
+            self.out.trim_to(out_keep);
+        }
     }
 
     /// The agent reported downstream progress.
@@ -142,29 +175,73 @@ impl ConnState {
         let high = self.out_off().max(self.down_high);
         self.acked = self.acked.max(down_recv.min(high));
         self.agent_sum_from = self.agent_sum_from.max(sum_from.min(self.acked));
-        let t = self.out_trim_point();
-        self.out.trim_to(t);
+        self.trim();
     }
 
-    /// Freezes the connection and takes its state record. The application sees
+    /// Builds the state record for a client holding `down_recv` downstream bytes whose checksum
+    /// from `sum_from` is `down_sum`, then freezes the connection: the application sees
     /// [`StateError::Migrated`] from its next call.
-    pub fn freeze(&mut self, cid: Cid) -> StateRecord {
-        let input_end = self.input.end();
-        let rec = StateRecord {
-            cid,
-            epoch: self.epoch,
-            snapshot: self.snapshot.clone(),
-            snap_in: self.snap_in,
-            snap_out: self.snap_out,
-            input: self.input.copy_range(self.snap_in, input_end).expect("input log starts at snap_in"),
-            up_fin: self.up_fin,
-            out_start: self.out.start(),
-            output: self.out.copy_range(self.out.start(), self.out.end()).expect("whole log"),
-        };
+    pub fn freeze(&mut self, cid: Cid, down_recv: u64, sum_from: u64, down_sum: u64) -> Result<StateRecord, (RefuseCode, String)> {
+        let rec = self.record(cid, down_recv, sum_from, down_sum)?;
         self.phase = Phase::Migrated;
         self.tx = None;
         self.wake_all();
-        rec
+        Ok(rec)
+    }
+
+    fn record(&self, cid: Cid, down_recv: u64, sum_from: u64, down_sum: u64) -> Result<StateRecord, (RefuseCode, String)> {
+        let internal = |e: mtcp_proto::offsets::OffsetError| (RefuseCode::Internal, format!("output log: {e}"));
+        let high = self.out_off().max(self.down_high);
+        if down_recv > high || sum_from > down_recv {
+            return Err((
+                RefuseCode::Divergence,
+                format!("agent claims downstream [{sum_from}, {down_recv}) but only {high} bytes were sent"),
+            ));
+        }
+        // The client must hold exactly what was sent: compare the agent's checksum.
+        let ours = if sum_from == down_recv {
+            checksum(&[])
+        } else {
+            checksum(&self.out.copy_range(sum_from, down_recv).map_err(internal)?)
+        };
+        if ours != down_sum {
+            return Err((
+                RefuseCode::Divergence,
+                format!("the client received different bytes in [{sum_from}, {down_recv}) than this server sent"),
+            ));
+        }
+        let base = |s: &Snap, tail: Bytes, check_end: u64, check_sum: u64| -> Result<StateRecord, (RefuseCode, String)> {
+            Ok(StateRecord {
+                cid,
+                epoch: self.epoch,
+                snapshot: s.state.clone(),
+                snap_in: s.in_off,
+                snap_out: s.out_off,
+                input: self.input.copy_range(s.in_off, self.input.end()).map_err(internal)?,
+                up_fin: self.up_fin,
+                tail,
+                check_end,
+                check_sum,
+            })
+        };
+        if let Some(v) = &self.verifier {
+            // Still replaying what the client had at the last move: hand the same check on.
+            let (from, end, sum) = v.expected();
+            if down_recv != end {
+                return Err((RefuseCode::Internal, format!("client at {down_recv} while replay expects {end}")));
+            }
+            let s = self.snaps.iter().find(|s| s.out_off == from).unwrap_or(&self.snaps[0]);
+            return base(s, Bytes::new(), end, sum);
+        }
+        // The newest restart point the client has everything up to, else the oldest one.
+        let s = self.snaps.iter().rev().find(|s| s.out_off <= down_recv).unwrap_or(&self.snaps[0]);
+        if down_recv < s.out_off {
+            let tail = self.out.copy_range(down_recv, s.out_off).map_err(internal)?;
+            base(s, tail, s.out_off, checksum(&[]))
+        } else {
+            let sum = checksum(&self.out.copy_range(s.out_off, down_recv).map_err(internal)?);
+            base(s, Bytes::new(), down_recv, sum)
+        }
     }
 }
 
@@ -199,9 +276,7 @@ impl Shared {
                 down_high: 0,
                 migratable: true,
                 verifier: None,
-                snapshot: None,
-                snap_in: 0,
-                snap_out: 0,
+                snaps: VecDeque::from([Snap { state: None, in_off: 0, out_off: 0 }]),
                 locked: false,
                 tx: Some(tx),
                 queued: 0,
@@ -213,21 +288,12 @@ impl Shared {
         )
     }
 
-    /// State for a connection restarting from `rec` at `epoch`, the client holding `down_recv`
-    /// downstream bytes whose checksum started at `sum_from`.
-    pub fn from_record(
-        rec: StateRecord,
-        epoch: u64,
-        down_recv: u64,
-        sum_from: u64,
-        tx: mpsc::UnboundedSender<Out>,
-    ) -> Result<Arc<Self>, mtcp_proto::offsets::OffsetError> {
-        let mut log = ByteLog::new(rec.out_start);
-        log.push(rec.output.clone());
-        let verifier = ReplayVerifier::new(rec.snap_out, down_recv, log.clone())?;
-        let tail = verifier.tail_to_send()?;
-        let mut out = log;
-        out.truncate_end(rec.snap_out);
+    /// State for a connection restarting from `rec` at `epoch`.
+    pub fn from_record(rec: StateRecord, epoch: u64, tx: mpsc::UnboundedSender<Out>) -> Arc<Self> {
+        let down = rec.client_down();
+        let verifier = ReplayVerifier::new(rec.snap_out, rec.check_end, rec.check_sum);
+        let mut out = ByteLog::new(rec.snap_out - rec.tail.len() as u64);
+        out.push(rec.tail.clone());
         let mut input = ByteLog::new(rec.snap_in);
         input.push(rec.input.clone());
         let mut st = ConnState {
@@ -237,14 +303,12 @@ impl Shared {
             in_off: rec.snap_in,
             up_fin: rec.up_fin,
             out,
-            acked: down_recv,
-            agent_sum_from: sum_from,
-            down_high: down_recv,
+            acked: down,
+            agent_sum_from: down,
+            down_high: down,
             migratable: true,
             verifier: (!verifier.done()).then_some(verifier),
-            snapshot: rec.snapshot.clone(),
-            snap_in: rec.snap_in,
-            snap_out: rec.snap_out,
+            snaps: VecDeque::from([Snap { state: rec.snapshot.clone(), in_off: rec.snap_in, out_off: rec.snap_out }]),
             locked: false,
             tx: Some(tx),
             queued: 0,
@@ -253,12 +317,10 @@ impl Shared {
             write_waker: None,
             migrations: 0,
         };
-        let t = st.out_trim_point();
-        st.out.trim_to(t);
-        if !tail.is_empty() {
-            st.send(Out::Data(tail));
+        if !rec.tail.is_empty() {
+            st.send(Out::Data(rec.tail.clone()));
         }
-        Ok(Self::with_state(rec.cid, st))
+        Self::with_state(rec.cid, st)
     }
 
     fn with_state(cid: Cid, st: ConnState) -> Arc<Self> {
@@ -306,14 +368,18 @@ impl Connection {
         }
         let mut st = self.shared.lock();
         st.ensure_live()?;
+        if st.verifier.is_some() {
+            // Still regenerating output the client already has: the restart point this
+            // connection came with stays the one to use until that output is checked.
+            return Ok(());
+        }
         let (in_off, out_off) = (st.in_off, st.out_off());
-        st.snapshot = Some(snapshot);
-        st.snap_in = in_off;
-        st.snap_out = out_off;
-        st.input.trim_to(in_off);
-        let t = st.out_trim_point();
-        st.out.trim_to(t);
+        if st.snaps.len() >= MAX_SNAPS {
+            st.snaps.pop_front();
+        }
+        st.snaps.push_back(Snap { state: Some(snapshot), in_off, out_off });
         st.migratable = true;
+        st.trim();
         // Lazy mode: stored here, so the snapshot is safe as soon as it is taken.
         st.send(Out::Msg(Msg::Snap { in_off, out_off }));
         Ok(())
@@ -424,7 +490,7 @@ impl AsyncWrite for Connection {
                     let reason = d.to_string();
                     tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
                     st.phase = Phase::Aborted(reason.clone());
-                    st.send(Out::Msg(Msg::Refused { code: mtcp_proto::wire::RefuseCode::Divergence, reason: reason.clone() }));
+                    st.send(Out::Msg(Msg::Refused { code: RefuseCode::Divergence, reason: reason.clone() }));
                     st.tx = None;
                     drop(st);
                     self.server.forget(self.shared.cid);
@@ -447,6 +513,8 @@ impl AsyncWrite for Connection {
         if !st.migratable {
             let acked = st.acked;
             st.out.trim_to(acked);
+            let keep = st.snaps.len() - 1;
+            st.snaps.drain(..keep);
         }
         if !to_send.is_empty() {
             st.send(Out::Data(to_send));

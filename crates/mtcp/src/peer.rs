@@ -7,9 +7,9 @@
 
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader};
-use crate::server::{msg_name, ServerInner};
+use crate::server::{msg_name, Fetch, ServerInner};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
-use mtcp_proto::{Cid, ClusterKey, StateRecord};
+use mtcp_proto::{ClusterKey, StateRecord};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,8 +84,7 @@ pub async fn connect_authenticated(
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
-    cid: Cid,
-    epoch: u64,
+    f: &Fetch,
 ) -> Result<StateRecord, (RefuseCode, String)> {
     let unreachable = |e: ChannelError| (RefuseCode::OriginUnreachable, format!("origin {} ({}): {e}", origin.id, origin.peer));
     let lim = inner.limits.fetch_timeout;
@@ -93,7 +92,8 @@ pub(crate) async fn fetch(
         connect_authenticated(&origin.peer, &inner.cluster.key, &inner.id, inner.limits.max_record + 1024, lim)
             .await
             .map_err(unreachable)?;
-    framed::write_msg(&mut w, &Msg::Fetch { cid, epoch }).await.map_err(|e| unreachable(e.into()))?;
+    let req = Msg::Fetch { cid: f.cid, epoch: f.epoch, down_recv: f.down_recv, sum_from: f.sum_from, down_sum: f.down_sum };
+    framed::write_msg(&mut w, &req).await.map_err(|e| unreachable(e.into()))?;
     // The origin may wait for a lock_state section to end before it answers.
     match reader.next_msg(lim + inner.limits.lock_timeout).await.map_err(unreachable)? {
         Msg::State(b) => StateRecord::decode(&b).map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
@@ -119,7 +119,10 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
     reader.set_max_frame(ADMIN_FRAME);
     loop {
         let reply = match reader.next_msg(IDLE).await {
-            Ok(Msg::Fetch { cid, epoch }) => match inner.freeze_local(cid, epoch).await {
+            Ok(Msg::Fetch { cid, epoch, down_recv, sum_from, down_sum }) => match inner
+                .freeze_local(&Fetch { cid, epoch, down_recv, sum_from, down_sum })
+                .await
+            {
                 Ok(rec) => Msg::State(rec.encode()),
                 Err((code, reason)) => Msg::Refused { code, reason },
             },

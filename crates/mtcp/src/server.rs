@@ -18,6 +18,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// What a destination asks of the origin.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fetch {
+    pub cid: Cid,
+    pub epoch: u64,
+    pub down_recv: u64,
+    pub sum_from: u64,
+    pub down_sum: u64,
+}
+
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,7 +87,8 @@ impl ServerInner {
 
     /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
     /// for a `lock_state` section to end.
-    pub async fn freeze_local(&self, cid: Cid, epoch: u64) -> Result<StateRecord, (RefuseCode, String)> {
+    pub async fn freeze_local(&self, f: &Fetch) -> Result<StateRecord, (RefuseCode, String)> {
+        let (cid, epoch) = (f.cid, f.epoch);
         let shared = self
             .get(&cid)
             .ok_or((RefuseCode::UnknownConnection, format!("server {} has no connection {cid}", self.id)))?;
@@ -99,7 +110,7 @@ impl ServerInner {
                     return Err((RefuseCode::Busy, "connection has no usable snapshot (output since it too large)".into()));
                 }
                 if !st.locked {
-                    let rec = st.freeze(cid);
+                    let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
                     drop(st);
                     self.forget(cid);
                     self.migrated_out.fetch_add(1, Ordering::Relaxed);
@@ -337,11 +348,8 @@ async fn take_over(
         .server(&m.origin)
         .ok_or((RefuseCode::UnknownConnection, format!("origin {:?} is not in the cluster", m.origin)))?
         .clone();
-    let rec = if origin.id == inner.id {
-        inner.freeze_local(m.cid, m.epoch).await?
-    } else {
-        peer::fetch(inner, &origin, m.cid, m.epoch).await?
-    };
+    let f = Fetch { cid: m.cid, epoch: m.epoch, down_recv: m.down_recv, sum_from: m.sum_from, down_sum: m.down_sum };
+    let rec = if origin.id == inner.id { inner.freeze_local(&f).await? } else { peer::fetch(inner, &origin, &f).await? };
     if rec.cid != m.cid || rec.epoch != m.epoch {
         return Err((RefuseCode::Internal, "origin sent the record of another connection".into()));
     }
@@ -351,32 +359,14 @@ async fn take_over(
             format!("agent says it sent {} upstream bytes but the origin received {}", m.up_sent, rec.up_recv()),
         ));
     }
-    if !(rec.out_start <= m.sum_from && m.sum_from <= m.down_recv && m.down_recv <= rec.out_end()) {
-        return Err((
-            RefuseCode::Divergence,
-            format!(
-                "agent's downstream position [{}, {}) is outside the origin's output log [{}, {})",
-                m.sum_from,
-                m.down_recv,
-                rec.out_start,
-                rec.out_end()
-            ),
-        ));
-    }
-    let a = (m.sum_from - rec.out_start) as usize;
-    let b = (m.down_recv - rec.out_start) as usize;
-    if mtcp_proto::sum::checksum(&rec.output[a..b]) != m.down_sum {
-        return Err((
-            RefuseCode::Divergence,
-            format!("the client received different bytes in [{}, {}) than the origin sent", m.sum_from, m.down_recv),
-        ));
+    if rec.client_down() != m.down_recv {
+        return Err((RefuseCode::Internal, "origin's record is for another downstream position".into()));
     }
     let epoch = m.epoch + 1;
     let up_from = rec.up_recv();
     let state_bytes = rec.encode().len() as u64;
     let start = rec.snapshot.clone().map(Start::Migrated).unwrap_or(Start::New);
-    let shared = Shared::from_record(rec, epoch, m.down_recv, m.sum_from, tx)
-        .map_err(|e| (RefuseCode::Internal, format!("state record does not cover the client: {e}")))?;
+    let shared = Shared::from_record(rec, epoch, tx);
     shared.lock().migrations += 1;
     inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(m.cid, shared.clone());
     let resumed = Resumed {

@@ -1,0 +1,209 @@
+//! `mtcp demo`: three servers and an agent on loopback, a download through the agent that is
+//! moved twice mid-transfer (a drain, then a manual migration), checked by SHA-256.
+
+use crate::client::Client;
+use crate::local::{self, LocalCluster, LocalOptions};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mtcp::proto::wire::Msg;
+use mtcp_agent::admin::{Request, Response};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Size of the test file in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// Download rate limit in MiB/s, so the migrations are visibly mid-transfer.
+    #[arg(long, default_value_t = 80)]
+    pub rate_mib: u64,
+    /// Use the built-in HTTP client even if curl is installed.
+    #[arg(long)]
+    pub builtin_client: bool,
+    /// Keep the working directory (logs, files) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Quieter output (no progress bar).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub async fn run(a: DemoArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("mtcp-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www"))?;
+    let r = demo(&a, &dir).await;
+    if a.keep || r.is_err() {
+        eprintln!("working directory (logs of every process): {}", dir.display());
+        if !a.keep {
+            // Keep logs of a failed run for inspection, but not the big files.
+            let _ = std::fs::remove_dir_all(dir.join("www"));
+            let _ = std::fs::remove_file(dir.join("download.bin"));
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    r
+}
+
+async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
+    let size = a.size_mib << 20;
+    println!("== M-TCP demo: one live TCP connection moves between servers mid-download ==");
+    println!("making a {} MiB test file ...", a.size_mib);
+    let file = dir.join("www").join("data.bin");
+    let want = tokio::task::block_in_place(|| local::make_file(&file, size, 0x6d74_6370))?;
+    println!("  sha256 {want}");
+    let exe = std::env::current_exe().context("locating the mtcp binary")?;
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.join("www"),
+        plain_baseline: false,
+        log: "info".into(),
+        snapshot_every: None,
+    };
+    let mut lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?;
+    for s in &lc.servers {
+        println!("server {} listening on {} (peer {}, admin {})", s.id, s.data, s.peer, s.admin);
+    }
+    println!("agent listening on {} (admin {})", lc.agent_listen, lc.agent_admin);
+
+    let out = dir.join("download.bin");
+    let url = format!("http://{}/data.bin", lc.agent_listen);
+    let use_curl = !a.builtin_client && local::have("curl");
+    let rate = a.rate_mib << 20;
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    enum Dl {
+        Curl(tokio::process::Child),
+        Builtin(tokio::task::JoinHandle<Result<crate::client::Response>>),
+    }
+    let mut dl = if use_curl {
+        println!("downloading {url} with curl (rate limit {} MiB/s) ...", a.rate_mib);
+        Dl::Curl(
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--fail", "--limit-rate", &rate.to_string(), "-o"])
+                .arg(&out)
+                .arg(&url)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting curl")?,
+        )
+    } else {
+        println!("downloading {url} with the built-in client (rate limit {} MiB/s) ...", a.rate_mib);
+        let mut c = Client::connect(&lc.agent_listen).await?;
+        c.rate = Some(rate);
+        c.progress = progress.clone();
+        c.sink = Some(std::fs::File::create(&out)?);
+        Dl::Builtin(tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await }))
+    };
+
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t0 = Instant::now();
+    let mut drained = false;
+    let mut moved = false;
+    let limit = Duration::from_secs(30 + 4 * size / rate.max(1));
+    let done_ok = loop {
+        let got = match &dl {
+            Dl::Curl(_) => std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0),
+            Dl::Builtin(_) => progress.load(Ordering::Relaxed),
+        };
+        bar.set_position(got);
+        let serving = current_server(&lc).await;
+        if let Some(s) = &serving {
+            bar.set_message(format!("on {s}"));
+        }
+        if !drained && got >= size / 4 {
+            if let Some(s) = serving.clone() {
+                bar.println(format!("[{:>6.2}s] draining {s} (mtcp drain --id {s}) ...", t0.elapsed().as_secs_f64()));
+                drain(&lc, &s).await?;
+                drained = true;
+            }
+        } else if drained && !moved && got >= size * 3 / 5 {
+            bar.println(format!("[{:>6.2}s] manual migration (mtcp migrate --all) ...", t0.elapsed().as_secs_f64()));
+            match mtcp_agent::admin::request(&lc.agent_admin, &Request::Migrate { conn: None, to: None }).await {
+                Ok(Response::Migrated { results }) if results.iter().all(|r| r.ok) && !results.is_empty() => {}
+                other => bail!("manual migration failed: {other:?}"),
+            }
+            moved = true;
+        }
+        let finished = match &mut dl {
+            Dl::Curl(c) => c.try_wait()?.map(|st| st.success()),
+            Dl::Builtin(h) if h.is_finished() => Some(matches!(h.await, Ok(Ok(ref r)) if r.status == 200)),
+            Dl::Builtin(_) => None,
+        };
+        if let Some(ok) = finished {
+            break ok;
+        }
+        if t0.elapsed() > limit {
+            bail!("download did not finish within {limit:?}");
+        }
+        lc.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    bar.finish();
+    let took = t0.elapsed();
+    let got = tokio::task::block_in_place(|| local::sha256_file(&out))?;
+    let conns = lc.status_async().await?;
+    println!("\ntimeline of migrations:");
+    let mut migrations = 0;
+    for c in &conns {
+        for e in &c.timeline {
+            let lat = e.first_byte_us.or(e.resumed_us).map(|u| format!("{:.3} ms", u as f64 / 1000.0)).unwrap_or_default();
+            println!(
+                "  t={:>7.3}s  {} -> {}  reason: {}  {}  state {} B",
+                e.at_ms as f64 / 1000.0,
+                e.from,
+                e.to.as_deref().unwrap_or("(failed)"),
+                e.reason,
+                if e.ok { format!("resumed, first byte after {lat}") } else { format!("FAILED: {}", e.refusals.join("; ")) },
+                e.state_bytes.unwrap_or(0)
+            );
+            if e.ok {
+                migrations += 1;
+            }
+        }
+    }
+    println!("\ndownload finished in {:.2}s: {}", took.as_secs_f64(), if done_ok { "ok" } else { "client reported an error" });
+    println!("  sent     sha256 {want}");
+    println!("  received sha256 {got}");
+    lc.stop();
+    if !done_ok {
+        bail!("the download failed");
+    }
+    if got != want {
+        bail!("SHA-256 mismatch: the bytes received differ from the file");
+    }
+    if migrations < 2 || !drained || !moved {
+        bail!("expected at least 2 migrations (one drain, one manual), saw {migrations}");
+    }
+    println!("OK: every byte matched, and the connection moved {migrations} times without the client noticing.");
+    Ok(())
+}
+
+async fn current_server(lc: &LocalCluster) -> Option<String> {
+    match mtcp_agent::admin::request(&lc.agent_admin, &Request::Status).await {
+        Ok(Response::Status { connections }) => connections.into_iter().find(|c| c.state == "live").map(|c| c.server),
+        _ => None,
+    }
+}
+
+/// Drains server `id` like `mtcp drain` does.
+pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
+    let cluster = mtcp::Cluster::load(&lc.cluster_file)?;
+    let s = lc.servers.iter().find(|s| s.id == id).context("unknown server")?;
+    let t0 = Instant::now();
+    let mut st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminDrain).await?;
+    while st.connections > 0 {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("{} still has {} connection(s) after 20s of draining", id, st.connections);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminStatus).await?;
+    }
+    Ok(())
+}
+
