@@ -20,7 +20,9 @@
 //!    written. A restart reopens the file, reads from `start + sent`, and carries on.
 //!
 //! HEAD responses, error responses and empty bodies are written in one `write_all` and followed
-//! by an Idle snapshot; a restart from the Idle snapshot before them re-parses the request.
+//! by an Idle snapshot (when the connection goes on); a restart from the snapshot before them
+//! re-parses the request. After the last response of a closing connection no snapshot is taken:
+//! a restart from the previous one regenerates the response and closes again.
 //!
 //! **Exact consumption.** Bytes read from the connection but not yet consumed (pipelined
 //! requests) are app state, so *every* snapshot carries them as `leftover`. Reads are made only

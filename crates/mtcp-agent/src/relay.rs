@@ -239,7 +239,7 @@ async fn run(
                                 return End::Done;
                             }
                         }
-                        return session_broke(conn, &format!("session with {} ended: {e}", conn.server));
+                        return session_broke(conn, &e.to_string());
                     }
                 }
             },
@@ -250,14 +250,14 @@ async fn run(
                     conn.client_eof = true;
                     let up_total = conn.retained.end();
                     if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
-                        return session_broke(conn, "session write failed");
+                        return session_broke(conn, "write failed");
                     }
                 }
                 Ok(_) => {
                     let chunk = buf.split().freeze();
                     conn.retained.push(chunk.clone());
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
-                        return session_broke(conn, "session write failed");
+                        return session_broke(conn, "write failed");
                     }
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
                 }
@@ -268,7 +268,7 @@ async fn run(
             _ = ping.tick() => {
                 let t = inner.started.elapsed().as_micros() as u64;
                 if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
-                    return session_broke(conn, "session write failed");
+                    return session_broke(conn, "write failed");
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -312,7 +312,7 @@ async fn on_data(
         conn.acked = recv;
         let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
         if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
-            return Err(session_broke(conn, "session write failed"));
+            return Err(session_broke(conn, "write failed"));
         }
         conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = recv;
     }
@@ -358,9 +358,11 @@ async fn on_msg(
     None
 }
 
+/// The session's TCP connection failed without an M-TCP close: move it.
 fn session_broke(conn: &Conn, why: &str) -> End {
-    tracing::info!(conn = conn.id, cid = %conn.cid, "{why}");
-    End::Move { reason: why.to_string(), to: None, done: None }
+    let reason = format!("session with {} broke: {why}", conn.server);
+    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+    End::Move { reason, to: None, done: None }
 }
 
 /// Moves the connection: MIGRATE to candidates in order until one resumes it.

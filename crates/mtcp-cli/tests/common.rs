@@ -1,0 +1,69 @@
+//! Shared set-up for the end-to-end tests: a temp directory, a served file, a local cluster.
+#![allow(dead_code)]
+
+use mtcp_cli::local::{self, LocalCluster, LocalOptions};
+use std::path::{Path, PathBuf};
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("mtcp-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("www")).expect("create temp dir");
+        TempDir(d)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; logs kept in {}", self.0.display());
+            let _ = std::fs::remove_dir_all(self.0.join("www"));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mtcp"))
+}
+
+/// Makes `www/<name>` of `size` bytes and returns its SHA-256.
+pub fn file(dir: &TempDir, name: &str, size: u64, seed: u64) -> String {
+    local::make_file(&dir.path().join("www").join(name), size, seed).expect("make file")
+}
+
+pub fn cluster(dir: &TempDir, servers: usize) -> LocalCluster {
+    cluster_with(dir, servers, None)
+}
+
+pub fn cluster_with(dir: &TempDir, servers: usize, snapshot_every: Option<u64>) -> LocalCluster {
+    let opts = LocalOptions {
+        servers,
+        root: dir.path().join("www"),
+        plain_baseline: false,
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        snapshot_every,
+    };
+    LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+}
+
+/// The server the agent's (only) live connection is on.
+pub fn serving(lc: &LocalCluster) -> String {
+    lc.status().expect("agent status").into_iter().find(|c| c.state == "live").expect("a live connection").server
+}
+
+pub fn data_port(lc: &LocalCluster, id: &str) -> u16 {
+    let s = lc.servers.iter().find(|s| s.id == id).expect("server id");
+    s.data.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(b))
+}
