@@ -16,7 +16,10 @@ const MAX_LINE: u64 = 4096;
 pub enum Request {
     Status,
     /// Move connection `conn` (a cid), or every connection when `conn` is absent.
-    Migrate { conn: Option<String>, to: Option<String> },
+    Migrate {
+        conn: Option<String>,
+        to: Option<String>,
+    },
 }
 
 /// The agent's answer.
@@ -55,7 +58,12 @@ pub async fn serve(agent: Agent, l: TcpListener) {
             let mut line = String::new();
             loop {
                 line.clear();
-                let n = match tokio::time::timeout(Duration::from_secs(60), (&mut r).take(MAX_LINE).read_line(&mut line)).await {
+                let n = match tokio::time::timeout(
+                    Duration::from_secs(60),
+                    (&mut r).take(MAX_LINE).read_line(&mut line),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
@@ -64,20 +72,37 @@ pub async fn serve(agent: Agent, l: TcpListener) {
                 }
                 let resp = match parse_request(&line) {
                     Err(_) if !line.ends_with('\n') && n as u64 >= MAX_LINE => {
-                        let r = Response::Error { message: format!("request longer than {MAX_LINE} bytes") };
-                        let _ = w.write_all(format!("{}\n", serde_json::to_string(&r).unwrap_or_default()).as_bytes()).await;
+                        let r = Response::Error {
+                            message: format!("request longer than {MAX_LINE} bytes"),
+                        };
+                        let _ = w
+                            .write_all(
+                                format!("{}\n", serde_json::to_string(&r).unwrap_or_default())
+                                    .as_bytes(),
+                            )
+                            .await;
                         return;
                     }
                     Err(message) => Response::Error { message },
-                    Ok(Request::Status) => Response::Status { connections: agent.status() },
+                    Ok(Request::Status) => Response::Status {
+                        connections: agent.status(),
+                    },
                     Ok(Request::Migrate { conn, to }) => {
                         let results = agent
                             .migrate(conn.as_deref(), to)
                             .await
                             .into_iter()
                             .map(|(cid, r)| match r {
-                                Ok(s) => MoveResult { cid, ok: true, detail: s },
-                                Err(e) => MoveResult { cid, ok: false, detail: e },
+                                Ok(s) => MoveResult {
+                                    cid,
+                                    ok: true,
+                                    detail: s,
+                                },
+                                Err(e) => MoveResult {
+                                    cid,
+                                    ok: false,
+                                    detail: e,
+                                },
                             })
                             .collect();
                         Response::Migrated { results }
@@ -102,7 +127,9 @@ pub async fn request(addr: &str, req: &Request) -> Result<Response, String> {
     let (r, mut w) = s.into_split();
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
-    w.write_all(line.as_bytes()).await.map_err(|e| format!("agent admin {addr}: {e}"))?;
+    w.write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("agent admin {addr}: {e}"))?;
     let mut r = BufReader::new(r);
     let mut ans = String::new();
     tokio::time::timeout(Duration::from_secs(60), r.read_line(&mut ans))
@@ -121,9 +148,14 @@ mod tests {
         assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse_request(r#"{"cmd":"migrate","conn":null,"to":"s2"}"#),
-            Ok(Request::Migrate { conn: None, to: Some("s2".into()) })
+            Ok(Request::Migrate {
+                conn: None,
+                to: Some("s2".into())
+            })
         );
-        assert!(parse_request("garbage").unwrap_err().contains("bad request"));
+        assert!(parse_request("garbage")
+            .unwrap_err()
+            .contains("bad request"));
         assert!(parse_request(r#"{"cmd":"rm -rf"}"#).is_err());
     }
 }

@@ -141,22 +141,42 @@ impl Agent {
             .values()
             .map(|e| e.status.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect();
-        v.extend(self.inner.finished.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        v.extend(
+            self.inner
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
         v
     }
 
     /// Moves connection `cid` (or every live one when `None`) and waits for the outcome of each.
-    pub async fn migrate(&self, cid: Option<&str>, to: Option<String>) -> Vec<(String, Result<String, String>)> {
+    pub async fn migrate(
+        &self,
+        cid: Option<&str>,
+        to: Option<String>,
+    ) -> Vec<(String, Result<String, String>)> {
         let mut waits = Vec::new();
         {
             let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
             for e in conns.values() {
-                let c = e.status.lock().unwrap_or_else(|p| p.into_inner()).cid.clone();
+                let c = e
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .cid
+                    .clone();
                 if cid.is_some_and(|x| x != c) {
                     continue;
                 }
                 let (tx, rx) = oneshot::channel();
-                let req = MoveRequest { to: to.clone(), reason: "manual".into(), done: Some(tx) };
+                let req = MoveRequest {
+                    to: to.clone(),
+                    reason: "manual".into(),
+                    done: Some(tx),
+                };
                 if e.cmd.send(req).is_ok() {
                     waits.push((c, rx));
                 }

@@ -51,7 +51,11 @@ enum End {
     /// Orderly end: everything delivered.
     Done,
     /// Move the session.
-    Move { reason: String, to: Option<String>, done: Option<tokio::sync::oneshot::Sender<Result<String, String>>> },
+    Move {
+        reason: String,
+        to: Option<String>,
+        done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+    },
     /// Give up: the client program's connection is reset.
     Abort(String),
 }
@@ -61,7 +65,10 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
     let (mut session, mut conn) = match open(&inner, id).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(conn = id, "cannot open a session with any server: {e}; closing the client connection");
+            tracing::error!(
+                conn = id,
+                "cannot open a session with any server: {e}; closing the client connection"
+            );
             reset(client);
             return;
         }
@@ -70,11 +77,25 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         .conns
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(id, ConnEntry { status: conn.status.clone(), cmd: cmd_tx });
+        .insert(
+            id,
+            ConnEntry {
+                status: conn.status.clone(),
+                cmd: cmd_tx,
+            },
+        );
     tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "session open");
     let (mut cr, mut cw) = client.into_split();
     let outcome = loop {
-        let end = run(&inner, &mut conn, &mut session, &mut cr, &mut cw, &mut cmd_rx).await;
+        let end = run(
+            &inner,
+            &mut conn,
+            &mut session,
+            &mut cr,
+            &mut cw,
+            &mut cmd_rx,
+        )
+        .await;
         match end {
             End::Done => break Ok(()),
             End::Abort(why) => break Err(why),
@@ -106,7 +127,11 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         };
         st.clone()
     };
-    inner.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
     {
         let mut f = inner.finished.lock().unwrap_or_else(|p| p.into_inner());
         f.push(final_status);
@@ -134,10 +159,17 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-async fn connect(addr: &str, limit: Duration) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
-    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr)).await.map_err(|_| ChannelError::Timeout)??;
+async fn connect(
+    addr: &str,
+    limit: Duration,
+) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
+    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
-    tokio::time::timeout(limit, framed::exchange_preamble(&mut s)).await.map_err(|_| ChannelError::Timeout)??;
+    tokio::time::timeout(limit, framed::exchange_preamble(&mut s))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
     let (r, w) = s.into_split();
     Ok((FrameReader::new(r, SETUP_FRAME), w))
 }
@@ -148,10 +180,19 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
     for addr in &inner.cfg.connect {
         let r = async {
             let (mut reader, mut w) = connect(addr, inner.cfg.connect_timeout).await?;
-            framed::write_msg(&mut w, &Msg::Hello { caps: 0, orig_dst: None }).await?;
+            framed::write_msg(
+                &mut w,
+                &Msg::Hello {
+                    caps: 0,
+                    orig_dst: None,
+                },
+            )
+            .await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
-                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!("refused ({code:?}): {reason}"))),
+                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
+                    "refused ({code:?}): {reason}"
+                ))),
                 other => Err(ChannelError::Unexpected(format!("{other:?}"))),
             }
         }
@@ -310,11 +351,17 @@ async fn on_data(
     let recv = conn.down.received();
     if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) {
         conn.acked = recv;
-        let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+        let ack = Msg::Ack {
+            down_recv: recv,
+            sum_from: conn.down.sum_from(),
+        };
         if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
             return Err(session_broke(conn, "write failed"));
         }
-        conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = recv;
+        conn.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bytes_down = recv;
     }
     Ok(())
 }
@@ -336,22 +383,33 @@ async fn on_msg(
         Msg::Heartbeat => {}
         Msg::Pong { t } => {
             let now = inner.started.elapsed().as_micros() as u64;
-            live.rtt.sample(Duration::from_micros(now.saturating_sub(t)));
+            live.rtt
+                .sample(Duration::from_micros(now.saturating_sub(t)));
         }
         Msg::Hint { reason, target } => {
-            return Some(End::Move { reason: format!("hint ({reason:?})").to_lowercase(), to: target, done: None });
+            return Some(End::Move {
+                reason: format!("hint ({reason:?})").to_lowercase(),
+                to: target,
+                done: None,
+            });
         }
         Msg::Closed { down_total } => {
             let recv = conn.down.received();
             if recv == down_total {
-                let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                let ack = Msg::Ack {
+                    down_recv: recv,
+                    sum_from: conn.down.sum_from(),
+                };
                 let _ = framed::write_msg(&mut s.w, &ack).await;
                 return Some(End::Done);
             }
             *closed_at = Some(down_total);
         }
         Msg::Refused { code, reason } => {
-            return Some(End::Abort(format!("server {} ended the connection ({code:?}): {reason}", conn.server)));
+            return Some(End::Abort(format!(
+                "server {} ended the connection ({code:?}): {reason}",
+                conn.server
+            )));
         }
         other => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
     }
@@ -362,11 +420,20 @@ async fn on_msg(
 fn session_broke(conn: &Conn, why: &str) -> End {
     let reason = format!("session with {} broke: {why}", conn.server);
     tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
-    End::Move { reason, to: None, done: None }
+    End::Move {
+        reason,
+        to: None,
+        done: None,
+    }
 }
 
 /// Moves the connection: MIGRATE to candidates in order until one resumes it.
-async fn migrate(inner: &Arc<AgentInner>, conn: &mut Conn, reason: &str, to: Option<&str>) -> Result<Session, String> {
+async fn migrate(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    reason: &str,
+    to: Option<&str>,
+) -> Result<Session, String> {
     let t0 = Instant::now();
     let from = conn.server.clone();
     // Candidates: the requested one, then alternates in order, then the current server itself
@@ -431,32 +498,60 @@ async fn migrate(inner: &Arc<AgentInner>, conn: &mut Conn, reason: &str, to: Opt
         }
     }
     let why = refusals.join("; ");
-    conn.status.lock().unwrap_or_else(|p| p.into_inner()).timeline.push(MigrationEvent {
-        at_ms: t0.duration_since(inner.started).as_millis() as u64,
-        from,
-        to: None,
-        reason: reason.to_string(),
-        ok: false,
-        resumed_us: None,
-        first_byte_us: None,
-        state_bytes: None,
-        refusals,
-    });
-    Err(if why.is_empty() { "no server to move to".into() } else { why })
+    conn.status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .timeline
+        .push(MigrationEvent {
+            at_ms: t0.duration_since(inner.started).as_millis() as u64,
+            from,
+            to: None,
+            reason: reason.to_string(),
+            ok: false,
+            resumed_us: None,
+            first_byte_us: None,
+            state_bytes: None,
+            refusals,
+        });
+    Err(if why.is_empty() {
+        "no server to move to".into()
+    } else {
+        why
+    })
 }
 
 /// Every server the agent knows: the alternates a server listed, plus that server itself (kept
 /// so the connection can re-attach to it).
-fn known_servers(mut alternates: Vec<ServerInfo>, current: &str, current_addr: &str) -> Vec<ServerInfo> {
+fn known_servers(
+    mut alternates: Vec<ServerInfo>,
+    current: &str,
+    current_addr: &str,
+) -> Vec<ServerInfo> {
     alternates.retain(|a| a.id != current);
-    alternates.push(ServerInfo { id: current.to_string(), data: current_addr.to_string() });
+    alternates.push(ServerInfo {
+        id: current.to_string(),
+        data: current_addr.to_string(),
+    });
     alternates
 }
 
-async fn try_resume(inner: &Arc<AgentInner>, conn: &mut Conn, cand: &ServerInfo, m: &Migrate) -> Result<Session, String> {
-    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout).await.map_err(|e| e.to_string())?;
-    framed::write_msg(&mut w, &Msg::Migrate(m.clone())).await.map_err(|e| e.to_string())?;
-    let r = match reader.next_msg(inner.cfg.migrate_timeout).await.map_err(|e| e.to_string())? {
+async fn try_resume(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    cand: &ServerInfo,
+    m: &Migrate,
+) -> Result<Session, String> {
+    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    framed::write_msg(&mut w, &Msg::Migrate(m.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = match reader
+        .next_msg(inner.cfg.migrate_timeout)
+        .await
+        .map_err(|e| e.to_string())?
+    {
         Msg::Resumed(r) => r,
         Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
         other => return Err(format!("unexpected answer {other:?}")),
@@ -479,10 +574,20 @@ async fn try_resume(inner: &Arc<AgentInner>, conn: &mut Conn, cand: &ServerInfo,
     conn.token = r.token;
     conn.server = r.server;
     conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
-    let mut items: Vec<Out> = conn.retained.chunks_from(r.up_from).map_err(|e| e.to_string())?.into_iter().map(Out::Data).collect();
+    let mut items: Vec<Out> = conn
+        .retained
+        .chunks_from(r.up_from)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(Out::Data)
+        .collect();
     if conn.client_eof {
-        items.push(Out::Msg(Msg::UpFin { up_total: conn.retained.end() }));
+        items.push(Out::Msg(Msg::UpFin {
+            up_total: conn.retained.end(),
+        }));
     }
-    framed::write_frames(&mut w, &items).await.map_err(|e| e.to_string())?;
+    framed::write_frames(&mut w, &items)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(Session { reader, w })
 }

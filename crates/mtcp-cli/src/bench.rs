@@ -73,7 +73,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
 
 fn start(dir: &std::path::Path, plain: bool) -> Result<LocalCluster> {
     let exe = std::env::current_exe().context("locating the mtcp binary")?;
-    let opts = LocalOptions { servers: 3, root: dir.join("www"), plain_baseline: plain, log: "warn".into(), snapshot_every: None };
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.join("www"),
+        plain_baseline: plain,
+        log: "warn".into(),
+        snapshot_every: None,
+    };
     tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
 }
 
@@ -98,7 +104,12 @@ async fn download(addr: &str, size: u64, want: &str) -> Result<f64> {
     let r = c.request("GET", "/data.bin", &[]).await?;
     let secs = t0.elapsed().as_secs_f64();
     if r.status != 200 || r.body_len != size || r.digest != want {
-        bail!("download from {addr} came back wrong: status {} len {} digest {}", r.status, r.body_len, r.digest);
+        bail!(
+            "download from {addr} came back wrong: status {} len {} digest {}",
+            r.status,
+            r.body_len,
+            r.digest
+        );
     }
     Ok(size as f64 / (1 << 20) as f64 / secs)
 }
@@ -133,9 +144,18 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        println!("throughput, {} MiB file, {} rounds, loopback, 2 cores shared by client, agent, server", a.size_mib, a.rounds);
-        println!("  direct TCP   : {:>8.1} MiB/s (median)", rep.direct_median_mib_s);
-        println!("  through agent: {:>8.1} MiB/s (median)", rep.agent_median_mib_s);
+        println!(
+            "throughput, {} MiB file, {} rounds, loopback, 2 cores shared by client, agent, server",
+            a.size_mib, a.rounds
+        );
+        println!(
+            "  direct TCP   : {:>8.1} MiB/s (median)",
+            rep.direct_median_mib_s
+        );
+        println!(
+            "  through agent: {:>8.1} MiB/s (median)",
+            rep.agent_median_mib_s
+        );
         println!("  ratio        : {:>8.3}", rep.ratio);
     }
     Ok(())
@@ -159,8 +179,20 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         if dl.is_finished() {
             bail!("transfer ended after {done} migrations; raise the size or lower --migrations");
         }
-        match mtcp_agent::admin::request(&lc.agent_admin, &Request::Migrate { conn: None, to: None }).await {
-            Ok(Response::Migrated { results }) if !results.is_empty() && results.iter().all(|r| r.ok) => done += 1,
+        match mtcp_agent::admin::request(
+            &lc.agent_admin,
+            &Request::Migrate {
+                conn: None,
+                to: None,
+            },
+        )
+        .await
+        {
+            Ok(Response::Migrated { results })
+                if !results.is_empty() && results.iter().all(|r| r.ok) =>
+            {
+                done += 1
+            }
             other => bail!("migration {done} failed: {other:?}"),
         }
         tokio::time::sleep(Duration::from_millis(a.interval_ms)).await;
@@ -171,7 +203,11 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let status = lc.status_async().await?;
     let r = dl.await??;
     let ok = r.status == 200 && r.body_len == size && r.digest == want;
-    let events: Vec<_> = status.iter().flat_map(|c| c.timeline.iter()).filter(|e| e.ok).collect();
+    let events: Vec<_> = status
+        .iter()
+        .flat_map(|c| c.timeline.iter())
+        .filter(|e| e.ok)
+        .collect();
     let mut fb: Vec<u64> = events.iter().filter_map(|e| e.first_byte_us).collect();
     let mut rs: Vec<u64> = events.iter().filter_map(|e| e.resumed_us).collect();
     fb.sort_unstable();
@@ -184,17 +220,31 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         first_byte_us_max: fb.last().copied().unwrap_or(0),
         resumed_us_p50: pct(&rs, 0.5),
         resumed_us_p99: pct(&rs, 0.99),
-        state_bytes_max: events.iter().filter_map(|e| e.state_bytes).max().unwrap_or(0),
+        state_bytes_max: events
+            .iter()
+            .filter_map(|e| e.state_bytes)
+            .max()
+            .unwrap_or(0),
         transfer_sha256_ok: ok,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        println!("migration latency, lazy mode, loopback, {} migrations of one live download", rep.migrations);
+        println!(
+            "migration latency, lazy mode, loopback, {} migrations of one live download",
+            rep.migrations
+        );
         println!("  trigger -> first resumed byte at the agent: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
             rep.first_byte_us_p50 as f64 / 1e3, rep.first_byte_us_p90 as f64 / 1e3, rep.first_byte_us_p99 as f64 / 1e3, rep.first_byte_us_max as f64 / 1e3);
-        println!("  trigger -> RESUMED:                         p50 {:.3} ms  p99 {:.3} ms", rep.resumed_us_p50 as f64 / 1e3, rep.resumed_us_p99 as f64 / 1e3);
-        println!("  largest state record: {} bytes; transfer sha256 ok: {}", rep.state_bytes_max, rep.transfer_sha256_ok);
+        println!(
+            "  trigger -> RESUMED:                         p50 {:.3} ms  p99 {:.3} ms",
+            rep.resumed_us_p50 as f64 / 1e3,
+            rep.resumed_us_p99 as f64 / 1e3
+        );
+        println!(
+            "  largest state record: {} bytes; transfer sha256 ok: {}",
+            rep.state_bytes_max, rep.transfer_sha256_ok
+        );
     }
     if !ok {
         bail!("the migrated transfer's SHA-256 did not match");

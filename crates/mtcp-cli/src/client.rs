@@ -30,7 +30,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -49,9 +52,18 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: &str) -> Result<Self> {
-        let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         s.set_nodelay(true)?;
-        Ok(Self { s, buf: Vec::new(), hash: Hash::Sha256, rate: None, progress: Arc::new(AtomicU64::new(0)), sink: None })
+        Ok(Self {
+            s,
+            buf: Vec::new(),
+            hash: Hash::Sha256,
+            rate: None,
+            progress: Arc::new(AtomicU64::new(0)),
+            sink: None,
+        })
     }
 
     /// Sends raw request bytes (may be a partial request).
@@ -83,7 +95,12 @@ impl Client {
                     let headers: Vec<(String, String)> = r
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
                         .collect();
                     break (r.code.unwrap_or(0), headers, n);
                 }
@@ -94,7 +111,10 @@ impl Client {
                     let mut tmp = [0u8; 16 << 10];
                     let n = self.s.read(&mut tmp).await?;
                     if n == 0 {
-                        bail!("connection closed before a complete response ({} bytes of headers)", self.buf.len());
+                        bail!(
+                            "connection closed before a complete response ({} bytes of headers)",
+                            self.buf.len()
+                        );
                     }
                     self.buf.extend_from_slice(&tmp[..n]);
                 }
@@ -155,6 +175,12 @@ impl Client {
             Hash::Sha256 => hex::encode(sha.finalize()),
             Hash::Xxh3 => format!("{:016x}", xx.digest()),
         };
-        Ok(Response { status, headers, body_len: got, digest, elapsed: t0.elapsed() })
+        Ok(Response {
+            status,
+            headers,
+            body_len: got,
+            digest,
+            elapsed: t0.elapsed(),
+        })
     }
 }

@@ -35,7 +35,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(dir.join("www"))?;
     let r = demo(&a, &dir).await;
     if a.keep || r.is_err() {
-        eprintln!("working directory (logs of every process): {}", dir.display());
+        eprintln!(
+            "working directory (logs of every process): {}",
+            dir.display()
+        );
         if !a.keep {
             // Keep logs of a failed run for inspection, but not the big files.
             let _ = std::fs::remove_dir_all(dir.join("www"));
@@ -64,9 +67,15 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     };
     let mut lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?;
     for s in &lc.servers {
-        println!("server {} listening on {} (peer {}, admin {})", s.id, s.data, s.peer, s.admin);
+        println!(
+            "server {} listening on {} (peer {}, admin {})",
+            s.id, s.data, s.peer, s.admin
+        );
     }
-    println!("agent listening on {} (admin {})", lc.agent_listen, lc.agent_admin);
+    println!(
+        "agent listening on {} (admin {})",
+        lc.agent_listen, lc.agent_admin
+    );
 
     let out = dir.join("download.bin");
     let url = format!("http://{}/data.bin", lc.agent_listen);
@@ -78,7 +87,10 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         Builtin(tokio::task::JoinHandle<Result<crate::client::Response>>),
     }
     let mut dl = if use_curl {
-        println!("downloading {url} with curl (rate limit {} MiB/s) ...", a.rate_mib);
+        println!(
+            "downloading {url} with curl (rate limit {} MiB/s) ...",
+            a.rate_mib
+        );
         Dl::Curl(
             tokio::process::Command::new("curl")
                 .args(["-sS", "--fail", "--limit-rate", &rate.to_string(), "-o"])
@@ -89,15 +101,24 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .context("starting curl")?,
         )
     } else {
-        println!("downloading {url} with the built-in client (rate limit {} MiB/s) ...", a.rate_mib);
+        println!(
+            "downloading {url} with the built-in client (rate limit {} MiB/s) ...",
+            a.rate_mib
+        );
         let mut c = Client::connect(&lc.agent_listen).await?;
         c.rate = Some(rate);
         c.progress = progress.clone();
         c.sink = Some(std::fs::File::create(&out)?);
-        Dl::Builtin(tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await }))
+        Dl::Builtin(tokio::spawn(async move {
+            c.request("GET", "/data.bin", &[]).await
+        }))
     };
 
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -118,21 +139,38 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         }
         if !drained && got >= size / 4 {
             if let Some(s) = serving.clone() {
-                bar.println(format!("[{:>6.2}s] draining {s} (mtcp drain --id {s}) ...", t0.elapsed().as_secs_f64()));
+                bar.println(format!(
+                    "[{:>6.2}s] draining {s} (mtcp drain --id {s}) ...",
+                    t0.elapsed().as_secs_f64()
+                ));
                 drain(&lc, &s).await?;
                 drained = true;
             }
         } else if drained && !moved && got >= size * 3 / 5 {
-            bar.println(format!("[{:>6.2}s] manual migration (mtcp migrate --all) ...", t0.elapsed().as_secs_f64()));
-            match mtcp_agent::admin::request(&lc.agent_admin, &Request::Migrate { conn: None, to: None }).await {
-                Ok(Response::Migrated { results }) if results.iter().all(|r| r.ok) && !results.is_empty() => {}
+            bar.println(format!(
+                "[{:>6.2}s] manual migration (mtcp migrate --all) ...",
+                t0.elapsed().as_secs_f64()
+            ));
+            match mtcp_agent::admin::request(
+                &lc.agent_admin,
+                &Request::Migrate {
+                    conn: None,
+                    to: None,
+                },
+            )
+            .await
+            {
+                Ok(Response::Migrated { results })
+                    if results.iter().all(|r| r.ok) && !results.is_empty() => {}
                 other => bail!("manual migration failed: {other:?}"),
             }
             moved = true;
         }
         let finished = match &mut dl {
             Dl::Curl(c) => c.try_wait()?.map(|st| st.success()),
-            Dl::Builtin(h) if h.is_finished() => Some(matches!(h.await, Ok(Ok(ref r)) if r.status == 200)),
+            Dl::Builtin(h) if h.is_finished() => {
+                Some(matches!(h.await, Ok(Ok(ref r)) if r.status == 200))
+            }
             Dl::Builtin(_) => None,
         };
         if let Some(ok) = finished {
@@ -152,14 +190,22 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let mut migrations = 0;
     for c in &conns {
         for e in &c.timeline {
-            let lat = e.first_byte_us.or(e.resumed_us).map(|u| format!("{:.3} ms", u as f64 / 1000.0)).unwrap_or_default();
+            let lat = e
+                .first_byte_us
+                .or(e.resumed_us)
+                .map(|u| format!("{:.3} ms", u as f64 / 1000.0))
+                .unwrap_or_default();
             println!(
                 "  t={:>7.3}s  {} -> {}  reason: {}  {}  state {} B",
                 e.at_ms as f64 / 1000.0,
                 e.from,
                 e.to.as_deref().unwrap_or("(failed)"),
                 e.reason,
-                if e.ok { format!("resumed, first byte after {lat}") } else { format!("FAILED: {}", e.refusals.join("; ")) },
+                if e.ok {
+                    format!("resumed, first byte after {lat}")
+                } else {
+                    format!("FAILED: {}", e.refusals.join("; "))
+                },
                 e.state_bytes.unwrap_or(0)
             );
             if e.ok {
@@ -167,7 +213,15 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             }
         }
     }
-    println!("\ndownload finished in {:.2}s: {}", took.as_secs_f64(), if done_ok { "ok" } else { "client reported an error" });
+    println!(
+        "\ndownload finished in {:.2}s: {}",
+        took.as_secs_f64(),
+        if done_ok {
+            "ok"
+        } else {
+            "client reported an error"
+        }
+    );
     println!("  sent     sha256 {want}");
     println!("  received sha256 {got}");
     lc.stop();
@@ -186,7 +240,10 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
 
 async fn current_server(lc: &LocalCluster) -> Option<String> {
     match mtcp_agent::admin::request(&lc.agent_admin, &Request::Status).await {
-        Ok(Response::Status { connections }) => connections.into_iter().find(|c| c.state == "live").map(|c| c.server),
+        Ok(Response::Status { connections }) => connections
+            .into_iter()
+            .find(|c| c.state == "live")
+            .map(|c| c.server),
         _ => None,
     }
 }
@@ -194,16 +251,23 @@ async fn current_server(lc: &LocalCluster) -> Option<String> {
 /// Drains server `id` like `mtcp drain` does.
 pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
     let cluster = mtcp::Cluster::load(&lc.cluster_file)?;
-    let s = lc.servers.iter().find(|s| s.id == id).context("unknown server")?;
+    let s = lc
+        .servers
+        .iter()
+        .find(|s| s.id == id)
+        .context("unknown server")?;
     let t0 = Instant::now();
     let mut st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminDrain).await?;
     while st.connections > 0 {
         if t0.elapsed() > Duration::from_secs(20) {
-            bail!("{} still has {} connection(s) after 20s of draining", id, st.connections);
+            bail!(
+                "{} still has {} connection(s) after 20s of draining",
+                id,
+                st.connections
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminStatus).await?;
     }
     Ok(())
 }
-

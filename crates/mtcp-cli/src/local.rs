@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 /// Addresses of one server of a local cluster.
@@ -26,7 +29,10 @@ pub struct ServerAddrs {
 /// the servers.
 pub fn write_cluster(dir: &Path, n: usize) -> Result<(PathBuf, Vec<ServerAddrs>)> {
     let key: [u8; 32] = rand::random();
-    let mut text = format!("key = \"{}\"\nmode = \"lazy\"\nheartbeat_ms = 100\n", hex::encode(key));
+    let mut text = format!(
+        "key = \"{}\"\nmode = \"lazy\"\nheartbeat_ms = 100\n",
+        hex::encode(key)
+    );
     let mut servers = Vec::new();
     for i in 1..=n {
         let s = ServerAddrs {
@@ -124,7 +130,11 @@ impl LocalCluster {
             wait_listening(&s.data, Duration::from_secs(10))?;
             wait_listening(&s.admin, Duration::from_secs(10))?;
         }
-        let connect = servers.iter().map(|s| s.data.clone()).collect::<Vec<_>>().join(",");
+        let connect = servers
+            .iter()
+            .map(|s| s.data.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let args: Vec<String> = vec![
             "agent".into(),
             "--connect".into(),
@@ -159,27 +169,41 @@ impl LocalCluster {
 
     /// PID of a started process (`s1`, `agent`, …).
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.children.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
     }
 
     /// Runs `mtcp ARGS…` to completion and returns its stdout (error with stderr on failure).
     pub fn mtcp(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.exe).args(args).stdin(Stdio::null()).output()?;
+        let out = Command::new(&self.exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
         if !out.status.success() {
-            bail!("mtcp {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "mtcp {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The agent's status over its admin port (from synchronous code, e.g. tests).
     pub fn status(&self) -> Result<Vec<mtcp_agent::ConnStatus>> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(self.status_async())
     }
 
     /// The agent's status over its admin port.
     pub async fn status_async(&self) -> Result<Vec<mtcp_agent::ConnStatus>> {
-        match mtcp_agent::admin::request(&self.agent_admin, &mtcp_agent::admin::Request::Status).await {
+        match mtcp_agent::admin::request(&self.agent_admin, &mtcp_agent::admin::Request::Status)
+            .await
+        {
             Ok(mtcp_agent::admin::Response::Status { connections }) => Ok(connections),
             Ok(other) => bail!("unexpected answer {other:?}"),
             Err(e) => bail!(e),
@@ -190,7 +214,10 @@ impl LocalCluster {
     pub fn check_alive(&mut self) -> Result<()> {
         for (n, c) in &mut self.children {
             if let Some(st) = c.try_wait()? {
-                bail!("{n} exited ({st}); see {}", self.dir.join(format!("{n}.log")).display());
+                bail!(
+                    "{n} exited ({st}); see {}",
+                    self.dir.join(format!("{n}.log")).display()
+                );
             }
         }
         Ok(())
@@ -256,5 +283,10 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Whether a program is on PATH.
 pub fn have(prog: &str) -> bool {
-    Command::new(prog).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+    Command::new(prog)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "mtcp", version, about = "Migratory TCP: live TCP connections that move between servers")]
+#[command(
+    name = "mtcp",
+    version,
+    about = "Migratory TCP: live TCP connections that move between servers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -143,14 +147,20 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn server(a: ServerArgs) -> Result<()> {
     let cluster = Cluster::load(&a.cluster)?;
-    let App::Httpd { root, snapshot_every, plain } = a.app;
+    let App::Httpd {
+        root,
+        snapshot_every,
+        plain,
+    } = a.app;
     if !root.is_dir() {
         bail!("--root {} is not a directory", root.display());
     }
     let mut cfg = mtcp_httpd::Config::new(root);
     cfg.snapshot_every = snapshot_every;
     if let Some(p) = plain {
-        let l = tokio::net::TcpListener::bind(&p).await.with_context(|| format!("cannot listen on plain address {p}"))?;
+        let l = tokio::net::TcpListener::bind(&p)
+            .await
+            .with_context(|| format!("cannot listen on plain address {p}"))?;
         let cfg = cfg.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
@@ -195,10 +205,14 @@ async fn agent(a: AgentArgs) -> Result<()> {
         max_retained: a.max_retained_mib << 20,
         ..Default::default()
     };
-    let l = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    let l = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
     let agent = mtcp_agent::Agent::new(cfg);
     if let Some(ad) = &a.admin {
-        let al = tokio::net::TcpListener::bind(ad).await.with_context(|| format!("cannot listen on admin address {ad}"))?;
+        let al = tokio::net::TcpListener::bind(ad)
+            .await
+            .with_context(|| format!("cannot listen on admin address {ad}"))?;
         tokio::spawn(mtcp_agent::admin::serve(agent.clone(), al));
     }
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
@@ -209,8 +223,14 @@ async fn agent(a: AgentArgs) -> Result<()> {
 }
 
 async fn migrate(a: MigrateArgs) -> Result<()> {
-    let req = Request::Migrate { conn: if a.all { None } else { a.conn.clone() }, to: a.to };
-    match mtcp_agent::admin::request(&a.agent, &req).await.map_err(|e| anyhow!(e))? {
+    let req = Request::Migrate {
+        conn: if a.all { None } else { a.conn.clone() },
+        to: a.to,
+    };
+    match mtcp_agent::admin::request(&a.agent, &req)
+        .await
+        .map_err(|e| anyhow!(e))?
+    {
         Response::Migrated { results } => {
             if results.is_empty() {
                 bail!("no matching connection at agent {}", a.agent);
@@ -236,28 +256,46 @@ async fn migrate(a: MigrateArgs) -> Result<()> {
 
 async fn drain(a: DrainArgs) -> Result<()> {
     let cluster = Cluster::load(&a.cluster)?;
-    let me = cluster.require(&a.id, &a.cluster.display().to_string())?.clone();
+    let me = cluster
+        .require(&a.id, &a.cluster.display().to_string())?
+        .clone();
     let t0 = Instant::now();
     let mut st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminDrain).await?;
     eprintln!("draining {}: {} connection(s)", a.id, st.connections);
     while st.connections > 0 {
         if t0.elapsed() > Duration::from_secs(a.timeout) {
-            bail!("{} connection(s) still on {} after {}s", st.connections, a.id, a.timeout);
+            bail!(
+                "{} connection(s) still on {} after {}s",
+                st.connections,
+                a.id,
+                a.timeout
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminStatus).await?;
     }
-    println!("{} drained in {:?} ({} migrated out in total)", a.id, t0.elapsed(), st.migrated_out);
+    println!(
+        "{} drained in {:?} ({} migrated out in total)",
+        a.id,
+        t0.elapsed(),
+        st.migrated_out
+    );
     Ok(())
 }
 
 async fn status(a: StatusArgs) -> Result<()> {
-    match mtcp_agent::admin::request(&a.agent, &Request::Status).await.map_err(|e| anyhow!(e))? {
+    match mtcp_agent::admin::request(&a.agent, &Request::Status)
+        .await
+        .map_err(|e| anyhow!(e))?
+    {
         Response::Status { connections } => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&connections)?);
             } else {
-                println!("{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  state", "cid", "server", "epoch", "migrations", "bytes up", "bytes down");
+                println!(
+                    "{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  state",
+                    "cid", "server", "epoch", "migrations", "bytes up", "bytes down"
+                );
                 for c in connections {
                     println!(
                         "{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  {}",

@@ -55,7 +55,12 @@ pub fn cluster_with(dir: &TempDir, servers: usize, snapshot_every: Option<u64>) 
 
 /// The server the agent's (only) live connection is on.
 pub fn serving(lc: &LocalCluster) -> String {
-    lc.status().expect("agent status").into_iter().find(|c| c.state == "live").expect("a live connection").server
+    lc.status()
+        .expect("agent status")
+        .into_iter()
+        .find(|c| c.state == "live")
+        .expect("a live connection")
+        .server
 }
 
 pub fn data_port(lc: &LocalCluster, id: &str) -> u16 {

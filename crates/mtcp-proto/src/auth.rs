@@ -77,8 +77,18 @@ impl ClusterKey {
 
     /// Proof sent by the server that opens a peer or admin channel, answering the acceptor's
     /// challenge `server_nonce` with its own `client_nonce`.
-    pub fn peer_proof(&self, server_nonce: &[u8; 16], client_nonce: &[u8; 16], from: &str) -> [u8; 32] {
-        self.mac(&[b"mtcp-peer-connect-v1", server_nonce, client_nonce, from.as_bytes()])
+    pub fn peer_proof(
+        &self,
+        server_nonce: &[u8; 16],
+        client_nonce: &[u8; 16],
+        from: &str,
+    ) -> [u8; 32] {
+        self.mac(&[
+            b"mtcp-peer-connect-v1",
+            server_nonce,
+            client_nonce,
+            from.as_bytes(),
+        ])
     }
 
     pub fn check_peer_proof(
@@ -88,7 +98,15 @@ impl ClusterKey {
         from: &str,
         proof: &[u8; 32],
     ) -> bool {
-        self.verify(&[b"mtcp-peer-connect-v1", server_nonce, client_nonce, from.as_bytes()], proof)
+        self.verify(
+            &[
+                b"mtcp-peer-connect-v1",
+                server_nonce,
+                client_nonce,
+                from.as_bytes(),
+            ],
+            proof,
+        )
     }
 
     /// The acceptor's proof back to the opener (mutual authentication).
@@ -180,8 +198,14 @@ mod tests {
 
     #[test]
     fn key_parsing_errors_are_clear() {
-        assert_eq!(ClusterKey::from_hex("abc").unwrap_err(), KeyError::Length(3));
-        assert!(matches!(ClusterKey::from_hex(&"zz".repeat(32)), Err(KeyError::Hex(_))));
+        assert_eq!(
+            ClusterKey::from_hex("abc").unwrap_err(),
+            KeyError::Length(3)
+        );
+        assert!(matches!(
+            ClusterKey::from_hex(&"zz".repeat(32)),
+            Err(KeyError::Hex(_))
+        ));
         assert!(ClusterKey::from_hex(&"ab".repeat(32)).is_ok());
     }
 

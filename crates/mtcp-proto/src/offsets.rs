@@ -23,7 +23,11 @@ pub struct ByteLog {
 
 impl ByteLog {
     pub fn new(start: u64) -> Self {
-        Self { start, len: 0, chunks: VecDeque::new() }
+        Self {
+            start,
+            len: 0,
+            chunks: VecDeque::new(),
+        }
     }
 
     pub fn start(&self) -> u64 {
@@ -148,7 +152,11 @@ impl ByteLog {
 
     fn check(&self, off: u64) -> Result<(), OffsetError> {
         if off < self.start || off > self.end() {
-            return Err(OffsetError::OutOfRange { off, start: self.start, end: self.end() });
+            return Err(OffsetError::OutOfRange {
+                off,
+                start: self.start,
+                end: self.end(),
+            });
         }
         Ok(())
     }
@@ -177,8 +185,12 @@ pub struct ReplayVerifier {
 
 impl ReplayVerifier {
     pub fn new(snap_out: u64, check_end: u64, expected: u64) -> Self {
-        let v = Self { pos: snap_out, check_end: check_end.max(snap_out), expected, sum: StreamSum::new(snap_out) };
-        v
+        Self {
+            pos: snap_out,
+            check_end: check_end.max(snap_out),
+            expected,
+            sum: StreamSum::new(snap_out),
+        }
     }
 
     /// Next offset the application will write.
@@ -206,7 +218,10 @@ impl ReplayVerifier {
             let k = (end.min(self.check_end) - start) as usize;
             self.sum.update(&data[..k]);
             if start + k as u64 == self.check_end && self.sum.value() != self.expected {
-                return Err(Divergence { from: self.sum.from(), to: self.check_end });
+                return Err(Divergence {
+                    from: self.sum.from(),
+                    to: self.check_end,
+                });
             }
         }
         self.pos = end;
@@ -303,5 +318,4 @@ mod tests {
             prop_assert!(failed);
         }
     }
-
 }

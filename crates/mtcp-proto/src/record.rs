@@ -64,7 +64,10 @@ impl StateRecord {
         }
         let v = u16::from_be_bytes([b[0], b[1]]);
         if v != crate::PROTOCOL_VERSION {
-            return Err(RecordError::Version { ours: crate::PROTOCOL_VERSION, theirs: v });
+            return Err(RecordError::Version {
+                ours: crate::PROTOCOL_VERSION,
+                theirs: v,
+            });
         }
         let r: StateRecord =
             postcard::from_bytes(&b[2..]).map_err(|e| RecordError::Malformed(e.to_string()))?;
@@ -93,12 +96,18 @@ impl StateRecord {
         if (self.tail.len() as u64) > self.snap_out {
             return Err(RecordError::Inconsistent("tail reaches below offset 0"));
         }
-        if self.check_end < self.snap_out || (!self.tail.is_empty() && self.check_end != self.snap_out) {
-            return Err(RecordError::Inconsistent("checked range does not start at the snapshot"));
+        if self.check_end < self.snap_out
+            || (!self.tail.is_empty() && self.check_end != self.snap_out)
+        {
+            return Err(RecordError::Inconsistent(
+                "checked range does not start at the snapshot",
+            ));
         }
         if let Some(f) = self.up_fin {
             if f != self.up_recv() {
-                return Err(RecordError::Inconsistent("end of input is not at the end of the input"));
+                return Err(RecordError::Inconsistent(
+                    "end of input is not at the end of the input",
+                ));
             }
         }
         Ok(())
@@ -136,11 +145,25 @@ mod tests {
     #[test]
     fn wrong_version_is_named() {
         let mut b = StateRecord {
-            cid: Cid([0; 16]), epoch: 0, snapshot: None, snap_in: 0, snap_out: 0,
-            input: Bytes::new(), up_fin: None, tail: Bytes::new(), check_end: 0, check_sum: 0,
+            cid: Cid([0; 16]),
+            epoch: 0,
+            snapshot: None,
+            snap_in: 0,
+            snap_out: 0,
+            input: Bytes::new(),
+            up_fin: None,
+            tail: Bytes::new(),
+            check_end: 0,
+            check_sum: 0,
         }
         .encode();
         b[1] = 99;
-        assert_eq!(StateRecord::decode(&b), Err(RecordError::Version { ours: 1, theirs: 99 }));
+        assert_eq!(
+            StateRecord::decode(&b),
+            Err(RecordError::Version {
+                ours: 1,
+                theirs: 99
+            })
+        );
     }
 }

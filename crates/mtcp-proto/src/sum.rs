@@ -16,13 +16,23 @@ pub struct StreamSum {
 
 impl std::fmt::Debug for StreamSum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StreamSum[{}..{}]={:016x}", self.from, self.end(), self.value())
+        write!(
+            f,
+            "StreamSum[{}..{}]={:016x}",
+            self.from,
+            self.end(),
+            self.value()
+        )
     }
 }
 
 impl StreamSum {
     pub fn new(from: u64) -> Self {
-        Self { from, len: 0, h: Box::new(Xxh3::new()) }
+        Self {
+            from,
+            len: 0,
+            h: Box::new(Xxh3::new()),
+        }
     }
 
     pub fn update(&mut self, bytes: &[u8]) {
@@ -72,7 +82,10 @@ impl Default for DownTracker {
 
 impl DownTracker {
     pub fn new(at: u64) -> Self {
-        Self { sum: StreamSum::new(at), pending: None }
+        Self {
+            sum: StreamSum::new(at),
+            pending: None,
+        }
     }
 
     /// Downstream bytes received so far.

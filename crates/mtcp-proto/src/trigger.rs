@@ -12,7 +12,10 @@ pub struct Rtt {
 
 impl Default for Rtt {
     fn default() -> Self {
-        Self { srtt: None, rttvar: Duration::ZERO }
+        Self {
+            srtt: None,
+            rttvar: Duration::ZERO,
+        }
     }
 }
 
@@ -24,7 +27,7 @@ impl Rtt {
                 self.rttvar = r / 2;
             }
             Some(s) => {
-                let d = if s > r { s - r } else { r - s };
+                let d = s.abs_diff(r);
                 self.rttvar = (self.rttvar * 3 + d) / 4;
                 self.srtt = Some((s * 7 + r) / 8);
             }
@@ -56,7 +59,13 @@ pub struct Liveness {
 
 impl Liveness {
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
-        Self { heartbeat, misses: 3, min_bound: Duration::from_millis(200), last_rx: now, rtt: Rtt::default() }
+        Self {
+            heartbeat,
+            misses: 3,
+            min_bound: Duration::from_millis(200),
+            last_rx: now,
+            rtt: Rtt::default(),
+        }
     }
 
     pub fn set_heartbeat(&mut self, hb: Duration) {
@@ -94,7 +103,10 @@ mod tests {
             r.sample(Duration::from_millis(40));
         }
         let s = r.srtt().unwrap();
-        assert!(s > Duration::from_millis(39) && s <= Duration::from_millis(40), "{s:?}");
+        assert!(
+            s > Duration::from_millis(39) && s <= Duration::from_millis(40),
+            "{s:?}"
+        );
         assert!(r.rto().unwrap() >= s);
     }
 

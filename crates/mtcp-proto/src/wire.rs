@@ -154,33 +154,70 @@ pub enum Msg {
     // ---- session, agent → server
     /// Opens a new connection. `orig_dst` is the client program's original destination in
     /// transparent mode.
-    Hello { caps: u32, orig_dst: Option<String> },
+    Hello {
+        caps: u32,
+        orig_dst: Option<String>,
+    },
     Migrate(Migrate),
     /// Downstream progress, so the server can trim its output log.
-    Ack { down_recv: u64, sum_from: u64 },
-    Ping { t: u64 },
+    Ack {
+        down_recv: u64,
+        sum_from: u64,
+    },
+    Ping {
+        t: u64,
+    },
     /// The client program finished sending at `up_total`.
-    UpFin { up_total: u64 },
+    UpFin {
+        up_total: u64,
+    },
     /// The agent ends the session (client program gone).
     Close,
     // ---- session, server → agent
     Welcome(Welcome),
     Resumed(Resumed),
-    Refused { code: RefuseCode, reason: String },
+    Refused {
+        code: RefuseCode,
+        reason: String,
+    },
     /// A snapshot covering upstream `[0, in_off)` and downstream `[0, out_off)` is safe.
-    Snap { in_off: u64, out_off: u64 },
-    Hint { reason: HintReason, target: Option<String> },
-    Pong { t: u64 },
+    Snap {
+        in_off: u64,
+        out_off: u64,
+    },
+    Hint {
+        reason: HintReason,
+        target: Option<String>,
+    },
+    Pong {
+        t: u64,
+    },
     Heartbeat,
     /// The application closed the connection after writing `down_total` bytes.
-    Closed { down_total: u64 },
+    Closed {
+        down_total: u64,
+    },
     // ---- peer and admin channels
-    PeerChallenge { nonce: [u8; 16] },
-    PeerAuth { from: String, nonce: [u8; 16], proof: [u8; 32] },
-    PeerAccept { proof: [u8; 32] },
+    PeerChallenge {
+        nonce: [u8; 16],
+    },
+    PeerAuth {
+        from: String,
+        nonce: [u8; 16],
+        proof: [u8; 32],
+    },
+    PeerAccept {
+        proof: [u8; 32],
+    },
     /// Destination → origin: freeze connection `cid` at `epoch` and send its state record for a
     /// client holding `down_recv` downstream bytes (checksum `down_sum` from `sum_from`).
-    Fetch { cid: Cid, epoch: u64, down_recv: u64, sum_from: u64, down_sum: u64 },
+    Fetch {
+        cid: Cid,
+        epoch: u64,
+        down_recv: u64,
+        sum_from: u64,
+        down_sum: u64,
+    },
     /// Origin → destination: the encoded [`crate::StateRecord`].
     State(#[serde(with = "serde_bytes")] Vec<u8>),
     AdminDrain,
@@ -243,7 +280,10 @@ impl FrameDecoder {
         }
         let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
         if len > self.max_frame {
-            return Err(WireError::TooLarge { len, max: self.max_frame });
+            return Err(WireError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
         }
         if buf.len() < HEADER_LEN + len {
             buf.reserve(HEADER_LEN + len - buf.len());
@@ -268,12 +308,19 @@ mod tests {
     fn arb_msg() -> impl Strategy<Value = Msg> {
         let cid = any::<[u8; 16]>().prop_map(Cid);
         let token = any::<[u8; 32]>().prop_map(Token);
-        let server = (any::<String>(), any::<String>()).prop_map(|(id, data)| ServerInfo { id, data });
+        let server =
+            (any::<String>(), any::<String>()).prop_map(|(id, data)| ServerInfo { id, data });
         prop_oneof![
             (any::<u32>(), proptest::option::of(any::<String>()))
                 .prop_map(|(caps, orig_dst)| Msg::Hello { caps, orig_dst }),
-            (cid.clone(), any::<u64>(), token.clone(), any::<String>(), any::<[u64; 4]>()).prop_map(
-                |(cid, epoch, token, origin, n)| Msg::Migrate(Migrate {
+            (
+                cid.clone(),
+                any::<u64>(),
+                token.clone(),
+                any::<String>(),
+                any::<[u64; 4]>()
+            )
+                .prop_map(|(cid, epoch, token, origin, n)| Msg::Migrate(Migrate {
                     cid,
                     epoch,
                     token,
@@ -282,24 +329,68 @@ mod tests {
                     sum_from: n[1],
                     down_sum: n[2],
                     up_sent: n[3],
-                })
-            ),
-            (any::<u64>(), any::<u64>()).prop_map(|(down_recv, sum_from)| Msg::Ack { down_recv, sum_from }),
+                })),
+            (any::<u64>(), any::<u64>()).prop_map(|(down_recv, sum_from)| Msg::Ack {
+                down_recv,
+                sum_from
+            }),
             any::<u64>().prop_map(|t| Msg::Ping { t }),
             any::<u64>().prop_map(|up_total| Msg::UpFin { up_total }),
             Just(Msg::Close),
-            (any::<String>(), cid.clone(), any::<u64>(), token.clone(), proptest::collection::vec(server.clone(), 0..4), any::<u32>())
-                .prop_map(|(server, cid, epoch, token, alternates, heartbeat_ms)| Msg::Welcome(Welcome {
-                    server, cid, epoch, token, alternates, mode: Mode::Lazy, heartbeat_ms
-                })),
-            (any::<String>(), any::<u64>(), token, any::<u64>(), proptest::collection::vec(server, 0..4))
-                .prop_map(|(server, epoch, token, up_from, alternates)| Msg::Resumed(Resumed {
-                    server, epoch, token, up_from, alternates, heartbeat_ms: 100, state_bytes: 7
-                })),
-            any::<String>().prop_map(|reason| Msg::Refused { code: RefuseCode::BadToken, reason }),
-            (any::<u64>(), any::<u64>()).prop_map(|(in_off, out_off)| Msg::Snap { in_off, out_off }),
-            proptest::option::of(any::<String>()).prop_map(|target| Msg::Hint { reason: HintReason::Drain, target }),
-            (cid, any::<[u64; 4]>()).prop_map(|(cid, n)| Msg::Fetch { cid, epoch: n[0], down_recv: n[1], sum_from: n[2], down_sum: n[3] }),
+            (
+                any::<String>(),
+                cid.clone(),
+                any::<u64>(),
+                token.clone(),
+                proptest::collection::vec(server.clone(), 0..4),
+                any::<u32>()
+            )
+                .prop_map(|(server, cid, epoch, token, alternates, heartbeat_ms)| {
+                    Msg::Welcome(Welcome {
+                        server,
+                        cid,
+                        epoch,
+                        token,
+                        alternates,
+                        mode: Mode::Lazy,
+                        heartbeat_ms,
+                    })
+                }),
+            (
+                any::<String>(),
+                any::<u64>(),
+                token,
+                any::<u64>(),
+                proptest::collection::vec(server, 0..4)
+            )
+                .prop_map(|(server, epoch, token, up_from, alternates)| Msg::Resumed(
+                    Resumed {
+                        server,
+                        epoch,
+                        token,
+                        up_from,
+                        alternates,
+                        heartbeat_ms: 100,
+                        state_bytes: 7
+                    }
+                )),
+            any::<String>().prop_map(|reason| Msg::Refused {
+                code: RefuseCode::BadToken,
+                reason
+            }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(in_off, out_off)| Msg::Snap { in_off, out_off }),
+            proptest::option::of(any::<String>()).prop_map(|target| Msg::Hint {
+                reason: HintReason::Drain,
+                target
+            }),
+            (cid, any::<[u64; 4]>()).prop_map(|(cid, n)| Msg::Fetch {
+                cid,
+                epoch: n[0],
+                down_recv: n[1],
+                sum_from: n[2],
+                down_sum: n[3]
+            }),
             proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::State),
             (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
                 .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),
@@ -348,7 +439,10 @@ mod tests {
     fn oversized_and_unknown_frames_are_rejected() {
         let dec = FrameDecoder::new(100);
         let mut b = BytesMut::from(&data_header(101)[..]);
-        assert_eq!(dec.decode(&mut b), Err(WireError::TooLarge { len: 101, max: 100 }));
+        assert_eq!(
+            dec.decode(&mut b),
+            Err(WireError::TooLarge { len: 101, max: 100 })
+        );
         let mut b = BytesMut::from(&[9u8, 0, 0, 0, 0][..]);
         assert_eq!(dec.decode(&mut b), Err(WireError::UnknownKind(9)));
         let mut b = BytesMut::from(&[KIND_MSG, 0, 0, 0, 2, 0xff, 0xff][..]);

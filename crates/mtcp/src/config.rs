@@ -26,7 +26,11 @@ pub enum ConfigError {
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
     #[error("server id {id:?} is not in cluster file {path} (known: {known})")]
-    UnknownServer { path: String, id: String, known: String },
+    UnknownServer {
+        path: String,
+        id: String,
+        known: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,30 +80,50 @@ impl Cluster {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: p.clone(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: p.clone(),
+            err,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses cluster-file text; `path` names the file in errors and anchors `key_file`.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();
-        let invalid = |msg: String| ConfigError::Invalid { path: p.clone(), msg };
-        let raw: RawCluster =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: p.clone(), msg: e.to_string() })?;
+        let invalid = |msg: String| ConfigError::Invalid {
+            path: p.clone(),
+            msg,
+        };
+        let raw: RawCluster = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         let key_text = match (raw.key, raw.key_file) {
             (Some(k), None) => k,
             (None, Some(f)) => {
                 let f = path.parent().unwrap_or(Path::new(".")).join(f);
-                std::fs::read_to_string(&f)
-                    .map_err(|err| ConfigError::Read { path: f.display().to_string(), err })?
+                std::fs::read_to_string(&f).map_err(|err| ConfigError::Read {
+                    path: f.display().to_string(),
+                    err,
+                })?
             }
-            (Some(_), Some(_)) => return Err(invalid("give either `key` or `key_file`, not both".into())),
-            (None, None) => return Err(invalid("missing `key` (64 hex characters) or `key_file`".into())),
+            (Some(_), Some(_)) => {
+                return Err(invalid("give either `key` or `key_file`, not both".into()))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "missing `key` (64 hex characters) or `key_file`".into(),
+                ))
+            }
         };
         let key = ClusterKey::from_hex(&key_text).map_err(|e| invalid(e.to_string()))?;
         let mode = match raw.mode.as_str() {
             "lazy" => Mode::Lazy,
-            "eager" => return Err(invalid("mode \"eager\" is not implemented yet; use \"lazy\"".into())),
+            "eager" => {
+                return Err(invalid(
+                    "mode \"eager\" is not implemented yet; use \"lazy\"".into(),
+                ))
+            }
             m => return Err(invalid(format!("unknown mode {m:?} (expected \"lazy\")"))),
         };
         if raw.server.is_empty() {
@@ -109,7 +133,10 @@ impl Cluster {
         for s in raw.server {
             for (what, addr) in [("data", &s.data), ("peer", &s.peer), ("admin", &s.admin)] {
                 if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
-                    return Err(invalid(format!("server {:?}: {what} address {addr:?} is not host:port", s.id)));
+                    return Err(invalid(format!(
+                        "server {:?}: {what} address {addr:?} is not host:port",
+                        s.id
+                    )));
                 }
             }
             if s.id.is_empty() || s.id.len() > 64 {
@@ -118,10 +145,21 @@ impl Cluster {
             if servers.iter().any(|e: &ServerEntry| e.id == s.id) {
                 return Err(invalid(format!("server id {:?} appears twice", s.id)));
             }
-            servers.push(ServerEntry { id: s.id, data: s.data, peer: s.peer, admin: s.admin });
+            servers.push(ServerEntry {
+                id: s.id,
+                data: s.data,
+                peer: s.peer,
+                admin: s.admin,
+            });
         }
-        let heartbeat = Duration::from_millis(raw.heartbeat_ms.unwrap_or(100).clamp(10, 10_000) as u64);
-        Ok(Self { key, mode, heartbeat, servers })
+        let heartbeat =
+            Duration::from_millis(raw.heartbeat_ms.unwrap_or(100).clamp(10, 10_000) as u64);
+        Ok(Self {
+            key,
+            mode,
+            heartbeat,
+            servers,
+        })
     }
 
     pub fn server(&self, id: &str) -> Option<&ServerEntry> {
@@ -133,7 +171,12 @@ impl Cluster {
         self.server(id).ok_or_else(|| ConfigError::UnknownServer {
             path: path.into(),
             id: id.into(),
-            known: self.servers.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", "),
+            known: self
+                .servers
+                .iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -142,7 +185,10 @@ impl Cluster {
         self.servers
             .iter()
             .filter(|s| s.id != id)
-            .map(|s| ServerInfo { id: s.id.clone(), data: s.data.clone() })
+            .map(|s| ServerInfo {
+                id: s.id.clone(),
+                data: s.data.clone(),
+            })
             .collect()
     }
 }
@@ -200,8 +246,18 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.servers.len(), 2);
-        assert_eq!(c.alternates("a"), vec![ServerInfo { id: "b".into(), data: "127.0.0.1:4".into() }]);
-        assert!(c.require("zz", "c.toml").unwrap_err().to_string().contains("known: a, b"));
+        assert_eq!(
+            c.alternates("a"),
+            vec![ServerInfo {
+                id: "b".into(),
+                data: "127.0.0.1:4".into()
+            }]
+        );
+        assert!(c
+            .require("zz", "c.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("known: a, b"));
     }
 
     #[test]
@@ -210,9 +266,13 @@ mod tests {
         assert!(e.contains("missing `key`"), "{e}");
         let e = parse("key = \"12\"\n").unwrap_err().to_string();
         assert!(e.contains("64 hex"), "{e}");
-        let e = parse(&format!("key = \"{KEY}\"\nmode = \"fast\"\n")).unwrap_err().to_string();
+        let e = parse(&format!("key = \"{KEY}\"\nmode = \"fast\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown mode"), "{e}");
-        let e = parse(&format!("key = \"{KEY}\"\n")).unwrap_err().to_string();
+        let e = parse(&format!("key = \"{KEY}\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no [[server]]"), "{e}");
         let e = parse("key = [").unwrap_err().to_string();
         assert!(e.starts_with("c.toml:"), "{e}");

@@ -13,9 +13,9 @@ use mtcp_proto::offsets::{ByteLog, ReplayVerifier};
 use mtcp_proto::sum::checksum;
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::{Cid, StateRecord};
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -163,7 +163,10 @@ impl ConnState {
             self.snaps.pop_front();
         }
         let first = &self.snaps[0];
-        let (in_keep, out_keep) = (first.in_off, self.acked.min(self.agent_sum_from).min(first.out_off));
+        let (in_keep, out_keep) = (
+            first.in_off,
+            self.acked.min(self.agent_sum_from).min(first.out_off),
+        );
         self.input.trim_to(in_keep);
         if self.migratable {
             self.out.trim_to(out_keep);
@@ -181,7 +184,13 @@ impl ConnState {
     /// Builds the state record for a client holding `down_recv` downstream bytes whose checksum
     /// from `sum_from` is `down_sum`, then freezes the connection: the application sees
     /// [`StateError::Migrated`] from its next call.
-    pub fn freeze(&mut self, cid: Cid, down_recv: u64, sum_from: u64, down_sum: u64) -> Result<StateRecord, (RefuseCode, String)> {
+    pub fn freeze(
+        &mut self,
+        cid: Cid,
+        down_recv: u64,
+        sum_from: u64,
+        down_sum: u64,
+    ) -> Result<StateRecord, (RefuseCode, String)> {
         let rec = self.record(cid, down_recv, sum_from, down_sum)?;
         self.phase = Phase::Migrated;
         self.tx = None;
@@ -189,8 +198,16 @@ impl ConnState {
         Ok(rec)
     }
 
-    fn record(&self, cid: Cid, down_recv: u64, sum_from: u64, down_sum: u64) -> Result<StateRecord, (RefuseCode, String)> {
-        let internal = |e: mtcp_proto::offsets::OffsetError| (RefuseCode::Internal, format!("output log: {e}"));
+    fn record(
+        &self,
+        cid: Cid,
+        down_recv: u64,
+        sum_from: u64,
+        down_sum: u64,
+    ) -> Result<StateRecord, (RefuseCode, String)> {
+        let internal = |e: mtcp_proto::offsets::OffsetError| {
+            (RefuseCode::Internal, format!("output log: {e}"))
+        };
         let high = self.out_off().max(self.down_high);
         if down_recv > high || sum_from > down_recv {
             return Err((
@@ -210,14 +227,21 @@ impl ConnState {
                 format!("the client received different bytes in [{sum_from}, {down_recv}) than this server sent"),
             ));
         }
-        let base = |s: &Snap, tail: Bytes, check_end: u64, check_sum: u64| -> Result<StateRecord, (RefuseCode, String)> {
+        let base = |s: &Snap,
+                    tail: Bytes,
+                    check_end: u64,
+                    check_sum: u64|
+         -> Result<StateRecord, (RefuseCode, String)> {
             Ok(StateRecord {
                 cid,
                 epoch: self.epoch,
                 snapshot: s.state.clone(),
                 snap_in: s.in_off,
                 snap_out: s.out_off,
-                input: self.input.copy_range(s.in_off, self.input.end()).map_err(internal)?,
+                input: self
+                    .input
+                    .copy_range(s.in_off, self.input.end())
+                    .map_err(internal)?,
                 up_fin: self.up_fin,
                 tail,
                 check_end,
@@ -228,18 +252,38 @@ impl ConnState {
             // Still replaying what the client had at the last move: hand the same check on.
             let (from, end, sum) = v.expected();
             if down_recv != end {
-                return Err((RefuseCode::Internal, format!("client at {down_recv} while replay expects {end}")));
+                return Err((
+                    RefuseCode::Internal,
+                    format!("client at {down_recv} while replay expects {end}"),
+                ));
             }
-            let s = self.snaps.iter().find(|s| s.out_off == from).unwrap_or(&self.snaps[0]);
+            let s = self
+                .snaps
+                .iter()
+                .find(|s| s.out_off == from)
+                .unwrap_or(&self.snaps[0]);
             return base(s, Bytes::new(), end, sum);
         }
         // The newest restart point the client has everything up to, else the oldest one.
-        let s = self.snaps.iter().rev().find(|s| s.out_off <= down_recv).unwrap_or(&self.snaps[0]);
+        let s = self
+            .snaps
+            .iter()
+            .rev()
+            .find(|s| s.out_off <= down_recv)
+            .unwrap_or(&self.snaps[0]);
         if down_recv < s.out_off {
-            let tail = self.out.copy_range(down_recv, s.out_off).map_err(internal)?;
+            let tail = self
+                .out
+                .copy_range(down_recv, s.out_off)
+                .map_err(internal)?;
             base(s, tail, s.out_off, checksum(&[]))
         } else {
-            let sum = checksum(&self.out.copy_range(s.out_off, down_recv).map_err(internal)?);
+            let sum = checksum(
+                &self
+                    .out
+                    .copy_range(s.out_off, down_recv)
+                    .map_err(internal)?,
+            );
             base(s, Bytes::new(), down_recv, sum)
         }
     }
@@ -276,7 +320,11 @@ impl Shared {
                 down_high: 0,
                 migratable: true,
                 verifier: None,
-                snaps: VecDeque::from([Snap { state: None, in_off: 0, out_off: 0 }]),
+                snaps: VecDeque::from([Snap {
+                    state: None,
+                    in_off: 0,
+                    out_off: 0,
+                }]),
                 locked: false,
                 tx: Some(tx),
                 queued: 0,
@@ -308,7 +356,11 @@ impl Shared {
             down_high: down,
             migratable: true,
             verifier: (!verifier.done()).then_some(verifier),
-            snaps: VecDeque::from([Snap { state: rec.snapshot.clone(), in_off: rec.snap_in, out_off: rec.snap_out }]),
+            snaps: VecDeque::from([Snap {
+                state: rec.snapshot.clone(),
+                in_off: rec.snap_in,
+                out_off: rec.snap_out,
+            }]),
             locked: false,
             tx: Some(tx),
             queued: 0,
@@ -344,7 +396,10 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("cid", &self.shared.cid).field("start", &self.start).finish()
+        f.debug_struct("Connection")
+            .field("cid", &self.shared.cid)
+            .field("start", &self.start)
+            .finish()
     }
 }
 
@@ -364,7 +419,10 @@ impl Connection {
         let snapshot = snapshot.into();
         let max = self.server.limits.max_snapshot;
         if snapshot.len() > max {
-            return Err(StateError::TooLarge { len: snapshot.len(), max });
+            return Err(StateError::TooLarge {
+                len: snapshot.len(),
+                max,
+            });
         }
         let mut st = self.shared.lock();
         st.ensure_live()?;
@@ -377,7 +435,11 @@ impl Connection {
         if st.snaps.len() >= MAX_SNAPS {
             st.snaps.pop_front();
         }
-        st.snaps.push_back(Snap { state: Some(snapshot), in_off, out_off });
+        st.snaps.push_back(Snap {
+            state: Some(snapshot),
+            in_off,
+            out_off,
+        });
         st.migratable = true;
         st.trim();
         // Lazy mode: stored here, so the snapshot is safe as soon as it is taken.
@@ -449,7 +511,11 @@ impl Drop for Connection {
 }
 
 impl AsyncRead for Connection {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
         st.ensure_live()?;
         let off = st.in_off;
@@ -470,7 +536,11 @@ impl AsyncRead for Connection {
 }
 
 impl AsyncWrite for Connection {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
         st.ensure_live()?;
         if data.is_empty() {
@@ -490,7 +560,10 @@ impl AsyncWrite for Connection {
                     let reason = d.to_string();
                     tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
                     st.phase = Phase::Aborted(reason.clone());
-                    st.send(Out::Msg(Msg::Refused { code: RefuseCode::Divergence, reason: reason.clone() }));
+                    st.send(Out::Msg(Msg::Refused {
+                        code: RefuseCode::Divergence,
+                        reason: reason.clone(),
+                    }));
                     st.tx = None;
                     drop(st);
                     self.server.forget(self.shared.cid);

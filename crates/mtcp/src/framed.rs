@@ -24,13 +24,19 @@ pub enum ChannelError {
 }
 
 /// Sends our preamble and checks the peer's: magic and version.
-pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ChannelError> {
+pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<(), ChannelError> {
     s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
     let mut p = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut p).await.map_err(eof_is_closed)?;
     let theirs = wire::parse_preamble(&p)?;
     if theirs != PROTOCOL_VERSION {
-        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs }.into());
+        return Err(WireError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        }
+        .into());
     }
     Ok(())
 }
@@ -52,7 +58,11 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R, max_frame: usize) -> Self {
-        Self { r, buf: BytesMut::with_capacity(256 << 10), dec: FrameDecoder::new(max_frame) }
+        Self {
+            r,
+            buf: BytesMut::with_capacity(256 << 10),
+            dec: FrameDecoder::new(max_frame),
+        }
     }
 
     /// The next frame; `Err(Closed)` on end of stream.
@@ -75,7 +85,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         match tokio::time::timeout(limit, self.next()).await {
             Err(_) => Err(ChannelError::Timeout),
             Ok(Ok(Frame::Msg(m))) => Ok(m),
-            Ok(Ok(Frame::Data(_))) => Err(ChannelError::Unexpected("data frame before setup".into())),
+            Ok(Ok(Frame::Data(_))) => {
+                Err(ChannelError::Unexpected("data frame before setup".into()))
+            }
             Ok(Err(e)) => Err(e),
         }
     }
@@ -90,7 +102,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     pub fn from_parts(r: R, buf: BytesMut, max_frame: usize) -> Self {
-        Self { r, buf, dec: FrameDecoder::new(max_frame) }
+        Self {
+            r,
+            buf,
+            dec: FrameDecoder::new(max_frame),
+        }
     }
 }
 
@@ -174,7 +190,13 @@ mod tests {
     async fn frames_written_in_batches_read_back_in_order() {
         let (mut a, b) = tokio::io::duplex(1000);
         let items: Vec<Out> = (0..50)
-            .map(|i| if i % 3 == 0 { Out::Msg(Msg::Ping { t: i }) } else { Out::Data(Bytes::from(vec![i as u8; i as usize * 37])) })
+            .map(|i| {
+                if i % 3 == 0 {
+                    Out::Msg(Msg::Ping { t: i })
+                } else {
+                    Out::Data(Bytes::from(vec![i as u8; i as usize * 37]))
+                }
+            })
             .collect();
         let expect = items.clone();
         let w = tokio::spawn(async move { write_frames(&mut a, &items).await.unwrap() });

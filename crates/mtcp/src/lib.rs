@@ -13,5 +13,5 @@ pub mod server;
 
 pub use config::{Cluster, Limits, ServerEntry};
 pub use conn::{is_migrated, Connection, Start, StateError, StateGuard};
-pub use server::{BindError, Server};
 pub use mtcp_proto as proto;
+pub use server::{BindError, Server};

@@ -25,7 +25,10 @@ type Channel = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
 
 /// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves. Returns the
 /// channel and the opener's id.
-async fn accept_authenticated(mut s: TcpStream, key: &ClusterKey) -> Result<(Channel, String), ChannelError> {
+async fn accept_authenticated(
+    mut s: TcpStream,
+    key: &ClusterKey,
+) -> Result<(Channel, String), ChannelError> {
     tokio::time::timeout(AUTH_TIMEOUT, framed::exchange_preamble(&mut s))
         .await
         .map_err(|_| ChannelError::Timeout)??;
@@ -34,7 +37,11 @@ async fn accept_authenticated(mut s: TcpStream, key: &ClusterKey) -> Result<(Cha
     let nonce: [u8; 16] = rand::random();
     framed::write_msg(&mut w, &Msg::PeerChallenge { nonce }).await?;
     match reader.next_msg(AUTH_TIMEOUT).await? {
-        Msg::PeerAuth { from, nonce: theirs, proof } if key.check_peer_proof(&nonce, &theirs, &from, &proof) => {
+        Msg::PeerAuth {
+            from,
+            nonce: theirs,
+            proof,
+        } if key.check_peer_proof(&nonce, &theirs, &from, &proof) => {
             let proof = key.peer_accept_proof(&nonce, &theirs);
             framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
             Ok(((reader, w), from))
@@ -42,12 +49,20 @@ async fn accept_authenticated(mut s: TcpStream, key: &ClusterKey) -> Result<(Cha
         Msg::PeerAuth { .. } => {
             let _ = framed::write_msg(
                 &mut w,
-                &Msg::Refused { code: RefuseCode::Unauthenticated, reason: "wrong cluster key".into() },
+                &Msg::Refused {
+                    code: RefuseCode::Unauthenticated,
+                    reason: "wrong cluster key".into(),
+                },
             )
             .await;
-            Err(ChannelError::Unexpected("authentication failed (wrong cluster key)".into()))
+            Err(ChannelError::Unexpected(
+                "authentication failed (wrong cluster key)".into(),
+            ))
         }
-        other => Err(ChannelError::Unexpected(format!("expected authentication, got {}", msg_name(&other)))),
+        other => Err(ChannelError::Unexpected(format!(
+            "expected authentication, got {}",
+            msg_name(&other)
+        ))),
     }
 }
 
@@ -59,9 +74,13 @@ pub async fn connect_authenticated(
     max_frame: usize,
     limit: Duration,
 ) -> Result<Channel, ChannelError> {
-    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr)).await.map_err(|_| ChannelError::Timeout)??;
+    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
-    tokio::time::timeout(limit, framed::exchange_preamble(&mut s)).await.map_err(|_| ChannelError::Timeout)??;
+    tokio::time::timeout(limit, framed::exchange_preamble(&mut s))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
     let (r, mut w) = s.into_split();
     let mut reader = FrameReader::new(r, AUTH_FRAME);
     let Msg::PeerChallenge { nonce: theirs } = reader.next_msg(limit).await? else {
@@ -69,12 +88,31 @@ pub async fn connect_authenticated(
     };
     let nonce: [u8; 16] = rand::random();
     let proof = key.peer_proof(&theirs, &nonce, from);
-    framed::write_msg(&mut w, &Msg::PeerAuth { from: from.to_string(), nonce, proof }).await?;
+    framed::write_msg(
+        &mut w,
+        &Msg::PeerAuth {
+            from: from.to_string(),
+            nonce,
+            proof,
+        },
+    )
+    .await?;
     match reader.next_msg(limit).await? {
         Msg::PeerAccept { proof } if key.check_peer_accept_proof(&theirs, &nonce, &proof) => {}
-        Msg::PeerAccept { .. } => return Err(ChannelError::Unexpected("server failed to prove the cluster key".into())),
-        Msg::Refused { reason, .. } => return Err(ChannelError::Unexpected(format!("refused: {reason}"))),
-        other => return Err(ChannelError::Unexpected(format!("expected acceptance, got {}", msg_name(&other)))),
+        Msg::PeerAccept { .. } => {
+            return Err(ChannelError::Unexpected(
+                "server failed to prove the cluster key".into(),
+            ))
+        }
+        Msg::Refused { reason, .. } => {
+            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
+        }
+        other => {
+            return Err(ChannelError::Unexpected(format!(
+                "expected acceptance, got {}",
+                msg_name(&other)
+            )))
+        }
     }
     reader.set_max_frame(max_frame);
     Ok((reader, w))
@@ -86,19 +124,45 @@ pub(crate) async fn fetch(
     origin: &ServerEntry,
     f: &Fetch,
 ) -> Result<StateRecord, (RefuseCode, String)> {
-    let unreachable = |e: ChannelError| (RefuseCode::OriginUnreachable, format!("origin {} ({}): {e}", origin.id, origin.peer));
+    let unreachable = |e: ChannelError| {
+        (
+            RefuseCode::OriginUnreachable,
+            format!("origin {} ({}): {e}", origin.id, origin.peer),
+        )
+    };
     let lim = inner.limits.fetch_timeout;
-    let (mut reader, mut w) =
-        connect_authenticated(&origin.peer, &inner.cluster.key, &inner.id, inner.limits.max_record + 1024, lim)
-            .await
-            .map_err(unreachable)?;
-    let req = Msg::Fetch { cid: f.cid, epoch: f.epoch, down_recv: f.down_recv, sum_from: f.sum_from, down_sum: f.down_sum };
-    framed::write_msg(&mut w, &req).await.map_err(|e| unreachable(e.into()))?;
+    let (mut reader, mut w) = connect_authenticated(
+        &origin.peer,
+        &inner.cluster.key,
+        &inner.id,
+        inner.limits.max_record + 1024,
+        lim,
+    )
+    .await
+    .map_err(unreachable)?;
+    let req = Msg::Fetch {
+        cid: f.cid,
+        epoch: f.epoch,
+        down_recv: f.down_recv,
+        sum_from: f.sum_from,
+        down_sum: f.down_sum,
+    };
+    framed::write_msg(&mut w, &req)
+        .await
+        .map_err(|e| unreachable(e.into()))?;
     // The origin may wait for a lock_state section to end before it answers.
-    match reader.next_msg(lim + inner.limits.lock_timeout).await.map_err(unreachable)? {
-        Msg::State(b) => StateRecord::decode(&b).map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+    match reader
+        .next_msg(lim + inner.limits.lock_timeout)
+        .await
+        .map_err(unreachable)?
+    {
+        Msg::State(b) => StateRecord::decode(&b)
+            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
-        other => Err((RefuseCode::Internal, format!("origin {} answered {}", origin.id, msg_name(&other)))),
+        other => Err((
+            RefuseCode::Internal,
+            format!("origin {} answered {}", origin.id, msg_name(&other)),
+        )),
     }
 }
 
@@ -119,8 +183,20 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
     reader.set_max_frame(ADMIN_FRAME);
     loop {
         let reply = match reader.next_msg(IDLE).await {
-            Ok(Msg::Fetch { cid, epoch, down_recv, sum_from, down_sum }) => match inner
-                .freeze_local(&Fetch { cid, epoch, down_recv, sum_from, down_sum })
+            Ok(Msg::Fetch {
+                cid,
+                epoch,
+                down_recv,
+                sum_from,
+                down_sum,
+            }) => match inner
+                .freeze_local(&Fetch {
+                    cid,
+                    epoch,
+                    down_recv,
+                    sum_from,
+                    down_sum,
+                })
                 .await
             {
                 Ok(rec) => Msg::State(rec.encode()),
@@ -177,7 +253,10 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
         }
-        if framed::write_msg(&mut w, &Msg::AdminStatusReply(inner.status())).await.is_err() {
+        if framed::write_msg(&mut w, &Msg::AdminStatusReply(inner.status()))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -191,11 +270,22 @@ pub enum AdminError {
 }
 
 /// Client side of the admin channel: one request (`AdminDrain`, `AdminUndrain`, `AdminStatus`).
-pub async fn admin_request(addr: &str, key: &ClusterKey, req: Msg) -> Result<ServerStatus, AdminError> {
-    let err = |err: ChannelError| AdminError::Channel { addr: addr.to_string(), err };
+pub async fn admin_request(
+    addr: &str,
+    key: &ClusterKey,
+    req: Msg,
+) -> Result<ServerStatus, AdminError> {
+    let err = |err: ChannelError| AdminError::Channel {
+        addr: addr.to_string(),
+        err,
+    };
     let lim = Duration::from_secs(5);
-    let (mut reader, mut w) = connect_authenticated(addr, key, "admin", ADMIN_FRAME, lim).await.map_err(err)?;
-    framed::write_msg(&mut w, &req).await.map_err(|e| err(e.into()))?;
+    let (mut reader, mut w) = connect_authenticated(addr, key, "admin", ADMIN_FRAME, lim)
+        .await
+        .map_err(err)?;
+    framed::write_msg(&mut w, &req)
+        .await
+        .map_err(|e| err(e.into()))?;
     match reader.next_msg(lim).await.map_err(err)? {
         Msg::AdminStatusReply(s) => Ok(s),
         other => Err(err(ChannelError::Unexpected(msg_name(&other)))),

@@ -6,7 +6,9 @@ use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::{Connection, Phase, Shared, Start};
 use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::peer;
-use mtcp_proto::wire::{self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome};
+use mtcp_proto::wire::{
+    self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
+};
 use mtcp_proto::{Cid, StateRecord};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,7 +40,11 @@ pub enum BindError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot listen on {what} address {addr}: {err}")]
-    Listen { what: &'static str, addr: String, err: std::io::Error },
+    Listen {
+        what: &'static str,
+        addr: String,
+        err: std::io::Error,
+    },
 }
 
 pub(crate) struct ServerInner {
@@ -54,15 +60,27 @@ pub(crate) struct ServerInner {
 
 impl ServerInner {
     pub fn forget(&self, cid: Cid) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&cid);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cid);
     }
 
     fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(cid).cloned()
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cid)
+            .cloned()
     }
 
     fn all(&self) -> Vec<Arc<Shared>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn status(&self) -> ServerStatus {
@@ -80,7 +98,10 @@ impl ServerInner {
         for c in self.all() {
             let mut st = c.lock();
             if st.phase == Phase::Live {
-                st.send(Out::Msg(Msg::Hint { reason, target: None }));
+                st.send(Out::Msg(Msg::Hint {
+                    reason,
+                    target: None,
+                }));
             }
         }
     }
@@ -89,9 +110,10 @@ impl ServerInner {
     /// for a `lock_state` section to end.
     pub async fn freeze_local(&self, f: &Fetch) -> Result<StateRecord, (RefuseCode, String)> {
         let (cid, epoch) = (f.cid, f.epoch);
-        let shared = self
-            .get(&cid)
-            .ok_or((RefuseCode::UnknownConnection, format!("server {} has no connection {cid}", self.id)))?;
+        let shared = self.get(&cid).ok_or((
+            RefuseCode::UnknownConnection,
+            format!("server {} has no connection {cid}", self.id),
+        ))?;
         let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
         loop {
             let notified = shared.unlocked.notified();
@@ -104,10 +126,16 @@ impl ServerInner {
                     ));
                 }
                 if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
-                    return Err((RefuseCode::UnknownConnection, format!("connection {cid} is no longer served here")));
+                    return Err((
+                        RefuseCode::UnknownConnection,
+                        format!("connection {cid} is no longer served here"),
+                    ));
                 }
                 if !st.migratable {
-                    return Err((RefuseCode::Busy, "connection has no usable snapshot (output since it too large)".into()));
+                    return Err((
+                        RefuseCode::Busy,
+                        "connection has no usable snapshot (output since it too large)".into(),
+                    ));
                 }
                 if !st.locked {
                     let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
@@ -121,7 +149,10 @@ impl ServerInner {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err((
                     RefuseCode::Busy,
-                    format!("connection stayed locked longer than {:?}", self.limits.lock_timeout),
+                    format!(
+                        "connection stayed locked longer than {:?}",
+                        self.limits.lock_timeout
+                    ),
                 ));
             }
         }
@@ -148,7 +179,9 @@ impl Server {
     pub async fn bind(cluster: Cluster, id: &str, limits: Limits) -> Result<Server, BindError> {
         let me = cluster.require(id, "cluster file")?.clone();
         let listen = |what: &'static str, addr: String| async move {
-            TcpListener::bind(&addr).await.map_err(|err| BindError::Listen { what, addr, err })
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|err| BindError::Listen { what, addr, err })
         };
         let data = listen("data", me.data.clone()).await?;
         let peer_l = listen("peer", me.peer.clone()).await?;
@@ -165,9 +198,15 @@ impl Server {
             accept_tx,
         });
         let tasks = vec![
-            tokio::spawn(accept_loop(data, inner.clone(), |i, s| Box::pin(handle_session(i, s)))),
-            tokio::spawn(accept_loop(peer_l, inner.clone(), |i, s| Box::pin(peer::serve_peer(i, s)))),
-            tokio::spawn(accept_loop(admin, inner.clone(), |i, s| Box::pin(peer::serve_admin(i, s)))),
+            tokio::spawn(accept_loop(data, inner.clone(), |i, s| {
+                Box::pin(handle_session(i, s))
+            })),
+            tokio::spawn(accept_loop(peer_l, inner.clone(), |i, s| {
+                Box::pin(peer::serve_peer(i, s))
+            })),
+            tokio::spawn(accept_loop(admin, inner.clone(), |i, s| {
+                Box::pin(peer::serve_admin(i, s))
+            })),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
         ];
         tracing::info!(id, data = %me.data, peer = %me.peer, admin = %me.admin, "server listening");
@@ -194,7 +233,10 @@ impl Server {
     }
 }
 
-type Handler = fn(Arc<ServerInner>, TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type Handler = fn(
+    Arc<ServerInner>,
+    TcpStream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, handler: Handler) {
     loop {
@@ -219,7 +261,10 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         let now = Instant::now();
         for c in inner.all() {
             let mut st = c.lock();
-            if st.detached_at.is_some_and(|t| now.duration_since(t) > inner.limits.dead_session) {
+            if st
+                .detached_at
+                .is_some_and(|t| now.duration_since(t) > inner.limits.dead_session)
+            {
                 tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
                 st.phase = Phase::Aborted("agent gone".into());
                 st.tx = None;
@@ -261,7 +306,12 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let first = match reader.next_msg(SETUP_TIMEOUT).await {
         Ok(m) => m,
         Err(e) => {
-            refuse(&mut w, RefuseCode::Malformed, format!("bad session setup: {e}")).await;
+            refuse(
+                &mut w,
+                RefuseCode::Malformed,
+                format!("bad session setup: {e}"),
+            )
+            .await;
             return;
         }
     };
@@ -269,7 +319,12 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let (shared, start) = match first {
         Msg::Hello { .. } => {
             if inner.draining.load(Ordering::Relaxed) {
-                refuse(&mut w, RefuseCode::Draining, format!("server {} is draining", inner.id)).await;
+                refuse(
+                    &mut w,
+                    RefuseCode::Draining,
+                    format!("server {} is draining", inner.id),
+                )
+                .await;
                 return;
             }
             let cid = Cid(rand::random());
@@ -283,10 +338,17 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 mode: inner.cluster.mode,
                 heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
             };
-            if framed::write_msg(&mut w, &Msg::Welcome(welcome)).await.is_err() {
+            if framed::write_msg(&mut w, &Msg::Welcome(welcome))
+                .await
+                .is_err()
+            {
                 return;
             }
-            inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(cid, shared.clone());
+            inner
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(cid, shared.clone());
             tracing::debug!(%cid, peer = %peer_addr, "new connection");
             (shared, Start::New)
         }
@@ -294,7 +356,10 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             let started = Instant::now();
             match take_over(&inner, &m, tx).await {
                 Ok((shared, start, resumed)) => {
-                    if framed::write_msg(&mut w, &Msg::Resumed(resumed)).await.is_err() {
+                    if framed::write_msg(&mut w, &Msg::Resumed(resumed))
+                        .await
+                        .is_err()
+                    {
                         // The agent will try elsewhere; the state stays here until it comes back
                         // or the janitor drops it.
                         shared.lock().detached_at = Some(Instant::now());
@@ -310,11 +375,20 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             }
         }
         other => {
-            refuse(&mut w, RefuseCode::Malformed, format!("expected HELLO or MIGRATE, got {}", msg_name(&other))).await;
+            refuse(
+                &mut w,
+                RefuseCode::Malformed,
+                format!("expected HELLO or MIGRATE, got {}", msg_name(&other)),
+            )
+            .await;
             return;
         }
     };
-    let conn = Connection { shared: shared.clone(), server: inner.clone(), start };
+    let conn = Connection {
+        shared: shared.clone(),
+        server: inner.clone(),
+        start,
+    };
     if inner.accept_tx.send(conn).is_err() {
         return;
     }
@@ -323,7 +397,10 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let writer = tokio::spawn(writer_loop(w, rx, shared.clone(), inner.cluster.heartbeat));
     if reader_loop(reader, &shared, &inner).await {
         // Orderly end: let the writer flush what is queued (it ends when the queue closes).
-        if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .is_err()
+        {
             tracing::debug!(cid = %shared.cid, "session writer did not finish in time");
         }
     } else {
@@ -338,37 +415,77 @@ async fn take_over(
     tx: mpsc::UnboundedSender<Out>,
 ) -> Result<(Arc<Shared>, Start, Resumed), (RefuseCode, String)> {
     if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
-        return Err((RefuseCode::BadToken, format!("token does not match connection {} at epoch {}", m.cid, m.epoch)));
+        return Err((
+            RefuseCode::BadToken,
+            format!(
+                "token does not match connection {} at epoch {}",
+                m.cid, m.epoch
+            ),
+        ));
     }
     if inner.draining.load(Ordering::Relaxed) {
-        return Err((RefuseCode::Draining, format!("server {} is draining", inner.id)));
+        return Err((
+            RefuseCode::Draining,
+            format!("server {} is draining", inner.id),
+        ));
     }
     let origin = inner
         .cluster
         .server(&m.origin)
-        .ok_or((RefuseCode::UnknownConnection, format!("origin {:?} is not in the cluster", m.origin)))?
+        .ok_or((
+            RefuseCode::UnknownConnection,
+            format!("origin {:?} is not in the cluster", m.origin),
+        ))?
         .clone();
-    let f = Fetch { cid: m.cid, epoch: m.epoch, down_recv: m.down_recv, sum_from: m.sum_from, down_sum: m.down_sum };
-    let rec = if origin.id == inner.id { inner.freeze_local(&f).await? } else { peer::fetch(inner, &origin, &f).await? };
+    let f = Fetch {
+        cid: m.cid,
+        epoch: m.epoch,
+        down_recv: m.down_recv,
+        sum_from: m.sum_from,
+        down_sum: m.down_sum,
+    };
+    let rec = if origin.id == inner.id {
+        inner.freeze_local(&f).await?
+    } else {
+        peer::fetch(inner, &origin, &f).await?
+    };
     if rec.cid != m.cid || rec.epoch != m.epoch {
-        return Err((RefuseCode::Internal, "origin sent the record of another connection".into()));
+        return Err((
+            RefuseCode::Internal,
+            "origin sent the record of another connection".into(),
+        ));
     }
     if m.up_sent < rec.up_recv() {
         return Err((
             RefuseCode::Malformed,
-            format!("agent says it sent {} upstream bytes but the origin received {}", m.up_sent, rec.up_recv()),
+            format!(
+                "agent says it sent {} upstream bytes but the origin received {}",
+                m.up_sent,
+                rec.up_recv()
+            ),
         ));
     }
     if rec.client_down() != m.down_recv {
-        return Err((RefuseCode::Internal, "origin's record is for another downstream position".into()));
+        return Err((
+            RefuseCode::Internal,
+            "origin's record is for another downstream position".into(),
+        ));
     }
     let epoch = m.epoch + 1;
     let up_from = rec.up_recv();
     let state_bytes = rec.encode().len() as u64;
-    let start = rec.snapshot.clone().map(Start::Migrated).unwrap_or(Start::New);
+    let start = rec
+        .snapshot
+        .clone()
+        .map(Start::Migrated)
+        .unwrap_or(Start::New);
     let shared = Shared::from_record(rec, epoch, tx);
     shared.lock().migrations += 1;
-    inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(m.cid, shared.clone());
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(m.cid, shared.clone());
     let resumed = Resumed {
         server: inner.id.clone(),
         epoch,
@@ -383,10 +500,18 @@ async fn take_over(
 
 pub(crate) fn msg_name(m: &Msg) -> String {
     let s = format!("{m:?}");
-    s.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string()
+    s.split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("?")
+        .to_string()
 }
 
-async fn writer_loop(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>, shared: Arc<Shared>, hb: Duration) {
+async fn writer_loop(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    shared: Arc<Shared>,
+    hb: Duration,
+) {
     let mut batch = Vec::with_capacity(64);
     loop {
         let first = tokio::select! {
@@ -408,7 +533,16 @@ async fn writer_loop(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
                 Err(_) => break,
             }
         }
-        let data: u64 = batch.iter().map(|o| if let Out::Data(d) = o { d.len() as u64 } else { 0 }).sum();
+        let data: u64 = batch
+            .iter()
+            .map(|o| {
+                if let Out::Data(d) = o {
+                    d.len() as u64
+                } else {
+                    0
+                }
+            })
+            .sum();
         if let Err(e) = framed::write_frames(&mut w, &batch).await {
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
@@ -423,7 +557,11 @@ async fn writer_loop(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
 }
 
 /// Returns whether the session ended in order (the writer should flush) rather than broke.
-async fn reader_loop(mut reader: FrameReader<OwnedReadHalf>, shared: &Arc<Shared>, inner: &Arc<ServerInner>) -> bool {
+async fn reader_loop(
+    mut reader: FrameReader<OwnedReadHalf>,
+    shared: &Arc<Shared>,
+    inner: &Arc<ServerInner>,
+) -> bool {
     let why = loop {
         // Upstream backpressure: stop reading while the application is behind.
         loop {
@@ -441,7 +579,10 @@ async fn reader_loop(mut reader: FrameReader<OwnedReadHalf>, shared: &Arc<Shared
             Err(e) => break e.to_string(),
         };
         let mut st = shared.lock();
-        if matches!(st.phase, Phase::Migrated | Phase::Aborted(_) | Phase::Closed) {
+        if matches!(
+            st.phase,
+            Phase::Migrated | Phase::Aborted(_) | Phase::Closed
+        ) {
             return st.phase != Phase::Migrated;
         }
         match f {
@@ -456,7 +597,10 @@ async fn reader_loop(mut reader: FrameReader<OwnedReadHalf>, shared: &Arc<Shared
                     }
                 }
             }
-            Frame::Msg(Msg::Ack { down_recv, sum_from }) => {
+            Frame::Msg(Msg::Ack {
+                down_recv,
+                sum_from,
+            }) => {
                 st.on_ack(down_recv, sum_from);
                 if st.phase == Phase::AppClosed && st.acked >= st.out_off() {
                     st.phase = Phase::Closed;
@@ -469,7 +613,10 @@ async fn reader_loop(mut reader: FrameReader<OwnedReadHalf>, shared: &Arc<Shared
             Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
             Frame::Msg(Msg::UpFin { up_total }) => {
                 if up_total != st.input.end() {
-                    break format!("end of input at {up_total} but {} bytes arrived", st.input.end());
+                    break format!(
+                        "end of input at {up_total} but {} bytes arrived",
+                        st.input.end()
+                    );
                 }
                 st.up_fin = Some(up_total);
                 if let Some(w) = st.read_waker.take() {
