@@ -57,6 +57,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub use http::{MAX_HEAD, MAX_TARGET};
 pub use snapshot::{inspect_snapshot, SnapshotInfo, MAX_SNAPSHOT_LEN, SNAPSHOT_VERSION};
 
+/// The pure request parsers, for the fuzz targets in `fuzz/`. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::{
+        normalize_path, parse, parse_range, resolve_range, Connection, Method, Parse, RangeSpec,
+        Request, Resolved, Status,
+    };
+}
+
 /// Most bytes read from the connection at once while looking for a request head.
 pub const READ_SIZE: usize = 1024;
 /// Default body bytes between two Body snapshots.

@@ -450,7 +450,7 @@ impl Connection {
     /// `lock_state`: starts a section that a migration will not split. Returns
     /// [`StateError::Migrated`] if the connection already moved; otherwise a guard whose drop is
     /// `unlock_state`. A migration requested meanwhile waits (bounded) for the guard to drop.
-    pub async fn lock_state(&self) -> Result<StateGuard<'_>, StateError> {
+    pub async fn lock_state(&self) -> Result<StateGuard, StateError> {
         loop {
             let notified = self.shared.unlocked.notified();
             {
@@ -458,7 +458,9 @@ impl Connection {
                 st.ensure_live()?;
                 if !st.locked {
                     st.locked = true;
-                    return Ok(StateGuard { conn: self });
+                    return Ok(StateGuard {
+                        shared: self.shared.clone(),
+                    });
                 }
             }
             notified.await;
@@ -487,20 +489,21 @@ impl Connection {
     }
 }
 
-/// Held while a section must not be split by a migration; dropping it is `unlock_state`.
-pub struct StateGuard<'a> {
-    conn: &'a Connection,
+/// Held while a section must not be split by a migration; dropping it is `unlock_state`. The
+/// connection stays usable (read, write, `set_state`) while the guard is held.
+pub struct StateGuard {
+    shared: Arc<Shared>,
 }
 
-impl StateGuard<'_> {
+impl StateGuard {
     /// Ends the section (same as dropping the guard).
     pub fn unlock(self) {}
 }
 
-impl Drop for StateGuard<'_> {
+impl Drop for StateGuard {
     fn drop(&mut self) {
-        self.conn.shared.lock().locked = false;
-        self.conn.shared.unlocked.notify_waiters();
+        self.shared.lock().locked = false;
+        self.shared.unlocked.notify_waiters();
     }
 }
 

@@ -1,0 +1,123 @@
+//! One keep-alive connection through the agent serves many requests while it migrates between
+//! requests, inside response bodies and inside a request's header bytes; every body is checked.
+
+mod common;
+
+use common::*;
+use mtcp_agent::admin::{Request, Response};
+use mtcp_cli::client::Client;
+use std::time::Duration;
+
+async fn migrate(admin: &str) -> String {
+    match mtcp_agent::admin::request(
+        admin,
+        &Request::Migrate {
+            conn: None,
+            to: None,
+        },
+    )
+    .await
+    {
+        Ok(Response::Migrated { results }) if results.len() == 1 && results[0].ok => {
+            results[0].detail.clone()
+        }
+        other => panic!("migration failed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connection_migrates_between_inside_and_within_requests() {
+    let dir = TempDir::new("keepalive");
+    file(&dir, "a.bin", 6 << 20, 1);
+    file(&dir, "b.bin", 300_000, 2);
+    let a_bytes = std::fs::read(dir.path().join("www/a.bin")).unwrap();
+    let b_bytes = std::fs::read(dir.path().join("www/b.bin")).unwrap();
+    let lc = tokio::task::block_in_place(|| cluster_with(&dir, 3, Some(256 << 10)));
+    let admin = lc.agent_admin.clone();
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    // The agent opens its session right after accepting; wait for it.
+    for _ in 0..200 {
+        if lc
+            .status_async()
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.state == "live")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut moves = 0;
+    let mut served = 0;
+    for i in 0..24 {
+        // What to ask for, and the bytes that must come back.
+        let (path, range, want): (&str, Option<(usize, usize)>, &[u8]) = match i % 4 {
+            0 => ("/a.bin", None, &a_bytes),
+            1 => ("/b.bin", Some((1000, 250_000)), &b_bytes[1000..=250_000]),
+            2 => ("/b.bin", None, &b_bytes),
+            _ => (
+                "/a.bin",
+                Some((3 << 20, (5 << 20) - 1)),
+                &a_bytes[3 << 20..5 << 20],
+            ),
+        };
+        let range_hdr = range.map(|(s, e)| format!("Range: bytes={s}-{e}"));
+        let extra: Vec<&str> = range_hdr.iter().map(|s| s.as_str()).collect();
+        let resp = match i % 3 {
+            // Between requests.
+            0 => {
+                migrate(&admin).await;
+                moves += 1;
+                c.request("GET", path, &extra).await.unwrap()
+            }
+            // Inside the body: a slow reader, and a migration while the body is in flight.
+            1 => {
+                c.rate = Some(64 << 20);
+                let admin2 = admin.clone();
+                let mover = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    migrate(&admin2).await
+                });
+                let r = c.request("GET", path, &extra).await.unwrap();
+                c.rate = None;
+                mover.await.unwrap();
+                moves += 1;
+                r
+            }
+            // Inside the request's header bytes.
+            _ => {
+                let mut req = format!("GET {path} HTTP/1.1\r\nHost: mtcp\r\n");
+                if let Some(h) = &range_hdr {
+                    req += h;
+                    req += "\r\n";
+                }
+                req += "\r\n";
+                let cut = req.len() / 2;
+                c.send_raw(&req.as_bytes()[..cut]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                migrate(&admin).await;
+                moves += 1;
+                c.send_raw(&req.as_bytes()[cut..]).await.unwrap();
+                c.read_response(false).await.unwrap()
+            }
+        };
+        let code = if range.is_some() { 206 } else { 200 };
+        assert_eq!(resp.status, code, "request {i} ({path} {range:?})");
+        assert_eq!(resp.body_len, want.len() as u64, "request {i}");
+        assert_eq!(resp.digest, sha256(want), "request {i}: body differs");
+        served += 1;
+    }
+    assert!(served >= 20);
+    let st = lc.status_async().await.unwrap();
+    let live = st
+        .iter()
+        .find(|c| c.state == "live")
+        .expect("the connection is still open");
+    assert_eq!(
+        live.migrations, moves,
+        "every migration moved the one connection"
+    );
+    assert!(moves >= 20, "{moves}");
+    assert!(live.timeline.iter().all(|e| e.ok));
+}
