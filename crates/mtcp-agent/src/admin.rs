@@ -83,7 +83,17 @@ pub async fn serve(agent: Agent, l: TcpListener) {
                             .await;
                         return;
                     }
-                    Err(message) => Response::Error { message },
+                    Err(message) => {
+                        // Bad input: a clear error, then the session ends.
+                        let r = Response::Error { message };
+                        let _ = w
+                            .write_all(
+                                format!("{}\n", serde_json::to_string(&r).unwrap_or_default())
+                                    .as_bytes(),
+                            )
+                            .await;
+                        return;
+                    }
                     Ok(Request::Status) => Response::Status {
                         connections: agent.status(),
                     },

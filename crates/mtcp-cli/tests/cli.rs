@@ -1,0 +1,176 @@
+//! The `mtcp` command: the demo runs to success, and errors a user can act on are one clear line
+//! with a non-zero exit.
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(exe())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The last line of stderr (the error line; logs may come before it).
+fn error_line(stderr: &str) -> String {
+    stderr.lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn demo_exits_zero() {
+    let out = Command::new(exe())
+        .args(["demo", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(so.contains("OK: every byte matched"), "{so}");
+    assert!(
+        so.contains("reason: hint (drain)") && so.contains("reason: manual"),
+        "{so}"
+    );
+}
+
+#[test]
+fn configuration_errors_are_one_clear_line() {
+    let dir = TempDir::new("cli");
+    let www = dir.path().join("www");
+    let root = www.to_str().unwrap();
+    let (ok, e) = run(&[
+        "server",
+        "--cluster",
+        "/nonexistent/c.toml",
+        "--id",
+        "s1",
+        "httpd",
+        "--root",
+        root,
+    ]);
+    assert!(!ok);
+    assert!(
+        error_line(&e).starts_with("mtcp: error: cannot read /nonexistent/c.toml"),
+        "{e}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "key = \"1234\"\n[[server]]\nid=\"s1\"\ndata=\"127.0.0.1:1\"\npeer=\"127.0.0.1:2\"\nadmin=\"127.0.0.1:3\"\n").unwrap();
+    let (ok, e) = run(&[
+        "server",
+        "--cluster",
+        bad.to_str().unwrap(),
+        "--id",
+        "s1",
+        "httpd",
+        "--root",
+        root,
+    ]);
+    assert!(!ok);
+    assert!(error_line(&e).contains("64 hex characters"), "{e}");
+
+    let (cluster, servers) = mtcp_cli::local::write_cluster(dir.path(), 2).unwrap();
+    let c = cluster.to_str().unwrap();
+    let (ok, e) = run(&[
+        "server",
+        "--cluster",
+        c,
+        "--id",
+        "s9",
+        "httpd",
+        "--root",
+        root,
+    ]);
+    assert!(!ok);
+    assert!(
+        error_line(&e).contains("server id \"s9\" is not in cluster file"),
+        "{e}"
+    );
+
+    // Port in use.
+    let hold = std::net::TcpListener::bind(&servers[0].data).unwrap();
+    let (ok, e) = run(&[
+        "server",
+        "--cluster",
+        c,
+        "--id",
+        "s1",
+        "httpd",
+        "--root",
+        root,
+    ]);
+    assert!(!ok);
+    let line = error_line(&e);
+    assert!(
+        line.contains("cannot listen on data address") && line.contains("in use"),
+        "{e}"
+    );
+    drop(hold);
+
+    // Nothing listens: the agent admin and the server admin.
+    let closed = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let (ok, e) = run(&["status", "--agent", &closed]);
+    assert!(!ok);
+    assert!(error_line(&e).contains("refused"), "{e}");
+    let (ok, e) = run(&["drain", "--cluster", c, "--id", "s1"]);
+    assert!(!ok);
+    assert!(error_line(&e).contains("admin"), "{e}");
+}
+
+#[test]
+fn wrong_key_is_refused_and_unreachable_service_closes_the_client() {
+    let dir = TempDir::new("cli-key");
+    file(&dir, "x.bin", 1000, 1);
+    let lc = cluster(&dir, 1);
+    // The same cluster with another key: drain must be refused, naming the key.
+    let text = std::fs::read_to_string(&lc.cluster_file).unwrap();
+    let other = dir.path().join("other.toml");
+    let line = text.lines().find(|l| l.starts_with("key")).unwrap();
+    std::fs::write(
+        &other,
+        text.replace(line, &format!("key = \"{}\"", "ab".repeat(32))),
+    )
+    .unwrap();
+    let (ok, e) = run(&["drain", "--cluster", other.to_str().unwrap(), "--id", "s1"]);
+    assert!(!ok);
+    assert!(error_line(&e).contains("wrong cluster key"), "{e}");
+
+    // An agent whose service is unreachable closes the client program's connection and says why.
+    let listen = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let dead = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let log = std::fs::File::create(dir.path().join("lonely-agent.log")).unwrap();
+    let mut agent = Command::new(exe())
+        .args(["agent", "--connect", &dead, "--listen", &listen])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    mtcp_cli::local::wait_listening(&listen, Duration::from_secs(10)).unwrap();
+    let mut s = std::net::TcpStream::connect(&listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 16];
+    let r = s.read(&mut b);
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "client connection was not closed: {r:?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let logged = std::fs::read_to_string(dir.path().join("lonely-agent.log")).unwrap();
+    assert!(
+        logged.contains("cannot open a session with any server"),
+        "{logged}"
+    );
+}

@@ -1,0 +1,231 @@
+//! Wrong and old tokens, garbage and oversized messages on every port: each gets a clear refusal
+//! or a closed connection, and the live connection (a download through the agent) and the
+//! servers go on unaffected.
+
+mod common;
+
+use common::*;
+use mtcp::framed::{self, FrameReader};
+use mtcp::proto::wire::{self, Frame, Migrate, Msg, RefuseCode};
+use mtcp::proto::{Cid, Token};
+use mtcp_agent::admin::{Request, Response};
+use mtcp_cli::client::Client;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and returns what the server answered before closing (bounded wait).
+async fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&b[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        r.is_ok(),
+        "{addr} kept a garbage connection open: {:?}",
+        &bytes[..bytes.len().min(40)]
+    );
+    out
+}
+
+/// A MIGRATE on the data port of `addr`; returns the refusal.
+async fn migrate_raw(addr: &str, m: Migrate) -> (RefuseCode, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    framed::write_msg(&mut w, &Msg::Migrate(m)).await.unwrap();
+    let mut r = FrameReader::new(r, 1 << 20);
+    match r.next_msg(Duration::from_secs(10)).await.unwrap() {
+        Msg::Refused { code, reason } => (code, reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn frame_header(kind: u8, len: u32) -> Vec<u8> {
+    let mut v = wire::preamble(mtcp::proto::PROTOCOL_VERSION).to_vec();
+    v.push(kind);
+    v.extend_from_slice(&len.to_be_bytes());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() {
+    let dir = TempDir::new("hostile");
+    let size = 48u64 << 20;
+    let want = file(&dir, "f.bin", size, 5);
+    let lc = tokio::task::block_in_place(|| cluster(&dir, 3));
+    let key = mtcp::Cluster::load(&lc.cluster_file).unwrap().key;
+    let addr = |id: &str| lc.servers.iter().find(|s| s.id == id).unwrap().clone();
+
+    // A live download, slow enough to be in flight during everything below.
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    c.rate = Some(8 << 20);
+    let dl = tokio::spawn(async move { c.request("GET", "/f.bin", &[]).await });
+    let mut live = None;
+    for _ in 0..300 {
+        live = lc
+            .status_async()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.state == "live" && c.bytes_down > 0);
+        if live.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let live = live.expect("download started");
+    let cid: Cid = live.cid.parse().unwrap();
+    let origin = live.server.clone();
+    let other = if origin == "s1" { "s2" } else { "s1" };
+    let base = Migrate {
+        cid,
+        epoch: live.epoch,
+        token: Token(rand::random()),
+        origin: origin.clone(),
+        down_recv: 0,
+        sum_from: 0,
+        down_sum: mtcp::proto::sum::checksum(&[]),
+        up_sent: live.bytes_up,
+    };
+
+    // Wrong token.
+    let (code, why) = migrate_raw(&addr(other).data, base.clone()).await;
+    assert_eq!(code, RefuseCode::BadToken, "{why}");
+
+    // Move it once for real, so epoch 0's token is old; then present the old token.
+    match mtcp_agent::admin::request(
+        &lc.agent_admin,
+        &Request::Migrate {
+            conn: None,
+            to: Some(other.into()),
+        },
+    )
+    .await
+    {
+        Ok(Response::Migrated { results }) => assert!(results[0].ok, "{results:?}"),
+        other => panic!("{other:?}"),
+    }
+    let old = Migrate {
+        token: key.token(cid, 0),
+        epoch: 0,
+        origin: other.to_string(),
+        ..base.clone()
+    };
+    let third = lc
+        .servers
+        .iter()
+        .map(|s| s.id.clone())
+        .find(|s| s != other && *s != origin)
+        .unwrap();
+    let (code, why) = migrate_raw(&addr(&third).data, old).await;
+    assert_eq!(code, RefuseCode::StaleEpoch, "{why}");
+    // A valid token naming the wrong origin.
+    let wrong_origin = Migrate {
+        token: key.token(cid, 1),
+        epoch: 1,
+        origin: origin.clone(),
+        ..base.clone()
+    };
+    let (code, why) = migrate_raw(&addr(&third).data, wrong_origin).await;
+    assert_eq!(code, RefuseCode::UnknownConnection, "{why}");
+
+    // Garbage and oversized messages on every server port.
+    let mut junk: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        (0..5000).map(|i| (i * 7919 % 251) as u8).collect(),
+        frame_header(1, u32::MAX),
+        frame_header(0, 64 << 20),
+        frame_header(7, 3),
+    ];
+    let mut malformed = frame_header(1, 4);
+    malformed.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    junk.push(malformed);
+    let mut wrong_version = b"MTCP".to_vec();
+    wrong_version.extend_from_slice(&999u16.to_be_bytes());
+    junk.push(wrong_version);
+    let mut forged_auth = wire::preamble(mtcp::proto::PROTOCOL_VERSION).to_vec();
+    forged_auth.extend_from_slice(
+        &Msg::PeerAuth {
+            from: "s1".into(),
+            nonce: [0; 16],
+            proof: [0; 32],
+        }
+        .to_frame(),
+    );
+    forged_auth.extend_from_slice(&Msg::AdminDrain.to_frame());
+    junk.push(forged_auth);
+    for s in &lc.servers {
+        for port in [&s.data, &s.peer, &s.admin] {
+            for j in &junk {
+                let answer = poke(port, j).await;
+                // Whatever it said, it must not have accepted a drain or handed out state.
+                let mut buf = bytes::BytesMut::from(&answer[answer.len().min(6)..]);
+                let dec = wire::FrameDecoder::new(1 << 20);
+                while let Ok(Some(f)) = dec.decode(&mut buf) {
+                    assert!(
+                        !matches!(
+                            f,
+                            Frame::Msg(Msg::AdminStatusReply(_))
+                                | Frame::Msg(Msg::State(_))
+                                | Frame::Msg(Msg::Welcome(_))
+                        ),
+                        "{port} answered garbage with {f:?}"
+                    );
+                }
+            }
+        }
+        // The version mismatch is named.
+        let mut v = b"MTCP".to_vec();
+        v.extend_from_slice(&999u16.to_be_bytes());
+        let answer = poke(&s.data, &v).await;
+        assert!(
+            String::from_utf8_lossy(&answer).contains("version mismatch"),
+            "{answer:?}"
+        );
+    }
+    // The agent's admin port: garbage lines get an error, an endless line gets closed.
+    let a = poke(&lc.agent_admin, b"this is not json\n").await;
+    assert!(
+        String::from_utf8_lossy(&a).contains("bad request"),
+        "{}",
+        String::from_utf8_lossy(&a)
+    );
+    let _ = poke(&lc.agent_admin, &vec![b'x'; 100_000]).await;
+
+    // No server was drained by a forged admin request: each still accepts new connections.
+    for s in &lc.servers {
+        let st = mtcp::peer::admin_request(&s.admin, &key, Msg::AdminStatus)
+            .await
+            .unwrap();
+        assert!(!st.draining, "{} was drained by garbage", s.id);
+    }
+    // The live download completes intact, having moved exactly once.
+    let r = tokio::time::timeout(Duration::from_secs(60), dl)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.digest, want, "live connection corrupted");
+    let st = lc.status_async().await.unwrap();
+    let done = st.iter().find(|c| c.cid == live.cid).unwrap();
+    assert_eq!(done.migrations, 1, "{done:?}");
+    // And a new connection is served.
+    let mut c2 = Client::connect(&lc.agent_listen).await.unwrap();
+    let r2 = c2
+        .request("GET", "/f.bin", &["Range: bytes=0-99999"])
+        .await
+        .unwrap();
+    assert_eq!(r2.status, 206);
+    assert_eq!(r2.body_len, 100_000);
+}
