@@ -69,7 +69,7 @@ pub mod fuzzing {
 /// Most bytes read from the connection at once while looking for a request head.
 pub const READ_SIZE: usize = 1024;
 /// Default body bytes between two Body snapshots.
-pub const DEFAULT_SNAPSHOT_EVERY: u64 = 1 << 20;
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 256 << 10;
 /// Default size of the file chunks read and written.
 pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 

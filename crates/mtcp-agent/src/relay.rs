@@ -159,15 +159,17 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+/// Connects to a server and sends `first` (HELLO or MIGRATE) with the preamble.
 async fn connect(
     addr: &str,
     limit: Duration,
+    first: &Msg,
 ) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
     let mut s = tokio::time::timeout(limit, TcpStream::connect(addr))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
-    tokio::time::timeout(limit, framed::exchange_preamble(&mut s))
+    tokio::time::timeout(limit, framed::open_with(&mut s, first))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let (r, w) = s.into_split();
@@ -179,15 +181,11 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
     let mut errs = Vec::new();
     for addr in &inner.cfg.connect {
         let r = async {
-            let (mut reader, mut w) = connect(addr, inner.cfg.connect_timeout).await?;
-            framed::write_msg(
-                &mut w,
-                &Msg::Hello {
-                    caps: 0,
-                    orig_dst: None,
-                },
-            )
-            .await?;
+            let hello = Msg::Hello {
+                caps: 0,
+                orig_dst: None,
+            };
+            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
                 Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
@@ -541,10 +539,8 @@ async fn try_resume(
     cand: &ServerInfo,
     m: &Migrate,
 ) -> Result<Session, String> {
-    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    framed::write_msg(&mut w, &Msg::Migrate(m.clone()))
+    let first = Msg::Migrate(m.clone());
+    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout, &first)
         .await
         .map_err(|e| e.to_string())?;
     let r = match reader

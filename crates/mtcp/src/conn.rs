@@ -84,7 +84,7 @@ pub(crate) struct Snap {
 }
 
 /// Most restart points kept per connection.
-const MAX_SNAPS: usize = 64;
+const MAX_SNAPS: usize = 512;
 
 pub(crate) struct ConnState {
     pub epoch: u64,

@@ -41,6 +41,21 @@ pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Opens a channel and sends `first` in the same write as our preamble (saving a round trip),
+/// then checks the peer's preamble.
+pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, first: &Msg) -> Result<(), ChannelError> {
+    let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
+    out.extend_from_slice(&first.to_frame());
+    s.write_all(&out).await?;
+    let mut p = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut p).await.map_err(eof_is_closed)?;
+    let theirs = wire::parse_preamble(&p)?;
+    if theirs != PROTOCOL_VERSION {
+        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs }.into());
+    }
+    Ok(())
+}
+
 fn eof_is_closed(e: io::Error) -> ChannelError {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         ChannelError::Closed

@@ -19,7 +19,8 @@ use tokio::net::TcpStream;
 const AUTH_FRAME: usize = 4 << 10;
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 const ADMIN_FRAME: usize = 64 << 10;
-const IDLE: Duration = Duration::from_secs(60);
+/// A peer channel idle this long is closed (pooled channels are reopened on demand).
+const IDLE: Duration = Duration::from_secs(300);
 
 type Channel = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
 
@@ -130,16 +131,6 @@ pub(crate) async fn fetch(
             format!("origin {} ({}): {e}", origin.id, origin.peer),
         )
     };
-    let lim = inner.limits.fetch_timeout;
-    let (mut reader, mut w) = connect_authenticated(
-        &origin.peer,
-        &inner.cluster.key,
-        &inner.id,
-        inner.limits.max_record + 1024,
-        lim,
-    )
-    .await
-    .map_err(unreachable)?;
     let req = Msg::Fetch {
         cid: f.cid,
         epoch: f.epoch,
@@ -147,15 +138,33 @@ pub(crate) async fn fetch(
         sum_from: f.sum_from,
         down_sum: f.down_sum,
     };
-    framed::write_msg(&mut w, &req)
-        .await
-        .map_err(|e| unreachable(e.into()))?;
-    // The origin may wait for a lock_state section to end before it answers.
-    match reader
-        .next_msg(lim + inner.limits.lock_timeout)
-        .await
-        .map_err(unreachable)?
-    {
+    // An authenticated channel from the pool saves three round trips. One the origin has closed
+    // since fails before the origin saw the request, so it is safe to retry on a fresh one.
+    let mut answer = None;
+    if let Some(ch) = inner.peer_pool.take(&origin.id) {
+        match ask(inner, ch, &req).await {
+            Ok(x) => answer = Some(x),
+            Err(ChannelError::Closed | ChannelError::Io(_)) => {}
+            Err(e) => return Err(unreachable(e)),
+        }
+    }
+    let (msg, ch) = match answer {
+        Some(x) => x,
+        None => {
+            let ch = connect_authenticated(
+                &origin.peer,
+                &inner.cluster.key,
+                &inner.id,
+                inner.limits.max_record + 1024,
+                inner.limits.fetch_timeout,
+            )
+            .await
+            .map_err(unreachable)?;
+            ask(inner, ch, &req).await.map_err(unreachable)?
+        }
+    };
+    inner.peer_pool.put(&origin.id, ch);
+    match msg {
         Msg::State(b) => StateRecord::decode(&b)
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
@@ -163,6 +172,37 @@ pub(crate) async fn fetch(
             RefuseCode::Internal,
             format!("origin {} answered {}", origin.id, msg_name(&other)),
         )),
+    }
+}
+
+/// One request on an authenticated peer channel; the channel comes back for reuse.
+async fn ask(inner: &ServerInner, mut ch: Channel, req: &Msg) -> Result<(Msg, Channel), ChannelError> {
+    framed::write_msg(&mut ch.1, req).await?;
+    // The origin may wait for a lock_state section to end before it answers.
+    let m = ch.0.next_msg(inner.limits.fetch_timeout + inner.limits.lock_timeout).await?;
+    Ok((m, ch))
+}
+
+/// Idle authenticated channels to other servers, by server id.
+#[derive(Default)]
+pub(crate) struct PeerPool {
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Channel>>>,
+}
+
+impl PeerPool {
+    /// Channels kept per peer.
+    const MAX_IDLE: usize = 4;
+
+    fn take(&self, id: &str) -> Option<Channel> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id)?.pop()
+    }
+
+    fn put(&self, id: &str, ch: Channel) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let v = idle.entry(id.to_string()).or_default();
+        if v.len() < Self::MAX_IDLE {
+            v.push(ch);
+        }
     }
 }
 

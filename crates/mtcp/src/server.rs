@@ -55,6 +55,7 @@ pub(crate) struct ServerInner {
     pub draining: AtomicBool,
     pub migrated_in: AtomicU64,
     pub migrated_out: AtomicU64,
+    pub peer_pool: peer::PeerPool,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
 
@@ -195,6 +196,7 @@ impl Server {
             draining: AtomicBool::new(false),
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
+            peer_pool: peer::PeerPool::default(),
             accept_tx,
         });
         let tasks = vec![
