@@ -12,11 +12,19 @@ fuzz_target!(|data: &[u8]| {
     };
     let got = parse_request(line);
     // (Error messages carry a column, so only compare outcomes.)
-    assert_eq!(parse_request(&format!(" {line}\n")).ok(), got.clone().ok(), "whitespace changes the request");
+    assert_eq!(
+        parse_request(&format!(" {line}\n")).ok(),
+        got.clone().ok(),
+        "whitespace changes the request"
+    );
     match got {
         Ok(req) => {
             let json = serde_json::to_string(&req).expect("a request serializes");
-            assert_eq!(parse_request(&json), Ok(req), "request does not round-trip through {json}");
+            assert_eq!(
+                parse_request(&json),
+                Ok(req),
+                "request does not round-trip through {json}"
+            );
         }
         Err(e) => assert!(e.starts_with("bad request"), "{e}"),
     }

@@ -20,7 +20,11 @@ fn cluster_path() -> &'static PathBuf {
     P.get_or_init(|| {
         let dir = std::env::temp_dir().join("mtcp-fuzz-cluster");
         std::fs::create_dir_all(&dir).expect("create scratch dir");
-        std::fs::write(dir.join("key"), format!("{}\n", "0123456789abcdef".repeat(4))).expect("write key");
+        std::fs::write(
+            dir.join("key"),
+            format!("{}\n", "0123456789abcdef".repeat(4)),
+        )
+        .expect("write key");
         std::fs::write(dir.join("bad"), "not a key\n").expect("write bad key");
         dir.join("cluster.toml")
     })
@@ -49,10 +53,20 @@ fuzz_target!(|data: &[u8]| {
     match Cluster::parse(text, path) {
         Ok(c) => {
             assert!(!c.servers.is_empty(), "accepted a cluster without servers");
-            assert!(c.heartbeat >= Duration::from_millis(10) && c.heartbeat <= Duration::from_secs(10));
+            assert!(
+                c.heartbeat >= Duration::from_millis(10) && c.heartbeat <= Duration::from_secs(10)
+            );
             for (i, s) in c.servers.iter().enumerate() {
-                assert!(!s.id.is_empty() && s.id.len() <= 64, "server id {:?} accepted", s.id);
-                assert!(c.servers[..i].iter().all(|o| o.id != s.id), "duplicate id {:?}", s.id);
+                assert!(
+                    !s.id.is_empty() && s.id.len() <= 64,
+                    "server id {:?} accepted",
+                    s.id
+                );
+                assert!(
+                    c.servers[..i].iter().all(|o| o.id != s.id),
+                    "duplicate id {:?}",
+                    s.id
+                );
                 assert_eq!(c.server(&s.id), Some(s));
                 assert_eq!(c.require(&s.id, "x").ok(), Some(s));
                 let alt = c.alternates(&s.id);

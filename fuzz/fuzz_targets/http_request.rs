@@ -11,7 +11,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mtcp_httpd::fuzzing::{normalize_path, parse, parse_range, resolve_range, Parse, RangeSpec, Resolved};
+use mtcp_httpd::fuzzing::{
+    normalize_path, parse, parse_range, resolve_range, Parse, RangeSpec, Resolved,
+};
 use mtcp_httpd::{MAX_HEAD, MAX_TARGET};
 
 fuzz_target!(|data: &[u8]| {
@@ -31,16 +33,29 @@ fn check_parse(buf: &[u8], cut: u8) {
         other => assert_eq!(other, whole, "prefix of {cut} bytes decides differently"),
     }
     match &whole {
-        Parse::Partial => assert!(buf.len() < MAX_HEAD, "Partial with a full head's worth buffered"),
+        Parse::Partial => assert!(
+            buf.len() < MAX_HEAD,
+            "Partial with a full head's worth buffered"
+        ),
         Parse::Fatal(_) => {}
         Parse::Complete { head_len, request } => {
-            assert!(*head_len > 0 && *head_len <= buf.len().min(MAX_HEAD), "head_len {head_len}");
+            assert!(
+                *head_len > 0 && *head_len <= buf.len().min(MAX_HEAD),
+                "head_len {head_len}"
+            );
             assert_eq!(buf[head_len - 1], b'\n', "head does not end a line");
-            assert_eq!(parse(&buf[..*head_len]), whole, "the head alone parses differently");
+            assert_eq!(
+                parse(&buf[..*head_len]),
+                whole,
+                "the head alone parses differently"
+            );
             if let Ok(p) = &request.path {
                 assert!(p.len() <= MAX_TARGET, "path of {} bytes", p.len());
                 assert!(!p.starts_with('/') && !p.contains('\0'), "path {p:?}");
-                assert!(p.split('/').all(|s| s != ".." && s != "."), "path {p:?} not normalized");
+                assert!(
+                    p.split('/').all(|s| s != ".." && s != "."),
+                    "path {p:?} not normalized"
+                );
                 assert_eq!(normalize_path(p).as_deref(), Some(p.as_str()));
             }
             if let Some(RangeSpec::FromTo(a, b)) = request.range {
@@ -62,11 +77,18 @@ fn check_range(value: &[u8]) {
         RangeSpec::From(a) => format!("bytes={a}-"),
         RangeSpec::Suffix(n) => format!("bytes=-{n}"),
     };
-    assert_eq!(parse_range(canonical.as_bytes()), Some(spec), "{canonical} reads back differently");
+    assert_eq!(
+        parse_range(canonical.as_bytes()),
+        Some(spec),
+        "{canonical} reads back differently"
+    );
     for len in [0, 1, 2, 10, value.len() as u64, u64::MAX - 1, u64::MAX] {
         match resolve_range(Some(spec), len) {
             Resolved::Partial { start, end } => {
-                assert!(start < end && end <= len, "{spec:?} of {len} bytes resolved to {start}..{end}")
+                assert!(
+                    start < end && end <= len,
+                    "{spec:?} of {len} bytes resolved to {start}..{end}"
+                )
             }
             Resolved::Unsatisfiable => {}
             Resolved::Full => panic!("a range resolved to the whole file"),

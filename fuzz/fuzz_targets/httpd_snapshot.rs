@@ -14,9 +14,17 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(data[..2], SNAPSHOT_VERSION.to_be_bytes());
             match info {
                 SnapshotInfo::Idle { leftover } => assert!(leftover < data.len()),
-                SnapshotInfo::Body { path, sent, len, leftover } => {
+                SnapshotInfo::Body {
+                    path,
+                    sent,
+                    len,
+                    leftover,
+                } => {
                     assert!(len > 0 && sent < len, "sent {sent} of {len}");
-                    assert!(!path.is_empty() && normalize_path(&path).as_deref() == Some(path.as_str()), "path {path:?}");
+                    assert!(
+                        !path.is_empty() && normalize_path(&path).as_deref() == Some(path.as_str()),
+                        "path {path:?}"
+                    );
                     assert!(leftover + path.len() < data.len());
                 }
                 _ => {}

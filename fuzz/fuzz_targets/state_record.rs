@@ -27,8 +27,15 @@ fn raw(data: &[u8]) {
         Ok(r) => {
             assert_eq!(data[..2], PROTOCOL_VERSION.to_be_bytes());
             let enc = r.encode();
-            assert!(enc.len() <= data.len(), "re-encoding is longer than the input");
-            assert_eq!(StateRecord::decode(&enc).as_ref(), Ok(&r), "record does not round-trip");
+            assert!(
+                enc.len() <= data.len(),
+                "re-encoding is longer than the input"
+            );
+            assert_eq!(
+                StateRecord::decode(&enc).as_ref(),
+                Ok(&r),
+                "record does not round-trip"
+            );
             check_offsets(&r);
         }
         Err(e) => {
@@ -80,7 +87,11 @@ fn built(u: &mut Unstructured<'_>) -> Result<(StateRecord, bool)> {
     if consistent {
         snap_in = snap_in.min(u64::MAX - input.len() as u64);
         snap_out = snap_out.max(tail.len() as u64);
-        check_end = if tail.is_empty() { snap_out.saturating_add(check_end % (1 << 32)) } else { snap_out };
+        check_end = if tail.is_empty() {
+            snap_out.saturating_add(check_end % (1 << 32))
+        } else {
+            snap_out
+        };
         up_fin = up_fin.map(|_| snap_in + input.len() as u64);
     }
     let r = StateRecord {

@@ -1,7 +1,9 @@
 //! Checks shared by the fuzz targets in `fuzz_targets/`.
 
 use bytes::BytesMut;
-use mtcp_proto::wire::{data_header, Frame, FrameDecoder, WireError, HEADER_LEN, MAX_SESSION_FRAME};
+use mtcp_proto::wire::{
+    data_header, Frame, FrameDecoder, WireError, HEADER_LEN, MAX_SESSION_FRAME,
+};
 
 /// Frame size limits the runtime uses: peer-channel authentication (4 KiB), setup and admin
 /// channels (64 KiB), session channels (1 MiB), plus a tiny one so short inputs reach the
@@ -66,7 +68,10 @@ pub fn check_stream(max_frame: usize, wire: &[u8], cuts: &[usize]) {
     let piece_end = piece_end.unwrap_or(End::NeedMore(buf.len()));
 
     assert_eq!(pieces, whole, "frames depend on how the input was split");
-    assert_eq!(piece_end, whole_end, "outcome depends on how the input was split");
+    assert_eq!(
+        piece_end, whole_end,
+        "outcome depends on how the input was split"
+    );
 }
 
 /// A decoded frame respects the limit and re-encodes to something that decodes to itself.
@@ -74,7 +79,11 @@ fn check_frame(f: &Frame, max_frame: usize, consumed: usize) {
     let mut again = BytesMut::new();
     match f {
         Frame::Data(b) => {
-            assert!(b.len() <= max_frame, "data frame of {} bytes over the limit {max_frame}", b.len());
+            assert!(
+                b.len() <= max_frame,
+                "data frame of {} bytes over the limit {max_frame}",
+                b.len()
+            );
             assert_eq!(consumed, HEADER_LEN + b.len());
             again.extend_from_slice(&data_header(b.len()));
             again.extend_from_slice(b);
@@ -94,7 +103,11 @@ fn check_frame(f: &Frame, max_frame: usize, consumed: usize) {
         .decode(&mut again)
         .unwrap_or_else(|e| panic!("re-encoded {f:?} does not decode: {e}"));
     assert_eq!(back.as_ref(), Some(f), "frame does not survive a re-encode");
-    assert!(again.is_empty(), "re-encoded frame left {} bytes", again.len());
+    assert!(
+        again.is_empty(),
+        "re-encoded frame left {} bytes",
+        again.len()
+    );
 }
 
 /// What `Ok(None)` leaves behind is the start of a valid frame that is still incomplete.
@@ -104,8 +117,14 @@ fn check_incomplete(buf: &[u8], max_frame: usize) {
     }
     assert!(buf[0] <= 1, "unknown kind {} left undecoded", buf[0]);
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    assert!(len <= max_frame, "over-limit frame ({len} > {max_frame}) left undecoded");
-    assert!(buf.len() < HEADER_LEN + len, "complete frame left undecoded");
+    assert!(
+        len <= max_frame,
+        "over-limit frame ({len} > {max_frame}) left undecoded"
+    );
+    assert!(
+        buf.len() < HEADER_LEN + len,
+        "complete frame left undecoded"
+    );
 }
 
 /// Splits a fuzz input into a limit (first byte), piece sizes (next three bytes, 1 to 256)
@@ -115,6 +134,10 @@ pub fn split_input(data: &[u8]) -> (usize, [usize; 3], &[u8]) {
         return (LIMITS[0], [1, 1, 1], data);
     }
     let max = LIMITS[data[0] as usize % LIMITS.len()];
-    let cuts = [data[1] as usize + 1, data[2] as usize + 1, data[3] as usize + 1];
+    let cuts = [
+        data[1] as usize + 1,
+        data[2] as usize + 1,
+        data[3] as usize + 1,
+    ];
     (max, cuts, &data[4..])
 }

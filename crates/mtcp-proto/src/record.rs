@@ -69,8 +69,16 @@ impl StateRecord {
                 theirs: v,
             });
         }
-        let r: StateRecord =
-            postcard::from_bytes(&b[2..]).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        let r: StateRecord = match postcard::take_from_bytes(&b[2..]) {
+            Ok((r, [])) => r,
+            Ok((_, rest)) => {
+                return Err(RecordError::Malformed(format!(
+                    "{} stray bytes after the record",
+                    rest.len()
+                )))
+            }
+            Err(e) => return Err(RecordError::Malformed(e.to_string())),
+        };
         r.validate()?;
         Ok(r)
     }

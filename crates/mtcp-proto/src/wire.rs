@@ -293,9 +293,14 @@ impl FrameDecoder {
         let payload = buf.split_to(len);
         match kind {
             KIND_DATA => Ok(Some(Frame::Data(payload.freeze()))),
-            _ => postcard::from_bytes::<Msg>(&payload)
-                .map(|m| Some(Frame::Msg(m)))
-                .map_err(|e| WireError::Malformed(e.to_string())),
+            _ => match postcard::take_from_bytes::<Msg>(&payload) {
+                Ok((m, [])) => Ok(Some(Frame::Msg(m))),
+                Ok((_, rest)) => Err(WireError::Malformed(format!(
+                    "{} stray bytes after the message",
+                    rest.len()
+                ))),
+                Err(e) => Err(WireError::Malformed(e.to_string())),
+            },
         }
     }
 }

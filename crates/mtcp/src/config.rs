@@ -58,6 +58,22 @@ struct RawServer {
     admin: String,
 }
 
+/// Reads a key file, refusing anything larger than a key with some whitespace could be.
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::fs::File::open(path)?
+        .take(1024)
+        .read_to_string(&mut s)?;
+    if s.len() >= 1024 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "key file is larger than 1 KiB",
+        ));
+    }
+    Ok(s)
+}
+
 /// One server of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerEntry {
@@ -102,7 +118,7 @@ impl Cluster {
             (Some(k), None) => k,
             (None, Some(f)) => {
                 let f = path.parent().unwrap_or(Path::new(".")).join(f);
-                std::fs::read_to_string(&f).map_err(|err| ConfigError::Read {
+                read_small(&f).map_err(|err| ConfigError::Read {
                     path: f.display().to_string(),
                     err,
                 })?

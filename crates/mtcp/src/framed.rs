@@ -43,7 +43,10 @@ pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Opens a channel and sends `first` in the same write as our preamble (saving a round trip),
 /// then checks the peer's preamble.
-pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, first: &Msg) -> Result<(), ChannelError> {
+pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    first: &Msg,
+) -> Result<(), ChannelError> {
     let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
     out.extend_from_slice(&first.to_frame());
     s.write_all(&out).await?;
@@ -51,7 +54,11 @@ pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, first: &Msg
     s.read_exact(&mut p).await.map_err(eof_is_closed)?;
     let theirs = wire::parse_preamble(&p)?;
     if theirs != PROTOCOL_VERSION {
-        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs }.into());
+        return Err(WireError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        }
+        .into());
     }
     Ok(())
 }

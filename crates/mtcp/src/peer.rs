@@ -176,10 +176,16 @@ pub(crate) async fn fetch(
 }
 
 /// One request on an authenticated peer channel; the channel comes back for reuse.
-async fn ask(inner: &ServerInner, mut ch: Channel, req: &Msg) -> Result<(Msg, Channel), ChannelError> {
+async fn ask(
+    inner: &ServerInner,
+    mut ch: Channel,
+    req: &Msg,
+) -> Result<(Msg, Channel), ChannelError> {
     framed::write_msg(&mut ch.1, req).await?;
     // The origin may wait for a lock_state section to end before it answers.
-    let m = ch.0.next_msg(inner.limits.fetch_timeout + inner.limits.lock_timeout).await?;
+    let m =
+        ch.0.next_msg(inner.limits.fetch_timeout + inner.limits.lock_timeout)
+            .await?;
     Ok((m, ch))
 }
 
@@ -194,7 +200,11 @@ impl PeerPool {
     const MAX_IDLE: usize = 4;
 
     fn take(&self, id: &str) -> Option<Channel> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id)?.pop()
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)?
+            .pop()
     }
 
     fn put(&self, id: &str, ch: Channel) {
