@@ -3,11 +3,11 @@
 
 use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
 use bytes::BytesMut;
-use mtcp::framed::{self, ChannelError, FrameReader, Out};
+use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
 use mtcp_proto::trigger::Liveness;
-use mtcp_proto::wire::{self, Frame, Migrate, Msg, ServerInfo};
+use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo};
 use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,8 @@ const SETUP_FRAME: usize = 64 << 10;
 const ACK_EVERY: u64 = 256 << 10;
 const PING_EVERY: Duration = Duration::from_secs(1);
 const CLIENT_READ: usize = 128 << 10;
+/// Largest piece of downstream data read from the session and written to the client at once.
+const DOWN_READ: usize = 256 << 10;
 
 /// An open session with a server.
 struct Session {
@@ -248,6 +250,7 @@ async fn run(
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = BytesMut::with_capacity(CLIENT_READ);
+    let mut down_buf = vec![0u8; DOWN_READ];
     let mut closed_at: Option<u64> = None;
     loop {
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
@@ -256,18 +259,18 @@ async fn run(
         }
         let deadline = tokio::time::Instant::from_std(live.deadline());
         tokio::select! {
-            f = s.reader.next() => {
+            f = s.reader.next_piece(&mut down_buf) => {
                 live.on_receive(Instant::now());
                 match f {
-                    Ok(Frame::Data(d)) => {
-                        if let Err(e) = on_data(conn, s, cw, d, &mut live, closed_at).await {
+                    Ok(Piece::Data(n)) => {
+                        if let Err(e) = on_data(conn, s, cw, &down_buf[..n], &mut live, closed_at).await {
                             return e;
                         }
                         if closed_at == Some(conn.down.received()) {
                             return End::Done;
                         }
                     }
-                    Ok(Frame::Msg(m)) => {
+                    Ok(Piece::Msg(m)) => {
                         if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
                             return end;
                         }
@@ -322,7 +325,7 @@ async fn on_data(
     conn: &mut Conn,
     s: &mut Session,
     cw: &mut OwnedWriteHalf,
-    d: bytes::Bytes,
+    d: &[u8],
     live: &mut Liveness,
     closed_at: Option<u64>,
 ) -> Result<(), End> {
@@ -338,12 +341,12 @@ async fn on_data(
             return Err(End::Abort("server sent data past its close".into()));
         }
     }
-    if cw.write_all(&d).await.is_err() {
+    if cw.write_all(d).await.is_err() {
         // The client program is gone; end the session in order.
         let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
         return Err(End::Abort("client program closed its connection".into()));
     }
-    conn.down.on_data(&d);
+    conn.down.on_data(d);
     // Time spent waiting on the client program is not the server's silence.
     live.on_receive(Instant::now());
     let recv = conn.down.received();

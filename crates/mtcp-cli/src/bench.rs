@@ -28,6 +28,9 @@ pub struct BenchArgs {
     /// Pause between migrations in ms (migration).
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
+    /// The HTTP server's body bytes between snapshots (default: the server's own default).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -71,14 +74,14 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     r
 }
 
-fn start(dir: &std::path::Path, plain: bool) -> Result<LocalCluster> {
+fn start(dir: &std::path::Path, plain: bool, snapshot_every: Option<u64>) -> Result<LocalCluster> {
     let exe = std::env::current_exe().context("locating the mtcp binary")?;
     let opts = LocalOptions {
         servers: 3,
         root: dir.join("www"),
         plain_baseline: plain,
         log: "warn".into(),
-        snapshot_every: None,
+        snapshot_every,
     };
     tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
 }
@@ -122,7 +125,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         let b = std::fs::read(&file)?;
         format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b))
     };
-    let lc = start(dir, true)?;
+    let lc = start(dir, true, a.snapshot_every)?;
     let plain = lc.plain.clone().context("plain listener")?;
     // Warm the page cache and both paths once.
     download(&plain, size, &want).await?;
@@ -164,11 +167,11 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
 async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     // A transfer long enough to hold every migration: rate-limited client.
     let rate: u64 = 64 << 20;
-    let secs = (a.migrations as u64 * (a.interval_ms + 5)) / 1000 + 3;
+    let secs = (a.migrations as u64 * (a.interval_ms + 30)) / 1000 + 3;
     let size = rate * secs;
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 9))?;
-    let lc = start(dir, false)?;
+    let lc = start(dir, false, a.snapshot_every)?;
     let mut c = Client::connect(&lc.agent_listen).await?;
     c.rate = Some(rate);
     let dl = tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await });

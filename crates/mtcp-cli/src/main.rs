@@ -117,7 +117,19 @@ struct StatusArgs {
     json: bool,
 }
 
+/// Big, short-lived buffers (output chunks, frames) would otherwise go back to the kernel and be
+/// faulted in again on every use: keep them in the heap.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc's allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -125,7 +137,15 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // The agent only moves bytes between sockets: one thread does it with fewer wake-ups
+    // across cores, leaving the other core to the client program and the server.
+    let rt = match cli.cmd {
+        Cmd::Agent(_) | Cmd::Server(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    }
+    .expect("tokio runtime");
     let r = rt.block_on(run(cli));
     if let Err(e) = r {
         eprintln!("mtcp: error: {e:#}");

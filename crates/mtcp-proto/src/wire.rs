@@ -257,6 +257,15 @@ pub fn data_header(len: usize) -> [u8; HEADER_LEN] {
     [KIND_DATA, l[0], l[1], l[2], l[3]]
 }
 
+/// If `buf` starts with the header of a data frame, its payload length.
+pub fn data_frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() >= HEADER_LEN && buf[0] == KIND_DATA {
+        Some(u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize)
+    } else {
+        None
+    }
+}
+
 /// Incremental frame decoder with a size limit.
 #[derive(Debug, Clone)]
 pub struct FrameDecoder {
@@ -266,6 +275,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         Self { max_frame }
+    }
+
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
     }
 
     /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` if more bytes are

@@ -1,7 +1,7 @@
 //! Framed I/O over tokio streams: the preamble exchange, reading frames with a size limit and
 //! writing batches of frames with vectored writes.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use mtcp_proto::wire::{self, Frame, FrameDecoder, Msg, WireError, PREAMBLE_LEN};
 use mtcp_proto::PROTOCOL_VERSION;
 use std::io::{self, IoSlice};
@@ -76,6 +76,16 @@ pub struct FrameReader<R> {
     r: R,
     buf: BytesMut,
     dec: FrameDecoder,
+    /// Payload bytes of the current data frame not yet returned by [`FrameReader::next_piece`].
+    data_left: usize,
+}
+
+/// A piece of the frame stream (see [`FrameReader::next_piece`]).
+#[derive(Debug)]
+pub enum Piece {
+    Msg(Msg),
+    /// This many bytes of data-frame payload were copied into the caller's buffer.
+    Data(usize),
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -84,6 +94,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             r,
             buf: BytesMut::with_capacity(256 << 10),
             dec: FrameDecoder::new(max_frame),
+            data_left: 0,
         }
     }
 
@@ -97,6 +108,58 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(256 << 10);
             }
             if self.r.read_buf(&mut self.buf).await? == 0 {
+                return Err(ChannelError::Closed);
+            }
+        }
+    }
+
+    /// Like [`FrameReader::next`], but data payloads come out in pieces copied into `out`, and
+    /// large payloads are read from the socket straight into `out`: no frame is buffered
+    /// whole, nothing is compacted. Don't mix with `next` in the middle of a data frame.
+    pub async fn next_piece(&mut self, out: &mut [u8]) -> Result<Piece, ChannelError> {
+        loop {
+            if self.data_left > 0 {
+                if !self.buf.is_empty() {
+                    let n = self.data_left.min(self.buf.len()).min(out.len());
+                    out[..n].copy_from_slice(&self.buf[..n]);
+                    self.buf.advance(n);
+                    self.data_left -= n;
+                    return Ok(Piece::Data(n));
+                }
+                let want = self.data_left.min(out.len());
+                let n = self.r.read(&mut out[..want]).await?;
+                if n == 0 {
+                    return Err(ChannelError::Closed);
+                }
+                self.data_left -= n;
+                return Ok(Piece::Data(n));
+            }
+            if let Some(len) = wire::data_frame_len(&self.buf) {
+                if len > self.dec.max_frame() {
+                    return Err(WireError::TooLarge {
+                        len,
+                        max: self.dec.max_frame(),
+                    }
+                    .into());
+                }
+                self.buf.advance(wire::HEADER_LEN);
+                self.data_left = len;
+                continue;
+            }
+            if let Some(f) = self.dec.decode(&mut self.buf)? {
+                match f {
+                    Frame::Msg(m) => return Ok(Piece::Msg(m)),
+                    // Data frames are taken apart above before the decoder sees them.
+                    Frame::Data(_) => unreachable!("data frames are handled by next_piece"),
+                }
+            }
+            // Between frames, read little: payloads are better read straight into `out`.
+            if self.buf.capacity() - self.buf.len() < 4 << 10 {
+                self.buf.reserve(16 << 10);
+            }
+            let spare = (self.buf.capacity() - self.buf.len()).min(16 << 10);
+            let mut lim = (&mut self.r).take(spare as u64);
+            if lim.read_buf(&mut self.buf).await? == 0 {
                 return Err(ChannelError::Closed);
             }
         }
@@ -128,6 +191,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             r,
             buf,
             dec: FrameDecoder::new(max_frame),
+            data_left: 0,
         }
     }
 }
