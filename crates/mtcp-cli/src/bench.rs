@@ -82,6 +82,7 @@ fn start(dir: &std::path::Path, plain: bool, snapshot_every: Option<u64>) -> Res
         plain_baseline: plain,
         log: "warn".into(),
         snapshot_every,
+        server_args: Vec::new(),
     };
     tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
 }

@@ -86,6 +86,8 @@ pub struct LocalOptions {
     /// `RUST_LOG` for the children.
     pub log: String,
     pub snapshot_every: Option<u64>,
+    /// Extra arguments for every `mtcp server` (before the application subcommand).
+    pub server_args: Vec<String>,
 }
 
 impl LocalCluster {
@@ -110,10 +112,13 @@ impl LocalCluster {
                 lc.cluster_file.display().to_string(),
                 "--id".into(),
                 s.id.clone(),
+            ];
+            args.extend(opts.server_args.iter().cloned());
+            args.extend([
                 "httpd".into(),
                 "--root".into(),
                 opts.root.display().to_string(),
-            ];
+            ]);
             if let Some(n) = opts.snapshot_every {
                 args.push("--snapshot-every".into());
                 args.push(n.to_string());

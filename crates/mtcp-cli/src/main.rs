@@ -46,6 +46,12 @@ struct ServerArgs {
     /// This server's id in the cluster file.
     #[arg(long)]
     id: String,
+    /// Seconds a connection's state is kept after its agent went away without closing it.
+    #[arg(long, default_value_t = 120)]
+    dead_session_secs: u64,
+    /// Seconds a migration waits for a `lock_state` section to end before it is refused.
+    #[arg(long, default_value_t = 10)]
+    lock_timeout_secs: u64,
     #[command(subcommand)]
     app: App,
 }
@@ -192,7 +198,12 @@ async fn server(a: ServerArgs) -> Result<()> {
             }
         });
     }
-    let mut server = Server::bind(cluster, &a.id, Limits::default()).await?;
+    let limits = Limits {
+        dead_session: Duration::from_secs(a.dead_session_secs),
+        lock_timeout: Duration::from_secs(a.lock_timeout_secs),
+        ..Limits::default()
+    };
+    let mut server = Server::bind(cluster, &a.id, limits).await?;
     loop {
         tokio::select! {
             c = server.accept() => {

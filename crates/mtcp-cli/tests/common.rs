@@ -43,12 +43,22 @@ pub fn cluster(dir: &TempDir, servers: usize) -> LocalCluster {
 }
 
 pub fn cluster_with(dir: &TempDir, servers: usize, snapshot_every: Option<u64>) -> LocalCluster {
+    cluster_args(dir, servers, snapshot_every, &[])
+}
+
+pub fn cluster_args(
+    dir: &TempDir,
+    servers: usize,
+    snapshot_every: Option<u64>,
+    server_args: &[&str],
+) -> LocalCluster {
     let opts = LocalOptions {
         servers,
         root: dir.path().join("www"),
         plain_baseline: false,
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
         snapshot_every,
+        server_args: server_args.iter().map(|s| s.to_string()).collect(),
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
 }
