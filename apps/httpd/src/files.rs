@@ -28,25 +28,24 @@ pub(crate) async fn open(root: &Path, rel: &str) -> io::Result<Option<(File, u64
 /// Reopens the file of a body being resumed from a snapshot. Its length must be the one the
 /// response was planned with: a file that is now missing, shorter or longer has changed, and
 /// sending from it could put different bytes on the wire.
-pub(crate) async fn reopen(root: &Path, body: &Body) -> io::Result<File> {
+///
+/// Runs inline rather than on the blocking pool: opening is a metadata operation, and a resumed
+/// connection's first byte waits for it (one thread hop less per migration).
+pub(crate) fn reopen(root: &Path, body: &Body) -> io::Result<File> {
     let path = root.join(&body.path);
-    let expected = body.file_len;
-    blocking(move || {
-        let (file, len) = open_regular(&path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot resume {}: {e}", path.display()))
-        })?;
-        if len != expected {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "cannot resume {}: its length is {len}, the response was started with {expected}",
-                    path.display()
-                ),
-            ));
-        }
-        Ok(file)
-    })
-    .await
+    let (file, len) = open_regular(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resume {}: {e}", path.display())))?;
+    if len != body.file_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "cannot resume {}: its length is {len}, the response was started with {}",
+                path.display(),
+                body.file_len
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 fn open_regular(path: &PathBuf) -> io::Result<(File, u64)> {

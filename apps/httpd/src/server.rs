@@ -54,7 +54,7 @@ where
                 State::Body { body, leftover } => {
                     self.input = leftover;
                     tracing::debug!(path = %body.path, sent = body.sent, "resuming a body");
-                    let file = files::reopen(&self.cfg.root, &body).await?;
+                    let file = files::reopen(&self.cfg.root, &body)?;
                     let connection = body.connection;
                     self.send_body(body, file).await?;
                     if !self.end_response(connection).await? {

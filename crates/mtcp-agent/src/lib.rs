@@ -36,7 +36,9 @@ impl Default for AgentConfig {
             connect: Vec::new(),
             max_retained: 64 << 20,
             connect_timeout: Duration::from_secs(2),
-            migrate_timeout: Duration::from_secs(15),
+            // Longer than a destination's worst case: peer set-up, plus the origin waiting out a
+            // lock_state section (10 s by default).
+            migrate_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +81,8 @@ pub(crate) struct MoveRequest {
     pub to: Option<String>,
     pub reason: String,
     pub done: Option<oneshot::Sender<Result<String, String>>>,
+    /// When the request arrived: the trigger time migration latency is measured from.
+    pub at: Instant,
 }
 
 pub(crate) struct ConnEntry {
@@ -176,6 +180,7 @@ impl Agent {
                     to: to.clone(),
                     reason: "manual".into(),
                     done: Some(tx),
+                    at: Instant::now(),
                 };
                 if e.cmd.send(req).is_ok() {
                     waits.push((c, rx));

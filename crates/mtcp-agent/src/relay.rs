@@ -57,6 +57,8 @@ enum End {
         reason: String,
         to: Option<String>,
         done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+        /// When the trigger fired (a manual request may wait a little before the relay sees it).
+        at: Option<Instant>,
     },
     /// Give up: the client program's connection is reset.
     Abort(String),
@@ -101,9 +103,15 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         match end {
             End::Done => break Ok(()),
             End::Abort(why) => break Err(why),
-            End::Move { reason, to, done } => {
+            End::Move {
+                reason,
+                to,
+                done,
+                at,
+            } => {
                 drop(session);
-                match migrate(&inner, &mut conn, &reason, to.as_deref()).await {
+                let at = at.unwrap_or_else(Instant::now);
+                match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
                     Ok(s) => {
                         session = s;
                         if let Some(d) = done {
@@ -250,24 +258,37 @@ async fn run(
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = BytesMut::with_capacity(CLIENT_READ);
-    let mut down_buf = vec![0u8; DOWN_READ];
+    // Downstream double buffer: one piece is written to the client program while the next
+    // is read from the session, and neither blocks the loop, so a trigger is seen at once.
+    let mut bufs = [vec![0u8; DOWN_READ], vec![0u8; DOWN_READ]];
+    let mut flip = false;
+    // `pend`: the part of the write buffer not yet taken by the client; `ready`: bytes read
+    // into the other buffer, waiting their turn.
+    let mut pend = 0..0;
+    let mut ready: Option<usize> = None;
     let mut closed_at: Option<u64> = None;
     loop {
+        let [b0, b1] = &mut bufs;
+        let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
         if buf.capacity() < CLIENT_READ / 2 {
             buf.reserve(CLIENT_READ);
         }
         let deadline = tokio::time::Instant::from_std(live.deadline());
         tokio::select! {
-            f = s.reader.next_piece(&mut down_buf) => {
+            f = s.reader.next_piece(rbuf), if ready.is_none() => {
                 live.on_receive(Instant::now());
                 match f {
                     Ok(Piece::Data(n)) => {
-                        if let Err(e) = on_data(conn, s, cw, &down_buf[..n], &mut live, closed_at).await {
+                        let arrived = conn.down.received() + pend.len() as u64 + n as u64;
+                        if let Err(e) = on_arrival(conn, arrived, closed_at) {
                             return e;
                         }
-                        if closed_at == Some(conn.down.received()) {
-                            return End::Done;
+                        if pend.is_empty() {
+                            flip = !flip;
+                            pend = 0..n;
+                        } else {
+                            ready = Some(n);
                         }
                     }
                     Ok(Piece::Msg(m)) => {
@@ -277,12 +298,45 @@ async fn run(
                     }
                     Err(e) => {
                         if let Some(t) = closed_at {
-                            if conn.down.received() >= t {
+                            if conn.down.received() + pend.len() as u64 + ready.unwrap_or(0) as u64 >= t {
+                                // Everything arrived; deliver it before ending.
+                                if let Err(e) = cw.write_all(&wbuf[pend.clone()]).await {
+                                    return End::Abort(format!("client program closed its connection: {e}"));
+                                }
+                                conn.down.on_data(&wbuf[pend.clone()]);
+                                if let Some(n) = ready {
+                                    if cw.write_all(&rbuf[..n]).await.is_err() {
+                                        return End::Abort("client program closed its connection".into());
+                                    }
+                                    conn.down.on_data(&rbuf[..n]);
+                                }
                                 return End::Done;
                             }
                         }
                         return session_broke(conn, &e.to_string());
                     }
+                }
+            },
+            w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
+                Ok(k) if k > 0 => {
+                    let d = &wbuf[pend.start..pend.start + k];
+                    if let Err(e) = on_delivered(conn, s, d, &mut live, closed_at).await {
+                        return e;
+                    }
+                    pend.start += k;
+                    if pend.is_empty() {
+                        if let Some(n) = ready.take() {
+                            flip = !flip;
+                            pend = 0..n;
+                        } else if closed_at == Some(conn.down.received()) {
+                            return End::Done;
+                        }
+                    }
+                }
+                _ => {
+                    // The client program is gone; end the session in order.
+                    let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
+                    return End::Abort("client program closed its connection".into());
                 }
             },
             r = cr.read_buf(&mut buf), if can_read => match r {
@@ -305,7 +359,14 @@ async fn run(
                 }
             },
             Some(req) = cmd.recv() => {
-                return End::Move { reason: req.reason, to: req.to, done: req.done };
+                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
+                    // Refuse before touching the session: a typo must not break a live connection.
+                    if let Some(d) = req.done {
+                        let _ = d.send(Err(format!("unknown server {t:?}")));
+                    }
+                    continue;
+                }
+                return End::Move { reason: req.reason, to: req.to, done: req.done, at: Some(req.at) };
             }
             _ = ping.tick() => {
                 let t = inner.started.elapsed().as_micros() as u64;
@@ -314,21 +375,14 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
-                return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None };
+                return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None, at: None };
             }
         }
     }
 }
 
-/// Downstream data: deliver to the client program, count, checksum, acknowledge.
-async fn on_data(
-    conn: &mut Conn,
-    s: &mut Session,
-    cw: &mut OwnedWriteHalf,
-    d: &[u8],
-    live: &mut Liveness,
-    closed_at: Option<u64>,
-) -> Result<(), End> {
+/// Downstream data arrived from the session (`arrived`: the stream offset it reaches).
+fn on_arrival(conn: &mut Conn, arrived: u64, closed_at: Option<u64>) -> Result<(), End> {
     if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
         let us = t0.elapsed().as_micros() as u64;
         let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -336,16 +390,20 @@ async fn on_data(
             ev.first_byte_us = Some(us);
         }
     }
-    if let Some(t) = closed_at {
-        if conn.down.received() + d.len() as u64 > t {
-            return Err(End::Abort("server sent data past its close".into()));
-        }
+    match closed_at {
+        Some(t) if arrived > t => Err(End::Abort("server sent data past its close".into())),
+        _ => Ok(()),
     }
-    if cw.write_all(d).await.is_err() {
-        // The client program is gone; end the session in order.
-        let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
-        return Err(End::Abort("client program closed its connection".into()));
-    }
+}
+
+/// Downstream bytes `d` were delivered to the client program: count, checksum, acknowledge.
+async fn on_delivered(
+    conn: &mut Conn,
+    s: &mut Session,
+    d: &[u8],
+    live: &mut Liveness,
+    closed_at: Option<u64>,
+) -> Result<(), End> {
     conn.down.on_data(d);
     // Time spent waiting on the client program is not the server's silence.
     live.on_receive(Instant::now());
@@ -365,6 +423,16 @@ async fn on_data(
             .bytes_down = recv;
     }
     Ok(())
+}
+
+/// The server closed and everything was delivered: acknowledge so it forgets the connection.
+async fn finish(conn: &mut Conn, s: &mut Session) -> End {
+    let ack = Msg::Ack {
+        down_recv: conn.down.received(),
+        sum_from: conn.down.sum_from(),
+    };
+    let _ = framed::write_msg(&mut s.w, &ack).await;
+    End::Done
 }
 
 /// A control message on the session; `Some` ends the session.
@@ -392,17 +460,19 @@ async fn on_msg(
                 reason: format!("hint ({reason:?})").to_lowercase(),
                 to: target,
                 done: None,
+                at: None,
             });
         }
         Msg::Closed { down_total } => {
             let recv = conn.down.received();
+            if down_total < recv {
+                return Some(End::Abort(format!(
+                    "server {} closed the stream at {down_total} but {recv} bytes were already delivered",
+                    conn.server
+                )));
+            }
             if recv == down_total {
-                let ack = Msg::Ack {
-                    down_recv: recv,
-                    sum_from: conn.down.sum_from(),
-                };
-                let _ = framed::write_msg(&mut s.w, &ack).await;
-                return Some(End::Done);
+                return Some(finish(conn, s).await);
             }
             *closed_at = Some(down_total);
         }
@@ -425,6 +495,7 @@ fn session_broke(conn: &Conn, why: &str) -> End {
         reason,
         to: None,
         done: None,
+        at: None,
     }
 }
 
@@ -434,8 +505,8 @@ async fn migrate(
     conn: &mut Conn,
     reason: &str,
     to: Option<&str>,
+    t0: Instant,
 ) -> Result<Session, String> {
-    let t0 = Instant::now();
     let from = conn.server.clone();
     // Candidates: the requested one, then alternates in order, then the current server itself
     // (which re-attaches the connection where it is when the origin is alive and reachable).
@@ -452,7 +523,9 @@ async fn migrate(
         }
     }
     if let Some(me) = conn.alternates.iter().find(|a| a.id == conn.server) {
-        cands.push(me.clone());
+        if !cands.iter().any(|c| c.id == me.id) {
+            cands.push(me.clone());
+        }
     }
     tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating: {reason}");
     let m = Migrate {

@@ -306,10 +306,11 @@ async fn drain(a: DrainArgs) -> Result<()> {
         st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminStatus).await?;
     }
     println!(
-        "{} drained in {:?} ({} migrated out in total)",
+        "{} drained in {:?} ({} migrated out in total; {} connection(s) whose agent is gone kept until the dead-session bound)",
         a.id,
         t0.elapsed(),
-        st.migrated_out
+        st.migrated_out,
+        st.detached
     );
     Ok(())
 }

@@ -102,6 +102,25 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
     let (code, why) = migrate_raw(&addr(other).data, base.clone()).await;
     assert_eq!(code, RefuseCode::BadToken, "{why}");
 
+    // A mistyped target is refused without touching the live connection.
+    match mtcp_agent::admin::request(
+        &lc.agent_admin,
+        &Request::Migrate {
+            conn: None,
+            to: Some("nope".into()),
+        },
+    )
+    .await
+    {
+        Ok(Response::Migrated { results }) => {
+            assert!(
+                !results[0].ok && results[0].detail.contains("unknown server"),
+                "{results:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+
     // Move it once for real, so epoch 0's token is old; then present the old token.
     match mtcp_agent::admin::request(
         &lc.agent_admin,

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 async fn connections(lc: &mtcp_cli::local::LocalCluster, key: &mtcp::proto::ClusterKey) -> u32 {
     let mut n = 0;
     for s in &lc.servers {
-        n += mtcp::peer::admin_request(&s.admin, key, Msg::AdminStatus)
+        // Attached or not: state the server still keeps.
+        let st = mtcp::peer::admin_request(&s.admin, key, Msg::AdminStatus)
             .await
-            .unwrap()
-            .connections;
+            .unwrap();
+        n += st.connections + st.detached;
     }
     n
 }
@@ -73,12 +74,10 @@ async fn state_is_dropped_on_close_and_after_the_agent_vanishes() {
     // SAFETY: kill(2) on a child process this test started.
     assert_eq!(unsafe { libc::kill(agent, libc::SIGKILL) }, 0);
     let t_kill = Instant::now();
-    assert!(
-        dl.await.unwrap().is_err(),
-        "the download cannot complete without the agent"
-    );
+    // The client may still read what its socket buffer holds; it is not needed any more.
+    dl.abort();
     // Held for about the bound (2 s; the janitor looks every second), not forever.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(1000).saturating_sub(t_kill.elapsed())).await;
     assert_eq!(
         connections(&lc, &key).await,
         1,

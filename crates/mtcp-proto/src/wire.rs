@@ -141,7 +141,10 @@ pub struct Resumed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub id: String,
+    /// Connections with an agent attached.
     pub connections: u32,
+    /// Connections whose agent went away; their state is kept for a while (dead-session bound).
+    pub detached: u32,
     pub draining: bool,
     pub migrated_in: u64,
     pub migrated_out: u64,

@@ -34,7 +34,10 @@ async fn main() -> anyhow::Result<()> {
                         while conn.read(&mut b).await? == 1 && b[0] != b'\n' {
                             name.push(b[0]);
                         }
-                        Snap { path: String::from_utf8(name)?, offset: 0 }
+                        Snap {
+                            path: String::from_utf8(name)?,
+                            offset: 0,
+                        }
                     }
                     Start::Migrated(b) => postcard::from_bytes(&b)?,
                 };

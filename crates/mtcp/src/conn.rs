@@ -482,6 +482,11 @@ impl Connection {
         st.phase = Phase::AppClosed;
         st.send(Out::Msg(Msg::Closed { down_total }));
         let done = st.acked >= down_total;
+        if done {
+            // Nothing left to deliver: end the session (the writer flushes CLOSED, then stops).
+            st.phase = Phase::Closed;
+            st.tx = None;
+        }
         drop(st);
         if done {
             self.server.forget(self.shared.cid);

@@ -85,9 +85,15 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
+        let conns = self.all();
+        let detached = conns
+            .iter()
+            .filter(|c| c.lock().detached_at.is_some())
+            .count() as u32;
         ServerStatus {
             id: self.id.clone(),
-            connections: self.conns.lock().unwrap_or_else(|p| p.into_inner()).len() as u32,
+            connections: conns.len() as u32 - detached,
+            detached,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
