@@ -90,6 +90,10 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         );
     tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "session open");
     let (mut cr, mut cw) = client.into_split();
+    // Downstream double buffer, kept across sessions: one piece is written to the client
+    // program while the next is read from the session, and neither blocks the relay loop, so a
+    // trigger is seen at once.
+    let mut bufs = [vec![0u8; DOWN_READ], vec![0u8; DOWN_READ]];
     let outcome = loop {
         let end = run(
             &inner,
@@ -98,6 +102,7 @@ pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
             &mut cr,
             &mut cw,
             &mut cmd_rx,
+            &mut bufs,
         )
         .await;
         match end {
@@ -253,14 +258,12 @@ async fn run(
     cr: &mut OwnedReadHalf,
     cw: &mut OwnedWriteHalf,
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
+    bufs: &mut [Vec<u8>; 2],
 ) -> End {
     let mut live = Liveness::new(Instant::now(), conn.heartbeat);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = BytesMut::with_capacity(CLIENT_READ);
-    // Downstream double buffer: one piece is written to the client program while the next
-    // is read from the session, and neither blocks the loop, so a trigger is seen at once.
-    let mut bufs = [vec![0u8; DOWN_READ], vec![0u8; DOWN_READ]];
     let mut flip = false;
     // `pend`: the part of the write buffer not yet taken by the client; `ready`: bytes read
     // into the other buffer, waiting their turn.
@@ -268,7 +271,7 @@ async fn run(
     let mut ready: Option<usize> = None;
     let mut closed_at: Option<u64> = None;
     loop {
-        let [b0, b1] = &mut bufs;
+        let [b0, b1] = &mut *bufs;
         let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
         if buf.capacity() < CLIENT_READ / 2 {

@@ -149,7 +149,14 @@ impl ServerInner {
                     drop(st);
                     self.forget(cid);
                     self.migrated_out.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%cid, epoch, "connection frozen and handed over");
+                    tracing::info!(
+                        %cid,
+                        epoch,
+                        restart_at = rec.snap_out,
+                        client_at = f.down_recv,
+                        tail = rec.tail.len(),
+                        "connection frozen and handed over"
+                    );
                     return Ok(rec);
                 }
             }
