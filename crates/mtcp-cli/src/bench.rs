@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// The HTTP server's body bytes between snapshots (default: the server's own default).
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// Time the built-in client (XXH3 over every byte) instead of curl.
+    #[arg(long)]
+    pub builtin_client: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -41,6 +44,7 @@ pub enum Which {
 
 #[derive(Serialize, Debug)]
 pub struct ThroughputReport {
+    pub client: &'static str,
     pub size_bytes: u64,
     pub rounds: u32,
     pub direct_mib_s: Vec<f64>,
@@ -118,6 +122,31 @@ async fn download(addr: &str, size: u64, want: &str) -> Result<f64> {
     Ok(size as f64 / (1 << 20) as f64 / secs)
 }
 
+/// One timed download by curl (writing to /dev/null); checks status and length.
+async fn download_curl(addr: &str, size: u64) -> Result<f64> {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+        ])
+        .arg(format!("http://{addr}/data.bin"))
+        .output()
+        .await
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.split_whitespace().collect();
+    match f[..] {
+        [code, n, t] if code == "200" && n.parse::<u64>().ok() == Some(size) => {
+            let secs: f64 = t.parse().context("curl time")?;
+            Ok(size as f64 / (1 << 20) as f64 / secs)
+        }
+        _ => bail!("curl download from {addr} came back wrong: {text}"),
+    }
+}
+
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let size = a.size_mib << 20;
     let file = dir.join("www/data.bin");
@@ -128,15 +157,23 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     };
     let lc = start(dir, true, a.snapshot_every)?;
     let plain = lc.plain.clone().context("plain listener")?;
-    // Warm the page cache and both paths once.
+    // Warm the page cache and both paths once, checking every byte (XXH3) on the way.
     download(&plain, size, &want).await?;
     download(&lc.agent_listen, size, &want).await?;
+    // The timed rounds use curl, a real client, when it is there (same for both paths).
+    let curl = !a.builtin_client && local::have("curl");
     let (mut d, mut g) = (Vec::new(), Vec::new());
     for _ in 0..a.rounds {
-        d.push(download(&plain, size, &want).await?);
-        g.push(download(&lc.agent_listen, size, &want).await?);
+        if curl {
+            d.push(download_curl(&plain, size).await?);
+            g.push(download_curl(&lc.agent_listen, size).await?);
+        } else {
+            d.push(download(&plain, size, &want).await?);
+            g.push(download(&lc.agent_listen, size, &want).await?);
+        }
     }
     let rep = ThroughputReport {
+        client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
         rounds: a.rounds,
         direct_median_mib_s: median(&d),
@@ -149,8 +186,8 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         println!(
-            "throughput, {} MiB file, {} rounds, loopback, 2 cores shared by client, agent, server",
-            a.size_mib, a.rounds
+            "throughput, {} MiB file, {} rounds, client {}, loopback, 2 cores shared by client, agent, server",
+            a.size_mib, a.rounds, rep.client
         );
         println!(
             "  direct TCP   : {:>8.1} MiB/s (median)",
