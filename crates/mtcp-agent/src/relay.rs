@@ -377,7 +377,9 @@ async fn run(
                     return session_broke(conn, "write failed");
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            // Silence counts only while the agent is ready to read from the server: time spent
+            // waiting for a slow client program to take bytes is not the server's silence.
+            _ = tokio::time::sleep_until(deadline), if ready.is_none() => {
                 return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None, at: None };
             }
         }
