@@ -432,7 +432,10 @@ impl Connection {
             return Ok(());
         }
         let (in_off, out_off) = (st.in_off, st.out_off());
-        if st.snaps.len() >= MAX_SNAPS {
+        if !st.migratable {
+            // The output log no longer reaches the older restart points: only this one is valid.
+            st.snaps.clear();
+        } else if st.snaps.len() >= MAX_SNAPS {
             st.snaps.pop_front();
         }
         st.snaps.push_back(Snap {
