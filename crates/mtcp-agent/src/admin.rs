@@ -71,20 +71,13 @@ pub async fn serve(agent: Agent, l: TcpListener) {
                     return;
                 }
                 let resp = match parse_request(&line) {
-                    Err(_) if !line.ends_with('\n') && n as u64 >= MAX_LINE => {
-                        let r = Response::Error {
-                            message: format!("request longer than {MAX_LINE} bytes"),
-                        };
-                        let _ = w
-                            .write_all(
-                                format!("{}\n", serde_json::to_string(&r).unwrap_or_default())
-                                    .as_bytes(),
-                            )
-                            .await;
-                        return;
-                    }
                     Err(message) => {
                         // Bad input: a clear error, then the session ends.
+                        let message = if !line.ends_with('\n') && n as u64 >= MAX_LINE {
+                            format!("request longer than {MAX_LINE} bytes")
+                        } else {
+                            message
+                        };
                         let r = Response::Error { message };
                         let _ = w
                             .write_all(

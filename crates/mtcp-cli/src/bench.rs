@@ -6,7 +6,6 @@ use crate::client::{Client, Hash};
 use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use mtcp_agent::admin::{Request, Response};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -220,22 +219,10 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         if dl.is_finished() {
             bail!("transfer ended after {done} migrations; raise the size or lower --migrations");
         }
-        match mtcp_agent::admin::request(
-            &lc.agent_admin,
-            &Request::Migrate {
-                conn: None,
-                to: None,
-            },
-        )
-        .await
-        {
-            Ok(Response::Migrated { results })
-                if !results.is_empty() && results.iter().all(|r| r.ok) =>
-            {
-                done += 1
-            }
-            other => bail!("migration {done} failed: {other:?}"),
-        }
+        lc.migrate_all()
+            .await
+            .with_context(|| format!("migration {done}"))?;
+        done += 1;
         tokio::time::sleep(Duration::from_millis(a.interval_ms)).await;
         if t0.elapsed() > Duration::from_secs(secs + 30) {
             bail!("migrations took too long");

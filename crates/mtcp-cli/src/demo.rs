@@ -152,19 +152,7 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 "[{:>6.2}s] manual migration (mtcp migrate --all) ...",
                 t0.elapsed().as_secs_f64()
             ));
-            match mtcp_agent::admin::request(
-                &lc.agent_admin,
-                &Request::Migrate {
-                    conn: None,
-                    to: None,
-                },
-            )
-            .await
-            {
-                Ok(Response::Migrated { results })
-                    if results.iter().all(|r| r.ok) && !results.is_empty() => {}
-                other => bail!("manual migration failed: {other:?}"),
-            }
+            lc.migrate_all().await.context("manual migration")?;
             moved = true;
         }
         let finished = match &mut dl {

@@ -215,6 +215,24 @@ impl LocalCluster {
         }
     }
 
+    /// Moves every live connection of the agent (`mtcp migrate --all`); errors unless at least
+    /// one moved and none failed.
+    pub async fn migrate_all(&self) -> Result<()> {
+        use mtcp_agent::admin::{request, Request, Response};
+        let req = Request::Migrate {
+            conn: None,
+            to: None,
+        };
+        match request(&self.agent_admin, &req).await {
+            Ok(Response::Migrated { results })
+                if !results.is_empty() && results.iter().all(|r| r.ok) =>
+            {
+                Ok(())
+            }
+            other => bail!("migration failed: {other:?}"),
+        }
+    }
+
     /// Checks every child is still running; names the first that died.
     pub fn check_alive(&mut self) -> Result<()> {
         for (n, c) in &mut self.children {

@@ -20,6 +20,22 @@ fn run(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// Runs `mtcp server` that must fail; returns its error line.
+fn server_fails(cluster: &str, id: &str, root: &str) -> String {
+    let (ok, e) = run(&[
+        "server",
+        "--cluster",
+        cluster,
+        "--id",
+        id,
+        "httpd",
+        "--root",
+        root,
+    ]);
+    assert!(!ok, "mtcp server should have failed: {e}");
+    error_line(&e)
+}
+
 /// The last line of stderr (the error line; logs may come before it).
 fn error_line(stderr: &str) -> String {
     stderr.lines().last().unwrap_or_default().to_string()
@@ -50,69 +66,26 @@ fn configuration_errors_are_one_clear_line() {
     let dir = TempDir::new("cli");
     let www = dir.path().join("www");
     let root = www.to_str().unwrap();
-    let (ok, e) = run(&[
-        "server",
-        "--cluster",
-        "/nonexistent/c.toml",
-        "--id",
-        "s1",
-        "httpd",
-        "--root",
-        root,
-    ]);
-    assert!(!ok);
+    let e = server_fails("/nonexistent/c.toml", "s1", root);
     assert!(
-        error_line(&e).starts_with("mtcp: error: cannot read /nonexistent/c.toml"),
+        e.starts_with("mtcp: error: cannot read /nonexistent/c.toml"),
         "{e}"
     );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "key = \"1234\"\n[[server]]\nid=\"s1\"\ndata=\"127.0.0.1:1\"\npeer=\"127.0.0.1:2\"\nadmin=\"127.0.0.1:3\"\n").unwrap();
-    let (ok, e) = run(&[
-        "server",
-        "--cluster",
-        bad.to_str().unwrap(),
-        "--id",
-        "s1",
-        "httpd",
-        "--root",
-        root,
-    ]);
-    assert!(!ok);
-    assert!(error_line(&e).contains("64 hex characters"), "{e}");
+    let e = server_fails(bad.to_str().unwrap(), "s1", root);
+    assert!(e.contains("64 hex characters"), "{e}");
 
     let (cluster, servers) = mtcp_cli::local::write_cluster(dir.path(), 2).unwrap();
     let c = cluster.to_str().unwrap();
-    let (ok, e) = run(&[
-        "server",
-        "--cluster",
-        c,
-        "--id",
-        "s9",
-        "httpd",
-        "--root",
-        root,
-    ]);
-    assert!(!ok);
-    assert!(
-        error_line(&e).contains("server id \"s9\" is not in cluster file"),
-        "{e}"
-    );
+    let e = server_fails(c, "s9", root);
+    assert!(e.contains("server id \"s9\" is not in cluster file"), "{e}");
 
     // Port in use.
     let hold = std::net::TcpListener::bind(&servers[0].data).unwrap();
-    let (ok, e) = run(&[
-        "server",
-        "--cluster",
-        c,
-        "--id",
-        "s1",
-        "httpd",
-        "--root",
-        root,
-    ]);
-    assert!(!ok);
-    let line = error_line(&e);
+    let e = server_fails(c, "s1", root);
+    let line = e.clone();
     assert!(
         line.contains("cannot listen on data address") && line.contains("in use"),
         "{e}"

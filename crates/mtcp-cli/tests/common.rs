@@ -82,3 +82,14 @@ pub fn sha256(b: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(b))
 }
+
+/// Starts `curl` downloading `http://{agent}/{path}` to `out` at most `rate` (curl's syntax).
+pub fn spawn_curl(lc: &LocalCluster, path: &str, rate: &str, out: &Path) -> std::process::Child {
+    std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--limit-rate", rate, "-o"])
+        .arg(out)
+        .arg(format!("http://{}/{path}", lc.agent_listen))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start curl")
+}

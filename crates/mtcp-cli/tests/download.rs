@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Resets the server side of every established TCP connection on `port` (`ss -K`), so the agent
@@ -44,13 +44,7 @@ fn curl_download_survives_drain_manual_and_reset() {
     let want = file(&dir, "big.bin", size, 42);
     let lc = cluster(&dir, 3);
     let out = dir.path().join("got.bin");
-    let mut curl = Command::new("curl")
-        .args(["-sS", "--fail", "--limit-rate", "40M", "-o"])
-        .arg(&out)
-        .arg(format!("http://{}/big.bin", lc.agent_listen))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start curl");
+    let mut curl = spawn_curl(&lc, "big.bin", "40M", &out);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
     let mut step = 0;

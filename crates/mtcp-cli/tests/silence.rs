@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn signal(pid: u32, sig: i32) {
@@ -22,13 +21,7 @@ fn a_stopped_server_is_detected_by_silence_and_the_connection_moves() {
     let want = file(&dir, "f.bin", size, 11);
     let lc = cluster(&dir, 2);
     let out = dir.path().join("got.bin");
-    let mut curl = Command::new("curl")
-        .args(["-sS", "--fail", "--limit-rate", "16M", "-o"])
-        .arg(&out)
-        .arg(format!("http://{}/f.bin", lc.agent_listen))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start curl");
+    let mut curl = spawn_curl(&lc, "f.bin", "16M", &out);
     let t0 = Instant::now();
     while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < size / 4 {
         assert!(

@@ -115,6 +115,39 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
+    /// A live connection restarting at `start`, with `input` from `start.in_off`, `out` ending at
+    /// `start.out_off`, and a client holding `down` downstream bytes.
+    fn at(
+        epoch: u64,
+        start: Snap,
+        input: ByteLog,
+        out: ByteLog,
+        down: u64,
+        tx: mpsc::UnboundedSender<Out>,
+    ) -> Self {
+        ConnState {
+            epoch,
+            phase: Phase::Live,
+            in_off: start.in_off,
+            input,
+            up_fin: None,
+            out,
+            acked: down,
+            agent_sum_from: down,
+            down_high: down,
+            migratable: true,
+            verifier: None,
+            snaps: VecDeque::from([start]),
+            locked: false,
+            tx: Some(tx),
+            queued: 0,
+            detached_at: None,
+            read_waker: None,
+            write_waker: None,
+            migrations: 0,
+        }
+    }
+
     pub fn out_off(&self) -> u64 {
         self.out.end()
     }
@@ -306,33 +339,14 @@ impl Shared {
 
     /// State for a brand-new connection.
     pub fn new_conn(cid: Cid, tx: mpsc::UnboundedSender<Out>) -> Arc<Self> {
+        let start = Snap {
+            state: None,
+            in_off: 0,
+            out_off: 0,
+        };
         Self::with_state(
             cid,
-            ConnState {
-                epoch: 0,
-                phase: Phase::Live,
-                input: ByteLog::new(0),
-                in_off: 0,
-                up_fin: None,
-                out: ByteLog::new(0),
-                acked: 0,
-                agent_sum_from: 0,
-                down_high: 0,
-                migratable: true,
-                verifier: None,
-                snaps: VecDeque::from([Snap {
-                    state: None,
-                    in_off: 0,
-                    out_off: 0,
-                }]),
-                locked: false,
-                tx: Some(tx),
-                queued: 0,
-                detached_at: None,
-                read_waker: None,
-                write_waker: None,
-                migrations: 0,
-            },
+            ConnState::at(0, start, ByteLog::new(0), ByteLog::new(0), 0, tx),
         )
     }
 
@@ -344,31 +358,14 @@ impl Shared {
         out.push(rec.tail.clone());
         let mut input = ByteLog::new(rec.snap_in);
         input.push(rec.input.clone());
-        let mut st = ConnState {
-            epoch,
-            phase: Phase::Live,
-            input,
+        let start = Snap {
+            state: rec.snapshot.clone(),
             in_off: rec.snap_in,
-            up_fin: rec.up_fin,
-            out,
-            acked: down,
-            agent_sum_from: down,
-            down_high: down,
-            migratable: true,
-            verifier: (!verifier.done()).then_some(verifier),
-            snaps: VecDeque::from([Snap {
-                state: rec.snapshot.clone(),
-                in_off: rec.snap_in,
-                out_off: rec.snap_out,
-            }]),
-            locked: false,
-            tx: Some(tx),
-            queued: 0,
-            detached_at: None,
-            read_waker: None,
-            write_waker: None,
-            migrations: 0,
+            out_off: rec.snap_out,
         };
+        let mut st = ConnState::at(epoch, start, input, out, down, tx);
+        st.up_fin = rec.up_fin;
+        st.verifier = (!verifier.done()).then_some(verifier);
         if !rec.tail.is_empty() {
             st.send(Out::Data(rec.tail.clone()));
         }

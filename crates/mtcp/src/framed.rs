@@ -28,17 +28,7 @@ pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
 ) -> Result<(), ChannelError> {
     s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
-    let mut p = [0u8; PREAMBLE_LEN];
-    s.read_exact(&mut p).await.map_err(eof_is_closed)?;
-    let theirs = wire::parse_preamble(&p)?;
-    if theirs != PROTOCOL_VERSION {
-        return Err(WireError::Version {
-            ours: PROTOCOL_VERSION,
-            theirs,
-        }
-        .into());
-    }
-    Ok(())
+    check_preamble(s).await
 }
 
 /// Opens a channel and sends `first` in the same write as our preamble (saving a round trip),
@@ -50,6 +40,11 @@ pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
     out.extend_from_slice(&first.to_frame());
     s.write_all(&out).await?;
+    check_preamble(s).await
+}
+
+/// Reads the peer's preamble: our magic and our version, or an error naming both versions.
+async fn check_preamble<S: AsyncRead + Unpin>(s: &mut S) -> Result<(), ChannelError> {
     let mut p = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut p).await.map_err(eof_is_closed)?;
     let theirs = wire::parse_preamble(&p)?;
