@@ -51,6 +51,11 @@ pub struct ThroughputReport {
     pub direct_median_mib_s: f64,
     pub agent_median_mib_s: f64,
     pub ratio: f64,
+    /// Reference: a bare user-space TCP relay (no M-TCP: no framing, retention or checksum) on
+    /// its own thread, between the same client and the plain listener.
+    pub bare_relay_mib_s: Vec<f64>,
+    pub bare_relay_median_mib_s: f64,
+    pub bare_relay_ratio: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -146,6 +151,42 @@ async fn download_curl(addr: &str, size: u64) -> Result<f64> {
     }
 }
 
+/// A minimal user-space TCP relay to `to` on its own thread and single-threaded runtime (like
+/// the agent's), for a ceiling: what any relay costs on this machine. Returns its address.
+fn bare_relay(to: &str) -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let addr = l.local_addr()?.to_string();
+    let to = to.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let Ok(l) = tokio::net::TcpListener::from_std(l) else {
+                return;
+            };
+            while let Ok((mut c, _)) = l.accept().await {
+                let to = to.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(&to).await {
+                        let _ = c.set_nodelay(true);
+                        let _ = s.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut c,
+                            &mut s,
+                            256 << 10,
+                            256 << 10,
+                        )
+                        .await;
+                    }
+                });
+            }
+        })
+    });
+    Ok(addr)
+}
+
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let size = a.size_mib << 20;
     let file = dir.join("www/data.bin");
@@ -161,14 +202,17 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     download(&lc.agent_listen, size, &want).await?;
     // The timed rounds use curl, a real client, when it is there (same for both paths).
     let curl = !a.builtin_client && local::have("curl");
-    let (mut d, mut g) = (Vec::new(), Vec::new());
+    let relay = bare_relay(&plain)?;
+    let (mut d, mut g, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..a.rounds {
         if curl {
             d.push(download_curl(&plain, size).await?);
             g.push(download_curl(&lc.agent_listen, size).await?);
+            r.push(download_curl(&relay, size).await?);
         } else {
             d.push(download(&plain, size, &want).await?);
             g.push(download(&lc.agent_listen, size, &want).await?);
+            r.push(download(&relay, size, &want).await?);
         }
     }
     let rep = ThroughputReport {
@@ -178,8 +222,11 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         direct_median_mib_s: median(&d),
         agent_median_mib_s: median(&g),
         ratio: median(&g) / median(&d),
+        bare_relay_median_mib_s: median(&r),
+        bare_relay_ratio: median(&r) / median(&d),
         direct_mib_s: d,
         agent_mib_s: g,
+        bare_relay_mib_s: r,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -197,6 +244,10 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             rep.agent_median_mib_s
         );
         println!("  ratio        : {:>8.3}", rep.ratio);
+        println!(
+            "  reference, a bare user-space TCP relay: {:.1} MiB/s (median), ratio {:.3}",
+            rep.bare_relay_median_mib_s, rep.bare_relay_ratio
+        );
     }
     Ok(())
 }
