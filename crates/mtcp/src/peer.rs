@@ -119,12 +119,13 @@ pub async fn connect_authenticated(
     Ok((reader, w))
 }
 
-/// Destination side of a lazy migration: asks `origin` to freeze `cid` and send its state.
+/// Destination side of a lazy migration: asks `origin` to freeze `cid` and send its state;
+/// returns the record and its size on the wire.
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
     f: &Fetch,
-) -> Result<StateRecord, (RefuseCode, String)> {
+) -> Result<(StateRecord, u64), (RefuseCode, String)> {
     let unreachable = |e: ChannelError| {
         (
             RefuseCode::OriginUnreachable,
@@ -166,6 +167,7 @@ pub(crate) async fn fetch(
     inner.peer_pool.put(&origin.id, ch);
     match msg {
         Msg::State(b) => StateRecord::decode(&b)
+            .map(|r| (r, b.len() as u64))
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
         other => Err((

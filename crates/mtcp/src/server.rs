@@ -459,8 +459,11 @@ async fn take_over(
         sum_from: m.sum_from,
         down_sum: m.down_sum,
     };
-    let rec = if origin.id == inner.id {
-        inner.freeze_local(&f).await?
+    let (rec, state_bytes) = if origin.id == inner.id {
+        // Local re-attach: nothing crosses the network; the size is what it would have been.
+        let rec = inner.freeze_local(&f).await?;
+        let size = rec.encode().len() as u64;
+        (rec, size)
     } else {
         peer::fetch(inner, &origin, &f).await?
     };
@@ -488,7 +491,6 @@ async fn take_over(
     }
     let epoch = m.epoch + 1;
     let up_from = rec.up_recv();
-    let state_bytes = rec.encode().len() as u64;
     let start = rec
         .snapshot
         .clone()
