@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod offsets;
 pub mod record;
+pub mod stream;
 pub mod sum;
 pub mod trigger;
 pub mod wire;

@@ -138,12 +138,6 @@ impl ServerInner {
                         format!("connection {cid} is no longer served here"),
                     ));
                 }
-                if !st.migratable {
-                    return Err((
-                        RefuseCode::Busy,
-                        "connection has no usable snapshot (output since it too large)".into(),
-                    ));
-                }
                 if !st.locked {
                     let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
                     drop(st);
@@ -585,7 +579,7 @@ async fn reader_loop(
             let consumed = shared.consumed.notified();
             {
                 let st = shared.lock();
-                if st.phase != Phase::Live || st.input.end() - st.in_off < inner.limits.max_unread {
+                if st.phase != Phase::Live || st.s.unread() < inner.limits.max_unread {
                     break;
                 }
             }
@@ -604,11 +598,11 @@ async fn reader_loop(
         }
         match f {
             Frame::Data(b) => {
-                if st.up_fin.is_some() {
-                    break "data after end of input".into();
-                }
+                // Once the application is done, late input is dropped.
                 if st.phase == Phase::Live {
-                    st.input.push(b);
+                    if let Err(why) = st.s.receive(b) {
+                        break why.into();
+                    }
                     if let Some(w) = st.read_waker.take() {
                         w.wake();
                     }
@@ -618,8 +612,8 @@ async fn reader_loop(
                 down_recv,
                 sum_from,
             }) => {
-                st.on_ack(down_recv, sum_from);
-                if st.phase == Phase::AppClosed && st.acked >= st.out_off() {
+                st.s.on_ack(down_recv, sum_from);
+                if st.phase == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
                     st.phase = Phase::Closed;
                     st.tx = None;
                     drop(st);
@@ -629,13 +623,9 @@ async fn reader_loop(
             }
             Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
             Frame::Msg(Msg::UpFin { up_total }) => {
-                if up_total != st.input.end() {
-                    break format!(
-                        "end of input at {up_total} but {} bytes arrived",
-                        st.input.end()
-                    );
+                if let Err(why) = st.s.finish_input(up_total) {
+                    break why;
                 }
-                st.up_fin = Some(up_total);
                 if let Some(w) = st.read_waker.take() {
                     w.wake();
                 }

@@ -1,0 +1,469 @@
+//! The server's side of one connection's byte streams, without I/O: the input log and unread
+//! input, the output log, the restart points (snapshots), the agent's acknowledgements, the
+//! state record a migration takes, and the replay check of a restarted application.
+//!
+//! The runtime (`mtcp::conn`) wraps this with wakers, the session's queue and the connection's
+//! phase; every offset decision is made here.
+
+use crate::auth::Cid;
+use crate::offsets::{ByteLog, Divergence, OffsetError, ReplayVerifier};
+use crate::record::StateRecord;
+use crate::sum::checksum;
+use crate::wire::RefuseCode;
+use bytes::Bytes;
+use std::collections::VecDeque;
+
+/// Most restart points kept per connection.
+pub const MAX_SNAPS: usize = 512;
+
+/// One restart point: the application's snapshot and the stream offsets it describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snap {
+    /// `None`: the implicit restart point of a new connection (start over from offset 0).
+    pub state: Option<Bytes>,
+    pub in_off: u64,
+    pub out_off: u64,
+}
+
+/// Why a state record could not be built (sent to the destination as a refusal).
+pub type Refusal = (RefuseCode, String);
+
+/// One connection's streams at a server.
+#[derive(Debug, Clone)]
+pub struct ServerStream {
+    /// Upstream from the oldest restart point's `in_off`: the input log, then unread input.
+    input: ByteLog,
+    /// Upstream bytes the application has read.
+    in_off: u64,
+    up_fin: Option<u64>,
+    /// Downstream `[out_start, out_off)`: what the client may still need.
+    out: ByteLog,
+    /// Downstream bytes the agent acknowledged.
+    acked: u64,
+    /// Where the agent's downstream checksum starts.
+    agent_sum_from: u64,
+    /// Highest downstream offset the agent may report (the client's position at a restart).
+    down_high: u64,
+    /// Whether the output log still reaches back to the restart points.
+    migratable: bool,
+    /// At a destination, until the regenerated output the client already has is checked.
+    verifier: Option<ReplayVerifier>,
+    /// Restart points, oldest first, never empty. Older ones are kept while the client has not
+    /// yet received everything up to a newer one, so a restart needs no output it lacks.
+    snaps: VecDeque<Snap>,
+}
+
+impl ServerStream {
+    /// A new connection: nothing read or written, the implicit restart point at 0.
+    pub fn new() -> Self {
+        let start = Snap {
+            state: None,
+            in_off: 0,
+            out_off: 0,
+        };
+        Self::at(start, ByteLog::new(0), ByteLog::new(0), 0)
+    }
+
+    fn at(start: Snap, input: ByteLog, out: ByteLog, down: u64) -> Self {
+        Self {
+            in_off: start.in_off,
+            input,
+            up_fin: None,
+            out,
+            acked: down,
+            agent_sum_from: down,
+            down_high: down,
+            migratable: true,
+            verifier: None,
+            snaps: VecDeque::from([start]),
+        }
+    }
+
+    /// A connection restarting from `rec`; returns it and the tail to send the client first.
+    pub fn restart(rec: &StateRecord) -> (Self, Bytes) {
+        let down = rec.client_down();
+        let verifier = ReplayVerifier::new(rec.snap_out, rec.check_end, rec.check_sum);
+        let mut out = ByteLog::new(rec.snap_out - rec.tail.len() as u64);
+        out.push(rec.tail.clone());
+        let mut input = ByteLog::new(rec.snap_in);
+        input.push(rec.input.clone());
+        let start = Snap {
+            state: rec.snapshot.clone(),
+            in_off: rec.snap_in,
+            out_off: rec.snap_out,
+        };
+        let mut s = Self::at(start, input, out, down);
+        s.up_fin = rec.up_fin;
+        s.verifier = (!verifier.done()).then_some(verifier);
+        (s, rec.tail.clone())
+    }
+
+    /// Downstream bytes the application has written.
+    pub fn out_off(&self) -> u64 {
+        self.out.end()
+    }
+
+    /// Upstream bytes the application has read.
+    pub fn in_off(&self) -> u64 {
+        self.in_off
+    }
+
+    /// Upstream bytes received from the agent.
+    pub fn up_recv(&self) -> u64 {
+        self.input.end()
+    }
+
+    /// Received upstream bytes the application has not read yet.
+    pub fn unread(&self) -> u64 {
+        self.input.end() - self.in_off
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn migratable(&self) -> bool {
+        self.migratable
+    }
+
+    pub fn restart_points(&self) -> &VecDeque<Snap> {
+        &self.snaps
+    }
+
+    /// Upstream data from the agent.
+    pub fn receive(&mut self, b: Bytes) -> Result<(), &'static str> {
+        if self.up_fin.is_some() {
+            return Err("data after end of input");
+        }
+        self.input.push(b);
+        Ok(())
+    }
+
+    /// The client finished sending at `up_total`.
+    pub fn finish_input(&mut self, up_total: u64) -> Result<(), String> {
+        if up_total != self.input.end() {
+            return Err(format!(
+                "end of input at {up_total} but {} bytes arrived",
+                self.input.end()
+            ));
+        }
+        self.up_fin = Some(up_total);
+        Ok(())
+    }
+
+    /// The application reads into `dst`: `Some(n)` bytes (0 = end of input), or `None` when it
+    /// must wait for more.
+    pub fn read(&mut self, dst: &mut [u8]) -> Option<usize> {
+        let n = self.input.read_at(self.in_off, dst);
+        if n > 0 {
+            self.in_off += n as u64;
+            return Some(n);
+        }
+        (self.up_fin == Some(self.in_off)).then_some(0)
+    }
+
+    /// The application wrote `chunk`: logs it and returns what to send to the client (nothing
+    /// of what a restarted application regenerates below the client's position). With the
+    /// output log over `max_log` bytes the connection stops being migratable until its next
+    /// snapshot; the returned flag is true on the write that crossed the limit.
+    pub fn write(&mut self, chunk: Bytes, max_log: u64) -> Result<(Bytes, bool), Divergence> {
+        let to_send = match self.verifier.as_mut() {
+            None => chunk.clone(),
+            Some(v) => v.on_write(chunk.clone())?,
+        };
+        if self.verifier.as_ref().is_some_and(|v| v.done()) {
+            self.verifier = None;
+        }
+        self.out.push(chunk);
+        let mut became_unmigratable = false;
+        if self.out.len() > max_log && self.migratable {
+            self.migratable = false;
+            became_unmigratable = true;
+        }
+        if !self.migratable {
+            self.out.trim_to(self.acked);
+            let keep = self.snaps.len() - 1;
+            self.snaps.drain(..keep);
+        }
+        Ok((to_send, became_unmigratable))
+    }
+
+    /// `set_state`: a restart point at the current offsets. Returns the offsets to announce to
+    /// the agent (SNAP), or `None` when the snapshot is ignored because a restarted application
+    /// is still regenerating output the client already has (the restart point it came with stays
+    /// the one to use until that output is checked).
+    pub fn snapshot(&mut self, state: Bytes) -> Option<(u64, u64)> {
+        if self.verifier.is_some() {
+            return None;
+        }
+        let (in_off, out_off) = (self.in_off, self.out_off());
+        if !self.migratable {
+            // The output log no longer reaches the older restart points: only this one is valid.
+            self.snaps.clear();
+        } else if self.snaps.len() >= MAX_SNAPS {
+            self.snaps.pop_front();
+        }
+        self.snaps.push_back(Snap {
+            state: Some(state),
+            in_off,
+            out_off,
+        });
+        self.migratable = true;
+        self.trim();
+        Some((in_off, out_off))
+    }
+
+    /// Forgets restart points, input and output no restart can need any more.
+    pub fn trim(&mut self) {
+        while self.snaps.len() >= 2 && self.snaps[1].out_off <= self.acked {
+            self.snaps.pop_front();
+        }
+        let first = &self.snaps[0];
+        let (in_keep, out_keep) = (
+            first.in_off,
+            self.acked.min(self.agent_sum_from).min(first.out_off),
+        );
+        self.input.trim_to(in_keep);
+        if self.migratable {
+            self.out.trim_to(out_keep);
+        }
+    }
+
+    /// The agent reported downstream progress.
+    pub fn on_ack(&mut self, down_recv: u64, sum_from: u64) {
+        let high = self.out_off().max(self.down_high);
+        self.acked = self.acked.max(down_recv.min(high));
+        self.agent_sum_from = self.agent_sum_from.max(sum_from.min(self.acked));
+        self.trim();
+    }
+
+    /// The state record for a client holding `down_recv` downstream bytes whose checksum from
+    /// `sum_from` is `down_sum`: the agent's checksum is checked against the output log, and the
+    /// newest restart point the client has everything up to is chosen.
+    pub fn record(
+        &self,
+        cid: Cid,
+        epoch: u64,
+        down_recv: u64,
+        sum_from: u64,
+        down_sum: u64,
+    ) -> Result<StateRecord, Refusal> {
+        let internal = |e: OffsetError| (RefuseCode::Internal, format!("output log: {e}"));
+        if !self.migratable {
+            return Err((
+                RefuseCode::Busy,
+                "connection has no usable snapshot (output since it too large)".into(),
+            ));
+        }
+        let high = self.out_off().max(self.down_high);
+        if down_recv > high || sum_from > down_recv {
+            return Err((
+                RefuseCode::Divergence,
+                format!("agent claims downstream [{sum_from}, {down_recv}) but only {high} bytes were sent"),
+            ));
+        }
+        // The client must hold exactly what was sent: compare the agent's checksum.
+        let ours = if sum_from == down_recv {
+            checksum(&[])
+        } else {
+            checksum(&self.out.copy_range(sum_from, down_recv).map_err(internal)?)
+        };
+        if ours != down_sum {
+            return Err((
+                RefuseCode::Divergence,
+                format!("the client received different bytes in [{sum_from}, {down_recv}) than this server sent"),
+            ));
+        }
+        let base = |s: &Snap,
+                    tail: Bytes,
+                    check_end: u64,
+                    check_sum: u64|
+         -> Result<StateRecord, Refusal> {
+            Ok(StateRecord {
+                cid,
+                epoch,
+                snapshot: s.state.clone(),
+                snap_in: s.in_off,
+                snap_out: s.out_off,
+                input: self
+                    .input
+                    .copy_range(s.in_off, self.input.end())
+                    .map_err(internal)?,
+                up_fin: self.up_fin,
+                tail,
+                check_end,
+                check_sum,
+            })
+        };
+        if let Some(v) = &self.verifier {
+            // Still replaying what the client had at the last move: hand the same check on.
+            let (from, end, sum) = v.expected();
+            if down_recv != end {
+                return Err((
+                    RefuseCode::Internal,
+                    format!("client at {down_recv} while replay expects {end}"),
+                ));
+            }
+            let s = self
+                .snaps
+                .iter()
+                .find(|s| s.out_off == from)
+                .unwrap_or(&self.snaps[0]);
+            return base(s, Bytes::new(), end, sum);
+        }
+        // The newest restart point the client has everything up to, else the oldest one.
+        let s = self
+            .snaps
+            .iter()
+            .rev()
+            .find(|s| s.out_off <= down_recv)
+            .unwrap_or(&self.snaps[0]);
+        if down_recv < s.out_off {
+            let tail = self
+                .out
+                .copy_range(down_recv, s.out_off)
+                .map_err(internal)?;
+            base(s, tail, s.out_off, checksum(&[]))
+        } else {
+            let sum = checksum(
+                &self
+                    .out
+                    .copy_range(s.out_off, down_recv)
+                    .map_err(internal)?,
+            );
+            base(s, Bytes::new(), down_recv, sum)
+        }
+    }
+}
+
+impl Default for ServerStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NO_LIMIT: u64 = u64::MAX;
+
+    proptest! {
+        /// Whatever the snapshots, acknowledgements and client position, the record an origin
+        /// builds lets a deterministic application restarted elsewhere continue the client's
+        /// stream exactly: tail first, then regenerated bytes past what the client has, the
+        /// regenerated bytes it already has checked.
+        #[test]
+        fn record_and_replay_continue_the_stream_exactly(
+            len in 1usize..20_000,
+            chunk in 1usize..3000,
+            snaps in proptest::collection::btree_set(1usize..20_000, 0..12),
+            acks in proptest::collection::btree_set(1usize..20_000, 0..6),
+            recv in 0usize..20_000,
+            rchunk in 1usize..3000,
+        ) {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut st = ServerStream::new();
+            // The agent's checksum restarts at the newest snapshot it has all bytes up to.
+            let agent_sum_from = |d: usize| snaps.iter().copied().filter(|&s| s <= d && s < len).max().unwrap_or(0) as u64;
+            let recv = recv % (len + 1);
+            let mut pos = 0;
+            let mut taken = 0;
+            while pos < len {
+                // Writes end at snapshot points, as in a real application.
+                let next_snap = snaps.range(pos + 1..).next().copied().unwrap_or(usize::MAX);
+                let e = (pos + chunk).min(len).min(next_snap);
+                st.write(Bytes::copy_from_slice(&data[pos..e]), NO_LIMIT).unwrap();
+                pos = e;
+                if snaps.contains(&pos) && pos < len {
+                    prop_assert!(st.snapshot(Bytes::from(pos.to_string())).is_some());
+                    taken += 1;
+                }
+                for &a in acks.range(..=pos.min(recv)) {
+                    st.on_ack(a as u64, agent_sum_from(a));
+                }
+            }
+            prop_assert_eq!(taken, snaps.iter().filter(|&&s| s < len).count());
+            let sf = agent_sum_from(recv).min(recv as u64);
+            let rec = st.record(Cid([1; 16]), 0, recv as u64, sf, checksum(&data[sf as usize..recv])).unwrap();
+            // The destination: the client has `recv` bytes; restart at the snapshot.
+            let restart = match &rec.snapshot {
+                None => 0,
+                Some(b) => std::str::from_utf8(b).unwrap().parse::<usize>().unwrap(),
+            };
+            prop_assert_eq!(restart as u64, rec.snap_out);
+            prop_assert_eq!(rec.client_down(), recv as u64);
+            let (mut dest, tail) = ServerStream::restart(&rec);
+            let mut client = data[..recv].to_vec();
+            client.extend_from_slice(&tail);
+            let mut p = restart;
+            while p < len {
+                let e = (p + rchunk).min(len);
+                client.extend_from_slice(&dest.write(Bytes::copy_from_slice(&data[p..e]), NO_LIMIT).unwrap().0);
+                p = e;
+            }
+            prop_assert_eq!(client, data);
+        }
+    }
+
+    #[test]
+    fn a_wrong_client_checksum_is_refused() {
+        let mut st = ServerStream::new();
+        st.write(Bytes::from_static(b"hello world"), NO_LIMIT)
+            .unwrap();
+        let e = st
+            .record(Cid([1; 16]), 0, 11, 0, checksum(b"hello_world"))
+            .unwrap_err();
+        assert_eq!(e.0, RefuseCode::Divergence);
+        assert!(
+            st.record(Cid([1; 16]), 0, 12, 0, 0).is_err(),
+            "client ahead of what was sent"
+        );
+        assert!(st
+            .record(Cid([1; 16]), 0, 11, 0, checksum(b"hello world"))
+            .is_ok());
+    }
+
+    #[test]
+    fn over_the_log_limit_only_a_later_snapshot_is_a_restart_point() {
+        let mut st = ServerStream::new();
+        assert!(!st.write(Bytes::from(vec![1u8; 100]), 150).unwrap().1);
+        st.snapshot(Bytes::from_static(b"a"));
+        assert!(st.write(Bytes::from(vec![2u8; 100]), 150).unwrap().1);
+        assert!(!st.migratable());
+        assert_eq!(
+            st.record(Cid([1; 16]), 0, 0, 0, checksum(&[]))
+                .unwrap_err()
+                .0,
+            RefuseCode::Busy
+        );
+        st.on_ack(200, 0);
+        st.snapshot(Bytes::from_static(b"b"));
+        assert!(st.migratable());
+        assert_eq!(
+            st.restart_points().len(),
+            1,
+            "the stale restart points are gone"
+        );
+        let rec = st.record(Cid([1; 16]), 0, 200, 200, checksum(&[])).unwrap();
+        assert_eq!(rec.snapshot.as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn reads_wait_then_see_end_of_input() {
+        let mut st = ServerStream::new();
+        let mut b = [0u8; 4];
+        assert_eq!(st.read(&mut b), None);
+        st.receive(Bytes::from_static(b"abcdef")).unwrap();
+        assert_eq!(st.read(&mut b), Some(4));
+        assert_eq!(
+            st.finish_input(5).unwrap_err(),
+            "end of input at 5 but 6 bytes arrived"
+        );
+        st.finish_input(6).unwrap();
+        assert_eq!(st.read(&mut b), Some(2));
+        assert_eq!(st.read(&mut b), Some(0));
+        assert!(st.receive(Bytes::from_static(b"x")).is_err());
+    }
+}
