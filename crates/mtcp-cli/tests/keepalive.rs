@@ -48,7 +48,28 @@ async fn keep_alive_connection_migrates_between_inside_and_within_requests() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut moves = 0;
+    // The CLI: `mtcp status --json` names the connection, `mtcp migrate --conn CID --to ID`
+    // moves exactly it.
+    let json =
+        tokio::task::block_in_place(|| lc.mtcp(&["status", "--agent", &admin, "--json"])).unwrap();
+    let st: Vec<mtcp_agent::ConnStatus> = serde_json::from_str(&json).unwrap();
+    let live = st.iter().find(|c| c.state == "live").unwrap();
+    let to = if live.server == "s2" { "s3" } else { "s2" };
+    let out = tokio::task::block_in_place(|| {
+        lc.mtcp(&[
+            "migrate", "--agent", &admin, "--conn", &live.cid, "--to", to,
+        ])
+    })
+    .unwrap();
+    assert_eq!(out.trim(), format!("{} -> {to}", live.cid));
+    let table = tokio::task::block_in_place(|| lc.mtcp(&["status", "--agent", &admin])).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&live.cid) && l.contains(to)),
+        "{table}"
+    );
+    let mut moves = 1;
     let mut served = 0;
     for i in 0..24 {
         // What to ask for, and the bytes that must come back.
