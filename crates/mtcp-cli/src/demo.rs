@@ -175,7 +175,7 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let took = t0.elapsed();
     let got = tokio::task::block_in_place(|| local::sha256_file(&out))?;
     let conns = lc.status_async().await?;
-    println!("\ntimeline of migrations:");
+    println!("\ntimeline of migrations (t = seconds since the agent started):");
     let mut migrations = 0;
     for c in &conns {
         for e in &c.timeline {
