@@ -6,7 +6,6 @@ use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mtcp::proto::wire::Msg;
 use mtcp_agent::admin::{Request, Response};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -245,18 +244,6 @@ pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
         .iter()
         .find(|s| s.id == id)
         .context("unknown server")?;
-    let t0 = Instant::now();
-    let mut st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminDrain).await?;
-    while st.connections > 0 {
-        if t0.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "{} still has {} connection(s) after 20s of draining",
-                id,
-                st.connections
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request(&s.admin, &cluster.key, Msg::AdminStatus).await?;
-    }
+    local::drain_server(&s.admin, &cluster.key, id, Duration::from_secs(20)).await?;
     Ok(())
 }

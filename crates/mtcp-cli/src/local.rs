@@ -8,6 +8,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `mtcp drain`: tells server `id` (admin address `admin`) to hint every connection away, and
+/// waits until none with an agent attached is left. Returns the server's last status.
+pub async fn drain_server(
+    admin: &str,
+    key: &mtcp::proto::ClusterKey,
+    id: &str,
+    timeout: Duration,
+) -> Result<mtcp::proto::wire::ServerStatus> {
+    use mtcp::proto::wire::Msg;
+    let t0 = Instant::now();
+    let mut st = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    while st.connections > 0 {
+        if t0.elapsed() > timeout {
+            bail!(
+                "{} connection(s) still on {id} after {timeout:?}",
+                st.connections
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+    }
+    Ok(st)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -3,7 +3,6 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mtcp::proto::wire::Msg;
 use mtcp::{Cluster, Limits, Server, Start};
 use mtcp_agent::admin::{Request, Response};
 use std::path::PathBuf;
@@ -291,20 +290,14 @@ async fn drain(a: DrainArgs) -> Result<()> {
         .require(&a.id, &a.cluster.display().to_string())?
         .clone();
     let t0 = Instant::now();
-    let mut st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminDrain).await?;
-    eprintln!("draining {}: {} connection(s)", a.id, st.connections);
-    while st.connections > 0 {
-        if t0.elapsed() > Duration::from_secs(a.timeout) {
-            bail!(
-                "{} connection(s) still on {} after {}s",
-                st.connections,
-                a.id,
-                a.timeout
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        st = mtcp::peer::admin_request(&me.admin, &cluster.key, Msg::AdminStatus).await?;
-    }
+    eprintln!("draining {} ...", a.id);
+    let st = mtcp_cli::local::drain_server(
+        &me.admin,
+        &cluster.key,
+        &a.id,
+        Duration::from_secs(a.timeout),
+    )
+    .await?;
     println!(
         "{} drained in {:?} ({} migrated out in total; {} connection(s) whose agent is gone kept until the dead-session bound)",
         a.id,

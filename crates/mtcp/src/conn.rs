@@ -84,7 +84,6 @@ pub(crate) struct ConnState {
     pub detached_at: Option<Instant>,
     pub read_waker: Option<Waker>,
     pub write_waker: Option<Waker>,
-    pub migrations: u64,
 }
 
 impl ConnState {
@@ -99,7 +98,6 @@ impl ConnState {
             detached_at: None,
             read_waker: None,
             write_waker: None,
-            migrations: 0,
         }
     }
 

@@ -491,7 +491,6 @@ async fn take_over(
         .map(Start::Migrated)
         .unwrap_or(Start::New);
     let shared = Shared::from_record(rec, epoch, tx);
-    shared.lock().migrations += 1;
     inner
         .conns
         .lock()
@@ -531,29 +530,18 @@ async fn writer_loop(
         };
         let Some(first) = first else { break };
         batch.clear();
-        batch.push(first);
-        let mut bytes = 0usize;
-        while bytes < (1 << 20) && batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(o) => {
-                    if let Out::Data(d) = &o {
-                        bytes += d.len();
-                    }
-                    batch.push(o)
-                }
-                Err(_) => break,
+        let mut next = Some(first);
+        // Data bytes in the batch: the batch is cut at 1 MiB, and they leave the queue count.
+        let mut data = 0u64;
+        while let Some(o) = next.take() {
+            if let Out::Data(d) = &o {
+                data += d.len() as u64;
+            }
+            batch.push(o);
+            if data < (1 << 20) && batch.len() < 64 {
+                next = rx.try_recv().ok();
             }
         }
-        let data: u64 = batch
-            .iter()
-            .map(|o| {
-                if let Out::Data(d) = o {
-                    d.len() as u64
-                } else {
-                    0
-                }
-            })
-            .sum();
         if let Err(e) = framed::write_frames(&mut w, &batch).await {
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
