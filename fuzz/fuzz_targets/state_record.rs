@@ -64,8 +64,9 @@ fn structured(r: (StateRecord, bool)) {
 /// The offsets a destination derives from an accepted record.
 fn check_offsets(r: &StateRecord) {
     assert!(r.up_recv() >= r.snap_in);
-    assert!(r.client_down() <= r.check_end);
-    assert!(r.check_end >= r.snap_out);
+    assert!(r.client_down() <= r.check_end());
+    assert!(r.check_end() >= r.snap_out);
+    assert!(r.checks.windows(2).all(|w| w[0].end < w[1].end));
     assert!(r.tail.len() as u64 <= r.snap_out);
     if let Some(fin) = r.up_fin {
         assert_eq!(fin, r.up_recv());
@@ -82,16 +83,23 @@ fn built(u: &mut Unstructured<'_>) -> Result<(StateRecord, bool)> {
     let input: Vec<u8> = u.arbitrary()?;
     let mut up_fin: Option<u64> = u.arbitrary()?;
     let tail: Vec<u8> = u.arbitrary()?;
-    let mut check_end: u64 = u.arbitrary()?;
+    let mut ends: Vec<u64> = u.arbitrary()?;
     let check_sum: u64 = u.arbitrary()?;
     if consistent {
         snap_in = snap_in.min(u64::MAX - input.len() as u64);
         snap_out = snap_out.max(tail.len() as u64);
-        check_end = if tail.is_empty() {
-            snap_out.saturating_add(check_end % (1 << 32))
+        if tail.is_empty() {
+            let mut at = snap_out;
+            ends.truncate(64);
+            for e in ends.iter_mut() {
+                at = at.saturating_add(1 + *e % (1 << 32));
+                *e = at;
+            }
+            ends.dedup();
+            ends.retain(|&e| e > snap_out);
         } else {
-            snap_out
-        };
+            ends.clear();
+        }
         up_fin = up_fin.map(|_| snap_in + input.len() as u64);
     }
     let r = StateRecord {
@@ -103,8 +111,13 @@ fn built(u: &mut Unstructured<'_>) -> Result<(StateRecord, bool)> {
         input: Bytes::from(input),
         up_fin,
         tail: Bytes::from(tail),
-        check_end,
-        check_sum,
+        checks: ends
+            .iter()
+            .map(|&end| mtcp_proto::record::Check {
+                end,
+                sum: check_sum,
+            })
+            .collect(),
     };
     Ok((r, consistent))
 }

@@ -7,7 +7,7 @@ use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
 use mtcp_proto::trigger::Liveness;
-use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo};
+use mtcp_proto::wire::{self, Migrate, Mode, Msg, ServerInfo};
 use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +47,9 @@ struct Conn {
     /// The migration whose first resumed byte is awaited: (trigger time, index in timeline).
     awaiting_first_byte: Option<(Instant, usize)>,
     last_state_bytes: u64,
+    /// Eager mode: upstream is retained back to the snapshot a backup holds (COMMITTED), and
+    /// downstream checksum ranges are kept from there.
+    eager: bool,
 }
 
 enum End {
@@ -213,6 +216,9 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
         match r {
             Ok((mut reader, w, wl)) => {
                 reader.set_max_frame(wire::MAX_SESSION_FRAME);
+                let eager = wl.mode == Mode::Eager;
+                let mut down = DownTracker::new(0);
+                down.keep_ranges(eager);
                 let status = Arc::new(Mutex::new(ConnStatus {
                     cid: wl.cid.to_string(),
                     server: wl.server.clone(),
@@ -232,12 +238,13 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
                     server: wl.server,
                     heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
                     retained: ByteLog::new(0),
-                    down: DownTracker::new(0),
+                    down,
                     acked: 0,
                     client_eof: false,
                     status,
                     awaiting_first_byte: None,
                     last_state_bytes: 0,
+                    eager,
                 };
                 return Ok((Session { reader, w }, conn));
             }
@@ -409,11 +416,12 @@ async fn on_delivered(
     live: &mut Liveness,
     closed_at: Option<u64>,
 ) -> Result<(), End> {
-    conn.down.on_data(d);
+    let cut = conn.down.on_data(d);
     // Time spent waiting on the client program is not the server's silence.
     live.on_receive(Instant::now());
     let recv = conn.down.received();
-    if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) {
+    // Eager mode: the client reaching a snapshot lets the server replicate it; say so at once.
+    if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) || (cut && conn.eager) {
         conn.acked = recv;
         let ack = Msg::Ack {
             down_recv: recv,
@@ -451,8 +459,23 @@ async fn on_msg(
 ) -> Option<End> {
     match m {
         Msg::Snap { in_off, out_off } => {
+            if !conn.eager {
+                conn.retained.trim_to(in_off);
+            }
+            if conn.down.on_snap(out_off) && conn.eager {
+                conn.acked = conn.down.received();
+                let ack = Msg::Ack {
+                    down_recv: conn.acked,
+                    sum_from: conn.down.sum_from(),
+                };
+                if framed::write_msg(&mut s.w, &ack).await.is_err() {
+                    return Some(session_broke(conn, "write failed"));
+                }
+            }
+        }
+        Msg::Committed { in_off, out_off } if conn.eager => {
             conn.retained.trim_to(in_off);
-            conn.down.on_snap(out_off);
+            conn.down.retain_from(out_off);
         }
         Msg::Heartbeat => {}
         Msg::Pong { t } => {
@@ -542,6 +565,8 @@ async fn migrate(
         sum_from: conn.down.sum_from(),
         down_sum: conn.down.sum(),
         up_sent: conn.retained.end(),
+        up_base: conn.retained.start(),
+        segs: conn.down.finished(),
     };
     let mut refusals = Vec::new();
     for cand in cands {
@@ -643,9 +668,18 @@ async fn try_resume(
     }
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
-    // The destination checked everything up to our position with the origin: the downstream
-    // checksum restarts there.
-    conn.down = DownTracker::new(conn.down.received());
+    if conn.eager {
+        // Keep the checksum ranges from the destination's restart point: its backups hold that
+        // point now, and a later takeover from a replica checks from there.
+        conn.down.retain_from(r.restart_out);
+    } else {
+        // The destination checked everything up to our position with the origin: the
+        // downstream checksum restarts there.
+        conn.down = DownTracker::new(conn.down.received());
+    }
+    if r.from_replica {
+        tracing::warn!(conn = conn.id, cid = %conn.cid, server = %r.server, "origin unreachable: resumed from a replica at downstream offset {}", r.restart_out);
+    }
     conn.epoch = r.epoch;
     conn.last_state_bytes = r.state_bytes;
     conn.token = r.token;

@@ -96,6 +96,8 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         sum_from: 0,
         down_sum: mtcp::proto::sum::checksum(&[]),
         up_sent: live.bytes_up,
+        up_base: 0,
+        segs: vec![],
     };
 
     // Wrong token.

@@ -32,11 +32,21 @@ pub struct StateRecord {
     pub up_fin: Option<u64>,
     /// Downstream bytes `[snap_out - tail.len(), snap_out)` the client lacks: sent first.
     pub tail: Bytes,
-    /// The client holds downstream bytes up to `check_end` (at or past `snap_out`)...
-    pub check_end: u64,
-    /// ... and this is the checksum ([`crate::sum`]) of the origin's bytes `[snap_out, check_end)`.
-    pub check_sum: u64,
+    /// The client holds the downstream bytes after `snap_out` up to the last check's `end`;
+    /// these are consecutive ranges `[previous end (or snap_out), end)` with the checksum
+    /// ([`crate::sum`]) of what the client received there. Empty when a tail is sent.
+    pub checks: Vec<Check>,
 }
+
+/// One checked downstream range (see [`StateRecord::checks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub end: u64,
+    pub sum: u64,
+}
+
+/// Most checked ranges a record may carry.
+pub const MAX_CHECKS: usize = 4096;
 
 /// Why a record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,10 +101,15 @@ impl StateRecord {
     /// Downstream offset the client holds: where the destination's output continues.
     pub fn client_down(&self) -> u64 {
         if self.tail.is_empty() {
-            self.check_end
+            self.check_end()
         } else {
             self.snap_out - self.tail.len() as u64
         }
+    }
+
+    /// Where the checked ranges end (`snap_out` when there are none).
+    pub fn check_end(&self) -> u64 {
+        self.checks.last().map_or(self.snap_out, |c| c.end)
     }
 
     fn validate(&self) -> Result<(), RecordError> {
@@ -104,12 +119,22 @@ impl StateRecord {
         if (self.tail.len() as u64) > self.snap_out {
             return Err(RecordError::Inconsistent("tail reaches below offset 0"));
         }
-        if self.check_end < self.snap_out
-            || (!self.tail.is_empty() && self.check_end != self.snap_out)
-        {
+        if !self.tail.is_empty() && !self.checks.is_empty() {
             return Err(RecordError::Inconsistent(
-                "checked range does not start at the snapshot",
+                "a record with a tail cannot also check bytes after the snapshot",
             ));
+        }
+        if self.checks.len() > MAX_CHECKS {
+            return Err(RecordError::Inconsistent("too many checked ranges"));
+        }
+        let mut at = self.snap_out;
+        for c in &self.checks {
+            if c.end <= at {
+                return Err(RecordError::Inconsistent(
+                    "checked ranges are not consecutive ranges after the snapshot",
+                ));
+            }
+            at = c.end;
         }
         if let Some(f) = self.up_fin {
             if f != self.up_recv() {
@@ -138,8 +163,8 @@ mod tests {
                 cid: Cid([3; 16]), epoch: 9, snapshot: snap.map(Bytes::from),
                 snap_in, snap_out, input: Bytes::from(input.clone()),
                 up_fin: fin.then_some(snap_in + input.len() as u64),
-                check_end: if tail.is_empty() { snap_out + ahead } else { snap_out },
-                tail: Bytes::from(tail), check_sum: sum,
+                checks: if tail.is_empty() && ahead > 0 { vec![Check { end: snap_out + ahead, sum }, Check { end: snap_out + 2 * ahead, sum: !sum }] } else { vec![] },
+                tail: Bytes::from(tail),
             };
             prop_assert_eq!(StateRecord::decode(&r.encode()).unwrap(), r);
         }
@@ -161,8 +186,7 @@ mod tests {
             input: Bytes::new(),
             up_fin: None,
             tail: Bytes::new(),
-            check_end: 0,
-            check_sum: 0,
+            checks: vec![],
         }
         .encode();
         b[1] = 99;

@@ -7,7 +7,7 @@
 
 use crate::auth::Cid;
 use crate::offsets::{ByteLog, Divergence, OffsetError, ReplayVerifier};
-use crate::record::StateRecord;
+use crate::record::{Check, StateRecord};
 use crate::sum::checksum;
 use crate::wire::RefuseCode;
 use bytes::Bytes;
@@ -82,7 +82,7 @@ impl ServerStream {
     /// A connection restarting from `rec`; returns it and the tail to send the client first.
     pub fn restart(rec: &StateRecord) -> (Self, Bytes) {
         let down = rec.client_down();
-        let verifier = ReplayVerifier::new(rec.snap_out, rec.check_end, rec.check_sum);
+        let verifier = ReplayVerifier::new(rec.snap_out, rec.checks.clone());
         let mut out = ByteLog::new(rec.snap_out - rec.tail.len() as u64);
         out.push(rec.tail.clone());
         let mut input = ByteLog::new(rec.snap_in);
@@ -274,11 +274,7 @@ impl ServerStream {
                 format!("the client received different bytes in [{sum_from}, {down_recv}) than this server sent"),
             ));
         }
-        let base = |s: &Snap,
-                    tail: Bytes,
-                    check_end: u64,
-                    check_sum: u64|
-         -> Result<StateRecord, Refusal> {
+        let base = |s: &Snap, tail: Bytes, checks: Vec<Check>| -> Result<StateRecord, Refusal> {
             Ok(StateRecord {
                 cid,
                 epoch,
@@ -291,13 +287,13 @@ impl ServerStream {
                     .map_err(internal)?,
                 up_fin: self.up_fin,
                 tail,
-                check_end,
-                check_sum,
+                checks,
             })
         };
         if let Some(v) = &self.verifier {
             // Still replaying what the client had at the last move: hand the same check on.
-            let (from, end, sum) = v.expected();
+            let (from, checks) = v.expected();
+            let end = v.check_end();
             if down_recv != end {
                 return Err((
                     RefuseCode::Internal,
@@ -309,7 +305,7 @@ impl ServerStream {
                 .iter()
                 .find(|s| s.out_off == from)
                 .unwrap_or(&self.snaps[0]);
-            return base(s, Bytes::new(), end, sum);
+            return base(s, Bytes::new(), checks.to_vec());
         }
         // The newest restart point the client has everything up to, else the oldest one.
         let s = self
@@ -323,7 +319,7 @@ impl ServerStream {
                 .out
                 .copy_range(down_recv, s.out_off)
                 .map_err(internal)?;
-            base(s, tail, s.out_off, checksum(&[]))
+            base(s, tail, vec![])
         } else {
             let sum = checksum(
                 &self
@@ -331,9 +327,96 @@ impl ServerStream {
                     .copy_range(s.out_off, down_recv)
                     .map_err(internal)?,
             );
-            base(s, Bytes::new(), down_recv, sum)
+            let checks = if down_recv > s.out_off {
+                vec![Check {
+                    end: down_recv,
+                    sum,
+                }]
+            } else {
+                vec![]
+            };
+            base(s, Bytes::new(), checks)
         }
     }
+}
+
+impl ServerStream {
+    /// Eager mode: the newest restart point the agent has received every byte up to, newer than
+    /// `after` (`(out_off, in_off)` of the last one replicated), if there is one worth
+    /// replicating (the implicit restart point of a new connection is not).
+    pub fn replicable(&self, after: Option<(u64, u64)>) -> Option<&Snap> {
+        if self.verifier.is_some() || !self.migratable {
+            return None;
+        }
+        self.snaps
+            .iter()
+            .rev()
+            .find(|s| s.out_off <= self.acked)
+            .filter(|s| s.state.is_some() && after.is_none_or(|a| (s.out_off, s.in_off) > a))
+    }
+
+    /// Eager mode: the record a backup keeps for restart point `s` (no input: the agent retains
+    /// it; no tail: the agent has every byte up to `s`).
+    pub fn replica_record(cid: Cid, epoch: u64, s: &Snap) -> StateRecord {
+        StateRecord {
+            cid,
+            epoch,
+            snapshot: s.state.clone(),
+            snap_in: s.in_off,
+            snap_out: s.out_off,
+            input: Bytes::new(),
+            up_fin: None,
+            tail: Bytes::new(),
+            checks: Vec::new(),
+        }
+    }
+}
+
+/// Eager mode, at a destination taking over from a replica: turns the backup's record into one
+/// for the client's real position — `down` downstream bytes received, `ranges` the agent's
+/// checksum ranges, `up_base` the oldest upstream byte it still retains — or refuses when the
+/// stream cannot be continued exactly.
+pub fn replica_for_client(
+    mut rec: StateRecord,
+    down: u64,
+    ranges: &[crate::sum::SumSeg],
+    up_base: u64,
+) -> Result<StateRecord, Refusal> {
+    if up_base > rec.snap_in {
+        return Err((
+            RefuseCode::Divergence,
+            format!(
+                "the agent no longer retains upstream from {} (it has from {up_base})",
+                rec.snap_in
+            ),
+        ));
+    }
+    rec.input = Bytes::new();
+    rec.up_fin = None;
+    if down < rec.snap_out {
+        let tail_start = rec.snap_out - rec.tail.len() as u64;
+        if down < tail_start {
+            return Err((
+                RefuseCode::Divergence,
+                format!(
+                    "the replica restarts at {} but the client is at {down} and the replica holds no bytes before {tail_start}",
+                    rec.snap_out
+                ),
+            ));
+        }
+        rec.tail = rec.tail.slice((down - tail_start) as usize..);
+        rec.checks = Vec::new();
+    } else {
+        rec.tail = Bytes::new();
+        rec.checks = crate::sum::checks_from(ranges, rec.snap_out, down).ok_or((
+            RefuseCode::Divergence,
+            format!(
+                "cannot check the client's bytes [{}, {down}): the agent has no checksum from the replica's restart point",
+                rec.snap_out
+            ),
+        ))?;
+    }
+    Ok(rec)
 }
 
 impl Default for ServerStream {
@@ -404,6 +487,76 @@ mod tests {
                 p = e;
             }
             prop_assert_eq!(client, data);
+        }
+    }
+
+    proptest! {
+        /// Eager mode: whatever replicated restart point a backup holds and wherever the client
+        /// is past it, restarting from the replica with the agent's checksum ranges continues
+        /// the stream exactly; and a changed regenerated byte is caught.
+        #[test]
+        fn replica_and_agent_ranges_continue_the_stream_exactly(
+            len in 1usize..20_000,
+            snaps in proptest::collection::btree_set(1usize..20_000, 1..12),
+            pick in 0usize..12,
+            recv in 0usize..20_000,
+            rchunk in 1usize..3000,
+            flip in proptest::option::of(0usize..20_000),
+        ) {
+            use crate::sum::{DownTracker, SumSeg};
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let snaps: Vec<usize> = snaps.into_iter().filter(|&s| s < len).collect();
+            prop_assume!(!snaps.is_empty());
+            let snap = snaps[pick % snaps.len()];
+            let recv = snap + recv % (len - snap + 1);
+            // The agent: ranges cut at every snapshot it saw, in stream order.
+            let mut t = DownTracker::new(0);
+            t.keep_ranges(true);
+            let mut st = ServerStream::new();
+            let mut pos = 0;
+            for &sp in snaps.iter().chain([len].iter()) {
+                st.write(Bytes::copy_from_slice(&data[pos..sp]), NO_LIMIT).unwrap();
+                let upto = sp.min(recv).max(pos);
+                t.on_data(&data[pos.min(upto)..upto]);
+                pos = sp;
+                if sp < len {
+                    st.snapshot(Bytes::from(sp.to_string()));
+                    if sp <= recv {
+                        t.on_snap(sp as u64);
+                    }
+                }
+            }
+            st.on_ack(snap as u64, t.sum_from().min(snap as u64));
+            let chosen = st.restart_points().iter().find(|s| s.out_off == snap as u64).cloned().unwrap();
+            let rec = ServerStream::replica_record(Cid([1; 16]), 5, &chosen);
+            let rec = StateRecord::decode(&rec.encode()).unwrap();
+            let mut ranges = t.finished();
+            ranges.push(SumSeg { from: t.sum_from(), end: t.received(), sum: t.sum() });
+            let rec = replica_for_client(rec, recv as u64, &ranges, 0).unwrap();
+            prop_assert_eq!(rec.client_down(), recv as u64);
+            let (mut dest, tail) = ServerStream::restart(&rec);
+            prop_assert!(tail.is_empty());
+            let mut regen = data.clone();
+            if let Some(f) = flip {
+                let i = snap + f % (len - snap);
+                regen[i] ^= 0x40;
+            }
+            let changed_below_recv = regen[..recv] != data[..recv];
+            let mut client = data[..recv].to_vec();
+            let mut p = snap;
+            let mut diverged = false;
+            while p < len {
+                let e = (p + rchunk).min(len);
+                match dest.write(Bytes::copy_from_slice(&regen[p..e]), NO_LIMIT) {
+                    Ok((sent, _)) => client.extend_from_slice(&sent),
+                    Err(_) => { diverged = true; break; }
+                }
+                p = e;
+            }
+            prop_assert_eq!(diverged, changed_below_recv);
+            if !diverged {
+                prop_assert_eq!(client, regen);
+            }
         }
     }
 

@@ -2,7 +2,9 @@
 //!
 //! ```toml
 //! key = "<64 hex chars>"        # or key_file = "path"
-//! mode = "lazy"
+//! mode = "lazy"               # or "eager": snapshots are replicated (crash survival)
+//! # replicas = 1                # eager: backups per connection (the next servers in this file)
+//! # origin_wait_ms = 100        # eager: wait this long for the origin before using a replica
 //! [[server]]
 //! id = "s1"
 //! data = "127.0.0.1:7001"       # agents connect here
@@ -41,6 +43,8 @@ struct RawCluster {
     #[serde(default = "default_mode")]
     mode: String,
     heartbeat_ms: Option<u32>,
+    replicas: Option<u32>,
+    origin_wait_ms: Option<u32>,
     #[serde(default)]
     server: Vec<RawServer>,
 }
@@ -89,6 +93,11 @@ pub struct Cluster {
     pub key: ClusterKey,
     pub mode: Mode,
     pub heartbeat: Duration,
+    /// Eager mode: how many backups hold each connection's newest snapshot.
+    pub replicas: usize,
+    /// Eager mode: how long a destination waits for the origin to answer before it takes the
+    /// connection over from a replica.
+    pub origin_wait: Duration,
     pub servers: Vec<ServerEntry>,
 }
 
@@ -135,12 +144,12 @@ impl Cluster {
         let key = ClusterKey::from_hex(&key_text).map_err(|e| invalid(e.to_string()))?;
         let mode = match raw.mode.as_str() {
             "lazy" => Mode::Lazy,
-            "eager" => {
-                return Err(invalid(
-                    "mode \"eager\" is not implemented yet; use \"lazy\"".into(),
-                ))
+            "eager" => Mode::Eager,
+            m => {
+                return Err(invalid(format!(
+                    "unknown mode {m:?} (expected \"lazy\" or \"eager\")"
+                )))
             }
-            m => return Err(invalid(format!("unknown mode {m:?} (expected \"lazy\")"))),
         };
         if raw.server.is_empty() {
             return Err(invalid("no [[server]] entries".into()));
@@ -170,10 +179,26 @@ impl Cluster {
         }
         let heartbeat =
             Duration::from_millis(raw.heartbeat_ms.unwrap_or(100).clamp(10, 10_000) as u64);
+        let replicas = raw.replicas.unwrap_or(1) as usize;
+        if mode == Mode::Lazy && raw.replicas.is_some() {
+            return Err(invalid(
+                "`replicas` is for mode = \"eager\" (lazy mode keeps no replicas)".into(),
+            ));
+        }
+        if mode == Mode::Eager && (replicas == 0 || replicas >= servers.len()) {
+            return Err(invalid(format!(
+                "eager mode needs 1 <= replicas < number of servers ({}), got {replicas}",
+                servers.len()
+            )));
+        }
+        let origin_wait =
+            Duration::from_millis(raw.origin_wait_ms.unwrap_or(100).clamp(1, 60_000) as u64);
         Ok(Self {
             key,
             mode,
             heartbeat,
+            replicas,
+            origin_wait,
             servers,
         })
     }
@@ -196,16 +221,37 @@ impl Cluster {
         })
     }
 
-    /// Every server but `id`, as the agent sees them.
-    pub fn alternates(&self, id: &str) -> Vec<ServerInfo> {
-        self.servers
+    /// The servers after `id` in the file's order, wrapping around (`id` itself excluded).
+    fn after<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a ServerEntry> + 'a {
+        let i = self
+            .servers
             .iter()
-            .filter(|s| s.id != id)
+            .position(|s| s.id == id)
+            .map_or(0, |i| i + 1);
+        let n = self.servers.len();
+        (0..n)
+            .map(move |k| &self.servers[(i + k) % n])
+            .filter(move |s| s.id != id)
+    }
+
+    /// Every server but `id`, as the agent sees them: those after `id` in the file's order
+    /// first (wrapping around), so an agent's first choice is `id`'s first backup.
+    pub fn alternates(&self, id: &str) -> Vec<ServerInfo> {
+        self.after(id)
             .map(|s| ServerInfo {
                 id: s.id.clone(),
                 data: s.data.clone(),
             })
             .collect()
+    }
+
+    /// Eager mode: the servers holding replicas of `id`'s connections (the next `replicas`
+    /// servers after it). Empty in lazy mode.
+    pub fn backups(&self, id: &str) -> Vec<ServerEntry> {
+        if self.mode != Mode::Eager {
+            return Vec::new();
+        }
+        self.after(id).take(self.replicas).cloned().collect()
     }
 }
 
@@ -228,6 +274,11 @@ pub struct Limits {
     pub fetch_timeout: Duration,
     /// Largest state record accepted over the peer channel.
     pub max_record: usize,
+    /// Eager mode: memory for replicas of other servers' connections.
+    pub max_replica_bytes: usize,
+    /// Eager mode: a replica not refreshed for this long is forgotten (origins refresh theirs
+    /// well within it).
+    pub replica_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -241,6 +292,8 @@ impl Default for Limits {
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),
             max_record: 512 << 20,
+            max_replica_bytes: 256 << 20,
+            replica_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -290,6 +343,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no [[server]]"), "{e}");
+        let servers = "[[server]]\nid = \"a\"\ndata = \"h:1\"\npeer = \"h:2\"\nadmin = \"h:3\"\n[[server]]\nid = \"b\"\ndata = \"h:4\"\npeer = \"h:5\"\nadmin = \"h:6\"\n";
+        let e = parse(&format!(
+            "key = \"{KEY}\"\nmode = \"eager\"\nreplicas = 2\n{servers}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replicas < number of servers"), "{e}");
+        let e = parse(&format!("key = \"{KEY}\"\nreplicas = 1\n{servers}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("for mode = \"eager\""), "{e}");
+        let c = parse(&format!("key = \"{KEY}\"\nmode = \"eager\"\n{servers}")).unwrap();
+        assert_eq!(c.backups("b")[0].id, "a");
+        assert_eq!(c.replicas, 1);
         let e = parse("key = [").unwrap_err().to_string();
         assert!(e.starts_with("c.toml:"), "{e}");
     }

@@ -84,6 +84,8 @@ pub(crate) struct ConnState {
     pub detached_at: Option<Instant>,
     pub read_waker: Option<Waker>,
     pub write_waker: Option<Waker>,
+    /// Eager mode: what the backups hold.
+    pub repl: crate::eager::Repl,
 }
 
 impl ConnState {
@@ -98,6 +100,7 @@ impl ConnState {
             detached_at: None,
             read_waker: None,
             write_waker: None,
+            repl: Default::default(),
         }
     }
 
@@ -241,8 +244,11 @@ impl Connection {
         let mut st = self.shared.lock();
         st.ensure_live()?;
         if let Some((in_off, out_off)) = st.s.snapshot(snapshot) {
-            // Lazy mode: stored here, so the snapshot is safe as soon as it is taken.
+            // Lazy mode: stored here, so the snapshot is safe as soon as it is taken. Eager
+            // mode: the agent also cuts its checksum ranges here; the snapshot becomes safe
+            // once a backup holds it (COMMITTED).
             st.send(Out::Msg(Msg::Snap { in_off, out_off }));
+            crate::eager::replicate_if_due(&self.server, &self.shared, &mut st);
         }
         Ok(())
     }
@@ -287,9 +293,11 @@ impl Connection {
             st.phase = Phase::Closed;
             st.tx = None;
         }
+        let epoch = st.epoch;
         drop(st);
         if done {
             self.server.forget(self.shared.cid);
+            crate::eager::closed(&self.server, self.shared.cid, epoch);
         }
     }
 }

@@ -7,8 +7,10 @@
 
 pub mod config;
 pub mod conn;
+mod eager;
 pub mod framed;
 pub mod peer;
+mod replica;
 pub mod server;
 
 pub use config::{Cluster, Limits, ServerEntry};

@@ -7,9 +7,10 @@
 
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader};
+use crate::replica::Claimed;
 use crate::server::{msg_name, Fetch, ServerInner};
-use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
-use mtcp_proto::{ClusterKey, StateRecord};
+use mtcp_proto::wire::{HintReason, Mode, Msg, RefuseCode, ServerStatus};
+use mtcp_proto::{Cid, ClusterKey, StateRecord};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,19 +120,65 @@ pub async fn connect_authenticated(
     Ok((reader, w))
 }
 
-/// Destination side of a lazy migration: asks `origin` to freeze `cid` and send its state;
-/// returns the record and its size on the wire.
+/// One request to server `to` over a pooled authenticated channel. The first answer must come
+/// within `first` (an origin answers [`Msg::Working`] at once, then the result within
+/// `total`).
+pub(crate) async fn call(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    req: &Msg,
+    first: Duration,
+    total: Duration,
+) -> Result<Msg, ChannelError> {
+    // An authenticated channel from the pool saves three round trips. One the peer has closed
+    // since fails before the peer saw the request, so it is safe to retry on a fresh one.
+    if let Some(ch) = inner.peer_pool.take(&to.id) {
+        match ask(ch, req, first, total).await {
+            Ok((m, ch)) => {
+                inner.peer_pool.put(&to.id, ch);
+                return Ok(m);
+            }
+            Err(ChannelError::Closed | ChannelError::Io(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let ch = connect_authenticated(
+        &to.peer,
+        &inner.cluster.key,
+        &inner.id,
+        inner.limits.max_record + 1024,
+        first.min(inner.limits.fetch_timeout),
+    )
+    .await?;
+    let (m, ch) = ask(ch, req, first, total).await?;
+    inner.peer_pool.put(&to.id, ch);
+    Ok(m)
+}
+
+/// One request on an authenticated peer channel; the channel comes back for reuse.
+async fn ask(
+    mut ch: Channel,
+    req: &Msg,
+    first: Duration,
+    total: Duration,
+) -> Result<(Msg, Channel), ChannelError> {
+    framed::write_msg(&mut ch.1, req).await?;
+    let mut m = ch.0.next_msg(first).await?;
+    if m == Msg::Working {
+        // The origin may wait for a lock_state section to end before it answers.
+        m = ch.0.next_msg(total).await?;
+    }
+    Ok((m, ch))
+}
+
+/// Destination side of a migration: asks `origin` to freeze `cid` and send its state; returns
+/// the record and its size on the wire. In eager mode an origin that does not answer within
+/// the cluster's `origin_wait` counts as unreachable (a replica is used instead).
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
     f: &Fetch,
 ) -> Result<(StateRecord, u64), (RefuseCode, String)> {
-    let unreachable = |e: ChannelError| {
-        (
-            RefuseCode::OriginUnreachable,
-            format!("origin {} ({}): {e}", origin.id, origin.peer),
-        )
-    };
     let req = Msg::Fetch {
         cid: f.cid,
         epoch: f.epoch,
@@ -139,32 +186,17 @@ pub(crate) async fn fetch(
         sum_from: f.sum_from,
         down_sum: f.down_sum,
     };
-    // An authenticated channel from the pool saves three round trips. One the origin has closed
-    // since fails before the origin saw the request, so it is safe to retry on a fresh one.
-    let mut answer = None;
-    if let Some(ch) = inner.peer_pool.take(&origin.id) {
-        match ask(inner, ch, &req).await {
-            Ok(x) => answer = Some(x),
-            Err(ChannelError::Closed | ChannelError::Io(_)) => {}
-            Err(e) => return Err(unreachable(e)),
-        }
-    }
-    let (msg, ch) = match answer {
-        Some(x) => x,
-        None => {
-            let ch = connect_authenticated(
-                &origin.peer,
-                &inner.cluster.key,
-                &inner.id,
-                inner.limits.max_record + 1024,
-                inner.limits.fetch_timeout,
-            )
-            .await
-            .map_err(unreachable)?;
-            ask(inner, ch, &req).await.map_err(unreachable)?
-        }
+    let first = match inner.cluster.mode {
+        Mode::Eager => inner.cluster.origin_wait,
+        Mode::Lazy => inner.limits.fetch_timeout,
     };
-    inner.peer_pool.put(&origin.id, ch);
+    let total = inner.limits.fetch_timeout + inner.limits.lock_timeout;
+    let msg = call(inner, origin, &req, first, total).await.map_err(|e| {
+        (
+            RefuseCode::OriginUnreachable,
+            format!("origin {} ({}): {e}", origin.id, origin.peer),
+        )
+    })?;
     match msg {
         Msg::State(b) => StateRecord::decode(&b)
             .map(|r| (r, b.len() as u64))
@@ -177,18 +209,54 @@ pub(crate) async fn fetch(
     }
 }
 
-/// One request on an authenticated peer channel; the channel comes back for reuse.
-async fn ask(
-    inner: &ServerInner,
-    mut ch: Channel,
-    req: &Msg,
-) -> Result<(Msg, Channel), ChannelError> {
-    framed::write_msg(&mut ch.1, req).await?;
-    // The origin may wait for a lock_state section to end before it answers.
-    let m =
-        ch.0.next_msg(inner.limits.fetch_timeout + inner.limits.lock_timeout)
-            .await?;
-    Ok((m, ch))
+/// Eager mode: stores an encoded record at backup `to`.
+pub(crate) async fn replicate(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    rec: Vec<u8>,
+) -> Result<(), (Option<RefuseCode>, String)> {
+    let t = inner.limits.fetch_timeout;
+    match call(inner, to, &Msg::Replicate(rec), t, t).await {
+        Ok(Msg::ReplicaStored { .. }) => Ok(()),
+        Ok(Msg::Refused { code, reason }) => Err((
+            Some(code),
+            format!("{} refused ({code:?}): {reason}", to.id),
+        )),
+        Ok(other) => Err((None, format!("{} answered {}", to.id, msg_name(&other)))),
+        Err(e) => Err((None, format!("{} ({}): {e}", to.id, to.peer))),
+    }
+}
+
+/// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
+/// An unreachable backup is `OriginUnreachable`.
+pub(crate) async fn claim(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    cid: Cid,
+    epoch: u64,
+) -> Result<Claimed, (RefuseCode, String)> {
+    let t = inner.cluster.origin_wait.max(Duration::from_millis(100));
+    match call(inner, to, &Msg::ClaimReplica { cid, epoch }, t, t).await {
+        Ok(Msg::State(b)) if b.is_empty() => Ok(Claimed::Nothing),
+        Ok(Msg::State(b)) => Ok(Claimed::Record(b)),
+        Ok(Msg::Refused { code, reason }) => Err((code, format!("backup {}: {reason}", to.id))),
+        Ok(other) => Err((
+            RefuseCode::Internal,
+            format!("backup {} answered {}", to.id, msg_name(&other)),
+        )),
+        Err(e) => Err((
+            RefuseCode::OriginUnreachable,
+            format!("backup {} ({}): {e}", to.id, to.peer),
+        )),
+    }
+}
+
+/// Eager mode: tells backup `to` the connection ended (best effort).
+pub(crate) async fn drop_replica(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid, epoch: u64) {
+    let t = inner.limits.fetch_timeout;
+    if let Err(e) = call(inner, to, &Msg::DropReplica { cid, epoch }, t, t).await {
+        tracing::debug!(%cid, backup = %to.id, "could not drop the replica: {e}");
+    }
 }
 
 /// Idle authenticated channels to other servers, by server id.
@@ -232,7 +300,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
         tracing::warn!(peer = %addr, "peer port: {from:?} is not a server of the cluster; closing");
         return;
     }
-    reader.set_max_frame(ADMIN_FRAME);
+    // Replicas carry a snapshot and at most a small output tail.
+    reader.set_max_frame(inner.limits.max_snapshot + crate::eager::MAX_REPLICA_TAIL + 4096);
     loop {
         let reply = match reader.next_msg(IDLE).await {
             Ok(Msg::Fetch {
@@ -241,19 +310,50 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 down_recv,
                 sum_from,
                 down_sum,
-            }) => match inner
-                .freeze_local(&Fetch {
+            }) => {
+                // Tell the destination we are alive before a lock_state section may delay us.
+                if framed::write_msg(&mut w, &Msg::Working).await.is_err() {
+                    return;
+                }
+                let f = Fetch {
                     cid,
                     epoch,
                     down_recv,
                     sum_from,
                     down_sum,
-                })
-                .await
-            {
-                Ok(rec) => Msg::State(rec.encode()),
+                };
+                match crate::eager::hand_over(&inner, &f).await {
+                    Ok(rec) => Msg::State(rec.encode()),
+                    Err((code, reason)) => Msg::Refused { code, reason },
+                }
+            }
+            Ok(Msg::Replicate(rec)) => match inner.replicas.store(&from, rec) {
+                Ok((cid, epoch, out_off)) => Msg::ReplicaStored {
+                    cid,
+                    epoch,
+                    out_off,
+                },
+                Err((code, reason)) => {
+                    tracing::warn!(peer = %from, "replica refused: {reason}");
+                    Msg::Refused { code, reason }
+                }
+            },
+            Ok(Msg::ClaimReplica { cid, epoch }) => match inner.replicas.claim(cid, epoch, &from) {
+                Ok(Claimed::Record(b)) => {
+                    tracing::info!(%cid, epoch, by = %from, "replica claimed");
+                    Msg::State(b)
+                }
+                Ok(Claimed::Nothing) => Msg::State(Vec::new()),
                 Err((code, reason)) => Msg::Refused { code, reason },
             },
+            Ok(Msg::DropReplica { cid, epoch }) => {
+                inner.replicas.drop_upto(cid, epoch);
+                Msg::ReplicaStored {
+                    cid,
+                    epoch,
+                    out_off: 0,
+                }
+            }
             Ok(other) => {
                 tracing::warn!(peer = %from, "peer port: unexpected {}; closing", msg_name(&other));
                 return;

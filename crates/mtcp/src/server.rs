@@ -56,6 +56,8 @@ pub(crate) struct ServerInner {
     pub migrated_in: AtomicU64,
     pub migrated_out: AtomicU64,
     pub peer_pool: peer::PeerPool,
+    /// Eager mode: replicas of other servers' connections held here.
+    pub replicas: crate::replica::ReplicaStore,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
 
@@ -97,6 +99,7 @@ impl ServerInner {
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
+            replicas_held: self.replicas.usage().0 as u32,
         }
     }
 
@@ -195,6 +198,8 @@ impl Server {
         let peer_l = listen("peer", me.peer.clone()).await?;
         let admin = listen("admin", me.admin.clone()).await?;
         let (accept_tx, rx) = mpsc::unbounded_channel();
+        let replicas =
+            crate::replica::ReplicaStore::new(limits.max_replica_bytes, limits.replica_ttl);
         let inner = Arc::new(ServerInner {
             id: id.to_string(),
             cluster,
@@ -204,6 +209,7 @@ impl Server {
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
             peer_pool: peer::PeerPool::default(),
+            replicas,
             accept_tx,
         });
         let tasks = vec![
@@ -268,7 +274,15 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
+        let gone = inner.replicas.expire(now);
+        if gone > 0 {
+            tracing::info!(
+                "forgot {gone} replicas not refreshed for {:?}",
+                inner.limits.replica_ttl
+            );
+        }
         for c in inner.all() {
+            crate::eager::tend(&inner, &c, now);
             let mut st = c.lock();
             if st
                 .detached_at
@@ -453,13 +467,33 @@ async fn take_over(
         sum_from: m.sum_from,
         down_sum: m.down_sum,
     };
-    let (rec, state_bytes) = if origin.id == inner.id {
+    if m.segs.len() > mtcp_proto::sum::MAX_SEGS {
+        return Err((
+            RefuseCode::TooLarge,
+            format!(
+                "{} checksum ranges (at most {})",
+                m.segs.len(),
+                mtcp_proto::sum::MAX_SEGS
+            ),
+        ));
+    }
+    let fetched = if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
-        let rec = inner.freeze_local(&f).await?;
-        let size = rec.encode().len() as u64;
-        (rec, size)
+        crate::eager::hand_over(inner, &f).await.map(|rec| {
+            let size = rec.encode().len() as u64;
+            (rec, size)
+        })
     } else {
-        peer::fetch(inner, &origin, &f).await?
+        peer::fetch(inner, &origin, &f).await
+    };
+    let (rec, state_bytes, from_replica) = match fetched {
+        Ok((rec, n)) => (rec, n, false),
+        Err((RefuseCode::OriginUnreachable, why)) if crate::eager::eager(inner) => {
+            tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
+            let (rec, n) = crate::eager::take_from_replica(inner, &origin, m).await?;
+            (rec, n, true)
+        }
+        Err(e) => return Err(e),
     };
     if rec.cid != m.cid || rec.epoch != m.epoch {
         return Err((
@@ -485,12 +519,20 @@ async fn take_over(
     }
     let epoch = m.epoch + 1;
     let up_from = rec.up_recv();
+    let restart_out = rec.snap_out;
     let start = rec
         .snapshot
         .clone()
         .map(Start::Migrated)
         .unwrap_or(Start::New);
+    let protected = crate::eager::protect_takeover(inner, &rec, epoch).await;
     let shared = Shared::from_record(rec, epoch, tx);
+    if let Some((out_off, in_off)) = protected {
+        let mut st = shared.lock();
+        st.repl.committed = Some((out_off, in_off));
+        st.repl.at = Some(Instant::now());
+        st.send(Out::Msg(Msg::Committed { in_off, out_off }));
+    }
     inner
         .conns
         .lock()
@@ -504,6 +546,8 @@ async fn take_over(
         alternates: inner.cluster.alternates(&inner.id),
         heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
         state_bytes,
+        restart_out,
+        from_replica,
     };
     Ok((shared, start, resumed))
 }
@@ -604,10 +648,13 @@ async fn reader_loop(
                 if st.phase == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
                     st.phase = Phase::Closed;
                     st.tx = None;
+                    let epoch = st.epoch;
                     drop(st);
                     inner.forget(shared.cid);
+                    crate::eager::closed(inner, shared.cid, epoch);
                     return true;
                 }
+                crate::eager::replicate_if_due(inner, shared, &mut st);
             }
             Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
             Frame::Msg(Msg::UpFin { up_total }) => {
@@ -622,8 +669,10 @@ async fn reader_loop(
                 st.phase = Phase::Closed;
                 st.tx = None;
                 st.wake_all();
+                let epoch = st.epoch;
                 drop(st);
                 inner.forget(shared.cid);
+                crate::eager::closed(inner, shared.cid, epoch);
                 return true;
             }
             Frame::Msg(other) => break format!("unexpected {} in a session", msg_name(&other)),

@@ -1,0 +1,277 @@
+//! Eager mode: each connection's newest acknowledged restart point is pushed to the server's
+//! backups before the agent may forget the upstream bytes it covers (COMMITTED), so the
+//! connection survives its server: a destination that cannot reach the origin claims the
+//! replica from a backup, and the agent resends upstream from the replica's offset.
+//!
+//! Fencing: a connection is handed over at most once per epoch. The origin, when it hands a
+//! connection over alive, first claims it at its backups; a destination taking it from a
+//! replica claims it there too; the backups grant one claim per epoch and refuse every older or
+//! claimed update, so an origin that comes back (SIGCONT) can change nothing.
+
+use crate::config::ServerEntry;
+use crate::conn::{ConnState, Phase, Shared};
+use crate::framed::Out;
+use crate::peer;
+use crate::replica::Claimed;
+use crate::server::{Fetch, ServerInner};
+use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
+use mtcp_proto::wire::{Migrate, Mode, Msg, RefuseCode};
+use mtcp_proto::StateRecord;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest output tail a replica carries (a takeover whose restart point lies past the client;
+/// larger ones are not replicated and the connection waits for its next snapshot).
+pub const MAX_REPLICA_TAIL: usize = 4 << 20;
+/// After a failed push, wait this long before trying again.
+const RETRY: Duration = Duration::from_millis(250);
+
+pub(crate) fn eager(inner: &ServerInner) -> bool {
+    inner.cluster.mode == Mode::Eager
+}
+
+/// Replication bookkeeping of one connection at its server.
+#[derive(Debug, Default)]
+pub(crate) struct Repl {
+    /// `(out_off, in_off)` of the restart point the backups hold.
+    pub committed: Option<(u64, u64)>,
+    pub busy: bool,
+    pub retry_at: Option<Instant>,
+    /// When the backups were last updated (refreshed well within their TTL).
+    pub at: Option<Instant>,
+}
+
+/// Why a push failed.
+pub(crate) struct PushError {
+    /// A backup says the connection moved on (it was taken over elsewhere): this server must
+    /// let it go.
+    pub fenced: bool,
+    pub why: String,
+}
+
+/// Pushes an encoded record to every backup of this server; all must store it.
+pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), PushError> {
+    let backups = inner.cluster.backups(&inner.id);
+    let mut errs = Vec::new();
+    let mut fenced = false;
+    for b in &backups {
+        if let Err((code, e)) = peer::replicate(inner, b, rec.clone()).await {
+            fenced |= code == Some(RefuseCode::StaleEpoch);
+            errs.push(e);
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(PushError {
+            fenced,
+            why: errs.join("; "),
+        })
+    }
+}
+
+/// Starts pushing the connection's newest acknowledged restart point to the backups, if there
+/// is a newer one than they hold and no push is running. On success the agent hears COMMITTED.
+pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, st: &mut ConnState) {
+    if !eager(inner) || st.repl.busy || !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+        return;
+    }
+    if st.repl.retry_at.is_some_and(|t| Instant::now() < t) {
+        return;
+    }
+    let Some(snap) = st.s.replicable(st.repl.committed) else {
+        return;
+    };
+    let key = (snap.out_off, snap.in_off);
+    let epoch = st.epoch;
+    let rec = ServerStream::replica_record(shared.cid, epoch, snap).encode();
+    st.repl.busy = true;
+    let (inner, shared) = (inner.clone(), shared.clone());
+    tokio::spawn(async move {
+        let r = push(&inner, rec).await;
+        let mut st = shared.lock();
+        st.repl.busy = false;
+        if st.epoch != epoch || !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+            return;
+        }
+        match r {
+            Ok(()) => {
+                st.repl.committed = Some(key);
+                st.repl.at = Some(Instant::now());
+                st.repl.retry_at = None;
+                st.send(Out::Msg(Msg::Committed {
+                    in_off: key.1,
+                    out_off: key.0,
+                }));
+                replicate_if_due(&inner, &shared, &mut st);
+            }
+            Err(e) if e.fenced => {
+                // Taken over from a replica while this server was unreachable (hung, cut off):
+                // it must never serve the connection again.
+                tracing::warn!(cid = %shared.cid, "connection was taken over elsewhere ({}); letting it go", e.why);
+                st.phase = Phase::Migrated;
+                st.tx = None;
+                st.wake_all();
+                drop(st);
+                inner.forget(shared.cid);
+                inner
+                    .migrated_out
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(cid = %shared.cid, "replication failed: {}; retrying in {RETRY:?}", e.why);
+                st.repl.retry_at = Some(Instant::now() + RETRY);
+            }
+        }
+    });
+}
+
+/// Janitor duty: retry failed pushes and refresh replicas well within the backups' TTL.
+pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant) {
+    let mut st = shared.lock();
+    if st.detached_at.is_some() {
+        return;
+    }
+    if st
+        .repl
+        .at
+        .is_some_and(|t| now.duration_since(t) > inner.limits.replica_ttl / 3)
+    {
+        // Push the newest restart point again even if it is the one they hold.
+        st.repl.committed = None;
+    }
+    replicate_if_due(inner, shared, &mut st);
+}
+
+/// The origin's side of a migration: freeze the connection and, in eager mode, claim it at the
+/// backups so that no destination can also take it from a replica.
+pub(crate) async fn hand_over(inner: &Arc<ServerInner>, f: &Fetch) -> Result<StateRecord, Refusal> {
+    let rec = inner.freeze_local(f).await?;
+    if !eager(inner) {
+        return Ok(rec);
+    }
+    for b in inner.cluster.backups(&inner.id) {
+        match peer::claim(inner, &b, f.cid, f.epoch).await {
+            Ok(_) => {}
+            Err((RefuseCode::OriginUnreachable, why)) => {
+                tracing::warn!(cid = %f.cid, "cannot fence backup: {why}");
+            }
+            Err((code, why)) => {
+                tracing::warn!(cid = %f.cid, "connection was taken over from a replica meanwhile: {why}");
+                return Err((code, why));
+            }
+        }
+    }
+    Ok(rec)
+}
+
+/// A destination that cannot reach the origin: claims the connection at the origin's backups
+/// and builds the record for the client's position from the newest replica. With no replica
+/// anywhere, the connection restarts from its beginning when the agent still has everything
+/// from there.
+pub(crate) async fn take_from_replica(
+    inner: &Arc<ServerInner>,
+    origin: &ServerEntry,
+    m: &Migrate,
+) -> Result<(StateRecord, u64), Refusal> {
+    let backups = inner.cluster.backups(&origin.id);
+    let mut best: Option<(StateRecord, u64)> = None;
+    let mut reached = 0;
+    let mut unreachable = Vec::new();
+    for b in &backups {
+        let r = if b.id == inner.id {
+            inner.replicas.claim(m.cid, m.epoch, &inner.id)
+        } else {
+            peer::claim(inner, b, m.cid, m.epoch).await
+        };
+        match r {
+            Ok(Claimed::Record(bytes)) => {
+                reached += 1;
+                let rec = StateRecord::decode(&bytes)
+                    .map_err(|e| (RefuseCode::Internal, format!("replica at {}: {e}", b.id)))?;
+                if rec.cid != m.cid || rec.epoch != m.epoch {
+                    return Err((
+                        RefuseCode::Internal,
+                        format!("backup {} sent the replica of another connection", b.id),
+                    ));
+                }
+                let newer = best
+                    .as_ref()
+                    .is_none_or(|(r, _)| (rec.snap_out, rec.snap_in) > (r.snap_out, r.snap_in));
+                if newer {
+                    best = Some((rec, bytes.len() as u64));
+                }
+            }
+            Ok(Claimed::Nothing) => reached += 1,
+            Err((RefuseCode::OriginUnreachable, why)) => unreachable.push(why),
+            Err(e) => return Err(e),
+        }
+    }
+    if reached == 0 {
+        return Err((
+            RefuseCode::OriginUnreachable,
+            format!(
+                "origin {} and its backups are unreachable: {}",
+                origin.id,
+                unreachable.join("; ")
+            ),
+        ));
+    }
+    let (rec, size) = match best {
+        Some(x) => x,
+        None => {
+            // No snapshot was ever committed: the implicit restart point of a new connection.
+            let start = Snap {
+                state: None,
+                in_off: 0,
+                out_off: 0,
+            };
+            let rec = ServerStream::replica_record(m.cid, m.epoch, &start);
+            let n = rec.encode().len() as u64;
+            (rec, n)
+        }
+    };
+    let rec = replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?;
+    Ok((rec, size))
+}
+
+/// After a takeover: push the restart point to this server's backups before the agent hears
+/// RESUMED, so the connection survives this server from its first byte here. Returns
+/// `(out_off, in_off)` of what the backups hold, or `None` when nothing could be pushed.
+pub(crate) async fn protect_takeover(
+    inner: &Arc<ServerInner>,
+    rec: &StateRecord,
+    epoch: u64,
+) -> Option<(u64, u64)> {
+    if !eager(inner) || rec.tail.len() > MAX_REPLICA_TAIL {
+        return None;
+    }
+    let snap = Snap {
+        state: rec.snapshot.clone(),
+        in_off: rec.snap_in,
+        out_off: rec.snap_out,
+    };
+    let mut r = ServerStream::replica_record(rec.cid, epoch, &snap);
+    // Bytes before the restart point the client still lacks (from its position).
+    r.tail = rec.tail.clone();
+    match push(inner, r.encode()).await {
+        Ok(()) => Some((rec.snap_out, rec.snap_in)),
+        Err(e) => {
+            tracing::warn!(cid = %rec.cid, "cannot replicate the taken-over connection yet: {}", e.why);
+            None
+        }
+    }
+}
+
+/// The connection ended in order at `epoch`: the backups may forget it.
+pub(crate) fn closed(inner: &Arc<ServerInner>, cid: mtcp_proto::Cid, epoch: u64) {
+    if !eager(inner) {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        for b in inner.cluster.backups(&inner.id) {
+            peer::drop_replica(&inner, &b, cid, epoch).await;
+        }
+    });
+}

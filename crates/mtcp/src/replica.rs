@@ -1,0 +1,265 @@
+//! Eager mode, backup side: the newest state record of each connection other servers replicate
+//! here, with the claims that fence a connection once it has moved.
+//!
+//! One entry per connection: the record at its epoch, or a *tombstone* (no record) left by a
+//! claim. An entry is claimed at most once per epoch — the first destination to claim it (or
+//! the origin handing the connection over alive) wins, every later claim and every update from
+//! an older or claimed epoch is refused. Memory is bounded (`max_bytes`) and entries not
+//! refreshed for `ttl` are forgotten.
+
+use mtcp_proto::stream::Refusal;
+use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::{Cid, StateRecord};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes an entry is charged beyond its record (map slot, keys).
+const ENTRY_OVERHEAD: usize = 128;
+
+struct Entry {
+    epoch: u64,
+    /// The encoded record; empty for a tombstone.
+    rec: Vec<u8>,
+    in_off: u64,
+    out_off: u64,
+    claimed: bool,
+    from: String,
+    updated: Instant,
+}
+
+/// What a successful claim hands over.
+#[derive(Debug)]
+pub enum Claimed {
+    /// The newest replica at the claimed epoch (encoded record).
+    Record(Vec<u8>),
+    /// No replica at that epoch; the claim is recorded all the same.
+    Nothing,
+}
+
+pub(crate) struct ReplicaStore {
+    map: Mutex<(HashMap<Cid, Entry>, usize)>,
+    max_bytes: usize,
+    ttl: Duration,
+}
+
+impl ReplicaStore {
+    pub fn new(max_bytes: usize, ttl: Duration) -> Self {
+        Self {
+            map: Mutex::new((HashMap::new(), 0)),
+            max_bytes,
+            ttl,
+        }
+    }
+
+    fn charge(e: &Entry) -> usize {
+        e.rec.len() + ENTRY_OVERHEAD
+    }
+
+    /// Stores `bytes` (an encoded record) from server `from`. Returns the record's cid, epoch and
+    /// snapshot `out_off` as stored.
+    pub fn store(&self, from: &str, bytes: Vec<u8>) -> Result<(Cid, u64, u64), Refusal> {
+        let rec = StateRecord::decode(&bytes)
+            .map_err(|e| (RefuseCode::Malformed, format!("replica: {e}")))?;
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if let Some(e) = map.get(&rec.cid) {
+            if e.epoch > rec.epoch || (e.epoch == rec.epoch && e.claimed) {
+                return Err((
+                    RefuseCode::StaleEpoch,
+                    format!(
+                        "connection {} moved on (epoch {}{}); update for epoch {} refused",
+                        rec.cid,
+                        e.epoch,
+                        if e.claimed { ", claimed" } else { "" },
+                        rec.epoch
+                    ),
+                ));
+            }
+            if e.epoch == rec.epoch && (e.out_off, e.in_off) > (rec.snap_out, rec.snap_in) {
+                // A late, older update: keep the newer one.
+                return Ok((rec.cid, e.epoch, e.out_off));
+            }
+        }
+        let entry = Entry {
+            epoch: rec.epoch,
+            in_off: rec.snap_in,
+            out_off: rec.snap_out,
+            rec: bytes,
+            claimed: false,
+            from: from.to_string(),
+            updated: Instant::now(),
+        };
+        let old = map.get(&rec.cid).map_or(0, Self::charge);
+        let new_used = *used - old + Self::charge(&entry);
+        if new_used > self.max_bytes {
+            return Err((
+                RefuseCode::Busy,
+                format!(
+                    "replica memory full ({} of {} bytes used)",
+                    *used, self.max_bytes
+                ),
+            ));
+        }
+        *used = new_used;
+        let out = (rec.cid, rec.epoch, rec.snap_out);
+        map.insert(rec.cid, entry);
+        Ok(out)
+    }
+
+    /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds.
+    pub fn claim(&self, cid: Cid, epoch: u64, by: &str) -> Result<Claimed, Refusal> {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if let Some(e) = map.get_mut(&cid) {
+            if e.epoch > epoch {
+                return Err((
+                    RefuseCode::StaleEpoch,
+                    format!("connection {cid} is at epoch {} here, not {epoch}", e.epoch),
+                ));
+            }
+            if e.epoch == epoch {
+                if e.claimed {
+                    return Err((
+                        RefuseCode::StaleEpoch,
+                        format!(
+                            "connection {cid} at epoch {epoch} was already taken over ({})",
+                            e.from
+                        ),
+                    ));
+                }
+                e.claimed = true;
+                e.updated = Instant::now();
+                let rec = std::mem::take(&mut e.rec);
+                *used -= rec.len();
+                e.from = format!("claimed by {by}");
+                return Ok(if rec.is_empty() {
+                    Claimed::Nothing
+                } else {
+                    Claimed::Record(rec)
+                });
+            }
+        }
+        // No entry, or one from an older epoch: leave a claimed tombstone.
+        let old = map.get(&cid).map_or(0, Self::charge);
+        let t = Entry {
+            epoch,
+            rec: Vec::new(),
+            in_off: 0,
+            out_off: 0,
+            claimed: true,
+            from: format!("claimed by {by}"),
+            updated: Instant::now(),
+        };
+        *used = *used - old + Self::charge(&t);
+        map.insert(cid, t);
+        Ok(Claimed::Nothing)
+    }
+
+    /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
+    pub fn drop_upto(&self, cid: Cid, epoch: u64) {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if map
+            .get(&cid)
+            .is_some_and(|e| e.epoch <= epoch && !e.claimed)
+        {
+            let e = map.remove(&cid).expect("present");
+            *used -= Self::charge(&e);
+        }
+    }
+
+    /// Forgets entries not refreshed within the TTL; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        let before = map.len();
+        let ttl = self.ttl;
+        map.retain(|_, e| {
+            let keep = now.duration_since(e.updated) <= ttl;
+            if !keep {
+                *used -= Self::charge(e);
+            }
+            keep
+        });
+        before - map.len()
+    }
+
+    /// (entries, bytes charged).
+    pub fn usage(&self) -> (usize, usize) {
+        let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        (g.0.len(), g.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rec(cid: u8, epoch: u64, out: u64) -> Vec<u8> {
+        StateRecord {
+            cid: Cid([cid; 16]),
+            epoch,
+            snapshot: Some(Bytes::from_static(b"snap")),
+            snap_in: out / 2,
+            snap_out: out,
+            input: Bytes::new(),
+            up_fin: None,
+            tail: Bytes::new(),
+            checks: vec![],
+        }
+        .encode()
+    }
+
+    #[test]
+    fn exactly_one_claim_wins_and_fences_older_updates() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        s.store("s1", rec(1, 3, 100)).unwrap();
+        // An older update arriving late does not replace the newer record.
+        assert_eq!(s.store("s1", rec(1, 3, 50)).unwrap().2, 100);
+        let Claimed::Record(r) = s.claim(Cid([1; 16]), 3, "s2").unwrap() else {
+            panic!("expected the record")
+        };
+        assert_eq!(StateRecord::decode(&r).unwrap().snap_out, 100);
+        assert_eq!(
+            s.claim(Cid([1; 16]), 3, "s3").unwrap_err().0,
+            RefuseCode::StaleEpoch
+        );
+        // The old origin wakes up and replicates again: refused.
+        assert_eq!(
+            s.store("s1", rec(1, 3, 200)).unwrap_err().0,
+            RefuseCode::StaleEpoch
+        );
+        // The new owner's epoch replaces the fence.
+        s.store("s2", rec(1, 4, 300)).unwrap();
+        assert_eq!(
+            s.claim(Cid([1; 16]), 3, "s3").unwrap_err().0,
+            RefuseCode::StaleEpoch
+        );
+        // A claim with nothing stored leaves a tombstone that still fences.
+        assert!(matches!(
+            s.claim(Cid([2; 16]), 0, "s2").unwrap(),
+            Claimed::Nothing
+        ));
+        assert!(s.claim(Cid([2; 16]), 0, "s3").is_err());
+        assert!(s.store("s1", rec(2, 0, 10)).is_err());
+    }
+
+    #[test]
+    fn memory_is_bounded_and_entries_expire() {
+        let one = rec(1, 0, 1).len() + ENTRY_OVERHEAD;
+        let s = ReplicaStore::new(2 * one, Duration::from_millis(0));
+        s.store("s1", rec(1, 0, 1)).unwrap();
+        s.store("s1", rec(2, 0, 1)).unwrap();
+        assert_eq!(s.store("s1", rec(3, 0, 1)).unwrap_err().0, RefuseCode::Busy);
+        // Replacing an entry does not need more room.
+        s.store("s1", rec(2, 0, 2)).unwrap();
+        s.drop_upto(Cid([1; 16]), 0);
+        assert_eq!(s.usage(), (1, one));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(s.expire(Instant::now()), 1);
+        assert_eq!(s.usage(), (0, 0));
+        assert!(s.store("s1", b"garbage".to_vec()).is_err());
+    }
+}
