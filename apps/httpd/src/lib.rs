@@ -139,6 +139,10 @@ pub struct Config {
     pub snapshot_every: u64,
     /// Size of the file chunks read and written (at least 1).
     pub chunk_size: usize,
+    /// Test hook: XOR every body byte with this key. A cluster whose servers pick different
+    /// keys is a deliberately non-deterministic application (a restart regenerates different
+    /// bytes), which M-TCP must catch rather than hand the client a corrupted stream.
+    pub scramble: Option<u8>,
 }
 
 impl Config {
@@ -148,6 +152,7 @@ impl Config {
             root: root.into(),
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            scramble: None,
         }
     }
 }

@@ -264,6 +264,7 @@ where
             body.head().render(&mut first);
         }
         let prefix = first.len();
+        let mut head_len = prefix;
         let mut len = chunk_at(body.sent);
         let mut task = files::spawn_read(file, first, prefix, body.start + body.sent, len);
         loop {
@@ -278,6 +279,11 @@ where
                     next_len,
                 )
             });
+            let mut buf = buf;
+            if let Some(k) = self.cfg.scramble {
+                buf[head_len..].iter_mut().for_each(|b| *b ^= k);
+            }
+            head_len = 0;
             self.conn.write_all(&buf).await?;
             spare.push(buf);
             body.sent = sent;

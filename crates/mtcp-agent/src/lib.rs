@@ -60,6 +60,24 @@ pub struct MigrationEvent {
     pub state_bytes: Option<u64>,
     /// Why candidates refused, if any did.
     pub refusals: Vec<String>,
+    /// When the trigger fired, on the machine's monotonic clock (CLOCK_MONOTONIC, µs), so
+    /// another process can relate it to its own events (a benchmark's kill).
+    #[serde(default)]
+    pub trigger_mono_us: Option<u64>,
+    /// Whether the destination took the state from a backup's replica (origin unreachable).
+    #[serde(default)]
+    pub from_replica: bool,
+}
+
+/// Now on CLOCK_MONOTONIC, in microseconds (the clock `std::time::Instant` uses on Linux).
+pub fn mono_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 /// What `mtcp status` shows of one connection.

@@ -27,6 +27,77 @@ const DOWN_READ: usize = 256 << 10;
 struct Session {
     reader: FrameReader<OwnedReadHalf>,
     w: OwnedWriteHalf,
+    /// Eager mode: the watch connection's end (the server process died).
+    watch: Option<Watch>,
+}
+
+/// A watch connection to the session's server (see [`Msg::Watch`]), held by a task that
+/// reports why it ended; dropping it closes the connection.
+struct Watch {
+    ended: tokio::sync::oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens a watch connection to the server at `addr` for the connection at `epoch`.
+///
+/// The server beats every `heartbeat`; `silence` without one (three beats plus a margin for
+/// scheduling, at least 200 ms) counts as a hung server.
+fn spawn_watch(
+    addr: String,
+    cid: Cid,
+    epoch: u64,
+    token: Token,
+    limit: Duration,
+    heartbeat: Duration,
+) -> Watch {
+    let silence = (heartbeat * 3 + Duration::from_millis(20)).max(Duration::from_millis(200));
+    let (tx, ended) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let m = Msg::Watch { cid, epoch, token };
+        match connect(&addr, limit, &m).await {
+            Ok((mut r, _w)) => match r.next_msg(limit).await {
+                Ok(Msg::Heartbeat) => {
+                    // Only heartbeats come, never queued behind data: their end (EOF, reset)
+                    // means the server process is gone, their absence that it hangs. `_w` stays
+                    // open: closing our side would end the watch.
+                    let why = loop {
+                        match r.next_msg(silence).await {
+                            Ok(Msg::Heartbeat) => continue,
+                            Err(ChannelError::Timeout) => {
+                                break format!(
+                                    "server silent on its watch connection for {silence:?}"
+                                )
+                            }
+                            Err(e) => {
+                                break format!(
+                                    "its watch connection ended ({e}): server process gone"
+                                )
+                            }
+                            Ok(other) => {
+                                break format!("unexpected {other:?} on the watch connection")
+                            }
+                        }
+                    };
+                    let _ = tx.send(why);
+                    return;
+                }
+                Ok(other) => tracing::debug!(%cid, "watch not accepted: {other:?}"),
+                Err(e) => tracing::debug!(%cid, "watch not accepted: {e}"),
+            },
+            Err(e) => tracing::debug!(%cid, "cannot open a watch connection: {e}"),
+        }
+        // No watch: the session alone tells when the server is gone. Keep `tx` so the relay
+        // does not take its drop for a death.
+        std::future::pending::<()>().await;
+        drop(tx);
+    });
+    Watch { ended, task }
 }
 
 /// What the agent knows of the connection across sessions.
@@ -47,6 +118,7 @@ struct Conn {
     /// The migration whose first resumed byte is awaited: (trigger time, index in timeline).
     awaiting_first_byte: Option<(Instant, usize)>,
     last_state_bytes: u64,
+    last_from_replica: bool,
     /// Eager mode: upstream is retained back to the snapshot a backup holds (COMMITTED), and
     /// downstream checksum ranges are kept from there.
     eager: bool,
@@ -244,9 +316,20 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
                     status,
                     awaiting_first_byte: None,
                     last_state_bytes: 0,
+                    last_from_replica: false,
                     eager,
                 };
-                return Ok((Session { reader, w }, conn));
+                let watch = eager.then(|| {
+                    spawn_watch(
+                        addr.clone(),
+                        conn.cid,
+                        conn.epoch,
+                        conn.token,
+                        inner.cfg.connect_timeout,
+                        conn.heartbeat,
+                    )
+                });
+                return Ok((Session { reader, w, watch }, conn));
             }
             Err(e) => {
                 tracing::warn!(server = %addr, "cannot open a session: {e}");
@@ -368,6 +451,12 @@ async fn run(
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
                 }
             },
+            why = async { (&mut s.watch.as_mut().expect("checked").ended).await }, if s.watch.is_some() => {
+                match why {
+                    Ok(why) => return session_broke(conn, &why),
+                    Err(_) => s.watch = None,
+                }
+            }
             Some(req) = cmd.recv() => {
                 if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
                     // Refuse before touching the session: a typo must not break a live connection.
@@ -588,6 +677,10 @@ async fn migrate(
                         first_byte_us: None,
                         state_bytes: Some(conn.last_state_bytes),
                         refusals: refusals.clone(),
+                        trigger_mono_us: Some(
+                            crate::mono_us().saturating_sub(t0.elapsed().as_micros() as u64),
+                        ),
+                        from_replica: conn.last_from_replica,
                     });
                     st.timeline.len() - 1
                 };
@@ -616,6 +709,8 @@ async fn migrate(
             first_byte_us: None,
             state_bytes: None,
             refusals,
+            trigger_mono_us: Some(crate::mono_us().saturating_sub(t0.elapsed().as_micros() as u64)),
+            from_replica: false,
         });
     Err(if why.is_empty() {
         "no server to move to".into()
@@ -682,6 +777,7 @@ async fn try_resume(
     }
     conn.epoch = r.epoch;
     conn.last_state_bytes = r.state_bytes;
+    conn.last_from_replica = r.from_replica;
     conn.token = r.token;
     conn.server = r.server;
     conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
@@ -700,5 +796,15 @@ async fn try_resume(
     framed::write_frames(&mut w, &items)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(Session { reader, w })
+    let watch = conn.eager.then(|| {
+        spawn_watch(
+            cand.data.clone(),
+            conn.cid,
+            conn.epoch,
+            conn.token,
+            inner.cfg.connect_timeout,
+            conn.heartbeat,
+        )
+    });
+    Ok(Session { reader, w, watch })
 }

@@ -283,6 +283,15 @@ pub enum Msg {
     /// Origin → destination: the FETCH arrived and is being worked on (the origin is alive,
     /// maybe waiting for a `lock_state` section to end).
     Working,
+    /// Agent → server, first message of a *watch* connection (eager mode): a second TCP
+    /// connection that carries nothing after the server's HEARTBEAT answer. Its end tells the
+    /// agent at once that the server process died, while the session may still be delivering
+    /// bytes the dead process had already written.
+    Watch {
+        cid: Cid,
+        epoch: u64,
+        token: Token,
+    },
 }
 
 /// A decoded frame.
@@ -488,6 +497,11 @@ mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),
+            (cid.clone(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(cid, epoch, t)| Msg::Watch {
+                cid,
+                epoch,
+                token: Token(t)
+            }),
             (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
                 .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),
         ]

@@ -397,11 +397,15 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 }
             }
         }
+        Msg::Watch { cid, epoch, token } => {
+            watch(&inner, reader, w, cid, epoch, token).await;
+            return;
+        }
         other => {
             refuse(
                 &mut w,
                 RefuseCode::Malformed,
-                format!("expected HELLO or MIGRATE, got {}", msg_name(&other)),
+                format!("expected HELLO, MIGRATE or WATCH, got {}", msg_name(&other)),
             )
             .await;
             return;
@@ -428,6 +432,67 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
     } else {
         writer.abort();
+    }
+}
+
+/// A watch connection: heartbeats only, until the agent closes it — so that it ends only when
+/// the agent is done with it or this process dies, and falls silent only when this process
+/// hangs. Held at most for the dead-session bound after the connection left this server.
+async fn watch(
+    inner: &Arc<ServerInner>,
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut w: OwnedWriteHalf,
+    cid: Cid,
+    epoch: u64,
+    token: mtcp_proto::Token,
+) {
+    if !inner.cluster.key.check_token(cid, epoch, &token) {
+        refuse(
+            &mut w,
+            RefuseCode::BadToken,
+            format!("token does not match connection {cid} at epoch {epoch}"),
+        )
+        .await;
+        return;
+    }
+    match inner.get(&cid) {
+        Some(c) if c.lock().epoch == epoch => {}
+        _ => {
+            refuse(
+                &mut w,
+                RefuseCode::UnknownConnection,
+                format!(
+                    "server {} does not serve connection {cid} at epoch {epoch}",
+                    inner.id
+                ),
+            )
+            .await;
+            return;
+        }
+    }
+    let mut gone_since: Option<Instant> = None;
+    let mut beat = tokio::time::interval(inner.cluster.heartbeat);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            // The agent closed it, or sent something it should not have.
+            _ = reader.next() => return,
+            _ = beat.tick() => {
+                // Heartbeats here are never queued behind data: a hung process is seen at once.
+                if framed::write_msg(&mut w, &Msg::Heartbeat).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = check.tick() => {}
+        }
+        let here = inner.get(&cid).is_some_and(|c| c.lock().epoch == epoch);
+        if here {
+            gone_since = None;
+        } else if gone_since.get_or_insert_with(Instant::now).elapsed() > inner.limits.dead_session
+        {
+            return;
+        }
     }
 }
 
