@@ -764,8 +764,11 @@ async fn try_resume(
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
     if conn.eager {
-        // Keep the checksum ranges from the destination's restart point: its backups hold that
-        // point now, and a later takeover from a replica checks from there.
+        // The live range restarts at our position (where the destination's output log and its
+        // idea of our checksum start), and the ranges before it are kept from the destination's
+        // restart point: its backups hold that point now, and a later takeover from a replica
+        // checks from there.
+        conn.down.cut_here();
         conn.down.retain_from(r.restart_out);
     } else {
         // The destination checked everything up to our position with the origin: the

@@ -64,6 +64,7 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         log: "info".into(),
         snapshot_every: None,
         server_args: Vec::new(),
+        ..Default::default()
     };
     let mut lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?;
     for s in &lc.servers {

@@ -2,6 +2,7 @@
 //! benchmarks and the end-to-end tests), a small HTTP client, the demo and the benchmarks.
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod local;

@@ -2,6 +2,7 @@
 //! agent, talks to their admin ports, and kills every process it started (by PID) when dropped.
 
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -49,14 +50,32 @@ pub struct ServerAddrs {
     pub admin: String,
 }
 
-/// Writes a cluster file for `n` servers `s1..sN` on free loopback ports; returns its path and
-/// the servers.
-pub fn write_cluster(dir: &Path, n: usize) -> Result<(PathBuf, Vec<ServerAddrs>)> {
-    let key: [u8; 32] = rand::random();
+/// Writes a cluster file for `n` servers `s1..sN` on free loopback ports with a fresh random
+/// key, `mode = "{mode}"` and, if given, `replicas = N`; returns its path and the servers.
+pub fn write_cluster(
+    dir: &Path,
+    n: usize,
+    mode: &str,
+    replicas: Option<u32>,
+) -> Result<(PathBuf, Vec<ServerAddrs>)> {
+    write_cluster_with_key(dir, n, mode, replicas, &rand::random())
+}
+
+/// [`write_cluster`] with a given key.
+pub fn write_cluster_with_key(
+    dir: &Path,
+    n: usize,
+    mode: &str,
+    replicas: Option<u32>,
+    key: &[u8; 32],
+) -> Result<(PathBuf, Vec<ServerAddrs>)> {
     let mut text = format!(
-        "key = \"{}\"\nmode = \"lazy\"\nheartbeat_ms = 100\n",
+        "key = \"{}\"\nmode = \"{mode}\"\nheartbeat_ms = 100\n",
         hex::encode(key)
     );
+    if let Some(r) = replicas {
+        text += &format!("replicas = {r}\n");
+    }
     let mut servers = Vec::new();
     for i in 1..=n {
         let s = ServerAddrs {
@@ -76,6 +95,18 @@ pub fn write_cluster(dir: &Path, n: usize) -> Result<(PathBuf, Vec<ServerAddrs>)
     Ok((path, servers))
 }
 
+/// Waits until `addr` accepts TCP connections, from async code (does not block the thread).
+pub async fn wait_listening_async(addr: &str, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("nothing listens on {addr} after {limit:?}")
+}
+
 /// Waits until `addr` accepts TCP connections.
 pub fn wait_listening(addr: &str, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
@@ -93,12 +124,27 @@ pub struct LocalCluster {
     pub exe: PathBuf,
     pub dir: PathBuf,
     pub cluster_file: PathBuf,
+    /// The cluster key (also in the cluster file), for the servers' admin ports.
+    pub key: mtcp::proto::ClusterKey,
     pub servers: Vec<ServerAddrs>,
     pub agent_listen: String,
     pub agent_admin: String,
     /// Plain-TCP (no M-TCP) listener of server 1, for baselines.
     pub plain: Option<String>,
-    children: Vec<(String, Child)>,
+    children: Vec<Proc>,
+    /// The arguments every process was started with, by name (kept after it is killed, for
+    /// [`LocalCluster::restart_server`]).
+    args: HashMap<String, Vec<String>>,
+    /// `RUST_LOG` for the children.
+    log: String,
+}
+
+/// A started process.
+struct Proc {
+    name: String,
+    child: Child,
+    /// Sent SIGSTOP and not SIGCONT since.
+    stopped: bool,
 }
 
 /// Options for [`LocalCluster::start`].
@@ -112,22 +158,46 @@ pub struct LocalOptions {
     pub snapshot_every: Option<u64>,
     /// Extra arguments for every `mtcp server` (before the application subcommand).
     pub server_args: Vec<String>,
+    /// The cluster file's `mode` (`"lazy"` or `"eager"`).
+    pub mode: String,
+    /// The cluster file's `replicas = N`, written only when set.
+    pub replicas: Option<u32>,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            servers: 3,
+            root: PathBuf::from("www"),
+            plain_baseline: false,
+            log: "info".into(),
+            snapshot_every: None,
+            server_args: Vec::new(),
+            mode: "lazy".into(),
+            replicas: None,
+        }
+    }
 }
 
 impl LocalCluster {
     /// Starts `opts.servers` servers running the HTTP app on `opts.root`, and an agent.
     /// Logs go to `dir/<name>.log`.
     pub fn start(exe: &Path, dir: &Path, opts: &LocalOptions) -> Result<Self> {
-        let (cluster_file, servers) = write_cluster(dir, opts.servers)?;
+        let key: [u8; 32] = rand::random();
+        let (cluster_file, servers) =
+            write_cluster_with_key(dir, opts.servers, &opts.mode, opts.replicas, &key)?;
         let mut lc = LocalCluster {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             cluster_file,
+            key: mtcp::proto::ClusterKey::from_bytes(key),
             servers: servers.clone(),
             agent_listen: format!("127.0.0.1:{}", free_port()),
             agent_admin: format!("127.0.0.1:{}", free_port()),
             plain: None,
             children: Vec::new(),
+            args: HashMap::new(),
+            log: opts.log.clone(),
         };
         for (i, s) in servers.iter().enumerate() {
             let mut args: Vec<String> = vec![
@@ -153,11 +223,11 @@ impl LocalCluster {
                 args.push(p.clone());
                 lc.plain = Some(p);
             }
-            lc.spawn(&s.id, &args, &opts.log)?;
+            lc.spawn(&s.id, &args, false)?;
         }
         for s in &servers {
-            wait_listening(&s.data, Duration::from_secs(10))?;
-            wait_listening(&s.admin, Duration::from_secs(10))?;
+            lc.wait_up(&s.data, &s.id)?;
+            lc.wait_up(&s.admin, &s.id)?;
         }
         let connect = servers
             .iter()
@@ -173,35 +243,198 @@ impl LocalCluster {
             "--admin".into(),
             lc.agent_admin.clone(),
         ];
-        lc.spawn("agent", &args, &opts.log)?;
-        wait_listening(&lc.agent_listen, Duration::from_secs(10))?;
-        wait_listening(&lc.agent_admin, Duration::from_secs(10))?;
-        if let Some(p) = &lc.plain {
-            wait_listening(p, Duration::from_secs(10))?;
+        lc.spawn("agent", &args, false)?;
+        let (listen, admin) = (lc.agent_listen.clone(), lc.agent_admin.clone());
+        lc.wait_up(&listen, "agent")?;
+        lc.wait_up(&admin, "agent")?;
+        if let Some(p) = lc.plain.clone() {
+            lc.wait_up(&p, "s1")?;
         }
         Ok(lc)
     }
 
-    fn spawn(&mut self, name: &str, args: &[String], log: &str) -> Result<()> {
-        let logf = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+    /// Waits until `addr` listens; if process `name` exits meanwhile, says so with the last
+    /// line of its log (e.g. a cluster file the server refuses) instead of waiting it out.
+    fn wait_up(&mut self, addr: &str, name: &str) -> Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(());
+            }
+            self.check_alive()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{name}: nothing listens on {addr} after 10 s")
+    }
+
+    /// Starts `mtcp ARGS…` as process `name`; its output goes to `dir/<name>.log` (appended
+    /// to when `append`, e.g. for a restarted server).
+    fn spawn(&mut self, name: &str, args: &[String], append: bool) -> Result<()> {
+        let path = self.dir.join(format!("{name}.log"));
+        let logf = if append {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?
+        } else {
+            std::fs::File::create(&path)?
+        };
         let child = Command::new(&self.exe)
             .args(args)
-            .env("RUST_LOG", log)
+            .env("RUST_LOG", &self.log)
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .spawn()
             .with_context(|| format!("starting {} {}", self.exe.display(), args.join(" ")))?;
-        self.children.push((name.to_string(), child));
+        self.children.push(Proc {
+            name: name.to_string(),
+            child,
+            stopped: false,
+        });
+        self.args.insert(name.to_string(), args.to_vec());
         Ok(())
+    }
+
+    fn proc_mut(&mut self, name: &str) -> Result<&mut Proc> {
+        self.children
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no running process {name}"))
     }
 
     /// PID of a started process (`s1`, `agent`, …).
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.children
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.id())
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
+    }
+
+    /// Whether process `name` was started and not killed (it may have exited on its own; see
+    /// [`LocalCluster::check_alive`]).
+    pub fn is_started(&self, name: &str) -> bool {
+        self.children.iter().any(|p| p.name == name)
+    }
+
+    /// Whether process `name` is stopped by [`LocalCluster::sigstop`].
+    pub fn is_stopped(&self, name: &str) -> bool {
+        self.children.iter().any(|p| p.name == name && p.stopped)
+    }
+
+    /// SIGKILLs process `name` (by its PID) and reaps it. It can be started again with
+    /// [`LocalCluster::restart_server`].
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .children
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no running process {name}"))?;
+        let mut p = self.children.remove(i);
+        // Child::kill is SIGKILL by PID (a no-op error if it already exited); wait reaps it.
+        let _ = p.child.kill();
+        p.child.wait().with_context(|| format!("reaping {name}"))?;
+        Ok(())
+    }
+
+    /// Sends `sig` to process `name` by its PID.
+    fn signal(&mut self, name: &str, sig: i32) -> Result<&mut Proc> {
+        let p = self.proc_mut(name)?;
+        let pid = p.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on a child this cluster started and has not reaped (so the PID is
+        // still ours).
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            bail!(
+                "kill({pid}, {sig}) for {name}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(p)
+    }
+
+    /// SIGSTOPs process `name`: it stays alive but runs no more (a hung server).
+    pub fn sigstop(&mut self, name: &str) -> Result<()> {
+        self.signal(name, libc::SIGSTOP)?.stopped = true;
+        Ok(())
+    }
+
+    /// SIGCONTs process `name` after [`LocalCluster::sigstop`].
+    pub fn sigcont(&mut self, name: &str) -> Result<()> {
+        self.signal(name, libc::SIGCONT)?.stopped = false;
+        Ok(())
+    }
+
+    /// Starts a fresh `mtcp server` with the id and arguments server `id` was first started
+    /// with (after [`LocalCluster::kill`], or after it exited on its own), and waits until its
+    /// data and admin ports listen.
+    pub fn restart_server(&mut self, id: &str) -> Result<()> {
+        let s = self.spawn_again(id)?;
+        self.wait_up(&s.data, id)?;
+        self.wait_up(&s.admin, id)
+    }
+
+    /// [`LocalCluster::restart_server`] from async code: waits without blocking the thread.
+    pub async fn restart_server_async(&mut self, id: &str) -> Result<()> {
+        let s = self.spawn_again(id)?;
+        wait_listening_async(&s.data, Duration::from_secs(10)).await?;
+        wait_listening_async(&s.admin, Duration::from_secs(10)).await
+    }
+
+    fn spawn_again(&mut self, id: &str) -> Result<ServerAddrs> {
+        let s = self
+            .servers
+            .iter()
+            .find(|s| s.id == id)
+            .with_context(|| format!("unknown server {id}"))?
+            .clone();
+        if let Some(p) = self.children.iter_mut().find(|p| p.name == id) {
+            if p.child.try_wait()?.is_none() {
+                bail!("server {id} is still running");
+            }
+            self.children.retain(|p| p.name != id);
+        }
+        let args = self.args.get(id).cloned().context("no arguments kept")?;
+        self.spawn(id, &args, true)?;
+        Ok(s)
+    }
+
+    /// Removes started processes that exited on their own; returns their names and statuses.
+    pub fn reap_exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        let mut gone = Vec::new();
+        self.children.retain_mut(|p| match p.child.try_wait() {
+            Ok(Some(st)) => {
+                gone.push((p.name.clone(), st));
+                false
+            }
+            _ => true,
+        });
+        gone
+    }
+
+    /// The admin address of server `id`.
+    pub fn admin_of(&self, id: &str) -> Result<&str> {
+        self.servers
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.admin.as_str())
+            .with_context(|| format!("unknown server {id}"))
+    }
+
+    /// `mtcp drain` of server `id`: waits until no connection with an agent is left on it.
+    pub async fn drain(&self, id: &str, timeout: Duration) -> Result<()> {
+        drain_server(self.admin_of(id)?, &self.key, id, timeout).await?;
+        Ok(())
+    }
+
+    /// Ends a drain of server `id`: it accepts new and migrated connections again.
+    pub async fn undrain(&self, id: &str) -> Result<()> {
+        use mtcp::proto::wire::Msg;
+        let st =
+            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, Msg::AdminUndrain).await?;
+        if st.draining {
+            bail!("{id} still says it is draining");
+        }
+        Ok(())
     }
 
     /// Runs `mtcp ARGS…` to completion and returns its stdout (error with stderr on failure).
@@ -242,16 +475,27 @@ impl LocalCluster {
     /// Moves every live connection of the agent (`mtcp migrate --all`); errors unless at least
     /// one moved and none failed.
     pub async fn migrate_all(&self) -> Result<()> {
+        self.migrate(None, None).await.map(|_| ())
+    }
+
+    /// Moves connection `cid` (every live one when `None`; `mtcp migrate --conn CID` /
+    /// `--all`), to server `to` or the agent's choice. Returns `(cid, new server)` of each;
+    /// errors unless at least one moved and none failed.
+    pub async fn migrate(
+        &self,
+        cid: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<Vec<(String, String)>> {
         use mtcp_agent::admin::{request, Request, Response};
         let req = Request::Migrate {
-            conn: None,
-            to: None,
+            conn: cid.map(str::to_string),
+            to: to.map(str::to_string),
         };
         match request(&self.agent_admin, &req).await {
             Ok(Response::Migrated { results })
                 if !results.is_empty() && results.iter().all(|r| r.ok) =>
             {
-                Ok(())
+                Ok(results.into_iter().map(|r| (r.cid, r.detail)).collect())
             }
             other => bail!("migration failed: {other:?}"),
         }
@@ -259,22 +503,26 @@ impl LocalCluster {
 
     /// Checks every child is still running; names the first that died.
     pub fn check_alive(&mut self) -> Result<()> {
-        for (n, c) in &mut self.children {
-            if let Some(st) = c.try_wait()? {
-                bail!(
-                    "{n} exited ({st}); see {}",
-                    self.dir.join(format!("{n}.log")).display()
-                );
+        for p in &mut self.children {
+            if let Some(st) = p.child.try_wait()? {
+                let log = self.dir.join(format!("{}.log", p.name));
+                let last = last_log_line(&log);
+                bail!("{} exited ({st}): {last}; see {}", p.name, log.display());
             }
         }
         Ok(())
     }
 
-    /// Kills every started process and waits for them.
+    /// Kills every started process (SIGCONT first for stopped ones) and waits for them.
     pub fn stop(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
+        for p in &mut self.children {
+            if p.stopped {
+                // SAFETY: kill(2) on a child we started and have not reaped.
+                unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGCONT) };
+                p.stopped = false;
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
         }
         self.children.clear();
     }
@@ -326,6 +574,33 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The last non-empty line of a log file, without terminal colour codes ("" if none).
+pub fn last_log_line(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    // Drop ANSI escape sequences (ESC '[' … final byte in '@'..='~').
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.trim().to_string()
 }
 
 /// Whether a program is on PATH.

@@ -35,6 +35,9 @@ enum Cmd {
     Demo(mtcp_cli::demo::DemoArgs),
     /// Benchmarks: throughput vs direct TCP, migration latency.
     Bench(mtcp_cli::bench::BenchArgs),
+    /// Seeded randomized fault test: runs of checked requests while servers are drained,
+    /// migrated away from, killed and stopped.
+    Chaos(mtcp_cli::chaos::ChaosArgs),
 }
 
 #[derive(Args)]
@@ -51,6 +54,10 @@ struct ServerArgs {
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
+    /// Test hook: the application scrambles its output with a key of this server's own (a
+    /// deliberately non-deterministic application, for divergence tests).
+    #[arg(long, hide = true)]
+    nondeterministic: bool,
     #[command(subcommand)]
     app: App,
 }
@@ -167,6 +174,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status(a) => status(a).await,
         Cmd::Demo(a) => mtcp_cli::demo::run(a).await,
         Cmd::Bench(a) => mtcp_cli::bench::run(a).await,
+        Cmd::Chaos(a) => mtcp_cli::chaos::run(a).await,
     }
 }
 
@@ -182,6 +190,12 @@ async fn server(a: ServerArgs) -> Result<()> {
     }
     let mut cfg = mtcp_httpd::Config::new(root);
     cfg.snapshot_every = snapshot_every;
+    if a.nondeterministic {
+        // Distinct per server id (s1, s2, … differ in their last byte), never 0.
+        let k = 0x80 | (a.id.bytes().last().unwrap_or(0) & 0x7f);
+        tracing::warn!("--nondeterministic: bodies are scrambled with key {k:#04x}");
+        cfg.scramble = Some(k);
+    }
     if let Some(p) = plain {
         let l = tokio::net::TcpListener::bind(&p)
             .await

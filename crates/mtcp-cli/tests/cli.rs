@@ -77,7 +77,7 @@ fn configuration_errors_are_one_clear_line() {
     let e = server_fails(bad.to_str().unwrap(), "s1", root);
     assert!(e.contains("64 hex characters"), "{e}");
 
-    let (cluster, servers) = mtcp_cli::local::write_cluster(dir.path(), 2).unwrap();
+    let (cluster, servers) = mtcp_cli::local::write_cluster(dir.path(), 2, "lazy", None).unwrap();
     let c = cluster.to_str().unwrap();
     let e = server_fails(c, "s9", root);
     assert!(e.contains("server id \"s9\" is not in cluster file"), "{e}");

@@ -59,6 +59,7 @@ pub fn cluster_args(
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
         snapshot_every,
         server_args: server_args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
 }
@@ -92,4 +93,23 @@ pub fn spawn_curl(lc: &LocalCluster, path: &str, rate: &str, out: &Path) -> std:
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("start curl")
+}
+
+/// A cluster of `servers` in eager mode (one backup per server).
+pub fn eager_cluster(
+    dir: &TempDir,
+    servers: usize,
+    snapshot_every: Option<u64>,
+    server_args: &[&str],
+) -> LocalCluster {
+    let opts = LocalOptions {
+        servers,
+        root: dir.path().join("www"),
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        snapshot_every,
+        server_args: server_args.iter().map(|s| s.to_string()).collect(),
+        mode: "eager".into(),
+        ..Default::default()
+    };
+    LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
 }

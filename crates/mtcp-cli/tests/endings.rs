@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 async fn when_every_server_is_gone_the_client_sees_an_error_soon() {
     let dir = TempDir::new("endings-gone");
     file(&dir, "f.bin", 64 << 20, 8);
-    let lc = tokio::task::block_in_place(|| cluster(&dir, 2));
+    // Eager mode: backups, replicas and watch connections do not keep a dead cluster alive.
+    let lc = tokio::task::block_in_place(|| eager_cluster(&dir, 2, None, &[]));
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
     c.rate = Some(8 << 20);
     let progress = c.progress.clone();
@@ -48,12 +49,14 @@ async fn when_every_server_is_gone_the_client_sees_an_error_soon() {
 }
 
 /// An idle keep-alive connection (no requests for 30 s) is never migrated by the silence
-/// trigger: heartbeats keep it alive. Then it serves a request correctly.
+/// triggers: heartbeats keep it alive. Then it serves a request correctly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_not_migrated() {
     let dir = TempDir::new("endings-idle");
     let want = file(&dir, "f.bin", 1 << 20, 9);
-    let lc = tokio::task::block_in_place(|| cluster(&dir, 2));
+    // Eager mode: the watch connection's heartbeats and the replication of an idle connection
+    // must not move it either.
+    let lc = tokio::task::block_in_place(|| eager_cluster(&dir, 2, None, &[]));
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
     assert_eq!(c.request("GET", "/f.bin", &[]).await.unwrap().digest, want);
     tokio::time::sleep(Duration::from_secs(30)).await;

@@ -185,6 +185,12 @@ impl DownTracker {
         false
     }
 
+    /// Starts a new range here (kept ranges keep everything before it): after a migration the
+    /// destination's view of the agent's checksum starts at the client's position.
+    pub fn cut_here(&mut self) {
+        self.cut();
+    }
+
     /// A snapshot at `out_off` is the oldest restart point still needed: forget the ranges
     /// before it (if a range starts there; otherwise keep everything).
     pub fn retain_from(&mut self, out_off: u64) {

@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 pub const MAX_REPLICA_TAIL: usize = 4 << 20;
 /// After a failed push, wait this long before trying again.
 const RETRY: Duration = Duration::from_millis(250);
+/// Pushes are spaced: a newer restart point is pushed at once when it is this many output
+/// bytes past the one the backups hold, otherwise after [`PUSH_GAP`] since the last push. With
+/// snapshots every few KiB this bounds the replication work without letting replicas lag.
+const PUSH_BYTES: u64 = 1 << 20;
+const PUSH_GAP: Duration = Duration::from_millis(2);
 
 pub(crate) fn eager(inner: &ServerInner) -> bool {
     inner.cluster.mode == Mode::Eager
@@ -37,6 +42,8 @@ pub(crate) struct Repl {
     pub committed: Option<(u64, u64)>,
     pub busy: bool,
     pub retry_at: Option<Instant>,
+    /// A deferred push is scheduled (see [`PUSH_GAP`]).
+    pub deferred: bool,
     /// When the backups were last updated (refreshed well within their TTL).
     pub at: Option<Instant>,
 }
@@ -83,6 +90,22 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
         return;
     };
     let key = (snap.out_off, snap.in_off);
+    let since = st.repl.at.map(|t| t.elapsed());
+    let ahead = key.0 - st.repl.committed.map_or(0, |c| c.0);
+    if since.is_some_and(|d| d < PUSH_GAP) && ahead < PUSH_BYTES {
+        if !st.repl.deferred {
+            st.repl.deferred = true;
+            let wait = PUSH_GAP - since.unwrap_or_default();
+            let (inner, shared) = (inner.clone(), shared.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let mut st = shared.lock();
+                st.repl.deferred = false;
+                replicate_if_due(&inner, &shared, &mut st);
+            });
+        }
+        return;
+    }
     let epoch = st.epoch;
     let rec = ServerStream::replica_record(shared.cid, epoch, snap).encode();
     st.repl.busy = true;

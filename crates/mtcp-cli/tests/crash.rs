@@ -1,0 +1,293 @@
+//! Eager mode: connections survive servers that crash (`kill -9`) or hang (`SIGSTOP`), a hung
+//! server that comes back can change nothing, racing takeovers have exactly one winner, and an
+//! application that regenerates different bytes is caught instead of corrupting the client's
+//! stream.
+
+mod common;
+
+use common::*;
+use mtcp::framed::{self, FrameReader};
+use mtcp::proto::sum::checksum;
+use mtcp::proto::wire::{Migrate, Msg, RefuseCode};
+use mtcp_cli::local::LocalCluster;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+fn spawn_wget(lc: &LocalCluster, path: &str, rate: &str, out: &Path) -> Child {
+    Command::new("wget")
+        .args(["-q", "--tries=1", "--limit-rate", rate, "-O"])
+        .arg(out)
+        .arg(format!("http://{}/{path}", lc.agent_listen))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start wget")
+}
+
+fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Waits (bounded) until `f` holds.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The servers the agent's live connections are on.
+fn serving_all(lc: &LocalCluster) -> Vec<String> {
+    lc.status()
+        .expect("agent status")
+        .into_iter()
+        .filter(|c| c.state == "live")
+        .map(|c| c.server)
+        .collect()
+}
+
+#[test]
+fn curl_and_wget_survive_kill_9_of_the_serving_server_and_then_the_next() {
+    for prog in ["curl", "wget"] {
+        assert!(
+            mtcp_cli::local::have(prog),
+            "{prog} is required for this test (scripts/test.sh installs it)"
+        );
+    }
+    let dir = TempDir::new("crash-kill");
+    let size: u64 = 96 << 20;
+    let want = file(&dir, "big.bin", size, 7);
+    let mut lc = eager_cluster(&dir, 3, None, &[]);
+    let (out_c, out_w) = (dir.path().join("curl.bin"), dir.path().join("wget.bin"));
+    let mut curl = spawn_curl(&lc, "big.bin", "30M", &out_c);
+    let mut wget = spawn_wget(&lc, "big.bin", "30M", &out_w);
+    let progress = |f: f64| (size as f64 * f) as u64;
+    let mut killed = Vec::new();
+    for at in [0.25, 0.55] {
+        wait_for("download progress", Duration::from_secs(60), || {
+            len(&out_c).min(len(&out_w)) > progress(at)
+        });
+        let on = serving_all(&lc);
+        assert_eq!(on.len(), 2, "both downloads live: {on:?}");
+        assert_eq!(
+            on[0], on[1],
+            "both start on the first server and move together"
+        );
+        lc.kill(&on[0]).expect("kill -9");
+        killed.push(on[0].clone());
+        // Both connections move (to the killed server's backup) before the next kill.
+        wait_for("both connections to move", Duration::from_secs(10), || {
+            let now = serving_all(&lc);
+            now.len() == 2 && now.iter().all(|s| !killed.contains(s))
+        });
+    }
+    let (c, w) = (curl.wait().unwrap(), wget.wait().unwrap());
+    assert!(c.success(), "curl failed: {c}");
+    assert!(w.success(), "wget failed: {w}");
+    assert_eq!(
+        mtcp_cli::local::sha256_file(&out_c).unwrap(),
+        want,
+        "curl's bytes differ"
+    );
+    assert_eq!(
+        mtcp_cli::local::sha256_file(&out_w).unwrap(),
+        want,
+        "wget's bytes differ"
+    );
+    // (The cluster's start-up probe of the agent's port shows up as an empty connection.)
+    let conns: Vec<_> = lc
+        .status()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.bytes_down > 0)
+        .collect();
+    assert_eq!(conns.len(), 2);
+    for c in &conns {
+        let moves: Vec<_> = c.timeline.iter().filter(|e| e.ok).collect();
+        assert_eq!(moves.len(), 2, "{:?}", c.timeline);
+        assert!(
+            moves.iter().all(|e| e.reason.contains("broke")),
+            "a kill -9 is seen as the session breaking: {:?}",
+            c.timeline
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(
+        log.contains("resumed from a replica"),
+        "not taken from a replica"
+    );
+}
+
+#[test]
+fn a_hung_server_is_left_and_after_sigcont_it_sends_nothing() {
+    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    let dir = TempDir::new("crash-stop");
+    let size: u64 = 64 << 20;
+    let want = file(&dir, "big.bin", size, 8);
+    let mut lc = eager_cluster(&dir, 3, None, &[]);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "30M", &out);
+    wait_for("download progress", Duration::from_secs(60), || {
+        len(&out) > size / 4
+    });
+    let hung = serving(&lc);
+    lc.sigstop(&hung).unwrap();
+    let t0 = Instant::now();
+    wait_for(
+        "the connection to leave the hung server",
+        Duration::from_secs(10),
+        || serving_all(&lc).first().is_some_and(|s| *s != hung),
+    );
+    let detected = t0.elapsed();
+    lc.sigcont(&hung).unwrap();
+    let st = curl.wait().unwrap();
+    assert!(st.success(), "curl failed: {st}");
+    assert_eq!(
+        mtcp_cli::local::sha256_file(&out).unwrap(),
+        want,
+        "bytes differ"
+    );
+    // The old server, running again, holds the connection at most as a detached leftover: it
+    // has no session with the agent, and never got one back.
+    let admin = lc
+        .servers
+        .iter()
+        .find(|s| s.id == hung)
+        .unwrap()
+        .admin
+        .clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt
+        .block_on(mtcp::peer::admin_request(&admin, &lc.key, Msg::AdminStatus))
+        .expect("the resumed server answers");
+    assert_eq!(status.connections, 0, "{status:?}");
+    let conns: Vec<_> = lc
+        .status()
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.bytes_down > 0)
+        .collect();
+    let c = &conns[0];
+    assert_eq!(c.migrations, 1, "{:?}", c.timeline);
+    assert!(c.timeline[0].reason.contains("silent"), "{:?}", c.timeline);
+    eprintln!("hung server left after {detected:?}");
+}
+
+/// The app scrambles bodies with a key per server: after a kill -9, the destination regenerates
+/// bytes the client already has, and they differ. The client program's connection must be
+/// aborted (curl fails) — and the agent names the divergence.
+#[test]
+fn a_nondeterministic_app_is_caught_and_the_client_aborted() {
+    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    let dir = TempDir::new("crash-diverge");
+    let size: u64 = 64 << 20;
+    file(&dir, "big.bin", size, 9);
+    // Snapshots every 8 MiB: a restart regenerates megabytes the client already has.
+    let mut lc = eager_cluster(&dir, 3, Some(8 << 20), &["--nondeterministic"]);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "30M", &out);
+    wait_for("download progress", Duration::from_secs(60), || {
+        len(&out) > 20 << 20
+    });
+    let s = serving(&lc);
+    lc.kill(&s).unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = curl.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "curl left hanging");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!st.success(), "curl must not see a complete download");
+    assert!(len(&out) < size, "curl got every byte");
+    let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap();
+    assert!(
+        log.contains("Divergence")
+            && log.contains("wrote different bytes")
+            && log.contains("closing the client connection"),
+        "the agent did not name the divergence"
+    );
+}
+
+/// Raw sessions (the test plays the agent): a connection is opened at s1, then two destinations
+/// are asked at once to take it over — with s1 alive (the origin hands it to one), and with s1
+/// hung (the backups grant one claim). Exactly one wins each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeovers_have_exactly_one_winner() {
+    let dir = TempDir::new("crash-race");
+    file(&dir, "f.bin", 1 << 20, 10);
+    let mut lc = tokio::task::block_in_place(|| eager_cluster(&dir, 3, None, &[]));
+    let servers = lc.servers.clone();
+    let data = |id: &str| servers.iter().find(|s| s.id == id).unwrap().data.clone();
+    for hang_origin in [false, true] {
+        let mut s = TcpStream::connect(data("s1")).await.unwrap();
+        framed::open_with(
+            &mut s,
+            &Msg::Hello {
+                caps: 0,
+                orig_dst: None,
+            },
+        )
+        .await
+        .unwrap();
+        let (r, _w) = s.into_split();
+        let mut r = FrameReader::new(r, 1 << 20);
+        let Msg::Welcome(wl) = r.next_msg(Duration::from_secs(5)).await.unwrap() else {
+            panic!("no welcome")
+        };
+        if hang_origin {
+            tokio::task::block_in_place(|| lc.sigstop("s1")).unwrap();
+        }
+        let m = Migrate {
+            cid: wl.cid,
+            epoch: wl.epoch,
+            token: wl.token,
+            origin: "s1".into(),
+            down_recv: 0,
+            sum_from: 0,
+            down_sum: checksum(&[]),
+            up_sent: 0,
+            up_base: 0,
+            segs: vec![],
+        };
+        let race = |to: String, m: Migrate| async move {
+            let mut s = TcpStream::connect(to).await.unwrap();
+            framed::open_with(&mut s, &Msg::Migrate(m)).await.unwrap();
+            let (r, w) = s.into_split();
+            let mut r = FrameReader::new(r, 1 << 20);
+            let answer = r.next_msg(Duration::from_secs(10)).await.unwrap();
+            (answer, w)
+        };
+        let (a, b) = tokio::join!(race(data("s2"), m.clone()), race(data("s3"), m.clone()));
+        let won: Vec<bool> = [&a.0, &b.0]
+            .iter()
+            .map(|x| match x {
+                Msg::Resumed(_) => true,
+                Msg::Refused { code, .. } => {
+                    assert!(
+                        matches!(code, RefuseCode::StaleEpoch | RefuseCode::UnknownConnection),
+                        "{x:?}"
+                    );
+                    false
+                }
+                other => panic!("unexpected answer {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "origin hung: {hang_origin}; answers: {:?} / {:?}",
+            a.0,
+            b.0
+        );
+        if hang_origin {
+            tokio::task::block_in_place(|| lc.sigcont("s1")).unwrap();
+        }
+    }
+}
