@@ -54,6 +54,14 @@ struct ServerArgs {
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
+    /// Eager mode: memory for replicas of other servers' connections, MiB (pushes beyond it are
+    /// refused, and those connections wait for room).
+    #[arg(long, default_value_t = 256)]
+    max_replica_mib: usize,
+    /// Eager mode: a replica its origin has not refreshed for this long is forgotten (origins
+    /// refresh theirs every third of it).
+    #[arg(long, default_value_t = 600)]
+    replica_ttl_secs: u64,
     /// Test hook: the application scrambles its output with a key of this server's own (a
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
@@ -214,6 +222,8 @@ async fn server(a: ServerArgs) -> Result<()> {
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
+        max_replica_bytes: a.max_replica_mib << 20,
+        replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         ..Limits::default()
     };
     let mut server = Server::bind(cluster, &a.id, limits).await?;
