@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl wget:wget ss:iproute2; do
+for pair in curl:curl wget:wget ss:iproute2 nft:nftables; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if ((${#need[@]})); then

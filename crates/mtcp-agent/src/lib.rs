@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod relay;
+pub mod transparent;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -28,6 +29,10 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long a destination may take to answer MIGRATE (it may wait on the origin's lock).
     pub migrate_timeout: Duration,
+    /// Transparent mode: accepted connections were redirected by nftables; their original
+    /// destination is read and sent in HELLO, and the agent's own connections carry
+    /// [`transparent::MARK`] so the redirect lets them through.
+    pub transparent: bool,
 }
 
 impl Default for AgentConfig {
@@ -39,6 +44,7 @@ impl Default for AgentConfig {
             // Longer than a destination's worst case: peer set-up, plus the origin waiting out a
             // lock_state section (10 s by default).
             migrate_timeout: Duration::from_secs(30),
+            transparent: false,
         }
     }
 }
@@ -136,14 +142,20 @@ impl Agent {
         }
     }
 
-    /// Relays every connection accepted on `listener` (forward mode). Runs until dropped.
+    /// Relays every connection accepted on `listener` (forward mode, or transparent mode when
+    /// configured). Runs until dropped.
     pub async fn serve(&self, listener: TcpListener) {
         loop {
             match listener.accept().await {
                 Ok((client, _)) => {
                     let _ = client.set_nodelay(true);
                     let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(relay::relay(self.inner.clone(), id, client));
+                    let orig_dst = if self.inner.cfg.transparent {
+                        transparent::original_dst(&client).map(|a| a.to_string())
+                    } else {
+                        None
+                    };
+                    tokio::spawn(relay::relay(self.inner.clone(), id, client, orig_dst));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");

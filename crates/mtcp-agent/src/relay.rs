@@ -55,12 +55,13 @@ fn spawn_watch(
     token: Token,
     limit: Duration,
     heartbeat: Duration,
+    mark: bool,
 ) -> Watch {
     let silence = (heartbeat * 3 + Duration::from_millis(20)).max(Duration::from_millis(200));
     let (tx, ended) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let m = Msg::Watch { cid, epoch, token };
-        match connect(&addr, limit, &m).await {
+        match connect(&addr, limit, &m, mark).await {
             Ok((mut r, _w)) => match r.next_msg(limit).await {
                 Ok(Msg::Heartbeat) => {
                     // Only heartbeats come, never queued behind data: their end (EOF, reset)
@@ -139,9 +140,14 @@ enum End {
     Abort(String),
 }
 
-pub(crate) async fn relay(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
+pub(crate) async fn relay(
+    inner: Arc<AgentInner>,
+    id: u64,
+    client: TcpStream,
+    orig_dst: Option<String>,
+) {
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<MoveRequest>();
-    let (mut session, mut conn) = match open(&inner, id).await {
+    let (mut session, mut conn) = match open(&inner, id, orig_dst).await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(
@@ -249,13 +255,36 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// Connects to a server and sends `first` (HELLO or MIGRATE) with the preamble.
+/// Connects to `addr`; in transparent mode with the agent's socket mark, so its own
+/// connections are not redirected back to it.
+async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
+    if !mark {
+        return TcpStream::connect(addr).await;
+    }
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&sock).set_mark(crate::transparent::MARK)?;
+        match sock.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
+}
+
+/// Connects to a server and sends `first` (HELLO, MIGRATE or WATCH) with the preamble.
 async fn connect(
     addr: &str,
     limit: Duration,
     first: &Msg,
+    mark: bool,
 ) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
-    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr))
+    let mut s = tokio::time::timeout(limit, dial(addr, mark))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
@@ -267,15 +296,20 @@ async fn connect(
 }
 
 /// HELLO to the configured servers in order.
-async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), String> {
+async fn open(
+    inner: &Arc<AgentInner>,
+    id: u64,
+    orig_dst: Option<String>,
+) -> Result<(Session, Conn), String> {
     let mut errs = Vec::new();
     for addr in &inner.cfg.connect {
         let r = async {
             let hello = Msg::Hello {
                 caps: 0,
-                orig_dst: None,
+                orig_dst: orig_dst.clone(),
             };
-            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello).await?;
+            let mark = inner.cfg.transparent;
+            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello, mark).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
                 Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
@@ -327,6 +361,7 @@ async fn open(inner: &Arc<AgentInner>, id: u64) -> Result<(Session, Conn), Strin
                         conn.token,
                         inner.cfg.connect_timeout,
                         conn.heartbeat,
+                        inner.cfg.transparent,
                     )
                 });
                 return Ok((Session { reader, w, watch }, conn));
@@ -741,9 +776,14 @@ async fn try_resume(
     m: &Migrate,
 ) -> Result<Session, String> {
     let first = Msg::Migrate(m.clone());
-    let (mut reader, mut w) = connect(&cand.data, inner.cfg.connect_timeout, &first)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut reader, mut w) = connect(
+        &cand.data,
+        inner.cfg.connect_timeout,
+        &first,
+        inner.cfg.transparent,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let r = match reader
         .next_msg(inner.cfg.migrate_timeout)
         .await
@@ -807,6 +847,7 @@ async fn try_resume(
             conn.token,
             inner.cfg.connect_timeout,
             conn.heartbeat,
+            inner.cfg.transparent,
         )
     });
     Ok(Session { reader, w, watch })

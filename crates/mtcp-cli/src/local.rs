@@ -162,6 +162,8 @@ pub struct LocalOptions {
     pub mode: String,
     /// The cluster file's `replicas = N`, written only when set.
     pub replicas: Option<u32>,
+    /// Extra arguments for `mtcp agent`.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for LocalOptions {
@@ -175,6 +177,7 @@ impl Default for LocalOptions {
             server_args: Vec::new(),
             mode: "lazy".into(),
             replicas: None,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -234,7 +237,7 @@ impl LocalCluster {
             .map(|s| s.data.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--connect".into(),
             connect,
@@ -243,6 +246,7 @@ impl LocalCluster {
             "--admin".into(),
             lc.agent_admin.clone(),
         ];
+        args.extend(opts.agent_args.iter().cloned());
         lc.spawn("agent", &args, false)?;
         let (listen, admin) = (lc.agent_listen.clone(), lc.agent_admin.clone());
         lc.wait_up(&listen, "agent")?;

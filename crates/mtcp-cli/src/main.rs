@@ -100,6 +100,13 @@ struct AgentArgs {
     /// Most upstream bytes retained per connection (MiB) before the agent stops reading.
     #[arg(long, default_value_t = 64)]
     max_retained_mib: u64,
+    /// Intercept connections to the --service addresses with an nftables table of the agent's
+    /// own in this network namespace (root); removed on exit, replaced if left by a crash.
+    #[arg(long, requires = "service")]
+    transparent: bool,
+    /// Transparent mode: the service addresses client programs connect to (IPv4).
+    #[arg(long, value_delimiter = ',')]
+    service: Vec<std::net::SocketAddrV4>,
 }
 
 #[derive(Args)]
@@ -257,11 +264,25 @@ async fn agent(a: AgentArgs) -> Result<()> {
     let cfg = mtcp_agent::AgentConfig {
         connect: a.connect,
         max_retained: a.max_retained_mib << 20,
+        transparent: a.transparent,
         ..Default::default()
     };
     let l = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
+    // Dropped on every way out of this function: the table goes with the agent.
+    let _interception = if a.transparent {
+        let local = l.local_addr()?;
+        if !(local.ip().is_loopback() || local.ip().is_unspecified()) {
+            bail!("--transparent: --listen must be a loopback or wildcard address (nftables redirects to the local host), not {local}");
+        }
+        Some(mtcp_agent::transparent::Interception::install(
+            local.port(),
+            &a.service,
+        )?)
+    } else {
+        None
+    };
     let agent = mtcp_agent::Agent::new(cfg);
     if let Some(ad) = &a.admin {
         let al = tokio::net::TcpListener::bind(ad)
@@ -270,9 +291,11 @@ async fn agent(a: AgentArgs) -> Result<()> {
         tokio::spawn(mtcp_agent::admin::serve(agent.clone(), al));
     }
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = agent.serve(l) => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
     }
 }
 
