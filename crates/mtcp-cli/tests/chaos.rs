@@ -19,14 +19,29 @@ fn randomized_faults_never_corrupt_or_break_a_connection() {
         }
     };
     eprintln!("mtcp chaos seed {seed} (set MTCP_CHAOS_SEED={seed} to repeat it)");
+    // 200 runs with three servers and one backup each, then 100 with four servers and two.
+    chaos(seed, &["--runs", "200", "--min-runs", "200"], "200");
+    chaos(
+        seed,
+        &[
+            "--runs",
+            "100",
+            "--min-runs",
+            "100",
+            "--servers",
+            "4",
+            "--replicas",
+            "2",
+        ],
+        "100",
+    );
+}
+
+fn chaos(seed: u64, extra: &[&str], runs: &str) {
     let seed = seed.to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_mtcp"))
         .args([
             "chaos",
-            "--runs",
-            "200",
-            "--min-runs",
-            "200",
             "--time-limit",
             "300",
             "--mode",
@@ -34,6 +49,7 @@ fn randomized_faults_never_corrupt_or_break_a_connection() {
             "--seed",
             &seed,
         ])
+        .args(extra)
         .output()
         .expect("run mtcp chaos");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -42,11 +58,11 @@ fn randomized_faults_never_corrupt_or_break_a_connection() {
     eprintln!("{stderr}");
     assert!(
         out.status.success(),
-        "mtcp chaos --seed {seed} failed ({}):\n{stdout}\n{stderr}",
+        "mtcp chaos --seed {seed} {extra:?} failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
     assert!(
-        stdout.contains("chaos: 200 runs (") && stdout.contains(", 0 failed, seed "),
+        stdout.contains(&format!("chaos: {runs} runs (")) && stdout.contains(", 0 failed, seed "),
         "no summary line:\n{stdout}"
     );
 }
