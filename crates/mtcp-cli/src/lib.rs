@@ -6,3 +6,4 @@ pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod local;
+pub mod plot;
