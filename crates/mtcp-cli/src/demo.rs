@@ -1,5 +1,6 @@
-//! `mtcp demo`: three servers and an agent on loopback, a download through the agent that is
-//! moved twice mid-transfer (a drain, then a manual migration), checked by SHA-256.
+//! `mtcp demo`: three servers (eager mode) and an agent on loopback, a download through the agent
+//! that moves three times mid-transfer — a drain, a manual migration, then the serving server is
+//! killed with SIGKILL — checked by SHA-256.
 
 use crate::client::Client;
 use crate::local::{self, LocalCluster, LocalOptions};
@@ -64,9 +65,11 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         log: "info".into(),
         snapshot_every: None,
         server_args: Vec::new(),
+        mode: "eager".into(),
         ..Default::default()
     };
     let mut lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?;
+    println!("cluster in eager mode: each server's connections are replicated to the next server");
     for s in &lc.servers {
         println!(
             "server {} listening on {} (peer {}, admin {})",
@@ -127,6 +130,7 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let t0 = Instant::now();
     let mut drained = false;
     let mut moved = false;
+    let mut killed = false;
     let limit = Duration::from_secs(30 + 4 * size / rate.max(1));
     let done_ok = loop {
         let got = match &dl {
@@ -154,6 +158,16 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             ));
             lc.migrate_all().await.context("manual migration")?;
             moved = true;
+        } else if moved && !killed && got >= size * 17 / 20 {
+            if let Some(s) = serving.clone() {
+                bar.println(format!(
+                    "[{:>6.2}s] kill -9 of the serving server {s} (pid {}) ...",
+                    t0.elapsed().as_secs_f64(),
+                    lc.pid(&s).unwrap_or(0)
+                ));
+                tokio::task::block_in_place(|| lc.kill(&s))?;
+                killed = true;
+            }
         }
         let finished = match &mut dl {
             Dl::Curl(c) => c.try_wait()?.map(|st| st.success()),
@@ -220,8 +234,8 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     if got != want {
         bail!("SHA-256 mismatch: the bytes received differ from the file");
     }
-    if migrations < 2 || !drained || !moved {
-        bail!("expected at least 2 migrations (one drain, one manual), saw {migrations}");
+    if migrations < 3 || !drained || !moved || !killed {
+        bail!("expected at least 3 migrations (a drain, a manual one, a crash), saw {migrations}");
     }
     println!("OK: every byte matched, and the connection moved {migrations} times without the client noticing.");
     Ok(())
