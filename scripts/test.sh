@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in curl:curl wget:wget ss:iproute2 nft:nftables; do
+for pair in curl:curl wget:wget ss:iproute2 nft:nftables ping:iputils-ping; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if ((${#need[@]})); then
@@ -19,7 +19,7 @@ if ((${#need[@]})); then
   fi
 fi
 if [[ $(id -u) != 0 ]]; then
-  echo "!! NOT ROOT: the part of the download test that resets a session with 'ss -K' will not run" >&2
+  echo "!! NOT ROOT: the part of the download test that resets a session with 'ss -K', and the lab tests (network namespaces), will not run" >&2
 fi
 
 echo "== cargo fmt --check"

@@ -6,6 +6,7 @@
 //! the session, and moves it to another server when a trigger fires.
 
 pub mod admin;
+pub mod policy;
 mod relay;
 pub mod transparent;
 
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+
+pub use policy::{PolicyConfig, RttPolicyConfig};
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -33,6 +36,8 @@ pub struct AgentConfig {
     /// destination is read and sent in HELLO, and the agent's own connections carry
     /// [`transparent::MARK`] so the redirect lets them through.
     pub transparent: bool,
+    /// Trigger policies (throughput floor, RTT); all off by default.
+    pub policy: PolicyConfig,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +50,7 @@ impl Default for AgentConfig {
             // lock_state section (10 s by default).
             migrate_timeout: Duration::from_secs(30),
             transparent: false,
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -97,6 +103,9 @@ pub struct ConnStatus {
     pub bytes_down: u64,
     pub state: String,
     pub timeline: Vec<MigrationEvent>,
+    /// RTT policy: the smoothed RTT of each server of the service, ms (from probes).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rtt_ms: std::collections::BTreeMap<String, f64>,
 }
 
 /// A request to move a connection.
@@ -121,6 +130,8 @@ pub(crate) struct AgentInner {
     next: AtomicU64,
     /// Finished connections, newest last (bounded), so status can show completed transfers.
     pub finished: Mutex<Vec<ConnStatus>>,
+    /// RTT policy: measures the RTT to every server (agent-wide).
+    pub prober: Option<Arc<policy::Prober>>,
 }
 
 /// A running agent.
@@ -131,8 +142,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Self {
+        let prober = cfg.policy.rtt.map(|r| {
+            Arc::new(policy::Prober::new(
+                r.probe_every,
+                cfg.connect_timeout,
+                cfg.transparent,
+            ))
+        });
         Agent {
             inner: Arc::new(AgentInner {
+                prober,
                 cfg,
                 started: Instant::now(),
                 conns: Mutex::new(HashMap::new()),

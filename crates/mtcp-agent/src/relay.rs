@@ -7,7 +7,7 @@ use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
 use mtcp_proto::trigger::Liveness;
-use mtcp_proto::wire::{self, Migrate, Mode, Msg, ServerInfo};
+use mtcp_proto::wire::{self, Migrate, Mode, Msg, RefuseCode, ServerInfo};
 use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 const SETUP_FRAME: usize = 64 << 10;
+/// How `try_resume` reports a `Closed` refusal (the connection had already ended in order).
+const CLOSED_PREFIX: &str = "Closed: ";
 const ACK_EVERY: u64 = 256 << 10;
 const PING_EVERY: Duration = Duration::from_secs(1);
 const CLIENT_READ: usize = 128 << 10;
@@ -44,10 +46,17 @@ impl Drop for Watch {
     }
 }
 
+/// How long the watch connection may stay without a heartbeat before the server counts as
+/// hung: three beats, and at least one beat plus two of TCP's minimum retransmission timeouts
+/// (200 ms each), so one lost heartbeat — retransmitted after 200 ms, with the beats behind it
+/// queued — is never taken for a hang.
+fn watch_silence(heartbeat: Duration) -> Duration {
+    (heartbeat * 3).max(heartbeat + Duration::from_millis(400)) + Duration::from_millis(20)
+}
+
 /// Opens a watch connection to the server at `addr` for the connection at `epoch`.
 ///
-/// The server beats every `heartbeat`; `silence` without one (three beats plus a margin for
-/// scheduling, at least 200 ms) counts as a hung server.
+/// The server beats every `heartbeat`; [`watch_silence`] without one counts as a hung server.
 fn spawn_watch(
     addr: String,
     cid: Cid,
@@ -57,7 +66,7 @@ fn spawn_watch(
     heartbeat: Duration,
     mark: bool,
 ) -> Watch {
-    let silence = (heartbeat * 3 + Duration::from_millis(20)).max(Duration::from_millis(200));
+    let silence = watch_silence(heartbeat);
     let (tx, ended) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let m = Msg::Watch { cid, epoch, token };
@@ -123,6 +132,8 @@ struct Conn {
     /// Eager mode: upstream is retained back to the snapshot a backup holds (COMMITTED), and
     /// downstream checksum ranges are kept from there.
     eager: bool,
+    /// Trigger policies (throughput floor, RTT).
+    policy: crate::policy::ConnPolicy,
 }
 
 enum End {
@@ -198,11 +209,17 @@ pub(crate) async fn relay(
                 drop(session);
                 let at = at.unwrap_or_else(Instant::now);
                 match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
-                    Ok(s) => {
+                    Ok(Some(s)) => {
                         session = s;
                         if let Some(d) = done {
                             let _ = d.send(Ok(conn.server.clone()));
                         }
+                    }
+                    Ok(None) => {
+                        if let Some(d) = done {
+                            let _ = d.send(Err("connection ended".into()));
+                        }
+                        break Ok(());
                     }
                     Err(e) => {
                         if let Some(d) = done {
@@ -257,7 +274,7 @@ fn reset(s: TcpStream) {
 
 /// Connects to `addr`; in transparent mode with the agent's socket mark, so its own
 /// connections are not redirected back to it.
-async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
+pub(crate) async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
     if !mark {
         return TcpStream::connect(addr).await;
     }
@@ -334,6 +351,7 @@ async fn open(
                     bytes_down: 0,
                     state: "live".into(),
                     timeline: Vec::new(),
+                    rtt_ms: Default::default(),
                 }));
                 let conn = Conn {
                     id,
@@ -352,6 +370,7 @@ async fn open(
                     last_state_bytes: 0,
                     last_from_replica: false,
                     eager,
+                    policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
                 };
                 let watch = eager.then(|| {
                     spawn_watch(
@@ -395,7 +414,15 @@ async fn run(
     let mut pend = 0..0;
     let mut ready: Option<usize> = None;
     let mut closed_at: Option<u64> = None;
+    conn.policy
+        .new_session(inner.prober.as_ref(), &conn.server, &conn.alternates);
+    let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
+    policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if ready.is_some() {
+            // Blocked on the client program: the throughput floor does not count this time.
+            conn.policy.client_blocked();
+        }
         let [b0, b1] = &mut *bufs;
         let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
@@ -418,6 +445,9 @@ async fn run(
                         } else {
                             ready = Some(n);
                         }
+                    }
+                    Ok(Piece::Msg(Msg::Backlog { queued })) => {
+                        conn.policy.on_backlog(conn.down.received() + pend.len() as u64, queued);
                     }
                     Ok(Piece::Msg(m)) => {
                         if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
@@ -501,6 +531,22 @@ async fn run(
                     continue;
                 }
                 return End::Move { reason: req.reason, to: req.to, done: req.done, at: Some(req.at) };
+            }
+            _ = policy_tick.tick(), if conn.policy.active() => {
+                let arrived = conn.down.received() + (pend.len() + ready.unwrap_or(0)) as u64;
+                let fired = conn.policy.tick(
+                    Instant::now(),
+                    inner.prober.as_ref(),
+                    conn.down.received(),
+                    arrived,
+                    ready.is_some(),
+                    &conn.alternates,
+                    &conn.status,
+                );
+                if let Some((reason, to)) = fired {
+                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+                    return End::Move { reason, to, done: None, at: None };
+                }
             }
             _ = ping.tick() => {
                 let t = inner.started.elapsed().as_micros() as u64;
@@ -651,14 +697,15 @@ fn session_broke(conn: &Conn, why: &str) -> End {
     }
 }
 
-/// Moves the connection: MIGRATE to candidates in order until one resumes it.
+/// Moves the connection: MIGRATE to candidates in order until one resumes it. `Ok(None)`: the
+/// server had already ended the connection in order (every byte is here), nothing to move.
 async fn migrate(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
     reason: &str,
     to: Option<&str>,
     t0: Instant,
-) -> Result<Session, String> {
+) -> Result<Option<Session>, String> {
     let from = conn.server.clone();
     // Candidates: the requested one, then alternates in order, then the current server itself
     // (which re-attaches the connection where it is when the origin is alive and reachable).
@@ -721,7 +768,11 @@ async fn migrate(
                 };
                 conn.awaiting_first_byte = Some((t0, idx));
                 tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
-                return Ok(s);
+                return Ok(Some(s));
+            }
+            Err(e) if e.starts_with(CLOSED_PREFIX) => {
+                tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
+                return Ok(None);
             }
             Err(e) => {
                 tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
@@ -790,6 +841,10 @@ async fn try_resume(
         .map_err(|e| e.to_string())?
     {
         Msg::Resumed(r) => r,
+        Msg::Refused {
+            code: RefuseCode::Closed,
+            reason,
+        } => return Err(format!("{CLOSED_PREFIX}{reason}")),
         Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
         other => return Err(format!("unexpected answer {other:?}")),
     };

@@ -42,9 +42,21 @@ pub struct BenchArgs {
     /// Idle keep-alive connections (soak).
     #[arg(long, default_value_t = 8)]
     pub soak_conns: u32,
-    /// State-transfer mode of the cluster (throughput, migration).
+    /// State-transfer mode of the cluster (throughput, migration, lab benchmarks).
     #[arg(long, default_value = "lazy", value_parser = ["lazy", "eager"])]
     pub mode: String,
+    /// Round-trip times the client's link adds, ms (lab-rtt).
+    #[arg(long, value_delimiter = ',', default_value = "0,10,40")]
+    pub rtts: Vec<u32>,
+    /// Rate of every server's link, Mbit/s (lab-throughput, degrade).
+    #[arg(long, default_value_t = 1000.0)]
+    pub link_mbit: f64,
+    /// What the serving server's link degrades to, Mbit/s (degrade).
+    #[arg(long, default_value_t = 5.0)]
+    pub degrade_mbit: f64,
+    /// Where the degrade plot goes (SVG).
+    #[arg(long, default_value = "degrade.svg")]
+    pub out: std::path::PathBuf,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -61,6 +73,12 @@ pub enum Which {
     Soak,
     /// Throughput through the agent: lazy vs eager with snapshots every 64 KiB and 1 MiB.
     EagerCost,
+    /// Lab (root): migration latency against the client's RTT (--rtts).
+    LabRtt,
+    /// Lab (root): transparent agent vs direct TCP over a rate-limited link (--link-mbit).
+    LabThroughput,
+    /// Lab (root): a server's link degrades; the floor policy moves the connection (SVG plot).
+    Degrade,
 }
 
 #[derive(Serialize, Debug)]
@@ -103,6 +121,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         Which::Hung => faults(&a, &dir, Fault::Stop).await,
         Which::Soak => soak(&a, &dir).await,
         Which::EagerCost => eager_cost(&a, &dir).await,
+        Which::LabRtt => crate::labbench::rtt(&a, &dir).await,
+        Which::LabThroughput => crate::labbench::link_throughput(&a, &dir).await,
+        Which::Degrade => crate::labbench::degrade(&a, &dir).await,
     };
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -139,7 +160,7 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-fn pct(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn pct(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

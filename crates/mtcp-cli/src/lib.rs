@@ -5,5 +5,8 @@ pub mod bench;
 pub mod chaos;
 pub mod client;
 pub mod demo;
+pub mod lab;
+pub mod labbench;
+pub mod labcluster;
 pub mod local;
 pub mod plot;

@@ -164,6 +164,8 @@ pub struct LocalOptions {
     pub replicas: Option<u32>,
     /// Extra arguments for `mtcp agent`.
     pub agent_args: Vec<String>,
+    /// Extra arguments for one server, by id (after `server_args`), e.g. a test hook on `s1`.
+    pub server_args_for: Vec<(String, Vec<String>)>,
 }
 
 impl Default for LocalOptions {
@@ -178,6 +180,7 @@ impl Default for LocalOptions {
             mode: "lazy".into(),
             replicas: None,
             agent_args: Vec::new(),
+            server_args_for: Vec::new(),
         }
     }
 }
@@ -211,6 +214,11 @@ impl LocalCluster {
                 s.id.clone(),
             ];
             args.extend(opts.server_args.iter().cloned());
+            for (id, extra) in &opts.server_args_for {
+                if *id == s.id {
+                    args.extend(extra.iter().cloned());
+                }
+            }
             args.extend([
                 "httpd".into(),
                 "--root".into(),

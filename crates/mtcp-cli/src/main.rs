@@ -38,6 +38,9 @@ enum Cmd {
     /// Seeded randomized fault test: runs of checked requests while servers are drained,
     /// migrated away from, killed and stopped.
     Chaos(mtcp_cli::chaos::ChaosArgs),
+    /// Network lab (root): namespaces for a client, a router and servers, with delayed, lossy,
+    /// rate-limited or blackholed links.
+    Lab(mtcp_cli::lab::LabArgs),
 }
 
 #[derive(Args)]
@@ -62,6 +65,17 @@ struct ServerArgs {
     /// refresh theirs every third of it).
     #[arg(long, default_value_t = 600)]
     replica_ttl_secs: u64,
+    /// Overload: with more live connections than this, the newest are hinted away (a few per
+    /// second; the agents move them).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Test hook: cap each session socket's send rate at this many Mbit/s (SO_MAX_PACING_RATE;
+    /// emulates a slow link on loopback).
+    #[arg(long, hide = true)]
+    throttle_mbit: Option<f64>,
+    /// Test hook: answer RTT probes this many ms late (emulates a distant server).
+    #[arg(long, hide = true)]
+    probe_delay_ms: Option<u64>,
     /// Test hook: the application scrambles its output with a key of this server's own (a
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
@@ -107,6 +121,24 @@ struct AgentArgs {
     /// Transparent mode: the service addresses client programs connect to (IPv4).
     #[arg(long, value_delimiter = ',')]
     service: Vec<std::net::SocketAddrV4>,
+    /// Throughput-floor policy: move a connection whose session delivers under this many
+    /// Mbit/s for --floor-window-ms while its server has data waiting (time spent waiting on
+    /// the client program does not count).
+    #[arg(long)]
+    floor_mbit: Option<f64>,
+    /// Throughput-floor window, ms [default: 2000].
+    #[arg(long, requires = "floor_mbit")]
+    floor_window_ms: Option<u64>,
+    /// RTT policy: move to a server whose RTT is lower than the current one's by more than
+    /// this many ms for --rtt-hold-ms (the agent probes every server).
+    #[arg(long)]
+    rtt_margin_ms: Option<f64>,
+    /// RTT policy: how long the other server must stay better, ms [default: 3000].
+    #[arg(long, requires = "rtt_margin_ms")]
+    rtt_hold_ms: Option<u64>,
+    /// RTT policy: probe each server this often, ms (at least 1000) [default: 1000].
+    #[arg(long, requires = "rtt_margin_ms")]
+    probe_every_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -190,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => mtcp_cli::demo::run(a).await,
         Cmd::Bench(a) => mtcp_cli::bench::run(a).await,
         Cmd::Chaos(a) => mtcp_cli::chaos::run(a).await,
+        Cmd::Lab(a) => mtcp_cli::lab::run(a).await,
     }
 }
 
@@ -231,6 +264,13 @@ async fn server(a: ServerArgs) -> Result<()> {
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
+        max_connections: a.max_connections.map(|n| n as usize),
+        pacing_rate: match a.throttle_mbit {
+            Some(m) if m.is_finite() && m > 0.0 => Some((m * 125_000.0) as u64),
+            Some(m) => bail!("--throttle-mbit must be positive, not {m}"),
+            None => None,
+        },
+        probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
         ..Limits::default()
     };
     let mut server = Server::bind(cluster, &a.id, limits).await?;
@@ -261,10 +301,12 @@ async fn server(a: ServerArgs) -> Result<()> {
 }
 
 async fn agent(a: AgentArgs) -> Result<()> {
+    let policy = agent_policy(&a)?;
     let cfg = mtcp_agent::AgentConfig {
         connect: a.connect,
         max_retained: a.max_retained_mib << 20,
         transparent: a.transparent,
+        policy,
         ..Default::default()
     };
     let l = tokio::net::TcpListener::bind(&a.listen)
@@ -297,6 +339,46 @@ async fn agent(a: AgentArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => Ok(()),
         _ = term.recv() => Ok(()),
     }
+}
+
+/// The agent's trigger policies from its flags.
+fn agent_policy(a: &AgentArgs) -> Result<mtcp_agent::PolicyConfig> {
+    use mtcp_agent::policy::MIN_PROBE_EVERY;
+    let mut p = mtcp_agent::PolicyConfig::default();
+    if let Some(m) = a.floor_mbit {
+        if !(m.is_finite() && m > 0.0) {
+            bail!("--floor-mbit must be positive, not {m}");
+        }
+        let window = a.floor_window_ms.unwrap_or(2000);
+        if window < 100 {
+            bail!("--floor-window-ms must be at least 100, not {window}");
+        }
+        p.floor = Some(mtcp_proto::policy::FloorConfig {
+            floor_bytes_per_s: (m * 125_000.0) as u64,
+            window: Duration::from_millis(window),
+        });
+    }
+    if let Some(m) = a.rtt_margin_ms {
+        if !(m.is_finite() && m >= 0.0) {
+            bail!("--rtt-margin-ms must not be negative, not {m}");
+        }
+        let every = Duration::from_millis(a.probe_every_ms.unwrap_or(1000));
+        if every < MIN_PROBE_EVERY {
+            bail!(
+                "--probe-every-ms must be at least {}",
+                MIN_PROBE_EVERY.as_millis()
+            );
+        }
+        p.rtt = Some(mtcp_agent::RttPolicyConfig::new(
+            Duration::from_secs_f64(m / 1000.0),
+            Duration::from_millis(a.rtt_hold_ms.unwrap_or(3000)),
+            every,
+        ));
+    }
+    if !p.is_off() {
+        tracing::info!(floor = ?p.floor, rtt = ?p.rtt, "trigger policies");
+    }
+    Ok(p)
 }
 
 async fn migrate(a: MigrateArgs) -> Result<()> {

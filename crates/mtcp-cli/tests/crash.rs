@@ -291,3 +291,79 @@ async fn racing_takeovers_have_exactly_one_winner() {
         }
     }
 }
+
+/// The agent may ask to move a connection the server has just ended in order (it acknowledged
+/// every byte but had not read CLOSED yet): the move is answered `Closed` — the connection is
+/// over and complete — not "unknown connection", which would make the agent reset the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_a_connection_that_just_ended_is_answered_closed() {
+    use mtcp::framed::Out;
+    use mtcp::proto::wire::Frame;
+    let dir = TempDir::new("crash-ended");
+    file(&dir, "f.bin", 5000, 11);
+    let lc = tokio::task::block_in_place(|| eager_cluster(&dir, 2, None, &[]));
+    let data = |id: &str| lc.servers.iter().find(|s| s.id == id).unwrap().data.clone();
+    let mut s = TcpStream::connect(data("s1")).await.unwrap();
+    framed::open_with(
+        &mut s,
+        &Msg::Hello {
+            caps: 0,
+            orig_dst: None,
+        },
+    )
+    .await
+    .unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = FrameReader::new(r, 1 << 20);
+    let Msg::Welcome(wl) = r.next_msg(Duration::from_secs(5)).await.unwrap() else {
+        panic!("no welcome")
+    };
+    let req = b"GET /f.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    framed::write_frames(&mut w, &[Out::Data(bytes::Bytes::from_static(req))])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let total = loop {
+        match tokio::time::timeout(Duration::from_secs(5), r.next())
+            .await
+            .expect("response")
+            .unwrap()
+        {
+            Frame::Data(b) => got.extend_from_slice(&b),
+            Frame::Msg(Msg::Closed { down_total }) => break down_total,
+            Frame::Msg(_) => {}
+        }
+    };
+    assert_eq!(total, got.len() as u64);
+    // Everything acknowledged: the server forgets the connection.
+    framed::write_msg(
+        &mut w,
+        &Msg::Ack {
+            down_recv: total,
+            sum_from: 0,
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = Migrate {
+        cid: wl.cid,
+        epoch: wl.epoch,
+        token: wl.token,
+        origin: "s1".into(),
+        down_recv: total,
+        sum_from: 0,
+        down_sum: checksum(&got),
+        up_sent: req.len() as u64,
+        up_base: 0,
+        segs: vec![],
+    };
+    let mut s2 = TcpStream::connect(data("s2")).await.unwrap();
+    framed::open_with(&mut s2, &Msg::Migrate(m)).await.unwrap();
+    let (r2, _w2) = s2.into_split();
+    let mut r2 = FrameReader::new(r2, 1 << 20);
+    match r2.next_msg(Duration::from_secs(5)).await.unwrap() {
+        Msg::Refused { code, reason } => assert_eq!(code, RefuseCode::Closed, "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

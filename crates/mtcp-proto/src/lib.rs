@@ -4,10 +4,12 @@
 //! everything that can be decided without I/O — the wire messages and their codecs, tokens and
 //! the peer-channel handshake, the state record that moves between servers, the byte-offset
 //! bookkeeping of both ends (upstream retention at the agent, the output log and replay
-//! verification at the server) and the agent's liveness trigger.
+//! verification at the server), the agent's liveness trigger and the trigger policies
+//! (throughput floor, RTT, server overload).
 
 pub mod auth;
 pub mod offsets;
+pub mod policy;
 pub mod record;
 pub mod stream;
 pub mod sum;

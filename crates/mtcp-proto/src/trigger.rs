@@ -38,11 +38,16 @@ impl Rtt {
         self.srtt
     }
 
-    /// A retransmission-timeout-like bound: srtt + 4·rttvar.
+    /// A retransmission-timeout-like bound: srtt + 4·rttvar, at least TCP's minimum
+    /// retransmission timeout on Linux ([`MIN_RTO`]): a lost segment on a healthy path stalls
+    /// a TCP stream that long, which must not look like a dead server.
     pub fn rto(&self) -> Option<Duration> {
-        self.srtt.map(|s| s + self.rttvar * 4)
+        self.srtt.map(|s| (s + self.rttvar * 4).max(MIN_RTO))
     }
 }
+
+/// Linux's minimum TCP retransmission timeout.
+pub const MIN_RTO: Duration = Duration::from_millis(200);
 
 /// Fires when the server has been silent for too long. Servers send heartbeats every
 /// `heartbeat` while idle, so silence beyond a few heartbeats plus the RTT-derived bound means
@@ -79,7 +84,7 @@ impl Liveness {
 
     /// How long silence may last before the trigger fires.
     pub fn bound(&self) -> Duration {
-        let rto = self.rtt.rto().unwrap_or(Duration::ZERO);
+        let rto = self.rtt.rto().unwrap_or(MIN_RTO);
         (self.heartbeat * self.misses + rto * 2).max(self.min_bound)
     }
 
@@ -114,14 +119,17 @@ mod tests {
     fn liveness_fires_only_after_silence() {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Duration::from_millis(100));
-        assert_eq!(l.bound(), Duration::from_millis(300));
-        assert!(!l.expired(t0 + Duration::from_millis(299)));
-        assert!(l.expired(t0 + Duration::from_millis(300)));
+        // 3 heartbeats + 2 minimum RTOs: one lost segment (retransmitted after 200 ms) is
+        // never taken for a dead server.
+        assert_eq!(l.bound(), Duration::from_millis(700));
+        assert!(!l.expired(t0 + Duration::from_millis(699)));
+        assert!(l.expired(t0 + Duration::from_millis(700)));
         l.on_receive(t0 + Duration::from_millis(250));
-        assert!(!l.expired(t0 + Duration::from_millis(500)));
+        assert!(!l.expired(t0 + Duration::from_millis(900)));
         for _ in 0..10 {
-            l.rtt.sample(Duration::from_millis(100));
+            l.rtt.sample(Duration::from_millis(400));
         }
-        assert!(l.bound() > Duration::from_millis(500));
+        // A long path's RTO replaces the minimum.
+        assert!(l.bound() > Duration::from_millis(900));
     }
 }

@@ -84,6 +84,8 @@ pub enum RefuseCode {
     TooLarge,
     Unauthenticated,
     Internal,
+    /// The connection already ended in order (the agent has every byte); nothing to move.
+    Closed,
 }
 
 /// Why a server hints a connection away.
@@ -291,6 +293,23 @@ pub enum Msg {
         cid: Cid,
         epoch: u64,
         token: Token,
+    },
+    // ---- trigger policies
+    /// Server → agent, in the session: at this point of the stream `queued` more downstream
+    /// bytes were waiting to be sent (the throughput-floor policy counts only time when the
+    /// server has data waiting). Sent at most every 200 ms, only while data waits behind what
+    /// is being written.
+    Backlog {
+        queued: u64,
+    },
+    /// Agent → server, first message (and every later one) of a *probe* connection to the data
+    /// port: an RTT probe, `t` the agent's clock in µs. At most one per second per server.
+    Probe {
+        t: u64,
+    },
+    /// Server → agent: the answer to `Probe{t}`.
+    ProbeReply {
+        t: u64,
     },
 }
 
@@ -504,6 +523,9 @@ mod tests {
             }),
             (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
                 .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),
+            any::<u64>().prop_map(|queued| Msg::Backlog { queued }),
+            any::<u64>().prop_map(|t| Msg::Probe { t }),
+            any::<u64>().prop_map(|t| Msg::ProbeReply { t }),
         ]
     }
 

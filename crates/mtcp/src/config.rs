@@ -279,6 +279,15 @@ pub struct Limits {
     /// Eager mode: a replica not refreshed for this long is forgotten (origins refresh theirs
     /// well within it).
     pub replica_ttl: Duration,
+    /// Overload: with more live connections than this, the newest are hinted away
+    /// (`HINT{Overload}`, paced; see `mtcp_proto::policy::OverloadPolicy`). `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// Test hook: caps each session socket's send rate (bytes/s, `SO_MAX_PACING_RATE`), which
+    /// emulates a slow link on loopback: output queues up behind it as it would behind a real
+    /// one.
+    pub pacing_rate: Option<u64>,
+    /// Test hook: RTT probes are answered this much later (emulates a distant server).
+    pub probe_delay: Duration,
 }
 
 impl Default for Limits {
@@ -294,6 +303,9 @@ impl Default for Limits {
             max_record: 512 << 20,
             max_replica_bytes: 256 << 20,
             replica_ttl: Duration::from_secs(600),
+            max_connections: None,
+            pacing_rate: None,
+            probe_delay: Duration::ZERO,
         }
     }
 }

@@ -86,6 +86,9 @@ pub(crate) struct ConnState {
     pub write_waker: Option<Waker>,
     /// Eager mode: what the backups hold.
     pub repl: crate::eager::Repl,
+    /// When the connection arrived here (opened or migrated in): the overload policy hints the
+    /// newest away first.
+    pub arrived: Instant,
 }
 
 impl ConnState {
@@ -101,6 +104,7 @@ impl ConnState {
             read_waker: None,
             write_waker: None,
             repl: Default::default(),
+            arrived: Instant::now(),
         }
     }
 
@@ -296,8 +300,7 @@ impl Connection {
         let epoch = st.epoch;
         drop(st);
         if done {
-            self.server.forget(self.shared.cid);
-            crate::eager::closed(&self.server, self.shared.cid, epoch);
+            self.server.closed_in_order(self.shared.cid, epoch);
         }
     }
 }

@@ -277,10 +277,17 @@ pub(crate) async fn protect_takeover(
     let mut r = ServerStream::replica_record(rec.cid, epoch, &snap);
     // Bytes before the restart point the client still lacks (from its position).
     r.tail = rec.tail.clone();
-    match push(inner, r.encode()).await {
-        Ok(()) => Some((rec.snap_out, rec.snap_in)),
-        Err(e) => {
+    // Bounded: a backup behind a congested link must not hold the connection up; the regular
+    // pushes catch up once the client has the next snapshot.
+    let wait = (inner.cluster.origin_wait * 2).max(Duration::from_millis(100));
+    match tokio::time::timeout(wait, push(inner, r.encode())).await {
+        Ok(Ok(())) => Some((rec.snap_out, rec.snap_in)),
+        Ok(Err(e)) => {
             tracing::warn!(cid = %rec.cid, "cannot replicate the taken-over connection yet: {}", e.why);
+            None
+        }
+        Err(_) => {
+            tracing::warn!(cid = %rec.cid, "backups did not store the taken-over connection within {wait:?}; resuming unprotected until the next snapshot is pushed");
             None
         }
     }

@@ -33,6 +33,18 @@ pub(crate) struct Fetch {
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two BACKLOG reports of a session.
+const BACKLOG_EVERY: Duration = Duration::from_millis(200);
+/// How often the overload policy looks at the connections.
+const OVERLOAD_EVERY: Duration = Duration::from_millis(100);
+/// Probe connections: closed after this long without a probe, or when probes come faster than
+/// one per `PROBE_MIN_GAP`; at most `MAX_PROBE_CONNS` at once per process.
+const PROBE_IDLE: Duration = Duration::from_secs(10);
+const PROBE_MIN_GAP: Duration = Duration::from_millis(250);
+const MAX_PROBE_CONNS: usize = 4096;
+static PROBE_CONNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// How long a connection that ended in order is remembered (see `closed_in_order`).
+const CLOSED_MEMORY: Duration = Duration::from_secs(60);
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +70,8 @@ pub(crate) struct ServerInner {
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
+    /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
+    pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
 
@@ -67,6 +81,18 @@ impl ServerInner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&cid);
+    }
+
+    /// The connection ended in order at `epoch`: forget it, but remember for a while that it
+    /// did, so a migration the agent requests just before it sees the end is answered `Closed`
+    /// (the agent has every byte) rather than "unknown connection".
+    pub fn closed_in_order(self: &Arc<Self>, cid: Cid, epoch: u64) {
+        self.forget(cid);
+        self.closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cid, (epoch, Instant::now()));
+        crate::eager::closed(self, cid, epoch);
     }
 
     fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
@@ -120,10 +146,25 @@ impl ServerInner {
     /// for a `lock_state` section to end.
     pub async fn freeze_local(&self, f: &Fetch) -> Result<StateRecord, (RefuseCode, String)> {
         let (cid, epoch) = (f.cid, f.epoch);
-        let shared = self.get(&cid).ok_or((
-            RefuseCode::UnknownConnection,
-            format!("server {} has no connection {cid}", self.id),
-        ))?;
+        let Some(shared) = self.get(&cid) else {
+            let ended = self
+                .closed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&cid)
+                .is_some_and(|(e, _)| *e == epoch);
+            return Err(if ended {
+                (
+                    RefuseCode::Closed,
+                    format!("connection {cid} ended in order; the client has every byte"),
+                )
+            } else {
+                (
+                    RefuseCode::UnknownConnection,
+                    format!("server {} has no connection {cid}", self.id),
+                )
+            });
+        };
         let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
         loop {
             let notified = shared.unlocked.notified();
@@ -210,9 +251,10 @@ impl Server {
             migrated_out: AtomicU64::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
+            closed: Mutex::new(HashMap::new()),
             accept_tx,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(accept_loop(data, inner.clone(), |i, s| {
                 Box::pin(handle_session(i, s))
             })),
@@ -224,6 +266,9 @@ impl Server {
             })),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
         ];
+        if let Some(max) = inner.limits.max_connections {
+            tasks.push(tokio::spawn(overload_loop(Arc::downgrade(&inner), max)));
+        }
         tracing::info!(id, data = %me.data, peer = %me.peer, admin = %me.admin, "server listening");
         Ok(Server { inner, rx, tasks })
     }
@@ -274,6 +319,11 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
+        inner
+            .closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, t)| now.duration_since(*t) < CLOSED_MEMORY);
         let gone = inner.replicas.expire(now);
         if gone > 0 {
             tracing::info!(
@@ -307,6 +357,9 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
 
 async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Some(rate) = inner.limits.pacing_rate {
+        set_pacing_rate(&s, rate);
+    }
     let mut s = s;
     match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
         Ok(Ok(())) => {}
@@ -401,11 +454,18 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             watch(&inner, reader, w, cid, epoch, token).await;
             return;
         }
+        Msg::Probe { t } => {
+            probe(&inner, reader, w, t).await;
+            return;
+        }
         other => {
             refuse(
                 &mut w,
                 RefuseCode::Malformed,
-                format!("expected HELLO, MIGRATE or WATCH, got {}", msg_name(&other)),
+                format!(
+                    "expected HELLO, MIGRATE, WATCH or PROBE, got {}",
+                    msg_name(&other)
+                ),
             )
             .await;
             return;
@@ -492,6 +552,110 @@ async fn watch(
         } else if gone_since.get_or_insert_with(Instant::now).elapsed() > inner.limits.dead_session
         {
             return;
+        }
+    }
+}
+
+/// Test hook (`Limits::pacing_rate`): caps the socket's send rate at `rate` bytes per second.
+fn set_pacing_rate(s: &TcpStream, rate: u64) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_ulong = rate as libc::c_ulong;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live value of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            &v as *const libc::c_ulong as *const libc::c_void,
+            std::mem::size_of::<libc::c_ulong>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::warn!("SO_MAX_PACING_RATE: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A probe connection: answers each `PROBE{t}` with `PROBE_REPLY{t}` (after
+/// `Limits::probe_delay`, a test hook), until the agent closes it, stays quiet for
+/// `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends anything else.
+async fn probe(
+    inner: &Arc<ServerInner>,
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut w: OwnedWriteHalf,
+    mut t: u64,
+) {
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            PROBE_CONNS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _slot = Slot;
+    if PROBE_CONNS.fetch_add(1, Ordering::Relaxed) >= MAX_PROBE_CONNS {
+        refuse(
+            &mut w,
+            RefuseCode::Busy,
+            "too many probe connections".into(),
+        )
+        .await;
+        return;
+    }
+    tracing::debug!(server = %inner.id, "probe connection");
+    loop {
+        let at = Instant::now();
+        if !inner.limits.probe_delay.is_zero() {
+            tokio::time::sleep(inner.limits.probe_delay).await;
+        }
+        if framed::write_msg(&mut w, &Msg::ProbeReply { t })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        match reader.next_msg(PROBE_IDLE).await {
+            Ok(Msg::Probe { t: next }) if at.elapsed() >= PROBE_MIN_GAP => t = next,
+            _ => return,
+        }
+    }
+}
+
+/// Overload: while more than `max` connections with an agent are live here, hints the newest
+/// away (`HINT{Overload}`), paced by [`OverloadPolicy`]. Idle while draining (every connection
+/// is hinted then anyway).
+async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usize) {
+    use mtcp_proto::policy::{LiveConn, OverloadConfig, OverloadPolicy};
+    let mut policy = OverloadPolicy::new(OverloadConfig::new(max));
+    let mut tick = tokio::time::interval(OVERLOAD_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        let conns = inner.all();
+        let live: Vec<LiveConn<Cid>> = conns
+            .iter()
+            .filter_map(|c| {
+                let st = c.lock();
+                (st.phase == Phase::Live && st.detached_at.is_none()).then_some(LiveConn {
+                    key: c.cid,
+                    arrived: st.arrived,
+                })
+            })
+            .collect();
+        for cid in policy.poll(Instant::now(), &live) {
+            let Some(c) = conns.iter().find(|c| c.cid == cid) else {
+                continue;
+            };
+            let mut st = c.lock();
+            if st.phase == Phase::Live {
+                tracing::info!(%cid, live = live.len(), max, "overloaded: hinting the connection away");
+                st.send(Out::Msg(Msg::Hint {
+                    reason: HintReason::Overload,
+                    target: None,
+                }));
+            }
         }
     }
 }
@@ -632,6 +796,7 @@ async fn writer_loop(
     hb: Duration,
 ) {
     let mut batch = Vec::with_capacity(64);
+    let mut reported: Option<Instant> = None;
     loop {
         let first = tokio::select! {
             x = rx.recv() => x,
@@ -649,6 +814,15 @@ async fn writer_loop(
             batch.push(o);
             if data < (1 << 20) && batch.len() < 64 {
                 next = rx.try_recv().ok();
+            }
+        }
+        // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
+        // BACKLOG_EVERY; the agent anchors it at this point of the stream.
+        if data > 0 && reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
+            let queued = shared.lock().queued;
+            if queued > data {
+                batch.insert(0, Out::Msg(Msg::Backlog { queued }));
+                reported = Some(Instant::now());
             }
         }
         if let Err(e) = framed::write_frames(&mut w, &batch).await {
@@ -715,8 +889,7 @@ async fn reader_loop(
                     st.tx = None;
                     let epoch = st.epoch;
                     drop(st);
-                    inner.forget(shared.cid);
-                    crate::eager::closed(inner, shared.cid, epoch);
+                    inner.closed_in_order(shared.cid, epoch);
                     return true;
                 }
                 crate::eager::replicate_if_due(inner, shared, &mut st);
@@ -736,8 +909,7 @@ async fn reader_loop(
                 st.wake_all();
                 let epoch = st.epoch;
                 drop(st);
-                inner.forget(shared.cid);
-                crate::eager::closed(inner, shared.cid, epoch);
+                inner.closed_in_order(shared.cid, epoch);
                 return true;
             }
             Frame::Msg(other) => break format!("unexpected {} in a session", msg_name(&other)),

@@ -1,0 +1,347 @@
+//! The agent's trigger policies at work: the settings, an agent-wide prober that measures the
+//! RTT to every server of the service, and the per-connection glue that feeds the sans-IO
+//! policies of `mtcp_proto::policy` and turns their decisions into moves.
+
+use mtcp::framed::{self, FrameReader};
+pub use mtcp_proto::policy::FloorConfig;
+use mtcp_proto::policy::{Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
+use mtcp_proto::wire::{Msg, ServerInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// How often a connection's policies are evaluated.
+pub(crate) const POLICY_TICK: Duration = Duration::from_millis(100);
+/// Least time between two probes of one server.
+pub const MIN_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Most servers probed at once.
+const MAX_PROBED: usize = 64;
+/// A server no connection asked about for this long is no longer probed.
+const PROBE_UNWANTED: Duration = Duration::from_secs(30);
+
+/// Which trigger policies an agent runs (all off by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Throughput floor: move when the session delivers less than the floor for the window
+    /// while the server has data waiting (not counting time the agent waits on the client
+    /// program).
+    pub floor: Option<FloorConfig>,
+    /// RTT: move to an alternate whose RTT has been better than the current server's by more
+    /// than the margin for the hold time.
+    pub rtt: Option<RttPolicyConfig>,
+}
+
+/// Settings of the RTT policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RttPolicyConfig {
+    pub margin: Duration,
+    pub hold: Duration,
+    /// Each server of the service is probed this often (at least [`MIN_PROBE_EVERY`]) on one
+    /// kept-open probe connection to its data port.
+    pub probe_every: Duration,
+}
+
+impl RttPolicyConfig {
+    pub fn new(margin: Duration, hold: Duration, probe_every: Duration) -> Self {
+        Self {
+            margin,
+            hold,
+            probe_every: probe_every.max(MIN_PROBE_EVERY),
+        }
+    }
+}
+
+impl PolicyConfig {
+    pub fn is_off(&self) -> bool {
+        self.floor.is_none() && self.rtt.is_none()
+    }
+}
+
+/// Measures the RTT to servers for every connection of the agent: one task per server probes
+/// it every `probe_every` with `PROBE{t}` → `PROBE_REPLY{t}` on a connection kept open to its
+/// data port (reopened after a failure), so an alternate is never disturbed by more than one
+/// small message per interval, however many connections the agent relays.
+pub(crate) struct Prober {
+    every: Duration,
+    connect_timeout: Duration,
+    /// Transparent mode: probe connections carry the agent's socket mark.
+    mark: bool,
+    started: Instant,
+    /// By data address.
+    servers: Mutex<HashMap<String, Probed>>,
+}
+
+struct Probed {
+    /// Newest sample: a sequence number and the RTT.
+    latest: Option<(u64, Duration)>,
+    /// When a connection last asked for it.
+    wanted: Instant,
+}
+
+impl Prober {
+    pub fn new(every: Duration, connect_timeout: Duration, mark: bool) -> Self {
+        Self {
+            every: every.max(MIN_PROBE_EVERY),
+            connect_timeout,
+            mark,
+            started: Instant::now(),
+            servers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Probed>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts probing the servers at `addrs` that are not probed yet.
+    pub fn want<'a>(self: &Arc<Self>, addrs: impl IntoIterator<Item = &'a str>) {
+        let now = Instant::now();
+        let mut t = self.table();
+        for a in addrs {
+            if let Some(p) = t.get_mut(a) {
+                p.wanted = now;
+                continue;
+            }
+            if t.len() >= MAX_PROBED {
+                tracing::warn!(
+                    server = a,
+                    "not probing: {MAX_PROBED} servers probed already"
+                );
+                continue;
+            }
+            t.insert(
+                a.to_string(),
+                Probed {
+                    latest: None,
+                    wanted: now,
+                },
+            );
+            tokio::spawn(probe_loop(Arc::downgrade(self), a.to_string()));
+        }
+    }
+
+    /// The newest sample of the server at `addr`.
+    pub fn latest(&self, addr: &str) -> Option<(u64, Duration)> {
+        let mut t = self.table();
+        let p = t.get_mut(addr)?;
+        p.wanted = Instant::now();
+        p.latest
+    }
+}
+
+type ProbeConn = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+
+async fn probe_loop(p: Weak<Prober>, addr: String) {
+    let Some(every) = p.upgrade().map(|p| p.every) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<ProbeConn> = None;
+    let mut seq = 0u64;
+    loop {
+        tick.tick().await;
+        let Some(p) = p.upgrade() else { return };
+        {
+            let mut t = p.table();
+            if t.get(&addr)
+                .is_none_or(|e| e.wanted.elapsed() > PROBE_UNWANTED)
+            {
+                t.remove(&addr);
+                tracing::debug!(server = %addr, "no longer probed");
+                return;
+            }
+        }
+        let t = p.started.elapsed().as_micros() as u64;
+        let limit = p.every;
+        match tokio::time::timeout(limit, probe_once(&p, &addr, &mut conn, t)).await {
+            Ok(Ok(rtt)) => {
+                seq += 1;
+                if let Some(e) = p.table().get_mut(&addr) {
+                    e.latest = Some((seq, rtt));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(server = %addr, "probe failed: {e}");
+                conn = None;
+            }
+            Err(_) => {
+                tracing::debug!(server = %addr, "probe unanswered within {limit:?}");
+                conn = None;
+            }
+        }
+    }
+}
+
+/// One probe; opens the probe connection if there is none. The RTT counts from the probe's
+/// write, not the TCP handshake.
+async fn probe_once(
+    p: &Prober,
+    addr: &str,
+    conn: &mut Option<ProbeConn>,
+    t: u64,
+) -> Result<Duration, String> {
+    let m = Msg::Probe { t };
+    let t0;
+    match conn {
+        Some((_, w)) => {
+            t0 = Instant::now();
+            framed::write_msg(w, &m).await.map_err(|e| e.to_string())?;
+        }
+        None => {
+            let mut s = tokio::time::timeout(p.connect_timeout, crate::relay::dial(addr, p.mark))
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = s.set_nodelay(true);
+            t0 = Instant::now();
+            framed::open_with(&mut s, &m)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (r, w) = s.into_split();
+            *conn = Some((FrameReader::new(r, 4096), w));
+        }
+    }
+    let (r, _) = conn.as_mut().expect("set above");
+    match r.next().await.map_err(|e| e.to_string())? {
+        mtcp_proto::Frame::Msg(Msg::ProbeReply { t: back }) if back == t => Ok(t0.elapsed()),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// One connection's policies.
+pub(crate) struct ConnPolicy {
+    floor: Option<FloorPolicy>,
+    rtt: Option<RttPolicy>,
+    backlog: Backlog,
+    /// The agent was blocked on the client program since the last tick.
+    blocked: bool,
+    /// Probe samples already fed, by server id.
+    seen: HashMap<String, u64>,
+    /// Smoothed RTTs last shown in the status.
+    shown: BTreeMap<String, f64>,
+}
+
+impl ConnPolicy {
+    pub fn new(cfg: &PolicyConfig) -> Self {
+        Self {
+            floor: cfg.floor.map(FloorPolicy::new),
+            rtt: cfg
+                .rtt
+                .map(|r| RttPolicy::new(RttConfig::new(r.margin, r.hold, r.probe_every))),
+            backlog: Backlog::default(),
+            blocked: false,
+            seen: HashMap::new(),
+            shown: BTreeMap::new(),
+        }
+    }
+
+    /// Whether any policy runs (the relay ticks only then).
+    pub fn active(&self) -> bool {
+        self.floor.is_some() || self.rtt.is_some()
+    }
+
+    /// A new session with `current` (opened or moved): the evidence starts afresh, and every
+    /// server the agent knows is probed.
+    pub fn new_session(
+        &mut self,
+        prober: Option<&Arc<Prober>>,
+        current: &str,
+        known: &[ServerInfo],
+    ) {
+        self.backlog = Backlog::default();
+        self.blocked = false;
+        if let Some(f) = &mut self.floor {
+            f.reset();
+        }
+        if let Some(r) = &mut self.rtt {
+            r.set_current(current);
+            let ids: Vec<&str> = known.iter().map(|s| s.id.as_str()).collect();
+            r.retain(&ids);
+            if let Some(p) = prober {
+                p.want(known.iter().map(|s| s.data.as_str()));
+            }
+        }
+    }
+
+    /// BACKLOG{queued} read when `arrived` downstream bytes had arrived.
+    pub fn on_backlog(&mut self, arrived: u64, queued: u64) {
+        self.backlog.on_report(arrived, queued);
+    }
+
+    /// The agent is blocked on the client program right now.
+    pub fn client_blocked(&mut self) {
+        self.blocked = true;
+    }
+
+    /// Evaluates the policies: `delivered` bytes went to the client program, `arrived` came
+    /// from the session, `blocked` whether the agent waits on the client program now. Returns
+    /// the reason and target of a move when one fires.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        prober: Option<&Arc<Prober>>,
+        delivered: u64,
+        arrived: u64,
+        blocked: bool,
+        known: &[ServerInfo],
+        status: &Mutex<crate::ConnStatus>,
+    ) -> Option<(String, Option<String>)> {
+        let client_limited = std::mem::replace(&mut self.blocked, blocked) || blocked;
+        if let Some(f) = &mut self.floor {
+            let s = FloorSample {
+                delivered,
+                backlog: self.backlog.waiting(arrived),
+                client_limited,
+            };
+            tracing::trace!(?s, evidence = ?f.evidence(), "floor sample");
+            if let Some(fire) = f.sample(now, s) {
+                let cfg = f.config();
+                return Some((
+                    format!(
+                        "policy: throughput floor ({:.2} Mbit/s under {:.2} Mbit/s for {:.1} s with data waiting)",
+                        fire.rate_bytes_per_s as f64 * 8e-6,
+                        cfg.floor_bytes_per_s as f64 * 8e-6,
+                        fire.over.as_secs_f64()
+                    ),
+                    None,
+                ));
+            }
+        }
+        if let (Some(r), Some(p)) = (&mut self.rtt, prober) {
+            let mut fed = false;
+            for s in known {
+                if let Some((seq, rtt)) = p.latest(&s.data) {
+                    if self.seen.get(&s.id) != Some(&seq) {
+                        self.seen.insert(s.id.clone(), seq);
+                        r.sample(now, &s.id, rtt);
+                        fed = true;
+                    }
+                }
+            }
+            if fed {
+                let srtts: BTreeMap<String, f64> = r
+                    .srtts()
+                    .map(|(id, d)| (id.to_string(), d.as_secs_f64() * 1e3))
+                    .collect();
+                if srtts != self.shown {
+                    status.lock().unwrap_or_else(|p| p.into_inner()).rtt_ms = srtts.clone();
+                    self.shown = srtts;
+                }
+            }
+            if let Some(m) = r.poll(now) {
+                return Some((
+                    format!(
+                        "policy: rtt ({} better by {:.1} ms)",
+                        m.target,
+                        m.better_by().as_secs_f64() * 1e3
+                    ),
+                    Some(m.target),
+                ));
+            }
+        }
+        None
+    }
+}
