@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod policy;
 mod relay;
+mod spare;
 pub mod transparent;
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,8 @@ pub(crate) struct AgentInner {
     pub finished: Mutex<Vec<ConnStatus>>,
     /// RTT policy: measures the RTT to every server (agent-wide).
     pub prober: Option<Arc<policy::Prober>>,
+    /// Connections opened ahead of time to every known server (faster migrations).
+    pub spares: Arc<spare::Spares>,
 }
 
 /// A running agent.
@@ -157,6 +160,7 @@ impl Agent {
                 conns: Mutex::new(HashMap::new()),
                 next: AtomicU64::new(1),
                 finished: Mutex::new(Vec::new()),
+                spares: Arc::new(spare::Spares::default()),
             }),
         }
     }
@@ -164,6 +168,12 @@ impl Agent {
     /// Relays every connection accepted on `listener` (forward mode, or transparent mode when
     /// configured). Runs until dropped.
     pub async fn serve(&self, listener: TcpListener) {
+        let spares = &self.inner.spares;
+        spares.want(self.inner.cfg.connect.iter().map(String::as_str));
+        tokio::spawn(spare::Spares::keep(
+            Arc::downgrade(spares),
+            self.inner.cfg.transparent,
+        ));
         loop {
             match listener.accept().await {
                 Ok((client, _)) => {

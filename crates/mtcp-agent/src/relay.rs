@@ -301,10 +301,19 @@ async fn connect(
     first: &Msg,
     mark: bool,
 ) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
-    let mut s = tokio::time::timeout(limit, dial(addr, mark))
+    let s = tokio::time::timeout(limit, dial(addr, mark))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
+    open_on(s, limit, first).await
+}
+
+/// Sends the preamble and `first` on an established connection.
+async fn open_on(
+    mut s: TcpStream,
+    limit: Duration,
+    first: &Msg,
+) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
     tokio::time::timeout(limit, framed::open_with(&mut s, first))
         .await
         .map_err(|_| ChannelError::Timeout)??;
@@ -358,7 +367,11 @@ async fn open(
                     cid: wl.cid,
                     epoch: wl.epoch,
                     token: wl.token,
-                    alternates: known_servers(wl.alternates, &wl.server, addr),
+                    alternates: {
+                        let alts = known_servers(wl.alternates, &wl.server, addr);
+                        inner.spares.want(alts.iter().map(|a| a.data.as_str()));
+                        alts
+                    },
                     server: wl.server,
                     heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
                     retained: ByteLog::new(0),
@@ -827,19 +840,37 @@ async fn try_resume(
     m: &Migrate,
 ) -> Result<Session, String> {
     let first = Msg::Migrate(m.clone());
-    let (mut reader, mut w) = connect(
-        &cand.data,
-        inner.cfg.connect_timeout,
-        &first,
-        inner.cfg.transparent,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let r = match reader
-        .next_msg(inner.cfg.migrate_timeout)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    // A spare connection saves the TCP handshake: MIGRATE leaves at once. One the server has
+    // closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe then.
+    let mut answer = None;
+    if let Some(s) = inner.spares.take(&cand.data) {
+        if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
+            match reader.next_msg(inner.cfg.migrate_timeout).await {
+                Ok(m) => answer = Some((reader, w, m)),
+                Err(ChannelError::Closed | ChannelError::Io(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    let (mut reader, mut w, msg) = match answer {
+        Some(x) => x,
+        None => {
+            let (mut reader, w) = connect(
+                &cand.data,
+                inner.cfg.connect_timeout,
+                &first,
+                inner.cfg.transparent,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let m = reader
+                .next_msg(inner.cfg.migrate_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            (reader, w, m)
+        }
+    };
+    let r = match msg {
         Msg::Resumed(r) => r,
         Msg::Refused {
             code: RefuseCode::Closed,
@@ -858,6 +889,9 @@ async fn try_resume(
     }
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
+    inner
+        .spares
+        .want(conn.alternates.iter().map(|a| a.data.as_str()));
     if conn.eager {
         // The live range restarts at our position (where the destination's output log and its
         // idea of our checksum start), and the ranges before it are kept from the destination's

@@ -368,6 +368,11 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             refuse(&mut w, RefuseCode::VersionMismatch, e.to_string()).await;
             return;
         }
+        // An agent's unused spare connection, closed before it carried anything.
+        Ok(Err(ChannelError::Closed)) => {
+            tracing::debug!(peer = %peer_addr, "data port: closed before the preamble");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::info!(peer = %peer_addr, "data port: {e}; closing");
             return;
