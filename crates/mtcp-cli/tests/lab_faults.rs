@@ -84,6 +84,12 @@ fn curl_and_wget_survive_kill_stop_blackhole_and_starvation_through_the_transpar
         servers: 3,
         mode: "eager".into(),
         root: dir.path().join("www"),
+        // 100 Mbit/s server links are the bottleneck, so the data waits at the server (not in
+        // the client host's buffers) when a fault strikes.
+        servers_link: Impairment {
+            rate_mbit: Some(100.0),
+            ..Default::default()
+        },
         // A connection whose server delivers under 10 Mbit/s for 2 s while it has data waiting
         // is moved (the starvation scenario).
         agent_args: ["--floor-mbit", "10", "--floor-window-ms", "2000"]
@@ -104,23 +110,7 @@ fn curl_and_wget_survive_kill_stop_blackhole_and_starvation_through_the_transpar
     .enumerate()
     {
         let before: Vec<String> = lc.status().unwrap().into_iter().map(|c| c.cid).collect();
-        // Clients read at 8 MB/s, except in the starvation scenario: there the server links
-        // (100 Mbit/s) are the bottleneck, so the data waits at the server and not in the
-        // client host's buffers.
-        let starve = matches!(sc, Scenario::Starve);
-        if starve {
-            for i in 1..=3 {
-                lc.impair_server(
-                    &format!("s{i}"),
-                    Impairment {
-                        rate_mbit: Some(100.0),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
-            }
-        }
-        let rate = if starve { "1G" } else { "8M" };
+        let rate = "1G";
         let (out_c, out_w) = (
             dir.path().join(format!("curl-{k}.bin")),
             dir.path().join(format!("wget-{k}.bin")),
@@ -142,7 +132,7 @@ fn curl_and_wget_survive_kill_stop_blackhole_and_starvation_through_the_transpar
             .spawn()
             .expect("wget");
         // Both under way, and the faster (flows share a link unfairly) still far from done.
-        let at = if starve { size / 8 } else { size / 4 };
+        let at = size / 8;
         wait_for("both downloads under way", Duration::from_secs(30), || {
             len(&out_c).min(len(&out_w)) > 0 && len(&out_c).max(len(&out_w)) > at
         });
@@ -213,9 +203,15 @@ fn curl_and_wget_survive_kill_stop_blackhole_and_starvation_through_the_transpar
         match sc {
             Scenario::Kill => lc.start_server(&s).unwrap(),
             Scenario::Stop => lc.cont_server(&s).unwrap(),
-            Scenario::Blackhole | Scenario::Starve => {
-                lc.impair_server(&s, Impairment::default()).unwrap()
-            }
+            Scenario::Blackhole | Scenario::Starve => lc
+                .impair_server(
+                    &s,
+                    Impairment {
+                        rate_mbit: Some(100.0),
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -166,6 +166,12 @@ fn an_overloaded_server_hints_connections_away() {
             tag: "lpo".into(),
             servers: 3,
             root: dir.path().join("www"),
+            // 20 Mbit/s links: the transfers stay at the servers for seconds (not in the
+            // client host's buffers), long enough for the paced hints.
+            servers_link: Impairment {
+                rate_mbit: Some(20.0),
+                ..Default::default()
+            },
             server_args: vec!["--max-connections".into(), "1".into()],
             log: "info,mtcp=debug,mtcp_agent=debug".into(),
             ..Default::default()
@@ -175,7 +181,7 @@ fn an_overloaded_server_hints_connections_away() {
     let outs: Vec<_> = (0..3)
         .map(|i| dir.path().join(format!("got{i}.bin")))
         .collect();
-    let clients: Vec<Child> = outs.iter().map(|o| curl(&lc, o, "2M")).collect();
+    let clients: Vec<Child> = outs.iter().map(|o| curl(&lc, o, "1G")).collect();
     for c in clients {
         assert!(finish(c, Duration::from_secs(60)));
     }
