@@ -297,6 +297,12 @@ fn lab_demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 delay_ms: a.lab_rtt_ms,
                 ..Default::default()
             },
+            // The servers' links set the pace (so the bytes wait at the server, not in the
+            // client's socket buffers, when something happens to it).
+            servers_link: Impairment {
+                rate_mbit: Some((a.rate_mib * 8) as f64 * 1.048_576),
+                ..Default::default()
+            },
             log: "info".into(),
             ..Default::default()
         },
@@ -313,12 +319,12 @@ fn lab_demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let url = format!("http://{}/data.bin", lc.service);
     let rate = a.rate_mib << 20;
     println!(
-        "client namespace: curl {url} (rate limit {} MiB/s) ...",
+        "client namespace: curl {url} (server links limited to {} MiB/s) ...",
         a.rate_mib
     );
     let mut curl = lc
         .client_command("curl")
-        .args(["-sS", "--fail", "--limit-rate", &rate.to_string(), "-o"])
+        .args(["-sS", "--fail", "-o"])
         .arg(&out)
         .arg(&url)
         .stdin(std::process::Stdio::null())

@@ -113,3 +113,43 @@ pub fn eager_cluster(
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
 }
+
+/// Whether the tests run as root (namespaces, nftables, `ss -K` need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Size of a file being written (0 before it exists).
+pub fn len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Waits (bounded) until `f` holds; panics naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Waits (bounded) for a client program; whether it succeeded. Kills it and panics after
+/// `limit`.
+pub fn wait_child(c: &mut std::process::Child, what: &str, limit: std::time::Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st.success();
+        }
+        if t0.elapsed() > limit {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

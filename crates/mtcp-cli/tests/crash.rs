@@ -25,22 +25,6 @@ fn spawn_wget(lc: &LocalCluster, path: &str, rate: &str, out: &Path) -> Child {
         .expect("start wget")
 }
 
-fn len(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
-/// Waits (bounded) until `f` holds.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The servers the agent's live connections are on.
 fn serving_all(lc: &LocalCluster) -> Vec<String> {
     lc.status()

@@ -48,7 +48,7 @@ fn curl_download_survives_drain_manual_and_reset() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
     let mut step = 0;
-    let root = nix_is_root();
+    let root = is_root();
     let status = loop {
         if let Some(st) = curl.try_wait().unwrap() {
             break st;
@@ -102,9 +102,4 @@ fn curl_download_survives_drain_manual_and_reset() {
         );
         assert!(events.len() >= 3, "{reasons:?}");
     }
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }

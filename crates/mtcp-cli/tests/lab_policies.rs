@@ -10,12 +10,7 @@ use mtcp_cli::labcluster::{LabCluster, LabClusterOptions};
 use mtcp_lab::Impairment;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use std::time::Duration;
 
 fn curl(lc: &LabCluster, out: &Path, rate: &str) -> Child {
     lc.client_command("curl")
@@ -25,21 +20,6 @@ fn curl(lc: &LabCluster, out: &Path, rate: &str) -> Child {
         .stdin(Stdio::null())
         .spawn()
         .expect("curl")
-}
-
-fn finish(mut c: Child, limit: Duration) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            return st.success();
-        }
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("curl did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn moves(lc: &LabCluster) -> Vec<(String, String, String)> {
@@ -90,7 +70,11 @@ fn a_server_on_a_slow_link_is_left_by_the_floor_policy() {
     )
     .unwrap();
     let out = dir.path().join("got.bin");
-    assert!(finish(curl(&lc, &out, "1G"), Duration::from_secs(60)));
+    assert!(wait_child(
+        &mut curl(&lc, &out, "1G"),
+        "curl",
+        Duration::from_secs(60)
+    ));
     assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
     let m = moves(&lc);
     assert!(
@@ -140,7 +124,11 @@ fn a_distant_server_is_left_by_the_rtt_policy() {
     )
     .unwrap();
     let out = dir.path().join("got.bin");
-    assert!(finish(curl(&lc, &out, "1G"), Duration::from_secs(60)));
+    assert!(wait_child(
+        &mut curl(&lc, &out, "1G"),
+        "curl",
+        Duration::from_secs(60)
+    ));
     assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
     let m = moves(&lc);
     assert_eq!(m.len(), 1, "exactly one move, no flapping: {m:?}");
@@ -182,8 +170,8 @@ fn an_overloaded_server_hints_connections_away() {
         .map(|i| dir.path().join(format!("got{i}.bin")))
         .collect();
     let clients: Vec<Child> = outs.iter().map(|o| curl(&lc, o, "1G")).collect();
-    for c in clients {
-        assert!(finish(c, Duration::from_secs(60)));
+    for mut c in clients {
+        assert!(wait_child(&mut c, "curl", Duration::from_secs(60)));
     }
     for o in &outs {
         assert_eq!(mtcp_cli::local::sha256_file(o).unwrap(), want);

@@ -8,16 +8,10 @@ mod common;
 
 use common::*;
 use mtcp_cli::local::{LocalCluster, LocalOptions};
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SERVICE: &str = "198.18.0.10:80";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn sh(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
@@ -34,21 +28,6 @@ fn sh(prog: &str, args: &[&str]) -> String {
 
 fn tables() -> String {
     sh("nft", &["list", "tables"])
-}
-
-fn len(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn body() {
