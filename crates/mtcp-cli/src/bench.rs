@@ -154,7 +154,7 @@ fn start_mode(
     tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
@@ -188,25 +188,34 @@ async fn download(addr: &str, size: u64, want: &str) -> Result<f64> {
 /// One timed download by curl (writing to /dev/null); checks status and length.
 async fn download_curl(addr: &str, size: u64) -> Result<f64> {
     let out = tokio::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download} %{time_total}",
-        ])
+        .args(CURL_TIMED)
         .arg(format!("http://{addr}/data.bin"))
         .output()
         .await
         .context("running curl")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let secs = curl_secs(&out.stdout, size, addr)?;
+    Ok(size as f64 / (1 << 20) as f64 / secs)
+}
+
+/// curl arguments for a timed download to nowhere (see [`curl_secs`]).
+pub(crate) const CURL_TIMED: [&str; 5] = [
+    "-s",
+    "-o",
+    "/dev/null",
+    "-w",
+    "%{http_code} %{size_download} %{time_total}",
+];
+
+/// The seconds a [`CURL_TIMED`] download of `size` bytes from `what` took, from curl's output;
+/// an error unless it was a complete 200 response.
+pub(crate) fn curl_secs(stdout: &[u8], size: u64, what: &str) -> Result<f64> {
+    let text = String::from_utf8_lossy(stdout);
     let f: Vec<&str> = text.split_whitespace().collect();
     match f[..] {
         [code, n, t] if code == "200" && n.parse::<u64>().ok() == Some(size) => {
-            let secs: f64 = t.parse().context("curl time")?;
-            Ok(size as f64 / (1 << 20) as f64 / secs)
+            t.parse().context("curl time")
         }
-        _ => bail!("curl download from {addr} came back wrong: {text}"),
+        _ => bail!("curl download from {what} came back wrong: {text}"),
     }
 }
 

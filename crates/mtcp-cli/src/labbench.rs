@@ -3,7 +3,7 @@
 //! connection, and the degrade experiment (a server's link degrades, the throughput-floor policy
 //! moves the connection, the rate recovers), plotted as SVG.
 
-use crate::bench::{pct, BenchArgs};
+use crate::bench::{curl_secs, median, pct, BenchArgs, CURL_TIMED};
 use crate::labcluster::{LabCluster, LabClusterOptions, PLAIN_PORT};
 use crate::local;
 use crate::plot::{Chart, Marker};
@@ -211,34 +211,17 @@ pub async fn link_throughput(a: &BenchArgs, dir: &Path) -> Result<()> {
         let time = |url: &str| -> Result<f64> {
             let out = lc
                 .client_command("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code} %{size_download} %{time_total}",
-                ])
+                .args(CURL_TIMED)
                 .arg(url)
                 .output()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let f: Vec<&str> = text.split_whitespace().collect();
-            match f[..] {
-                [code, n, t] if code == "200" && n.parse::<u64>().ok() == Some(size) => {
-                    Ok(size as f64 * 8.0 / 1e6 / t.parse::<f64>()?)
-                }
-                _ => bail!("curl {url}: {text}"),
-            }
+            Ok(size as f64 * 8.0 / 1e6 / curl_secs(&out.stdout, size, url)?)
         };
         let (mut d, mut g) = (Vec::new(), Vec::new());
         for _ in 0..a.rounds {
             d.push(time(&direct)?);
             g.push(time(&agent)?);
         }
-        let med = |v: &[f64]| {
-            let mut s = v.to_vec();
-            s.sort_by(|a, b| a.total_cmp(b));
-            s[s.len() / 2]
-        };
+        let med = median;
         let rep = LinkThroughput {
             link_mbit: a.link_mbit,
             size_bytes: size,

@@ -33,8 +33,23 @@ pub async fn drain_server(
     Ok(st)
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests on one machine).
+/// A free TCP port on 127.0.0.1 for a listener started a moment later. It is taken *below* the
+/// kernel's ephemeral range (`ip_local_port_range`), where outgoing connections never get their
+/// ports — agents open spare, watch and probe connections all the time, and a port handed out
+/// from the ephemeral range could be taken by one of them before the listener binds it.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 11_000 {
+        for _ in 0..1000 {
+            let p = rand::Rng::gen_range(&mut rand::thread_rng(), 10_000..low);
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return p;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
