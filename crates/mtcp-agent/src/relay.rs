@@ -54,6 +54,21 @@ fn watch_silence(heartbeat: Duration) -> Duration {
     (heartbeat * 3).max(heartbeat + Duration::from_millis(400)) + Duration::from_millis(20)
 }
 
+/// Eager mode: the watch connection for `conn`'s session with the server at `addr`.
+fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
+    conn.eager.then(|| {
+        spawn_watch(
+            addr.to_string(),
+            conn.cid,
+            conn.epoch,
+            conn.token,
+            inner.cfg.connect_timeout,
+            conn.heartbeat,
+            inner.cfg.transparent,
+        )
+    })
+}
+
 /// Opens a watch connection to the server at `addr` for the connection at `epoch`.
 ///
 /// The server beats every `heartbeat`; [`watch_silence`] without one counts as a hung server.
@@ -385,17 +400,7 @@ async fn open(
                     eager,
                     policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
                 };
-                let watch = eager.then(|| {
-                    spawn_watch(
-                        addr.clone(),
-                        conn.cid,
-                        conn.epoch,
-                        conn.token,
-                        inner.cfg.connect_timeout,
-                        conn.heartbeat,
-                        inner.cfg.transparent,
-                    )
-                });
+                let watch = watch_for(inner, &conn, addr);
                 return Ok((Session { reader, w, watch }, conn));
             }
             Err(e) => {
@@ -928,16 +933,6 @@ async fn try_resume(
     framed::write_frames(&mut w, &items)
         .await
         .map_err(|e| e.to_string())?;
-    let watch = conn.eager.then(|| {
-        spawn_watch(
-            cand.data.clone(),
-            conn.cid,
-            conn.epoch,
-            conn.token,
-            inner.cfg.connect_timeout,
-            conn.heartbeat,
-            inner.cfg.transparent,
-        )
-    });
+    let watch = watch_for(inner, conn, &cand.data);
     Ok(Session { reader, w, watch })
 }

@@ -52,13 +52,24 @@ pub fn cluster_args(
     snapshot_every: Option<u64>,
     server_args: &[&str],
 ) -> LocalCluster {
+    cluster_mode(dir, servers, snapshot_every, server_args, "lazy")
+}
+
+/// A cluster of `servers` in `mode`, the HTTP app serving `dir/www`, debug logs in `dir`.
+pub fn cluster_mode(
+    dir: &TempDir,
+    servers: usize,
+    snapshot_every: Option<u64>,
+    server_args: &[&str],
+    mode: &str,
+) -> LocalCluster {
     let opts = LocalOptions {
         servers,
         root: dir.path().join("www"),
-        plain_baseline: false,
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
         snapshot_every,
         server_args: server_args.iter().map(|s| s.to_string()).collect(),
+        mode: mode.into(),
         ..Default::default()
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
@@ -102,16 +113,7 @@ pub fn eager_cluster(
     snapshot_every: Option<u64>,
     server_args: &[&str],
 ) -> LocalCluster {
-    let opts = LocalOptions {
-        servers,
-        root: dir.path().join("www"),
-        log: "info,mtcp=debug,mtcp_agent=debug".into(),
-        snapshot_every,
-        server_args: server_args.iter().map(|s| s.to_string()).collect(),
-        mode: "eager".into(),
-        ..Default::default()
-    };
-    LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+    cluster_mode(dir, servers, snapshot_every, server_args, "eager")
 }
 
 /// Whether the tests run as root (namespaces, nftables, `ss -K` need it).

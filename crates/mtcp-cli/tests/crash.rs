@@ -199,6 +199,32 @@ fn a_nondeterministic_app_is_caught_and_the_client_aborted() {
     );
 }
 
+/// Opens a session with the server at `addr` as an agent would (HELLO → WELCOME).
+async fn raw_hello(
+    addr: &str,
+) -> (
+    mtcp::proto::wire::Welcome,
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    framed::open_with(
+        &mut s,
+        &Msg::Hello {
+            caps: 0,
+            orig_dst: None,
+        },
+    )
+    .await
+    .unwrap();
+    let (r, w) = s.into_split();
+    let mut r = FrameReader::new(r, 1 << 20);
+    let Msg::Welcome(wl) = r.next_msg(Duration::from_secs(5)).await.unwrap() else {
+        panic!("no welcome")
+    };
+    (wl, r, w)
+}
+
 /// Raw sessions (the test plays the agent): a connection is opened at s1, then two destinations
 /// are asked at once to take it over — with s1 alive (the origin hands it to one), and with s1
 /// hung (the backups grant one claim). Exactly one wins each time.
@@ -210,21 +236,7 @@ async fn racing_takeovers_have_exactly_one_winner() {
     let servers = lc.servers.clone();
     let data = |id: &str| servers.iter().find(|s| s.id == id).unwrap().data.clone();
     for hang_origin in [false, true] {
-        let mut s = TcpStream::connect(data("s1")).await.unwrap();
-        framed::open_with(
-            &mut s,
-            &Msg::Hello {
-                caps: 0,
-                orig_dst: None,
-            },
-        )
-        .await
-        .unwrap();
-        let (r, _w) = s.into_split();
-        let mut r = FrameReader::new(r, 1 << 20);
-        let Msg::Welcome(wl) = r.next_msg(Duration::from_secs(5)).await.unwrap() else {
-            panic!("no welcome")
-        };
+        let (wl, _r, _w) = raw_hello(&data("s1")).await;
         if hang_origin {
             tokio::task::block_in_place(|| lc.sigstop("s1")).unwrap();
         }
@@ -287,21 +299,7 @@ async fn moving_a_connection_that_just_ended_is_answered_closed() {
     file(&dir, "f.bin", 5000, 11);
     let lc = tokio::task::block_in_place(|| eager_cluster(&dir, 2, None, &[]));
     let data = |id: &str| lc.servers.iter().find(|s| s.id == id).unwrap().data.clone();
-    let mut s = TcpStream::connect(data("s1")).await.unwrap();
-    framed::open_with(
-        &mut s,
-        &Msg::Hello {
-            caps: 0,
-            orig_dst: None,
-        },
-    )
-    .await
-    .unwrap();
-    let (r, mut w) = s.into_split();
-    let mut r = FrameReader::new(r, 1 << 20);
-    let Msg::Welcome(wl) = r.next_msg(Duration::from_secs(5)).await.unwrap() else {
-        panic!("no welcome")
-    };
+    let (wl, mut r, mut w) = raw_hello(&data("s1")).await;
     let req = b"GET /f.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     framed::write_frames(&mut w, &[Out::Data(bytes::Bytes::from_static(req))])
         .await
