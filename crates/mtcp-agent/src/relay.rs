@@ -434,6 +434,11 @@ async fn run(
     let mut closed_at: Option<u64> = None;
     conn.policy
         .new_session(inner.prober.as_ref(), &conn.server, &conn.alternates);
+    // One timer for the silence bound, armed at a deadline that only moves forward: when it fires
+    // early (bytes arrived since it was armed) it is re-armed, so the hot path never touches the
+    // timer wheel.
+    let silence = tokio::time::sleep_until(tokio::time::Instant::from_std(live.deadline()));
+    tokio::pin!(silence);
     let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
     policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -441,14 +446,103 @@ async fn run(
             // Blocked on the client program: the throughput floor does not count this time.
             conn.policy.client_blocked();
         }
+        // The bound itself can shrink (a smaller RTT): never fire later than the live deadline.
+        let due = tokio::time::Instant::from_std(live.deadline());
+        if due < silence.deadline() {
+            silence.as_mut().reset(due);
+        }
         let [b0, b1] = &mut *bufs;
         let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
         if buf.capacity() < CLIENT_READ / 2 {
             buf.reserve(CLIENT_READ);
         }
-        let deadline = tokio::time::Instant::from_std(live.deadline());
         tokio::select! {
+            // A fixed order: control first (cheap to poll, and never starved by a busy data
+            // path), then delivery before reading more, so bytes just read are written while
+            // still in this core's cache; upstream before downstream reads.
+            biased;
+            why = async { (&mut s.watch.as_mut().expect("checked").ended).await }, if s.watch.is_some() => {
+                match why {
+                    Ok(why) => return session_broke(conn, &why),
+                    Err(_) => s.watch = None,
+                }
+            }
+            Some(req) = cmd.recv() => {
+                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
+                    // Refuse before touching the session: a typo must not break a live connection.
+                    if let Some(d) = req.done {
+                        let _ = d.send(Err(format!("unknown server {t:?}")));
+                    }
+                    continue;
+                }
+                return End::Move { reason: req.reason, to: req.to, done: req.done, at: Some(req.at) };
+            }
+            _ = policy_tick.tick(), if conn.policy.active() => {
+                let arrived = conn.down.received() + (pend.len() + ready.unwrap_or(0)) as u64;
+                let fired = conn.policy.tick(
+                    Instant::now(),
+                    inner.prober.as_ref(),
+                    conn.down.received(),
+                    arrived,
+                    ready.is_some(),
+                    &conn.alternates,
+                    &conn.status,
+                );
+                if let Some((reason, to)) = fired {
+                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+                    return End::Move { reason, to, done: None, at: None };
+                }
+            }
+            _ = ping.tick() => {
+                let t = inner.started.elapsed().as_micros() as u64;
+                if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
+                    return session_broke(conn, "write failed");
+                }
+            }
+            // Silence counts only while the agent is ready to read from the server: time spent
+            // waiting for a slow client program to take bytes is not the server's silence.
+            w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
+                Ok(k) if k > 0 => {
+                    let d = &wbuf[pend.start..pend.start + k];
+                    if let Err(e) = on_delivered(conn, s, d, &mut live, closed_at).await {
+                        return e;
+                    }
+                    pend.start += k;
+                    if pend.is_empty() {
+                        if let Some(n) = ready.take() {
+                            flip = !flip;
+                            pend = 0..n;
+                        } else if closed_at == Some(conn.down.received()) {
+                            return End::Done;
+                        }
+                    }
+                }
+                _ => {
+                    // The client program is gone; end the session in order.
+                    let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
+                    return End::Abort("client program closed its connection".into());
+                }
+            },
+            r = cr.read_buf(&mut buf), if can_read => match r {
+                Ok(0) | Err(_) => {
+                    // A reset from the client program is treated like its orderly end of input:
+                    // the server application decides what to do with it.
+                    conn.client_eof = true;
+                    let up_total = conn.retained.end();
+                    if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
+                        return session_broke(conn, "write failed");
+                    }
+                }
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
+                    conn.retained.push(chunk.clone());
+                    if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
+                        return session_broke(conn, "write failed");
+                    }
+                    conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
+                }
+            },
             f = s.reader.next_piece(rbuf), if ready.is_none() => {
                 live.on_receive(Instant::now());
                 match f {
@@ -493,88 +587,12 @@ async fn run(
                     }
                 }
             },
-            w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
-                Ok(k) if k > 0 => {
-                    let d = &wbuf[pend.start..pend.start + k];
-                    if let Err(e) = on_delivered(conn, s, d, &mut live, closed_at).await {
-                        return e;
-                    }
-                    pend.start += k;
-                    if pend.is_empty() {
-                        if let Some(n) = ready.take() {
-                            flip = !flip;
-                            pend = 0..n;
-                        } else if closed_at == Some(conn.down.received()) {
-                            return End::Done;
-                        }
-                    }
-                }
-                _ => {
-                    // The client program is gone; end the session in order.
-                    let _ = framed::write_msg(&mut s.w, &Msg::Close).await;
-                    return End::Abort("client program closed its connection".into());
-                }
-            },
-            r = cr.read_buf(&mut buf), if can_read => match r {
-                Ok(0) | Err(_) => {
-                    // A reset from the client program is treated like its orderly end of input:
-                    // the server application decides what to do with it.
-                    conn.client_eof = true;
-                    let up_total = conn.retained.end();
-                    if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
-                        return session_broke(conn, "write failed");
-                    }
-                }
-                Ok(_) => {
-                    let chunk = buf.split().freeze();
-                    conn.retained.push(chunk.clone());
-                    if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
-                        return session_broke(conn, "write failed");
-                    }
-                    conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
-                }
-            },
-            why = async { (&mut s.watch.as_mut().expect("checked").ended).await }, if s.watch.is_some() => {
-                match why {
-                    Ok(why) => return session_broke(conn, &why),
-                    Err(_) => s.watch = None,
-                }
-            }
-            Some(req) = cmd.recv() => {
-                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
-                    // Refuse before touching the session: a typo must not break a live connection.
-                    if let Some(d) = req.done {
-                        let _ = d.send(Err(format!("unknown server {t:?}")));
-                    }
+            _ = &mut silence, if ready.is_none() => {
+                let due = live.deadline();
+                if due > Instant::now() {
+                    silence.as_mut().reset(tokio::time::Instant::from_std(due));
                     continue;
                 }
-                return End::Move { reason: req.reason, to: req.to, done: req.done, at: Some(req.at) };
-            }
-            _ = policy_tick.tick(), if conn.policy.active() => {
-                let arrived = conn.down.received() + (pend.len() + ready.unwrap_or(0)) as u64;
-                let fired = conn.policy.tick(
-                    Instant::now(),
-                    inner.prober.as_ref(),
-                    conn.down.received(),
-                    arrived,
-                    ready.is_some(),
-                    &conn.alternates,
-                    &conn.status,
-                );
-                if let Some((reason, to)) = fired {
-                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
-                    return End::Move { reason, to, done: None, at: None };
-                }
-            }
-            _ = ping.tick() => {
-                let t = inner.started.elapsed().as_micros() as u64;
-                if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
-                    return session_broke(conn, "write failed");
-                }
-            }
-            // Silence counts only while the agent is ready to read from the server: time spent
-            // waiting for a slow client program to take bytes is not the server's silence.
-            _ = tokio::time::sleep_until(deadline), if ready.is_none() => {
                 return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None, at: None };
             }
         }

@@ -96,6 +96,61 @@ pub struct ThroughputReport {
     pub bare_relay_mib_s: Vec<f64>,
     pub bare_relay_median_mib_s: f64,
     pub bare_relay_ratio: f64,
+    /// Each round's agent / direct ratio (the two downloads of a round run back to back, so
+    /// a slow spell of the machine hits both), and their median: less sensitive to drift over
+    /// the run than `ratio`, the ratio of the two medians.
+    pub round_ratios: Vec<f64>,
+    pub ratio_median_of_rounds: f64,
+    /// CPU seconds per GiB delivered, by process, for each path (what limits the agent path on
+    /// a machine where all three processes share the cores).
+    pub cpu_s_per_gib: PathsCpu,
+}
+
+/// CPU seconds per GiB delivered, per path.
+#[derive(Serialize, Debug, Default)]
+pub struct PathsCpu {
+    pub direct: PathCpu,
+    pub agent: PathCpu,
+    pub bare_relay: PathCpu,
+}
+
+/// CPU seconds per GiB delivered, per process on one path (`None`: not on this path or not
+/// measurable, e.g. the built-in client, which runs inside the bench process).
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct PathCpu {
+    pub server: f64,
+    pub relay: Option<f64>,
+    pub client: Option<f64>,
+}
+
+impl PathCpu {
+    fn total(&self) -> f64 {
+        self.server + self.relay.unwrap_or(0.0) + self.client.unwrap_or(0.0)
+    }
+}
+
+/// CPU seconds (user + system) used so far by process `pid` (or thread: `/proc/PID/task/TID`),
+/// from its `stat` file.
+fn cpu_secs(stat: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    // The command name may hold spaces; fields are counted after its closing parenthesis.
+    let f: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();
+    // f[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
+/// CPU seconds (user + system) of every waited-for child of this process so far.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 #[derive(Serialize, Debug)]
@@ -221,7 +276,9 @@ pub(crate) fn curl_secs(stdout: &[u8], size: u64, what: &str) -> Result<f64> {
 
 /// A minimal user-space TCP relay to `to` on its own thread and single-threaded runtime (like
 /// the agent's), for a ceiling: what any relay costs on this machine. Returns its address.
-fn bare_relay(to: &str) -> Result<String> {
+/// Starts the bare relay on its own thread; returns its address and the `stat` file of that
+/// thread (for its CPU time).
+fn bare_relay(to: &str) -> Result<(String, String)> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     l.set_nonblocking(true)?;
     let addr = l.local_addr()?.to_string();
@@ -229,7 +286,11 @@ fn bare_relay(to: &str) -> Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let _ = tx.send(format!("/proc/{}/task/{tid}/stat", std::process::id()));
         rt.block_on(async move {
             let Ok(l) = tokio::net::TcpListener::from_std(l) else {
                 return;
@@ -252,7 +313,16 @@ fn bare_relay(to: &str) -> Result<String> {
             }
         })
     });
-    Ok(addr)
+    let stat = rx.recv().context("bare relay thread")?;
+    Ok((addr, stat))
+}
+
+/// The three paths the throughput bench times.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Direct,
+    Agent,
+    Relay,
 }
 
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
@@ -261,7 +331,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     tokio::task::block_in_place(|| local::make_file(&file, size, 7))?;
     let want = {
         let b = std::fs::read(&file)?;
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b))
+        format!("{:016x}", twox_hash::XxHash3_64::oneshot(&b))
     };
     let lc = start(a, dir, true)?;
     let plain = lc.plain.clone().context("plain listener")?;
@@ -270,19 +340,59 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     download(&lc.agent_listen, size, &want).await?;
     // The timed rounds use curl, a real client, when it is there (same for both paths).
     let curl = !a.builtin_client && local::have("curl");
-    let relay = bare_relay(&plain)?;
+    let (relay, relay_stat) = bare_relay(&plain)?;
+    let server_stat = format!("/proc/{}/stat", lc.pid("s1").context("server s1")?);
+    let agent_stat = format!("/proc/{}/stat", lc.pid("agent").context("agent")?);
     let (mut d, mut g, mut r) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.rounds {
-        if curl {
-            d.push(download_curl(&plain, size).await?);
-            g.push(download_curl(&lc.agent_listen, size).await?);
-            r.push(download_curl(&relay, size).await?);
-        } else {
-            d.push(download(&plain, size, &want).await?);
-            g.push(download(&lc.agent_listen, size, &want).await?);
-            r.push(download(&relay, size, &want).await?);
+    // CPU seconds per path: [server, relay (agent or bare relay), client].
+    let mut cpu = [[0.0f64; 3]; 3];
+    for round in 0..a.rounds {
+        // Each round runs the three paths back to back, in an order that rotates, so neither a
+        // slow spell of the machine nor a fixed position in the round favours one path.
+        let order = [Path::Direct, Path::Agent, Path::Relay];
+        for k in 0..3 {
+            let path = order[(k + round as usize) % 3];
+            let (addr, relay_stat, slot) = match path {
+                Path::Direct => (&plain, None, 0),
+                Path::Agent => (&lc.agent_listen, Some(&agent_stat), 1),
+                Path::Relay => (&relay, Some(&relay_stat), 2),
+            };
+            let before = (
+                cpu_secs(&server_stat),
+                relay_stat.and_then(|p| cpu_secs(p)),
+                children_cpu_secs(),
+            );
+            let speed = if curl {
+                download_curl(addr, size).await?
+            } else {
+                download(addr, size, &want).await?
+            };
+            let after = (
+                cpu_secs(&server_stat),
+                relay_stat.and_then(|p| cpu_secs(p)),
+                children_cpu_secs(),
+            );
+            if let (Some(b), Some(e)) = (before.0, after.0) {
+                cpu[slot][0] += e - b;
+            }
+            if let (Some(b), Some(e)) = (before.1, after.1) {
+                cpu[slot][1] += e - b;
+            }
+            cpu[slot][2] += after.2 - before.2;
+            match path {
+                Path::Direct => d.push(speed),
+                Path::Agent => g.push(speed),
+                Path::Relay => r.push(speed),
+            }
         }
     }
+    let gib = (size as f64 / (1u64 << 30) as f64) * a.rounds as f64;
+    let per_gib = |c: [f64; 3], relay: bool| PathCpu {
+        server: c[0] / gib,
+        relay: relay.then(|| c[1] / gib),
+        client: curl.then(|| c[2] / gib),
+    };
+    let round_ratios: Vec<f64> = g.iter().zip(&d).map(|(g, d)| g / d).collect();
     let rep = ThroughputReport {
         client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
@@ -292,6 +402,13 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         ratio: median(&g) / median(&d),
         bare_relay_median_mib_s: median(&r),
         bare_relay_ratio: median(&r) / median(&d),
+        ratio_median_of_rounds: median(&round_ratios),
+        round_ratios,
+        cpu_s_per_gib: PathsCpu {
+            direct: per_gib(cpu[0], false),
+            agent: per_gib(cpu[1], true),
+            bare_relay: per_gib(cpu[2], true),
+        },
         direct_mib_s: d,
         agent_mib_s: g,
         bare_relay_mib_s: r,
@@ -311,11 +428,34 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             "  through agent: {:>8.1} MiB/s (median)",
             rep.agent_median_mib_s
         );
-        println!("  ratio        : {:>8.3}", rep.ratio);
+        println!("  ratio        : {:>8.3} (ratio of the medians)", rep.ratio);
+        let (lo, hi) = rep
+            .round_ratios
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        println!(
+            "  per round    : {:>8.3} (median of the rounds' ratios; lowest {lo:.3}, highest {hi:.3})",
+            rep.ratio_median_of_rounds
+        );
         println!(
             "  reference, a bare user-space TCP relay: {:.1} MiB/s (median), ratio {:.3}",
             rep.bare_relay_median_mib_s, rep.bare_relay_ratio
         );
+        let opt = |x: Option<f64>| x.map_or("     -".to_string(), |x| format!("{x:>6.3}"));
+        println!("  CPU seconds per GiB   server   relay  client   total");
+        for (name, c) in [
+            ("direct TCP", rep.cpu_s_per_gib.direct),
+            ("through agent", rep.cpu_s_per_gib.agent),
+            ("bare relay", rep.cpu_s_per_gib.bare_relay),
+        ] {
+            println!(
+                "    {name:<16}  {:>6.3}  {}  {}  {:>6.3}",
+                c.server,
+                opt(c.relay),
+                opt(c.client),
+                c.total()
+            );
+        }
     }
     Ok(())
 }
@@ -638,7 +778,7 @@ async fn eager_cost(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     tokio::task::block_in_place(|| local::make_file(&file, size, 7))?;
     let want = {
         let b = std::fs::read(&file)?;
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b))
+        format!("{:016x}", twox_hash::XxHash3_64::oneshot(&b))
     };
     let mut clusters = Vec::new();
     for (name, mode, every) in [

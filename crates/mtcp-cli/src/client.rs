@@ -131,7 +131,7 @@ impl Client {
                 .unwrap_or(0)
         };
         let mut sha = Sha256::new();
-        let mut xx = xxhash_rust::xxh3::Xxh3::new();
+        let mut xx = twox_hash::XxHash3_64::with_seed(0);
         let mut got = 0u64;
         let mut chunk = vec![0u8; 256 << 10];
         let body_t0 = Instant::now();
@@ -155,7 +155,7 @@ impl Client {
             };
             match self.hash {
                 Hash::Sha256 => sha.update(&chunk[..n]),
-                Hash::Xxh3 => xx.update(&chunk[..n]),
+                Hash::Xxh3 => std::hash::Hasher::write(&mut xx, &chunk[..n]),
             }
             if let Some(f) = &mut self.sink {
                 use std::io::Write;
@@ -173,7 +173,7 @@ impl Client {
         }
         let digest = match self.hash {
             Hash::Sha256 => hex::encode(sha.finalize()),
-            Hash::Xxh3 => format!("{:016x}", xx.digest()),
+            Hash::Xxh3 => format!("{:016x}", std::hash::Hasher::finish(&xx)),
         };
         Ok(Response {
             status,
