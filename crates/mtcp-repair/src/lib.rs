@@ -1,0 +1,622 @@
+//! Moving an established TCP connection from one socket to another with Linux `TCP_REPAIR`.
+//!
+//! This is the first piece of M-TCP's kernel fast path (DESIGN §6): instead of relaying the
+//! client's bytes through the agent, the connection itself moves. [`freeze`] puts a socket in
+//! repair mode (it stops sending and receiving; nothing is sent to the peer) and reads out
+//! everything the kernel knows about the connection: sequence numbers, the unacknowledged and
+//! unsent output, input the application has not read, window, options and timestamp clock.
+//! [`Frozen::discard`] then closes the old socket silently, and [`restore`] — in this process or
+//! any other on the same host — recreates the connection from that [`TcpState`]: the peer keeps
+//! talking to the same address and port and never learns that the socket changed.
+//!
+//! The procedure is CRIU's (`soccr`): sequence numbers are set before `connect`, the
+//! acknowledged-but-sent part of the output queue is written in repair mode, the unsent part
+//! after repair mode is left briefly, and the window last. Only established connections are
+//! handled (no FIN in either queue); others are refused with [`RepairError::State`].
+//!
+//! Needs `CAP_NET_ADMIN` ([`RepairError::NotPermitted`] otherwise). The peer must not send to the
+//! connection while no socket holds it (between the [`Frozen`] socket being discarded and
+//! [`restore`] returning), or it gets a reset: across hosts the fast path fences the flow with
+//! an nftables rule first (`LINUX-NOTES.md`).
+
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::mem::size_of;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+
+/// `TCP_REPAIR_QUEUE` values (linux/tcp.h).
+const TCP_RECV_QUEUE: libc::c_int = 1;
+const TCP_SEND_QUEUE: libc::c_int = 2;
+/// `TCP_REPAIR` values: off with a window probe to the peer (so it answers at once), and on.
+const TCP_REPAIR_OFF: libc::c_int = 0;
+const TCP_REPAIR_ON: libc::c_int = 1;
+/// TCP option kinds for `TCP_REPAIR_OPTIONS`.
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+/// `tcpi_options` bits.
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+/// `TCP_ESTABLISHED` in `tcpi_state`.
+const TCP_ESTABLISHED: u8 = 1;
+/// Largest queue accepted from a [`TcpState`]: more than any socket buffer this host allows.
+pub const MAX_QUEUE: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("TCP_REPAIR needs CAP_NET_ADMIN (run as root)")]
+    NotPermitted,
+    #[error("only established connections can move (this one is in TCP state {0})")]
+    State(u8),
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn sys(what: &'static str) -> RepairError {
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EPERM) {
+        return RepairError::NotPermitted;
+    }
+    RepairError::Sys { what, source }
+}
+
+/// Everything needed to recreate an established connection (`soccr`'s `libsoccr_sk_data`
+/// plus the queues' bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpState {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// `write_seq`: the sequence number after the last byte the application wrote.
+    pub send_seq: u32,
+    /// `rcv_nxt`: the sequence number after the last byte received.
+    pub recv_seq: u32,
+    /// Output not yet acknowledged by the peer, oldest first (`SIOCOUTQ` bytes).
+    #[serde(with = "serde_bytes")]
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent (`SIOCOUTQNSD`).
+    pub unsent: u32,
+    /// Input received but not read by the application (`SIOCINQ` bytes).
+    #[serde(with = "serde_bytes")]
+    pub recv_queue: Vec<u8>,
+    pub mss: u32,
+    /// `tcpi_options` (timestamps, SACK, window scaling).
+    pub options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    /// The connection's TCP timestamp clock (`TCP_TIMESTAMP`), if timestamps are on.
+    pub timestamp: u32,
+    pub window: Window,
+}
+
+impl TcpState {
+    /// The output queued but never sent, which the new socket's owner must write first.
+    pub fn unsent_bytes(&self) -> &[u8] {
+        let n = (self.unsent as usize).min(self.send_queue.len());
+        &self.send_queue[self.send_queue.len() - n..]
+    }
+}
+
+/// `struct tcp_repair_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Window {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+fn set_int(
+    fd: RawFd,
+    opt: libc::c_int,
+    v: libc::c_int,
+    what: &'static str,
+) -> Result<(), RepairError> {
+    // SAFETY: `v` outlives the call and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TCP,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(sys(what));
+    }
+    Ok(())
+}
+
+fn get<T: Default>(
+    fd: RawFd,
+    opt: libc::c_int,
+    what: &'static str,
+) -> Result<(T, usize), RepairError> {
+    let mut v = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `v`, which is that large.
+    let r =
+        unsafe { libc::getsockopt(fd, libc::SOL_TCP, opt, (&mut v as *mut T).cast(), &mut len) };
+    if r < 0 {
+        return Err(sys(what));
+    }
+    Ok((v, len as usize))
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong, what: &'static str) -> Result<usize, RepairError> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int.
+    if unsafe { libc::ioctl(fd, req as _, &mut v) } < 0 {
+        return Err(sys(what));
+    }
+    Ok(v.max(0) as usize)
+}
+
+fn addr_of(fd: RawFd, peer: bool) -> Result<SocketAddr, RepairError> {
+    // SAFETY: a zeroed sockaddr_storage is valid, and the kernel is told its size.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        }
+    };
+    if r < 0 {
+        return Err(sys("getsockname/getpeername"));
+    }
+    from_storage(&ss).ok_or_else(|| RepairError::Invalid("not an IP socket".into()))
+}
+
+fn from_storage(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::from((
+                a.sin6_addr.s6_addr,
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn to_storage(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: a zeroed sockaddr_storage is valid; we fill the variant the family names.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: sockaddr_storage is large enough for sockaddr_in.
+            unsafe {
+                (*p).sin_family = libc::AF_INET as libc::sa_family_t;
+                (*p).sin_port = v4.port().to_be();
+                (*p).sin_addr.s_addr = u32::from_be_bytes(v4.ip().octets()).to_be();
+            }
+            (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v6) => {
+            let p = (&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            // SAFETY: sockaddr_storage is large enough for sockaddr_in6.
+            unsafe {
+                (*p).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                (*p).sin6_port = v6.port().to_be();
+                (*p).sin6_addr.s6_addr = v6.ip().octets();
+                (*p).sin6_flowinfo = v6.flowinfo();
+                (*p).sin6_scope_id = v6.scope_id();
+            }
+            (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+/// The first fields of `struct tcp_info`, up to the window scales.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfoHead {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    /// `tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4` (little-endian bitfield: snd in the low bits).
+    wscales: u8,
+    delivery_rate_app_limited: u8,
+}
+
+/// `struct tcp_repair_opt`.
+#[repr(C)]
+struct RepairOpt {
+    code: u32,
+    val: u32,
+}
+
+/// A socket in repair mode and the state read out of it.
+pub struct Frozen {
+    fd: OwnedFd,
+    pub state: TcpState,
+}
+
+/// Puts `sock` in repair mode and reads its connection's state. From here on the socket neither
+/// sends nor receives; [`Frozen::discard`] closes it without a FIN or reset, and
+/// [`Frozen::thaw`] gives it back unchanged if the move is abandoned.
+pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
+    let fd = OwnedFd::from(sock);
+    let raw = fd.as_raw_fd();
+    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    match read_state(raw) {
+        Ok(state) => Ok(Frozen { fd, state }),
+        Err(e) => {
+            let _ = set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off");
+            Err(e)
+        }
+    }
+}
+
+fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
+    let (ti, _) = get::<TcpInfoHead>(fd, libc::TCP_INFO, "TCP_INFO")?;
+    if ti.state != TCP_ESTABLISHED {
+        return Err(RepairError::State(ti.state));
+    }
+    let outq = ioctl_int(fd, libc::TIOCOUTQ as libc::c_ulong, "SIOCOUTQ")?;
+    let unsent = ioctl_int(fd, 0x894B, "SIOCOUTQNSD")?;
+    let inq = ioctl_int(fd, libc::FIONREAD as libc::c_ulong, "SIOCINQ")?;
+    let (mss, _) = get::<libc::c_int>(fd, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    let timestamp = if ti.options & TCPI_OPT_TIMESTAMPS != 0 {
+        get::<u32>(fd, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")?.0
+    } else {
+        0
+    };
+    let (w, _) = get::<[u32; 5]>(fd, libc::TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?;
+    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, inq)?;
+    let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, outq)?;
+    Ok(TcpState {
+        local: addr_of(fd, false)?,
+        remote: addr_of(fd, true)?,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: unsent.min(outq) as u32,
+        recv_queue,
+        mss: mss.max(0) as u32,
+        options: ti.options,
+        snd_wscale: ti.wscales & 0xf,
+        rcv_wscale: ti.wscales >> 4,
+        timestamp,
+        window: Window {
+            snd_wl1: w[0],
+            snd_wnd: w[1],
+            max_window: w[2],
+            rcv_wnd: w[3],
+            rcv_wup: w[4],
+        },
+    })
+}
+
+/// A queue's sequence number (`TCP_QUEUE_SEQ`) and bytes, peeked in repair mode.
+fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>), RepairError> {
+    set_int(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    let (seq, _) = get::<u32>(fd, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
+    let mut buf = vec![0u8; len + 1];
+    let mut got = 0;
+    if len > 0 {
+        // SAFETY: `buf` has room for `len + 1` bytes; one more than expected proves the size.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                len + 1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(sys("reading a queue in repair mode"));
+        }
+        got = n as usize;
+    }
+    if got != len {
+        return Err(RepairError::Invalid(format!(
+            "queue {queue} held {got} bytes, expected {len}"
+        )));
+    }
+    buf.truncate(len);
+    Ok((seq, buf))
+}
+
+impl Frozen {
+    /// Closes the socket while still in repair mode: the peer is sent nothing.
+    pub fn discard(self) {
+        drop(self.fd);
+    }
+
+    /// Leaves repair mode and gives the socket back, unchanged (the move was abandoned).
+    pub fn thaw(self) -> Result<TcpStream, RepairError> {
+        set_int(
+            self.fd.as_raw_fd(),
+            libc::TCP_REPAIR,
+            TCP_REPAIR_OFF,
+            "TCP_REPAIR off",
+        )?;
+        Ok(TcpStream::from(self.fd))
+    }
+}
+
+/// Recreates the connection `st` describes in a new socket (blocking mode). The old socket must
+/// be gone ([`Frozen::discard`]); the new one binds the same local address and port even if a
+/// listener holds that port (repair mode forces the reuse).
+///
+/// The output that was queued but never sent ([`TcpState::unsent_bytes`]) is *not* written:
+/// it was never on the wire, so it is ordinary output again, and the caller writes it first,
+/// at the pace the peer takes it (writing it here could block on a peer that is not reading).
+/// Socket options (buffer sizes, `TCP_NODELAY`, keepalive) are not part of the state: the new
+/// owner sets them as it sets them on any socket.
+pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
+    if st.send_queue.len() > MAX_QUEUE || st.recv_queue.len() > MAX_QUEUE {
+        return Err(RepairError::Invalid(
+            "queue larger than any socket buffer".into(),
+        ));
+    }
+    if st.unsent as usize > st.send_queue.len() {
+        return Err(RepairError::Invalid("more unsent bytes than queued".into()));
+    }
+    if st.local.is_ipv4() != st.remote.is_ipv4() {
+        return Err(RepairError::Invalid(
+            "local and remote address families differ".into(),
+        ));
+    }
+    let family = if st.local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(sys("socket"));
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    // Room for the queues: a queue written in repair mode still waits for buffer space, and a
+    // fresh socket starts with small buffers. Nonblocking, so a queue that does not fit is an
+    // error instead of a hang.
+    fit_buffer(
+        raw,
+        libc::SO_SNDBUFFORCE,
+        st.send_queue.len() - st.unsent as usize,
+    )?;
+    fit_buffer(raw, libc::SO_RCVBUFFORCE, st.recv_queue.len())?;
+    set_nonblocking(raw, true)?;
+    let (la, ll) = to_storage(&st.local);
+    // SAFETY: `la` is a valid sockaddr of length `ll`.
+    if unsafe { libc::bind(raw, (&la as *const libc::sockaddr_storage).cast(), ll) } < 0 {
+        return Err(sys("bind"));
+    }
+    let recv_start = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
+    set_int(
+        raw,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_RECV_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    set_int(
+        raw,
+        libc::TCP_QUEUE_SEQ,
+        recv_start as libc::c_int,
+        "TCP_QUEUE_SEQ (receive)",
+    )?;
+    let send_start = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
+    set_int(
+        raw,
+        libc::TCP_REPAIR_QUEUE,
+        TCP_SEND_QUEUE,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    set_int(
+        raw,
+        libc::TCP_QUEUE_SEQ,
+        send_start as libc::c_int,
+        "TCP_QUEUE_SEQ (send)",
+    )?;
+    let (ra, rl) = to_storage(&st.remote);
+    // SAFETY: `ra` is a valid sockaddr of length `rl`. In repair mode connect sends nothing.
+    if unsafe { libc::connect(raw, (&ra as *const libc::sockaddr_storage).cast(), rl) } < 0 {
+        return Err(sys("connect (repair)"));
+    }
+    let mut opts = Vec::with_capacity(4);
+    if st.options & TCPI_OPT_SACK != 0 {
+        opts.push(RepairOpt {
+            code: TCPOPT_SACK_PERM,
+            val: 0,
+        });
+    }
+    if st.options & TCPI_OPT_WSCALE != 0 {
+        opts.push(RepairOpt {
+            code: TCPOPT_WINDOW,
+            val: st.snd_wscale as u32 | (st.rcv_wscale as u32) << 16,
+        });
+    }
+    if st.options & TCPI_OPT_TIMESTAMPS != 0 {
+        opts.push(RepairOpt {
+            code: TCPOPT_TIMESTAMP,
+            val: 0,
+        });
+    }
+    opts.push(RepairOpt {
+        code: TCPOPT_MAXSEG,
+        val: st.mss,
+    });
+    // SAFETY: `opts` is a contiguous array of `struct tcp_repair_opt`.
+    let r = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_TCP,
+            libc::TCP_REPAIR_OPTIONS,
+            opts.as_ptr().cast(),
+            (opts.len() * size_of::<RepairOpt>()) as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(sys("TCP_REPAIR_OPTIONS"));
+    }
+    if st.options & TCPI_OPT_TIMESTAMPS != 0 {
+        set_int(
+            raw,
+            libc::TCP_TIMESTAMP,
+            st.timestamp as libc::c_int,
+            "TCP_TIMESTAMP",
+        )?;
+    }
+    write_queue(raw, TCP_RECV_QUEUE, &st.recv_queue)?;
+    let sent = st.send_queue.len() - st.unsent as usize;
+    write_queue(raw, TCP_SEND_QUEUE, &st.send_queue[..sent])?;
+    let w = [
+        st.window.snd_wl1,
+        st.window.snd_wnd,
+        st.window.max_window,
+        st.window.rcv_wnd,
+        st.window.rcv_wup,
+    ];
+    // SAFETY: `w` has the layout of `struct tcp_repair_window`.
+    let r = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_TCP,
+            libc::TCP_REPAIR_WINDOW,
+            w.as_ptr().cast(),
+            size_of::<[u32; 5]>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(sys("TCP_REPAIR_WINDOW"));
+    }
+    // Leaving repair mode sends a window probe: the peer answers with an ACK at once, so the
+    // flow (and any retransmission of the restored, unacknowledged output) restarts without
+    // waiting for a timer.
+    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off")?;
+    set_nonblocking(raw, false)?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Makes a socket buffer hold at least `len` bytes of queue (the kernel doubles the value for
+/// its bookkeeping). Buffers that are already large enough are left alone, so they keep
+/// autotuning.
+fn fit_buffer(fd: RawFd, opt: libc::c_int, len: usize) -> Result<(), RepairError> {
+    let plain = if opt == libc::SO_SNDBUFFORCE {
+        libc::SO_SNDBUF
+    } else {
+        libc::SO_RCVBUF
+    };
+    let mut cur: libc::c_int = 0;
+    let mut l = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes one int into `cur`.
+    if unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            plain,
+            (&mut cur as *mut libc::c_int).cast(),
+            &mut l,
+        )
+    } < 0
+    {
+        return Err(sys("SO_SNDBUF/SO_RCVBUF"));
+    }
+    let want = len + (64 << 10);
+    if (cur as usize) / 2 >= want {
+        return Ok(());
+    }
+    let v = want.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: `v` outlives the call and its size is passed.
+    if unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } < 0
+    {
+        return Err(sys("SO_SNDBUFFORCE/SO_RCVBUFFORCE"));
+    }
+    Ok(())
+}
+
+fn set_nonblocking(fd: RawFd, on: bool) -> Result<(), RepairError> {
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(sys("fcntl"));
+    }
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(sys("fcntl"));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` into a queue in repair mode (they count as received, or as sent and not yet
+/// acknowledged). Large writes are split when the kernel refuses them whole.
+fn write_queue(fd: RawFd, queue: libc::c_int, mut bytes: &[u8]) -> Result<(), RepairError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    set_int(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    let mut chunk = bytes.len();
+    while !bytes.is_empty() {
+        let n = chunk.min(bytes.len());
+        // SAFETY: `bytes[..n]` is valid for reads.
+        let r = unsafe { libc::send(fd, bytes.as_ptr().cast(), n, 0) };
+        if r <= 0 {
+            // The receive queue is rebuilt from linear buffers of the size given: too large a
+            // one fails with ENOMEM. Try smaller pieces.
+            if chunk > 1024 {
+                chunk /= 2;
+                continue;
+            }
+            return Err(sys("restoring a queue"));
+        }
+        bytes = &bytes[r as usize..];
+    }
+    Ok(())
+}
+
+impl AsRawFd for Frozen {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl IntoRawFd for Frozen {
+    fn into_raw_fd(self) -> RawFd {
+        self.fd.into_raw_fd()
+    }
+}
