@@ -10,7 +10,7 @@ use mtcp_proto::wire::{
     self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
 };
 use mtcp_proto::{Cid, StateRecord};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -800,29 +800,37 @@ async fn writer_loop(
     shared: Arc<Shared>,
     hb: Duration,
 ) {
-    let mut batch = Vec::with_capacity(64);
+    let mut pending: VecDeque<Out> = VecDeque::new();
     let mut reported: Option<Instant> = None;
+    // One heartbeat timer, armed at "quiet since the last write + hb" and re-armed only when it
+    // fires early: the hot path (one turn per batch) never touches the timer wheel.
+    let mut last_write = tokio::time::Instant::now();
+    let quiet = tokio::time::sleep_until(last_write + hb);
+    tokio::pin!(quiet);
     loop {
-        let first = tokio::select! {
-            x = rx.recv() => x,
-            _ = tokio::time::sleep(hb) => Some(Out::Msg(Msg::Heartbeat)),
-        };
-        let Some(first) = first else { break };
-        batch.clear();
-        let mut next = Some(first);
-        // Data bytes in the batch: the batch is cut at 1 MiB, and they leave the queue count.
-        let mut data = 0u64;
-        while let Some(o) = next.take() {
-            if let Out::Data(d) = &o {
-                data += d.len() as u64;
-            }
-            batch.push(o);
-            if data < (1 << 20) && batch.len() < 64 {
-                next = rx.try_recv().ok();
+        if pending.is_empty() {
+            tokio::select! {
+                x = rx.recv() => match x {
+                    Some(o) => pending.push_back(o),
+                    None => break,
+                },
+                _ = &mut quiet => {
+                    let due = last_write + hb;
+                    if tokio::time::Instant::now() < due {
+                        quiet.as_mut().reset(due);
+                        continue;
+                    }
+                    pending.push_back(Out::Msg(Msg::Heartbeat));
+                }
             }
         }
+        while let Ok(o) = rx.try_recv() {
+            pending.push_back(o);
+        }
+        let (batch, data) = next_batch(&mut pending);
         // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
         // BACKLOG_EVERY; the agent anchors it at this point of the stream.
+        let mut batch = batch;
         if data > 0 && reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
             let queued = shared.lock().queued;
             if queued > data {
@@ -834,6 +842,7 @@ async fn writer_loop(
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
         }
+        last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
         st.queued = st.queued.saturating_sub(data);
         if let Some(wk) = st.write_waker.take() {
@@ -841,6 +850,36 @@ async fn writer_loop(
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// Most data bytes in one batch written to the session socket.
+const BATCH_BYTES: u64 = 1 << 20;
+/// Most items in one batch.
+const BATCH_ITEMS: usize = 64;
+
+/// Takes the next batch to write from `pending` (everything queued for the session, in order),
+/// and the data bytes in it. A HINT is position-free, so it jumps ahead of queued data: a
+/// drain or an overload hint reaches the agent after at most one batch, not after everything
+/// the application has queued (up to `max_queued`). Every other item keeps its order.
+fn next_batch(pending: &mut VecDeque<Out>) -> (Vec<Out>, u64) {
+    let mut batch = Vec::with_capacity(BATCH_ITEMS.min(pending.len()));
+    if let Some(i) = pending
+        .iter()
+        .position(|o| matches!(o, Out::Msg(Msg::Hint { .. })))
+    {
+        if let Some(h) = pending.remove(i) {
+            batch.push(h);
+        }
+    }
+    let mut data = 0u64;
+    while data < BATCH_BYTES && batch.len() < BATCH_ITEMS {
+        let Some(o) = pending.pop_front() else { break };
+        if let Out::Data(d) = &o {
+            data += d.len() as u64;
+        }
+        batch.push(o);
+    }
+    (batch, data)
 }
 
 /// Returns whether the session ended in order (the writer should flush) rather than broke.
@@ -926,4 +965,57 @@ async fn reader_loop(
         st.detached_at = Some(Instant::now());
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn data(n: usize) -> Out {
+        Out::Data(Bytes::from(vec![7u8; n]))
+    }
+
+    fn hint() -> Out {
+        Out::Msg(Msg::Hint {
+            reason: HintReason::Drain,
+            target: None,
+        })
+    }
+
+    #[test]
+    fn a_hint_jumps_queued_data_and_everything_else_keeps_its_order() {
+        let mut q: VecDeque<Out> = VecDeque::new();
+        for _ in 0..16 {
+            q.push_back(data(256 << 10));
+            q.push_back(Out::Msg(Msg::Heartbeat));
+        }
+        q.push_back(hint());
+        let (b, n) = next_batch(&mut q);
+        assert!(matches!(b[0], Out::Msg(Msg::Hint { .. })), "hint first");
+        assert_eq!(n, BATCH_BYTES, "then one batch of data");
+        // The rest comes out in its original order, without the hint.
+        let mut kinds = Vec::new();
+        for o in b.iter().skip(1) {
+            kinds.push(matches!(o, Out::Data(_)));
+        }
+        while !q.is_empty() {
+            let (b, _) = next_batch(&mut q);
+            assert!(b.iter().all(|o| !matches!(o, Out::Msg(Msg::Hint { .. }))));
+            kinds.extend(b.iter().map(|o| matches!(o, Out::Data(_))));
+        }
+        let want: Vec<bool> = (0..32).map(|i| i % 2 == 0).collect();
+        assert_eq!(kinds, want);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes_and_items() {
+        let mut q: VecDeque<Out> = (0..200).map(|_| Out::Msg(Msg::Heartbeat)).collect();
+        let (b, n) = next_batch(&mut q);
+        assert_eq!((b.len(), n), (BATCH_ITEMS, 0));
+        let mut q: VecDeque<Out> = (0..8).map(|_| data(512 << 10)).collect();
+        let (b, n) = next_batch(&mut q);
+        assert_eq!((b.len(), n), (2, 1 << 20));
+        assert_eq!(q.len(), 6);
+    }
 }
