@@ -117,6 +117,7 @@ pub struct Window {
 
 fn set_int(
     fd: RawFd,
+    level: libc::c_int,
     opt: libc::c_int,
     v: libc::c_int,
     what: &'static str,
@@ -125,7 +126,7 @@ fn set_int(
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_TCP,
+            level,
             opt,
             (&v as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
@@ -139,14 +140,14 @@ fn set_int(
 
 fn get<T: Default>(
     fd: RawFd,
+    level: libc::c_int,
     opt: libc::c_int,
     what: &'static str,
 ) -> Result<(T, usize), RepairError> {
     let mut v = T::default();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `v`, which is that large.
-    let r =
-        unsafe { libc::getsockopt(fd, libc::SOL_TCP, opt, (&mut v as *mut T).cast(), &mut len) };
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut T).cast(), &mut len) };
     if r < 0 {
         return Err(sys(what));
     }
@@ -265,31 +266,48 @@ pub struct Frozen {
 pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
     let fd = OwnedFd::from(sock);
     let raw = fd.as_raw_fd();
-    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    set_int(
+        raw,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_ON,
+        "TCP_REPAIR on",
+    )?;
     match read_state(raw) {
         Ok(state) => Ok(Frozen { fd, state }),
         Err(e) => {
-            let _ = set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off");
+            let _ = set_int(
+                raw,
+                libc::SOL_TCP,
+                libc::TCP_REPAIR,
+                TCP_REPAIR_OFF,
+                "TCP_REPAIR off",
+            );
             Err(e)
         }
     }
 }
 
 fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
-    let (ti, _) = get::<TcpInfoHead>(fd, libc::TCP_INFO, "TCP_INFO")?;
+    let (ti, _) = get::<TcpInfoHead>(fd, libc::SOL_TCP, libc::TCP_INFO, "TCP_INFO")?;
     if ti.state != TCP_ESTABLISHED {
         return Err(RepairError::State(ti.state));
     }
     let outq = ioctl_int(fd, libc::TIOCOUTQ as libc::c_ulong, "SIOCOUTQ")?;
     let unsent = ioctl_int(fd, 0x894B, "SIOCOUTQNSD")?;
     let inq = ioctl_int(fd, libc::FIONREAD as libc::c_ulong, "SIOCINQ")?;
-    let (mss, _) = get::<libc::c_int>(fd, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
+    let (mss, _) = get::<libc::c_int>(fd, libc::SOL_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")?;
     let timestamp = if ti.options & TCPI_OPT_TIMESTAMPS != 0 {
-        get::<u32>(fd, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")?.0
+        get::<u32>(fd, libc::SOL_TCP, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")?.0
     } else {
         0
     };
-    let (w, _) = get::<[u32; 5]>(fd, libc::TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?;
+    let (w, _) = get::<[u32; 5]>(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR_WINDOW,
+        "TCP_REPAIR_WINDOW",
+    )?;
     let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, inq)?;
     let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, outq)?;
     Ok(TcpState {
@@ -317,8 +335,14 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
 
 /// A queue's sequence number (`TCP_QUEUE_SEQ`) and bytes, peeked in repair mode.
 fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>), RepairError> {
-    set_int(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
-    let (seq, _) = get::<u32>(fd, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
+    set_int(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )?;
+    let (seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
     let mut buf = vec![0u8; len + 1];
     let mut got = 0;
     if len > 0 {
@@ -355,6 +379,7 @@ impl Frozen {
     pub fn thaw(self) -> Result<TcpStream, RepairError> {
         set_int(
             self.fd.as_raw_fd(),
+            libc::SOL_TCP,
             libc::TCP_REPAIR,
             TCP_REPAIR_OFF,
             "TCP_REPAIR off",
@@ -398,7 +423,13 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")?;
+    set_int(
+        raw,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_ON,
+        "TCP_REPAIR on",
+    )?;
     // Room for the queues: a queue written in repair mode still waits for buffer space, and a
     // fresh socket starts with small buffers. Nonblocking, so a queue that does not fit is an
     // error instead of a hang.
@@ -417,12 +448,14 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     let recv_start = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
     set_int(
         raw,
+        libc::SOL_TCP,
         libc::TCP_REPAIR_QUEUE,
         TCP_RECV_QUEUE,
         "TCP_REPAIR_QUEUE",
     )?;
     set_int(
         raw,
+        libc::SOL_TCP,
         libc::TCP_QUEUE_SEQ,
         recv_start as libc::c_int,
         "TCP_QUEUE_SEQ (receive)",
@@ -430,12 +463,14 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     let send_start = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
     set_int(
         raw,
+        libc::SOL_TCP,
         libc::TCP_REPAIR_QUEUE,
         TCP_SEND_QUEUE,
         "TCP_REPAIR_QUEUE",
     )?;
     set_int(
         raw,
+        libc::SOL_TCP,
         libc::TCP_QUEUE_SEQ,
         send_start as libc::c_int,
         "TCP_QUEUE_SEQ (send)",
@@ -484,6 +519,7 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     if st.options & TCPI_OPT_TIMESTAMPS != 0 {
         set_int(
             raw,
+            libc::SOL_TCP,
             libc::TCP_TIMESTAMP,
             st.timestamp as libc::c_int,
             "TCP_TIMESTAMP",
@@ -515,7 +551,13 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     // Leaving repair mode sends a window probe: the peer answers with an ACK at once, so the
     // flow (and any retransmission of the restored, unacknowledged output) restarts without
     // waiting for a timer.
-    set_int(raw, libc::TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off")?;
+    set_int(
+        raw,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_OFF,
+        "TCP_REPAIR off",
+    )?;
     set_nonblocking(raw, false)?;
     Ok(TcpStream::from(fd))
 }
@@ -529,40 +571,19 @@ fn fit_buffer(fd: RawFd, opt: libc::c_int, len: usize) -> Result<(), RepairError
     } else {
         libc::SO_RCVBUF
     };
-    let mut cur: libc::c_int = 0;
-    let mut l = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel writes one int into `cur`.
-    if unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            plain,
-            (&mut cur as *mut libc::c_int).cast(),
-            &mut l,
-        )
-    } < 0
-    {
-        return Err(sys("SO_SNDBUF/SO_RCVBUF"));
-    }
+    let (cur, _) = get::<libc::c_int>(fd, libc::SOL_SOCKET, plain, "SO_SNDBUF/SO_RCVBUF")?;
     let want = len + (64 << 10);
-    if (cur as usize) / 2 >= want {
+    if (cur.max(0) as usize) / 2 >= want {
         return Ok(());
     }
     let v = want.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: `v` outlives the call and its size is passed.
-    if unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } < 0
-    {
-        return Err(sys("SO_SNDBUFFORCE/SO_RCVBUFFORCE"));
-    }
-    Ok(())
+    set_int(
+        fd,
+        libc::SOL_SOCKET,
+        opt,
+        v,
+        "SO_SNDBUFFORCE/SO_RCVBUFFORCE",
+    )
 }
 
 fn set_nonblocking(fd: RawFd, on: bool) -> Result<(), RepairError> {
@@ -589,7 +610,13 @@ fn write_queue(fd: RawFd, queue: libc::c_int, mut bytes: &[u8]) -> Result<(), Re
     if bytes.is_empty() {
         return Ok(());
     }
-    set_int(fd, libc::TCP_REPAIR_QUEUE, queue, "TCP_REPAIR_QUEUE")?;
+    set_int(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )?;
     let mut chunk = bytes.len();
     while !bytes.is_empty() {
         let n = chunk.min(bytes.len());
