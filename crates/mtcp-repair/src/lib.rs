@@ -97,7 +97,61 @@ pub struct TcpState {
     pub window: Window,
 }
 
+/// Version of [`TcpState::encode`]'s format (its first byte).
+pub const STATE_VERSION: u8 = 1;
+
 impl TcpState {
+    /// The state as bytes to carry to another process or host: a version byte, then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![STATE_VERSION];
+        out.extend(postcard::to_allocvec(self).expect("a TcpState always serializes"));
+        out
+    }
+
+    /// Reads a state [`TcpState::encode`] wrote, checking it as [`restore`] would: an unknown
+    /// version, trailing bytes, oversized queues or inconsistent fields are errors.
+    pub fn decode(bytes: &[u8]) -> Result<TcpState, RepairError> {
+        let Some((&v, body)) = bytes.split_first() else {
+            return Err(RepairError::Invalid("empty TCP state".into()));
+        };
+        if v != STATE_VERSION {
+            return Err(RepairError::Invalid(format!(
+                "TCP state version {v}, this build reads {STATE_VERSION}"
+            )));
+        }
+        if body.len() > 2 * MAX_QUEUE + 4096 {
+            return Err(RepairError::Invalid("TCP state too large".into()));
+        }
+        let (st, rest): (TcpState, &[u8]) = postcard::take_from_bytes(body)
+            .map_err(|e| RepairError::Invalid(format!("malformed TCP state: {e}")))?;
+        if !rest.is_empty() {
+            return Err(RepairError::Invalid(format!(
+                "{} bytes after the TCP state",
+                rest.len()
+            )));
+        }
+        st.check()?;
+        Ok(st)
+    }
+
+    /// What [`restore`] requires of a state before it touches a socket.
+    fn check(&self) -> Result<(), RepairError> {
+        if self.send_queue.len() > MAX_QUEUE || self.recv_queue.len() > MAX_QUEUE {
+            return Err(RepairError::Invalid(
+                "queue larger than any socket buffer".into(),
+            ));
+        }
+        if self.unsent as usize > self.send_queue.len() {
+            return Err(RepairError::Invalid("more unsent bytes than queued".into()));
+        }
+        if self.local.is_ipv4() != self.remote.is_ipv4() {
+            return Err(RepairError::Invalid(
+                "local and remote address families differ".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The output queued but never sent, which the new socket's owner must write first.
     pub fn unsent_bytes(&self) -> &[u8] {
         let n = (self.unsent as usize).min(self.send_queue.len());
@@ -398,19 +452,7 @@ impl Frozen {
 /// Socket options (buffer sizes, `TCP_NODELAY`, keepalive) are not part of the state: the new
 /// owner sets them as it sets them on any socket.
 pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
-    if st.send_queue.len() > MAX_QUEUE || st.recv_queue.len() > MAX_QUEUE {
-        return Err(RepairError::Invalid(
-            "queue larger than any socket buffer".into(),
-        ));
-    }
-    if st.unsent as usize > st.send_queue.len() {
-        return Err(RepairError::Invalid("more unsent bytes than queued".into()));
-    }
-    if st.local.is_ipv4() != st.remote.is_ipv4() {
-        return Err(RepairError::Invalid(
-            "local and remote address families differ".into(),
-        ));
-    }
+    st.check()?;
     let family = if st.local.is_ipv4() {
         libc::AF_INET
     } else {
@@ -645,5 +687,115 @@ impl AsRawFd for Frozen {
 impl IntoRawFd for Frozen {
     fn into_raw_fd(self) -> RawFd {
         self.fd.into_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addr(v6: bool, port: u16) -> SocketAddr {
+        if v6 {
+            SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port))
+        } else {
+            SocketAddr::from(([127, 0, 0, 1], port))
+        }
+    }
+
+    prop_compose! {
+        fn states()(
+            v6 in any::<bool>(),
+            ports in any::<(u16, u16)>(),
+            seqs in any::<(u32, u32)>(),
+            send_queue in proptest::collection::vec(any::<u8>(), 0..2000),
+            unsent_frac in 0.0f64..=1.0,
+            recv_queue in proptest::collection::vec(any::<u8>(), 0..2000),
+            mss in any::<u32>(),
+            options in any::<u8>(),
+            scales in (0u8..15, 0u8..15),
+            timestamp in any::<u32>(),
+            w in any::<[u32; 5]>(),
+        ) -> TcpState {
+            let unsent = (send_queue.len() as f64 * unsent_frac) as u32;
+            TcpState {
+                local: addr(v6, ports.0),
+                remote: addr(v6, ports.1),
+                send_seq: seqs.0,
+                recv_seq: seqs.1,
+                send_queue,
+                unsent,
+                recv_queue,
+                mss,
+                options,
+                snd_wscale: scales.0,
+                rcv_wscale: scales.1,
+                timestamp,
+                window: Window { snd_wl1: w[0], snd_wnd: w[1], max_window: w[2], rcv_wnd: w[3], rcv_wup: w[4] },
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn states_round_trip(st in states()) {
+            let b = st.encode();
+            prop_assert_eq!(TcpState::decode(&b).unwrap(), st.clone());
+            prop_assert_eq!(st.unsent_bytes().len(), st.unsent as usize);
+        }
+
+        #[test]
+        fn damaged_states_are_errors_not_panics(st in states(), cut in any::<prop::sample::Index>(), flip in any::<(prop::sample::Index, u8)>()) {
+            let b = st.encode();
+            let _ = TcpState::decode(&b[..cut.index(b.len())]);
+            let mut d = b.clone();
+            let i = flip.0.index(d.len());
+            d[i] ^= flip.1 | 1;
+            if let Ok(got) = TcpState::decode(&d) {
+                prop_assert!(got.check().is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_version_trailing_bytes_and_inconsistent_fields_are_refused() {
+        let st = TcpState {
+            local: addr(false, 1),
+            remote: addr(false, 2),
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: vec![1, 2, 3],
+            unsent: 1,
+            recv_queue: Vec::new(),
+            mss: 1460,
+            options: 0,
+            snd_wscale: 0,
+            rcv_wscale: 0,
+            timestamp: 0,
+            window: Window::default(),
+        };
+        let mut b = st.encode();
+        b[0] = 9;
+        assert!(TcpState::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("version 9"));
+        let mut b = st.encode();
+        b.push(0);
+        assert!(TcpState::decode(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("after the TCP state"));
+        let bad = TcpState {
+            unsent: 4,
+            ..st.clone()
+        };
+        assert!(TcpState::decode(&bad.encode()).is_err());
+        let mixed = TcpState {
+            remote: addr(true, 2),
+            ..st
+        };
+        assert!(TcpState::decode(&mixed.encode()).is_err());
+        assert!(TcpState::decode(&[]).is_err());
     }
 }

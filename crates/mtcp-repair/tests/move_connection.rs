@@ -253,3 +253,165 @@ fn a_malformed_state_is_refused_before_any_socket_call() {
     };
     assert!(matches!(restore(&mixed), Err(RepairError::Invalid(_))));
 }
+
+/// A scratch directory, removed on drop (also when the test fails).
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let d = std::env::temp_dir().join(format!("mtcp-repair-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process, killed and reaped on drop if it is still running (also when the test fails).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Environment of the child process in [`a_connection_moves_to_another_process`].
+const CHILD_STATE: &str = "MTCP_REPAIR_TEST_STATE";
+const CHILD_WRITTEN: &str = "MTCP_REPAIR_TEST_WRITTEN";
+const CHILD_UP_READ: &str = "MTCP_REPAIR_TEST_UP_READ";
+
+/// The connection is frozen in this process, its state crosses to another process as bytes
+/// (`TcpState::encode`), and the other process restores it and finishes the transfer.
+#[test]
+fn a_connection_moves_to_another_process() {
+    if !is_root() {
+        eprintln!(
+            "!!! NOT ROOT: moving a connection to another process (TCP_REPAIR) NOT tested !!!"
+        );
+        return;
+    }
+    let down = pattern(7, DOWN);
+    let up = pattern(11, UP);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    set_buf(&client, libc::SO_RCVBUF, 64 << 10);
+    set_buf(&server, libc::SO_SNDBUF, 2 << 20);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    client.write_all(&up[..UP_BEFORE]).unwrap();
+    let mut first = vec![0u8; 5000];
+    server.read_exact(&mut first).unwrap();
+    let mut written = write_until_full(&server, &down);
+    let mut got_down = vec![0u8; written];
+    client.read_exact(&mut got_down).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let fence = Fence::new(
+        client.local_addr().unwrap().port(),
+        listener.local_addr().unwrap().port(),
+    );
+    written += write_until_full(&server, &down[written..]);
+    std::thread::sleep(Duration::from_millis(20));
+
+    let frozen = freeze(server).expect("freeze");
+    let st = frozen.state.clone();
+    let dir = Scratch::new();
+    let file = dir.0.join("state.bin");
+    std::fs::write(&file, st.encode()).unwrap();
+    frozen.discard();
+    // The writer goes on from before the output that was never sent (the child writes it).
+    written -= st.unsent as usize;
+
+    let mut child = Reaped(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_takes_over_a_connection",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_STATE, &file)
+            .env(CHILD_WRITTEN, written.to_string())
+            .env(CHILD_UP_READ, "5000")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Lift the fence once the child holds the connection.
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let t0 = Instant::now();
+    loop {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(n > 0, "the child ended before restoring the connection");
+        // (The test harness may print its "test … " prefix on the same line.)
+        if let Some(i) = line.find("RESTORED") {
+            eprintln!("child: {}", line[i..].trim());
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "child never restored"
+        );
+    }
+    drop(fence);
+
+    let up_c = up.clone();
+    let mut client_w = client.try_clone().unwrap();
+    let uploader = std::thread::spawn(move || {
+        client_w.write_all(&up_c[UP_BEFORE..]).unwrap();
+        client_w.shutdown(Shutdown::Write).unwrap();
+    });
+    client.read_to_end(&mut got_down).unwrap();
+    uploader.join().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "the child failed: {status}");
+    assert_eq!(got_down.len(), DOWN, "download length");
+    assert_eq!(hash(&got_down), hash(&down), "download bytes");
+}
+
+#[test]
+#[ignore = "helper: a_connection_moves_to_another_process runs it in a child process"]
+fn child_takes_over_a_connection() {
+    let file = std::env::var(CHILD_STATE).expect("run by a_connection_moves_to_another_process");
+    let written: usize = std::env::var(CHILD_WRITTEN).unwrap().parse().unwrap();
+    let up_read: usize = std::env::var(CHILD_UP_READ).unwrap().parse().unwrap();
+    let down = pattern(7, DOWN);
+    let up = pattern(11, UP);
+    let st = TcpState::decode(&std::fs::read(file).unwrap()).expect("decode");
+    let mut s = restore(&st).expect("restore in the child");
+    println!(
+        "RESTORED in process {}: {} bytes queued ({} never sent), {} unread",
+        std::process::id(),
+        st.send_queue.len(),
+        st.unsent,
+        st.recv_queue.len()
+    );
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&down[written..]).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    // The unread input is back in the socket's receive queue: it is read like any input.
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got.len(), UP - up_read, "upload length in the child");
+    assert_eq!(
+        hash(&got),
+        hash(&up[up_read..]),
+        "upload bytes in the child"
+    );
+}
