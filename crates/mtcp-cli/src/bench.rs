@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Time the built-in client (XXH3 over every byte) instead of curl.
     #[arg(long)]
     pub builtin_client: bool,
+    /// The reading client's rate in MiB/s (drain).
+    #[arg(long, default_value_t = 4)]
+    pub rate_mib: u64,
     /// Server kills (recovery) or stops (hung) to measure.
     #[arg(long, default_value_t = 20)]
     pub faults: u32,
@@ -79,6 +82,9 @@ pub enum Which {
     LabThroughput,
     /// Lab (root): a server's link degrades; the floor policy moves the connection (SVG plot).
     Degrade,
+    /// `mtcp drain` of the serving server while a slow client reads: request to no connection
+    /// left (--rounds drains, reader at --rate-mib).
+    Drain,
 }
 
 #[derive(Serialize, Debug)]
@@ -179,6 +185,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         Which::LabRtt => crate::labbench::rtt(&a, &dir).await,
         Which::LabThroughput => crate::labbench::link_throughput(&a, &dir).await,
         Which::Degrade => crate::labbench::degrade(&a, &dir).await,
+        Which::Drain => drain(&a, &dir).await,
     };
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -834,6 +841,92 @@ async fn eager_cost(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             "  eager, snapshot every 64 KiB: {e64:>8.1} MiB/s (median)  cost {:+.1} %",
             rep.cost_64k * 100.0
         );
+    }
+    Ok(())
+}
+
+#[derive(Serialize, Debug)]
+pub struct DrainReport {
+    pub mode: String,
+    pub rate_mib_s: u64,
+    /// Seconds from the drain request to the server reporting no connection, per drain.
+    pub drain_secs: Vec<f64>,
+    pub drain_secs_median: f64,
+    pub drain_secs_max: f64,
+    pub transfer_sha256_ok: bool,
+}
+
+/// `mtcp bench drain`: one download read at `--rate-mib` by the built-in client; `--rounds`
+/// times the server serving it is drained (timed until it reports no connection left), then
+/// restarted so that it can serve again. The transfer's SHA-256 is checked at the end.
+async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    let rate = a.rate_mib.max(1) << 20;
+    // Per round: ~1 s of reading before the drain, the drain itself, the restart.
+    let size = rate * (a.rounds as u64 * 6 + 4);
+    let file = dir.join("www/data.bin");
+    let want = tokio::task::block_in_place(|| local::make_file(&file, size, 11))?;
+    let mut lc = start(a, dir, false)?;
+    let cluster = mtcp::Cluster::load(&lc.cluster_file)?;
+    let mut c = Client::connect(&lc.agent_listen).await?;
+    c.rate = Some(rate);
+    let dl = tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await });
+    let mut secs = Vec::new();
+    for round in 0..a.rounds {
+        // Let the application run ahead of the slow reader: its queue and the socket buffers
+        // fill, which is what a HINT has to get past.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if dl.is_finished() {
+            bail!("transfer ended after {round} drains; lower --rounds");
+        }
+        let st = lc.status_async().await?;
+        let id = st
+            .first()
+            .context("no connection at the agent")?
+            .server
+            .clone();
+        let admin = lc
+            .servers
+            .iter()
+            .find(|s| s.id == id)
+            .context("unknown server")?
+            .admin
+            .clone();
+        let t0 = Instant::now();
+        local::drain_server(&admin, &cluster.key, &id, Duration::from_secs(60)).await?;
+        secs.push(t0.elapsed().as_secs_f64());
+        if !a.json {
+            println!(
+                "  drain {round}: {id} empty after {:.3} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        tokio::task::block_in_place(|| -> Result<()> {
+            lc.kill(&id)?;
+            lc.restart_server(&id)
+        })?;
+    }
+    let r = tokio::time::timeout(Duration::from_secs(size / rate + 60), dl)
+        .await
+        .context("the download did not finish")???;
+    let ok = r.status == 200 && r.body_len == size && r.digest == want;
+    let rep = DrainReport {
+        mode: a.mode.clone(),
+        rate_mib_s: a.rate_mib,
+        drain_secs_median: median(&secs),
+        drain_secs_max: secs.iter().cloned().fold(0.0, f64::max),
+        drain_secs: secs,
+        transfer_sha256_ok: ok,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "drain under a client reading {} MiB/s, {} mode: median {:.3} s, max {:.3} s; transfer sha256 ok: {}",
+            rep.rate_mib_s, rep.mode, rep.drain_secs_median, rep.drain_secs_max, rep.transfer_sha256_ok
+        );
+    }
+    if !ok {
+        bail!("the drained transfer's SHA-256 did not match");
     }
     Ok(())
 }
