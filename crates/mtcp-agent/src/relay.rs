@@ -36,8 +36,17 @@ struct Session {
 /// A watch connection to the session's server (see [`Msg::Watch`]), held by a task that
 /// reports why it ended; dropping it closes the connection.
 struct Watch {
-    ended: tokio::sync::oneshot::Receiver<String>,
+    ended: tokio::sync::oneshot::Receiver<WatchEnd>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Why a watch connection's task ended.
+enum WatchEnd {
+    /// The server process is gone or hung.
+    Gone(String),
+    /// The server hinted the connection away (drain, overload): the HINT came here too, where
+    /// no data is queued ahead of it.
+    Hint(Msg),
 }
 
 impl Drop for Watch {
@@ -94,6 +103,10 @@ fn spawn_watch(
                     let why = loop {
                         match r.next_msg(silence).await {
                             Ok(Msg::Heartbeat) => continue,
+                            Ok(m @ Msg::Hint { .. }) => {
+                                let _ = tx.send(WatchEnd::Hint(m));
+                                return;
+                            }
                             Err(ChannelError::Timeout) => {
                                 break format!(
                                     "server silent on its watch connection for {silence:?}"
@@ -109,7 +122,7 @@ fn spawn_watch(
                             }
                         }
                     };
-                    let _ = tx.send(why);
+                    let _ = tx.send(WatchEnd::Gone(why));
                     return;
                 }
                 Ok(other) => tracing::debug!(%cid, "watch not accepted: {other:?}"),
@@ -464,7 +477,13 @@ async fn run(
             biased;
             why = async { (&mut s.watch.as_mut().expect("checked").ended).await }, if s.watch.is_some() => {
                 match why {
-                    Ok(why) => return session_broke(conn, &why),
+                    Ok(WatchEnd::Gone(why)) => return session_broke(conn, &why),
+                    Ok(WatchEnd::Hint(m)) => {
+                        if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
+                            return end;
+                        }
+                        s.watch = None;
+                    }
                     Err(_) => s.watch = None,
                 }
             }

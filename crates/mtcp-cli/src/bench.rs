@@ -900,6 +900,9 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 t0.elapsed().as_secs_f64()
             );
         }
+        // What an operator does: drain, then stop the server at once. `drain` returns only
+        // when the state records it handed over have reached their destinations, so even in
+        // lazy mode (where nothing else holds the state while it crosses) nothing is lost.
         tokio::task::block_in_place(|| -> Result<()> {
             lc.kill(&id)?;
             lc.restart_server(&id)

@@ -10,7 +10,7 @@ use crate::framed::Out;
 use crate::server::ServerInner;
 use bytes::Bytes;
 use mtcp_proto::stream::ServerStream;
-use mtcp_proto::wire::{Msg, RefuseCode};
+use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::{Cid, StateRecord};
 use std::io;
 use std::pin::Pin;
@@ -174,6 +174,11 @@ pub(crate) struct Shared {
     pub unlocked: Notify,
     /// Signalled when the application consumed input (the session reader may read more).
     pub consumed: Notify,
+    /// Eager mode: the newest HINT, also for the watch connection, which is never queued
+    /// behind data (see [`Shared::hint`]).
+    pub hint: Mutex<Option<Msg>>,
+    /// Signalled when `hint` is set.
+    pub hinted: Notify,
 }
 
 impl Shared {
@@ -202,7 +207,22 @@ impl Shared {
             st: Mutex::new(st),
             unlocked: Notify::new(),
             consumed: Notify::new(),
+            hint: Mutex::new(None),
+            hinted: Notify::new(),
         })
+    }
+
+    /// Sends a HINT (which has no stream position) on the session, ahead of queued data, and
+    /// on the connection's watch connection if it has one: that one carries no data, so the
+    /// HINT does not wait behind the session socket's buffers either. The caller holds `st`.
+    pub fn hint(&self, st: &mut ConnState, reason: HintReason) {
+        let m = Msg::Hint {
+            reason,
+            target: None,
+        };
+        st.send(Out::Msg(m.clone()));
+        *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+        self.hinted.notify_one();
     }
 }
 

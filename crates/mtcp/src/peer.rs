@@ -13,7 +13,7 @@ use mtcp_proto::wire::{HintReason, Mode, Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, StateRecord};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -303,6 +303,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
     // Replicas carry a snapshot and at most a small output tail.
     reader.set_max_frame(inner.limits.max_snapshot + crate::eager::MAX_REPLICA_TAIL + 4096);
     loop {
+        // Held from a FETCH until its reply is acknowledged (see `ServerInner::handing_over`).
+        let mut handover: Option<HandingOver> = None;
         let reply = match reader.next_msg(IDLE).await {
             Ok(Msg::Fetch {
                 cid,
@@ -311,6 +313,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 sum_from,
                 down_sum,
             }) => {
+                handover = Some(HandingOver::new(&inner));
                 // Tell the destination we are alive before a lock_state section may delay us.
                 if framed::write_msg(&mut w, &Msg::Working).await.is_err() {
                     return;
@@ -367,6 +370,46 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
         if framed::write_msg(&mut w, &reply).await.is_err() {
             return;
         }
+        if handover.is_some() {
+            acknowledged(&w, HANDOVER_ACK_WAIT).await;
+        }
+        drop(handover);
+    }
+}
+
+/// Longest wait for a handed-over state record to be acknowledged by the destination.
+const HANDOVER_ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Counts one hand-over in [`ServerInner::handing_over`] while it lives.
+struct HandingOver(Arc<ServerInner>);
+
+impl HandingOver {
+    fn new(inner: &Arc<ServerInner>) -> Self {
+        inner.handing_over.fetch_add(1, Ordering::Relaxed);
+        HandingOver(inner.clone())
+    }
+}
+
+impl Drop for HandingOver {
+    fn drop(&mut self) {
+        self.0.handing_over.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits (at most `limit`) until everything written to `w` has been acknowledged by the peer's
+/// kernel (the send queue is empty): from then on the bytes survive this process's death.
+async fn acknowledged(w: &OwnedWriteHalf, limit: Duration) {
+    use std::os::fd::AsRawFd;
+    let fd = w.as_ref().as_raw_fd();
+    let t0 = Instant::now();
+    loop {
+        let mut outq: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int; `fd` is the live socket `w` borrows.
+        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
+        if r < 0 || outq <= 0 || t0.elapsed() >= limit {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

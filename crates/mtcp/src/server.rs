@@ -67,6 +67,10 @@ pub(crate) struct ServerInner {
     pub draining: AtomicBool,
     pub migrated_in: AtomicU64,
     pub migrated_out: AtomicU64,
+    /// Connections being handed over on the peer port: frozen and forgotten here, but their
+    /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
+    /// drain does not report "none left" while a state record is still on its way.
+    pub handing_over: std::sync::atomic::AtomicU32,
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
@@ -120,7 +124,7 @@ impl ServerInner {
             .count() as u32;
         ServerStatus {
             id: self.id.clone(),
-            connections: conns.len() as u32 - detached,
+            connections: conns.len() as u32 - detached + self.handing_over.load(Ordering::Relaxed),
             detached,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
@@ -134,10 +138,7 @@ impl ServerInner {
         for c in self.all() {
             let mut st = c.lock();
             if st.phase == Phase::Live {
-                st.send(Out::Msg(Msg::Hint {
-                    reason,
-                    target: None,
-                }));
+                c.hint(&mut st, reason);
             }
         }
     }
@@ -249,6 +250,7 @@ impl Server {
             draining: AtomicBool::new(false),
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
+            handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
             closed: Mutex::new(HashMap::new()),
@@ -520,8 +522,8 @@ async fn watch(
         .await;
         return;
     }
-    match inner.get(&cid) {
-        Some(c) if c.lock().epoch == epoch => {}
+    let shared = match inner.get(&cid) {
+        Some(c) if c.lock().epoch == epoch => c,
         _ => {
             refuse(
                 &mut w,
@@ -534,7 +536,7 @@ async fn watch(
             .await;
             return;
         }
-    }
+    };
     let mut gone_since: Option<Instant> = None;
     let mut beat = tokio::time::interval(inner.cluster.heartbeat);
     let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -546,6 +548,16 @@ async fn watch(
                 // Heartbeats here are never queued behind data: a hung process is seen at once.
                 if framed::write_msg(&mut w, &Msg::Heartbeat).await.is_err() {
                     return;
+                }
+                continue;
+            }
+            // A HINT goes here too: nothing is queued ahead of it on this connection.
+            _ = shared.hinted.notified() => {
+                let hint = shared.hint.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(m) = hint {
+                    if shared.lock().epoch == epoch && framed::write_msg(&mut w, &m).await.is_err() {
+                        return;
+                    }
                 }
                 continue;
             }
@@ -656,10 +668,7 @@ async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usize) {
             let mut st = c.lock();
             if st.phase == Phase::Live {
                 tracing::info!(%cid, live = live.len(), max, "overloaded: hinting the connection away");
-                st.send(Out::Msg(Msg::Hint {
-                    reason: HintReason::Overload,
-                    target: None,
-                }));
+                c.hint(&mut st, HintReason::Overload);
             }
         }
     }
