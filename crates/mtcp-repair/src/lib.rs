@@ -192,6 +192,16 @@ fn set_int(
     Ok(())
 }
 
+/// Turns repair mode on or off (off sends a window probe, so the peer answers at once).
+fn repair(fd: RawFd, on: bool) -> Result<(), RepairError> {
+    let (v, what) = if on {
+        (TCP_REPAIR_ON, "TCP_REPAIR on")
+    } else {
+        (TCP_REPAIR_OFF, "TCP_REPAIR off")
+    };
+    set_int(fd, libc::SOL_TCP, libc::TCP_REPAIR, v, what)
+}
+
 fn get<T: Default>(
     fd: RawFd,
     level: libc::c_int,
@@ -320,23 +330,11 @@ pub struct Frozen {
 pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
     let fd = OwnedFd::from(sock);
     let raw = fd.as_raw_fd();
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR,
-        TCP_REPAIR_ON,
-        "TCP_REPAIR on",
-    )?;
+    repair(raw, true)?;
     match read_state(raw) {
         Ok(state) => Ok(Frozen { fd, state }),
         Err(e) => {
-            let _ = set_int(
-                raw,
-                libc::SOL_TCP,
-                libc::TCP_REPAIR,
-                TCP_REPAIR_OFF,
-                "TCP_REPAIR off",
-            );
+            let _ = repair(raw, false);
             Err(e)
         }
     }
@@ -431,13 +429,7 @@ impl Frozen {
 
     /// Leaves repair mode and gives the socket back, unchanged (the move was abandoned).
     pub fn thaw(self) -> Result<TcpStream, RepairError> {
-        set_int(
-            self.fd.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_REPAIR,
-            TCP_REPAIR_OFF,
-            "TCP_REPAIR off",
-        )?;
+        repair(self.fd.as_raw_fd(), false)?;
         Ok(TcpStream::from(self.fd))
     }
 }
@@ -465,13 +457,7 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR,
-        TCP_REPAIR_ON,
-        "TCP_REPAIR on",
-    )?;
+    repair(raw, true)?;
     // Room for the queues: a queue written in repair mode still waits for buffer space, and a
     // fresh socket starts with small buffers. Nonblocking, so a queue that does not fit is an
     // error instead of a hang.
@@ -593,13 +579,7 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     // Leaving repair mode sends a window probe: the peer answers with an ACK at once, so the
     // flow (and any retransmission of the restored, unacknowledged output) restarts without
     // waiting for a timer.
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR,
-        TCP_REPAIR_OFF,
-        "TCP_REPAIR off",
-    )?;
+    repair(raw, false)?;
     set_nonblocking(raw, false)?;
     Ok(TcpStream::from(fd))
 }

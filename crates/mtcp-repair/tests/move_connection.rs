@@ -56,7 +56,10 @@ struct Fence(String);
 
 impl Fence {
     fn new(client_port: u16, server_port: u16) -> Fence {
-        let name = format!("mtcp_repair_test_{}", std::process::id());
+        // Tests run in parallel threads of one process: each fence gets its own table.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("mtcp_repair_test_{}_{n}", std::process::id());
         let rules = format!(
             "table inet {name} {{\n chain out {{\n type filter hook output priority 0;\n \
              tcp sport {client_port} tcp dport {server_port} drop\n }}\n}}\n"
@@ -89,6 +92,21 @@ fn hash(b: &[u8]) -> u64 {
     XxHash3_64::oneshot(b)
 }
 
+/// A listener and a connection accepted from it: (listener, client, server). A small client
+/// window and a large server send buffer: a move always finds output queued that was never
+/// sent.
+fn connected() -> (TcpListener, TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    set_buf(&client, libc::SO_RCVBUF, 64 << 10);
+    set_buf(&server, libc::SO_SNDBUF, 2 << 20);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    (listener, client, server)
+}
+
 /// Writes as much of `data` as the socket takes without blocking.
 fn write_until_full(s: &TcpStream, data: &[u8]) -> usize {
     s.set_nonblocking(true).unwrap();
@@ -118,16 +136,7 @@ fn a_live_connection_moves_to_a_new_socket_with_every_byte_intact() {
     }
     let down = pattern(7, DOWN);
     let up = pattern(11, UP);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    // A small client window and a large server send buffer: every move finds output queued
-    // that was never sent.
-    set_buf(&client, libc::SO_RCVBUF, 64 << 10);
-    set_buf(&server, libc::SO_SNDBUF, 2 << 20);
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let (listener, mut client, mut server) = connected();
 
     let (mut got_up, mut got_down) = (Vec::new(), Vec::new());
     let (mut up_sent, mut written) = (0, 0);
@@ -300,14 +309,7 @@ fn a_connection_moves_to_another_process() {
     }
     let down = pattern(7, DOWN);
     let up = pattern(11, UP);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (mut server, _) = listener.accept().unwrap();
-    set_buf(&client, libc::SO_RCVBUF, 64 << 10);
-    set_buf(&server, libc::SO_SNDBUF, 2 << 20);
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let (listener, mut client, mut server) = connected();
     client.write_all(&up[..UP_BEFORE]).unwrap();
     let mut first = vec![0u8; 5000];
     server.read_exact(&mut first).unwrap();
