@@ -19,7 +19,10 @@ use tokio::sync::mpsc;
 const SETUP_FRAME: usize = 64 << 10;
 /// How `try_resume` reports a `Closed` refusal (the connection had already ended in order).
 const CLOSED_PREFIX: &str = "Closed: ";
-const ACK_EVERY: u64 = 256 << 10;
+/// Downstream bytes between periodic ACKs (they let the server trim its output log). Each ACK
+/// is a write here and a wake-up of the server's session reader: 1 MiB instead of 256 KiB cut
+/// the CPU per GiB through the agent by about 7 % (stop 7, `mtcp bench throughput`).
+const ACK_EVERY: u64 = 1 << 20;
 const PING_EVERY: Duration = Duration::from_secs(1);
 const CLIENT_READ: usize = 128 << 10;
 /// Largest piece of downstream data read from the session and written to the client at once.
