@@ -658,11 +658,12 @@ async fn on_delivered(
         if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
             return Err(session_broke(conn, "write failed"));
         }
-        conn.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .bytes_down = recv;
     }
+    // The status follows every delivery (an uncontended lock), not only the ACKs.
+    conn.status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .bytes_down = recv;
     Ok(())
 }
 
