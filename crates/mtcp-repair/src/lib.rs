@@ -42,6 +42,8 @@ const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
 /// `TCP_ESTABLISHED` in `tcpi_state`.
 const TCP_ESTABLISHED: u8 = 1;
+/// How long [`restore`] waits for the old socket to leave the connection table.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Largest queue accepted from a [`TcpState`]: more than any socket buffer this host allows.
 pub const MAX_QUEUE: usize = 64 << 20;
 
@@ -200,6 +202,17 @@ fn repair(fd: RawFd, on: bool) -> Result<(), RepairError> {
         (TCP_REPAIR_OFF, "TCP_REPAIR off")
     };
     set_int(fd, libc::SOL_TCP, libc::TCP_REPAIR, v, what)
+}
+
+/// Points the queue operations (`TCP_QUEUE_SEQ`, reads and writes in repair mode) at `queue`.
+fn select_queue(fd: RawFd, queue: libc::c_int) -> Result<(), RepairError> {
+    set_int(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        queue,
+        "TCP_REPAIR_QUEUE",
+    )
 }
 
 fn get<T: Default>(
@@ -387,13 +400,7 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
 
 /// A queue's sequence number (`TCP_QUEUE_SEQ`) and bytes, peeked in repair mode.
 fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>), RepairError> {
-    set_int(
-        fd,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR_QUEUE,
-        queue,
-        "TCP_REPAIR_QUEUE",
-    )?;
+    select_queue(fd, queue)?;
     let (seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
     let mut buf = vec![0u8; len + 1];
     let mut got = 0;
@@ -474,13 +481,7 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
         return Err(sys("bind"));
     }
     let recv_start = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR_QUEUE,
-        TCP_RECV_QUEUE,
-        "TCP_REPAIR_QUEUE",
-    )?;
+    select_queue(raw, TCP_RECV_QUEUE)?;
     set_int(
         raw,
         libc::SOL_TCP,
@@ -489,13 +490,7 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
         "TCP_QUEUE_SEQ (receive)",
     )?;
     let send_start = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR_QUEUE,
-        TCP_SEND_QUEUE,
-        "TCP_REPAIR_QUEUE",
-    )?;
+    select_queue(raw, TCP_SEND_QUEUE)?;
     set_int(
         raw,
         libc::SOL_TCP,
@@ -504,9 +499,23 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
         "TCP_QUEUE_SEQ (send)",
     )?;
     let (ra, rl) = to_storage(&st.remote);
-    // SAFETY: `ra` is a valid sockaddr of length `rl`. In repair mode connect sends nothing.
-    if unsafe { libc::connect(raw, (&ra as *const libc::sockaddr_storage).cast(), rl) } < 0 {
-        return Err(sys("connect (repair)"));
+    // The old socket leaves the connection table when its last reference goes, which a
+    // process forking at that moment can delay for a moment (its copy of every descriptor lives
+    // until it execs): until then the address pair is taken. Retry briefly.
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: `ra` is a valid sockaddr of length `rl`. In repair mode connect sends nothing.
+        if unsafe { libc::connect(raw, (&ra as *const libc::sockaddr_storage).cast(), rl) } == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) || t0.elapsed() > CONNECT_RETRY {
+            return Err(RepairError::Sys {
+                what: "connect (repair)",
+                source: e,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let mut opts = Vec::with_capacity(4);
     if st.options & TCPI_OPT_SACK != 0 {
@@ -632,13 +641,7 @@ fn write_queue(fd: RawFd, queue: libc::c_int, mut bytes: &[u8]) -> Result<(), Re
     if bytes.is_empty() {
         return Ok(());
     }
-    set_int(
-        fd,
-        libc::SOL_TCP,
-        libc::TCP_REPAIR_QUEUE,
-        queue,
-        "TCP_REPAIR_QUEUE",
-    )?;
+    select_queue(fd, queue)?;
     let mut chunk = bytes.len();
     while !bytes.is_empty() {
         let n = chunk.min(bytes.len());

@@ -107,6 +107,26 @@ fn connected() -> (TcpListener, TcpStream, TcpStream) {
     (listener, client, server)
 }
 
+/// Lets delayed ACKs and window updates go out, fences the client's packets to the server's
+/// port, then has the server write as much more of `down` as it takes: that output is sent
+/// but its acknowledgements are dropped, so a move now carries output in flight.
+fn fence_and_fill(
+    listener: &TcpListener,
+    client: &TcpStream,
+    server: &TcpStream,
+    down: &[u8],
+    written: &mut usize,
+) -> Fence {
+    std::thread::sleep(Duration::from_millis(50));
+    let fence = Fence::new(
+        client.local_addr().unwrap().port(),
+        listener.local_addr().unwrap().port(),
+    );
+    *written += write_until_full(server, &down[*written..]);
+    std::thread::sleep(Duration::from_millis(20));
+    fence
+}
+
 /// Writes as much of `data` as the socket takes without blocking.
 fn write_until_full(s: &TcpStream, data: &[u8]) -> usize {
     s.set_nonblocking(true).unwrap();
@@ -158,13 +178,7 @@ fn a_live_connection_moves_to_a_new_socket_with_every_byte_intact() {
         // from the client reaches the port (no socket holds the connection for a moment). The
         // server's next output is sent but its acknowledgements are dropped, so the move also
         // carries output that is in flight.
-        std::thread::sleep(Duration::from_millis(50));
-        let fence = Fence::new(
-            client.local_addr().unwrap().port(),
-            listener.local_addr().unwrap().port(),
-        );
-        written += write_until_full(&server, &down[written..]);
-        std::thread::sleep(Duration::from_millis(20));
+        let fence = fence_and_fill(&listener, &client, &server, &down, &mut written);
 
         let t0 = Instant::now();
         let frozen = freeze(server).expect("freeze");
@@ -316,13 +330,7 @@ fn a_connection_moves_to_another_process() {
     let mut written = write_until_full(&server, &down);
     let mut got_down = vec![0u8; written];
     client.read_exact(&mut got_down).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let fence = Fence::new(
-        client.local_addr().unwrap().port(),
-        listener.local_addr().unwrap().port(),
-    );
-    written += write_until_full(&server, &down[written..]);
-    std::thread::sleep(Duration::from_millis(20));
+    let fence = fence_and_fill(&listener, &client, &server, &down, &mut written);
 
     let frozen = freeze(server).expect("freeze");
     let st = frozen.state.clone();
