@@ -2,7 +2,7 @@
 //! agent, talks to their admin ports, and kills every process it started (by PID) when dropped.
 
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -37,15 +37,26 @@ pub async fn drain_server(
 /// kernel's ephemeral range (`ip_local_port_range`), where outgoing connections never get their
 /// ports — agents open spare, watch and probe connections all the time, and a port handed out
 /// from the ephemeral range could be taken by one of them before the listener binds it.
+///
+/// A port is not handed out twice in a process (within the last 4096): the listener it is for
+/// starts later, so a bind test alone cannot tell two callers apart, and a cluster takes a
+/// dozen ports from ~22,000 (CI once saw two servers of one cluster given the same port).
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
     if low > 11_000 {
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.len() >= 4096 {
+            // Long handed out: bound by their listeners by now, or free again.
+            given.clear();
+        }
         for _ in 0..1000 {
             let p = rand::Rng::gen_range(&mut rand::thread_rng(), 10_000..low);
-            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                given.insert(p);
                 return p;
             }
         }
