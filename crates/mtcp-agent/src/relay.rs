@@ -522,8 +522,6 @@ async fn run(
                     return session_broke(conn, "write failed");
                 }
             }
-            // Silence counts only while the agent is ready to read from the server: time spent
-            // waiting for a slow client program to take bytes is not the server's silence.
             w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
                 Ok(k) if k > 0 => {
                     let d = &wbuf[pend.start..pend.start + k];
@@ -609,6 +607,8 @@ async fn run(
                     }
                 }
             },
+            // Silence counts only while the agent is ready to read from the server: time spent
+            // waiting for a slow client program to take bytes is not the server's silence.
             _ = &mut silence, if ready.is_none() => {
                 let due = live.deadline();
                 if due > Instant::now() {

@@ -364,28 +364,25 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 Path::Agent => (&lc.agent_listen, Some(&agent_stat), 1),
                 Path::Relay => (&relay, Some(&relay_stat), 2),
             };
-            let before = (
-                cpu_secs(&server_stat),
-                relay_stat.and_then(|p| cpu_secs(p)),
-                children_cpu_secs(),
-            );
+            // CPU seconds so far of [server, relay, client] (`None`: not measurable).
+            let sample = || {
+                [
+                    cpu_secs(&server_stat),
+                    relay_stat.and_then(|p| cpu_secs(p)),
+                    Some(children_cpu_secs()),
+                ]
+            };
+            let before = sample();
             let speed = if curl {
                 download_curl(addr, size).await?
             } else {
                 download(addr, size, &want).await?
             };
-            let after = (
-                cpu_secs(&server_stat),
-                relay_stat.and_then(|p| cpu_secs(p)),
-                children_cpu_secs(),
-            );
-            if let (Some(b), Some(e)) = (before.0, after.0) {
-                cpu[slot][0] += e - b;
+            for (k, (b, e)) in before.iter().zip(sample()).enumerate() {
+                if let (Some(b), Some(e)) = (b, e) {
+                    cpu[slot][k] += e - b;
+                }
             }
-            if let (Some(b), Some(e)) = (before.1, after.1) {
-                cpu[slot][1] += e - b;
-            }
-            cpu[slot][2] += after.2 - before.2;
             match path {
                 Path::Direct => d.push(speed),
                 Path::Agent => g.push(speed),

@@ -215,6 +215,18 @@ fn select_queue(fd: RawFd, queue: libc::c_int) -> Result<(), RepairError> {
     )
 }
 
+/// Sets `queue`'s sequence number (`TCP_QUEUE_SEQ`), before `connect` in repair mode.
+fn set_queue_seq(fd: RawFd, queue: libc::c_int, seq: u32) -> Result<(), RepairError> {
+    select_queue(fd, queue)?;
+    set_int(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_QUEUE_SEQ,
+        seq as libc::c_int,
+        "TCP_QUEUE_SEQ",
+    )
+}
+
 fn get<T: Default>(
     fd: RawFd,
     level: libc::c_int,
@@ -480,24 +492,11 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
     if unsafe { libc::bind(raw, (&la as *const libc::sockaddr_storage).cast(), ll) } < 0 {
         return Err(sys("bind"));
     }
+    // Each queue starts at the sequence number of its first byte.
     let recv_start = st.recv_seq.wrapping_sub(st.recv_queue.len() as u32);
-    select_queue(raw, TCP_RECV_QUEUE)?;
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_QUEUE_SEQ,
-        recv_start as libc::c_int,
-        "TCP_QUEUE_SEQ (receive)",
-    )?;
+    set_queue_seq(raw, TCP_RECV_QUEUE, recv_start)?;
     let send_start = st.send_seq.wrapping_sub(st.send_queue.len() as u32);
-    select_queue(raw, TCP_SEND_QUEUE)?;
-    set_int(
-        raw,
-        libc::SOL_TCP,
-        libc::TCP_QUEUE_SEQ,
-        send_start as libc::c_int,
-        "TCP_QUEUE_SEQ (send)",
-    )?;
+    set_queue_seq(raw, TCP_SEND_QUEUE, send_start)?;
     let (ra, rl) = to_storage(&st.remote);
     // The old socket leaves the connection table when its last reference goes, which a
     // process forking at that moment can delay for a moment (its copy of every descriptor lives
@@ -773,12 +772,15 @@ mod tests {
             unsent: 4,
             ..st.clone()
         };
+        // Refused by `decode` and, before any socket call, by `restore`.
         assert!(TcpState::decode(&bad.encode()).is_err());
+        assert!(matches!(restore(&bad), Err(RepairError::Invalid(_))));
         let mixed = TcpState {
             remote: addr(true, 2),
             ..st
         };
         assert!(TcpState::decode(&mixed.encode()).is_err());
+        assert!(matches!(restore(&mixed), Err(RepairError::Invalid(_))));
         assert!(TcpState::decode(&[]).is_err());
     }
 }

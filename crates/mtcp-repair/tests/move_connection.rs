@@ -251,32 +251,6 @@ fn a_live_connection_moves_to_a_new_socket_with_every_byte_intact() {
     );
 }
 
-#[test]
-fn a_malformed_state_is_refused_before_any_socket_call() {
-    let st = TcpState {
-        local: "127.0.0.1:1".parse().unwrap(),
-        remote: "127.0.0.1:2".parse().unwrap(),
-        send_seq: 0,
-        recv_seq: 0,
-        send_queue: vec![1, 2, 3],
-        unsent: 4,
-        recv_queue: Vec::new(),
-        mss: 1460,
-        options: 0,
-        snd_wscale: 0,
-        rcv_wscale: 0,
-        timestamp: 0,
-        window: Default::default(),
-    };
-    assert!(matches!(restore(&st), Err(RepairError::Invalid(_))));
-    let mixed = TcpState {
-        unsent: 0,
-        remote: "[::1]:2".parse().unwrap(),
-        ..st
-    };
-    assert!(matches!(restore(&mixed), Err(RepairError::Invalid(_))));
-}
-
 /// A scratch directory, removed on drop (also when the test fails).
 struct Scratch(std::path::PathBuf);
 
