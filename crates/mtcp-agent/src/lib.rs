@@ -6,6 +6,7 @@
 //! the session, and moves it to another server when a trigger fires.
 
 pub mod admin;
+mod direct;
 pub mod policy;
 mod relay;
 mod spare;
@@ -39,6 +40,9 @@ pub struct AgentConfig {
     pub transparent: bool,
     /// Trigger policies (throughput floor, RTT); all off by default.
     pub policy: PolicyConfig,
+    /// Kernel fast path: hand each client connection itself to the server instead of relaying
+    /// it (needs root; servers on this host; lazy clusters). See `direct`.
+    pub fast_path: bool,
 }
 
 impl Default for AgentConfig {
@@ -52,6 +56,7 @@ impl Default for AgentConfig {
             migrate_timeout: Duration::from_secs(30),
             transparent: false,
             policy: PolicyConfig::default(),
+            fast_path: false,
         }
     }
 }
@@ -184,7 +189,11 @@ impl Agent {
                     } else {
                         None
                     };
-                    tokio::spawn(relay::relay(self.inner.clone(), id, client, orig_dst));
+                    if self.inner.cfg.fast_path {
+                        tokio::spawn(direct::direct(self.inner.clone(), id, client));
+                    } else {
+                        tokio::spawn(relay::relay(self.inner.clone(), id, client, orig_dst));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 const SETUP_FRAME: usize = 64 << 10;
 /// How `try_resume` reports a `Closed` refusal (the connection had already ended in order).
-const CLOSED_PREFIX: &str = "Closed: ";
+pub(crate) const CLOSED_PREFIX: &str = "Closed: ";
 /// Downstream bytes between periodic ACKs (they let the server trim its output log). Each ACK
 /// is a write here and a wake-up of the server's session reader: 1 MiB instead of 256 KiB cut
 /// the CPU per GiB through the agent by about 7 % (stop 7, `mtcp bench throughput`).
@@ -298,7 +298,7 @@ pub(crate) async fn relay(
 }
 
 /// Closes `s` with a reset so the client program sees an error, not a clean end.
-fn reset(s: TcpStream) {
+pub(crate) fn reset(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     drop(s);
 }
@@ -326,7 +326,7 @@ pub(crate) async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
 }
 
 /// Connects to a server and sends `first` (HELLO, MIGRATE or WATCH) with the preamble.
-async fn connect(
+pub(crate) async fn connect(
     addr: &str,
     limit: Duration,
     first: &Msg,
@@ -866,7 +866,7 @@ async fn migrate(
 
 /// Every server the agent knows: the alternates a server listed, plus that server itself (kept
 /// so the connection can re-attach to it).
-fn known_servers(
+pub(crate) fn known_servers(
     mut alternates: Vec<ServerInfo>,
     current: &str,
     current_addr: &str,

@@ -118,6 +118,10 @@ struct AgentArgs {
     /// own in this network namespace (root); removed on exit, replaced if left by a crash.
     #[arg(long, requires = "service")]
     transparent: bool,
+    /// Kernel fast path: hand each client connection itself to its server with TCP_REPAIR
+    /// instead of relaying its bytes (root; servers on this host; lazy clusters).
+    #[arg(long, conflicts_with = "transparent")]
+    fast_path: bool,
     /// Transparent mode: the service addresses client programs connect to (IPv4).
     #[arg(long, value_delimiter = ',')]
     service: Vec<std::net::SocketAddrV4>,
@@ -307,8 +311,13 @@ async fn agent(a: AgentArgs) -> Result<()> {
         max_retained: a.max_retained_mib << 20,
         transparent: a.transparent,
         policy,
+        fast_path: a.fast_path,
         ..Default::default()
     };
+    // SAFETY: geteuid has no preconditions.
+    if a.fast_path && unsafe { libc::geteuid() } != 0 {
+        bail!("--fast-path needs root (TCP_REPAIR needs CAP_NET_ADMIN, and the flow is fenced with nftables)");
+    }
     let l = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -311,7 +311,29 @@ pub enum Msg {
     ProbeReply {
         t: u64,
     },
+    // ---- kernel fast path (HELLO with [`CAP_DIRECT`])
+    /// Agent → server, after WELCOME: the client program's TCP connection itself (an encoded
+    /// `mtcp_repair::TcpState`); the server recreates it and serves the client directly. The
+    /// session then carries control messages only.
+    Adopt(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Server → agent: the client's connection is recreated and served here.
+    Adopted,
+    /// Agent → server: the fence around the client's flow is down; send the client a window
+    /// probe so the flow restarts at once (its ACKs were dropped while fenced).
+    Kick,
+    /// Origin → destination: a fast-path connection's state record (encoded
+    /// [`crate::StateRecord`]) and its TCP connection (encoded `mtcp_repair::TcpState`).
+    DirectState {
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        tcp: Vec<u8>,
+    },
 }
+
+/// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
+/// see [`Msg::Adopt`]).
+pub const CAP_DIRECT: u32 = 1;
 
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,6 +19,9 @@
 //! [`restore`] returning), or it gets a reset: across hosts the fast path fences the flow with
 //! an nftables rule first (`LINUX-NOTES.md`).
 
+mod fence;
+pub use fence::{Fence, TABLE_PREFIX};
+
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::mem::size_of;
@@ -353,14 +356,21 @@ pub struct Frozen {
 /// sends nor receives; [`Frozen::discard`] closes it without a FIN or reset, and
 /// [`Frozen::thaw`] gives it back unchanged if the move is abandoned.
 pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
+    try_freeze(sock).map_err(|(e, _)| e)
+}
+
+/// [`freeze`], giving the socket back (out of repair mode, still serving) when it cannot.
+pub fn try_freeze(sock: TcpStream) -> Result<Frozen, (RepairError, TcpStream)> {
     let fd = OwnedFd::from(sock);
     let raw = fd.as_raw_fd();
-    repair(raw, true)?;
+    if let Err(e) = repair(raw, true) {
+        return Err((e, TcpStream::from(fd)));
+    }
     match read_state(raw) {
         Ok(state) => Ok(Frozen { fd, state }),
         Err(e) => {
             let _ = repair(raw, false);
-            Err(e)
+            Err((e, TcpStream::from(fd)))
         }
     }
 }
@@ -438,6 +448,15 @@ fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>
     }
     buf.truncate(len);
     Ok((seq, buf))
+}
+
+/// Makes an established socket send a window probe, so the peer answers with an ACK at once:
+/// after a fence ([`Fence`]) comes down, this restarts a flow whose ACKs were dropped instead of
+/// waiting for a retransmission timer. Enters and leaves repair mode (CAP_NET_ADMIN).
+pub fn window_probe(sock: &impl AsRawFd) -> Result<(), RepairError> {
+    let fd = sock.as_raw_fd();
+    repair(fd, true)?;
+    repair(fd, false)
 }
 
 impl Frozen {

@@ -89,6 +89,9 @@ pub(crate) struct ConnState {
     /// When the connection arrived here (opened or migrated in): the overload policy hints the
     /// newest away first.
     pub arrived: Instant,
+    /// Kernel fast path: the pump serving the client's own TCP connection (see
+    /// [`crate::direct`]).
+    pub direct: Option<crate::direct::DirectHandle>,
 }
 
 impl ConnState {
@@ -105,6 +108,7 @@ impl ConnState {
             write_waker: None,
             repl: Default::default(),
             arrived: Instant::now(),
+            direct: None,
         }
     }
 

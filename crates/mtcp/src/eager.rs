@@ -168,7 +168,10 @@ pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant)
 
 /// The origin's side of a migration: freeze the connection and, in eager mode, claim it at the
 /// backups so that no destination can also take it from a replica.
-pub(crate) async fn hand_over(inner: &Arc<ServerInner>, f: &Fetch) -> Result<StateRecord, Refusal> {
+pub(crate) async fn hand_over(
+    inner: &Arc<ServerInner>,
+    f: &Fetch,
+) -> Result<crate::server::Frozen, Refusal> {
     let rec = inner.freeze_local(f).await?;
     if !eager(inner) {
         return Ok(rec);

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod conn;
+pub(crate) mod direct;
 mod eager;
 pub mod framed;
 pub mod peer;

@@ -8,7 +8,7 @@
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::replica::Claimed;
-use crate::server::{msg_name, Fetch, ServerInner};
+use crate::server::{msg_name, Fetch, Frozen, ServerInner};
 use mtcp_proto::wire::{HintReason, Mode, Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, StateRecord};
 use std::sync::atomic::Ordering;
@@ -146,7 +146,7 @@ pub(crate) async fn call(
         &to.peer,
         &inner.cluster.key,
         &inner.id,
-        inner.limits.max_record + 1024,
+        inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
         first.min(inner.limits.fetch_timeout),
     )
     .await?;
@@ -172,13 +172,13 @@ async fn ask(
 }
 
 /// Destination side of a migration: asks `origin` to freeze `cid` and send its state; returns
-/// the record and its size on the wire. In eager mode an origin that does not answer within
+/// the record (with the TCP connection of a fast-path connection) and its size on the wire. In eager mode an origin that does not answer within
 /// the cluster's `origin_wait` counts as unreachable (a replica is used instead).
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
     f: &Fetch,
-) -> Result<(StateRecord, u64), (RefuseCode, String)> {
+) -> Result<(Frozen, u64), (RefuseCode, String)> {
     let req = Msg::Fetch {
         cid: f.cid,
         epoch: f.epoch,
@@ -199,7 +199,19 @@ pub(crate) async fn fetch(
     })?;
     match msg {
         Msg::State(b) => StateRecord::decode(&b)
-            .map(|r| (r, b.len() as u64))
+            .map(|rec| (Frozen { rec, tcp: None }, b.len() as u64))
+            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+        Msg::DirectState { record, tcp } => StateRecord::decode(&record)
+            .map(|rec| {
+                let n = (record.len() + tcp.len()) as u64;
+                (
+                    Frozen {
+                        rec,
+                        tcp: Some(tcp),
+                    },
+                    n,
+                )
+            })
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
         other => Err((
@@ -326,7 +338,14 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     down_sum,
                 };
                 match crate::eager::hand_over(&inner, &f).await {
-                    Ok(rec) => Msg::State(rec.encode()),
+                    Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
+                    Ok(Frozen {
+                        rec,
+                        tcp: Some(tcp),
+                    }) => Msg::DirectState {
+                        record: rec.encode(),
+                        tcp,
+                    },
                     Err((code, reason)) => Msg::Refused { code, reason },
                 }
             }

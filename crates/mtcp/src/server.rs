@@ -144,8 +144,9 @@ impl ServerInner {
     }
 
     /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
-    /// for a `lock_state` section to end.
-    pub async fn freeze_local(&self, f: &Fetch) -> Result<StateRecord, (RefuseCode, String)> {
+    /// for a `lock_state` section to end. A fast-path connection also gives its TCP
+    /// connection (an encoded `mtcp_repair::TcpState`).
+    pub async fn freeze_local(self: &Arc<Self>, f: &Fetch) -> Result<Frozen, (RefuseCode, String)> {
         let (cid, epoch) = (f.cid, f.epoch);
         let Some(shared) = self.get(&cid) else {
             let ended = self
@@ -169,6 +170,7 @@ impl ServerInner {
         let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
         loop {
             let notified = shared.unlocked.notified();
+            let mut direct = None;
             {
                 let mut st = shared.lock();
                 if st.epoch != epoch {
@@ -183,7 +185,12 @@ impl ServerInner {
                         format!("connection {cid} is no longer served here"),
                     ));
                 }
-                if !st.locked {
+                if !st.locked && st.direct.is_some() {
+                    // The pump must stop before the socket freezes; the section stays ours
+                    // meanwhile, so the application cannot start one.
+                    st.locked = true;
+                    direct = Some(st.direct.take());
+                } else if !st.locked {
                     let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
                     drop(st);
                     self.forget(cid);
@@ -196,8 +203,14 @@ impl ServerInner {
                         tail = rec.tail.len(),
                         "connection frozen and handed over"
                     );
-                    return Ok(rec);
+                    return Ok(Frozen { rec, tcp: None });
                 }
+            }
+            if let Some(h) = direct {
+                let r = self.freeze_direct(&shared, h, cid, epoch).await;
+                shared.lock().locked = false;
+                shared.unlocked.notify_waiters();
+                return r;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err((
@@ -207,6 +220,86 @@ impl ServerInner {
                         self.limits.lock_timeout
                     ),
                 ));
+            }
+        }
+    }
+}
+
+/// A frozen connection: its state record and, for a fast-path connection, its TCP connection
+/// (an encoded `mtcp_repair::TcpState`).
+pub(crate) struct Frozen {
+    pub rec: StateRecord,
+    pub tcp: Option<Vec<u8>>,
+}
+
+impl ServerInner {
+    /// Freezes a fast-path connection: stops its pump, freezes the client's socket, and builds
+    /// the record for the downstream position "everything handed to the kernel" (the socket's
+    /// queues move with it). On failure the pump goes on serving.
+    async fn freeze_direct(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        h: Option<crate::direct::DirectHandle>,
+        cid: Cid,
+        epoch: u64,
+    ) -> Result<Frozen, (RefuseCode, String)> {
+        let Some(pump) = (match h {
+            Some(h) => h.stop().await,
+            None => None,
+        }) else {
+            return Err((
+                RefuseCode::Closed,
+                format!("connection {cid} ended; nothing to move"),
+            ));
+        };
+        let written = pump.written;
+        let (sock, restart) = pump.into_parts();
+        let std = sock
+            .into_std()
+            .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
+        let frozen = match mtcp_repair::try_freeze(std) {
+            Ok(f) => f,
+            Err((e, std)) => {
+                restart.resume(std, shared, self);
+                return Err((
+                    RefuseCode::Busy,
+                    format!("cannot freeze the client's connection: {e}"),
+                ));
+            }
+        };
+        let mut st = shared.lock();
+        let sum = mtcp_proto::sum::checksum(&[]);
+        match st.s.record(cid, epoch, written, written, sum) {
+            Ok(rec) => {
+                st.phase = Phase::Migrated;
+                st.tx = None;
+                st.wake_all();
+                drop(st);
+                self.forget(cid);
+                self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                let tcp = frozen.state.encode();
+                tracing::info!(
+                    %cid,
+                    epoch,
+                    restart_at = rec.snap_out,
+                    written,
+                    tcp_state = tcp.len(),
+                    "fast-path connection frozen and handed over"
+                );
+                // Nothing is sent to the client: the agent fenced its flow.
+                frozen.discard();
+                Ok(Frozen {
+                    rec,
+                    tcp: Some(tcp),
+                })
+            }
+            Err(e) => {
+                drop(st);
+                match frozen.thaw() {
+                    Ok(std) => restart.resume(std, shared, self),
+                    Err(t) => tracing::error!(%cid, "cannot thaw the client's connection: {t}"),
+                }
+                Err(e)
             }
         }
     }
@@ -336,9 +429,11 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         for c in inner.all() {
             crate::eager::tend(&inner, &c, now);
             let mut st = c.lock();
-            if st
-                .detached_at
-                .is_some_and(|t| now.duration_since(t) > inner.limits.dead_session)
+            // A fast-path connection is served without its agent; it ends with the client.
+            if st.direct.is_none()
+                && st
+                    .detached_at
+                    .is_some_and(|t| now.duration_since(t) > inner.limits.dead_session)
             {
                 tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
                 st.phase = Phase::Aborted("agent gone".into());
@@ -399,8 +494,21 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    // What the session's writer sends: the connection's queue, or for a fast-path connection
+    // what its pump passes on.
+    let mut rx = Some(rx);
     let (shared, start) = match first {
-        Msg::Hello { .. } => {
+        Msg::Hello { caps, .. } => {
+            let direct = caps & wire::CAP_DIRECT != 0;
+            if direct && crate::eager::eager(&inner) {
+                refuse(
+                    &mut w,
+                    RefuseCode::Busy,
+                    "the kernel fast path is for lazy clusters only (eager mode keeps replicas of relayed connections)".into(),
+                )
+                .await;
+                return;
+            }
             if inner.draining.load(Ordering::Relaxed) {
                 refuse(
                     &mut w,
@@ -427,6 +535,38 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             {
                 return;
             }
+            if direct {
+                // The client's connection itself comes next.
+                let tcp = match reader.next_msg(SETUP_TIMEOUT).await {
+                    Ok(Msg::Adopt(tcp)) => tcp,
+                    Ok(other) => {
+                        let why = format!("expected ADOPT, got {}", msg_name(&other));
+                        refuse(&mut w, RefuseCode::Malformed, why).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(%cid, "fast path: no client connection: {e}");
+                        return;
+                    }
+                };
+                match crate::direct::adopt(tcp).await {
+                    Ok((sock, unsent)) => {
+                        let d = DirectSock {
+                            sock,
+                            unsent,
+                            written: 0,
+                        };
+                        rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
+                    }
+                    Err(e) => {
+                        refuse(&mut w, RefuseCode::Internal, e).await;
+                        return;
+                    }
+                }
+                if framed::write_msg(&mut w, &Msg::Adopted).await.is_err() {
+                    return;
+                }
+            }
             inner
                 .conns
                 .lock()
@@ -438,7 +578,10 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         Msg::Migrate(m) => {
             let started = Instant::now();
             match take_over(&inner, &m, tx).await {
-                Ok((shared, start, resumed)) => {
+                Ok((shared, start, resumed, sock)) => {
+                    if let Some(d) = sock {
+                        rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
+                    }
                     if framed::write_msg(&mut w, &Msg::Resumed(resumed))
                         .await
                         .is_err()
@@ -488,6 +631,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     }
     let (buf_r, buf) = reader.into_inner();
     let reader = FrameReader::from_parts(buf_r, buf, wire::MAX_SESSION_FRAME);
+    let Some(rx) = rx else { return };
     let writer = tokio::spawn(writer_loop(w, rx, shared.clone(), inner.cluster.heartbeat));
     if reader_loop(reader, &shared, &inner).await {
         // Orderly end: let the writer flush what is queued (it ends when the queue closes).
@@ -679,7 +823,7 @@ async fn take_over(
     inner: &Arc<ServerInner>,
     m: &Migrate,
     tx: mpsc::UnboundedSender<Out>,
-) -> Result<(Arc<Shared>, Start, Resumed), (RefuseCode, String)> {
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
         return Err((
             RefuseCode::BadToken,
@@ -722,19 +866,19 @@ async fn take_over(
     }
     let fetched = if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
-        crate::eager::hand_over(inner, &f).await.map(|rec| {
-            let size = rec.encode().len() as u64;
-            (rec, size)
+        crate::eager::hand_over(inner, &f).await.map(|fr| {
+            let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
+            (fr, size)
         })
     } else {
         peer::fetch(inner, &origin, &f).await
     };
-    let (rec, state_bytes, from_replica) = match fetched {
-        Ok((rec, n)) => (rec, n, false),
+    let (rec, tcp, state_bytes, from_replica) = match fetched {
+        Ok((fr, n)) => (fr.rec, fr.tcp, n, false),
         Err((RefuseCode::OriginUnreachable, why)) if crate::eager::eager(inner) => {
             tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
             let (rec, n) = crate::eager::take_from_replica(inner, &origin, m).await?;
-            (rec, n, true)
+            (rec, None, n, true)
         }
         Err(e) => return Err(e),
     };
@@ -744,7 +888,9 @@ async fn take_over(
             "origin sent the record of another connection".into(),
         ));
     }
-    if m.up_sent < rec.up_recv() {
+    // A fast-path connection's position is the origin's own: the agent sees no bytes.
+    let direct = tcp.is_some();
+    if !direct && m.up_sent < rec.up_recv() {
         return Err((
             RefuseCode::Malformed,
             format!(
@@ -754,7 +900,7 @@ async fn take_over(
             ),
         ));
     }
-    if rec.client_down() != m.down_recv {
+    if !direct && rec.client_down() != m.down_recv {
         return Err((
             RefuseCode::Internal,
             "origin's record is for another downstream position".into(),
@@ -768,6 +914,22 @@ async fn take_over(
         .clone()
         .map(Start::Migrated)
         .unwrap_or(Start::New);
+    let client_down = rec.client_down();
+    let sock = match tcp {
+        Some(tcp) => {
+            let (sock, unsent) = crate::direct::adopt(tcp).await.map_err(|e| {
+                tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
+                (RefuseCode::Internal, e)
+            })?;
+            let written = client_down - (unsent.len() as u64).min(client_down);
+            Some(DirectSock {
+                sock,
+                unsent,
+                written,
+            })
+        }
+        None => None,
+    };
     let protected = crate::eager::protect_takeover(inner, &rec, epoch).await;
     let shared = Shared::from_record(rec, epoch, tx);
     if let Some((out_off, in_off)) = protected {
@@ -792,7 +954,32 @@ async fn take_over(
         restart_out,
         from_replica,
     };
-    Ok((shared, start, resumed))
+    Ok((shared, start, resumed, sock))
+}
+
+/// A fast-path connection's socket, recreated here, before its pump runs.
+pub(crate) struct DirectSock {
+    sock: TcpStream,
+    /// Output the old socket had queued but never sent: sent first.
+    unsent: bytes::Bytes,
+    /// Downstream offset where `unsent` starts.
+    written: u64,
+}
+
+impl DirectSock {
+    /// Starts the pump; the session's writer then carries what the pump passes on (`ctl_rx`).
+    fn start(
+        self,
+        rx: mpsc::UnboundedReceiver<Out>,
+        shared: &Arc<Shared>,
+        inner: &Arc<ServerInner>,
+    ) -> mpsc::UnboundedReceiver<Out> {
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let pump = crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written, self.unsent);
+        let h = pump.spawn(shared.clone(), inner.clone());
+        shared.lock().direct = Some(h);
+        ctl_rx
+    }
 }
 
 pub(crate) fn msg_name(m: &Msg) -> String {
@@ -948,6 +1135,11 @@ async fn reader_loop(
                 crate::eager::replicate_if_due(inner, shared, &mut st);
             }
             Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
+            Frame::Msg(Msg::Kick) => {
+                if let Some(d) = &st.direct {
+                    d.kick();
+                }
+            }
             Frame::Msg(Msg::UpFin { up_total }) => {
                 if let Err(why) = st.s.finish_input(up_total) {
                     break why;

@@ -1,0 +1,471 @@
+//! The kernel fast path, agent side (DESIGN §6): the client program's TCP connection itself is
+//! handed to the server, so no process relays its bytes.
+//!
+//! For each accepted connection the agent opens a session with `HELLO{caps: CAP_DIRECT}`,
+//! fences the client's flow (an nftables rule, [`mtcp_repair::Fence`]), freezes the client's
+//! socket with `TCP_REPAIR`, closes it silently and sends its state to the server (ADOPT). The
+//! server recreates the connection and serves the client directly; the agent drops the fence
+//! and sends KICK, and the server's window probe restarts the flow. The session then carries
+//! control only. To migrate, the agent fences the flow again and sends MIGRATE as usual; the
+//! origin freezes the socket and the destination recreates it (`DirectState` on the peer
+//! channel), then the fence comes down and the destination is kicked.
+//!
+//! The agent sees none of the bytes: its status shows the stream offsets of the server's last
+//! restart point (SNAP) and, at the end, the total. Needs root on the client's host and on the
+//! servers' (which must share it: the recreated socket binds the agent's listening address).
+//! A client packet sent while fenced is dropped, and the client resends it after its
+//! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
+
+use crate::relay::{connect, known_servers, reset, CLOSED_PREFIX};
+use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
+use mtcp::framed::{self, ChannelError, FrameReader};
+use mtcp_proto::wire::{self, Migrate, Msg, RefuseCode, ServerInfo, CAP_DIRECT};
+use mtcp_proto::{Cid, Token};
+use mtcp_repair::{Fence, TcpState};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+type Session = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+
+/// What the agent knows of a fast-path connection.
+struct Conn {
+    id: u64,
+    cid: Cid,
+    epoch: u64,
+    token: Token,
+    server: String,
+    alternates: Vec<ServerInfo>,
+    heartbeat: Duration,
+    /// The client's flow: the server-side address (ours, the listening one) and the client's.
+    local: SocketAddr,
+    client: SocketAddr,
+    status: Arc<Mutex<ConnStatus>>,
+}
+
+/// Why the control loop stopped.
+enum End {
+    Done,
+    Move {
+        reason: String,
+        to: Option<String>,
+        done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+        at: Instant,
+        /// The session broke (otherwise a failed move leaves the connection where it is).
+        broken: bool,
+    },
+    Abort(String),
+}
+
+pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
+    let (local, peer) = match (client.local_addr(), client.peer_addr()) {
+        (Ok(l), Ok(p)) => (l, p),
+        _ => return,
+    };
+    let (mut session, mut conn) = match hand_over(&inner, id, client, local, peer).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(conn = id, "fast path: {e}");
+            return;
+        }
+    };
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<MoveRequest>();
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            ConnEntry {
+                status: conn.status.clone(),
+                cmd: cmd_tx,
+            },
+        );
+    tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "fast path: the server serves the client's connection");
+    let outcome = loop {
+        match run(&mut conn, &mut session, &mut cmd_rx).await {
+            End::Done => break Ok(()),
+            End::Abort(why) => break Err(why),
+            End::Move {
+                reason,
+                to,
+                done,
+                at,
+                broken,
+            } => match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
+                Ok(Some(s)) => {
+                    session = s;
+                    if let Some(d) = done {
+                        let _ = d.send(Ok(conn.server.clone()));
+                    }
+                }
+                Ok(None) => {
+                    if let Some(d) = done {
+                        let _ = d.send(Err("connection ended".into()));
+                    }
+                    break Ok(());
+                }
+                Err(e) => {
+                    if let Some(d) = done {
+                        let _ = d.send(Err(e.clone()));
+                    }
+                    // Refused before any origin let go: the connection is still served where
+                    // it was (its flow was fenced meanwhile, so kick it).
+                    if !broken && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
+                        tracing::warn!(conn = id, cid = %conn.cid, "not moved ({e}); still on {}", conn.server);
+                        continue;
+                    }
+                    break Err(format!("migration failed: {e}"));
+                }
+            },
+        }
+    };
+    let final_status = {
+        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.state = match &outcome {
+            Ok(()) => "closed".into(),
+            Err(e) => format!("aborted: {e}"),
+        };
+        st.clone()
+    };
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    {
+        let mut f = inner.finished.lock().unwrap_or_else(|p| p.into_inner());
+        f.push(final_status);
+        if f.len() > 64 {
+            f.remove(0);
+        }
+    }
+    match outcome {
+        Ok(()) => tracing::info!(conn = id, cid = %conn.cid, "connection closed in order"),
+        Err(why) => tracing::error!(conn = id, cid = %conn.cid, "connection given up: {why}"),
+    }
+}
+
+/// Opens a session and hands the client's connection to its server.
+async fn hand_over(
+    inner: &Arc<AgentInner>,
+    id: u64,
+    client: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(Session, Conn), String> {
+    let hello = Msg::Hello {
+        caps: CAP_DIRECT,
+        orig_dst: None,
+    };
+    let mut errs = Vec::new();
+    let mut opened = None;
+    for addr in &inner.cfg.connect {
+        let r = async {
+            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello, false).await?;
+            match reader.next_msg(inner.cfg.connect_timeout).await? {
+                Msg::Welcome(wl) => Ok((reader, w, wl)),
+                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
+                    "refused ({code:?}): {reason}"
+                ))),
+                other => Err(ChannelError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        .await;
+        match r {
+            Ok(x) => {
+                opened = Some((addr.clone(), x));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(server = %addr, "cannot open a session: {e}");
+                errs.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    let Some((addr, (mut reader, mut w, wl))) = opened else {
+        reset(client);
+        return Err(format!(
+            "cannot open a session with any server: {}; closing the client connection",
+            errs.join("; ")
+        ));
+    };
+    let fence = match Fence::new(local, peer) {
+        Ok(f) => f,
+        Err(e) => {
+            reset(client);
+            return Err(format!("cannot fence the client's flow: {e}"));
+        }
+    };
+    let std = client
+        .into_std()
+        .map_err(|e| format!("client socket: {e}"))?;
+    let frozen = match mtcp_repair::try_freeze(std) {
+        Ok(f) => f,
+        Err((e, std)) => {
+            drop(fence);
+            if let Ok(s) = TcpStream::from_std(std) {
+                reset(s);
+            }
+            return Err(format!("cannot freeze the client's connection: {e}"));
+        }
+    };
+    let state = frozen.state.clone();
+    // The server's socket can only take the address pair once this one is gone.
+    frozen.discard();
+    let answer = match framed::write_msg(&mut w, &Msg::Adopt(state.encode())).await {
+        Ok(()) => reader
+            .next_msg(inner.cfg.connect_timeout)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(Msg::Adopted) => {}
+        other => {
+            let why = match other {
+                Ok(Msg::Refused { code, reason }) => format!("refused ({code:?}): {reason}"),
+                Ok(m) => format!("unexpected {m:?}"),
+                Err(e) => e,
+            };
+            give_back(&state);
+            drop(fence);
+            return Err(format!(
+                "server {} did not take the client's connection: {why}; closing it",
+                wl.server
+            ));
+        }
+    }
+    drop(fence);
+    if let Err(e) = framed::write_msg(&mut w, &Msg::Kick).await {
+        tracing::warn!(conn = id, "KICK: {e}");
+    }
+    reader.set_max_frame(wire::MAX_SESSION_FRAME);
+    let status = Arc::new(Mutex::new(ConnStatus {
+        cid: wl.cid.to_string(),
+        server: wl.server.clone(),
+        epoch: wl.epoch,
+        migrations: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        state: "live (fast path)".into(),
+        timeline: Vec::new(),
+        rtt_ms: Default::default(),
+    }));
+    let conn = Conn {
+        id,
+        cid: wl.cid,
+        epoch: wl.epoch,
+        token: wl.token,
+        alternates: known_servers(wl.alternates, &wl.server, &addr),
+        server: wl.server,
+        heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
+        local,
+        client: peer,
+        status,
+    };
+    Ok(((reader, w), conn))
+}
+
+/// A hand-over failed after our socket was discarded: recreate the connection here (still
+/// fenced) and reset it, so the client program sees an error instead of a silent hang.
+fn give_back(state: &TcpState) {
+    match mtcp_repair::restore(state) {
+        Ok(s) => {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        }
+        Err(e) => tracing::error!("cannot recreate the client's connection to reset it: {e}"),
+    }
+}
+
+/// Watches the session until the connection ends or must move.
+async fn run(
+    conn: &mut Conn,
+    s: &mut Session,
+    cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
+) -> End {
+    // The server sends a heartbeat whenever the session is quiet for one interval.
+    let silent = conn.heartbeat * 3 + Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            biased;
+            Some(req) = cmd.recv() => {
+                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
+                    if let Some(d) = req.done {
+                        let _ = d.send(Err(format!("unknown server {t:?}")));
+                    }
+                    continue;
+                }
+                return End::Move { reason: req.reason, to: req.to, done: req.done, at: req.at, broken: false };
+            }
+            m = s.0.next_msg(silent) => match m {
+                Ok(Msg::Hint { reason, target }) => {
+                    return End::Move {
+                        reason: format!("server hint: {reason:?}"),
+                        to: target.filter(|t| conn.alternates.iter().any(|a| a.id == *t)),
+                        done: None,
+                        at: Instant::now(),
+                        broken: false,
+                    };
+                }
+                Ok(Msg::Snap { in_off, out_off }) => {
+                    let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.bytes_up = in_off;
+                    st.bytes_down = out_off;
+                }
+                Ok(Msg::Closed { down_total }) => {
+                    conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = down_total;
+                    return End::Done;
+                }
+                Ok(Msg::Refused { code, reason }) => {
+                    return End::Abort(format!("server refused ({code:?}): {reason}"));
+                }
+                Ok(Msg::Heartbeat | Msg::Pong { .. } | Msg::Committed { .. }) => {}
+                Ok(other) => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
+                Err(e) => {
+                    let reason = format!("session with {} broke: {e}", conn.server);
+                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+                    return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
+                }
+            },
+        }
+    }
+}
+
+/// Moves the connection: fence, MIGRATE to candidates in order, unfence, kick.
+async fn migrate(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    reason: &str,
+    to: Option<&str>,
+    t0: Instant,
+) -> Result<Option<Session>, String> {
+    let from = conn.server.clone();
+    let mut cands: Vec<ServerInfo> = Vec::new();
+    if let Some(t) = to {
+        if let Some(a) = conn.alternates.iter().find(|a| a.id == t) {
+            cands.push(a.clone());
+        }
+    }
+    for a in &conn.alternates {
+        if a.id != conn.server && !cands.iter().any(|c| c.id == a.id) {
+            cands.push(a.clone());
+        }
+    }
+    if let Some(me) = conn.alternates.iter().find(|a| a.id == conn.server) {
+        if !cands.iter().any(|c| c.id == me.id) {
+            cands.push(me.clone());
+        }
+    }
+    tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating (fast path): {reason}");
+    let fence = Fence::new(conn.local, conn.client).map_err(|e| format!("fence: {e}"))?;
+    let m = Migrate {
+        cid: conn.cid,
+        epoch: conn.epoch,
+        token: conn.token,
+        origin: conn.server.clone(),
+        down_recv: 0,
+        sum_from: 0,
+        down_sum: mtcp_proto::sum::checksum(&[]),
+        up_sent: 0,
+        up_base: 0,
+        segs: Vec::new(),
+    };
+    let mut refusals = Vec::new();
+    let mut state_bytes = None;
+    let mut resumed = None;
+    for cand in cands {
+        match try_resume(inner, conn, &cand, &m).await {
+            Ok((s, n)) => {
+                state_bytes = Some(n);
+                resumed = Some(s);
+                break;
+            }
+            Err(e) if e.starts_with(CLOSED_PREFIX) => {
+                tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
+                refusals.push(format!("{}: {e}", cand.id));
+            }
+        }
+    }
+    drop(fence);
+    let ok = resumed.is_some();
+    let resumed_us = t0.elapsed().as_micros() as u64;
+    {
+        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            st.server = conn.server.clone();
+            st.epoch = conn.epoch;
+            st.migrations += 1;
+        }
+        st.timeline.push(MigrationEvent {
+            at_ms: t0.duration_since(inner.started).as_millis() as u64,
+            from: from.clone(),
+            to: ok.then(|| conn.server.clone()),
+            reason: reason.to_string(),
+            ok,
+            resumed_us: ok.then_some(resumed_us),
+            first_byte_us: None,
+            state_bytes,
+            refusals: refusals.clone(),
+            trigger_mono_us: Some(crate::mono_us().saturating_sub(resumed_us)),
+            from_replica: false,
+        });
+    }
+    match resumed {
+        Some(mut s) => {
+            if let Err(e) = framed::write_msg(&mut s.1, &Msg::Kick).await {
+                tracing::warn!(conn = conn.id, "KICK: {e}");
+            }
+            tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated (fast path)");
+            Ok(Some(s))
+        }
+        None => Err(if refusals.is_empty() {
+            "no server to move to".into()
+        } else {
+            refusals.join("; ")
+        }),
+    }
+}
+
+async fn try_resume(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    cand: &ServerInfo,
+    m: &Migrate,
+) -> Result<(Session, u64), String> {
+    let (mut reader, w) = connect(
+        &cand.data,
+        inner.cfg.connect_timeout,
+        &Msg::Migrate(m.clone()),
+        false,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = match reader
+        .next_msg(inner.cfg.migrate_timeout)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Msg::Resumed(r) => r,
+        Msg::Refused {
+            code: RefuseCode::Closed,
+            reason,
+        } => return Err(format!("{CLOSED_PREFIX}{reason}")),
+        Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    reader.set_max_frame(wire::MAX_SESSION_FRAME);
+    conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
+    conn.epoch = r.epoch;
+    conn.token = r.token;
+    conn.server = r.server;
+    conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
+    Ok(((reader, w), r.state_bytes))
+}
