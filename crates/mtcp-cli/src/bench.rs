@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Time the built-in client (XXH3 over every byte) instead of curl.
     #[arg(long)]
     pub builtin_client: bool,
+    /// Throughput: also measure the kernel fast path (a second agent with `--fast-path`;
+    /// needs root).
+    #[arg(long)]
+    pub fast_path: bool,
     /// The reading client's rate in MiB/s (drain).
     #[arg(long, default_value_t = 4)]
     pub rate_mib: u64,
@@ -110,6 +114,22 @@ pub struct ThroughputReport {
     /// CPU seconds per GiB delivered, by process, for each path (what limits the agent path on
     /// a machine where all three processes share the cores).
     pub cpu_s_per_gib: PathsCpu,
+    /// With `--fast-path`: the same download through an agent with the kernel fast path (the
+    /// agent hands the client's TCP connection to the server; no process relays the bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fast_path: Option<FastPathReport>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct FastPathReport {
+    pub mib_s: Vec<f64>,
+    pub median_mib_s: f64,
+    /// Ratio of the medians against direct TCP.
+    pub ratio: f64,
+    /// Each round's fast path / direct ratio, and their median.
+    pub round_ratios: Vec<f64>,
+    pub ratio_median_of_rounds: f64,
+    pub cpu_s_per_gib: PathCpu,
 }
 
 /// CPU seconds per GiB delivered, per path.
@@ -324,12 +344,14 @@ fn bare_relay(to: &str) -> Result<(String, String)> {
     Ok((addr, stat))
 }
 
-/// The three paths the throughput bench times.
+/// The paths the throughput bench times.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Direct,
     Agent,
     Relay,
+    /// With `--fast-path`: an agent that hands the connection over (kernel fast path).
+    Fast,
 }
 
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
@@ -350,19 +372,39 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let (relay, relay_stat) = bare_relay(&plain)?;
     let server_stat = format!("/proc/{}/stat", lc.pid("s1").context("server s1")?);
     let agent_stat = format!("/proc/{}/stat", lc.pid("agent").context("agent")?);
-    let (mut d, mut g, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let mut lc = lc;
+    let mut order = vec![Path::Direct, Path::Agent, Path::Relay];
+    let fast = if a.fast_path {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("--fast-path needs root (TCP_REPAIR and nftables)");
+        }
+        let (listen, _) =
+            tokio::task::block_in_place(|| lc.start_agent("agent-fast", &["--fast-path"]))?;
+        download(&listen, size, &want).await?;
+        let stat = format!("/proc/{}/stat", lc.pid("agent-fast").context("agent-fast")?);
+        order.push(Path::Fast);
+        Some((listen, stat))
+    } else {
+        None
+    };
+    let (mut d, mut g, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // CPU seconds per path: [server, relay (agent or bare relay), client].
-    let mut cpu = [[0.0f64; 3]; 3];
+    let mut cpu = [[0.0f64; 3]; 4];
     for round in 0..a.rounds {
-        // Each round runs the three paths back to back, in an order that rotates, so neither a
-        // slow spell of the machine nor a fixed position in the round favours one path.
-        let order = [Path::Direct, Path::Agent, Path::Relay];
-        for k in 0..3 {
-            let path = order[(k + round as usize) % 3];
+        // Each round runs the paths back to back, in an order that rotates, so neither a slow
+        // spell of the machine nor a fixed position in the round favours one path.
+        let n = order.len();
+        for k in 0..n {
+            let path = order[(k + round as usize) % n];
             let (addr, relay_stat, slot) = match path {
                 Path::Direct => (&plain, None, 0),
                 Path::Agent => (&lc.agent_listen, Some(&agent_stat), 1),
                 Path::Relay => (&relay, Some(&relay_stat), 2),
+                Path::Fast => {
+                    let (l, s) = fast.as_ref().context("fast path agent")?;
+                    (l, Some(s), 3)
+                }
             };
             // CPU seconds so far of [server, relay, client] (`None`: not measurable).
             let sample = || {
@@ -387,6 +429,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 Path::Direct => d.push(speed),
                 Path::Agent => g.push(speed),
                 Path::Relay => r.push(speed),
+                Path::Fast => f.push(speed),
             }
         }
     }
@@ -397,6 +440,17 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         client: curl.then(|| c[2] / gib),
     };
     let round_ratios: Vec<f64> = g.iter().zip(&d).map(|(g, d)| g / d).collect();
+    let fast_path = fast.is_some().then(|| {
+        let round_ratios: Vec<f64> = f.iter().zip(&d).map(|(f, d)| f / d).collect();
+        FastPathReport {
+            median_mib_s: median(&f),
+            ratio: median(&f) / median(&d),
+            ratio_median_of_rounds: median(&round_ratios),
+            round_ratios,
+            cpu_s_per_gib: per_gib(cpu[3], true),
+            mib_s: f,
+        }
+    });
     let rep = ThroughputReport {
         client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
@@ -416,6 +470,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         direct_mib_s: d,
         agent_mib_s: g,
         bare_relay_mib_s: r,
+        fast_path,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -445,13 +500,27 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             "  reference, a bare user-space TCP relay: {:.1} MiB/s (median), ratio {:.3}",
             rep.bare_relay_median_mib_s, rep.bare_relay_ratio
         );
+        if let Some(fp) = &rep.fast_path {
+            let (lo, hi) = fp
+                .round_ratios
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            println!(
+                "  fast path    : {:>8.1} MiB/s (median), ratio {:.3}; per round {:.3} (lowest {lo:.3}, highest {hi:.3})",
+                fp.median_mib_s, fp.ratio, fp.ratio_median_of_rounds
+            );
+        }
         let opt = |x: Option<f64>| x.map_or("     -".to_string(), |x| format!("{x:>6.3}"));
         println!("  CPU seconds per GiB   server   relay  client   total");
-        for (name, c) in [
+        let mut rows = vec![
             ("direct TCP", rep.cpu_s_per_gib.direct),
             ("through agent", rep.cpu_s_per_gib.agent),
             ("bare relay", rep.cpu_s_per_gib.bare_relay),
-        ] {
+        ];
+        if let Some(fp) = &rep.fast_path {
+            rows.push(("fast path", fp.cpu_s_per_gib));
+        }
+        for (name, c) in rows {
             println!(
                 "    {name:<16}  {:>6.3}  {}  {}  {:>6.3}",
                 c.server,

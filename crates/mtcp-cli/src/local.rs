@@ -291,6 +291,35 @@ impl LocalCluster {
         Ok(lc)
     }
 
+    /// Starts one more agent, process `name`, for the same servers with `extra` arguments;
+    /// returns its listening and admin addresses.
+    pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> Result<(String, String)> {
+        let connect = self
+            .servers
+            .iter()
+            .map(|s| s.data.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let (listen, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--connect".into(),
+            connect,
+            "--listen".into(),
+            listen.clone(),
+            "--admin".into(),
+            admin.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, &args, false)?;
+        self.wait_up(&listen, name)?;
+        self.wait_up(&admin, name)?;
+        Ok((listen, admin))
+    }
+
     /// Waits until `addr` listens; if process `name` exits meanwhile, says so with the last
     /// line of its log (e.g. a cluster file the server refuses) instead of waiting it out.
     fn wait_up(&mut self, addr: &str, name: &str) -> Result<()> {

@@ -612,20 +612,29 @@ pub fn restore(st: &TcpState) -> Result<TcpStream, RepairError> {
 }
 
 /// Makes a socket buffer hold at least `len` bytes of queue (the kernel doubles the value for
-/// its bookkeeping). Buffers that are already large enough are left alone, so they keep
-/// autotuning.
+/// its bookkeeping). An empty queue needs nothing, and buffers that are already large enough
+/// are left alone, so they keep autotuning. A buffer set by hand stops autotuning for good, so
+/// it is set to at least the size autotuning could reach (`tcp_wmem`/`tcp_rmem`'s maximum):
+/// a small locked buffer would cap the connection's throughput ever after.
 fn fit_buffer(fd: RawFd, opt: libc::c_int, len: usize) -> Result<(), RepairError> {
-    let plain = if opt == libc::SO_SNDBUFFORCE {
-        libc::SO_SNDBUF
+    if len == 0 {
+        return Ok(());
+    }
+    let (plain, sysctl) = if opt == libc::SO_SNDBUFFORCE {
+        (libc::SO_SNDBUF, "/proc/sys/net/ipv4/tcp_wmem")
     } else {
-        libc::SO_RCVBUF
+        (libc::SO_RCVBUF, "/proc/sys/net/ipv4/tcp_rmem")
     };
     let (cur, _) = get::<libc::c_int>(fd, libc::SOL_SOCKET, plain, "SO_SNDBUF/SO_RCVBUF")?;
     let want = len + (64 << 10);
     if (cur.max(0) as usize) / 2 >= want {
         return Ok(());
     }
-    let v = want.min(i32::MAX as usize) as libc::c_int;
+    let autotune_max = std::fs::read_to_string(sysctl)
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    let v = want.max(autotune_max / 2).min(i32::MAX as usize) as libc::c_int;
     set_int(
         fd,
         libc::SOL_SOCKET,
