@@ -19,7 +19,7 @@ if ((${#need[@]})); then
   fi
 fi
 if [[ $(id -u) != 0 ]]; then
-  echo "!! NOT ROOT: the part of the download test that resets a session with 'ss -K', and the lab tests (network namespaces), will not run" >&2
+  echo "!! NOT ROOT: the part of the download test that resets a session with 'ss -K', the lab tests (network namespaces) and the kernel fast-path tests (TCP_REPAIR, nftables) will not run" >&2
 fi
 
 echo "== cargo fmt --check"

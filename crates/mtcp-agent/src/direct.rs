@@ -251,9 +251,10 @@ async fn hand_over(
         migrations: 0,
         bytes_up: 0,
         bytes_down: 0,
-        state: "live (fast path)".into(),
+        state: "live".into(),
         timeline: Vec::new(),
         rtt_ms: Default::default(),
+        fast_path: true,
     }));
     let conn = Conn {
         id,

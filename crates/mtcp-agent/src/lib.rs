@@ -112,6 +112,10 @@ pub struct ConnStatus {
     /// RTT policy: the smoothed RTT of each server of the service, ms (from probes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub rtt_ms: std::collections::BTreeMap<String, f64>,
+    /// Kernel fast path: the server serves the client's connection itself; the bytes counts are
+    /// the server's at its last restart point (SNAP), and the total at the end.
+    #[serde(default)]
+    pub fast_path: bool,
 }
 
 /// A request to move a connection.

@@ -392,6 +392,7 @@ async fn open(
                     state: "live".into(),
                     timeline: Vec::new(),
                     rtt_ms: Default::default(),
+                    fast_path: false,
                 }));
                 let conn = Conn {
                     id,

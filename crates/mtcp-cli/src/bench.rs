@@ -362,7 +362,26 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         let b = std::fs::read(&file)?;
         format!("{:016x}", twox_hash::XxHash3_64::oneshot(&b))
     };
-    let lc = start(a, dir, true)?;
+    // The fast-path agent's address goes into the cluster file (servers admit only listed ones).
+    let fast_listen = format!("127.0.0.1:{}", local::free_port());
+    let lc = {
+        let exe = std::env::current_exe().context("locating the mtcp binary")?;
+        let opts = LocalOptions {
+            servers: 3,
+            root: dir.join("www"),
+            plain_baseline: true,
+            log: "warn".into(),
+            snapshot_every: a.snapshot_every,
+            mode: a.mode.clone(),
+            fast_path_listen: if a.fast_path {
+                vec![fast_listen.clone()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?
+    };
     let plain = lc.plain.clone().context("plain listener")?;
     // Warm the page cache and both paths once, checking every byte (XXH3) on the way.
     download(&plain, size, &want).await?;
@@ -379,8 +398,9 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         if unsafe { libc::geteuid() } != 0 {
             bail!("--fast-path needs root (TCP_REPAIR and nftables)");
         }
-        let (listen, _) =
-            tokio::task::block_in_place(|| lc.start_agent("agent-fast", &["--fast-path"]))?;
+        let (listen, _) = tokio::task::block_in_place(|| {
+            lc.start_agent("agent-fast", Some(fast_listen.clone()), &["--fast-path"])
+        })?;
         download(&listen, size, &want).await?;
         let stat = format!("/proc/{}/stat", lc.pid("agent-fast").context("agent-fast")?);
         order.push(Path::Fast);

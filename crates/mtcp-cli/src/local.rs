@@ -84,7 +84,7 @@ pub fn write_cluster(
     mode: &str,
     replicas: Option<u32>,
 ) -> Result<(PathBuf, Vec<ServerAddrs>)> {
-    write_cluster_with_key(dir, n, mode, replicas, &rand::random())
+    write_cluster_with_key(dir, n, mode, replicas, &rand::random(), &[])
 }
 
 /// [`write_cluster`] with a given key.
@@ -94,6 +94,7 @@ pub fn write_cluster_with_key(
     mode: &str,
     replicas: Option<u32>,
     key: &[u8; 32],
+    fast_path: &[String],
 ) -> Result<(PathBuf, Vec<ServerAddrs>)> {
     let mut text = format!(
         "key = \"{}\"\nmode = \"{mode}\"\nheartbeat_ms = 100\n",
@@ -101,6 +102,10 @@ pub fn write_cluster_with_key(
     );
     if let Some(r) = replicas {
         text += &format!("replicas = {r}\n");
+    }
+    if !fast_path.is_empty() {
+        let list: Vec<String> = fast_path.iter().map(|a| format!("\"{a}\"")).collect();
+        text += &format!("fast_path = [{}]\n", list.join(", "));
     }
     let mut servers = Vec::new();
     for i in 1..=n {
@@ -192,6 +197,10 @@ pub struct LocalOptions {
     pub agent_args: Vec<String>,
     /// Extra arguments for one server, by id (after `server_args`), e.g. a test hook on `s1`.
     pub server_args_for: Vec<(String, Vec<String>)>,
+    /// Listening addresses of fast-path agents started later ([`LocalCluster::start_agent`]),
+    /// for the cluster file's `fast_path` (the agent started here is added by itself when its
+    /// `agent_args` hold `--fast-path`).
+    pub fast_path_listen: Vec<String>,
 }
 
 impl Default for LocalOptions {
@@ -207,6 +216,7 @@ impl Default for LocalOptions {
             replicas: None,
             agent_args: Vec::new(),
             server_args_for: Vec::new(),
+            fast_path_listen: Vec::new(),
         }
     }
 }
@@ -216,15 +226,26 @@ impl LocalCluster {
     /// Logs go to `dir/<name>.log`.
     pub fn start(exe: &Path, dir: &Path, opts: &LocalOptions) -> Result<Self> {
         let key: [u8; 32] = rand::random();
-        let (cluster_file, servers) =
-            write_cluster_with_key(dir, opts.servers, &opts.mode, opts.replicas, &key)?;
+        let agent_listen = format!("127.0.0.1:{}", free_port());
+        let mut fast_path = opts.fast_path_listen.clone();
+        if opts.agent_args.iter().any(|a| a == "--fast-path") {
+            fast_path.push(agent_listen.clone());
+        }
+        let (cluster_file, servers) = write_cluster_with_key(
+            dir,
+            opts.servers,
+            &opts.mode,
+            opts.replicas,
+            &key,
+            &fast_path,
+        )?;
         let mut lc = LocalCluster {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             cluster_file,
             key: mtcp::proto::ClusterKey::from_bytes(key),
             servers: servers.clone(),
-            agent_listen: format!("127.0.0.1:{}", free_port()),
+            agent_listen,
             agent_admin: format!("127.0.0.1:{}", free_port()),
             plain: None,
             children: Vec::new(),
@@ -291,19 +312,22 @@ impl LocalCluster {
         Ok(lc)
     }
 
-    /// Starts one more agent, process `name`, for the same servers with `extra` arguments;
-    /// returns its listening and admin addresses.
-    pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> Result<(String, String)> {
+    /// Starts one more agent, process `name`, for the same servers with `extra` arguments,
+    /// listening on `listen` (or a free port); returns its listening and admin addresses.
+    pub fn start_agent(
+        &mut self,
+        name: &str,
+        listen: Option<String>,
+        extra: &[&str],
+    ) -> Result<(String, String)> {
         let connect = self
             .servers
             .iter()
             .map(|s| s.data.clone())
             .collect::<Vec<_>>()
             .join(",");
-        let (listen, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        let listen = listen.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+        let admin = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--connect".into(),

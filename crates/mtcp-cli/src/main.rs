@@ -462,7 +462,17 @@ async fn status(a: StatusArgs) -> Result<()> {
                 for c in connections {
                     println!(
                         "{:<34} {:<8} {:>5} {:>10} {:>14} {:>14}  {}",
-                        c.cid, c.server, c.epoch, c.migrations, c.bytes_up, c.bytes_down, c.state
+                        c.cid,
+                        c.server,
+                        c.epoch,
+                        c.migrations,
+                        c.bytes_up,
+                        c.bytes_down,
+                        if c.fast_path {
+                            format!("{} (fast path: bytes at the last snapshot)", c.state)
+                        } else {
+                            c.state.clone()
+                        }
                     );
                 }
             }

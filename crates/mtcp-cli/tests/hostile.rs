@@ -50,6 +50,86 @@ async fn migrate_raw(addr: &str, m: Migrate) -> (RefuseCode, String) {
     }
 }
 
+/// A fast-path HELLO on the data port of `addr`, then (after WELCOME) `adopt` as the client's
+/// connection; returns the refusal.
+async fn hello_direct(addr: &str, adopt: Option<Vec<u8>>) -> (RefuseCode, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: wire::CAP_DIRECT,
+        orig_dst: None,
+    };
+    framed::write_msg(&mut w, &hello).await.unwrap();
+    let mut r = FrameReader::new(r, 1 << 20);
+    let mut m = r.next_msg(Duration::from_secs(10)).await.unwrap();
+    if let Some(a) = adopt {
+        assert!(matches!(m, Msg::Welcome(_)), "expected WELCOME, got {m:?}");
+        framed::write_msg(&mut w, &Msg::Adopt(a)).await.unwrap();
+        m = r.next_msg(Duration::from_secs(10)).await.unwrap();
+    }
+    let refusal = match m {
+        Msg::Refused { code, reason } => (code, reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // And the session is closed.
+    assert!(
+        r.next_msg(Duration::from_secs(10)).await.is_err(),
+        "session left open"
+    );
+    refusal
+}
+
+/// Fast-path input from a client that is not a real agent: a garbage connection state, and a
+/// well-formed one for an address the cluster does not admit (the data port must not plant
+/// arbitrary TCP connections on the host). Each is refused by name, the session closed, and the
+/// server goes on serving. Needs no root: both are refused before any socket is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_refuses_garbage_and_unadmitted_connections() {
+    let dir = TempDir::new("hostile-fast");
+    let want = file(&dir, "f.bin", 1 << 20, 6);
+    let lc = tokio::task::block_in_place(|| {
+        let opts = mtcp_cli::local::LocalOptions {
+            servers: 2,
+            root: dir.path().join("www"),
+            log: "info,mtcp=debug".into(),
+            fast_path_listen: vec!["127.0.0.1:9".into()],
+            ..Default::default()
+        };
+        mtcp_cli::local::LocalCluster::start(&exe(), dir.path(), &opts).expect("cluster")
+    });
+    let data = lc.servers[0].data.clone();
+    let garbage: Vec<u8> = (0..3000).map(|i| (i * 31 % 253) as u8).collect();
+    let (code, why) = hello_direct(&data, Some(garbage)).await;
+    assert_eq!(code, RefuseCode::Internal, "{why}");
+    assert!(why.contains("TCP state"), "{why}");
+    let planted = mtcp_repair::TcpState {
+        local: "127.0.0.1:22".parse().unwrap(),
+        remote: "127.0.0.1:40000".parse().unwrap(),
+        send_seq: 1,
+        recv_seq: 1,
+        send_queue: vec![],
+        unsent: 0,
+        recv_queue: b"hello".to_vec(),
+        mss: 1460,
+        options: 0,
+        snd_wscale: 0,
+        rcv_wscale: 0,
+        timestamp: 0,
+        window: Default::default(),
+    };
+    let (code, why) = hello_direct(&data, Some(planted.encode())).await;
+    assert_eq!(code, RefuseCode::Internal, "{why}");
+    assert!(
+        why.contains("not one this cluster's fast path admits"),
+        "{why}"
+    );
+    // A relayed connection is still served, every byte intact.
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    let r = c.request("GET", "/f.bin", &[]).await.unwrap();
+    assert_eq!((r.status, r.digest), (200, want));
+}
+
 fn frame_header(kind: u8, len: u32) -> Vec<u8> {
     let mut v = wire::preamble(mtcp::proto::PROTOCOL_VERSION).to_vec();
     v.push(kind);
@@ -213,6 +293,12 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
             String::from_utf8_lossy(&answer).contains("version mismatch"),
             "{answer:?}"
         );
+    }
+    // A fast-path HELLO to a cluster that admits no fast-path agent is refused, by name.
+    for s in &lc.servers {
+        let (code, why) = hello_direct(&s.data, None).await;
+        assert_eq!(code, RefuseCode::Unauthenticated, "{why}");
+        assert!(why.contains("fast_path"), "{why}");
     }
     // The agent's admin port: garbage lines get an error, an endless line gets closed.
     let a = poke(&lc.agent_admin, b"this is not json\n").await;

@@ -27,12 +27,46 @@ async fn migrate(admin: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_connection_migrates_between_inside_and_within_requests() {
-    let dir = TempDir::new("keepalive");
+    keep_alive(false).await;
+}
+
+/// The same over the kernel fast path (`mtcp agent --fast-path`): the client's connection
+/// itself moves. Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_keep_alive_connection_migrates_between_inside_and_within_requests() {
+    if !is_root() {
+        eprintln!("!!! NOT ROOT: the kernel fast path needs TCP_REPAIR and nftables; this test is NOT run !!!");
+        return;
+    }
+    keep_alive(true).await;
+}
+
+async fn keep_alive(fast_path: bool) {
+    let dir = TempDir::new(if fast_path {
+        "keepalive-fast"
+    } else {
+        "keepalive"
+    });
     file(&dir, "a.bin", 6 << 20, 1);
     file(&dir, "b.bin", 300_000, 2);
     let a_bytes = std::fs::read(dir.path().join("www/a.bin")).unwrap();
     let b_bytes = std::fs::read(dir.path().join("www/b.bin")).unwrap();
-    let lc = tokio::task::block_in_place(|| cluster_with(&dir, 3, Some(256 << 10)));
+    let lc = tokio::task::block_in_place(|| {
+        let opts = mtcp_cli::local::LocalOptions {
+            servers: 3,
+            root: dir.path().join("www"),
+            log: "info,mtcp=debug,mtcp_agent=debug".into(),
+            snapshot_every: Some(256 << 10),
+            agent_args: if fast_path {
+                vec!["--fast-path".into()]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        mtcp_cli::local::LocalCluster::start(&exe(), dir.path(), &opts)
+            .expect("start local cluster")
+    });
     let admin = lc.agent_admin.clone();
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
     // The agent opens its session right after accepting; wait for it.
@@ -141,4 +175,5 @@ async fn keep_alive_connection_migrates_between_inside_and_within_requests() {
     );
     assert!(moves >= 20, "{moves}");
     assert!(live.timeline.iter().all(|e| e.ok));
+    assert_eq!(live.fast_path, fast_path);
 }

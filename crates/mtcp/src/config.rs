@@ -46,6 +46,8 @@ struct RawCluster {
     replicas: Option<u32>,
     origin_wait_ms: Option<u32>,
     #[serde(default)]
+    fast_path: Vec<String>,
+    #[serde(default)]
     server: Vec<RawServer>,
 }
 
@@ -99,6 +101,11 @@ pub struct Cluster {
     /// connection over from a replica.
     pub origin_wait: Duration,
     pub servers: Vec<ServerEntry>,
+    /// Kernel fast path: where fast-path agents listen (`ip:port`). A server recreates a
+    /// client's connection only if it was made to one of these addresses; with none, the fast
+    /// path is off (a data port must not be a way to plant arbitrary TCP connections on the
+    /// host).
+    pub fast_path: Vec<std::net::SocketAddr>,
 }
 
 impl Cluster {
@@ -193,7 +200,22 @@ impl Cluster {
         }
         let origin_wait =
             Duration::from_millis(raw.origin_wait_ms.unwrap_or(100).clamp(1, 60_000) as u64);
+        let mut fast_path = Vec::new();
+        for a in &raw.fast_path {
+            fast_path.push(a.parse().map_err(|_| {
+                invalid(format!(
+                    "fast_path: {a:?} is not ip:port (a fast-path agent's --listen address)"
+                ))
+            })?);
+        }
+        if mode == Mode::Eager && !fast_path.is_empty() {
+            return Err(invalid(
+                "`fast_path` is for mode = \"lazy\" (eager mode replicates relayed connections)"
+                    .into(),
+            ));
+        }
         Ok(Self {
+            fast_path,
             key,
             mode,
             heartbeat,
@@ -318,6 +340,31 @@ mod tests {
 
     fn parse(t: &str) -> Result<Cluster, ConfigError> {
         Cluster::parse(t, Path::new("c.toml"))
+    }
+
+    #[test]
+    fn fast_path_lists_agent_addresses_in_lazy_clusters_only() {
+        let servers = "[[server]]\nid = \"a\"\ndata = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nadmin = \"127.0.0.1:3\"\n[[server]]\nid = \"b\"\ndata = \"127.0.0.1:4\"\npeer = \"127.0.0.1:5\"\nadmin = \"127.0.0.1:6\"\n";
+        let c = parse(&format!(
+            "key = \"{KEY}\"\nfast_path = [\"127.0.0.1:7500\", \"[::1]:7500\"]\n{servers}"
+        ))
+        .unwrap();
+        assert_eq!(c.fast_path.len(), 2);
+        assert_eq!(c.fast_path[0], "127.0.0.1:7500".parse().unwrap());
+        let none = parse(&format!("key = \"{KEY}\"\n{servers}")).unwrap();
+        assert!(none.fast_path.is_empty(), "off unless listed");
+        let e = parse(&format!(
+            "key = \"{KEY}\"\nfast_path = [\"localhost:7500\"]\n{servers}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not ip:port"), "{e}");
+        let e = parse(&format!(
+            "key = \"{KEY}\"\nmode = \"eager\"\nfast_path = [\"127.0.0.1:7500\"]\n{servers}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lazy"), "{e}");
     }
 
     #[test]

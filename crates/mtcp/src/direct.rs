@@ -390,7 +390,10 @@ impl Resume {
 /// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of
 /// this process; returns it (nonblocking, registered with tokio) and the output the old socket
 /// had never sent, which the caller sends first.
-pub(crate) async fn adopt(tcp: Vec<u8>) -> Result<(TcpStream, Bytes), String> {
+pub(crate) async fn adopt(
+    tcp: Vec<u8>,
+    allowed: &[std::net::SocketAddr],
+) -> Result<(TcpStream, Bytes), String> {
     if tcp.len() > MAX_TCP_STATE {
         return Err(format!(
             "TCP state of {} bytes exceeds {MAX_TCP_STATE}",
@@ -398,6 +401,12 @@ pub(crate) async fn adopt(tcp: Vec<u8>) -> Result<(TcpStream, Bytes), String> {
         ));
     }
     let st = mtcp_repair::TcpState::decode(&tcp).map_err(|e| format!("TCP state: {e}"))?;
+    if !allowed.contains(&st.local) {
+        return Err(format!(
+            "a connection to {} is not one this cluster's fast path admits (`fast_path` in the cluster file lists the agents' listening addresses)",
+            st.local
+        ));
+    }
     let unsent = Bytes::copy_from_slice(st.unsent_bytes());
     let sock = tokio::task::spawn_blocking(move || mtcp_repair::restore(&st))
         .await

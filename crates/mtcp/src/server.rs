@@ -32,6 +32,9 @@ pub(crate) struct Fetch {
 
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
+/// Limit on ADOPT (the client's connection, with what it had queued when the agent accepted
+/// it): larger states are refused, and the agent resets that client connection.
+const ADOPT_FRAME: usize = 8 << 20;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least time between two BACKLOG reports of a session.
 const BACKLOG_EVERY: Duration = Duration::from_millis(200);
@@ -500,11 +503,11 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let (shared, start) = match first {
         Msg::Hello { caps, .. } => {
             let direct = caps & wire::CAP_DIRECT != 0;
-            if direct && crate::eager::eager(&inner) {
+            if direct && inner.cluster.fast_path.is_empty() {
                 refuse(
                     &mut w,
-                    RefuseCode::Busy,
-                    "the kernel fast path is for lazy clusters only (eager mode keeps replicas of relayed connections)".into(),
+                    RefuseCode::Unauthenticated,
+                    "this cluster admits no fast-path agents (list the agent's --listen address under `fast_path` in the cluster file)".into(),
                 )
                 .await;
                 return;
@@ -536,7 +539,9 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
             if direct {
-                // The client's connection itself comes next.
+                // The client's connection itself comes next: its queues are what the agent's
+                // socket had received and not sent, bounded by ADOPT_FRAME.
+                reader.set_max_frame(ADOPT_FRAME);
                 let tcp = match reader.next_msg(SETUP_TIMEOUT).await {
                     Ok(Msg::Adopt(tcp)) => tcp,
                     Ok(other) => {
@@ -549,7 +554,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                         return;
                     }
                 };
-                match crate::direct::adopt(tcp).await {
+                match crate::direct::adopt(tcp, &inner.cluster.fast_path).await {
                     Ok((sock, unsent)) => {
                         let d = DirectSock {
                             sock,
@@ -917,10 +922,12 @@ async fn take_over(
     let client_down = rec.client_down();
     let sock = match tcp {
         Some(tcp) => {
-            let (sock, unsent) = crate::direct::adopt(tcp).await.map_err(|e| {
-                tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
-                (RefuseCode::Internal, e)
-            })?;
+            let (sock, unsent) = crate::direct::adopt(tcp, &inner.cluster.fast_path)
+                .await
+                .map_err(|e| {
+                    tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
+                    (RefuseCode::Internal, e)
+                })?;
             let written = client_down - (unsent.len() as u64).min(client_down);
             Some(DirectSock {
                 sock,

@@ -1,0 +1,133 @@
+//! The kernel fast path (`mtcp agent --fast-path`): the agent hands curl's TCP connection to
+//! the server with TCP_REPAIR, and the connection itself moves between servers — a drain, a
+//! manual migration, and a reset of the agent's control session while the origin lives — with
+//! every byte intact (SHA-256). Needs root (TCP_REPAIR, nftables); without it the test says so
+//! loudly and checks nothing.
+
+mod common;
+
+use common::*;
+use mtcp_cli::local::{LocalCluster, LocalOptions};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn fast_cluster(dir: &TempDir) -> LocalCluster {
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.path().join("www"),
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        agent_args: vec!["--fast-path".into()],
+        ..Default::default()
+    };
+    LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+}
+
+/// nftables tables the fast path left behind (its fences), by name.
+fn fence_tables() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(mtcp_repair::TABLE_PREFIX))
+        .map(str::to_string)
+        .collect()
+}
+
+fn ready() -> bool {
+    if !is_root() {
+        eprintln!("!!! NOT ROOT: the kernel fast path needs TCP_REPAIR and nftables; fast-path tests are NOT run !!!");
+        return false;
+    }
+    assert!(
+        mtcp_cli::local::have("curl") && mtcp_cli::local::have("nft"),
+        "curl and nft are required for this test (scripts/test.sh installs them)"
+    );
+    true
+}
+
+#[test]
+fn fast_path_download_survives_drain_manual_and_session_reset() {
+    if !ready() {
+        return;
+    }
+    let dir = TempDir::new("fastpath");
+    let size: u64 = 128 << 20;
+    let want = file(&dir, "big.bin", size, 43);
+    let lc = fast_cluster(&dir);
+    let agent_pid = lc.pid("agent").expect("agent");
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "40M", &out);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let mut step = 0;
+    let status = loop {
+        if let Some(st) = curl.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "download took too long"
+        );
+        let got = len(&out);
+        if step == 0 && got > size / 5 {
+            let s = serving(&lc);
+            rt.block_on(mtcp_cli::demo::drain(&lc, &s)).expect("drain");
+            step = 1;
+        } else if step == 1 && got > size * 2 / 5 {
+            let r = lc
+                .mtcp(&["migrate", "--agent", &lc.agent_admin, "--all"])
+                .expect("manual migration");
+            assert!(r.contains("->"), "{r}");
+            step = 2;
+        } else if step == 2 && got > size * 3 / 5 {
+            // The agent's control session breaks while the server (and the client's
+            // connection on it) lives: the agent moves the connection.
+            let s = serving(&lc);
+            let port = data_port(&lc, &s);
+            let out = Command::new("ss")
+                .args([
+                    "-K",
+                    "-t",
+                    "state",
+                    "established",
+                    &format!("( sport = :{port} )"),
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout).lines().count() >= 2,
+                "ss -K destroyed nothing"
+            );
+            step = 3;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "curl failed: {status}");
+    assert_eq!(
+        step, 3,
+        "the download finished before every migration was triggered"
+    );
+    let got = mtcp_cli::local::sha256_file(&out).unwrap();
+    assert_eq!(got, want, "downloaded bytes differ from the file");
+    let conns = lc.status().unwrap();
+    assert!(conns.iter().all(|c| c.fast_path), "{conns:?}");
+    let reasons: Vec<&str> = conns
+        .iter()
+        .flat_map(|c| c.timeline.iter())
+        .filter(|e| e.ok)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert!(reasons.iter().any(|r| r.contains("Drain")), "{reasons:?}");
+    assert!(reasons.contains(&"manual"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("session with")),
+        "{reasons:?}"
+    );
+    let left: Vec<String> = fence_tables()
+        .into_iter()
+        .filter(|t| t.contains(&format!("{}{agent_pid}_", mtcp_repair::TABLE_PREFIX)))
+        .collect();
+    assert!(left.is_empty(), "fences left behind: {left:?}");
+}
