@@ -21,7 +21,7 @@ use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
 use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp_proto::wire::{self, Migrate, Msg, RefuseCode, ServerInfo, CAP_DIRECT};
 use mtcp_proto::{Cid, Token};
-use mtcp_repair::{Fence, TcpState};
+use mtcp_repair::TcpState;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,7 +193,10 @@ async fn hand_over(
             errs.join("; ")
         ));
     };
-    let fence = match Fence::new(local, peer) {
+    let fence = match inner
+        .fences()
+        .and_then(|f| f.fence(local, peer).map_err(|e| e.to_string()))
+    {
         Ok(f) => f,
         Err(e) => {
             reset(client);
@@ -362,7 +365,10 @@ async fn migrate(
         }
     }
     tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating (fast path): {reason}");
-    let fence = Fence::new(conn.local, conn.client).map_err(|e| format!("fence: {e}"))?;
+    let fence = inner
+        .fences()?
+        .fence(conn.local, conn.client)
+        .map_err(|e| format!("fence: {e}"))?;
     let m = Migrate {
         cid: conn.cid,
         epoch: conn.epoch,

@@ -144,6 +144,21 @@ pub(crate) struct AgentInner {
     pub prober: Option<Arc<policy::Prober>>,
     /// Connections opened ahead of time to every known server (faster migrations).
     pub spares: Arc<spare::Spares>,
+    /// Kernel fast path: this process's nftables fence table, opened on first use.
+    fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
+}
+
+impl AgentInner {
+    /// The fast path's fences (the table is created on first use).
+    pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
+        let mut f = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = &*f {
+            return Ok(x.clone());
+        }
+        let x = mtcp_repair::Fences::open().map_err(|e| format!("fences: {e}"))?;
+        *f = Some(x.clone());
+        Ok(x)
+    }
 }
 
 /// A running agent.
@@ -170,6 +185,7 @@ impl Agent {
                 next: AtomicU64::new(1),
                 finished: Mutex::new(Vec::new()),
                 spares: Arc::new(spare::Spares::default()),
+                fences: Mutex::new(None),
             }),
         }
     }
@@ -205,6 +221,16 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Removes the fast path's fence table (the agent is exiting). Fences still held by
+    /// connections keep it until they drop.
+    pub fn close(&self) {
+        self.inner
+            .fences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Every live connection, then recently finished ones.

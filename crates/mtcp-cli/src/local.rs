@@ -607,6 +607,18 @@ impl LocalCluster {
     /// Kills every started process (SIGCONT first for stopped ones) and waits for them.
     pub fn stop(&mut self) {
         for p in &mut self.children {
+            if p.name.starts_with("agent") && !p.stopped {
+                // Agents clean up on SIGTERM (the fast path's nftables table); give them a moment.
+                // SAFETY: kill(2) on a child we started and have not reaped.
+                unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(2) {
+                    if let Ok(Some(_)) = p.child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             if p.stopped {
                 // SAFETY: kill(2) on a child we started and have not reaped.
                 unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGCONT) };

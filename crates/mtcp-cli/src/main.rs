@@ -344,10 +344,13 @@ async fn agent(a: AgentArgs) -> Result<()> {
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = agent.serve(l) => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
+        _ = agent.serve(l) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    // The fast path's fence table goes with the agent.
+    agent.close();
+    Ok(())
 }
 
 /// The agent's trigger policies from its flags.

@@ -22,17 +22,16 @@ fn fast_cluster(dir: &TempDir) -> LocalCluster {
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
 }
 
-/// nftables tables the fast path left behind (its fences), by name.
-fn fence_tables() -> Vec<String> {
+/// The fence table of the agent with `pid`, listed (`None`: no such table).
+fn fence_table(pid: u32) -> Option<String> {
+    let table = format!("{}{pid}", mtcp_repair::TABLE_PREFIX);
     let out = Command::new("nft")
-        .args(["list", "tables"])
+        .args(["-nn", "list", "table", "inet", &table])
         .output()
         .expect("nft");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(mtcp_repair::TABLE_PREFIX))
-        .map(str::to_string)
-        .collect()
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ready() -> bool {
@@ -125,9 +124,9 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
         reasons.iter().any(|r| r.contains("session with")),
         "{reasons:?}"
     );
-    let left: Vec<String> = fence_tables()
-        .into_iter()
-        .filter(|t| t.contains(&format!("{}{agent_pid}_", mtcp_repair::TABLE_PREFIX)))
-        .collect();
-    assert!(left.is_empty(), "fences left behind: {left:?}");
+    // Every fence is down (the table has no fenced flow), and the table goes with the agent.
+    let table = fence_table(agent_pid).expect("the agent's fence table");
+    assert!(!table.contains("elements"), "fences left up: {table}");
+    drop(lc);
+    assert_eq!(fence_table(agent_pid), None, "fence table left behind");
 }

@@ -20,7 +20,7 @@
 //! an nftables rule first (`LINUX-NOTES.md`).
 
 mod fence;
-pub use fence::{Fence, TABLE_PREFIX};
+pub use fence::{Fence, Fences, TABLE_PREFIX};
 
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -155,6 +155,18 @@ impl TcpState {
             ));
         }
         Ok(())
+    }
+
+    /// Forgets the output that was queued but never sent (the new socket's owner will
+    /// regenerate it instead of carrying it); returns how many bytes that was. The sequence
+    /// numbers stay consistent: the connection continues as if those bytes had never been
+    /// written.
+    pub fn drop_unsent(&mut self) -> usize {
+        let n = (self.unsent as usize).min(self.send_queue.len());
+        self.send_queue.truncate(self.send_queue.len() - n);
+        self.send_seq = self.send_seq.wrapping_sub(n as u32);
+        self.unsent = 0;
+        n
     }
 
     /// The output queued but never sent, which the new socket's owner must write first.

@@ -244,10 +244,13 @@ impl Pump {
                                 self.cur = None;
                             }
                             self.written += n as u64;
+                            // Delivered, as far as the kernel has sent it: the socket's queue of
+                            // sent bytes moves with the connection, while output it never sent
+                            // is regenerated from a restart point (so those must be kept).
+                            let sent = self.written - not_sent(&self.sock).min(self.written);
                             let mut st = shared.lock();
                             st.queued = st.queued.saturating_sub(n as u64);
-                            // Delivered: the socket's queues move with the connection.
-                            st.s.on_ack(self.written, self.written);
+                            st.s.on_ack(sent, sent);
                             if let Some(w) = st.write_waker.take() {
                                 w.wake();
                             }
@@ -334,6 +337,19 @@ impl Pump {
         });
         self.ctl = None;
         None
+    }
+}
+
+/// Bytes in `sock`'s send queue that were never sent (`SIOCOUTQNSD`); 0 if unknown.
+fn not_sent(sock: &TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int; the descriptor is the live socket `sock` borrows.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), 0x894B, &mut v) };
+    if r < 0 {
+        0
+    } else {
+        v.max(0) as u64
     }
 }
 

@@ -270,6 +270,12 @@ impl ServerInner {
                 ));
             }
         };
+        // Output the kernel never sent is not carried: the destination's application
+        // regenerates it from the snapshot (it is checked like the rest), so the state holds
+        // only what is on the wire and unread input.
+        let mut tcp_state = frozen.state.clone();
+        let unsent = tcp_state.drop_unsent() as u64;
+        let written = written - unsent.min(written);
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
         match st.s.record(cid, epoch, written, written, sum) {
@@ -280,12 +286,13 @@ impl ServerInner {
                 drop(st);
                 self.forget(cid);
                 self.migrated_out.fetch_add(1, Ordering::Relaxed);
-                let tcp = frozen.state.encode();
+                let tcp = tcp_state.encode();
                 tracing::info!(
                     %cid,
                     epoch,
                     restart_at = rec.snap_out,
                     written,
+                    unsent,
                     tcp_state = tcp.len(),
                     "fast-path connection frozen and handed over"
                 );
