@@ -130,3 +130,39 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
     drop(lc);
     assert_eq!(fence_table(agent_pid), None, "fence table left behind");
 }
+
+/// The fast path does not survive a crash (the kernel closes the client's connection with the
+/// server process): a `kill -9` of the serving server must end curl with an error at once, not
+/// hang it, and the agent must say why it gave the connection up.
+#[test]
+fn fast_path_connection_ends_with_an_error_when_its_server_is_killed() {
+    if !ready() {
+        return;
+    }
+    let dir = TempDir::new("fastpath-kill");
+    let size: u64 = 64 << 20;
+    file(&dir, "big.bin", size, 44);
+    let mut lc = fast_cluster(&dir);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "20M", &out);
+    wait_for("the download to start", Duration::from_secs(20), || {
+        len(&out) > 1 << 20
+    });
+    let s = serving(&lc);
+    lc.kill(&s).unwrap();
+    let t0 = Instant::now();
+    let ok = wait_child(&mut curl, "curl", Duration::from_secs(20));
+    assert!(!ok, "curl reported success for a cut transfer");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "curl took {:?} to see the end",
+        t0.elapsed()
+    );
+    assert!(len(&out) < size);
+    wait_for("the agent to give up", Duration::from_secs(10), || {
+        lc.status()
+            .unwrap()
+            .iter()
+            .any(|c| c.state.starts_with("aborted"))
+    });
+}
