@@ -79,8 +79,29 @@ fn free() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_waits_for_unlock_and_origin_sees_migrated() {
+    lock_test(false).await;
+}
+
+/// The same over the kernel fast path: the origin stops serving the client's socket only after
+/// the unlock. Needs root (TCP_REPAIR, nftables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_migration_waits_for_unlock_and_origin_sees_migrated() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! NOT ROOT: the kernel fast path needs TCP_REPAIR and nftables; this test is NOT run !!!");
+        return;
+    }
+    lock_test(true).await;
+}
+
+async fn lock_test(fast_path: bool) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = l.local_addr().unwrap();
     let key = hex::encode(rand::random::<[u8; 32]>());
     let mut text = format!("key = \"{key}\"\n");
+    if fast_path {
+        text += &format!("fast_path = [\"{listen}\"]\n");
+    }
     for id in ["s1", "s2"] {
         text += &format!(
             "[[server]]\nid = \"{id}\"\ndata = \"{}\"\npeer = \"{}\"\nadmin = \"{}\"\n",
@@ -105,10 +126,9 @@ async fn migration_waits_for_unlock_and_origin_sees_migrated() {
     }
     let agent = Agent::new(AgentConfig {
         connect: vec![cluster.servers[0].data.clone()],
+        fast_path,
         ..Default::default()
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let listen = l.local_addr().unwrap();
     {
         let agent = agent.clone();
         tokio::spawn(async move { agent.serve(l).await });
@@ -163,4 +183,6 @@ async fn migration_waits_for_unlock_and_origin_sees_migrated() {
     assert_eq!(line, "PONG s2\n");
     assert_eq!(agent.status()[0].server, "s2");
     assert_eq!(agent.status()[0].migrations, 1);
+    assert_eq!(agent.status()[0].fast_path, fast_path);
+    agent.close();
 }
