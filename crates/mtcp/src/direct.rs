@@ -84,7 +84,14 @@ pub(crate) struct Pump {
     /// the fence drops, and the sender would then stall until its retransmission timer (200 ms
     /// and more) — measured: a 512 MiB download at a third of its speed.
     held: Option<tokio::time::Instant>,
+    /// When a SNAP was last passed on to the agent (see [`SNAP_EVERY`]).
+    snap_sent: Option<std::time::Instant>,
 }
+
+/// The agent only shows SNAP's offsets in its status, so at most one per this interval is
+/// passed on (the HTTP app snapshots every 256 KiB: thousands per second at full speed, each a
+/// wake-up of the agent).
+const SNAP_EVERY: Duration = Duration::from_millis(100);
 
 impl Pump {
     /// A pump for `sock`, which continues the downstream stream at `written`; `unsent` (output
@@ -106,6 +113,7 @@ impl Pump {
             written,
             eof: false,
             held: Some(tokio::time::Instant::now() + HOLD_MAX),
+            snap_sent: None,
         }
     }
 
@@ -131,6 +139,7 @@ impl Pump {
             written,
             eof,
             held: _,
+            snap_sent: _,
         } = self;
         let rest = Resume {
             rx,
@@ -149,6 +158,12 @@ impl Pump {
             Out::Data(_) | Out::Msg(Msg::Closed { .. }) => self.pending.push_back(o),
             // Backpressure reports are for the relay's throughput policy.
             Out::Msg(Msg::Backlog { .. }) => {}
+            Out::Msg(m @ Msg::Snap { .. }) => {
+                if self.snap_sent.is_none_or(|t| t.elapsed() >= SNAP_EVERY) {
+                    self.snap_sent = Some(std::time::Instant::now());
+                    self.to_agent(m);
+                }
+            }
             Out::Msg(m) => self.to_agent(m),
         }
     }
@@ -397,6 +412,7 @@ impl Resume {
             eof,
             // The socket never left: its flow needs no kick to restart.
             held: None,
+            snap_sent: None,
         };
         let h = pump.spawn(shared.clone(), inner.clone());
         shared.lock().direct = Some(h);
