@@ -237,7 +237,10 @@ pub(crate) async fn relay(
                 done,
                 at,
             } => {
-                drop(session);
+                // Closing the old session frees what it still had queued (megabytes of
+                // downstream data the origin had sent ahead) and resets it: work that need not
+                // delay MIGRATE. It runs once this task waits for the destination's answer.
+                tokio::spawn(async move { drop(session) });
                 let at = at.unwrap_or_else(Instant::now);
                 match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
                     Ok(Some(s)) => {
