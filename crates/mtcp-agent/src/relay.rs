@@ -495,6 +495,7 @@ async fn run(
                 }
             }
             Some(req) = cmd.recv() => {
+                tracing::debug!(conn = conn.id, waited_us = req.at.elapsed().as_micros() as u64, "move request seen");
                 if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
                     // Refuse before touching the session: a typo must not break a live connection.
                     if let Some(d) = req.done {

@@ -73,8 +73,8 @@ async fn app(
     }
 }
 
-fn free() -> String {
-    format!("127.0.0.1:{}", mtcp_cli::local::free_port())
+fn free(host: &str) -> String {
+    format!("{host}:{}", mtcp_cli::local::free_port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,8 +82,8 @@ async fn migration_waits_for_unlock_and_origin_sees_migrated() {
     lock_test(false).await;
 }
 
-/// The same over the kernel fast path: the origin stops serving the client's socket only after
-/// the unlock. Needs root (TCP_REPAIR, nftables).
+/// The same over the kernel fast path, on IPv6: the origin stops serving the client's socket
+/// only after the unlock. Needs root (TCP_REPAIR, nftables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_migration_waits_for_unlock_and_origin_sees_migrated() {
     // SAFETY: geteuid has no preconditions.
@@ -95,7 +95,11 @@ async fn fast_path_migration_waits_for_unlock_and_origin_sees_migrated() {
 }
 
 async fn lock_test(fast_path: bool) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The fast path's variant runs on IPv6 (its fences and restored sockets have both families).
+    let host = if fast_path { "[::1]" } else { "127.0.0.1" };
+    let l = tokio::net::TcpListener::bind(format!("{host}:0"))
+        .await
+        .unwrap();
     let listen = l.local_addr().unwrap();
     let key = hex::encode(rand::random::<[u8; 32]>());
     let mut text = format!("key = \"{key}\"\n");
@@ -105,9 +109,9 @@ async fn lock_test(fast_path: bool) {
     for id in ["s1", "s2"] {
         text += &format!(
             "[[server]]\nid = \"{id}\"\ndata = \"{}\"\npeer = \"{}\"\nadmin = \"{}\"\n",
-            free(),
-            free(),
-            free()
+            free(host),
+            free(host),
+            free(host)
         );
     }
     let cluster = Cluster::parse(&text, std::path::Path::new("test.toml")).unwrap();
