@@ -34,7 +34,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub builtin_client: bool,
     /// Kernel fast path (root). Throughput: also time a second agent with `--fast-path`.
-    /// Migration: migrate over the fast path instead of the relay.
+    /// Migration and drain: the agent uses the fast path instead of relaying.
     #[arg(long)]
     pub fast_path: bool,
     /// The reading client's rate in MiB/s (drain).
@@ -218,6 +218,28 @@ pub async fn run(a: BenchArgs) -> Result<()> {
 
 fn start(a: &BenchArgs, dir: &std::path::Path, plain: bool) -> Result<LocalCluster> {
     start_mode(dir, &dir.join("www"), plain, a.snapshot_every, &a.mode)
+}
+
+/// A cluster whose agent uses the kernel fast path with `--fast-path` (root), else [`start`].
+fn start_maybe_fast(a: &BenchArgs, dir: &std::path::Path) -> Result<LocalCluster> {
+    if !a.fast_path {
+        return start(a, dir, false);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("--fast-path needs root (TCP_REPAIR and nftables)");
+    }
+    let exe = std::env::current_exe().context("locating the mtcp binary")?;
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.join("www"),
+        log: "warn".into(),
+        snapshot_every: a.snapshot_every,
+        mode: a.mode.clone(),
+        agent_args: vec!["--fast-path".into()],
+        ..Default::default()
+    };
+    tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
 }
 
 fn start_mode(
@@ -565,25 +587,7 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let size = rate * secs;
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 9))?;
-    let lc = if a.fast_path {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            bail!("--fast-path needs root (TCP_REPAIR and nftables)");
-        }
-        let exe = std::env::current_exe().context("locating the mtcp binary")?;
-        let opts = LocalOptions {
-            servers: 3,
-            root: dir.join("www"),
-            log: "warn".into(),
-            snapshot_every: a.snapshot_every,
-            mode: a.mode.clone(),
-            agent_args: vec!["--fast-path".into()],
-            ..Default::default()
-        };
-        tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?
-    } else {
-        start(a, dir, false)?
-    };
+    let lc = start_maybe_fast(a, dir)?;
     let mut c = Client::connect(&lc.agent_listen).await?;
     c.rate = Some(rate);
     let dl = tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await });
@@ -979,7 +983,7 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let size = rate * (a.rounds as u64 * 6 + 4);
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 11))?;
-    let mut lc = start(a, dir, false)?;
+    let mut lc = start_maybe_fast(a, dir)?;
     let cluster = mtcp::Cluster::load(&lc.cluster_file)?;
     let mut c = Client::connect(&lc.agent_listen).await?;
     c.rate = Some(rate);
@@ -1038,8 +1042,8 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         println!(
-            "drain under a client reading {} MiB/s, {} mode: median {:.3} s, max {:.3} s; transfer sha256 ok: {}",
-            rep.rate_mib_s, rep.mode, rep.drain_secs_median, rep.drain_secs_max, rep.transfer_sha256_ok
+            "drain under a client reading {} MiB/s, {} mode{}: median {:.3} s, max {:.3} s; transfer sha256 ok: {}",
+            rep.rate_mib_s, rep.mode, if a.fast_path { ", kernel fast path" } else { "" }, rep.drain_secs_median, rep.drain_secs_max, rep.transfer_sha256_ok
         );
     }
     if !ok {
