@@ -16,10 +16,10 @@
 //! A client packet sent while fenced is dropped, and the client resends it after its
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
-use crate::relay::{connect, known_servers, reset, CLOSED_PREFIX};
-use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
+use crate::relay::{candidates, connect, known_servers, reset, resumed, CLOSED_PREFIX};
+use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
 use mtcp::framed::{self, ChannelError, FrameReader};
-use mtcp_proto::wire::{self, Migrate, Msg, RefuseCode, ServerInfo, CAP_DIRECT};
+use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
 use mtcp_proto::{Cid, Token};
 use mtcp_repair::TcpState;
 use std::net::SocketAddr;
@@ -73,17 +73,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         }
     };
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<MoveRequest>();
-    inner
-        .conns
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            id,
-            ConnEntry {
-                status: conn.status.clone(),
-                cmd: cmd_tx,
-            },
-        );
+    inner.register(id, conn.status.clone(), cmd_tx);
     tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "fast path: the server serves the client's connection");
     let outcome = loop {
         match run(&mut conn, &mut session, &mut cmd_rx).await {
@@ -123,26 +113,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
             },
         }
     };
-    let final_status = {
-        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.state = match &outcome {
-            Ok(()) => "closed".into(),
-            Err(e) => format!("aborted: {e}"),
-        };
-        st.clone()
-    };
-    inner
-        .conns
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    {
-        let mut f = inner.finished.lock().unwrap_or_else(|p| p.into_inner());
-        f.push(final_status);
-        if f.len() > 64 {
-            f.remove(0);
-        }
-    }
+    inner.retire(id, &conn.status, &outcome);
     match outcome {
         Ok(()) => tracing::info!(conn = id, cid = %conn.cid, "connection closed in order"),
         Err(why) => tracing::error!(conn = id, cid = %conn.cid, "connection given up: {why}"),
@@ -348,22 +319,7 @@ async fn migrate(
     t0: Instant,
 ) -> Result<Option<Session>, String> {
     let from = conn.server.clone();
-    let mut cands: Vec<ServerInfo> = Vec::new();
-    if let Some(t) = to {
-        if let Some(a) = conn.alternates.iter().find(|a| a.id == t) {
-            cands.push(a.clone());
-        }
-    }
-    for a in &conn.alternates {
-        if a.id != conn.server && !cands.iter().any(|c| c.id == a.id) {
-            cands.push(a.clone());
-        }
-    }
-    if let Some(me) = conn.alternates.iter().find(|a| a.id == conn.server) {
-        if !cands.iter().any(|c| c.id == me.id) {
-            cands.push(me.clone());
-        }
-    }
+    let cands = candidates(&conn.alternates, &conn.server, to)?;
     tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating (fast path): {reason}");
     let fence = inner
         .fences()?
@@ -412,17 +368,12 @@ async fn migrate(
             st.migrations += 1;
         }
         st.timeline.push(MigrationEvent {
-            at_ms: t0.duration_since(inner.started).as_millis() as u64,
-            from: from.clone(),
             to: ok.then(|| conn.server.clone()),
-            reason: reason.to_string(),
             ok,
             resumed_us: ok.then_some(resumed_us),
-            first_byte_us: None,
             state_bytes,
             refusals: refusals.clone(),
-            trigger_mono_us: Some(crate::mono_us().saturating_sub(resumed_us)),
-            from_replica: false,
+            ..MigrationEvent::new(inner.started, t0, from.clone(), reason)
         });
     }
     match resumed {
@@ -455,19 +406,12 @@ async fn try_resume(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let r = match reader
-        .next_msg(inner.cfg.migrate_timeout)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        Msg::Resumed(r) => r,
-        Msg::Refused {
-            code: RefuseCode::Closed,
-            reason,
-        } => return Err(format!("{CLOSED_PREFIX}{reason}")),
-        Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
-        other => return Err(format!("unexpected answer {other:?}")),
-    };
+    let r = resumed(
+        reader
+            .next_msg(inner.cfg.migrate_timeout)
+            .await
+            .map_err(|e| e.to_string())?,
+    )?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
     conn.epoch = r.epoch;

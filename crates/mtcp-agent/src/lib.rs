@@ -148,7 +148,61 @@ pub(crate) struct AgentInner {
     fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
 }
 
+impl MigrationEvent {
+    /// A move triggered at `t0` (an agent started at `started`), not yet successful.
+    pub(crate) fn new(started: Instant, t0: Instant, from: String, reason: &str) -> Self {
+        MigrationEvent {
+            at_ms: t0.duration_since(started).as_millis() as u64,
+            from,
+            to: None,
+            reason: reason.to_string(),
+            ok: false,
+            resumed_us: None,
+            first_byte_us: None,
+            state_bytes: None,
+            refusals: Vec::new(),
+            trigger_mono_us: Some(mono_us().saturating_sub(t0.elapsed().as_micros() as u64)),
+            from_replica: false,
+        }
+    }
+}
+
 impl AgentInner {
+    /// Makes connection `id` visible to `status` and `migrate`.
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        status: Arc<Mutex<ConnStatus>>,
+        cmd: mpsc::UnboundedSender<MoveRequest>,
+    ) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, ConnEntry { status, cmd });
+    }
+
+    /// Connection `id` ended (`Err`: why it was given up): its last status moves to the
+    /// finished ones (the newest 64 are kept).
+    pub(crate) fn retire(&self, id: u64, status: &Mutex<ConnStatus>, outcome: &Result<(), String>) {
+        let final_status = {
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.state = match outcome {
+                Ok(()) => "closed".into(),
+                Err(e) => format!("aborted: {e}"),
+            };
+            st.clone()
+        };
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let mut f = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        f.push(final_status);
+        if f.len() > 64 {
+            f.remove(0);
+        }
+    }
+
     /// The fast path's fences (the table is created on first use).
     pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
         let mut f = self.fences.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,7 +1,7 @@
 //! One client program's connection: relay it over an M-TCP session, and move the session when
 //! a trigger fires.
 
-use crate::{AgentInner, ConnEntry, ConnStatus, MigrationEvent, MoveRequest};
+use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::offsets::ByteLog;
@@ -200,17 +200,7 @@ pub(crate) async fn relay(
             return;
         }
     };
-    inner
-        .conns
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            id,
-            ConnEntry {
-                status: conn.status.clone(),
-                cmd: cmd_tx,
-            },
-        );
+    inner.register(id, conn.status.clone(), cmd_tx);
     tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "session open");
     let (mut cr, mut cw) = client.into_split();
     // Downstream double buffer, kept across sessions: one piece is written to the client
@@ -265,27 +255,11 @@ pub(crate) async fn relay(
             }
         }
     };
-    let final_status = {
-        let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.bytes_down = conn.down.received();
-        st.state = match &outcome {
-            Ok(()) => "closed".into(),
-            Err(e) => format!("aborted: {e}"),
-        };
-        st.clone()
-    };
-    inner
-        .conns
+    conn.status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    {
-        let mut f = inner.finished.lock().unwrap_or_else(|p| p.into_inner());
-        f.push(final_status);
-        if f.len() > 64 {
-            f.remove(0);
-        }
-    }
+        .bytes_down = conn.down.received();
+    inner.retire(id, &conn.status, &outcome);
     match outcome {
         Ok(()) => {
             tracing::info!(conn = id, cid = %conn.cid, "connection closed in order");
@@ -771,25 +745,7 @@ async fn migrate(
     t0: Instant,
 ) -> Result<Option<Session>, String> {
     let from = conn.server.clone();
-    // Candidates: the requested one, then alternates in order, then the current server itself
-    // (which re-attaches the connection where it is when the origin is alive and reachable).
-    let mut cands: Vec<ServerInfo> = Vec::new();
-    if let Some(t) = to {
-        match conn.alternates.iter().find(|a| a.id == t) {
-            Some(a) => cands.push(a.clone()),
-            None => return Err(format!("unknown server {t:?}")),
-        }
-    }
-    for a in &conn.alternates {
-        if a.id != conn.server && !cands.iter().any(|c| c.id == a.id) {
-            cands.push(a.clone());
-        }
-    }
-    if let Some(me) = conn.alternates.iter().find(|a| a.id == conn.server) {
-        if !cands.iter().any(|c| c.id == me.id) {
-            cands.push(me.clone());
-        }
-    }
+    let cands = candidates(&conn.alternates, &conn.server, to)?;
     tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating: {reason}");
     let m = Migrate {
         cid: conn.cid,
@@ -814,19 +770,13 @@ async fn migrate(
                     st.epoch = conn.epoch;
                     st.migrations += 1;
                     st.timeline.push(MigrationEvent {
-                        at_ms: t0.duration_since(inner.started).as_millis() as u64,
-                        from: from.clone(),
                         to: Some(conn.server.clone()),
-                        reason: reason.to_string(),
                         ok: true,
                         resumed_us: Some(resumed_us),
-                        first_byte_us: None,
                         state_bytes: Some(conn.last_state_bytes),
                         refusals: refusals.clone(),
-                        trigger_mono_us: Some(
-                            crate::mono_us().saturating_sub(t0.elapsed().as_micros() as u64),
-                        ),
                         from_replica: conn.last_from_replica,
+                        ..MigrationEvent::new(inner.started, t0, from.clone(), reason)
                     });
                     st.timeline.len() - 1
                 };
@@ -850,23 +800,56 @@ async fn migrate(
         .unwrap_or_else(|p| p.into_inner())
         .timeline
         .push(MigrationEvent {
-            at_ms: t0.duration_since(inner.started).as_millis() as u64,
-            from,
-            to: None,
-            reason: reason.to_string(),
-            ok: false,
-            resumed_us: None,
-            first_byte_us: None,
-            state_bytes: None,
             refusals,
-            trigger_mono_us: Some(crate::mono_us().saturating_sub(t0.elapsed().as_micros() as u64)),
-            from_replica: false,
+            ..MigrationEvent::new(inner.started, t0, from, reason)
         });
     Err(if why.is_empty() {
         "no server to move to".into()
     } else {
         why
     })
+}
+
+/// Where to move, in order: the requested server, then the alternates in order, then the
+/// current server itself (which re-attaches the connection where it is when the origin is alive
+/// and reachable). An unknown requested server is an error.
+pub(crate) fn candidates(
+    alternates: &[ServerInfo],
+    current: &str,
+    to: Option<&str>,
+) -> Result<Vec<ServerInfo>, String> {
+    let mut cands: Vec<ServerInfo> = Vec::new();
+    if let Some(t) = to {
+        match alternates.iter().find(|a| a.id == t) {
+            Some(a) => cands.push(a.clone()),
+            None => return Err(format!("unknown server {t:?}")),
+        }
+    }
+    for a in alternates {
+        if a.id != current && !cands.iter().any(|c| c.id == a.id) {
+            cands.push(a.clone());
+        }
+    }
+    if let Some(me) = alternates.iter().find(|a| a.id == current) {
+        if !cands.iter().any(|c| c.id == me.id) {
+            cands.push(me.clone());
+        }
+    }
+    Ok(cands)
+}
+
+/// A destination's answer to MIGRATE: RESUMED, or why not (a `Closed` refusal is marked with
+/// [`CLOSED_PREFIX`]: the connection had already ended in order).
+pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, String> {
+    match msg {
+        Msg::Resumed(r) => Ok(r),
+        Msg::Refused {
+            code: RefuseCode::Closed,
+            reason,
+        } => Err(format!("{CLOSED_PREFIX}{reason}")),
+        Msg::Refused { code, reason } => Err(format!("{code:?}: {reason}")),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
 }
 
 /// Every server the agent knows: the alternates a server listed, plus that server itself (kept
@@ -921,15 +904,7 @@ async fn try_resume(
             (reader, w, m)
         }
     };
-    let r = match msg {
-        Msg::Resumed(r) => r,
-        Msg::Refused {
-            code: RefuseCode::Closed,
-            reason,
-        } => return Err(format!("{CLOSED_PREFIX}{reason}")),
-        Msg::Refused { code, reason } => return Err(format!("{code:?}: {reason}")),
-        other => return Err(format!("unexpected answer {other:?}")),
-    };
+    let r = resumed(msg)?;
     if r.up_from < conn.retained.start() || r.up_from > conn.retained.end() {
         return Err(format!(
             "server wants upstream from {} but the agent retains [{}, {})",

@@ -155,3 +155,77 @@ pub fn wait_child(c: &mut std::process::Child, what: &str, limit: std::time::Dur
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Resets the server side of every established TCP connection on `port` (`ss -K`), so the agent
+/// sees its session reset while the server process keeps running. Needs root.
+pub fn reset_sessions(port: u16) -> Result<(), String> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-K",
+            "-t",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .map_err(|e| format!("ss: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // ss prints a header plus one line per destroyed socket.
+    if !out.status.success() || text.lines().count() < 2 {
+        return Err(format!(
+            "ss destroyed nothing (status {}, output {text:?}, stderr {:?})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// curl downloads `path` (`size` bytes, at most `rate`) through the agent into `out` while its
+/// connection is drained at 1/5, moved by hand at 2/5 and, with `reset`, has its session reset
+/// with `ss -K` at 3/5 while the origin lives. Returns curl's exit status and how many of those
+/// steps were taken before the download ended.
+pub fn download_with_moves(
+    lc: &LocalCluster,
+    path: &str,
+    size: u64,
+    rate: &str,
+    out: &Path,
+    reset: bool,
+) -> (std::process::ExitStatus, u32) {
+    let mut curl = spawn_curl(lc, path, rate, out);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = std::time::Instant::now();
+    let mut step = 0;
+    let status = loop {
+        if let Some(st) = curl.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "download took too long"
+        );
+        let got = len(out);
+        if step == 0 && got > size / 5 {
+            let s = serving(lc);
+            rt.block_on(mtcp_cli::demo::drain(lc, &s)).expect("drain");
+            step = 1;
+        } else if step == 1 && got > size * 2 / 5 {
+            let r = lc
+                .mtcp(&["migrate", "--agent", &lc.agent_admin, "--all"])
+                .expect("manual migration");
+            assert!(r.contains("->"), "{r}");
+            step = 2;
+        } else if step == 2 && got > size * 3 / 5 {
+            if reset {
+                let s = serving(lc);
+                reset_sessions(data_port(lc, &s)).expect("reset the session");
+            } else {
+                eprintln!("!!! NOT ROOT: cannot reset the session with `ss -K`; this part of the test is NOT run !!!");
+            }
+            step = 3;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (status, step)
+}

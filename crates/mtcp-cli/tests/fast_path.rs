@@ -57,52 +57,9 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
     let lc = fast_cluster(&dir);
     let agent_pid = lc.pid("agent").expect("agent");
     let out = dir.path().join("got.bin");
-    let mut curl = spawn_curl(&lc, "big.bin", "40M", &out);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let t0 = Instant::now();
-    let mut step = 0;
-    let status = loop {
-        if let Some(st) = curl.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "download took too long"
-        );
-        let got = len(&out);
-        if step == 0 && got > size / 5 {
-            let s = serving(&lc);
-            rt.block_on(mtcp_cli::demo::drain(&lc, &s)).expect("drain");
-            step = 1;
-        } else if step == 1 && got > size * 2 / 5 {
-            let r = lc
-                .mtcp(&["migrate", "--agent", &lc.agent_admin, "--all"])
-                .expect("manual migration");
-            assert!(r.contains("->"), "{r}");
-            step = 2;
-        } else if step == 2 && got > size * 3 / 5 {
-            // The agent's control session breaks while the server (and the client's
-            // connection on it) lives: the agent moves the connection.
-            let s = serving(&lc);
-            let port = data_port(&lc, &s);
-            let out = Command::new("ss")
-                .args([
-                    "-K",
-                    "-t",
-                    "state",
-                    "established",
-                    &format!("( sport = :{port} )"),
-                ])
-                .output()
-                .unwrap();
-            assert!(
-                String::from_utf8_lossy(&out.stdout).lines().count() >= 2,
-                "ss -K destroyed nothing"
-            );
-            step = 3;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // The reset breaks the agent's control session while the server (and the client's
+    // connection on it) lives: the agent moves the connection.
+    let (status, step) = download_with_moves(&lc, "big.bin", size, "40M", &out, true);
     assert!(status.success(), "curl failed: {status}");
     assert_eq!(
         step, 3,

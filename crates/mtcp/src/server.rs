@@ -255,7 +255,7 @@ impl ServerInner {
                 format!("connection {cid} ended; nothing to move"),
             ));
         };
-        let written = pump.written;
+        let written = pump.written();
         let (sock, restart) = pump.into_parts();
         let std = sock
             .into_std()
