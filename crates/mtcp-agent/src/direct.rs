@@ -16,9 +16,9 @@
 //! A client packet sent while fenced is dropped, and the client resends it after its
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
-use crate::relay::{candidates, connect, known_servers, reset, resumed, CLOSED_PREFIX};
+use crate::relay::{candidates, connect, known_servers, reset, resumed, welcome, CLOSED_PREFIX};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
-use mtcp::framed::{self, ChannelError, FrameReader};
+use mtcp::framed::{self, FrameReader};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
 use mtcp_proto::{Cid, Token};
 use mtcp_repair::TcpState;
@@ -132,37 +132,14 @@ async fn hand_over(
         caps: CAP_DIRECT,
         orig_dst: None,
     };
-    let mut errs = Vec::new();
-    let mut opened = None;
-    for addr in &inner.cfg.connect {
-        let r = async {
-            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello, false).await?;
-            match reader.next_msg(inner.cfg.connect_timeout).await? {
-                Msg::Welcome(wl) => Ok((reader, w, wl)),
-                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
-                    "refused ({code:?}): {reason}"
-                ))),
-                other => Err(ChannelError::Unexpected(format!("{other:?}"))),
-            }
+    let (addr, mut reader, mut w, wl) = match welcome(inner, &hello).await {
+        Ok(x) => x,
+        Err(e) => {
+            reset(client);
+            return Err(format!(
+                "cannot open a session with any server: {e}; closing the client connection"
+            ));
         }
-        .await;
-        match r {
-            Ok(x) => {
-                opened = Some((addr.clone(), x));
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(server = %addr, "cannot open a session: {e}");
-                errs.push(format!("{addr}: {e}"));
-            }
-        }
-    }
-    let Some((addr, (mut reader, mut w, wl))) = opened else {
-        reset(client);
-        return Err(format!(
-            "cannot open a session with any server: {}; closing the client connection",
-            errs.join("; ")
-        ));
     };
     let fence = match inner
         .fences()
@@ -187,9 +164,8 @@ async fn hand_over(
             return Err(format!("cannot freeze the client's connection: {e}"));
         }
     };
-    let state = frozen.state.clone();
     // The server's socket can only take the address pair once this one is gone.
-    frozen.discard();
+    let state = frozen.discard();
     let answer = match framed::write_msg(&mut w, &Msg::Adopt(state.encode())).await {
         Ok(()) => reader
             .next_msg(inner.cfg.connect_timeout)

@@ -330,20 +330,22 @@ async fn open_on(
 }
 
 /// HELLO to the configured servers in order.
-async fn open(
-    inner: &Arc<AgentInner>,
-    id: u64,
-    orig_dst: Option<String>,
-) -> Result<(Session, Conn), String> {
+/// A session opened with HELLO: the server's address, the channel and its WELCOME.
+pub(crate) type Welcomed = (
+    String,
+    FrameReader<OwnedReadHalf>,
+    OwnedWriteHalf,
+    mtcp_proto::wire::Welcome,
+);
+
+/// Sends `hello` to the configured servers in order until one answers WELCOME; the error names
+/// why each refused or failed.
+pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed, String> {
     let mut errs = Vec::new();
     for addr in &inner.cfg.connect {
         let r = async {
-            let hello = Msg::Hello {
-                caps: 0,
-                orig_dst: orig_dst.clone(),
-            };
             let mark = inner.cfg.transparent;
-            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, &hello, mark).await?;
+            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, hello, mark).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
                 Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
@@ -354,49 +356,7 @@ async fn open(
         }
         .await;
         match r {
-            Ok((mut reader, w, wl)) => {
-                reader.set_max_frame(wire::MAX_SESSION_FRAME);
-                let eager = wl.mode == Mode::Eager;
-                let mut down = DownTracker::new(0);
-                down.keep_ranges(eager);
-                let status = Arc::new(Mutex::new(ConnStatus {
-                    cid: wl.cid.to_string(),
-                    server: wl.server.clone(),
-                    epoch: wl.epoch,
-                    migrations: 0,
-                    bytes_up: 0,
-                    bytes_down: 0,
-                    state: "live".into(),
-                    timeline: Vec::new(),
-                    rtt_ms: Default::default(),
-                    fast_path: false,
-                }));
-                let conn = Conn {
-                    id,
-                    cid: wl.cid,
-                    epoch: wl.epoch,
-                    token: wl.token,
-                    alternates: {
-                        let alts = known_servers(wl.alternates, &wl.server, addr);
-                        inner.spares.want(alts.iter().map(|a| a.data.as_str()));
-                        alts
-                    },
-                    server: wl.server,
-                    heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
-                    retained: ByteLog::new(0),
-                    down,
-                    acked: 0,
-                    client_eof: false,
-                    status,
-                    awaiting_first_byte: None,
-                    last_state_bytes: 0,
-                    last_from_replica: false,
-                    eager,
-                    policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
-                };
-                let watch = watch_for(inner, &conn, addr);
-                return Ok((Session { reader, w, watch }, conn));
-            }
+            Ok((reader, w, wl)) => return Ok((addr.clone(), reader, w, wl)),
             Err(e) => {
                 tracing::warn!(server = %addr, "cannot open a session: {e}");
                 errs.push(format!("{addr}: {e}"));
@@ -404,6 +364,57 @@ async fn open(
         }
     }
     Err(errs.join("; "))
+}
+
+async fn open(
+    inner: &Arc<AgentInner>,
+    id: u64,
+    orig_dst: Option<String>,
+) -> Result<(Session, Conn), String> {
+    let hello = Msg::Hello { caps: 0, orig_dst };
+    let (addr, mut reader, w, wl) = welcome(inner, &hello).await?;
+    let addr = &addr;
+    reader.set_max_frame(wire::MAX_SESSION_FRAME);
+    let eager = wl.mode == Mode::Eager;
+    let mut down = DownTracker::new(0);
+    down.keep_ranges(eager);
+    let status = Arc::new(Mutex::new(ConnStatus {
+        cid: wl.cid.to_string(),
+        server: wl.server.clone(),
+        epoch: wl.epoch,
+        migrations: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        state: "live".into(),
+        timeline: Vec::new(),
+        rtt_ms: Default::default(),
+        fast_path: false,
+    }));
+    let conn = Conn {
+        id,
+        cid: wl.cid,
+        epoch: wl.epoch,
+        token: wl.token,
+        alternates: {
+            let alts = known_servers(wl.alternates, &wl.server, addr);
+            inner.spares.want(alts.iter().map(|a| a.data.as_str()));
+            alts
+        },
+        server: wl.server,
+        heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
+        retained: ByteLog::new(0),
+        down,
+        acked: 0,
+        client_eof: false,
+        status,
+        awaiting_first_byte: None,
+        last_state_bytes: 0,
+        last_from_replica: false,
+        eager,
+        policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
+    };
+    let watch = watch_for(inner, &conn, addr);
+    Ok((Session { reader, w, watch }, conn))
 }
 
 /// Relays until the session ends or must move.

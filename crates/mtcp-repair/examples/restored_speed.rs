@@ -39,8 +39,7 @@ fn main() {
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(10));
         let f = mtcp_repair::freeze(s).unwrap();
-        let st = f.state.clone();
-        f.discard();
+        let st = f.discard();
         let s = mtcp_repair::restore(&st).unwrap();
         if std::env::var("KICK").is_ok() {
             mtcp_repair::window_probe(&s).unwrap();

@@ -472,9 +472,11 @@ pub fn window_probe(sock: &impl AsRawFd) -> Result<(), RepairError> {
 }
 
 impl Frozen {
-    /// Closes the socket while still in repair mode: the peer is sent nothing.
-    pub fn discard(self) {
+    /// Closes the socket while still in repair mode (the peer is sent nothing), and gives the
+    /// state to carry.
+    pub fn discard(self) -> TcpState {
         drop(self.fd);
+        self.state
     }
 
     /// Leaves repair mode and gives the socket back, unchanged (the move was abandoned).

@@ -192,7 +192,7 @@ impl ServerInner {
                     // The pump must stop before the socket freezes; the section stays ours
                     // meanwhile, so the application cannot start one.
                     st.locked = true;
-                    direct = Some(st.direct.take());
+                    direct = st.direct.take();
                 } else if !st.locked {
                     let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
                     drop(st);
@@ -242,14 +242,11 @@ impl ServerInner {
     async fn freeze_direct(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
-        h: Option<crate::direct::DirectHandle>,
+        h: crate::direct::DirectHandle,
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {
-        let Some(pump) = (match h {
-            Some(h) => h.stop().await,
-            None => None,
-        }) else {
+        let Some(pump) = h.stop().await else {
             return Err((
                 RefuseCode::Closed,
                 format!("connection {cid} ended; nothing to move"),
@@ -273,19 +270,18 @@ impl ServerInner {
         // Output the kernel never sent is not carried: the destination's application
         // regenerates it from the snapshot (it is checked like the rest), so the state holds
         // only what is on the wire and unread input.
-        let mut tcp_state = frozen.state.clone();
-        let unsent = tcp_state.drop_unsent() as u64;
+        let unsent = frozen.state.unsent_bytes().len() as u64;
         let written = written - unsent.min(written);
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
-        match st.s.record(cid, epoch, written, written, sum) {
+        match st.freeze(cid, written, written, sum) {
             Ok(rec) => {
-                st.phase = Phase::Migrated;
-                st.tx = None;
-                st.wake_all();
                 drop(st);
                 self.forget(cid);
                 self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                // Nothing is sent to the client: the agent fenced its flow.
+                let mut tcp_state = frozen.discard();
+                tcp_state.drop_unsent();
                 let tcp = tcp_state.encode();
                 tracing::info!(
                     %cid,
@@ -296,8 +292,6 @@ impl ServerInner {
                     tcp_state = tcp.len(),
                     "fast-path connection frozen and handed over"
                 );
-                // Nothing is sent to the client: the agent fenced its flow.
-                frozen.discard();
                 Ok(Frozen {
                     rec,
                     tcp: Some(tcp),
@@ -562,12 +556,8 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                     }
                 };
                 match crate::direct::adopt(tcp, &inner.cluster.fast_path).await {
-                    Ok((sock, unsent)) => {
-                        let d = DirectSock {
-                            sock,
-                            unsent,
-                            written: 0,
-                        };
+                    Ok(sock) => {
+                        let d = DirectSock { sock, written: 0 };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
                     Err(e) => {
@@ -926,20 +916,17 @@ async fn take_over(
         .clone()
         .map(Start::Migrated)
         .unwrap_or(Start::New);
-    let client_down = rec.client_down();
     let sock = match tcp {
         Some(tcp) => {
-            let (sock, unsent) = crate::direct::adopt(tcp, &inner.cluster.fast_path)
+            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path)
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
                     (RefuseCode::Internal, e)
                 })?;
-            let written = client_down - (unsent.len() as u64).min(client_down);
             Some(DirectSock {
                 sock,
-                unsent,
-                written,
+                written: rec.client_down(),
             })
         }
         None => None,
@@ -974,9 +961,7 @@ async fn take_over(
 /// A fast-path connection's socket, recreated here, before its pump runs.
 pub(crate) struct DirectSock {
     sock: TcpStream,
-    /// Output the old socket had queued but never sent: sent first.
-    unsent: bytes::Bytes,
-    /// Downstream offset where `unsent` starts.
+    /// Downstream offset the socket continues at.
     written: u64,
 }
 
@@ -989,7 +974,7 @@ impl DirectSock {
         inner: &Arc<ServerInner>,
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let pump = crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written, self.unsent);
+        let pump = crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written);
         let h = pump.spawn(shared.clone(), inner.clone());
         shared.lock().direct = Some(h);
         ctl_rx
