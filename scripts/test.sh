@@ -5,15 +5,38 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# PostgreSQL's programs live in /usr/lib/postgresql/N/bin, off PATH (and /usr/bin/psql is a
+# wrapper that exists without any server), pgbouncer and haproxy in /usr/sbin: look there.
+have() {
+  case $1 in
+    initdb | pg_ctl | pgbench | psql) compgen -G "/usr/lib/postgresql/*/bin/$1" >/dev/null ;;
+    *) command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]] ;;
+  esac
+}
 need=()
-for pair in curl:curl wget:wget ss:iproute2 nft:nftables ping:iputils-ping; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+for pair in curl:curl wget:wget ss:iproute2 nft:nftables ping:iputils-ping \
+  initdb:postgresql-15 pg_ctl:postgresql-15 pgbench:postgresql-15 psql:postgresql-client-15 \
+  pgbouncer:pgbouncer haproxy:haproxy socat:socat; do
+  pkg=${pair##*:}
+  have "${pair%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done
 if ((${#need[@]})); then
   if [[ $(id -u) == 0 ]]; then
     echo "== installing ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # The tests start their own throwaway servers: keep the packages from starting their system
+    # services (postgresql's main cluster on 5432, pgbouncer, haproxy) with a policy-rc.d that
+    # denies every start, for this install only, unless the machine already has one.
+    policy=
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      policy=/usr/sbin/policy-rc.d
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    fi
+    status=0
+    apt-get update -qq || status=$?
+    ((status)) || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${need[@]}" >/dev/null || status=$?
+    if [[ -n $policy ]]; then rm -f "$policy"; fi
+    ((status == 0)) || exit "$status"
   else
     echo "!! missing ${need[*]}: run as root or install them; tests that need them will fail" >&2
   fi

@@ -187,3 +187,22 @@ impl Snapshots for mtcp::Connection {
         mtcp::Connection::set_state(self, snapshot).map_err(io::Error::from)
     }
 }
+
+/// The file server as an application of `mtcp server` (see [`mtcp::App`]).
+pub struct Httpd(pub Config);
+
+impl mtcp::App for Httpd {
+    fn name(&self) -> &str {
+        "httpd"
+    }
+
+    fn serve(self: std::sync::Arc<Self>, conn: mtcp::Connection) -> mtcp::app::Serving {
+        Box::pin(async move {
+            let restart = match conn.start() {
+                mtcp::Start::New => None,
+                mtcp::Start::Migrated(s) => Some(s.clone()),
+            };
+            serve_with(conn, restart, &self.0).await
+        })
+    }
+}

@@ -1,6 +1,7 @@
 //! The `mtcp` command's building blocks: a local cluster of processes (used by the demo, the
 //! benchmarks and the end-to-end tests), a small HTTP client, the demo and the benchmarks.
 
+pub mod apps;
 pub mod bench;
 pub mod chaos;
 pub mod client;

@@ -2,8 +2,8 @@
 //! working (`demo`, `bench`).
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
-use mtcp::{Cluster, Limits, Server, Start};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use mtcp::{Cluster, Limits, Server};
 use mtcp_agent::admin::{Request, Response};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -80,24 +80,9 @@ struct ServerArgs {
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
     nondeterministic: bool,
-    #[command(subcommand)]
-    app: App,
-}
-
-#[derive(Subcommand)]
-enum App {
-    /// HTTP/1.1 file server.
-    Httpd {
-        /// Directory to serve.
-        #[arg(long)]
-        root: PathBuf,
-        /// Body bytes between snapshots inside a response.
-        #[arg(long, default_value_t = mtcp_httpd::DEFAULT_SNAPSHOT_EVERY)]
-        snapshot_every: u64,
-        /// Also serve the same files over plain TCP (no M-TCP) on this address, for baselines.
-        #[arg(long)]
-        plain: Option<String>,
-    },
+    /// The application and its options: a subcommand from `mtcp_cli::apps::registry()`.
+    #[arg(skip)]
+    app: Option<(String, clap::ArgMatches)>,
 }
 
 #[derive(Args)]
@@ -193,7 +178,7 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -230,39 +215,33 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The command line, with `mtcp server`'s application subcommands taken from the registry.
+fn parse_cli() -> Cli {
+    let cmd = Cli::command().mut_subcommand("server", |s| {
+        mtcp_cli::apps::registry()
+            .iter()
+            .fold(s.subcommand_required(true), |s, e| {
+                s.subcommand((e.command)())
+            })
+    });
+    let matches = cmd.get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Cmd::Server(a), Some(("server", m))) = (&mut cli.cmd, matches.subcommand()) {
+        a.app = m.subcommand().map(|(n, m)| (n.to_string(), m.clone()));
+    }
+    cli
+}
+
 async fn server(a: ServerArgs) -> Result<()> {
     let cluster = Cluster::load(&a.cluster)?;
-    let App::Httpd {
-        root,
-        snapshot_every,
-        plain,
-    } = a.app;
-    if !root.is_dir() {
-        bail!("--root {} is not a directory", root.display());
-    }
-    let mut cfg = mtcp_httpd::Config::new(root);
-    cfg.snapshot_every = snapshot_every;
-    if a.nondeterministic {
-        // Distinct per server id (s1, s2, … differ in their last byte), never 0.
-        let k = 0x80 | (a.id.bytes().last().unwrap_or(0) & 0x7f);
-        tracing::warn!("--nondeterministic: bodies are scrambled with key {k:#04x}");
-        cfg.scramble = Some(k);
-    }
-    if let Some(p) = plain {
-        let l = tokio::net::TcpListener::bind(&p)
-            .await
-            .with_context(|| format!("cannot listen on plain address {p}"))?;
-        let cfg = cfg.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                let _ = s.set_nodelay(true);
-                let cfg = cfg.clone();
-                tokio::spawn(async move {
-                    let _ = mtcp_httpd::serve_with(mtcp_httpd::Plain(s), None, &cfg).await;
-                });
-            }
-        });
-    }
+    let Some((name, matches)) = a.app.clone() else {
+        bail!("mtcp server needs an application subcommand");
+    };
+    let ctx = mtcp_cli::apps::ServerContext {
+        id: a.id.clone(),
+        nondeterministic: a.nondeterministic,
+    };
+    let app = mtcp_cli::apps::build(&name, matches, ctx).await?;
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
@@ -277,31 +256,9 @@ async fn server(a: ServerArgs) -> Result<()> {
         probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
         ..Limits::default()
     };
-    let mut server = Server::bind(cluster, &a.id, limits).await?;
-    loop {
-        tokio::select! {
-            c = server.accept() => {
-                let Some(conn) = c else { return Ok(()) };
-                let cfg = cfg.clone();
-                tokio::spawn(async move {
-                    let restart = match conn.start() {
-                        Start::New => None,
-                        Start::Migrated(s) => Some(s.clone()),
-                    };
-                    let cid = conn.cid();
-                    match mtcp_httpd::serve_with(conn, restart, &cfg).await {
-                        Ok(()) => tracing::debug!(%cid, "connection done"),
-                        Err(e) if mtcp::is_migrated(&e) => tracing::debug!(%cid, "connection migrated away"),
-                        Err(e) => tracing::info!(%cid, "connection ended: {e}"),
-                    }
-                });
-            }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; exiting");
-                return Ok(());
-            }
-        }
-    }
+    let server = Server::bind(cluster, &a.id, limits).await?;
+    mtcp::app::run(server, app).await;
+    Ok(())
 }
 
 async fn agent(a: AgentArgs) -> Result<()> {

@@ -193,11 +193,24 @@ impl ServerStream {
     /// is still regenerating output the client already has (the restart point it came with stays
     /// the one to use until that output is checked).
     pub fn snapshot(&mut self, state: Bytes) -> Option<(u64, u64)> {
+        self.snapshot_at(state, false)
+    }
+
+    /// A *barrier* restart point: like [`ServerStream::snapshot`], but every older restart point
+    /// is forgotten at once, so no migration ever restarts before it — a record for a client
+    /// that lacks some output before it carries that output as its tail. An application uses
+    /// one after an effect that must not be repeated (a database commit): restarting from an
+    /// older point would repeat it.
+    pub fn snapshot_barrier(&mut self, state: Bytes) -> Option<(u64, u64)> {
+        self.snapshot_at(state, true)
+    }
+
+    fn snapshot_at(&mut self, state: Bytes, barrier: bool) -> Option<(u64, u64)> {
         if self.verifier.is_some() {
             return None;
         }
         let (in_off, out_off) = (self.in_off, self.out_off());
-        if !self.migratable {
+        if !self.migratable || barrier {
             // The output log no longer reaches the older restart points: only this one is valid.
             self.snaps.clear();
         } else if self.snaps.len() >= MAX_SNAPS {
@@ -601,6 +614,38 @@ mod tests {
         );
         let rec = st.record(Cid([1; 16]), 0, 200, 200, checksum(&[])).unwrap();
         assert_eq!(rec.snapshot.as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn a_barrier_is_never_restarted_before() {
+        let mut st = ServerStream::new();
+        st.receive(Bytes::from_static(b"q1q2")).unwrap();
+        let mut b = [0u8; 2];
+        st.read(&mut b);
+        st.write(Bytes::from_static(b"r1"), NO_LIMIT).unwrap();
+        st.snapshot(Bytes::from_static(b"idle1"));
+        st.read(&mut b);
+        st.write(Bytes::from_static(b"r2"), NO_LIMIT).unwrap();
+        // A plain snapshot: a client holding only "r1" restarts from idle1 (regenerates r2).
+        let mut plain = st.clone();
+        plain.snapshot(Bytes::from_static(b"idle2"));
+        let rec = plain
+            .record(Cid([1; 16]), 0, 2, 0, checksum(b"r1"))
+            .unwrap();
+        assert_eq!(rec.snapshot.as_deref(), Some(&b"idle1"[..]));
+        // A barrier: the same client restarts after it and gets "r2" as the tail.
+        assert_eq!(
+            st.snapshot_barrier(Bytes::from_static(b"done")),
+            Some((4, 4))
+        );
+        assert_eq!(st.restart_points().len(), 1);
+        let rec = st.record(Cid([1; 16]), 0, 2, 0, checksum(b"r1")).unwrap();
+        assert_eq!(rec.snapshot.as_deref(), Some(&b"done"[..]));
+        assert_eq!(&rec.tail[..], b"r2");
+        assert_eq!((rec.snap_in, rec.snap_out), (4, 4));
+        // Even a client with nothing: the tail reaches back to what it acknowledged.
+        let rec = st.record(Cid([1; 16]), 0, 0, 0, checksum(&[])).unwrap();
+        assert_eq!(&rec.tail[..], b"r1r2");
     }
 
     #[test]

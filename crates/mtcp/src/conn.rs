@@ -44,6 +44,13 @@ pub enum StateError {
     Aborted(String),
     #[error("snapshot of {len} bytes exceeds the limit of {max}")]
     TooLarge { len: usize, max: usize },
+    /// A restarted application is still regenerating output the client already has; its
+    /// restart point (the one it was restarted from) stays the one to use until that is checked.
+    #[error("restart point refused: the application is still regenerating output the client already has")]
+    Replaying,
+    /// The restart point could not be made durable (eager mode: the backups did not store it).
+    #[error("restart point not durable: {0}")]
+    NotDurable(String),
 }
 
 impl From<StateError> for io::Error {
@@ -53,6 +60,7 @@ impl From<StateError> for io::Error {
             StateError::Closed => io::ErrorKind::BrokenPipe,
             StateError::Aborted(_) => io::ErrorKind::ConnectionReset,
             StateError::TooLarge { .. } => io::ErrorKind::InvalidInput,
+            StateError::Replaying | StateError::NotDurable(_) => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }
@@ -261,7 +269,37 @@ impl Connection {
     /// `set_state`: exports a restart point. `snapshot` must describe the application's state
     /// given exactly the bytes it has read from and written to this connection so far.
     pub fn set_state(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
-        let snapshot = snapshot.into();
+        self.restart_point(snapshot.into(), false).map(|_| ())
+    }
+
+    /// A *barrier* restart point: a migration never restarts this connection before it (the
+    /// client gets whatever output before it it lacks from the record's tail). Use it after an
+    /// effect that must not happen twice — a database commit. Unlike [`Connection::set_state`]
+    /// it fails with [`StateError::Replaying`] instead of being ignored while a restarted
+    /// application still regenerates output the client already has.
+    pub fn set_state_barrier(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
+        match self.restart_point(snapshot.into(), true)? {
+            true => Ok(()),
+            false => Err(StateError::Replaying),
+        }
+    }
+
+    /// [`Connection::set_state_barrier`], returning once the restart point survives this
+    /// server's death: at once in lazy mode (nothing of a lazy connection survives its server),
+    /// and in eager mode once the backups store it. Eager mode is not supported yet and gives
+    /// [`StateError::NotDurable`] (the restart point is still taken, as a barrier).
+    pub async fn set_state_durable(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
+        self.set_state_barrier(snapshot)?;
+        if crate::eager::eager(&self.server) {
+            return Err(StateError::NotDurable(
+                "durable restart points are not implemented for eager mode yet".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes a restart point; `Ok(false)` when it was ignored (replay still being checked).
+    fn restart_point(&self, snapshot: Bytes, barrier: bool) -> Result<bool, StateError> {
         let max = self.server.limits.max_snapshot;
         if snapshot.len() > max {
             return Err(StateError::TooLarge {
@@ -271,14 +309,22 @@ impl Connection {
         }
         let mut st = self.shared.lock();
         st.ensure_live()?;
-        if let Some((in_off, out_off)) = st.s.snapshot(snapshot) {
+        let taken = if barrier {
+            st.s.snapshot_barrier(snapshot)
+        } else {
+            st.s.snapshot(snapshot)
+        };
+        let Some((in_off, out_off)) = taken else {
+            return Ok(false);
+        };
+        {
             // Lazy mode: stored here, so the snapshot is safe as soon as it is taken. Eager
             // mode: the agent also cuts its checksum ranges here; the snapshot becomes safe
             // once a backup holds it (COMMITTED).
             st.send(Out::Msg(Msg::Snap { in_off, out_off }));
             crate::eager::replicate_if_due(&self.server, &self.shared, &mut st);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// `lock_state`: starts a section that a migration will not split. Returns

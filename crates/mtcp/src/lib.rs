@@ -5,6 +5,7 @@
 //! [`Connection::set_state`]. Another server of the cluster fetches the connection's state over
 //! the authenticated peer channel when the client's agent moves it.
 
+pub mod app;
 pub mod config;
 pub mod conn;
 pub(crate) mod direct;
@@ -14,6 +15,7 @@ pub mod peer;
 mod replica;
 pub mod server;
 
+pub use app::App;
 pub use config::{Cluster, Limits, ServerEntry};
 pub use conn::{is_migrated, Connection, Start, StateError, StateGuard};
 pub use mtcp_proto as proto;

@@ -1,0 +1,139 @@
+//! How the front-end runs one unit of client work — a simple Query, or an extended-protocol
+//! batch up to its Sync — so that no move or crash ever commits it twice. A pure function of
+//! the session's transaction status and what the unit executes; the I/O is in `session`.
+
+use crate::sql::{Classified, TxnControl};
+
+/// What to do with one unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pass it through. Nothing commits: the session is inside a transaction (a restart
+    /// replays it from the Idle before its BEGIN) or the unit executes nothing.
+    Forward,
+    /// An autocommit unit: run it inside a `BEGIN` the client does not see, then finish that
+    /// transaction through the commit path (nothing to commit if it wrote nothing).
+    Wrap,
+    /// The client's `COMMIT`/`END` of its open transaction: the commit path.
+    Commit,
+    /// Anything else that may commit or cannot be wrapped (transaction control in a
+    /// multi-statement string, `VACUUM`, `COMMIT AND CHAIN`, a statement the front-end does
+    /// not know, a COMMIT without two-phase commit): run under `lock_state`, so a live move
+    /// never splits it, followed by a barrier restart point.
+    Locked,
+}
+
+/// Transaction status of ReadyForQuery.
+pub const IDLE: u8 = b'I';
+pub const IN_TXN: u8 = b'T';
+pub const FAILED: u8 = b'E';
+
+/// Whether the commit path may use two-phase commit for the current transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitRules {
+    /// `--two-phase on`.
+    pub two_phase: bool,
+    /// The session holds temp objects, LISTEN, … (PREPARE TRANSACTION refuses those).
+    pub pinned: bool,
+    /// The transaction mentioned NOTIFY (PREPARE TRANSACTION refuses it).
+    pub notify: bool,
+}
+
+impl CommitRules {
+    fn prepare_allowed(&self) -> bool {
+        self.two_phase && !self.pinned && !self.notify
+    }
+}
+
+/// Decides how to run a unit that executes `execs` (one entry per statement execution: a
+/// simple Query's string, or each Execute's statement; `None` when the statement is not known)
+/// with the session in transaction `status`.
+pub fn decide(status: u8, execs: &[Option<&Classified>], rules: CommitRules) -> Mode {
+    let known: Option<Vec<&Classified>> = execs.iter().copied().collect();
+    let Some(execs) = known else {
+        return Mode::Locked;
+    };
+    let single =
+        |c: TxnControl| execs.len() == 1 && execs[0].statements == 1 && execs[0].first == c;
+    let risky = execs
+        .iter()
+        .any(|c| c.has_txn_control || c.non_transactional);
+    match status {
+        IN_TXN if single(TxnControl::Commit) && rules.prepare_allowed() => Mode::Commit,
+        IN_TXN | FAILED if risky => Mode::Locked,
+        IN_TXN | FAILED => Mode::Forward,
+        _ if execs.iter().all(|c| c.statements == 0) => Mode::Forward,
+        _ if single(TxnControl::Begin) => Mode::Forward,
+        _ if risky => Mode::Locked,
+        _ => Mode::Wrap,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::classify;
+
+    const TWO_PHASE: CommitRules = CommitRules {
+        two_phase: true,
+        pinned: false,
+        notify: false,
+    };
+
+    fn mode(status: u8, sqls: &[&str], rules: CommitRules) -> Mode {
+        let cs: Vec<Classified> = sqls.iter().map(|s| classify(s.as_bytes())).collect();
+        let execs: Vec<Option<&Classified>> = cs.iter().map(Some).collect();
+        decide(status, &execs, rules)
+    }
+
+    #[test]
+    fn commits_go_through_the_commit_path_or_the_lock() {
+        assert_eq!(mode(IN_TXN, &["COMMIT"], TWO_PHASE), Mode::Commit);
+        assert_eq!(mode(IN_TXN, &["end;"], TWO_PHASE), Mode::Commit);
+        let plain = CommitRules {
+            two_phase: false,
+            ..TWO_PHASE
+        };
+        assert_eq!(mode(IN_TXN, &["COMMIT"], plain), Mode::Locked);
+        let pinned = CommitRules {
+            pinned: true,
+            ..TWO_PHASE
+        };
+        assert_eq!(mode(IN_TXN, &["COMMIT"], pinned), Mode::Locked);
+        assert_eq!(mode(IN_TXN, &["COMMIT AND CHAIN"], TWO_PHASE), Mode::Locked);
+        assert_eq!(
+            mode(IN_TXN, &["UPDATE t SET a = 1; COMMIT"], TWO_PHASE),
+            Mode::Locked
+        );
+        assert_eq!(mode(FAILED, &["ROLLBACK"], TWO_PHASE), Mode::Locked);
+    }
+
+    #[test]
+    fn autocommit_work_is_wrapped_and_transactions_pass() {
+        assert_eq!(
+            mode(IDLE, &["INSERT INTO t VALUES (1)"], TWO_PHASE),
+            Mode::Wrap
+        );
+        assert_eq!(mode(IDLE, &["SELECT 1; SELECT 2"], TWO_PHASE), Mode::Wrap);
+        assert_eq!(mode(IDLE, &["BEGIN"], TWO_PHASE), Mode::Forward);
+        assert_eq!(
+            mode(
+                IDLE,
+                &["BEGIN; INSERT INTO t VALUES (1); COMMIT"],
+                TWO_PHASE
+            ),
+            Mode::Locked
+        );
+        assert_eq!(mode(IDLE, &["VACUUM t"], TWO_PHASE), Mode::Locked);
+        assert_eq!(mode(IDLE, &[""], TWO_PHASE), Mode::Forward);
+        assert_eq!(mode(IDLE, &[], TWO_PHASE), Mode::Forward);
+        assert_eq!(
+            mode(IN_TXN, &["UPDATE t SET a = 1"], TWO_PHASE),
+            Mode::Forward
+        );
+        assert_eq!(
+            mode(IN_TXN, &["SAVEPOINT a", "ROLLBACK TO a"], TWO_PHASE),
+            Mode::Forward
+        );
+        assert_eq!(decide(IN_TXN, &[None], TWO_PHASE), Mode::Locked);
+    }
+}

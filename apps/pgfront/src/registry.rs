@@ -1,0 +1,188 @@
+//! The fence registry: which backend process serves which M-TCP connection, kept in the
+//! database itself (`mtcp.backends`, in the `--backend` URL's database) over one control
+//! connection per front-end.
+//!
+//! A front-end that restarts a session terminates every other backend registered for the
+//! connection before it replays or finishes anything, so an origin that was only hung (or cut
+//! off) and wakes up later has no backend left to commit with. Rows are matched with
+//! `pg_stat_activity` on `(pid, backend_start)`, so a reused pid is never mistaken for one. The
+//! same table routes CancelRequests: the key the client got is derived from its connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+
+const SCHEMA: &str = "
+    SELECT pg_advisory_xact_lock(7283001);
+    CREATE SCHEMA IF NOT EXISTS mtcp;
+    CREATE TABLE IF NOT EXISTS mtcp.backends (
+        pid int PRIMARY KEY,
+        backend_start timestamptz NOT NULL,
+        cid text NOT NULL,
+        key_pid int NOT NULL,
+        key_secret int NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS backends_cid ON mtcp.backends (cid);
+";
+
+/// How long a fence waits for each backend it terminates to exit.
+pub const FENCE_WAIT: Duration = Duration::from_secs(5);
+
+pub struct Registry {
+    url: String,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fence registry: {0}")]
+pub struct RegistryError(String);
+
+impl From<tokio_postgres::Error> for RegistryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let msg = match e.as_db_error() {
+            Some(d) => format!("{}: {}", d.code().code(), d.message()),
+            None => e.to_string(),
+        };
+        RegistryError(msg)
+    }
+}
+
+impl Registry {
+    /// Connects and creates the schema if needed.
+    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        let r = Registry {
+            url: url.to_string(),
+            client: Mutex::new(None),
+        };
+        r.client().await?;
+        Ok(r)
+    }
+
+    /// The control connection, reconnected if it was lost.
+    async fn client(&self) -> Result<Arc<Client>, RegistryError> {
+        let mut c = self.client.lock().await;
+        if let Some(c) = c.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!("fence registry connection: {e}");
+            }
+        });
+        client
+            .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
+            .await?;
+        let client = Arc::new(client);
+        *c = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Records that backend `pid` serves connection `cid` (whose client holds `key`).
+    pub async fn register(
+        &self,
+        cid: &str,
+        pid: i32,
+        key: (i32, i32),
+    ) -> Result<(), RegistryError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "INSERT INTO mtcp.backends (pid, backend_start, cid, key_pid, key_secret)
+                 SELECT pid, backend_start, $2, $3, $4 FROM pg_stat_activity WHERE pid = $1
+                 ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
+                   cid = EXCLUDED.cid, key_pid = EXCLUDED.key_pid, key_secret = EXCLUDED.key_secret",
+                &[&pid, &cid, &key.0, &key.1],
+            )
+            .await?;
+        if n != 1 {
+            return Err(RegistryError(format!("backend {pid} is not running")));
+        }
+        Ok(())
+    }
+
+    /// Terminates every live backend registered for `cid` except `keep` and waits until each
+    /// is gone (its transaction ended: a backend leaves `pg_stat_activity` only after it
+    /// aborted); returns how many there were. Fails if one is still there after
+    /// [`FENCE_WAIT`]. (`pg_terminate_backend`'s own wait sleeps in 100 ms steps.)
+    pub async fn fence(&self, cid: &str, keep: i32) -> Result<u32, RegistryError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                // Materialized first: the planner must never call pg_terminate_backend on a
+                // row of another connection.
+                "WITH victims AS MATERIALIZED (
+                   SELECT b.pid FROM mtcp.backends b
+                   JOIN pg_stat_activity a ON a.pid = b.pid AND a.backend_start = b.backend_start
+                   WHERE b.cid = $1 AND b.pid <> $2)
+                 SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
+                &[&cid, &keep],
+            )
+            .await?;
+        let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        if pids.is_empty() {
+            return Ok(0);
+        }
+        let t0 = std::time::Instant::now();
+        let mut pause = Duration::from_micros(500);
+        loop {
+            let left: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .await?
+                .get(0);
+            if left == 0 {
+                return Ok(pids.len() as u32);
+            }
+            if t0.elapsed() > FENCE_WAIT {
+                return Err(RegistryError(format!(
+                    "a backend of this connection ({pids:?}) did not exit within {FENCE_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Forgets backend `pid` (its session ended).
+    pub async fn unregister(&self, pid: i32) {
+        let r = match self.client().await {
+            Ok(c) => c
+                .execute("DELETE FROM mtcp.backends WHERE pid = $1", &[&pid])
+                .await
+                .map_err(RegistryError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::debug!("cannot unregister backend {pid}: {e}");
+        }
+    }
+
+    /// Cancels what the backend of the connection whose client holds `key` is running.
+    pub async fn cancel(&self, key: (i32, i32)) -> Result<bool, RegistryError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT pg_cancel_backend(b.pid) FROM mtcp.backends b
+                 JOIN pg_stat_activity a ON a.pid = b.pid AND a.backend_start = b.backend_start
+                 WHERE b.key_pid = $1 AND b.key_secret = $2",
+                &[&key.0, &key.1],
+            )
+            .await?;
+        Ok(rows.iter().any(|r| r.get::<_, bool>(0)))
+    }
+
+    /// Deletes rows of backends that no longer run.
+    pub async fn sweep(&self) -> Result<u64, RegistryError> {
+        let c = self.client().await?;
+        Ok(c.execute(
+            "DELETE FROM mtcp.backends b WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+             WHERE a.pid = b.pid AND a.backend_start = b.backend_start)",
+            &[],
+        )
+        .await?)
+    }
+}

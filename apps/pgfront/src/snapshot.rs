@@ -1,0 +1,123 @@
+//! The per-session snapshot: what the front-end exports with `set_state` and restarts from.
+//!
+//! Encoded as `[version: u16 BE][postcard body]`; a snapshot of another version is refused with
+//! a clear error rather than misread.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the snapshot encoding. Bumped on any incompatible change.
+pub const SNAPSHOT_VERSION: u16 = 1;
+
+/// Where the session is when the snapshot is taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Between transactions: the backend is idle; a restart replays the input that follows.
+    Idle,
+    /// Inside the commit path, after `PREPARE TRANSACTION gid` succeeded and before the client
+    /// was told: a restart commits `gid` if it is still prepared and writes `reply`.
+    Commit {
+        gid: String,
+        #[serde(with = "serde_bytes")]
+        reply: Vec<u8>,
+    },
+    /// The session holds state that cannot move (temp tables, LISTEN, session advisory locks,
+    /// WITH HOLD cursors): a restart ends it with a FATAL error.
+    Pinned { reason: String },
+}
+
+/// A prepared statement the session created (SQL `PREPARE` or a named protocol-level Parse).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// For `from_sql`: the whole `PREPARE name AS …` text; otherwise the statement's text.
+    #[serde(with = "serde_bytes")]
+    pub sql: Vec<u8>,
+    /// Parameter type OIDs (protocol-level statements).
+    pub types: Vec<u32>,
+    pub from_sql: bool,
+}
+
+/// Everything a front-end needs to continue a session on its own backend connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub stage: Stage,
+    /// The client's startup parameters, in order (`user`, `database`, …).
+    pub startup: Vec<(String, String)>,
+    /// Transactions committed through the commit path so far (names the next one's gid).
+    pub txseq: u64,
+    /// Settings the session changed (`pg_settings` with `source = 'session'`): name, value.
+    pub gucs: Vec<(String, String)>,
+    pub prepared: Vec<Prepared>,
+    /// Input read from the client but not consumed yet (pipelined messages).
+    #[serde(with = "serde_bytes")]
+    pub leftover: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot too short")]
+    Short,
+    #[error("snapshot version {0}, this front-end reads version {SNAPSHOT_VERSION}")]
+    Version(u16),
+    #[error("snapshot undecodable: {0}")]
+    Body(#[from] postcard::Error),
+}
+
+impl Snapshot {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = SNAPSHOT_VERSION.to_be_bytes().to_vec();
+        // Serializing plain data into a Vec cannot fail.
+        v.extend(postcard::to_stdvec(self).expect("snapshot encodes"));
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, SnapshotError> {
+        let (v, body) = b.split_first_chunk::<2>().ok_or(SnapshotError::Short)?;
+        let v = u16::from_be_bytes(*v);
+        if v != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(v));
+        }
+        Ok(postcard::from_bytes(body)?)
+    }
+}
+
+/// The gid of transaction `txseq` of connection `cid`.
+pub fn gid(cid: &str, txseq: u64) -> String {
+    format!("mtcp:{cid}:{txseq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let s = Snapshot {
+            stage: Stage::Commit {
+                gid: gid("ab", 3),
+                reply: b"C\0\0\0\x0bCOMMIT\0".to_vec(),
+            },
+            startup: vec![("user".into(), "postgres".into())],
+            txseq: 3,
+            gucs: vec![("work_mem".into(), "8192".into())],
+            prepared: vec![Prepared {
+                name: b"P0_1".to_vec(),
+                sql: b"SELECT $1".to_vec(),
+                types: vec![23],
+                from_sql: false,
+            }],
+            leftover: b"Q\0\0\0\x05x".to_vec(),
+        };
+        let b = s.encode();
+        assert_eq!(Snapshot::decode(&b).unwrap(), s);
+        let mut other = b.clone();
+        other[1] = 9;
+        assert!(matches!(
+            Snapshot::decode(&other),
+            Err(SnapshotError::Version(9))
+        ));
+        assert!(Snapshot::decode(&b[..1]).is_err());
+        assert!(Snapshot::decode(&b[..b.len() - 1]).is_err());
+    }
+}
