@@ -10,4 +10,5 @@ pub mod lab;
 pub mod labbench;
 pub mod labcluster;
 pub mod local;
+pub mod pglocal;
 pub mod plot;

@@ -201,6 +201,11 @@ pub struct LocalOptions {
     /// for the cluster file's `fast_path` (the agent started here is added by itself when its
     /// `agent_args` hold `--fast-path`).
     pub fast_path_listen: Vec<String>,
+    /// The application subcommand and its arguments for every server; empty: the HTTP app on
+    /// `root` (with `snapshot_every`).
+    pub app_args: Vec<String>,
+    /// Extra arguments for one server's application (after `app_args`), by id.
+    pub app_args_for: Vec<(String, Vec<String>)>,
 }
 
 impl Default for LocalOptions {
@@ -217,6 +222,8 @@ impl Default for LocalOptions {
             agent_args: Vec::new(),
             server_args_for: Vec::new(),
             fast_path_listen: Vec::new(),
+            app_args: Vec::new(),
+            app_args_for: Vec::new(),
         }
     }
 }
@@ -265,6 +272,16 @@ impl LocalCluster {
                 if *id == s.id {
                     args.extend(extra.iter().cloned());
                 }
+            }
+            if !opts.app_args.is_empty() {
+                args.extend(opts.app_args.iter().cloned());
+                for (id, extra) in &opts.app_args_for {
+                    if *id == s.id {
+                        args.extend(extra.iter().cloned());
+                    }
+                }
+                lc.spawn(&s.id, &args, false)?;
+                continue;
             }
             args.extend([
                 "httpd".into(),

@@ -1,0 +1,89 @@
+//! A PostgreSQL front-end cluster on loopback: a throwaway PostgreSQL, `mtcp server … pgfront`
+//! servers in front of it and an agent. Used by the end-to-end tests, `mtcp demo --pg` and
+//! `mtcp bench pg`; dropping it stops everything it started.
+
+use crate::local::{LocalCluster, LocalOptions};
+use anyhow::{Context, Result};
+use mtcp_pgtmp::{PgCluster, PgOptions};
+use std::path::Path;
+
+/// Options for [`PgLocal::start`].
+#[derive(Debug, Clone)]
+pub struct PgLocalOptions {
+    pub servers: usize,
+    /// `"lazy"` or `"eager"`.
+    pub mode: String,
+    pub two_phase: bool,
+    /// `RUST_LOG` of the mtcp processes.
+    pub log: String,
+    /// Extra arguments for every `mtcp server` (before the application).
+    pub server_args: Vec<String>,
+    /// Extra arguments for one server's application, by id (e.g. a `--crash-at` hook on `s1`).
+    pub app_args_for: Vec<(String, Vec<String>)>,
+    pub pg: PgOptions,
+}
+
+impl Default for PgLocalOptions {
+    fn default() -> Self {
+        PgLocalOptions {
+            servers: 3,
+            mode: "lazy".into(),
+            two_phase: true,
+            log: "info,mtcp_pgfront=debug".into(),
+            server_args: Vec::new(),
+            app_args_for: Vec::new(),
+            pg: PgOptions::default(),
+        }
+    }
+}
+
+pub struct PgLocal {
+    /// Declared first: the mtcp processes stop before the database does.
+    pub lc: LocalCluster,
+    pub pg: PgCluster,
+}
+
+impl PgLocal {
+    /// Starts PostgreSQL, the front-ends and an agent; logs go to `dir`.
+    pub fn start(exe: &Path, dir: &Path, opts: &PgLocalOptions) -> Result<Self> {
+        let pg = PgCluster::start(&opts.pg).context("starting PostgreSQL")?;
+        let two_phase = if opts.two_phase { "on" } else { "off" };
+        let app_args = vec![
+            "pgfront".to_string(),
+            "--backend".into(),
+            pg.url("postgres"),
+            "--two-phase".into(),
+            two_phase.into(),
+        ];
+        let mut server_args_for = Vec::new();
+        for (id, extra) in &opts.app_args_for {
+            server_args_for.push((id.clone(), extra.clone()));
+        }
+        let lopts = LocalOptions {
+            servers: opts.servers,
+            log: opts.log.clone(),
+            server_args: opts.server_args.clone(),
+            mode: opts.mode.clone(),
+            app_args,
+            app_args_for: server_args_for,
+            ..Default::default()
+        };
+        let lc = LocalCluster::start(exe, dir, &lopts).context("starting the front-ends")?;
+        Ok(PgLocal { lc, pg })
+    }
+
+    /// Host and port client programs connect to (the agent).
+    pub fn agent_addr(&self) -> (String, u16) {
+        split(&self.lc.agent_listen)
+    }
+
+    /// `postgres://postgres@AGENT/DB`.
+    pub fn agent_url(&self, db: &str) -> String {
+        format!("postgres://postgres@{}/{db}", self.lc.agent_listen)
+    }
+}
+
+fn split(addr: &str) -> (String, u16) {
+    let (h, p) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+    (h.to_string(), p.parse().unwrap_or(0))
+}
