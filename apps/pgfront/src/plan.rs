@@ -17,8 +17,8 @@ pub enum Mode {
     Commit,
     /// Anything else that may commit or cannot be wrapped (transaction control in a
     /// multi-statement string, `VACUUM`, `COMMIT AND CHAIN`, a statement the front-end does
-    /// not know, a COMMIT without two-phase commit): run under `lock_state`, so a live move
-    /// never splits it, followed by a barrier restart point.
+    /// not know): run under `lock_state`, so a live move never splits it, followed by a
+    /// barrier restart point. (A crash inside it may leave its outcome unknown.)
     Locked,
 }
 
@@ -39,7 +39,9 @@ pub struct CommitRules {
 }
 
 impl CommitRules {
-    fn prepare_allowed(&self) -> bool {
+    /// Whether the commit path may PREPARE (else it records the transaction id and asks
+    /// `pg_xact_status` after a crash).
+    pub fn prepare_allowed(&self) -> bool {
         self.two_phase && !self.pinned && !self.notify
     }
 }
@@ -47,7 +49,7 @@ impl CommitRules {
 /// Decides how to run a unit that executes `execs` (one entry per statement execution: a
 /// simple Query's string, or each Execute's statement; `None` when the statement is not known)
 /// with the session in transaction `status`.
-pub fn decide(status: u8, execs: &[Option<&Classified>], rules: CommitRules) -> Mode {
+pub fn decide(status: u8, execs: &[Option<&Classified>]) -> Mode {
     let known: Option<Vec<&Classified>> = execs.iter().copied().collect();
     let Some(execs) = known else {
         return Mode::Locked;
@@ -58,7 +60,7 @@ pub fn decide(status: u8, execs: &[Option<&Classified>], rules: CommitRules) -> 
         .iter()
         .any(|c| c.has_txn_control || c.non_transactional);
     match status {
-        IN_TXN if single(TxnControl::Commit) && rules.prepare_allowed() => Mode::Commit,
+        IN_TXN if single(TxnControl::Commit) => Mode::Commit,
         IN_TXN | FAILED if risky => Mode::Locked,
         IN_TXN | FAILED => Mode::Forward,
         _ if execs.iter().all(|c| c.statements == 0) => Mode::Forward,
@@ -82,7 +84,8 @@ mod tests {
     fn mode(status: u8, sqls: &[&str], rules: CommitRules) -> Mode {
         let cs: Vec<Classified> = sqls.iter().map(|s| classify(s.as_bytes())).collect();
         let execs: Vec<Option<&Classified>> = cs.iter().map(Some).collect();
-        decide(status, &execs, rules)
+        let _ = rules;
+        decide(status, &execs)
     }
 
     #[test]
@@ -93,12 +96,14 @@ mod tests {
             two_phase: false,
             ..TWO_PHASE
         };
-        assert_eq!(mode(IN_TXN, &["COMMIT"], plain), Mode::Locked);
+        assert_eq!(mode(IN_TXN, &["COMMIT"], plain), Mode::Commit);
+        assert!(!plain.prepare_allowed());
         let pinned = CommitRules {
             pinned: true,
             ..TWO_PHASE
         };
-        assert_eq!(mode(IN_TXN, &["COMMIT"], pinned), Mode::Locked);
+        assert_eq!(mode(IN_TXN, &["COMMIT"], pinned), Mode::Commit);
+        assert!(!pinned.prepare_allowed() && TWO_PHASE.prepare_allowed());
         assert_eq!(mode(IN_TXN, &["COMMIT AND CHAIN"], TWO_PHASE), Mode::Locked);
         assert_eq!(
             mode(IN_TXN, &["UPDATE t SET a = 1; COMMIT"], TWO_PHASE),
@@ -134,6 +139,6 @@ mod tests {
             mode(IN_TXN, &["SAVEPOINT a", "ROLLBACK TO a"], TWO_PHASE),
             Mode::Forward
         );
-        assert_eq!(decide(IN_TXN, &[None], TWO_PHASE), Mode::Locked);
+        assert_eq!(decide(IN_TXN, &[None]), Mode::Locked);
     }
 }

@@ -289,13 +289,40 @@ impl Session {
                     format!("terminating connection: the session moved to another server but cannot move ({reason})"),
                 ));
             }
-            Stage::Commit { gid, reply } => {
-                let q = format!("SELECT 1 FROM pg_prepared_xacts WHERE gid = '{gid}'");
-                if !self.be.simple(&q).await?.concat().is_empty() {
-                    self.be.simple(&format!("COMMIT PREPARED '{gid}'")).await?;
+            Stage::Commit {
+                gid,
+                xid,
+                reply,
+                echo,
+            } => {
+                if let Some(gid) = &gid {
+                    let q = format!("SELECT 1 FROM pg_prepared_xacts WHERE gid = '{gid}'");
+                    if !self.be.simple(&q).await?.concat().is_empty() {
+                        self.be.simple(&format!("COMMIT PREPARED '{gid}'")).await?;
+                    }
+                }
+                let q = format!("SELECT pg_xact_status('{}'::xid8)", xid.replace('\'', ""));
+                let status = self.be.simple(&q).await?.concat();
+                let status = status.first().and_then(|r| r.first().cloned()).flatten();
+                tracing::info!(cid = %self.cid, %xid, ?gid, ?status, "finishing a commit that was under way");
+                match status.as_deref() {
+                    Some("committed") if !reply.is_empty() => self.out.extend_from_slice(&reply),
+                    Some("committed") => {
+                        // Its COMMIT messages on an idle backend: the same answer, less the
+                        // "no transaction in progress" warning.
+                        self.be.send(&echo).await?;
+                        let r = self.answer().await?.unwrap_or_else(|e| e);
+                        self.out.extend_from_slice(&r);
+                    }
+                    Some("aborted") => self.out.extend_from_slice(&not_committed()),
+                    _ => {
+                        return Err(SessionError::Fatal(
+                            "08007",
+                            format!("the outcome of transaction {xid} is unknown"),
+                        ))
+                    }
                 }
                 self.state.txseq += 1;
-                self.out.extend_from_slice(&reply);
                 self.flush().await?;
                 self.restart_point().await?;
             }
@@ -362,7 +389,7 @@ impl Session {
                     };
                     let c = classify(sql);
                     self.note(&c);
-                    let mode = plan::decide(self.status, &[Some(&c)], self.rules());
+                    let mode = plan::decide(self.status, &[Some(&c)]);
                     self.run_unit(mode, vec![f], c.copy == Some(true)).await?;
                 }
                 Unit::Batch(frames) => {
@@ -371,7 +398,7 @@ impl Session {
                         .iter()
                         .any(|c| c.as_ref().is_some_and(|c| c.copy == Some(true)));
                     let refs: Vec<Option<&Classified>> = execs.iter().map(|c| c.as_ref()).collect();
-                    let mode = plan::decide(self.status, &refs, self.rules());
+                    let mode = plan::decide(self.status, &refs);
                     self.run_unit(mode, frames, copy_in).await?;
                 }
             }
@@ -524,45 +551,44 @@ impl Session {
                 self.be.send(&codec::query("BEGIN")).await?;
                 self.send_all(&frames).await?;
                 // The check rides along unless COPY input must follow the statement.
-                let check = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL";
+                let check = "SELECT pg_current_xact_id_if_assigned()";
                 if !copy_in {
                     self.be.send(&codec::query(check)).await?;
                 }
                 self.be.collect(1).await?;
                 let status = self.pump(true).await?;
-                let wrote = if copy_in {
+                let xid = if copy_in {
                     self.be.send(&codec::query(check)).await?;
                     self.be.collect(1).await
                 } else {
                     self.be.collect(1).await
                 };
-                let wrote = match wrote {
-                    Ok(sets) => {
-                        sets.concat()
-                            .first()
-                            .and_then(|r| r.first().cloned().flatten())
-                            == Some("t".into())
+                // The transaction id if it wrote anything (an error leaves none to read).
+                let xid = xid
+                    .ok()
+                    .and_then(|sets| sets.concat().first().and_then(|r| r.first().cloned()))
+                    .flatten();
+                match xid {
+                    Some(xid) if status == IN_TXN => {
+                        self.commit(Vec::new(), Some(xid)).await?;
+                        taken = true;
                     }
-                    Err(_) => false,
-                };
-                if status == IN_TXN && wrote {
-                    self.commit(Vec::new(), codec::ready_for_query(IDLE))
-                        .await?;
-                    taken = true;
-                } else {
-                    let end = if status == IN_TXN {
-                        "COMMIT"
-                    } else {
-                        "ROLLBACK"
-                    };
-                    self.be.simple(end).await?;
-                    self.out.extend_from_slice(&codec::ready_for_query(IDLE));
-                    self.flush().await?;
+                    _ => {
+                        // Read-only or failed: ending it twice would change nothing.
+                        let end = if status == IN_TXN {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        };
+                        self.be.simple(end).await?;
+                        self.out.extend_from_slice(&codec::ready_for_query(IDLE));
+                        self.flush().await?;
+                    }
                 }
                 self.status = IDLE;
             }
             Mode::Commit => {
-                self.commit(frames, Bytes::new()).await?;
+                self.commit(frames, None).await?;
                 self.status = IDLE;
                 taken = true;
             }
@@ -632,12 +658,14 @@ impl Session {
         }
     }
 
-    /// The commit path (seed Examples 2 and 3): under `lock_state`, `PREPARE TRANSACTION`, a
-    /// durable restart point holding the gid and the reply, `COMMIT PREPARED`, the reply.
-    /// `client` are the client's own COMMIT messages: run after the PREPARE on the then idle
-    /// backend they give the exact answer the client expects (less the "no transaction in
-    /// progress" warning); `reply` is used when there are none (a wrapped statement).
-    async fn commit(&mut self, client: Vec<Frame>, mut reply: Bytes) -> Result<()> {
+    /// The commit path (seed Examples 2 and 3). Under `lock_state`, and before the transaction
+    /// can commit, a durable restart point records its id (and, with two-phase commit, its
+    /// gid): a restart from it learns from PostgreSQL whether it committed and tells the
+    /// client exactly that. With two-phase commit: `PREPARE TRANSACTION`, durable point,
+    /// `COMMIT PREPARED`; without: durable point, `COMMIT`. Then the reply and an Idle restart
+    /// point. `client` are the client's COMMIT messages (none for a wrapped statement, whose
+    /// reply is ReadyForQuery and whose id `xid` is known).
+    async fn commit(&mut self, client: Vec<Frame>, xid: Option<String>) -> Result<()> {
         let guard = match self.conn.lock_state().await {
             Ok(g) => g,
             Err(e) => {
@@ -645,37 +673,111 @@ impl Session {
                 return Err(e.into());
             }
         };
-        let gid = snapshot::gid(&self.cid, self.state.txseq);
-        self.be
-            .send(&codec::query(&format!("PREPARE TRANSACTION '{gid}'")))
-            .await?;
-        self.send_all(&client).await?;
-        let prepared = self.answer().await?;
-        let echo = if client.is_empty() {
-            None
-        } else {
-            Some(self.answer().await?)
+        let xid = match xid {
+            Some(x) => x,
+            None => {
+                let sets = self
+                    .be
+                    .simple("SELECT pg_current_xact_id_if_assigned()")
+                    .await?;
+                match sets
+                    .concat()
+                    .first()
+                    .and_then(|r| r.first().cloned())
+                    .flatten()
+                {
+                    Some(x) => x,
+                    None => {
+                        // Read-only: committing it again after a move changes nothing.
+                        self.send_all(&client).await?;
+                        self.status = self.pump(false).await?;
+                        self.flush().await?;
+                        self.state.txseq += 1;
+                        self.restart_point().await?;
+                        drop(guard);
+                        return Ok(());
+                    }
+                }
+            }
         };
-        if let Err(err) = prepared {
-            // Refused (a deferred constraint, serialization failure, …): the transaction is
-            // gone and the client hears why, as from its COMMIT.
-            self.out.extend_from_slice(&err);
-            self.out.extend_from_slice(&codec::ready_for_query(IDLE));
+        let wrapped = client.is_empty();
+        let echo: Vec<u8> = client.iter().flat_map(|f| f.raw.iter().copied()).collect();
+        let gid = self
+            .rules()
+            .prepare_allowed()
+            .then(|| snapshot::gid(&self.cid, self.state.txseq));
+        let reply = if let Some(gid) = &gid {
+            self.be
+                .send(&codec::query(&format!("PREPARE TRANSACTION '{gid}'")))
+                .await?;
+            self.send_all(&client).await?;
+            let prepared = self.answer().await?;
+            let echoed = if wrapped {
+                None
+            } else {
+                Some(self.answer().await?)
+            };
+            if let Err(err) = prepared {
+                // Refused (a deferred constraint, a serialization failure, …): the transaction
+                // is gone and the client hears why, as from its COMMIT.
+                self.out.extend_from_slice(&err);
+                self.out.extend_from_slice(&codec::ready_for_query(IDLE));
+                self.flush().await?;
+                self.state.txseq += 1;
+                self.restart_point().await?;
+                drop(guard);
+                return Ok(());
+            }
+            match echoed {
+                Some(r) => r.unwrap_or_else(|e| e).to_vec(),
+                None => codec::ready_for_query(IDLE).to_vec(),
+            }
+        } else if wrapped {
+            codec::ready_for_query(IDLE).to_vec()
+        } else {
+            // Known only once COMMIT ran; a restart regenerates it from `echo`.
+            Vec::new()
+        };
+        let snap = self.snapshot(Stage::Commit {
+            gid: gid.clone(),
+            xid: xid.clone(),
+            reply: reply.clone(),
+            echo: if reply.is_empty() { echo } else { Vec::new() },
+        });
+        self.front.crash_point(CrashPoint::Prepared);
+        if let Err(e) = self.conn.set_state_durable(snap).await {
+            if !matches!(e, StateError::NotDurable(_)) {
+                return Err(e.into());
+            }
+            // The point may be on some backup: whoever restarts from it asks PostgreSQL, which
+            // will say "aborted" — and so does this server now.
+            tracing::warn!(cid = %self.cid, "{e}; rolling the transaction back");
+            match &gid {
+                Some(g) => self.be.simple(&format!("ROLLBACK PREPARED '{g}'")).await?,
+                None => self.be.simple("ROLLBACK").await?,
+            };
+            self.out.extend_from_slice(&not_committed());
             self.flush().await?;
+            self.state.txseq += 1;
+            self.restart_point().await?;
             drop(guard);
             return Ok(());
         }
-        if let Some(echo) = echo {
-            reply = echo.unwrap_or_else(|e| e);
-        }
-        let snap = self.snapshot(Stage::Commit {
-            gid: gid.clone(),
-            reply: reply.to_vec(),
-        });
-        self.front.crash_point(CrashPoint::Prepared);
-        self.conn.set_state_durable(snap).await?;
         self.front.crash_point(CrashPoint::Durable);
-        self.be.simple(&format!("COMMIT PREPARED '{gid}'")).await?;
+        let reply = match &gid {
+            Some(g) => {
+                self.be.simple(&format!("COMMIT PREPARED '{g}'")).await?;
+                reply
+            }
+            None if wrapped => {
+                self.be.simple("COMMIT").await?;
+                reply
+            }
+            None => {
+                self.send_all(&client).await?;
+                self.answer().await?.unwrap_or_else(|e| e).to_vec()
+            }
+        };
         self.front.crash_point(CrashPoint::Committed);
         self.state.txseq += 1;
         self.out.extend_from_slice(&reply);
@@ -788,4 +890,17 @@ impl Session {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// What a client whose COMMIT did not commit hears: a serialization failure (retryable), then
+/// ReadyForQuery.
+fn not_committed() -> Vec<u8> {
+    let mut b = codec::error_response(
+        "ERROR",
+        "40001",
+        "could not serialize access: the transaction was rolled back while its session moved between servers",
+    )
+    .to_vec();
+    b.extend_from_slice(&codec::ready_for_query(IDLE));
+    b
 }

@@ -13,12 +13,19 @@ pub const SNAPSHOT_VERSION: u16 = 1;
 pub enum Stage {
     /// Between transactions: the backend is idle; a restart replays the input that follows.
     Idle,
-    /// Inside the commit path, after `PREPARE TRANSACTION gid` succeeded and before the client
-    /// was told: a restart commits `gid` if it is still prepared and writes `reply`.
+    /// Inside the commit path, before the transaction commits and before the client is told:
+    /// a restart finds out whether transaction `xid` committed — committing the prepared `gid`
+    /// first if there is one still prepared — and then sends the client `reply` (or the answer
+    /// its own COMMIT messages `echo` get on an idle backend), or a serialization failure if it
+    /// did not commit.
     Commit {
-        gid: String,
+        gid: Option<String>,
+        /// The transaction id (`pg_current_xact_id()`, decimal).
+        xid: String,
         #[serde(with = "serde_bytes")]
         reply: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        echo: Vec<u8>,
     },
     /// The session holds state that cannot move (temp tables, LISTEN, session advisory locks,
     /// WITH HOLD cursors): a restart ends it with a FATAL error.
@@ -95,8 +102,10 @@ mod tests {
     fn round_trip_and_version_check() {
         let s = Snapshot {
             stage: Stage::Commit {
-                gid: gid("ab", 3),
+                gid: Some(gid("ab", 3)),
+                xid: "771".into(),
                 reply: b"C\0\0\0\x0bCOMMIT\0".to_vec(),
+                echo: Vec::new(),
             },
             startup: vec![("user".into(), "postgres".into())],
             txseq: 3,

@@ -368,6 +368,23 @@ impl ServerStream {
             .filter(|s| s.state.is_some() && after.is_none_or(|a| (s.out_off, s.in_off) > a))
     }
 
+    /// Eager mode: the record a backup keeps for the newest restart point *now*, even one past
+    /// what the client has received: the output it lacks before that point (from what the
+    /// agent acknowledged) rides along as the tail, so a takeover can continue the client's
+    /// stream from anywhere at or after the acknowledged position. `None` while a replay is
+    /// being checked or when the output log no longer reaches back that far.
+    pub fn durable_record(&self, cid: Cid, epoch: u64) -> Option<StateRecord> {
+        if self.verifier.is_some() || !self.migratable {
+            return None;
+        }
+        let s = self.snaps.back()?;
+        let from = self.acked.min(s.out_off);
+        let tail = self.out.copy_range(from, s.out_off).ok()?;
+        let mut r = Self::replica_record(cid, epoch, s);
+        r.tail = tail;
+        Some(r)
+    }
+
     /// Eager mode: the record a backup keeps for restart point `s` (no input: the agent retains
     /// it; no tail: the agent has every byte up to `s`).
     pub fn replica_record(cid: Cid, epoch: u64, s: &Snap) -> StateRecord {

@@ -120,7 +120,7 @@ impl ConnState {
         }
     }
 
-    fn ensure_live(&self) -> Result<(), StateError> {
+    pub(crate) fn ensure_live(&self) -> Result<(), StateError> {
         match &self.phase {
             Phase::Live => Ok(()),
             Phase::Migrated => Err(StateError::Migrated),
@@ -286,16 +286,16 @@ impl Connection {
 
     /// [`Connection::set_state_barrier`], returning once the restart point survives this
     /// server's death: at once in lazy mode (nothing of a lazy connection survives its server),
-    /// and in eager mode once the backups store it. Eager mode is not supported yet and gives
-    /// [`StateError::NotDurable`] (the restart point is still taken, as a barrier).
+    /// and in eager mode once every backup stores it — pushed at once, with the output the
+    /// client still lacks before it. [`StateError::NotDurable`] when they did not within
+    /// `origin_wait` × 20 (at least 1 s); the restart point is still taken here, as a barrier.
     pub async fn set_state_durable(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
         self.set_state_barrier(snapshot)?;
-        if crate::eager::eager(&self.server) {
-            return Err(StateError::NotDurable(
-                "durable restart points are not implemented for eager mode yet".into(),
-            ));
+        if !crate::eager::eager(&self.server) {
+            return Ok(());
         }
-        Ok(())
+        let bound = (self.server.cluster.origin_wait * 20).max(std::time::Duration::from_secs(1));
+        crate::eager::push_durable(&self.server, &self.shared, bound).await
     }
 
     /// Takes a restart point; `Ok(false)` when it was ignored (replay still being checked).

@@ -149,6 +149,60 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
     });
 }
 
+/// `set_state_durable` in eager mode: pushes the newest restart point (with the output the
+/// client still lacks before it as its tail) to every backup now, and returns once all of them
+/// store it; the agent then hears COMMITTED for it. Bounded by `bound`.
+pub(crate) async fn push_durable(
+    inner: &Arc<ServerInner>,
+    shared: &Arc<Shared>,
+    bound: Duration,
+) -> Result<(), crate::StateError> {
+    use crate::StateError;
+    let (rec, key, epoch) = {
+        let st = shared.lock();
+        st.ensure_live()?;
+        let rec = st.s.durable_record(shared.cid, st.epoch).ok_or_else(|| {
+            StateError::NotDurable("no restart point to push (replay still being checked)".into())
+        })?;
+        if rec.tail.len() > MAX_REPLICA_TAIL {
+            return Err(StateError::NotDurable(format!(
+                "{} bytes of output the client lacks exceed the replica limit of {MAX_REPLICA_TAIL}",
+                rec.tail.len()
+            )));
+        }
+        let key = (rec.snap_out, rec.snap_in);
+        (rec.encode(), key, st.epoch)
+    };
+    let r = tokio::time::timeout(bound, push(inner, rec)).await;
+    let mut st = shared.lock();
+    match r {
+        Ok(Ok(())) => {
+            if st.epoch == epoch && st.repl.committed.is_none_or(|c| c < key) {
+                st.repl.committed = Some(key);
+                st.repl.at = Some(Instant::now());
+                st.send(Out::Msg(Msg::Committed {
+                    in_off: key.1,
+                    out_off: key.0,
+                }));
+            }
+            st.ensure_live()
+        }
+        Ok(Err(e)) if e.fenced => {
+            // Taken over elsewhere meanwhile: this server must let it go.
+            st.phase = Phase::Migrated;
+            st.tx = None;
+            st.wake_all();
+            drop(st);
+            inner.forget(shared.cid);
+            Err(StateError::Migrated)
+        }
+        Ok(Err(e)) => Err(StateError::NotDurable(e.why)),
+        Err(_) => Err(StateError::NotDurable(format!(
+            "the backups did not store the restart point within {bound:?}"
+        ))),
+    }
+}
+
 /// Janitor duty: retry failed pushes and refresh replicas well within the backups' TTL.
 pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant) {
     let mut st = shared.lock();
