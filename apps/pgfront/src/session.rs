@@ -845,8 +845,16 @@ impl Session {
             None => Stage::Idle,
         };
         let snap = self.snapshot(stage);
-        self.conn.set_state_barrier(snap)?;
-        Ok(())
+        match self.conn.set_state_barrier(snap) {
+            // Restarted here and still regenerating what the client already has (its position
+            // lies past this point): the restart point this session came with stays the one
+            // to use until that is checked, and a restart from it reaches this same point.
+            Err(StateError::Replaying) => {
+                tracing::debug!(cid = %self.cid, "restart point skipped while the replay is checked");
+                Ok(())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// Reads the session's settings and prepared statements back from the backend.

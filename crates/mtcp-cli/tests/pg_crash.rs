@@ -1,0 +1,204 @@
+//! The PostgreSQL front-end in eager mode: a front-end killed at each step of the commit path,
+//! and pgbench while serving front-ends are `kill -9`ed and one is stopped and continued. A
+//! client told COMMIT has its transaction exactly once; a client told anything else has it at
+//! most once; PostgreSQL's own sums agree.
+
+mod common;
+
+use common::{exe, TempDir};
+use mtcp_cli::pglocal::{PgLocal, PgLocalOptions};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn eager(two_phase: bool, app_args_for: Vec<(String, Vec<String>)>) -> PgLocalOptions {
+    PgLocalOptions {
+        mode: "eager".into(),
+        two_phase,
+        app_args_for,
+        ..Default::default()
+    }
+}
+
+/// `psql -c` each of `cmds` in one session through the agent: (success, stdout + stderr).
+fn psql_agent(pl: &PgLocal, cmds: &[&str]) -> (bool, String) {
+    let (host, port) = pl.agent_addr();
+    let mut c = Command::new(mtcp_pgtmp::bin("psql").expect("psql"));
+    c.args([
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        &host,
+        "-p",
+        &port.to_string(),
+    ]);
+    c.args(["-U", "postgres", "-d", "postgres"]);
+    for q in cmds {
+        c.args(["-c", q]);
+    }
+    let out = c.output().expect("run psql");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn q(pl: &PgLocal, sql: &str) -> String {
+    pl.pg.psql("postgres", sql).expect(sql)
+}
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// s1 dies at each step of its first commit; the transaction is there once if the client was
+/// told COMMIT, and not at all otherwise — with and without two-phase commit.
+#[test]
+fn a_crash_at_each_commit_step() {
+    if !mtcp_pgtmp::require("a_crash_at_each_commit_step") {
+        return;
+    }
+    for two_phase in [true, false] {
+        for step in ["prepared", "durable", "committed", "replied"] {
+            let dir = TempDir::new(&format!("pgcrash-{step}-{two_phase}"));
+            let hook = vec![(
+                "s1".to_string(),
+                vec!["--crash-at".to_string(), step.to_string()],
+            )];
+            let mut pl =
+                PgLocal::start(&exe(), dir.path(), &eager(two_phase, hook)).expect("start");
+            q(&pl, "CREATE TABLE t (id int PRIMARY KEY, v text)");
+            let (ok, out) =
+                psql_agent(&pl, &["BEGIN", "INSERT INTO t VALUES (1, 'one')", "COMMIT"]);
+            let died = pl.lc.reap_exited().iter().any(|(n, _)| n == "s1");
+            assert!(
+                died,
+                "{step}/{two_phase}: s1 did not die at its crash point; psql said: {out}"
+            );
+            let rows: u32 = q(&pl, "SELECT count(*) FROM t").parse().unwrap();
+            eprintln!("crash at {step}, two-phase {two_phase}: psql ok={ok}, rows={rows}");
+            if ok {
+                assert!(out.contains("COMMIT"), "{step}: {out}");
+                assert_eq!(rows, 1, "{step}/{two_phase}: told COMMIT, so exactly once");
+            } else {
+                assert_eq!(
+                    rows, 0,
+                    "{step}/{two_phase}: not told COMMIT ({out}), so not at all"
+                );
+                assert!(
+                    out.contains("40001") || out.contains("could not serialize"),
+                    "{out}"
+                );
+            }
+            // Only a durable point without two-phase commit leaves the outcome to an origin
+            // that died before COMMIT: that transaction is rolled back and the client told so.
+            let expect_ok = two_phase || step != "durable";
+            assert_eq!(ok, expect_ok, "{step}/{two_phase}: {out}");
+            eventually(
+                "prepared transactions resolved",
+                Duration::from_secs(5),
+                || q(&pl, "SELECT count(*) FROM pg_prepared_xacts") == "0",
+            );
+            // The session goes on afterwards on its new server.
+            let (ok, out) = psql_agent(
+                &pl,
+                &["INSERT INTO t VALUES (2, 'two')", "SELECT count(*) FROM t"],
+            );
+            assert!(ok, "{out}");
+        }
+    }
+}
+
+/// pgbench (TPC-B, prepared) while the serving front-end is killed every 3 s and restarted, and
+/// one front-end is stopped for 2 s: no failed transaction, and the database adds up.
+#[test]
+fn pgbench_survives_kill_9_and_sigstop() {
+    if !mtcp_pgtmp::require("pgbench_survives_kill_9_and_sigstop") {
+        return;
+    }
+    let dir = TempDir::new("pgcrash-pgbench");
+    let mut pl = PgLocal::start(&exe(), dir.path(), &eager(true, Vec::new())).expect("start");
+    pl.pg.pgbench_init("postgres", 1).expect("pgbench -i");
+    let (host, port) = pl.agent_addr();
+    let mut bench = Command::new(mtcp_pgtmp::bin("pgbench").expect("pgbench"))
+        .args(["-h", &host, "-p", &port.to_string(), "-U", "postgres"])
+        .args([
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            "20",
+            "-M",
+            "prepared",
+            "--max-tries",
+            "10",
+        ])
+        .arg("postgres")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    let mut faults = Vec::new();
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_secs(3));
+        let serving = busiest(&pl).unwrap_or_else(|| "s1".into());
+        if round == 2 {
+            pl.lc.sigstop(&serving).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            pl.lc.sigcont(&serving).unwrap();
+            faults.push(format!("SIGSTOP {serving} 2 s"));
+        } else {
+            pl.lc.kill(&serving).unwrap();
+            faults.push(format!("kill -9 {serving}"));
+            std::thread::sleep(Duration::from_millis(500));
+            pl.lc.restart_server(&serving).unwrap();
+        }
+    }
+    let out = bench.wait_with_output().expect("pgbench");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("faults: {faults:?}\n{text}");
+    assert!(out.status.success(), "pgbench failed:\n{text}");
+    assert!(!text.contains("aborted"), "{text}");
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+    let processed: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
+        .expect("processed count");
+    let sums = q(
+        &pl,
+        "SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts),
+                (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches),
+                (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    );
+    let v: Vec<i64> = sums.split('|').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(
+        v[0] as u64, processed,
+        "history rows = transactions pgbench counted ({sums})"
+    );
+    assert!(
+        v[1] == v[2] && v[2] == v[3] && v[3] == v[4],
+        "balances disagree: {sums}"
+    );
+    eventually(
+        "no prepared transaction left",
+        Duration::from_secs(5),
+        || q(&pl, "SELECT count(*) FROM pg_prepared_xacts") == "0",
+    );
+}
+
+/// The server holding most of the agent's connections.
+fn busiest(pl: &PgLocal) -> Option<String> {
+    let st = pl.lc.status().ok()?;
+    let mut count = std::collections::HashMap::<String, usize>::new();
+    for c in st {
+        *count.entry(c.server).or_default() += 1;
+    }
+    count.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s)
+}
