@@ -116,11 +116,25 @@ fn a_crash_at_each_commit_step() {
 /// pgbench (TPC-B, prepared) while the serving front-end is killed every 3 s and restarted, and
 /// one front-end is stopped for 2 s: no failed transaction, and the database adds up.
 #[test]
-fn pgbench_survives_kill_9_and_sigstop() {
-    if !mtcp_pgtmp::require("pgbench_survives_kill_9_and_sigstop") {
+fn pgbench_prepared_survives_kill_9_and_sigstop() {
+    pgbench_through_faults("prepared");
+}
+
+#[test]
+fn pgbench_extended_survives_kill_9_and_sigstop() {
+    pgbench_through_faults("extended");
+}
+
+#[test]
+fn pgbench_simple_survives_kill_9_and_sigstop() {
+    pgbench_through_faults("simple");
+}
+
+fn pgbench_through_faults(mode: &str) {
+    if !mtcp_pgtmp::require(&format!("pgbench_{mode}_survives_kill_9_and_sigstop")) {
         return;
     }
-    let dir = TempDir::new("pgcrash-pgbench");
+    let dir = TempDir::new(&format!("pgcrash-pgbench-{mode}"));
     let mut pl = PgLocal::start(&exe(), dir.path(), &eager(true, Vec::new())).expect("start");
     pl.pg.pgbench_init("postgres", 1).expect("pgbench -i");
     let (host, port) = pl.agent_addr();
@@ -162,7 +176,7 @@ fn pgbench_survives_kill_9_and_sigstop() {
     let out = bench.wait_with_output().expect("pgbench");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    eprintln!("faults: {faults:?}\n{text}");
+    eprintln!("{mode}: faults: {faults:?}\n{text}");
     assert!(out.status.success(), "pgbench failed:\n{text}");
     assert!(!text.contains("aborted"), "{text}");
     assert!(text.contains("number of failed transactions: 0 "), "{text}");
