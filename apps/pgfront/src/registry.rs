@@ -20,9 +20,11 @@ const SCHEMA: &str = "
         pid int PRIMARY KEY,
         backend_start timestamptz NOT NULL,
         cid text NOT NULL,
+        epoch bigint NOT NULL,
         key_pid int NOT NULL,
         key_secret int NOT NULL
     );
+    ALTER TABLE mtcp.backends ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
     CREATE INDEX IF NOT EXISTS backends_cid ON mtcp.backends (cid);
 ";
 
@@ -79,21 +81,23 @@ impl Registry {
         Ok(client)
     }
 
-    /// Records that backend `pid` serves connection `cid` (whose client holds `key`).
+    /// Records that backend `pid` serves connection `cid` at `epoch` (its client holds `key`).
     pub async fn register(
         &self,
         cid: &str,
+        epoch: u64,
         pid: i32,
         key: (i32, i32),
     ) -> Result<(), RegistryError> {
         let c = self.client().await?;
         let n = c
             .execute(
-                "INSERT INTO mtcp.backends (pid, backend_start, cid, key_pid, key_secret)
-                 SELECT pid, backend_start, $2, $3, $4 FROM pg_stat_activity WHERE pid = $1
+                "INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
+                 SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
                  ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
-                   cid = EXCLUDED.cid, key_pid = EXCLUDED.key_pid, key_secret = EXCLUDED.key_secret",
-                &[&pid, &cid, &key.0, &key.1],
+                   cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
+                   key_secret = EXCLUDED.key_secret",
+                &[&pid, &cid, &key.0, &key.1, &(epoch as i64)],
             )
             .await?;
         if n != 1 {
@@ -102,11 +106,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Terminates every live backend registered for `cid` except `keep` and waits until each
+    /// Terminates every live backend registered for `cid` at an epoch older than `epoch` (a
+    /// server that restarted the connection later is newer and keeps its backend) and waits
+    /// until each
     /// is gone (its transaction ended: a backend leaves `pg_stat_activity` only after it
     /// aborted); returns how many there were. Fails if one is still there after
     /// [`FENCE_WAIT`]. (`pg_terminate_backend`'s own wait sleeps in 100 ms steps.)
-    pub async fn fence(&self, cid: &str, keep: i32) -> Result<u32, RegistryError> {
+    pub async fn fence(&self, cid: &str, epoch: u64) -> Result<u32, RegistryError> {
         let c = self.client().await?;
         let rows = c
             .query(
@@ -115,9 +121,9 @@ impl Registry {
                 "WITH victims AS MATERIALIZED (
                    SELECT b.pid FROM mtcp.backends b
                    JOIN pg_stat_activity a ON a.pid = b.pid AND a.backend_start = b.backend_start
-                   WHERE b.cid = $1 AND b.pid <> $2)
+                   WHERE b.cid = $1 AND b.epoch < $2)
                  SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
-                &[&cid, &keep],
+                &[&cid, &(epoch as i64)],
             )
             .await?;
         let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();

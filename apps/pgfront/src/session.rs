@@ -255,7 +255,7 @@ impl Session {
         let key = self.cancel_key();
         self.front
             .registry
-            .register(&self.cid, self.be.pid, key)
+            .register(&self.cid, self.conn.epoch(), self.be.pid, key)
             .await?;
         self.out.extend_from_slice(&codec::auth_ok());
         for p in &self.be.startup_params {
@@ -274,14 +274,27 @@ impl Session {
     async fn restart(&mut self) -> Result<()> {
         let t0 = std::time::Instant::now();
         let key = self.cancel_key();
-        self.front
-            .registry
-            .register(&self.cid, self.be.pid, key)
-            .await?;
+        let epoch = self.conn.epoch();
+        let (registered, fenced) = tokio::join!(
+            self.front
+                .registry
+                .register(&self.cid, epoch, self.be.pid, key),
+            self.front.registry.fence(&self.cid, epoch)
+        );
+        registered?;
+        let fenced = fenced?;
         let t1 = t0.elapsed();
-        let fenced = self.front.registry.fence(&self.cid, self.be.pid).await?;
-        tracing::debug!(cid = %self.cid, fenced, register = ?t1, fence = ?(t0.elapsed() - t1), "session restarting here");
-        self.restore().await?;
+        // At Idle: whether an origin prepared this point's transaction and died (asked along
+        // with the restore, after the fence).
+        let leftover = snapshot::gid(&self.cid, self.state.txseq);
+        let check = format!("SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{leftover}'");
+        let sets = self.restore(&check).await?;
+        let prepared = sets
+            .last()
+            .and_then(|rows| rows.first())
+            .and_then(|r| r.first().cloned())
+            .flatten();
+        tracing::debug!(cid = %self.cid, fenced, register_and_fence = ?t1, restore = ?(t0.elapsed() - t1), "session restarting here");
         match self.state.stage.clone() {
             Stage::Pinned { reason } => {
                 return Err(SessionError::Fatal(
@@ -329,12 +342,10 @@ impl Session {
             Stage::Idle => {
                 // Prepared by an origin that died before its restart point was safe: the client
                 // was told nothing; the transaction is replayed from the input below.
-                let gid = snapshot::gid(&self.cid, self.state.txseq);
-                let q = format!("SELECT 1 FROM pg_prepared_xacts WHERE gid = '{gid}'");
-                if !self.be.simple(&q).await?.concat().is_empty() {
-                    tracing::info!(cid = %self.cid, %gid, "rolling back a transaction prepared by a server that did not finish it");
+                if prepared.as_deref().is_some_and(|n| n != "0") {
+                    tracing::info!(cid = %self.cid, gid = %leftover, "rolling back a transaction prepared by a server that did not finish it");
                     self.be
-                        .simple(&format!("ROLLBACK PREPARED '{gid}'"))
+                        .simple(&format!("ROLLBACK PREPARED '{leftover}'"))
                         .await?;
                 }
             }
@@ -342,8 +353,10 @@ impl Session {
         self.serve().await
     }
 
-    /// Recreates the session's settings and prepared statements on the new backend.
-    async fn restore(&mut self) -> Result<()> {
+    /// Recreates the session's settings and prepared statements on the new backend, all sent
+    /// at once; `last` is one more query sent along, whose rows come back as the last result
+    /// set.
+    async fn restore(&mut self, last: &str) -> Result<Vec<crate::backend::Rows>> {
         let mut sql = String::new();
         for (name, value) in &self.state.gucs {
             let (Some(n), Some(v)) = (literal(name), literal(value)) else {
@@ -354,28 +367,32 @@ impl Session {
             };
             sql += &format!("SELECT set_config({n}, {v}, false);");
         }
+        let mut answers = 0;
+        if !sql.is_empty() {
+            self.be.send(&codec::query(&sql)).await?;
+            answers += 1;
+        }
+        // Each SQL PREPARE in a query string of its own, after the settings (its
+        // search_path): PostgreSQL records the whole query string as the statement's text,
+        // which the next `refresh` reads back; sharing a string with the settings, it would
+        // look like a PREPARE inside a multi-statement string and pin the session.
         let mut seen = std::collections::HashSet::new();
         for p in self.state.prepared.iter().filter(|p| p.from_sql) {
             if seen.insert(p.sql.clone()) {
-                sql += &String::from_utf8_lossy(&p.sql);
-                sql += ";";
+                let q = codec::query(&String::from_utf8_lossy(&p.sql));
+                self.be.send(&q).await?;
+                answers += 1;
             }
         }
-        if !sql.is_empty() {
-            self.be.simple(&sql).await?;
-        }
-        let mut syncs = 0;
         for p in self.state.prepared.iter().filter(|p| !p.from_sql) {
             self.be
                 .send(&codec::parse(&p.name, &p.sql, &p.types))
                 .await?;
             self.be.send(&codec::sync()).await?;
-            syncs += 1;
+            answers += 1;
         }
-        if syncs > 0 {
-            self.be.collect(syncs).await?;
-        }
-        Ok(())
+        self.be.send(&codec::query(last)).await?;
+        Ok(self.be.collect(answers + 1).await?)
     }
 
     /// The main loop: one unit of client work at a time.
@@ -570,7 +587,17 @@ impl Session {
                     .flatten();
                 match xid {
                     Some(xid) if status == IN_TXN => {
-                        self.commit(Vec::new(), Some(xid)).await?;
+                        // PostgreSQL commits a simple Query's implicit transaction before it
+                        // sends the last statement's CommandComplete, so a commit that fails
+                        // (a deferred constraint) is answered by the error alone: that
+                        // CommandComplete waits for the commit, in the reply. What came before
+                        // it goes out now, ahead of the commit's durable restart point.
+                        let done = match frames.first() {
+                            Some(f) if f.tag() == b'Q' => self.take_last_complete(),
+                            _ => Vec::new(),
+                        };
+                        self.flush().await?;
+                        self.commit(Vec::new(), Some(xid), done).await?;
                         taken = true;
                     }
                     _ => {
@@ -588,7 +615,7 @@ impl Session {
                 self.status = IDLE;
             }
             Mode::Commit => {
-                self.commit(frames, None).await?;
+                self.commit(frames, None, Vec::new()).await?;
                 self.status = IDLE;
                 taken = true;
             }
@@ -627,7 +654,10 @@ impl Session {
                 }
                 _ => {
                     self.out.extend_from_slice(&f.raw);
-                    if self.out.len() >= OUT_FLUSH {
+                    // With `hold`, a CommandComplete may be one `run_unit` withholds until its
+                    // commit: it stays in `out` until another message follows it.
+                    let withheld = hold && f.tag() == b'C';
+                    if self.out.len() >= OUT_FLUSH && !withheld {
                         self.flush().await?;
                     }
                 }
@@ -664,8 +694,14 @@ impl Session {
     /// client exactly that. With two-phase commit: `PREPARE TRANSACTION`, durable point,
     /// `COMMIT PREPARED`; without: durable point, `COMMIT`. Then the reply and an Idle restart
     /// point. `client` are the client's COMMIT messages (none for a wrapped statement, whose
-    /// reply is ReadyForQuery and whose id `xid` is known).
-    async fn commit(&mut self, client: Vec<Frame>, xid: Option<String>) -> Result<()> {
+    /// reply is `done` — its withheld CommandComplete, if any — and ReadyForQuery, and whose
+    /// id `xid` is known).
+    async fn commit(
+        &mut self,
+        client: Vec<Frame>,
+        xid: Option<String>,
+        done: Vec<u8>,
+    ) -> Result<()> {
         let guard = match self.conn.lock_state().await {
             Ok(g) => g,
             Err(e) => {
@@ -701,6 +737,8 @@ impl Session {
             }
         };
         let wrapped = client.is_empty();
+        // A wrapped statement's reply: its withheld CommandComplete (`done`), ReadyForQuery.
+        let wrapped_reply = [&done[..], &codec::ready_for_query(IDLE)[..]].concat();
         let echo: Vec<u8> = client.iter().flat_map(|f| f.raw.iter().copied()).collect();
         let gid = self
             .rules()
@@ -730,10 +768,10 @@ impl Session {
             }
             match echoed {
                 Some(r) => r.unwrap_or_else(|e| e).to_vec(),
-                None => codec::ready_for_query(IDLE).to_vec(),
+                None => wrapped_reply,
             }
         } else if wrapped {
-            codec::ready_for_query(IDLE).to_vec()
+            wrapped_reply
         } else {
             // Known only once COMMIT ran; a restart regenerates it from `echo`.
             Vec::new()
@@ -812,6 +850,22 @@ impl Session {
                 }
                 _ => b.extend_from_slice(&f.raw),
             }
+        }
+    }
+
+    /// Takes the last message out of `out` if it is a CommandComplete (`out` holds whole
+    /// backend messages); empty otherwise.
+    fn take_last_complete(&mut self) -> Vec<u8> {
+        let (mut at, mut last) = (0, None);
+        while let Some(len) = self.out.get(at + 1..at + 5) {
+            last = Some(at);
+            at += 1 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        }
+        match last {
+            Some(l) if self.out[l] == b'C' && at == self.out.len() => {
+                self.out.split_off(l).to_vec()
+            }
+            _ => Vec::new(),
         }
     }
 

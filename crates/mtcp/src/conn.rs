@@ -266,6 +266,12 @@ impl Connection {
         self.shared.cid
     }
 
+    /// The connection's epoch on this server: 0 for a new connection, higher after each move.
+    /// Of two servers that both believe they hold the connection, the higher epoch is current.
+    pub fn epoch(&self) -> u64 {
+        self.shared.lock().epoch
+    }
+
     /// `set_state`: exports a restart point. `snapshot` must describe the application's state
     /// given exactly the bytes it has read from and written to this connection so far.
     pub fn set_state(&self, snapshot: impl Into<Bytes>) -> Result<(), StateError> {
