@@ -138,7 +138,7 @@ fn pgbench_through_faults(mode: &str) {
     let mut pl = PgLocal::start(&exe(), dir.path(), &eager(true, Vec::new())).expect("start");
     pl.pg.pgbench_init("postgres", 1).expect("pgbench -i");
     let (host, port) = pl.agent_addr();
-    let mut bench = Command::new(mtcp_pgtmp::bin("pgbench").expect("pgbench"))
+    let bench = Command::new(mtcp_pgtmp::bin("pgbench").expect("pgbench"))
         .args(["-h", &host, "-p", &port.to_string(), "-U", "postgres"])
         .args([
             "-c",
