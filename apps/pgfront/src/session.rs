@@ -286,14 +286,19 @@ impl Session {
         let t1 = t0.elapsed();
         // At Idle: whether an origin prepared this point's transaction and died (asked along
         // with the restore, after the fence).
-        let leftover = snapshot::gid(&self.cid, self.state.txseq);
-        let check = format!("SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{leftover}'");
+        let like = format!("mtcp:{}:{}:%", self.cid, self.state.txseq);
+        let check = format!("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE '{like}'");
         let sets = self.restore(&check).await?;
-        let prepared = sets
+        // Only what an older epoch left: a newer holder's own PREPARE is not ours to undo.
+        let leftovers: Vec<String> = sets
             .last()
-            .and_then(|rows| rows.first())
-            .and_then(|r| r.first().cloned())
-            .flatten();
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.first().cloned().flatten())
+            .filter(|g| {
+                snapshot::gid_epoch(g, &self.cid, self.state.txseq).is_some_and(|e| e < epoch)
+            })
+            .collect();
         tracing::debug!(cid = %self.cid, fenced, register_and_fence = ?t1, restore = ?(t0.elapsed() - t1), "session restarting here");
         match self.state.stage.clone() {
             Stage::Pinned { reason } => {
@@ -342,10 +347,10 @@ impl Session {
             Stage::Idle => {
                 // Prepared by an origin that died before its restart point was safe: the client
                 // was told nothing; the transaction is replayed from the input below.
-                if prepared.as_deref().is_some_and(|n| n != "0") {
-                    tracing::info!(cid = %self.cid, gid = %leftover, "rolling back a transaction prepared by a server that did not finish it");
+                for gid in leftovers {
+                    tracing::info!(cid = %self.cid, %gid, "rolling back a transaction prepared by a server that did not finish it");
                     self.be
-                        .simple(&format!("ROLLBACK PREPARED '{leftover}'"))
+                        .simple(&format!("ROLLBACK PREPARED '{gid}'"))
                         .await?;
                 }
             }
@@ -743,7 +748,7 @@ impl Session {
         let gid = self
             .rules()
             .prepare_allowed()
-            .then(|| snapshot::gid(&self.cid, self.state.txseq));
+            .then(|| snapshot::gid(&self.cid, self.state.txseq, self.conn.epoch()));
         let reply = if let Some(gid) = &gid {
             self.be
                 .send(&codec::query(&format!("PREPARE TRANSACTION '{gid}'")))

@@ -89,9 +89,18 @@ impl Snapshot {
     }
 }
 
-/// The gid of transaction `txseq` of connection `cid`.
-pub fn gid(cid: &str, txseq: u64) -> String {
-    format!("mtcp:{cid}:{txseq}")
+/// The gid of transaction `txseq` of connection `cid`, prepared at `epoch`. The epoch is in
+/// it so that a server still restarting an older epoch, rolling back what an origin left
+/// prepared, can never touch what a newer holder of the connection prepared.
+pub fn gid(cid: &str, txseq: u64, epoch: u64) -> String {
+    format!("mtcp:{cid}:{txseq}:{epoch}")
+}
+
+/// The epoch of a gid of transaction `txseq` of `cid`, if `gid` is one.
+pub fn gid_epoch(gid: &str, cid: &str, txseq: u64) -> Option<u64> {
+    gid.strip_prefix(&format!("mtcp:{cid}:{txseq}:"))?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -102,7 +111,7 @@ mod tests {
     fn round_trip_and_version_check() {
         let s = Snapshot {
             stage: Stage::Commit {
-                gid: Some(gid("ab", 3)),
+                gid: Some(gid("ab", 3, 2)),
                 xid: "771".into(),
                 reply: b"C\0\0\0\x0bCOMMIT\0".to_vec(),
                 echo: Vec::new(),
@@ -128,5 +137,8 @@ mod tests {
         ));
         assert!(Snapshot::decode(&b[..1]).is_err());
         assert!(Snapshot::decode(&b[..b.len() - 1]).is_err());
+        assert_eq!(gid_epoch(&gid("ab", 3, 2), "ab", 3), Some(2));
+        assert_eq!(gid_epoch(&gid("ab", 3, 2), "ab", 4), None);
+        assert_eq!(gid_epoch(&gid("ab", 13, 2), "ab", 1), None);
     }
 }

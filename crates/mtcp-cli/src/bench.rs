@@ -18,9 +18,10 @@ pub struct BenchArgs {
     /// Test file size in MiB (throughput).
     #[arg(long, default_value_t = 512)]
     pub size_mib: u64,
-    /// Downloads per path (throughput), alternating direct and agent.
-    #[arg(long, default_value_t = 5)]
-    pub rounds: u32,
+    /// Rounds: downloads per path (throughput, eager-cost, lab-throughput), drains (drain),
+    /// pgbench runs per configuration (pg). Default 5; pg: 3.
+    #[arg(long)]
+    pub rounds: Option<u32>,
     /// Migrations to measure (migration).
     #[arg(long, default_value_t = 100)]
     pub migrations: u32,
@@ -64,6 +65,18 @@ pub struct BenchArgs {
     /// Where the degrade plot goes (SVG).
     #[arg(long, default_value = "degrade.svg")]
     pub out: std::path::PathBuf,
+    #[command(flatten)]
+    pub pg: crate::pgbench::PgArgs,
+}
+
+impl BenchArgs {
+    /// `--rounds`, or the benchmark's default (pg: 3, the others: 5).
+    pub fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(match self.which {
+            Which::Pg => 3,
+            _ => 5,
+        })
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -89,6 +102,9 @@ pub enum Which {
     /// `mtcp drain` of the serving server while a slow client reads: request to no connection
     /// left (--rounds drains, reader at --rate-mib).
     Drain,
+    /// pgbench TPC-B direct, through PgBouncer and through the agent and the PostgreSQL
+    /// front-end (two-phase commit off, on, on with moves every 200 ms); move latency.
+    Pg,
 }
 
 #[derive(Serialize, Debug)]
@@ -211,6 +227,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         Which::LabThroughput => crate::labbench::link_throughput(&a, &dir).await,
         Which::Degrade => crate::labbench::degrade(&a, &dir).await,
         Which::Drain => drain(&a, &dir).await,
+        Which::Pg => crate::pgbench::run(&a, &dir).await,
     };
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -438,7 +455,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let (mut d, mut g, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // CPU seconds per path: [server, relay (agent or bare relay), client].
     let mut cpu = [[0.0f64; 3]; 4];
-    for round in 0..a.rounds {
+    for round in 0..a.rounds() {
         // Each round runs the paths back to back, in an order that rotates, so neither a slow
         // spell of the machine nor a fixed position in the round favours one path.
         let n = order.len();
@@ -480,7 +497,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             }
         }
     }
-    let gib = (size as f64 / (1u64 << 30) as f64) * a.rounds as f64;
+    let gib = (size as f64 / (1u64 << 30) as f64) * a.rounds() as f64;
     let per_gib = |c: [f64; 3], relay: bool| PathCpu {
         server: c[0] / gib,
         relay: relay.then(|| c[1] / gib),
@@ -501,7 +518,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let rep = ThroughputReport {
         client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
-        rounds: a.rounds,
+        rounds: a.rounds(),
         direct_median_mib_s: median(&d),
         agent_median_mib_s: median(&g),
         ratio: median(&g) / median(&d),
@@ -524,7 +541,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         println!(
             "throughput, {} MiB file, {} rounds, client {}, loopback, 2 cores shared by client, agent, server",
-            a.size_mib, a.rounds, rep.client
+            a.size_mib, a.rounds(), rep.client
         );
         println!(
             "  direct TCP   : {:>8.1} MiB/s (median)",
@@ -921,7 +938,7 @@ async fn eager_cost(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     }
     let curl = !a.builtin_client && local::have("curl");
     let mut v: [Vec<f64>; 4] = Default::default();
-    for _ in 0..a.rounds {
+    for _ in 0..a.rounds() {
         for (i, lc) in clusters.iter().enumerate() {
             v[i].push(if curl {
                 download_curl(&lc.agent_listen, size).await?
@@ -934,7 +951,7 @@ async fn eager_cost(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let rep = EagerCostReport {
         client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
-        rounds: a.rounds,
+        rounds: a.rounds(),
         lazy_1m_mib_s: l,
         eager_1m_mib_s: e1,
         lazy_64k_mib_s: l64,
@@ -947,7 +964,9 @@ async fn eager_cost(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         println!(
             "eager replication cost, {} MiB file, {} rounds, client {}, through the agent",
-            a.size_mib, a.rounds, rep.client
+            a.size_mib,
+            a.rounds(),
+            rep.client
         );
         println!("  lazy,  snapshot every 1 MiB : {l:>8.1} MiB/s (median)");
         println!(
@@ -980,7 +999,7 @@ pub struct DrainReport {
 async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let rate = a.rate_mib.max(1) << 20;
     // Per round: ~1 s of reading before the drain, the drain itself, the restart.
-    let size = rate * (a.rounds as u64 * 6 + 4);
+    let size = rate * (a.rounds() as u64 * 6 + 4);
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 11))?;
     let mut lc = start_maybe_fast(a, dir)?;
@@ -989,7 +1008,7 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     c.rate = Some(rate);
     let dl = tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await });
     let mut secs = Vec::new();
-    for round in 0..a.rounds {
+    for round in 0..a.rounds() {
         // Let the application run ahead of the slow reader: its queue and the socket buffers
         // fill, which is what a HINT has to get past.
         tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -33,12 +33,20 @@ pub struct DemoArgs {
     /// then its server is killed, then its server's link is blackholed.
     #[arg(long)]
     pub lab: bool,
+    /// The PostgreSQL story instead: real pgbench through three front-ends (pgfront, eager mode)
+    /// of a throwaway PostgreSQL while they are drained, moved by hand and killed; then checks
+    /// that no transaction was lost or applied twice.
+    #[arg(long, conflicts_with = "lab")]
+    pub pg: bool,
     /// Lab: round-trip time between the client and the servers, ms.
     #[arg(long, default_value_t = 20)]
     pub lab_rtt_ms: u32,
 }
 
 pub async fn run(a: DemoArgs) -> Result<()> {
+    if a.pg {
+        return crate::pgdemo::run(&a).await;
+    }
     let dir = std::env::temp_dir().join(format!("mtcp-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("www"))?;
     let r = if a.lab {

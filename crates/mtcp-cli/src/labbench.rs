@@ -217,7 +217,7 @@ pub async fn link_throughput(a: &BenchArgs, dir: &Path) -> Result<()> {
             Ok(size as f64 * 8.0 / 1e6 / curl_secs(&out.stdout, size, url)?)
         };
         let (mut d, mut g) = (Vec::new(), Vec::new());
-        for _ in 0..a.rounds {
+        for _ in 0..a.rounds() {
             d.push(time(&direct)?);
             g.push(time(&agent)?);
         }
@@ -234,7 +234,7 @@ pub async fn link_throughput(a: &BenchArgs, dir: &Path) -> Result<()> {
         } else {
             println!(
                 "throughput over a {} Mbit/s server link, {} MiB, {} rounds, curl in the lab's client",
-                a.link_mbit, a.size_mib, a.rounds
+                a.link_mbit, a.size_mib, a.rounds()
             );
             println!(
                 "  direct TCP             : {:>8.1} Mbit/s (median)",

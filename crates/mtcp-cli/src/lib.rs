@@ -10,5 +10,7 @@ pub mod lab;
 pub mod labbench;
 pub mod labcluster;
 pub mod local;
+pub mod pgbench;
+pub mod pgdemo;
 pub mod pglocal;
 pub mod plot;

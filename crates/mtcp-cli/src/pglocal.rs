@@ -47,6 +47,19 @@ impl PgLocal {
     /// Starts PostgreSQL, the front-ends and an agent; logs go to `dir`.
     pub fn start(exe: &Path, dir: &Path, opts: &PgLocalOptions) -> Result<Self> {
         let pg = PgCluster::start(&opts.pg).context("starting PostgreSQL")?;
+        let lc = Self::start_on(exe, dir, &pg, opts)?;
+        Ok(PgLocal { lc, pg })
+    }
+
+    /// Starts front-ends and an agent in front of a PostgreSQL that already runs (several such
+    /// clusters can share one database; `opts.pg` is not used). Logs and the cluster file go to
+    /// `dir`. The caller must drop the returned cluster before `pg`.
+    pub fn start_on(
+        exe: &Path,
+        dir: &Path,
+        pg: &PgCluster,
+        opts: &PgLocalOptions,
+    ) -> Result<LocalCluster> {
         let two_phase = if opts.two_phase { "on" } else { "off" };
         let app_args = vec![
             "pgfront".to_string(),
@@ -55,21 +68,16 @@ impl PgLocal {
             "--two-phase".into(),
             two_phase.into(),
         ];
-        let mut server_args_for = Vec::new();
-        for (id, extra) in &opts.app_args_for {
-            server_args_for.push((id.clone(), extra.clone()));
-        }
         let lopts = LocalOptions {
             servers: opts.servers,
             log: opts.log.clone(),
             server_args: opts.server_args.clone(),
             mode: opts.mode.clone(),
             app_args,
-            app_args_for: server_args_for,
+            app_args_for: opts.app_args_for.clone(),
             ..Default::default()
         };
-        let lc = LocalCluster::start(exe, dir, &lopts).context("starting the front-ends")?;
-        Ok(PgLocal { lc, pg })
+        LocalCluster::start(exe, dir, &lopts).context("starting the front-ends")
     }
 
     /// Host and port client programs connect to (the agent).
@@ -83,7 +91,7 @@ impl PgLocal {
     }
 }
 
-fn split(addr: &str) -> (String, u16) {
+pub(crate) fn split(addr: &str) -> (String, u16) {
     let (h, p) = addr.rsplit_once(':').unwrap_or((addr, "0"));
     (h.to_string(), p.parse().unwrap_or(0))
 }
