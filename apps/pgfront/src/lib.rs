@@ -92,6 +92,9 @@ pub struct Options {
     pub two_phase: bool,
     /// Test hook: die (SIGKILL) at this step of the n-th commit path of the process.
     pub crash_at: Option<(CrashPoint, u64)>,
+    /// A transaction the commit path prepared this long ago, for a connection no backend serves
+    /// any more, is rolled back (see [`Registry::roll_back_orphans`]).
+    pub orphan_after: std::time::Duration,
 }
 
 impl Default for Options {
@@ -99,6 +102,7 @@ impl Default for Options {
         Options {
             two_phase: true,
             crash_at: None,
+            orphan_after: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -116,12 +120,18 @@ impl Front {
             commits: Default::default(),
         });
         let weak = Arc::downgrade(&front);
+        let orphan_after = opts.orphan_after;
         tokio::spawn(async move {
-            loop {
+            for tick in 0u64.. {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 let Some(f) = weak.upgrade() else { return };
                 if let Err(e) = f.registry.sweep().await {
                     tracing::debug!("{e}");
+                }
+                if tick % 5 == 4 {
+                    if let Err(e) = f.registry.roll_back_orphans(orphan_after).await {
+                        tracing::debug!("{e}");
+                    }
                 }
             }
         });

@@ -191,4 +191,46 @@ impl Registry {
         )
         .await?)
     }
+
+    /// Rolls back transactions the commit path prepared (`mtcp:…` gids) longer than `age` ago
+    /// for a connection that no live backend serves any more: its front-end died and no other
+    /// restarted the session (a restart resolves its own). A session restarted even later
+    /// from its durable Commit point finds the transaction aborted and tells its client so.
+    /// Returns how many it rolled back.
+    pub async fn roll_back_orphans(&self, age: Duration) -> Result<u32, RegistryError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT p.gid, p.database FROM pg_prepared_xacts p
+                 WHERE p.gid LIKE 'mtcp:%' AND p.prepared < now() - make_interval(secs => $1)
+                   AND NOT EXISTS (SELECT 1 FROM mtcp.backends b JOIN pg_stat_activity a
+                     ON a.pid = b.pid AND a.backend_start = b.backend_start
+                     WHERE b.cid = split_part(p.gid, ':', 2))",
+                &[&age.as_secs_f64()],
+            )
+            .await?;
+        let mut n = 0;
+        for r in rows {
+            let (gid, db): (String, String) = (r.get(0), r.get(1));
+            // ROLLBACK PREPARED runs in the transaction's own database.
+            let mut cfg: tokio_postgres::Config = self
+                .url
+                .parse()
+                .map_err(|e: tokio_postgres::Error| RegistryError(e.to_string()))?;
+            cfg.dbname(&db);
+            let (other, conn) = cfg.connect(NoTls).await?;
+            let task = tokio::spawn(conn);
+            let q = format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"));
+            match other.batch_execute(&q).await {
+                Ok(()) => {
+                    tracing::warn!(%gid, %db, "rolled back a transaction left prepared by a front-end that died");
+                    n += 1;
+                }
+                Err(e) => tracing::debug!(%gid, "orphan roll-back: {e}"),
+            }
+            drop(other);
+            let _ = task.await;
+        }
+        Ok(n)
+    }
 }

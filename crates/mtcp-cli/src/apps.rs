@@ -123,6 +123,10 @@ struct PgfrontArgs {
     /// given; steps: prepared, durable, committed, replied).
     #[arg(long, hide = true)]
     crash_at: Option<String>,
+    /// Roll back a transaction the commit path prepared this many seconds ago for a session no
+    /// front-end serves any more (its front-end died and no other took it over).
+    #[arg(long, default_value_t = 60)]
+    orphan_after_secs: u64,
 }
 
 fn build_pgfront(m: ArgMatches, _ctx: ServerContext) -> Building {
@@ -146,6 +150,7 @@ async fn pgfront(m: ArgMatches) -> Result<Arc<dyn mtcp::App>> {
     let opts = mtcp_pgfront::Options {
         two_phase: a.two_phase == "on",
         crash_at,
+        orphan_after: std::time::Duration::from_secs(a.orphan_after_secs),
     };
     let front = mtcp_pgfront::Front::new(target, opts)
         .await

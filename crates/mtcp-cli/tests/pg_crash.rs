@@ -216,3 +216,36 @@ fn busiest(pl: &PgLocal) -> Option<String> {
     }
     count.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s)
 }
+
+/// What a front-end that died inside the commit path leaves when no other takes the session
+/// over (its client and agent gone too): a prepared transaction holding its locks. The
+/// front-ends roll it back once it is older than `--orphan-after-secs`.
+#[test]
+fn an_orphaned_prepared_transaction_is_rolled_back() {
+    if !mtcp_pgtmp::require("an_orphaned_prepared_transaction_is_rolled_back") {
+        return;
+    }
+    let dir = TempDir::new("pgcrash-orphan");
+    let fast = vec!["--orphan-after-secs".to_string(), "1".to_string()];
+    let all = ["s1", "s2", "s3"]
+        .map(|s| (s.to_string(), fast.clone()))
+        .to_vec();
+    let pl = PgLocal::start(&exe(), dir.path(), &eager(true, all)).expect("start");
+    q(&pl, "CREATE TABLE t (id int PRIMARY KEY)");
+    let gid = "mtcp:00112233445566778899aabbccddeeff:0:0";
+    q(
+        &pl,
+        &format!("BEGIN; INSERT INTO t VALUES (7); PREPARE TRANSACTION '{gid}'"),
+    );
+    assert_eq!(q(&pl, "SELECT count(*) FROM pg_prepared_xacts"), "1");
+    eventually("the orphan rolled back", Duration::from_secs(15), || {
+        q(&pl, "SELECT count(*) FROM pg_prepared_xacts") == "0"
+    });
+    assert_eq!(
+        q(&pl, "SELECT count(*) FROM t"),
+        "0",
+        "rolled back, not committed"
+    );
+    // The row's lock is free again.
+    q(&pl, "INSERT INTO t VALUES (7)");
+}
