@@ -115,6 +115,11 @@ pub struct ConfigReport {
     pub aborted_clients: u64,
     /// CPU time per transaction, by process, over the timed runs.
     pub cpu_us_per_txn: CpuPerTxn,
+    /// Average latency of each statement of the script over the rounds (pgbench `-r`), ms.
+    pub statement_ms: Vec<(String, f64)>,
+    /// Share of the machine's CPU time during the timed runs that none of the processes above
+    /// used (other programs on the host, this bench's own process, the idle cluster), %.
+    pub other_cpu_pct: f64,
     /// Connections moved during the runs (the moving configuration only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moves: Option<MoveStats>,
@@ -210,8 +215,12 @@ struct Run {
     aborted: u64,
     /// The error lines pgbench printed, if any.
     errors: Vec<String>,
+    /// Average latency of each statement of the script (`-r`), ms, in script order.
+    statements: Vec<(String, f64)>,
     /// CPU seconds used during the run: pgbench, PostgreSQL, PgBouncer, agent, front-ends.
     cpu: [f64; 5],
+    /// CPU seconds the whole machine used during the run, and the CPU seconds it had.
+    machine: (f64, f64),
 }
 
 pub async fn run(a: &BenchArgs, dir: &Path) -> Result<()> {
@@ -325,6 +334,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 },
             };
             let before = probe.sample();
+            let machine_before = machine_cpu();
             let mut r = if c == Config::OnMoves {
                 let stop = Arc::new(AtomicBool::new(false));
                 let mover = tokio::spawn(mover(
@@ -380,6 +390,9 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             for (k, (b, e)) in before.iter().zip(probe.sample()).enumerate() {
                 r.cpu[k] = e - b;
             }
+            if let (Some((b0, t0)), Some((b1, t1))) = (machine_before, machine_cpu()) {
+                r.machine = (b1 - b0, t1 - t0);
+            }
             let mut line = format!("  {:.1} tps", r.tps);
             if r.failed > 0 || r.aborted > 0 {
                 line += &format!(
@@ -426,6 +439,30 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 failed_transactions: rs.iter().map(|r| r.failed).sum(),
                 aborted_clients: rs.iter().map(|r| r.aborted).sum(),
                 cpu_us_per_txn: cpu_per_txn(*c, rs),
+                statement_ms: rs
+                    .first()
+                    .map(|r0| {
+                        (r0.statements.iter().enumerate())
+                            .map(|(i, (name, _))| {
+                                let v: Vec<f64> = rs
+                                    .iter()
+                                    .filter_map(|r| r.statements.get(i).map(|x| x.1))
+                                    .collect();
+                                (name.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                other_cpu_pct: {
+                    let ours: f64 = rs.iter().flat_map(|r| r.cpu).sum();
+                    let busy: f64 = rs.iter().map(|r| r.machine.0).sum();
+                    let had: f64 = rs.iter().map(|r| r.machine.1).sum();
+                    if had > 0.0 {
+                        ((busy - ours) / had * 100.0).max(0.0)
+                    } else {
+                        0.0
+                    }
+                },
                 moves: (*c == Config::OnMoves).then(|| moves.clone()),
             }
         })
@@ -555,7 +592,7 @@ async fn pgbench(host: &str, port: u16, clients: u32, threads: u32, secs: u64) -
         .env("PGSSLMODE", "disable")
         .args(["-h", host, "-p", &port.to_string(), "-U", "postgres"])
         .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
-        .args(["-T", &secs.to_string(), DB])
+        .args(["-T", &secs.to_string(), "-r", DB])
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let what = format!("pgbench -c {clients} -j {threads} -T {secs} on {host}:{port}");
@@ -574,6 +611,21 @@ async fn pgbench(host: &str, port: u16, clients: u32, threads: u32, secs: u64) -
             stdout.trim(),
             stderr.trim()
         ),
+    }
+}
+
+/// A short name for a statement of pgbench's script: its first word, with the table for
+/// UPDATE, SELECT and INSERT (`UPDATE pgbench_accounts` → `UPDATE accounts`).
+fn statement_name(words: &[&str]) -> String {
+    let verb = words[0].trim_end_matches(';').to_uppercase();
+    let table = words
+        .iter()
+        .position(|w| matches!(w.to_uppercase().as_str(), "UPDATE" | "FROM" | "INTO"))
+        .and_then(|i| words.get(i + 1))
+        .map(|t| t.trim_start_matches("pgbench_").trim_end_matches(';'));
+    match table {
+        Some(t) => format!("{verb} {t}"),
+        None => verb,
     }
 }
 
@@ -608,13 +660,28 @@ fn parse_pgbench(stdout: &str, stderr: &str) -> Option<Run> {
         .lines()
         .filter(|l| l.contains("client ") && l.contains(" aborted"))
         .count() as u64;
+    // "statement latencies in milliseconds and failures:", then "  0.081  0  BEGIN;" lines.
+    let statements = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("statement latencies"))
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let ms: f64 = f.next()?.parse().ok()?;
+            let _failures = f.next()?;
+            let sql: Vec<&str> = f.collect();
+            (!sql.is_empty() && !sql[0].starts_with('\\')).then(|| (statement_name(&sql), ms))
+        })
+        .collect();
     Some(Run {
         tps,
         transactions,
         failed,
         aborted,
         errors,
+        statements,
         cpu: [0.0; 5],
+        machine: (0.0, 0.0),
     })
 }
 
@@ -687,6 +754,28 @@ fn postgres_cpu(postmaster: u32) -> f64 {
         }
     }
     total
+}
+
+/// The machine's busy CPU seconds so far (every CPU: user, nice, system, irq, softirq, steal)
+/// and all its CPU seconds (busy or idle), from `/proc/stat`.
+fn machine_cpu() -> Option<(f64, f64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<f64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    if f.len() < 8 {
+        return None;
+    }
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    let all = busy + f[3] + f[4];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (busy / hz as f64, all / hz as f64))
 }
 
 /// CPU seconds of every waited-for child of this process so far (pgbench).
@@ -1154,21 +1243,39 @@ fn print_table(r: &PgReport) {
     }
     println!("  (ratio: median tps / direct's median tps; per-rnd: median of each round's ratio to direct's run of that round)");
     println!(
-        "  CPU µs per transaction   pgbench  postgres  pgbouncer    agent  front-ends    total"
+        "  CPU µs per transaction   pgbench  postgres  pgbouncer    agent  front-ends    total   (machine CPU others used)"
     );
     let opt = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}"));
     for c in &r.configs {
         let u = &c.cpu_us_per_txn;
         println!(
-            "    {:<20} {:>9.0} {:>9.0} {:>10} {:>8} {:>11} {:>8.0}",
+            "    {:<20} {:>9.0} {:>9.0} {:>10} {:>8} {:>11} {:>8.0}   ({:.1} %)",
             c.name,
             u.pgbench,
             u.postgres,
             opt(u.pgbouncer),
             opt(u.agent),
             opt(u.front_ends),
-            u.total
+            u.total,
+            c.other_cpu_pct
         );
+    }
+    if let Some(first) = r.configs.first() {
+        print!("  statement latency, ms (pgbench -r, mean of the rounds)");
+        for c in &r.configs {
+            print!(" {:>19}", c.name);
+        }
+        println!();
+        for (i, (name, _)) in first.statement_ms.iter().enumerate() {
+            print!("    {name:<51}");
+            for c in &r.configs {
+                match c.statement_ms.get(i) {
+                    Some((_, ms)) => print!(" {ms:>19.3}"),
+                    None => print!(" {:>19}", "-"),
+                }
+            }
+            println!();
+        }
     }
     println!(
         "SELECT 1 round trip (p50): direct to PostgreSQL {:.3} ms, through the agent and front-end {:.3} ms",
@@ -1216,7 +1323,16 @@ mod tests {
                    number of failed transactions: 2 (0.016%)\nlatency average = 6.4 ms\n\
                    initial connection time = 12.3 ms\ntps = 1234.567890 (without initial connection time)\n";
         let err = "pgbench: error: client 3 script 0 aborted in command 4 query 0: ERROR:  x\n";
-        let r = parse_pgbench(out, err).expect("parses");
+        let out = format!(
+            "{out}statement latencies in milliseconds and failures:\n         0.002           0  \\set aid random(1, 100000 * :scale)\n         0.081           0  BEGIN;\n         0.196           0  UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;\n         0.150           0  SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n         0.300           0  END;\n"
+        );
+        let r = parse_pgbench(&out, err).expect("parses");
+        let names: Vec<&str> = r.statements.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["BEGIN", "UPDATE accounts", "SELECT accounts", "END"]
+        );
+        assert_eq!(r.statements[1].1, 0.196);
         assert_eq!(r.tps, 1234.56789);
         assert_eq!((r.transactions, r.failed, r.aborted), (12345, 2, 1));
         assert!(parse_pgbench("no summary", "").is_none());
