@@ -3,6 +3,12 @@
 //! commit off, on, and on with every connection moved every 200 ms) — in rounds whose order
 //! rotates, with each configuration's tps as a ratio to direct's in the same run; then the
 //! latency of moving one session, idle and inside a transaction.
+//!
+//! Besides tps it reports what explains them: CPU time per transaction of every process on
+//! each path (from `/proc`), the share of the machine's CPU that other programs took during the
+//! runs (a run where it is large is not a measurement of this code), each statement's latency
+//! (pgbench `-r`), the agent's timings of the moves made under load, and the destination
+//! front-end's per-restart timings from its debug log.
 
 use crate::bench::{median, pct, BenchArgs};
 use crate::local::LocalCluster;
@@ -273,9 +279,26 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     let pg = tokio::task::block_in_place(|| -> Result<PgCluster> {
         let pg = PgCluster::start(&pg_opts).context("starting PostgreSQL")?;
         pg.create_db(DB)?;
-        pg.pgbench_init(DB, p.scale)?;
         Ok(pg)
     })?;
+    let init = Duration::from_secs(60 + 10 * p.scale as u64);
+    let out = tokio::time::timeout(
+        init,
+        pgbench_cmd(pg.host(), pg.port())?
+            .args(["-i", "-q", "-s", &p.scale.to_string(), DB])
+            .output(),
+    )
+    .await
+    .with_context(|| format!("pgbench -i -s {} did not finish within {init:?}", p.scale))?
+    .context("running pgbench -i")?;
+    if !out.status.success() {
+        bail!(
+            "pgbench -i -s {} failed ({}): {}",
+            p.scale,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     let bouncer = tokio::task::block_in_place(|| PgBouncer::start(&pg, p.clients + 2))?;
     progress("starting the front-ends (two-phase off, two-phase on), three servers each".into());
     let start_front = |name: &str, two_phase: bool| -> Result<LocalCluster> {
@@ -531,7 +554,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
 /// What the database is doing (for an error message): prepared transactions, sessions of
 /// the bench database and who waits for whom.
 fn db_view(pg: &PgCluster) -> String {
-    let sql = "SELECT 'prepared ' || gid || ' at ' || prepared FROM pg_prepared_xacts \
+    let sql = "SET statement_timeout = '10s'; SELECT 'prepared ' || gid || ' at ' || prepared FROM pg_prepared_xacts \
                UNION ALL SELECT 'backend ' || pid || ' ' || coalesce(state, '') || ' wait ' || \
                coalesce(wait_event_type || '/' || wait_event, '-') || ' blocked by ' || \
                pg_blocking_pids(pid)::text || ': ' || left(query, 80) \
@@ -579,10 +602,9 @@ fn progress(line: String) {
     eprintln!("{line}");
 }
 
-/// Runs pgbench (TPC-B, simple protocol) against `host:port`, database [`DB`], bounded in time.
-async fn pgbench(host: &str, port: u16, clients: u32, threads: u32, secs: u64) -> Result<Run> {
-    let prog = mtcp_pgtmp::bin("pgbench")?;
-    let mut c = tokio::process::Command::new(prog);
+/// `pgbench -h HOST -p PORT -U postgres` with a clean libpq environment, killed if dropped.
+fn pgbench_cmd(host: &str, port: u16) -> Result<tokio::process::Command> {
+    let mut c = tokio::process::Command::new(mtcp_pgtmp::bin("pgbench")?);
     for var in
         "PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGOPTIONS PGSERVICE PGPASSWORD".split(' ')
     {
@@ -591,10 +613,16 @@ async fn pgbench(host: &str, port: u16, clients: u32, threads: u32, secs: u64) -
     c.env("PGCONNECT_TIMEOUT", "10")
         .env("PGSSLMODE", "disable")
         .args(["-h", host, "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
-        .args(["-T", &secs.to_string(), "-r", DB])
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
+    Ok(c)
+}
+
+/// Runs pgbench (TPC-B, simple protocol) against `host:port`, database [`DB`], bounded in time.
+async fn pgbench(host: &str, port: u16, clients: u32, threads: u32, secs: u64) -> Result<Run> {
+    let mut c = pgbench_cmd(host, port)?;
+    c.args(["-c", &clients.to_string(), "-j", &threads.to_string()])
+        .args(["-T", &secs.to_string(), "-r", DB]);
     let what = format!("pgbench -c {clients} -j {threads} -T {secs} on {host}:{port}");
     let out = tokio::time::timeout(Duration::from_secs(secs + 120), c.output())
         .await
