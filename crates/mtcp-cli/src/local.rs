@@ -704,7 +704,12 @@ pub fn last_log_line(path: &Path) -> String {
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
-    // Drop ANSI escape sequences (ESC '[' … final byte in '@'..='~').
+    strip_ansi(line).trim().to_string()
+}
+
+/// A log line without terminal colour codes (ANSI CSI sequences: ESC '[' … a final byte in
+/// '@'..='~').
+pub fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -720,7 +725,7 @@ pub fn last_log_line(path: &Path) -> String {
             out.push(c);
         }
     }
-    out.trim().to_string()
+    out
 }
 
 /// Whether a program is on PATH.

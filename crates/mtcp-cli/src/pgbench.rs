@@ -11,7 +11,7 @@
 //! front-end's per-restart timings from its debug log.
 
 use crate::bench::{median, pct, BenchArgs};
-use crate::local::LocalCluster;
+use crate::local::{strip_ansi, LocalCluster};
 use crate::pglocal::{split, PgLocal, PgLocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -59,16 +59,26 @@ enum Config {
     Off,
     On,
     OnMoves,
+    /// Two-phase commit off, the agent with `--fast-path` (root): the client's connection is
+    /// served by the front-end itself, no relay in between.
+    FastOff,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
-        Config::Direct,
-        Config::Bouncer,
-        Config::Off,
-        Config::On,
-        Config::OnMoves,
-    ];
+    /// The configurations of a run: all of them as root, without the fast path otherwise.
+    fn all(fast_path: bool) -> Vec<Config> {
+        let mut v = vec![
+            Config::Direct,
+            Config::Bouncer,
+            Config::Off,
+            Config::On,
+            Config::OnMoves,
+        ];
+        if fast_path {
+            v.push(Config::FastOff);
+        }
+        v
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -77,6 +87,7 @@ impl Config {
             Config::Off => "agent-2pc-off",
             Config::On => "agent-2pc-on",
             Config::OnMoves => "agent-2pc-on-moves",
+            Config::FastOff => "fastpath-2pc-off",
         }
     }
 }
@@ -234,7 +245,7 @@ pub async fn run(a: &BenchArgs, dir: &Path) -> Result<()> {
     if let Err(e) = r {
         // The run directory goes when the bench returns; keep the front-ends' and agents' logs.
         let keep = std::env::temp_dir().join(format!("mtcp-bench-pg-logs-{}", std::process::id()));
-        for name in ["2pc-off", "2pc-on"] {
+        for name in ["2pc-off", "2pc-on", "fastpath"] {
             let to = keep.join(name);
             for f in std::fs::read_dir(dir.join(name))
                 .into_iter()
@@ -301,37 +312,59 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     }
     let bouncer = tokio::task::block_in_place(|| PgBouncer::start(&pg, p.clients + 2))?;
     progress("starting the front-ends (two-phase off, two-phase on), three servers each".into());
-    let start_front = |name: &str, two_phase: bool| -> Result<LocalCluster> {
+    let start_front = |name: &str, two_phase: bool, agent_args: &[&str]| -> Result<LocalCluster> {
         let d = dir.join(name);
         std::fs::create_dir_all(&d)?;
         let opts = PgLocalOptions {
             two_phase,
             mode: "lazy".into(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         };
         tokio::task::block_in_place(|| PgLocal::start_on(&exe, &d, &pg, &opts))
     };
-    let off = start_front("2pc-off", false)?;
-    let on = start_front("2pc-on", true)?;
-    let addr = |c: Config| -> (String, u16) {
+    let off = start_front("2pc-off", false, &[])?;
+    let on = start_front("2pc-on", true, &[])?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fast = if root {
+        progress("starting the fast-path front-ends (two-phase off), three servers".into());
+        Some(start_front("fastpath", false, &["--fast-path"])?)
+    } else {
+        eprintln!(
+            "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",
+            Config::FastOff.name()
+        );
+        None
+    };
+    let all = Config::all(fast.is_some());
+    let cluster = |c: Config| -> Option<&LocalCluster> {
         match c {
-            Config::Direct => (pg.host().to_string(), pg.port()),
-            Config::Bouncer => (pg.host().to_string(), bouncer.port()),
-            Config::Off => split(&off.agent_listen),
-            Config::On | Config::OnMoves => split(&on.agent_listen),
+            Config::Off => Some(&off),
+            Config::On | Config::OnMoves => Some(&on),
+            Config::FastOff => fast.as_ref(),
+            Config::Direct | Config::Bouncer => None,
+        }
+    };
+    let addr = |c: Config| -> (String, u16) {
+        match (c, cluster(c)) {
+            (Config::Direct, _) => (pg.host().to_string(), pg.port()),
+            (Config::Bouncer, _) => (pg.host().to_string(), bouncer.port()),
+            (_, Some(lc)) => split(&lc.agent_listen),
+            (_, None) => unreachable!("every agent configuration in `all` has its cluster"),
         }
     };
 
     // Warm-up: every path once, short, so that no configuration's first timed run pays for
     // cold caches or first connections.
     let warm = p.seconds.clamp(1, 2);
-    for c in Config::ALL.iter().filter(|c| **c != Config::OnMoves) {
+    for c in all.iter().filter(|c| **c != Config::OnMoves) {
         progress(format!("warm-up: {} ({warm} s)", c.name()));
         let (h, port) = addr(*c);
         pgbench(&h, port, p.clients, threads, warm).await?;
     }
 
-    let n = Config::ALL.len();
+    let n = all.len();
     let mut runs: Vec<Vec<Run>> = (0..n).map(|_| Vec::new()).collect();
     let mut moves = MoveStats::default();
     let mut move_request_us = Vec::new();
@@ -339,7 +372,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     let mut seen_moves = std::collections::HashSet::new();
     for round in 0..rounds as usize {
         for k in 0..n {
-            let c = Config::ALL[(k + round) % n];
+            let c = all[(k + round) % n];
             progress(format!(
                 "round {}/{rounds}: {} ({} s) ...",
                 round + 1,
@@ -350,11 +383,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             let probe = Probe {
                 postmaster: pg.pid(),
                 bouncer: (c == Config::Bouncer).then(|| bouncer.pid()),
-                cluster: match c {
-                    Config::Off => Some(&off),
-                    Config::On | Config::OnMoves => Some(&on),
-                    _ => None,
-                },
+                cluster: cluster(c),
             };
             let before = probe.sample();
             let machine_before = machine_cpu();
@@ -427,7 +456,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 }
             }
             progress(line);
-            runs[Config::ALL.iter().position(|x| *x == c).expect("listed")].push(r);
+            runs[all.iter().position(|x| *x == c).expect("listed")].push(r);
         }
     }
     move_request_us.sort_unstable();
@@ -445,7 +474,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
 
     let direct: Vec<f64> = runs[0].iter().map(|r| r.tps).collect();
     let direct_median = median(&direct);
-    let configs: Vec<ConfigReport> = Config::ALL
+    let configs: Vec<ConfigReport> = all
         .iter()
         .zip(&runs)
         .map(|(c, rs)| {
@@ -821,7 +850,7 @@ fn children_cpu() -> f64 {
 fn cpu_per_txn(c: Config, runs: &[Run]) -> CpuPerTxn {
     let txns = runs.iter().map(|r| r.transactions).sum::<u64>().max(1) as f64;
     let per = |k: usize| runs.iter().map(|r| r.cpu[k]).sum::<f64>() * 1e6 / txns;
-    let agent = matches!(c, Config::Off | Config::On | Config::OnMoves);
+    let agent = !matches!(c, Config::Direct | Config::Bouncer);
     let out = CpuPerTxn {
         pgbench: per(0),
         postgres: per(1),
@@ -1197,26 +1226,6 @@ fn parse_duration_us(s: &str) -> Option<u64> {
         _ => return None,
     };
     Some(us.round() as u64)
-}
-
-/// A log line without terminal colour codes (ESC '[' … final byte in '@'..='~').
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            if chars.next() == Some('[') {
-                for d in chars.by_ref() {
-                    if ('@'..='~').contains(&d) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn print_table(r: &PgReport) {

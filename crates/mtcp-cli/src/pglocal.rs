@@ -7,6 +7,25 @@ use anyhow::{Context, Result};
 use mtcp_pgtmp::{PgCluster, PgOptions};
 use std::path::Path;
 
+/// pgbench's TPC-B (sort of), except that each client keeps to its own 10 000 accounts (client
+/// `c`, counted from 0, updates accounts `c * 10000 + 1 ..= c * 10000 + 10000`: scale ≥ clients / 10). A
+/// transaction moved mid-way is replayed from its BEGIN; with the stock script, another client
+/// that changed the same account in the gap makes the replayed `SELECT abalance` differ, and the
+/// runtime aborts the connection (by design: never a wrong number). Disjoint accounts keep every
+/// replay identical, so any abort here is a real failure.
+pub const TPCB_OWN_ACCOUNTS: &str = "\\set aid :client_id * 10000 + random(1, 10000)
+\\set bid random(1, 1)
+\\set tid random(1, 10)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+";
+
 /// Options for [`PgLocal::start`].
 #[derive(Debug, Clone)]
 pub struct PgLocalOptions {
@@ -20,6 +39,8 @@ pub struct PgLocalOptions {
     pub server_args: Vec<String>,
     /// Extra arguments for one server's application, by id (e.g. a `--crash-at` hook on `s1`).
     pub app_args_for: Vec<(String, Vec<String>)>,
+    /// Extra arguments for the agent (e.g. `--fast-path`).
+    pub agent_args: Vec<String>,
     pub pg: PgOptions,
 }
 
@@ -32,6 +53,7 @@ impl Default for PgLocalOptions {
             log: "info,mtcp_pgfront=debug".into(),
             server_args: Vec::new(),
             app_args_for: Vec::new(),
+            agent_args: Vec::new(),
             pg: PgOptions::default(),
         }
     }
@@ -75,6 +97,7 @@ impl PgLocal {
             mode: opts.mode.clone(),
             app_args,
             app_args_for: opts.app_args_for.clone(),
+            agent_args: opts.agent_args.clone(),
             ..Default::default()
         };
         LocalCluster::start(exe, dir, &lopts).context("starting the front-ends")

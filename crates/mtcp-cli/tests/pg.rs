@@ -8,7 +8,8 @@
 mod common;
 
 use common::*;
-use mtcp_cli::pglocal::{PgLocal, PgLocalOptions};
+use mtcp_cli::local::strip_ansi;
+use mtcp_cli::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,19 +73,6 @@ fn moves_logged(pl: &PgLocal) -> usize {
     log.lines()
         .filter(|l| strip_ansi(l).contains("mtcp_agent::relay: migrated "))
         .count()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            chars.by_ref().find(|d| d.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A thread running `mtcp migrate --all` every 200 ms until stopped (at most `limit`).
@@ -193,24 +181,6 @@ fn assert_registry_empties(pl: &PgLocal) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
-/// pgbench's TPC-B (sort of), except that each client keeps to its own 10 000 accounts. A
-/// transaction moved mid-way is replayed from its BEGIN; with the stock script, another client
-/// that changed the same account in the gap makes the replayed `SELECT abalance` differ, and the
-/// runtime aborts the connection (by design: never a wrong number). Disjoint accounts keep every
-/// replay identical, so any abort here is a real failure.
-const TPCB_OWN_ACCOUNTS: &str = "\\set aid :client_id * 10000 + random(1, 10000)
-\\set bid random(1, 1)
-\\set tid random(1, 10)
-\\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-";
 
 /// Fresh pgbench tables (scale 1), then `pgbench -c 8 -j 2 -T 20 -M mode` of
 /// [`TPCB_OWN_ACCOUNTS`] with every connection moved every 200 ms.

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{exe, TempDir};
-use mtcp_cli::pglocal::{PgLocal, PgLocalOptions};
+use mtcp_cli::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -214,19 +214,6 @@ fn pgbench_through_faults(mode: &str) {
         || q(&pl, "SELECT count(*) FROM pg_prepared_xacts") == "0",
     );
 }
-
-const TPCB_OWN_ACCOUNTS: &str = "\\set aid :client_id * 10000 + random(1, 10000)
-\\set bid random(1, 1)
-\\set tid random(1, 10)
-\\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-END;
-";
 
 /// The server holding most of the agent's connections.
 fn busiest(pl: &PgLocal) -> Option<String> {

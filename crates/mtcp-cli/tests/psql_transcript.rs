@@ -18,6 +18,7 @@
 mod common;
 
 use common::*;
+use mtcp_cli::local::strip_ansi;
 use mtcp_cli::pglocal::{PgLocal, PgLocalOptions};
 use std::fs::{self, File};
 use std::path::Path;
@@ -235,25 +236,6 @@ fn dump(port: u16, db: &str, args: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// `text` without the ANSI colour codes of the processes' logs.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters final-byte (a letter).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Panics with both texts (and `diff -u` of their files when available) if they differ.

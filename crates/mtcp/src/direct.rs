@@ -28,7 +28,9 @@ use bytes::{Buf, Bytes};
 use mtcp_proto::wire::Msg;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -43,6 +45,15 @@ const HOLD_MAX: Duration = Duration::from_secs(2);
 /// After the application closed: how long the socket is kept to read the client's last bytes
 /// (closing with unread input would send the client a reset).
 const LINGER: Duration = Duration::from_secs(10);
+/// Output written between two checks of what the kernel has really sent (`SIOCOUTQNSD`), which
+/// trim the output log.
+const TRIM_EVERY: u64 = 16 << 10;
+
+/// What the socket did, in [`Pump::run`].
+enum Io {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
 
 /// A running pump, as the connection's state holds it.
 pub(crate) struct DirectHandle {
@@ -84,6 +95,8 @@ pub(crate) struct Queues {
     ctl: Option<mpsc::UnboundedSender<Out>>,
     /// Downstream offset of the next byte handed to the socket.
     written: u64,
+    /// `written` when the output log was last trimmed (see [`TRIM_EVERY`]).
+    trimmed: u64,
     eof: bool,
     /// Until when output waits for KICK. The agent fences the client's flow while the
     /// connection has no socket; output sent before the fence is down would be answered by ACKs
@@ -116,6 +129,7 @@ impl Pump {
                 cur: None,
                 ctl: Some(ctl),
                 written,
+                trimmed: written,
                 eof: false,
                 held: Some(tokio::time::Instant::now() + HOLD_MAX),
                 snap_sent: None,
@@ -238,67 +252,83 @@ impl Pump {
                     Some(o) => self.route(o),
                     None => self.q.rx_open = false,
                 },
-                r = self.sock.writable(), if can_write => {
-                    if let Err(e) = r {
-                        return self.client_gone(&shared, &inner, e);
-                    }
-                    let Some(d) = self.q.cur.as_mut() else { continue };
-                    match self.sock.try_write(d) {
-                        Ok(n) => {
-                            d.advance(n);
-                            if d.is_empty() {
-                                self.q.cur = None;
+                io = std::future::poll_fn(|cx| {
+                    // Through `AsyncRead`/`AsyncWrite`: a short read or write clears the
+                    // socket's readiness, so no extra call that only returns EAGAIN.
+                    if can_write {
+                        if let Some(d) = self.q.cur.as_ref() {
+                            if let Poll::Ready(r) = std::pin::Pin::new(&mut self.sock).poll_write(cx, d) {
+                                return Poll::Ready(Io::Wrote(r));
                             }
-                            self.q.written += n as u64;
-                            // Delivered, as far as the kernel has sent it: the socket's queue of
-                            // sent bytes moves with the connection, while output it never sent
-                            // is regenerated from a restart point (so those must be kept).
-                            let sent = self.q.written - not_sent(&self.sock).min(self.q.written);
-                            let mut st = shared.lock();
-                            st.queued = st.queued.saturating_sub(n as u64);
+                        }
+                    }
+                    if can_read {
+                        let mut rb = ReadBuf::new(&mut buf);
+                        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.sock).poll_read(cx, &mut rb) {
+                            return Poll::Ready(Io::Read(r.map(|()| rb.filled().len())));
+                        }
+                    }
+                    Poll::Pending
+                }), if can_write || can_read => match io {
+                    Io::Wrote(Ok(n)) => {
+                        let Some(d) = self.q.cur.as_mut() else { continue };
+                        d.advance(n);
+                        if d.is_empty() {
+                            self.q.cur = None;
+                        }
+                        self.q.written += n as u64;
+                        // Delivered, as far as the kernel has sent it: the socket's queue of
+                        // sent bytes moves with the connection, while output it never sent
+                        // is regenerated from a restart point (so those must be kept). Asked
+                        // only every TRIM_EVERY bytes: the log keeps a little more, and a small
+                        // response costs no extra system call.
+                        let trim = self.q.written - self.q.trimmed >= TRIM_EVERY;
+                        let sent = if trim {
+                            self.q.trimmed = self.q.written;
+                            Some(self.q.written - not_sent(&self.sock).min(self.q.written))
+                        } else {
+                            None
+                        };
+                        let mut st = shared.lock();
+                        st.queued = st.queued.saturating_sub(n as u64);
+                        if let Some(sent) = sent {
                             st.s.on_ack(sent, sent);
-                            if let Some(w) = st.write_waker.take() {
+                        }
+                        if let Some(w) = st.write_waker.take() {
+                            w.wake();
+                        }
+                    }
+                    Io::Read(Ok(0)) => {
+                        self.q.eof = true;
+                        let mut st = shared.lock();
+                        if st.phase == Phase::Live {
+                            let end = st.s.up_recv();
+                            if let Err(why) = st.s.finish_input(end) {
+                                tracing::warn!(cid = %shared.cid, "{why}");
+                            }
+                            if let Some(w) = st.read_waker.take() {
                                 w.wake();
                             }
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return self.client_gone(&shared, &inner, e),
                     }
-                }
-                r = self.sock.readable(), if can_read => {
-                    if let Err(e) = r {
-                        return self.client_gone(&shared, &inner, e);
-                    }
-                    match self.sock.try_read(&mut buf) {
-                        Ok(0) => {
-                            self.q.eof = true;
-                            let mut st = shared.lock();
-                            if st.phase == Phase::Live {
-                                let end = st.s.up_recv();
-                                if let Err(why) = st.s.finish_input(end) {
-                                    tracing::warn!(cid = %shared.cid, "{why}");
-                                }
-                                if let Some(w) = st.read_waker.take() {
-                                    w.wake();
-                                }
+                    Io::Read(Ok(n)) => {
+                        let mut st = shared.lock();
+                        // Once the application is done, late input is dropped.
+                        if st.phase == Phase::Live && closing.is_none() {
+                            if let Err(why) = st.s.receive(Bytes::copy_from_slice(&buf[..n])) {
+                                tracing::warn!(cid = %shared.cid, "{why}");
+                            }
+                            if let Some(w) = st.read_waker.take() {
+                                w.wake();
                             }
                         }
-                        Ok(n) => {
-                            let mut st = shared.lock();
-                            // Once the application is done, late input is dropped.
-                            if st.phase == Phase::Live && closing.is_none() {
-                                if let Err(why) = st.s.receive(Bytes::copy_from_slice(&buf[..n])) {
-                                    tracing::warn!(cid = %shared.cid, "{why}");
-                                }
-                                if let Some(w) = st.read_waker.take() {
-                                    w.wake();
-                                }
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return self.client_gone(&shared, &inner, e),
                     }
-                }
+                    Io::Wrote(Err(e)) | Io::Read(Err(e)) => {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            return self.client_gone(&shared, &inner, e);
+                        }
+                    }
+                },
                 _ = shared.consumed.notified(), if !can_read && !self.q.eof => {}
                 _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {}
             }
