@@ -166,6 +166,18 @@ impl Backend {
         }
     }
 
+    /// Whether the server has sent nothing more (no message, no end of stream): an idle
+    /// connection that is still usable.
+    pub fn quiet(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        // The socket is nonblocking (tokio's): a peek that would block means nothing came.
+        matches!(socket2::SockRef::from(&self.sock).peek(&mut b),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     pub async fn send(&mut self, b: &[u8]) -> io::Result<()> {
         self.sock.write_all(b).await
     }

@@ -31,6 +31,7 @@
 pub mod backend;
 pub mod codec;
 pub mod plan;
+pub mod pool;
 pub mod registry;
 mod session;
 pub mod snapshot;
@@ -82,6 +83,8 @@ pub struct Front {
     pub max_message: usize,
     /// Test hook: die (SIGKILL) at this step of the n-th commit path of the process.
     pub crash_at: Option<(CrashPoint, u64)>,
+    /// Idle backends of sessions that ended or moved away, for the next ones.
+    pub pool: pool::Pool,
     commits: std::sync::atomic::AtomicU64,
 }
 
@@ -95,6 +98,8 @@ pub struct Options {
     /// A transaction the commit path prepared this long ago, for a connection no backend serves
     /// any more, is rolled back (see [`Registry::roll_back_orphans`]).
     pub orphan_after: std::time::Duration,
+    /// Most idle backends kept warm (0: every session opens its own).
+    pub pool: usize,
 }
 
 impl Default for Options {
@@ -103,6 +108,7 @@ impl Default for Options {
             two_phase: true,
             crash_at: None,
             orphan_after: std::time::Duration::from_secs(60),
+            pool: 16,
         }
     }
 }
@@ -117,6 +123,7 @@ impl Front {
             two_phase: opts.two_phase,
             max_message: codec::MAX_MESSAGE,
             crash_at: opts.crash_at,
+            pool: pool::Pool::new(opts.pool),
             commits: Default::default(),
         });
         let weak = Arc::downgrade(&front);
@@ -125,6 +132,7 @@ impl Front {
             for tick in 0u64.. {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 let Some(f) = weak.upgrade() else { return };
+                f.pool.expire();
                 if let Err(e) = f.registry.sweep().await {
                     tracing::debug!("{e}");
                 }

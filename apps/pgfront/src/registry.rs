@@ -116,12 +116,16 @@ impl Registry {
         let c = self.client().await?;
         let rows = c
             .query(
-                // Materialized first: the planner must never call pg_terminate_backend on a
-                // row of another connection.
-                "WITH victims AS MATERIALIZED (
-                   SELECT b.pid FROM mtcp.backends b
-                   JOIN pg_stat_activity a ON a.pid = b.pid AND a.backend_start = b.backend_start
-                   WHERE b.cid = $1 AND b.epoch < $2)
+                // The victims' rows are deleted by the same statement that terminates them:
+                // a front-end giving a backend back to its pool (`release`) deletes the row
+                // too, and only one of the two can. (A data-modifying WITH runs once, in full,
+                // before the outer query: pg_terminate_backend only sees this connection's
+                // rows.)
+                "WITH victims AS (
+                   DELETE FROM mtcp.backends b USING pg_stat_activity a
+                   WHERE a.pid = b.pid AND a.backend_start = b.backend_start
+                     AND b.cid = $1 AND b.epoch < $2
+                   RETURNING b.pid)
                  SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
                 &[&cid, &(epoch as i64)],
             )
@@ -150,6 +154,28 @@ impl Registry {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Takes backend `pid` out of the registry for its pool, if it still serves `cid` there:
+    /// `true` means no fence terminated it or can any more (see [`crate::pool`]).
+    pub async fn release(&self, pid: i32, cid: &str) -> bool {
+        let r = match self.client().await {
+            Ok(c) => c
+                .execute(
+                    "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2",
+                    &[&pid, &cid],
+                )
+                .await
+                .map_err(RegistryError::from),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(n) => n == 1,
+            Err(e) => {
+                tracing::debug!("cannot release backend {pid}: {e}");
+                false
+            }
         }
     }
 

@@ -85,6 +85,9 @@ pub struct Session {
     pinned: Option<String>,
     /// The open transaction mentioned NOTIFY.
     notify: bool,
+    /// The backend has answered everything it was sent: the session waits for its client's
+    /// next unit (the backend can go back to the pool if the session ends now).
+    at_rest: bool,
 }
 
 /// Runs one connection of the front-end to its end.
@@ -168,7 +171,7 @@ async fn serve(
     mut conn: Connection,
     (params, inbuf): (Vec<(String, String)>, BytesMut),
 ) -> io::Result<()> {
-    let be = match Backend::connect(&front.target, &params, front.max_message).await {
+    let be = match backend(&front, &params).await {
         Ok(be) => be,
         Err(e) => return fail(&mut conn, e.into()).await,
     };
@@ -187,7 +190,7 @@ async fn serve(
 
 async fn serve_restart(front: Arc<Front>, mut conn: Connection, snap: Snapshot) -> io::Result<()> {
     let t0 = std::time::Instant::now();
-    let be = match Backend::connect(&front.target, &snap.startup, front.max_message).await {
+    let be = match backend(&front, &snap.startup).await {
         Ok(be) => be,
         Err(e) => return fail(&mut conn, e.into()).await,
     };
@@ -196,6 +199,17 @@ async fn serve_restart(front: Arc<Front>, mut conn: Connection, snap: Snapshot) 
     let mut s = Session::new(front, conn, be, snap, inbuf);
     let r = s.restart().await;
     s.finish(r).await
+}
+
+/// A backend for a session opened with `params`: a warm one from the pool, or a new one.
+async fn backend(
+    front: &Front,
+    params: &[(String, String)],
+) -> Result<Backend, crate::backend::BackendError> {
+    match front.pool.take(params) {
+        Some(be) => Ok(be),
+        None => Backend::connect(&front.target, params, front.max_message).await,
+    }
 }
 
 impl Session {
@@ -222,6 +236,7 @@ impl Session {
             dirty: false,
             pinned: None,
             notify: false,
+            at_rest: false,
         };
         for p in s.state.prepared.iter().filter(|p| !p.from_sql) {
             s.stmts.insert(p.name.clone(), classify(&p.sql));
@@ -232,11 +247,21 @@ impl Session {
     /// Ends the session: the client is told why if it must be, the backend goes.
     async fn finish(mut self, r: Result<()>) -> io::Result<()> {
         let migrated = r.as_ref().is_err_and(|e| e.migrated());
-        let _ = self.be.send(&codec::terminate()).await;
-        if !migrated {
-            // A moved session's backend stays registered until it is gone (the destination
-            // fences it); the sweep forgets it then.
-            self.front.registry.unregister(self.be.pid).await;
+        if (r.is_ok() || migrated) && self.at_rest && self.pinned.is_none() {
+            // Reset, out of the registry (unless a fence got it first), into the pool.
+            let (front, pid, cid) = (self.front.clone(), self.be.pid, self.cid.clone());
+            let release = async move { front.registry.release(pid, &cid).await };
+            self.front
+                .pool
+                .put(&self.state.startup, self.be, release)
+                .await;
+        } else {
+            let _ = self.be.send(&codec::terminate()).await;
+            if !migrated {
+                // A moved session's backend stays registered until it is gone (the
+                // destination fences it); the sweep forgets it then.
+                self.front.registry.unregister(self.be.pid).await;
+            }
         }
         match r {
             Ok(()) => Ok(()),
@@ -403,7 +428,11 @@ impl Session {
     /// The main loop: one unit of client work at a time.
     async fn serve(&mut self) -> Result<()> {
         loop {
-            match self.next_unit().await? {
+            let unit = self.next_unit().await?;
+            if !matches!(unit, Unit::End) {
+                self.at_rest = false;
+            }
+            match unit {
                 Unit::End => return Ok(()),
                 Unit::Query(f) => {
                     let FrontMsg::Query { sql } = codec::parse_front(&f)? else {
@@ -482,6 +511,7 @@ impl Session {
     /// Reads the client's next unit. Backend output that arrives meanwhile (notices,
     /// notifications, answers to a Flush) is passed on at once.
     async fn next_unit(&mut self) -> Result<Unit> {
+        self.at_rest = true;
         let mut batch: Vec<Frame> = Vec::new();
         let mut held = 0usize;
         loop {
@@ -501,6 +531,7 @@ impl Session {
                     }
                     FrontMsg::Flush => {
                         // The client waits for answers before its Sync: send what it has.
+                        self.at_rest = false;
                         for m in batch.drain(..) {
                             self.be.send(&m.raw).await?;
                         }

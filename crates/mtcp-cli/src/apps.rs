@@ -127,6 +127,11 @@ struct PgfrontArgs {
     /// front-end serves any more (its front-end died and no other took it over).
     #[arg(long, default_value_t = 60)]
     orphan_after_secs: u64,
+    /// Most idle backend connections kept warm for the next sessions (sessions that end or
+    /// move away give theirs back, reset; idle ones close after 30 s). 0: every session opens
+    /// its own.
+    #[arg(long, default_value_t = 16)]
+    pool: usize,
 }
 
 fn build_pgfront(m: ArgMatches, _ctx: ServerContext) -> Building {
@@ -151,6 +156,7 @@ async fn pgfront(m: ArgMatches) -> Result<Arc<dyn mtcp::App>> {
         two_phase: a.two_phase == "on",
         crash_at,
         orphan_after: std::time::Duration::from_secs(a.orphan_after_secs),
+        pool: a.pool,
     };
     let front = mtcp_pgfront::Front::new(target, opts)
         .await

@@ -616,3 +616,66 @@ async fn cancel_request_reaches_the_backend() {
         );
     }
 }
+
+/// A session that ends gives its backend back to the front-end's pool, reset: the next session
+/// gets the same backend process, with none of the last one's settings, prepared statements or
+/// open transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_backend_carries_nothing_of_its_last_session() {
+    if !mtcp_pgtmp::require("a_pooled_backend_carries_nothing_of_its_last_session") {
+        return;
+    }
+    let dir = TempDir::new("pg-pool");
+    // One front-end: every session lands on the same pool.
+    let opts = PgLocalOptions {
+        servers: 1,
+        ..Default::default()
+    };
+    let pl = blocking(|| PgLocal::start(&exe(), dir.path(), &opts)).expect("start");
+    blocking(|| sql(&pl, "CREATE TABLE pooled (a int)"));
+    let (a, task) = connect(&pl).await;
+    let pid = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+    // (Each on its own: a PREPARE inside a multi-statement string pins a session.)
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    a.batch_execute("PREPARE p AS SELECT 1").await.unwrap();
+    a.batch_execute("BEGIN; INSERT INTO pooled VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(value(&a, "SHOW work_mem").await.unwrap(), "7MB");
+    // Terminate with the transaction open.
+    drop(a);
+    let _ = task.await;
+    let released = format!(
+        "SELECT (SELECT count(*) FROM mtcp.backends WHERE pid = {pid}) = 0 \
+         AND (SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}) = 1"
+    );
+    blocking(|| {
+        wait_for("the backend to be released to the pool", PROMPT, || {
+            sql(&pl, &released) == "t"
+        })
+    });
+    let (b, _task) = connect(&pl).await;
+    assert_eq!(
+        value(&b, "SELECT pg_backend_pid()").await.unwrap(),
+        pid,
+        "the second session did not get the pooled backend"
+    );
+    let default_work_mem = blocking(|| sql(&pl, "SHOW work_mem"));
+    assert_eq!(value(&b, "SHOW work_mem").await.unwrap(), default_work_mem);
+    assert_eq!(
+        value(&b, "SELECT count(*) FROM pg_prepared_statements")
+            .await
+            .unwrap(),
+        "0"
+    );
+    assert_eq!(value(&b, "SELECT count(*) FROM pooled").await.unwrap(), "0");
+    assert_eq!(blocking(|| sql(&pl, "SELECT count(*) FROM pooled")), "0");
+    // It is registered again, for the new session.
+    assert_eq!(
+        blocking(|| sql(
+            &pl,
+            &format!("SELECT count(*) FROM mtcp.backends WHERE pid = {pid}")
+        )),
+        "1"
+    );
+}
