@@ -133,7 +133,7 @@ pub(crate) async fn call(
     // An authenticated channel from the pool saves three round trips. One the peer has closed
     // since fails before the peer saw the request, so it is safe to retry on a fresh one.
     if let Some(ch) = inner.peer_pool.take(&to.id) {
-        match ask(ch, req, first, total).await {
+        match ask(inner, ch, req, first, total).await {
             Ok((m, ch, rtt)) => {
                 inner.peer_pool.sample(&to.id, rtt);
                 inner.peer_pool.put(&to.id, ch);
@@ -151,22 +151,37 @@ pub(crate) async fn call(
         first.min(inner.limits.fetch_timeout),
     )
     .await?;
-    let (m, ch, rtt) = ask(ch, req, first, total).await?;
+    let (m, ch, rtt) = ask(inner, ch, req, first, total).await?;
     inner.peer_pool.sample(&to.id, rtt);
     inner.peer_pool.put(&to.id, ch);
     Ok(m)
 }
 
+/// The test hooks `Limits::peer_delay` and `peer_loss`: what a peer-channel message waits
+/// before it is written (emulated path delay and retransmissions on loopback).
+async fn emulated_path(inner: &ServerInner) {
+    let l = &inner.limits;
+    let mut d = l.peer_delay;
+    if l.peer_loss > 0.0 && rand::random::<f64>() < l.peer_loss {
+        d += mtcp_proto::trigger::MIN_RTO;
+    }
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 /// One request on an authenticated peer channel; the channel comes back for reuse, with the
 /// time the first answer took.
 async fn ask(
+    inner: &ServerInner,
     mut ch: Channel,
     req: &Msg,
     first: Duration,
     total: Duration,
 ) -> Result<(Msg, Channel, Duration), ChannelError> {
-    framed::write_msg(&mut ch.1, req).await?;
     let t0 = std::time::Instant::now();
+    emulated_path(inner).await;
+    framed::write_msg(&mut ch.1, req).await?;
     let mut m = ch.0.next_msg(first).await?;
     let rtt = t0.elapsed();
     if m == Msg::Working {
@@ -370,6 +385,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
             }) => {
                 handover = Some(HandingOver::new(&inner));
                 // Tell the destination we are alive before a lock_state section may delay us.
+                emulated_path(&inner).await;
                 if framed::write_msg(&mut w, &Msg::Working).await.is_err() {
                     return;
                 }
@@ -439,6 +455,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
         };
+        emulated_path(&inner).await;
         if framed::write_msg(&mut w, &reply).await.is_err() {
             return;
         }
