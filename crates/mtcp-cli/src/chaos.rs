@@ -593,7 +593,10 @@ fn fault_kinds(a: &ChaosArgs) -> Result<Vec<FaultArg>> {
 /// The servers' test hooks that emulate delay and loss between them.
 fn peer_path_args(a: &ChaosArgs) -> Result<Vec<String>> {
     if !(0.0..=100.0).contains(&a.peer_loss_pct) {
-        bail!("--peer-loss-pct must be within 0–100, not {}", a.peer_loss_pct);
+        bail!(
+            "--peer-loss-pct must be within 0–100, not {}",
+            a.peer_loss_pct
+        );
     }
     let mut v = Vec::new();
     if a.peer_rtt_ms > 0 {
@@ -965,12 +968,14 @@ async fn inject(
                     lc.sigstop(&to)?;
                     let moved = wait_moved(lc, cid, &to).await;
                     lc.sigcont(&to)?;
-                    moved.with_context(|| format!("after SIGSTOP of {to} {after_ms} ms after a move"))?
+                    moved.with_context(|| {
+                        format!("after SIGSTOP of {to} {after_ms} ms after a move")
+                    })?
                 } else {
                     lc.kill(&to)?;
-                    let next = wait_moved(lc, cid, &to)
-                        .await
-                        .with_context(|| format!("after SIGKILL of {to} {after_ms} ms after a move"))?;
+                    let next = wait_moved(lc, cid, &to).await.with_context(|| {
+                        format!("after SIGKILL of {to} {after_ms} ms after a move")
+                    })?;
                     lc.restart_server_async(&to)
                         .await
                         .with_context(|| format!("restarting {to}"))?;

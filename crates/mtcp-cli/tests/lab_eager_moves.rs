@@ -31,8 +31,8 @@ enum Fault {
 }
 
 #[test]
-fn eager_downloads_survive_their_server_dying_0_to_500_ms_after_a_move_at_20_ms_rtt_and_2_pct_loss(
-) {
+fn eager_downloads_survive_their_server_dying_0_to_500_ms_after_a_move_at_20_ms_rtt_and_2_pct_loss()
+{
     if !is_root() {
         eprintln!("!!! NOT ROOT: lab tests (namespaces, nftables, tc) NOT run !!!");
         return;
@@ -166,7 +166,10 @@ fn eager_downloads_survive_their_server_dying_0_to_500_ms_after_a_move_at_20_ms_
                 Fault::Blackhole => lc.impair_server(&s, link).unwrap(),
             }
         }
-        assert!(here >= 2, "seed {seed}: only {here} faults before the download neared its end");
+        assert!(
+            here >= 2,
+            "seed {seed}: only {here} faults before the download neared its end"
+        );
         let ok = wait_child(&mut curl, "curl", Duration::from_secs(60));
         assert!(
             ok,
@@ -179,7 +182,11 @@ fn eager_downloads_survive_their_server_dying_0_to_500_ms_after_a_move_at_20_ms_
             "seed {seed}: curl's bytes"
         );
     }
-    eprintln!("{faults} faults survived over {} downloads in {:?}", seeds.len(), t_all.elapsed());
+    eprintln!(
+        "{faults} faults survived over {} downloads in {:?}",
+        seeds.len(),
+        t_all.elapsed()
+    );
     drop(lc);
     let out = std::process::Command::new("ip")
         .args(["netns", "list"])

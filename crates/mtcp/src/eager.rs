@@ -411,8 +411,8 @@ pub(crate) async fn protect_takeover(
         .max_by_key(mtcp_proto::timing::answer_bound)
         .unwrap_or_default();
     let bound = mtcp_proto::timing::protect_bound(&slowest);
-    let attempt = (mtcp_proto::timing::answer_bound(&slowest) * 2)
-        .max(mtcp_proto::timing::UNMEASURED);
+    let attempt =
+        (mtcp_proto::timing::answer_bound(&slowest) * 2).max(mtcp_proto::timing::UNMEASURED);
     let t0 = Instant::now();
     let mut tries = 0;
     let mut last = String::new();
@@ -433,8 +433,7 @@ pub(crate) async fn protect_takeover(
             Ok(Err(e)) => last = e.why,
             Err(_) => last = format!("no answer within {:?}", attempt.min(left)),
         }
-        tokio::time::sleep(Duration::from_millis(20).min(bound.saturating_sub(t0.elapsed())))
-            .await;
+        tokio::time::sleep(Duration::from_millis(20).min(bound.saturating_sub(t0.elapsed()))).await;
     }
     tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unprotected until the next snapshot is pushed");
     None

@@ -207,9 +207,10 @@ pub(crate) async fn fetch(
         down_sum: f.down_sum,
     };
     let first = match inner.cluster.mode {
-        Mode::Eager => {
-            mtcp_proto::timing::origin_wait(inner.cluster.origin_wait, &inner.peer_pool.rtt(&origin.id))
-        }
+        Mode::Eager => mtcp_proto::timing::origin_wait(
+            inner.cluster.origin_wait,
+            &inner.peer_pool.rtt(&origin.id),
+        ),
         Mode::Lazy => inner.limits.fetch_timeout,
     };
     let total = inner.limits.fetch_timeout + inner.limits.lock_timeout;

@@ -921,7 +921,11 @@ async fn take_over(
 }
 
 /// The record a destination got must be for this connection and the client's position.
-fn check_record(m: &Migrate, rec: &mtcp_proto::StateRecord, direct: bool) -> Result<(), (RefuseCode, String)> {
+fn check_record(
+    m: &Migrate,
+    rec: &mtcp_proto::StateRecord,
+    direct: bool,
+) -> Result<(), (RefuseCode, String)> {
     if rec.cid != m.cid || rec.epoch != m.epoch {
         return Err((
             RefuseCode::Internal,
