@@ -854,7 +854,7 @@ pub(crate) fn candidates(
     Ok(cands)
 }
 
-/// Reads a candidate's answer to MIGRATE. WORKING (sent at once and every heartbeat while the
+/// Reads a candidate's answer to MIGRATE. WORKING (sent every heartbeat while the
 /// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
 /// answer within `total`, is a timeout.
 pub(crate) async fn answer_to_migrate(
@@ -919,7 +919,7 @@ async fn try_resume(
     m: &Migrate,
 ) -> Result<Session, String> {
     let first = Msg::Migrate(m.clone());
-    // The candidate says WORKING at once and every heartbeat: silence beyond an RTT-derived
+    // The candidate says WORKING every heartbeat until it answers: silence beyond an RTT-derived
     // bound means it is dead, hung or cut off, and the next candidate is tried (decision 32).
     let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.heartbeat);
     // A spare connection saves the TCP handshake: MIGRATE leaves at once. One the server has

@@ -30,7 +30,7 @@ pub fn answer_bound(rtt: &Rtt) -> Duration {
 }
 
 /// How long the agent waits in silence on a MIGRATE's connection to a candidate. The
-/// destination sends WORKING at once and then every `heartbeat` until it answers, so silence
+/// destination sends WORKING every `heartbeat` until it answers, so silence
 /// longer than one beat plus an answer bound means the candidate is dead, hung or cut off.
 /// `rtt` is the agent's estimate of its path to the servers (the session's PING/PONG).
 pub fn candidate_silence(rtt: &Rtt, heartbeat: Duration) -> Duration {

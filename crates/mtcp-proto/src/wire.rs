@@ -284,8 +284,7 @@ pub enum Msg {
     },
     /// Origin → destination: the FETCH arrived and is being worked on (the origin is alive,
     /// maybe waiting for a `lock_state` section to end). Also destination → agent on a
-    /// MIGRATE's connection: sent at once and then every heartbeat interval until RESUMED or
-    /// REFUSED, so the agent can give up on a silent candidate after an RTT-derived bound
+    /// MIGRATE's connection: sent every heartbeat interval until RESUMED or REFUSED, so the agent can give up on a silent candidate after an RTT-derived bound
     /// instead of a fixed one.
     Working,
     /// Agent → server, first message of a *watch* connection (eager mode): a second TCP

@@ -579,7 +579,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
         Msg::Migrate(m) => {
             let started = Instant::now();
-            // WORKING at once and every heartbeat until the answer: the agent gives up on a
+            // WORKING every heartbeat until the answer: the agent gives up on a
             // silent candidate after an RTT-derived bound (decision 32), while a takeover may
             // take longer (an origin's lock_state section, protecting the connection on this
             // server's backups). The takeover itself is never cancelled: past the origin's
@@ -587,7 +587,10 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             let outcome = {
                 let fut = take_over(&inner, &m, tx);
                 tokio::pin!(fut);
-                let mut beat = tokio::time::interval(inner.cluster.heartbeat);
+                // The first after one beat: a quick answer (a refusal, a move from a live
+                // origin) needs none.
+                let hb = inner.cluster.heartbeat;
+                let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
                 beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut agent_there = true;
                 loop {
