@@ -382,11 +382,12 @@ async fn try_resume(
     )
     .await
     .map_err(|e| e.to_string())?;
+    // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
+    let silence = mtcp_proto::timing::candidate_silence(&Default::default(), conn.heartbeat);
     let r = resumed(
-        reader
-            .next_msg(inner.cfg.migrate_timeout)
+        crate::relay::answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
             .await
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| crate::relay::silent(e, silence))?,
     )?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.alternates = known_servers(r.alternates, &r.server, &cand.data);

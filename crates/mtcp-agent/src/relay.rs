@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
-use mtcp_proto::trigger::Liveness;
+use mtcp_proto::trigger::{Liveness, Rtt};
 use mtcp_proto::wire::{self, Migrate, Mode, Msg, RefuseCode, ServerInfo};
 use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
@@ -165,6 +165,9 @@ struct Conn {
     eager: bool,
     /// Trigger policies (throughput floor, RTT).
     policy: crate::policy::ConnPolicy,
+    /// Round trips to the servers (PING/PONG of every session): bounds the wait on a
+    /// candidate during a move.
+    rtt: Rtt,
 }
 
 enum End {
@@ -412,6 +415,7 @@ async fn open(
         last_from_replica: false,
         eager,
         policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
+        rtt: Rtt::default(),
     };
     let watch = watch_for(inner, &conn, addr);
     Ok((Session { reader, w, watch }, conn))
@@ -699,8 +703,9 @@ async fn on_msg(
         Msg::Heartbeat => {}
         Msg::Pong { t } => {
             let now = inner.started.elapsed().as_micros() as u64;
-            live.rtt
-                .sample(Duration::from_micros(now.saturating_sub(t)));
+            let r = Duration::from_micros(now.saturating_sub(t));
+            live.rtt.sample(r);
+            conn.rtt.sample(r);
         }
         Msg::Hint { reason, target } => {
             return Some(End::Move {
@@ -849,6 +854,35 @@ pub(crate) fn candidates(
     Ok(cands)
 }
 
+/// Reads a candidate's answer to MIGRATE. WORKING (sent every heartbeat while the
+/// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
+/// answer within `total`, is a timeout.
+pub(crate) async fn answer_to_migrate(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    silence: Duration,
+    total: Duration,
+) -> Result<Msg, ChannelError> {
+    let deadline = Instant::now() + total;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelError::Timeout);
+        }
+        match reader.next_msg(silence.min(left)).await? {
+            Msg::Working => continue,
+            m => return Ok(m),
+        }
+    }
+}
+
+/// How a failed wait for a candidate's answer is reported.
+pub(crate) fn silent(e: ChannelError, silence: Duration) -> String {
+    match e {
+        ChannelError::Timeout => format!("candidate silent for {silence:?} (or no answer in time)"),
+        e => e.to_string(),
+    }
+}
+
 /// A destination's answer to MIGRATE: RESUMED, or why not (a `Closed` refusal is marked with
 /// [`CLOSED_PREFIX`]: the connection had already ended in order).
 pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, String> {
@@ -885,15 +919,18 @@ async fn try_resume(
     m: &Migrate,
 ) -> Result<Session, String> {
     let first = Msg::Migrate(m.clone());
+    // The candidate says WORKING every heartbeat until it answers: silence beyond an RTT-derived
+    // bound means it is dead, hung or cut off, and the next candidate is tried (decision 32).
+    let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.heartbeat);
     // A spare connection saves the TCP handshake: MIGRATE leaves at once. One the server has
     // closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe then.
     let mut answer = None;
     if let Some(s) = inner.spares.take(&cand.data) {
         if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
-            match reader.next_msg(inner.cfg.migrate_timeout).await {
+            match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
                 Ok(m) => answer = Some((reader, w, m)),
                 Err(ChannelError::Closed | ChannelError::Io(_)) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(silent(e, silence)),
             }
         }
     }
@@ -908,10 +945,9 @@ async fn try_resume(
             )
             .await
             .map_err(|e| e.to_string())?;
-            let m = reader
-                .next_msg(inner.cfg.migrate_timeout)
+            let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| silent(e, silence))?;
             (reader, w, m)
         }
     };

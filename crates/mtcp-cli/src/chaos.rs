@@ -5,8 +5,12 @@
 //! whole files or byte ranges and checks every body's SHA-256, while 0–3 faults hit the server
 //! serving the connection at random downstream byte offsets: a drain (undrained afterwards), a
 //! manual migration, and in eager mode a SIGKILL (the server is started again once the
-//! connection has moved) or a SIGSTOP (SIGCONT once it has moved). Now and then an eager run
-//! kills every server: the client must then see an error soon, never a wrong byte.
+//! connection has moved) or a SIGSTOP (SIGCONT once it has moved), and a manual move followed
+//! 0–500 ms later by a SIGKILL or SIGSTOP of the server it moved to (issue 15). Now and then an
+//! eager run kills every server: the client must then see an error soon, never a wrong byte.
+//! `--peer-rtt-ms` and `--peer-loss-pct` emulate delay and loss between the servers on
+//! loopback (every peer-channel message waits half the RTT, and that share of them another
+//! 200 ms, as a retransmission would).
 //!
 //! Every choice of a run comes from an RNG seeded by (seed, run index), so a failing run is
 //! reproduced by the same seed with enough runs (`--runs R+1`), which the failure line says.
@@ -58,6 +62,9 @@ pub enum FaultArg {
     Stop,
     /// A run that kills every server: the client must see an error soon.
     KillAll,
+    /// A manual move, then SIGKILL or SIGSTOP of the server it moved to 0–500 ms after it
+    /// resumed (eager mode; issue 15); the server runs again once the connection has moved.
+    AfterMove,
 }
 
 impl FaultArg {
@@ -68,6 +75,7 @@ impl FaultArg {
             FaultArg::Kill => "kill",
             FaultArg::Stop => "stop",
             FaultArg::KillAll => "kill-all",
+            FaultArg::AfterMove => "after-move",
         }
     }
 }
@@ -104,6 +112,14 @@ pub struct ChaosArgs {
     /// `replicas = N` in the cluster file (eager mode).
     #[arg(long)]
     pub replicas: Option<u32>,
+    /// Round-trip time between servers, ms, emulated on loopback: every peer-channel message
+    /// waits half of it (servers' hidden `--peer-delay-ms`).
+    #[arg(long, default_value_t = 0)]
+    pub peer_rtt_ms: u64,
+    /// Loss between servers, percent, emulated on loopback: that share of peer-channel
+    /// messages waits another 200 ms, as TCP does for a retransmission (`--peer-loss-pct`).
+    #[arg(long, default_value_t = 0.0)]
+    pub peer_loss_pct: f64,
     /// Working directory (cluster file, logs, served files), kept afterwards. Default: a
     /// temporary directory, deleted after a passing session (logs kept after a failure).
     #[arg(long)]
@@ -156,6 +172,11 @@ enum Fault {
     Manual(u8),
     Kill,
     Stop,
+    /// A manual move, then the new server is killed (or stopped) this many ms after it resumed.
+    AfterMove {
+        stop: bool,
+        after_ms: u64,
+    },
 }
 
 impl Fault {
@@ -165,6 +186,8 @@ impl Fault {
             Fault::Manual(_) => "manual",
             Fault::Kill => "kill",
             Fault::Stop => "stop",
+            Fault::AfterMove { stop: false, .. } => "move-then-kill",
+            Fault::AfterMove { stop: true, .. } => "move-then-stop",
         }
     }
 }
@@ -202,6 +225,13 @@ impl Plan {
                 FaultArg::Kill => Some((Fault::Kill, 3)),
                 FaultArg::Stop => Some((Fault::Stop, 1)),
                 FaultArg::KillAll => None,
+                FaultArg::AfterMove => Some((
+                    Fault::AfterMove {
+                        stop: false,
+                        after_ms: 0,
+                    },
+                    3,
+                )),
             })
             .collect();
         let kill_all_p = match (kinds.contains(&FaultArg::KillAll), weighted.is_empty()) {
@@ -307,11 +337,15 @@ impl Plan {
                 // Now and then a burst: the next move starts right after the last resumed.
                 let f = match f {
                     Fault::Manual(_) if rng.gen_bool(0.25) => Fault::Manual(rng.gen_range(2..=3)),
+                    Fault::AfterMove { .. } => Fault::AfterMove {
+                        stop: rng.gen_bool(0.3),
+                        after_ms: rng.gen_range(0..=500),
+                    },
                     f => f,
                 };
                 let at = rng.gen_range(0..total.max(1));
                 // At most one stop a run.
-                if f == Fault::Stop {
+                if matches!(f, Fault::Stop | Fault::AfterMove { stop: true, .. }) {
                     stops += 1;
                     if stops > 1 {
                         continue;
@@ -352,6 +386,9 @@ impl Plan {
                 Fault::Manual(n) if *n > 1 => {
                     let _ = write!(s, "; {n} manual back to back at {o} B");
                 }
+                Fault::AfterMove { after_ms, .. } => {
+                    let _ = write!(s, "; {} ({after_ms} ms) at {o} B", f.name());
+                }
                 f => {
                     let _ = write!(s, "; {} at {o} B", f.name());
                 }
@@ -375,13 +412,14 @@ pub struct Counts {
     pub kill: u64,
     pub stop: u64,
     pub kill_all: u64,
+    pub after_move: u64,
     /// Planned faults whose offset the run never reached (it ended first).
     pub skipped: u64,
 }
 
 impl Counts {
     fn total(&self) -> u64 {
-        self.drain + self.manual + self.kill + self.stop + self.kill_all
+        self.drain + self.manual + self.kill + self.stop + self.kill_all + self.after_move
     }
     fn add(&mut self, f: Fault) {
         match f {
@@ -389,6 +427,7 @@ impl Counts {
             Fault::Manual(_) => self.manual += 1,
             Fault::Kill => self.kill += 1,
             Fault::Stop => self.stop += 1,
+            Fault::AfterMove { .. } => self.after_move += 1,
         }
     }
 }
@@ -539,12 +578,34 @@ fn fault_kinds(a: &ChaosArgs) -> Result<Vec<FaultArg>> {
             FaultArg::Kill,
             FaultArg::Stop,
             FaultArg::KillAll,
+            FaultArg::AfterMove,
         ],
     };
     if a.mode == Mode::Lazy && kinds.contains(&FaultArg::Kill) {
         bail!("--faults kill needs --mode eager: in lazy mode a connection's state dies with its server");
     }
+    if a.mode == Mode::Lazy && kinds.contains(&FaultArg::AfterMove) {
+        bail!("--faults after-move needs --mode eager: in lazy mode a connection's state dies with its server");
+    }
     Ok(kinds)
+}
+
+/// The servers' test hooks that emulate delay and loss between them.
+fn peer_path_args(a: &ChaosArgs) -> Result<Vec<String>> {
+    if !(0.0..=100.0).contains(&a.peer_loss_pct) {
+        bail!(
+            "--peer-loss-pct must be within 0–100, not {}",
+            a.peer_loss_pct
+        );
+    }
+    let mut v = Vec::new();
+    if a.peer_rtt_ms > 0 {
+        v.extend(["--peer-delay-ms".into(), (a.peer_rtt_ms / 2).to_string()]);
+    }
+    if a.peer_loss_pct > 0.0 {
+        v.extend(["--peer-loss-pct".into(), a.peer_loss_pct.to_string()]);
+    }
+    Ok(v)
 }
 
 async fn chaos(a: &ChaosArgs, seed: u64, dir: &Path, out: Out) -> Result<()> {
@@ -558,6 +619,7 @@ async fn chaos(a: &ChaosArgs, seed: u64, dir: &Path, out: Out) -> Result<()> {
         log: "info".into(),
         mode: a.mode.as_str().into(),
         replicas: a.replicas,
+        server_args: peer_path_args(a)?,
         ..Default::default()
     };
     let mut lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
@@ -583,6 +645,12 @@ async fn chaos(a: &ChaosArgs, seed: u64, dir: &Path, out: Out) -> Result<()> {
     }
     if let Some(r) = a.replicas {
         let _ = write!(reproduce, " --replicas {r}");
+    }
+    if a.peer_rtt_ms > 0 {
+        let _ = write!(reproduce, " --peer-rtt-ms {}", a.peer_rtt_ms);
+    }
+    if a.peer_loss_pct > 0.0 {
+        let _ = write!(reproduce, " --peer-loss-pct {}", a.peer_loss_pct);
     }
 
     // Waiting for the agent's port to listen made one connection: let it end, so the first
@@ -686,13 +754,14 @@ async fn chaos(a: &ChaosArgs, seed: u64, dir: &Path, out: Out) -> Result<()> {
     let c = counts.borrow().clone();
     let failed = failures.len() as u64;
     out.say(format!(
-        "chaos: {done} runs ({} faults: {} drain, {} manual, {} kill, {} stop, {} kill-all) in {took:.1} s, {failed} failed, seed {seed}",
+        "chaos: {done} runs ({} faults: {} drain, {} manual, {} kill, {} stop, {} kill-all, {} after-move) in {took:.1} s, {failed} failed, seed {seed}",
         c.total(),
         c.drain,
         c.manual,
         c.kill,
         c.stop,
-        c.kill_all
+        c.kill_all,
+        c.after_move
     ));
     let ok = failed == 0 && done >= a.min_runs && fatal.is_none();
     if a.json {
@@ -879,6 +948,40 @@ async fn inject(
                     .with_context(|| format!("restarting {server}"))?;
                 ev.note(format!("{server} restarted"));
                 to
+            }
+            Fault::AfterMove { stop, after_ms } => {
+                let moved = lc
+                    .migrate(Some(cid), None)
+                    .await
+                    .context("the move before the fault")?;
+                let to = moved
+                    .into_iter()
+                    .next()
+                    .map(|(_, to)| to)
+                    .context("the move named no server")?;
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                ev.note(format!(
+                    "moved {server} -> {to}; {} {to} {after_ms} ms later",
+                    if stop { "SIGSTOP" } else { "SIGKILL" }
+                ));
+                if stop {
+                    lc.sigstop(&to)?;
+                    let moved = wait_moved(lc, cid, &to).await;
+                    lc.sigcont(&to)?;
+                    moved.with_context(|| {
+                        format!("after SIGSTOP of {to} {after_ms} ms after a move")
+                    })?
+                } else {
+                    lc.kill(&to)?;
+                    let next = wait_moved(lc, cid, &to).await.with_context(|| {
+                        format!("after SIGKILL of {to} {after_ms} ms after a move")
+                    })?;
+                    lc.restart_server_async(&to)
+                        .await
+                        .with_context(|| format!("restarting {to}"))?;
+                    ev.note(format!("{to} restarted"));
+                    next
+                }
             }
             Fault::Stop if mode == Mode::Eager => {
                 lc.sigstop(&server)?;

@@ -46,6 +46,9 @@ pub struct LabClusterOptions {
     pub log: String,
     /// Also serve plain TCP on [`PLAIN_PORT`] (baselines).
     pub plain: bool,
+    /// Run the agent in forward mode: client programs connect to [`AGENT_LISTEN`] (then
+    /// [`LabCluster::service`]) instead of being redirected from the service address.
+    pub forward: bool,
 }
 
 impl Default for LabClusterOptions {
@@ -62,6 +65,7 @@ impl Default for LabClusterOptions {
             agent_args: Vec::new(),
             log: "info".into(),
             plain: false,
+            forward: false,
         }
     }
 }
@@ -75,7 +79,7 @@ pub struct LabCluster {
     pub exe: PathBuf,
     pub cluster_file: PathBuf,
     /// The address client programs use: server 1's address, port 80 (nothing listens there;
-    /// the agent intercepts it).
+    /// the agent intercepts it), or the agent's own [`AGENT_LISTEN`] in forward mode.
     pub service: SocketAddrV4,
     opts: LabClusterOptions,
     procs: Mutex<HashMap<String, LabProc>>,
@@ -115,7 +119,11 @@ impl LabCluster {
         let cluster_file = dir.join("cluster.toml");
         std::fs::File::create(&cluster_file)?.write_all(text.as_bytes())?;
         let lc = LabCluster {
-            service: SocketAddrV4::new(Host::Server(1).addr(), 80),
+            service: if opts.forward {
+                AGENT_LISTEN.parse().expect("a socket address")
+            } else {
+                SocketAddrV4::new(Host::Server(1).addr(), 80)
+            },
             lab,
             dir: dir.to_path_buf(),
             exe: exe.to_path_buf(),
@@ -214,10 +222,14 @@ impl LabCluster {
             AGENT_LISTEN.into(),
             "--admin".into(),
             AGENT_ADMIN.into(),
-            "--transparent".into(),
-            "--service".into(),
-            self.service.to_string(),
         ];
+        if !self.opts.forward {
+            args.extend([
+                "--transparent".into(),
+                "--service".into(),
+                self.service.to_string(),
+            ]);
+        }
         args.extend(self.opts.agent_args.iter().cloned());
         self.spawn("agent", Host::Client, &args)?;
         self.wait_listening(Host::Client, AGENT_ADMIN.into(), "the agent")

@@ -76,6 +76,14 @@ struct ServerArgs {
     /// Test hook: answer RTT probes this many ms late (emulates a distant server).
     #[arg(long, hide = true)]
     probe_delay_ms: Option<u64>,
+    /// Test hook: every peer-channel message waits this many ms before it is written (half a
+    /// round trip between servers, emulated on loopback).
+    #[arg(long, hide = true)]
+    peer_delay_ms: Option<u64>,
+    /// Test hook: this percentage of peer-channel messages waits another 200 ms (a lost
+    /// segment's retransmission).
+    #[arg(long, hide = true)]
+    peer_loss_pct: Option<f64>,
     /// Test hook: the application scrambles its output with a key of this server's own (a
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
@@ -254,6 +262,12 @@ async fn server(a: ServerArgs) -> Result<()> {
             None => None,
         },
         probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
+        peer_delay: Duration::from_millis(a.peer_delay_ms.unwrap_or(0)),
+        peer_loss: match a.peer_loss_pct {
+            Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
+            Some(p) => bail!("--peer-loss-pct must be within 0–100, not {p}"),
+            None => 0.0,
+        },
         ..Limits::default()
     };
     let server = Server::bind(cluster, &a.id, limits).await?;

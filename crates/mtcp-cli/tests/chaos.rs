@@ -2,7 +2,9 @@
 //! keep-alive connection each, in eager mode, while the serving server is killed (`kill -9`),
 //! stopped (`SIGSTOP`, resumed later), drained, or the connection is moved by hand, at random
 //! byte offsets; now and then every server is killed. Every body's SHA-256 must match, except
-//! in a run where no server was left, which must end with a clean error. The seed comes from
+//! in a run where no server was left, which must end with a clean error. A third session
+//! emulates 20 ms and 2 % loss between the servers and kills or stops the server a connection
+//! just moved to, 0–500 ms after the move (issue 15). The seed comes from
 //! the clock (set `MTCP_CHAOS_SEED` to repeat one) and is printed; a failing run prints the
 //! command that reproduces it.
 
@@ -34,6 +36,24 @@ fn randomized_faults_never_corrupt_or_break_a_connection() {
             "2",
         ],
         "100",
+    );
+    // Issue 15: 20 ms and 2 % loss between the servers (emulated), moves followed 0–500 ms
+    // later by a kill or stop of the new server, among kills and manual moves.
+    chaos(
+        seed,
+        &[
+            "--runs",
+            "60",
+            "--min-runs",
+            "60",
+            "--peer-rtt-ms",
+            "20",
+            "--peer-loss-pct",
+            "2",
+            "--faults",
+            "after-move,kill,manual",
+        ],
+        "60",
     );
 }
 

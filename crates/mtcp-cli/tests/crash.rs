@@ -257,7 +257,13 @@ async fn racing_takeovers_have_exactly_one_winner() {
             framed::open_with(&mut s, &Msg::Migrate(m)).await.unwrap();
             let (r, w) = s.into_split();
             let mut r = FrameReader::new(r, 1 << 20);
-            let answer = r.next_msg(Duration::from_secs(10)).await.unwrap();
+            // A destination says WORKING every heartbeat until it answers.
+            let answer = loop {
+                match r.next_msg(Duration::from_secs(10)).await.unwrap() {
+                    Msg::Working => continue,
+                    m => break m,
+                }
+            };
             (answer, w)
         };
         let (a, b) = tokio::join!(race(data("s2"), m.clone()), race(data("s3"), m.clone()));

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod record;
 pub mod stream;
 pub mod sum;
+pub mod timing;
 pub mod trigger;
 pub mod wire;
 

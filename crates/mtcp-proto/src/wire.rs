@@ -283,7 +283,9 @@ pub enum Msg {
         epoch: u64,
     },
     /// Origin → destination: the FETCH arrived and is being worked on (the origin is alive,
-    /// maybe waiting for a `lock_state` section to end).
+    /// maybe waiting for a `lock_state` section to end). Also destination → agent on a
+    /// MIGRATE's connection: sent every heartbeat interval until RESUMED or REFUSED, so the agent can give up on a silent candidate after an RTT-derived bound
+    /// instead of a fixed one.
     Working,
     /// Agent → server, first message of a *watch* connection (eager mode): a second TCP
     /// connection that carries nothing after the server's HEARTBEAT answer. Its end tells the
@@ -328,6 +330,14 @@ pub enum Msg {
         record: Vec<u8>,
         #[serde(with = "serde_bytes")]
         tcp: Vec<u8>,
+    },
+    /// Destination → backup (eager mode): the takeover for which this destination claimed `cid`
+    /// at `epoch` failed before it served a byte; the claim is withdrawn and the entry is
+    /// claimable again (by anyone, this destination included). A backup ignores it unless the
+    /// entry is still claimed by the sender at that epoch. Answered with REPLICASTORED.
+    ReleaseClaim {
+        cid: Cid,
+        epoch: u64,
     },
 }
 
@@ -535,6 +545,7 @@ mod tests {
             }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ClaimReplica { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::DropReplica { cid, epoch }),
+            (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),

@@ -310,6 +310,12 @@ pub struct Limits {
     pub pacing_rate: Option<u64>,
     /// Test hook: RTT probes are answered this much later (emulates a distant server).
     pub probe_delay: Duration,
+    /// Test hook: every message this server writes on a peer channel (requests and answers)
+    /// waits this long first — half a round trip between servers on loopback.
+    pub peer_delay: Duration,
+    /// Test hook: the probability (0–1) that such a message waits another 200 ms, as a lost
+    /// segment does for TCP's retransmission timeout.
+    pub peer_loss: f64,
 }
 
 impl Default for Limits {
@@ -328,6 +334,8 @@ impl Default for Limits {
             max_connections: None,
             pacing_rate: None,
             probe_delay: Duration::ZERO,
+            peer_delay: Duration::ZERO,
+            peer_loss: 0.0,
         }
     }
 }

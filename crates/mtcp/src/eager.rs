@@ -245,14 +245,67 @@ pub(crate) async fn hand_over(
     Ok(rec)
 }
 
+/// Claims this destination made (or may have made: the answer was lost) at backups during a
+/// takeover from a replica. Until the takeover is sure to succeed they are released on every
+/// failure ([`Claims::release`]), so the next candidate can claim the connection (decision 32).
+#[derive(Default)]
+pub(crate) struct Claims {
+    cid: Option<mtcp_proto::Cid>,
+    epoch: u64,
+    at: Vec<ServerEntry>,
+}
+
+impl Claims {
+    /// Withdraws every claim, in the background (best effort: a backup that cannot be reached
+    /// keeps the claim; the connection then needs that backup's other copies or the origin).
+    pub(crate) fn release(self, inner: &Arc<ServerInner>) {
+        let Some(cid) = self.cid else { return };
+        if self.at.is_empty() {
+            return;
+        }
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            for b in self.at {
+                if b.id == inner.id {
+                    inner.replicas.release(cid, self.epoch, &inner.id);
+                } else {
+                    peer::release(&inner, &b, cid, self.epoch).await;
+                }
+            }
+        });
+    }
+}
+
 /// A destination that cannot reach the origin: claims the connection at the origin's backups
 /// and builds the record for the client's position from the newest replica. With no replica
 /// anywhere, the connection restarts from its beginning when the agent still has everything
-/// from there.
+/// from there. On failure every claim made here is released again; on success the claims come
+/// back, to be released if the takeover fails later before anything was served.
 pub(crate) async fn take_from_replica(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
     m: &Migrate,
+) -> Result<(StateRecord, u64, Claims), Refusal> {
+    let mut claims = Claims {
+        cid: Some(m.cid),
+        epoch: m.epoch,
+        at: Vec::new(),
+    };
+    match claim_and_build(inner, origin, m, &mut claims).await {
+        Ok((rec, n)) => Ok((rec, n, claims)),
+        Err(e) => {
+            tracing::warn!(cid = %m.cid, epoch = m.epoch, "takeover from a replica failed ({:?}: {}); releasing its claims", e.0, e.1);
+            claims.release(inner);
+            Err(e)
+        }
+    }
+}
+
+async fn claim_and_build(
+    inner: &Arc<ServerInner>,
+    origin: &ServerEntry,
+    m: &Migrate,
+    claims: &mut Claims,
 ) -> Result<(StateRecord, u64), Refusal> {
     let backups = inner.cluster.backups(&origin.id);
     let mut best: Option<(StateRecord, u64)> = None;
@@ -267,6 +320,7 @@ pub(crate) async fn take_from_replica(
         match r {
             Ok(Claimed::Record(bytes)) => {
                 reached += 1;
+                claims.at.push(b.clone());
                 let rec = StateRecord::decode(&bytes)
                     .map_err(|e| (RefuseCode::Internal, format!("replica at {}: {e}", b.id)))?;
                 if rec.cid != m.cid || rec.epoch != m.epoch {
@@ -282,8 +336,15 @@ pub(crate) async fn take_from_replica(
                     best = Some((rec, bytes.len() as u64));
                 }
             }
-            Ok(Claimed::Nothing) => reached += 1,
-            Err((RefuseCode::OriginUnreachable, why)) => unreachable.push(why),
+            Ok(Claimed::Nothing) => {
+                reached += 1;
+                claims.at.push(b.clone());
+            }
+            Err((RefuseCode::OriginUnreachable, why)) => {
+                // The claim may have been granted with its answer lost: withdraw it too.
+                claims.at.push(b.clone());
+                unreachable.push(why)
+            }
             Err(e) => return Err(e),
         }
     }
@@ -316,14 +377,22 @@ pub(crate) async fn take_from_replica(
 }
 
 /// After a takeover: push the restart point to this server's backups before the agent hears
-/// RESUMED, so the connection survives this server from its first byte here. Returns
-/// `(out_off, in_off)` of what the backups hold, or `None` when nothing could be pushed.
+/// RESUMED, so the connection survives this server from its first byte here (decision 32: the
+/// move is not finished before the new epoch's restart point is on every backup). Tried again
+/// and again, each attempt bounded by the measured round trip to the backup, for up to
+/// [`mtcp_proto::timing::protect_bound`] (at least 3 s); only a backup that stays unreachable
+/// that long leaves the connection unprotected (logged) until the regular pushes reach it.
+/// Returns `(out_off, in_off)` of what the backups hold, or `None` when nothing was pushed.
 pub(crate) async fn protect_takeover(
     inner: &Arc<ServerInner>,
     rec: &StateRecord,
     epoch: u64,
 ) -> Option<(u64, u64)> {
-    if !eager(inner) || rec.tail.len() > MAX_REPLICA_TAIL {
+    if !eager(inner) {
+        return None;
+    }
+    if rec.tail.len() > MAX_REPLICA_TAIL {
+        tracing::warn!(cid = %rec.cid, "the taken-over connection's tail ({} bytes) exceeds the replica limit; unprotected until its next snapshot is pushed", rec.tail.len());
         return None;
     }
     let snap = Snap {
@@ -334,20 +403,40 @@ pub(crate) async fn protect_takeover(
     let mut r = ServerStream::replica_record(rec.cid, epoch, &snap);
     // Bytes before the restart point the client still lacks (from its position).
     r.tail = rec.tail.clone();
-    // Bounded: a backup behind a congested link must not hold the connection up; the regular
-    // pushes catch up once the client has the next snapshot.
-    let wait = (inner.cluster.origin_wait * 2).max(Duration::from_millis(100));
-    match tokio::time::timeout(wait, push(inner, r.encode())).await {
-        Ok(Ok(())) => Some((rec.snap_out, rec.snap_in)),
-        Ok(Err(e)) => {
-            tracing::warn!(cid = %rec.cid, "cannot replicate the taken-over connection yet: {}", e.why);
-            None
+    let bytes = r.encode();
+    let backups = inner.cluster.backups(&inner.id);
+    let slowest = backups
+        .iter()
+        .map(|b| inner.peer_pool.rtt(&b.id))
+        .max_by_key(mtcp_proto::timing::answer_bound)
+        .unwrap_or_default();
+    let bound = mtcp_proto::timing::protect_bound(&slowest);
+    let attempt =
+        (mtcp_proto::timing::answer_bound(&slowest) * 2).max(mtcp_proto::timing::UNMEASURED);
+    let t0 = Instant::now();
+    let mut tries = 0;
+    let mut last = String::new();
+    while t0.elapsed() < bound {
+        tries += 1;
+        let left = bound.saturating_sub(t0.elapsed());
+        match tokio::time::timeout(attempt.min(left), push(inner, bytes.clone())).await {
+            Ok(Ok(())) => {
+                if tries > 1 {
+                    tracing::info!(cid = %rec.cid, tries, took = ?t0.elapsed(), "taken-over connection protected on its backups");
+                }
+                return Some((rec.snap_out, rec.snap_in));
+            }
+            Ok(Err(e)) if e.fenced => {
+                tracing::error!(cid = %rec.cid, "a backup refuses the taken-over connection's new epoch: {}", e.why);
+                return None;
+            }
+            Ok(Err(e)) => last = e.why,
+            Err(_) => last = format!("no answer within {:?}", attempt.min(left)),
         }
-        Err(_) => {
-            tracing::warn!(cid = %rec.cid, "backups did not store the taken-over connection within {wait:?}; resuming unprotected until the next snapshot is pushed");
-            None
-        }
+        tokio::time::sleep(Duration::from_millis(20).min(bound.saturating_sub(t0.elapsed()))).await;
     }
+    tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unprotected until the next snapshot is pushed");
+    None
 }
 
 /// The connection ended in order at `epoch`: the backups may forget it.

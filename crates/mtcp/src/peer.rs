@@ -122,7 +122,7 @@ pub async fn connect_authenticated(
 
 /// One request to server `to` over a pooled authenticated channel. The first answer must come
 /// within `first` (an origin answers [`Msg::Working`] at once, then the result within
-/// `total`).
+/// `total`). The time to the first answer feeds the RTT estimate towards `to`.
 pub(crate) async fn call(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
@@ -133,8 +133,9 @@ pub(crate) async fn call(
     // An authenticated channel from the pool saves three round trips. One the peer has closed
     // since fails before the peer saw the request, so it is safe to retry on a fresh one.
     if let Some(ch) = inner.peer_pool.take(&to.id) {
-        match ask(ch, req, first, total).await {
-            Ok((m, ch)) => {
+        match ask(inner, ch, req, first, total).await {
+            Ok((m, ch, rtt)) => {
+                inner.peer_pool.sample(&to.id, rtt);
                 inner.peer_pool.put(&to.id, ch);
                 return Ok(m);
             }
@@ -150,25 +151,44 @@ pub(crate) async fn call(
         first.min(inner.limits.fetch_timeout),
     )
     .await?;
-    let (m, ch) = ask(ch, req, first, total).await?;
+    let (m, ch, rtt) = ask(inner, ch, req, first, total).await?;
+    inner.peer_pool.sample(&to.id, rtt);
     inner.peer_pool.put(&to.id, ch);
     Ok(m)
 }
 
-/// One request on an authenticated peer channel; the channel comes back for reuse.
+/// The test hooks `Limits::peer_delay` and `peer_loss`: what a peer-channel message waits
+/// before it is written (emulated path delay and retransmissions on loopback).
+async fn emulated_path(inner: &ServerInner) {
+    let l = &inner.limits;
+    let mut d = l.peer_delay;
+    if l.peer_loss > 0.0 && rand::random::<f64>() < l.peer_loss {
+        d += mtcp_proto::trigger::MIN_RTO;
+    }
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// One request on an authenticated peer channel; the channel comes back for reuse, with the
+/// time the first answer took.
 async fn ask(
+    inner: &ServerInner,
     mut ch: Channel,
     req: &Msg,
     first: Duration,
     total: Duration,
-) -> Result<(Msg, Channel), ChannelError> {
+) -> Result<(Msg, Channel, Duration), ChannelError> {
+    let t0 = std::time::Instant::now();
+    emulated_path(inner).await;
     framed::write_msg(&mut ch.1, req).await?;
     let mut m = ch.0.next_msg(first).await?;
+    let rtt = t0.elapsed();
     if m == Msg::Working {
         // The origin may wait for a lock_state section to end before it answers.
         m = ch.0.next_msg(total).await?;
     }
-    Ok((m, ch))
+    Ok((m, ch, rtt))
 }
 
 /// Destination side of a migration: asks `origin` to freeze `cid` and send its state; returns
@@ -187,7 +207,10 @@ pub(crate) async fn fetch(
         down_sum: f.down_sum,
     };
     let first = match inner.cluster.mode {
-        Mode::Eager => inner.cluster.origin_wait,
+        Mode::Eager => mtcp_proto::timing::origin_wait(
+            inner.cluster.origin_wait,
+            &inner.peer_pool.rtt(&origin.id),
+        ),
         Mode::Lazy => inner.limits.fetch_timeout,
     };
     let total = inner.limits.fetch_timeout + inner.limits.lock_timeout;
@@ -240,14 +263,16 @@ pub(crate) async fn replicate(
 }
 
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
-/// An unreachable backup is `OriginUnreachable`.
+/// An unreachable backup is `OriginUnreachable`. The answer is waited for an RTT-derived
+/// bound ([`mtcp_proto::timing::answer_bound`]): a claim granted but given up on would fence
+/// the connection for nobody (such a claim is released, see [`release`]).
 pub(crate) async fn claim(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
 ) -> Result<Claimed, (RefuseCode, String)> {
-    let t = inner.cluster.origin_wait.max(Duration::from_millis(100));
+    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
     match call(inner, to, &Msg::ClaimReplica { cid, epoch }, t, t).await {
         Ok(Msg::State(b)) if b.is_empty() => Ok(Claimed::Nothing),
         Ok(Msg::State(b)) => Ok(Claimed::Record(b)),
@@ -263,6 +288,19 @@ pub(crate) async fn claim(
     }
 }
 
+/// Eager mode: withdraws this server's claim on `cid` at `epoch` at backup `to` (best effort):
+/// the takeover failed before anything was served, so the next candidate may claim it.
+pub(crate) async fn release(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid, epoch: u64) {
+    let t = inner.limits.fetch_timeout;
+    match call(inner, to, &Msg::ReleaseClaim { cid, epoch }, t, t).await {
+        Ok(Msg::ReplicaStored { .. }) => {}
+        Ok(other) => {
+            tracing::warn!(%cid, backup = %to.id, "releasing the claim: answered {}", msg_name(&other))
+        }
+        Err(e) => tracing::warn!(%cid, backup = %to.id, "could not release the claim: {e}"),
+    }
+}
+
 /// Eager mode: tells backup `to` the connection ended (best effort).
 pub(crate) async fn drop_replica(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid, epoch: u64) {
     let t = inner.limits.fetch_timeout;
@@ -271,13 +309,34 @@ pub(crate) async fn drop_replica(inner: &Arc<ServerInner>, to: &ServerEntry, cid
     }
 }
 
-/// Idle authenticated channels to other servers, by server id.
+/// Idle authenticated channels to other servers, by server id, and the round-trip estimate
+/// towards each (time to a peer's immediate first answer).
 #[derive(Default)]
 pub(crate) struct PeerPool {
     idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Channel>>>,
+    rtts: std::sync::Mutex<std::collections::HashMap<String, mtcp_proto::trigger::Rtt>>,
 }
 
 impl PeerPool {
+    /// The RTT estimate towards server `id` (empty before the first answer).
+    pub(crate) fn rtt(&self, id: &str) -> mtcp_proto::trigger::Rtt {
+        self.rtts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn sample(&self, id: &str, d: Duration) {
+        self.rtts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .sample(d);
+    }
+
     /// Channels kept per peer.
     const MAX_IDLE: usize = 4;
 
@@ -327,6 +386,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
             }) => {
                 handover = Some(HandingOver::new(&inner));
                 // Tell the destination we are alive before a lock_state section may delay us.
+                emulated_path(&inner).await;
                 if framed::write_msg(&mut w, &Msg::Working).await.is_err() {
                     return;
                 }
@@ -368,6 +428,16 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 Ok(Claimed::Nothing) => Msg::State(Vec::new()),
                 Err((code, reason)) => Msg::Refused { code, reason },
             },
+            Ok(Msg::ReleaseClaim { cid, epoch }) => {
+                if inner.replicas.release(cid, epoch, &from) {
+                    tracing::info!(%cid, epoch, by = %from, "claim released (the takeover failed)");
+                }
+                Msg::ReplicaStored {
+                    cid,
+                    epoch,
+                    out_off: 0,
+                }
+            }
             Ok(Msg::DropReplica { cid, epoch }) => {
                 inner.replicas.drop_upto(cid, epoch);
                 Msg::ReplicaStored {
@@ -386,6 +456,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
         };
+        emulated_path(&inner).await;
         if framed::write_msg(&mut w, &reply).await.is_err() {
             return;
         }

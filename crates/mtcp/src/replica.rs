@@ -4,8 +4,10 @@
 //! One entry per connection: the record at its epoch, or a *tombstone* (no record) left by a
 //! claim. An entry is claimed at most once per epoch — the first destination to claim it (or
 //! the origin handing the connection over alive) wins, every later claim and every update from
-//! an older or claimed epoch is refused. Memory is bounded (`max_bytes`) and entries not
-//! refreshed for `ttl` are forgotten.
+//! an older or claimed epoch is refused. A claimed entry keeps its record: a destination whose
+//! takeover fails before it served anything *releases* its claim (RELEASECLAIM), and the entry
+//! is claimable again with the same record (decision 32). Memory is bounded (`max_bytes`) and
+//! entries not refreshed for `ttl` are forgotten.
 
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
@@ -24,6 +26,8 @@ struct Entry {
     in_off: u64,
     out_off: u64,
     claimed: bool,
+    /// Who claimed it (only that server may release the claim).
+    claimer: Option<String>,
     from: String,
     updated: Instant,
 }
@@ -87,6 +91,7 @@ impl ReplicaStore {
             out_off: rec.snap_out,
             rec: bytes,
             claimed: false,
+            claimer: None,
             from: from.to_string(),
             updated: Instant::now(),
         };
@@ -129,14 +134,14 @@ impl ReplicaStore {
                     ));
                 }
                 e.claimed = true;
+                e.claimer = Some(by.to_string());
                 e.updated = Instant::now();
-                let rec = std::mem::take(&mut e.rec);
-                *used -= rec.len();
                 e.from = format!("claimed by {by}");
-                return Ok(if rec.is_empty() {
+                // The record stays (charged) so a released claim can hand it out again.
+                return Ok(if e.rec.is_empty() {
                     Claimed::Nothing
                 } else {
-                    Claimed::Record(rec)
+                    Claimed::Record(e.rec.clone())
                 });
             }
         }
@@ -148,12 +153,30 @@ impl ReplicaStore {
             in_off: 0,
             out_off: 0,
             claimed: true,
+            claimer: Some(by.to_string()),
             from: format!("claimed by {by}"),
             updated: Instant::now(),
         };
         *used = *used - old + Self::charge(&t);
         map.insert(cid, t);
         Ok(Claimed::Nothing)
+    }
+
+    /// `by` withdraws its claim on `cid` at `epoch` (its takeover failed before it served
+    /// anything): the entry becomes claimable again, with the record it held. Ignored (returns
+    /// false) unless the entry is still at that epoch and claimed by `by`.
+    pub fn release(&self, cid: Cid, epoch: u64, by: &str) -> bool {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0.get_mut(&cid) {
+            Some(e) if e.epoch == epoch && e.claimed && e.claimer.as_deref() == Some(by) => {
+                e.claimed = false;
+                e.claimer = None;
+                e.from = format!("released by {by}");
+                e.updated = Instant::now();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
@@ -237,6 +260,11 @@ mod tests {
             s.claim(Cid([1; 16]), 3, "s3").unwrap_err().0,
             RefuseCode::StaleEpoch
         );
+        // A release by anyone but the claimer, or for another epoch, changes nothing.
+        assert!(!s.release(Cid([1; 16]), 3, "s2"));
+        assert!(!s.release(Cid([1; 16]), 4, "s3"));
+        assert!(s.claim(Cid([1; 16]), 4, "s1").is_ok());
+        assert!(!s.release(Cid([1; 16]), 4, "s3"));
         // A claim with nothing stored leaves a tombstone that still fences.
         assert!(matches!(
             s.claim(Cid([2; 16]), 0, "s2").unwrap(),
@@ -244,6 +272,37 @@ mod tests {
         ));
         assert!(s.claim(Cid([2; 16]), 0, "s3").is_err());
         assert!(s.store("s1", rec(2, 0, 10)).is_err());
+    }
+
+    #[test]
+    fn a_released_claim_hands_the_same_record_to_the_next_claimer_only() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([7; 16]);
+        s.store("s3", rec(7, 5, 100)).unwrap();
+        let Claimed::Record(first) = s.claim(cid, 5, "s1").unwrap() else {
+            panic!("expected the record")
+        };
+        // While s1 holds the claim: nobody else gets it, the origin cannot update it.
+        assert_eq!(s.claim(cid, 5, "s2").unwrap_err().0, RefuseCode::StaleEpoch);
+        assert!(s.store("s3", rec(7, 5, 200)).is_err());
+        // s2 cannot release s1's claim.
+        assert!(!s.release(cid, 5, "s2"));
+        // s1's takeover failed: it withdraws, and s2 gets the very same record.
+        assert!(s.release(cid, 5, "s1"));
+        assert!(!s.release(cid, 5, "s1"), "a release is not repeated");
+        let Claimed::Record(second) = s.claim(cid, 5, "s2").unwrap() else {
+            panic!("expected the record")
+        };
+        assert_eq!(first, second);
+        // A late release by s1 (after s2's claim) is ignored: exactly one owner per epoch.
+        assert!(!s.release(cid, 5, "s1"));
+        assert_eq!(s.claim(cid, 5, "s1").unwrap_err().0, RefuseCode::StaleEpoch);
+        // A released tombstone (no record) is claimable again too.
+        let t = Cid([8; 16]);
+        assert!(matches!(s.claim(t, 2, "s1").unwrap(), Claimed::Nothing));
+        assert!(s.release(t, 2, "s1"));
+        assert!(matches!(s.claim(t, 2, "s2").unwrap(), Claimed::Nothing));
+        assert!(s.claim(t, 2, "s3").is_err());
     }
 
     #[test]

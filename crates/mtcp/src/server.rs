@@ -579,7 +579,30 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
         Msg::Migrate(m) => {
             let started = Instant::now();
-            match take_over(&inner, &m, tx).await {
+            // WORKING every heartbeat until the answer: the agent gives up on a
+            // silent candidate after an RTT-derived bound (decision 32), while a takeover may
+            // take longer (an origin's lock_state section, protecting the connection on this
+            // server's backups). The takeover itself is never cancelled: past the origin's
+            // hand-over it is the only copy of the connection.
+            let outcome = {
+                let fut = take_over(&inner, &m, tx);
+                tokio::pin!(fut);
+                // The first after one beat: a quick answer (a refusal, a move from a live
+                // origin) needs none.
+                let hb = inner.cluster.heartbeat;
+                let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut agent_there = true;
+                loop {
+                    tokio::select! {
+                        r = &mut fut => break r,
+                        _ = beat.tick(), if agent_there => {
+                            agent_there = framed::write_msg(&mut w, &Msg::Working).await.is_ok();
+                        }
+                    }
+                }
+            };
+            match outcome {
                 Ok((shared, start, resumed, sock)) => {
                     if let Some(d) = sock {
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
@@ -875,15 +898,37 @@ async fn take_over(
     } else {
         peer::fetch(inner, &origin, &f).await
     };
-    let (rec, tcp, state_bytes, from_replica) = match fetched {
-        Ok((fr, n)) => (fr.rec, fr.tcp, n, false),
+    let (rec, tcp, state_bytes, claims) = match fetched {
+        Ok((fr, n)) => (fr.rec, fr.tcp, n, None),
         Err((RefuseCode::OriginUnreachable, why)) if crate::eager::eager(inner) => {
             tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
-            let (rec, n) = crate::eager::take_from_replica(inner, &origin, m).await?;
-            (rec, None, n, true)
+            let (rec, n, claims) = crate::eager::take_from_replica(inner, &origin, m).await?;
+            (rec, None, n, Some(claims))
         }
         Err(e) => return Err(e),
     };
+    let from_replica = claims.is_some();
+    // Until the connection is set up here, a failure withdraws the claims made for it.
+    let fail = |e: (RefuseCode, String)| {
+        if let Some(c) = claims {
+            tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
+            c.release(inner);
+        }
+        Err(e)
+    };
+    match check_record(m, &rec, tcp.is_some()) {
+        Ok(()) => {}
+        Err(e) => return fail(e),
+    }
+    take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
+}
+
+/// The record a destination got must be for this connection and the client's position.
+fn check_record(
+    m: &Migrate,
+    rec: &mtcp_proto::StateRecord,
+    direct: bool,
+) -> Result<(), (RefuseCode, String)> {
     if rec.cid != m.cid || rec.epoch != m.epoch {
         return Err((
             RefuseCode::Internal,
@@ -891,7 +936,6 @@ async fn take_over(
         ));
     }
     // A fast-path connection's position is the origin's own: the agent sees no bytes.
-    let direct = tcp.is_some();
     if !direct && m.up_sent < rec.up_recv() {
         return Err((
             RefuseCode::Malformed,
@@ -908,6 +952,19 @@ async fn take_over(
             "origin's record is for another downstream position".into(),
         ));
     }
+    Ok(())
+}
+
+/// The rest of a takeover, once the record is known to fit: restart the connection here.
+async fn take_over_checked(
+    inner: &Arc<ServerInner>,
+    m: &Migrate,
+    rec: mtcp_proto::StateRecord,
+    tcp: Option<Vec<u8>>,
+    state_bytes: u64,
+    from_replica: bool,
+    tx: mpsc::UnboundedSender<Out>,
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     let epoch = m.epoch + 1;
     let up_from = rec.up_recv();
     let restart_out = rec.snap_out;

@@ -1,0 +1,124 @@
+//! Bounds on waiting for another party during a move, derived from measured round-trip times
+//! (decision 32). Pure functions of an [`Rtt`] estimate and configuration; the runtime and the
+//! agent arm their timers with them.
+//!
+//! The idea throughout: a party that answers at once (an origin's WORKING, a backup's answer to
+//! a claim or a push, a destination's WORKING to the agent) is given one round trip plus two
+//! retransmission timeouts — one lost segment each way on a healthy but lossy path is waited
+//! out, a silent party is given up on after a fraction of a second instead of a fixed 30 s.
+
+use crate::trigger::{Rtt, MIN_RTO};
+use std::time::Duration;
+
+/// The answer bound before any round trip to that party was measured: a lost SYN is
+/// retransmitted after 1 s on Linux, so anything shorter would give up on a healthy path.
+pub const UNMEASURED: Duration = Duration::from_millis(1200);
+
+/// How long a destination keeps trying to store a taken-over connection's restart point on
+/// its backups before it answers RESUMED anyway (at least; see [`protect_bound`]). Past it a
+/// backup counts as failed (it did not answer for seconds), and the connection runs without a
+/// replica until the regular pushes reach one.
+pub const PROTECT_MIN: Duration = Duration::from_secs(3);
+
+/// How long to wait for an answer the other party sends at once: one round trip plus two
+/// retransmission timeouts (each at least [`MIN_RTO`]).
+pub fn answer_bound(rtt: &Rtt) -> Duration {
+    match (rtt.srtt(), rtt.rto()) {
+        (Some(s), Some(rto)) => s + rto * 2,
+        _ => UNMEASURED,
+    }
+}
+
+/// How long the agent waits in silence on a MIGRATE's connection to a candidate. The
+/// destination sends WORKING every `heartbeat` until it answers, so silence
+/// longer than one beat plus an answer bound means the candidate is dead, hung or cut off.
+/// `rtt` is the agent's estimate of its path to the servers (the session's PING/PONG).
+pub fn candidate_silence(rtt: &Rtt, heartbeat: Duration) -> Duration {
+    let answer = match (rtt.srtt(), rtt.rto()) {
+        (Some(s), Some(rto)) => s + rto * 2,
+        // Without a sample, the session's first bound: two minimum RTOs.
+        _ => MIN_RTO * 2,
+    };
+    heartbeat + answer
+}
+
+/// How long a destination waits for the origin's first answer (WORKING) before it counts as
+/// unreachable and a replica is used: the configured `origin_wait`, but never less than the
+/// measured round trip to the origin plus a margin — on a long path a healthy origin would
+/// otherwise always look dead.
+pub fn origin_wait(configured: Duration, to_origin: &Rtt) -> Duration {
+    match to_origin.srtt() {
+        Some(s) => configured.max(s * 2 + Duration::from_millis(10)),
+        None => configured,
+    }
+}
+
+/// How long a destination may keep trying to store a taken-over connection's restart point on
+/// its backups before answering RESUMED: [`PROTECT_MIN`], or five answer bounds on a slower
+/// measured path.
+pub fn protect_bound(to_backup: &Rtt) -> Duration {
+    match to_backup.srtt() {
+        Some(_) => PROTECT_MIN.max(answer_bound(to_backup) * 5),
+        None => PROTECT_MIN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rtt(ms: u64) -> Rtt {
+        let mut r = Rtt::default();
+        for _ in 0..20 {
+            r.sample(Duration::from_millis(ms));
+        }
+        r
+    }
+
+    #[test]
+    fn answers_are_waited_for_one_rtt_and_two_retransmissions() {
+        // 40 ms between servers (two 20 ms links): 40 + 2 × 200.
+        let b = answer_bound(&rtt(40));
+        assert!(
+            b >= Duration::from_millis(440) && b < Duration::from_millis(460),
+            "{b:?}"
+        );
+        // A long path: the RTO itself grows.
+        assert!(answer_bound(&rtt(300)) >= Duration::from_millis(900));
+        // Nothing measured: a lost SYN (1 s) must not count as a dead peer.
+        assert_eq!(answer_bound(&Rtt::default()), UNMEASURED);
+        assert!(UNMEASURED > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_silent_candidate_costs_well_under_a_second_at_20_ms() {
+        let hb = Duration::from_millis(100);
+        let b = candidate_silence(&rtt(20), hb);
+        assert!(
+            b >= Duration::from_millis(500) && b < Duration::from_millis(560),
+            "{b:?}"
+        );
+        assert_eq!(
+            candidate_silence(&Rtt::default(), hb),
+            Duration::from_millis(500)
+        );
+        // Grows with the path and with the heartbeat.
+        assert!(candidate_silence(&rtt(200), hb) > b);
+        assert!(candidate_silence(&rtt(20), Duration::from_secs(1)) > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn origin_wait_never_falls_below_the_path() {
+        let cfg = Duration::from_millis(100);
+        assert_eq!(origin_wait(cfg, &Rtt::default()), cfg);
+        assert_eq!(origin_wait(cfg, &rtt(20)), cfg);
+        assert_eq!(origin_wait(cfg, &rtt(80)), Duration::from_millis(170));
+    }
+
+    #[test]
+    fn protection_is_tried_for_seconds_and_longer_on_slow_paths() {
+        assert_eq!(protect_bound(&rtt(40)), PROTECT_MIN);
+        assert_eq!(protect_bound(&Rtt::default()), PROTECT_MIN);
+        assert!(protect_bound(&rtt(500)) > Duration::from_secs(7));
+    }
+}
