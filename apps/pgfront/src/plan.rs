@@ -48,8 +48,18 @@ impl CommitRules {
 
 /// Decides how to run a unit that executes `execs` (one entry per statement execution: a
 /// simple Query's string, or each Execute's statement; `None` when the statement is not known)
-/// with the session in transaction `status`.
-pub fn decide(status: u8, execs: &[Option<&Classified>]) -> Mode {
+/// with the session in transaction `status`. `points`: commits need a durable commit point
+/// (eager mode, where another server may restart the session from a backup without this one,
+/// or two-phase commit); without, the commit path is [`Mode::Locked`] — a live move waits for
+/// it, and nothing else can restart the session.
+pub fn decide(status: u8, execs: &[Option<&Classified>], points: bool) -> Mode {
+    match decide_with_points(status, execs) {
+        Mode::Commit | Mode::Wrap if !points => Mode::Locked,
+        m => m,
+    }
+}
+
+fn decide_with_points(status: u8, execs: &[Option<&Classified>]) -> Mode {
     let known: Option<Vec<&Classified>> = execs.iter().copied().collect();
     let Some(execs) = known else {
         return Mode::Locked;
@@ -85,7 +95,7 @@ mod tests {
         let cs: Vec<Classified> = sqls.iter().map(|s| classify(s.as_bytes())).collect();
         let execs: Vec<Option<&Classified>> = cs.iter().map(Some).collect();
         let _ = rules;
-        decide(status, &execs)
+        decide(status, &execs, true)
     }
 
     #[test]
@@ -139,6 +149,23 @@ mod tests {
             mode(IN_TXN, &["SAVEPOINT a", "ROLLBACK TO a"], TWO_PHASE),
             Mode::Forward
         );
-        assert_eq!(decide(IN_TXN, &[None]), Mode::Locked);
+        assert_eq!(decide(IN_TXN, &[None], true), Mode::Locked);
+    }
+
+    #[test]
+    fn without_durable_points_commits_run_locked() {
+        let cs: Vec<Classified> = ["COMMIT", "INSERT INTO t VALUES (1)", "BEGIN", "SELECT 1"]
+            .iter()
+            .map(|s| classify(s.as_bytes()))
+            .collect();
+        let one = |status, i: usize| decide(status, &[Some(&cs[i])], false);
+        assert_eq!(one(IN_TXN, 0), Mode::Locked);
+        assert_eq!(one(IDLE, 1), Mode::Locked);
+        assert_eq!(one(IDLE, 2), Mode::Forward);
+        assert_eq!(one(IN_TXN, 3), Mode::Forward);
+        assert_eq!(one(IN_TXN, 1), Mode::Forward);
+        // With points, the same units take the commit path.
+        assert_eq!(decide(IN_TXN, &[Some(&cs[0])], true), Mode::Commit);
+        assert_eq!(decide(IDLE, &[Some(&cs[1])], true), Mode::Wrap);
     }
 }

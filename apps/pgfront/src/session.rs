@@ -440,7 +440,7 @@ impl Session {
                     };
                     let c = classify(sql);
                     self.note(&c);
-                    let mode = plan::decide(self.status, &[Some(&c)]);
+                    let mode = plan::decide(self.status, &[Some(&c)], self.points());
                     self.run_unit(mode, vec![f], c.copy == Some(true)).await?;
                 }
                 Unit::Batch(frames) => {
@@ -449,11 +449,16 @@ impl Session {
                         .iter()
                         .any(|c| c.as_ref().is_some_and(|c| c.copy == Some(true)));
                     let refs: Vec<Option<&Classified>> = execs.iter().map(|c| c.as_ref()).collect();
-                    let mode = plan::decide(self.status, &refs);
+                    let mode = plan::decide(self.status, &refs, self.points());
                     self.run_unit(mode, frames, copy_in).await?;
                 }
             }
         }
+    }
+
+    /// Whether commits need a durable commit point (see [`plan::decide`]).
+    fn points(&self) -> bool {
+        self.front.two_phase || self.conn.replicated()
     }
 
     fn rules(&self) -> CommitRules {

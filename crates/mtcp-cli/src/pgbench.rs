@@ -281,7 +281,8 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     // Declared in start order: dropped (stopped) in reverse, the front-ends before the
     // database, also on every early return.
     let pg_opts = PgOptions {
-        max_connections: (3 * p.clients + 40).max(100),
+        // Three clusters of three front-ends, each keeping up to `clients` warm backends.
+        max_connections: (12 * p.clients + 60).max(150),
         max_prepared_transactions: (2 * p.clients + 20).max(100),
         ..Default::default()
     };

@@ -183,14 +183,19 @@ fn assert_registry_empties(pl: &PgLocal) {
 }
 
 /// Fresh pgbench tables (scale 1), then `pgbench -c 8 -j 2 -T 20 -M mode` of
-/// [`TPCB_OWN_ACCOUNTS`] with every connection moved every 200 ms.
-fn pgbench_with_moves(mode: &str) {
+/// [`TPCB_OWN_ACCOUNTS`] with every connection moved every 200 ms, through front-ends with
+/// `--two-phase on|off` (off, in lazy mode: commits run under `lock_state` with no commit point).
+fn pgbench_with_moves(mode: &str, two_phase: bool) {
     let name = format!("pgbench_moves_every_200ms_{mode}");
     if !mtcp_pgtmp::require(&name) {
         return;
     }
     let dir = TempDir::new(&format!("pg-bench-{mode}"));
-    let mut pl = start(&dir);
+    let opts = PgLocalOptions {
+        two_phase,
+        ..Default::default()
+    };
+    let mut pl = PgLocal::start(&exe(), dir.path(), &opts).expect("start PG + front-ends");
     pl.pg.pgbench_init("postgres", 1).expect("pgbench -i");
     let script = dir.path().join("tpcb.sql");
     std::fs::write(&script, TPCB_OWN_ACCOUNTS).unwrap();
@@ -225,17 +230,17 @@ fn pgbench_with_moves(mode: &str) {
 
 #[test]
 fn pgbench_moves_every_200ms_simple() {
-    pgbench_with_moves("simple");
+    pgbench_with_moves("simple", false);
 }
 
 #[test]
 fn pgbench_moves_every_200ms_extended() {
-    pgbench_with_moves("extended");
+    pgbench_with_moves("extended", true);
 }
 
 #[test]
 fn pgbench_moves_every_200ms_prepared() {
-    pgbench_with_moves("prepared");
+    pgbench_with_moves("prepared", true);
 }
 
 /// Each client appends its own gap-free sequence (`seq` lives on in pgbench across a client's

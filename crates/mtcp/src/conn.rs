@@ -290,6 +290,15 @@ impl Connection {
         }
     }
 
+    /// Whether restart points can outlive this server: eager mode, where backups store them
+    /// and another server may restart the connection without this one. In lazy mode a
+    /// connection moves only with its server's help (which waits out `lock_state` sections)
+    /// and dies with it, so a restart point between two steps of a locked section is never
+    /// used.
+    pub fn replicated(&self) -> bool {
+        crate::eager::eager(&self.server)
+    }
+
     /// [`Connection::set_state_barrier`], returning once the restart point survives this
     /// server's death: at once in lazy mode (nothing of a lazy connection survives its server),
     /// and in eager mode once every backup stores it — pushed at once, with the output the
