@@ -31,9 +31,14 @@ const SCHEMA: &str = "
 /// How long a fence waits for each backend it terminates to exit.
 pub const FENCE_WAIT: Duration = Duration::from_secs(5);
 
+/// Control connections of one front-end: the registry's statements of concurrent sessions (a
+/// `migrate --all` restarts many at once) run side by side instead of queueing on one.
+const CONTROL_CONNECTIONS: usize = 3;
+
 pub struct Registry {
     url: String,
-    client: Mutex<Option<Arc<Client>>>,
+    clients: Vec<Mutex<Option<Arc<Client>>>>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,15 +60,18 @@ impl Registry {
     pub async fn connect(url: &str) -> Result<Self, RegistryError> {
         let r = Registry {
             url: url.to_string(),
-            client: Mutex::new(None),
+            clients: (0..CONTROL_CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+            next: Default::default(),
         };
         r.client().await?;
         Ok(r)
     }
 
-    /// The control connection, reconnected if it was lost.
+    /// A control connection (the next in turn), reconnected if it was lost.
     async fn client(&self) -> Result<Arc<Client>, RegistryError> {
-        let mut c = self.client.lock().await;
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = self.next.fetch_add(1, Relaxed) % self.clients.len();
+        let mut c = self.clients[i].lock().await;
         if let Some(c) = c.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
@@ -106,31 +114,50 @@ impl Registry {
         Ok(())
     }
 
-    /// Terminates every live backend registered for `cid` at an epoch older than `epoch` (a
-    /// server that restarted the connection later is newer and keeps its backend) and waits
-    /// until each
-    /// is gone (its transaction ended: a backend leaves `pg_stat_activity` only after it
-    /// aborted); returns how many there were. Fails if one is still there after
+    /// Records that backend `pid` now serves connection `cid` at `epoch` (as [`register`]),
+    /// and terminates every live backend registered for `cid` at an older epoch (a server that
+    /// restarted the connection later is newer and keeps its backend) — one statement — then
+    /// waits until each is gone (its transaction ended: a backend leaves `pg_stat_activity`
+    /// only after it aborted); returns how many there were. Fails if one is still there after
     /// [`FENCE_WAIT`]. (`pg_terminate_backend`'s own wait sleeps in 100 ms steps.)
-    pub async fn fence(&self, cid: &str, epoch: u64) -> Result<u32, RegistryError> {
+    ///
+    /// [`register`]: Registry::register
+    pub async fn register_and_fence(
+        &self,
+        cid: &str,
+        epoch: u64,
+        pid: i32,
+        key: (i32, i32),
+    ) -> Result<u32, RegistryError> {
         let c = self.client().await?;
-        let rows = c
-            .query(
+        let row = c
+            .query_one(
                 // The victims' rows are deleted by the same statement that terminates them:
                 // a front-end giving a backend back to its pool (`release`) deletes the row
-                // too, and only one of the two can. (A data-modifying WITH runs once, in full,
+                // too, and only one of the two can. (Data-modifying WITHs run once, in full,
                 // before the outer query: pg_terminate_backend only sees this connection's
                 // rows.)
                 "WITH victims AS (
                    DELETE FROM mtcp.backends b USING pg_stat_activity a
                    WHERE a.pid = b.pid AND a.backend_start = b.backend_start
-                     AND b.cid = $1 AND b.epoch < $2
-                   RETURNING b.pid)
-                 SELECT pid FROM victims WHERE pg_terminate_backend(pid)",
-                &[&cid, &(epoch as i64)],
+                     AND b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
+                   RETURNING b.pid),
+                 mine AS (
+                   INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
+                   SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
+                   ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
+                     cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
+                     key_secret = EXCLUDED.key_secret
+                   RETURNING 1)
+                 SELECT (SELECT count(*) FROM mine),
+                        ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))",
+                &[&pid, &cid, &key.0, &key.1, &(epoch as i64)],
             )
             .await?;
-        let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        if row.get::<_, i64>(0) != 1 {
+            return Err(RegistryError(format!("backend {pid} is not running")));
+        }
+        let pids: Vec<i32> = row.get(1);
         if pids.is_empty() {
             return Ok(0);
         }

@@ -300,29 +300,24 @@ impl Session {
         let t0 = std::time::Instant::now();
         let key = self.cancel_key();
         let epoch = self.conn.epoch();
-        let (registered, fenced) = tokio::join!(
-            self.front
-                .registry
-                .register(&self.cid, epoch, self.be.pid, key),
-            self.front.registry.fence(&self.cid, epoch)
-        );
-        registered?;
-        let fenced = fenced?;
+        let fenced = self
+            .front
+            .registry
+            .register_and_fence(&self.cid, epoch, self.be.pid, key)
+            .await?;
         let t1 = t0.elapsed();
-        // At Idle: whether an origin prepared this point's transaction and died (asked along
-        // with the restore, after the fence).
-        let like = format!("mtcp:{}:{}:%", self.cid, self.state.txseq);
-        let check = format!("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE '{like}'");
+        // Transactions an origin prepared and died (or hung) before their commit point was
+        // durable: asked along with the restore, after the fence; rolled back below.
+        let check = format!(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'mtcp:{}:%'",
+            self.cid
+        );
         let sets = self.restore(&check).await?;
-        // Only what an older epoch left: a newer holder's own PREPARE is not ours to undo.
-        let leftovers: Vec<String> = sets
+        let prepared: Vec<String> = sets
             .last()
             .into_iter()
             .flatten()
             .filter_map(|r| r.first().cloned().flatten())
-            .filter(|g| {
-                snapshot::gid_epoch(g, &self.cid, self.state.txseq).is_some_and(|e| e < epoch)
-            })
             .collect();
         tracing::debug!(cid = %self.cid, fenced, register_and_fence = ?t1, restore = ?(t0.elapsed() - t1), "session restarting here");
         match self.state.stage.clone() {
@@ -369,16 +364,20 @@ impl Session {
                 self.flush().await?;
                 self.restart_point().await?;
             }
-            Stage::Idle => {
-                // Prepared by an origin that died before its restart point was safe: the client
-                // was told nothing; the transaction is replayed from the input below.
-                for gid in leftovers {
-                    tracing::info!(cid = %self.cid, %gid, "rolling back a transaction prepared by a server that did not finish it");
-                    self.be
-                        .simple(&format!("ROLLBACK PREPARED '{gid}'"))
-                        .await?;
-                }
-            }
+            Stage::Idle => {}
+        }
+        // Prepared by an origin that died before its commit point was durable — this point's
+        // transaction, or (restarting from a Commit point whose Idle successor never reached
+        // the backups) a later one: its client was told nothing, and it is replayed from the
+        // input below. Its locks would block that replay for good.
+        for gid in prepared
+            .iter()
+            .filter(|g| snapshot::left_over(g, &self.cid, self.state.txseq, epoch))
+        {
+            tracing::info!(cid = %self.cid, %gid, "rolling back a transaction prepared by a server that did not finish it");
+            self.be
+                .simple(&format!("ROLLBACK PREPARED '{gid}'"))
+                .await?;
         }
         self.serve().await
     }

@@ -96,16 +96,45 @@ pub fn gid(cid: &str, txseq: u64, epoch: u64) -> String {
     format!("mtcp:{cid}:{txseq}:{epoch}")
 }
 
-/// The epoch of a gid of transaction `txseq` of `cid`, if `gid` is one.
-pub fn gid_epoch(gid: &str, cid: &str, txseq: u64) -> Option<u64> {
-    gid.strip_prefix(&format!("mtcp:{cid}:{txseq}:"))?
-        .parse()
-        .ok()
+/// The transaction number and epoch of a gid of `cid`, if `gid` is one.
+pub fn gid_parts(gid: &str, cid: &str) -> Option<(u64, u64)> {
+    let (txseq, epoch) = gid.strip_prefix(&format!("mtcp:{cid}:"))?.split_once(':')?;
+    Some((txseq.parse().ok()?, epoch.parse().ok()?))
+}
+
+/// Whether prepared transaction `gid` was left by a server that did not finish it, for a
+/// session restarting at `epoch` whose first transaction not resolved by its restart point is
+/// `first_open`: a gid of `cid` from an older epoch for that transaction or a later one. (Its
+/// commit point never became durable, so its client was told nothing. A newer epoch's gid is
+/// a newer holder's own.)
+pub fn left_over(gid: &str, cid: &str, first_open: u64, epoch: u64) -> bool {
+    gid_parts(gid, cid).is_some_and(|(t, e)| t >= first_open && e < epoch)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftover_gids() {
+        assert_eq!(gid_parts(&gid("ab", 7, 3), "ab"), Some((7, 3)));
+        assert_eq!(gid_parts(&gid("ab", 7, 3), "a"), None);
+        assert_eq!(gid_parts("mtcp:ab:7", "ab"), None);
+        assert_eq!(gid_parts("mtcp:ab:x:3", "ab"), None);
+        // Restarting at epoch 5 with transaction 7 the first open one.
+        assert!(left_over(&gid("ab", 7, 2), "ab", 7, 5));
+        assert!(left_over(&gid("ab", 8, 4), "ab", 7, 5));
+        assert!(
+            !left_over(&gid("ab", 6, 2), "ab", 7, 5),
+            "resolved by the point"
+        );
+        assert!(!left_over(&gid("ab", 7, 5), "ab", 7, 5), "our own epoch's");
+        assert!(!left_over(&gid("ab", 7, 6), "ab", 7, 5), "a newer holder's");
+        assert!(
+            !left_over(&gid("cd", 7, 2), "ab", 7, 5),
+            "another connection's"
+        );
+    }
 
     #[test]
     fn round_trip_and_version_check() {
@@ -137,8 +166,5 @@ mod tests {
         ));
         assert!(Snapshot::decode(&b[..1]).is_err());
         assert!(Snapshot::decode(&b[..b.len() - 1]).is_err());
-        assert_eq!(gid_epoch(&gid("ab", 3, 2), "ab", 3), Some(2));
-        assert_eq!(gid_epoch(&gid("ab", 3, 2), "ab", 4), None);
-        assert_eq!(gid_epoch(&gid("ab", 13, 2), "ab", 1), None);
     }
 }

@@ -181,6 +181,22 @@ fn pgbench_through_faults(mode: &str) {
             pl.lc.restart_server(&serving).unwrap();
         }
     }
+    // pgbench -T 20 ends by itself; a session stuck on a lock (a transaction left prepared)
+    // must fail the test, not hang it.
+    let mut bench = bench;
+    let t0 = Instant::now();
+    while bench.try_wait().expect("pgbench").is_none() {
+        if t0.elapsed() > Duration::from_secs(90) {
+            let _ = bench.kill();
+            let _ = bench.wait();
+            panic!(
+                "{mode}: pgbench still running 90 s after it started (faults: {faults:?}); prepared: [{}]; waiting: [{}]",
+                q(&pl, "SELECT string_agg(gid, ', ') FROM pg_prepared_xacts"),
+                q(&pl, "SELECT string_agg(pid || ' ' || wait_event_type || ': ' || left(query, 40), '; ') FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = bench.wait_with_output().expect("pgbench");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
