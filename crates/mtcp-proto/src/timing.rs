@@ -8,6 +8,7 @@
 //! out, a silent party is given up on after a fraction of a second instead of a fixed 30 s.
 
 use crate::trigger::{Rtt, MIN_RTO};
+use crate::wire::RefuseCode;
 use std::time::Duration;
 
 /// The answer bound before any round trip to that party was measured: a lost SYN is
@@ -50,6 +51,30 @@ pub fn origin_wait(configured: Duration, to_origin: &Rtt) -> Duration {
     match to_origin.srtt() {
         Some(s) => configured.max(s * 2 + Duration::from_millis(10)),
         None => configured,
+    }
+}
+
+/// A destination whose origin missed its first-answer bound ([`origin_wait`]) and whose
+/// takeover from a replica then failed with `replica`: how much longer it keeps waiting for the
+/// origin's answer to the FETCH it sent and never gave up on. The origin may have frozen the
+/// connection, fenced its backups and sent the state with a segment lost on the way: the
+/// connection then exists only in that answer (the origin forgot it, its backups refuse the
+/// epoch), so dropping the channel would lose it.
+/// * The origin answered (WORKING) meanwhile, or a backup refused the epoch as already claimed
+///   (`StaleEpoch`: the origin fences its backups while it hands the connection over): the
+///   origin is alive and busy with a hand-over — wait up to `total`, the bound of a FETCH.
+/// * Otherwise one answer bound towards the origin: a slow but alive origin still gets through,
+///   a dead one costs a fraction of a second.
+pub fn origin_grace(
+    answered: bool,
+    replica: RefuseCode,
+    to_origin: &Rtt,
+    total: Duration,
+) -> Duration {
+    if answered || replica == RefuseCode::StaleEpoch {
+        total
+    } else {
+        answer_bound(to_origin).min(total)
     }
 }
 
@@ -113,6 +138,41 @@ mod tests {
         assert_eq!(origin_wait(cfg, &Rtt::default()), cfg);
         assert_eq!(origin_wait(cfg, &rtt(20)), cfg);
         assert_eq!(origin_wait(cfg, &rtt(80)), Duration::from_millis(170));
+    }
+
+    #[test]
+    fn a_destination_keeps_waiting_for_an_origin_that_is_handing_the_connection_over() {
+        let total = Duration::from_secs(13);
+        // The origin fenced its backups (the epoch is claimed): its state is on the way.
+        assert_eq!(
+            origin_grace(false, RefuseCode::StaleEpoch, &rtt(40), total),
+            total
+        );
+        // It answered WORKING late: alive, working on it.
+        assert_eq!(
+            origin_grace(true, RefuseCode::Divergence, &rtt(40), total),
+            total
+        );
+        // No sign of life: one answer bound (40 + 2 × 200 ms), not the FETCH's bound.
+        let g = origin_grace(false, RefuseCode::Divergence, &rtt(40), total);
+        assert!(
+            g >= Duration::from_millis(440) && g < Duration::from_millis(460),
+            "{g:?}"
+        );
+        assert_eq!(
+            origin_grace(false, RefuseCode::OriginUnreachable, &rtt(40), total),
+            g
+        );
+        // Never past the FETCH's own bound.
+        assert_eq!(
+            origin_grace(
+                false,
+                RefuseCode::OriginUnreachable,
+                &Rtt::default(),
+                Duration::from_millis(300)
+            ),
+            Duration::from_millis(300)
+        );
     }
 
     #[test]

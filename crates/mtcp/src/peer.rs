@@ -9,9 +9,9 @@ use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::replica::Claimed;
 use crate::server::{msg_name, Fetch, Frozen, ServerInner};
-use mtcp_proto::wire::{HintReason, Mode, Msg, RefuseCode, ServerStatus};
+use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, StateRecord};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -130,10 +130,22 @@ pub(crate) async fn call(
     first: Duration,
     total: Duration,
 ) -> Result<Msg, ChannelError> {
+    call_noting(inner, to, req, first, total, None).await
+}
+
+/// [`call`], setting `answered` once the first answer (WORKING or the result) arrived.
+async fn call_noting(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    req: &Msg,
+    first: Duration,
+    total: Duration,
+    answered: Option<&AtomicBool>,
+) -> Result<Msg, ChannelError> {
     // An authenticated channel from the pool saves three round trips. One the peer has closed
     // since fails before the peer saw the request, so it is safe to retry on a fresh one.
     if let Some(ch) = inner.peer_pool.take(&to.id) {
-        match ask(inner, ch, req, first, total).await {
+        match ask(inner, ch, req, first, total, answered).await {
             Ok((m, ch, rtt)) => {
                 inner.peer_pool.sample(&to.id, rtt);
                 inner.peer_pool.put(&to.id, ch);
@@ -151,7 +163,7 @@ pub(crate) async fn call(
         first.min(inner.limits.fetch_timeout),
     )
     .await?;
-    let (m, ch, rtt) = ask(inner, ch, req, first, total).await?;
+    let (m, ch, rtt) = ask(inner, ch, req, first, total, answered).await?;
     inner.peer_pool.sample(&to.id, rtt);
     inner.peer_pool.put(&to.id, ch);
     Ok(m)
@@ -178,12 +190,16 @@ async fn ask(
     req: &Msg,
     first: Duration,
     total: Duration,
+    answered: Option<&AtomicBool>,
 ) -> Result<(Msg, Channel, Duration), ChannelError> {
     let t0 = std::time::Instant::now();
     emulated_path(inner).await;
     framed::write_msg(&mut ch.1, req).await?;
     let mut m = ch.0.next_msg(first).await?;
     let rtt = t0.elapsed();
+    if let Some(a) = answered {
+        a.store(true, Ordering::Relaxed);
+    }
     if m == Msg::Working {
         // The origin may wait for a lock_state section to end before it answers.
         m = ch.0.next_msg(total).await?;
@@ -191,13 +207,23 @@ async fn ask(
     Ok((m, ch, rtt))
 }
 
+/// The longest a FETCH's result may take once the origin answered WORKING (it may wait for a
+/// lock_state section to end).
+pub(crate) fn fetch_bound(inner: &ServerInner) -> Duration {
+    inner.limits.fetch_timeout + inner.limits.lock_timeout
+}
+
 /// Destination side of a migration: asks `origin` to freeze `cid` and send its state; returns
-/// the record (with the TCP connection of a fast-path connection) and its size on the wire. In eager mode an origin that does not answer within
-/// the cluster's `origin_wait` counts as unreachable (a replica is used instead).
+/// the record (with the TCP connection of a fast-path connection) and its size on the wire.
+/// `answered` is set once the origin's first answer arrived. The first answer is waited for
+/// `fetch_timeout` here; in eager mode the caller gives up sooner (`origin_wait`) and takes the
+/// connection over from a replica, but keeps this future to read the origin's answer if the
+/// replica cannot be had (see `server::fetch_or_replica`).
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
     f: &Fetch,
+    answered: &AtomicBool,
 ) -> Result<(Frozen, u64), (RefuseCode, String)> {
     let req = Msg::Fetch {
         cid: f.cid,
@@ -206,15 +232,16 @@ pub(crate) async fn fetch(
         sum_from: f.sum_from,
         down_sum: f.down_sum,
     };
-    let first = match inner.cluster.mode {
-        Mode::Eager => mtcp_proto::timing::origin_wait(
-            inner.cluster.origin_wait,
-            &inner.peer_pool.rtt(&origin.id),
-        ),
-        Mode::Lazy => inner.limits.fetch_timeout,
-    };
-    let total = inner.limits.fetch_timeout + inner.limits.lock_timeout;
-    let msg = call(inner, origin, &req, first, total).await.map_err(|e| {
+    let msg = call_noting(
+        inner,
+        origin,
+        &req,
+        inner.limits.fetch_timeout,
+        fetch_bound(inner),
+        Some(answered),
+    )
+    .await
+    .map_err(|e| {
         (
             RefuseCode::OriginUnreachable,
             format!("origin {} ({}): {e}", origin.id, origin.peer),

@@ -889,24 +889,7 @@ async fn take_over(
             ),
         ));
     }
-    let fetched = if origin.id == inner.id {
-        // Local re-attach: nothing crosses the network; the size is what it would have been.
-        crate::eager::hand_over(inner, &f).await.map(|fr| {
-            let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
-            (fr, size)
-        })
-    } else {
-        peer::fetch(inner, &origin, &f).await
-    };
-    let (rec, tcp, state_bytes, claims) = match fetched {
-        Ok((fr, n)) => (fr.rec, fr.tcp, n, None),
-        Err((RefuseCode::OriginUnreachable, why)) if crate::eager::eager(inner) => {
-            tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
-            let (rec, n, claims) = crate::eager::take_from_replica(inner, &origin, m).await?;
-            (rec, None, n, Some(claims))
-        }
-        Err(e) => return Err(e),
-    };
+    let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
     let from_replica = claims.is_some();
     // Until the connection is set up here, a failure withdraws the claims made for it.
     let fail = |e: (RefuseCode, String)| {
@@ -921,6 +904,84 @@ async fn take_over(
         Err(e) => return fail(e),
     }
     take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
+}
+
+/// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
+/// when the origin does not answer within `origin_wait`, from a replica at its backups (with
+/// the claims made there). The FETCH sent to a silent origin is not given up on: the origin
+/// may have frozen the connection, fenced its backups and sent the state with a segment lost
+/// on the way — the connection then exists only in that answer. So when the replica cannot
+/// be had, the destination keeps reading the origin's answer
+/// ([`mtcp_proto::timing::origin_grace`]).
+async fn fetch_or_replica(
+    inner: &Arc<ServerInner>,
+    origin: &crate::config::ServerEntry,
+    m: &Migrate,
+    f: &Fetch,
+) -> Result<
+    (
+        StateRecord,
+        Option<Vec<u8>>,
+        u64,
+        Option<crate::eager::Claims>,
+    ),
+    (RefuseCode, String),
+> {
+    if origin.id == inner.id {
+        // Local re-attach: nothing crosses the network; the size is what it would have been.
+        let fr = crate::eager::hand_over(inner, f).await?;
+        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
+        return Ok((fr.rec, fr.tcp, size, None));
+    }
+    let answered = AtomicBool::new(false);
+    let fetch = peer::fetch(inner, origin, f, &answered);
+    if !crate::eager::eager(inner) {
+        let (fr, n) = fetch.await?;
+        return Ok((fr.rec, fr.tcp, n, None));
+    }
+    tokio::pin!(fetch);
+    let first = mtcp_proto::timing::origin_wait(
+        inner.cluster.origin_wait,
+        &inner.peer_pool.rtt(&origin.id),
+    );
+    let (why, pending) = match tokio::time::timeout(first, &mut fetch).await {
+        Ok(Ok((fr, n))) => return Ok((fr.rec, fr.tcp, n, None)),
+        Ok(Err((RefuseCode::OriginUnreachable, why))) => (why, false),
+        Ok(Err(e)) => return Err(e),
+        Err(_) if answered.load(Ordering::Relaxed) => {
+            // WORKING came in time: the origin is alive (a lock_state section may delay it).
+            let (fr, n) = fetch.await?;
+            return Ok((fr.rec, fr.tcp, n, None));
+        }
+        Err(_) => (
+            format!(
+                "origin {} ({}): no answer within {first:?}",
+                origin.id, origin.peer
+            ),
+            true,
+        ),
+    };
+    tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
+    let e = match crate::eager::take_from_replica(inner, origin, m).await {
+        Ok((rec, n, claims)) => return Ok((rec, None, n, Some(claims))),
+        Err(e) if pending => e,
+        Err(e) => return Err(e),
+    };
+    let grace = mtcp_proto::timing::origin_grace(
+        answered.load(Ordering::Relaxed),
+        e.0,
+        &inner.peer_pool.rtt(&origin.id),
+        peer::fetch_bound(inner),
+    );
+    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({:?}: {}); waiting up to {grace:?} more for origin {}'s answer", e.0, e.1, origin.id);
+    match tokio::time::timeout(grace, fetch).await {
+        Ok(Ok((fr, n))) => {
+            tracing::info!(cid = %m.cid, "origin {} answered after all", origin.id);
+            Ok((fr.rec, fr.tcp, n, None))
+        }
+        Ok(Err(o)) => Err((e.0, format!("{}; origin {}: {}", e.1, origin.id, o.1))),
+        Err(_) => Err(e),
+    }
 }
 
 /// The record a destination got must be for this connection and the client's position.
