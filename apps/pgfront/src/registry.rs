@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 const SCHEMA: &str = "
     SELECT pg_advisory_xact_lock(7283001);
@@ -28,6 +28,53 @@ const SCHEMA: &str = "
     CREATE INDEX IF NOT EXISTS backends_cid ON mtcp.backends (cid);
 ";
 
+/// Records backend `$1` for connection `$2` at epoch `$5`, its client holding key (`$3`, `$4`).
+const REGISTER: &str =
+    "INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
+    SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
+    ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
+    cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
+    key_secret = EXCLUDED.key_secret";
+
+/// [`REGISTER`], and deletes and terminates the rows of the connection's older epochs. The
+/// victims' rows are deleted by the same statement that terminates them: a front-end giving a
+/// backend back to its pool ([`RELEASE`]) deletes the row too, and only one of the two can.
+/// (Data-modifying WITHs run once, in full, before the outer query: pg_terminate_backend only
+/// sees this connection's rows.)
+const REGISTER_AND_FENCE: &str = "WITH victims AS (
+    DELETE FROM mtcp.backends b USING pg_stat_activity a
+    WHERE a.pid = b.pid AND a.backend_start = b.backend_start
+    AND b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
+    RETURNING b.pid),
+    mine AS (
+    INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
+    SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
+    ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
+    cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
+    key_secret = EXCLUDED.key_secret
+    RETURNING 1)
+    SELECT (SELECT count(*) FROM mine),
+    ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))";
+
+/// Takes backend `$1` out of the registry if it still serves connection `$2`.
+const RELEASE: &str = "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2";
+
+/// A control connection and its statements, prepared once (a statement given as a string
+/// costs tokio-postgres a round trip to prepare it, every time).
+struct Control {
+    client: Client,
+    register: Statement,
+    register_and_fence: Statement,
+    release: Statement,
+}
+
+impl std::ops::Deref for Control {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
 /// How long a fence waits for each backend it terminates to exit.
 pub const FENCE_WAIT: Duration = Duration::from_secs(5);
 
@@ -37,7 +84,7 @@ const CONTROL_CONNECTIONS: usize = 3;
 
 pub struct Registry {
     url: String,
-    clients: Vec<Mutex<Option<Arc<Client>>>>,
+    clients: Vec<Mutex<Option<Arc<Control>>>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -68,7 +115,7 @@ impl Registry {
     }
 
     /// A control connection (the next in turn), reconnected if it was lost.
-    async fn client(&self) -> Result<Arc<Client>, RegistryError> {
+    async fn client(&self) -> Result<Arc<Control>, RegistryError> {
         use std::sync::atomic::Ordering::Relaxed;
         let i = self.next.fetch_add(1, Relaxed) % self.clients.len();
         let mut c = self.clients[i].lock().await;
@@ -84,9 +131,14 @@ impl Registry {
         client
             .batch_execute(&format!("BEGIN; {SCHEMA} COMMIT;"))
             .await?;
-        let client = Arc::new(client);
-        *c = Some(client.clone());
-        Ok(client)
+        let control = Arc::new(Control {
+            register: client.prepare(REGISTER).await?,
+            register_and_fence: client.prepare(REGISTER_AND_FENCE).await?,
+            release: client.prepare(RELEASE).await?,
+            client,
+        });
+        *c = Some(control.clone());
+        Ok(control)
     }
 
     /// Records that backend `pid` serves connection `cid` at `epoch` (its client holds `key`).
@@ -99,14 +151,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let c = self.client().await?;
         let n = c
-            .execute(
-                "INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
-                 SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
-                 ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
-                   cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
-                   key_secret = EXCLUDED.key_secret",
-                &[&pid, &cid, &key.0, &key.1, &(epoch as i64)],
-            )
+            .execute(&c.register, &[&pid, &cid, &key.0, &key.1, &(epoch as i64)])
             .await?;
         if n != 1 {
             return Err(RegistryError(format!("backend {pid} is not running")));
@@ -132,25 +177,7 @@ impl Registry {
         let c = self.client().await?;
         let row = c
             .query_one(
-                // The victims' rows are deleted by the same statement that terminates them:
-                // a front-end giving a backend back to its pool (`release`) deletes the row
-                // too, and only one of the two can. (Data-modifying WITHs run once, in full,
-                // before the outer query: pg_terminate_backend only sees this connection's
-                // rows.)
-                "WITH victims AS (
-                   DELETE FROM mtcp.backends b USING pg_stat_activity a
-                   WHERE a.pid = b.pid AND a.backend_start = b.backend_start
-                     AND b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
-                   RETURNING b.pid),
-                 mine AS (
-                   INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
-                   SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
-                   ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
-                     cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
-                     key_secret = EXCLUDED.key_secret
-                   RETURNING 1)
-                 SELECT (SELECT count(*) FROM mine),
-                        ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))",
+                &c.register_and_fence,
                 &[&pid, &cid, &key.0, &key.1, &(epoch as i64)],
             )
             .await?;
@@ -189,10 +216,7 @@ impl Registry {
     pub async fn release(&self, pid: i32, cid: &str) -> bool {
         let r = match self.client().await {
             Ok(c) => c
-                .execute(
-                    "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2",
-                    &[&pid, &cid],
-                )
+                .execute(&c.release, &[&pid, &cid])
                 .await
                 .map_err(RegistryError::from),
             Err(e) => Err(e),
