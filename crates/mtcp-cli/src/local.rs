@@ -17,9 +17,35 @@ pub async fn drain_server(
     id: &str,
     timeout: Duration,
 ) -> Result<mtcp::proto::wire::ServerStatus> {
+    Ok(drain_server_report(admin, key, id, timeout).await?.status)
+}
+
+/// What a drain did: connections moved off the server, connections that ended there meanwhile,
+/// and connections whose agent is gone (kept until the dead-session bound).
+#[derive(Debug, Clone)]
+pub struct DrainReport {
+    pub moved: u64,
+    pub ended: u64,
+    pub kept_for_dead_agent: u32,
+    pub status: mtcp::proto::wire::ServerStatus,
+}
+
+/// How long the counts must stay the same after the last connection left before a drain is
+/// reported: a connection whose agent already left its session but whose state the
+/// destination has not fetched yet counts as detached until it has.
+const DRAIN_SETTLE: Duration = Duration::from_millis(300);
+
+/// [`drain_server`], with what happened.
+pub async fn drain_server_report(
+    admin: &str,
+    key: &mtcp::proto::ClusterKey,
+    id: &str,
+    timeout: Duration,
+) -> Result<DrainReport> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let mut st = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    let first = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    let mut st = first.clone();
     while st.connections > 0 {
         if t0.elapsed() > timeout {
             bail!(
@@ -30,7 +56,25 @@ pub async fn drain_server(
         tokio::time::sleep(Duration::from_millis(20)).await;
         st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
     }
-    Ok(st)
+    let mut stable = Instant::now();
+    while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+        if (next.detached, next.migrated_out, next.connections)
+            != (st.detached, st.migrated_out, st.connections)
+        {
+            stable = Instant::now();
+        }
+        st = next;
+    }
+    let moved = st.migrated_out.saturating_sub(first.migrated_out);
+    let before = u64::from(first.connections) + u64::from(first.detached);
+    Ok(DrainReport {
+        moved,
+        ended: before.saturating_sub(moved + u64::from(st.detached)),
+        kept_for_dead_agent: st.detached,
+        status: st,
+    })
 }
 
 /// A free TCP port on 127.0.0.1 for a listener started a moment later. It is taken *below* the

@@ -403,7 +403,7 @@ async fn drain(a: DrainArgs) -> Result<()> {
         .clone();
     let t0 = Instant::now();
     eprintln!("draining {} ...", a.id);
-    let st = mtcp_cli::local::drain_server(
+    let r = mtcp_cli::local::drain_server_report(
         &me.admin,
         &cluster.key,
         &a.id,
@@ -411,11 +411,12 @@ async fn drain(a: DrainArgs) -> Result<()> {
     )
     .await?;
     println!(
-        "{} drained in {:?} ({} migrated out in total; {} connection(s) whose agent is gone kept until the dead-session bound)",
+        "{} drained in {:?}: {} connection(s) moved, {} ended there meanwhile, {} whose agent is gone kept until the dead-session bound",
         a.id,
         t0.elapsed(),
-        st.migrated_out,
-        st.detached
+        r.moved,
+        r.ended,
+        r.kept_for_dead_agent
     );
     Ok(())
 }

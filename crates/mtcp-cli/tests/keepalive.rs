@@ -177,3 +177,54 @@ async fn keep_alive(fast_path: bool) {
     assert!(live.timeline.iter().all(|e| e.ok));
     assert_eq!(live.fast_path, fast_path);
 }
+
+/// `mtcp drain` of the server holding the most of 120 idle keep-alive connections: its summary
+/// counts exactly the connections that were there as moved (none ended, none kept for a dead
+/// agent), and every connection then answers another request with the right bytes elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_summary_counts_what_moved() {
+    const CONNS: usize = 120;
+    let dir = TempDir::new("drain-summary");
+    file(&dir, "b.bin", 20_000, 3);
+    let b_bytes = std::fs::read(dir.path().join("www/b.bin")).unwrap();
+    let lc = tokio::task::block_in_place(|| cluster(&dir, 3));
+    let mut clients = Vec::new();
+    for _ in 0..CONNS {
+        let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+        let r = c.request("GET", "/b.bin", &[]).await.unwrap();
+        assert_eq!(r.digest, sha256(&b_bytes), "body differs");
+        clients.push(c);
+    }
+    let st = lc.status_async().await.unwrap();
+    let live: Vec<_> = st.iter().filter(|c| c.state == "live").collect();
+    assert_eq!(live.len(), CONNS, "{st:?}");
+    let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
+    for c in &live {
+        *per.entry(c.server.as_str()).or_default() += 1;
+    }
+    let (busiest, held) = per
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(s, n)| (s.to_string(), *n))
+        .unwrap();
+    let cluster_file = lc.cluster_file.display().to_string();
+    let out = tokio::task::block_in_place(|| {
+        lc.mtcp(&["drain", "--cluster", &cluster_file, "--id", &busiest])
+    })
+    .unwrap();
+    assert!(
+        out.contains(&format!(
+            ": {held} connection(s) moved, 0 ended there meanwhile, 0 whose agent is gone"
+        )),
+        "{busiest} held {held} of {per:?}; drain said: {out}"
+    );
+    for c in &mut clients {
+        let r = c.request("GET", "/b.bin", &[]).await.unwrap();
+        assert_eq!(r.digest, sha256(&b_bytes), "body differs");
+    }
+    let st = lc.status_async().await.unwrap();
+    let live: Vec<_> = st.iter().filter(|c| c.state == "live").collect();
+    assert_eq!(live.len(), CONNS);
+    let left = live.iter().filter(|c| c.server == busiest).count();
+    assert_eq!(left, 0, "live connections still on the drained {busiest}");
+}
