@@ -17,7 +17,35 @@ pub async fn drain_server(
     id: &str,
     timeout: Duration,
 ) -> Result<mtcp::proto::wire::ServerStatus> {
-    Ok(drain_server_report(admin, key, id, timeout).await?.status)
+    Ok(drain_until_empty(admin, key, id, timeout).await?.1)
+}
+
+/// Starts a drain and waits until no connection with an agent is left; the status when the
+/// drain began and at the end.
+async fn drain_until_empty(
+    admin: &str,
+    key: &mtcp::proto::ClusterKey,
+    id: &str,
+    timeout: Duration,
+) -> Result<(
+    mtcp::proto::wire::ServerStatus,
+    mtcp::proto::wire::ServerStatus,
+)> {
+    use mtcp::proto::wire::Msg;
+    let t0 = Instant::now();
+    let first = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    let mut st = first.clone();
+    while st.connections > 0 {
+        if t0.elapsed() > timeout {
+            bail!(
+                "{} connection(s) still on {id} after {timeout:?}",
+                st.connections
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+    }
+    Ok((first, st))
 }
 
 /// What a drain did: connections moved off the server, connections that ended there meanwhile,
@@ -35,7 +63,7 @@ pub struct DrainReport {
 /// destination has not fetched yet counts as detached until it has.
 const DRAIN_SETTLE: Duration = Duration::from_millis(300);
 
-/// [`drain_server`], with what happened.
+/// [`drain_server`], then what happened, once the counts have settled (`mtcp drain`).
 pub async fn drain_server_report(
     admin: &str,
     key: &mtcp::proto::ClusterKey,
@@ -44,18 +72,7 @@ pub async fn drain_server_report(
 ) -> Result<DrainReport> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let first = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
-    let mut st = first.clone();
-    while st.connections > 0 {
-        if t0.elapsed() > timeout {
-            bail!(
-                "{} connection(s) still on {id} after {timeout:?}",
-                st.connections
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
-    }
+    let (first, mut st) = drain_until_empty(admin, key, id, timeout).await?;
     let mut stable = Instant::now();
     while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(20)).await;
