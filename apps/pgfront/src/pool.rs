@@ -65,7 +65,8 @@ impl Pool {
     where
         F: std::future::Future<Output = bool>,
     {
-        if self.max == 0 {
+        if self.held() >= self.max {
+            // Full (or off): no reset and release for a backend that would be dropped.
             let _ = be.send(&codec::terminate()).await;
             return;
         }
@@ -82,13 +83,16 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let held: usize = idle.values().map(Vec::len).sum();
-        if held < self.max {
+        // Filled up meanwhile: dropped, the socket closes and the backend exits.
+        if held(&idle) < self.max {
             idle.entry(Self::key(params))
                 .or_default()
                 .push((be, Instant::now()));
         }
-        // Otherwise dropped: the socket closes, the backend exits.
+    }
+
+    fn held(&self) -> usize {
+        held(&self.idle.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Closes backends idle longer than [`IDLE_FOR`]; returns how many are left.
@@ -98,6 +102,11 @@ impl Pool {
             list.retain(|(_, since)| since.elapsed() < IDLE_FOR);
         }
         idle.retain(|_, l| !l.is_empty());
-        idle.values().map(Vec::len).sum()
+        held(&idle)
     }
+}
+
+/// Idle backends in `idle`.
+fn held(idle: &HashMap<Key, Vec<(Backend, Instant)>>) -> usize {
+    idle.values().map(Vec::len).sum()
 }

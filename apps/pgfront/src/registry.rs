@@ -28,33 +28,39 @@ const SCHEMA: &str = "
     CREATE INDEX IF NOT EXISTS backends_cid ON mtcp.backends (cid);
 ";
 
+/// Records backend `$1` for connection `$2` at epoch `$5`, its client holding key (`$3`, `$4`):
+/// the text of [`REGISTER`] and of [`REGISTER_AND_FENCE`]'s second part.
+macro_rules! upsert_backend {
+    () => {
+        "INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
+        SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
+        ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
+        cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
+        key_secret = EXCLUDED.key_secret"
+    };
+}
+
 /// Records backend `$1` for connection `$2` at epoch `$5`, its client holding key (`$3`, `$4`).
-const REGISTER: &str =
-    "INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
-    SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
-    ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
-    cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
-    key_secret = EXCLUDED.key_secret";
+const REGISTER: &str = upsert_backend!();
 
 /// [`REGISTER`], and deletes and terminates the rows of the connection's older epochs. The
 /// victims' rows are deleted by the same statement that terminates them: a front-end giving a
 /// backend back to its pool ([`RELEASE`]) deletes the row too, and only one of the two can.
 /// (Data-modifying WITHs run once, in full, before the outer query: pg_terminate_backend only
 /// sees this connection's rows.)
-const REGISTER_AND_FENCE: &str = "WITH victims AS (
+const REGISTER_AND_FENCE: &str = concat!(
+    "WITH victims AS (
     DELETE FROM mtcp.backends b USING pg_stat_activity a
     WHERE a.pid = b.pid AND a.backend_start = b.backend_start
     AND b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
     RETURNING b.pid),
-    mine AS (
-    INSERT INTO mtcp.backends (pid, backend_start, cid, epoch, key_pid, key_secret)
-    SELECT pid, backend_start, $2, $5, $3, $4 FROM pg_stat_activity WHERE pid = $1
-    ON CONFLICT (pid) DO UPDATE SET backend_start = EXCLUDED.backend_start,
-    cid = EXCLUDED.cid, epoch = EXCLUDED.epoch, key_pid = EXCLUDED.key_pid,
-    key_secret = EXCLUDED.key_secret
+    mine AS (",
+    upsert_backend!(),
+    "
     RETURNING 1)
     SELECT (SELECT count(*) FROM mine),
-    ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))";
+    ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))"
+);
 
 /// Takes backend `$1` out of the registry if it still serves connection `$2`.
 const RELEASE: &str = "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2";

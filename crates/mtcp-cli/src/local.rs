@@ -55,7 +55,6 @@ pub struct DrainReport {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
-    pub status: mtcp::proto::wire::ServerStatus,
 }
 
 /// How long the counts must stay the same after the last connection left before a drain is
@@ -90,7 +89,6 @@ pub async fn drain_server_report(
         moved,
         ended: before.saturating_sub(moved + u64::from(st.detached)),
         kept_for_dead_agent: st.detached,
-        status: st,
     })
 }
 

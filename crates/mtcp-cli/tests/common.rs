@@ -229,3 +229,16 @@ pub fn download_with_moves(
     };
     (status, step)
 }
+
+/// No namespace of lab `tag` is left.
+pub fn assert_lab_gone(tag: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !list.contains(&format!("mtcp-{tag}-")),
+        "lab {tag} left namespaces behind: {list}"
+    );
+}

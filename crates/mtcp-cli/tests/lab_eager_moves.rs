@@ -206,13 +206,5 @@ fn eager_downloads_survive_their_new_server_killed_right_after_a_move_at_20_ms_r
         t_all.elapsed()
     );
     drop(lc);
-    let out = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    let list = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !list.contains(&format!("mtcp-{tag}-")),
-        "lab {tag} left namespaces behind: {list}"
-    );
+    assert_lab_gone(tag);
 }

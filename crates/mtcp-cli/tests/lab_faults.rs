@@ -12,19 +12,6 @@ use mtcp_lab::Impairment;
 use std::process::Stdio;
 use std::time::Duration;
 
-/// No namespace of lab `tag` is left.
-fn assert_lab_gone(tag: &str) {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .expect("ip netns list");
-    let list = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !list.contains(&format!("mtcp-{tag}-")),
-        "lab {tag} left namespaces behind: {list}"
-    );
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Scenario {
     Kill,

@@ -24,10 +24,12 @@ pub const PROTECT_MIN: Duration = Duration::from_secs(3);
 /// How long to wait for an answer the other party sends at once: one round trip plus two
 /// retransmission timeouts (each at least [`MIN_RTO`]).
 pub fn answer_bound(rtt: &Rtt) -> Duration {
-    match (rtt.srtt(), rtt.rto()) {
-        (Some(s), Some(rto)) => s + rto * 2,
-        _ => UNMEASURED,
-    }
+    measured_answer(rtt).unwrap_or(UNMEASURED)
+}
+
+/// One round trip plus two retransmission timeouts, once `rtt` has a sample.
+fn measured_answer(rtt: &Rtt) -> Option<Duration> {
+    Some(rtt.srtt()? + rtt.rto()? * 2)
 }
 
 /// How long the agent waits in silence on a MIGRATE's connection to a candidate. The
@@ -35,12 +37,8 @@ pub fn answer_bound(rtt: &Rtt) -> Duration {
 /// longer than one beat plus an answer bound means the candidate is dead, hung or cut off.
 /// `rtt` is the agent's estimate of its path to the servers (the session's PING/PONG).
 pub fn candidate_silence(rtt: &Rtt, heartbeat: Duration) -> Duration {
-    let answer = match (rtt.srtt(), rtt.rto()) {
-        (Some(s), Some(rto)) => s + rto * 2,
-        // Without a sample, the session's first bound: two minimum RTOs.
-        _ => MIN_RTO * 2,
-    };
-    heartbeat + answer
+    // Without a sample, the session's first bound: two minimum RTOs.
+    heartbeat + measured_answer(rtt).unwrap_or(MIN_RTO * 2)
 }
 
 /// How long a destination waits for the origin's first answer (WORKING) before it counts as

@@ -25,11 +25,16 @@ struct Entry {
     rec: Vec<u8>,
     in_off: u64,
     out_off: u64,
-    claimed: bool,
-    /// Who claimed it (only that server may release the claim).
+    /// Who claimed it, if it is claimed (only that server may release the claim).
     claimer: Option<String>,
     from: String,
     updated: Instant,
+}
+
+impl Entry {
+    fn claimed(&self) -> bool {
+        self.claimer.is_some()
+    }
 }
 
 /// What a successful claim hands over.
@@ -68,14 +73,14 @@ impl ReplicaStore {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
         if let Some(e) = map.get(&rec.cid) {
-            if e.epoch > rec.epoch || (e.epoch == rec.epoch && e.claimed) {
+            if e.epoch > rec.epoch || (e.epoch == rec.epoch && e.claimed()) {
                 return Err((
                     RefuseCode::StaleEpoch,
                     format!(
                         "connection {} moved on (epoch {}{}); update for epoch {} refused",
                         rec.cid,
                         e.epoch,
-                        if e.claimed { ", claimed" } else { "" },
+                        if e.claimed() { ", claimed" } else { "" },
                         rec.epoch
                     ),
                 ));
@@ -90,7 +95,6 @@ impl ReplicaStore {
             in_off: rec.snap_in,
             out_off: rec.snap_out,
             rec: bytes,
-            claimed: false,
             claimer: None,
             from: from.to_string(),
             updated: Instant::now(),
@@ -124,7 +128,7 @@ impl ReplicaStore {
                 ));
             }
             if e.epoch == epoch {
-                if e.claimed {
+                if e.claimed() {
                     return Err((
                         RefuseCode::StaleEpoch,
                         format!(
@@ -133,7 +137,6 @@ impl ReplicaStore {
                         ),
                     ));
                 }
-                e.claimed = true;
                 e.claimer = Some(by.to_string());
                 e.updated = Instant::now();
                 e.from = format!("claimed by {by}");
@@ -152,7 +155,6 @@ impl ReplicaStore {
             rec: Vec::new(),
             in_off: 0,
             out_off: 0,
-            claimed: true,
             claimer: Some(by.to_string()),
             from: format!("claimed by {by}"),
             updated: Instant::now(),
@@ -168,8 +170,7 @@ impl ReplicaStore {
     pub fn release(&self, cid: Cid, epoch: u64, by: &str) -> bool {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match g.0.get_mut(&cid) {
-            Some(e) if e.epoch == epoch && e.claimed && e.claimer.as_deref() == Some(by) => {
-                e.claimed = false;
+            Some(e) if e.epoch == epoch && e.claimer.as_deref() == Some(by) => {
                 e.claimer = None;
                 e.from = format!("released by {by}");
                 e.updated = Instant::now();
@@ -185,7 +186,7 @@ impl ReplicaStore {
         let (map, used) = &mut *g;
         if map
             .get(&cid)
-            .is_some_and(|e| e.epoch <= epoch && !e.claimed)
+            .is_some_and(|e| e.epoch <= epoch && !e.claimed())
         {
             let e = map.remove(&cid).expect("present");
             *used -= Self::charge(&e);

@@ -891,17 +891,13 @@ async fn take_over(
     }
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
     let from_replica = claims.is_some();
-    // Until the connection is set up here, a failure withdraws the claims made for it.
-    let fail = |e: (RefuseCode, String)| {
+    if let Err(e) = check_record(m, &rec, tcp.is_some()) {
+        // A record that does not fit withdraws the claims made for it.
         if let Some(c) = claims {
             tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
             c.release(inner);
         }
-        Err(e)
-    };
-    match check_record(m, &rec, tcp.is_some()) {
-        Ok(()) => {}
-        Err(e) => return fail(e),
+        return Err(e);
     }
     take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
 }
