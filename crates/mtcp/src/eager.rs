@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 pub const MAX_REPLICA_TAIL: usize = 4 << 20;
 /// After a failed push, wait this long before trying again.
 const RETRY: Duration = Duration::from_millis(250);
+/// At most this many pushes of a taken-over connection's new epoch run at once (see
+/// [`protect_takeover`]).
+const MAX_OVERLAPPING: usize = 3;
 /// Pushes are spaced: a newer restart point is pushed at once when it is this many output
 /// bytes past the one the backups hold, otherwise after [`PUSH_GAP`] since the last push. With
 /// snapshots every few KiB this bounds the replication work without letting replicas lag.
@@ -413,27 +416,56 @@ pub(crate) async fn protect_takeover(
     let bound = mtcp_proto::timing::protect_bound(&slowest);
     let attempt =
         (mtcp_proto::timing::answer_bound(&slowest) * 2).max(mtcp_proto::timing::UNMEASURED);
+    // Attempts overlap instead of replacing each other: an attempt that outlives `attempt` keeps
+    // running (a lost SYN is retransmitted after 1 s, a record on a lossy path may need several
+    // retransmission timeouts) while a fresh one starts beside it. The first to succeed wins.
     let t0 = Instant::now();
     let mut tries = 0;
     let mut last = String::new();
-    while t0.elapsed() < bound {
-        tries += 1;
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut next_try = t0;
+    loop {
         let left = bound.saturating_sub(t0.elapsed());
-        match tokio::time::timeout(attempt.min(left), push(inner, bytes.clone())).await {
-            Ok(Ok(())) => {
-                if tries > 1 {
-                    tracing::info!(cid = %rec.cid, tries, took = ?t0.elapsed(), "taken-over connection protected on its backups");
-                }
-                return Some((rec.snap_out, rec.snap_in));
-            }
-            Ok(Err(e)) if e.fenced => {
-                tracing::error!(cid = %rec.cid, "a backup refuses the taken-over connection's new epoch: {}", e.why);
-                return None;
-            }
-            Ok(Err(e)) => last = e.why,
-            Err(_) => last = format!("no answer within {:?}", attempt.min(left)),
+        if left.is_zero() {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20).min(bound.saturating_sub(t0.elapsed()))).await;
+        let now = Instant::now();
+        let room = inflight.len() < MAX_OVERLAPPING;
+        if room && now >= next_try {
+            tries += 1;
+            let (inner, bytes) = (inner.clone(), bytes.clone());
+            inflight.spawn(async move { push(&inner, bytes).await });
+            next_try = now + attempt;
+            continue;
+        }
+        let wake = if room {
+            next_try.saturating_duration_since(now).min(left)
+        } else {
+            left
+        };
+        tokio::select! {
+            Some(r) = inflight.join_next(), if !inflight.is_empty() => match r {
+                Ok(Ok(())) => {
+                    if tries > 1 {
+                        tracing::info!(cid = %rec.cid, tries, took = ?t0.elapsed(), "taken-over connection protected on its backups");
+                    }
+                    return Some((rec.snap_out, rec.snap_in));
+                }
+                Ok(Err(e)) if e.fenced => {
+                    tracing::error!(cid = %rec.cid, "a backup refuses the taken-over connection's new epoch: {}", e.why);
+                    return None;
+                }
+                Ok(Err(e)) => {
+                    last = e.why;
+                    next_try = next_try.min(Instant::now() + Duration::from_millis(20));
+                }
+                Err(e) => last = format!("push task: {e}"),
+            },
+            _ = tokio::time::sleep(wake) => {}
+        }
+    }
+    if last.is_empty() {
+        last = format!("{tries} overlapping attempt(s) unanswered");
     }
     tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unprotected until the next snapshot is pushed");
     None

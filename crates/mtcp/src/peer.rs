@@ -336,6 +336,57 @@ pub(crate) async fn drop_replica(inner: &Arc<ServerInner>, to: &ServerEntry, cid
     }
 }
 
+/// How often an eager server checks its channel to each backup (see [`keep_warm`]).
+const WARM_EVERY: Duration = Duration::from_secs(1);
+/// How long dialling a backup in the background may take: long enough for TCP to retransmit a
+/// lost SYN twice (1 s, then 3 s after a retransmitted handshake on Linux).
+const WARM_DIAL: Duration = Duration::from_secs(10);
+
+/// Eager mode: keeps one authenticated channel to backup `to` ready in the pool and its round
+/// trip measured, for as long as the server runs. A destination that took a connection over
+/// must store the new epoch on its backups before it answers RESUMED (decision 32); on a lossy
+/// path a fresh channel's handshake alone can take seconds (a lost SYN or SYN-ACK costs 1 s, and
+/// Linux then starts the connection with a 3 s retransmission timeout), so that push must not
+/// wait for one. A restarted backup is redialled within [`WARM_EVERY`].
+pub(crate) async fn keep_warm(inner: std::sync::Weak<ServerInner>, to: ServerEntry) {
+    loop {
+        tokio::time::sleep(WARM_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
+        let ping = Msg::Ping { t: 0 };
+        // A pooled channel answers the probe (its peer may have died since); without one, a
+        // fresh channel is dialled with time for TCP's own retransmissions.
+        let ch = match inner.peer_pool.take(&to.id) {
+            Some(ch) => ch,
+            None => match connect_authenticated(
+                &to.peer,
+                &inner.cluster.key,
+                &inner.id,
+                inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
+                WARM_DIAL,
+            )
+            .await
+            {
+                Ok(ch) => ch,
+                Err(e) => {
+                    tracing::debug!(backup = %to.id, "keeping a channel warm: {e}");
+                    continue;
+                }
+            },
+        };
+        match ask(&inner, ch, &ping, t, t, None).await {
+            Ok((Msg::Pong { .. }, ch, rtt)) => {
+                inner.peer_pool.sample(&to.id, rtt);
+                inner.peer_pool.put(&to.id, ch);
+            }
+            Ok((other, _, _)) => {
+                tracing::debug!(backup = %to.id, "keep-warm probe answered {}", msg_name(&other))
+            }
+            Err(e) => tracing::debug!(backup = %to.id, "keep-warm probe: {e}"),
+        }
+    }
+}
+
 /// Idle authenticated channels to other servers, by server id, and the round-trip estimate
 /// towards each (time to a peer's immediate first answer).
 #[derive(Default)]
@@ -465,6 +516,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     out_off: 0,
                 }
             }
+            // A keep-warm probe (see [`keep_warm`]): answered at once.
+            Ok(Msg::Ping { t }) => Msg::Pong { t },
             Ok(Msg::DropReplica { cid, epoch }) => {
                 inner.replicas.drop_upto(cid, epoch);
                 Msg::ReplicaStored {

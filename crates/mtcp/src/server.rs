@@ -365,6 +365,9 @@ impl Server {
             })),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
         ];
+        for b in inner.cluster.backups(&inner.id) {
+            tasks.push(tokio::spawn(peer::keep_warm(Arc::downgrade(&inner), b)));
+        }
         if let Some(max) = inner.limits.max_connections {
             tasks.push(tokio::spawn(overload_loop(Arc::downgrade(&inner), max)));
         }
