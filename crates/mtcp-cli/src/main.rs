@@ -54,6 +54,14 @@ struct ServerArgs {
     /// Seconds a connection's state is kept after its agent went away without closing it.
     #[arg(long, default_value_t = 120)]
     dead_session_secs: u64,
+    /// Output a relayed connection may have sent its agent without an acknowledgement, MiB;
+    /// the application's writes wait beyond it (bounds what one client can make a server keep).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    max_unacked_mib: u64,
+    /// Seconds the application may wait on --max-unacked-mib with the agent attached but
+    /// acknowledging nothing before the connection is aborted.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    ack_timeout_secs: u64,
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
@@ -253,6 +261,8 @@ async fn server(a: ServerArgs) -> Result<()> {
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
+        max_unacked: a.max_unacked_mib << 20,
+        ack_timeout: Duration::from_secs(a.ack_timeout_secs),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),

@@ -8,6 +8,7 @@
 //! (throughput floor, RTT, server overload).
 
 pub mod auth;
+pub mod bounds;
 pub mod offsets;
 pub mod policy;
 pub mod record;

@@ -122,6 +122,12 @@ impl ServerStream {
         self.acked
     }
 
+    /// Output written but not yet acknowledged by the agent: what the output log must keep
+    /// whatever the restart points (the runtime bounds it, see `Limits::max_unacked`).
+    pub fn unacked(&self) -> u64 {
+        self.out_off().saturating_sub(self.acked)
+    }
+
     pub fn migratable(&self) -> bool {
         self.migratable
     }

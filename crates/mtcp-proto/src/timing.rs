@@ -21,6 +21,20 @@ pub const UNMEASURED: Duration = Duration::from_millis(1200);
 /// replica until the regular pushes reach one.
 pub const PROTECT_MIN: Duration = Duration::from_secs(3);
 
+/// A frame once begun is given this long, plus [`FRAME_MIN_RATE`] for what has arrived.
+pub const FRAME_GRACE: Duration = Duration::from_secs(10);
+/// The slowest pace (bytes per second) at which a begun frame keeps its reader waiting.
+pub const FRAME_MIN_RATE: u64 = 32 << 10;
+
+/// How long after its first bytes a frame may still be incomplete with `received` bytes of it
+/// in: [`FRAME_GRACE`] plus the time those bytes take at [`FRAME_MIN_RATE`]. A sender that
+/// keeps up that pace (any real link, even a lossy one) is waited for as long as it sends; one
+/// that parks a partial frame, or trickles it, is cut off — it cannot hold a reader's buffer
+/// indefinitely.
+pub fn frame_deadline(received: usize) -> Duration {
+    FRAME_GRACE + Duration::from_secs_f64(received as f64 / FRAME_MIN_RATE as f64)
+}
+
 /// How long to wait for an answer the other party sends at once: one round trip plus two
 /// retransmission timeouts (each at least [`MIN_RTO`]).
 pub fn answer_bound(rtt: &Rtt) -> Duration {
@@ -178,5 +192,18 @@ mod tests {
         assert_eq!(protect_bound(&rtt(40)), PROTECT_MIN);
         assert_eq!(protect_bound(&Rtt::default()), PROTECT_MIN);
         assert!(protect_bound(&rtt(500)) > Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_begun_frame_gets_grace_plus_its_bytes_at_the_minimum_pace() {
+        assert_eq!(frame_deadline(0), FRAME_GRACE);
+        // 1 MiB at 32 KiB/s is 32 s more.
+        assert_eq!(
+            frame_deadline(1 << 20),
+            FRAME_GRACE + Duration::from_secs(32)
+        );
+        // A trickle of a byte a second never catches up with its deadline.
+        let trickled = |secs: u64| frame_deadline(secs as usize);
+        assert!(trickled(60) < Duration::from_secs(60));
     }
 }

@@ -288,6 +288,13 @@ pub struct Limits {
     pub max_unread: u64,
     /// Downstream bytes queued for the session socket before the app's writes wait.
     pub max_queued: u64,
+    /// Downstream bytes sent to a relayed session but not acknowledged by its agent before the
+    /// app's writes wait: what one client can make its server keep, whatever it does (an agent
+    /// acknowledges every MiB it receives).
+    pub max_unacked: u64,
+    /// How long the app's writes may wait on [`Limits::max_unacked`] with the agent attached but
+    /// acknowledging nothing before the connection is aborted.
+    pub ack_timeout: Duration,
     /// How long a migration waits for a `lock_state` section to end.
     pub lock_timeout: Duration,
     /// How long state is kept for a connection whose agent went away.
@@ -325,6 +332,8 @@ impl Default for Limits {
             max_output_log: 256 << 20,
             max_unread: 4 << 20,
             max_queued: 4 << 20,
+            max_unacked: 16 << 20,
+            ack_timeout: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),

@@ -90,6 +90,9 @@ pub(crate) struct ConnState {
     pub tx: Option<mpsc::UnboundedSender<Out>>,
     pub queued: u64,
     pub detached_at: Option<Instant>,
+    /// Since when the app's writes wait for the agent to acknowledge output
+    /// (`Limits::max_unacked`); cleared when an acknowledgement arrives.
+    pub ack_wait: Option<Instant>,
     pub read_waker: Option<Waker>,
     pub write_waker: Option<Waker>,
     /// Eager mode: what the backups hold.
@@ -112,6 +115,7 @@ impl ConnState {
             tx: Some(tx),
             queued: 0,
             detached_at: None,
+            ack_wait: None,
             read_waker: None,
             write_waker: None,
             repl: Default::default(),
@@ -449,6 +453,13 @@ impl AsyncWrite for Connection {
             return Poll::Ready(Ok(0));
         }
         if st.queued >= self.server.limits.max_queued {
+            st.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        // A relayed session's output is kept until its agent acknowledges it. (On the fast path
+        // the kernel's send buffer bounds it, and what it sent counts as acknowledged.)
+        if st.direct.is_none() && st.s.unacked() >= self.server.limits.max_unacked {
+            st.ack_wait.get_or_insert_with(std::time::Instant::now);
             st.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }

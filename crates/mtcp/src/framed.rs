@@ -19,6 +19,8 @@ pub enum ChannelError {
     Closed,
     #[error("timed out waiting for the peer")]
     Timeout,
+    #[error("slow sender: a frame still incomplete after {received} bytes in {secs:.0} s")]
+    SlowSender { received: usize, secs: f64 },
     #[error("unexpected message: {0}")]
     Unexpected(String),
 }
@@ -73,6 +75,9 @@ pub struct FrameReader<R> {
     dec: FrameDecoder,
     /// Payload bytes of the current data frame not yet returned by [`FrameReader::next_piece`].
     data_left: usize,
+    /// When the first bytes of the frame [`FrameReader::next`] is assembling arrived (see
+    /// [`mtcp_proto::timing::frame_deadline`]).
+    partial_since: Option<std::time::Instant>,
 }
 
 /// A piece of the frame stream (see [`FrameReader::next_piece`]).
@@ -90,19 +95,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(256 << 10),
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
+            partial_since: None,
         }
     }
 
-    /// The next frame; `Err(Closed)` on end of stream.
+    /// The next frame; `Err(Closed)` on end of stream. A frame once begun must arrive at a
+    /// minimum pace ([`mtcp_proto::timing::frame_deadline`]), or `Err(SlowSender)`: a peer
+    /// cannot park a large partial frame here for ever.
     pub async fn next(&mut self) -> Result<Frame, ChannelError> {
         loop {
             if let Some(f) = self.dec.decode(&mut self.buf)? {
+                self.partial_since = None;
                 return Ok(f);
             }
             if self.buf.capacity() - self.buf.len() < 64 << 10 {
                 self.buf.reserve(256 << 10);
             }
-            if self.r.read_buf(&mut self.buf).await? == 0 {
+            let n = if self.buf.is_empty() {
+                self.partial_since = None;
+                self.r.read_buf(&mut self.buf).await?
+            } else {
+                let since = *self
+                    .partial_since
+                    .get_or_insert_with(std::time::Instant::now);
+                let deadline = since + mtcp_proto::timing::frame_deadline(self.buf.len());
+                match tokio::time::timeout_at(deadline.into(), self.r.read_buf(&mut self.buf)).await
+                {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(ChannelError::SlowSender {
+                            received: self.buf.len(),
+                            secs: since.elapsed().as_secs_f64(),
+                        })
+                    }
+                }
+            };
+            if n == 0 {
                 return Err(ChannelError::Closed);
             }
         }
@@ -177,6 +205,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.dec = FrameDecoder::new(max_frame);
     }
 
+    /// The stream underneath (bytes it delivered may sit in the reader's buffer).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
     pub fn into_inner(self) -> (R, BytesMut) {
         (self.r, self.buf)
     }
@@ -187,6 +220,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf,
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
+            partial_since: None,
         }
     }
 }

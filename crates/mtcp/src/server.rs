@@ -70,6 +70,9 @@ pub(crate) struct ServerInner {
     pub draining: AtomicBool,
     pub migrated_in: AtomicU64,
     pub migrated_out: AtomicU64,
+    /// About how many detached connections that never carried data are kept (counted up at
+    /// each such detach, set exactly by each sweep; see [`sweep_detached`]).
+    pub(crate) empty_detached: std::sync::atomic::AtomicUsize,
     /// Connections being handed over on the peer port: frozen and forgotten here, but their
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
@@ -347,6 +350,7 @@ impl Server {
             draining: AtomicBool::new(false),
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
+            empty_detached: Default::default(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -436,21 +440,84 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         for c in inner.all() {
             crate::eager::tend(&inner, &c, now);
             let mut st = c.lock();
-            // A fast-path connection is served without its agent; it ends with the client.
-            if st.direct.is_none()
+            // An attached agent that acknowledges nothing while the app waits on it: the
+            // connection goes, not the server's memory. (A detached one is waited for below.)
+            if st.detached_at.is_none()
+                && st.phase == Phase::Live
                 && st
-                    .detached_at
-                    .is_some_and(|t| now.duration_since(t) > inner.limits.dead_session)
+                    .ack_wait
+                    .is_some_and(|t| now.duration_since(t) > inner.limits.ack_timeout)
             {
-                tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
-                st.phase = Phase::Aborted("agent gone".into());
+                let reason = format!(
+                    "the agent acknowledged none of {} bytes of output for {:?}",
+                    st.s.unacked(),
+                    inner.limits.ack_timeout
+                );
+                tracing::warn!(cid = %c.cid, "{reason}; aborting the connection");
+                st.send(Out::Msg(Msg::Refused {
+                    code: RefuseCode::TooLarge,
+                    reason: reason.clone(),
+                }));
+                st.phase = Phase::Aborted(reason);
                 st.tx = None;
                 st.wake_all();
                 drop(st);
                 inner.forget(c.cid);
+                continue;
             }
         }
+        sweep_detached(&inner, now);
     }
+}
+
+/// Drops the state of connections whose agent is gone, as `mtcp_proto::bounds` rules: after
+/// `dead_session`, or soon and only so many when they never carried data. A fast-path
+/// connection is served without its agent and ends with its client: it is not swept.
+fn sweep_detached(inner: &ServerInner, now: Instant) {
+    use mtcp_proto::bounds::{detached_to_drop, Detached};
+    let mut conns = Vec::new();
+    let mut list = Vec::new();
+    for c in inner.all() {
+        let st = c.lock();
+        let Some(t) = st.detached_at.filter(|_| st.direct.is_none()) else {
+            continue;
+        };
+        if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+            continue;
+        }
+        list.push(Detached {
+            age: now.duration_since(t),
+            carried_data: st.s.out_off() > 0 || st.s.up_recv() > 0,
+        });
+        drop(st);
+        conns.push(c);
+    }
+    let gone = detached_to_drop(&list, inner.limits.dead_session);
+    let mut empty = 0;
+    for &i in &gone {
+        let c = &conns[i];
+        let mut st = c.lock();
+        if st.detached_at.is_none() {
+            continue; // its agent came back meanwhile
+        }
+        if list[i].carried_data {
+            tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
+        } else {
+            empty += 1;
+        }
+        st.phase = Phase::Aborted("agent gone".into());
+        st.tx = None;
+        st.wake_all();
+        drop(st);
+        inner.forget(c.cid);
+    }
+    if empty > 0 {
+        tracing::debug!(
+            "dropped the state of {empty} detached connection(s) that never carried data"
+        );
+    }
+    let kept_empty = list.iter().filter(|d| !d.carried_data).count() - empty;
+    inner.empty_detached.store(kept_empty, Ordering::Relaxed);
 }
 
 async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
@@ -1239,7 +1306,16 @@ async fn reader_loop(
                 down_recv,
                 sum_from,
             }) => {
+                let before = st.s.acked();
                 st.s.on_ack(down_recv, sum_from);
+                if st.s.acked() > before {
+                    st.ack_wait = None;
+                    if st.s.unacked() < inner.limits.max_unacked {
+                        if let Some(w) = st.write_waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
                 if st.phase == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
                     st.phase = Phase::Closed;
                     st.tx = None;
@@ -1280,6 +1356,17 @@ async fn reader_loop(
     if matches!(st.phase, Phase::Live | Phase::AppClosed) {
         tracing::debug!(cid = %shared.cid, "session detached: {why}");
         st.detached_at = Some(Instant::now());
+        let empty = st.s.out_off() == 0 && st.s.up_recv() == 0;
+        drop(st);
+        // A flood of sessions that open and leave without a byte is swept as it comes, not
+        // only by the janitor each second: at twice the cap, so a sweep (a pass over all
+        // connections) is paid once per cap's worth of such sessions.
+        if empty
+            && inner.empty_detached.fetch_add(1, Ordering::Relaxed)
+                >= 2 * mtcp_proto::bounds::MAX_EMPTY_DETACHED
+        {
+            sweep_detached(inner, Instant::now());
+        }
     }
     false
 }

@@ -1,0 +1,283 @@
+//! Issue 14, bounded memory: what one client can make a server keep, whatever it does — a
+//! session that reads but never acknowledges, frames parked half-sent or trickled, a flood of
+//! sessions that open and leave without a byte. Each defence is asserted while a live download
+//! through a legitimate agent on the same server stays byte-exact.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use mtcp::framed::{self, FrameReader, Out};
+use mtcp::proto::wire::{self, Frame, Msg};
+use mtcp_cli::client::Client;
+use mtcp_cli::local::LocalCluster;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A session opened by hand on `addr`'s data port: preamble, HELLO, WELCOME.
+async fn raw_session(addr: &str) -> (FrameReader<OwnedReadHalf>, OwnedWriteHalf) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: 0,
+        orig_dst: None,
+    };
+    framed::write_msg(&mut w, &hello).await.unwrap();
+    let mut r = FrameReader::new(r, 4 << 20);
+    let m = r.next_msg(Duration::from_secs(10)).await.unwrap();
+    assert!(matches!(m, Msg::Welcome(_)), "expected WELCOME, got {m:?}");
+    (r, w)
+}
+
+/// A rate-limited download of `/f.bin` through the agent, under way when this returns.
+async fn live_download(
+    lc: &LocalCluster,
+) -> tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>> {
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    c.rate = Some(4 << 20);
+    let dl = tokio::spawn(async move { c.request("GET", "/f.bin", &[]).await });
+    for _ in 0..500 {
+        let st = lc.status_async().await.unwrap();
+        if st.iter().any(|c| c.state == "live" && c.bytes_down > 0) {
+            return dl;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the download did not start");
+}
+
+async fn assert_download_intact(
+    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>>,
+    want: &str,
+) {
+    let r = tokio::time::timeout(Duration::from_secs(90), dl)
+        .await
+        .expect("download finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.digest, want, "the live download was corrupted");
+}
+
+/// Connections and detached states a server keeps.
+async fn kept(lc: &LocalCluster, id: &str) -> (u32, u32) {
+    let s = lc.servers.iter().find(|s| s.id == id).unwrap();
+    let st = mtcp::peer::admin_request(&s.admin, &lc.key, Msg::AdminStatus)
+        .await
+        .unwrap();
+    (st.connections, st.detached)
+}
+
+/// A client that pipelines a gigabyte of responses and reads them all but never acknowledges:
+/// its server sends at most `max_unacked` (16 MiB) plus what was queued, keeps at most that,
+/// and after `--ack-timeout-secs` aborts the connection with a reason. Before the bound, the
+/// server grew by the whole gigabyte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_acknowledges_costs_its_server_a_bounded_amount_of_memory() {
+    let dir = TempDir::new("hostile-unacked");
+    let want = file(&dir, "f.bin", 24 << 20, 7);
+    file(&dir, "big.bin", 64 << 20, 8);
+    let lc =
+        tokio::task::block_in_place(|| cluster_args(&dir, 2, None, &["--ack-timeout-secs", "3"]));
+    let dl = live_download(&lc).await;
+    let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
+    let pid = lc.pid("s1").expect("s1's pid");
+    let base = rss_kib(pid);
+
+    let (mut r, mut w) = raw_session(&s1.data).await;
+    // 16 pipelined GETs of 64 MiB: a gigabyte of responses.
+    let req = "GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n".repeat(16);
+    framed::write_frames(&mut w, &[Out::Data(Bytes::from(req))])
+        .await
+        .unwrap();
+    let (mut got, mut peak, mut refusal) = (0u64, base, None);
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the session that never acknowledges was not cut off in 60 s ({got} bytes received)"
+        );
+        match tokio::time::timeout(Duration::from_millis(200), r.next()).await {
+            Ok(Ok(Frame::Data(b))) => got += b.len() as u64,
+            Ok(Ok(Frame::Msg(Msg::Refused { reason, .. }))) => refusal = Some(reason),
+            Ok(Ok(Frame::Msg(_))) => {} // heartbeats, SNAPs
+            Ok(Err(_)) => break,        // closed
+            Err(_) => {}                // quiet: the server waits for an ACK
+        }
+        peak = peak.max(rss_kib(pid));
+    }
+    let grew_mib = (peak.saturating_sub(base)) as f64 / 1024.0;
+    eprintln!(
+        "never-ACK session: received {:.1} MiB, server grew by {grew_mib:.1} MiB, cut off after {:?}: {refusal:?}",
+        got as f64 / (1u64 << 20) as f64,
+        t0.elapsed()
+    );
+    let refusal = refusal.expect("a refusal naming the reason before the close");
+    assert!(refusal.contains("acknowledged none"), "{refusal}");
+    assert!(
+        got <= 20 << 20,
+        "the server sent {got} bytes nobody acknowledged (bound: 16 MiB unacknowledged)"
+    );
+    assert!(
+        got >= 8 << 20,
+        "only {got} bytes were served before the cut-off"
+    );
+    assert!(
+        grew_mib < 64.0,
+        "the server grew by {grew_mib:.1} MiB for one client"
+    );
+    drop((r, w));
+    assert_download_intact(dl, &want).await;
+    assert_eq!(kept(&lc, "s1").await, (0, 0), "state left on s1");
+}
+
+/// Frames begun and never finished: sessions that park most of a frame and stop, and one that
+/// trickles a frame a byte a second. Each is cut off at its deadline (10 s plus what arrived at
+/// 32 KiB/s), so parked frames hold memory for seconds, not for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_and_trickled_frames_are_cut_off() {
+    let dir = TempDir::new("hostile-parked");
+    let want = file(&dir, "f.bin", 48 << 20, 9);
+    let lc = tokio::task::block_in_place(|| cluster(&dir, 2));
+    let dl = live_download(&lc).await;
+    let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
+
+    const PARKED: usize = 100;
+    let part = (256 << 10) - 1;
+    let mut parked = Vec::new();
+    for _ in 0..PARKED {
+        let (r, mut w) = raw_session(&s1.data).await;
+        let mut frame = wire::data_header(1 << 20).to_vec();
+        frame.resize(wire::HEADER_LEN + part, 0x5a);
+        w.write_all(&frame).await.unwrap();
+        parked.push((r, w));
+    }
+    let (mut tr, mut tw) = raw_session(&s1.data).await;
+    tw.write_all(&wire::data_header(1000)).await.unwrap();
+    let t0 = Instant::now();
+    // The trickler sends a byte a second until the server closes its session.
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0;
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        loop {
+            tokio::select! {
+                r = tr.next() => match r {
+                    Ok(_) => {} // heartbeats
+                    Err(e) => return (t0.elapsed(), sent, e.to_string()),
+                },
+                _ = tick.tick() => {
+                    if tw.write_all(b"x").await.is_err() {
+                        return (t0.elapsed(), sent, "our write failed".to_string());
+                    }
+                    sent += 1;
+                }
+            }
+        }
+    });
+    // Every parked session is closed by the server by its deadline (10 s + 8 s) and a margin.
+    let limit = mtcp::proto::timing::frame_deadline(part) + Duration::from_secs(8);
+    for (i, (r, _w)) in parked.iter_mut().enumerate() {
+        let left = limit.saturating_sub(t0.elapsed());
+        let mut b = [0u8; 64];
+        let inner = r_inner(r);
+        let end = tokio::time::timeout(left, async {
+            loop {
+                match inner.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // heartbeats
+                }
+            }
+        })
+        .await;
+        assert!(
+            end.is_ok(),
+            "parked session {i} still open {:?} after its frame began",
+            t0.elapsed()
+        );
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= mtcp::proto::timing::FRAME_GRACE,
+        "parked sessions closed after {took:?}, before their grace"
+    );
+    let (t_trickle, sent, why) = tokio::time::timeout(Duration::from_secs(30), trickle)
+        .await
+        .expect("the trickling session was not cut off in 30 s")
+        .unwrap();
+    eprintln!("{PARKED} parked sessions closed by {took:?}; the trickler after {t_trickle:?} and {sent} bytes ({why:?})");
+    assert!(sent >= 5, "the trickler sent only {sent} bytes");
+    assert!(
+        t_trickle >= mtcp::proto::timing::FRAME_GRACE
+            && t_trickle < mtcp::proto::timing::FRAME_GRACE + Duration::from_secs(5),
+        "the trickler was cut off after {t_trickle:?} ({why})"
+    );
+    assert_download_intact(dl, &want).await;
+}
+
+/// The read half underneath a frame reader (to wait for the server's close without decoding).
+fn r_inner(r: &mut FrameReader<OwnedReadHalf>) -> &mut OwnedReadHalf {
+    r.get_mut()
+}
+
+/// Sessions that say HELLO and leave without a byte: their detached states are kept for
+/// seconds and only so many (`mtcp_proto::bounds`); before, each stayed for the 120 s
+/// dead-session bound, half a gigabyte for 30 000 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_sessions_leaves_bounded_state_for_seconds() {
+    use mtcp::proto::bounds::{EMPTY_DETACHED, MAX_EMPTY_DETACHED};
+    let dir = TempDir::new("hostile-flood");
+    let want = file(&dir, "f.bin", 32 << 20, 10);
+    let lc = tokio::task::block_in_place(|| cluster(&dir, 2));
+    let dl = live_download(&lc).await;
+    let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
+    const FLOOD: usize = 4000;
+    let t0 = Instant::now();
+    let mut most = 0;
+    for i in 0..FLOOD {
+        let (r, w) = raw_session(&s1.data).await;
+        drop((r, w));
+        if i % 500 == 499 {
+            let (_, detached) = kept(&lc, "s1").await;
+            most = most.max(detached);
+        }
+    }
+    eprintln!(
+        "{FLOOD} empty sessions in {:?}; at most {most} detached states seen",
+        t0.elapsed()
+    );
+    assert!(
+        most as usize <= 2 * MAX_EMPTY_DETACHED + 64,
+        "{most} detached empty states kept (cap {MAX_EMPTY_DETACHED}, swept at twice it)"
+    );
+    // All of them are gone soon after, while the live download goes on.
+    let t1 = Instant::now();
+    loop {
+        let (live, detached) = kept(&lc, "s1").await;
+        if detached == 0 {
+            assert!(live <= 1, "{live} connections on s1");
+            break;
+        }
+        assert!(
+            t1.elapsed() < EMPTY_DETACHED + Duration::from_secs(5),
+            "{detached} empty detached states still kept {:?} after the flood",
+            t1.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_download_intact(dl, &want).await;
+}

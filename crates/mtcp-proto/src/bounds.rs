@@ -1,0 +1,102 @@
+//! What a server keeps for clients that are gone: the rules that bound the state of detached
+//! connections (a session that ended without CLOSE), as pure functions of their ages.
+//!
+//! A detached connection's state is kept so that its agent can move it (the agent leaves the
+//! origin's session before the destination fetches the state) or come back after a broken
+//! session. One that never carried a byte costs its server the same as one that did, but losing
+//! it loses nothing the client sent or saw, and a flood of HELLO-and-disconnect sessions costs
+//! its sender nothing: such states are kept briefly and only so many of them.
+
+use std::time::Duration;
+
+/// How long the state of a detached connection that never carried data is kept: long enough
+/// for a move to fetch it (a FETCH's own bound is seconds).
+pub const EMPTY_DETACHED: Duration = Duration::from_secs(10);
+/// At most this many detached connections that never carried data are kept; beyond it the
+/// oldest go first.
+pub const MAX_EMPTY_DETACHED: usize = 1024;
+
+/// One detached connection, as the sweep sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Detached {
+    /// Since its session ended.
+    pub age: Duration,
+    /// Whether any byte went either way on it.
+    pub carried_data: bool,
+}
+
+/// The indices of `list` whose state to drop: every connection detached for longer than
+/// `dead_session`, every empty one detached for longer than [`EMPTY_DETACHED`], and the oldest
+/// empty ones beyond [`MAX_EMPTY_DETACHED`].
+pub fn detached_to_drop(list: &[Detached], dead_session: Duration) -> Vec<usize> {
+    let empty_bound = EMPTY_DETACHED.min(dead_session);
+    let mut drop = Vec::new();
+    let mut empty = Vec::new();
+    for (i, d) in list.iter().enumerate() {
+        if d.age > dead_session || (!d.carried_data && d.age > empty_bound) {
+            drop.push(i);
+        } else if !d.carried_data {
+            empty.push(i);
+        }
+    }
+    if empty.len() > MAX_EMPTY_DETACHED {
+        // Oldest first.
+        empty.sort_by_key(|&i| std::cmp::Reverse(list[i].age));
+        drop.extend_from_slice(&empty[..empty.len() - MAX_EMPTY_DETACHED]);
+    }
+    drop.sort_unstable();
+    drop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(secs: u64, carried_data: bool) -> Detached {
+        Detached {
+            age: Duration::from_secs(secs),
+            carried_data,
+        }
+    }
+
+    #[test]
+    fn states_with_data_are_kept_for_the_dead_session_bound() {
+        let dead = Duration::from_secs(120);
+        let list = [d(5, true), d(119, true), d(121, true)];
+        assert_eq!(detached_to_drop(&list, dead), vec![2]);
+    }
+
+    #[test]
+    fn empty_states_go_after_seconds() {
+        let dead = Duration::from_secs(120);
+        let list = [d(5, false), d(11, false), d(11, true)];
+        assert_eq!(detached_to_drop(&list, dead), vec![1]);
+        // Never kept longer than the dead-session bound either.
+        assert_eq!(
+            detached_to_drop(&[d(3, false)], Duration::from_secs(2)),
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn only_so_many_empty_states_are_kept_and_the_oldest_go_first() {
+        let dead = Duration::from_secs(120);
+        // MAX + 3 empty ones with ages 0..MAX+3 ms (index i is i ms old), plus one with data.
+        let mut list: Vec<Detached> = (0..MAX_EMPTY_DETACHED + 3)
+            .map(|i| Detached {
+                age: Duration::from_millis(i as u64),
+                carried_data: false,
+            })
+            .collect();
+        list.push(d(60, true));
+        let gone = detached_to_drop(&list, dead);
+        assert_eq!(
+            gone,
+            vec![
+                MAX_EMPTY_DETACHED,
+                MAX_EMPTY_DETACHED + 1,
+                MAX_EMPTY_DETACHED + 2
+            ]
+        );
+    }
+}
