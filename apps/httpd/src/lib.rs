@@ -143,7 +143,14 @@ pub struct Config {
     /// keys is a deliberately non-deterministic application (a restart regenerates different
     /// bytes), which M-TCP must catch rather than hand the client a corrupted stream.
     pub scramble: Option<u8>,
+    /// A request head once begun must be complete within this long, or the client gets `408`
+    /// and the connection is closed (a client trickling a head cannot hold its connection open;
+    /// a quiet keep-alive connection between requests is not timed).
+    pub head_timeout: std::time::Duration,
 }
+
+/// The default [`Config::head_timeout`].
+pub const DEFAULT_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 impl Config {
     /// Serves `root` with the default snapshot interval and chunk size.
@@ -153,6 +160,7 @@ impl Config {
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             chunk_size: DEFAULT_CHUNK_SIZE,
             scramble: None,
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
         }
     }
 }

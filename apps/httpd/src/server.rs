@@ -132,10 +132,29 @@ where
                 Parse::Partial => {}
             }
             // Re-parse only once a new line has arrived: a head sent byte by byte would
-            // otherwise cost quadratic time.
+            // otherwise cost quadratic time. A head once begun has `head_timeout` to arrive.
+            let mut began = (!self.input.is_empty()).then(tokio::time::Instant::now);
             loop {
                 let old = self.input.len();
-                if self.read_input().await? == 0 {
+                let read = match began {
+                    // Between requests: a quiet keep-alive connection is waited for.
+                    None => self.read_input().await?,
+                    Some(t) => {
+                        let limit = self.cfg.head_timeout;
+                        match tokio::time::timeout_at(t + limit, self.read_input()).await {
+                            Ok(r) => r?,
+                            Err(_) => {
+                                tracing::debug!(
+                                    buffered = self.input.len(),
+                                    "request head not complete in {limit:?}"
+                                );
+                                return Ok(Next::Fatal(Status::RequestTimeout));
+                            }
+                        }
+                    }
+                };
+                began.get_or_insert_with(tokio::time::Instant::now);
+                if read == 0 {
                     // Judge what is buffered once more, so that the answer to input ending in
                     // garbage does not depend on how that input was split into reads.
                     return Ok(match http::parse(&self.input) {

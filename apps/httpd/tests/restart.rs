@@ -19,6 +19,7 @@ fn config(root: &Path) -> Config {
         snapshot_every: EVERY,
         chunk_size: 48 * 1024,
         scramble: None,
+        head_timeout: mtcp_httpd::DEFAULT_HEAD_TIMEOUT,
     }
 }
 
@@ -431,7 +432,7 @@ proptest! {
     fn output_does_not_depend_on_read_splits(seed in any::<u64>(), max_read in 1usize..2000, pick in any::<prop::sample::Index>()) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let dir = make_root();
-        let cfg = Config { root: dir.path().into(), snapshot_every: 256 * 1024, chunk_size: 100_000, scramble: None };
+        let cfg = Config { root: dir.path().into(), snapshot_every: 256 * 1024, chunk_size: 100_000, scramble: None, head_timeout: mtcp_httpd::DEFAULT_HEAD_TIMEOUT };
         let (input, _) = conversation();
         rt.block_on(async {
             let baseline = run_input(input.clone(), None, &cfg, 0, usize::MAX).await;

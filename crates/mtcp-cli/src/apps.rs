@@ -66,6 +66,10 @@ struct HttpdArgs {
     /// Body bytes between snapshots inside a response.
     #[arg(long, default_value_t = mtcp_httpd::DEFAULT_SNAPSHOT_EVERY)]
     snapshot_every: u64,
+    /// Seconds a request head, once begun, has to arrive (then `408` and the connection
+    /// closes); a keep-alive connection quiet between requests is not timed.
+    #[arg(long, default_value_t = mtcp_httpd::DEFAULT_HEAD_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    head_timeout_secs: u64,
     /// Also serve the same files over plain TCP (no M-TCP) on this address, for baselines.
     #[arg(long)]
     plain: Option<String>,
@@ -82,6 +86,7 @@ fn httpd(m: ArgMatches, ctx: ServerContext) -> Result<Arc<dyn mtcp::App>> {
     }
     let mut cfg = mtcp_httpd::Config::new(a.root);
     cfg.snapshot_every = a.snapshot_every;
+    cfg.head_timeout = std::time::Duration::from_secs(a.head_timeout_secs);
     if ctx.nondeterministic {
         // Distinct per server id (s1, s2, … differ in their last byte), never 0.
         let k = 0x80 | (ctx.id.bytes().last().unwrap_or(0) & 0x7f);

@@ -281,3 +281,53 @@ async fn a_flood_of_empty_sessions_leaves_bounded_state_for_seconds() {
     }
     assert_download_intact(dl, &want).await;
 }
+
+/// A request head trickled through the agent a byte a second: the HTTP app answers `408` once
+/// the head has taken its 20 s, and closes; a keep-alive connection quiet for as long between
+/// requests is not timed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_head_gets_408_and_a_quiet_keepalive_connection_does_not() {
+    let dir = TempDir::new("hostile-head");
+    let want = file(&dir, "f.bin", 1 << 20, 11);
+    let lc = tokio::task::block_in_place(|| cluster(&dir, 2));
+    // Quiet keep-alive: one request, then silence longer than the head timeout, then another.
+    let mut quiet = Client::connect(&lc.agent_listen).await.unwrap();
+    assert_eq!(
+        quiet.request("GET", "/f.bin", &[]).await.unwrap().digest,
+        want
+    );
+    let mut s = TcpStream::connect(&lc.agent_listen).await.unwrap();
+    s.write_all(b"GET /f.bin HTTP/1.1\r\nHo").await.unwrap();
+    let t0 = Instant::now();
+    let (mut rd, mut wr) = s.into_split();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if wr.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), rd.read_to_end(&mut answer))
+        .await
+        .expect("the trickling client was not answered in 40 s")
+        .unwrap();
+    let took = t0.elapsed();
+    trickle.abort();
+    let text = String::from_utf8_lossy(&answer);
+    eprintln!(
+        "trickled head answered after {took:?}: {:?}",
+        text.lines().next()
+    );
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        took >= mtcp_httpd::DEFAULT_HEAD_TIMEOUT,
+        "answered after {took:?}"
+    );
+    // The quiet connection, silent as long, still serves.
+    assert_eq!(
+        quiet.request("GET", "/f.bin", &[]).await.unwrap().digest,
+        want
+    );
+}
