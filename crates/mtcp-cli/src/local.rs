@@ -33,7 +33,7 @@ async fn drain_until_empty(
 )> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let first = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    let first = mtcp::peer::admin_request(admin, key, id, Msg::AdminDrain).await?;
     let mut st = first.clone();
     while st.connections > 0 {
         if t0.elapsed() > timeout {
@@ -43,7 +43,7 @@ async fn drain_until_empty(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+        st = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
     }
     Ok((first, st))
 }
@@ -75,7 +75,7 @@ pub async fn drain_server_report(
     let mut stable = Instant::now();
     while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let next = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+        let next = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
         if (next.detached, next.migrated_out, next.connections)
             != (st.detached, st.migrated_out, st.connections)
         {
@@ -597,7 +597,7 @@ impl LocalCluster {
     pub async fn undrain(&self, id: &str) -> Result<()> {
         use mtcp::proto::wire::Msg;
         let st =
-            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, Msg::AdminUndrain).await?;
+            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, id, Msg::AdminUndrain).await?;
         if st.draining {
             bail!("{id} still says it is draining");
         }
