@@ -265,6 +265,9 @@ pub struct LocalOptions {
     pub app_args: Vec<String>,
     /// Extra arguments for one server's application (after `app_args`), by id.
     pub app_args_for: Vec<(String, Vec<String>)>,
+    /// Servers listed in the cluster file but not started (a member that is down), by id; the
+    /// agent is not told about them.
+    pub absent: Vec<String>,
 }
 
 impl Default for LocalOptions {
@@ -283,6 +286,7 @@ impl Default for LocalOptions {
             fast_path_listen: Vec::new(),
             app_args: Vec::new(),
             app_args_for: Vec::new(),
+            absent: Vec::new(),
         }
     }
 }
@@ -318,7 +322,15 @@ impl LocalCluster {
             args: HashMap::new(),
             log: opts.log.clone(),
         };
+        let started: Vec<ServerAddrs> = servers
+            .iter()
+            .filter(|s| !opts.absent.contains(&s.id))
+            .cloned()
+            .collect();
         for (i, s) in servers.iter().enumerate() {
+            if opts.absent.contains(&s.id) {
+                continue;
+            }
             let mut args: Vec<String> = vec![
                 "server".into(),
                 "--cluster".into(),
@@ -359,11 +371,11 @@ impl LocalCluster {
             }
             lc.spawn(&s.id, &args, false)?;
         }
-        for s in &servers {
+        for s in &started {
             lc.wait_up(&s.data, &s.id)?;
             lc.wait_up(&s.admin, &s.id)?;
         }
-        let connect = servers
+        let connect = started
             .iter()
             .map(|s| s.data.clone())
             .collect::<Vec<_>>()
