@@ -33,7 +33,7 @@ async fn drain_until_empty(
 )> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let first = mtcp::peer::admin_request(admin, key, Msg::AdminDrain).await?;
+    let first = mtcp::peer::admin_request(admin, key, id, Msg::AdminDrain).await?;
     let mut st = first.clone();
     while st.connections > 0 {
         if t0.elapsed() > timeout {
@@ -43,7 +43,7 @@ async fn drain_until_empty(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+        st = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
     }
     Ok((first, st))
 }
@@ -75,7 +75,7 @@ pub async fn drain_server_report(
     let mut stable = Instant::now();
     while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let next = mtcp::peer::admin_request(admin, key, Msg::AdminStatus).await?;
+        let next = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
         if (next.detached, next.migrated_out, next.connections)
             != (st.detached, st.migrated_out, st.connections)
         {
@@ -265,6 +265,9 @@ pub struct LocalOptions {
     pub app_args: Vec<String>,
     /// Extra arguments for one server's application (after `app_args`), by id.
     pub app_args_for: Vec<(String, Vec<String>)>,
+    /// Servers listed in the cluster file but not started (a member that is down), by id; the
+    /// agent is not told about them.
+    pub absent: Vec<String>,
 }
 
 impl Default for LocalOptions {
@@ -283,6 +286,7 @@ impl Default for LocalOptions {
             fast_path_listen: Vec::new(),
             app_args: Vec::new(),
             app_args_for: Vec::new(),
+            absent: Vec::new(),
         }
     }
 }
@@ -318,7 +322,15 @@ impl LocalCluster {
             args: HashMap::new(),
             log: opts.log.clone(),
         };
+        let started: Vec<ServerAddrs> = servers
+            .iter()
+            .filter(|s| !opts.absent.contains(&s.id))
+            .cloned()
+            .collect();
         for (i, s) in servers.iter().enumerate() {
+            if opts.absent.contains(&s.id) {
+                continue;
+            }
             let mut args: Vec<String> = vec![
                 "server".into(),
                 "--cluster".into(),
@@ -359,11 +371,11 @@ impl LocalCluster {
             }
             lc.spawn(&s.id, &args, false)?;
         }
-        for s in &servers {
+        for s in &started {
             lc.wait_up(&s.data, &s.id)?;
             lc.wait_up(&s.admin, &s.id)?;
         }
-        let connect = servers
+        let connect = started
             .iter()
             .map(|s| s.data.clone())
             .collect::<Vec<_>>()
@@ -597,7 +609,7 @@ impl LocalCluster {
     pub async fn undrain(&self, id: &str) -> Result<()> {
         use mtcp::proto::wire::Msg;
         let st =
-            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, Msg::AdminUndrain).await?;
+            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, id, Msg::AdminUndrain).await?;
         if st.draining {
             bail!("{id} still says it is draining");
         }

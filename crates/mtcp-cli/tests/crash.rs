@@ -147,7 +147,12 @@ fn a_hung_server_is_left_and_after_sigcont_it_sends_nothing() {
         .clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt
-        .block_on(mtcp::peer::admin_request(&admin, &lc.key, Msg::AdminStatus))
+        .block_on(mtcp::peer::admin_request(
+            &admin,
+            &lc.key,
+            &hung,
+            Msg::AdminStatus,
+        ))
         .expect("the resumed server answers");
     assert_eq!(status.connections, 0, "{status:?}");
     let conns: Vec<_> = lc

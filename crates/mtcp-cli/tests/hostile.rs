@@ -258,6 +258,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
     forged_auth.extend_from_slice(
         &Msg::PeerAuth {
             from: "s1".into(),
+            to: "s2".into(),
             nonce: [0; 16],
             proof: [0; 32],
         }
@@ -311,7 +312,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
 
     // No server was drained by a forged admin request: each still accepts new connections.
     for s in &lc.servers {
-        let st = mtcp::peer::admin_request(&s.admin, &key, Msg::AdminStatus)
+        let st = mtcp::peer::admin_request(&s.admin, &key, &s.id, Msg::AdminStatus)
             .await
             .unwrap();
         assert!(!st.draining, "{} was drained by garbage", s.id);

@@ -74,7 +74,7 @@ async fn assert_download_intact(
 /// Connections and detached states a server keeps.
 async fn kept(lc: &LocalCluster, id: &str) -> (u32, u32) {
     let s = lc.servers.iter().find(|s| s.id == id).unwrap();
-    let st = mtcp::peer::admin_request(&s.admin, &lc.key, Msg::AdminStatus)
+    let st = mtcp::peer::admin_request(&s.admin, &lc.key, id, Msg::AdminStatus)
         .await
         .unwrap();
     (st.connections, st.detached)

@@ -77,6 +77,7 @@ fn a_stopped_server_is_detected_by_silence_and_the_connection_moves() {
         .block_on(mtcp::peer::admin_request(
             admin,
             &key,
+            &origin,
             mtcp::proto::wire::Msg::AdminStatus,
         ))
         .unwrap();

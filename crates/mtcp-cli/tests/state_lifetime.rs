@@ -12,7 +12,7 @@ async fn connections(lc: &mtcp_cli::local::LocalCluster, key: &mtcp::proto::Clus
     let mut n = 0;
     for s in &lc.servers {
         // Attached or not: state the server still keeps.
-        let st = mtcp::peer::admin_request(&s.admin, key, Msg::AdminStatus)
+        let st = mtcp::peer::admin_request(&s.admin, key, &s.id, Msg::AdminStatus)
             .await
             .unwrap();
         n += st.connections + st.detached;

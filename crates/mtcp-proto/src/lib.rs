@@ -2,13 +2,14 @@
 //!
 //! No sockets, no async runtime, no clock: time comes in as an argument. This crate holds
 //! everything that can be decided without I/O — the wire messages and their codecs, tokens and
-//! the peer-channel handshake, the state record that moves between servers, the byte-offset
+//! the peer-channel handshake and per-frame MACs, the state record that moves between servers, the byte-offset
 //! bookkeeping of both ends (upstream retention at the agent, the output log and replay
 //! verification at the server), the agent's liveness trigger and the trigger policies
 //! (throughput floor, RTT, server overload).
 
 pub mod auth;
 pub mod bounds;
+pub mod channel;
 pub mod offsets;
 pub mod policy;
 pub mod record;
@@ -18,9 +19,10 @@ pub mod timing;
 pub mod trigger;
 pub mod wire;
 
-pub use auth::{Cid, ClusterKey, Token};
+pub use auth::{ChannelContext, Cid, ClusterKey, PortKind, Role, Token};
+pub use channel::ChannelMac;
 pub use record::StateRecord;
 pub use wire::{Frame, FrameDecoder, Msg};
 
 /// Version of the wire protocol and of the state record. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;

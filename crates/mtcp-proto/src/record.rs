@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(
             StateRecord::decode(&b),
             Err(RecordError::Version {
-                ours: 1,
+                ours: crate::PROTOCOL_VERSION,
                 theirs: 99
             })
         );

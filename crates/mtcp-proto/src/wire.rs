@@ -50,6 +50,9 @@ pub enum WireError {
     TooLarge { len: usize, max: usize },
     #[error("malformed control message: {0}")]
     Malformed(String),
+    /// A frame of a peer or admin channel failed its per-frame authentication.
+    #[error("frame authentication failed: {0}")]
+    Mac(#[from] crate::channel::MacError),
 }
 
 /// Which state-transfer mode a cluster runs.
@@ -232,8 +235,12 @@ pub enum Msg {
     PeerChallenge {
         nonce: [u8; 16],
     },
+    /// Opener → acceptor. `to` is the server the opener means to reach (its id in the cluster
+    /// file); the proof covers it, the port kind, `from` and both nonces
+    /// ([`crate::auth::ChannelContext`]).
     PeerAuth {
         from: String,
+        to: String,
         nonce: [u8; 16],
         proof: [u8; 32],
     },
@@ -400,9 +407,10 @@ impl FrameDecoder {
         self.max_frame
     }
 
-    /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` if more bytes are
-    /// needed. On error the channel must be closed: the stream can't be resynchronised.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    /// If `buf` starts with a complete frame header, the length of the whole frame (header and
+    /// payload), which may not all be there yet. Refuses unknown kinds and frames over the
+    /// limit. Consumes nothing.
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, WireError> {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -417,12 +425,22 @@ impl FrameDecoder {
                 max: self.max_frame,
             });
         }
-        if buf.len() < HEADER_LEN + len {
-            buf.reserve(HEADER_LEN + len - buf.len());
+        Ok(Some(HEADER_LEN + len))
+    }
+
+    /// Takes one complete frame off the front of `buf`, or returns `Ok(None)` if more bytes are
+    /// needed. On error the channel must be closed: the stream can't be resynchronised.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let Some(total) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
             return Ok(None);
         }
+        let kind = buf[0];
         buf.advance(HEADER_LEN);
-        let payload = buf.split_to(len);
+        let payload = buf.split_to(total - HEADER_LEN);
         match kind {
             KIND_DATA => Ok(Some(Frame::Data(payload.freeze()))),
             _ => match postcard::take_from_bytes::<Msg>(&payload) {
@@ -554,8 +572,18 @@ mod tests {
                 epoch,
                 token: Token(t)
             }),
-            (any::<String>(), any::<[u8; 16]>(), any::<[u8; 32]>())
-                .prop_map(|(from, nonce, proof)| Msg::PeerAuth { from, nonce, proof }),
+            (
+                any::<String>(),
+                any::<String>(),
+                any::<[u8; 16]>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(from, to, nonce, proof)| Msg::PeerAuth {
+                    from,
+                    to,
+                    nonce,
+                    proof
+                }),
             any::<u64>().prop_map(|queued| Msg::Backlog { queued }),
             any::<u64>().prop_map(|t| Msg::Probe { t }),
             any::<u64>().prop_map(|t| Msg::ProbeReply { t }),

@@ -1,7 +1,10 @@
 //! Framed I/O over tokio streams: the preamble exchange, reading frames with a size limit and
-//! writing batches of frames with vectored writes.
+//! writing batches of frames with vectored writes. Peer and admin channels, once authenticated,
+//! read and write every frame with a MAC ([`FrameReader::set_mac`], [`MacWriter`]; see
+//! `mtcp_proto::channel`).
 
 use bytes::{Buf, Bytes, BytesMut};
+use mtcp_proto::channel::{self, ChannelMac, MacError};
 use mtcp_proto::wire::{self, Frame, FrameDecoder, Msg, WireError, PREAMBLE_LEN};
 use mtcp_proto::PROTOCOL_VERSION;
 use std::io::{self, IoSlice};
@@ -23,6 +26,8 @@ pub enum ChannelError {
     SlowSender { received: usize, secs: f64 },
     #[error("unexpected message: {0}")]
     Unexpected(String),
+    #[error("authentication failed: {0}")]
+    Auth(#[from] mtcp_proto::auth::AuthError),
 }
 
 /// Sends our preamble and checks the peer's: magic and version.
@@ -78,6 +83,8 @@ pub struct FrameReader<R> {
     /// When the first bytes of the frame [`FrameReader::next`] is assembling arrived (see
     /// [`mtcp_proto::timing::frame_deadline`]).
     partial_since: Option<std::time::Instant>,
+    /// Set on authenticated peer and admin channels: every frame must carry a valid tag.
+    mac: Option<ChannelMac>,
 }
 
 /// A piece of the frame stream (see [`FrameReader::next_piece`]).
@@ -96,7 +103,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
             partial_since: None,
+            mac: None,
         }
+    }
+
+    /// From now on every frame must be followed by a valid tag under `mac` (the receiving
+    /// direction of an authenticated channel); a frame without one ends the channel with
+    /// [`WireError::Mac`].
+    pub fn set_mac(&mut self, mac: ChannelMac) {
+        self.mac = Some(mac);
     }
 
     /// The next frame; `Err(Closed)` on end of stream. A frame once begun must arrive at a
@@ -104,7 +119,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// cannot park a large partial frame here for ever.
     pub async fn next(&mut self) -> Result<Frame, ChannelError> {
         loop {
-            if let Some(f) = self.dec.decode(&mut self.buf)? {
+            let got = match &mut self.mac {
+                Some(mac) => channel::decode_sealed(&self.dec, mac, &mut self.buf)?,
+                None => self.dec.decode(&mut self.buf)?,
+            };
+            if let Some(f) = got {
                 self.partial_since = None;
                 return Ok(f);
             }
@@ -131,6 +150,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             };
             if n == 0 {
+                if self.mac.is_some() && !self.buf.is_empty() {
+                    // Cut off inside a frame or its tag: say so rather than "closed".
+                    return Err(WireError::Mac(MacError::Truncated {
+                        have: self.buf.len(),
+                    })
+                    .into());
+                }
                 return Err(ChannelError::Closed);
             }
         }
@@ -140,6 +166,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// large payloads are read from the socket straight into `out`: no frame is buffered
     /// whole, nothing is compacted. Don't mix with `next` in the middle of a data frame.
     pub async fn next_piece(&mut self, out: &mut [u8]) -> Result<Piece, ChannelError> {
+        if self.mac.is_some() {
+            // Authenticated channels carry control messages only, each checked whole.
+            return Err(ChannelError::Unexpected(
+                "data pieces on an authenticated channel".into(),
+            ));
+        }
         loop {
             if self.data_left > 0 {
                 if !self.buf.is_empty() {
@@ -221,7 +253,46 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
             partial_since: None,
+            mac: None,
         }
+    }
+}
+
+/// The writing half of an authenticated peer or admin channel: every frame goes out followed by
+/// its tag under the sending direction's [`ChannelMac`].
+pub struct MacWriter<W> {
+    w: W,
+    mac: ChannelMac,
+}
+
+impl<W: AsyncWrite + Unpin> MacWriter<W> {
+    pub fn new(w: W, mac: ChannelMac) -> Self {
+        Self { w, mac }
+    }
+
+    /// Writes `m` as one frame and its tag, in one write.
+    pub async fn write_msg(&mut self, m: &Msg) -> io::Result<()> {
+        let b = self.seal(m);
+        self.w.write_all(&b).await
+    }
+
+    /// `m` as one frame and its tag, consuming a sequence number, without writing it.
+    pub fn seal(&mut self, m: &Msg) -> BytesMut {
+        channel::seal_msg(&mut self.mac, m)
+    }
+
+    /// Writes bytes as they are, with no tag (tests of the receiver's checks: injected,
+    /// replayed, reordered or cut-off frames).
+    pub async fn write_raw(&mut self, b: &[u8]) -> io::Result<()> {
+        self.w.write_all(b).await
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.w
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
     }
 }
 
@@ -325,6 +396,73 @@ mod tests {
             }
         }
         w.await.unwrap();
+    }
+
+    fn macs() -> (ChannelMac, ChannelMac) {
+        use mtcp_proto::{ChannelContext, ClusterKey, PortKind, Role};
+        let k = ClusterKey::from_bytes([3; 32]);
+        let ctx = ChannelContext {
+            kind: PortKind::Peer,
+            opener: "s1",
+            acceptor: "s2",
+            acceptor_nonce: [1; 16],
+            opener_nonce: [2; 16],
+        };
+        (
+            k.channel_macs(&ctx, Role::Opener).0,
+            k.channel_macs(&ctx, Role::Acceptor).1,
+        )
+    }
+
+    #[tokio::test]
+    async fn maced_frames_pass_and_unmaced_ones_end_the_channel() {
+        let (send, recv) = macs();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = MacWriter::new(a, send);
+        let mut r = FrameReader::new(b, 1 << 20);
+        r.set_mac(recv);
+        w.write_msg(&Msg::Ping { t: 1 }).await.unwrap();
+        w.write_msg(&Msg::State(vec![7; 5000])).await.unwrap();
+        assert_eq!(
+            r.next_msg(Duration::from_secs(1)).await.unwrap(),
+            Msg::Ping { t: 1 }
+        );
+        assert_eq!(
+            r.next_msg(Duration::from_secs(1)).await.unwrap(),
+            Msg::State(vec![7; 5000])
+        );
+        // A frame written without a tag (the next frame's bytes are read as its tag).
+        w.write_raw(&Msg::AdminDrain.to_frame()).await.unwrap();
+        w.write_raw(&[0; channel::TAG_LEN]).await.unwrap();
+        let e = r.next_msg(Duration::from_secs(1)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ChannelError::Wire(WireError::Mac(MacError::BadMac { expected: 2 }))
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("fails its MAC"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_tag_is_named() {
+        let (send, recv) = macs();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = MacWriter::new(a, send);
+        let mut r = FrameReader::new(b, 1 << 20);
+        r.set_mac(recv);
+        let sealed = w.seal(&Msg::Ping { t: 5 });
+        w.write_raw(&sealed[..sealed.len() - 3]).await.unwrap();
+        drop(w);
+        let e = r.next_msg(Duration::from_secs(1)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ChannelError::Wire(WireError::Mac(MacError::Truncated { .. }))
+            ),
+            "{e}"
+        );
     }
 
     #[tokio::test]

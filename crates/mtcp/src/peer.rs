@@ -1,16 +1,20 @@
 //! The peer channel (server ↔ server state transfer) and the admin channel (drain, status).
 //!
 //! Both start with mutual challenge–response authentication under the cluster key: the acceptor
-//! sends a nonce, the opener answers with its own nonce and an HMAC over both and its id, the
-//! acceptor proves itself back. Until then frames are limited to a few KiB, so an
-//! unauthenticated peer can make us buffer nothing large.
+//! sends a nonce, the opener answers with its own nonce and an HMAC over both nonces, its id,
+//! the id of the server it means to reach and the port kind; the acceptor checks that the
+//! proof names itself and this kind of port, and proves itself back over the same. Until then
+//! frames are limited to a few KiB, so an unauthenticated peer can make us buffer nothing
+//! large. After it, every frame both ways carries a MAC under a per-channel, per-direction key
+//! with a sequence number (`mtcp_proto::channel`): a frame injected, altered, replayed or
+//! reordered on the path ends the channel.
 
 use crate::config::ServerEntry;
-use crate::framed::{self, ChannelError, FrameReader};
+use crate::framed::{self, ChannelError, FrameReader, MacWriter};
 use crate::replica::Claimed;
 use crate::server::{msg_name, Fetch, Frozen, ServerInner};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
-use mtcp_proto::{Cid, ClusterKey, StateRecord};
+use mtcp_proto::{ChannelContext, Cid, ClusterKey, PortKind, Role, StateRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +27,18 @@ const ADMIN_FRAME: usize = 64 << 10;
 /// A peer channel idle this long is closed (pooled channels are reopened on demand).
 const IDLE: Duration = Duration::from_secs(300);
 
-type Channel = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+/// An authenticated peer or admin channel: frames in and out carry MACs.
+pub type Channel = (FrameReader<OwnedReadHalf>, MacWriter<OwnedWriteHalf>);
 
-/// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves. Returns the
-/// channel and the opener's id.
+/// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves; from then on
+/// every frame both ways carries a MAC. `me` is this server's id and `kind` the port the
+/// connection came in on: the opener's proof must name both. Returns the channel and the
+/// opener's id.
 async fn accept_authenticated(
     mut s: TcpStream,
     key: &ClusterKey,
+    me: &str,
+    kind: PortKind,
 ) -> Result<(Channel, String), ChannelError> {
     tokio::time::timeout(AUTH_TIMEOUT, framed::exchange_preamble(&mut s))
         .await
@@ -38,41 +47,53 @@ async fn accept_authenticated(
     let mut reader = FrameReader::new(r, AUTH_FRAME);
     let nonce: [u8; 16] = rand::random();
     framed::write_msg(&mut w, &Msg::PeerChallenge { nonce }).await?;
-    match reader.next_msg(AUTH_TIMEOUT).await? {
+    let (from, to, theirs, proof) = match reader.next_msg(AUTH_TIMEOUT).await? {
         Msg::PeerAuth {
             from,
-            nonce: theirs,
+            to,
+            nonce,
             proof,
-        } if key.check_peer_proof(&nonce, &theirs, &from, &proof) => {
-            let proof = key.peer_accept_proof(&nonce, &theirs);
-            framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
-            Ok(((reader, w), from))
+        } => (from, to, nonce, proof),
+        other => {
+            return Err(ChannelError::Unexpected(format!(
+                "expected authentication, got {}",
+                msg_name(&other)
+            )))
         }
-        Msg::PeerAuth { .. } => {
-            let _ = framed::write_msg(
-                &mut w,
-                &Msg::Refused {
-                    code: RefuseCode::Unauthenticated,
-                    reason: "wrong cluster key".into(),
-                },
-            )
-            .await;
-            Err(ChannelError::Unexpected(
-                "authentication failed (wrong cluster key)".into(),
-            ))
-        }
-        other => Err(ChannelError::Unexpected(format!(
-            "expected authentication, got {}",
-            msg_name(&other)
-        ))),
+    };
+    let ctx = ChannelContext {
+        kind,
+        opener: &from,
+        acceptor: me,
+        acceptor_nonce: nonce,
+        opener_nonce: theirs,
+    };
+    if let Err(e) = key.verify_opener(&ctx, &to, &proof) {
+        let _ = framed::write_msg(
+            &mut w,
+            &Msg::Refused {
+                code: RefuseCode::Unauthenticated,
+                reason: e.to_string(),
+            },
+        )
+        .await;
+        return Err(ChannelError::Auth(e));
     }
+    let proof = key.peer_accept_proof(&ctx);
+    framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
+    let (send, recv) = key.channel_macs(&ctx, Role::Acceptor);
+    reader.set_mac(recv);
+    Ok(((reader, MacWriter::new(w, send)), from))
 }
 
-/// Opener side: connects to `addr` and authenticates as `from`.
+/// Opener side: connects to `addr`, the `kind` port of server `to`, and authenticates as
+/// `from`; the channel's frames then carry MACs both ways.
 pub async fn connect_authenticated(
     addr: &str,
     key: &ClusterKey,
     from: &str,
+    to: &str,
+    kind: PortKind,
     max_frame: usize,
     limit: Duration,
 ) -> Result<Channel, ChannelError> {
@@ -89,22 +110,30 @@ pub async fn connect_authenticated(
         return Err(ChannelError::Unexpected("expected a challenge".into()));
     };
     let nonce: [u8; 16] = rand::random();
-    let proof = key.peer_proof(&theirs, &nonce, from);
+    let ctx = ChannelContext {
+        kind,
+        opener: from,
+        acceptor: to,
+        acceptor_nonce: theirs,
+        opener_nonce: nonce,
+    };
+    let proof = key.peer_proof(&ctx);
     framed::write_msg(
         &mut w,
         &Msg::PeerAuth {
             from: from.to_string(),
+            to: to.to_string(),
             nonce,
             proof,
         },
     )
     .await?;
     match reader.next_msg(limit).await? {
-        Msg::PeerAccept { proof } if key.check_peer_accept_proof(&theirs, &nonce, &proof) => {}
+        Msg::PeerAccept { proof } if key.check_peer_accept_proof(&ctx, &proof) => {}
         Msg::PeerAccept { .. } => {
-            return Err(ChannelError::Unexpected(
-                "server failed to prove the cluster key".into(),
-            ))
+            return Err(ChannelError::Unexpected(format!(
+                "{addr} failed to prove the cluster key as the {kind} port of {to}"
+            )))
         }
         Msg::Refused { reason, .. } => {
             return Err(ChannelError::Unexpected(format!("refused: {reason}")))
@@ -117,7 +146,9 @@ pub async fn connect_authenticated(
         }
     }
     reader.set_max_frame(max_frame);
-    Ok((reader, w))
+    let (send, recv) = key.channel_macs(&ctx, Role::Opener);
+    reader.set_mac(recv);
+    Ok((reader, MacWriter::new(w, send)))
 }
 
 /// One request to server `to` over a pooled authenticated channel. The first answer must come
@@ -159,6 +190,8 @@ async fn call_noting(
         &to.peer,
         &inner.cluster.key,
         &inner.id,
+        &to.id,
+        PortKind::Peer,
         inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
         first.min(inner.limits.fetch_timeout),
     )
@@ -194,7 +227,7 @@ async fn ask(
 ) -> Result<(Msg, Channel, Duration), ChannelError> {
     let t0 = std::time::Instant::now();
     emulated_path(inner).await;
-    framed::write_msg(&mut ch.1, req).await?;
+    ch.1.write_msg(req).await?;
     let mut m = ch.0.next_msg(first).await?;
     let rtt = t0.elapsed();
     if let Some(a) = answered {
@@ -362,6 +395,8 @@ pub(crate) async fn keep_warm(inner: std::sync::Weak<ServerInner>, to: ServerEnt
                 &to.peer,
                 &inner.cluster.key,
                 &inner.id,
+                &to.id,
+                PortKind::Peer,
                 inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
                 WARM_DIAL,
             )
@@ -438,13 +473,14 @@ impl PeerPool {
 /// Serves one connection on the peer port.
 pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
     let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let ((mut reader, mut w), from) = match accept_authenticated(s, &inner.cluster.key).await {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(peer = %addr, "peer port: {e}; closing");
-            return;
-        }
-    };
+    let ((mut reader, mut w), from) =
+        match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(peer = %addr, "peer port: {e}; closing");
+                return;
+            }
+        };
     if inner.cluster.server(&from).is_none() {
         tracing::warn!(peer = %addr, "peer port: {from:?} is not a server of the cluster; closing");
         return;
@@ -465,7 +501,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 handover = Some(HandingOver::new(&inner));
                 // Tell the destination we are alive before a lock_state section may delay us.
                 emulated_path(&inner).await;
-                if framed::write_msg(&mut w, &Msg::Working).await.is_err() {
+                if w.write_msg(&Msg::Working).await.is_err() {
                     return;
                 }
                 let f = Fetch {
@@ -537,11 +573,11 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
             }
         };
         emulated_path(&inner).await;
-        if framed::write_msg(&mut w, &reply).await.is_err() {
+        if w.write_msg(&reply).await.is_err() {
             return;
         }
         if handover.is_some() {
-            acknowledged(&w, HANDOVER_ACK_WAIT).await;
+            acknowledged(w.get_ref(), HANDOVER_ACK_WAIT).await;
         }
         drop(handover);
     }
@@ -586,13 +622,14 @@ async fn acknowledged(w: &OwnedWriteHalf, limit: Duration) {
 /// Serves one connection on the admin port.
 pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
     let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let ((mut reader, mut w), from) = match accept_authenticated(s, &inner.cluster.key).await {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::warn!(peer = %addr, "admin port: {e}; closing");
-            return;
-        }
-    };
+    let ((mut reader, mut w), from) =
+        match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Admin).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(peer = %addr, "admin port: {e}; closing");
+                return;
+            }
+        };
     reader.set_max_frame(ADMIN_FRAME);
     loop {
         match reader.next_msg(IDLE).await {
@@ -618,7 +655,7 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
         }
-        if framed::write_msg(&mut w, &Msg::AdminStatusReply(inner.status()))
+        if w.write_msg(&Msg::AdminStatusReply(inner.status()))
             .await
             .is_err()
         {
@@ -634,10 +671,13 @@ pub enum AdminError {
     Channel { addr: String, err: ChannelError },
 }
 
-/// Client side of the admin channel: one request (`AdminDrain`, `AdminUndrain`, `AdminStatus`).
+/// Client side of the admin channel: one request (`AdminDrain`, `AdminUndrain`, `AdminStatus`)
+/// to the admin port `addr` of server `id` (the handshake names it, so a proof made for one
+/// server's admin port is refused by every other port).
 pub async fn admin_request(
     addr: &str,
     key: &ClusterKey,
+    id: &str,
     req: Msg,
 ) -> Result<ServerStatus, AdminError> {
     let err = |err: ChannelError| AdminError::Channel {
@@ -645,12 +685,11 @@ pub async fn admin_request(
         err,
     };
     let lim = Duration::from_secs(5);
-    let (mut reader, mut w) = connect_authenticated(addr, key, "admin", ADMIN_FRAME, lim)
-        .await
-        .map_err(err)?;
-    framed::write_msg(&mut w, &req)
-        .await
-        .map_err(|e| err(e.into()))?;
+    let (mut reader, mut w) =
+        connect_authenticated(addr, key, "admin", id, PortKind::Admin, ADMIN_FRAME, lim)
+            .await
+            .map_err(err)?;
+    w.write_msg(&req).await.map_err(|e| err(e.into()))?;
     match reader.next_msg(lim).await.map_err(err)? {
         Msg::AdminStatusReply(s) => Ok(s),
         other => Err(err(ChannelError::Unexpected(msg_name(&other)))),
