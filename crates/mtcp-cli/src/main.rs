@@ -62,6 +62,10 @@ struct ServerArgs {
     /// acknowledging nothing before the connection is aborted.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     ack_timeout_secs: u64,
+    /// Seconds a relayed session may stay silent (its agent pings every second) before the
+    /// server closes it.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..))]
+    session_idle_secs: u64,
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
@@ -201,6 +205,9 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    if matches!(cli.cmd, Cmd::Agent(_) | Cmd::Server(_)) {
+        raise_open_files_limit();
+    }
     // The agent only moves bytes between sockets: one thread does it with fewer wake-ups
     // across cores, leaving the other core to the client program and the server.
     let rt = match cli.cmd {
@@ -214,6 +221,39 @@ fn main() {
     if let Err(e) = r {
         eprintln!("mtcp: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Servers and agents hold a descriptor or more per connection: the soft limit on open files is
+/// raised to the hard one at start (as far as the process may), and the result logged.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(
+            "cannot read the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        tracing::info!(limit = lim.rlim_cur, "open files limit");
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        tracing::warn!(
+            limit = old,
+            "cannot raise the open files limit to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::info!(from = old, to = lim.rlim_cur, "open files limit raised");
     }
 }
 
@@ -263,6 +303,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
         max_unacked: a.max_unacked_mib << 20,
         ack_timeout: Duration::from_secs(a.ack_timeout_secs),
+        session_idle: Duration::from_secs(a.session_idle_secs),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),

@@ -264,6 +264,33 @@ async fn a_flood_of_empty_sessions_leaves_bounded_state_for_seconds() {
         most as usize <= 2 * MAX_EMPTY_DETACHED + 64,
         "{most} detached empty states kept (cap {MAX_EMPTY_DETACHED}, swept at twice it)"
     );
+    // Garbage is refused without a log line each: 1 000 wrong-version preambles cost at most
+    // 20 "refusing session" lines a second.
+    let t_garbage = Instant::now();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(&s1.data).await.unwrap();
+        let mut v = b"MTCP".to_vec();
+        v.extend_from_slice(&999u16.to_be_bytes());
+        s.write_all(&v).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        assert!(
+            String::from_utf8_lossy(&answer).contains("version mismatch"),
+            "{answer:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(lc.dir.join("s1.log")).unwrap();
+    let lines = log.matches("refusing session").count();
+    let secs = t_garbage.elapsed().as_secs() + 1;
+    eprintln!(
+        "1000 refused sessions in {:?}: {lines} log lines",
+        t_garbage.elapsed()
+    );
+    assert!(
+        lines as u64 <= 20 * secs && lines >= 1,
+        "{lines} refusal lines in the log for 1000 refusals in {secs} s"
+    );
     // All of them are gone soon after, while the live download goes on.
     let t1 = Instant::now();
     loop {
@@ -329,5 +356,93 @@ async fn a_trickled_request_head_gets_408_and_a_quiet_keepalive_connection_does_
     assert_eq!(
         quiet.request("GET", "/f.bin", &[]).await.unwrap().digest,
         want
+    );
+}
+
+/// Sessions that say HELLO and then nothing: with `--session-idle-secs 2` each is closed after
+/// 2 s of silence and its (empty) state dropped soon after, while sessions of the real agent —
+/// which pings every second — carry a 6 s download and sit idle in a keep-alive connection for
+/// longer than the bound, untouched. The server also runs with its open-files limit raised to
+/// the hard limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sessions_are_closed_and_agents_that_ping_are_not() {
+    let dir = TempDir::new("hostile-silent");
+    let want = file(&dir, "f.bin", 24 << 20, 12);
+    let lc =
+        tokio::task::block_in_place(|| cluster_args(&dir, 2, None, &["--session-idle-secs", "2"]));
+    let pid = lc.pid("s1").expect("s1's pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files")
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft open-files limit not raised to the hard one: {open_files:?}"
+    );
+    let mut quiet = Client::connect(&lc.agent_listen).await.unwrap();
+    assert_eq!(
+        quiet
+            .request("GET", "/f.bin", &["Range: bytes=0-999"])
+            .await
+            .unwrap()
+            .body_len,
+        1000
+    );
+    let dl = live_download(&lc).await;
+    let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
+    const SILENT: usize = 200;
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(raw_session(&s1.data).await);
+    }
+    let t0 = Instant::now();
+    for (i, (r, _w)) in silent.iter_mut().enumerate() {
+        let left = Duration::from_secs(8).saturating_sub(t0.elapsed());
+        let closed = tokio::time::timeout(left, async {
+            loop {
+                if r.next().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "silent session {i} still open {:?} after it went quiet",
+            t0.elapsed()
+        );
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "silent sessions closed after {took:?}, before their bound"
+    );
+    // Their empty states go within the empty-state bound.
+    let t1 = Instant::now();
+    while kept(&lc, "s1").await.1 > 0 {
+        assert!(
+            t1.elapsed() < mtcp::proto::bounds::EMPTY_DETACHED + Duration::from_secs(4),
+            "{:?} still kept",
+            kept(&lc, "s1").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{SILENT} silent sessions closed by {took:?}; their states gone {:?} later",
+        t1.elapsed()
+    );
+    assert_download_intact(dl, &want).await;
+    // The keep-alive connection, idle for more than ten times the bound, still serves.
+    let r = quiet.request("GET", "/f.bin", &[]).await.unwrap();
+    assert_eq!(r.digest, want);
+    let st = lc.status_async().await.unwrap();
+    assert!(
+        st.iter().all(|c| c.migrations == 0),
+        "a connection of the real agent was moved: {st:?}"
     );
 }

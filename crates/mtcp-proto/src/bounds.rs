@@ -48,6 +48,49 @@ pub fn detached_to_drop(list: &[Detached], dead_session: Duration) -> Vec<usize>
     drop
 }
 
+/// A budget of log lines for events anyone can cause (refused sessions, garbage on a port): at
+/// most `per_window` per `window`; the rest are counted and the count is reported with the next
+/// line admitted, so a flood costs a few lines a second instead of one line per connection.
+#[derive(Debug, Clone)]
+pub struct LogBudget {
+    window: Duration,
+    per_window: u32,
+    start: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub const fn new(window: Duration, per_window: u32) -> Self {
+        Self {
+            window,
+            per_window,
+            start: None,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log an event at `now`: `Some(n)` to log it, `n` lines having been suppressed
+    /// since the last one logged; `None` to count it only.
+    pub fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .start
+            .is_none_or(|s| now.saturating_duration_since(s) >= self.window)
+        {
+            self.start = Some(now);
+            self.used = 0;
+        }
+        if self.used < self.per_window {
+            self.used += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +141,18 @@ mod tests {
                 MAX_EMPTY_DETACHED + 2
             ]
         );
+    }
+
+    #[test]
+    fn a_flood_of_log_lines_is_cut_to_the_budget_and_counted() {
+        let t0 = std::time::Instant::now();
+        let mut b = LogBudget::new(Duration::from_secs(1), 3);
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let got: Vec<Option<u64>> = (0..10).map(|i| b.admit(ms(i))).collect();
+        assert_eq!(&got[..3], &[Some(0), Some(0), Some(0)]);
+        assert!(got[3..].iter().all(|g| g.is_none()));
+        // The next window reports the seven suppressed with its first line.
+        assert_eq!(b.admit(ms(1000)), Some(7));
+        assert_eq!(b.admit(ms(1001)), Some(0));
     }
 }

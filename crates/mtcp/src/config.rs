@@ -295,6 +295,9 @@ pub struct Limits {
     /// How long the app's writes may wait on [`Limits::max_unacked`] with the agent attached but
     /// acknowledging nothing before the connection is aborted.
     pub ack_timeout: Duration,
+    /// A relayed session from which nothing arrives for this long is closed (its agent pings
+    /// every second); the connection's state is then kept as for any detached session.
+    pub session_idle: Duration,
     /// How long a migration waits for a `lock_state` section to end.
     pub lock_timeout: Duration,
     /// How long state is kept for a connection whose agent went away.
@@ -334,6 +337,7 @@ impl Default for Limits {
             max_queued: 4 << 20,
             max_unacked: 16 << 20,
             ack_timeout: Duration::from_secs(30),
+            session_idle: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),

@@ -477,7 +477,9 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(peer = %addr, "peer port: {e}; closing");
+                if let Some(suppressed) = crate::server::noisy_event_admitted() {
+                    tracing::warn!(peer = %addr, suppressed, "peer port: {e}; closing");
+                }
                 return;
             }
         };

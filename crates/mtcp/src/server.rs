@@ -520,8 +520,21 @@ fn sweep_detached(inner: &ServerInner, now: Instant) {
     inner.empty_detached.store(kept_empty, Ordering::Relaxed);
 }
 
+/// Whether to log an event anyone can cause (a refused session, garbage on a port), at most 20
+/// lines a second: `Some(n)` with the number of such lines suppressed since the last one.
+pub(crate) fn noisy_event_admitted() -> Option<u64> {
+    use mtcp_proto::bounds::LogBudget;
+    static BUDGET: Mutex<LogBudget> = Mutex::new(LogBudget::new(Duration::from_secs(1), 20));
+    BUDGET
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now())
+}
+
 async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
-    tracing::info!(?code, "refusing session: {reason}");
+    if let Some(suppressed) = noisy_event_admitted() {
+        tracing::info!(?code, suppressed, "refusing session: {reason}");
+    }
     let _ = framed::write_msg(w, &Msg::Refused { code, reason }).await;
     let _ = w.shutdown().await;
 }
@@ -545,11 +558,15 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             return;
         }
         Ok(Err(e)) => {
-            tracing::info!(peer = %peer_addr, "data port: {e}; closing");
+            if let Some(suppressed) = noisy_event_admitted() {
+                tracing::info!(peer = %peer_addr, suppressed, "data port: {e}; closing");
+            }
             return;
         }
         Err(_) => {
-            tracing::info!(peer = %peer_addr, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
+            if let Some(suppressed) = noisy_event_admitted() {
+                tracing::info!(peer = %peer_addr, suppressed, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
+            }
             return;
         }
     }
@@ -1279,9 +1296,23 @@ async fn reader_loop(
             }
             consumed.await;
         }
-        let f = match reader.next().await {
-            Ok(f) => f,
-            Err(e) => break e.to_string(),
+        // A relaying agent pings every second: a session silent for `session_idle` has no
+        // agent behind it (a fast-path agent's session is a quiet control channel).
+        let relayed = shared.lock().direct.is_none();
+        let next = if relayed {
+            tokio::time::timeout(inner.limits.session_idle, reader.next()).await
+        } else {
+            Ok(reader.next().await)
+        };
+        let f = match next {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => break e.to_string(),
+            Err(_) => {
+                break format!(
+                    "nothing from the agent for {:?} (a relaying agent pings every second)",
+                    inner.limits.session_idle
+                )
+            }
         };
         let mut st = shared.lock();
         if matches!(
