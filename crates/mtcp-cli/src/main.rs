@@ -56,7 +56,10 @@ struct ServerArgs {
     dead_session_secs: u64,
     /// Output a relayed connection may have sent its agent without an acknowledgement, MiB;
     /// the application's writes wait beyond it (bounds what one client can make a server keep).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Keep it above the queued output (4 MiB) plus the kernels' largest socket buffers
+    /// (`tcp_wmem`, `tcp_rmem`): an agent whose client reads slowly is stopped by TCP's flow
+    /// control first, and never mistaken for one that does not acknowledge.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     max_unacked_mib: u64,
     /// Seconds the application may wait on --max-unacked-mib with the agent attached but
     /// acknowledging nothing before the connection is aborted.

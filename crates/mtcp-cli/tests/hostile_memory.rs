@@ -81,7 +81,7 @@ async fn kept(lc: &LocalCluster, id: &str) -> (u32, u32) {
 }
 
 /// A client that pipelines a gigabyte of responses and reads them all but never acknowledges:
-/// its server sends at most `max_unacked` (16 MiB) plus what was queued, keeps at most that,
+/// its server sends at most `--max-unacked-mib` (16 here, 64 by default) and keeps at most that,
 /// and after `--ack-timeout-secs` aborts the connection with a reason. Before the bound, the
 /// server grew by the whole gigabyte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,8 +89,14 @@ async fn a_session_that_never_acknowledges_costs_its_server_a_bounded_amount_of_
     let dir = TempDir::new("hostile-unacked");
     let want = file(&dir, "f.bin", 24 << 20, 7);
     file(&dir, "big.bin", 64 << 20, 8);
-    let lc =
-        tokio::task::block_in_place(|| cluster_args(&dir, 2, None, &["--ack-timeout-secs", "3"]));
+    let lc = tokio::task::block_in_place(|| {
+        cluster_args(
+            &dir,
+            2,
+            None,
+            &["--ack-timeout-secs", "3", "--max-unacked-mib", "16"],
+        )
+    });
     let dl = live_download(&lc).await;
     let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
     let pid = lc.pid("s1").expect("s1's pid");
@@ -444,5 +450,47 @@ async fn silent_sessions_are_closed_and_agents_that_ping_are_not() {
     assert!(
         st.iter().all(|c| c.migrations == 0),
         "a connection of the real agent was moved: {st:?}"
+    );
+}
+
+/// The other side of the acknowledgement bound: an honest client that stops reading for longer
+/// than `--ack-timeout-secs` (2 s here) in the middle of a 128 MiB body is not cut off — its
+/// agent stops reading too, TCP's flow control stops the server before the default bound
+/// (64 MiB) is reached — and the body arrives byte-exact. (With `--max-unacked-mib 4` this test
+/// fails: the paused client is cut off.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_is_not_taken_for_one_that_never_acknowledges() {
+    let dir = TempDir::new("hostile-paused");
+    let want = file(&dir, "big.bin", 128 << 20, 13);
+    let lc =
+        tokio::task::block_in_place(|| cluster_args(&dir, 2, None, &["--ack-timeout-secs", "2"]));
+    let mut s = TcpStream::connect(&lc.agent_listen).await.unwrap();
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::with_capacity((128 << 20) + 4096);
+    let mut b = vec![0u8; 64 << 10];
+    while got.len() < 4 << 20 {
+        let n = s.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&b[..n]);
+    }
+    // Paused for three ack timeouts.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut got))
+        .await
+        .expect("the rest of the body in 60 s")
+        .unwrap();
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", &got[..40]);
+    assert_eq!(
+        sha256(&got[head_end..]),
+        want,
+        "the paused client's body ({} bytes)",
+        got.len() - head_end
     );
 }

@@ -290,7 +290,10 @@ pub struct Limits {
     pub max_queued: u64,
     /// Downstream bytes sent to a relayed session but not acknowledged by its agent before the
     /// app's writes wait: what one client can make its server keep, whatever it does (an agent
-    /// acknowledges every MiB it receives).
+    /// acknowledges every MiB it receives). It must exceed what an honest agent whose client
+    /// reads slowly leaves unacknowledged before TCP's flow control stops the server:
+    /// `max_queued` plus the kernels' socket buffers (here `tcp_wmem` 4 MiB + `tcp_rmem` 32 MiB
+    /// at most), or a paused client would be taken for a hostile one after `ack_timeout`.
     pub max_unacked: u64,
     /// How long the app's writes may wait on [`Limits::max_unacked`] with the agent attached but
     /// acknowledging nothing before the connection is aborted.
@@ -335,7 +338,7 @@ impl Default for Limits {
             max_output_log: 256 << 20,
             max_unread: 4 << 20,
             max_queued: 4 << 20,
-            max_unacked: 16 << 20,
+            max_unacked: 64 << 20,
             ack_timeout: Duration::from_secs(30),
             session_idle: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
