@@ -69,6 +69,13 @@ struct ServerArgs {
     /// server closes it.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..))]
     session_idle_secs: u64,
+    /// Most sessions open on the data port at once; the newest over it is refused (default:
+    /// the open-files limit less 1024, at most 32768).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: Option<u64>,
+    /// Most sessions open at once from one source address (default: --max-sessions).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions_per_source: Option<u64>,
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
@@ -227,6 +234,25 @@ fn main() {
     }
 }
 
+/// `--max-sessions`, or what the open-files limit leaves room for: each session holds one
+/// descriptor, and 1024 are kept for peer channels, files and the application.
+fn max_sessions(flag: Option<u64>) -> usize {
+    if let Some(n) = flag {
+        return n as usize;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        4096
+    };
+    (cur.saturating_sub(1024) as usize).clamp(64, 32_768)
+}
+
 /// Servers and agents hold a descriptor or more per connection: the soft limit on open files is
 /// raised to the hard one at start (as far as the process may), and the result logged.
 fn raise_open_files_limit() {
@@ -307,6 +333,10 @@ async fn server(a: ServerArgs) -> Result<()> {
         max_unacked: a.max_unacked_mib << 20,
         ack_timeout: Duration::from_secs(a.ack_timeout_secs),
         session_idle: Duration::from_secs(a.session_idle_secs),
+        max_sessions: max_sessions(a.max_sessions),
+        max_sessions_per_source: a
+            .max_sessions_per_source
+            .map_or(max_sessions(a.max_sessions), |n| n as usize),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),

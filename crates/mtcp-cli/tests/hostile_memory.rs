@@ -494,3 +494,97 @@ async fn a_paused_client_is_not_taken_for_one_that_never_acknowledges() {
         got.len() - head_end
     );
 }
+
+/// A session from source address `src` on `addr`'s data port: WELCOME, or the refusal.
+async fn session_from(
+    addr: &str,
+    src: &str,
+) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), (wire::RefuseCode, String)> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: 0,
+        orig_dst: None,
+    };
+    // A refused session may be closed before the HELLO is written.
+    let _ = framed::write_msg(&mut w, &hello).await;
+    let mut r = FrameReader::new(r, 4 << 20);
+    match r.next_msg(Duration::from_secs(10)).await.unwrap() {
+        Msg::Welcome(_) => Ok((r, w)),
+        Msg::Refused { code, reason } => Err((code, reason)),
+        other => panic!("expected WELCOME or REFUSED, got {other:?}"),
+    }
+}
+
+/// Session caps: with `--max-sessions-per-source 40 --max-sessions 100`, sessions from one
+/// address past 40 are refused `Busy` by name, and past 100 in all, whatever the address — while
+/// the agent's download (its sessions came first) goes on byte-exact. Once the flood is gone a
+/// new connection through the agent is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_capped_per_source_and_in_all_and_existing_ones_go_on() {
+    let dir = TempDir::new("hostile-caps");
+    let want = file(&dir, "f.bin", 24 << 20, 14);
+    let lc = tokio::task::block_in_place(|| {
+        cluster_args(
+            &dir,
+            2,
+            None,
+            &["--max-sessions", "100", "--max-sessions-per-source", "40"],
+        )
+    });
+    let dl = live_download(&lc).await;
+    let s1 = lc.servers.iter().find(|s| s.id == "s1").unwrap().clone();
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..60 {
+        match session_from(&s1.data, "127.0.0.2").await {
+            Ok(s) => held.push(s),
+            Err(r) => refused.push(r),
+        }
+    }
+    assert_eq!(held.len(), 40, "sessions admitted from 127.0.0.2");
+    assert!(
+        refused
+            .iter()
+            .all(|(c, why)| *c == wire::RefuseCode::Busy && why.contains("from one address")),
+        "{refused:?}"
+    );
+    // Other addresses fill the rest of the global cap (the agent holds a session and its watch
+    // connection, and maybe a spare).
+    let mut global = Vec::new();
+    for i in 0..80 {
+        let src = format!("127.0.1.{}", 1 + i / 30);
+        match session_from(&s1.data, &src).await {
+            Ok(s) => held.push(s),
+            Err(r) => global.push(r),
+        }
+    }
+    assert!(
+        !global.is_empty()
+            && global
+                .iter()
+                .all(|(c, why)| *c == wire::RefuseCode::Busy && why.contains("maximum of 100")),
+        "{global:?}"
+    );
+    assert!(
+        held.len() >= 90,
+        "only {} sessions admitted in all",
+        held.len()
+    );
+    eprintln!(
+        "{} sessions held, {} refused per source, {} refused by the global cap",
+        held.len(),
+        refused.len(),
+        global.len()
+    );
+    assert_download_intact(dl, &want).await;
+    drop(held);
+    // Room again: a new connection through the agent is served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    let r = c.request("GET", "/f.bin", &[]).await.unwrap();
+    assert_eq!(r.digest, want);
+}

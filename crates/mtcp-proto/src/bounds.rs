@@ -48,6 +48,27 @@ pub fn detached_to_drop(list: &[Detached], dead_session: Duration) -> Vec<usize>
     drop
 }
 
+/// Whether a new session may open with `total` sessions open and `from_source` of them from
+/// its source address, under the caps `max_total` and `max_per_source`; `Err` names the cap.
+pub fn admit(
+    total: usize,
+    from_source: usize,
+    max_total: usize,
+    max_per_source: usize,
+) -> Result<(), String> {
+    if total >= max_total {
+        return Err(format!(
+            "the server holds its maximum of {max_total} sessions"
+        ));
+    }
+    if from_source >= max_per_source {
+        return Err(format!(
+            "{max_per_source} sessions from one address is the maximum"
+        ));
+    }
+    Ok(())
+}
+
 /// A budget of log lines for events anyone can cause (refused sessions, garbage on a port): at
 /// most `per_window` per `window`; the rest are counted and the count is reported with the next
 /// line admitted, so a flood costs a few lines a second instead of one line per connection.
@@ -154,5 +175,13 @@ mod tests {
         // The next window reports the seven suppressed with its first line.
         assert_eq!(b.admit(ms(1000)), Some(7));
         assert_eq!(b.admit(ms(1001)), Some(0));
+    }
+
+    #[test]
+    fn sessions_are_capped_in_all_and_per_source() {
+        assert!(admit(0, 0, 10, 4).is_ok());
+        assert!(admit(9, 3, 10, 4).is_ok());
+        assert!(admit(10, 0, 10, 4).unwrap_err().contains("maximum of 10"));
+        assert!(admit(5, 4, 10, 4).unwrap_err().contains("from one address"));
     }
 }

@@ -301,6 +301,10 @@ pub struct Limits {
     /// A relayed session from which nothing arrives for this long is closed (its agent pings
     /// every second); the connection's state is then kept as for any detached session.
     pub session_idle: Duration,
+    /// Most sessions open on the data port at once (the newest over it is refused `Busy`).
+    pub max_sessions: usize,
+    /// Most of them from one source address.
+    pub max_sessions_per_source: usize,
     /// How long a migration waits for a `lock_state` section to end.
     pub lock_timeout: Duration,
     /// How long state is kept for a connection whose agent went away.
@@ -341,6 +345,8 @@ impl Default for Limits {
             max_unacked: 64 << 20,
             ack_timeout: Duration::from_secs(30),
             session_idle: Duration::from_secs(30),
+            max_sessions: 32_768,
+            max_sessions_per_source: 32_768,
             lock_timeout: Duration::from_secs(10),
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),

@@ -5,6 +5,7 @@
 //! [`Connection::set_state`]. Another server of the cluster fetches the connection's state over
 //! the authenticated peer channel when the client's agent moves it.
 
+mod admission;
 pub mod app;
 pub mod config;
 pub mod conn;

@@ -73,6 +73,8 @@ pub(crate) struct ServerInner {
     /// About how many detached connections that never carried data are kept (counted up at
     /// each such detach, set exactly by each sweep; see [`sweep_detached`]).
     pub(crate) empty_detached: std::sync::atomic::AtomicUsize,
+    /// Sessions open on the data port (see [`crate::admission`]).
+    pub(crate) sessions: crate::admission::Sessions,
     /// Connections being handed over on the peer port: frozen and forgotten here, but their
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
@@ -351,6 +353,7 @@ impl Server {
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
+            sessions: Default::default(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -541,6 +544,15 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
 
 async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let source = s
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    // Held for the session's life: counts it against the caps.
+    let (_slot, over) = match crate::admission::Sessions::admit(&inner, source) {
+        Ok(slot) => (Some(slot), None),
+        Err(why) => (None, Some(why)),
+    };
     if let Some(rate) = inner.limits.pacing_rate {
         set_pacing_rate(&s, rate);
     }
@@ -571,6 +583,10 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
     }
     let (r, mut w) = s.into_split();
+    if let Some(why) = over {
+        refuse(&mut w, RefuseCode::Busy, why).await;
+        return;
+    }
     let mut reader = FrameReader::new(r, SETUP_FRAME);
     let first = match reader.next_msg(SETUP_TIMEOUT).await {
         Ok(m) => m,
