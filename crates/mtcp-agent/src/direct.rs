@@ -203,6 +203,7 @@ async fn hand_over(
         bytes_down: 0,
         state: "live".into(),
         timeline: Vec::new(),
+        timeline_dropped: 0,
         rtt_ms: Default::default(),
         fast_path: true,
     }));
@@ -343,7 +344,7 @@ async fn migrate(
             st.epoch = conn.epoch;
             st.migrations += 1;
         }
-        st.timeline.push(MigrationEvent {
+        st.record(MigrationEvent {
             to: ok.then(|| conn.server.clone()),
             ok,
             resumed_us: ok.then_some(resumed_us),

@@ -98,6 +98,29 @@ pub fn mono_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
+/// Most migrations a connection's status keeps in its timeline.
+pub const MAX_TIMELINE: usize = 1024;
+
+impl ConnStatus {
+    /// Appends `ev` to the timeline, dropping the oldest beyond [`MAX_TIMELINE`]; returns the
+    /// event's absolute index (see [`ConnStatus::event_mut`]).
+    pub(crate) fn record(&mut self, ev: MigrationEvent) -> u64 {
+        self.timeline.push(ev);
+        if self.timeline.len() > MAX_TIMELINE {
+            let over = self.timeline.len() - MAX_TIMELINE;
+            self.timeline.drain(..over);
+            self.timeline_dropped += over as u64;
+        }
+        self.timeline_dropped + self.timeline.len() as u64 - 1
+    }
+
+    /// The event at absolute index `abs`, if still kept.
+    pub(crate) fn event_mut(&mut self, abs: u64) -> Option<&mut MigrationEvent> {
+        let i = abs.checked_sub(self.timeline_dropped)?;
+        self.timeline.get_mut(usize::try_from(i).ok()?)
+    }
+}
+
 /// What `mtcp status` shows of one connection.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ConnStatus {
@@ -108,7 +131,11 @@ pub struct ConnStatus {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub state: String,
+    /// The newest [`MAX_TIMELINE`] migrations (older ones are counted in `timeline_dropped`).
     pub timeline: Vec<MigrationEvent>,
+    /// Migrations dropped from the front of `timeline`.
+    #[serde(default)]
+    pub timeline_dropped: u64,
     /// RTT policy: the smoothed RTT of each server of the service, ms (from probes).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub rtt_ms: std::collections::BTreeMap<String, f64>,
@@ -349,5 +376,42 @@ impl Agent {
             out.push((c, r));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeline_keeps_the_newest_events_and_counts_the_rest() {
+        let t0 = std::time::Instant::now();
+        let mut st = ConnStatus {
+            cid: String::new(),
+            server: String::new(),
+            epoch: 0,
+            migrations: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            state: "live".into(),
+            timeline: Vec::new(),
+            timeline_dropped: 0,
+            rtt_ms: Default::default(),
+            fast_path: false,
+        };
+        let mut last = 0;
+        for i in 0..MAX_TIMELINE + 10 {
+            last = st.record(MigrationEvent::new(t0, t0, format!("s{i}"), "manual"));
+            assert_eq!(last, i as u64);
+        }
+        assert_eq!(st.timeline.len(), MAX_TIMELINE);
+        assert_eq!(st.timeline_dropped, 10);
+        assert_eq!(st.timeline[0].from, "s10");
+        // Absolute indices still find the newest event, and not a dropped one.
+        assert_eq!(
+            st.event_mut(last).map(|e| e.from.clone()),
+            Some(format!("s{}", MAX_TIMELINE + 9))
+        );
+        assert!(st.event_mut(3).is_none());
     }
 }

@@ -156,8 +156,9 @@ struct Conn {
     acked: u64,
     client_eof: bool,
     status: Arc<Mutex<ConnStatus>>,
-    /// The migration whose first resumed byte is awaited: (trigger time, index in timeline).
-    awaiting_first_byte: Option<(Instant, usize)>,
+    /// The migration whose first resumed byte is awaited: (trigger time, its absolute index in
+    /// the timeline, see `ConnStatus::record`).
+    awaiting_first_byte: Option<(Instant, u64)>,
     last_state_bytes: u64,
     last_from_replica: bool,
     /// Eager mode: upstream is retained back to the snapshot a backup holds (COMMITTED), and
@@ -390,6 +391,7 @@ async fn open(
         bytes_down: 0,
         state: "live".into(),
         timeline: Vec::new(),
+        timeline_dropped: 0,
         rtt_ms: Default::default(),
         fast_path: false,
     }));
@@ -620,7 +622,7 @@ fn on_arrival(conn: &mut Conn, arrived: u64, closed_at: Option<u64>) -> Result<(
     if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
         let us = t0.elapsed().as_micros() as u64;
         let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ev) = st.timeline.get_mut(idx) {
+        if let Some(ev) = st.event_mut(idx) {
             ev.first_byte_us = Some(us);
         }
     }
@@ -785,7 +787,7 @@ async fn migrate(
                     st.server = conn.server.clone();
                     st.epoch = conn.epoch;
                     st.migrations += 1;
-                    st.timeline.push(MigrationEvent {
+                    st.record(MigrationEvent {
                         to: Some(conn.server.clone()),
                         ok: true,
                         resumed_us: Some(resumed_us),
@@ -793,8 +795,7 @@ async fn migrate(
                         refusals: refusals.clone(),
                         from_replica: conn.last_from_replica,
                         ..MigrationEvent::new(inner.started, t0, from.clone(), reason)
-                    });
-                    st.timeline.len() - 1
+                    })
                 };
                 conn.awaiting_first_byte = Some((t0, idx));
                 tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
@@ -814,8 +815,7 @@ async fn migrate(
     conn.status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .timeline
-        .push(MigrationEvent {
+        .record(MigrationEvent {
             refusals,
             ..MigrationEvent::new(inner.started, t0, from, reason)
         });
