@@ -93,6 +93,18 @@ impl StateRecord {
         Ok(r)
     }
 
+    /// About how many bytes the record takes encoded: its byte payloads plus the fixed fields
+    /// and checks (an upper bound for the varint-encoded fields). An origin checks it against
+    /// the destination's frame limit before it freezes a connection.
+    pub fn encoded_len_bound(&self) -> usize {
+        const FIXED: usize = 2 + 16 + 5 * 10 + 3 * 10 + 1;
+        FIXED
+            + self.snapshot.as_ref().map_or(0, |s| s.len())
+            + self.input.len()
+            + self.tail.len()
+            + self.checks.len() * 20
+    }
+
     /// Upstream bytes the origin had received (the agent resends from here).
     pub fn up_recv(&self) -> u64 {
         self.snap_in + self.input.len() as u64

@@ -311,7 +311,10 @@ pub struct Limits {
     pub dead_session: Duration,
     /// How long a destination waits for the origin's state.
     pub fetch_timeout: Duration,
-    /// Largest state record accepted over the peer channel.
+    /// Largest state record accepted over the peer channel, and built by an origin (a larger one
+    /// is refused `TooLarge` and the connection stays where it is). Lazy records carry the
+    /// snapshot (≤ `max_snapshot`) and unread input (≤ `max_unread`) plus input since the
+    /// snapshot; replicas' tails are at most 4 MiB.
     pub max_record: usize,
     /// Eager mode: memory for replicas of other servers' connections.
     pub max_replica_bytes: usize,
@@ -350,7 +353,7 @@ impl Default for Limits {
             lock_timeout: Duration::from_secs(10),
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),
-            max_record: 512 << 20,
+            max_record: 64 << 20,
             max_replica_bytes: 256 << 20,
             replica_ttl: Duration::from_secs(600),
             max_connections: None,

@@ -165,16 +165,28 @@ impl ConnState {
     /// Builds the state record for a client holding `down_recv` downstream bytes whose checksum
     /// from `sum_from` is `down_sum`, then freezes the connection: the application sees
     /// [`StateError::Migrated`] from its next call.
+    ///
+    /// A record over `max_record` bytes is refused (`TooLarge`) and the connection stays live
+    /// here: the destination would refuse the frame, and the origin must not build one a client
+    /// can make arbitrarily large.
     pub fn freeze(
         &mut self,
         cid: Cid,
         down_recv: u64,
         sum_from: u64,
         down_sum: u64,
+        max_record: usize,
     ) -> Result<StateRecord, (RefuseCode, String)> {
         let rec = self
             .s
             .record(cid, self.epoch, down_recv, sum_from, down_sum)?;
+        let len = rec.encoded_len_bound();
+        if len > max_record {
+            return Err((
+                RefuseCode::TooLarge,
+                format!("the connection's state record would take {len} bytes, over the {max_record}-byte limit"),
+            ));
+        }
         self.phase = Phase::Migrated;
         self.tx = None;
         self.wake_all();
@@ -503,5 +515,32 @@ impl AsyncWrite for Connection {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.close_by_app();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_over_the_limit_is_refused_and_the_connection_stays_live() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut st = ConnState::new(0, ServerStream::new(), tx);
+        // 3 MiB of input the application has not read: it travels in the record.
+        st.s.receive(Bytes::from(vec![7u8; 3 << 20])).unwrap();
+        let cid = Cid([1; 16]);
+        let sum = mtcp_proto::sum::checksum(&[]);
+        let (code, why) = st.freeze(cid, 0, 0, sum, 1 << 20).unwrap_err();
+        assert_eq!(code, RefuseCode::TooLarge, "{why}");
+        assert!(why.contains("over the 1048576-byte limit"), "{why}");
+        assert_eq!(
+            st.phase,
+            Phase::Live,
+            "a refused freeze must leave it served"
+        );
+        let rec = st.freeze(cid, 0, 0, sum, 8 << 20).unwrap();
+        assert_eq!(rec.input.len(), 3 << 20);
+        assert!(rec.encode().len() <= rec.encoded_len_bound());
+        assert_eq!(st.phase, Phase::Migrated);
     }
 }

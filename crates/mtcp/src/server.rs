@@ -199,7 +199,13 @@ impl ServerInner {
                     st.locked = true;
                     direct = st.direct.take();
                 } else if !st.locked {
-                    let rec = st.freeze(cid, f.down_recv, f.sum_from, f.down_sum)?;
+                    let rec = st.freeze(
+                        cid,
+                        f.down_recv,
+                        f.sum_from,
+                        f.down_sum,
+                        self.limits.max_record,
+                    )?;
                     drop(st);
                     self.forget(cid);
                     self.migrated_out.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +285,7 @@ impl ServerInner {
         let written = written - unsent.min(written);
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
-        match st.freeze(cid, written, written, sum) {
+        match st.freeze(cid, written, written, sum, self.limits.max_record) {
             Ok(rec) => {
                 drop(st);
                 self.forget(cid);
