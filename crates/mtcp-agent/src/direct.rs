@@ -194,19 +194,12 @@ async fn hand_over(
         tracing::warn!(conn = id, "KICK: {e}");
     }
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
-    let status = Arc::new(Mutex::new(ConnStatus {
-        cid: wl.cid.to_string(),
-        server: wl.server.clone(),
-        epoch: wl.epoch,
-        migrations: 0,
-        bytes_up: 0,
-        bytes_down: 0,
-        state: "live".into(),
-        timeline: Vec::new(),
-        timeline_dropped: 0,
-        rtt_ms: Default::default(),
-        fast_path: true,
-    }));
+    let status = Arc::new(Mutex::new(ConnStatus::live(
+        wl.cid.to_string(),
+        wl.server.clone(),
+        wl.epoch,
+        true,
+    )));
     let conn = Conn {
         id,
         cid: wl.cid,

@@ -102,6 +102,23 @@ pub fn mono_us() -> u64 {
 pub const MAX_TIMELINE: usize = 1024;
 
 impl ConnStatus {
+    /// A connection just opened (or handed over) on `server` at `epoch`.
+    pub(crate) fn live(cid: String, server: String, epoch: u64, fast_path: bool) -> Self {
+        ConnStatus {
+            cid,
+            server,
+            epoch,
+            migrations: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            state: "live".into(),
+            timeline: Vec::new(),
+            timeline_dropped: 0,
+            rtt_ms: Default::default(),
+            fast_path,
+        }
+    }
+
     /// Appends `ev` to the timeline, dropping the oldest beyond [`MAX_TIMELINE`]; returns the
     /// event's absolute index (see [`ConnStatus::event_mut`]).
     pub(crate) fn record(&mut self, ev: MigrationEvent) -> u64 {
@@ -386,19 +403,7 @@ mod tests {
     #[test]
     fn a_timeline_keeps_the_newest_events_and_counts_the_rest() {
         let t0 = std::time::Instant::now();
-        let mut st = ConnStatus {
-            cid: String::new(),
-            server: String::new(),
-            epoch: 0,
-            migrations: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-            state: "live".into(),
-            timeline: Vec::new(),
-            timeline_dropped: 0,
-            rtt_ms: Default::default(),
-            fast_path: false,
-        };
+        let mut st = ConnStatus::live(String::new(), String::new(), 0, false);
         let mut last = 0;
         for i in 0..MAX_TIMELINE + 10 {
             last = st.record(MigrationEvent::new(t0, t0, format!("s{i}"), "manual"));

@@ -382,19 +382,12 @@ async fn open(
     let eager = wl.mode == Mode::Eager;
     let mut down = DownTracker::new(0);
     down.keep_ranges(eager);
-    let status = Arc::new(Mutex::new(ConnStatus {
-        cid: wl.cid.to_string(),
-        server: wl.server.clone(),
-        epoch: wl.epoch,
-        migrations: 0,
-        bytes_up: 0,
-        bytes_down: 0,
-        state: "live".into(),
-        timeline: Vec::new(),
-        timeline_dropped: 0,
-        rtt_ms: Default::default(),
-        fast_path: false,
-    }));
+    let status = Arc::new(Mutex::new(ConnStatus::live(
+        wl.cid.to_string(),
+        wl.server.clone(),
+        wl.epoch,
+        false,
+    )));
     let conn = Conn {
         id,
         cid: wl.cid,

@@ -153,6 +153,21 @@ impl ConnState {
         }
     }
 
+    /// Ends the connection here for `reason`: the agent hears REFUSED with `refusal` when one is
+    /// given, the session's writer stops, and the application's pending calls wake to the error.
+    /// The caller then forgets the connection (`ServerInner::forget`).
+    pub fn abort(&mut self, reason: String, refusal: Option<RefuseCode>) {
+        if let Some(code) = refusal {
+            self.send(Out::Msg(Msg::Refused {
+                code,
+                reason: reason.clone(),
+            }));
+        }
+        self.phase = Phase::Aborted(reason);
+        self.tx = None;
+        self.wake_all();
+    }
+
     pub fn wake_all(&mut self) {
         if let Some(w) = self.read_waker.take() {
             w.wake();

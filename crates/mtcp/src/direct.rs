@@ -362,10 +362,7 @@ impl Pump {
         let reason = format!("client connection failed: {e}");
         tracing::info!(cid = %shared.cid, "{reason}");
         {
-            let mut st = shared.lock();
-            st.phase = Phase::Aborted(reason);
-            st.tx = None;
-            st.wake_all();
+            shared.lock().abort(reason, None);
         }
         inner.forget(shared.cid);
         self.to_agent(Msg::Closed {

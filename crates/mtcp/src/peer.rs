@@ -186,20 +186,30 @@ async fn call_noting(
             Err(e) => return Err(e),
         }
     }
-    let ch = connect_authenticated(
+    let ch = dial(inner, to, first.min(inner.limits.fetch_timeout)).await?;
+    let (m, ch, rtt) = ask(inner, ch, req, first, total, answered).await?;
+    inner.peer_pool.sample(&to.id, rtt);
+    inner.peer_pool.put(&to.id, ch);
+    Ok(m)
+}
+
+/// Opens an authenticated peer channel from this server to `to`, each step within `limit`,
+/// taking frames as large as a state record with a fast-path connection's TCP state.
+async fn dial(
+    inner: &ServerInner,
+    to: &ServerEntry,
+    limit: Duration,
+) -> Result<Channel, ChannelError> {
+    connect_authenticated(
         &to.peer,
         &inner.cluster.key,
         &inner.id,
         &to.id,
         PortKind::Peer,
         inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
-        first.min(inner.limits.fetch_timeout),
+        limit,
     )
-    .await?;
-    let (m, ch, rtt) = ask(inner, ch, req, first, total, answered).await?;
-    inner.peer_pool.sample(&to.id, rtt);
-    inner.peer_pool.put(&to.id, ch);
-    Ok(m)
+    .await
 }
 
 /// The test hooks `Limits::peer_delay` and `peer_loss`: what a peer-channel message waits
@@ -391,17 +401,7 @@ pub(crate) async fn keep_warm(inner: std::sync::Weak<ServerInner>, to: ServerEnt
         // fresh channel is dialled with time for TCP's own retransmissions.
         let ch = match inner.peer_pool.take(&to.id) {
             Some(ch) => ch,
-            None => match connect_authenticated(
-                &to.peer,
-                &inner.cluster.key,
-                &inner.id,
-                &to.id,
-                PortKind::Peer,
-                inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
-                WARM_DIAL,
-            )
-            .await
-            {
+            None => match dial(&inner, &to, WARM_DIAL).await {
                 Ok(ch) => ch,
                 Err(e) => {
                     tracing::debug!(backup = %to.id, "keeping a channel warm: {e}");

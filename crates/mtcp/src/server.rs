@@ -463,13 +463,7 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
                     inner.limits.ack_timeout
                 );
                 tracing::warn!(cid = %c.cid, "{reason}; aborting the connection");
-                st.send(Out::Msg(Msg::Refused {
-                    code: RefuseCode::TooLarge,
-                    reason: reason.clone(),
-                }));
-                st.phase = Phase::Aborted(reason);
-                st.tx = None;
-                st.wake_all();
+                st.abort(reason, Some(RefuseCode::TooLarge));
                 drop(st);
                 inner.forget(c.cid);
                 continue;
@@ -514,9 +508,7 @@ fn sweep_detached(inner: &ServerInner, now: Instant) {
         } else {
             empty += 1;
         }
-        st.phase = Phase::Aborted("agent gone".into());
-        st.tx = None;
-        st.wake_all();
+        st.abort("agent gone".into(), None);
         drop(st);
         inner.forget(c.cid);
     }
