@@ -41,6 +41,11 @@ pub struct PgArgs {
     /// Interval of `migrate --all` during the moving configuration, ms (pg).
     #[arg(long, default_value_t = 200)]
     pub move_every_ms: u64,
+    /// Configurations to time, comma-separated (pg): direct, pgbouncer, agent-2pc-off,
+    /// agent-2pc-on, agent-2pc-on-moves, fastpath-2pc-off. `direct` (the baseline) is always
+    /// timed; the move latencies are measured only with agent-2pc-on. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
 }
 
 /// The database pgbench's tables are in.
@@ -65,19 +70,29 @@ enum Config {
 }
 
 impl Config {
-    /// The configurations of a run: all of them as root, without the fast path otherwise.
-    fn all(fast_path: bool) -> Vec<Config> {
-        let mut v = vec![
-            Config::Direct,
-            Config::Bouncer,
-            Config::Off,
-            Config::On,
-            Config::OnMoves,
-        ];
-        if fast_path {
-            v.push(Config::FastOff);
+    const ALL: [Config; 6] = [
+        Config::Direct,
+        Config::Bouncer,
+        Config::Off,
+        Config::On,
+        Config::OnMoves,
+        Config::FastOff,
+    ];
+
+    /// The configurations `names` selects (all when empty), direct always first.
+    fn selected(names: &[String]) -> Result<Vec<Config>> {
+        for n in names {
+            if !Config::ALL.iter().any(|c| c.name() == n) {
+                let known: Vec<&str> = Config::ALL.iter().map(|c| c.name()).collect();
+                bail!("unknown configuration {n:?} (known: {})", known.join(", "));
+            }
         }
-        v
+        Ok(Config::ALL
+            .into_iter()
+            .filter(|c| {
+                *c == Config::Direct || names.is_empty() || names.iter().any(|n| n == c.name())
+            })
+            .collect())
     }
 
     fn name(self) -> &'static str {
@@ -105,15 +120,25 @@ pub struct PgReport {
     pub configs: Vec<ConfigReport>,
     /// `SELECT 1` round trip over an open session, µs (median of 200).
     pub select1_direct_us_p50: u64,
+    /// Through the agent-2pc-on cluster (absent when it was not among the configurations).
+    #[serde(flatten)]
+    pub latency: Option<Latency>,
+    /// Every pgbench run had 0 failed transactions and 0 aborted clients, every move
+    /// succeeded and every check held.
+    pub clean: bool,
+}
+
+/// Round trips and moves of one session through the agent-2pc-on cluster, idle.
+#[derive(Serialize, Debug)]
+pub struct Latency {
     pub select1_agent_us_p50: u64,
     pub idle_moves: MoveLatency,
     pub in_transaction_moves: MoveLatency,
     /// Per-phase timings of the destination front-end while the measured sessions moved, from
     /// its debug log.
     pub front_end_phases: Phases,
-    /// Every pgbench run had 0 failed transactions and 0 aborted clients, every move
-    /// succeeded and every check held.
-    pub clean: bool,
+    /// The in-transaction moves' account balance came out right.
+    pub balance_ok: bool,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -312,8 +337,8 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         );
     }
     let bouncer = tokio::task::block_in_place(|| PgBouncer::start(&pg, p.clients + 2))?;
-    progress("starting the front-ends (two-phase off, two-phase on), three servers each".into());
     let start_front = |name: &str, two_phase: bool, agent_args: &[&str]| -> Result<LocalCluster> {
+        progress(format!("starting the front-ends for {name}, three servers"));
         let d = dir.join(name);
         std::fs::create_dir_all(&d)?;
         let opts = PgLocalOptions {
@@ -324,25 +349,34 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         };
         tokio::task::block_in_place(|| PgLocal::start_on(&exe, &d, &pg, &opts))
     };
-    let off = start_front("2pc-off", false, &[])?;
-    let on = start_front("2pc-on", true, &[])?;
+    let mut all = Config::selected(&p.configs)?;
+    let wants = |cs: &[Config], c: &[Config]| cs.iter().any(|x| c.contains(x));
+    let off = match wants(&all, &[Config::Off]) {
+        true => Some(start_front("2pc-off", false, &[])?),
+        false => None,
+    };
+    let on = match wants(&all, &[Config::On, Config::OnMoves]) {
+        true => Some(start_front("2pc-on", true, &[])?),
+        false => None,
+    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let fast = if root {
-        progress("starting the fast-path front-ends (two-phase off), three servers".into());
-        Some(start_front("fastpath", false, &["--fast-path"])?)
-    } else {
-        eprintln!(
-            "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",
-            Config::FastOff.name()
-        );
-        None
+    let fast = match (wants(&all, &[Config::FastOff]), root) {
+        (true, true) => Some(start_front("fastpath", false, &["--fast-path"])?),
+        (true, false) => {
+            eprintln!(
+                "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",
+                Config::FastOff.name()
+            );
+            all.retain(|c| *c != Config::FastOff);
+            None
+        }
+        (false, _) => None,
     };
-    let all = Config::all(fast.is_some());
     let cluster = |c: Config| -> Option<&LocalCluster> {
         match c {
-            Config::Off => Some(&off),
-            Config::On | Config::OnMoves => Some(&on),
+            Config::Off => off.as_ref(),
+            Config::On | Config::OnMoves => on.as_ref(),
             Config::FastOff => fast.as_ref(),
             Config::Direct | Config::Bouncer => None,
         }
@@ -388,7 +422,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             };
             let before = probe.sample();
             let machine_before = machine_cpu();
-            let mut r = if c == Config::OnMoves {
+            let mut r = if let (Config::OnMoves, Some(on)) = (c, on.as_ref()) {
                 let stop = Arc::new(AtomicBool::new(false));
                 let mover = tokio::spawn(mover(
                     on.agent_admin.clone(),
@@ -397,7 +431,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                     stop.clone(),
                 ));
                 let r = match pgbench(&h, port, p.clients, threads, p.seconds).await {
-                    Err(e) => Err(e.context(db_view(&pg)).context(agent_view(&on).await)),
+                    Err(e) => Err(e.context(db_view(&pg)).context(agent_view(on).await)),
                     r => r,
                 };
                 stop.store(true, Ordering::Relaxed);
@@ -521,28 +555,43 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         })
         .collect();
 
-    // Move latency, on the two-phase-on cluster, now idle.
     progress("SELECT 1 round trips: direct, through the agent".into());
     let select1_direct = select1_p50(pg.host(), pg.port()).await?;
-    let (h, port) = split(&on.agent_listen);
-    let select1_agent = select1_p50(&h, port).await?;
-    let logs = LogMark::new(&on);
-    progress(format!("{} moves of an idle session", p.moves));
-    let idle = idle_moves(&on, p.moves).await?;
-    progress(format!(
-        "{} moves of a session inside a transaction",
-        p.moves
-    ));
-    let (in_txn, balance_ok) = txn_moves(&on, p.moves).await?;
-    let phases = logs.phases();
-
+    // Move latency, on the two-phase-on cluster, now idle.
+    let latency = match &on {
+        Some(on) => {
+            let (h, port) = split(&on.agent_listen);
+            let select1_agent = select1_p50(&h, port).await?;
+            let logs = LogMark::new(on);
+            progress(format!("{} moves of an idle session", p.moves));
+            let idle = idle_moves(on, p.moves).await?;
+            progress(format!(
+                "{} moves of a session inside a transaction",
+                p.moves
+            ));
+            let (in_txn, balance_ok) = txn_moves(on, p.moves).await?;
+            Some(Latency {
+                select1_agent_us_p50: select1_agent,
+                idle_moves: idle,
+                in_transaction_moves: in_txn,
+                front_end_phases: logs.phases(),
+                balance_ok,
+            })
+        }
+        None => {
+            eprintln!("!!! move latency NOT MEASURED: it needs agent-2pc-on among --configs !!!");
+            None
+        }
+    };
+    let balance_ok = latency.as_ref().is_none_or(|l| l.balance_ok);
     let pg_clean = configs
         .iter()
         .all(|c| c.failed_transactions == 0 && c.aborted_clients == 0);
-    let moves_clean = moves.failed == 0
-        && moves.errors == 0
-        && moves.moved > 0
-        && moves.aborted_at_agent.is_empty();
+    let moves_clean = !all.contains(&Config::OnMoves)
+        || (moves.failed == 0
+            && moves.errors == 0
+            && moves.moved > 0
+            && moves.aborted_at_agent.is_empty());
     let rep = PgReport {
         scale: p.scale,
         clients: p.clients,
@@ -552,10 +601,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         fsync,
         configs,
         select1_direct_us_p50: select1_direct,
-        select1_agent_us_p50: select1_agent,
-        idle_moves: idle,
-        in_transaction_moves: in_txn,
-        front_end_phases: phases,
+        latency,
         clean: pg_clean && moves_clean && balance_ok,
     };
     if a.json {
@@ -1315,15 +1361,23 @@ fn print_table(r: &PgReport) {
             println!();
         }
     }
+    let Some(l) = &r.latency else {
+        println!(
+            "SELECT 1 round trip (p50): direct to PostgreSQL {:.3} ms; move latency not measured (needs agent-2pc-on)",
+            ms(r.select1_direct_us_p50)
+        );
+        println!("clean (0 failed, 0 aborted, every move ok): {}", r.clean);
+        return;
+    };
     println!(
         "SELECT 1 round trip (p50): direct to PostgreSQL {:.3} ms, through the agent and front-end {:.3} ms",
         ms(r.select1_direct_us_p50),
-        ms(r.select1_agent_us_p50)
+        ms(l.select1_agent_us_p50)
     );
     println!("move latency, agent-2pc-on cluster, one session moved by the agent's admin API (request -> answer after RESUMED):");
     for (name, m) in [
-        ("idle session", &r.idle_moves),
-        ("inside a transaction", &r.in_transaction_moves),
+        ("idle session", &l.idle_moves),
+        ("inside a transaction", &l.in_transaction_moves),
     ] {
         println!(
             "  {name:<21} move p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms | move + first query p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms | agent trigger->RESUMED p50 {:.3} ms ({} moves)",
@@ -1332,7 +1386,7 @@ fn print_table(r: &PgReport) {
             ms(m.resumed_us_p50), m.moves
         );
     }
-    let f = &r.front_end_phases;
+    let f = &l.front_end_phases;
     println!(
         "  destination front-end per restart (server logs, {} restarts, {} found the origin's backend alive):",
         f.restarts, f.fenced

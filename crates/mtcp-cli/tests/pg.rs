@@ -71,7 +71,11 @@ fn move_all(pl: &PgLocal) -> Result<String, String> {
 fn moves_logged(pl: &PgLocal) -> usize {
     let log = std::fs::read_to_string(pl.lc.dir.join("agent.log")).unwrap_or_default();
     log.lines()
-        .filter(|l| strip_ansi(l).contains("mtcp_agent::relay: migrated "))
+        .map(strip_ansi)
+        .filter(|l| {
+            l.contains("mtcp_agent::relay: migrated ")
+                || l.contains("mtcp_agent::direct: migrated (fast path)")
+        })
         .count()
 }
 
@@ -184,15 +188,22 @@ fn assert_registry_empties(pl: &PgLocal) {
 
 /// Fresh pgbench tables (scale 1), then `pgbench -c 8 -j 2 -T 20 -M mode` of
 /// [`TPCB_OWN_ACCOUNTS`] with every connection moved every 200 ms, through front-ends with
-/// `--two-phase on|off` (off, in lazy mode: commits run under `lock_state` with no commit point).
-fn pgbench_with_moves(mode: &str, two_phase: bool) {
-    let name = format!("pgbench_moves_every_200ms_{mode}");
+/// `--two-phase on|off` (off, in lazy mode: commits run under `lock_state` with no commit point),
+/// with an agent given `agent_args`.
+fn pgbench_with_moves(mode: &str, two_phase: bool, agent_args: &[&str]) {
+    let fast = if agent_args.is_empty() {
+        ""
+    } else {
+        "_fast_path"
+    };
+    let name = format!("pgbench_moves_every_200ms_{mode}{fast}");
     if !mtcp_pgtmp::require(&name) {
         return;
     }
-    let dir = TempDir::new(&format!("pg-bench-{mode}"));
+    let dir = TempDir::new(&format!("pg-bench-{mode}{fast}"));
     let opts = PgLocalOptions {
         two_phase,
+        agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
     let mut pl = PgLocal::start(&exe(), dir.path(), &opts).expect("start PG + front-ends");
@@ -230,17 +241,28 @@ fn pgbench_with_moves(mode: &str, two_phase: bool) {
 
 #[test]
 fn pgbench_moves_every_200ms_simple() {
-    pgbench_with_moves("simple", false);
+    pgbench_with_moves("simple", false, &[]);
 }
 
 #[test]
 fn pgbench_moves_every_200ms_extended() {
-    pgbench_with_moves("extended", true);
+    pgbench_with_moves("extended", true, &[]);
 }
 
 #[test]
 fn pgbench_moves_every_200ms_prepared() {
-    pgbench_with_moves("prepared", true);
+    pgbench_with_moves("prepared", true, &[]);
+}
+
+/// The same over the kernel fast path (root: TCP_REPAIR, nftables): pgbench's own connections
+/// move, and the front-ends read and write them directly.
+#[test]
+fn pgbench_moves_every_200ms_simple_fast_path() {
+    if !is_root() {
+        eprintln!("!!! NOT ROOT: the kernel fast path needs TCP_REPAIR and nftables; pgbench_moves_every_200ms_simple_fast_path is NOT run !!!");
+        return;
+    }
+    pgbench_with_moves("simple", false, &["--fast-path"]);
 }
 
 /// Each client appends its own gap-free sequence (`seq` lives on in pgbench across a client's

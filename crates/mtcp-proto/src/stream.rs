@@ -145,6 +145,20 @@ impl ServerStream {
         Ok(())
     }
 
+    /// Upstream data the application reads at once as it arrives (the kernel fast path, where
+    /// the application's own read takes it from the client's socket): logged like
+    /// [`ServerStream::receive`], and consumed. Only when nothing received is still unread, so
+    /// the input stays in order.
+    pub fn receive_read(&mut self, b: Bytes) -> Result<(), &'static str> {
+        if self.unread() != 0 {
+            return Err("input read past unread input");
+        }
+        let n = b.len() as u64;
+        self.receive(b)?;
+        self.in_off += n;
+        Ok(())
+    }
+
     /// The client finished sending at `up_total`.
     pub fn finish_input(&mut self, up_total: u64) -> Result<(), String> {
         if up_total != self.input.end() {
@@ -467,6 +481,33 @@ mod tests {
     use proptest::prelude::*;
 
     const NO_LIMIT: u64 = u64::MAX;
+
+    #[test]
+    fn input_read_on_arrival_is_logged_in_order() {
+        let mut st = ServerStream::new();
+        st.receive(Bytes::from_static(b"ab")).unwrap();
+        // Unread input comes first: reading past it would reorder the stream.
+        assert!(st.receive_read(Bytes::from_static(b"cd")).is_err());
+        let mut b = [0u8; 8];
+        assert_eq!(st.read(&mut b), Some(2));
+        st.receive_read(Bytes::from_static(b"cd")).unwrap();
+        assert_eq!((st.in_off(), st.up_recv(), st.unread()), (4, 4, 0));
+        assert_eq!(st.read(&mut b), None, "consumed on arrival");
+        // A snapshot at 1 byte in keeps the input after it for a restart.
+        let mut st = ServerStream::new();
+        st.receive_read(Bytes::from_static(b"x")).unwrap();
+        st.snapshot(Bytes::from_static(b"s")).unwrap();
+        st.receive_read(Bytes::from_static(b"yz")).unwrap();
+        let rec = st
+            .record(Cid([0; 16]), 0, 0, 0, crate::sum::checksum(&[]))
+            .unwrap();
+        assert_eq!((rec.snap_in, &rec.input[..]), (1, &b"yz"[..]));
+        st.finish_input(3).unwrap();
+        assert!(
+            st.receive_read(Bytes::from_static(b"!")).is_err(),
+            "after the end"
+        );
+    }
 
     proptest! {
         /// Whatever the snapshots, acknowledgements and client position, the record an origin

@@ -103,6 +103,8 @@ pub(crate) struct ConnState {
     /// Kernel fast path: the pump serving the client's own TCP connection (see
     /// [`crate::direct`]).
     pub direct: Option<crate::direct::DirectHandle>,
+    /// Kernel fast path: what the application's own socket calls and the pump share.
+    pub fast: crate::direct::FastOut,
 }
 
 impl ConnState {
@@ -121,6 +123,7 @@ impl ConnState {
             repl: Default::default(),
             arrived: Instant::now(),
             direct: None,
+            fast: Default::default(),
         }
     }
 
@@ -145,6 +148,10 @@ impl ConnState {
                     }
                 }
             }
+            // A fast-path agent only shows SNAP's offsets in its status, so at most one per
+            // interval goes to it (the HTTP app snapshots every 256 KiB, thousands per second at
+            // full speed; a database front-end at every transaction).
+            Out::Msg(Msg::Snap { .. }) if self.direct.is_some() && !self.fast.snap_due() => {}
             m => {
                 if let Some(tx) = &self.tx {
                     let _ = tx.send(m);
@@ -457,13 +464,26 @@ impl AsyncRead for Connection {
             Some(0) => return Poll::Ready(Ok(())),
             Some(n) => {
                 buf.advance(n);
+                let relayed = st.direct.is_none();
                 drop(st);
-                self.shared.consumed.notify_one();
+                if relayed {
+                    // The session reader may be waiting for room (`Limits::max_unread`).
+                    self.shared.consumed.notify_one();
+                }
                 return Poll::Ready(Ok(()));
             }
             None => {}
         }
-        st.read_waker = Some(cx.waker().clone());
+        if let Some(sock) = st.direct.as_ref().map(|d| d.sock.clone()) {
+            return crate::direct::read_inline(&mut st, &sock, cx, buf);
+        }
+        if !st
+            .read_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            st.read_waker = Some(cx.waker().clone());
+        }
         Poll::Pending
     }
 }
@@ -515,6 +535,14 @@ impl AsyncWrite for Connection {
                 "application wrote over {max_log} bytes since its last snapshot; connection not migratable until the next one"
             );
         }
+        // On the fast path, with nothing queued before it and the agent's fence down, the
+        // socket takes what it can at once.
+        let to_send = match st.direct.as_ref().map(|d| d.sock.clone()) {
+            Some(sock) if st.queued == 0 && !st.fast.held && !to_send.is_empty() => {
+                crate::direct::write_inline(&mut st, &sock, to_send)
+            }
+            _ => to_send,
+        };
         if !to_send.is_empty() {
             st.send(Out::Data(to_send));
         }

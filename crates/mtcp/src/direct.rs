@@ -19,25 +19,33 @@
 //! be bindable here: servers and client share one host (or one network namespace). Across hosts
 //! it needs NAT steering on the client host, which is not built.
 //!
+//! While the connection is live the application's own calls do the socket's I/O
+//! ([`read_inline`], [`write_inline`]): a read with nothing unread reads the socket, and a write
+//! with nothing queued before it writes to the socket, so a request and its answer cost no
+//! hand-over between tasks. The pump writes what the socket did not take at once, waits for
+//! KICK, reads the client's last bytes after the application closed, and ends the connection
+//! when the client's side fails.
+//!
 //! [`ServerStream`]: mtcp_proto::stream::ServerStream
 
-use crate::conn::{Phase, Shared};
+use crate::conn::{ConnState, Phase, Shared};
 use crate::framed::Out;
 use crate::server::ServerInner;
 use bytes::{Buf, Bytes};
 use mtcp_proto::wire::Msg;
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 /// Largest encoded TCP state accepted (both queues at their limit, plus the fields).
 pub(crate) const MAX_TCP_STATE: usize = 2 * mtcp_repair::MAX_QUEUE + 4096;
-/// Most client bytes read at once.
+/// Most client bytes the pump reads at once (after the application closed).
 const READ_BUF: usize = 64 << 10;
 /// A recreated socket sends nothing until the agent's KICK says the fence is down (see
 /// [`Pump::held`]), or at the latest after this long.
@@ -57,6 +65,9 @@ enum Io {
 
 /// A running pump, as the connection's state holds it.
 pub(crate) struct DirectHandle {
+    /// The client's socket, for the application's own reads and writes (used only under the
+    /// connection's lock; the handle is taken out before the pump stops).
+    pub sock: Arc<TcpStream>,
     /// Asks the pump to stop and hand the socket back (a migration).
     stop: Arc<Notify>,
     /// Asks the pump to send a window probe (the agent's fence is down).
@@ -71,14 +82,138 @@ impl DirectHandle {
 
     /// Stops the pump. `None`: it had already ended (the connection is over).
     pub async fn stop(self) -> Option<Pump> {
-        self.stop.notify_one();
-        self.task.await.ok().flatten()
+        let DirectHandle {
+            sock, stop, task, ..
+        } = self;
+        drop(sock);
+        stop.notify_one();
+        task.await.ok().flatten()
+    }
+}
+
+/// What the application's calls and the pump share about a fast-path connection's socket
+/// (in the connection's state, under its lock).
+#[derive(Default)]
+pub(crate) struct FastOut {
+    /// Downstream offset of the next byte handed to the socket.
+    pub written: u64,
+    /// `written` when the output log was last trimmed (see [`TRIM_EVERY`]).
+    pub trimmed: u64,
+    /// Output waits for KICK (see [`Queues::held`]): nothing is written inline meanwhile.
+    pub held: bool,
+    /// The application's read found the client's connection failed: the pump ends it.
+    pub failed: Option<io::Error>,
+    /// Wakes the pump for `failed`.
+    pub pump_waker: Option<Waker>,
+    /// When a SNAP was last passed on to the agent (see [`SNAP_EVERY`]).
+    pub snap_sent: Option<Instant>,
+}
+
+impl FastOut {
+    fn at(written: u64, held: bool) -> Self {
+        FastOut {
+            written,
+            trimmed: written,
+            held,
+            ..Default::default()
+        }
+    }
+
+    /// Whether a SNAP should go to the agent now (at most one per [`SNAP_EVERY`]).
+    pub fn snap_due(&mut self) -> bool {
+        let due = self.snap_sent.is_none_or(|t| t.elapsed() >= SNAP_EVERY);
+        if due {
+            self.snap_sent = Some(Instant::now());
+        }
+        due
+    }
+}
+
+/// `n` more bytes are in the kernel: the downstream offset moves, and every [`TRIM_EVERY`]
+/// bytes the output log is trimmed to what the kernel has really sent (the socket's queue of
+/// sent bytes moves with the connection, while output it never sent is regenerated from a
+/// restart point, so those must be kept; asked only now and then, so the log keeps a little
+/// more and a small response costs no extra system call).
+fn wrote(st: &mut ConnState, sock: &TcpStream, n: usize) {
+    let f = &mut st.fast;
+    f.written += n as u64;
+    if f.written - f.trimmed >= TRIM_EVERY {
+        f.trimmed = f.written;
+        let sent = f.written - not_sent(sock).min(f.written);
+        st.s.on_ack(sent, sent);
+    }
+}
+
+/// The application's read of a fast-path connection with nothing unread: reads the client's
+/// socket into `buf`, logging the input like any other.
+pub(crate) fn read_inline(
+    st: &mut ConnState,
+    sock: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let failed = loop {
+        match sock.poll_read_ready(cx) {
+            Poll::Pending => break None,
+            Poll::Ready(Err(e)) => break Some(e),
+            Poll::Ready(Ok(())) => {}
+        }
+        let dst = buf.initialize_unfilled();
+        match sock.try_read(dst) {
+            Ok(0) => {
+                let end = st.s.up_recv();
+                if let Err(why) = st.s.finish_input(end) {
+                    tracing::warn!("{why}");
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Ok(n) => {
+                let data = Bytes::copy_from_slice(&dst[..n]);
+                if let Err(why) = st.s.receive_read(data) {
+                    tracing::warn!("{why}");
+                    return Poll::Ready(Err(io::Error::other(why)));
+                }
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => break Some(e),
+        }
+    };
+    if let Some(e) = failed {
+        // The pump ends the connection (and tells the agent); this read wakes to that.
+        st.fast.failed = Some(e);
+        if let Some(w) = st.fast.pump_waker.take() {
+            w.wake();
+        }
+    }
+    if !st
+        .read_waker
+        .as_ref()
+        .is_some_and(|w| w.will_wake(cx.waker()))
+    {
+        st.read_waker = Some(cx.waker().clone());
+    }
+    Poll::Pending
+}
+
+/// The application's write of `data` to a fast-path connection with nothing queued before it:
+/// as much as the socket takes now. Returns the rest, for the pump.
+pub(crate) fn write_inline(st: &mut ConnState, sock: &TcpStream, mut data: Bytes) -> Bytes {
+    match sock.try_write(&data) {
+        Ok(n) => {
+            wrote(st, sock, n);
+            data.advance(n);
+            data
+        }
+        // Full, or failed: the pump waits for room, or meets the error and ends the connection.
+        Err(_) => data,
     }
 }
 
 /// Moves bytes between a fast-path connection's state and the client's socket.
 pub(crate) struct Pump {
-    sock: TcpStream,
+    sock: Arc<TcpStream>,
     q: Queues,
 }
 
@@ -93,18 +228,14 @@ pub(crate) struct Queues {
     cur: Option<Bytes>,
     /// Control messages to the agent (the session's writer).
     ctl: Option<mpsc::UnboundedSender<Out>>,
-    /// Downstream offset of the next byte handed to the socket.
+    /// Downstream offset the socket continues at, until the pump runs (then `FastOut`).
     written: u64,
-    /// `written` when the output log was last trimmed (see [`TRIM_EVERY`]).
-    trimmed: u64,
     eof: bool,
     /// Until when output waits for KICK. The agent fences the client's flow while the
     /// connection has no socket; output sent before the fence is down would be answered by ACKs
     /// the fence drops, and the sender would then stall until its retransmission timer (200 ms
     /// and more) — measured: a 512 MiB download at a third of its speed.
     held: Option<tokio::time::Instant>,
-    /// When a SNAP was last passed on to the agent (see [`SNAP_EVERY`]).
-    snap_sent: Option<std::time::Instant>,
 }
 
 /// The agent only shows SNAP's offsets in its status, so at most one per this interval is
@@ -121,7 +252,7 @@ impl Pump {
         written: u64,
     ) -> Pump {
         Pump {
-            sock,
+            sock: Arc::new(sock),
             q: Queues {
                 rx,
                 rx_open: true,
@@ -129,32 +260,40 @@ impl Pump {
                 cur: None,
                 ctl: Some(ctl),
                 written,
-                trimmed: written,
                 eof: false,
                 held: Some(tokio::time::Instant::now() + HOLD_MAX),
-                snap_sent: None,
             },
         }
     }
 
-    /// Runs the pump as a task.
-    pub fn spawn(self, shared: Arc<Shared>, inner: Arc<ServerInner>) -> DirectHandle {
+    /// Runs the pump as a task and hands the connection's socket to the application's calls.
+    pub fn start(self, shared: &Arc<Shared>, inner: &Arc<ServerInner>) {
         let stop = Arc::new(Notify::new());
         let kick = Arc::new(Notify::new());
-        let task = tokio::spawn(self.run(shared, inner, stop.clone(), kick.clone()));
-        DirectHandle { stop, kick, task }
+        let sock = self.sock.clone();
+        let mut st = shared.lock();
+        st.fast = FastOut::at(self.q.written, self.q.held.is_some());
+        let task =
+            tokio::spawn(self.run(shared.clone(), inner.clone(), stop.clone(), kick.clone()));
+        st.direct = Some(DirectHandle {
+            sock,
+            stop,
+            kick,
+            task,
+        });
+        // A read waiting on the socket the connection had before (a freeze that failed).
+        if let Some(w) = st.read_waker.take() {
+            w.wake();
+        }
     }
 
     /// The socket, for a freeze, and the rest of the pump to resume with if the freeze fails.
     /// (When it succeeds the rest is dropped: output not yet handed to the kernel is
-    /// regenerated by the destination.)
-    pub fn into_parts(self) -> (TcpStream, Queues) {
-        (self.sock, self.q)
-    }
-
-    /// Downstream offset of the next byte handed to the socket.
-    pub fn written(&self) -> u64 {
-        self.q.written
+    /// regenerated by the destination.) `None` if the socket is still shared, which cannot
+    /// happen once the handle is taken out of the connection's state and stopped.
+    pub fn into_parts(self) -> Option<(TcpStream, Queues)> {
+        let sock = Arc::try_unwrap(self.sock).ok()?;
+        Some((sock, self.q))
     }
 
     fn route(&mut self, o: Out) {
@@ -162,12 +301,6 @@ impl Pump {
             Out::Data(_) | Out::Msg(Msg::Closed { .. }) => self.q.pending.push_back(o),
             // Backpressure reports are for the relay's throughput policy.
             Out::Msg(Msg::Backlog { .. }) => {}
-            Out::Msg(m @ Msg::Snap { .. }) => {
-                if self.q.snap_sent.is_none_or(|t| t.elapsed() >= SNAP_EVERY) {
-                    self.q.snap_sent = Some(std::time::Instant::now());
-                    self.to_agent(m);
-                }
-            }
             Out::Msg(m) => self.to_agent(m),
         }
     }
@@ -220,52 +353,72 @@ impl Pump {
                     p => format!("{p:?}"),
                 };
                 tracing::info!(cid = %shared.cid, "fast-path connection ends ({why}): resetting the client's connection");
-                let _ = socket2::SockRef::from(&self.sock).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&*self.sock).set_linger(Some(Duration::ZERO));
                 return None;
             }
-            let can_read = !self.q.eof
-                && (closing.is_some() || {
-                    let st = shared.lock();
-                    st.phase != Phase::Live || st.s.unread() < inner.limits.max_unread
-                });
+            // While the application is live its own reads take the client's input; after it
+            // closed, the pump reads the client's last bytes.
+            let can_read = !self.q.eof && closing.is_some();
             if self
                 .q
                 .held
                 .is_some_and(|t| tokio::time::Instant::now() >= t)
             {
                 tracing::warn!(cid = %shared.cid, "no KICK from the agent within {HOLD_MAX:?}; sending anyway");
-                self.q.held = None;
+                self.release(&shared);
             }
             let can_write = self.q.cur.is_some() && self.q.held.is_none();
             // The one deadline that matters now, if any (the timer is made only when polled).
             let due = closing.or(self.q.held);
+            let sock = self.sock.clone();
             tokio::select! {
                 biased;
                 _ = stop.notified() => return Some(self),
                 _ = kick.notified() => {
-                    self.q.held = None;
-                    if let Err(e) = mtcp_repair::window_probe(&self.sock) {
+                    self.release(&shared);
+                    if let Err(e) = mtcp_repair::window_probe(&sock) {
                         tracing::warn!(cid = %shared.cid, "window probe: {e}");
                     }
                 }
+                e = std::future::poll_fn(|cx| {
+                    let mut st = shared.lock();
+                    if let Some(e) = st.fast.failed.take() {
+                        return Poll::Ready(e);
+                    }
+                    if !st.fast.pump_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        st.fast.pump_waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }) => return self.client_gone(&shared, &inner, e),
                 o = self.q.rx.recv(), if self.q.rx_open => match o {
                     Some(o) => self.route(o),
                     None => self.q.rx_open = false,
                 },
                 io = std::future::poll_fn(|cx| {
-                    // Through `AsyncRead`/`AsyncWrite`: a short read or write clears the
-                    // socket's readiness, so no extra call that only returns EAGAIN.
                     if can_write {
                         if let Some(d) = self.q.cur.as_ref() {
-                            if let Poll::Ready(r) = std::pin::Pin::new(&mut self.sock).poll_write(cx, d) {
-                                return Poll::Ready(Io::Wrote(r));
+                            loop {
+                                match sock.poll_write_ready(cx) {
+                                    Poll::Ready(Ok(())) => match sock.try_write(d) {
+                                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                        r => return Poll::Ready(Io::Wrote(r)),
+                                    },
+                                    Poll::Ready(Err(e)) => return Poll::Ready(Io::Wrote(Err(e))),
+                                    Poll::Pending => break,
+                                }
                             }
                         }
                     }
                     if can_read {
-                        let mut rb = ReadBuf::new(&mut buf);
-                        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.sock).poll_read(cx, &mut rb) {
-                            return Poll::Ready(Io::Read(r.map(|()| rb.filled().len())));
+                        loop {
+                            match sock.poll_read_ready(cx) {
+                                Poll::Ready(Ok(())) => match sock.try_read(&mut buf) {
+                                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                                    r => return Poll::Ready(Io::Read(r)),
+                                },
+                                Poll::Ready(Err(e)) => return Poll::Ready(Io::Read(Err(e))),
+                                Poll::Pending => break,
+                            }
                         }
                     }
                     Poll::Pending
@@ -276,69 +429,35 @@ impl Pump {
                         if d.is_empty() {
                             self.q.cur = None;
                         }
-                        self.q.written += n as u64;
-                        // Delivered, as far as the kernel has sent it: the socket's queue of
-                        // sent bytes moves with the connection, while output it never sent
-                        // is regenerated from a restart point (so those must be kept). Asked
-                        // only every TRIM_EVERY bytes: the log keeps a little more, and a small
-                        // response costs no extra system call.
-                        let trim = self.q.written - self.q.trimmed >= TRIM_EVERY;
-                        let sent = if trim {
-                            self.q.trimmed = self.q.written;
-                            Some(self.q.written - not_sent(&self.sock).min(self.q.written))
-                        } else {
-                            None
-                        };
                         let mut st = shared.lock();
+                        wrote(&mut st, &sock, n);
                         st.queued = st.queued.saturating_sub(n as u64);
-                        if let Some(sent) = sent {
-                            st.s.on_ack(sent, sent);
-                        }
                         if let Some(w) = st.write_waker.take() {
                             w.wake();
                         }
                     }
-                    Io::Read(Ok(0)) => {
-                        self.q.eof = true;
-                        let mut st = shared.lock();
-                        if st.phase == Phase::Live {
-                            let end = st.s.up_recv();
-                            if let Err(why) = st.s.finish_input(end) {
-                                tracing::warn!(cid = %shared.cid, "{why}");
-                            }
-                            if let Some(w) = st.read_waker.take() {
-                                w.wake();
-                            }
-                        }
-                    }
-                    Io::Read(Ok(n)) => {
-                        let mut st = shared.lock();
-                        // Once the application is done, late input is dropped.
-                        if st.phase == Phase::Live && closing.is_none() {
-                            if let Err(why) = st.s.receive(Bytes::copy_from_slice(&buf[..n])) {
-                                tracing::warn!(cid = %shared.cid, "{why}");
-                            }
-                            if let Some(w) = st.read_waker.take() {
-                                w.wake();
-                            }
-                        }
-                    }
+                    // The client's last bytes after the application closed are dropped.
+                    Io::Read(Ok(0)) => self.q.eof = true,
+                    Io::Read(Ok(_)) => {}
                     Io::Wrote(Err(e)) | Io::Read(Err(e)) => {
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            return self.client_gone(&shared, &inner, e);
-                        }
+                        return self.client_gone(&shared, &inner, e);
                     }
                 },
-                _ = shared.consumed.notified(), if !can_read && !self.q.eof => {}
                 _ = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {}
             }
         }
     }
 
+    /// Output may go to the client now (the agent's fence is down, or the wait ran out).
+    fn release(&mut self, shared: &Shared) {
+        self.q.held = None;
+        shared.lock().fast.held = false;
+    }
+
     /// The application closed and its output is in the kernel: FIN to the client, CLOSED to
     /// the agent, and the connection is over here.
     fn closed(&mut self, shared: &Arc<Shared>, inner: &Arc<ServerInner>, m: Msg) {
-        let _ = socket2::SockRef::from(&self.sock).shutdown(std::net::Shutdown::Write);
+        let _ = socket2::SockRef::from(&*self.sock).shutdown(std::net::Shutdown::Write);
         let mut st = shared.lock();
         if st.phase == Phase::AppClosed {
             st.phase = Phase::Closed;
@@ -365,9 +484,8 @@ impl Pump {
             shared.lock().abort(reason, None);
         }
         inner.forget(shared.cid);
-        self.to_agent(Msg::Closed {
-            down_total: self.q.written,
-        });
+        let down_total = shared.lock().fast.written;
+        self.to_agent(Msg::Closed { down_total });
         self.q.ctl = None;
         None
     }
@@ -399,13 +517,17 @@ impl Queues {
                 return;
             }
         };
+        let written = shared.lock().fast.written;
         let pump = Pump {
-            sock,
+            sock: Arc::new(sock),
             // The socket never left: its flow needs no kick to restart.
-            q: Queues { held: None, ..self },
+            q: Queues {
+                held: None,
+                written,
+                ..self
+            },
         };
-        let h = pump.spawn(shared.clone(), inner.clone());
-        shared.lock().direct = Some(h);
+        pump.start(shared, inner);
     }
 }
 

@@ -263,8 +263,13 @@ impl ServerInner {
                 format!("connection {cid} ended; nothing to move"),
             ));
         };
-        let written = pump.written();
-        let (sock, restart) = pump.into_parts();
+        let written = shared.lock().fast.written;
+        let Some((sock, restart)) = pump.into_parts() else {
+            return Err((
+                RefuseCode::Internal,
+                format!("connection {cid}: its socket is still in use"),
+            ));
+        };
         let std = sock
             .into_std()
             .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
@@ -1189,9 +1194,7 @@ impl DirectSock {
         inner: &Arc<ServerInner>,
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let pump = crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written);
-        let h = pump.spawn(shared.clone(), inner.clone());
-        shared.lock().direct = Some(h);
+        crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written).start(shared, inner);
         ctl_rx
     }
 }
@@ -1300,13 +1303,15 @@ async fn reader_loop(
 ) -> bool {
     let why = loop {
         // Upstream backpressure: stop reading while the application is behind.
-        loop {
+        let behind = || {
+            let st = shared.lock();
+            st.phase == Phase::Live && st.s.unread() >= inner.limits.max_unread
+        };
+        while behind() {
+            // Made only when needed (not once per frame); a read in between leaves a permit.
             let consumed = shared.consumed.notified();
-            {
-                let st = shared.lock();
-                if st.phase != Phase::Live || st.s.unread() < inner.limits.max_unread {
-                    break;
-                }
+            if !behind() {
+                break;
             }
             consumed.await;
         }
