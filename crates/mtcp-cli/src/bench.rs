@@ -81,7 +81,8 @@ impl BenchArgs {
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
 pub enum Which {
-    /// Direct TCP vs through the agent (lazy mode), same run.
+    /// Direct TCP vs through the agent (lazy mode), same run; also a bare relay, and socat and
+    /// HAProxy (TCP mode, splice) when installed.
     Throughput,
     /// Live migrations of one transfer: trigger to first resumed byte.
     Migration,
@@ -134,6 +135,21 @@ pub struct ThroughputReport {
     /// agent hands the client's TCP connection to the server; no process relays the bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fast_path: Option<FastPathReport>,
+    /// Well-known relays timed in the same rounds (socat, HAProxy), when installed.
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct PeerReport {
+    pub name: &'static str,
+    pub mib_s: Vec<f64>,
+    pub median_mib_s: f64,
+    /// Ratio of the medians against direct TCP.
+    pub ratio: f64,
+    /// Each round's relay / direct ratio, and their median.
+    pub round_ratios: Vec<f64>,
+    pub ratio_median_of_rounds: f64,
+    pub cpu_s_per_gib: PathCpu,
 }
 
 #[derive(Serialize, Debug)]
@@ -396,6 +412,8 @@ enum Path {
     Relay,
     /// With `--fast-path`: an agent that hands the connection over (kernel fast path).
     Fast,
+    /// A well-known relay (the index into the started ones).
+    Peer(usize),
 }
 
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
@@ -452,9 +470,28 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         None
     };
+    let mut peers = Vec::new();
+    for start in [
+        (|to: &str, _: &std::path::Path| crate::relays::Relay::socat(to))
+            as fn(&str, &std::path::Path) -> Result<crate::relays::Relay>,
+        crate::relays::Relay::haproxy,
+    ] {
+        match tokio::task::block_in_place(|| start(&plain, dir)) {
+            Ok(p) => {
+                download(&p.listen, size, &want).await?;
+                order.push(Path::Peer(peers.len()));
+                peers.push(p);
+            }
+            Err(e) => eprintln!(
+                "!!! NOT MEASURED: {e:#} (scripts/test.sh installs socat and HAProxy) !!!"
+            ),
+        }
+    }
     let (mut d, mut g, mut r, mut f) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // CPU seconds per path: [server, relay (agent or bare relay), client].
-    let mut cpu = [[0.0f64; 3]; 4];
+    let mut p: Vec<Vec<f64>> = peers.iter().map(|_| Vec::new()).collect();
+    // CPU seconds per path: [server, relay (agent or bare relay), client]; the peers after the
+    // first four.
+    let mut cpu = vec![[0.0f64; 3]; 4 + peers.len()];
     for round in 0..a.rounds() {
         // Each round runs the paths back to back, in an order that rotates, so neither a slow
         // spell of the machine nor a fixed position in the round favours one path.
@@ -469,12 +506,20 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                     let (l, s) = fast.as_ref().context("fast path agent")?;
                     (l, Some(s), 3)
                 }
+                Path::Peer(i) => (&peers[i].listen, None, 4 + i),
+            };
+            let peer = match path {
+                Path::Peer(i) => Some(&peers[i]),
+                _ => None,
             };
             // CPU seconds so far of [server, relay, client] (`None`: not measurable).
             let sample = || {
                 [
                     cpu_secs(&server_stat),
-                    relay_stat.and_then(|p| cpu_secs(p)),
+                    match peer {
+                        Some(p) => p.cpu_secs(),
+                        None => relay_stat.and_then(|p| cpu_secs(p)),
+                    },
                     Some(children_cpu_secs()),
                 ]
             };
@@ -484,6 +529,9 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             } else {
                 download(addr, size, &want).await?
             };
+            if let Some(p) = peer {
+                tokio::task::block_in_place(|| p.settle());
+            }
             for (k, (b, e)) in before.iter().zip(sample()).enumerate() {
                 if let (Some(b), Some(e)) = (b, e) {
                     cpu[slot][k] += e - b;
@@ -494,6 +542,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 Path::Agent => g.push(speed),
                 Path::Relay => r.push(speed),
                 Path::Fast => f.push(speed),
+                Path::Peer(i) => p[i].push(speed),
             }
         }
     }
@@ -515,6 +564,23 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             mib_s: f,
         }
     });
+    let peers: Vec<PeerReport> = peers
+        .iter()
+        .zip(p)
+        .enumerate()
+        .map(|(i, (peer, v))| {
+            let round_ratios: Vec<f64> = v.iter().zip(&d).map(|(x, d)| x / d).collect();
+            PeerReport {
+                name: peer.name,
+                median_mib_s: median(&v),
+                ratio: median(&v) / median(&d),
+                ratio_median_of_rounds: median(&round_ratios),
+                round_ratios,
+                cpu_s_per_gib: per_gib(cpu[4 + i], true),
+                mib_s: v,
+            }
+        })
+        .collect();
     let rep = ThroughputReport {
         client: if curl { "curl" } else { "built-in" },
         size_bytes: size,
@@ -535,6 +601,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         agent_mib_s: g,
         bare_relay_mib_s: r,
         fast_path,
+        peers,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -574,6 +641,12 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 fp.median_mib_s, fp.ratio, fp.ratio_median_of_rounds
             );
         }
+        for pr in &rep.peers {
+            println!(
+                "  {:<13}: {:>8.1} MiB/s (median), ratio {:.3}; per round {:.3}",
+                pr.name, pr.median_mib_s, pr.ratio, pr.ratio_median_of_rounds
+            );
+        }
         let opt = |x: Option<f64>| x.map_or("     -".to_string(), |x| format!("{x:>6.3}"));
         println!("  CPU seconds per GiB   server   relay  client   total");
         let mut rows = vec![
@@ -583,6 +656,9 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         ];
         if let Some(fp) = &rep.fast_path {
             rows.push(("fast path", fp.cpu_s_per_gib));
+        }
+        for pr in &rep.peers {
+            rows.push((pr.name, pr.cpu_s_per_gib));
         }
         for (name, c) in rows {
             println!(
