@@ -134,7 +134,7 @@ pub struct ThroughputReport {
     /// With `--fast-path`: the same download through an agent with the kernel fast path (the
     /// agent hands the client's TCP connection to the server; no process relays the bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fast_path: Option<FastPathReport>,
+    pub fast_path: Option<PathReport>,
     /// Well-known relays timed in the same rounds (socat, HAProxy), when installed.
     pub peers: Vec<PeerReport>,
 }
@@ -142,26 +142,35 @@ pub struct ThroughputReport {
 #[derive(Serialize, Debug)]
 pub struct PeerReport {
     pub name: &'static str,
+    #[serde(flatten)]
+    pub path: PathReport,
+}
+
+/// One path's downloads against direct TCP's in the same rounds.
+#[derive(Serialize, Debug)]
+pub struct PathReport {
     pub mib_s: Vec<f64>,
     pub median_mib_s: f64,
     /// Ratio of the medians against direct TCP.
     pub ratio: f64,
-    /// Each round's relay / direct ratio, and their median.
+    /// Each round's ratio to direct's download of that round, and their median.
     pub round_ratios: Vec<f64>,
     pub ratio_median_of_rounds: f64,
     pub cpu_s_per_gib: PathCpu,
 }
 
-#[derive(Serialize, Debug)]
-pub struct FastPathReport {
-    pub mib_s: Vec<f64>,
-    pub median_mib_s: f64,
-    /// Ratio of the medians against direct TCP.
-    pub ratio: f64,
-    /// Each round's fast path / direct ratio, and their median.
-    pub round_ratios: Vec<f64>,
-    pub ratio_median_of_rounds: f64,
-    pub cpu_s_per_gib: PathCpu,
+impl PathReport {
+    fn of(mib_s: Vec<f64>, direct: &[f64], cpu_s_per_gib: PathCpu) -> Self {
+        let round_ratios: Vec<f64> = mib_s.iter().zip(direct).map(|(x, d)| x / d).collect();
+        PathReport {
+            median_mib_s: median(&mib_s),
+            ratio: median(&mib_s) / median(direct),
+            ratio_median_of_rounds: median(&round_ratios),
+            round_ratios,
+            cpu_s_per_gib,
+            mib_s,
+        }
+    }
 }
 
 /// CPU seconds per GiB delivered, per path.
@@ -553,32 +562,16 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         client: curl.then(|| c[2] / gib),
     };
     let round_ratios: Vec<f64> = g.iter().zip(&d).map(|(g, d)| g / d).collect();
-    let fast_path = fast.is_some().then(|| {
-        let round_ratios: Vec<f64> = f.iter().zip(&d).map(|(f, d)| f / d).collect();
-        FastPathReport {
-            median_mib_s: median(&f),
-            ratio: median(&f) / median(&d),
-            ratio_median_of_rounds: median(&round_ratios),
-            round_ratios,
-            cpu_s_per_gib: per_gib(cpu[3], true),
-            mib_s: f,
-        }
-    });
+    let fast_path = fast
+        .is_some()
+        .then(|| PathReport::of(f, &d, per_gib(cpu[3], true)));
     let peers: Vec<PeerReport> = peers
         .iter()
         .zip(p)
         .enumerate()
-        .map(|(i, (peer, v))| {
-            let round_ratios: Vec<f64> = v.iter().zip(&d).map(|(x, d)| x / d).collect();
-            PeerReport {
-                name: peer.name,
-                median_mib_s: median(&v),
-                ratio: median(&v) / median(&d),
-                ratio_median_of_rounds: median(&round_ratios),
-                round_ratios,
-                cpu_s_per_gib: per_gib(cpu[4 + i], true),
-                mib_s: v,
-            }
+        .map(|(i, (peer, v))| PeerReport {
+            name: peer.name,
+            path: PathReport::of(v, &d, per_gib(cpu[4 + i], true)),
         })
         .collect();
     let rep = ThroughputReport {
@@ -644,7 +637,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         for pr in &rep.peers {
             println!(
                 "  {:<13}: {:>8.1} MiB/s (median), ratio {:.3}; per round {:.3}",
-                pr.name, pr.median_mib_s, pr.ratio, pr.ratio_median_of_rounds
+                pr.name, pr.path.median_mib_s, pr.path.ratio, pr.path.ratio_median_of_rounds
             );
         }
         let opt = |x: Option<f64>| x.map_or("     -".to_string(), |x| format!("{x:>6.3}"));
@@ -658,7 +651,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             rows.push(("fast path", fp.cpu_s_per_gib));
         }
         for pr in &rep.peers {
-            rows.push((pr.name, pr.cpu_s_per_gib));
+            rows.push((pr.name, pr.path.cpu_s_per_gib));
         }
         for (name, c) in rows {
             println!(

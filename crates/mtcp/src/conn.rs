@@ -175,6 +175,17 @@ impl ConnState {
         self.wake_all();
     }
 
+    /// The application's read waits: it is woken when input arrives or the connection ends.
+    pub fn park_reader(&mut self, cx: &Context<'_>) {
+        if !self
+            .read_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.read_waker = Some(cx.waker().clone());
+        }
+    }
+
     pub fn wake_all(&mut self) {
         if let Some(w) = self.read_waker.take() {
             w.wake();
@@ -477,13 +488,7 @@ impl AsyncRead for Connection {
         if let Some(sock) = st.direct.as_ref().map(|d| d.sock.clone()) {
             return crate::direct::read_inline(&mut st, &sock, cx, buf);
         }
-        if !st
-            .read_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            st.read_waker = Some(cx.waker().clone());
-        }
+        st.park_reader(cx);
         Poll::Pending
     }
 }

@@ -187,13 +187,7 @@ pub(crate) fn read_inline(
             w.wake();
         }
     }
-    if !st
-        .read_waker
-        .as_ref()
-        .is_some_and(|w| w.will_wake(cx.waker()))
-    {
-        st.read_waker = Some(cx.waker().clone());
-    }
+    st.park_reader(cx);
     Poll::Pending
 }
 
