@@ -918,11 +918,15 @@ impl Session {
     }
 
     /// The snapshot of the session as it is now, at `stage`.
-    fn snapshot(&self, stage: Stage) -> Vec<u8> {
-        let mut s = self.state.clone();
-        s.stage = stage;
-        s.leftover = self.inbuf.to_vec();
-        s.encode()
+    fn snapshot(&mut self, stage: Stage) -> Vec<u8> {
+        // Encoded in place (one per transaction): the session's own state with this stage and
+        // the unread input, then its stage put back.
+        let stage = std::mem::replace(&mut self.state.stage, stage);
+        self.state.leftover.clear();
+        self.state.leftover.extend_from_slice(&self.inbuf);
+        let v = self.state.encode();
+        self.state.stage = stage;
+        v
     }
 
     /// A restart point at Idle (everything sent so far is answered): refreshes the settings and

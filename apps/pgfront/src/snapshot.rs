@@ -73,10 +73,10 @@ pub enum SnapshotError {
 
 impl Snapshot {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = SNAPSHOT_VERSION.to_be_bytes().to_vec();
+        let mut v = Vec::with_capacity(256);
+        v.extend_from_slice(&SNAPSHOT_VERSION.to_be_bytes());
         // Serializing plain data into a Vec cannot fail.
-        v.extend(postcard::to_stdvec(self).expect("snapshot encodes"));
-        v
+        postcard::to_extend(self, v).expect("snapshot encodes")
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, SnapshotError> {
