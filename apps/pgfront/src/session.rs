@@ -440,7 +440,8 @@ impl Session {
                     let c = classify(sql);
                     self.note(&c);
                     let mode = plan::decide(self.status, &[Some(&c)], self.points());
-                    self.run_unit(mode, vec![f], c.copy == Some(true)).await?;
+                    self.run_unit(mode, std::slice::from_ref(&f), c.copy == Some(true))
+                        .await?;
                 }
                 Unit::Batch(frames) => {
                     let execs = self.batch_execs(&frames)?;
@@ -449,7 +450,7 @@ impl Session {
                         .any(|c| c.as_ref().is_some_and(|c| c.copy == Some(true)));
                     let refs: Vec<Option<&Classified>> = execs.iter().map(|c| c.as_ref()).collect();
                     let mode = plan::decide(self.status, &refs, self.points());
-                    self.run_unit(mode, frames, copy_in).await?;
+                    self.run_unit(mode, &frames, copy_in).await?;
                 }
             }
         }
@@ -581,19 +582,19 @@ impl Session {
     }
 
     /// Runs one unit as `mode` says.
-    async fn run_unit(&mut self, mode: Mode, frames: Vec<Frame>, copy_in: bool) -> Result<()> {
+    async fn run_unit(&mut self, mode: Mode, frames: &[Frame], copy_in: bool) -> Result<()> {
         tracing::trace!(cid = %self.cid, ?mode, status = %(self.status as char), "unit");
         // Whether the restart point after the unit was already taken (inside a lock).
         let mut taken = false;
         match mode {
             Mode::Forward => {
-                self.send_all(&frames).await?;
+                self.send_all(frames).await?;
                 self.status = self.pump(false).await?;
                 self.flush().await?;
             }
             Mode::Locked => {
                 let guard = self.conn.lock_state().await?;
-                self.send_all(&frames).await?;
+                self.send_all(frames).await?;
                 self.status = self.pump(false).await?;
                 self.flush().await?;
                 if self.status == IDLE {
@@ -606,7 +607,7 @@ impl Session {
             }
             Mode::Wrap => {
                 self.be.send(&codec::query("BEGIN")).await?;
-                self.send_all(&frames).await?;
+                self.send_all(frames).await?;
                 // The check rides along unless COPY input must follow the statement.
                 let check = "SELECT pg_current_xact_id_if_assigned()";
                 if !copy_in {
@@ -637,7 +638,7 @@ impl Session {
                             _ => Vec::new(),
                         };
                         self.flush().await?;
-                        self.commit(Vec::new(), Some(xid), done).await?;
+                        self.commit(&[], Some(xid), done).await?;
                         taken = true;
                     }
                     _ => {
@@ -736,12 +737,7 @@ impl Session {
     /// point. `client` are the client's COMMIT messages (none for a wrapped statement, whose
     /// reply is `done` — its withheld CommandComplete, if any — and ReadyForQuery, and whose
     /// id `xid` is known).
-    async fn commit(
-        &mut self,
-        client: Vec<Frame>,
-        xid: Option<String>,
-        done: Vec<u8>,
-    ) -> Result<()> {
+    async fn commit(&mut self, client: &[Frame], xid: Option<String>, done: Vec<u8>) -> Result<()> {
         let guard = match self.conn.lock_state().await {
             Ok(g) => g,
             Err(e) => {
@@ -765,7 +761,7 @@ impl Session {
                     Some(x) => x,
                     None => {
                         // Read-only: committing it again after a move changes nothing.
-                        self.send_all(&client).await?;
+                        self.send_all(client).await?;
                         self.status = self.pump(false).await?;
                         self.flush().await?;
                         self.state.txseq += 1;
@@ -788,7 +784,7 @@ impl Session {
             self.be
                 .send(&codec::query(&format!("PREPARE TRANSACTION '{gid}'")))
                 .await?;
-            self.send_all(&client).await?;
+            self.send_all(client).await?;
             let prepared = self.answer().await?;
             let echoed = if wrapped {
                 None
@@ -852,7 +848,7 @@ impl Session {
                 reply
             }
             None => {
-                self.send_all(&client).await?;
+                self.send_all(client).await?;
                 self.answer().await?.unwrap_or_else(|e| e).to_vec()
             }
         };
