@@ -325,12 +325,17 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         tokio::task::block_in_place(|| PgLocal::start_on(&exe, &d, &pg, &opts))
     };
     let off = start_front("2pc-off", false, &[])?;
-    let on = start_front("2pc-on", true, &[])?;
+    // The benchmark moves every session every --move-every-ms on purpose: no admin rate limit.
+    let on = start_front("2pc-on", true, &["--admin-moves-per-sec", "1000000"])?;
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let fast = if root {
         progress("starting the fast-path front-ends (two-phase off), three servers".into());
-        Some(start_front("fastpath", false, &["--fast-path"])?)
+        Some(start_front(
+            "fastpath",
+            false,
+            &["--fast-path", "--admin-moves-per-sec", "1000000"],
+        )?)
     } else {
         eprintln!(
             "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",

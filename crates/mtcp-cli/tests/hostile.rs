@@ -16,7 +16,19 @@ use tokio::net::TcpStream;
 
 /// Sends raw bytes and returns what the server answered before closing (bounded wait).
 async fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    if addr.contains('/') {
+        let s = tokio::net::UnixStream::connect(addr).await.unwrap();
+        return poke_on(addr, s, bytes).await;
+    }
+    let s = TcpStream::connect(addr).await.unwrap();
+    poke_on(addr, s, bytes).await
+}
+
+async fn poke_on<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+    addr: &str,
+    mut s: S,
+    bytes: &[u8],
+) -> Vec<u8> {
     let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(8), async {
