@@ -34,7 +34,7 @@ pub(crate) struct Fetch {
 const SETUP_FRAME: usize = 64 << 10;
 /// Limit on ADOPT (the client's connection, with what it had queued when the agent accepted
 /// it): larger states are refused, and the agent resets that client connection.
-const ADOPT_FRAME: usize = 8 << 20;
+const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least time between two BACKLOG reports of a session.
 const BACKLOG_EVERY: Duration = Duration::from_millis(200);
@@ -542,6 +542,7 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
 
 async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ends = (s.local_addr().ok(), s.peer_addr().ok());
     let source = s
         .peer_addr()
         .map(|a| a.ip())
@@ -614,6 +615,28 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 .await;
                 return;
             }
+            // Fast path: only a local agent of a trusted uid may hand connections over; its
+            // end of this session is in this host's socket table (decision 37).
+            let agent_uid = if direct {
+                let owner = match ends {
+                    (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
+                        crate::sockowner::connection_owner(peer, local)
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                    _ => None,
+                };
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if let Err(why) = mtcp_proto::adopt::admit_session(owner, me) {
+                    refuse(&mut w, RefuseCode::Unauthenticated, why).await;
+                    return;
+                }
+                owner
+            } else {
+                None
+            };
             if inner.draining.load(Ordering::Relaxed) {
                 refuse(
                     &mut w,
@@ -656,7 +679,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                         return;
                     }
                 };
-                match crate::direct::adopt(tcp, &inner.cluster.fast_path).await {
+                match crate::direct::adopt(tcp, &inner.cluster.fast_path, agent_uid).await {
                     Ok(sock) => {
                         let d = DirectSock { sock, written: 0 };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
@@ -1133,7 +1156,7 @@ async fn take_over_checked(
         .unwrap_or(Start::New);
     let sock = match tcp {
         Some(tcp) => {
-            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path)
+            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path, None)
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
