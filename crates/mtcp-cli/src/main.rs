@@ -73,6 +73,10 @@ struct ServerArgs {
     /// the open-files limit less 1024, at most 32768).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: Option<u64>,
+    /// Most migrations this server takes over at once (fetching a connection's state); the
+    /// next MIGRATE is refused Busy and the agent tries another server.
+    #[arg(long, default_value_t = mtcp_proto::bounds::MAX_TAKEOVERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_takeovers: u64,
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
@@ -377,6 +381,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         max_sessions_per_source: a
             .max_sessions_per_source
             .map_or(max_sessions(a.max_sessions), |n| n as usize),
+        max_takeovers: a.max_takeovers as usize,
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),

@@ -69,6 +69,34 @@ pub fn admit(
     Ok(())
 }
 
+/// Takeovers a destination runs at once by default: each may hold a state record of up to
+/// `max_record` bytes (the frame, then about 2.6 times as much while it is decoded).
+pub const MAX_TAKEOVERS: usize = 32;
+
+/// Whether a destination already running `active` takeovers (MIGRATEs whose state it is
+/// fetching or installing) may start another under the cap `max`; `Err` is the refusal
+/// (`Busy`: the agent tries another server, the connection stays where it is).
+pub fn admit_takeover(active: usize, max: usize) -> Result<(), String> {
+    if active >= max {
+        return Err(format!(
+            "this server is already taking over its maximum of {max} connections at once"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a state record of `len` bytes is within `max_record`: checked by the origin before
+/// it freezes a connection, and by the destination on the record it received before decoding
+/// it (the frame holding it was bounded before it was read).
+pub fn record_fits(len: usize, max_record: usize) -> Result<(), String> {
+    if len > max_record {
+        return Err(format!(
+            "a state record of {len} bytes is over the {max_record}-byte limit"
+        ));
+    }
+    Ok(())
+}
+
 /// A budget of log lines for events anyone can cause (refused sessions, garbage on a port): at
 /// most `per_window` per `window`; the rest are counted and the count is reported with the next
 /// line admitted, so a flood costs a few lines a second instead of one line per connection.
@@ -228,6 +256,18 @@ mod tests {
         // The next window reports the seven suppressed with its first line.
         assert_eq!(b.admit(ms(1000)), Some(7));
         assert_eq!(b.admit(ms(1001)), Some(0));
+    }
+
+    #[test]
+    fn takeovers_are_capped_and_records_bounded() {
+        assert!(admit_takeover(0, 1).is_ok());
+        assert!(admit_takeover(MAX_TAKEOVERS - 1, MAX_TAKEOVERS).is_ok());
+        let e = admit_takeover(MAX_TAKEOVERS, MAX_TAKEOVERS).unwrap_err();
+        assert!(e.contains("maximum of 32"), "{e}");
+        assert!(admit_takeover(5, 0).is_err());
+        assert!(record_fits(64 << 20, 64 << 20).is_ok());
+        let e = record_fits((64 << 20) + 1, 64 << 20).unwrap_err();
+        assert!(e.contains("over the 67108864-byte limit"), "{e}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub(crate) struct ServerInner {
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
     pub handing_over: std::sync::atomic::AtomicU32,
+    /// Takeovers running (see [`TakeoverSlot`]).
+    pub(crate) takeovers: std::sync::atomic::AtomicUsize,
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
@@ -360,6 +362,7 @@ impl Server {
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
             sessions: Default::default(),
+            takeovers: Default::default(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -988,6 +991,8 @@ async fn take_over(
             format!("server {} is draining", inner.id),
         ));
     }
+    // Counted from here to the end of the takeover, refused or not.
+    let _slot = TakeoverSlot::take(inner).map_err(|why| (RefuseCode::Busy, why))?;
     let origin = inner
         .cluster
         .server(&m.origin)
@@ -1024,6 +1029,26 @@ async fn take_over(
         return Err(e);
     }
     take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
+}
+
+/// One running takeover, counted against `Limits::max_takeovers` until dropped.
+struct TakeoverSlot<'a>(&'a ServerInner);
+
+impl<'a> TakeoverSlot<'a> {
+    fn take(inner: &'a ServerInner) -> Result<Self, String> {
+        let active = inner.takeovers.fetch_add(1, Ordering::AcqRel);
+        if let Err(why) = mtcp_proto::bounds::admit_takeover(active, inner.limits.max_takeovers) {
+            inner.takeovers.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("server {}: {why}", inner.id));
+        }
+        Ok(TakeoverSlot(inner))
+    }
+}
+
+impl Drop for TakeoverSlot<'_> {
+    fn drop(&mut self) {
+        self.0.takeovers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
