@@ -192,9 +192,25 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         segs: vec![],
     };
 
-    // Wrong token.
+    // Wrong token: refused before anything of the connection is looked at, and the refusal
+    // names nothing of it (no epoch, no position), whatever the MIGRATE claimed.
     let (code, why) = migrate_raw(&addr(other).data, base.clone()).await;
     assert_eq!(code, RefuseCode::BadToken, "{why}");
+    let probing = Migrate {
+        epoch: 9,
+        down_recv: 1 << 40,
+        sum_from: 1 << 39,
+        up_sent: 0,
+        ..base.clone()
+    };
+    for to in [&origin, other] {
+        let (code, why) = migrate_raw(&addr(to).data, probing.clone()).await;
+        assert_eq!(code, RefuseCode::BadToken, "{why}");
+        assert!(
+            !why.contains(&cid.to_string()) && !why.chars().any(|c| c.is_ascii_digit()),
+            "a refusal to an unauthenticated MIGRATE names the connection or a number: {why}"
+        );
+    }
 
     // A mistyped target is refused without touching the live connection.
     match mtcp_agent::admin::request(
@@ -242,6 +258,11 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         .unwrap();
     let (code, why) = migrate_raw(&addr(&third).data, old).await;
     assert_eq!(code, RefuseCode::StaleEpoch, "{why}");
+    // An old token does not tell where the connection is now.
+    assert!(
+        !why.contains("epoch 1") && why.contains("stale"),
+        "a stale token's refusal reveals the current epoch: {why}"
+    );
     // A valid token naming the wrong origin.
     let wrong_origin = Migrate {
         token: key.token(cid, 1),

@@ -30,6 +30,10 @@ pub(crate) struct Fetch {
     pub down_sum: u64,
 }
 
+/// The refusal of a token that does not match: it names nothing of the connection (a
+/// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
+const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
 /// Limit on ADOPT (the client's connection, with what it had queued when the agent accepted
@@ -186,7 +190,11 @@ impl ServerInner {
                 if st.epoch != epoch {
                     return Err((
                         RefuseCode::StaleEpoch,
-                        format!("connection {cid} is at epoch {}, not {epoch}", st.epoch),
+                        // Not the current epoch: whoever holds an old token learns nothing
+                        // of where the connection is now (issue 14).
+                        format!(
+                            "connection {cid} has moved on since epoch {epoch}: the token is stale"
+                        ),
                     ));
                 }
                 if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
@@ -810,12 +818,7 @@ async fn watch(
     token: mtcp_proto::Token,
 ) {
     if !inner.cluster.key.check_token(cid, epoch, &token) {
-        refuse(
-            &mut w,
-            RefuseCode::BadToken,
-            format!("token does not match connection {cid} at epoch {epoch}"),
-        )
-        .await;
+        refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
         return;
     }
     let shared = match inner.get(&cid) {
@@ -977,13 +980,7 @@ async fn take_over(
     tx: mpsc::UnboundedSender<Out>,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
-        return Err((
-            RefuseCode::BadToken,
-            format!(
-                "token does not match connection {} at epoch {}",
-                m.cid, m.epoch
-            ),
-        ));
+        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
     }
     if inner.draining.load(Ordering::Relaxed) {
         return Err((
