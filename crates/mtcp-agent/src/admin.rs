@@ -6,7 +6,7 @@
 //! credentials are checked as well (the agent's own uid, or root). It listens on TCP only when
 //! given a token, which a client sends first (`{"cmd":"auth","token":…}`) and the agent
 //! compares in constant time. Moves asked for through it are rate-limited with a token bucket
-//! (decision 37).
+//! (decision 38).
 
 use crate::{Agent, ConnStatus};
 use mtcp_proto::bounds::{LogBudget, TokenBucket};

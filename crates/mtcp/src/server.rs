@@ -627,7 +627,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 return;
             }
             // Fast path: only a local agent of a trusted uid may hand connections over; its
-            // end of this session is in this host's socket table (decision 37).
+            // end of this session is in this host's socket table (decision 38).
             let agent_uid = if direct {
                 let owner = match ends {
                     (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
