@@ -73,10 +73,15 @@ struct ServerArgs {
     /// the open-files limit less 1024, at most 32768).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: Option<u64>,
-    /// Most migrations this server takes over at once (fetching a connection's state); the
-    /// next MIGRATE is refused Busy and the agent tries another server.
+    /// Most migrations this server takes over at once (fetching a connection's state); a
+    /// MIGRATE over it waits for one to end (up to the fetch bound), then is refused Busy and
+    /// the agent tries another server.
     #[arg(long, default_value_t = mtcp_proto::bounds::MAX_TAKEOVERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     max_takeovers: u64,
+    /// Test hook: how long a MIGRATE over --max-takeovers waits for a slot, ms [default: the
+    /// fetch bound, 3 s + --lock-timeout-secs].
+    #[arg(long, hide = true)]
+    takeover_wait_ms: Option<u64>,
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
@@ -382,6 +387,11 @@ async fn server(a: ServerArgs) -> Result<()> {
             .max_sessions_per_source
             .map_or(max_sessions(a.max_sessions), |n| n as usize),
         max_takeovers: a.max_takeovers as usize,
+        // By default a FETCH's own bound: a slot frees within it.
+        takeover_wait: a.takeover_wait_ms.map_or(
+            Limits::default().fetch_timeout + Duration::from_secs(a.lock_timeout_secs),
+            Duration::from_millis,
+        ),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),

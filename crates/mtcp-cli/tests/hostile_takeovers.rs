@@ -20,7 +20,10 @@ async fn a_destination_over_its_takeover_cap_refuses_busy_and_downloads_stay_int
             servers: 2,
             root: dir.path().join("www"),
             log: "info,mtcp=debug,mtcp_agent=debug".into(),
-            server_args: vec!["--max-takeovers".into(), "1".into()],
+            // One at a time, and a MIGRATE over it waits only 300 ms for its turn.
+            server_args: ["--max-takeovers", "1", "--takeover-wait-ms", "300"]
+                .map(String::from)
+                .to_vec(),
             // The origin answers FETCH 1.5 s late: the first takeover at s2 is still running
             // when the second MIGRATE arrives.
             server_args_for: vec![("s1".into(), vec!["--peer-delay-ms".into(), "1500".into()])],

@@ -83,8 +83,10 @@ pub(crate) struct ServerInner {
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
     pub handing_over: std::sync::atomic::AtomicU32,
-    /// Takeovers running (see [`TakeoverSlot`]).
-    pub(crate) takeovers: std::sync::atomic::AtomicUsize,
+    /// Takeovers running (see [`TakeoverSlot`]), and a wake-up for MIGRATEs waiting for one to
+    /// end.
+    pub(crate) takeovers: Mutex<usize>,
+    pub(crate) takeover_done: tokio::sync::Notify,
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
@@ -370,7 +372,8 @@ impl Server {
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
             sessions: Default::default(),
-            takeovers: Default::default(),
+            takeovers: Mutex::new(0),
+            takeover_done: tokio::sync::Notify::new(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -989,7 +992,9 @@ async fn take_over(
         ));
     }
     // Counted from here to the end of the takeover, refused or not.
-    let _slot = TakeoverSlot::take(inner).map_err(|why| (RefuseCode::Busy, why))?;
+    let _slot = TakeoverSlot::take(inner)
+        .await
+        .map_err(|why| (RefuseCode::Busy, why))?;
     let origin = inner
         .cluster
         .server(&m.origin)
@@ -1032,19 +1037,43 @@ async fn take_over(
 struct TakeoverSlot<'a>(&'a ServerInner);
 
 impl<'a> TakeoverSlot<'a> {
-    fn take(inner: &'a ServerInner) -> Result<Self, String> {
-        let active = inner.takeovers.fetch_add(1, Ordering::AcqRel);
-        if let Err(why) = mtcp_proto::bounds::admit_takeover(active, inner.limits.max_takeovers) {
-            inner.takeovers.fetch_sub(1, Ordering::AcqRel);
-            return Err(format!("server {}: {why}", inner.id));
+    /// Waits up to `Limits::takeover_wait` for a slot (a drain moves every connection at once:
+    /// the MIGRATEs over the cap wait their turn, answered WORKING meanwhile, instead of
+    /// failing); then refuses with the cap's reason.
+    async fn take(inner: &'a ServerInner) -> Result<Self, String> {
+        let deadline = tokio::time::Instant::now() + inner.limits.takeover_wait;
+        loop {
+            let why = {
+                let mut n = inner.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+                match mtcp_proto::bounds::admit_takeover(*n, inner.limits.max_takeovers) {
+                    Ok(()) => {
+                        *n += 1;
+                        return Ok(TakeoverSlot(inner));
+                    }
+                    Err(why) => why,
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "server {}: {why} (waited {:?})",
+                    inner.id, inner.limits.takeover_wait
+                ));
+            }
+            // Woken when one ends; re-checked every 100 ms all the same.
+            let _ = tokio::time::timeout(
+                (deadline - now).min(Duration::from_millis(100)),
+                inner.takeover_done.notified(),
+            )
+            .await;
         }
-        Ok(TakeoverSlot(inner))
     }
 }
 
 impl Drop for TakeoverSlot<'_> {
     fn drop(&mut self) {
-        self.0.takeovers.fetch_sub(1, Ordering::AcqRel);
+        *self.0.takeovers.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.takeover_done.notify_one();
     }
 }
 
