@@ -331,6 +331,15 @@ impl Agent {
             .take();
     }
 
+    /// How many connections are live.
+    pub fn live_count(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Every live connection, then recently finished ones.
     pub fn status(&self) -> Vec<ConnStatus> {
         let mut v: Vec<ConnStatus> = self

@@ -83,6 +83,8 @@ pub struct LabCluster {
     pub service: SocketAddrV4,
     opts: LabClusterOptions,
     procs: Mutex<HashMap<String, LabProc>>,
+    /// The agent's admin token ([`AGENT_ADMIN`] is TCP, inside the client host).
+    admin_token: String,
 }
 
 fn server_host(id: &str) -> Result<Host> {
@@ -130,6 +132,7 @@ impl LabCluster {
             cluster_file,
             opts: opts.clone(),
             procs: Mutex::new(HashMap::new()),
+            admin_token: hex::encode(rand::random::<[u8; 16]>()),
         };
         for i in 1..=opts.servers {
             lc.start_server(&format!("s{i}"))?;
@@ -222,6 +225,8 @@ impl LabCluster {
             AGENT_LISTEN.into(),
             "--admin".into(),
             AGENT_ADMIN.into(),
+            "--admin-token-file".into(),
+            self.admin_token_file()?.display().to_string(),
         ];
         if !self.opts.forward {
             args.extend([
@@ -233,6 +238,20 @@ impl LabCluster {
         args.extend(self.opts.agent_args.iter().cloned());
         self.spawn("agent", Host::Client, &args)?;
         self.wait_listening(Host::Client, AGENT_ADMIN.into(), "the agent")
+    }
+
+    /// Writes the agent's admin token to a file only its owner may read.
+    fn admin_token_file(&self) -> Result<PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.join("agent-admin.token");
+        let _ = std::fs::remove_file(&p);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)?
+            .write_all(self.admin_token.as_bytes())?;
+        Ok(p)
     }
 
     fn proc(&self, name: &str) -> Result<LabProc> {
@@ -275,13 +294,18 @@ impl LabCluster {
 
     /// The agent's connections (asked from inside the client host).
     pub fn status(&self) -> Result<Vec<mtcp_agent::ConnStatus>> {
-        let r = self.lab.run_in(Host::Client, || {
+        let token = self.admin_token.clone();
+        let r = self.lab.run_in(Host::Client, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            rt.block_on(mtcp_agent::admin::request(AGENT_ADMIN, &Request::Status))
-                .map_err(|e| e.to_string())
+            rt.block_on(mtcp_agent::admin::request_with(
+                AGENT_ADMIN,
+                Some(&token),
+                &Request::Status,
+            ))
+            .map_err(|e| e.to_string())
         })?;
         match r {
             Ok(Response::Status { connections }) => Ok(connections),
@@ -292,13 +316,15 @@ impl LabCluster {
 
     /// Moves every connection (as `mtcp migrate --all`), from inside the client host.
     pub fn migrate_all(&self) -> Result<()> {
-        let r = self.lab.run_in(Host::Client, || {
+        let token = self.admin_token.clone();
+        let r = self.lab.run_in(Host::Client, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            rt.block_on(mtcp_agent::admin::request(
+            rt.block_on(mtcp_agent::admin::request_with(
                 AGENT_ADMIN,
+                Some(&token),
                 &Request::Migrate {
                     conn: None,
                     to: None,

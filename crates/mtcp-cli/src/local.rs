@@ -209,6 +209,33 @@ pub fn wait_listening(addr: &str, limit: Duration) -> Result<()> {
     bail!("nothing listens on {addr} after {limit:?}")
 }
 
+/// Whether something accepts connections at `addr`: a Unix socket path (anything with a `/`)
+/// or a TCP address.
+pub fn reachable(addr: &str) -> bool {
+    if addr.contains('/') {
+        std::os::unix::net::UnixStream::connect(addr).is_ok()
+    } else {
+        std::net::TcpStream::connect(addr).is_ok()
+    }
+}
+
+/// The admin socket of agent `name` of a cluster in `dir`: in `dir` when the path is short
+/// enough for a Unix socket (108 bytes), else in the temp directory.
+pub fn admin_socket(dir: &Path, name: &str) -> String {
+    let p = dir.join(format!("{name}-admin.sock"));
+    if p.as_os_str().len() < 100 {
+        return p.display().to_string();
+    }
+    std::env::temp_dir()
+        .join(format!(
+            "mtcp-{}-{name}-{:08x}.sock",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
+        .display()
+        .to_string()
+}
+
 /// A running local cluster plus agent. Dropping it kills every process it started.
 pub struct LocalCluster {
     pub exe: PathBuf,
@@ -316,7 +343,7 @@ impl LocalCluster {
             key: mtcp::proto::ClusterKey::from_bytes(key),
             servers: servers.clone(),
             agent_listen,
-            agent_admin: format!("127.0.0.1:{}", free_port()),
+            agent_admin: admin_socket(dir, "agent"),
             plain: None,
             children: Vec::new(),
             args: HashMap::new(),
@@ -401,7 +428,8 @@ impl LocalCluster {
     }
 
     /// Starts one more agent, process `name`, for the same servers with `extra` arguments,
-    /// listening on `listen` (or a free port); returns its listening and admin addresses.
+    /// listening on `listen` (or a free port), its admin endpoint a Unix socket in the cluster's
+    /// directory unless `extra` holds `--admin`; returns its listening and admin addresses.
     pub fn start_agent(
         &mut self,
         name: &str,
@@ -415,16 +443,22 @@ impl LocalCluster {
             .collect::<Vec<_>>()
             .join(",");
         let listen = listen.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
-        let admin = format!("127.0.0.1:{}", free_port());
+        // `extra` may name the admin endpoint itself (e.g. TCP with a token).
+        let given = extra
+            .iter()
+            .position(|a| *a == "--admin")
+            .and_then(|i| extra.get(i + 1));
+        let admin = given.map_or_else(|| admin_socket(&self.dir, name), |a| a.to_string());
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--connect".into(),
             connect,
             "--listen".into(),
             listen.clone(),
-            "--admin".into(),
-            admin.clone(),
         ];
+        if given.is_none() {
+            args.extend(["--admin".into(), admin.clone()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(name, &args, false)?;
         self.wait_up(&listen, name)?;
@@ -437,7 +471,7 @@ impl LocalCluster {
     fn wait_up(&mut self, addr: &str, name: &str) -> Result<()> {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(10) {
-            if std::net::TcpStream::connect(addr).is_ok() {
+            if reachable(addr) {
                 return Ok(());
             }
             self.check_alive()?;

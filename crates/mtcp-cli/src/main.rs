@@ -73,6 +73,15 @@ struct ServerArgs {
     /// the open-files limit less 1024, at most 32768).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions: Option<u64>,
+    /// Most migrations this server takes over at once (fetching a connection's state); a
+    /// MIGRATE over it waits for one to end (up to the fetch bound), then is refused Busy and
+    /// the agent tries another server.
+    #[arg(long, default_value_t = mtcp_proto::bounds::MAX_TAKEOVERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_takeovers: u64,
+    /// Test hook: how long a MIGRATE over --max-takeovers waits for a slot, ms [default: the
+    /// fetch bound, 3 s + --lock-timeout-secs].
+    #[arg(long, hide = true)]
+    takeover_wait_ms: Option<u64>,
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
@@ -123,9 +132,17 @@ struct AgentArgs {
     /// Where client programs connect.
     #[arg(long)]
     listen: String,
-    /// Admin endpoint for `mtcp status` / `mtcp migrate`.
+    /// Admin endpoint for `mtcp status` / `mtcp migrate`: a Unix socket path (anything with a
+    /// `/`, e.g. `./agent.sock`; mode 0600, only this user and root may use it), or a TCP
+    /// address, which needs --admin-token-file (or --admin-token).
     #[arg(long)]
     admin: Option<String>,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Moves a second the admin endpoint accepts (bursts of twice as many); beyond it a
+    /// request is refused with "rate limited".
+    #[arg(long, default_value_t = mtcp_agent::admin::DEFAULT_MOVES_PER_SEC)]
+    admin_moves_per_sec: u32,
     /// Most upstream bytes retained per connection (MiB) before the agent stops reading.
     #[arg(long, default_value_t = 64)]
     max_retained_mib: u64,
@@ -162,9 +179,11 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct MigrateArgs {
-    /// The agent's admin address.
+    /// The agent's admin address (a Unix socket path or a TCP address).
     #[arg(long)]
     agent: String,
+    #[command(flatten)]
+    token: TokenArgs,
     /// Every connection.
     #[arg(long, conflicts_with = "conn", required_unless_present = "conn")]
     all: bool,
@@ -189,10 +208,40 @@ struct DrainArgs {
 
 #[derive(Args)]
 struct StatusArgs {
+    /// The agent's admin address (a Unix socket path or a TCP address).
     #[arg(long)]
     agent: String,
+    #[command(flatten)]
+    token: TokenArgs,
     #[arg(long)]
     json: bool,
+}
+
+/// The agent's admin token, for a TCP admin endpoint.
+#[derive(Args)]
+struct TokenArgs {
+    /// File whose first line is the agent's admin token (mode 0600; at least 16 characters).
+    #[arg(long, conflicts_with = "admin_token")]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// The admin token itself (visible to other users in the process list: prefer
+    /// --admin-token-file).
+    #[arg(long)]
+    admin_token: Option<String>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> Result<Option<String>> {
+        if let Some(p) = &self.admin_token_file {
+            return Ok(Some(
+                mtcp_agent::admin::read_token_file(p).map_err(|e| anyhow!(e))?,
+            ));
+        }
+        if let Some(t) = &self.admin_token {
+            mtcp_agent::admin::check_token(t).map_err(|e| anyhow!("--admin-token: {e}"))?;
+            return Ok(Some(t.clone()));
+        }
+        Ok(None)
+    }
 }
 
 /// Big, short-lived buffers (output chunks, frames) would otherwise go back to the kernel and be
@@ -337,6 +386,12 @@ async fn server(a: ServerArgs) -> Result<()> {
         max_sessions_per_source: a
             .max_sessions_per_source
             .map_or(max_sessions(a.max_sessions), |n| n as usize),
+        max_takeovers: a.max_takeovers as usize,
+        // By default a FETCH's own bound: a slot frees within it.
+        takeover_wait: a.takeover_wait_ms.map_or(
+            Limits::default().fetch_timeout + Duration::from_secs(a.lock_timeout_secs),
+            Duration::from_millis,
+        ),
         max_replica_bytes: a.max_replica_mib << 20,
         replica_ttl: Duration::from_secs(a.replica_ttl_secs.max(3)),
         max_connections: a.max_connections.map(|n| n as usize),
@@ -391,10 +446,19 @@ async fn agent(a: AgentArgs) -> Result<()> {
     };
     let agent = mtcp_agent::Agent::new(cfg);
     if let Some(ad) = &a.admin {
-        let al = tokio::net::TcpListener::bind(ad)
+        if a.admin_moves_per_sec == 0 {
+            bail!("--admin-moves-per-sec must be at least 1");
+        }
+        let acfg = mtcp_agent::admin::AdminConfig {
+            token: a.token.token()?,
+            moves_per_sec: a.admin_moves_per_sec,
+        };
+        let ep = mtcp_agent::admin::Endpoint::bind(ad, &acfg)
             .await
-            .with_context(|| format!("cannot listen on admin address {ad}"))?;
-        tokio::spawn(mtcp_agent::admin::serve(agent.clone(), al));
+            .map_err(|e| anyhow!(e))?;
+        tokio::spawn(mtcp_agent::admin::serve(agent.clone(), ep, acfg));
+    } else if a.token.token()?.is_some() {
+        bail!("--admin-token(-file) without --admin");
     }
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -453,7 +517,8 @@ async fn migrate(a: MigrateArgs) -> Result<()> {
         conn: if a.all { None } else { a.conn.clone() },
         to: a.to,
     };
-    match mtcp_agent::admin::request(&a.agent, &req)
+    let token = a.token.token()?;
+    match mtcp_agent::admin::request_with(&a.agent, token.as_deref(), &req)
         .await
         .map_err(|e| anyhow!(e))?
     {
@@ -506,7 +571,8 @@ async fn drain(a: DrainArgs) -> Result<()> {
 }
 
 async fn status(a: StatusArgs) -> Result<()> {
-    match mtcp_agent::admin::request(&a.agent, &Request::Status)
+    let token = a.token.token()?;
+    match mtcp_agent::admin::request_with(&a.agent, token.as_deref(), &Request::Status)
         .await
         .map_err(|e| anyhow!(e))?
     {
@@ -537,6 +603,7 @@ async fn status(a: StatusArgs) -> Result<()> {
             }
             Ok(())
         }
+        Response::Error { message } => bail!("agent: {message}"),
         other => bail!("unexpected answer {other:?}"),
     }
 }

@@ -351,18 +351,24 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     };
     let mut all = Config::selected(&p.configs)?;
     let wants = |cs: &[Config], c: &[Config]| cs.iter().any(|x| c.contains(x));
+    // The benchmark moves sessions on purpose (every --move-every-ms): no admin rate limit.
+    let unlimited = ["--admin-moves-per-sec", "1000000"];
     let off = match wants(&all, &[Config::Off]) {
         true => Some(start_front("2pc-off", false, &[])?),
         false => None,
     };
     let on = match wants(&all, &[Config::On, Config::OnMoves]) {
-        true => Some(start_front("2pc-on", true, &[])?),
+        true => Some(start_front("2pc-on", true, &unlimited)?),
         false => None,
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let fast = match (wants(&all, &[Config::FastOff]), root) {
-        (true, true) => Some(start_front("fastpath", false, &["--fast-path"])?),
+        (true, true) => Some(start_front(
+            "fastpath",
+            false,
+            &["--fast-path", unlimited[0], unlimited[1]],
+        )?),
         (true, false) => {
             eprintln!(
                 "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",

@@ -16,7 +16,19 @@ use tokio::net::TcpStream;
 
 /// Sends raw bytes and returns what the server answered before closing (bounded wait).
 async fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    if addr.contains('/') {
+        let s = tokio::net::UnixStream::connect(addr).await.unwrap();
+        return poke_on(addr, s, bytes).await;
+    }
+    let s = TcpStream::connect(addr).await.unwrap();
+    poke_on(addr, s, bytes).await
+}
+
+async fn poke_on<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+    addr: &str,
+    mut s: S,
+    bytes: &[u8],
+) -> Vec<u8> {
     let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(8), async {
@@ -180,9 +192,25 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         segs: vec![],
     };
 
-    // Wrong token.
+    // Wrong token: refused before anything of the connection is looked at, and the refusal
+    // names nothing of it (no epoch, no position), whatever the MIGRATE claimed.
     let (code, why) = migrate_raw(&addr(other).data, base.clone()).await;
     assert_eq!(code, RefuseCode::BadToken, "{why}");
+    let probing = Migrate {
+        epoch: 9,
+        down_recv: 1 << 40,
+        sum_from: 1 << 39,
+        up_sent: 0,
+        ..base.clone()
+    };
+    for to in [&origin, other] {
+        let (code, why) = migrate_raw(&addr(to).data, probing.clone()).await;
+        assert_eq!(code, RefuseCode::BadToken, "{why}");
+        assert!(
+            !why.contains(&cid.to_string()) && !why.chars().any(|c| c.is_ascii_digit()),
+            "a refusal to an unauthenticated MIGRATE names the connection or a number: {why}"
+        );
+    }
 
     // A mistyped target is refused without touching the live connection.
     match mtcp_agent::admin::request(
@@ -230,6 +258,11 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         .unwrap();
     let (code, why) = migrate_raw(&addr(&third).data, old).await;
     assert_eq!(code, RefuseCode::StaleEpoch, "{why}");
+    // An old token does not tell where the connection is now.
+    assert!(
+        !why.contains("epoch 1") && why.contains("stale"),
+        "a stale token's refusal reveals the current epoch: {why}"
+    );
     // A valid token naming the wrong origin.
     let wrong_origin = Migrate {
         token: key.token(cid, 1),

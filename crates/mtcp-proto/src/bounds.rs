@@ -69,6 +69,34 @@ pub fn admit(
     Ok(())
 }
 
+/// Takeovers a destination runs at once by default: each may hold a state record of up to
+/// `max_record` bytes (the frame, then about 2.6 times as much while it is decoded).
+pub const MAX_TAKEOVERS: usize = 32;
+
+/// Whether a destination already running `active` takeovers (MIGRATEs whose state it is
+/// fetching or installing) may start another under the cap `max`; `Err` is the refusal
+/// (`Busy`: the agent tries another server, the connection stays where it is).
+pub fn admit_takeover(active: usize, max: usize) -> Result<(), String> {
+    if active >= max {
+        return Err(format!(
+            "this server is already taking over its maximum of {max} connections at once"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a state record of `len` bytes is within `max_record`: checked by the origin before
+/// it freezes a connection, and by the destination on the record it received before decoding
+/// it (the frame holding it was bounded before it was read).
+pub fn record_fits(len: usize, max_record: usize) -> Result<(), String> {
+    if len > max_record {
+        return Err(format!(
+            "a state record of {len} bytes is over the {max_record}-byte limit"
+        ));
+    }
+    Ok(())
+}
+
 /// A budget of log lines for events anyone can cause (refused sessions, garbage on a port): at
 /// most `per_window` per `window`; the rest are counted and the count is reported with the next
 /// line admitted, so a flood costs a few lines a second instead of one line per connection.
@@ -108,6 +136,59 @@ impl LogBudget {
         } else {
             self.suppressed += 1;
             None
+        }
+    }
+}
+
+/// A token bucket: at most `burst` events at once and `per_sec` a second on average. Used for
+/// the moves an agent's admin endpoint accepts (a local flood of `mtcp migrate` must not turn
+/// into a flood of FETCHes at the servers).
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    per_sec: u32,
+    burst: u32,
+    tokens: f64,
+    last: Option<std::time::Instant>,
+}
+
+impl TokenBucket {
+    /// A full bucket (`per_sec` at least 1, `burst` at least 1).
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = burst.max(1);
+        Self {
+            per_sec: per_sec.max(1),
+            burst,
+            tokens: f64::from(burst),
+            last: None,
+        }
+    }
+
+    /// The refill rate, events a second.
+    pub fn per_sec(&self) -> u32 {
+        self.per_sec
+    }
+
+    /// The bucket's size.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Takes `cost` tokens at `now` (a cost above the burst takes a full bucket, so that one
+    /// request for every connection of a busy host still goes through, then waits); `Err`
+    /// says how long until the bucket holds enough.
+    pub fn take(&mut self, now: std::time::Instant, cost: u32) -> Result<(), Duration> {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * f64::from(self.per_sec)).min(f64::from(self.burst));
+        }
+        self.last = Some(now);
+        let cost = f64::from(cost.clamp(1, self.burst));
+        if self.tokens + 1e-9 >= cost {
+            self.tokens -= cost;
+            Ok(())
+        } else {
+            let wait = (cost - self.tokens) / f64::from(self.per_sec);
+            Err(Duration::from_secs_f64(wait).max(Duration::from_millis(1)))
         }
     }
 }
@@ -178,10 +259,49 @@ mod tests {
     }
 
     #[test]
+    fn takeovers_are_capped_and_records_bounded() {
+        assert!(admit_takeover(0, 1).is_ok());
+        assert!(admit_takeover(MAX_TAKEOVERS - 1, MAX_TAKEOVERS).is_ok());
+        let e = admit_takeover(MAX_TAKEOVERS, MAX_TAKEOVERS).unwrap_err();
+        assert!(e.contains("maximum of 32"), "{e}");
+        assert!(admit_takeover(5, 0).is_err());
+        assert!(record_fits(64 << 20, 64 << 20).is_ok());
+        let e = record_fits((64 << 20) + 1, 64 << 20).unwrap_err();
+        assert!(e.contains("over the 67108864-byte limit"), "{e}");
+    }
+
+    #[test]
     fn sessions_are_capped_in_all_and_per_source() {
         assert!(admit(0, 0, 10, 4).is_ok());
         assert!(admit(9, 3, 10, 4).is_ok());
         assert!(admit(10, 0, 10, 4).unwrap_err().contains("maximum of 10"));
         assert!(admit(5, 4, 10, 4).unwrap_err().contains("from one address"));
+    }
+
+    #[test]
+    fn a_token_bucket_allows_its_burst_then_its_rate() {
+        let t0 = std::time::Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let mut b = TokenBucket::new(100, 200);
+        assert!((0..200).all(|_| b.take(t0, 1).is_ok()));
+        let wait = b.take(t0, 1).unwrap_err();
+        assert!(wait <= Duration::from_millis(10), "{wait:?}");
+        // 100 a second: 50 ms later, 5 more, not 6.
+        assert!((0..5).all(|_| b.take(ms(50), 1).is_ok()));
+        assert!(b.take(ms(50), 1).is_err());
+        // Refused attempts cost nothing; a long pause refills to the burst, no further.
+        assert!((0..1000).all(|_| b.take(ms(50), 1).is_err()));
+        assert!((0..200).all(|_| b.take(ms(60_000), 1).is_ok()));
+        assert!(b.take(ms(60_000), 1).is_err());
+    }
+
+    #[test]
+    fn a_request_dearer_than_the_burst_takes_a_full_bucket() {
+        let t0 = std::time::Instant::now();
+        let mut b = TokenBucket::new(100, 200);
+        assert!(b.take(t0, 5000).is_ok());
+        let wait = b.take(t0, 5000).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(2));
+        assert!(b.take(t0 + Duration::from_secs(2), 5000).is_ok());
     }
 }

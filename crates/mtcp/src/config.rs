@@ -316,6 +316,12 @@ pub struct Limits {
     /// snapshot (≤ `max_snapshot`) and unread input (≤ `max_unread`) plus input since the
     /// snapshot; replicas' tails are at most 4 MiB.
     pub max_record: usize,
+    /// Most takeovers (MIGRATEs being served: fetching and installing a record) at once; the
+    /// next is refused `Busy`.
+    pub max_takeovers: usize,
+    /// How long a MIGRATE over `max_takeovers` waits for a takeover to end before it is
+    /// refused.
+    pub takeover_wait: Duration,
     /// Eager mode: memory for replicas of other servers' connections.
     pub max_replica_bytes: usize,
     /// Eager mode: a replica not refreshed for this long is forgotten (origins refresh theirs
@@ -354,6 +360,9 @@ impl Default for Limits {
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),
             max_record: 64 << 20,
+            max_takeovers: mtcp_proto::bounds::MAX_TAKEOVERS,
+            // A FETCH's own bound (fetch_timeout + lock_timeout): one slot frees in that time.
+            takeover_wait: Duration::from_secs(13),
             max_replica_bytes: 256 << 20,
             replica_ttl: Duration::from_secs(600),
             max_connections: None,

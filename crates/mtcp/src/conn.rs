@@ -214,10 +214,10 @@ impl ConnState {
             .s
             .record(cid, self.epoch, down_recv, sum_from, down_sum)?;
         let len = rec.encoded_len_bound();
-        if len > max_record {
+        if let Err(e) = mtcp_proto::bounds::record_fits(len, max_record) {
             return Err((
                 RefuseCode::TooLarge,
-                format!("the connection's state record would take {len} bytes, over the {max_record}-byte limit"),
+                format!("the connection's state record is too large to move: {e}"),
             ));
         }
         self.phase = Phase::Migrated;

@@ -527,10 +527,14 @@ impl Queues {
 
 /// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of
 /// this process, if the cluster admits its local address (`allowed`); returns it nonblocking and
-/// registered with tokio.
+/// registered with tokio. `agent_uid`: the connection comes from an agent's ADOPT, whose
+/// session is owned by that uid; it must name that agent's own listener and carry only what a
+/// freshly accepted socket holds ([`mtcp_proto::adopt::admit_handover`]). `None`: from a peer
+/// server's `DirectState`, on a channel authenticated with the cluster key.
 pub(crate) async fn adopt(
     tcp: Vec<u8>,
     allowed: &[std::net::SocketAddr],
+    agent_uid: Option<u32>,
 ) -> Result<TcpStream, String> {
     if tcp.len() > MAX_TCP_STATE {
         return Err(format!(
@@ -539,6 +543,22 @@ pub(crate) async fn adopt(
         ));
     }
     let st = mtcp_repair::TcpState::decode(&tcp).map_err(|e| format!("TCP state: {e}"))?;
+    if let Some(session_uid) = agent_uid {
+        let local = st.local;
+        let listener_uid =
+            tokio::task::spawn_blocking(move || crate::sockowner::listener_owner(local))
+                .await
+                .ok()
+                .flatten();
+        mtcp_proto::adopt::admit_handover(&mtcp_proto::adopt::Handover {
+            local_admitted: allowed.contains(&st.local),
+            listener_uid,
+            session_uid,
+            send_queue: st.send_queue.len(),
+            unsent: st.unsent as usize,
+            recv_queue: st.recv_queue.len(),
+        })?;
+    }
     if !allowed.contains(&st.local) {
         return Err(format!(
             "a connection to {} is not one this cluster's fast path admits (`fast_path` in the cluster file lists the agents' listening addresses)",

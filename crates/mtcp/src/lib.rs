@@ -15,6 +15,7 @@ pub mod framed;
 pub mod peer;
 mod replica;
 pub mod server;
+mod sockowner;
 
 pub use app::App;
 pub use config::{Cluster, Limits, ServerEntry};

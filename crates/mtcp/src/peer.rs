@@ -290,7 +290,17 @@ pub(crate) async fn fetch(
             format!("origin {} ({}): {e}", origin.id, origin.peer),
         )
     })?;
+    // The frame was bounded before it was read; the record in it is held to max_record before
+    // it is decoded (decoding costs about 1.6 times its size again).
+    let fits = |len: usize| {
+        mtcp_proto::bounds::record_fits(len, inner.limits.max_record)
+            .map_err(|e| (RefuseCode::TooLarge, format!("origin {}: {e}", origin.id)))
+    };
     match msg {
+        Msg::State(b) if b.len() > inner.limits.max_record => Err(fits(b.len()).unwrap_err()),
+        Msg::DirectState { record, .. } if record.len() > inner.limits.max_record => {
+            Err(fits(record.len()).unwrap_err())
+        }
         Msg::State(b) => StateRecord::decode(&b)
             .map(|rec| (Frozen { rec, tcp: None }, b.len() as u64))
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),

@@ -30,11 +30,15 @@ pub(crate) struct Fetch {
     pub down_sum: u64,
 }
 
+/// The refusal of a token that does not match: it names nothing of the connection (a
+/// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
+const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
 /// Limit on ADOPT (the client's connection, with what it had queued when the agent accepted
 /// it): larger states are refused, and the agent resets that client connection.
-const ADOPT_FRAME: usize = 8 << 20;
+const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least time between two BACKLOG reports of a session.
 const BACKLOG_EVERY: Duration = Duration::from_millis(200);
@@ -79,6 +83,10 @@ pub(crate) struct ServerInner {
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
     pub handing_over: std::sync::atomic::AtomicU32,
+    /// Takeovers running (see [`TakeoverSlot`]), and a wake-up for MIGRATEs waiting for one to
+    /// end.
+    pub(crate) takeovers: Mutex<usize>,
+    pub(crate) takeover_done: tokio::sync::Notify,
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
@@ -184,7 +192,11 @@ impl ServerInner {
                 if st.epoch != epoch {
                     return Err((
                         RefuseCode::StaleEpoch,
-                        format!("connection {cid} is at epoch {}, not {epoch}", st.epoch),
+                        // Not the current epoch: whoever holds an old token learns nothing
+                        // of where the connection is now (issue 14).
+                        format!(
+                            "connection {cid} has moved on since epoch {epoch}: the token is stale"
+                        ),
                     ));
                 }
                 if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
@@ -365,6 +377,8 @@ impl Server {
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
             sessions: Default::default(),
+            takeovers: Mutex::new(0),
+            takeover_done: tokio::sync::Notify::new(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -547,6 +561,7 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
 
 async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let ends = (s.local_addr().ok(), s.peer_addr().ok());
     let source = s
         .peer_addr()
         .map(|a| a.ip())
@@ -619,6 +634,28 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 .await;
                 return;
             }
+            // Fast path: only a local agent of a trusted uid may hand connections over; its
+            // end of this session is in this host's socket table (decision 39).
+            let agent_uid = if direct {
+                let owner = match ends {
+                    (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
+                        crate::sockowner::connection_owner(peer, local)
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                    _ => None,
+                };
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if let Err(why) = mtcp_proto::adopt::admit_session(owner, me) {
+                    refuse(&mut w, RefuseCode::Unauthenticated, why).await;
+                    return;
+                }
+                owner
+            } else {
+                None
+            };
             if inner.draining.load(Ordering::Relaxed) {
                 refuse(
                     &mut w,
@@ -661,7 +698,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                         return;
                     }
                 };
-                match crate::direct::adopt(tcp, &inner.cluster.fast_path).await {
+                match crate::direct::adopt(tcp, &inner.cluster.fast_path, agent_uid).await {
                     Ok(sock) => {
                         let d = DirectSock { sock, written: 0 };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
@@ -789,12 +826,7 @@ async fn watch(
     token: mtcp_proto::Token,
 ) {
     if !inner.cluster.key.check_token(cid, epoch, &token) {
-        refuse(
-            &mut w,
-            RefuseCode::BadToken,
-            format!("token does not match connection {cid} at epoch {epoch}"),
-        )
-        .await;
+        refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
         return;
     }
     let shared = match inner.get(&cid) {
@@ -956,13 +988,7 @@ async fn take_over(
     tx: mpsc::UnboundedSender<Out>,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
-        return Err((
-            RefuseCode::BadToken,
-            format!(
-                "token does not match connection {} at epoch {}",
-                m.cid, m.epoch
-            ),
-        ));
+        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
     }
     if inner.draining.load(Ordering::Relaxed) {
         return Err((
@@ -970,6 +996,10 @@ async fn take_over(
             format!("server {} is draining", inner.id),
         ));
     }
+    // Counted from here to the end of the takeover, refused or not.
+    let _slot = TakeoverSlot::take(inner)
+        .await
+        .map_err(|why| (RefuseCode::Busy, why))?;
     let origin = inner
         .cluster
         .server(&m.origin)
@@ -1006,6 +1036,50 @@ async fn take_over(
         return Err(e);
     }
     take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
+}
+
+/// One running takeover, counted against `Limits::max_takeovers` until dropped.
+struct TakeoverSlot<'a>(&'a ServerInner);
+
+impl<'a> TakeoverSlot<'a> {
+    /// Waits up to `Limits::takeover_wait` for a slot (a drain moves every connection at once:
+    /// the MIGRATEs over the cap wait their turn, answered WORKING meanwhile, instead of
+    /// failing); then refuses with the cap's reason.
+    async fn take(inner: &'a ServerInner) -> Result<Self, String> {
+        let deadline = tokio::time::Instant::now() + inner.limits.takeover_wait;
+        loop {
+            let why = {
+                let mut n = inner.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+                match mtcp_proto::bounds::admit_takeover(*n, inner.limits.max_takeovers) {
+                    Ok(()) => {
+                        *n += 1;
+                        return Ok(TakeoverSlot(inner));
+                    }
+                    Err(why) => why,
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "server {}: {why} (waited {:?})",
+                    inner.id, inner.limits.takeover_wait
+                ));
+            }
+            // Woken when one ends; re-checked every 100 ms all the same.
+            let _ = tokio::time::timeout(
+                (deadline - now).min(Duration::from_millis(100)),
+                inner.takeover_done.notified(),
+            )
+            .await;
+        }
+    }
+}
+
+impl Drop for TakeoverSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.takeovers.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.takeover_done.notify_one();
+    }
 }
 
 /// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
@@ -1138,7 +1212,7 @@ async fn take_over_checked(
         .unwrap_or(Start::New);
     let sock = match tcp {
         Some(tcp) => {
-            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path)
+            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path, None)
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");

@@ -1,0 +1,102 @@
+//! Issue 14, a destination's takeovers: it runs at most `--max-takeovers` at once (each may
+//! hold a state record of up to `max_record` while it fetches and decodes it); the next MIGRATE
+//! is refused `Busy` by name, and the agent's connection stays served (here: re-attached to its
+//! origin) with every byte intact.
+
+mod common;
+
+use common::*;
+use mtcp_agent::admin::{request, Request, Response};
+use mtcp_cli::client::Client;
+use mtcp_cli::local::{LocalCluster, LocalOptions};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_over_its_takeover_cap_refuses_busy_and_downloads_stay_intact() {
+    let dir = TempDir::new("hostile-takeovers");
+    let want = file(&dir, "f.bin", 16 << 20, 21);
+    let lc: LocalCluster = tokio::task::block_in_place(|| {
+        let opts = LocalOptions {
+            servers: 2,
+            root: dir.path().join("www"),
+            log: "info,mtcp=debug,mtcp_agent=debug".into(),
+            // One at a time, and a MIGRATE over it waits only 300 ms for its turn.
+            server_args: ["--max-takeovers", "1", "--takeover-wait-ms", "300"]
+                .map(String::from)
+                .to_vec(),
+            // The origin answers FETCH 1.5 s late: the first takeover at s2 is still running
+            // when the second MIGRATE arrives.
+            server_args_for: vec![("s1".into(), vec!["--peer-delay-ms".into(), "1500".into()])],
+            ..Default::default()
+        };
+        LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+    });
+    // Two downloads, both on s1 (the agent tries servers in order).
+    let mut dls = Vec::new();
+    for _ in 0..2 {
+        let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+        c.rate = Some(3 << 20);
+        dls.push(tokio::spawn(async move {
+            c.request("GET", "/f.bin", &[]).await
+        }));
+    }
+    for _ in 0..500 {
+        let st = lc.status_async().await.unwrap();
+        if st
+            .iter()
+            .filter(|c| c.state == "live" && c.bytes_down > 0 && c.server == "s1")
+            .count()
+            == 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Both asked to move to s2 at once: s2 takes one, refuses the other Busy; that one is
+    // re-attached where it was.
+    let r = request(
+        &lc.agent_admin,
+        &Request::Migrate {
+            conn: None,
+            to: Some("s2".into()),
+        },
+    )
+    .await
+    .unwrap();
+    let Response::Migrated { results } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results.iter().all(|r| r.ok), "{results:?}");
+    let mut on: Vec<String> = results.iter().map(|r| r.detail.clone()).collect();
+    on.sort();
+    assert_eq!(on, ["s1", "s2"], "{results:?}");
+    let st = lc.status_async().await.unwrap();
+    let stayed = st
+        .iter()
+        .find(|c| c.state == "live" && c.server == "s1")
+        .expect("the refused connection is still live on s1");
+    let ev = stayed.timeline.last().expect("its move");
+    assert!(
+        ev.refusals
+            .iter()
+            .any(|r| r.contains("Busy") && r.contains("maximum of 1 connections")),
+        "{:?}",
+        ev.refusals
+    );
+
+    // The cap is per moment: with the first takeover done, s2 takes the other one.
+    let moved = lc.migrate(Some(&stayed.cid), Some("s2")).await.unwrap();
+    assert_eq!(moved[0].1, "s2");
+
+    for dl in dls {
+        let r = tokio::time::timeout(Duration::from_secs(90), dl)
+            .await
+            .expect("download finished")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.digest, want, "a download was corrupted");
+    }
+}

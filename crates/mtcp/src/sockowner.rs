@@ -1,0 +1,146 @@
+//! Who owns a TCP socket of this network namespace, from the kernel's socket tables
+//! (`/proc/net/tcp`, `/proc/net/tcp6`): the fast path's stand-in for `SO_PEERCRED`, which
+//! Unix sockets have and TCP does not (see `mtcp_proto::adopt`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// `TCP_LISTEN` in the tables' `st` column.
+const LISTEN: u8 = 0x0A;
+
+/// One row of a socket table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Row {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub uid: u32,
+}
+
+/// An address as the tables print it: the IP's 32-bit words in hex, each in the host's byte
+/// order, then `:` and the port in hex.
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(ip.get(i * 8..i * 8 + 8)?)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            // A v4-mapped address is the IPv4 one.
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The rows of one table's text (the header and malformed lines are skipped).
+pub(crate) fn parse_table(text: &str) -> Vec<Row> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Row {
+                local: parse_addr(f.get(1)?)?,
+                remote: parse_addr(f.get(2)?)?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                uid: f.get(7)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn rows() -> Vec<Row> {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| parse_table(&t))
+        .collect()
+}
+
+/// Owner of the socket at `local` connected to `remote` (the other end of one of this
+/// process's connections, when that end is in this namespace); `None` if there is none.
+pub(crate) fn connection_owner(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    owner_in(&rows(), local, remote)
+}
+
+/// Owner of the socket listening on `addr` (or on the wildcard address of its port).
+pub(crate) fn listener_owner(addr: SocketAddr) -> Option<u32> {
+    listener_in(&rows(), addr)
+}
+
+fn owner_in(rows: &[Row], local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    let norm = |a: SocketAddr| match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        _ => a,
+    };
+    let (local, remote) = (norm(local), norm(remote));
+    rows.iter()
+        .find(|r| r.state != LISTEN && r.local == local && r.remote == remote)
+        .map(|r| r.uid)
+}
+
+fn listener_in(rows: &[Row], addr: SocketAddr) -> Option<u32> {
+    rows.iter()
+        .filter(|r| r.state == LISTEN && r.local.port() == addr.port())
+        .find(|r| r.local.ip() == addr.ip() || r.local.ip().is_unspecified())
+        .map(|r| r.uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Lines as a little-endian kernel prints them.
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1B59 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:D431 0100007F:1B58 01 00000000:00000000 00:00000000 00000000 65534        0 1002 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1003 1 0000000000000000 100 0 0 10 0
+   3: garbage
+";
+
+    #[test]
+    fn tables_name_each_sockets_owner() {
+        if cfg!(target_endian = "big") {
+            return;
+        }
+        let rows = parse_table(TCP);
+        assert_eq!(rows.len(), 3);
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            owner_in(&rows, a("127.0.0.1:54321"), a("127.0.0.1:7000")),
+            Some(65534)
+        );
+        assert_eq!(
+            owner_in(&rows, a("127.0.0.1:54321"), a("127.0.0.1:7001")),
+            None
+        );
+        assert_eq!(listener_in(&rows, a("127.0.0.1:7001")), Some(0));
+        assert_eq!(listener_in(&rows, a("127.0.0.9:8080")), Some(1000));
+        assert_eq!(listener_in(&rows, a("127.0.0.1:7002")), None);
+        // v4-mapped in tcp6.
+        let v6 = parse_addr("0000000000000000FFFF00000100007F:1B59").unwrap();
+        assert_eq!(v6, a("127.0.0.1:7001"));
+    }
+
+    #[test]
+    fn this_processs_own_sockets_are_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(listener_owner(l.local_addr().unwrap()), Some(me));
+        assert_eq!(
+            connection_owner(c.local_addr().unwrap(), c.peer_addr().unwrap()),
+            Some(me)
+        );
+    }
+}
