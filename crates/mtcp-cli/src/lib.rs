@@ -14,3 +14,4 @@ pub mod pgbench;
 pub mod pgdemo;
 pub mod pglocal;
 pub mod plot;
+pub mod scalebench;
