@@ -355,6 +355,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         ..Limits::default()
     };
     let server = Server::bind(cluster, &a.id, limits).await?;
+    let _trimmer = mtcp::memory::spawn_trimmer();
     mtcp::app::run(server, app).await;
     Ok(())
 }
@@ -396,6 +397,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on admin address {ad}"))?;
         tokio::spawn(mtcp_agent::admin::serve(agent.clone(), al));
     }
+    let _trimmer = mtcp::memory::spawn_trimmer();
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -54,6 +54,9 @@ pub struct ProcMem {
     pub kib_per_conn: f64,
     /// Open descriptors after opening.
     pub fds: usize,
+    /// After the drain, once idle again.
+    pub rss_after_drain_kib: u64,
+    pub fds_after_drain: usize,
 }
 
 #[derive(Serialize, Debug)]
@@ -256,9 +259,12 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                     0.0
                 },
                 fds: fd_count(pid),
+                rss_after_drain_kib: 0,
+                fds_after_drain: 0,
             }
         })
         .collect();
+    let mut procs = procs;
 
     // Drain every server that holds connections, one after the other.
     let mut drains = Vec::new();
@@ -284,6 +290,12 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             ended: rep.ended,
             kept_for_dead_agent: rep.kept_for_dead_agent,
         });
+    }
+
+    tokio::time::sleep(SETTLE).await;
+    for (p, &pid) in procs.iter_mut().zip(&pids) {
+        p.rss_after_drain_kib = rss_kib(pid).unwrap_or(0);
+        p.fds_after_drain = fd_count(pid);
     }
 
     // One more GET on every connection.
@@ -340,8 +352,8 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         );
         for p in &rep.procs {
             println!(
-                "  {:6} RSS {:>8} -> {:>8} KiB, {:>6} conns, {:>7.1} KiB/conn, {} fds",
-                p.name, p.rss_before_kib, p.rss_after_kib, p.conns, p.kib_per_conn, p.fds
+                "  {:6} RSS {:>8} -> {:>8} KiB, {:>6} conns, {:>7.1} KiB/conn, {:>5} fds; after the drain {:>8} KiB, {:>5} fds",
+                p.name, p.rss_before_kib, p.rss_after_kib, p.conns, p.kib_per_conn, p.fds, p.rss_after_drain_kib, p.fds_after_drain
             );
         }
         for d in &rep.drains {

@@ -73,8 +73,8 @@ fn eof_is_closed(e: io::Error) -> ChannelError {
     }
 }
 
-/// Smallest read (and what an idle reader holds): a few control messages fit.
-const MIN_READ: usize = 2 << 10;
+/// Smallest read (and what an idle reader holds): a few control messages or a small request fit.
+const MIN_READ: usize = 512;
 /// Largest read [`FrameReader::next`] asks for at once.
 const MAX_READ: usize = 256 << 10;
 /// Smallest buffer [`FrameReader::next_piece`] grows its `out` to.
@@ -86,8 +86,8 @@ const MAX_PIECE_READ: usize = 16 << 10;
 ///
 /// Its buffer is sized to the traffic: a read that fills the room it was given doubles the next
 /// one (up to 256 KiB), a read of less than a quarter of it shrinks it to about twice what
-/// came (at least 2 KiB), and once the buffer is
-/// empty a larger allocation is swapped for a small one. An idle connection holds 2 KiB here,
+/// came (at least 512 bytes), and once the buffer is
+/// empty a larger allocation is swapped for a small one. An idle connection holds 512 bytes here,
 /// not the 256 KiB reserved up front before (issue 13: ≈ 230 KiB per idle relayed connection).
 pub struct FrameReader<R> {
     r: R,
