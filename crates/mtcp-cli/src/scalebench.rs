@@ -40,6 +40,8 @@ pub struct ScaleReport {
     /// Every connection answered one more GET with the right body after the drain.
     pub all_ok_after_drain: bool,
     pub failed_after_drain: usize,
+    /// What went wrong with the first connection that failed after the drain.
+    pub first_failure: Option<String>,
     pub check_secs: f64,
 }
 
@@ -147,8 +149,47 @@ async fn server_status(lc: &LocalCluster, id: &str) -> Result<mtcp::proto::wire:
     Ok(mtcp::peer::admin_request(lc.admin_of(id)?, &lc.key, id, Msg::AdminStatus).await?)
 }
 
-/// `mtcp bench scale`.
+/// `mtcp bench scale`: [`measure`], printed.
 pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    let rep = measure(a, dir).await?;
+    let n = rep.conns;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{n} connections ({} mode): opened in {:.2} s = {:.0}/s (connect + GET p50 {} us, p99 {} us)",
+            rep.mode, rep.open_secs, rep.conns_per_sec, rep.open_us_p50, rep.open_us_p99
+        );
+        for p in &rep.procs {
+            println!(
+                "  {:6} RSS {:>8} -> {:>8} KiB, {:>6} conns, {:>7.1} KiB/conn, {:>5} fds; after the drain {:>8} KiB, {:>5} fds",
+                p.name, p.rss_before_kib, p.rss_after_kib, p.conns, p.kib_per_conn, p.fds, p.rss_after_drain_kib, p.fds_after_drain
+            );
+        }
+        for d in &rep.drains {
+            println!(
+                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {})",
+                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent
+            );
+        }
+        println!(
+            "  after the drain: {} of {n} connections answered with the right body ({:.2} s)",
+            n - rep.failed_after_drain,
+            rep.check_secs
+        );
+    }
+    if let Some(e) = &rep.first_failure {
+        bail!(
+            "{} connection(s) failed after the drain, e.g.: {e}",
+            rep.failed_after_drain
+        );
+    }
+    Ok(())
+}
+
+/// Starts the cluster (from `a.exe` or this binary), opens `a.conns` connections, drains and
+/// checks them (see the module doc); the cluster is stopped before it returns.
+pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport> {
     let n = a.conns as usize;
     if n == 0 {
         bail!("--conns must be at least 1");
@@ -339,40 +380,10 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         drains,
         all_ok_after_drain: failed.is_empty(),
         failed_after_drain: failed.len(),
+        first_failure: failed.first().cloned(),
         check_secs,
     };
     drop(clients);
     drop(lc);
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        println!(
-            "{n} connections ({} mode): opened in {:.2} s = {:.0}/s (connect + GET p50 {} us, p99 {} us)",
-            rep.mode, rep.open_secs, rep.conns_per_sec, rep.open_us_p50, rep.open_us_p99
-        );
-        for p in &rep.procs {
-            println!(
-                "  {:6} RSS {:>8} -> {:>8} KiB, {:>6} conns, {:>7.1} KiB/conn, {:>5} fds; after the drain {:>8} KiB, {:>5} fds",
-                p.name, p.rss_before_kib, p.rss_after_kib, p.conns, p.kib_per_conn, p.fds, p.rss_after_drain_kib, p.fds_after_drain
-            );
-        }
-        for d in &rep.drains {
-            println!(
-                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {})",
-                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent
-            );
-        }
-        println!(
-            "  after the drain: {} of {n} connections answered with the right body ({:.2} s)",
-            n - rep.failed_after_drain,
-            rep.check_secs
-        );
-    }
-    if let Some(e) = failed.first() {
-        bail!(
-            "{} connection(s) failed after the drain, e.g.: {e}",
-            failed.len()
-        );
-    }
-    Ok(())
+    Ok(rep)
 }

@@ -466,6 +466,76 @@ mod tests {
         w.await.unwrap();
     }
 
+    #[tokio::test]
+    async fn the_buffer_grows_for_a_large_frame_and_shrinks_once_quiet() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, 4 << 20);
+        assert_eq!(
+            r.buffer_capacity(),
+            0,
+            "nothing allocated before data comes"
+        );
+        let big = Bytes::from((0..3 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+        let sent = big.clone();
+        let w = tokio::spawn(async move {
+            write_frames(&mut a, &[Out::Data(big)]).await.unwrap();
+            a
+        });
+        match r.next().await.unwrap() {
+            Frame::Data(d) => assert_eq!(d, sent),
+            other => panic!("{other:?}"),
+        }
+        let mut a = w.await.unwrap();
+        for t in 0..3 {
+            write_msg(&mut a, &Msg::Ping { t }).await.unwrap();
+            assert_eq!(
+                r.next_msg(Duration::from_secs(1)).await.unwrap(),
+                Msg::Ping { t }
+            );
+        }
+        assert!(
+            r.buffer_capacity() <= MIN_READ,
+            "idle reader holds {} bytes",
+            r.buffer_capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn pieces_grow_the_output_buffer_only_for_data() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, 4 << 20);
+        let mut out = Vec::new();
+        write_msg(&mut a, &Msg::Ping { t: 1 }).await.unwrap();
+        assert!(matches!(
+            r.next_piece(&mut out, 256 << 10).await.unwrap(),
+            Piece::Msg(Msg::Ping { t: 1 })
+        ));
+        assert!(out.is_empty(), "a control message needs no output buffer");
+        let small = Bytes::from_static(b"hello");
+        let large = Bytes::from(vec![9u8; 300 << 10]);
+        let items = [Out::Data(small.clone()), Out::Data(large.clone())];
+        let w = tokio::spawn(async move { write_frames(&mut a, &items).await.unwrap() });
+        let Piece::Data(n) = r.next_piece(&mut out, 256 << 10).await.unwrap() else {
+            panic!("expected data");
+        };
+        assert_eq!(&out[..n], &small[..]);
+        assert_eq!(
+            out.len(),
+            MIN_PIECE_OUT,
+            "a small payload gets a small buffer"
+        );
+        let mut got = Vec::new();
+        while got.len() < large.len() {
+            let Piece::Data(n) = r.next_piece(&mut out, 256 << 10).await.unwrap() else {
+                panic!("expected data");
+            };
+            got.extend_from_slice(&out[..n]);
+        }
+        assert_eq!(got, large);
+        assert_eq!(out.len(), 256 << 10, "grown to the cap, not past it");
+        w.await.unwrap();
+    }
+
     fn macs() -> (ChannelMac, ChannelMac) {
         use mtcp_proto::{ChannelContext, ClusterKey, PortKind, Role};
         let k = ClusterKey::from_bytes([3; 32]);
