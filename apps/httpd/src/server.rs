@@ -56,7 +56,7 @@ where
                     tracing::debug!(path = %body.path, sent = body.sent, "resuming a body");
                     let file = files::reopen(&self.cfg.root, &body)?;
                     let connection = body.connection;
-                    self.send_body(body, file).await?;
+                    Box::pin(self.send_body(body, file)).await?;
                     if !self.end_response(connection).await? {
                         return self.close().await;
                     }
@@ -74,7 +74,9 @@ where
                     return self.close().await;
                 }
             };
-            let connection = self.respond(request).await?;
+            // Boxed: the response's state (file reads, two chunk buffers) lives on the heap
+            // while it is sent, and an idle keep-alive connection's task stays small.
+            let connection = Box::pin(self.respond(request)).await?;
             if !self.end_response(connection).await? {
                 return self.close().await;
             }
@@ -87,6 +89,10 @@ where
         self.conn.flush().await?;
         if !connection.keep_alive() {
             return Ok(false);
+        }
+        if self.input.is_empty() {
+            // An idle keep-alive connection holds no read buffer.
+            self.input = Vec::new();
         }
         self.snapshot(&State::Idle {
             leftover: self.input.clone(),
@@ -325,7 +331,8 @@ where
     async fn close(mut self) -> io::Result<()> {
         self.conn.flush().await?;
         self.conn.shutdown().await?;
-        let mut scratch = [0u8; 8192];
+        // On the heap: an array here would be part of every connection's task, idle or not.
+        let mut scratch = vec![0u8; 8192];
         let mut drained = 0usize;
         let linger = async {
             while drained < LINGER_BYTES {

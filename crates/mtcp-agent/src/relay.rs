@@ -11,7 +11,7 @@ use mtcp_proto::wire::{self, Migrate, Mode, Msg, RefuseCode, ServerInfo};
 use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -24,7 +24,13 @@ pub(crate) const CLOSED_PREFIX: &str = "Closed: ";
 /// the CPU per GiB through the agent by about 7 % (stop 7, `mtcp bench throughput`).
 const ACK_EVERY: u64 = 1 << 20;
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// Largest read from the client program.
 const CLIENT_READ: usize = 128 << 10;
+/// Smallest read from the client program: reads that fill it double the next one.
+const CLIENT_READ_MIN: usize = 4 << 10;
+/// Upstream reads smaller than this are copied out of the read buffer, so the small piece kept
+/// in the retained log does not pin the buffer's whole allocation.
+const COPY_BELOW: usize = 4 << 10;
 /// Largest piece of downstream data read from the session and written to the client at once.
 const DOWN_READ: usize = 256 << 10;
 
@@ -209,8 +215,9 @@ pub(crate) async fn relay(
     let (mut cr, mut cw) = client.into_split();
     // Downstream double buffer, kept across sessions: one piece is written to the client
     // program while the next is read from the session, and neither blocks the relay loop, so a
-    // trigger is seen at once.
-    let mut bufs = [vec![0u8; DOWN_READ], vec![0u8; DOWN_READ]];
+    // trigger is seen at once. Allocated when data comes (`next_piece`), released when the
+    // connection is idle (`run`).
+    let mut bufs = [Vec::new(), Vec::new()];
     let outcome = loop {
         let end = run(
             &inner,
@@ -234,7 +241,17 @@ pub(crate) async fn relay(
                 // Closing the old session frees what it still had queued (megabytes of
                 // downstream data the origin had sent ahead) and resets it: work that need not
                 // delay MIGRATE. It runs once this task waits for the destination's answer.
-                tokio::spawn(async move { drop(session) });
+                // An idle session is closed here and now: thousands of connections moving at
+                // once (a drain) would otherwise each hold a third descriptor — the new
+                // session's — before any deferred close ran, and run out (issue 13: 9 000
+                // connections under a 20 000 open-files limit).
+                // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
+                let _turn = inner.moves.acquire().await;
+                if queued_bytes(&session) < CLOSE_INLINE_BELOW {
+                    drop(session);
+                } else {
+                    tokio::spawn(async move { drop(session) });
+                }
                 let at = at.unwrap_or_else(Instant::now);
                 match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
                     Ok(Some(s)) => {
@@ -275,6 +292,22 @@ pub(crate) async fn relay(
                 reset(c);
             }
         }
+    }
+}
+
+/// A session with less than this in its socket's receive queue is closed at once when it moves.
+const CLOSE_INLINE_BELOW: usize = 256 << 10;
+
+/// Bytes in the session socket's receive queue (`FIONREAD`); `usize::MAX` if unknown.
+fn queued_bytes(s: &Session) -> usize {
+    use std::os::fd::AsRawFd;
+    let fd = s.w.as_ref().as_raw_fd();
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on a socket we own writes one int to the pointer given.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
+        n.max(0) as usize
+    } else {
+        usize::MAX
     }
 }
 
@@ -426,10 +459,15 @@ async fn run(
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
     bufs: &mut [Vec<u8>; 2],
 ) -> End {
+    // Upstream read buffer: allocated once the client program's socket is readable, sized to
+    // its reads, released when idle.
+    let mut buf = BytesMut::new();
+    let mut up_want = CLIENT_READ_MIN;
+    // Bytes moved either way at the last ping tick: none since means idle.
+    let mut moved_at_tick = u64::MAX;
     let mut live = Liveness::new(Instant::now(), conn.heartbeat);
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = BytesMut::with_capacity(CLIENT_READ);
     let mut flip = false;
     // `pend`: the part of the write buffer not yet taken by the client; `ready`: bytes read
     // into the other buffer, waiting their turn.
@@ -458,9 +496,6 @@ async fn run(
         let [b0, b1] = &mut *bufs;
         let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
         let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
-        if buf.capacity() < CLIENT_READ / 2 {
-            buf.reserve(CLIENT_READ);
-        }
         tokio::select! {
             // A fixed order: control first (cheap to poll, and never starved by a busy data
             // path), then delivery before reading more, so bytes just read are written while
@@ -506,6 +541,29 @@ async fn run(
                 }
             }
             _ = ping.tick() => {
+                // Idle for a whole tick: give the buffers back (issue 13, memory per idle
+                // connection). A busy connection keeps them.
+                let moved = conn.down.received() + conn.retained.end();
+                if moved == moved_at_tick && pend.is_empty() && ready.is_none() {
+                    bufs[0] = Vec::new();
+                    bufs[1] = Vec::new();
+                    // Empty already; its position must not outlive the buffer (the write
+                    // branch's slice is taken even while the branch is disabled).
+                    pend = 0..0;
+                    buf = BytesMut::new();
+                    up_want = CLIENT_READ_MIN;
+                    // Acknowledge what was delivered, so the server can drop its copy now rather
+                    // than after ACK_EVERY more bytes that may never come.
+                    let recv = conn.down.received();
+                    if recv > conn.acked {
+                        conn.acked = recv;
+                        let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                        if framed::write_msg(&mut s.w, &ack).await.is_err() {
+                            return session_broke(conn, "write failed");
+                        }
+                    }
+                }
+                moved_at_tick = moved;
                 let t = inner.started.elapsed().as_micros() as u64;
                 if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
                     return session_broke(conn, "write failed");
@@ -533,7 +591,18 @@ async fn run(
                     return End::Abort("client program closed its connection".into());
                 }
             },
-            r = cr.read_buf(&mut buf), if can_read => match r {
+            r = cr.readable(), if can_read => match r.and_then(|()| {
+                if buf.capacity() - buf.len() < up_want / 2 {
+                    buf.reserve(up_want);
+                }
+                let spare = buf.capacity() - buf.len();
+                let n = cr.try_read_buf(&mut buf)?;
+                if n >= spare {
+                    up_want = (up_want * 2).min(CLIENT_READ);
+                }
+                Ok(n)
+            }) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Ok(0) | Err(_) => {
                     // A reset from the client program is treated like its orderly end of input:
                     // the server application decides what to do with it.
@@ -543,8 +612,14 @@ async fn run(
                         return session_broke(conn, "write failed");
                     }
                 }
-                Ok(_) => {
-                    let chunk = buf.split().freeze();
+                Ok(n) => {
+                    let chunk = if n < COPY_BELOW {
+                        let c = bytes::Bytes::copy_from_slice(&buf);
+                        buf.clear();
+                        c
+                    } else {
+                        buf.split().freeze()
+                    };
                     conn.retained.push(chunk.clone());
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
                         return session_broke(conn, "write failed");
@@ -552,7 +627,7 @@ async fn run(
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
                 }
             },
-            f = s.reader.next_piece(rbuf), if ready.is_none() => {
+            f = s.reader.next_piece(rbuf, DOWN_READ), if ready.is_none() => {
                 live.on_receive(Instant::now());
                 match f {
                     Ok(Piece::Data(n)) => {

@@ -65,6 +65,13 @@ pub struct BenchArgs {
     /// Where the degrade plot goes (SVG).
     #[arg(long, default_value = "degrade.svg")]
     pub out: std::path::PathBuf,
+    /// Connections to open (scale).
+    #[arg(long, default_value_t = 1000)]
+    pub conns: u32,
+    /// The `mtcp` binary the cluster's processes run (scale; default: this one), e.g. an older
+    /// build to compare against.
+    #[arg(long)]
+    pub exe: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub pg: crate::pgbench::PgArgs,
 }
@@ -103,6 +110,9 @@ pub enum Which {
     /// `mtcp drain` of the serving server while a slow client reads: request to no connection
     /// left (--rounds drains, reader at --rate-mib).
     Drain,
+    /// Many idle keep-alive connections through one agent (--conns, 64 openers): connection
+    /// rate, memory per connection of every process, a drain of them all, one more GET each.
+    Scale,
     /// pgbench TPC-B direct, through PgBouncer and through the agent and the PostgreSQL
     /// front-end (two-phase commit off, on, on with moves every 200 ms); move latency.
     Pg,
@@ -253,6 +263,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         Which::Degrade => crate::labbench::degrade(&a, &dir).await,
         Which::Drain => drain(&a, &dir).await,
         Which::Pg => crate::pgbench::run(&a, &dir).await,
+        Which::Scale => crate::scalebench::scale(&a, &dir).await,
     };
     let _ = std::fs::remove_dir_all(&dir);
     r

@@ -15,3 +15,4 @@ pub mod pgdemo;
 pub mod pglocal;
 pub mod plot;
 pub mod relays;
+pub mod scalebench;

@@ -55,6 +55,9 @@ pub struct DrainReport {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
+    /// From the drain request until no connection with an agent was left (before the counts
+    /// settled).
+    pub empty_after: Duration,
 }
 
 /// How long the counts must stay the same after the last connection left before a drain is
@@ -72,6 +75,7 @@ pub async fn drain_server_report(
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
     let (first, mut st) = drain_until_empty(admin, key, id, timeout).await?;
+    let empty_after = t0.elapsed();
     let mut stable = Instant::now();
     while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -89,6 +93,7 @@ pub async fn drain_server_report(
         moved,
         ended: before.saturating_sub(moved + u64::from(st.detached)),
         kept_for_dead_agent: st.detached,
+        empty_after,
     })
 }
 

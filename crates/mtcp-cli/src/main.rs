@@ -410,6 +410,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         ..Limits::default()
     };
     let server = Server::bind(cluster, &a.id, limits).await?;
+    let _trimmer = mtcp::memory::spawn_trimmer();
     mtcp::app::run(server, app).await;
     Ok(())
 }
@@ -460,6 +461,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
     } else if a.token.token()?.is_some() {
         bail!("--admin-token(-file) without --admin");
     }
+    let _trimmer = mtcp::memory::spawn_trimmer();
     tracing::info!(listen = %a.listen, admin = ?a.admin, "agent ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

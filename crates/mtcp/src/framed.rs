@@ -73,10 +73,27 @@ fn eof_is_closed(e: io::Error) -> ChannelError {
     }
 }
 
+/// Smallest read (and what an idle reader holds): a few control messages or a small request fit.
+const MIN_READ: usize = 512;
+/// Largest read [`FrameReader::next`] asks for at once.
+const MAX_READ: usize = 256 << 10;
+/// Smallest buffer [`FrameReader::next_piece`] grows its `out` to.
+const MIN_PIECE_OUT: usize = 4 << 10;
+/// Largest read between frames in [`FrameReader::next_piece`] (payloads go straight to `out`).
+const MAX_PIECE_READ: usize = 16 << 10;
+
 /// Reads frames off a stream.
+///
+/// Its buffer is sized to the traffic: a read that fills the room it was given doubles the next
+/// one (up to 256 KiB), a read of less than a quarter of it shrinks it to about twice what
+/// came (at least 512 bytes), and once the buffer is
+/// empty a larger allocation is swapped for a small one. An idle connection holds 512 bytes here,
+/// not the 256 KiB reserved up front before (issue 13: ≈ 230 KiB per idle relayed connection).
 pub struct FrameReader<R> {
     r: R,
     buf: BytesMut,
+    /// How much the next read asks for (see the type's doc).
+    want: usize,
     dec: FrameDecoder,
     /// Payload bytes of the current data frame not yet returned by [`FrameReader::next_piece`].
     data_left: usize,
@@ -99,7 +116,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(r: R, max_frame: usize) -> Self {
         Self {
             r,
-            buf: BytesMut::with_capacity(256 << 10),
+            buf: BytesMut::new(),
+            want: MIN_READ,
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
             partial_since: None,
@@ -127,12 +145,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.partial_since = None;
                 return Ok(f);
             }
-            if self.buf.capacity() - self.buf.len() < 64 << 10 {
-                self.buf.reserve(256 << 10);
-            }
+            let spare = self.make_room(MAX_READ);
             let n = if self.buf.is_empty() {
                 self.partial_since = None;
-                self.r.read_buf(&mut self.buf).await?
+                let n = self.r.read_buf(&mut self.buf).await?;
+                self.adapt(n, spare, MAX_READ);
+                n
             } else {
                 let since = *self
                     .partial_since
@@ -140,7 +158,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let deadline = since + mtcp_proto::timing::frame_deadline(self.buf.len());
                 match tokio::time::timeout_at(deadline.into(), self.r.read_buf(&mut self.buf)).await
                 {
-                    Ok(r) => r?,
+                    Ok(r) => {
+                        let n = r?;
+                        self.adapt(n, spare, MAX_READ);
+                        n
+                    }
                     Err(_) => {
                         return Err(ChannelError::SlowSender {
                             received: self.buf.len(),
@@ -165,7 +187,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Like [`FrameReader::next`], but data payloads come out in pieces copied into `out`, and
     /// large payloads are read from the socket straight into `out`: no frame is buffered
     /// whole, nothing is compacted. Don't mix with `next` in the middle of a data frame.
-    pub async fn next_piece(&mut self, out: &mut [u8]) -> Result<Piece, ChannelError> {
+    ///
+    /// `out` is grown only when a data payload arrives, to the payload's size rounded up to a
+    /// power of two (at least 4 KiB, at most `max`): waiting for the next frame touches it
+    /// not, and a connection carrying small responses never holds large buffers.
+    pub async fn next_piece(
+        &mut self,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<Piece, ChannelError> {
         if self.mac.is_some() {
             // Authenticated channels carry control messages only, each checked whole.
             return Err(ChannelError::Unexpected(
@@ -174,6 +204,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         loop {
             if self.data_left > 0 {
+                let size = self
+                    .data_left
+                    .next_power_of_two()
+                    .clamp(MIN_PIECE_OUT.min(max), max.max(1));
+                if out.len() < size {
+                    out.resize(size, 0);
+                }
                 if !self.buf.is_empty() {
                     let n = self.data_left.min(self.buf.len()).min(out.len());
                     out[..n].copy_from_slice(&self.buf[..n]);
@@ -209,15 +246,45 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
             // Between frames, read little: payloads are better read straight into `out`.
-            if self.buf.capacity() - self.buf.len() < 4 << 10 {
-                self.buf.reserve(16 << 10);
-            }
-            let spare = (self.buf.capacity() - self.buf.len()).min(16 << 10);
+            let spare = self.make_room(MAX_PIECE_READ).min(MAX_PIECE_READ);
             let mut lim = (&mut self.r).take(spare as u64);
-            if lim.read_buf(&mut self.buf).await? == 0 {
+            let n = lim.read_buf(&mut self.buf).await?;
+            if n == 0 {
                 return Err(ChannelError::Closed);
             }
+            self.adapt(n, spare, MAX_PIECE_READ);
         }
+    }
+
+    /// Makes room for the next read of about `want` bytes (at most `max`); returns the room.
+    /// An empty buffer much larger than that is swapped for a small one, so memory a burst
+    /// needed goes back once the stream is quiet.
+    fn make_room(&mut self, max: usize) -> usize {
+        let want = self.want.min(max);
+        if self.buf.is_empty() && self.buf.capacity() > 2 * want {
+            self.buf = BytesMut::with_capacity(want);
+        } else if self.buf.capacity() - self.buf.len() < want / 2 {
+            self.buf.reserve(want);
+        }
+        self.buf.capacity() - self.buf.len()
+    }
+
+    /// Sizes the next read after one of `n` bytes into `spare` bytes of room.
+    fn adapt(&mut self, n: usize, spare: usize, max: usize) {
+        if n >= spare {
+            self.want = (self.want * 2).min(max);
+        } else if n < self.want / 4 {
+            // Down to about twice what came: a quiet stream (heartbeats) drops to the minimum
+            // at once, a reader that outpaces a busy sender settles where its reads land.
+            self.want = (n * 2)
+                .next_power_of_two()
+                .clamp(MIN_READ, (self.want / 2).max(MIN_READ));
+        }
+    }
+
+    /// Bytes allocated for the reader's buffer (tests of idle memory).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The next frame, which must be a control message, within `limit`.
@@ -250,6 +317,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             r,
             buf,
+            want: MIN_READ,
             dec: FrameDecoder::new(max_frame),
             data_left: 0,
             partial_since: None,
@@ -395,6 +463,76 @@ mod tests {
                 (x, y) => panic!("{x:?} vs {y:?}"),
             }
         }
+        w.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_buffer_grows_for_a_large_frame_and_shrinks_once_quiet() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, 4 << 20);
+        assert_eq!(
+            r.buffer_capacity(),
+            0,
+            "nothing allocated before data comes"
+        );
+        let big = Bytes::from((0..3 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+        let sent = big.clone();
+        let w = tokio::spawn(async move {
+            write_frames(&mut a, &[Out::Data(big)]).await.unwrap();
+            a
+        });
+        match r.next().await.unwrap() {
+            Frame::Data(d) => assert_eq!(d, sent),
+            other => panic!("{other:?}"),
+        }
+        let mut a = w.await.unwrap();
+        for t in 0..3 {
+            write_msg(&mut a, &Msg::Ping { t }).await.unwrap();
+            assert_eq!(
+                r.next_msg(Duration::from_secs(1)).await.unwrap(),
+                Msg::Ping { t }
+            );
+        }
+        assert!(
+            r.buffer_capacity() <= MIN_READ,
+            "idle reader holds {} bytes",
+            r.buffer_capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn pieces_grow_the_output_buffer_only_for_data() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, 4 << 20);
+        let mut out = Vec::new();
+        write_msg(&mut a, &Msg::Ping { t: 1 }).await.unwrap();
+        assert!(matches!(
+            r.next_piece(&mut out, 256 << 10).await.unwrap(),
+            Piece::Msg(Msg::Ping { t: 1 })
+        ));
+        assert!(out.is_empty(), "a control message needs no output buffer");
+        let small = Bytes::from_static(b"hello");
+        let large = Bytes::from(vec![9u8; 300 << 10]);
+        let items = [Out::Data(small.clone()), Out::Data(large.clone())];
+        let w = tokio::spawn(async move { write_frames(&mut a, &items).await.unwrap() });
+        let Piece::Data(n) = r.next_piece(&mut out, 256 << 10).await.unwrap() else {
+            panic!("expected data");
+        };
+        assert_eq!(&out[..n], &small[..]);
+        assert_eq!(
+            out.len(),
+            MIN_PIECE_OUT,
+            "a small payload gets a small buffer"
+        );
+        let mut got = Vec::new();
+        while got.len() < large.len() {
+            let Piece::Data(n) = r.next_piece(&mut out, 256 << 10).await.unwrap() else {
+                panic!("expected data");
+            };
+            got.extend_from_slice(&out[..n]);
+        }
+        assert_eq!(got, large);
+        assert_eq!(out.len(), 256 << 10, "grown to the cap, not past it");
         w.await.unwrap();
     }
 

@@ -12,6 +12,7 @@ pub mod conn;
 pub(crate) mod direct;
 mod eager;
 pub mod framed;
+pub mod memory;
 pub mod peer;
 mod replica;
 pub mod server;

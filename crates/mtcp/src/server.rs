@@ -698,7 +698,13 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                         return;
                     }
                 };
-                match crate::direct::adopt(tcp, &inner.cluster.fast_path, agent_uid).await {
+                match Box::pin(crate::direct::adopt(
+                    tcp,
+                    &inner.cluster.fast_path,
+                    agent_uid,
+                ))
+                .await
+                {
                     Ok(sock) => {
                         let d = DirectSock { sock, written: 0 };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
@@ -728,8 +734,9 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             // server's backups). The takeover itself is never cancelled: past the origin's
             // hand-over it is the only copy of the connection.
             let outcome = {
-                let fut = take_over(&inner, &m, tx);
-                tokio::pin!(fut);
+                // Boxed, as the other setup paths: the session's task then holds only what a
+                // live session needs (issue 13: memory per idle connection).
+                let mut fut = Box::pin(take_over(&inner, &m, tx));
                 // The first after one beat: a quick answer (a refusal, a move from a live
                 // origin) needs none.
                 let hb = inner.cluster.heartbeat;
@@ -769,11 +776,11 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             }
         }
         Msg::Watch { cid, epoch, token } => {
-            watch(&inner, reader, w, cid, epoch, token).await;
+            Box::pin(watch(&inner, reader, w, cid, epoch, token)).await;
             return;
         }
         Msg::Probe { t } => {
-            probe(&inner, reader, w, t).await;
+            Box::pin(probe(&inner, reader, w, t)).await;
             return;
         }
         other => {
