@@ -73,7 +73,12 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
         }
     };
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<MoveRequest>();
+    // Visible to `status` and `migrate` before the server may answer the client (it holds its
+    // output until KICK): a client that got an answer finds its connection listed.
     inner.register(id, conn.status.clone(), cmd_tx);
+    if let Err(e) = framed::write_msg(&mut session.1, &Msg::Kick).await {
+        tracing::warn!(conn = id, "KICK: {e}");
+    }
     tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "fast path: the server serves the client's connection");
     let outcome = loop {
         match run(&mut conn, &mut session, &mut cmd_rx).await {
@@ -120,7 +125,8 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
     }
 }
 
-/// Opens a session and hands the client's connection to its server.
+/// Opens a session and hands the client's connection to its server, which holds its output
+/// until the caller sends KICK (once the connection is registered).
 async fn hand_over(
     inner: &Arc<AgentInner>,
     id: u64,
@@ -190,9 +196,6 @@ async fn hand_over(
         }
     }
     drop(fence);
-    if let Err(e) = framed::write_msg(&mut w, &Msg::Kick).await {
-        tracing::warn!(conn = id, "KICK: {e}");
-    }
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     let status = Arc::new(Mutex::new(ConnStatus::live(
         wl.cid.to_string(),
