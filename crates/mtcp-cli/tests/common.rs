@@ -242,3 +242,18 @@ pub fn assert_lab_gone(tag: &str) {
         "lab {tag} left namespaces behind: {list}"
     );
 }
+
+/// Waits (at most 90 s) for a download through the agent and checks it arrived whole: status
+/// 200 and the body's digest equal to `want`.
+pub async fn assert_download_intact(
+    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>>,
+    want: &str,
+) {
+    let r = tokio::time::timeout(std::time::Duration::from_secs(90), dl)
+        .await
+        .expect("download finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.digest, want, "the live download was corrupted");
+}

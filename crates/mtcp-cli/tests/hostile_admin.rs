@@ -40,19 +40,6 @@ async fn live_download(
     panic!("the download did not start");
 }
 
-async fn assert_download_intact(
-    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>>,
-    want: &str,
-) {
-    let r = tokio::time::timeout(Duration::from_secs(90), dl)
-        .await
-        .expect("download finished")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(r.digest, want, "the live download was corrupted");
-}
-
 /// Runs `mtcp ARGS…` as uid/gid 65534 (a copy of the binary another user may execute);
 /// whether it succeeded and its stderr. Killed after 20 s.
 fn run_as_nobody(exe: &Path, args: &[&str]) -> (bool, String) {

@@ -58,19 +58,6 @@ async fn live_download(
     panic!("the download did not start");
 }
 
-async fn assert_download_intact(
-    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>>,
-    want: &str,
-) {
-    let r = tokio::time::timeout(Duration::from_secs(90), dl)
-        .await
-        .expect("download finished")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(r.digest, want, "the live download was corrupted");
-}
-
 /// Connections and detached states a server keeps.
 async fn kept(lc: &LocalCluster, id: &str) -> (u32, u32) {
     let s = lc.servers.iter().find(|s| s.id == id).unwrap();
