@@ -110,11 +110,11 @@ pub(crate) struct FastOut {
 }
 
 impl FastOut {
-    fn at(written: u64, held: bool) -> Self {
+    /// A socket that continues the downstream stream at `written`.
+    pub fn at(written: u64) -> Self {
         FastOut {
             written,
             trimmed: written,
-            held,
             ..Default::default()
         }
     }
@@ -222,8 +222,6 @@ pub(crate) struct Queues {
     cur: Option<Bytes>,
     /// Control messages to the agent (the session's writer).
     ctl: Option<mpsc::UnboundedSender<Out>>,
-    /// Downstream offset the socket continues at, until the pump runs (then `FastOut`).
-    written: u64,
     eof: bool,
     /// Until when output waits for KICK. The agent fences the client's flow while the
     /// connection has no socket; output sent before the fence is down would be answered by ACKs
@@ -238,12 +236,11 @@ pub(crate) struct Queues {
 const SNAP_EVERY: Duration = Duration::from_millis(100);
 
 impl Pump {
-    /// A pump for `sock`, which continues the downstream stream at `written`.
+    /// A pump for `sock`; the connection's [`FastOut`] says where its downstream stream is.
     pub fn new(
         sock: TcpStream,
         rx: mpsc::UnboundedReceiver<Out>,
         ctl: mpsc::UnboundedSender<Out>,
-        written: u64,
     ) -> Pump {
         Pump {
             sock: Arc::new(sock),
@@ -253,7 +250,6 @@ impl Pump {
                 pending: VecDeque::new(),
                 cur: None,
                 ctl: Some(ctl),
-                written,
                 eof: false,
                 held: Some(tokio::time::Instant::now() + HOLD_MAX),
             },
@@ -266,7 +262,7 @@ impl Pump {
         let kick = Arc::new(Notify::new());
         let sock = self.sock.clone();
         let mut st = shared.lock();
-        st.fast = FastOut::at(self.q.written, self.q.held.is_some());
+        st.fast.held = self.q.held.is_some();
         let task =
             tokio::spawn(self.run(shared.clone(), inner.clone(), stop.clone(), kick.clone()));
         st.direct = Some(DirectHandle {
@@ -474,11 +470,12 @@ impl Pump {
     ) -> Option<Pump> {
         let reason = format!("client connection failed: {e}");
         tracing::info!(cid = %shared.cid, "{reason}");
-        {
-            shared.lock().abort(reason, None);
-        }
+        let down_total = {
+            let mut st = shared.lock();
+            st.abort(reason, None);
+            st.fast.written
+        };
         inner.forget(shared.cid);
-        let down_total = shared.lock().fast.written;
         self.to_agent(Msg::Closed { down_total });
         self.q.ctl = None;
         None
@@ -511,15 +508,10 @@ impl Queues {
                 return;
             }
         };
-        let written = shared.lock().fast.written;
         let pump = Pump {
             sock: Arc::new(sock),
-            // The socket never left: its flow needs no kick to restart.
-            q: Queues {
-                held: None,
-                written,
-                ..self
-            },
+            // The socket never left (its `FastOut` holds on): its flow needs no kick to restart.
+            q: Queues { held: None, ..self },
         };
         pump.start(shared, inner);
     }

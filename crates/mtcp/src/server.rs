@@ -1275,7 +1275,8 @@ impl DirectSock {
         inner: &Arc<ServerInner>,
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        crate::direct::Pump::new(self.sock, rx, ctl_tx, self.written).start(shared, inner);
+        shared.lock().fast = crate::direct::FastOut::at(self.written);
+        crate::direct::Pump::new(self.sock, rx, ctl_tx).start(shared, inner);
         ctl_rx
     }
 }
