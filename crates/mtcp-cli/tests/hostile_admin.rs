@@ -202,21 +202,26 @@ async fn a_tcp_admin_endpoint_needs_its_token() {
     let admin = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
     let listen = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
 
+    // `mtcp agent` on the TCP admin address with `admin_args`, expected to refuse to start.
+    let try_agent = |admin_args: &[&std::ffi::OsStr]| {
+        tokio::task::block_in_place(|| {
+            Command::new(exe())
+                .args([
+                    "agent",
+                    "--connect",
+                    &lc.servers[0].data,
+                    "--listen",
+                    &listen,
+                ])
+                .args(["--admin", &admin])
+                .args(admin_args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
     // No token: the agent will not start.
-    let out = tokio::task::block_in_place(|| {
-        Command::new(exe())
-            .args([
-                "agent",
-                "--connect",
-                &lc.servers[0].data,
-                "--listen",
-                &listen,
-            ])
-            .args(["--admin", &admin])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
+    let out = try_agent(&[]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("needs") || e.contains("give a token"), "{e}");
@@ -225,21 +230,7 @@ async fn a_tcp_admin_endpoint_needs_its_token() {
     let loose = dir.path().join("loose.token");
     std::fs::write(&loose, &token).unwrap();
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = tokio::task::block_in_place(|| {
-        Command::new(exe())
-            .args([
-                "agent",
-                "--connect",
-                &lc.servers[0].data,
-                "--listen",
-                &listen,
-            ])
-            .args(["--admin", &admin, "--admin-token-file"])
-            .arg(&loose)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    });
+    let out = try_agent(&["--admin-token-file".as_ref(), loose.as_os_str()]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("chmod 600"), "{e}");
