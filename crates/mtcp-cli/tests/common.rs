@@ -257,3 +257,24 @@ pub async fn assert_download_intact(
     assert_eq!(r.status, 200);
     assert_eq!(r.digest, want, "the live download was corrupted");
 }
+
+/// A session on the data port `addr` opened with HELLO and the fast-path capability, as a probe
+/// that is not a real agent speaks it; its reader (1 MiB frames) and writer.
+pub async fn fast_path_hello(
+    addr: &str,
+) -> (
+    mtcp::framed::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    use mtcp::framed;
+    use mtcp::proto::wire::{self, Msg};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: wire::CAP_DIRECT,
+        orig_dst: None,
+    };
+    framed::write_msg(&mut w, &hello).await.unwrap();
+    (framed::FrameReader::new(r, 1 << 20), w)
+}

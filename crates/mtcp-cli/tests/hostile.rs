@@ -65,15 +65,7 @@ async fn migrate_raw(addr: &str, m: Migrate) -> (RefuseCode, String) {
 /// A fast-path HELLO on the data port of `addr`, then (after WELCOME) `adopt` as the client's
 /// connection; returns the refusal.
 async fn hello_direct(addr: &str, adopt: Option<Vec<u8>>) -> (RefuseCode, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    framed::exchange_preamble(&mut s).await.unwrap();
-    let (r, mut w) = s.into_split();
-    let hello = Msg::Hello {
-        caps: wire::CAP_DIRECT,
-        orig_dst: None,
-    };
-    framed::write_msg(&mut w, &hello).await.unwrap();
-    let mut r = FrameReader::new(r, 1 << 20);
+    let (mut r, mut w) = fast_path_hello(addr).await;
     let mut m = r.next_msg(Duration::from_secs(10)).await.unwrap();
     if let Some(a) = adopt {
         assert!(matches!(m, Msg::Welcome(_)), "expected WELCOME, got {m:?}");

@@ -9,13 +9,12 @@
 mod common;
 
 use common::*;
-use mtcp::framed::{self, FrameReader};
-use mtcp::proto::wire::{self, Msg};
+use mtcp::framed;
+use mtcp::proto::wire::Msg;
 use mtcp_cli::local::{LocalCluster, LocalOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// Where nothing listens; listed under `fast_path` all the same.
 const UNUSED_LISTED: &str = "127.0.0.1:9";
@@ -49,15 +48,7 @@ fn planted(local: &str, send: usize, recv: usize) -> mtcp_repair::TcpState {
 /// HELLO with the fast-path capability on `addr`, then (after a WELCOME) `adopt`; the answer
 /// that ends the exchange, as text.
 async fn try_adopt(addr: &str, adopt: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    framed::exchange_preamble(&mut s).await.unwrap();
-    let (r, mut w) = s.into_split();
-    let hello = Msg::Hello {
-        caps: wire::CAP_DIRECT,
-        orig_dst: None,
-    };
-    framed::write_msg(&mut w, &hello).await.unwrap();
-    let mut r = FrameReader::new(r, 1 << 20);
+    let (mut r, mut w) = fast_path_hello(addr).await;
     let m = r.next_msg(Duration::from_secs(10)).await;
     let m = match m {
         Ok(Msg::Welcome(_)) => {
