@@ -52,15 +52,11 @@ fn run_as_nobody(exe: &Path, args: &[&str]) -> (bool, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("setpriv");
-    let t0 = Instant::now();
-    while c.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("mtcp {args:?} as uid 65534 hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_child(
+        &mut c,
+        &format!("mtcp {args:?} as uid 65534"),
+        Duration::from_secs(20),
+    );
     let out = c.wait_with_output().unwrap();
     (
         out.status.success(),

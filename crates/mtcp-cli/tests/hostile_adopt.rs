@@ -14,7 +14,7 @@ use mtcp::proto::wire::Msg;
 use mtcp_cli::local::{LocalCluster, LocalOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where nothing listens; listed under `fast_path` all the same.
 const UNUSED_LISTED: &str = "127.0.0.1:9";
@@ -110,15 +110,7 @@ fn probe_as_nobody(dir: &std::path::Path, data: &str, local: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("setpriv");
-    let t0 = Instant::now();
-    while c.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("the probe as uid 65534 hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_child(&mut c, "the probe as uid 65534", Duration::from_secs(30));
     let out = c.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
