@@ -491,12 +491,12 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         None
     };
     let mut peers = Vec::new();
-    for start in [
-        (|to: &str, _: &std::path::Path| crate::relays::Relay::socat(to))
-            as fn(&str, &std::path::Path) -> Result<crate::relays::Relay>,
-        crate::relays::Relay::haproxy,
-    ] {
-        match tokio::task::block_in_place(|| start(&plain, dir)) {
+    for haproxy in [false, true] {
+        let started = tokio::task::block_in_place(|| match haproxy {
+            false => crate::relays::Relay::socat(&plain),
+            true => crate::relays::Relay::haproxy(&plain, dir),
+        });
+        match started {
             Ok(p) => {
                 download(&p.listen, size, &want).await?;
                 order.push(Path::Peer(peers.len()));

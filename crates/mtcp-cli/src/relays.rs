@@ -34,19 +34,14 @@ impl Relay {
     pub fn socat(to: &str) -> Result<Relay> {
         let bin = find("socat").context("socat is not installed")?;
         let port = crate::local::free_port();
-        let child = Command::new(bin)
-            .args([
-                "-b",
-                "262144",
-                &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"),
-                &format!("TCP:{to},nodelay"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting socat")?;
-        Relay::started("socat", port, child)
+        let mut c = Command::new(bin);
+        c.args([
+            "-b",
+            "262144",
+            &format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"),
+            &format!("TCP:{to},nodelay"),
+        ]);
+        Relay::start("socat", port, c)
     }
 
     /// HAProxy in TCP mode forwarding to `to`, with `splice-auto`; its configuration goes in
@@ -65,20 +60,19 @@ impl Relay {
             ),
         )?;
         // `-db`: in the foreground, so the child is the process that relays.
-        let child = Command::new(bin)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
+        let mut c = Command::new(bin);
+        c.arg("-db").arg("-f").arg(&cfg);
+        Relay::start("haproxy", port, c)
+    }
+
+    /// Runs `c` (its output discarded) and waits until it accepts connections on `port`.
+    fn start(name: &'static str, port: u16, mut c: Command) -> Result<Relay> {
+        let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting HAProxy")?;
-        Relay::started("haproxy", port, child)
-    }
-
-    /// Waits until the relay accepts connections on `port`.
-    fn started(name: &'static str, port: u16, child: Child) -> Result<Relay> {
+            .with_context(|| format!("starting {name}"))?;
         let mut r = Relay {
             name,
             listen: format!("127.0.0.1:{port}"),
