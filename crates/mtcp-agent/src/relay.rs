@@ -4,6 +4,7 @@
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
+use mtcp_proto::custody::{Lineage, Step};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
 use mtcp_proto::trigger::{Liveness, Rtt};
@@ -175,6 +176,10 @@ struct Conn {
     /// Round trips to the servers (PING/PONG of every session): bounds the wait on a
     /// candidate during a move.
     rtt: Rtt,
+    /// Eager mode: the epochs moved away from whose destination has not confirmed (COMMITTED)
+    /// that its backups hold the new one — fallbacks for a move nobody can take at the current
+    /// epoch (decision NN).
+    lineage: Lineage,
 }
 
 enum End {
@@ -444,6 +449,7 @@ async fn open(
         eager,
         policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
         rtt: Rtt::default(),
+        lineage: Lineage::default(),
     };
     let watch = watch_for(inner, &conn, addr);
     Ok((Session { reader, w, watch }, conn))
@@ -767,8 +773,11 @@ async fn on_msg(
             }
         }
         Msg::Committed { in_off, out_off } if conn.eager => {
+            // The current server's backups hold this point, hence its epoch: upstream before it
+            // and the epochs before this one are no longer needed.
             conn.retained.trim_to(in_off);
             conn.down.retain_from(out_off);
+            conn.lineage.confirmed();
         }
         Msg::Heartbeat => {}
         Msg::Pong { t } => {
@@ -833,7 +842,7 @@ async fn migrate(
     let from = conn.server.clone();
     let cands = candidates(&conn.alternates, &conn.server, to)?;
     tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating: {reason}");
-    let m = Migrate {
+    let mut m = Migrate {
         cid: conn.cid,
         epoch: conn.epoch,
         token: conn.token,
@@ -846,38 +855,28 @@ async fn migrate(
         segs: conn.down.finished(),
     };
     let mut refusals = Vec::new();
-    for cand in cands {
-        match try_resume(inner, conn, &cand, &m).await {
-            Ok(s) => {
-                let resumed_us = t0.elapsed().as_micros() as u64;
-                let idx = {
-                    let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-                    st.server = conn.server.clone();
-                    st.epoch = conn.epoch;
-                    st.migrations += 1;
-                    st.record(MigrationEvent {
-                        to: Some(conn.server.clone()),
-                        ok: true,
-                        resumed_us: Some(resumed_us),
-                        state_bytes: Some(conn.last_state_bytes),
-                        refusals: refusals.clone(),
-                        from_replica: conn.last_from_replica,
-                        ..MigrationEvent::new(inner.started, t0, from.clone(), reason)
-                    })
-                };
-                conn.awaiting_first_byte = Some((t0, idx));
-                tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
-                return Ok(Some(s));
-            }
-            Err(e) if e.starts_with(CLOSED_PREFIX) => {
-                tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
-                return Ok(None);
-            }
-            Err(e) => {
-                tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
-                refusals.push(format!("{}: {e}", cand.id));
+    loop {
+        for cand in &cands {
+            if let Some(r) = attempt(inner, conn, cand, &m, &from, reason, t0, &mut refusals).await
+            {
+                return r;
             }
         }
+        // Nobody could take the connection at this epoch. Eager mode: a destination that died
+        // before its backups held its epoch left it with its keepers (the server that handed
+        // it over, or the backup whose replica it claimed); ask again from the epoch before,
+        // whose keeper fences the dead destination's epoch and hands the state out again.
+        let Some(fb) = conn.lineage.fallback(m.epoch).cloned() else {
+            break;
+        };
+        tracing::warn!(conn = conn.id, cid = %conn.cid, epoch = m.epoch, "no server could take the connection at its epoch; retrying from epoch {} (unconfirmed move from {})", fb.epoch, fb.server);
+        refusals.push(format!(
+            "falling back to epoch {} of {}",
+            fb.epoch, fb.server
+        ));
+        m.epoch = fb.epoch;
+        m.token = fb.token;
+        m.origin = fb.server;
     }
     let why = refusals.join("; ");
     conn.status
@@ -892,6 +891,60 @@ async fn migrate(
     } else {
         why
     })
+}
+
+/// One MIGRATE to `cand`; `None`: refused (noted in `refusals`), try the next.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    inner: &Arc<AgentInner>,
+    conn: &mut Conn,
+    cand: &ServerInfo,
+    m: &Migrate,
+    from: &str,
+    reason: &str,
+    t0: Instant,
+    refusals: &mut Vec<String>,
+) -> Option<Result<Option<Session>, String>> {
+    match try_resume(inner, conn, cand, m).await {
+        Ok(s) => {
+            if conn.eager {
+                // Until the new server confirms, its keeper can hand the state out again.
+                conn.lineage.moved(Step {
+                    server: m.origin.clone(),
+                    epoch: m.epoch,
+                    token: m.token,
+                });
+            }
+            let resumed_us = t0.elapsed().as_micros() as u64;
+            let idx = {
+                let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.server = conn.server.clone();
+                st.epoch = conn.epoch;
+                st.migrations += 1;
+                st.record(MigrationEvent {
+                    to: Some(conn.server.clone()),
+                    ok: true,
+                    resumed_us: Some(resumed_us),
+                    state_bytes: Some(conn.last_state_bytes),
+                    refusals: refusals.clone(),
+                    from_replica: conn.last_from_replica,
+                    ..MigrationEvent::new(inner.started, t0, from.to_string(), reason)
+                })
+            };
+            conn.awaiting_first_byte = Some((t0, idx));
+            tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
+            Some(Ok(Some(s)))
+        }
+        Err(e) if e.starts_with(CLOSED_PREFIX) => {
+            tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
+            Some(Ok(None))
+        }
+        Err(e) => {
+            tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
+            refusals.push(format!("{}: {e}", cand.id));
+            None
+        }
+    }
 }
 
 /// Where to move, in order: the requested server, then the alternates in order, then the

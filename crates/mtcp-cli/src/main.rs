@@ -115,6 +115,12 @@ struct ServerArgs {
     /// segment's retransmission).
     #[arg(long, hide = true)]
     peer_loss_pct: Option<f64>,
+    /// Test hook: a destination waits this many ms between a finished takeover and its RESUMED.
+    #[arg(long, hide = true)]
+    hold_resumed_ms: Option<u64>,
+    /// Test hook: this server's pushes to its backups fail (its backups are cut off from it).
+    #[arg(long, hide = true)]
+    drop_pushes: bool,
     /// Test hook: the application scrambles its output with a key of this server's own (a
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
@@ -402,6 +408,8 @@ async fn server(a: ServerArgs) -> Result<()> {
         },
         probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
         peer_delay: Duration::from_millis(a.peer_delay_ms.unwrap_or(0)),
+        hold_resumed: Duration::from_millis(a.hold_resumed_ms.unwrap_or(0)),
+        drop_pushes: a.drop_pushes,
         peer_loss: match a.peer_loss_pct {
             Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
             Some(p) => bail!("--peer-loss-pct must be within 0–100, not {p}"),

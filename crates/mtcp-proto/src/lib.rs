@@ -11,6 +11,7 @@ pub mod adopt;
 pub mod auth;
 pub mod bounds;
 pub mod channel;
+pub mod custody;
 pub mod offsets;
 pub mod policy;
 pub mod record;

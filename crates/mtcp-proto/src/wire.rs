@@ -346,6 +346,13 @@ pub enum Msg {
         cid: Cid,
         epoch: u64,
     },
+    /// Keeper → a holder's backup (eager mode): claim `cid` at `epoch`, the epoch a silent or
+    /// dead destination would resume at, so it can never store or serve it
+    /// (`mtcp_proto::custody`). Answered as CLAIMREPLICA; unlike it, never supersedes a holder.
+    FenceEpoch {
+        cid: Cid,
+        epoch: u64,
+    },
 }
 
 /// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
@@ -564,6 +571,7 @@ mod tests {
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ClaimReplica { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::DropReplica { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
+            (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::FenceEpoch { cid, epoch }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),

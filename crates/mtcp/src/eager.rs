@@ -7,13 +7,20 @@
 //! connection over alive, first claims it at its backups; a destination taking it from a
 //! replica claims it there too; the backups grant one claim per epoch and refuse every older or
 //! claimed update, so an origin that comes back (SIGCONT) can change nothing.
+//!
+//! Custody (decision NN): whoever handed the state out — the origin, or the backup whose
+//! replica was claimed — keeps it until the destination confirms that its own backups hold the
+//! new epoch. A destination that dies, hangs or is given up on before that is superseded: its
+//! successor epoch is fenced at its backups ([`fence`]) and the state goes to the next
+//! candidate one epoch up (`mtcp_proto::custody`).
 
 use crate::config::ServerEntry;
 use crate::conn::{ConnState, Phase, Shared};
 use crate::framed::Out;
 use crate::peer;
-use crate::replica::Claimed;
+use crate::replica::{ClaimError, Claimed};
 use crate::server::{Fetch, ServerInner};
+use mtcp_proto::custody::{Custody, Fence};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
 use mtcp_proto::wire::{Migrate, Mode, Msg, RefuseCode};
 use mtcp_proto::StateRecord;
@@ -49,6 +56,25 @@ pub(crate) struct Repl {
     pub deferred: bool,
     /// When the backups were last updated (refreshed well within their TTL).
     pub at: Option<Instant>,
+    /// A taken-over connection's keepers, to be told they may forget the previous epoch once
+    /// the backups hold the new one *and* the agent has spoken on the new session (so it has
+    /// the new epoch: until then it may come back with the old one) (decision NN).
+    pub confirm: Option<Confirm>,
+    /// The agent has sent something on this session.
+    pub heard: bool,
+}
+
+/// The agent spoke on the session: if the backups already hold the epoch, tell the keepers.
+pub(crate) fn agent_heard(inner: &Arc<ServerInner>, st: &mut ConnState) {
+    if st.repl.heard {
+        return;
+    }
+    st.repl.heard = true;
+    if st.repl.committed.is_some() {
+        if let Some(c) = st.repl.confirm.take() {
+            c.send(inner);
+        }
+    }
 }
 
 /// Why a push failed.
@@ -61,6 +87,13 @@ pub(crate) struct PushError {
 
 /// Pushes an encoded record to every backup of this server; all must store it.
 pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), PushError> {
+    if inner.limits.drop_pushes {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        return Err(PushError {
+            fenced: false,
+            why: "test hook: pushes are dropped".into(),
+        });
+    }
     let backups = inner.cluster.backups(&inner.id);
     let mut errs = Vec::new();
     let mut fenced = false;
@@ -125,6 +158,12 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
                 st.repl.committed = Some(key);
                 st.repl.at = Some(Instant::now());
                 st.repl.retry_at = None;
+                if st.repl.heard {
+                    if let Some(c) = st.repl.confirm.take() {
+                        tracing::info!(cid = %shared.cid, epoch, "the new epoch is on the backups; its keepers may forget the previous one");
+                        c.send(&inner);
+                    }
+                }
                 st.send(Out::Msg(Msg::Committed {
                     in_off: key.1,
                     out_off: key.0,
@@ -225,16 +264,34 @@ pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant)
 
 /// The origin's side of a migration: freeze the connection and, in eager mode, claim it at the
 /// backups so that no destination can also take it from a replica.
+/// `to` is the destination asking. In eager mode the origin keeps the handed-over state in its
+/// custody until `to` confirms, and hands it again to the next destination asking for the same
+/// epoch once `to`'s successor epoch is fenced ([`rehand`]).
 pub(crate) async fn hand_over(
     inner: &Arc<ServerInner>,
     f: &Fetch,
+    to: &str,
 ) -> Result<crate::server::Frozen, Refusal> {
-    let rec = inner.freeze_local(f).await?;
+    let rec = match inner.freeze_local(f).await {
+        Ok(rec) => rec,
+        Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
+            return rehand(inner, f, to)
+                .await
+                .unwrap_or(Err((RefuseCode::UnknownConnection, why)));
+        }
+        Err(e) => return Err(e),
+    };
     if !eager(inner) {
         return Ok(rec);
     }
     for b in inner.cluster.backups(&inner.id) {
-        match peer::claim(inner, &b, f.cid, f.epoch).await {
+        // A plain fence: this origin keeps the custody itself.
+        let r = if b.id == inner.id {
+            plain_claim(inner, f.cid, f.epoch)
+        } else {
+            peer::fence(inner, &b, f.cid, f.epoch).await
+        };
+        match r {
             Ok(_) => {}
             Err((RefuseCode::OriginUnreachable, why)) => {
                 tracing::warn!(cid = %f.cid, "cannot fence backup: {why}");
@@ -245,7 +302,137 @@ pub(crate) async fn hand_over(
             }
         }
     }
+    if rec.tcp.is_none() {
+        inner
+            .custody
+            .keep(f.cid, Custody::new(f.epoch, to), &rec.rec);
+    }
     Ok(rec)
+}
+
+/// A FETCH for a connection this origin no longer serves: if it handed the connection over at
+/// that epoch and keeps it in custody, fence the holder's successor epoch and hand the state
+/// to `to` one epoch up. `None`: no custody here.
+async fn rehand(
+    inner: &Arc<ServerInner>,
+    f: &Fetch,
+    to: &str,
+) -> Option<Result<crate::server::Frozen, Refusal>> {
+    let seen = inner.custody.get(f.cid)?;
+    let next = match seen.successor(f.epoch) {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e)),
+    };
+    tracing::warn!(cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
+    let (fences, records) = fence(inner, f.cid, next, &seen.holder).await;
+    let r = inner.custody.supersede(f.cid, &seen, to, &fences, &records);
+    match &r {
+        Ok(rec) => {
+            tracing::info!(cid = %f.cid, to, label = rec.epoch, restart_at = rec.snap_out, "connection handed over again from custody")
+        }
+        Err(e) => tracing::warn!(cid = %f.cid, "cannot hand the connection over again: {}", e.1),
+    }
+    Some(r.map(|rec| crate::server::Frozen { rec, tcp: None }))
+}
+
+/// A claim at this server's own replica store that never supersedes (a fence).
+fn plain_claim(inner: &ServerInner, cid: mtcp_proto::Cid, epoch: u64) -> Result<Claimed, Refusal> {
+    inner
+        .replicas
+        .claim(cid, epoch, &inner.id, false)
+        .map_err(|e| match e {
+            ClaimError::Refused(r) => r,
+            ClaimError::Held(c) => (
+                RefuseCode::StaleEpoch,
+                format!("held by {} as epoch {}", c.holder, c.label),
+            ),
+        })
+}
+
+/// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim by this server), so
+/// `holder` can never store it — and so never confirm or serve it: a destination answers the
+/// agent only once its backups hold its epoch. Returns each backup's answer, with the record
+/// it had at that epoch.
+pub(crate) async fn fence(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    next: u64,
+    holder: &str,
+) -> (Vec<Fence>, Vec<Option<Vec<u8>>>) {
+    let mut fences = Vec::new();
+    let mut records = Vec::new();
+    for b in inner.cluster.backups(holder) {
+        let r = if b.id == inner.id {
+            plain_claim(inner, cid, next)
+        } else {
+            peer::fence(inner, &b, cid, next).await
+        };
+        let (f, rec) = match r {
+            Ok(Claimed::Nothing) => (Fence::Nothing, None),
+            Ok(Claimed::Record(bytes)) => match StateRecord::decode(&bytes) {
+                Ok(r) => (Fence::Record(r.snap_out, r.snap_in), Some(bytes)),
+                Err(_) => (Fence::Refused(RefuseCode::Internal), None),
+            },
+            Err((RefuseCode::OriginUnreachable, _)) => (Fence::Unreachable, None),
+            Err((code, why)) => {
+                tracing::warn!(%cid, backup = %b.id, "fence of epoch {next} refused: {why}");
+                (Fence::Refused(code), None)
+            }
+        };
+        fences.push(f);
+        records.push(rec);
+    }
+    (fences, records)
+}
+
+/// A claim at this server's replica store by `by` (a destination taking a connection from a
+/// replica). If another destination holds the entry (it took the replica and has not
+/// confirmed its new epoch), its successor epoch is fenced first and the entry goes to `by`
+/// one epoch up: a destination that died or was given up on does not block the next.
+pub(crate) async fn claim_here(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+    by: &str,
+) -> Result<Claimed, Refusal> {
+    match inner.replicas.claim(cid, epoch, by, true) {
+        Ok(c) => Ok(c),
+        Err(ClaimError::Refused(r)) => Err(r),
+        Err(ClaimError::Held(seen)) => {
+            let next = seen.successor(epoch)?;
+            tracing::warn!(%cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
+            let (fences, records) = fence(inner, cid, next, &seen.holder).await;
+            inner.replicas.supersede(cid, &seen, by, &fences, &records)
+        }
+    }
+}
+
+/// Where a destination confirms, once its backups hold its new epoch, that the keepers of the
+/// state it took may forget it: the origin it fetched from and the backups it claimed at.
+#[derive(Debug, Default)]
+pub(crate) struct Confirm {
+    pub cid: Option<mtcp_proto::Cid>,
+    /// The epoch the agent's MIGRATE named (the keepers' custody epoch).
+    pub epoch: u64,
+    pub to: Vec<ServerEntry>,
+}
+
+impl Confirm {
+    /// Sends DROPREPLICA to every keeper, in the background.
+    pub(crate) fn send(self, inner: &Arc<ServerInner>) {
+        let Some(cid) = self.cid else { return };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            for k in self.to {
+                if k.id == inner.id {
+                    inner.replicas.drop_upto(cid, self.epoch, &inner.id);
+                    inner.custody.confirmed(cid, self.epoch, &inner.id);
+                } else {
+                    peer::drop_replica(&inner, &k, cid, self.epoch).await;
+                }
+            }
+        });
+    }
 }
 
 /// Claims this destination made (or may have made: the answer was lost) at backups during a
@@ -255,27 +442,23 @@ pub(crate) async fn hand_over(
 pub(crate) struct Claims {
     cid: Option<mtcp_proto::Cid>,
     epoch: u64,
-    at: Vec<ServerEntry>,
+    pub(crate) at: Vec<ServerEntry>,
 }
 
 impl Claims {
-    /// Withdraws every claim, in the background (best effort: a backup that cannot be reached
-    /// keeps the claim; the connection then needs that backup's other copies or the origin).
-    pub(crate) fn release(self, inner: &Arc<ServerInner>) {
+    /// Withdraws every claim before the refusal goes out, so the agent's next candidate finds
+    /// the entries free (best effort, bounded by one answer bound per backup: a backup that
+    /// cannot be reached keeps the claim, and the next candidate supersedes it).
+    pub(crate) async fn release(self, inner: &Arc<ServerInner>) {
         let Some(cid) = self.cid else { return };
-        if self.at.is_empty() {
-            return;
-        }
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            for b in self.at {
-                if b.id == inner.id {
-                    inner.replicas.release(cid, self.epoch, &inner.id);
-                } else {
-                    peer::release(&inner, &b, cid, self.epoch).await;
-                }
+        for b in self.at {
+            if b.id == inner.id {
+                inner.replicas.release(cid, self.epoch, &inner.id);
+            } else {
+                let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&b.id));
+                let _ = tokio::time::timeout(t, peer::release(inner, &b, cid, self.epoch)).await;
             }
-        });
+        }
     }
 }
 
@@ -298,7 +481,7 @@ pub(crate) async fn take_from_replica(
         Ok((rec, n)) => Ok((rec, n, claims)),
         Err(e) => {
             tracing::warn!(cid = %m.cid, epoch = m.epoch, "takeover from a replica failed ({:?}: {}); releasing its claims", e.0, e.1);
-            claims.release(inner);
+            claims.release(inner).await;
             Err(e)
         }
     }
@@ -316,7 +499,7 @@ async fn claim_and_build(
     let mut unreachable = Vec::new();
     for b in &backups {
         let r = if b.id == inner.id {
-            inner.replicas.claim(m.cid, m.epoch, &inner.id)
+            claim_here(inner, m.cid, m.epoch, &inner.id).await
         } else {
             peer::claim(inner, b, m.cid, m.epoch).await
         };
@@ -326,15 +509,16 @@ async fn claim_and_build(
                 claims.at.push(b.clone());
                 let rec = StateRecord::decode(&bytes)
                     .map_err(|e| (RefuseCode::Internal, format!("replica at {}: {e}", b.id)))?;
-                if rec.cid != m.cid || rec.epoch != m.epoch {
+                // A record labelled past the MIGRATE's epoch: a silent holder was superseded.
+                if rec.cid != m.cid || rec.epoch < m.epoch {
                     return Err((
                         RefuseCode::Internal,
                         format!("backup {} sent the replica of another connection", b.id),
                     ));
                 }
-                let newer = best
-                    .as_ref()
-                    .is_none_or(|(r, _)| (rec.snap_out, rec.snap_in) > (r.snap_out, r.snap_in));
+                let newer = best.as_ref().is_none_or(|(r, _)| {
+                    (rec.epoch, rec.snap_out, rec.snap_in) > (r.epoch, r.snap_out, r.snap_in)
+                });
                 if newer {
                     best = Some((rec, bytes.len() as u64));
                 }
@@ -383,20 +567,23 @@ async fn claim_and_build(
 /// RESUMED, so the connection survives this server from its first byte here (decision 32: the
 /// move is not finished before the new epoch's restart point is on every backup). Tried again
 /// and again, each attempt bounded by the measured round trip to the backup, for up to
-/// [`mtcp_proto::timing::protect_bound`] (at least 3 s); only a backup that stays unreachable
-/// that long leaves the connection unprotected (logged) until the regular pushes reach it.
-/// Returns `(out_off, in_off)` of what the backups hold, or `None` when nothing was pushed.
+/// [`mtcp_proto::timing::protect_bound`] (at least 3 s); a backup that stays unreachable that
+/// long leaves the new epoch unconfirmed: the state stays in its keepers' custody and the
+/// agent keeps upstream from the last confirmed point (decision NN) until the regular pushes
+/// reach a backup. Returns `(out_off, in_off)` of what the backups hold, or `None` when
+/// nothing was pushed; an error when a backup refuses the epoch: another destination
+/// superseded this one (it fenced this epoch), which must then not resume.
 pub(crate) async fn protect_takeover(
     inner: &Arc<ServerInner>,
     rec: &StateRecord,
     epoch: u64,
-) -> Option<(u64, u64)> {
+) -> Result<Option<(u64, u64)>, Refusal> {
     if !eager(inner) {
-        return None;
+        return Ok(None);
     }
     if rec.tail.len() > MAX_REPLICA_TAIL {
-        tracing::warn!(cid = %rec.cid, "the taken-over connection's tail ({} bytes) exceeds the replica limit; unprotected until its next snapshot is pushed", rec.tail.len());
-        return None;
+        tracing::warn!(cid = %rec.cid, "the taken-over connection's tail ({} bytes) exceeds the replica limit; unconfirmed until its next snapshot is pushed", rec.tail.len());
+        return Ok(None);
     }
     let snap = Snap {
         state: rec.snapshot.clone(),
@@ -449,11 +636,14 @@ pub(crate) async fn protect_takeover(
                     if tries > 1 {
                         tracing::info!(cid = %rec.cid, tries, took = ?t0.elapsed(), "taken-over connection protected on its backups");
                     }
-                    return Some((rec.snap_out, rec.snap_in));
+                    return Ok(Some((rec.snap_out, rec.snap_in)));
                 }
                 Ok(Err(e)) if e.fenced => {
-                    tracing::error!(cid = %rec.cid, "a backup refuses the taken-over connection's new epoch: {}", e.why);
-                    return None;
+                    tracing::warn!(cid = %rec.cid, epoch, "a backup refuses the taken-over connection's new epoch (superseded): {}", e.why);
+                    return Err((
+                        RefuseCode::StaleEpoch,
+                        format!("epoch {epoch} was fenced by the next destination: {}", e.why),
+                    ));
                 }
                 Ok(Err(e)) => {
                     last = e.why;
@@ -467,8 +657,8 @@ pub(crate) async fn protect_takeover(
     if last.is_empty() {
         last = format!("{tries} overlapping attempt(s) unanswered");
     }
-    tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unprotected until the next snapshot is pushed");
-    None
+    tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unconfirmed (its keepers and the agent keep the previous restart point) until a push reaches them");
+    Ok(None)
 }
 
 /// The connection ended in order at `epoch`: the backups may forget it.

@@ -9,6 +9,7 @@ mod admission;
 pub mod app;
 pub mod config;
 pub mod conn;
+mod custody;
 pub(crate) mod direct;
 mod eager;
 pub mod framed;

@@ -345,15 +345,38 @@ pub(crate) async fn replicate(
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
 /// An unreachable backup is `OriginUnreachable`. The answer is waited for an RTT-derived
 /// bound ([`mtcp_proto::timing::answer_bound`]): a claim granted but given up on would fence
-/// the connection for nobody (such a claim is released, see [`release`]).
+/// the connection for nobody (such a claim is released, see [`release`]). Twice that bound:
+/// a backup may first have to fence a silent holder at that holder's backups
+/// ([`crate::eager::claim_here`]).
 pub(crate) async fn claim(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
 ) -> Result<Claimed, (RefuseCode, String)> {
+    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
+    claim_msg(inner, to, &Msg::ClaimReplica { cid, epoch }, t).await
+}
+
+/// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim that never
+/// supersedes (see [`crate::eager::fence`]). Answered as [`claim`].
+pub(crate) async fn fence(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    cid: Cid,
+    epoch: u64,
+) -> Result<Claimed, (RefuseCode, String)> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
-    match call(inner, to, &Msg::ClaimReplica { cid, epoch }, t, t).await {
+    claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
+}
+
+async fn claim_msg(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    m: &Msg,
+    t: Duration,
+) -> Result<Claimed, (RefuseCode, String)> {
+    match call(inner, to, m, t, t).await {
         Ok(Msg::State(b)) if b.is_empty() => Ok(Claimed::Nothing),
         Ok(Msg::State(b)) => Ok(Claimed::Record(b)),
         Ok(Msg::Refused { code, reason }) => Err((code, format!("backup {}: {reason}", to.id))),
@@ -523,7 +546,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     sum_from,
                     down_sum,
                 };
-                match crate::eager::hand_over(&inner, &f).await {
+                match crate::eager::hand_over(&inner, &f, &from).await {
                     Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
                     Ok(Frozen {
                         rec,
@@ -546,14 +569,29 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     Msg::Refused { code, reason }
                 }
             },
-            Ok(Msg::ClaimReplica { cid, epoch }) => match inner.replicas.claim(cid, epoch, &from) {
-                Ok(Claimed::Record(b)) => {
-                    tracing::info!(%cid, epoch, by = %from, "replica claimed");
-                    Msg::State(b)
+            Ok(Msg::ClaimReplica { cid, epoch }) => {
+                match crate::eager::claim_here(&inner, cid, epoch, &from).await {
+                    Ok(Claimed::Record(b)) => {
+                        tracing::info!(%cid, epoch, by = %from, "replica claimed");
+                        Msg::State(b)
+                    }
+                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
+                    Err((code, reason)) => Msg::Refused { code, reason },
                 }
-                Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                Err((code, reason)) => Msg::Refused { code, reason },
-            },
+            }
+            Ok(Msg::FenceEpoch { cid, epoch }) => {
+                match inner.replicas.claim(cid, epoch, &from, false) {
+                    Ok(Claimed::Record(b)) => {
+                        tracing::info!(%cid, epoch, by = %from, "epoch fenced (its replica handed to the keeper)");
+                        Msg::State(b)
+                    }
+                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
+                    Err(e) => Msg::Refused {
+                        code: e.code(),
+                        reason: format!("epoch {epoch} of {cid} is already claimed ({e:?})"),
+                    },
+                }
+            }
             Ok(Msg::ReleaseClaim { cid, epoch }) => {
                 if inner.replicas.release(cid, epoch, &from) {
                     tracing::info!(%cid, epoch, by = %from, "claim released (the takeover failed)");
@@ -567,7 +605,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
             // A keep-warm probe (see [`keep_warm`]): answered at once.
             Ok(Msg::Ping { t }) => Msg::Pong { t },
             Ok(Msg::DropReplica { cid, epoch }) => {
-                inner.replicas.drop_upto(cid, epoch);
+                inner.replicas.drop_upto(cid, epoch, &from);
+                inner.custody.confirmed(cid, epoch, &from);
                 Msg::ReplicaStored {
                     cid,
                     epoch,

@@ -6,10 +6,14 @@
 //! the origin handing the connection over alive) wins, every later claim and every update from
 //! an older or claimed epoch is refused. A claimed entry keeps its record: a destination whose
 //! takeover fails before it served anything *releases* its claim (RELEASECLAIM), and the entry
-//! is claimable again with the same record (decision 32). Memory is bounded (`max_bytes`) and
-//! entries not refreshed for `ttl` are forgotten.
+//! is claimable again with the same record (decision 32). A destination's claim is also the
+//! backup's *custody* of the record (`mtcp_proto::custody`, decision NN): a later claim at the
+//! same epoch is refused only until the holder's successor epoch is fenced at the holder's
+//! backups ([`ReplicaStore::supersede`]); then the record goes to the new claimer one epoch
+//! up. Memory is bounded (`max_bytes`) and entries not refreshed for `ttl` are forgotten.
 
-use mtcp_proto::stream::Refusal;
+use mtcp_proto::custody::{Custody, Fence, Handout};
+use mtcp_proto::stream::{Refusal, ServerStream, Snap};
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
 use std::collections::HashMap;
@@ -27,6 +31,15 @@ struct Entry {
     out_off: u64,
     /// Who claimed it, if it is claimed (only that server may release the claim).
     claimer: Option<String>,
+    /// The server whose replica this is ("" for a tombstone). Its own claim (an origin handing
+    /// the connection over alive) is a plain fence: the origin keeps the custody then.
+    origin: String,
+    /// The epoch the record is handed out as: `epoch`, or higher once a holder was superseded
+    /// (the claimer resumes at `label + 1`).
+    label: u64,
+    /// The claim is a destination's takeover (not the origin's hand-over fence, nor a keeper's
+    /// fence): this backup keeps the custody, and the claim can be superseded.
+    custody: bool,
     from: String,
     updated: Instant,
 }
@@ -40,10 +53,59 @@ impl Entry {
 /// What a successful claim hands over.
 #[derive(Debug)]
 pub enum Claimed {
-    /// The newest replica at the claimed epoch (encoded record).
+    /// The newest replica at the claimed epoch (encoded record; its epoch is the label the
+    /// claimer resumes one past, higher than the claimed one after a supersede).
     Record(Vec<u8>),
     /// No replica at that epoch; the claim is recorded all the same.
     Nothing,
+}
+
+/// Why a claim was not granted.
+#[derive(Debug)]
+pub enum ClaimError {
+    Refused(Refusal),
+    /// Another destination holds it: granted once its successor epoch is fenced
+    /// ([`ReplicaStore::supersede`]).
+    Held(Custody),
+}
+
+impl ClaimError {
+    /// The refusal code a plain claim answers with.
+    pub fn code(&self) -> RefuseCode {
+        match self {
+            ClaimError::Refused((c, _)) => *c,
+            ClaimError::Held(_) => RefuseCode::StaleEpoch,
+        }
+    }
+}
+
+impl From<Refusal> for ClaimError {
+    fn from(r: Refusal) -> Self {
+        ClaimError::Refused(r)
+    }
+}
+
+/// `bytes` (an encoded record, or empty for "nothing": the implicit start of a new connection)
+/// of the entry at `epoch`, handed out as epoch `label`.
+fn labelled(cid: Cid, bytes: &[u8], epoch: u64, label: u64) -> Claimed {
+    if bytes.is_empty() {
+        if label == epoch {
+            return Claimed::Nothing;
+        }
+        let start = Snap {
+            state: None,
+            in_off: 0,
+            out_off: 0,
+        };
+        return Claimed::Record(ServerStream::replica_record(cid, label, &start).encode());
+    }
+    match StateRecord::decode(bytes) {
+        Ok(mut r) if r.epoch != label => {
+            r.epoch = label;
+            Claimed::Record(r.encode())
+        }
+        _ => Claimed::Record(bytes.to_vec()),
+    }
 }
 
 pub(crate) struct ReplicaStore {
@@ -96,6 +158,9 @@ impl ReplicaStore {
             out_off: rec.snap_out,
             rec: bytes,
             claimer: None,
+            origin: from.to_string(),
+            label: rec.epoch,
+            custody: false,
             from: from.to_string(),
             updated: Instant::now(),
         };
@@ -116,36 +181,51 @@ impl ReplicaStore {
         Ok(out)
     }
 
-    /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds.
-    pub fn claim(&self, cid: Cid, epoch: u64, by: &str) -> Result<Claimed, Refusal> {
+    /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds. An
+    /// entry another destination claimed is [`ClaimError::Held`] when `supersede` is set (see
+    /// [`ReplicaStore::supersede`]); a fence (`supersede` false) never supersedes.
+    pub fn claim(
+        &self,
+        cid: Cid,
+        epoch: u64,
+        by: &str,
+        supersede: bool,
+    ) -> Result<Claimed, ClaimError> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
         if let Some(e) = map.get_mut(&cid) {
             if e.epoch > epoch {
-                return Err((
+                return Err(ClaimError::Refused((
                     RefuseCode::StaleEpoch,
                     format!("connection {cid} is at epoch {} here, not {epoch}", e.epoch),
-                ));
+                )));
             }
             if e.epoch == epoch {
-                if e.claimed() {
-                    return Err((
-                        RefuseCode::StaleEpoch,
-                        format!(
-                            "connection {cid} at epoch {epoch} was already taken over ({})",
-                            e.from
-                        ),
-                    ));
+                match &e.claimer {
+                    Some(holder) if supersede && e.custody => {
+                        return Err(ClaimError::Held(Custody {
+                            epoch,
+                            holder: holder.clone(),
+                            label: e.label,
+                        }));
+                    }
+                    Some(_) => {
+                        return Err(ClaimError::Refused((
+                            RefuseCode::StaleEpoch,
+                            format!(
+                                "connection {cid} at epoch {epoch} was already taken over ({})",
+                                e.from
+                            ),
+                        )));
+                    }
+                    None => {}
                 }
                 e.claimer = Some(by.to_string());
+                e.custody = supersede && by != e.origin;
                 e.updated = Instant::now();
                 e.from = format!("claimed by {by}");
                 // The record stays (charged) so a released claim can hand it out again.
-                return Ok(if e.rec.is_empty() {
-                    Claimed::Nothing
-                } else {
-                    Claimed::Record(e.rec.clone())
-                });
+                return Ok(labelled(cid, &e.rec, e.epoch, e.label));
             }
         }
         // No entry, or one from an older epoch: leave a claimed tombstone.
@@ -156,12 +236,64 @@ impl ReplicaStore {
             in_off: 0,
             out_off: 0,
             claimer: Some(by.to_string()),
+            origin: String::new(),
+            label: epoch,
+            custody: supersede,
             from: format!("claimed by {by}"),
             updated: Instant::now(),
         };
         *used = *used - old + Self::charge(&t);
         map.insert(cid, t);
         Ok(Claimed::Nothing)
+    }
+
+    /// After [`ClaimError::Held`]: the holder's successor epoch was fenced at its backups,
+    /// which answered `fences` (with the records they had, same order). Hands the entry to
+    /// `by` one epoch up — its own record or the holder's newer one — if the entry is still
+    /// held as `seen` (else the claim is tried anew by the caller's next attempt: refused).
+    pub fn supersede(
+        &self,
+        cid: Cid,
+        seen: &Custody,
+        by: &str,
+        fences: &[Fence],
+        records: &[Option<Vec<u8>>],
+    ) -> Result<Claimed, Refusal> {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = g.0.get_mut(&cid) else {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("connection {cid}: its replica went away meanwhile"),
+            ));
+        };
+        let mut c = Custody {
+            epoch: e.epoch,
+            holder: e.claimer.clone().unwrap_or_default(),
+            label: e.label,
+        };
+        if c != *seen {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!(
+                    "connection {cid} at epoch {} changed hands meanwhile ({})",
+                    seen.epoch, e.from
+                ),
+            ));
+        }
+        let (what, label) = c.supersede(by, fences)?;
+        e.claimer = Some(c.holder);
+        e.label = label;
+        e.updated = Instant::now();
+        e.from = format!("claimed by {by}, superseding {}", seen.holder);
+        Ok(match what {
+            Handout::Kept => labelled(cid, &e.rec, e.epoch, label),
+            Handout::Successor(i) => labelled(
+                cid,
+                records.get(i).and_then(|r| r.as_deref()).unwrap_or(&e.rec),
+                e.epoch,
+                label,
+            ),
+        })
     }
 
     /// `by` withdraws its claim on `cid` at `epoch` (its takeover failed before it served
@@ -181,12 +313,14 @@ impl ReplicaStore {
     }
 
     /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
-    pub fn drop_upto(&self, cid: Cid, epoch: u64) {
+    /// Sent by `by`: a claimed entry is forgotten only when `by` holds it (a destination
+    /// confirming that its own backups now hold its new epoch, decision NN).
+    pub fn drop_upto(&self, cid: Cid, epoch: u64, by: &str) {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
         if map
             .get(&cid)
-            .is_some_and(|e| e.epoch <= epoch && !e.claimed())
+            .is_some_and(|e| e.epoch <= epoch && e.claimer.as_deref().is_none_or(|c| c == by))
         {
             let e = map.remove(&cid).expect("present");
             *used -= Self::charge(&e);
@@ -242,12 +376,12 @@ mod tests {
         s.store("s1", rec(1, 3, 100)).unwrap();
         // An older update arriving late does not replace the newer record.
         assert_eq!(s.store("s1", rec(1, 3, 50)).unwrap().2, 100);
-        let Claimed::Record(r) = s.claim(Cid([1; 16]), 3, "s2").unwrap() else {
+        let Claimed::Record(r) = s.claim(Cid([1; 16]), 3, "s2", false).unwrap() else {
             panic!("expected the record")
         };
         assert_eq!(StateRecord::decode(&r).unwrap().snap_out, 100);
         assert_eq!(
-            s.claim(Cid([1; 16]), 3, "s3").unwrap_err().0,
+            s.claim(Cid([1; 16]), 3, "s3", false).unwrap_err().code(),
             RefuseCode::StaleEpoch
         );
         // The old origin wakes up and replicates again: refused.
@@ -258,20 +392,20 @@ mod tests {
         // The new owner's epoch replaces the fence.
         s.store("s2", rec(1, 4, 300)).unwrap();
         assert_eq!(
-            s.claim(Cid([1; 16]), 3, "s3").unwrap_err().0,
+            s.claim(Cid([1; 16]), 3, "s3", false).unwrap_err().code(),
             RefuseCode::StaleEpoch
         );
         // A release by anyone but the claimer, or for another epoch, changes nothing.
         assert!(!s.release(Cid([1; 16]), 3, "s2"));
         assert!(!s.release(Cid([1; 16]), 4, "s3"));
-        assert!(s.claim(Cid([1; 16]), 4, "s1").is_ok());
+        assert!(s.claim(Cid([1; 16]), 4, "s1", false).is_ok());
         assert!(!s.release(Cid([1; 16]), 4, "s3"));
         // A claim with nothing stored leaves a tombstone that still fences.
         assert!(matches!(
-            s.claim(Cid([2; 16]), 0, "s2").unwrap(),
+            s.claim(Cid([2; 16]), 0, "s2", false).unwrap(),
             Claimed::Nothing
         ));
-        assert!(s.claim(Cid([2; 16]), 0, "s3").is_err());
+        assert!(s.claim(Cid([2; 16]), 0, "s3", false).is_err());
         assert!(s.store("s1", rec(2, 0, 10)).is_err());
     }
 
@@ -280,30 +414,108 @@ mod tests {
         let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
         let cid = Cid([7; 16]);
         s.store("s3", rec(7, 5, 100)).unwrap();
-        let Claimed::Record(first) = s.claim(cid, 5, "s1").unwrap() else {
+        let Claimed::Record(first) = s.claim(cid, 5, "s1", false).unwrap() else {
             panic!("expected the record")
         };
         // While s1 holds the claim: nobody else gets it, the origin cannot update it.
-        assert_eq!(s.claim(cid, 5, "s2").unwrap_err().0, RefuseCode::StaleEpoch);
+        assert_eq!(
+            s.claim(cid, 5, "s2", false).unwrap_err().code(),
+            RefuseCode::StaleEpoch
+        );
         assert!(s.store("s3", rec(7, 5, 200)).is_err());
         // s2 cannot release s1's claim.
         assert!(!s.release(cid, 5, "s2"));
         // s1's takeover failed: it withdraws, and s2 gets the very same record.
         assert!(s.release(cid, 5, "s1"));
         assert!(!s.release(cid, 5, "s1"), "a release is not repeated");
-        let Claimed::Record(second) = s.claim(cid, 5, "s2").unwrap() else {
+        let Claimed::Record(second) = s.claim(cid, 5, "s2", false).unwrap() else {
             panic!("expected the record")
         };
         assert_eq!(first, second);
         // A late release by s1 (after s2's claim) is ignored: exactly one owner per epoch.
         assert!(!s.release(cid, 5, "s1"));
-        assert_eq!(s.claim(cid, 5, "s1").unwrap_err().0, RefuseCode::StaleEpoch);
+        assert_eq!(
+            s.claim(cid, 5, "s1", false).unwrap_err().code(),
+            RefuseCode::StaleEpoch
+        );
         // A released tombstone (no record) is claimable again too.
         let t = Cid([8; 16]);
-        assert!(matches!(s.claim(t, 2, "s1").unwrap(), Claimed::Nothing));
+        assert!(matches!(
+            s.claim(t, 2, "s1", false).unwrap(),
+            Claimed::Nothing
+        ));
         assert!(s.release(t, 2, "s1"));
-        assert!(matches!(s.claim(t, 2, "s2").unwrap(), Claimed::Nothing));
-        assert!(s.claim(t, 2, "s3").is_err());
+        assert!(matches!(
+            s.claim(t, 2, "s2", false).unwrap(),
+            Claimed::Nothing
+        ));
+        assert!(s.claim(t, 2, "s3", false).is_err());
+    }
+
+    #[test]
+    fn a_held_claim_is_superseded_only_after_the_holders_next_epoch_is_fenced() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([9; 16]);
+        s.store("s3", rec(9, 5, 100)).unwrap();
+        // s1 takes the replica (s3 is dead) and will resume at 6.
+        assert!(matches!(
+            s.claim(cid, 5, "s1", true).unwrap(),
+            Claimed::Record(_)
+        ));
+        // s1 goes silent; the agent asks s2: held by s1, whose epoch 6 must be fenced first.
+        let Err(ClaimError::Held(c)) = s.claim(cid, 5, "s2", true) else {
+            panic!("expected the custody")
+        };
+        assert_eq!(c, Custody::new(5, "s1"));
+        assert_eq!(c.successor(5).unwrap(), 6);
+        // A fence (or any plain claim) never supersedes.
+        assert_eq!(
+            s.claim(cid, 5, "s2", false).unwrap_err().code(),
+            RefuseCode::StaleEpoch
+        );
+        // The fence could reach none of s1's backups: nothing changes hands.
+        assert!(s
+            .supersede(cid, &c, "s2", &[Fence::Unreachable], &[None])
+            .is_err());
+        // Fenced with nothing stored there: s2 gets the same record labelled 6 (resumes at 7).
+        let Claimed::Record(r) = s
+            .supersede(cid, &c, "s2", &[Fence::Nothing], &[None])
+            .unwrap()
+        else {
+            panic!("expected the record")
+        };
+        let r = StateRecord::decode(&r).unwrap();
+        assert_eq!((r.epoch, r.snap_out), (6, 100));
+        // The same custody cannot be superseded twice (s3 raced s2 with a stale view).
+        assert!(s
+            .supersede(cid, &c, "s3", &[Fence::Nothing], &[None])
+            .is_err());
+        // s2 dies too: s3 fences s2's epoch 7, whose backup had s2's newer point.
+        let Err(ClaimError::Held(c2)) = s.claim(cid, 5, "s3", true) else {
+            panic!("expected the custody")
+        };
+        assert_eq!(c2.successor(5).unwrap(), 7);
+        let newer = rec(9, 7, 300);
+        let Claimed::Record(r) = s
+            .supersede(cid, &c2, "s3", &[Fence::Record(300, 150)], &[Some(newer)])
+            .unwrap()
+        else {
+            panic!("expected the record")
+        };
+        let r = StateRecord::decode(&r).unwrap();
+        assert_eq!((r.epoch, r.snap_out), (7, 300));
+        // s1's late confirmation cannot drop what s3 now holds; s3's can.
+        s.drop_upto(cid, 5, "s1");
+        assert_eq!(s.usage().0, 1);
+        s.drop_upto(cid, 5, "s3");
+        assert_eq!(s.usage().0, 0);
+        // The origin's own claim (a hand-over fence) is not a custody: plainly refused.
+        s.store("s3", rec(9, 8, 400)).unwrap();
+        assert!(s.claim(cid, 8, "s3", true).is_ok());
+        assert!(matches!(
+            s.claim(cid, 8, "s2", true),
+            Err(ClaimError::Refused(_))
+        ));
     }
 
     #[test]
@@ -315,7 +527,7 @@ mod tests {
         assert_eq!(s.store("s1", rec(3, 0, 1)).unwrap_err().0, RefuseCode::Busy);
         // Replacing an entry does not need more room.
         s.store("s1", rec(2, 0, 2)).unwrap();
-        s.drop_upto(Cid([1; 16]), 0);
+        s.drop_upto(Cid([1; 16]), 0, "s1");
         assert_eq!(s.usage(), (1, one));
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(s.expire(Instant::now()), 1);

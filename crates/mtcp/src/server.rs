@@ -4,6 +4,7 @@
 
 use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::{Connection, Phase, Shared, Start};
+use crate::eager::Confirm;
 use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::peer;
 use mtcp_proto::wire::{
@@ -90,6 +91,8 @@ pub(crate) struct ServerInner {
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
+    /// Eager mode: connections handed over alive, kept until their destination confirms.
+    pub(crate) custody: crate::custody::CustodyStore,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
@@ -367,6 +370,7 @@ impl Server {
         let (accept_tx, rx) = mpsc::unbounded_channel();
         let replicas =
             crate::replica::ReplicaStore::new(limits.max_replica_bytes, limits.replica_ttl);
+        let limits_copy = (limits.max_replica_bytes, limits.replica_ttl);
         let inner = Arc::new(ServerInner {
             id: id.to_string(),
             cluster,
@@ -382,6 +386,7 @@ impl Server {
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
+            custody: crate::custody::CustodyStore::new(limits_copy.0, limits_copy.1),
             closed: Mutex::new(HashMap::new()),
             accept_tx,
         });
@@ -458,6 +463,7 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, t)| now.duration_since(*t) < CLOSED_MEMORY);
+        inner.custody.expire(now);
         let gone = inner.replicas.expire(now);
         if gone > 0 {
             tracing::info!(
@@ -1033,16 +1039,43 @@ async fn take_over(
         ));
     }
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
-    let from_replica = claims.is_some();
+    // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision NN):
+    // a restart point, as from a replica, for the client's position now.
+    let rehanded = claims.is_none() && rec.epoch > m.epoch;
+    let rec = if rehanded {
+        mtcp_proto::stream::replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?
+    } else {
+        rec
+    };
+    let from_replica = claims.is_some() || rehanded;
     if let Err(e) = check_record(m, &rec, tcp.is_some()) {
         // A record that does not fit withdraws the claims made for it.
         if let Some(c) = claims {
             tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
-            c.release(inner);
+            c.release(inner).await;
         }
         return Err(e);
     }
-    take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx).await
+    let keepers = Confirm {
+        cid: Some(m.cid),
+        epoch: m.epoch,
+        to: match &claims {
+            Some(c) => c.at.clone(),
+            None => vec![origin.clone()],
+        },
+    };
+    let r = take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx, keepers).await;
+    if r.is_err() {
+        if let Some(c) = claims {
+            c.release(inner).await;
+        }
+    }
+    if r.is_ok() && !inner.limits.hold_resumed.is_zero() {
+        // Test hook: the moment between a finished takeover and RESUMED (a kill -9 here).
+        tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
+        tokio::time::sleep(inner.limits.hold_resumed).await;
+    }
+    r
 }
 
 /// One running takeover, counted against `Limits::max_takeovers` until dropped.
@@ -1112,7 +1145,7 @@ async fn fetch_or_replica(
 > {
     if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
-        let fr = crate::eager::hand_over(inner, f).await?;
+        let fr = crate::eager::hand_over(inner, f, &inner.id).await?;
         let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
         return Ok((fr.rec, fr.tcp, size, None));
     }
@@ -1173,7 +1206,7 @@ fn check_record(
     rec: &mtcp_proto::StateRecord,
     direct: bool,
 ) -> Result<(), (RefuseCode, String)> {
-    if rec.cid != m.cid || rec.epoch != m.epoch {
+    if rec.cid != m.cid || rec.epoch < m.epoch {
         return Err((
             RefuseCode::Internal,
             "origin sent the record of another connection".into(),
@@ -1200,6 +1233,7 @@ fn check_record(
 }
 
 /// The rest of a takeover, once the record is known to fit: restart the connection here.
+#[allow(clippy::too_many_arguments)]
 async fn take_over_checked(
     inner: &Arc<ServerInner>,
     m: &Migrate,
@@ -1208,8 +1242,11 @@ async fn take_over_checked(
     state_bytes: u64,
     from_replica: bool,
     tx: mpsc::UnboundedSender<Out>,
+    keepers: Confirm,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
-    let epoch = m.epoch + 1;
+    // One past the record's label: the MIGRATE's epoch + 1, or more when a silent holder was
+    // superseded (its epoch is fenced).
+    let epoch = rec.epoch + 1;
     let up_from = rec.up_recv();
     let restart_out = rec.snap_out;
     let start = rec
@@ -1232,13 +1269,17 @@ async fn take_over_checked(
         }
         None => None,
     };
-    let protected = crate::eager::protect_takeover(inner, &rec, epoch).await;
+    let protected = crate::eager::protect_takeover(inner, &rec, epoch).await?;
     let shared = Shared::from_record(rec, epoch, tx);
-    if let Some((out_off, in_off)) = protected {
+    if crate::eager::eager(inner) {
         let mut st = shared.lock();
-        st.repl.committed = Some((out_off, in_off));
-        st.repl.at = Some(Instant::now());
-        st.send(Out::Msg(Msg::Committed { in_off, out_off }));
+        if let Some((out_off, in_off)) = protected {
+            st.repl.committed = Some((out_off, in_off));
+            st.repl.at = Some(Instant::now());
+            st.send(Out::Msg(Msg::Committed { in_off, out_off }));
+        }
+        // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`).
+        st.repl.confirm = Some(keepers);
     }
     inner
         .conns
@@ -1422,6 +1463,7 @@ async fn reader_loop(
         ) {
             return st.phase != Phase::Migrated;
         }
+        crate::eager::agent_heard(inner, &mut st);
         match f {
             Frame::Data(b) => {
                 // Once the application is done, late input is dropped.

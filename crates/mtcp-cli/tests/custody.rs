@@ -1,0 +1,121 @@
+//! Eager mode (issue 15, decision NN): a move is safe even when its destination dies before its
+//! own backups hold the new epoch. The state stays with its keeper (here the origin, which
+//! handed it over alive), and the next candidate gets it once the dead destination's epoch is
+//! fenced. Each test kills the destination at the precise moment with a test hook and compares
+//! the download's SHA-256.
+
+mod common;
+
+use common::*;
+use mtcp_cli::local::{LocalCluster, LocalOptions};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const SIZE: u64 = 48 << 20;
+
+/// Three eager servers; `hook` are extra arguments for `s2` (the move's destination).
+fn start(dir: &TempDir, hook: &[&str]) -> LocalCluster {
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.path().join("www"),
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        mode: "eager".into(),
+        server_args_for: vec![("s2".into(), hook.iter().map(|s| s.to_string()).collect())],
+        ..Default::default()
+    };
+    LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+}
+
+/// `mtcp migrate --all --to s2`, in the background (it returns once the move is over).
+fn move_to_s2(lc: &LocalCluster) -> Child {
+    Command::new(&lc.exe)
+        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", "s2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mtcp migrate")
+}
+
+fn log(dir: &TempDir, name: &str) -> String {
+    std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Downloads through the agent; once a quarter is in, runs `fault` (which kills s2 at its
+/// moment), then checks that curl got every byte.
+fn download_through(dir: &TempDir, lc: &mut LocalCluster, fault: impl FnOnce(&mut LocalCluster)) {
+    let want = file(dir, "big.bin", SIZE, 15);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(lc, "big.bin", "4M", &out);
+    wait_for("download progress", Duration::from_secs(60), || {
+        len(&out) > SIZE / 4
+    });
+    assert_eq!(serving(lc), "s1", "the download starts on s1");
+    fault(lc);
+    let ok = wait_child(&mut curl, "curl", Duration::from_secs(90));
+    assert!(
+        ok,
+        "curl failed\n--- agent log tail:\n{}",
+        tail(&log(dir, "agent"))
+    );
+    assert_eq!(
+        mtcp_cli::local::sha256_file(&out).unwrap(),
+        want,
+        "the bytes differ"
+    );
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// The destination took the connection over (and stored it on its backup) but is killed
+/// before its RESUMED reaches the agent: the agent retries the old epoch at the next
+/// candidate, whose FETCH finds the origin's custody; the origin fences s2's epoch and hands
+/// the connection out again. Before decision NN the origin had forgotten the connection
+/// (`UnknownConnection`) and the download was reset.
+#[test]
+fn a_destination_killed_before_its_resumed_reaches_the_agent_loses_nothing() {
+    let dir = TempDir::new("custody-resumed");
+    let mut lc = start(&dir, &["--hold-resumed-ms", "5000"]);
+    download_through(&dir, &mut lc, |lc| {
+        let mut mv = move_to_s2(lc);
+        wait_for("s2 to finish its takeover", Duration::from_secs(20), || {
+            log(&dir, "s2").contains("test hook: holding RESUMED")
+        });
+        lc.kill("s2").expect("kill -9 s2");
+        assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
+    });
+    let s1 = log(&dir, "s1");
+    assert!(
+        s1.contains("connection handed over again from custody"),
+        "the origin did not hand the connection out again"
+    );
+}
+
+/// The destination cannot reach its backup (its pushes fail), so after the protection bound it
+/// resumes unconfirmed; the agent keeps upstream from the last confirmed point, the origin
+/// keeps the state. The destination is then killed: nobody can take the connection at its
+/// epoch (no backup holds it), so the agent falls back to the epoch before, and the origin
+/// fences s2's epoch and hands the connection out again. Before decision NN the move had
+/// resumed "unprotected" and the kill lost the connection (`Divergence`).
+#[test]
+fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
+    let dir = TempDir::new("custody-unconfirmed");
+    let mut lc = start(&dir, &["--drop-pushes"]);
+    download_through(&dir, &mut lc, |lc| {
+        let mut mv = move_to_s2(lc);
+        assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
+        assert_eq!(serving(lc), "s2", "moved to s2, unconfirmed");
+        assert!(log(&dir, "s2").contains("resuming unconfirmed"));
+        std::thread::sleep(Duration::from_millis(300));
+        lc.kill("s2").expect("kill -9 s2");
+    });
+    let agent = log(&dir, "agent");
+    assert!(
+        agent.contains("retrying from epoch"),
+        "the agent did not fall back"
+    );
+    assert!(log(&dir, "s1").contains("connection handed over again from custody"));
+}

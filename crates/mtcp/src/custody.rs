@@ -1,0 +1,211 @@
+//! Eager mode, origin side: the state of connections this server handed over alive, kept until
+//! the destination confirms that its own backups hold the new epoch (decision NN). Until then a
+//! destination that dies, hangs or is given up on can be superseded: the next destination
+//! asking for the same epoch gets the state again once the holder's successor epoch is fenced
+//! (`mtcp_proto::custody`, [`crate::eager::fence`]). Bounded in bytes and in time.
+
+use mtcp_proto::custody::{Custody, Fence, Handout};
+use mtcp_proto::stream::Refusal;
+use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::{Cid, StateRecord};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+struct Kept {
+    custody: Custody,
+    rec: StateRecord,
+    bytes: usize,
+    at: Instant,
+}
+
+pub(crate) struct CustodyStore {
+    map: Mutex<(HashMap<Cid, Kept>, usize)>,
+    max_bytes: usize,
+    ttl: Duration,
+}
+
+impl CustodyStore {
+    pub fn new(max_bytes: usize, ttl: Duration) -> Self {
+        Self {
+            map: Mutex::new((HashMap::new(), 0)),
+            max_bytes,
+            ttl,
+        }
+    }
+
+    /// Keeps `rec`, just handed over as `custody` says. Over the memory bound it is not kept
+    /// (logged): that move is then protected only once its destination's backups hold it.
+    pub fn keep(&self, cid: Cid, custody: Custody, rec: &StateRecord) {
+        let bytes =
+            rec.snapshot.as_ref().map_or(0, |s| s.len()) + rec.input.len() + rec.tail.len() + 256;
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        let old = map.get(&cid).map_or(0, |k| k.bytes);
+        if *used - old + bytes > self.max_bytes {
+            tracing::warn!(%cid, "custody memory full ({used} of {} bytes): the handed-over state is not kept", self.max_bytes);
+            return;
+        }
+        *used = *used - old + bytes;
+        tracing::debug!(%cid, holder = %custody.holder, epoch = custody.epoch, bytes, "handed-over state kept until its holder confirms");
+        map.insert(
+            cid,
+            Kept {
+                custody,
+                rec: rec.clone(),
+                bytes,
+                at: Instant::now(),
+            },
+        );
+    }
+
+    pub fn get(&self, cid: Cid) -> Option<Custody> {
+        let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(&cid).map(|k| k.custody.clone())
+    }
+
+    /// The holder `seen` was fenced (its backups answered `fences`, with `records`): hands the
+    /// state to `by` under the successor epoch's label, if the custody is still as `seen`.
+    pub fn supersede(
+        &self,
+        cid: Cid,
+        seen: &Custody,
+        by: &str,
+        fences: &[Fence],
+        records: &[Option<Vec<u8>>],
+    ) -> Result<StateRecord, Refusal> {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(k) = g.0.get_mut(&cid) else {
+            return Err((
+                RefuseCode::UnknownConnection,
+                format!(
+                    "connection {cid}: its handed-over state was confirmed or expired meanwhile"
+                ),
+            ));
+        };
+        if k.custody != *seen {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("connection {cid} changed hands meanwhile"),
+            ));
+        }
+        let (what, label) = k.custody.supersede(by, fences)?;
+        if let Handout::Successor(i) = what {
+            // The holder's newer restart point replaces the kept one.
+            match records
+                .get(i)
+                .and_then(|r| r.as_deref())
+                .map(StateRecord::decode)
+            {
+                Some(Ok(r)) => k.rec = r,
+                _ => {
+                    return Err((
+                        RefuseCode::Internal,
+                        format!("connection {cid}: the fenced backup's record is unreadable"),
+                    ))
+                }
+            }
+        }
+        k.at = Instant::now();
+        let mut rec = k.rec.clone();
+        rec.epoch = label;
+        Ok(rec)
+    }
+
+    /// `by` says its backups hold the epoch after `epoch`: forget the state if `by` still
+    /// holds it.
+    pub fn confirmed(&self, cid: Cid, epoch: u64, by: &str) {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if map
+            .get(&cid)
+            .is_some_and(|k| k.custody.epoch <= epoch && k.custody.holder == by)
+        {
+            let k = map.remove(&cid).expect("present");
+            *used -= k.bytes;
+        }
+    }
+
+    /// Forgets what was kept longer than the TTL; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        let before = map.len();
+        let ttl = self.ttl;
+        map.retain(|cid, k| {
+            let keep = now.duration_since(k.at) <= ttl;
+            if !keep {
+                tracing::warn!(%cid, holder = %k.custody.holder, "handed-over state never confirmed within {ttl:?}; forgotten");
+                *used -= k.bytes;
+            }
+            keep
+        });
+        before - map.len()
+    }
+
+    /// (entries, bytes).
+    #[cfg(test)]
+    pub fn usage(&self) -> (usize, usize) {
+        let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        (g.0.len(), g.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rec(epoch: u64, out: u64) -> StateRecord {
+        StateRecord {
+            cid: Cid([3; 16]),
+            epoch,
+            snapshot: Some(Bytes::from_static(b"snap")),
+            snap_in: out / 2,
+            snap_out: out,
+            input: Bytes::from_static(b"in"),
+            up_fin: None,
+            tail: Bytes::new(),
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn the_state_goes_again_one_epoch_up_until_the_holder_confirms() {
+        let s = CustodyStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([3; 16]);
+        s.keep(cid, Custody::new(4, "s2"), &rec(4, 100));
+        let seen = s.get(cid).unwrap();
+        // s2 died before its backups held epoch 5; fenced with nothing there: s3 gets it as 5.
+        let r = s
+            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None])
+            .unwrap();
+        assert_eq!((r.epoch, r.snap_out), (5, 100));
+        // A second supersede with the stale view is refused.
+        assert!(s
+            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None])
+            .is_err());
+        // s2's late confirmation changes nothing: s3 holds it now.
+        s.confirmed(cid, 4, "s2");
+        assert_eq!(s.usage().0, 1);
+        // s3 had stored a newer point at 6 before dying: s1 gets that one, as 6.
+        let seen = s.get(cid).unwrap();
+        let newer = rec(6, 300).encode();
+        let r = s
+            .supersede(cid, &seen, "s1", &[Fence::Record(300, 150)], &[Some(newer)])
+            .unwrap();
+        assert_eq!((r.epoch, r.snap_out), (6, 300));
+        s.confirmed(cid, 4, "s1");
+        assert_eq!(s.usage(), (0, 0));
+        // Bounded: a record over the budget is not kept.
+        let small = CustodyStore::new(10, Duration::from_secs(60));
+        small.keep(cid, Custody::new(1, "s2"), &rec(1, 10));
+        assert!(small.get(cid).is_none());
+        // Expired after the TTL.
+        let s = CustodyStore::new(1 << 20, Duration::ZERO);
+        s.keep(cid, Custody::new(1, "s2"), &rec(1, 10));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(s.expire(Instant::now()), 1);
+        assert_eq!(s.usage(), (0, 0));
+    }
+}
