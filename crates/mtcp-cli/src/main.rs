@@ -115,7 +115,8 @@ struct ServerArgs {
     /// segment's retransmission).
     #[arg(long, hide = true)]
     peer_loss_pct: Option<f64>,
-    /// Test hook: a destination waits this many ms between a finished takeover and its RESUMED.
+    /// Test hook: a destination waits this many ms, silent, between a finished takeover and its
+    /// RESUMED.
     #[arg(long, hide = true)]
     hold_resumed_ms: Option<u64>,
     /// Test hook: this server's pushes to its backups fail (its backups are cut off from it).

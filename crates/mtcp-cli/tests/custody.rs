@@ -38,7 +38,11 @@ fn move_to_s2(lc: &LocalCluster) -> Child {
 }
 
 fn log(dir: &TempDir, name: &str) -> String {
-    std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    let raw = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+    raw.lines()
+        .map(mtcp_cli::local::strip_ansi)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Downloads through the agent; once a quarter is in, runs `fault` (which kills s2 at its
@@ -118,4 +122,26 @@ fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
         "the agent did not fall back"
     );
     assert!(log(&dir, "s1").contains("connection handed over again from custody"));
+}
+
+/// The origin dies; the agent's first candidate (s2, the origin's backup) claims the replica,
+/// takes the connection over and stores it on its own backup, then stays silent (the hook): the
+/// agent gives up on it, its claim standing. The next candidate's claim finds the replica held
+/// by s2; s2's epoch is fenced at s2's backup, and the connection goes to s3 one epoch up.
+/// Before decision NN the standing claim refused s3 (`StaleEpoch … claimed by s2`) and the
+/// download was reset.
+#[test]
+fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
+    let dir = TempDir::new("custody-silent");
+    let mut lc = start(&dir, &["--hold-resumed-ms", "5000"]);
+    download_through(&dir, &mut lc, |lc| {
+        lc.kill("s1").expect("kill -9 s1");
+    });
+    let s2 = log(&dir, "s2");
+    assert!(
+        s2.contains("replica held by a destination that has not confirmed"),
+        "s2's claim was not superseded"
+    );
+    let agent = log(&dir, "agent");
+    assert!(agent.contains("to=s3"), "not moved to s3");
 }

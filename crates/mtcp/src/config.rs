@@ -342,8 +342,8 @@ pub struct Limits {
     /// Test hook: the probability (0–1) that such a message waits another 200 ms, as a lost
     /// segment does for TCP's retransmission timeout.
     pub peer_loss: f64,
-    /// Test hook: a destination waits this long between a finished takeover and its RESUMED
-    /// (the moment a kill -9 of the destination tests, issue 15).
+    /// Test hook: a destination waits this long, silent to the agent, between a finished
+    /// takeover and its RESUMED (the moment a kill -9 of the destination tests, issue 15).
     pub hold_resumed: Duration,
     /// Test hook: this server's pushes to its backups fail as if the backups were unreachable
     /// from it (and from it only).

@@ -758,6 +758,12 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                     }
                 }
             };
+            if outcome.is_ok() && !inner.limits.hold_resumed.is_zero() {
+                // Test hook: the moment between a finished takeover and RESUMED (a kill -9
+                // here), silent to the agent (no WORKING: it gives up on this candidate).
+                tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
+                tokio::time::sleep(inner.limits.hold_resumed).await;
+            }
             match outcome {
                 Ok((shared, start, resumed, sock)) => {
                     if let Some(d) = sock {
@@ -1069,11 +1075,6 @@ async fn take_over(
         if let Some(c) = claims {
             c.release(inner).await;
         }
-    }
-    if r.is_ok() && !inner.limits.hold_resumed.is_zero() {
-        // Test hook: the moment between a finished takeover and RESUMED (a kill -9 here).
-        tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
-        tokio::time::sleep(inner.limits.hold_resumed).await;
     }
     r
 }
