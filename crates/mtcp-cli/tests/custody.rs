@@ -127,7 +127,9 @@ fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
 /// The origin dies; the agent's first candidate (s2, the origin's backup) claims the replica,
 /// takes the connection over and stores it on its own backup, then stays silent (the hook): the
 /// agent gives up on it, its claim standing. The next candidate's claim finds the replica held
-/// by s2; s2's epoch is fenced at s2's backup, and the connection goes to s3 one epoch up.
+/// by s2; s2 is asked to give its epoch up (it has not answered the agent, so it does: it never
+/// sends that RESUMED), the epoch is fenced at s2's backup, and the connection goes to s3 one
+/// epoch up.
 /// Before decision NN the standing claim refused s3 (`StaleEpoch … claimed by s2`) and the
 /// download was reset.
 #[test]
@@ -141,6 +143,10 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     assert!(
         s2.contains("replica held by a destination that has not confirmed"),
         "s2's claim was not superseded"
+    );
+    assert!(
+        s2.contains("superseded before RESUMED went out"),
+        "s2 answered the agent after being superseded"
     );
     let agent = log(&dir, "agent");
     assert!(agent.contains("to=s3"), "not moved to s3");

@@ -353,6 +353,13 @@ pub enum Msg {
         cid: Cid,
         epoch: u64,
     },
+    /// Keeper → holder (eager mode): give up epoch `epoch` of `cid` unless RESUMED for it
+    /// already went to the agent; answered STATE (empty) when given up, REFUSED otherwise
+    /// (`mtcp_proto::custody`).
+    Yield {
+        cid: Cid,
+        epoch: u64,
+    },
 }
 
 /// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
@@ -572,6 +579,7 @@ mod tests {
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::DropReplica { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::FenceEpoch { cid, epoch }),
+            (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::Yield { cid, epoch }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),

@@ -324,6 +324,9 @@ async fn rehand(
         Err(e) => return Some(Err(e)),
     };
     tracing::warn!(cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
+    if let Err(e) = ask_to_yield(inner, &seen.holder, f.cid, next).await {
+        return Some(Err(e));
+    }
     let (fences, records) = fence(inner, f.cid, next, &seen.holder).await;
     let r = inner.custody.supersede(f.cid, &seen, to, &fences, &records);
     match &r {
@@ -333,6 +336,42 @@ async fn rehand(
         Err(e) => tracing::warn!(cid = %f.cid, "cannot hand the connection over again: {}", e.1),
     }
     Some(r.map(|rec| crate::server::Frozen { rec, tcp: None }))
+}
+
+/// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
+/// it already sent RESUMED for it (the agent has that epoch: whoever asks for the older one is
+/// not the agent's current move). A holder that cannot be reached is left to the fence: dead,
+/// or cut off from everyone, so it serves no one.
+pub(crate) async fn ask_to_yield(
+    inner: &Arc<ServerInner>,
+    holder: &str,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+) -> Result<(), Refusal> {
+    let answered = || {
+        Err((
+            RefuseCode::StaleEpoch,
+            format!("{holder} already resumed the connection at epoch {epoch}"),
+        ))
+    };
+    if holder == inner.id {
+        return if inner.give_up(cid, epoch) {
+            Ok(())
+        } else {
+            answered()
+        };
+    }
+    let Some(to) = inner.cluster.server(holder).cloned() else {
+        return Ok(());
+    };
+    match peer::ask_yield(inner, &to, cid, epoch).await {
+        Ok(true) => Ok(()),
+        Ok(false) => answered(),
+        Err(e) => {
+            tracing::info!(%cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
+            Ok(())
+        }
+    }
 }
 
 /// A claim at this server's own replica store that never supersedes (a fence).
@@ -401,6 +440,7 @@ pub(crate) async fn claim_here(
         Err(ClaimError::Held(seen)) => {
             let next = seen.successor(epoch)?;
             tracing::warn!(%cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
+            ask_to_yield(inner, &seen.holder, cid, next).await?;
             let (fences, records) = fence(inner, cid, next, &seen.holder).await;
             inner.replicas.supersede(cid, &seen, by, &fences, &records)
         }

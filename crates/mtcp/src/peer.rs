@@ -370,6 +370,24 @@ pub(crate) async fn fence(
     claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
 }
 
+/// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` (see
+/// [`crate::eager::ask_to_yield`]). `Ok(false)`: it answered the agent already. An error: not
+/// reached.
+pub(crate) async fn ask_yield(
+    inner: &Arc<ServerInner>,
+    to: &ServerEntry,
+    cid: Cid,
+    epoch: u64,
+) -> Result<bool, String> {
+    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
+    match call(inner, to, &Msg::Yield { cid, epoch }, t, t).await {
+        Ok(Msg::State(_)) => Ok(true),
+        Ok(Msg::Refused { .. }) => Ok(false),
+        Ok(other) => Err(format!("answered {}", msg_name(&other))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 async fn claim_msg(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
@@ -577,6 +595,20 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),
                     Err((code, reason)) => Msg::Refused { code, reason },
+                }
+            }
+            Ok(Msg::Yield { cid, epoch }) => {
+                if inner.give_up(cid, epoch) {
+                    tracing::info!(%cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
+                    Msg::State(Vec::new())
+                } else {
+                    Msg::Refused {
+                        code: RefuseCode::StaleEpoch,
+                        reason: format!(
+                            "server {} already answered the agent for epoch {epoch} of {cid}",
+                            inner.id
+                        ),
+                    }
                 }
             }
             Ok(Msg::FenceEpoch { cid, epoch }) => {

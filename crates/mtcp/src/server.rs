@@ -93,12 +93,42 @@ pub(crate) struct ServerInner {
     pub replicas: crate::replica::ReplicaStore,
     /// Eager mode: connections handed over alive, kept until their destination confirms.
     pub(crate) custody: crate::custody::CustodyStore,
+    /// Eager mode: per taken-over (cid, epoch), whether RESUMED went to the agent or a keeper
+    /// had this server give the epoch up first (see [`ServerInner::may_answer`]).
+    pub(crate) gates: Mutex<HashMap<(Cid, u64), (Gate, Instant)>>,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
 
+/// See [`ServerInner::gates`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Answered,
+    Yielded,
+}
+
 impl ServerInner {
+    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
+    /// epoch up (another destination got the connection); otherwise no keeper can any more.
+    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
+        let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let e = g
+            .entry((cid, epoch))
+            .or_insert((Gate::Answered, Instant::now()));
+        e.0 == Gate::Answered
+    }
+
+    /// A keeper asks this server to give up `epoch` of `cid`: true unless RESUMED for it went
+    /// to the agent already.
+    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> bool {
+        let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let e = g
+            .entry((cid, epoch))
+            .or_insert((Gate::Yielded, Instant::now()));
+        e.0 == Gate::Yielded
+    }
+
     pub fn forget(&self, cid: Cid) {
         self.conns
             .lock()
@@ -388,6 +418,7 @@ impl Server {
             replicas,
             custody: crate::custody::CustodyStore::new(limits_copy.0, limits_copy.1),
             closed: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
             accept_tx,
         });
         let mut tasks = vec![
@@ -464,6 +495,11 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, t)| now.duration_since(*t) < CLOSED_MEMORY);
         inner.custody.expire(now);
+        inner
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, t)| now.duration_since(*t) < inner.limits.replica_ttl);
         let gone = inner.replicas.expire(now);
         if gone > 0 {
             tracing::info!(
@@ -764,6 +800,28 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                 tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
                 tokio::time::sleep(inner.limits.hold_resumed).await;
             }
+            let outcome = match outcome {
+                Ok((shared, ..))
+                    if crate::eager::eager(&inner)
+                        && !inner.may_answer(m.cid, shared.lock().epoch) =>
+                {
+                    // A keeper superseded this takeover (the agent gave up on us): another
+                    // destination has the connection one epoch up.
+                    tracing::warn!(cid = %m.cid, "superseded before RESUMED went out; letting the connection go");
+                    {
+                        let mut st = shared.lock();
+                        st.phase = Phase::Migrated;
+                        st.tx = None;
+                        st.wake_all();
+                    }
+                    inner.forget(m.cid);
+                    Err((
+                        RefuseCode::StaleEpoch,
+                        "the connection went to another server meanwhile".to_string(),
+                    ))
+                }
+                o => o,
+            };
             match outcome {
                 Ok((shared, start, resumed, sock)) => {
                     if let Some(d) = sock {
