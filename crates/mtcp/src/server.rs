@@ -400,7 +400,9 @@ impl Server {
         let (accept_tx, rx) = mpsc::unbounded_channel();
         let replicas =
             crate::replica::ReplicaStore::new(limits.max_replica_bytes, limits.replica_ttl);
-        let limits_copy = (limits.max_replica_bytes, limits.replica_ttl);
+        // Handed-over state is bounded like the replicas held for others.
+        let custody =
+            crate::custody::CustodyStore::new(limits.max_replica_bytes, limits.replica_ttl);
         let inner = Arc::new(ServerInner {
             id: id.to_string(),
             cluster,
@@ -416,7 +418,7 @@ impl Server {
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
-            custody: crate::custody::CustodyStore::new(limits_copy.0, limits_copy.1),
+            custody,
             closed: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             accept_tx,
