@@ -122,6 +122,24 @@ impl Custody {
     }
 }
 
+/// A holder's epoch, between its takeover and its RESUMED: either RESUMED goes out to the agent
+/// or a keeper has the holder give the epoch up first (YIELD). Whichever comes first settles it
+/// for good: a holder never answers the agent for an epoch it gave up, and never gives up one
+/// the agent may already hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Answered,
+    Yielded,
+}
+
+impl Gate {
+    /// `event` reaches the gate (`None`: nothing yet); returns how it is settled. `event` won
+    /// when the result equals it.
+    pub fn settle(slot: &mut Option<Gate>, event: Gate) -> Gate {
+        *slot.get_or_insert(event)
+    }
+}
+
 /// One epoch the agent can move the connection from: its server, and the token for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
@@ -224,6 +242,19 @@ mod tests {
         assert_eq!(e.0, RefuseCode::OriginUnreachable);
         assert_eq!(c, Custody::new(2, "s2"));
         assert!(c.supersede("s3", &[]).is_err());
+    }
+
+    #[test]
+    fn the_first_of_resumed_and_yield_settles_the_gate() {
+        let mut g = None;
+        assert_eq!(Gate::settle(&mut g, Gate::Answered), Gate::Answered);
+        // A keeper asking later is refused: the agent may hold this epoch.
+        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Answered);
+        let mut g = None;
+        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Yielded);
+        // The holder finishing its takeover later must not answer.
+        assert_eq!(Gate::settle(&mut g, Gate::Answered), Gate::Yielded);
+        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Yielded);
     }
 
     fn step(server: &str, epoch: u64) -> Step {

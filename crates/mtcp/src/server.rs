@@ -7,6 +7,7 @@ use crate::conn::{Connection, Phase, Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::peer;
+use mtcp_proto::custody::Gate;
 use mtcp_proto::wire::{
     self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
 };
@@ -95,38 +96,29 @@ pub(crate) struct ServerInner {
     pub(crate) custody: crate::custody::CustodyStore,
     /// Eager mode: per taken-over (cid, epoch), whether RESUMED went to the agent or a keeper
     /// had this server give the epoch up first (see [`ServerInner::may_answer`]).
-    pub(crate) gates: Mutex<HashMap<(Cid, u64), (Gate, Instant)>>,
+    pub(crate) gates: Mutex<HashMap<(Cid, u64), (Option<Gate>, Instant)>>,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
-}
-
-/// See [`ServerInner::gates`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Gate {
-    Answered,
-    Yielded,
 }
 
 impl ServerInner {
     /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
     /// epoch up (another destination got the connection); otherwise no keeper can any more.
     pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
-        let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        let e = g
-            .entry((cid, epoch))
-            .or_insert((Gate::Answered, Instant::now()));
-        e.0 == Gate::Answered
+        self.settle_gate(cid, epoch, Gate::Answered) == Gate::Answered
     }
 
     /// A keeper asks this server to give up `epoch` of `cid`: true unless RESUMED for it went
     /// to the agent already.
     pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> bool {
+        self.settle_gate(cid, epoch, Gate::Yielded) == Gate::Yielded
+    }
+
+    fn settle_gate(&self, cid: Cid, epoch: u64, event: Gate) -> Gate {
         let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        let e = g
-            .entry((cid, epoch))
-            .or_insert((Gate::Yielded, Instant::now()));
-        e.0 == Gate::Yielded
+        let (slot, _) = g.entry((cid, epoch)).or_insert((None, Instant::now()));
+        Gate::settle(slot, event)
     }
 
     pub fn forget(&self, cid: Cid) {
