@@ -96,11 +96,14 @@ pub(crate) struct ServerInner {
     pub(crate) custody: crate::custody::CustodyStore,
     /// Eager mode: per taken-over (cid, epoch), whether RESUMED went to the agent or a keeper
     /// had this server give the epoch up first (see [`ServerInner::may_answer`]).
-    pub(crate) gates: Mutex<HashMap<(Cid, u64), (Option<Gate>, Instant)>>,
+    pub(crate) gates: Mutex<HashMap<(Cid, u64), GateSlot>>,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
+
+/// A gate and when it was made (forgotten after `replica_ttl`).
+type GateSlot = (Option<Gate>, Instant);
 
 impl ServerInner {
     /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
