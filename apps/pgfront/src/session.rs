@@ -566,6 +566,8 @@ impl Session {
             self.flush().await?;
             self.inbuf.reserve(8 << 10);
             tokio::select! {
+                // The client first (no random pick): its input is what the loop waits for.
+                biased;
                 n = self.conn.read_buf(&mut self.inbuf) => {
                     if n? == 0 {
                         return Ok(Unit::End);

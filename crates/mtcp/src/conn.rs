@@ -471,7 +471,12 @@ impl AsyncRead for Connection {
     ) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
         st.ensure_live()?;
-        match st.s.read(buf.initialize_unfilled()) {
+        // Only as much of the application's buffer as there is input to copy is zeroed first.
+        let unread = usize::try_from(st.s.unread()).unwrap_or(usize::MAX);
+        match st
+            .s
+            .read(buf.initialize_unfilled_to(unread.min(buf.remaining())))
+        {
             Some(0) => return Poll::Ready(Ok(())),
             Some(n) => {
                 buf.advance(n);
