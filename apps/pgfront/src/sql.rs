@@ -340,6 +340,8 @@ fn is_routine(stmt: &[Tok]) -> bool {
 fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut parens, mut atomic) = (0, 0usize, 0usize);
+    // Whether the statement from `start` is a routine (asked once per statement).
+    let mut routine = is_routine(toks);
     for (i, t) in toks.iter().enumerate() {
         match t {
             Tok::Open => parens += 1,
@@ -349,8 +351,9 @@ fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
                     out.push(&toks[start..i]);
                 }
                 start = i + 1;
+                routine = is_routine(&toks[start..]);
             }
-            Tok::Word(_) if parens == 0 && is_routine(&toks[start..]) => {
+            Tok::Word(_) if parens == 0 && routine => {
                 // A SQL-standard body: BEGIN ATOMIC ... END, with CASE ... END inside.
                 let begin_atomic = t.is("begin") && toks.get(i + 1).is_some_and(|t| t.is("atomic"));
                 if begin_atomic || (t.is("case") && atomic > 0) {
