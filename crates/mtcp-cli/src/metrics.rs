@@ -4,8 +4,9 @@
 //!
 //! Whoever reaches ADDR may ask, so each request is bounded: one request head of at most
 //! [`MAX_HEAD`] bytes, read within [`READ_TIMEOUT`]; at most [`MAX_SCRAPES`] at once (more are
-//! closed unanswered); one answer, then the connection closes. Anything else is answered with
-//! a 4xx status, never a panic.
+//! closed unanswered); one answer, then the connection closes (after at most 1 s of reading and
+//! dropping what else the client sends, so that it gets the answer). Anything else is answered
+//! with a 4xx status, never a panic.
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -21,6 +22,9 @@ pub const MAX_HEAD: usize = 4096;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to take the answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After answering, how long and how much more input is read and dropped before closing.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 << 10;
 /// Requests served at once.
 pub const MAX_SCRAPES: usize = 16;
 /// How often histogram samples are folded into their buckets between scrapes (the recorder
@@ -142,12 +146,27 @@ async fn answer(mut s: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) {
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+    let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
         s.write_all(head.as_bytes()).await?;
         s.write_all(body.as_bytes()).await?;
         s.shutdown().await
     })
     .await;
+    if matches!(sent, Ok(Ok(()))) {
+        // Closing with unread input (an oversized head, a body) would reset the connection,
+        // and the client could lose the answer: read what else comes, bounded, first.
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match s.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => left = left.saturating_sub(k),
+                }
+            }
+        })
+        .await;
+    }
 }
 
 enum HeadError {
