@@ -131,33 +131,43 @@ fn mtcp(lc: &LocalCluster, args: &[&str]) -> String {
     tokio::task::block_in_place(|| lc.mtcp(args)).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
-    let dir = TempDir::new("metrics");
-    let size = 1u64 << 20;
-    let want = file(&dir, "f.bin", size, 7);
-    let port = || format!("127.0.0.1:{}", free_port());
-    let (m1, m2, m3, ma) = (port(), port(), port(), port());
+/// Three servers (`mode`) and an agent, each with `--metrics` on a port of its own; the
+/// cluster and the metrics addresses of s1, s2, s3 and the agent.
+async fn start(dir: &TempDir, mode: &str) -> (LocalCluster, [String; 4]) {
+    let m: [String; 4] = std::array::from_fn(|_| format!("127.0.0.1:{}", free_port()));
     let lc = tokio::task::block_in_place(|| {
         let opts = LocalOptions {
             servers: 3,
             root: dir.path().join("www"),
             log: "info,mtcp=debug,mtcp_agent=debug".into(),
-            server_args_for: vec![
-                ("s1".into(), vec!["--metrics".into(), m1.clone()]),
-                ("s2".into(), vec!["--metrics".into(), m2.clone()]),
-                ("s3".into(), vec!["--metrics".into(), m3.clone()]),
-            ],
-            agent_args: vec!["--metrics".into(), ma.clone()],
+            mode: mode.into(),
+            server_args_for: (0..3)
+                .map(|i| {
+                    (
+                        format!("s{}", i + 1),
+                        vec!["--metrics".into(), m[i].clone()],
+                    )
+                })
+                .collect(),
+            agent_args: vec!["--metrics".into(), m[3].clone()],
             ..Default::default()
         };
         LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
     });
-    for m in [&m1, &m2, &m3, &ma] {
-        mtcp_cli::local::wait_listening_async(m, Duration::from_secs(10))
+    for a in &m {
+        mtcp_cli::local::wait_listening_async(a, Duration::from_secs(10))
             .await
             .unwrap();
     }
+    (lc, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
+    let dir = TempDir::new("metrics");
+    let size = 1u64 << 20;
+    let want = file(&dir, "f.bin", size, 7);
+    let (lc, [m1, m2, m3, ma]) = start(&dir, "lazy").await;
     let admin = lc.agent_admin.clone();
 
     // Before anything: every move and refusal series is shown, at zero.
@@ -284,6 +294,7 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
     // The drain repeats its hints while it waits (a hint can be lost with a broken session).
     assert!(s.get("mtcp_hints_total", &[("reason", "drain")]) >= 1.0);
     assert_eq!(s.get("mtcp_connections", &[("state", "live")]), 0.0);
+    assert_eq!(s.get("mtcp_retention_bytes", &[]), 0.0);
     assert!(s.get("mtcp_bytes_total", &[("direction", "down")]) >= size as f64);
     // s2: took it over twice, handed it over once, refused the forgery; holds it now.
     // (Its old session of the move away may take a moment to end.)
@@ -303,7 +314,8 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
     assert_eq!(s.get("mtcp_refusals_total", &[("code", "bad_token")]), 1.0);
     assert_eq!(s.get("mtcp_handovers_total", &[]), 1.0);
     assert_eq!(s.get("mtcp_connections", &[("state", "live")]), 1.0);
-    assert!(s.get("mtcp_retention_bytes", &[]) >= 0.0);
+    // At least the snapshot of the restart point the connection moved with.
+    assert!(s.get("mtcp_retention_bytes", &[]) > 0.0);
     assert_eq!(s.get("mtcp_replicas_held", &[]), 0.0);
     // s3: refused the move while draining, held nothing.
     let s = scrape(&m3).await;
@@ -343,4 +355,46 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
         let mut lc = lc;
         lc.check_alive().expect("every process still runs");
     });
+}
+
+/// Eager mode: the serving server's backup shows the replica it holds; after a `kill -9` of
+/// the serving server the agent counts a `session_broke` move and the backup a takeover from
+/// its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_replicas_and_a_takeover_from_one_after_a_kill() {
+    let dir = TempDir::new("metrics-eager");
+    let want = file(&dir, "f.bin", 256 << 10, 8);
+    let (mut lc, [_, m2, m3, ma]) = start(&dir, "eager").await;
+    // Opened on s1, whose backup is s2.
+    let mut c = Client::connect(&lc.agent_listen).await.unwrap();
+    get(&mut c, &want).await;
+    let s = scrape_until(&m2, "s1's replica on s2", |s| {
+        s.get("mtcp_replicas_held", &[]) == 1.0
+    })
+    .await;
+    assert!(s.get("mtcp_replica_bytes", &[]) > 0.0);
+    assert_eq!(scrape(&m3).await.get("mtcp_replicas_held", &[]), 0.0);
+
+    tokio::task::block_in_place(|| lc.kill("s1")).unwrap();
+    let a = scrape_until(&ma, "the move after the kill", |s| {
+        s.get(
+            "mtcp_moves_total",
+            &[("reason", "session_broke"), ("outcome", "ok")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(a.get("mtcp_move_seconds_count", &[]), 1.0);
+    assert_eq!(a.get("mtcp_connections", &[("state", "live")]), 1.0);
+    let s = scrape(&m2).await;
+    assert_eq!(
+        s.get("mtcp_takeovers_total", &[("outcome", "from_replica")]),
+        1.0
+    );
+    assert_eq!(s.get("mtcp_connections", &[("state", "live")]), 1.0);
+    get(&mut c, &want).await;
+    // s2 now protects the connection on its own backup, s3.
+    scrape_until(&m3, "s2's replica on s3", |s| {
+        s.get("mtcp_replicas_held", &[]) == 1.0
+    })
+    .await;
 }
