@@ -197,19 +197,20 @@ pub(crate) fn took_over(outcome: Option<(bool, std::time::Duration)>) {
     }
 }
 
-/// A connection's state as [`CONNECTIONS`] labels it.
-fn state_label(st: &ConnState) -> &'static str {
+/// The states [`CONNECTIONS`] shows of a server's connections (besides `handing_over`).
+const SERVER_STATES: [&str; 4] = ["live", "closing", "detached", "ending"];
+
+/// A connection's state: its index in [`SERVER_STATES`].
+fn state_index(st: &ConnState) -> usize {
     if st.detached_at.is_some() {
-        return "detached";
+        return 2;
     }
     match st.phase {
-        Phase::Live => "live",
-        Phase::AppClosed => "closing",
-        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => "ending",
+        Phase::Live => 0,
+        Phase::AppClosed => 1,
+        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 3,
     }
 }
-
-const SERVER_STATES: [&str; 4] = ["live", "closing", "detached", "ending"];
 
 /// Publishes a server's levels; does nothing once the server is gone.
 #[derive(Clone)]
@@ -231,10 +232,7 @@ impl ServerSampler {
         let mut kept = 0u64;
         for c in inner.all() {
             let st = c.lock();
-            let label = state_label(&st);
-            if let Some(i) = SERVER_STATES.iter().position(|s| *s == label) {
-                by_state[i] += 1;
-            }
+            by_state[state_index(&st)] += 1;
             kept += st.s.kept_bytes();
         }
         for (name, n) in SERVER_STATES.iter().zip(by_state) {
