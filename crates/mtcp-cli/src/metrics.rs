@@ -233,4 +233,40 @@ mod tests {
         assert_eq!(r("\x16\x03\x01\x02\x00\r\n\r\n"), Route::BadRequest);
         assert_eq!(r("GET /metrics\r\n\r\n"), Route::BadRequest);
     }
+
+    /// `pieces` sent one by one with pauses, then the end of input, to a connection [`answer`]
+    /// serves; what came back.
+    async fn exchange(pieces: &[&[u8]]) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            answer(s, &|| "mtcp_x 1\n".to_string()).await;
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for p in pieces {
+            c.write_all(p).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Done sending (the endpoint then sees the end of its input).
+        c.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out).await;
+        server.await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_head_split_anywhere_is_answered_once_and_closed() {
+        let r = exchange(&[b"GET /metr", b"ics HTTP/1.1\r\nHost: x\r\n\r", b"\n"]).await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains("Content-Length: 9\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nmtcp_x 1\n"), "{r}");
+        let r = exchange(&[b"GET / HTTP/1.1\r\n\r\n"]).await;
+        assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
+        let r = exchange(&[&[b'a'; MAX_HEAD + 1]]).await;
+        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+        // Closed before a whole head: nothing is answered.
+        assert_eq!(exchange(&[b"GET /metrics HTTP/1.1\r\n"]).await, "");
+    }
 }
