@@ -7,7 +7,9 @@
 
 pub mod admin;
 mod direct;
+pub mod metrics;
 pub mod policy;
+mod reason;
 mod relay;
 mod spare;
 pub mod transparent;
@@ -21,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 pub use policy::{PolicyConfig, RttPolicyConfig};
+pub use reason::MoveCause;
+pub(crate) use reason::MoveReason;
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -116,6 +120,7 @@ impl ConnStatus {
             timeline_dropped: 0,
             rtt_ms: Default::default(),
             fast_path,
+            retained: 0,
         }
     }
 
@@ -160,13 +165,17 @@ pub struct ConnStatus {
     /// the server's at its last restart point (SNAP), and the total at the end.
     #[serde(default)]
     pub fast_path: bool,
+    /// Upstream bytes the agent keeps to replay after a move (not yet covered by a restart
+    /// point the server announced, or in eager mode one a backup holds).
+    #[serde(default)]
+    pub retained: u64,
 }
 
 /// A request to move a connection.
 #[derive(Debug)]
 pub(crate) struct MoveRequest {
     pub to: Option<String>,
-    pub reason: String,
+    pub reason: MoveReason,
     pub done: Option<oneshot::Sender<Result<String, String>>>,
     /// When the request arrived: the trigger time migration latency is measured from.
     pub at: Instant,
@@ -192,6 +201,8 @@ pub(crate) struct AgentInner {
     fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
     /// Relayed connections moving at once (see [`MAX_CONCURRENT_MOVES`]).
     pub moves: tokio::sync::Semaphore,
+    /// Connections between a move's trigger and its outcome (waiting for a turn included).
+    pub moving: std::sync::atomic::AtomicUsize,
     /// Client connections accepted and not yet ended (what the descriptor budget counts).
     live: AtomicUsize,
 }
@@ -319,6 +330,7 @@ impl Agent {
                 fences: Mutex::new(None),
                 moves: tokio::sync::Semaphore::new(MAX_CONCURRENT_MOVES),
                 live: AtomicUsize::new(0),
+                moving: Default::default(),
             }),
         }
     }
@@ -401,6 +413,12 @@ impl Agent {
             .take();
     }
 
+    /// What publishes this agent's levels to the metrics endpoint (holds no reference that
+    /// keeps the agent alive).
+    pub fn metrics(&self) -> crate::metrics::AgentSampler {
+        crate::metrics::AgentSampler(Arc::downgrade(&self.inner))
+    }
+
     /// How many connections are live.
     pub fn live_count(&self) -> usize {
         self.inner
@@ -453,7 +471,7 @@ impl Agent {
                 let (tx, rx) = oneshot::channel();
                 let req = MoveRequest {
                     to: to.clone(),
-                    reason: "manual".into(),
+                    reason: MoveReason::new(MoveCause::Manual, "manual"),
                     done: Some(tx),
                     at: Instant::now(),
                 };

@@ -100,6 +100,10 @@ struct ServerArgs {
     /// second; the agents move them).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Anyone who reaches
+    /// ADDR can read them: bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Test hook: cap each session socket's send rate at this many Mbit/s (SO_MAX_PACING_RATE;
     /// emulates a slow link on loopback).
     #[arg(long, hide = true)]
@@ -143,6 +147,10 @@ struct AgentArgs {
     /// request is refused with "rate limited".
     #[arg(long, default_value_t = mtcp_agent::admin::DEFAULT_MOVES_PER_SEC)]
     admin_moves_per_sec: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Anyone who reaches
+    /// ADDR can read them: bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Most upstream bytes retained per connection (MiB) before the agent stops reading.
     #[arg(long, default_value_t = 64)]
     max_retained_mib: u64,
@@ -375,6 +383,12 @@ async fn server(a: ServerArgs) -> Result<()> {
         id: a.id.clone(),
         nondeterministic: a.nondeterministic,
     };
+    // Before anything is counted.
+    let exporter = a
+        .metrics
+        .as_ref()
+        .map(|_| mtcp_cli::metrics::Exporter::install())
+        .transpose()?;
     let app = mtcp_cli::apps::build(&name, matches, ctx).await?;
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
@@ -410,6 +424,10 @@ async fn server(a: ServerArgs) -> Result<()> {
         ..Limits::default()
     };
     let server = Server::bind(cluster, &a.id, limits).await?;
+    if let (Some(e), Some(addr)) = (exporter, &a.metrics) {
+        let sampler = server.metrics();
+        e.serve(addr, move || sampler.sample()).await?;
+    }
     let _trimmer = mtcp::memory::spawn_trimmer();
     mtcp::app::run(server, app).await;
     Ok(())
@@ -417,6 +435,12 @@ async fn server(a: ServerArgs) -> Result<()> {
 
 async fn agent(a: AgentArgs) -> Result<()> {
     let policy = agent_policy(&a)?;
+    // Before anything is counted.
+    let exporter = a
+        .metrics
+        .as_ref()
+        .map(|_| mtcp_cli::metrics::Exporter::install())
+        .transpose()?;
     let cfg = mtcp_agent::AgentConfig {
         connect: a.connect,
         max_retained: a.max_retained_mib << 20,
@@ -446,6 +470,11 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None
     };
     let agent = mtcp_agent::Agent::new(cfg);
+    if let (Some(e), Some(addr)) = (exporter, &a.metrics) {
+        let sampler = agent.metrics();
+        sampler.describe();
+        e.serve(addr, move || sampler.sample()).await?;
+    }
     if let Some(ad) = &a.admin {
         if a.admin_moves_per_sec == 0 {
             bail!("--admin-moves-per-sec must be at least 1");

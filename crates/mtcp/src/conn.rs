@@ -165,6 +165,7 @@ impl ConnState {
     /// The caller then forgets the connection (`ServerInner::forget`).
     pub fn abort(&mut self, reason: String, refusal: Option<RefuseCode>) {
         if let Some(code) = refusal {
+            crate::metrics::refused(code);
             self.send(Out::Msg(Msg::Refused {
                 code,
                 reason: reason.clone(),
@@ -282,6 +283,7 @@ impl Shared {
             target: None,
         };
         st.send(Out::Msg(m.clone()));
+        crate::metrics::hinted(reason);
         *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
         self.hinted.notify_one();
     }
@@ -529,6 +531,7 @@ impl AsyncWrite for Connection {
                 let reason = d.to_string();
                 tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
                 st.phase = Phase::Aborted(reason.clone());
+                crate::metrics::refused(RefuseCode::Divergence);
                 st.send(Out::Msg(Msg::Refused {
                     code: RefuseCode::Divergence,
                     reason: reason.clone(),

@@ -135,6 +135,7 @@ impl FastOut {
 /// restart point, so those must be kept; asked only now and then, so the log keeps a little
 /// more and a small response costs no extra system call).
 fn wrote(st: &mut ConnState, sock: &TcpStream, n: usize) {
+    crate::metrics::add_down(n);
     let f = &mut st.fast;
     f.written += n as u64;
     if f.written - f.trimmed >= TRIM_EVERY {
@@ -167,6 +168,7 @@ pub(crate) fn read_inline(
                 return Poll::Ready(Ok(()));
             }
             Ok(n) => {
+                crate::metrics::add_up(n);
                 let filled = buf.filled().len();
                 let data = Bytes::copy_from_slice(&buf.filled()[filled - n..]);
                 if let Err(why) = st.s.receive_read(data) {
