@@ -530,13 +530,7 @@ impl AsyncWrite for Connection {
             Err(d) => {
                 let reason = d.to_string();
                 tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
-                st.phase = Phase::Aborted(reason.clone());
-                crate::metrics::refused(RefuseCode::Divergence);
-                st.send(Out::Msg(Msg::Refused {
-                    code: RefuseCode::Divergence,
-                    reason: reason.clone(),
-                }));
-                st.tx = None;
+                st.abort(reason.clone(), Some(RefuseCode::Divergence));
                 drop(st);
                 self.server.forget(self.shared.cid);
                 return Poll::Ready(Err(StateError::Aborted(reason).into()));
