@@ -105,6 +105,8 @@ pub(crate) struct ConnState {
     pub direct: Option<crate::direct::DirectHandle>,
     /// Kernel fast path: what the application's own socket calls and the pump share.
     pub fast: crate::direct::FastOut,
+    /// When the connection was last hinted away (a drain repeats hints at most this often).
+    pub hinted_at: Option<Instant>,
 }
 
 impl ConnState {
@@ -124,6 +126,7 @@ impl ConnState {
             arrived: Instant::now(),
             direct: None,
             fast: Default::default(),
+            hinted_at: None,
         }
     }
 
@@ -283,6 +286,7 @@ impl Shared {
             target: None,
         };
         st.send(Out::Msg(m.clone()));
+        st.hinted_at = Some(Instant::now());
         crate::metrics::hinted(reason);
         *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
         self.hinted.notify_one();

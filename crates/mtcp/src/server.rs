@@ -160,6 +160,19 @@ impl ServerInner {
         }
     }
 
+    /// Hints again the live connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`]
+    /// (a draining server, on each status request: a hint can be lost with a session that
+    /// breaks).
+    pub fn rehint_all(&self, reason: HintReason) {
+        let now = Instant::now();
+        for c in self.all() {
+            let mut st = c.lock();
+            if st.phase == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
+                c.hint(&mut st, reason);
+            }
+        }
+    }
+
     /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
     /// for a `lock_state` section to end. A fast-path connection also gives its TCP
     /// connection (an encoded `mtcp_repair::TcpState`).
