@@ -284,10 +284,51 @@ fn main() {
         _ => tokio::runtime::Runtime::new(),
     }
     .expect("tokio runtime");
-    let r = rt.block_on(run(cli));
-    if let Err(e) = r {
-        eprintln!("mtcp: error: {e:#}");
-        std::process::exit(1);
+    let r = rt.block_on(run_interruptible(cli));
+    // Tasks still running (a benchmark's helpers) are dropped with the runtime, so that what
+    // they started is cleaned up too.
+    rt.shutdown_timeout(Duration::from_secs(10));
+    match r {
+        Ok(()) => {}
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("mtcp: {e}");
+            std::process::exit(130);
+        }
+        Err(e) => {
+            eprintln!("mtcp: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// A demo, benchmark or chaos run ended by SIGINT or SIGTERM.
+#[derive(Debug)]
+struct Interrupted(&'static str);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted by {}; the processes, clusters and files it started were cleaned up",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// [`run`]; a command that starts clusters of its own (demo, bench, chaos) is dropped on SIGINT
+/// or SIGTERM instead of dying with them running: dropping it stops every process, PostgreSQL
+/// cluster and nftables table it started. Servers and agents handle the signals themselves.
+async fn run_interruptible(cli: Cli) -> Result<()> {
+    if !matches!(cli.cmd, Cmd::Demo(_) | Cmd::Bench(_) | Cmd::Chaos(_)) {
+        return run(cli).await;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = run(cli) => r,
+        _ = tokio::signal::ctrl_c() => Err(Interrupted("SIGINT").into()),
+        _ = term.recv() => Err(Interrupted("SIGTERM").into()),
     }
 }
 
