@@ -106,7 +106,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string, without the NUL.
     fn cstr(&mut self) -> Result<&'a [u8], CodecError> {
-        let n = self.b.iter().position(|&c| c == 0);
+        let n = memchr::memchr(0, self.b);
         let n = n.ok_or_else(|| malformed(self.what, "string without a NUL terminator"))?;
         let s = &self.b[..n];
         self.b = &self.b[n + 1..];

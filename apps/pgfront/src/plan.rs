@@ -60,20 +60,20 @@ pub fn decide(status: u8, execs: &[Option<&Classified>], points: bool) -> Mode {
 }
 
 fn decide_with_points(status: u8, execs: &[Option<&Classified>]) -> Mode {
-    let known: Option<Vec<&Classified>> = execs.iter().copied().collect();
-    let Some(execs) = known else {
+    if execs.iter().any(Option::is_none) {
         return Mode::Locked;
+    }
+    let execs = || execs.iter().flatten();
+    let single = |c: TxnControl| {
+        let mut e = execs();
+        matches!((e.next(), e.next()), (Some(x), None) if x.statements == 1 && x.first == c)
     };
-    let single =
-        |c: TxnControl| execs.len() == 1 && execs[0].statements == 1 && execs[0].first == c;
-    let risky = execs
-        .iter()
-        .any(|c| c.has_txn_control || c.non_transactional);
+    let risky = execs().any(|c| c.has_txn_control || c.non_transactional);
     match status {
         IN_TXN if single(TxnControl::Commit) => Mode::Commit,
         IN_TXN | FAILED if risky => Mode::Locked,
         IN_TXN | FAILED => Mode::Forward,
-        _ if execs.iter().all(|c| c.statements == 0) => Mode::Forward,
+        _ if execs().all(|c| c.statements == 0) => Mode::Forward,
         _ if single(TxnControl::Begin) => Mode::Forward,
         _ if risky => Mode::Locked,
         _ => Mode::Wrap,

@@ -566,6 +566,8 @@ impl Session {
             self.flush().await?;
             self.inbuf.reserve(8 << 10);
             tokio::select! {
+                // The client first (no random pick): its input is what the loop waits for.
+                biased;
                 n = self.conn.read_buf(&mut self.inbuf) => {
                     if n? == 0 {
                         return Ok(Unit::End);
@@ -907,8 +909,14 @@ impl Session {
 
     async fn flush(&mut self) -> Result<()> {
         if !self.out.is_empty() {
-            let b = self.out.split().freeze();
-            self.conn.write_all(&b).await?;
+            // The connection copies what it is given (into its output log), so `out` keeps its
+            // buffer for the next answer.
+            self.conn.write_all(&self.out).await?;
+            self.out.clear();
+            if self.out.capacity() > 2 * OUT_FLUSH {
+                // A large answer (one big row) does not stay allocated.
+                self.out = BytesMut::new();
+            }
         }
         Ok(())
     }

@@ -92,9 +92,25 @@ pub fn classify_with(sql: &[u8], standard_conforming_strings: bool) -> Classifie
         c.pins_session |= pins_session(s);
         c.non_transactional |= non_transactional(s);
     }
-    c.session_change |= mentions(&toks, &["set_config"]);
-    c.pins_session |= mentions(&toks, &ADVISORY_LOCKS);
-    c.notify = mentions(&toks, &["pg_notify"]) || toks.iter().any(|t| t.is("notify"));
+    // One pass over the words for the names that matter wherever they appear.
+    for t in &toks {
+        let (word, quoted) = match t {
+            Tok::Word(w) => (&w[..], false),
+            Tok::Quoted(q) => (&q[..], true),
+            _ => continue,
+        };
+        let is = |name: &str| match quoted {
+            true => word == name.as_bytes(),
+            false => word.eq_ignore_ascii_case(name.as_bytes()),
+        };
+        // Every name below is at least 6 bytes long and starts with `s`, `p` or `n`.
+        if word.len() < 6 || !matches!(word[0] | 0x20, b's' | b'p' | b'n') {
+            continue;
+        }
+        c.session_change |= is("set_config");
+        c.pins_session |= ADVISORY_LOCKS.iter().any(|n| is(n));
+        c.notify |= is("pg_notify") || (!quoted && is("notify"));
+    }
     c
 }
 
@@ -271,7 +287,8 @@ fn uescape(s: &[u8], i: usize) -> Option<u8> {
 
 /// The tokens of `s`, strings and comments left out.
 fn lex(s: &[u8], scs: bool) -> Vec<Tok<'_>> {
-    let mut toks = Vec::new();
+    // About one token per six bytes of SQL, so the vector rarely grows.
+    let mut toks = Vec::with_capacity(s.len() / 6 + 4);
     let mut i = skip_blank(s, 0);
     while i < s.len() {
         let c = s[i];
@@ -323,6 +340,8 @@ fn is_routine(stmt: &[Tok]) -> bool {
 fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut parens, mut atomic) = (0, 0usize, 0usize);
+    // Whether the statement from `start` is a routine (asked once per statement).
+    let mut routine = is_routine(toks);
     for (i, t) in toks.iter().enumerate() {
         match t {
             Tok::Open => parens += 1,
@@ -332,8 +351,9 @@ fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
                     out.push(&toks[start..i]);
                 }
                 start = i + 1;
+                routine = is_routine(&toks[start..]);
             }
-            Tok::Word(_) if parens == 0 && is_routine(&toks[start..]) => {
+            Tok::Word(_) if parens == 0 && routine => {
                 // A SQL-standard body: BEGIN ATOMIC ... END, with CASE ... END inside.
                 let begin_atomic = t.is("begin") && toks.get(i + 1).is_some_and(|t| t.is("atomic"));
                 if begin_atomic || (t.is("case") && atomic > 0) {
@@ -354,15 +374,6 @@ fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
 /// Whether token `i` of `st` is the keyword `kw`.
 fn at(st: &[Tok], i: usize, kw: &str) -> bool {
     st.get(i).is_some_and(|t| t.is(kw))
-}
-
-/// Whether one of `names` appears as an identifier, quoted (exactly) or not.
-fn mentions(toks: &[Tok], names: &[&str]) -> bool {
-    toks.iter().any(|t| match t {
-        Tok::Word(w) => names.iter().any(|n| w.eq_ignore_ascii_case(n.as_bytes())),
-        Tok::Quoted(q) => names.iter().any(|n| **q == *n.as_bytes()),
-        _ => false,
-    })
 }
 
 /// Whether the words `a b` appear next to each other in `st`.

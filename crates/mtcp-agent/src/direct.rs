@@ -16,8 +16,9 @@
 //! A client packet sent while fenced is dropped, and the client resends it after its
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
+use crate::metrics::{counted, Moving};
 use crate::relay::{candidates, connect, known_servers, reset, resumed, welcome, CLOSED_PREFIX};
-use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
+use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
 use mtcp_proto::{Cid, Token};
@@ -50,7 +51,7 @@ struct Conn {
 enum End {
     Done,
     Move {
-        reason: String,
+        reason: MoveReason,
         to: Option<String>,
         done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
         at: Instant,
@@ -90,32 +91,36 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                 done,
                 at,
                 broken,
-            } => match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
-                Ok(Some(s)) => {
-                    session = s;
-                    if let Some(d) = done {
-                        let _ = d.send(Ok(conn.server.clone()));
+            } => {
+                let _moving = Moving::new(&inner);
+                let moving = migrate(&inner, &mut conn, &reason.text, to.as_deref(), at);
+                match counted(reason.cause, at, moving).await {
+                    Ok(Some(s)) => {
+                        session = s;
+                        if let Some(d) = done {
+                            let _ = d.send(Ok(conn.server.clone()));
+                        }
+                    }
+                    Ok(None) => {
+                        if let Some(d) = done {
+                            let _ = d.send(Err("connection ended".into()));
+                        }
+                        break Ok(());
+                    }
+                    Err(e) => {
+                        if let Some(d) = done {
+                            let _ = d.send(Err(e.clone()));
+                        }
+                        // Refused before any origin let go: the connection is still served where
+                        // it was (its flow was fenced meanwhile, so kick it).
+                        if !broken && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
+                            tracing::warn!(conn = id, cid = %conn.cid, "not moved ({e}); still on {}", conn.server);
+                            continue;
+                        }
+                        break Err(format!("migration failed: {e}"));
                     }
                 }
-                Ok(None) => {
-                    if let Some(d) = done {
-                        let _ = d.send(Err("connection ended".into()));
-                    }
-                    break Ok(());
-                }
-                Err(e) => {
-                    if let Some(d) = done {
-                        let _ = d.send(Err(e.clone()));
-                    }
-                    // Refused before any origin let go: the connection is still served where
-                    // it was (its flow was fenced meanwhile, so kick it).
-                    if !broken && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
-                        tracing::warn!(conn = id, cid = %conn.cid, "not moved ({e}); still on {}", conn.server);
-                        continue;
-                    }
-                    break Err(format!("migration failed: {e}"));
-                }
-            },
+            }
         }
     };
     inner.retire(id, &conn.status, &outcome);
@@ -183,7 +188,10 @@ async fn hand_over(
         Ok(Msg::Adopted) => {}
         other => {
             let why = match other {
-                Ok(Msg::Refused { code, reason }) => format!("refused ({code:?}): {reason}"),
+                Ok(Msg::Refused { code, reason }) => {
+                    mtcp::metrics::refused(code);
+                    format!("refused ({code:?}): {reason}")
+                }
                 Ok(m) => format!("unexpected {m:?}"),
                 Err(e) => e,
             };
@@ -252,7 +260,7 @@ async fn run(
             m = s.0.next_msg(silent) => match m {
                 Ok(Msg::Hint { reason, target }) => {
                     return End::Move {
-                        reason: format!("server hint: {reason:?}"),
+                        reason: MoveReason::new(reason.into(), format!("server hint: {reason:?}")),
                         to: target.filter(|t| conn.alternates.iter().any(|a| a.id == *t)),
                         done: None,
                         at: Instant::now(),
@@ -269,12 +277,13 @@ async fn run(
                     return End::Done;
                 }
                 Ok(Msg::Refused { code, reason }) => {
+                    mtcp::metrics::refused(code);
                     return End::Abort(format!("server refused ({code:?}): {reason}"));
                 }
                 Ok(Msg::Heartbeat | Msg::Pong { .. } | Msg::Committed { .. }) => {}
                 Ok(other) => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
                 Err(e) => {
-                    let reason = format!("session with {} broke: {e}", conn.server);
+                    let reason = MoveReason::new(MoveCause::SessionBroke, format!("session with {} broke: {e}", conn.server));
                     tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
                     return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
                 }

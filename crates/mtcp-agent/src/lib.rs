@@ -7,20 +7,24 @@
 
 pub mod admin;
 mod direct;
+pub mod metrics;
 pub mod policy;
+mod reason;
 mod relay;
 mod spare;
 pub mod transparent;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 pub use policy::{PolicyConfig, RttPolicyConfig};
+pub use reason::MoveCause;
+pub(crate) use reason::MoveReason;
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -116,6 +120,7 @@ impl ConnStatus {
             timeline_dropped: 0,
             rtt_ms: Default::default(),
             fast_path,
+            retained: 0,
         }
     }
 
@@ -160,13 +165,17 @@ pub struct ConnStatus {
     /// the server's at its last restart point (SNAP), and the total at the end.
     #[serde(default)]
     pub fast_path: bool,
+    /// Upstream bytes the agent keeps to replay after a move (not yet covered by a restart
+    /// point the server announced, or in eager mode one a backup holds).
+    #[serde(default)]
+    pub retained: u64,
 }
 
 /// A request to move a connection.
 #[derive(Debug)]
 pub(crate) struct MoveRequest {
     pub to: Option<String>,
-    pub reason: String,
+    pub reason: MoveReason,
     pub done: Option<oneshot::Sender<Result<String, String>>>,
     /// When the request arrived: the trigger time migration latency is measured from.
     pub at: Instant,
@@ -192,6 +201,32 @@ pub(crate) struct AgentInner {
     fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
     /// Relayed connections moving at once (see [`MAX_CONCURRENT_MOVES`]).
     pub moves: tokio::sync::Semaphore,
+    /// Connections between a move's trigger and its outcome (waiting for a turn included).
+    pub moving: std::sync::atomic::AtomicUsize,
+    /// Client connections accepted and not yet ended (what the descriptor budget counts).
+    live: AtomicUsize,
+}
+
+/// Counts a client connection as live until dropped (at the end of its task).
+struct Live(Arc<AgentInner>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The soft limit on open files (after `mtcp agent` raised it), or `None` if unknown.
+fn open_files_limit() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    usize::try_from(lim.rlim_cur).ok()
 }
 
 /// At most this many relayed connections move at once. A drain hints every connection of a
@@ -294,6 +329,8 @@ impl Agent {
                 spares: Arc::new(spare::Spares::default()),
                 fences: Mutex::new(None),
                 moves: tokio::sync::Semaphore::new(MAX_CONCURRENT_MOVES),
+                live: AtomicUsize::new(0),
+                moving: Default::default(),
             }),
         }
     }
@@ -307,9 +344,33 @@ impl Agent {
             Arc::downgrade(spares),
             self.inner.cfg.transparent,
         ));
+        // Each relayed connection holds its client socket and a session; a fast-path one only
+        // its session. What is kept aside covers the rest and a second session per move.
+        let per_conn = if self.inner.cfg.fast_path { 1 } else { 2 };
+        let reserve = mtcp_proto::bounds::AGENT_FD_BASE + MAX_CONCURRENT_MOVES;
+        let limit = open_files_limit();
+        let mut refusals = mtcp_proto::bounds::LogBudget::new(Duration::from_secs(1), 5);
         loop {
             match listener.accept().await {
-                Ok((client, _)) => {
+                Ok((client, from)) => {
+                    let live = self.inner.live.load(Ordering::Relaxed);
+                    if let Some(limit) = limit.filter(|&l| {
+                        !mtcp_proto::bounds::admits_connection(live, per_conn, reserve, l)
+                    }) {
+                        if let Some(suppressed) = refusals.admit(Instant::now()) {
+                            tracing::warn!(
+                                client = %from,
+                                live,
+                                limit,
+                                suppressed,
+                                "refusing a new client: the open-files limit ({limit}) leaves no room for another connection ({live} open, {per_conn} descriptor(s) each, {reserve} kept for moves and the agent itself)"
+                            );
+                        }
+                        drop(client);
+                        continue;
+                    }
+                    self.inner.live.fetch_add(1, Ordering::Relaxed);
+                    let live = Live(self.inner.clone());
                     let _ = client.set_nodelay(true);
                     let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
                     let orig_dst = if self.inner.cfg.transparent {
@@ -317,14 +378,25 @@ impl Agent {
                     } else {
                         None
                     };
+                    let inner = self.inner.clone();
                     if self.inner.cfg.fast_path {
-                        tokio::spawn(direct::direct(self.inner.clone(), id, client));
+                        tokio::spawn(async move {
+                            direct::direct(inner, id, client).await;
+                            drop(live);
+                        });
                     } else {
-                        tokio::spawn(relay::relay(self.inner.clone(), id, client, orig_dst));
+                        tokio::spawn(async move {
+                            relay::relay(inner, id, client, orig_dst).await;
+                            drop(live);
+                        });
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    // Out of descriptors (or another transient failure): the client waits in
+                    // the listen queue until one is free.
+                    if let Some(suppressed) = refusals.admit(Instant::now()) {
+                        tracing::warn!(suppressed, "accept failed: {e}");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -339,6 +411,12 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+    }
+
+    /// What publishes this agent's levels to the metrics endpoint (holds no reference that
+    /// keeps the agent alive).
+    pub fn metrics(&self) -> crate::metrics::AgentSampler {
+        crate::metrics::AgentSampler(Arc::downgrade(&self.inner))
     }
 
     /// How many connections are live.
@@ -393,7 +471,7 @@ impl Agent {
                 let (tx, rx) = oneshot::channel();
                 let req = MoveRequest {
                     to: to.clone(),
-                    reason: "manual".into(),
+                    reason: MoveReason::new(MoveCause::Manual, "manual"),
                     done: Some(tx),
                     at: Instant::now(),
                 };

@@ -2,6 +2,7 @@
 //! RTT to every server of the service, and the per-connection glue that feeds the sans-IO
 //! policies of `mtcp_proto::policy` and turns their decisions into moves.
 
+use crate::{MoveCause, MoveReason};
 use mtcp::framed::{self, FrameReader};
 pub use mtcp_proto::policy::FloorConfig;
 use mtcp_proto::policy::{Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
@@ -288,7 +289,7 @@ impl ConnPolicy {
         blocked: bool,
         known: &[ServerInfo],
         status: &Mutex<crate::ConnStatus>,
-    ) -> Option<(String, Option<String>)> {
+    ) -> Option<(MoveReason, Option<String>)> {
         let client_limited = std::mem::replace(&mut self.blocked, blocked) || blocked;
         if let Some(f) = &mut self.floor {
             let s = FloorSample {
@@ -300,12 +301,12 @@ impl ConnPolicy {
             if let Some(fire) = f.sample(now, s) {
                 let cfg = f.config();
                 return Some((
-                    format!(
+                    MoveReason::new(MoveCause::Floor, format!(
                         "policy: throughput floor ({:.2} Mbit/s under {:.2} Mbit/s for {:.1} s with data waiting)",
                         fire.rate_bytes_per_s as f64 * 8e-6,
                         cfg.floor_bytes_per_s as f64 * 8e-6,
                         fire.over.as_secs_f64()
-                    ),
+                    )),
                     None,
                 ));
             }
@@ -333,10 +334,13 @@ impl ConnPolicy {
             }
             if let Some(m) = r.poll(now) {
                 return Some((
-                    format!(
-                        "policy: rtt ({} better by {:.1} ms)",
-                        m.target,
-                        m.better_by().as_secs_f64() * 1e3
+                    MoveReason::new(
+                        MoveCause::Rtt,
+                        format!(
+                            "policy: rtt ({} better by {:.1} ms)",
+                            m.target,
+                            m.better_by().as_secs_f64() * 1e3
+                        ),
                     ),
                     Some(m.target),
                 ));

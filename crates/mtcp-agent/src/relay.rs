@@ -1,7 +1,8 @@
 //! One client program's connection: relay it over an M-TCP session, and move the session when
 //! a trigger fires.
 
-use crate::{AgentInner, ConnStatus, MigrationEvent, MoveRequest};
+use crate::metrics::{counted, Moving};
+use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp_proto::custody::{Lineage, Step};
@@ -178,7 +179,7 @@ struct Conn {
     rtt: Rtt,
     /// Eager mode: the epochs moved away from whose destination has not confirmed (COMMITTED)
     /// that its backups hold the new one — fallbacks for a move nobody can take at the current
-    /// epoch (decision NN).
+    /// epoch (decision 43).
     lineage: Lineage,
 }
 
@@ -187,7 +188,7 @@ enum End {
     Done,
     /// Move the session.
     Move {
-        reason: String,
+        reason: MoveReason,
         to: Option<String>,
         done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
         /// When the trigger fired (a manual request may wait a little before the relay sees it).
@@ -251,6 +252,7 @@ pub(crate) async fn relay(
                 // session's — before any deferred close ran, and run out (issue 13: 9 000
                 // connections under a 20 000 open-files limit).
                 // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
+                let _moving = Moving::new(&inner);
                 let _turn = inner.moves.acquire().await;
                 if queued_bytes(&session) < CLOSE_INLINE_BELOW {
                     drop(session);
@@ -258,7 +260,8 @@ pub(crate) async fn relay(
                     tokio::spawn(async move { drop(session) });
                 }
                 let at = at.unwrap_or_else(Instant::now);
-                match migrate(&inner, &mut conn, &reason, to.as_deref(), at).await {
+                let moving = migrate(&inner, &mut conn, &reason.text, to.as_deref(), at);
+                match counted(reason.cause, at, moving).await {
                     Ok(Some(s)) => {
                         session = s;
                         if let Some(d) = done {
@@ -390,9 +393,12 @@ pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed,
             let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, hello, mark).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
-                Msg::Refused { code, reason } => Err(ChannelError::Unexpected(format!(
-                    "refused ({code:?}): {reason}"
-                ))),
+                Msg::Refused { code, reason } => {
+                    mtcp::metrics::refused(code);
+                    Err(ChannelError::Unexpected(format!(
+                        "refused ({code:?}): {reason}"
+                    )))
+                }
                 other => Err(ChannelError::Unexpected(format!("{other:?}"))),
             }
         }
@@ -630,7 +636,8 @@ async fn run(
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
-                    conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_up = conn.retained.end();
+                    mtcp::metrics::add_up(n);
+                    show_upstream(conn);
                 }
             },
             f = s.reader.next_piece(rbuf, DOWN_READ), if ready.is_none() => {
@@ -664,11 +671,13 @@ async fn run(
                                     return End::Abort(format!("client program closed its connection: {e}"));
                                 }
                                 conn.down.on_data(&wbuf[pend.clone()]);
+                                mtcp::metrics::add_down(pend.len());
                                 if let Some(n) = ready {
                                     if cw.write_all(&rbuf[..n]).await.is_err() {
                                         return End::Abort("client program closed its connection".into());
                                     }
                                     conn.down.on_data(&rbuf[..n]);
+                                    mtcp::metrics::add_down(n);
                                 }
                                 return End::Done;
                             }
@@ -685,10 +694,18 @@ async fn run(
                     silence.as_mut().reset(tokio::time::Instant::from_std(due));
                     continue;
                 }
-                return End::Move { reason: format!("server silent for {:?}", live.bound()), to: None, done: None, at: None };
+                let reason = MoveReason::new(MoveCause::Silence, format!("server silent for {:?}", live.bound()));
+                return End::Move { reason, to: None, done: None, at: None };
             }
         }
     }
+}
+
+/// The status shows the upstream bytes sent and those retained for a replay.
+fn show_upstream(conn: &Conn) {
+    let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
+    st.bytes_up = conn.retained.end();
+    st.retained = conn.retained.len();
 }
 
 /// Downstream data arrived from the session (`arrived`: the stream offset it reaches).
@@ -715,6 +732,7 @@ async fn on_delivered(
     closed_at: Option<u64>,
 ) -> Result<(), End> {
     let cut = conn.down.on_data(d);
+    mtcp::metrics::add_down(d.len());
     // Time spent waiting on the client program is not the server's silence.
     live.on_receive(Instant::now());
     let recv = conn.down.received();
@@ -760,6 +778,7 @@ async fn on_msg(
         Msg::Snap { in_off, out_off } => {
             if !conn.eager {
                 conn.retained.trim_to(in_off);
+                show_upstream(conn);
             }
             if conn.down.on_snap(out_off) && conn.eager {
                 conn.acked = conn.down.received();
@@ -776,6 +795,7 @@ async fn on_msg(
             // The current server's backups hold this point, hence its epoch: upstream before it
             // and the epochs before this one are no longer needed.
             conn.retained.trim_to(in_off);
+            show_upstream(conn);
             conn.down.retain_from(out_off);
             conn.lineage.confirmed();
         }
@@ -788,7 +808,7 @@ async fn on_msg(
         }
         Msg::Hint { reason, target } => {
             return Some(End::Move {
-                reason: format!("hint ({reason:?})").to_lowercase(),
+                reason: MoveReason::new(reason.into(), format!("hint ({reason:?})").to_lowercase()),
                 to: target,
                 done: None,
                 at: None,
@@ -808,6 +828,7 @@ async fn on_msg(
             *closed_at = Some(down_total);
         }
         Msg::Refused { code, reason } => {
+            mtcp::metrics::refused(code);
             return Some(End::Abort(format!(
                 "server {} ended the connection ({code:?}): {reason}",
                 conn.server
@@ -820,7 +841,10 @@ async fn on_msg(
 
 /// The session's TCP connection failed without an M-TCP close: move it.
 fn session_broke(conn: &Conn, why: &str) -> End {
-    let reason = format!("session with {} broke: {why}", conn.server);
+    let reason = MoveReason::new(
+        MoveCause::SessionBroke,
+        format!("session with {} broke: {why}", conn.server),
+    );
     tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
     End::Move {
         reason,
@@ -1009,11 +1033,14 @@ pub(crate) fn silent(e: ChannelError, silence: Duration) -> String {
 pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, String> {
     match msg {
         Msg::Resumed(r) => Ok(r),
-        Msg::Refused {
-            code: RefuseCode::Closed,
-            reason,
-        } => Err(format!("{CLOSED_PREFIX}{reason}")),
-        Msg::Refused { code, reason } => Err(format!("{code:?}: {reason}")),
+        Msg::Refused { code, reason } => {
+            mtcp::metrics::refused(code);
+            if code == RefuseCode::Closed {
+                Err(format!("{CLOSED_PREFIX}{reason}"))
+            } else {
+                Err(format!("{code:?}: {reason}"))
+            }
+        }
         other => Err(format!("unexpected answer {other:?}")),
     }
 }

@@ -251,6 +251,8 @@ pub struct MigrationReport {
 pub async fn run(a: BenchArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("mtcp-bench-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("www"))?;
+    // Removed also when the run is dropped half-way (SIGINT, SIGTERM).
+    let _dir = RemoveDir(dir.clone());
     let r = match a.which {
         Which::Throughput => throughput(&a, &dir).await,
         Which::Migration => migration(&a, &dir).await,
@@ -265,8 +267,16 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         Which::Pg => crate::pgbench::run(&a, &dir).await,
         Which::Scale => crate::scalebench::scale(&a, &dir).await,
     };
-    let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// Removes a directory tree when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn start(a: &BenchArgs, dir: &std::path::Path, plain: bool) -> Result<LocalCluster> {

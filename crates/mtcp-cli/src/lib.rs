@@ -10,6 +10,7 @@ pub mod lab;
 pub mod labbench;
 pub mod labcluster;
 pub mod local;
+pub mod metrics;
 pub mod pgbench;
 pub mod pgdemo;
 pub mod pglocal;

@@ -100,6 +100,10 @@ struct ServerArgs {
     /// second; the agents move them).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Anyone who reaches
+    /// ADDR can read them: bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Test hook: cap each session socket's send rate at this many Mbit/s (SO_MAX_PACING_RATE;
     /// emulates a slow link on loopback).
     #[arg(long, hide = true)]
@@ -150,6 +154,10 @@ struct AgentArgs {
     /// request is refused with "rate limited".
     #[arg(long, default_value_t = mtcp_agent::admin::DEFAULT_MOVES_PER_SEC)]
     admin_moves_per_sec: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). Anyone who reaches
+    /// ADDR can read them: bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Most upstream bytes retained per connection (MiB) before the agent stops reading.
     #[arg(long, default_value_t = 64)]
     max_retained_mib: u64,
@@ -283,10 +291,51 @@ fn main() {
         _ => tokio::runtime::Runtime::new(),
     }
     .expect("tokio runtime");
-    let r = rt.block_on(run(cli));
-    if let Err(e) = r {
-        eprintln!("mtcp: error: {e:#}");
-        std::process::exit(1);
+    let r = rt.block_on(run_interruptible(cli));
+    // Tasks still running (a benchmark's helpers) are dropped with the runtime, so that what
+    // they started is cleaned up too.
+    rt.shutdown_timeout(Duration::from_secs(10));
+    match r {
+        Ok(()) => {}
+        Err(e) if e.is::<Interrupted>() => {
+            eprintln!("mtcp: {e}");
+            std::process::exit(130);
+        }
+        Err(e) => {
+            eprintln!("mtcp: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// A demo, benchmark or chaos run ended by SIGINT or SIGTERM.
+#[derive(Debug)]
+struct Interrupted(&'static str);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted by {}; the processes, clusters and files it started were cleaned up",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// [`run`]; a command that starts clusters of its own (demo, bench, chaos) is dropped on SIGINT
+/// or SIGTERM instead of dying with them running: dropping it stops every process, PostgreSQL
+/// cluster and nftables table it started. Servers and agents handle the signals themselves.
+async fn run_interruptible(cli: Cli) -> Result<()> {
+    if !matches!(cli.cmd, Cmd::Demo(_) | Cmd::Bench(_) | Cmd::Chaos(_)) {
+        return run(cli).await;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = run(cli) => r,
+        _ = tokio::signal::ctrl_c() => Err(Interrupted("SIGINT").into()),
+        _ = term.recv() => Err(Interrupted("SIGTERM").into()),
     }
 }
 
@@ -382,6 +431,12 @@ async fn server(a: ServerArgs) -> Result<()> {
         id: a.id.clone(),
         nondeterministic: a.nondeterministic,
     };
+    // Before anything is counted.
+    let exporter = a
+        .metrics
+        .as_ref()
+        .map(|_| mtcp_cli::metrics::Exporter::install())
+        .transpose()?;
     let app = mtcp_cli::apps::build(&name, matches, ctx).await?;
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
@@ -419,6 +474,10 @@ async fn server(a: ServerArgs) -> Result<()> {
         ..Limits::default()
     };
     let server = Server::bind(cluster, &a.id, limits).await?;
+    if let (Some(e), Some(addr)) = (exporter, &a.metrics) {
+        let sampler = server.metrics();
+        e.serve(addr, move || sampler.sample()).await?;
+    }
     let _trimmer = mtcp::memory::spawn_trimmer();
     mtcp::app::run(server, app).await;
     Ok(())
@@ -426,6 +485,12 @@ async fn server(a: ServerArgs) -> Result<()> {
 
 async fn agent(a: AgentArgs) -> Result<()> {
     let policy = agent_policy(&a)?;
+    // Before anything is counted.
+    let exporter = a
+        .metrics
+        .as_ref()
+        .map(|_| mtcp_cli::metrics::Exporter::install())
+        .transpose()?;
     let cfg = mtcp_agent::AgentConfig {
         connect: a.connect,
         max_retained: a.max_retained_mib << 20,
@@ -455,6 +520,11 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None
     };
     let agent = mtcp_agent::Agent::new(cfg);
+    if let (Some(e), Some(addr)) = (exporter, &a.metrics) {
+        let sampler = agent.metrics();
+        sampler.describe();
+        e.serve(addr, move || sampler.sample()).await?;
+    }
     if let Some(ad) = &a.admin {
         if a.admin_moves_per_sec == 0 {
             bail!("--admin-moves-per-sec must be at least 1");

@@ -70,6 +70,10 @@ pub struct DrainResult {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
+    /// The agent's moves of this drain: trigger (the drain's HINT) to RESUMED, µs, p50/p99/max.
+    pub move_us: [u64; 3],
+    /// From the first of these moves' triggers to the last one's RESUMED, ms.
+    pub moves_span_ms: u64,
 }
 
 /// VmRSS of `pid`, KiB.
@@ -168,8 +172,9 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         }
         for d in &rep.drains {
             println!(
-                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {})",
-                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent
+                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {}); agent's moves: trigger -> RESUMED p50 {} us, p99 {} us, max {} us, first trigger to last RESUMED {} ms",
+                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent,
+                d.move_us[0], d.move_us[1], d.move_us[2], d.moves_span_ms
             );
         }
         println!(
@@ -323,6 +328,19 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
             Duration::from_secs(60 + n as u64 / 100),
         )
         .await?;
+        // Each connection's last move away from this server, as the agent timed it.
+        let st = lc.status_async().await?;
+        let moves: Vec<&mtcp_agent::MigrationEvent> = st
+            .iter()
+            .filter_map(|c| c.timeline.iter().rev().find(|e| e.from == id && e.ok))
+            .collect();
+        let mut us: Vec<u64> = moves.iter().filter_map(|e| e.resumed_us).collect();
+        us.sort_unstable();
+        let first = moves.iter().map(|e| e.at_ms).min().unwrap_or(0);
+        let last = (moves.iter())
+            .map(|e| e.at_ms + e.resumed_us.unwrap_or(0) / 1000)
+            .max()
+            .unwrap_or(0);
         drains.push(DrainResult {
             server: id,
             conns: count,
@@ -330,6 +348,12 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
             moved: rep.moved,
             ended: rep.ended,
             kept_for_dead_agent: rep.kept_for_dead_agent,
+            move_us: [
+                pct(&us, 0.5),
+                pct(&us, 0.99),
+                us.last().copied().unwrap_or(0),
+            ],
+            moves_span_ms: last.saturating_sub(first),
         });
     }
 

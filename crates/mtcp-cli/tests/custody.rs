@@ -1,4 +1,4 @@
-//! Eager mode (issue 15, decision NN): a move is safe even when its destination dies before its
+//! Eager mode (issue 15, decision 43): a move is safe even when its destination dies before its
 //! own backups hold the new epoch. The state stays with its keeper (here the origin, which
 //! handed it over alive), and the next candidate gets it once the dead destination's epoch is
 //! fenced. Each test kills the destination at the precise moment with a test hook and compares
@@ -77,7 +77,7 @@ fn tail(s: &str) -> String {
 /// The destination took the connection over (and stored it on its backup) but is killed
 /// before its RESUMED reaches the agent: the agent retries the old epoch at the next
 /// candidate, whose FETCH finds the origin's custody; the origin fences s2's epoch and hands
-/// the connection out again. Before decision NN the origin had forgotten the connection
+/// the connection out again. Before decision 43 the origin had forgotten the connection
 /// (`UnknownConnection`) and the download was reset.
 #[test]
 fn a_destination_killed_before_its_resumed_reaches_the_agent_loses_nothing() {
@@ -102,7 +102,7 @@ fn a_destination_killed_before_its_resumed_reaches_the_agent_loses_nothing() {
 /// resumes unconfirmed; the agent keeps upstream from the last confirmed point, the origin
 /// keeps the state. The destination is then killed: nobody can take the connection at its
 /// epoch (no backup holds it), so the agent falls back to the epoch before, and the origin
-/// fences s2's epoch and hands the connection out again. Before decision NN the move had
+/// fences s2's epoch and hands the connection out again. Before decision 43 the move had
 /// resumed "unprotected" and the kill lost the connection (`Divergence`).
 #[test]
 fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
@@ -130,7 +130,7 @@ fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
 /// by s2; s2 is asked to give its epoch up (it has not answered the agent, so it does: it never
 /// sends that RESUMED), the epoch is fenced at s2's backup, and the connection goes to s3 one
 /// epoch up.
-/// Before decision NN the standing claim refused s3 (`StaleEpoch … claimed by s2`) and the
+/// Before decision 43 the standing claim refused s3 (`StaleEpoch … claimed by s2`) and the
 /// download was reset.
 #[test]
 fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {

@@ -193,9 +193,37 @@ impl TokenBucket {
     }
 }
 
+/// Descriptors an agent keeps apart from its connections' own: listeners, the admin endpoint,
+/// RTT probes, spare sessions, logs.
+pub const AGENT_FD_BASE: usize = 64;
+
+/// Whether an agent holding `live` connections of `per_conn` descriptors each may take one more
+/// under an open-files limit of `limit`, `reserve` descriptors kept aside (for what is not a
+/// connection, and for the second session a moving connection holds). A client over the budget
+/// is refused at once, so that the descriptors existing connections need to move are there.
+pub fn admits_connection(live: usize, per_conn: usize, reserve: usize, limit: usize) -> bool {
+    live.checked_add(1)
+        .and_then(|n| n.checked_mul(per_conn))
+        .and_then(|n| n.checked_add(reserve))
+        .is_some_and(|need| need <= limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_admitted_while_their_descriptors_fit() {
+        // 20 000 descriptors, 128 kept aside: 9 936 relayed connections of two each.
+        assert!(admits_connection(9_935, 2, 128, 20_000));
+        assert!(!admits_connection(9_936, 2, 128, 20_000));
+        // A fast-path connection holds only its session.
+        assert!(admits_connection(19_871, 1, 128, 20_000));
+        assert!(!admits_connection(19_872, 1, 128, 20_000));
+        // A limit below the reserve admits nothing; huge counts do not overflow.
+        assert!(!admits_connection(0, 2, 128, 100));
+        assert!(!admits_connection(usize::MAX, 2, 0, usize::MAX));
+    }
 
     fn d(secs: u64, carried_data: bool) -> Detached {
         Detached {

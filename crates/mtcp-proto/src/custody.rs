@@ -1,6 +1,6 @@
 //! Eager mode: who keeps a moved connection's restart point until the destination's own
 //! backups hold its new epoch, and how the next candidate supersedes a destination that died,
-//! hung or was given up on before that (issue 15, decision NN).
+//! hung or was given up on before that (issue 15, decision 43).
 //!
 //! The *keeper* is the origin that handed the connection over alive, or the backup whose replica
 //! a destination claimed. It remembers who took the state (the *holder*) and under which epoch

@@ -136,6 +136,17 @@ impl ServerStream {
         &self.snaps
     }
 
+    /// Bytes kept so that the connection can restart elsewhere: the input and output logs
+    /// (unread input included) and the restart points' snapshots.
+    pub fn kept_bytes(&self) -> u64 {
+        let snaps: usize = self
+            .snaps
+            .iter()
+            .map(|s| s.state.as_ref().map_or(0, Bytes::len))
+            .sum();
+        self.input.len() + self.out.len() + snaps as u64
+    }
+
     /// Upstream data from the agent.
     pub fn receive(&mut self, b: Bytes) -> Result<(), &'static str> {
         if self.up_fin.is_some() {
@@ -481,6 +492,28 @@ mod tests {
     use proptest::prelude::*;
 
     const NO_LIMIT: u64 = u64::MAX;
+
+    #[test]
+    fn kept_bytes_count_logs_and_snapshots_until_the_agent_has_them() {
+        let mut st = ServerStream::new();
+        st.receive(Bytes::from_static(b"abcd")).unwrap();
+        let mut b = [0u8; 8];
+        assert_eq!(st.read(&mut b), Some(4));
+        st.write(Bytes::from_static(b"012345"), NO_LIMIT).unwrap();
+        assert_eq!(
+            st.kept_bytes(),
+            10,
+            "input and output since the implicit point at 0"
+        );
+        st.snapshot(Bytes::from_static(b"ss")).unwrap();
+        assert_eq!(
+            st.kept_bytes(),
+            12,
+            "the client lacks the output up to the new point"
+        );
+        st.on_ack(6, 6);
+        assert_eq!(st.kept_bytes(), 2, "only the snapshot is left");
+    }
 
     #[test]
     fn input_read_on_arrival_is_logged_in_order() {

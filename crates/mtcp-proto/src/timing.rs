@@ -35,6 +35,17 @@ pub fn frame_deadline(received: usize) -> Duration {
     FRAME_GRACE + Duration::from_secs_f64(received as f64 / FRAME_MIN_RATE as f64)
 }
 
+/// How often a draining server repeats its HINT to a connection still here (a hint can be lost
+/// with a session that breaks). Repeating every connection's hint on each status poll (every
+/// 20 ms from `mtcp drain`) made a drain quadratic in the number of connections.
+pub const REHINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether a connection last hinted at `last` (never: `None`) is due for its hint again at
+/// `now`.
+pub fn rehint_due(last: Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    last.is_none_or(|t| now.saturating_duration_since(t) >= REHINT_EVERY)
+}
+
 /// How long to wait for an answer the other party sends at once: one round trip plus two
 /// retransmission timeouts (each at least [`MIN_RTO`]).
 pub fn answer_bound(rtt: &Rtt) -> Duration {
@@ -103,6 +114,17 @@ pub fn protect_bound(to_backup: &Rtt) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_hinted_again_once_a_second_at_most() {
+        let t0 = std::time::Instant::now();
+        assert!(rehint_due(None, t0));
+        assert!(!rehint_due(Some(t0), t0));
+        assert!(!rehint_due(Some(t0), t0 + Duration::from_millis(999)));
+        assert!(rehint_due(Some(t0), t0 + REHINT_EVERY));
+        // A clock that seems to go back does not make it due.
+        assert!(!rehint_due(Some(t0 + Duration::from_secs(5)), t0));
+    }
 
     fn rtt(ms: u64) -> Rtt {
         let mut r = Rtt::default();

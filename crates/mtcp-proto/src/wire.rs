@@ -91,12 +91,61 @@ pub enum RefuseCode {
     Closed,
 }
 
+impl RefuseCode {
+    /// Every code, in wire order.
+    pub const ALL: [RefuseCode; 13] = [
+        RefuseCode::VersionMismatch,
+        RefuseCode::BadToken,
+        RefuseCode::StaleEpoch,
+        RefuseCode::UnknownConnection,
+        RefuseCode::OriginUnreachable,
+        RefuseCode::Busy,
+        RefuseCode::Draining,
+        RefuseCode::Divergence,
+        RefuseCode::Malformed,
+        RefuseCode::TooLarge,
+        RefuseCode::Unauthenticated,
+        RefuseCode::Internal,
+        RefuseCode::Closed,
+    ];
+
+    /// The code's name as a metric label (`mtcp_refusals_total{code="bad_token"}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            RefuseCode::VersionMismatch => "version_mismatch",
+            RefuseCode::BadToken => "bad_token",
+            RefuseCode::StaleEpoch => "stale_epoch",
+            RefuseCode::UnknownConnection => "unknown_connection",
+            RefuseCode::OriginUnreachable => "origin_unreachable",
+            RefuseCode::Busy => "busy",
+            RefuseCode::Draining => "draining",
+            RefuseCode::Divergence => "divergence",
+            RefuseCode::Malformed => "malformed",
+            RefuseCode::TooLarge => "too_large",
+            RefuseCode::Unauthenticated => "unauthenticated",
+            RefuseCode::Internal => "internal",
+            RefuseCode::Closed => "closed",
+        }
+    }
+}
+
 /// Why a server hints a connection away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HintReason {
     Drain,
     Overload,
     Balance,
+}
+
+impl HintReason {
+    /// The reason's name as a metric label (`mtcp_hints_total{reason="drain"}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            HintReason::Drain => "drain",
+            HintReason::Overload => "overload",
+            HintReason::Balance => "balance",
+        }
+    }
 }
 
 /// Sent by the agent to a destination to take a connection over.
@@ -473,6 +522,18 @@ impl FrameDecoder {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn refuse_codes_are_all_listed_in_wire_order_with_distinct_names() {
+        for (i, c) in RefuseCode::ALL.iter().enumerate() {
+            assert_eq!(postcard::to_stdvec(c).unwrap(), [i as u8], "{c:?}");
+        }
+        let past = [RefuseCode::ALL.len() as u8];
+        assert!(postcard::from_bytes::<RefuseCode>(&past).is_err());
+        let names: std::collections::BTreeSet<_> =
+            RefuseCode::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), RefuseCode::ALL.len());
+    }
 
     fn arb_msg() -> impl Strategy<Value = Msg> {
         let cid = any::<[u8; 16]>().prop_map(Cid);

@@ -105,6 +105,8 @@ pub(crate) struct ConnState {
     pub direct: Option<crate::direct::DirectHandle>,
     /// Kernel fast path: what the application's own socket calls and the pump share.
     pub fast: crate::direct::FastOut,
+    /// When the connection was last hinted away (a drain repeats hints at most this often).
+    pub hinted_at: Option<Instant>,
 }
 
 impl ConnState {
@@ -124,6 +126,7 @@ impl ConnState {
             arrived: Instant::now(),
             direct: None,
             fast: Default::default(),
+            hinted_at: None,
         }
     }
 
@@ -165,6 +168,7 @@ impl ConnState {
     /// The caller then forgets the connection (`ServerInner::forget`).
     pub fn abort(&mut self, reason: String, refusal: Option<RefuseCode>) {
         if let Some(code) = refusal {
+            crate::metrics::refused(code);
             self.send(Out::Msg(Msg::Refused {
                 code,
                 reason: reason.clone(),
@@ -282,6 +286,8 @@ impl Shared {
             target: None,
         };
         st.send(Out::Msg(m.clone()));
+        st.hinted_at = Some(Instant::now());
+        crate::metrics::hinted(reason);
         *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
         self.hinted.notify_one();
     }
@@ -471,7 +477,12 @@ impl AsyncRead for Connection {
     ) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
         st.ensure_live()?;
-        match st.s.read(buf.initialize_unfilled()) {
+        // Only as much of the application's buffer as there is input to copy is zeroed first.
+        let unread = usize::try_from(st.s.unread()).unwrap_or(usize::MAX);
+        match st
+            .s
+            .read(buf.initialize_unfilled_to(unread.min(buf.remaining())))
+        {
             Some(0) => return Poll::Ready(Ok(())),
             Some(n) => {
                 buf.advance(n);
@@ -523,12 +534,7 @@ impl AsyncWrite for Connection {
             Err(d) => {
                 let reason = d.to_string();
                 tracing::error!(cid = %self.shared.cid, "{reason}; aborting the connection");
-                st.phase = Phase::Aborted(reason.clone());
-                st.send(Out::Msg(Msg::Refused {
-                    code: RefuseCode::Divergence,
-                    reason: reason.clone(),
-                }));
-                st.tx = None;
+                st.abort(reason.clone(), Some(RefuseCode::Divergence));
                 drop(st);
                 self.server.forget(self.shared.cid);
                 return Poll::Ready(Err(StateError::Aborted(reason).into()));

@@ -1,5 +1,5 @@
 //! Eager mode, origin side: the state of connections this server handed over alive, kept until
-//! the destination confirms that its own backups hold the new epoch (decision NN). Until then a
+//! the destination confirms that its own backups hold the new epoch (decision 43). Until then a
 //! destination that dies, hangs or is given up on can be superseded: the next destination
 //! asking for the same epoch gets the state again once the holder's successor epoch is fenced
 //! (`mtcp_proto::custody`, [`crate::eager::fence`]). Bounded in bytes and in time.

@@ -135,6 +135,7 @@ impl FastOut {
 /// restart point, so those must be kept; asked only now and then, so the log keeps a little
 /// more and a small response costs no extra system call).
 fn wrote(st: &mut ConnState, sock: &TcpStream, n: usize) {
+    crate::metrics::add_down(n);
     let f = &mut st.fast;
     f.written += n as u64;
     if f.written - f.trimmed >= TRIM_EVERY {
@@ -158,8 +159,7 @@ pub(crate) fn read_inline(
             Poll::Ready(Err(e)) => break Some(e),
             Poll::Ready(Ok(())) => {}
         }
-        let dst = buf.initialize_unfilled();
-        match sock.try_read(dst) {
+        match recv_uninit(sock, buf) {
             Ok(0) => {
                 let end = st.s.up_recv();
                 if let Err(why) = st.s.finish_input(end) {
@@ -168,12 +168,13 @@ pub(crate) fn read_inline(
                 return Poll::Ready(Ok(()));
             }
             Ok(n) => {
-                let data = Bytes::copy_from_slice(&dst[..n]);
+                crate::metrics::add_up(n);
+                let filled = buf.filled().len();
+                let data = Bytes::copy_from_slice(&buf.filled()[filled - n..]);
                 if let Err(why) = st.s.receive_read(data) {
                     tracing::warn!("{why}");
                     return Poll::Ready(Err(io::Error::other(why)));
                 }
-                buf.advance(n);
                 return Poll::Ready(Ok(()));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -189,6 +190,27 @@ pub(crate) fn read_inline(
     }
     st.park_reader(cx);
     Poll::Pending
+}
+
+/// One `recv` into the unfilled part of `buf` (its filled part grows by what arrived), without
+/// zeroing that part first as `ReadBuf::initialize_unfilled` would: the application's buffer
+/// is often kilobytes larger than a request.
+fn recv_uninit(sock: &TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
+    let n = sock.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: nothing de-initializes bytes of `dst`: `recv` only writes into it, at most
+        // `dst.len()` bytes, and reads none of them.
+        let dst = unsafe { buf.unfilled_mut() };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
+        let r = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    })?;
+    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(n)
 }
 
 /// The application's write of `data` to a fast-path connection with nothing queued before it:

@@ -8,7 +8,7 @@
 //! replica claims it there too; the backups grant one claim per epoch and refuse every older or
 //! claimed update, so an origin that comes back (SIGCONT) can change nothing.
 //!
-//! Custody (decision NN): whoever handed the state out — the origin, or the backup whose
+//! Custody (decision 43): whoever handed the state out — the origin, or the backup whose
 //! replica was claimed — keeps it until the destination confirms that its own backups hold the
 //! new epoch. A destination that dies, hangs or is given up on before that is superseded: its
 //! successor epoch is fenced at its backups ([`fence`]) and the state goes to the next
@@ -58,7 +58,7 @@ pub(crate) struct Repl {
     pub at: Option<Instant>,
     /// A taken-over connection's keepers, to be told they may forget the previous epoch once
     /// the backups hold the new one *and* the agent has spoken on the new session (so it has
-    /// the new epoch: until then it may come back with the old one) (decision NN).
+    /// the new epoch: until then it may come back with the old one) (decision 43).
     pub confirm: Option<Confirm>,
     /// The agent has sent something on this session.
     pub heard: bool,
@@ -609,7 +609,7 @@ async fn claim_and_build(
 /// and again, each attempt bounded by the measured round trip to the backup, for up to
 /// [`mtcp_proto::timing::protect_bound`] (at least 3 s); a backup that stays unreachable that
 /// long leaves the new epoch unconfirmed: the state stays in its keepers' custody and the
-/// agent keeps upstream from the last confirmed point (decision NN) until the regular pushes
+/// agent keeps upstream from the last confirmed point (decision 43) until the regular pushes
 /// reach a backup. Returns `(out_off, in_off)` of what the backups hold, or `None` when
 /// nothing was pushed; an error when a backup refuses the epoch: another destination
 /// superseded this one (it fenced this epoch), which must then not resume.

@@ -14,6 +14,7 @@ pub(crate) mod direct;
 mod eager;
 pub mod framed;
 pub mod memory;
+pub mod metrics;
 pub mod peer;
 mod replica;
 pub mod server;

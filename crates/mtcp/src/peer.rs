@@ -724,8 +724,9 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
             Ok(Msg::AdminUndrain) => inner.draining.store(false, Ordering::Relaxed),
             Ok(Msg::AdminStatus) => {
                 if inner.draining.load(Ordering::Relaxed) {
-                    // Hints can be lost with a session that breaks; repeat them.
-                    inner.hint_all(HintReason::Drain);
+                    // Hints can be lost with a session that breaks; repeat them (each at
+                    // most once a second).
+                    inner.rehint_all(HintReason::Drain);
                 }
             }
             Ok(other) => {

@@ -7,7 +7,7 @@
 //! an older or claimed epoch is refused. A claimed entry keeps its record: a destination whose
 //! takeover fails before it served anything *releases* its claim (RELEASECLAIM), and the entry
 //! is claimable again with the same record (decision 32). A destination's claim is also the
-//! backup's *custody* of the record (`mtcp_proto::custody`, decision NN): a later claim at the
+//! backup's *custody* of the record (`mtcp_proto::custody`, decision 43): a later claim at the
 //! same epoch is refused only until the holder's successor epoch is fenced at the holder's
 //! backups ([`ReplicaStore::supersede`]); then the record goes to the new claimer one epoch
 //! up. Memory is bounded (`max_bytes`) and entries not refreshed for `ttl` are forgotten.
@@ -314,7 +314,7 @@ impl ReplicaStore {
 
     /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
     /// Sent by `by`: a claimed entry is forgotten only when `by` holds it (a destination
-    /// confirming that its own backups now hold its new epoch, decision NN).
+    /// confirming that its own backups now hold its new epoch, decision 43).
     pub fn drop_upto(&self, cid: Cid, epoch: u64, by: &str) {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;

@@ -6,6 +6,7 @@ use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::{Connection, Phase, Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::{self, ChannelError, FrameReader, Out};
+use crate::metrics::SessionKind;
 use crate::peer;
 use mtcp_proto::custody::Gate;
 use mtcp_proto::wire::{
@@ -151,7 +152,7 @@ impl ServerInner {
             .cloned()
     }
 
-    fn all(&self) -> Vec<Arc<Shared>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Shared>> {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -182,6 +183,19 @@ impl ServerInner {
         for c in self.all() {
             let mut st = c.lock();
             if st.phase == Phase::Live {
+                c.hint(&mut st, reason);
+            }
+        }
+    }
+
+    /// Hints again the live connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`]
+    /// (a draining server, on each status request: a hint can be lost with a session that
+    /// breaks).
+    pub fn rehint_all(&self, reason: HintReason) {
+        let now = Instant::now();
+        for c in self.all() {
+            let mut st = c.lock();
+            if st.phase == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
                 c.hint(&mut st, reason);
             }
         }
@@ -453,6 +467,12 @@ impl Server {
         self.inner.status()
     }
 
+    /// What publishes this server's levels to the metrics endpoint (holds no reference that
+    /// keeps the server alive).
+    pub fn metrics(&self) -> crate::metrics::ServerSampler {
+        crate::metrics::ServerSampler(Arc::downgrade(&self.inner))
+    }
+
     /// Refuses new connections and hints every connection to move elsewhere.
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::Relaxed);
@@ -591,6 +611,7 @@ pub(crate) fn noisy_event_admitted() -> Option<u64> {
 }
 
 async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
+    crate::metrics::refused(code);
     if let Some(suppressed) = noisy_event_admitted() {
         tracing::info!(?code, suppressed, "refusing session: {reason}");
     }
@@ -599,6 +620,7 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
 }
 
 async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
+    let mut gauge = crate::metrics::SessionGauge::new();
     let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let ends = (s.local_addr().ok(), s.peer_addr().ok());
     let source = s
@@ -663,6 +685,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     let mut rx = Some(rx);
     let (shared, start) = match first {
         Msg::Hello { caps, .. } => {
+            gauge.set(SessionKind::Connection);
             let direct = caps & wire::CAP_DIRECT != 0;
             if direct && inner.cluster.fast_path.is_empty() {
                 refuse(
@@ -766,6 +789,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             (shared, Start::New)
         }
         Msg::Migrate(m) => {
+            gauge.set(SessionKind::Connection);
             let started = Instant::now();
             // WORKING every heartbeat until the answer: the agent gives up on a
             // silent candidate after an RTT-derived bound (decision 32), while a takeover may
@@ -821,6 +845,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
             };
             match outcome {
                 Ok((shared, start, resumed, sock)) => {
+                    let resumed_from_replica = resumed.from_replica;
                     if let Some(d) = sock {
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
@@ -833,20 +858,24 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
                         shared.lock().detached_at = Some(Instant::now());
                     }
                     inner.migrated_in.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::took_over(Some((resumed_from_replica, started.elapsed())));
                     tracing::info!(cid = %m.cid, from = %m.origin, took = ?started.elapsed(), "connection migrated here");
                     (shared, start)
                 }
                 Err((code, reason)) => {
+                    crate::metrics::took_over(None);
                     refuse(&mut w, code, reason).await;
                     return;
                 }
             }
         }
         Msg::Watch { cid, epoch, token } => {
+            gauge.set(SessionKind::Watch);
             Box::pin(watch(&inner, reader, w, cid, epoch, token)).await;
             return;
         }
         Msg::Probe { t } => {
+            gauge.set(SessionKind::Probe);
             Box::pin(probe(&inner, reader, w, t)).await;
             return;
         }
@@ -1100,7 +1129,7 @@ async fn take_over(
         ));
     }
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
-    // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision NN):
+    // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):
     // a restart point, as from a replica, for the client's position now.
     let rehanded = claims.is_none() && rec.epoch > m.epoch;
     let rec = if rehanded {
@@ -1434,6 +1463,7 @@ async fn writer_loop(
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
         }
+        crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
         st.queued = st.queued.saturating_sub(data);
@@ -1522,6 +1552,7 @@ async fn reader_loop(
         crate::eager::agent_heard(inner, &mut st);
         match f {
             Frame::Data(b) => {
+                crate::metrics::add_up(b.len());
                 // Once the application is done, late input is dropped.
                 if st.phase == Phase::Live {
                     if let Err(why) = st.s.receive(b) {
