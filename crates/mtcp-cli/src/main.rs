@@ -82,6 +82,18 @@ struct ServerArgs {
     /// fetch bound, 3 s + --lock-timeout-secs].
     #[arg(long, hide = true)]
     takeover_wait_ms: Option<u64>,
+    /// Most connections this server hands over at once as an origin (FETCHes it serves:
+    /// freezing a connection and building its state record); one over it waits up to 2 s for
+    /// one to end, then is refused Busy and the connection stays here.
+    #[arg(long, default_value_t = mtcp_proto::bounds::MAX_HANDOVERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_handovers: u64,
+    /// Test hook: how long a FETCH over --max-handovers waits for a slot, ms [default: 2000].
+    #[arg(long, hide = true)]
+    handover_wait_ms: Option<u64>,
+    /// Test hook: an origin holds each hand-over's slot this many ms before freezing the
+    /// connection.
+    #[arg(long, hide = true)]
+    hold_handover_ms: Option<u64>,
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
@@ -448,6 +460,10 @@ async fn server(a: ServerArgs) -> Result<()> {
         max_sessions_per_source: a
             .max_sessions_per_source
             .map_or(max_sessions(a.max_sessions), |n| n as usize),
+        max_handovers: a.max_handovers as usize,
+        handover_wait: a
+            .handover_wait_ms
+            .map_or(Duration::from_secs(2), Duration::from_millis),
         max_takeovers: a.max_takeovers as usize,
         // By default a FETCH's own bound: a slot frees within it.
         takeover_wait: a.takeover_wait_ms.map_or(
@@ -465,6 +481,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
         peer_delay: Duration::from_millis(a.peer_delay_ms.unwrap_or(0)),
         hold_resumed: Duration::from_millis(a.hold_resumed_ms.unwrap_or(0)),
+        hold_handover: Duration::from_millis(a.hold_handover_ms.unwrap_or(0)),
         drop_pushes: a.drop_pushes,
         peer_loss: match a.peer_loss_pct {
             Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,

@@ -85,6 +85,23 @@ pub fn admit_takeover(active: usize, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Default cap on hand-overs an origin runs at once (FETCHes it is serving: freezing a
+/// connection and building its record, up to `max_record` each).
+pub const MAX_HANDOVERS: usize = 32;
+
+/// Whether an origin already handing over `active` connections may start another under the
+/// cap `max`; `Err` is the refusal (`Busy`: the destination refuses the MIGRATE and the agent's
+/// connection stays where it is). Only a holder of the cluster key can ask; the cap bounds what
+/// even a peer can make an origin hold at once.
+pub fn admit_handover(active: usize, max: usize) -> Result<(), String> {
+    if active >= max {
+        return Err(format!(
+            "this server is already handing over its maximum of {max} connections at once"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a state record of `len` bytes is within `max_record`: checked by the origin before
 /// it freezes a connection, and by the destination on the record it received before decoding
 /// it (the frame holding it was bounded before it was read).

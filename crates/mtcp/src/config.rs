@@ -322,6 +322,10 @@ pub struct Limits {
     /// How long a MIGRATE over `max_takeovers` waits for a takeover to end before it is
     /// refused.
     pub takeover_wait: Duration,
+    /// Most hand-overs (FETCHes served: a connection frozen and its record built) at once at an
+    /// origin; the next waits up to `handover_wait`, then is refused `Busy`.
+    pub max_handovers: usize,
+    pub handover_wait: Duration,
     /// Eager mode: memory for replicas of other servers' connections.
     pub max_replica_bytes: usize,
     /// Eager mode: a replica not refreshed for this long is forgotten (origins refresh theirs
@@ -345,6 +349,9 @@ pub struct Limits {
     /// Test hook: a destination waits this long, silent to the agent, between a finished
     /// takeover and its RESUMED (the moment a kill -9 of the destination tests, issue 15).
     pub hold_resumed: Duration,
+    /// Test hook: an origin holds each hand-over's slot this long before freezing the
+    /// connection (so that a test can fill `max_handovers`).
+    pub hold_handover: Duration,
     /// Test hook: this server's pushes to its backups fail as if the backups were unreachable
     /// from it (and from it only).
     pub drop_pushes: bool,
@@ -369,6 +376,10 @@ impl Default for Limits {
             max_takeovers: mtcp_proto::bounds::MAX_TAKEOVERS,
             // A FETCH's own bound (fetch_timeout + lock_timeout): one slot frees in that time.
             takeover_wait: Duration::from_secs(13),
+            max_handovers: mtcp_proto::bounds::MAX_HANDOVERS,
+            // With a lock_state wait (lock_timeout) after it, still within a destination's
+            // wait for the answer (fetch_timeout + lock_timeout).
+            handover_wait: Duration::from_secs(2),
             max_replica_bytes: 256 << 20,
             replica_ttl: Duration::from_secs(600),
             max_connections: None,
@@ -377,6 +388,7 @@ impl Default for Limits {
             peer_delay: Duration::ZERO,
             peer_loss: 0.0,
             hold_resumed: Duration::ZERO,
+            hold_handover: Duration::ZERO,
             drop_pushes: false,
         }
     }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod peer;
 mod replica;
 pub mod server;
+mod slots;
 mod sockowner;
 
 pub use app::App;

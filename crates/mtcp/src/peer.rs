@@ -225,6 +225,13 @@ async fn emulated_path(inner: &ServerInner) {
     }
 }
 
+/// Test hook `Limits::hold_handover`: a hand-over holds its slot this long first.
+async fn emulated_hold(inner: &ServerInner) {
+    if !inner.limits.hold_handover.is_zero() {
+        tokio::time::sleep(inner.limits.hold_handover).await;
+    }
+}
+
 /// One request on an authenticated peer channel; the channel comes back for reuse, with the
 /// time the first answer took.
 async fn ask(
@@ -564,16 +571,40 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     sum_from,
                     down_sum,
                 };
-                match crate::eager::hand_over(&inner, &f, &from).await {
-                    Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
-                    Ok(Frozen {
-                        rec,
-                        tcp: Some(tcp),
-                    }) => Msg::DirectState {
-                        record: rec.encode(),
-                        tcp,
-                    },
-                    Err((code, reason)) => Msg::Refused { code, reason },
+                // At most `max_handovers` connections frozen and encoded at once (each record
+                // may be up to `max_record`); over the cap, refused after a short wait and the
+                // connection stays served here.
+                let slot = inner
+                    .handovers
+                    .take(
+                        inner.limits.max_handovers,
+                        inner.limits.handover_wait,
+                        mtcp_proto::bounds::admit_handover,
+                    )
+                    .await;
+                match slot {
+                    Err(why) => {
+                        crate::metrics::refused(RefuseCode::Busy);
+                        tracing::warn!(%cid, by = %from, "FETCH refused: {why}");
+                        Msg::Refused {
+                            code: RefuseCode::Busy,
+                            reason: format!("origin {}: {why}", inner.id),
+                        }
+                    }
+                    Ok(_slot) => {
+                        emulated_hold(&inner).await;
+                        match crate::eager::hand_over(&inner, &f, &from).await {
+                            Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
+                            Ok(Frozen {
+                                rec,
+                                tcp: Some(tcp),
+                            }) => Msg::DirectState {
+                                record: rec.encode(),
+                                tcp,
+                            },
+                            Err((code, reason)) => Msg::Refused { code, reason },
+                        }
+                    }
                 }
             }
             Ok(Msg::Replicate(rec)) => match inner.replicas.store(&from, rec) {

@@ -86,10 +86,10 @@ pub(crate) struct ServerInner {
     /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
     /// drain does not report "none left" while a state record is still on its way.
     pub handing_over: std::sync::atomic::AtomicU32,
-    /// Takeovers running (see [`TakeoverSlot`]), and a wake-up for MIGRATEs waiting for one to
-    /// end.
-    pub(crate) takeovers: Mutex<usize>,
-    pub(crate) takeover_done: tokio::sync::Notify,
+    /// Takeovers running (`Limits::max_takeovers`).
+    pub(crate) takeovers: crate::slots::Slots,
+    /// Hand-overs (FETCHes served) running (`Limits::max_handovers`).
+    pub(crate) handovers: crate::slots::Slots,
     pub peer_pool: peer::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
@@ -422,8 +422,8 @@ impl Server {
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
             sessions: Default::default(),
-            takeovers: Mutex::new(0),
-            takeover_done: tokio::sync::Notify::new(),
+            takeovers: Default::default(),
+            handovers: Default::default(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
             peer_pool: peer::PeerPool::default(),
             replicas,
@@ -1100,9 +1100,17 @@ async fn take_over(
         ));
     }
     // Counted from here to the end of the takeover, refused or not.
-    let _slot = TakeoverSlot::take(inner)
+    // (A drain moves every connection at once: the MIGRATEs over the cap wait their turn,
+    // answered WORKING meanwhile, instead of failing.)
+    let _slot = inner
+        .takeovers
+        .take(
+            inner.limits.max_takeovers,
+            inner.limits.takeover_wait,
+            mtcp_proto::bounds::admit_takeover,
+        )
         .await
-        .map_err(|why| (RefuseCode::Busy, why))?;
+        .map_err(|why| (RefuseCode::Busy, format!("server {}: {why}", inner.id)))?;
     let origin = inner
         .cluster
         .server(&m.origin)
@@ -1161,50 +1169,6 @@ async fn take_over(
         }
     }
     r
-}
-
-/// One running takeover, counted against `Limits::max_takeovers` until dropped.
-struct TakeoverSlot<'a>(&'a ServerInner);
-
-impl<'a> TakeoverSlot<'a> {
-    /// Waits up to `Limits::takeover_wait` for a slot (a drain moves every connection at once:
-    /// the MIGRATEs over the cap wait their turn, answered WORKING meanwhile, instead of
-    /// failing); then refuses with the cap's reason.
-    async fn take(inner: &'a ServerInner) -> Result<Self, String> {
-        let deadline = tokio::time::Instant::now() + inner.limits.takeover_wait;
-        loop {
-            let why = {
-                let mut n = inner.takeovers.lock().unwrap_or_else(|p| p.into_inner());
-                match mtcp_proto::bounds::admit_takeover(*n, inner.limits.max_takeovers) {
-                    Ok(()) => {
-                        *n += 1;
-                        return Ok(TakeoverSlot(inner));
-                    }
-                    Err(why) => why,
-                }
-            };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(format!(
-                    "server {}: {why} (waited {:?})",
-                    inner.id, inner.limits.takeover_wait
-                ));
-            }
-            // Woken when one ends; re-checked every 100 ms all the same.
-            let _ = tokio::time::timeout(
-                (deadline - now).min(Duration::from_millis(100)),
-                inner.takeover_done.notified(),
-            )
-            .await;
-        }
-    }
-}
-
-impl Drop for TakeoverSlot<'_> {
-    fn drop(&mut self) {
-        *self.0.takeovers.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.takeover_done.notify_one();
-    }
 }
 
 /// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
