@@ -491,7 +491,7 @@ async fn run(
     // One timer for the silence bound, armed at a deadline that only moves forward: when it fires
     // early (bytes arrived since it was armed) it is re-armed, so the hot path never touches the
     // timer wheel.
-    let silence = tokio::time::sleep_until(tokio::time::Instant::from_std(live.deadline()));
+    let silence = tokio::time::sleep_until(silence_due(&live));
     tokio::pin!(silence);
     let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
     policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -500,8 +500,9 @@ async fn run(
             // Blocked on the client program: the throughput floor does not count this time.
             conn.policy.client_blocked();
         }
-        // The bound itself can shrink (a smaller RTT): never fire later than the live deadline.
-        let due = tokio::time::Instant::from_std(live.deadline());
+        // The bound itself can shrink (a smaller RTT), and a request arms it: never fire later
+        // than the live deadline.
+        let due = silence_due(&live);
         if due < silence.deadline() {
             silence.as_mut().reset(due);
         }
@@ -623,6 +624,7 @@ async fn run(
                     if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
+                    live.on_data_sent(Instant::now());
                 }
                 Ok(n) => {
                     let chunk = if n < COPY_BELOW {
@@ -636,14 +638,17 @@ async fn run(
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
+                    live.on_data_sent(Instant::now());
                     mtcp::metrics::add_up(n);
                     show_upstream(conn);
                 }
             },
             f = s.reader.next_piece(rbuf, DOWN_READ), if ready.is_none() => {
-                live.on_receive(Instant::now());
+                let now = Instant::now();
+                live.on_receive(now);
                 match f {
                     Ok(Piece::Data(n)) => {
+                        live.on_data_received(now);
                         let arrived = conn.down.received() + pend.len() as u64 + n as u64;
                         if let Err(e) = on_arrival(conn, arrived, closed_at) {
                             return e;
@@ -689,9 +694,8 @@ async fn run(
             // Silence counts only while the agent is ready to read from the server: time spent
             // waiting for a slow client program to take bytes is not the server's silence.
             _ = &mut silence, if ready.is_none() => {
-                let due = live.deadline();
-                if due > Instant::now() {
-                    silence.as_mut().reset(tokio::time::Instant::from_std(due));
+                if !live.expired(Instant::now()) {
+                    silence.as_mut().reset(silence_due(&live));
                     continue;
                 }
                 let reason = MoveReason::new(MoveCause::Silence, format!("server silent for {:?}", live.bound()));
@@ -699,6 +703,14 @@ async fn run(
             }
         }
     }
+}
+
+/// When the silence timer is due: the liveness deadline, or far away while the agent expects
+/// nothing from the server (an idle connection; a request re-arms it at the loop's top).
+fn silence_due(live: &Liveness) -> tokio::time::Instant {
+    live.deadline()
+        .map(tokio::time::Instant::from_std)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))
 }
 
 /// The status shows the upstream bytes sent and those retained for a replay.

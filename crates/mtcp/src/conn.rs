@@ -107,6 +107,12 @@ pub(crate) struct ConnState {
     pub fast: crate::direct::FastOut,
     /// When the connection was last hinted away (a drain repeats hints at most this often).
     pub hinted_at: Option<Instant>,
+    /// Input frames (data, its end) received from the agent: the session's writer compares it
+    /// with its value at the last data it wrote to tell whether input awaits an answer.
+    pub inputs: u64,
+    /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
+    /// and waits for [`Shared::beat`] instead of its timer.
+    pub beat_parked: bool,
 }
 
 impl ConnState {
@@ -127,6 +133,17 @@ impl ConnState {
             direct: None,
             fast: Default::default(),
             hinted_at: None,
+            inputs: 0,
+            beat_parked: false,
+        }
+    }
+
+    /// Input arrived from the agent: a parked heartbeat timer runs again.
+    pub fn on_input(&mut self, beat: &Notify) {
+        self.inputs += 1;
+        if self.beat_parked {
+            self.beat_parked = false;
+            beat.notify_one();
         }
     }
 
@@ -244,6 +261,8 @@ pub(crate) struct Shared {
     pub hint: Mutex<Option<Msg>>,
     /// Signalled when `hint` is set.
     pub hinted: Notify,
+    /// Signalled when input arrives while the writer's heartbeats are parked.
+    pub beat: Notify,
 }
 
 impl Shared {
@@ -274,6 +293,7 @@ impl Shared {
             consumed: Notify::new(),
             hint: Mutex::new(None),
             hinted: Notify::new(),
+            beat: Notify::new(),
         })
     }
 

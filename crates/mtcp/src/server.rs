@@ -959,6 +959,7 @@ async fn watch(
                 if framed::write_msg(&mut w, &Msg::Heartbeat).await.is_err() {
                     return;
                 }
+                crate::metrics::heartbeat_sent(true);
                 continue;
             }
             // A HINT goes here too: nothing is queued ahead of it on this connection.
@@ -1388,8 +1389,12 @@ async fn writer_loop(
     let mut pending: VecDeque<Out> = VecDeque::new();
     let mut reported: Option<Instant> = None;
     // One heartbeat timer, armed at "quiet since the last write + hb" and re-armed only when it
-    // fires early: the hot path (one turn per batch) never touches the timer wheel.
+    // fires early: the hot path (one turn per batch) never touches the timer wheel. It beats
+    // only where someone waits (`trigger::beat_due`); otherwise it parks until input arrives.
     let mut last_write = tokio::time::Instant::now();
+    let mut last_data = last_write;
+    let mut inputs_at_data = 0u64;
+    let mut parked = false;
     let quiet = tokio::time::sleep_until(last_write + hb);
     tokio::pin!(quiet);
     loop {
@@ -1399,12 +1404,29 @@ async fn writer_loop(
                     Some(o) => pending.push_back(o),
                     None => break,
                 },
-                _ = &mut quiet => {
+                _ = shared.beat.notified(), if parked => {
+                    parked = false;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + hb);
+                    continue;
+                }
+                _ = &mut quiet, if !parked => {
+                    let now = tokio::time::Instant::now();
                     let due = last_write + hb;
-                    if tokio::time::Instant::now() < due {
+                    if now < due {
                         quiet.as_mut().reset(due);
                         continue;
                     }
+                    let mut st = shared.lock();
+                    let unanswered = st.inputs != inputs_at_data;
+                    let fast = st.direct.is_some();
+                    if !mtcp_proto::trigger::beat_due(unanswered, now - last_data, fast) {
+                        // Nobody waits: no frames until input arrives (issue 13).
+                        st.beat_parked = true;
+                        parked = true;
+                        continue;
+                    }
+                    drop(st);
+                    crate::metrics::heartbeat_sent(false);
                     pending.push_back(Out::Msg(Msg::Heartbeat));
                 }
             }
@@ -1416,13 +1438,16 @@ async fn writer_loop(
         // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
         // BACKLOG_EVERY; the agent anchors it at this point of the stream.
         let mut batch = batch;
-        if data > 0 && reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
-            let queued = shared.lock().queued;
-            if queued > data {
-                batch.insert(0, Out::Msg(Msg::Backlog { queued }));
+        let inputs = if data > 0 {
+            let st = shared.lock();
+            if reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) && st.queued > data {
+                batch.insert(0, Out::Msg(Msg::Backlog { queued: st.queued }));
                 reported = Some(Instant::now());
             }
-        }
+            Some(st.inputs)
+        } else {
+            None
+        };
         if let Err(e) = framed::write_frames(&mut w, &batch).await {
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
@@ -1430,6 +1455,17 @@ async fn writer_loop(
         crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
+        if let Some(n) = inputs {
+            // Data answers the input received before it was taken for this batch.
+            last_data = last_write;
+            inputs_at_data = n;
+        }
+        if parked {
+            // Anything written (a HINT, COMMITTED, …) restarts the timer as data does.
+            parked = false;
+            st.beat_parked = false;
+            quiet.as_mut().reset(last_write + hb);
+        }
         st.queued = st.queued.saturating_sub(data);
         if let Some(wk) = st.write_waker.take() {
             wk.wake();
@@ -1519,6 +1555,7 @@ async fn reader_loop(
                 crate::metrics::add_up(b.len());
                 // Once the application is done, late input is dropped.
                 if st.phase == Phase::Live {
+                    st.on_input(&shared.beat);
                     if let Err(why) = st.s.receive(b) {
                         break why.into();
                     }
@@ -1558,6 +1595,7 @@ async fn reader_loop(
                 }
             }
             Frame::Msg(Msg::UpFin { up_total }) => {
+                st.on_input(&shared.beat);
                 if let Err(why) = st.s.finish_input(up_total) {
                     break why;
                 }
