@@ -13,6 +13,7 @@ mod reason;
 mod relay;
 mod spare;
 pub mod transparent;
+mod watch;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -205,6 +206,8 @@ pub(crate) struct AgentInner {
     pub moving: std::sync::atomic::AtomicUsize,
     /// Client connections accepted and not yet ended (what the descriptor budget counts).
     live: AtomicUsize,
+    /// Eager mode: one watch connection per server.
+    pub watches: watch::Watches,
 }
 
 /// Counts a client connection as live until dropped (at the end of its task).
@@ -329,6 +332,7 @@ impl Agent {
                 spares: Arc::new(spare::Spares::default()),
                 fences: Mutex::new(None),
                 moves: tokio::sync::Semaphore::new(MAX_CONCURRENT_MOVES),
+                watches: Default::default(),
                 live: AtomicUsize::new(0),
                 moving: Default::default(),
             }),

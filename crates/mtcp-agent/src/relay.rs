@@ -2,6 +2,7 @@
 //! a trigger fires.
 
 use crate::metrics::{counted, Moving};
+use crate::watch::{Watch, WatchEnd};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
@@ -44,41 +45,12 @@ struct Session {
     watch: Option<Watch>,
 }
 
-/// A watch connection to the session's server (see [`Msg::Watch`]), held by a task that
-/// reports why it ended; dropping it closes the connection.
-struct Watch {
-    ended: tokio::sync::oneshot::Receiver<WatchEnd>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Why a watch connection's task ended.
-enum WatchEnd {
-    /// The server process is gone or hung.
-    Gone(String),
-    /// The server hinted the connection away (drain, overload): the HINT came here too, where
-    /// no data is queued ahead of it.
-    Hint(Msg),
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// How long the watch connection may stay without a heartbeat before the server counts as
-/// hung: three beats, and at least one beat plus two of TCP's minimum retransmission timeouts
-/// (200 ms each), so one lost heartbeat — retransmitted after 200 ms, with the beats behind it
-/// queued — is never taken for a hang.
-fn watch_silence(heartbeat: Duration) -> Duration {
-    (heartbeat * 3).max(heartbeat + Duration::from_millis(400)) + Duration::from_millis(20)
-}
-
-/// Eager mode: the watch connection for `conn`'s session with the server at `addr`.
+/// Eager mode: puts `conn`'s session with the server at `addr` on that server's watch
+/// connection.
 fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
     conn.eager.then(|| {
-        spawn_watch(
-            addr.to_string(),
+        inner.watches.watch(
+            addr,
             conn.cid,
             conn.epoch,
             conn.token,
@@ -87,66 +59,6 @@ fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
             inner.cfg.transparent,
         )
     })
-}
-
-/// Opens a watch connection to the server at `addr` for the connection at `epoch`.
-///
-/// The server beats every `heartbeat`; [`watch_silence`] without one counts as a hung server.
-fn spawn_watch(
-    addr: String,
-    cid: Cid,
-    epoch: u64,
-    token: Token,
-    limit: Duration,
-    heartbeat: Duration,
-    mark: bool,
-) -> Watch {
-    let silence = watch_silence(heartbeat);
-    let (tx, ended) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let m = Msg::Watch { cid, epoch, token };
-        match connect(&addr, limit, &m, mark).await {
-            Ok((mut r, _w)) => match r.next_msg(limit).await {
-                Ok(Msg::Heartbeat) => {
-                    // Only heartbeats come, never queued behind data: their end (EOF, reset)
-                    // means the server process is gone, their absence that it hangs. `_w` stays
-                    // open: closing our side would end the watch.
-                    let why = loop {
-                        match r.next_msg(silence).await {
-                            Ok(Msg::Heartbeat) => continue,
-                            Ok(m @ Msg::Hint { .. }) => {
-                                let _ = tx.send(WatchEnd::Hint(m));
-                                return;
-                            }
-                            Err(ChannelError::Timeout) => {
-                                break format!(
-                                    "server silent on its watch connection for {silence:?}"
-                                )
-                            }
-                            Err(e) => {
-                                break format!(
-                                    "its watch connection ended ({e}): server process gone"
-                                )
-                            }
-                            Ok(other) => {
-                                break format!("unexpected {other:?} on the watch connection")
-                            }
-                        }
-                    };
-                    let _ = tx.send(WatchEnd::Gone(why));
-                    return;
-                }
-                Ok(other) => tracing::debug!(%cid, "watch not accepted: {other:?}"),
-                Err(e) => tracing::debug!(%cid, "watch not accepted: {e}"),
-            },
-            Err(e) => tracing::debug!(%cid, "cannot open a watch connection: {e}"),
-        }
-        // No watch: the session alone tells when the server is gone. Keep `tx` so the relay
-        // does not take its drop for a death.
-        std::future::pending::<()>().await;
-        drop(tx);
-    });
-    Watch { ended, task }
 }
 
 /// What the agent knows of the connection across sessions.

@@ -343,14 +343,21 @@ pub enum Msg {
     /// MIGRATE's connection: sent every heartbeat interval until RESUMED or REFUSED, so the agent can give up on a silent candidate after an RTT-derived bound
     /// instead of a fixed one.
     Working,
-    /// Agent → server, first message of a *watch* connection (eager mode): a second TCP
-    /// connection that carries nothing after the server's HEARTBEAT answer. Its end tells the
-    /// agent at once that the server process died, while the session may still be delivering
-    /// bytes the dead process had already written.
+    /// Agent → server on a *watch* connection (eager mode): one TCP connection per agent and
+    /// server, beside the sessions, that carries only heartbeats and hints. The first WATCH
+    /// opens it (answered by a HEARTBEAT); each later one adds a connection to it. Its end tells
+    /// the agent at once that the server process died, while the sessions may still be
+    /// delivering bytes the dead process had already written.
     Watch {
         cid: Cid,
         epoch: u64,
         token: Token,
+    },
+    /// Server → agent on a watch connection: a HINT for one of the connections watched on it,
+    /// which arrives ahead of whatever data that connection's session has queued.
+    WatchHint {
+        cid: Cid,
+        reason: HintReason,
     },
     // ---- trigger policies
     /// Server → agent, in the session: at this point of the stream `queued` more downstream
@@ -648,6 +655,14 @@ mod tests {
                 cid,
                 epoch,
                 token: Token(t)
+            }),
+            (cid.clone(), any::<bool>()).prop_map(|(cid, d)| Msg::WatchHint {
+                cid,
+                reason: if d {
+                    HintReason::Drain
+                } else {
+                    HintReason::Overload
+                }
             }),
             (
                 any::<String>(),

@@ -256,11 +256,9 @@ pub(crate) struct Shared {
     pub unlocked: Notify,
     /// Signalled when the application consumed input (the session reader may read more).
     pub consumed: Notify,
-    /// Eager mode: the newest HINT, also for the watch connection, which is never queued
-    /// behind data (see [`Shared::hint`]).
-    pub hint: Mutex<Option<Msg>>,
-    /// Signalled when `hint` is set.
-    pub hinted: Notify,
+    /// Eager mode: where HINTs for this connection also go (`WatchHint` on the agent's watch
+    /// connection with this server, which is never queued behind data; see [`Shared::hint`]).
+    pub watch: Mutex<Option<mpsc::UnboundedSender<Msg>>>,
     /// Signalled when input arrives while the writer's heartbeats are parked.
     pub beat: Notify,
 }
@@ -291,8 +289,7 @@ impl Shared {
             st: Mutex::new(st),
             unlocked: Notify::new(),
             consumed: Notify::new(),
-            hint: Mutex::new(None),
-            hinted: Notify::new(),
+            watch: Mutex::new(None),
             beat: Notify::new(),
         })
     }
@@ -305,11 +302,15 @@ impl Shared {
             reason,
             target: None,
         };
-        st.send(Out::Msg(m.clone()));
+        st.send(Out::Msg(m));
         st.hinted_at = Some(Instant::now());
         crate::metrics::hinted(reason);
-        *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
-        self.hinted.notify_one();
+        if let Some(tx) = &*self.watch.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(Msg::WatchHint {
+                cid: self.cid,
+                reason,
+            });
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod replica;
 pub mod server;
 mod slots;
 mod sockowner;
+mod watch;
 
 pub use app::App;
 pub use config::{Cluster, Limits, ServerEntry};

@@ -35,7 +35,7 @@ pub(crate) struct Fetch {
 
 /// The refusal of a token that does not match: it names nothing of the connection (a
 /// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
-const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+pub(crate) const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
 
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
@@ -144,7 +144,7 @@ impl ServerInner {
         crate::eager::closed(self, cid, epoch);
     }
 
-    fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
+    pub(crate) fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -610,7 +610,7 @@ pub(crate) fn noisy_event_admitted() -> Option<u64> {
         .admit(Instant::now())
 }
 
-async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
+pub(crate) async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
     crate::metrics::refused(code);
     if let Some(suppressed) = noisy_event_admitted() {
         tracing::info!(?code, suppressed, "refusing session: {reason}");
@@ -871,7 +871,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
         Msg::Watch { cid, epoch, token } => {
             gauge.set(SessionKind::Watch);
-            Box::pin(watch(&inner, reader, w, cid, epoch, token)).await;
+            Box::pin(crate::watch::serve(&inner, reader, w, cid, epoch, token)).await;
             return;
         }
         Msg::Probe { t } => {
@@ -914,73 +914,6 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
     } else {
         writer.abort();
-    }
-}
-
-/// A watch connection: heartbeats only, until the agent closes it — so that it ends only when
-/// the agent is done with it or this process dies, and falls silent only when this process
-/// hangs. Held at most for the dead-session bound after the connection left this server.
-async fn watch(
-    inner: &Arc<ServerInner>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut w: OwnedWriteHalf,
-    cid: Cid,
-    epoch: u64,
-    token: mtcp_proto::Token,
-) {
-    if !inner.cluster.key.check_token(cid, epoch, &token) {
-        refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
-        return;
-    }
-    let shared = match inner.get(&cid) {
-        Some(c) if c.lock().epoch == epoch => c,
-        _ => {
-            refuse(
-                &mut w,
-                RefuseCode::UnknownConnection,
-                format!(
-                    "server {} does not serve connection {cid} at epoch {epoch}",
-                    inner.id
-                ),
-            )
-            .await;
-            return;
-        }
-    };
-    let mut gone_since: Option<Instant> = None;
-    let mut beat = tokio::time::interval(inner.cluster.heartbeat);
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            // The agent closed it, or sent something it should not have.
-            _ = reader.next() => return,
-            _ = beat.tick() => {
-                // Heartbeats here are never queued behind data: a hung process is seen at once.
-                if framed::write_msg(&mut w, &Msg::Heartbeat).await.is_err() {
-                    return;
-                }
-                crate::metrics::heartbeat_sent(true);
-                continue;
-            }
-            // A HINT goes here too: nothing is queued ahead of it on this connection.
-            _ = shared.hinted.notified() => {
-                let hint = shared.hint.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(m) = hint {
-                    if shared.lock().epoch == epoch && framed::write_msg(&mut w, &m).await.is_err() {
-                        return;
-                    }
-                }
-                continue;
-            }
-            _ = check.tick() => {}
-        }
-        let here = inner.get(&cid).is_some_and(|c| c.lock().epoch == epoch);
-        if here {
-            gone_since = None;
-        } else if gone_since.get_or_insert_with(Instant::now).elapsed() > inner.limits.dead_session
-        {
-            return;
-        }
     }
 }
 
