@@ -166,6 +166,14 @@ pub(crate) async fn relay(
                 // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
                 let _moving = Moving::new(&inner);
                 let _turn = inner.moves.acquire().await;
+                // Tell the server why the session ends, so that until a destination fetches
+                // the state it counts the connection as moving, not as kept for a dead agent
+                // (a drain's summary). Bounded: the session may be broken or stuck.
+                let _ = tokio::time::timeout(
+                    LEAVING_WRITE,
+                    framed::write_msg(&mut session.w, &Msg::Leaving),
+                )
+                .await;
                 if queued_bytes(&session) < CLOSE_INLINE_BELOW {
                     drop(session);
                 } else {
@@ -214,6 +222,9 @@ pub(crate) async fn relay(
         }
     }
 }
+
+/// How long a move waits to write LEAVING on the session it leaves.
+const LEAVING_WRITE: Duration = Duration::from_millis(20);
 
 /// A session with less than this in its socket's receive queue is closed at once when it moves.
 const CLOSE_INLINE_BELOW: usize = 256 << 10;

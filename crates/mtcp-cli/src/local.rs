@@ -49,23 +49,31 @@ async fn drain_until_empty(
 }
 
 /// What a drain did: connections moved off the server, connections that ended there meanwhile,
-/// and connections whose agent is gone (kept until the dead-session bound).
+/// connections whose agent is gone (kept until the dead-session bound), and connections still
+/// on their way to another server when the drain's time ran out.
 #[derive(Debug, Clone)]
 pub struct DrainReport {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
-    /// From the drain request until no connection with an agent was left (before the counts
-    /// settled).
+    pub still_moving: u32,
+    /// From the drain request until no connection was left live or on its way to another
+    /// server (before the counts settled).
     pub empty_after: Duration,
 }
 
-/// How long the counts must stay the same after the last connection left before a drain is
-/// reported: a connection whose agent already left its session but whose state the
-/// destination has not fetched yet counts as detached until it has.
-const DRAIN_SETTLE: Duration = Duration::from_millis(300);
+/// How long the counts must stay the same, once no connection is live or on its way, before a
+/// drain is reported.
+const DRAIN_SETTLE: Duration = Duration::from_millis(100);
 
-/// [`drain_server`], then what happened, once the counts have settled (`mtcp drain`).
+/// How long a drain waits, once no connection is live, for those the agent said it is moving
+/// to be fetched. Past it they are reported as still moving: in eager mode a destination that
+/// got no answer from this server within `origin_wait_ms` takes the connection from a backup's
+/// replica, and this server's copy stays until the dead-session bound.
+const LEAVING_WAIT: Duration = Duration::from_secs(2);
+
+/// [`drain_server`], then what happened, once every connection whose agent said it is moving
+/// it (`Msg::Leaving`) has been fetched and the counts have settled (`mtcp drain`).
 pub async fn drain_server_report(
     admin: &str,
     key: &mtcp::proto::ClusterKey,
@@ -75,25 +83,37 @@ pub async fn drain_server_report(
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
     let (first, mut st) = drain_until_empty(admin, key, id, timeout).await?;
-    let empty_after = t0.elapsed();
+    let mut empty_after = (st.leaving == 0).then(|| t0.elapsed());
+    let empty = Instant::now();
     let mut stable = Instant::now();
-    while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
+    while ((st.leaving > 0 && empty.elapsed() < LEAVING_WAIT) || stable.elapsed() < DRAIN_SETTLE)
+        && t0.elapsed() < timeout
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let next = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
-        if (next.detached, next.migrated_out, next.connections)
-            != (st.detached, st.migrated_out, st.connections)
+        if (
+            next.detached,
+            next.leaving,
+            next.migrated_out,
+            next.connections,
+        ) != (st.detached, st.leaving, st.migrated_out, st.connections)
         {
             stable = Instant::now();
         }
         st = next;
+        if st.leaving == 0 && st.connections == 0 && empty_after.is_none() {
+            empty_after = Some(t0.elapsed());
+        }
     }
     let moved = st.migrated_out.saturating_sub(first.migrated_out);
-    let before = u64::from(first.connections) + u64::from(first.detached);
+    let before =
+        u64::from(first.connections) + u64::from(first.detached) + u64::from(first.leaving);
     Ok(DrainReport {
         moved,
-        ended: before.saturating_sub(moved + u64::from(st.detached)),
+        ended: before.saturating_sub(moved + u64::from(st.detached) + u64::from(st.leaving)),
         kept_for_dead_agent: st.detached,
-        empty_after,
+        still_moving: st.leaving,
+        empty_after: empty_after.unwrap_or_else(|| t0.elapsed()),
     })
 }
 

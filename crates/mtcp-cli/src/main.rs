@@ -665,6 +665,12 @@ async fn drain(a: DrainArgs) -> Result<()> {
         r.ended,
         r.kept_for_dead_agent
     );
+    if r.still_moving > 0 {
+        println!(
+            "{} connection(s) the agent is moving elsewhere still have their state here (eager mode: a destination may have taken them from a backup's replica; this copy goes after the dead-session bound)",
+            r.still_moving
+        );
+    }
     Ok(())
 }
 

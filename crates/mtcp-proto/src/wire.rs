@@ -228,6 +228,9 @@ pub struct ServerStatus {
     pub migrated_out: u64,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas_held: u32,
+    /// Connections whose agent closed their session to move them, not fetched yet (not
+    /// counted in `detached`).
+    pub leaving: u32,
 }
 
 /// Every control message of every channel. New variants go at the end (postcard encodes the
@@ -353,12 +356,6 @@ pub enum Msg {
         epoch: u64,
         token: Token,
     },
-    /// Server → agent on a watch connection: a HINT for one of the connections watched on it,
-    /// which arrives ahead of whatever data that connection's session has queued.
-    WatchHint {
-        cid: Cid,
-        reason: HintReason,
-    },
     // ---- trigger policies
     /// Server → agent, in the session: at this point of the stream `queued` more downstream
     /// bytes were waiting to be sent (the throughput-floor policy counts only time when the
@@ -416,6 +413,16 @@ pub enum Msg {
         cid: Cid,
         epoch: u64,
     },
+    /// Server → agent on a watch connection: a HINT for one of the connections watched on it,
+    /// which arrives ahead of whatever data that connection's session has queued.
+    WatchHint {
+        cid: Cid,
+        reason: HintReason,
+    },
+    /// Agent → server, last message of a session it closes to move the connection elsewhere:
+    /// until a destination fetches the state, the server counts the connection as moving, not
+    /// as kept for a dead agent (`ServerStatus::leaving`).
+    Leaving,
 }
 
 /// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
@@ -651,6 +658,7 @@ mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),
+            Just(Msg::Leaving),
             (cid.clone(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(cid, epoch, t)| Msg::Watch {
                 cid,
                 epoch,

@@ -113,6 +113,9 @@ pub(crate) struct ConnState {
     /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
     /// and waits for [`Shared::beat`] instead of its timer.
     pub beat_parked: bool,
+    /// The agent closed the session to move the connection (`Msg::Leaving`): detached, but
+    /// not for a dead agent.
+    pub leaving: bool,
 }
 
 impl ConnState {
@@ -135,6 +138,7 @@ impl ConnState {
             hinted_at: None,
             inputs: 0,
             beat_parked: false,
+            leaving: false,
         }
     }
 

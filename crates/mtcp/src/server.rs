@@ -163,14 +163,23 @@ impl ServerInner {
 
     pub fn status(&self) -> ServerStatus {
         let conns = self.all();
-        let detached = conns
-            .iter()
-            .filter(|c| c.lock().detached_at.is_some())
-            .count() as u32;
+        let (mut detached, mut leaving) = (0u32, 0u32);
+        for c in &conns {
+            let st = c.lock();
+            if st.detached_at.is_some() {
+                if st.leaving {
+                    leaving += 1;
+                } else {
+                    detached += 1;
+                }
+            }
+        }
         ServerStatus {
             id: self.id.clone(),
-            connections: conns.len() as u32 - detached + self.handing_over.load(Ordering::Relaxed),
+            connections: conns.len() as u32 - detached - leaving
+                + self.handing_over.load(Ordering::Relaxed),
             detached,
+            leaving,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
@@ -1535,6 +1544,10 @@ async fn reader_loop(
                 if let Some(w) = st.read_waker.take() {
                     w.wake();
                 }
+            }
+            Frame::Msg(Msg::Leaving) => {
+                st.leaving = true;
+                break "the agent moves the connection elsewhere".into();
             }
             Frame::Msg(Msg::Close) => {
                 st.phase = Phase::Closed;
