@@ -1119,7 +1119,14 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             .admin
             .clone();
         let t0 = Instant::now();
-        local::drain_server(&admin, &cluster.key, &id, Duration::from_secs(60)).await?;
+        local::drain_server(
+            &admin,
+            &cluster.key,
+            lc.tls.as_ref(),
+            &id,
+            Duration::from_secs(60),
+        )
+        .await?;
         secs.push(t0.elapsed().as_secs_f64());
         if !a.json {
             println!(

@@ -279,7 +279,7 @@ pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
         .iter()
         .find(|s| s.id == id)
         .context("unknown server")?;
-    local::drain_server(&s.admin, &cluster.key, id, Duration::from_secs(20)).await?;
+    local::drain_server(&s.admin, &cluster.key, None, id, Duration::from_secs(20)).await?;
     Ok(())
 }
 
