@@ -41,11 +41,19 @@ pub struct CertArgs {
 
 const CA_NAME: &str = "M-TCP cluster CA";
 
-/// The CA's parameters: the same every run, so a CA key found on disk signs as before.
-fn ca_params() -> Result<CertificateParams> {
+/// The CA's parameters, derived from its key alone, so a CA key found on disk signs as before.
+/// The name carries a digest of the public key: two clusters' CAs never share a name, and a
+/// certificate of the other one is refused as from an unknown issuer, not checked against the
+/// wrong key.
+fn ca_params(key: &KeyPair) -> Result<CertificateParams> {
+    use sha2::Digest;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_NAME);
+    let digest = sha2::Sha256::digest(key.public_key_raw());
+    dn.push(
+        DnType::CommonName,
+        format!("{CA_NAME} {}", hex::encode(&digest[..8])),
+    );
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -93,7 +101,7 @@ pub fn run(a: &CertArgs) -> Result<()> {
         (kp, false)
     } else {
         let kp = KeyPair::generate()?;
-        let mut p = ca_params()?;
+        let mut p = ca_params(&kp)?;
         p.not_before = from;
         p.not_after = now + time::Duration::days(3650);
         let cert = p.self_signed(&kp)?;
@@ -101,7 +109,7 @@ pub fn run(a: &CertArgs) -> Result<()> {
         write_file(&ca_key, &kp.serialize_pem(), true)?;
         (kp, true)
     };
-    let issuer = Issuer::new(ca_params()?, ca_kp);
+    let issuer = Issuer::new(ca_params(&ca_kp)?, ca_kp);
 
     let servers: Vec<_> = if a.ids.is_empty() {
         cluster.servers.clone()

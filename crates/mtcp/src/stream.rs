@@ -97,6 +97,17 @@ impl AsRawFd for WriteHalf {
     }
 }
 
+/// A TLS peer that closes its TCP connection without a `close_notify` alert reads as the end of
+/// the stream, as a plain connection's FIN does: M-TCP ends its channels with messages of its
+/// own (CLOSED, CLOSE, MACed peer frames), so TLS's truncation alarm adds nothing and would turn
+/// every dropped channel into an error in the logs.
+fn eof_without_notify(r: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+    match r {
+        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+        r => r,
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -105,7 +116,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+            Stream::Tls(t) => eof_without_notify(Pin::new(t.as_mut()).poll_read(cx, buf)),
         }
     }
 }
@@ -160,7 +171,7 @@ impl AsyncRead for ReadHalf {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            ReadHalf::Tls { r, .. } => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tls { r, .. } => eof_without_notify(Pin::new(r).poll_read(cx, buf)),
         }
     }
 }
