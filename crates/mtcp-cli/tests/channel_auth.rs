@@ -285,10 +285,14 @@ async fn open(lc: &LocalCluster, id: &str, kind: PortKind, from: &str) -> mtcp::
         PortKind::Peer => &s.peer,
         PortKind::Admin => &s.admin,
     };
+    let opener = mtcp::peer::Opener {
+        key: &lc.key,
+        from,
+        tls: lc.tls.as_ref(),
+    };
     connect_authenticated(
         addr,
-        &lc.key,
-        from,
+        opener,
         id,
         kind,
         1 << 20,
