@@ -24,7 +24,7 @@ pub enum TlsError {
     KeyMismatch {
         cert: String,
         key: String,
-        err: rustls::Error,
+        err: String,
     },
     #[error(
         "TLS: certificate {cert} is not valid for server {name:?} under the cluster CA {ca}: {err}"
@@ -33,7 +33,7 @@ pub enum TlsError {
         cert: String,
         name: String,
         ca: String,
-        err: rustls::Error,
+        err: String,
     },
     #[error("TLS: {what} {name:?} cannot be a certificate name: {err}")]
     Name {
@@ -89,7 +89,7 @@ fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
             cert: ca.display().to_string(),
             name: "cluster CA".into(),
             ca: ca.display().to_string(),
-            err,
+            err: err.to_string(),
         })?;
     }
     Ok(Arc::new(roots))
@@ -201,12 +201,12 @@ impl ServerTls {
             .map_err(|err| TlsError::KeyMismatch {
                 cert: cert_path.display().to_string(),
                 key: key_path.display().to_string(),
-                err,
+                err: err.to_string(),
             })?;
         ck.keys_match().map_err(|err| TlsError::KeyMismatch {
             cert: cert_path.display().to_string(),
             key: key_path.display().to_string(),
-            err,
+            err: err.to_string(),
         })?;
         let verifier =
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
@@ -224,7 +224,7 @@ impl ServerTls {
                     cert: cert_path.display().to_string(),
                     name: name.to_str().into_owned(),
                     ca: files.ca.display().to_string(),
-                    err,
+                    err: err.to_string(),
                 })?;
         }
         let config = rustls::ServerConfig::builder_with_provider(provider())
