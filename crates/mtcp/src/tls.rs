@@ -260,6 +260,98 @@ mod tests {
         assert!(name_of_id("not a name").is_err());
     }
 
+    /// A CA and a certificate for server `s1` at 127.0.0.1 in a fresh directory.
+    fn certs() -> (std::path::PathBuf, TlsFiles) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = std::env::temp_dir().join(format!("mtcp-tls-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let p = CertificateParams::new(vec!["s1".to_string(), "127.0.0.1".to_string()]).unwrap();
+        std::fs::write(
+            dir.join("s1.crt"),
+            p.signed_by(&key, &issuer).unwrap().pem(),
+        )
+        .unwrap();
+        std::fs::write(dir.join("s1.key"), key.serialize_pem()).unwrap();
+        let files = TlsFiles {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("{id}.crt").display().to_string(),
+            key: dir.join("{id}.key").display().to_string(),
+        };
+        (dir, files)
+    }
+
+    /// Frames written through a TLS half arrive whole (the framed writers flush), and a peer
+    /// that closes without `close_notify` reads as a clean end, as on TCP.
+    #[tokio::test]
+    async fn frames_cross_tls_and_an_abrupt_close_reads_as_the_end() {
+        use crate::framed::{self, ChannelError, FrameReader, Out};
+        use mtcp_proto::wire::Msg;
+        let (dir, files) = certs();
+        let server = ServerTls::load(&files, "s1", &["127.0.0.1:1"]).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let acceptor = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, _w) = server.accept(s).await.unwrap().into_split();
+            let mut reader = FrameReader::new(r, 1 << 20);
+            let mut got = Vec::new();
+            loop {
+                match reader.next_msg(std::time::Duration::from_secs(5)).await {
+                    Ok(m) => got.push(m),
+                    Err(ChannelError::Closed) => return Ok(got),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        });
+        let client = ClientTls::from_ca_file(&files.ca).unwrap();
+        let s = TcpStream::connect(&addr).await.unwrap();
+        let s = client
+            .connect(name_of_addr(&addr).unwrap(), s)
+            .await
+            .unwrap();
+        assert!(s.is_tls());
+        let (_r, mut w) = s.into_split();
+        framed::write_frames(
+            &mut w,
+            &[Out::Msg(Msg::Ping { t: 1 }), Out::Msg(Msg::Ping { t: 2 })],
+        )
+        .await
+        .unwrap();
+        framed::write_msg(&mut w, &Msg::Close).await.unwrap();
+        // Dropped without a TLS shutdown: no close_notify.
+        drop((_r, w));
+        let got = acceptor.await.unwrap().expect("a clean end");
+        assert_eq!(
+            got,
+            vec![Msg::Ping { t: 1 }, Msg::Ping { t: 2 }, Msg::Close]
+        );
+        // A client that trusts another CA refuses this server, saying why.
+        let (dir2, other) = certs();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = ServerTls::load(&files, "s1", &[]).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = server.accept(s).await;
+        });
+        let s = TcpStream::connect(&addr).await.unwrap();
+        let e = ClientTls::from_ca_file(&other.ca)
+            .unwrap()
+            .connect(name_of_addr(&addr).unwrap(), s)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not signed by this cluster's CA"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir2);
+    }
+
     #[test]
     fn missing_and_empty_files_are_named() {
         let dir = std::env::temp_dir().join(format!("mtcp-tls-{}", rand::random::<u64>()));
