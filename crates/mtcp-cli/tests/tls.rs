@@ -12,10 +12,15 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 fn tls_cluster(dir: &TempDir, servers: usize) -> LocalCluster {
+    tls_cluster_mode(dir, servers, "lazy")
+}
+
+fn tls_cluster_mode(dir: &TempDir, servers: usize, mode: &str) -> LocalCluster {
     let opts = LocalOptions {
         servers,
         root: dir.path().join("www"),
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        mode: mode.into(),
         tls: true,
         ..Default::default()
     };
@@ -76,6 +81,36 @@ fn curl_download_through_a_tls_cluster_survives_drain_manual_and_reset() {
         let log = log_of(dir.path(), &s.id);
         assert!(!log.contains("TLS handshake failed"), "{}: {log}", s.id);
     }
+}
+
+/// Eager mode over TLS: replicas go to backups over TLS peer channels, the agent's watch
+/// connection is TLS, and a `kill -9` of the serving server is survived byte-exact.
+#[test]
+fn an_eager_tls_cluster_survives_kill_9_of_the_serving_server() {
+    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    let dir = TempDir::new("tls-eager");
+    let size: u64 = 64 << 20;
+    let want = file(&dir, "big.bin", size, 48);
+    let mut lc = tls_cluster_mode(&dir, 3, "eager");
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "20M", &out);
+    wait_for("download progress", Duration::from_secs(60), || {
+        len(&out) > size / 3
+    });
+    let on = serving(&lc);
+    lc.kill(&on).expect("kill -9 the serving server");
+    assert!(
+        wait_child(&mut curl, "curl", Duration::from_secs(60)),
+        "curl failed after the kill"
+    );
+    assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
+    let after = lc.status().unwrap();
+    let moved: Vec<_> = after
+        .iter()
+        .flat_map(|c| c.timeline.iter())
+        .filter(|e| e.ok && e.from == on)
+        .collect();
+    assert!(!moved.is_empty(), "the connection left {on}: {after:?}");
 }
 
 #[test]
