@@ -48,18 +48,20 @@ pub(crate) async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, port: P
     }
 }
 
+/// Both steps are boxed: the task then holds only the step it is in, and a live session's task
+/// carries no room for a handshake it finished long ago (issue 13: memory per idle connection).
 async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
     let s = match &inner.tls {
         None => Stream::Tcp(s),
-        Some(_) => match secure(&inner, s, port).await {
+        Some(_) => match Box::pin(secure(&inner, s, port)).await {
             Some(s) => s,
             None => return,
         },
     };
     match port {
-        Port::Data => crate::server::handle_session(inner, s).await,
-        Port::Peer => crate::peer::serve_peer(inner, s).await,
-        Port::Admin => crate::peer::serve_admin(inner, s).await,
+        Port::Data => Box::pin(crate::server::handle_session(inner, s)).await,
+        Port::Peer => Box::pin(crate::peer::serve_peer(inner, s)).await,
+        Port::Admin => Box::pin(crate::peer::serve_admin(inner, s)).await,
     }
 }
 
