@@ -6,6 +6,7 @@
 //! the session, and moves it to another server when a trigger fires.
 
 pub mod admin;
+pub mod dialer;
 mod direct;
 pub mod metrics;
 pub mod policy;
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     /// Kernel fast path: hand each client connection itself to the server instead of relaying
     /// it (needs root; servers on this host; lazy clusters). See `direct`.
     pub fast_path: bool,
+    /// TLS to every server, trusting the cluster's CA (`--tls-ca`): for clusters with `[tls]`.
+    pub tls: Option<mtcp::tls::ClientTls>,
 }
 
 impl Default for AgentConfig {
@@ -62,6 +65,7 @@ impl Default for AgentConfig {
             transparent: false,
             policy: PolicyConfig::default(),
             fast_path: false,
+            tls: None,
         }
     }
 }
@@ -189,6 +193,8 @@ pub(crate) struct ConnEntry {
 
 pub(crate) struct AgentInner {
     pub cfg: AgentConfig,
+    /// How sessions, spares, watches and probes connect (socket mark, TLS).
+    pub dialer: dialer::Dialer,
     pub started: Instant,
     pub conns: Mutex<HashMap<u64, ConnEntry>>,
     next: AtomicU64,
@@ -314,16 +320,21 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Self {
+        let dialer = dialer::Dialer {
+            mark: cfg.transparent,
+            tls: cfg.tls.clone(),
+        };
         let prober = cfg.policy.rtt.map(|r| {
             Arc::new(policy::Prober::new(
                 r.probe_every,
                 cfg.connect_timeout,
-                cfg.transparent,
+                dialer.clone(),
             ))
         });
         Agent {
             inner: Arc::new(AgentInner {
                 prober,
+                dialer,
                 cfg,
                 started: Instant::now(),
                 conns: Mutex::new(HashMap::new()),
@@ -346,7 +357,7 @@ impl Agent {
         spares.want(self.inner.cfg.connect.iter().map(String::as_str));
         tokio::spawn(spare::Spares::keep(
             Arc::downgrade(spares),
-            self.inner.cfg.transparent,
+            self.inner.dialer.clone(),
         ));
         // Each relayed connection holds its client socket and a session; a fast-path one only
         // its session. What is kept aside covers the rest and a second session per move.

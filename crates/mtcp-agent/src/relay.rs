@@ -1,11 +1,13 @@
 //! One client program's connection: relay it over an M-TCP session, and move the session when
 //! a trigger fires.
 
+use crate::dialer::Dialer;
 use crate::metrics::{counted, Moving};
 use crate::watch::{Watch, WatchEnd};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
+use mtcp::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::custody::{Lineage, Step};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
@@ -15,7 +17,6 @@ use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -39,8 +40,8 @@ const DOWN_READ: usize = 256 << 10;
 
 /// An open session with a server.
 struct Session {
-    reader: FrameReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    reader: FrameReader<ReadHalf>,
+    w: WriteHalf,
     /// Eager mode: the watch connection's end (the server process died).
     watch: Option<Watch>,
 }
@@ -56,7 +57,7 @@ fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
             conn.token,
             inner.cfg.connect_timeout,
             conn.heartbeat,
-            inner.cfg.transparent,
+            inner.dialer.clone(),
         )
     })
 }
@@ -232,7 +233,7 @@ const CLOSE_INLINE_BELOW: usize = 256 << 10;
 /// Bytes in the session socket's receive queue (`FIONREAD`); `usize::MAX` if unknown.
 fn queued_bytes(s: &Session) -> usize {
     use std::os::fd::AsRawFd;
-    let fd = s.w.as_ref().as_raw_fd();
+    let fd = s.w.as_raw_fd();
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD on a socket we own writes one int to the pointer given.
     if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
@@ -248,48 +249,25 @@ pub(crate) fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// Connects to `addr`; in transparent mode with the agent's socket mark, so its own
-/// connections are not redirected back to it.
-pub(crate) async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
-    if !mark {
-        return TcpStream::connect(addr).await;
-    }
-    let mut last = None;
-    for a in tokio::net::lookup_host(addr).await? {
-        let sock = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket2::SockRef::from(&sock).set_mark(crate::transparent::MARK)?;
-        match sock.connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
-}
-
 /// Connects to a server and sends `first` (HELLO, MIGRATE or WATCH) with the preamble.
 pub(crate) async fn connect(
     addr: &str,
     limit: Duration,
     first: &Msg,
-    mark: bool,
-) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
-    let s = tokio::time::timeout(limit, dial(addr, mark))
+    dialer: &Dialer,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
+    let s = tokio::time::timeout(limit, dialer.dial(addr))
         .await
         .map_err(|_| ChannelError::Timeout)??;
-    let _ = s.set_nodelay(true);
     open_on(s, limit, first).await
 }
 
 /// Sends the preamble and `first` on an established connection.
 async fn open_on(
-    mut s: TcpStream,
+    mut s: Stream,
     limit: Duration,
     first: &Msg,
-) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
     tokio::time::timeout(limit, framed::open_with(&mut s, first))
         .await
         .map_err(|_| ChannelError::Timeout)??;
@@ -301,8 +279,8 @@ async fn open_on(
 /// A session opened with HELLO: the server's address, the channel and its WELCOME.
 pub(crate) type Welcomed = (
     String,
-    FrameReader<OwnedReadHalf>,
-    OwnedWriteHalf,
+    FrameReader<ReadHalf>,
+    WriteHalf,
     mtcp_proto::wire::Welcome,
 );
 
@@ -312,8 +290,8 @@ pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed,
     let mut errs = Vec::new();
     for addr in &inner.cfg.connect {
         let r = async {
-            let mark = inner.cfg.transparent;
-            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, hello, mark).await?;
+            let (mut reader, w) =
+                connect(addr, inner.cfg.connect_timeout, hello, &inner.dialer).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
                 Msg::Refused { code, reason } => {
@@ -389,8 +367,8 @@ async fn run(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
     s: &mut Session,
-    cr: &mut OwnedReadHalf,
-    cw: &mut OwnedWriteHalf,
+    cr: &mut tokio::net::tcp::OwnedReadHalf,
+    cw: &mut tokio::net::tcp::OwnedWriteHalf,
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
     bufs: &mut [Vec<u8>; 2],
 ) -> End {
@@ -938,7 +916,7 @@ pub(crate) fn candidates(
 /// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
 /// answer within `total`, is a timeout.
 pub(crate) async fn answer_to_migrate(
-    reader: &mut FrameReader<OwnedReadHalf>,
+    reader: &mut FrameReader<ReadHalf>,
     silence: Duration,
     total: Duration,
 ) -> Result<Msg, ChannelError> {
@@ -1020,14 +998,10 @@ async fn try_resume(
     let (mut reader, mut w, msg) = match answer {
         Some(x) => x,
         None => {
-            let (mut reader, w) = connect(
-                &cand.data,
-                inner.cfg.connect_timeout,
-                &first,
-                inner.cfg.transparent,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let (mut reader, w) =
+                connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
+                    .await
+                    .map_err(|e| e.to_string())?;
             let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
                 .await
                 .map_err(|e| silent(e, silence))?;

@@ -6,6 +6,7 @@
 //! [`WatchEnd::Hint`]. The connection to the server closes when the last [`Watch`] on it is
 //! dropped.
 
+use crate::dialer::Dialer;
 use crate::relay::connect;
 use mtcp::framed::ChannelError;
 use mtcp_proto::wire::Msg;
@@ -93,7 +94,7 @@ impl Watches {
         token: Token,
         limit: Duration,
         heartbeat: Duration,
-        mark: bool,
+        dialer: Dialer,
     ) -> Watch {
         let (tx, ended) = oneshot::channel();
         let m = Msg::Watch { cid, epoch, token };
@@ -101,7 +102,7 @@ impl Watches {
         let pair = match pairs.get(addr).and_then(Weak::upgrade) {
             Some(p) if !p.task.is_finished() => p,
             _ => {
-                let p = open(addr.to_string(), limit, heartbeat, mark);
+                let p = open(addr.to_string(), limit, heartbeat, dialer);
                 pairs.insert(addr.to_string(), Arc::downgrade(&p));
                 p
             }
@@ -122,25 +123,22 @@ impl Watches {
 }
 
 /// Starts the task that opens and reads the watch connection to `addr`.
-fn open(addr: String, limit: Duration, heartbeat: Duration, mark: bool) -> Arc<Pair> {
+fn open(addr: String, limit: Duration, heartbeat: Duration, dialer: Dialer) -> Arc<Pair> {
     let (add, add_rx) = mpsc::unbounded_channel();
     Arc::new_cyclic(|me: &Weak<Pair>| {
         let me = me.clone();
         let task = tokio::spawn(async move {
-            let why = run(&addr, limit, silence(heartbeat), mark, add_rx, &me).await;
-            match why {
-                Some(why) => {
-                    tracing::info!(server = %addr, "watch connection: {why}");
-                    if let Some(p) = me.upgrade() {
-                        for (_, (_, tx)) in p.lock().drain() {
-                            let _ = tx.send(WatchEnd::Gone(why.clone()));
-                        }
+            let why = run(&addr, limit, silence(heartbeat), &dialer, add_rx, &me).await;
+            // None: no watch could be opened. The sessions alone tell when the server is gone;
+            // the connections on this one keep their senders, so none takes this for a death,
+            // and the next connection to this server tries to open a new one.
+            if let Some(why) = why {
+                tracing::info!(server = %addr, "watch connection: {why}");
+                if let Some(p) = me.upgrade() {
+                    for (_, (_, tx)) in p.lock().drain() {
+                        let _ = tx.send(WatchEnd::Gone(why.clone()));
                     }
                 }
-                // No watch: the sessions alone tell when the server is gone. The connections
-                // on it keep their senders, so none takes this for a death; the next
-                // connection to this server tries to open a new one.
-                None => {}
             }
         });
         Pair {
@@ -157,12 +155,12 @@ async fn run(
     addr: &str,
     limit: Duration,
     silence: Duration,
-    mark: bool,
+    dialer: &Dialer,
     mut add: mpsc::UnboundedReceiver<Msg>,
     me: &Weak<Pair>,
 ) -> Option<String> {
     let first = add.recv().await?;
-    let (mut r, mut w) = match connect(addr, limit, &first, mark).await {
+    let (mut r, mut w) = match connect(addr, limit, &first, dialer).await {
         Ok(rw) => rw,
         Err(e) => {
             tracing::debug!(server = %addr, "cannot open a watch connection: {e}");
@@ -183,7 +181,7 @@ async fn run(
     loop {
         tokio::select! {
             m = add.recv() => {
-                let Some(m) = m else { return None };
+                let m = m?;
                 if mtcp::framed::write_msg(&mut w, &m).await.is_err() {
                     return Some("its watch connection broke: server process gone".into());
                 }

@@ -152,7 +152,14 @@ where
 
 async fn server_status(lc: &LocalCluster, id: &str) -> Result<mtcp::proto::wire::ServerStatus> {
     use mtcp::proto::wire::Msg;
-    Ok(mtcp::peer::admin_request(lc.admin_of(id)?, &lc.key, id, Msg::AdminStatus).await?)
+    Ok(mtcp::peer::admin_request_over(
+        lc.admin_of(id)?,
+        &lc.key,
+        lc.tls.as_ref(),
+        id,
+        Msg::AdminStatus,
+    )
+    .await?)
 }
 
 /// `mtcp bench scale`: [`measure`], printed.
@@ -326,6 +333,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
         let rep = local::drain_server_report(
             lc.admin_of(&id)?,
             &lc.key,
+            lc.tls.as_ref(),
             &id,
             Duration::from_secs(60 + n as u64 / 100),
         )

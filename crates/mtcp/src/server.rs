@@ -2,12 +2,14 @@
 //! session tasks that move frames between a socket and a connection's state, and the janitor
 //! that forgets connections whose agent is gone.
 
+use crate::accept::{self, Port};
 use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::{Connection, Phase, Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::metrics::SessionKind;
 use crate::peer;
+use crate::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::custody::Gate;
 use mtcp_proto::wire::{
     self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
@@ -18,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -67,11 +68,15 @@ pub enum BindError {
         addr: String,
         err: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub(crate) struct ServerInner {
     pub id: String,
     pub cluster: Cluster,
+    /// TLS on every port and to every peer, when the cluster file has `[tls]` (decision 45).
+    pub tls: Option<crate::tls::ServerTls>,
     pub limits: Limits,
     pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
     pub draining: AtomicBool,
@@ -407,6 +412,15 @@ impl Server {
     /// Listens on the data, peer and admin addresses of server `id` of `cluster`.
     pub async fn bind(cluster: Cluster, id: &str, limits: Limits) -> Result<Server, BindError> {
         let me = cluster.require(id, "cluster file")?.clone();
+        // Certificate problems are found here, at start, not at the first handshake.
+        let tls = match &cluster.tls {
+            Some(files) => Some(crate::tls::ServerTls::load(
+                files,
+                id,
+                &[&me.data, &me.peer, &me.admin],
+            )?),
+            None => None,
+        };
         let listen = |what: &'static str, addr: String| async move {
             TcpListener::bind(&addr)
                 .await
@@ -424,6 +438,7 @@ impl Server {
         let inner = Arc::new(ServerInner {
             id: id.to_string(),
             cluster,
+            tls,
             limits,
             conns: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
@@ -442,15 +457,9 @@ impl Server {
             accept_tx,
         });
         let mut tasks = vec![
-            tokio::spawn(accept_loop(data, inner.clone(), |i, s| {
-                Box::pin(handle_session(i, s))
-            })),
-            tokio::spawn(accept_loop(peer_l, inner.clone(), |i, s| {
-                Box::pin(peer::serve_peer(i, s))
-            })),
-            tokio::spawn(accept_loop(admin, inner.clone(), |i, s| {
-                Box::pin(peer::serve_admin(i, s))
-            })),
+            tokio::spawn(accept::accept_loop(data, inner.clone(), Port::Data)),
+            tokio::spawn(accept::accept_loop(peer_l, inner.clone(), Port::Peer)),
+            tokio::spawn(accept::accept_loop(admin, inner.clone(), Port::Admin)),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
         ];
         for b in inner.cluster.backups(&inner.id) {
@@ -486,27 +495,6 @@ impl Server {
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.hint_all(HintReason::Drain);
-    }
-}
-
-type Handler = fn(
-    Arc<ServerInner>,
-    TcpStream,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, handler: Handler) {
-    loop {
-        match l.accept().await {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handler(inner.clone(), s));
-            }
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 }
 
@@ -619,7 +607,7 @@ pub(crate) fn noisy_event_admitted() -> Option<u64> {
         .admit(Instant::now())
 }
 
-pub(crate) async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
+pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) {
     crate::metrics::refused(code);
     if let Some(suppressed) = noisy_event_admitted() {
         tracing::info!(?code, suppressed, "refusing session: {reason}");
@@ -628,11 +616,16 @@ pub(crate) async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: Str
     let _ = w.shutdown().await;
 }
 
-async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
+pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
     let mut gauge = crate::metrics::SessionGauge::new();
-    let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let ends = (s.local_addr().ok(), s.peer_addr().ok());
+    let peer_addr = s
+        .tcp()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
     let source = s
+        .tcp()
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
@@ -642,7 +635,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         Err(why) => (None, Some(why)),
     };
     if let Some(rate) = inner.limits.pacing_rate {
-        set_pacing_rate(&s, rate);
+        set_pacing_rate(s.tcp(), rate);
     }
     let mut s = s;
     match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
@@ -950,8 +943,8 @@ fn set_pacing_rate(s: &TcpStream, rate: u64) {
 /// `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends anything else.
 async fn probe(
     inner: &Arc<ServerInner>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut w: OwnedWriteHalf,
+    mut reader: FrameReader<ReadHalf>,
+    mut w: WriteHalf,
     mut t: u64,
 ) {
     struct Slot;
@@ -1323,7 +1316,7 @@ pub(crate) fn msg_name(m: &Msg) -> String {
 }
 
 async fn writer_loop(
-    mut w: OwnedWriteHalf,
+    mut w: WriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
     shared: Arc<Shared>,
     hb: Duration,
@@ -1448,7 +1441,7 @@ fn next_batch(pending: &mut VecDeque<Out>) -> (Vec<Out>, u64) {
 
 /// Returns whether the session ended in order (the writer should flush) rather than broke.
 async fn reader_loop(
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<ReadHalf>,
     shared: &Arc<Shared>,
     inner: &Arc<ServerInner>,
 ) -> bool {

@@ -8,13 +8,13 @@
 
 use crate::framed::{self, FrameReader};
 use crate::server::{refuse, ServerInner, BAD_TOKEN};
+use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::Frame;
 use mtcp_proto::{Cid, Token};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 /// Serves a watch connection opened by `WATCH{cid, epoch, token}`, until the agent closes it,
@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 /// bound.
 pub(crate) async fn serve(
     inner: &Arc<ServerInner>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut w: OwnedWriteHalf,
+    mut reader: FrameReader<ReadHalf>,
+    mut w: WriteHalf,
     cid: Cid,
     epoch: u64,
     token: Token,
