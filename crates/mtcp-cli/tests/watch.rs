@@ -69,10 +69,25 @@ async fn connections_share_one_watch_per_server_which_still_catches_a_kill() {
         conns.push(Client::connect(&lc.agent_listen).await.unwrap());
     }
     get_all(&mut conns, &want).await;
-    let watches = tokio::task::block_in_place(|| metric(&m1, "mtcp_sessions{state=\"watch\"}"));
-    let sessions =
-        tokio::task::block_in_place(|| metric(&m1, "mtcp_sessions{state=\"connection\"}"));
-    assert_eq!((watches, sessions), (1.0, CONNS as f64));
+    // The watch connection is opened beside the first session, not before its answer: wait
+    // (bounded) until s1 has seen it.
+    let t0 = Instant::now();
+    loop {
+        let counts = tokio::task::block_in_place(|| {
+            (
+                metric(&m1, "mtcp_sessions{state=\"watch\"}"),
+                metric(&m1, "mtcp_sessions{state=\"connection\"}"),
+            )
+        });
+        if counts == (1.0, CONNS as f64) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "s1's (watch, connection) sessions: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Per connection: the client's socket and the session at the agent, the session at s1
     // (before: a watch connection more on each side). A few more for spares and the watch.
     let (agent_fds, s1_fds) = (open_fds(agent) - agent_before, open_fds(s1) - s1_before);

@@ -28,15 +28,13 @@ pub(crate) async fn serve(
     epoch: u64,
     token: Token,
 ) {
-    let (tx, mut hints) = mpsc::unbounded_channel::<Msg>();
-    // The connections watched here and their epochs (one entry per connection, however often
-    // it is named).
-    let mut watched: HashMap<Cid, u64> = HashMap::new();
-    if let Err((code, why)) = register(inner, &tx, cid, epoch, &token) {
-        refuse(&mut w, code, why).await;
+    if !inner.cluster.key.check_token(cid, epoch, &token) {
+        refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
         return;
     }
-    watched.insert(cid, epoch);
+    let (tx, mut hints) = mpsc::unbounded_channel::<Msg>();
+    let mut watched = Watched::default();
+    watched.add(inner, &tx, cid, epoch);
     let mut gone_since: Option<Instant> = None;
     let mut beat = tokio::time::interval(inner.cluster.heartbeat);
     let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -44,12 +42,10 @@ pub(crate) async fn serve(
         tokio::select! {
             f = reader.next() => match f {
                 Ok(Frame::Msg(Msg::Watch { cid, epoch, token })) => {
-                    match register(inner, &tx, cid, epoch, &token) {
-                        Ok(()) => {
-                            watched.insert(cid, epoch);
-                        }
-                        // It may have moved on since: the agent hears of that on its session.
-                        Err((code, why)) => tracing::debug!(%cid, ?code, "not watched: {why}"),
+                    if inner.cluster.key.check_token(cid, epoch, &token) {
+                        watched.add(inner, &tx, cid, epoch);
+                    } else {
+                        tracing::debug!(%cid, "not watched: {BAD_TOKEN}");
                     }
                 }
                 // The agent closed it, or sent something it should not have.
@@ -68,8 +64,8 @@ pub(crate) async fn serve(
                 }
             }
             _ = check.tick() => {
-                watched.retain(|c, e| inner.get(c).is_some_and(|s| s.lock().epoch == *e));
-                if !watched.is_empty() {
+                watched.sweep(inner, &tx, Instant::now());
+                if !watched.0.is_empty() {
                     gone_since = None;
                 } else if gone_since.get_or_insert_with(Instant::now).elapsed()
                     > inner.limits.dead_session
@@ -81,28 +77,50 @@ pub(crate) async fn serve(
     }
 }
 
-/// Adds `cid` at `epoch` to the watch connection whose hints go to `tx`.
-fn register(
-    inner: &ServerInner,
-    tx: &mpsc::UnboundedSender<Msg>,
-    cid: Cid,
-    epoch: u64,
-    token: &Token,
-) -> Result<(), (RefuseCode, String)> {
-    if !inner.cluster.key.check_token(cid, epoch, token) {
-        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
+/// How long a connection named on a watch connection may take to appear here (its WATCH can
+/// overtake the end of its own setup).
+const APPEAR_WITHIN: Duration = Duration::from_secs(10);
+
+/// The connections watched on one watch connection: at which epoch, and since when each is
+/// awaited if it is not here yet.
+#[derive(Default)]
+struct Watched(HashMap<Cid, (u64, Option<Instant>)>);
+
+impl Watched {
+    /// Adds `cid` at `epoch` (its token checked): its hints go to `tx` from now on, or once it
+    /// is here.
+    fn add(&mut self, inner: &ServerInner, tx: &mpsc::UnboundedSender<Msg>, cid: Cid, epoch: u64) {
+        let waiting = (!attach(inner, tx, cid, epoch)).then(Instant::now);
+        self.0.insert(cid, (epoch, waiting));
     }
+
+    /// Attaches connections that appeared, forgets those that left or never came.
+    fn sweep(&mut self, inner: &ServerInner, tx: &mpsc::UnboundedSender<Msg>, now: Instant) {
+        self.0.retain(|&cid, (epoch, waiting)| match waiting {
+            None => here(inner, cid, *epoch),
+            Some(since) => {
+                if attach(inner, tx, cid, *epoch) {
+                    *waiting = None;
+                    true
+                } else {
+                    now.duration_since(*since) < APPEAR_WITHIN
+                }
+            }
+        });
+    }
+}
+
+fn here(inner: &ServerInner, cid: Cid, epoch: u64) -> bool {
+    inner.get(&cid).is_some_and(|c| c.lock().epoch == epoch)
+}
+
+/// Points `cid`'s hints (at `epoch`) at `tx`; false if the connection is not here at that epoch.
+fn attach(inner: &ServerInner, tx: &mpsc::UnboundedSender<Msg>, cid: Cid, epoch: u64) -> bool {
     match inner.get(&cid) {
         Some(c) if c.lock().epoch == epoch => {
             *c.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
-            Ok(())
+            true
         }
-        _ => Err((
-            RefuseCode::UnknownConnection,
-            format!(
-                "server {} does not serve connection {cid} at epoch {epoch}",
-                inner.id
-            ),
-        )),
+        _ => false,
     }
 }
