@@ -379,6 +379,10 @@ async fn run(
     // Bytes moved either way at the last ping tick: none since means idle.
     let mut moved_at_tick = u64::MAX;
     let mut live = Liveness::new(Instant::now(), conn.heartbeat);
+    if !conn.retained.is_empty() {
+        // Resent on this session after a move: input the new server may still have to answer.
+        live.on_data_sent(Instant::now());
+    }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flip = false;

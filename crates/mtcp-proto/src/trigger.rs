@@ -92,15 +92,16 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// A session that just started: the server beats for [`BEAT_LINGER`] from its start, so the
-    /// agent expects it as after downstream data.
+    /// A session that just started expects nothing until data moves either way. (The server
+    /// beats for [`BEAT_LINGER`] from its start too, but the agent's session may start later
+    /// than the server's by a loaded machine's scheduling delay: it does not count on those.)
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
         Self {
             heartbeat,
             misses: 3,
             min_bound: Duration::from_millis(200),
             last_rx: now,
-            last_data: now,
+            last_data: now.checked_sub(EXPECT_AFTER_DATA).unwrap_or(now),
             waiting: false,
             rtt: Rtt::default(),
         }
@@ -197,8 +198,10 @@ mod tests {
     fn an_idle_connection_expects_nothing_and_a_request_starts_the_clock() {
         let t0 = Instant::now();
         let mut l = Liveness::new(t0, Duration::from_millis(100));
-        // A new session: the server beats for a while, so silence right away counts.
-        assert!(l.expired(at(t0, 700)));
+        // A new session expects nothing until data moves.
+        assert_eq!(l.deadline(), None);
+        l.on_data_received(t0);
+        assert!(l.expired(at(t0, 700)), "silence right after data counts");
         // Heartbeats keep it alive; past the window after the last data nothing is expected.
         for ms in (100..=900).step_by(100) {
             l.on_receive(at(t0, ms));
