@@ -219,7 +219,7 @@ impl PathCpu {
 
 /// CPU seconds (user + system) used so far by process `pid` (or thread: `/proc/PID/task/TID`),
 /// from its `stat` file.
-fn cpu_secs(stat: &str) -> Option<f64> {
+pub(crate) fn cpu_secs(stat: &str) -> Option<f64> {
     let s = std::fs::read_to_string(stat).ok()?;
     // The command name may hold spaces; fields are counted after its closing parenthesis.
     let f: Vec<&str> = s[s.rfind(')')? + 1..].split_whitespace().collect();

@@ -76,6 +76,9 @@ pub struct DrainResult {
     pub move_us: [u64; 3],
     /// From the first of these moves' triggers to the last one's RESUMED, ms.
     pub moves_span_ms: u64,
+    /// CPU time (user + system) each process spent during the drain, per connection moved,
+    /// µs: (process, µs).
+    pub cpu_us_per_move: Vec<(String, f64)>,
 }
 
 /// VmRSS of `pid`, KiB.
@@ -185,6 +188,10 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent, d.still_moving,
                 d.move_us[0], d.move_us[1], d.move_us[2], d.moves_span_ms
             );
+            let cpu: Vec<String> = (d.cpu_us_per_move.iter())
+                .map(|(name, us)| format!("{name} {us:.0} us"))
+                .collect();
+            println!("    CPU per connection moved: {}", cpu.join(", "));
         }
         println!(
             "  after the drain: {} of {n} connections answered with the right body ({:.2} s)",
@@ -330,6 +337,8 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
         if !quiet {
             eprintln!("draining {id} ({count} connections)");
         }
+        let cpu = |pid: u32| crate::bench::cpu_secs(&format!("/proc/{pid}/stat")).unwrap_or(0.0);
+        let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu(p)).collect();
         let rep = local::drain_server_report(
             lc.admin_of(&id)?,
             &lc.key,
@@ -338,6 +347,10 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
             Duration::from_secs(60 + n as u64 / 100),
         )
         .await?;
+        let per_move = rep.moved.max(1) as f64;
+        let cpu_us_per_move = (names.iter().zip(&pids).zip(&cpu_before))
+            .map(|((name, &pid), b)| (name.to_string(), (cpu(pid) - b) * 1e6 / per_move))
+            .collect();
         // Each connection's last move away from this server, as the agent timed it.
         let st = lc.status_async().await?;
         let moves: Vec<&mtcp_agent::MigrationEvent> = st
@@ -365,6 +378,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
                 us.last().copied().unwrap_or(0),
             ],
             moves_span_ms: last.saturating_sub(first),
+            cpu_us_per_move,
         });
     }
 
