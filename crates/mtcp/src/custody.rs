@@ -73,6 +73,7 @@ impl CustodyStore {
         by: &str,
         fences: &[Fence],
         records: &[Option<Vec<u8>>],
+        floor: u64,
     ) -> Result<StateRecord, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(k) = g.0.get_mut(&cid) else {
@@ -89,7 +90,7 @@ impl CustodyStore {
                 format!("connection {cid} changed hands meanwhile"),
             ));
         }
-        let (what, label) = k.custody.supersede(by, fences)?;
+        let (what, label) = k.custody.supersede(by, fences, floor)?;
         if let Handout::Successor(i) = what {
             // The holder's newer restart point replaces the kept one.
             match records
@@ -178,12 +179,12 @@ mod tests {
         let seen = s.get(cid).unwrap();
         // s2 died before its backups held epoch 5; fenced with nothing there: s3 gets it as 5.
         let r = s
-            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None])
+            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None], 0)
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (5, 100));
         // A second supersede with the stale view is refused.
         assert!(s
-            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None])
+            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None], 0)
             .is_err());
         // s2's late confirmation changes nothing: s3 holds it now.
         s.confirmed(cid, 4, "s2");
@@ -192,7 +193,14 @@ mod tests {
         let seen = s.get(cid).unwrap();
         let newer = rec(6, 300).encode();
         let r = s
-            .supersede(cid, &seen, "s1", &[Fence::Record(300, 150)], &[Some(newer)])
+            .supersede(
+                cid,
+                &seen,
+                "s1",
+                &[Fence::Record(300, 150)],
+                &[Some(newer)],
+                0,
+            )
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (6, 300));
         s.confirmed(cid, 4, "s1");

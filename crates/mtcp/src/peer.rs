@@ -365,15 +365,16 @@ pub(crate) async fn claim(
     claim_msg(inner, to, &Msg::ClaimReplica { cid, epoch }, t).await
 }
 
-/// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim that never
-/// supersedes (see [`crate::eager::fence`]). Answered as [`claim`].
+/// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim (see
+/// [`crate::eager::fence`]). Answered as [`claim`]. Twice the answer bound: the backup may
+/// first ask a candidate holding the epoch to give it up ([`crate::eager::fence_here`]).
 pub(crate) async fn fence(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
 ) -> Result<Claimed, (RefuseCode, String)> {
-    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
+    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
     claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
 }
 
@@ -643,16 +644,13 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                 }
             }
             Ok(Msg::FenceEpoch { cid, epoch }) => {
-                match inner.replicas.claim(cid, epoch, &from, false) {
+                match crate::eager::fence_here(&inner, cid, epoch, &from).await {
                     Ok(Claimed::Record(b)) => {
                         tracing::info!(%cid, epoch, by = %from, "epoch fenced (its replica handed to the keeper)");
                         Msg::State(b)
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err(e) => Msg::Refused {
-                        code: e.code(),
-                        reason: format!("epoch {epoch} of {cid} is already claimed ({e:?})"),
-                    },
+                    Err((code, reason)) => Msg::Refused { code, reason },
                 }
             }
             Ok(Msg::ReleaseClaim { cid, epoch }) => {
