@@ -64,6 +64,11 @@ pub(crate) struct Repl {
     pub heard: bool,
     /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`]).
     pub withheld: Option<(u64, u64)>,
+    /// Fenced: a destination took the connection over from a backup's replica of this epoch
+    /// (the custody it would hand out, and since when). The connection is let go but its stream
+    /// is kept for a while, so that this server can act as that destination's keeper
+    /// ([`adopt_taken`], decision 45).
+    pub taken: Option<(Custody, Instant)>,
 }
 
 /// The agent spoke on the session. For a taken-over connection this settles its gate: no keeper
@@ -117,6 +122,8 @@ pub(crate) struct PushError {
     /// let it go.
     pub fenced: bool,
     pub why: String,
+    /// Who took it over from a backup's replica (TAKEN), if a backup said so.
+    pub taken: Option<Custody>,
 }
 
 /// Pushes an encoded record to every backup of this server; all must store it.
@@ -126,15 +133,18 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
         return Err(PushError {
             fenced: false,
             why: "test hook: pushes are dropped".into(),
+            taken: None,
         });
     }
     let backups = inner.cluster.backups(&inner.id);
     let mut errs = Vec::new();
     let mut fenced = false;
+    let mut taken = None;
     for b in &backups {
-        if let Err((code, e)) = peer::replicate(inner, b, rec.clone()).await {
-            fenced |= code == Some(RefuseCode::StaleEpoch);
-            errs.push(e);
+        if let Err(e) = peer::replicate(inner, b, rec.clone()).await {
+            fenced |= e.code == Some(RefuseCode::StaleEpoch);
+            taken = taken.or(e.taken);
+            errs.push(e.why);
         }
     }
     if errs.is_empty() {
@@ -143,6 +153,7 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
         Err(PushError {
             fenced,
             why: errs.join("; "),
+            taken,
         })
     }
 }
@@ -202,14 +213,10 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
                 replicate_if_due(&inner, &shared, &mut st);
             }
             Err(e) if e.fenced => {
-                // Taken over from a replica while this server was unreachable (hung, cut off):
-                // it must never serve the connection again.
+                // Taken over from a replica while this server was unreachable (hung, cut off,
+                // or only slow): it must never serve the connection again.
                 tracing::warn!(cid = %shared.cid, "connection was taken over elsewhere ({}); letting it go", e.why);
-                st.phase = Phase::Migrated;
-                st.tx = None;
-                st.wake_all();
-                drop(st);
-                inner.forget(shared.cid);
+                let_go_fenced(&inner, shared.cid, st, e.taken);
                 inner
                     .migrated_out
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -259,11 +266,7 @@ pub(crate) async fn push_durable(
         }
         Ok(Err(e)) if e.fenced => {
             // Taken over elsewhere meanwhile: this server must let it go.
-            st.phase = Phase::Migrated;
-            st.tx = None;
-            st.wake_all();
-            drop(st);
-            inner.forget(shared.cid);
+            let_go_fenced(inner, shared.cid, st, e.taken);
             Err(StateError::Migrated)
         }
         Ok(Err(e)) => Err(StateError::NotDurable(e.why)),
@@ -273,9 +276,66 @@ pub(crate) async fn push_durable(
     }
 }
 
+/// A push was refused because the connection was taken over elsewhere: it never serves again.
+/// If a backup said who took it over from its replica at this epoch, the stream is kept (the
+/// connection stays in the table, migrated) so that this server can be that destination's
+/// keeper: the destination may be the backup itself, which then holds the only other copy,
+/// and die before the agent has its RESUMED (decision 45). Otherwise it is forgotten.
+fn let_go_fenced(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    mut st: std::sync::MutexGuard<'_, ConnState>,
+    taken: Option<Custody>,
+) {
+    st.phase = Phase::Migrated;
+    st.tx = None;
+    st.repl.confirm = None;
+    st.wake_all();
+    match taken.filter(|c| c.epoch == st.epoch) {
+        Some(c) => {
+            tracing::info!(%cid, epoch = c.epoch, holder = %c.holder, "keeping the fenced connection's state until its taker confirms");
+            st.repl.taken = Some((c, Instant::now()));
+        }
+        None => {
+            drop(st);
+            inner.forget(cid);
+        }
+    }
+}
+
+/// A FETCH for `f.epoch` found the connection let go after a fence that named its taker: the
+/// stream becomes a custody (its record built for the agent's position in the FETCH), as if it
+/// had been handed over to that taker. `None`: no such connection here.
+fn adopt_taken(inner: &Arc<ServerInner>, f: &Fetch) -> Option<Result<(), Refusal>> {
+    let shared = inner.get(&f.cid)?;
+    let st = shared.lock();
+    let (c, _) = st.repl.taken.clone().filter(|(c, _)| c.epoch == f.epoch)?;
+    let r =
+        st.s.record(f.cid, f.epoch, f.down_recv, f.sum_from, f.down_sum)
+            .and_then(|rec| {
+                mtcp_proto::bounds::record_fits(rec.encoded_len_bound(), inner.limits.max_record)
+                    .map_err(|e| (RefuseCode::TooLarge, format!("state record too large: {e}")))?;
+                Ok(rec)
+            });
+    drop(st);
+    inner.forget(f.cid);
+    Some(r.map(|rec| inner.custody.keep(f.cid, c, &rec)))
+}
+
 /// Janitor duty: retry failed pushes and refresh replicas well within the backups' TTL.
 pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant) {
     let mut st = shared.lock();
+    if st
+        .repl
+        .taken
+        .as_ref()
+        .is_some_and(|(_, t)| now.duration_since(*t) > inner.limits.dead_session)
+    {
+        // Nobody asked for it: the taker confirmed or the agent went on without it.
+        drop(st);
+        inner.forget(shared.cid);
+        return;
+    }
     if st.detached_at.is_some() {
         return;
     }
@@ -361,7 +421,15 @@ async fn rehand(
     f: &Fetch,
     to: &str,
 ) -> Option<Result<crate::server::Frozen, Refusal>> {
-    let seen = inner.custody.get(f.cid)?;
+    let seen = match inner.custody.get(f.cid) {
+        Some(c) => c,
+        None => {
+            if let Err(e) = adopt_taken(inner, f)? {
+                return Some(Err(e));
+            }
+            inner.custody.get(f.cid)?
+        }
+    };
     let next = match seen.successor(f.epoch) {
         Ok(n) => n,
         Err(e) => return Some(Err(e)),

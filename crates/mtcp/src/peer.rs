@@ -336,17 +336,50 @@ pub(crate) async fn replicate(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     rec: Vec<u8>,
-) -> Result<(), (Option<RefuseCode>, String)> {
+) -> Result<(), ReplicateError> {
     let t = inner.limits.fetch_timeout;
+    let err = |code, why| ReplicateError {
+        code,
+        why,
+        taken: None,
+    };
     match call(inner, to, &Msg::Replicate(rec), t, t).await {
         Ok(Msg::ReplicaStored { .. }) => Ok(()),
-        Ok(Msg::Refused { code, reason }) => Err((
+        Ok(Msg::Taken {
+            cid,
+            epoch,
+            by,
+            label,
+        }) => Err(ReplicateError {
+            code: Some(RefuseCode::StaleEpoch),
+            why: format!(
+                "{}: connection {cid} at epoch {epoch} was taken over by {by}",
+                to.id
+            ),
+            taken: Some(mtcp_proto::custody::Custody {
+                epoch,
+                holder: by,
+                label,
+            }),
+        }),
+        Ok(Msg::Refused { code, reason }) => Err(err(
             Some(code),
             format!("{} refused ({code:?}): {reason}", to.id),
         )),
-        Ok(other) => Err((None, format!("{} answered {}", to.id, msg_name(&other)))),
-        Err(e) => Err((None, format!("{} ({}): {e}", to.id, to.peer))),
+        Ok(other) => Err(err(
+            None,
+            format!("{} answered {}", to.id, msg_name(&other)),
+        )),
+        Err(e) => Err(err(None, format!("{} ({}): {e}", to.id, to.peer))),
     }
+}
+
+/// Why a REPLICATE failed.
+pub(crate) struct ReplicateError {
+    pub code: Option<RefuseCode>,
+    pub why: String,
+    /// A destination took the connection over from that backup's replica (TAKEN).
+    pub taken: Option<mtcp_proto::custody::Custody>,
 }
 
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
@@ -608,13 +641,22 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
                     }
                 }
             }
-            Ok(Msg::Replicate(rec)) => match inner.replicas.store(&from, rec) {
+            Ok(Msg::Replicate(rec)) => match inner.replicas.store_or_taken(&from, rec) {
                 Ok((cid, epoch, out_off)) => Msg::ReplicaStored {
                     cid,
                     epoch,
                     out_off,
                 },
-                Err((code, reason)) => {
+                Err((_, Some((cid, c)))) => {
+                    tracing::warn!(peer = %from, %cid, epoch = c.epoch, by = %c.holder, "replica refused: taken over from here");
+                    Msg::Taken {
+                        cid,
+                        epoch: c.epoch,
+                        by: c.holder,
+                        label: c.label,
+                    }
+                }
+                Err(((code, reason), None)) => {
                     tracing::warn!(peer = %from, "replica refused: {reason}");
                     Msg::Refused { code, reason }
                 }

@@ -128,6 +128,35 @@ impl ReplicaStore {
         e.rec.len() + ENTRY_OVERHEAD
     }
 
+    /// As [`ReplicaStore::store`], but an update refused because a destination took the
+    /// connection over from this replica at that epoch says who, and past which label it
+    /// resumes: the updating server becomes that destination's keeper (decision 45).
+    pub fn store_or_taken(
+        &self,
+        from: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Cid, u64, u64), (Refusal, Option<(Cid, Custody)>)> {
+        let key = StateRecord::decode(&bytes).ok().map(|r| (r.cid, r.epoch));
+        self.store(from, bytes).map_err(|r| {
+            let taken = key.and_then(|(cid, epoch)| {
+                let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                let e = g.0.get(&cid)?;
+                let holder = e.claimer.clone()?;
+                (e.epoch == epoch && e.custody && holder != from).then(|| {
+                    (
+                        cid,
+                        Custody {
+                            epoch,
+                            holder,
+                            label: e.label,
+                        },
+                    )
+                })
+            });
+            (r, taken)
+        })
+    }
+
     /// Stores `bytes` (an encoded record) from server `from`. Returns the record's cid, epoch and
     /// snapshot `out_off` as stored.
     pub fn store(&self, from: &str, bytes: Vec<u8>) -> Result<(Cid, u64, u64), Refusal> {
@@ -598,6 +627,26 @@ mod tests {
         // The next holder resumes at 8 and replaces the entry.
         s.store("s4", rec(4, 8, 500)).unwrap();
         assert_eq!(s.usage().0, 1);
+    }
+
+    #[test]
+    fn an_update_refused_because_a_destination_took_the_replica_names_it() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([5; 16]);
+        s.store("s2", rec(5, 2, 100)).unwrap();
+        // s3 (this backup) takes the connection over from its replica: a custody claim.
+        assert!(s.claim(cid, 2, "s3", true).is_ok());
+        // The origin s2, slow but alive, pushes again: refused, naming the taker and its label.
+        let (r, taken) = s.store_or_taken("s2", rec(5, 2, 200)).unwrap_err();
+        assert_eq!(r.0, RefuseCode::StaleEpoch);
+        assert_eq!(taken, Some((cid, Custody::new(2, "s3"))));
+        // A plain claim (a keeper's fence) names nobody: the origin just lets go.
+        let t = Cid([6; 16]);
+        s.store("s2", rec(6, 4, 100)).unwrap();
+        assert!(s.claim(t, 4, "s1", false).is_ok());
+        assert_eq!(s.store_or_taken("s2", rec(6, 4, 200)).unwrap_err().1, None);
+        // An older epoch is refused without a taker either.
+        assert_eq!(s.store_or_taken("s2", rec(5, 1, 300)).unwrap_err().1, None);
     }
 
     #[test]

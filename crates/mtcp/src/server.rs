@@ -139,7 +139,9 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        let conns = self.all();
+        let mut conns = self.all();
+        // A fenced connection kept only as its taker's keeper is not served here.
+        conns.retain(|c| c.lock().repl.taken.is_none());
         let detached = conns
             .iter()
             .filter(|c| c.lock().detached_at.is_some())
