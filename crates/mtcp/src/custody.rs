@@ -59,6 +59,28 @@ impl CustodyStore {
         );
     }
 
+    /// Replaces the custody `seen` (if still as seen) by `new`, with its record `rec`; or, with
+    /// `new` `None`, forgets it. A hand-over keeps its custody before it fences its backups, and
+    /// settles it here once they answered.
+    pub fn settle(&self, cid: Cid, seen: &Custody, new: Option<(Custody, &StateRecord)>) {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if map.get(&cid).is_none_or(|k| k.custody != *seen) {
+            return;
+        }
+        match new {
+            Some((c, rec)) => {
+                let k = map.get_mut(&cid).expect("present");
+                k.custody = c;
+                k.rec = rec.clone();
+            }
+            None => {
+                let k = map.remove(&cid).expect("present");
+                *used -= k.bytes;
+            }
+        }
+    }
+
     pub fn get(&self, cid: Cid) -> Option<Custody> {
         let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         g.0.get(&cid).map(|k| k.custody.clone())

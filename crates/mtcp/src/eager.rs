@@ -372,6 +372,14 @@ pub(crate) async fn hand_over(
     if !eager(inner) {
         return Ok(rec);
     }
+    // Kept at once, before the fences: they may take seconds (a dead backup on a lossy path),
+    // and a FETCH for this epoch meanwhile (the agent gave up on `to`) must find the custody,
+    // not a forgotten connection (decision 45).
+    let kept = rec.tcp.is_none();
+    let custody = Custody::new(f.epoch, to);
+    if kept {
+        inner.custody.keep(f.cid, custody.clone(), &rec.rec);
+    }
     // A fence that had to pass a failed candidate's claim over returns the epoch it reached:
     // the destination then resumes past it (decision 45).
     let mut rec = rec;
@@ -395,6 +403,9 @@ pub(crate) async fn hand_over(
             }
             Err((code, why)) => {
                 tracing::warn!(cid = %f.cid, "connection was taken over from a replica meanwhile: {why}");
+                if kept {
+                    inner.custody.settle(f.cid, &custody, None);
+                }
                 return Err((code, why));
             }
         }
@@ -402,13 +413,15 @@ pub(crate) async fn hand_over(
     if label > f.epoch {
         tracing::info!(cid = %f.cid, epoch = f.epoch, label, "handing the connection over one past a failed candidate's epoch");
         rec.rec.epoch = label;
-    }
-    if rec.tcp.is_none() {
-        let custody = Custody {
-            label,
-            ..Custody::new(f.epoch, to)
-        };
-        inner.custody.keep(f.cid, custody, &rec.rec);
+        if kept {
+            let raised = Custody {
+                label,
+                ..custody.clone()
+            };
+            inner
+                .custody
+                .settle(f.cid, &custody, Some((raised, &rec.rec)));
+        }
     }
     Ok(rec)
 }
