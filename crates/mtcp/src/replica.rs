@@ -86,6 +86,9 @@ impl From<Refusal> for ClaimError {
     }
 }
 
+/// A connection taken over from this store's replica, and the taker's custody.
+pub type Taken = (Cid, Custody);
+
 /// `bytes` (an encoded record, or empty for "nothing": the implicit start of a new connection)
 /// of the entry at `epoch`, handed out as epoch `label`.
 fn labelled(cid: Cid, bytes: &[u8], epoch: u64, label: u64) -> Claimed {
@@ -135,23 +138,21 @@ impl ReplicaStore {
         &self,
         from: &str,
         bytes: Vec<u8>,
-    ) -> Result<(Cid, u64, u64), (Refusal, Option<(Cid, Custody)>)> {
+    ) -> Result<(Cid, u64, u64), (Refusal, Option<Taken>)> {
         let key = StateRecord::decode(&bytes).ok().map(|r| (r.cid, r.epoch));
         self.store(from, bytes).map_err(|r| {
             let taken = key.and_then(|(cid, epoch)| {
                 let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
                 let e = g.0.get(&cid)?;
                 let holder = e.claimer.clone()?;
-                (e.epoch == epoch && e.custody && holder != from).then(|| {
-                    (
-                        cid,
-                        Custody {
-                            epoch,
-                            holder,
-                            label: e.label,
-                        },
-                    )
-                })
+                (e.epoch == epoch && e.custody && holder != from).then_some((
+                    cid,
+                    Custody {
+                        epoch,
+                        holder,
+                        label: e.label,
+                    },
+                ))
             });
             (r, taken)
         })
