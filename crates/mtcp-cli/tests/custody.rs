@@ -160,7 +160,7 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     assert!(agent.contains("to=s3"), "not moved to s3");
 }
 
-/// The agent gives up on s2 (silent for 1 s: the hook) and tries s3, which is slow to start
+/// The agent gives up on s2 (silent for 3 s: the hook) and tries s3, which is slow to start
 /// (its hook); meanwhile s2 finishes and writes its RESUMED to the session the agent left. When
 /// s3's FETCH finds the origin's custody, s2 is asked to give its epoch up: the agent never
 /// spoke on that session, so s2 does and lets the connection go (decision 45), and s3 gets it.
@@ -172,8 +172,10 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
     let mut lc = start_with(
         &dir,
         &[
-            ("s2", &["--hold-resumed-ms", "1000"]),
-            ("s3", &["--delay-takeover-ms", "2500"]),
+            // The agent gives up on a silent candidate after one heartbeat plus srtt + 2 × RTO
+            // (~0.5 s idle, over 1 s on a loaded machine): the hold is well past that.
+            ("s2", &["--hold-resumed-ms", "3000"]),
+            ("s3", &["--delay-takeover-ms", "4500"]),
         ],
     );
     download_through(&dir, &mut lc, |lc| {
