@@ -20,17 +20,17 @@ use crate::metrics::{counted, Moving};
 use crate::relay::{candidates, connect, known_servers, reset, resumed, welcome, CLOSED_PREFIX};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
+use mtcp::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
 use mtcp_proto::{Cid, Token};
 use mtcp_repair::TcpState;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-type Session = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+type Session = (FrameReader<ReadHalf>, WriteHalf);
 
 /// What the agent knows of a fast-path connection.
 struct Conn {
@@ -384,7 +384,7 @@ async fn try_resume(
         &cand.data,
         inner.cfg.connect_timeout,
         &Msg::Migrate(m.clone()),
-        false,
+        &inner.dialer,
     )
     .await
     .map_err(|e| e.to_string())?;

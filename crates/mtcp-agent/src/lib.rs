@@ -6,6 +6,7 @@
 //! the session, and moves it to another server when a trigger fires.
 
 pub mod admin;
+pub mod dialer;
 mod direct;
 pub mod metrics;
 pub mod policy;
@@ -13,6 +14,7 @@ mod reason;
 mod relay;
 mod spare;
 pub mod transparent;
+mod watch;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -47,6 +49,8 @@ pub struct AgentConfig {
     /// Kernel fast path: hand each client connection itself to the server instead of relaying
     /// it (needs root; servers on this host; lazy clusters). See `direct`.
     pub fast_path: bool,
+    /// TLS to every server, trusting the cluster's CA (`--tls-ca`): for clusters with `[tls]`.
+    pub tls: Option<mtcp::tls::ClientTls>,
 }
 
 impl Default for AgentConfig {
@@ -61,6 +65,7 @@ impl Default for AgentConfig {
             transparent: false,
             policy: PolicyConfig::default(),
             fast_path: false,
+            tls: None,
         }
     }
 }
@@ -188,6 +193,8 @@ pub(crate) struct ConnEntry {
 
 pub(crate) struct AgentInner {
     pub cfg: AgentConfig,
+    /// How sessions, spares, watches and probes connect (socket mark, TLS).
+    pub dialer: dialer::Dialer,
     pub started: Instant,
     pub conns: Mutex<HashMap<u64, ConnEntry>>,
     next: AtomicU64,
@@ -205,6 +212,8 @@ pub(crate) struct AgentInner {
     pub moving: std::sync::atomic::AtomicUsize,
     /// Client connections accepted and not yet ended (what the descriptor budget counts).
     live: AtomicUsize,
+    /// Eager mode: one watch connection per server.
+    pub watches: watch::Watches,
 }
 
 /// Counts a client connection as live until dropped (at the end of its task).
@@ -311,16 +320,21 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Self {
+        let dialer = dialer::Dialer {
+            mark: cfg.transparent,
+            tls: cfg.tls.clone(),
+        };
         let prober = cfg.policy.rtt.map(|r| {
             Arc::new(policy::Prober::new(
                 r.probe_every,
                 cfg.connect_timeout,
-                cfg.transparent,
+                dialer.clone(),
             ))
         });
         Agent {
             inner: Arc::new(AgentInner {
                 prober,
+                dialer,
                 cfg,
                 started: Instant::now(),
                 conns: Mutex::new(HashMap::new()),
@@ -329,6 +343,7 @@ impl Agent {
                 spares: Arc::new(spare::Spares::default()),
                 fences: Mutex::new(None),
                 moves: tokio::sync::Semaphore::new(MAX_CONCURRENT_MOVES),
+                watches: Default::default(),
                 live: AtomicUsize::new(0),
                 moving: Default::default(),
             }),
@@ -342,7 +357,7 @@ impl Agent {
         spares.want(self.inner.cfg.connect.iter().map(String::as_str));
         tokio::spawn(spare::Spares::keep(
             Arc::downgrade(spares),
-            self.inner.cfg.transparent,
+            self.inner.dialer.clone(),
         ));
         // Each relayed connection holds its client socket and a session; a fast-path one only
         // its session. What is kept aside covers the rest and a second session per move.

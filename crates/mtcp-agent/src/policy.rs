@@ -4,13 +4,13 @@
 
 use crate::{MoveCause, MoveReason};
 use mtcp::framed::{self, FrameReader};
+use mtcp::stream::{ReadHalf, WriteHalf};
 pub use mtcp_proto::policy::FloorConfig;
 use mtcp_proto::policy::{Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
 use mtcp_proto::wire::{Msg, ServerInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// How often a connection's policies are evaluated.
 pub(crate) const POLICY_TICK: Duration = Duration::from_millis(100);
@@ -66,8 +66,8 @@ impl PolicyConfig {
 pub(crate) struct Prober {
     every: Duration,
     connect_timeout: Duration,
-    /// Transparent mode: probe connections carry the agent's socket mark.
-    mark: bool,
+    /// How probe connections are opened (socket mark, TLS).
+    dialer: crate::dialer::Dialer,
     started: Instant,
     /// By data address.
     servers: Mutex<HashMap<String, Probed>>,
@@ -81,11 +81,11 @@ struct Probed {
 }
 
 impl Prober {
-    pub fn new(every: Duration, connect_timeout: Duration, mark: bool) -> Self {
+    pub fn new(every: Duration, connect_timeout: Duration, dialer: crate::dialer::Dialer) -> Self {
         Self {
             every: every.max(MIN_PROBE_EVERY),
             connect_timeout,
-            mark,
+            dialer,
             started: Instant::now(),
             servers: Mutex::new(HashMap::new()),
         }
@@ -131,7 +131,7 @@ impl Prober {
     }
 }
 
-type ProbeConn = (FrameReader<OwnedReadHalf>, OwnedWriteHalf);
+type ProbeConn = (FrameReader<ReadHalf>, WriteHalf);
 
 async fn probe_loop(p: Weak<Prober>, addr: String) {
     let Some(every) = p.upgrade().map(|p| p.every) else {
@@ -191,11 +191,10 @@ async fn probe_once(
             framed::write_msg(w, &m).await.map_err(|e| e.to_string())?;
         }
         None => {
-            let mut s = tokio::time::timeout(p.connect_timeout, crate::relay::dial(addr, p.mark))
+            let mut s = tokio::time::timeout(p.connect_timeout, p.dialer.dial(addr))
                 .await
                 .map_err(|_| "connect timed out".to_string())?
                 .map_err(|e| e.to_string())?;
-            let _ = s.set_nodelay(true);
             t0 = Instant::now();
             framed::open_with(&mut s, &m)
                 .await

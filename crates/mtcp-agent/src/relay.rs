@@ -1,10 +1,13 @@
 //! One client program's connection: relay it over an M-TCP session, and move the session when
 //! a trigger fires.
 
+use crate::dialer::Dialer;
 use crate::metrics::{counted, Moving};
+use crate::watch::{Watch, WatchEnd};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
+use mtcp::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::custody::{Lineage, Step};
 use mtcp_proto::offsets::ByteLog;
 use mtcp_proto::sum::DownTracker;
@@ -14,7 +17,6 @@ use mtcp_proto::{Cid, Token};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -38,115 +40,26 @@ const DOWN_READ: usize = 256 << 10;
 
 /// An open session with a server.
 struct Session {
-    reader: FrameReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    reader: FrameReader<ReadHalf>,
+    w: WriteHalf,
     /// Eager mode: the watch connection's end (the server process died).
     watch: Option<Watch>,
 }
 
-/// A watch connection to the session's server (see [`Msg::Watch`]), held by a task that
-/// reports why it ended; dropping it closes the connection.
-struct Watch {
-    ended: tokio::sync::oneshot::Receiver<WatchEnd>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// Why a watch connection's task ended.
-enum WatchEnd {
-    /// The server process is gone or hung.
-    Gone(String),
-    /// The server hinted the connection away (drain, overload): the HINT came here too, where
-    /// no data is queued ahead of it.
-    Hint(Msg),
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// How long the watch connection may stay without a heartbeat before the server counts as
-/// hung: three beats, and at least one beat plus two of TCP's minimum retransmission timeouts
-/// (200 ms each), so one lost heartbeat — retransmitted after 200 ms, with the beats behind it
-/// queued — is never taken for a hang.
-fn watch_silence(heartbeat: Duration) -> Duration {
-    (heartbeat * 3).max(heartbeat + Duration::from_millis(400)) + Duration::from_millis(20)
-}
-
-/// Eager mode: the watch connection for `conn`'s session with the server at `addr`.
+/// Eager mode: puts `conn`'s session with the server at `addr` on that server's watch
+/// connection.
 fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
     conn.eager.then(|| {
-        spawn_watch(
-            addr.to_string(),
+        inner.watches.watch(
+            addr,
             conn.cid,
             conn.epoch,
             conn.token,
             inner.cfg.connect_timeout,
             conn.heartbeat,
-            inner.cfg.transparent,
+            inner.dialer.clone(),
         )
     })
-}
-
-/// Opens a watch connection to the server at `addr` for the connection at `epoch`.
-///
-/// The server beats every `heartbeat`; [`watch_silence`] without one counts as a hung server.
-fn spawn_watch(
-    addr: String,
-    cid: Cid,
-    epoch: u64,
-    token: Token,
-    limit: Duration,
-    heartbeat: Duration,
-    mark: bool,
-) -> Watch {
-    let silence = watch_silence(heartbeat);
-    let (tx, ended) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let m = Msg::Watch { cid, epoch, token };
-        match connect(&addr, limit, &m, mark).await {
-            Ok((mut r, _w)) => match r.next_msg(limit).await {
-                Ok(Msg::Heartbeat) => {
-                    // Only heartbeats come, never queued behind data: their end (EOF, reset)
-                    // means the server process is gone, their absence that it hangs. `_w` stays
-                    // open: closing our side would end the watch.
-                    let why = loop {
-                        match r.next_msg(silence).await {
-                            Ok(Msg::Heartbeat) => continue,
-                            Ok(m @ Msg::Hint { .. }) => {
-                                let _ = tx.send(WatchEnd::Hint(m));
-                                return;
-                            }
-                            Err(ChannelError::Timeout) => {
-                                break format!(
-                                    "server silent on its watch connection for {silence:?}"
-                                )
-                            }
-                            Err(e) => {
-                                break format!(
-                                    "its watch connection ended ({e}): server process gone"
-                                )
-                            }
-                            Ok(other) => {
-                                break format!("unexpected {other:?} on the watch connection")
-                            }
-                        }
-                    };
-                    let _ = tx.send(WatchEnd::Gone(why));
-                    return;
-                }
-                Ok(other) => tracing::debug!(%cid, "watch not accepted: {other:?}"),
-                Err(e) => tracing::debug!(%cid, "watch not accepted: {e}"),
-            },
-            Err(e) => tracing::debug!(%cid, "cannot open a watch connection: {e}"),
-        }
-        // No watch: the session alone tells when the server is gone. Keep `tx` so the relay
-        // does not take its drop for a death.
-        std::future::pending::<()>().await;
-        drop(tx);
-    });
-    Watch { ended, task }
 }
 
 /// What the agent knows of the connection across sessions.
@@ -254,6 +167,14 @@ pub(crate) async fn relay(
                 // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
                 let _moving = Moving::new(&inner);
                 let _turn = inner.moves.acquire().await;
+                // Tell the server why the session ends, so that until a destination fetches
+                // the state it counts the connection as moving, not as kept for a dead agent
+                // (a drain's summary). Bounded: the session may be broken or stuck.
+                let _ = tokio::time::timeout(
+                    LEAVING_WRITE,
+                    framed::write_msg(&mut session.w, &Msg::Leaving),
+                )
+                .await;
                 if queued_bytes(&session) < CLOSE_INLINE_BELOW {
                     drop(session);
                 } else {
@@ -303,13 +224,16 @@ pub(crate) async fn relay(
     }
 }
 
+/// How long a move waits to write LEAVING on the session it leaves.
+const LEAVING_WRITE: Duration = Duration::from_millis(20);
+
 /// A session with less than this in its socket's receive queue is closed at once when it moves.
 const CLOSE_INLINE_BELOW: usize = 256 << 10;
 
 /// Bytes in the session socket's receive queue (`FIONREAD`); `usize::MAX` if unknown.
 fn queued_bytes(s: &Session) -> usize {
     use std::os::fd::AsRawFd;
-    let fd = s.w.as_ref().as_raw_fd();
+    let fd = s.w.as_raw_fd();
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD on a socket we own writes one int to the pointer given.
     if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
@@ -325,48 +249,25 @@ pub(crate) fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// Connects to `addr`; in transparent mode with the agent's socket mark, so its own
-/// connections are not redirected back to it.
-pub(crate) async fn dial(addr: &str, mark: bool) -> std::io::Result<TcpStream> {
-    if !mark {
-        return TcpStream::connect(addr).await;
-    }
-    let mut last = None;
-    for a in tokio::net::lookup_host(addr).await? {
-        let sock = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket2::SockRef::from(&sock).set_mark(crate::transparent::MARK)?;
-        match sock.connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
-}
-
 /// Connects to a server and sends `first` (HELLO, MIGRATE or WATCH) with the preamble.
 pub(crate) async fn connect(
     addr: &str,
     limit: Duration,
     first: &Msg,
-    mark: bool,
-) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
-    let s = tokio::time::timeout(limit, dial(addr, mark))
+    dialer: &Dialer,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
+    let s = tokio::time::timeout(limit, dialer.dial(addr))
         .await
         .map_err(|_| ChannelError::Timeout)??;
-    let _ = s.set_nodelay(true);
     open_on(s, limit, first).await
 }
 
 /// Sends the preamble and `first` on an established connection.
 async fn open_on(
-    mut s: TcpStream,
+    mut s: Stream,
     limit: Duration,
     first: &Msg,
-) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), ChannelError> {
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
     tokio::time::timeout(limit, framed::open_with(&mut s, first))
         .await
         .map_err(|_| ChannelError::Timeout)??;
@@ -378,8 +279,8 @@ async fn open_on(
 /// A session opened with HELLO: the server's address, the channel and its WELCOME.
 pub(crate) type Welcomed = (
     String,
-    FrameReader<OwnedReadHalf>,
-    OwnedWriteHalf,
+    FrameReader<ReadHalf>,
+    WriteHalf,
     mtcp_proto::wire::Welcome,
 );
 
@@ -389,8 +290,8 @@ pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed,
     let mut errs = Vec::new();
     for addr in &inner.cfg.connect {
         let r = async {
-            let mark = inner.cfg.transparent;
-            let (mut reader, w) = connect(addr, inner.cfg.connect_timeout, hello, mark).await?;
+            let (mut reader, w) =
+                connect(addr, inner.cfg.connect_timeout, hello, &inner.dialer).await?;
             match reader.next_msg(inner.cfg.connect_timeout).await? {
                 Msg::Welcome(wl) => Ok((reader, w, wl)),
                 Msg::Refused { code, reason } => {
@@ -466,8 +367,8 @@ async fn run(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
     s: &mut Session,
-    cr: &mut OwnedReadHalf,
-    cw: &mut OwnedWriteHalf,
+    cr: &mut tokio::net::tcp::OwnedReadHalf,
+    cw: &mut tokio::net::tcp::OwnedWriteHalf,
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
     bufs: &mut [Vec<u8>; 2],
 ) -> End {
@@ -491,7 +392,7 @@ async fn run(
     // One timer for the silence bound, armed at a deadline that only moves forward: when it fires
     // early (bytes arrived since it was armed) it is re-armed, so the hot path never touches the
     // timer wheel.
-    let silence = tokio::time::sleep_until(tokio::time::Instant::from_std(live.deadline()));
+    let silence = tokio::time::sleep_until(silence_due(&live));
     tokio::pin!(silence);
     let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
     policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -500,8 +401,9 @@ async fn run(
             // Blocked on the client program: the throughput floor does not count this time.
             conn.policy.client_blocked();
         }
-        // The bound itself can shrink (a smaller RTT): never fire later than the live deadline.
-        let due = tokio::time::Instant::from_std(live.deadline());
+        // The bound itself can shrink (a smaller RTT), and a request arms it: never fire later
+        // than the live deadline.
+        let due = silence_due(&live);
         if due < silence.deadline() {
             silence.as_mut().reset(due);
         }
@@ -623,6 +525,7 @@ async fn run(
                     if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
+                    live.on_data_sent(Instant::now());
                 }
                 Ok(n) => {
                     let chunk = if n < COPY_BELOW {
@@ -636,14 +539,17 @@ async fn run(
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
+                    live.on_data_sent(Instant::now());
                     mtcp::metrics::add_up(n);
                     show_upstream(conn);
                 }
             },
             f = s.reader.next_piece(rbuf, DOWN_READ), if ready.is_none() => {
-                live.on_receive(Instant::now());
+                let now = Instant::now();
+                live.on_receive(now);
                 match f {
                     Ok(Piece::Data(n)) => {
+                        live.on_data_received(now);
                         let arrived = conn.down.received() + pend.len() as u64 + n as u64;
                         if let Err(e) = on_arrival(conn, arrived, closed_at) {
                             return e;
@@ -689,9 +595,8 @@ async fn run(
             // Silence counts only while the agent is ready to read from the server: time spent
             // waiting for a slow client program to take bytes is not the server's silence.
             _ = &mut silence, if ready.is_none() => {
-                let due = live.deadline();
-                if due > Instant::now() {
-                    silence.as_mut().reset(tokio::time::Instant::from_std(due));
+                if !live.expired(Instant::now()) {
+                    silence.as_mut().reset(silence_due(&live));
                     continue;
                 }
                 let reason = MoveReason::new(MoveCause::Silence, format!("server silent for {:?}", live.bound()));
@@ -699,6 +604,14 @@ async fn run(
             }
         }
     }
+}
+
+/// When the silence timer is due: the liveness deadline, or far away while the agent expects
+/// nothing from the server (an idle connection; a request re-arms it at the loop's top).
+fn silence_due(live: &Liveness) -> tokio::time::Instant {
+    live.deadline()
+        .map(tokio::time::Instant::from_std)
+        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))
 }
 
 /// The status shows the upstream bytes sent and those retained for a replay.
@@ -1003,7 +916,7 @@ pub(crate) fn candidates(
 /// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
 /// answer within `total`, is a timeout.
 pub(crate) async fn answer_to_migrate(
-    reader: &mut FrameReader<OwnedReadHalf>,
+    reader: &mut FrameReader<ReadHalf>,
     silence: Duration,
     total: Duration,
 ) -> Result<Msg, ChannelError> {
@@ -1085,14 +998,10 @@ async fn try_resume(
     let (mut reader, mut w, msg) = match answer {
         Some(x) => x,
         None => {
-            let (mut reader, w) = connect(
-                &cand.data,
-                inner.cfg.connect_timeout,
-                &first,
-                inner.cfg.transparent,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let (mut reader, w) =
+                connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
+                    .await
+                    .map_err(|e| e.to_string())?;
             let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
                 .await
                 .map_err(|e| silent(e, silence))?;
@@ -1144,7 +1053,7 @@ async fn try_resume(
     if conn.eager {
         // Speak at once on the new session: until the destination hears the agent there, a
         // keeper may still have it give the epoch up (the agent might have moved on), and it
-        // holds COMMITTED back (decision 45).
+        // holds COMMITTED back (decision 48).
         let t = inner.started.elapsed().as_micros() as u64;
         items.insert(0, Out::Msg(Msg::Ping { t }));
     }

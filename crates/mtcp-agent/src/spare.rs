@@ -3,10 +3,11 @@
 //! per migration instead of two. A spare carries nothing until it is used; servers close data
 //! connections that send no preamble within 5 s, so spares are replaced after [`MAX_AGE`].
 
+use crate::dialer::Dialer;
+use mtcp::stream::Stream;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// A spare older than this is not used (servers wait 5 s for a preamble)...
 pub const MAX_AGE: Duration = Duration::from_secs(3);
@@ -18,9 +19,9 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub(crate) struct Spares {
     /// Servers (data addresses) to keep a spare for, and the spare if there is one.
-    by_addr: Mutex<HashMap<String, Option<(TcpStream, Instant)>>>,
-    /// Transparent mode: spares carry the agent's socket mark.
-    mark: std::sync::atomic::AtomicBool,
+    by_addr: Mutex<HashMap<String, Option<(Stream, Instant)>>>,
+    /// How spares are opened (the socket mark, TLS: a spare's TLS handshake is done ahead too).
+    dialer: Mutex<Dialer>,
 }
 
 impl Spares {
@@ -33,7 +34,7 @@ impl Spares {
     }
 
     /// A fresh spare to `addr`, if there is one; another is opened at once.
-    pub fn take(self: &std::sync::Arc<Self>, addr: &str) -> Option<TcpStream> {
+    pub fn take(self: &std::sync::Arc<Self>, addr: &str) -> Option<Stream> {
         let got = {
             let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
             match m.get_mut(addr)?.take() {
@@ -48,16 +49,15 @@ impl Spares {
 
     /// Opens a spare to `addr` if it has none.
     async fn refill(this: &std::sync::Weak<Spares>, addr: &str) {
-        let Some(mark) = this
+        let Some(dialer) = this
             .upgrade()
-            .map(|sp| sp.mark.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|sp| sp.dialer.lock().unwrap_or_else(|p| p.into_inner()).clone())
         else {
             return;
         };
-        let s = tokio::time::timeout(Duration::from_secs(1), crate::relay::dial(addr, mark)).await;
+        let s = tokio::time::timeout(Duration::from_secs(1), dialer.dial(addr)).await;
         let Some(sp) = this.upgrade() else { return };
         if let Ok(Ok(s)) = s {
-            let _ = s.set_nodelay(true);
             if let Some(slot @ None) = sp
                 .by_addr
                 .lock()
@@ -70,9 +70,9 @@ impl Spares {
     }
 
     /// Keeps one fresh spare per wanted server, until the agent is gone.
-    pub async fn keep(this: std::sync::Weak<Spares>, mark: bool) {
+    pub async fn keep(this: std::sync::Weak<Spares>, dialer: Dialer) {
         if let Some(sp) = this.upgrade() {
-            sp.mark.store(mark, std::sync::atomic::Ordering::Relaxed);
+            *sp.dialer.lock().unwrap_or_else(|p| p.into_inner()) = dialer;
         }
         loop {
             tokio::time::sleep(TICK).await;

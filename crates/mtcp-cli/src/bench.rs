@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Migration and drain: the agent uses the fast path instead of relaying.
     #[arg(long)]
     pub fast_path: bool,
+    /// TLS (decision 45). Throughput: also time an agent of a second cluster with `[tls]`,
+    /// in the same rotation as the plain agent. Migration: measure a plain cluster, then one
+    /// with TLS, and print both and the ratio.
+    #[arg(long)]
+    pub tls: bool,
     /// The reading client's rate in MiB/s (drain).
     #[arg(long, default_value_t = 4)]
     pub rate_mib: u64,
@@ -125,6 +130,12 @@ pub struct ThroughputReport {
     pub rounds: u32,
     pub direct_mib_s: Vec<f64>,
     pub agent_mib_s: Vec<f64>,
+    /// With `--tls`: through the agent of a TLS cluster, per round, and its median's ratio to
+    /// the plain agent's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_agent_mib_s: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_to_agent_ratio: Option<f64>,
     pub direct_median_mib_s: f64,
     pub agent_median_mib_s: f64,
     pub ratio: f64,
@@ -444,6 +455,8 @@ enum Path {
     Fast,
     /// A well-known relay (the index into the started ones).
     Peer(usize),
+    /// With `--tls`: the agent of a cluster with `[tls]`.
+    Tls,
 }
 
 async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
@@ -500,6 +513,28 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     } else {
         None
     };
+    // Its own cluster (a TLS cluster's ports speak only TLS), serving the same file.
+    let tls_lc = if a.tls {
+        let exe = std::env::current_exe().context("locating the mtcp binary")?;
+        let tdir = dir.join("tls-cluster");
+        std::fs::create_dir_all(&tdir)?;
+        let opts = LocalOptions {
+            servers: 3,
+            root: dir.join("www"),
+            log: "warn".into(),
+            snapshot_every: a.snapshot_every,
+            mode: a.mode.clone(),
+            tls: true,
+            ..Default::default()
+        };
+        let t = tokio::task::block_in_place(|| LocalCluster::start(&exe, &tdir, &opts))?;
+        download(&t.agent_listen, size, &want).await?;
+        order.push(Path::Tls);
+        Some(t)
+    } else {
+        None
+    };
+    let mut tls_speeds = Vec::new();
     let mut peers = Vec::new();
     for haproxy in [false, true] {
         let started = tokio::task::block_in_place(|| match haproxy {
@@ -537,6 +572,11 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                     (l, Some(s), 3)
                 }
                 Path::Peer(i) => (&peers[i].listen, None, 4 + i),
+                // Its server and agent are other processes: no CPU accounting.
+                Path::Tls => {
+                    let t = tls_lc.as_ref().context("TLS cluster")?;
+                    (&t.agent_listen, None, usize::MAX)
+                }
             };
             let peer = match path {
                 Path::Peer(i) => Some(&peers[i]),
@@ -563,8 +603,8 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 tokio::task::block_in_place(|| p.settle());
             }
             for (k, (b, e)) in before.iter().zip(sample()).enumerate() {
-                if let (Some(b), Some(e)) = (b, e) {
-                    cpu[slot][k] += e - b;
+                if let (Some(b), Some(e), Some(c)) = (b, e, cpu.get_mut(slot)) {
+                    c[k] += e - b;
                 }
             }
             match path {
@@ -573,6 +613,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
                 Path::Relay => r.push(speed),
                 Path::Fast => f.push(speed),
                 Path::Peer(i) => p[i].push(speed),
+                Path::Tls => tls_speeds.push(speed),
             }
         }
     }
@@ -611,6 +652,8 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             agent: per_gib(cpu[1], true),
             bare_relay: per_gib(cpu[2], true),
         },
+        tls_to_agent_ratio: a.tls.then(|| median(&tls_speeds) / median(&g)),
+        tls_agent_mib_s: a.tls.then_some(tls_speeds),
         direct_mib_s: d,
         agent_mib_s: g,
         bare_relay_mib_s: r,
@@ -645,6 +688,12 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             "  reference, a bare user-space TCP relay: {:.1} MiB/s (median), ratio {:.3}",
             rep.bare_relay_median_mib_s, rep.bare_relay_ratio
         );
+        if let (Some(t), Some(ratio)) = (&rep.tls_agent_mib_s, rep.tls_to_agent_ratio) {
+            println!(
+                "  agent, TLS   : {:>8.1} MiB/s (median), {ratio:.3} of the plain agent's (another cluster, same rounds)",
+                median(t)
+            );
+        }
         if let Some(fp) = &rep.fast_path {
             let (lo, hi) = fp
                 .round_ratios
@@ -688,13 +737,59 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
 }
 
 async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    if !a.tls {
+        let rep = migration_run(a, dir, false).await?;
+        return print_migration(a, &rep);
+    }
+    // A plain cluster, then one with TLS, in the same run (decision 45).
+    let mut reps = Vec::new();
+    for tls in [false, true] {
+        let d = dir.join(if tls { "tls" } else { "plain" });
+        std::fs::create_dir_all(d.join("www"))?;
+        let rep = migration_run(a, &d, tls).await?;
+        if !a.json {
+            println!("{}:", if tls { "with TLS" } else { "without TLS" });
+        }
+        print_migration(a, &rep)?;
+        reps.push(rep);
+    }
+    let ratio = |f: fn(&MigrationReport) -> u64| f(&reps[1]) as f64 / f(&reps[0]).max(1) as f64;
+    let (fb, rs) = (ratio(|r| r.first_byte_us_p50), ratio(|r| r.resumed_us_p50));
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"tls_to_plain_first_byte_p50": fb, "tls_to_plain_resumed_p50": rs})
+        );
+    } else {
+        println!(
+            "TLS / plain, p50: trigger -> first resumed byte {fb:.3}, trigger -> RESUMED {rs:.3}"
+        );
+    }
+    Ok(())
+}
+
+async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Result<MigrationReport> {
     // A transfer long enough to hold every migration: rate-limited client.
     let rate: u64 = 64 << 20;
     let secs = (a.migrations as u64 * (a.interval_ms + 30)) / 1000 + 3;
     let size = rate * secs;
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 9))?;
-    let lc = start_maybe_fast(a, dir)?;
+    let lc = if tls {
+        let exe = std::env::current_exe().context("locating the mtcp binary")?;
+        let opts = LocalOptions {
+            servers: 3,
+            root: dir.join("www"),
+            log: "warn".into(),
+            snapshot_every: a.snapshot_every,
+            mode: a.mode.clone(),
+            tls: true,
+            ..Default::default()
+        };
+        tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?
+    } else {
+        start_maybe_fast(a, dir)?
+    };
     let mut c = Client::connect(&lc.agent_listen).await?;
     c.rate = Some(rate);
     let dl = tokio::spawn(async move { c.request("GET", "/data.bin", &[]).await });
@@ -740,8 +835,15 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             .max()
             .unwrap_or(0),
         transfer_sha256_ok: ok,
-        fast_path: a.fast_path,
+        fast_path: a.fast_path && !tls,
     };
+    if !ok {
+        bail!("the migrated transfer's SHA-256 did not match");
+    }
+    Ok(rep)
+}
+
+fn print_migration(a: &BenchArgs, rep: &MigrationReport) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -764,9 +866,6 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             "  largest state record: {} bytes; transfer sha256 ok: {}",
             rep.state_bytes_max, rep.transfer_sha256_ok
         );
-    }
-    if !ok {
-        bail!("the migrated transfer's SHA-256 did not match");
     }
     Ok(())
 }
@@ -1119,7 +1218,14 @@ async fn drain(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             .admin
             .clone();
         let t0 = Instant::now();
-        local::drain_server(&admin, &cluster.key, &id, Duration::from_secs(60)).await?;
+        local::drain_server(
+            &admin,
+            &cluster.key,
+            lc.tls.as_ref(),
+            &id,
+            Duration::from_secs(60),
+        )
+        .await?;
         secs.push(t0.elapsed().as_secs_f64());
         if !a.json {
             println!(

@@ -279,7 +279,14 @@ pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
         .iter()
         .find(|s| s.id == id)
         .context("unknown server")?;
-    local::drain_server(&s.admin, &cluster.key, id, Duration::from_secs(20)).await?;
+    local::drain_server(
+        &s.admin,
+        &cluster.key,
+        lc.tls.as_ref(),
+        id,
+        Duration::from_secs(20),
+    )
+    .await?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod apps;
 pub mod bench;
+pub mod cert;
 pub mod chaos;
 pub mod client;
 pub mod demo;

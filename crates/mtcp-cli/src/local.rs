@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 pub async fn drain_server(
     admin: &str,
     key: &mtcp::proto::ClusterKey,
+    tls: Option<&mtcp::tls::ClientTls>,
     id: &str,
     timeout: Duration,
 ) -> Result<mtcp::proto::wire::ServerStatus> {
-    Ok(drain_until_empty(admin, key, id, timeout).await?.1)
+    Ok(drain_until_empty(admin, key, tls, id, timeout).await?.1)
 }
 
 /// Starts a drain and waits until no connection with an agent is left; the status when the
@@ -25,6 +26,7 @@ pub async fn drain_server(
 async fn drain_until_empty(
     admin: &str,
     key: &mtcp::proto::ClusterKey,
+    tls: Option<&mtcp::tls::ClientTls>,
     id: &str,
     timeout: Duration,
 ) -> Result<(
@@ -33,7 +35,7 @@ async fn drain_until_empty(
 )> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let first = mtcp::peer::admin_request(admin, key, id, Msg::AdminDrain).await?;
+    let first = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminDrain).await?;
     let mut st = first.clone();
     while st.connections > 0 {
         if t0.elapsed() > timeout {
@@ -43,57 +45,78 @@ async fn drain_until_empty(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
+        st = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminStatus).await?;
     }
     Ok((first, st))
 }
 
 /// What a drain did: connections moved off the server, connections that ended there meanwhile,
-/// and connections whose agent is gone (kept until the dead-session bound).
+/// connections whose agent is gone (kept until the dead-session bound), and connections still
+/// on their way to another server when the drain's time ran out.
 #[derive(Debug, Clone)]
 pub struct DrainReport {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
-    /// From the drain request until no connection with an agent was left (before the counts
-    /// settled).
+    pub still_moving: u32,
+    /// From the drain request until no connection was left live or on its way to another
+    /// server (before the counts settled).
     pub empty_after: Duration,
 }
 
-/// How long the counts must stay the same after the last connection left before a drain is
-/// reported: a connection whose agent already left its session but whose state the
-/// destination has not fetched yet counts as detached until it has.
-const DRAIN_SETTLE: Duration = Duration::from_millis(300);
+/// How long the counts must stay the same, once no connection is live or on its way, before a
+/// drain is reported.
+const DRAIN_SETTLE: Duration = Duration::from_millis(100);
 
-/// [`drain_server`], then what happened, once the counts have settled (`mtcp drain`).
+/// How long a drain waits, once no connection is live, for those the agent said it is moving
+/// to be fetched. Past it they are reported as still moving: in eager mode a destination that
+/// got no answer from this server within `origin_wait_ms` takes the connection from a backup's
+/// replica, and this server's copy stays until the dead-session bound.
+const LEAVING_WAIT: Duration = Duration::from_secs(2);
+
+/// [`drain_server`], then what happened, once every connection whose agent said it is moving
+/// it (`Msg::Leaving`) has been fetched and the counts have settled (`mtcp drain`).
 pub async fn drain_server_report(
     admin: &str,
     key: &mtcp::proto::ClusterKey,
+    tls: Option<&mtcp::tls::ClientTls>,
     id: &str,
     timeout: Duration,
 ) -> Result<DrainReport> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let (first, mut st) = drain_until_empty(admin, key, id, timeout).await?;
-    let empty_after = t0.elapsed();
+    let (first, mut st) = drain_until_empty(admin, key, tls, id, timeout).await?;
+    let mut empty_after = (st.leaving == 0).then(|| t0.elapsed());
+    let empty = Instant::now();
     let mut stable = Instant::now();
-    while stable.elapsed() < DRAIN_SETTLE && t0.elapsed() < timeout {
+    while ((st.leaving > 0 && empty.elapsed() < LEAVING_WAIT) || stable.elapsed() < DRAIN_SETTLE)
+        && t0.elapsed() < timeout
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let next = mtcp::peer::admin_request(admin, key, id, Msg::AdminStatus).await?;
-        if (next.detached, next.migrated_out, next.connections)
-            != (st.detached, st.migrated_out, st.connections)
+        let next = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminStatus).await?;
+        if (
+            next.detached,
+            next.leaving,
+            next.migrated_out,
+            next.connections,
+        ) != (st.detached, st.leaving, st.migrated_out, st.connections)
         {
             stable = Instant::now();
         }
         st = next;
+        if st.leaving == 0 && st.connections == 0 && empty_after.is_none() {
+            empty_after = Some(t0.elapsed());
+        }
     }
     let moved = st.migrated_out.saturating_sub(first.migrated_out);
-    let before = u64::from(first.connections) + u64::from(first.detached);
+    let before =
+        u64::from(first.connections) + u64::from(first.detached) + u64::from(first.leaving);
     Ok(DrainReport {
         moved,
-        ended: before.saturating_sub(moved + u64::from(st.detached)),
+        ended: before.saturating_sub(moved + u64::from(st.detached) + u64::from(st.leaving)),
         kept_for_dead_agent: st.detached,
-        empty_after,
+        still_moving: st.leaving,
+        empty_after: empty_after.unwrap_or_else(|| t0.elapsed()),
     })
 }
 
@@ -248,6 +271,10 @@ pub struct LocalCluster {
     pub cluster_file: PathBuf,
     /// The cluster key (also in the cluster file), for the servers' admin ports.
     pub key: mtcp::proto::ClusterKey,
+    /// With [`LocalOptions::tls`]: the client side trusting the cluster's CA (admin ports).
+    pub tls: Option<mtcp::tls::ClientTls>,
+    /// With [`LocalOptions::tls`]: the cluster CA's certificate, for agents' `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
     pub servers: Vec<ServerAddrs>,
     pub agent_listen: String,
     pub agent_admin: String,
@@ -300,6 +327,9 @@ pub struct LocalOptions {
     /// Servers listed in the cluster file but not started (a member that is down), by id; the
     /// agent is not told about them.
     pub absent: Vec<String>,
+    /// TLS on every port: `mtcp cert --update-cluster` makes a CA and certificates in
+    /// `dir/tls`, and agents get `--tls-ca`.
+    pub tls: bool,
 }
 
 impl Default for LocalOptions {
@@ -319,6 +349,7 @@ impl Default for LocalOptions {
             app_args: Vec::new(),
             app_args_for: Vec::new(),
             absent: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -346,6 +377,8 @@ impl LocalCluster {
             dir: dir.to_path_buf(),
             cluster_file,
             key: mtcp::proto::ClusterKey::from_bytes(key),
+            tls: None,
+            tls_ca: None,
             servers: servers.clone(),
             agent_listen,
             agent_admin: admin_socket(dir, "agent"),
@@ -354,6 +387,9 @@ impl LocalCluster {
             args: HashMap::new(),
             log: opts.log.clone(),
         };
+        if opts.tls {
+            lc.make_certs()?;
+        }
         let started: Vec<ServerAddrs> = servers
             .iter()
             .filter(|s| !opts.absent.contains(&s.id))
@@ -421,6 +457,9 @@ impl LocalCluster {
             "--admin".into(),
             lc.agent_admin.clone(),
         ];
+        if let Some(ca) = &lc.tls_ca {
+            args.extend(["--tls-ca".into(), ca.display().to_string()]);
+        }
         args.extend(opts.agent_args.iter().cloned());
         lc.spawn("agent", &args, false)?;
         let (listen, admin) = (lc.agent_listen.clone(), lc.agent_admin.clone());
@@ -430,6 +469,30 @@ impl LocalCluster {
             lc.wait_up(&p, "s1")?;
         }
         Ok(lc)
+    }
+
+    /// `mtcp cert --update-cluster` for this cluster: a CA and certificates in `dir/tls`, and
+    /// the cluster file's `[tls]` section.
+    fn make_certs(&mut self) -> Result<()> {
+        let out = self.dir.join("tls");
+        let o = Command::new(&self.exe)
+            .args(["cert", "--cluster"])
+            .arg(&self.cluster_file)
+            .arg("--out")
+            .arg(&out)
+            .arg("--update-cluster")
+            .output()
+            .context("running mtcp cert")?;
+        if !o.status.success() {
+            bail!(
+                "mtcp cert failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        let ca = out.join("ca.crt");
+        self.tls = Some(mtcp::tls::ClientTls::from_ca_file(&ca)?);
+        self.tls_ca = Some(ca);
+        Ok(())
     }
 
     /// Starts one more agent, process `name`, for the same servers with `extra` arguments,
@@ -463,6 +526,9 @@ impl LocalCluster {
         ];
         if given.is_none() {
             args.extend(["--admin".into(), admin.clone()]);
+        }
+        if let Some(ca) = &self.tls_ca {
+            args.extend(["--tls-ca".into(), ca.display().to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(name, &args, false)?;
@@ -640,15 +706,28 @@ impl LocalCluster {
 
     /// `mtcp drain` of server `id`: waits until no connection with an agent is left on it.
     pub async fn drain(&self, id: &str, timeout: Duration) -> Result<()> {
-        drain_server(self.admin_of(id)?, &self.key, id, timeout).await?;
+        drain_server(
+            self.admin_of(id)?,
+            &self.key,
+            self.tls.as_ref(),
+            id,
+            timeout,
+        )
+        .await?;
         Ok(())
     }
 
     /// Ends a drain of server `id`: it accepts new and migrated connections again.
     pub async fn undrain(&self, id: &str) -> Result<()> {
         use mtcp::proto::wire::Msg;
-        let st =
-            mtcp::peer::admin_request(self.admin_of(id)?, &self.key, id, Msg::AdminUndrain).await?;
+        let st = mtcp::peer::admin_request_over(
+            self.admin_of(id)?,
+            &self.key,
+            self.tls.as_ref(),
+            id,
+            Msg::AdminUndrain,
+        )
+        .await?;
         if st.draining {
             bail!("{id} still says it is draining");
         }

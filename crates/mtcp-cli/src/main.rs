@@ -31,6 +31,8 @@ enum Cmd {
     Drain(DrainArgs),
     /// Show an agent's connections.
     Status(StatusArgs),
+    /// Make a cluster CA and a TLS certificate for each server of a cluster file.
+    Cert(mtcp_cli::cert::CertArgs),
     /// Live demo on loopback: three servers, an agent, a download that moves twice.
     Demo(mtcp_cli::demo::DemoArgs),
     /// Benchmarks: throughput vs direct TCP, migration latency.
@@ -166,6 +168,11 @@ struct AgentArgs {
     /// address, which needs --admin-token-file (or --admin-token).
     #[arg(long)]
     admin: Option<String>,
+    /// The cluster CA's certificate (`mtcp cert` writes it as `ca.crt`): sessions use TLS 1.3
+    /// and each server must show a certificate from this CA naming the address dialled. For
+    /// clusters whose file has `[tls]`.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
     #[command(flatten)]
     token: TokenArgs,
     /// Moves a second the admin endpoint accepts (bursts of twice as many); beyond it a
@@ -416,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate(a) => migrate(a).await,
         Cmd::Drain(a) => drain(a).await,
         Cmd::Status(a) => status(a).await,
+        Cmd::Cert(a) => mtcp_cli::cert::run(&a),
         Cmd::Demo(a) => mtcp_cli::demo::run(a).await,
         Cmd::Bench(a) => mtcp_cli::bench::run(a).await,
         Cmd::Chaos(a) => mtcp_cli::chaos::run(a).await,
@@ -522,6 +530,11 @@ async fn agent(a: AgentArgs) -> Result<()> {
         transparent: a.transparent,
         policy,
         fast_path: a.fast_path,
+        tls: a
+            .tls_ca
+            .as_deref()
+            .map(mtcp::tls::ClientTls::from_ca_file)
+            .transpose()?,
         ..Default::default()
     };
     // SAFETY: geteuid has no preconditions.
@@ -658,9 +671,15 @@ async fn drain(a: DrainArgs) -> Result<()> {
         .clone();
     let t0 = Instant::now();
     eprintln!("draining {} ...", a.id);
+    let tls = cluster
+        .tls
+        .as_ref()
+        .map(|t| mtcp::tls::ClientTls::from_ca_file(&t.ca))
+        .transpose()?;
     let r = mtcp_cli::local::drain_server_report(
         &me.admin,
         &cluster.key,
+        tls.as_ref(),
         &a.id,
         Duration::from_secs(a.timeout),
     )
@@ -673,6 +692,12 @@ async fn drain(a: DrainArgs) -> Result<()> {
         r.ended,
         r.kept_for_dead_agent
     );
+    if r.still_moving > 0 {
+        println!(
+            "{} connection(s) the agent is moving elsewhere still have their state here (eager mode: a destination may have taken them from a backup's replica; this copy goes after the dead-session bound)",
+            r.still_moving
+        );
+    }
     Ok(())
 }
 

@@ -70,6 +70,8 @@ pub struct DrainResult {
     pub moved: u64,
     pub ended: u64,
     pub kept_for_dead_agent: u32,
+    /// Still on their way to another server when the drain's time ran out.
+    pub still_moving: u32,
     /// The agent's moves of this drain: trigger (the drain's HINT) to RESUMED, µs, p50/p99/max.
     pub move_us: [u64; 3],
     /// From the first of these moves' triggers to the last one's RESUMED, ms.
@@ -150,7 +152,14 @@ where
 
 async fn server_status(lc: &LocalCluster, id: &str) -> Result<mtcp::proto::wire::ServerStatus> {
     use mtcp::proto::wire::Msg;
-    Ok(mtcp::peer::admin_request(lc.admin_of(id)?, &lc.key, id, Msg::AdminStatus).await?)
+    Ok(mtcp::peer::admin_request_over(
+        lc.admin_of(id)?,
+        &lc.key,
+        lc.tls.as_ref(),
+        id,
+        Msg::AdminStatus,
+    )
+    .await?)
 }
 
 /// `mtcp bench scale`: [`measure`], printed.
@@ -172,8 +181,8 @@ pub async fn scale(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         }
         for d in &rep.drains {
             println!(
-                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {}); agent's moves: trigger -> RESUMED p50 {} us, p99 {} us, max {} us, first trigger to last RESUMED {} ms",
-                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent,
+                "  drain {}: {} conns in {:.3} s (moved {}, ended {}, kept for a dead agent {}, still moving {}); agent's moves: trigger -> RESUMED p50 {} us, p99 {} us, max {} us, first trigger to last RESUMED {} ms",
+                d.server, d.conns, d.secs, d.moved, d.ended, d.kept_for_dead_agent, d.still_moving,
                 d.move_us[0], d.move_us[1], d.move_us[2], d.moves_span_ms
             );
         }
@@ -324,6 +333,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
         let rep = local::drain_server_report(
             lc.admin_of(&id)?,
             &lc.key,
+            lc.tls.as_ref(),
             &id,
             Duration::from_secs(60 + n as u64 / 100),
         )
@@ -348,6 +358,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
             moved: rep.moved,
             ended: rep.ended,
             kept_for_dead_agent: rep.kept_for_dead_agent,
+            still_moving: rep.still_moving,
             move_us: [
                 pct(&us, 0.5),
                 pct(&us, 0.99),

@@ -48,7 +48,7 @@ fn log_count(dir: &Path, id: &str, what: &str) -> usize {
 
 /// Reads what the other side sends until it closes (bounded): every message, and whether the
 /// channel ended (closed or reset) rather than timed out.
-async fn drain_until_closed(r: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>) -> Vec<Msg> {
+async fn drain_until_closed<R: tokio::io::AsyncRead + Unpin>(r: &mut FrameReader<R>) -> Vec<Msg> {
     let mut got = Vec::new();
     loop {
         match r.next_msg(Duration::from_secs(10)).await {
@@ -285,17 +285,14 @@ async fn open(lc: &LocalCluster, id: &str, kind: PortKind, from: &str) -> mtcp::
         PortKind::Peer => &s.peer,
         PortKind::Admin => &s.admin,
     };
-    connect_authenticated(
-        addr,
-        &lc.key,
+    let opener = mtcp::peer::Opener {
+        key: &lc.key,
         from,
-        id,
-        kind,
-        1 << 20,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap()
+        tls: lc.tls.as_ref(),
+    };
+    connect_authenticated(addr, opener, id, kind, 1 << 20, Duration::from_secs(5))
+        .await
+        .unwrap()
 }
 
 /// A channel that works: a sealed PING is answered.

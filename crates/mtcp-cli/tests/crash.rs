@@ -235,7 +235,7 @@ async fn raw_hello(
 /// hung (the backups grant one claim). Exactly one keeps it each time: a destination answers
 /// RESUMED only if it was not asked to give the epoch up first, and one whose RESUMED the agent
 /// has not used yet (no frame from it on that session) gives it up and lets the connection go
-/// when the other destination's keeper asks (decision 45). So both may answer RESUMED, but once
+/// when the other destination's keeper asks (decision 48). So both may answer RESUMED, but once
 /// the test speaks on each session (as the agent does at once), exactly one is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_takeovers_have_exactly_one_winner() {

@@ -163,7 +163,7 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
 /// The agent gives up on s2 (silent for 3 s: the hook) and tries s3, which is slow to start
 /// (its hook); meanwhile s2 finishes and writes its RESUMED to the session the agent left. When
 /// s3's FETCH finds the origin's custody, s2 is asked to give its epoch up: the agent never
-/// spoke on that session, so s2 does and lets the connection go (decision 45), and s3 gets it.
+/// spoke on that session, so s2 does and lets the connection go (decision 48), and s3 gets it.
 /// Before, s2 refused ("already answered the agent"), every candidate was refused for the old
 /// epoch and the download was reset.
 #[test]
@@ -196,7 +196,7 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
 /// their RELEASECLAIMs are lost, so the claims stand at s2's backup s3. The agent falls back to
 /// the epoch before; the origin's fence of s2's epoch at s3 finds it claimed by a candidate
 /// that failed: asked, that candidate gives its successor epoch up, the claim passes to the
-/// origin one epoch up, and the connection goes out again past it (decision 45). Before, the
+/// origin one epoch up, and the connection goes out again past it (decision 48). Before, the
 /// fence was refused ("already taken over") and the download was reset.
 #[test]
 fn a_failed_takeover_whose_release_is_lost_does_not_block_the_fence() {

@@ -150,7 +150,7 @@ impl Custody {
 /// A holder's epoch, from its takeover until the agent speaks on the new session. A keeper may
 /// have the holder give the epoch up (YIELD) until the agent has *used* it: not merely until
 /// RESUMED was written — the agent may have given up on this candidate before that RESUMED
-/// arrived and never read it (decision 45) — but until a frame from the agent arrives on the
+/// arrived and never read it (decision 48) — but until a frame from the agent arrives on the
 /// session RESUMED went out on. Whichever of YIELD and that frame comes first settles it for
 /// good: a holder never serves an epoch it gave up, and never gives up one the agent used.
 /// COMMITTED goes to the agent only once it was heard ([`Gate::may_commit`]), so an agent that
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(Gate::settle(&mut g, Hear), Verdict::Refuse);
         assert!(!Gate::may_commit(g));
         // RESUMED went out, but the agent had given up on this candidate and never speaks: the
-        // keeper's yield wins and the built connection is let go (decision 45).
+        // keeper's yield wins and the built connection is let go (decision 48).
         let mut g = None;
         assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
         assert!(!Gate::may_commit(g), "no COMMITTED before the agent spoke");

@@ -49,9 +49,34 @@ impl Rtt {
 /// Linux's minimum TCP retransmission timeout.
 pub const MIN_RTO: Duration = Duration::from_millis(200);
 
-/// Fires when the server has been silent for too long. Servers send heartbeats every
-/// `heartbeat` while idle, so silence beyond a few heartbeats plus the RTT-derived bound means
-/// the server or the path is gone.
+/// How long after the last downstream data the agent still expects the server to speak, beyond
+/// the silence bound itself: a server that hangs in the middle of a stream (no request
+/// outstanding) is caught within this window. See [`Liveness`].
+pub const EXPECT_AFTER_DATA: Duration = Duration::from_secs(1);
+
+/// How long a server keeps beating after it last wrote data to a session ([`beat_due`]). Longer
+/// than [`EXPECT_AFTER_DATA`], so the agent never expects a beat the server no longer sends.
+pub const BEAT_LINGER: Duration = Duration::from_secs(2);
+
+/// Whether a server sends a heartbeat on a relayed session that has been quiet for one
+/// interval (issue 13: an idle session costs no frames). It beats only where someone may be
+/// waiting for it: input arrived that no output has followed yet (`input_unanswered`: the
+/// client sent something, the agent expects an answer), or data was written less than
+/// [`BEAT_LINGER`] ago (a stream may go on). A fast-path session always beats: its agent sees
+/// no data and bounds the session's silence as such.
+pub fn beat_due(input_unanswered: bool, since_data_written: Duration, fast_path: bool) -> bool {
+    fast_path || input_unanswered || since_data_written < BEAT_LINGER
+}
+
+/// Fires when the server has been silent for too long while the agent expects to hear from it.
+///
+/// Servers beat every `heartbeat` only where someone waits ([`beat_due`]), so the agent applies
+/// its silence bound only then: from the first upstream bytes it sends after the last downstream
+/// data (a request is outstanding) until data comes back, and for [`EXPECT_AFTER_DATA`] past the
+/// bound after downstream data (a stream may go on). An idle connection is never taken for a
+/// silent server; a crashed server's sessions end at once (EOF or reset), and a hung one is
+/// caught when its client next sends. Control frames (heartbeats, pongs) count as signs of life
+/// but arm nothing.
 #[derive(Debug, Clone)]
 pub struct Liveness {
     heartbeat: Duration,
@@ -59,16 +84,24 @@ pub struct Liveness {
     misses: u32,
     min_bound: Duration,
     last_rx: Instant,
+    /// When downstream data last arrived.
+    last_data: Instant,
+    /// Upstream data (or its end) was sent after the last downstream data: an answer is due.
+    waiting: bool,
     pub rtt: Rtt,
 }
 
 impl Liveness {
+    /// A session that just started: the server beats for [`BEAT_LINGER`] from its start, so the
+    /// agent expects it as after downstream data.
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
         Self {
             heartbeat,
             misses: 3,
             min_bound: Duration::from_millis(200),
             last_rx: now,
+            last_data: now,
+            waiting: false,
             rtt: Rtt::default(),
         }
     }
@@ -77,9 +110,28 @@ impl Liveness {
         self.heartbeat = hb;
     }
 
-    /// Anything arrived from the server.
+    /// Anything arrived from the server (or the agent was busy elsewhere, e.g. delivering to
+    /// a slow client program: not the server's silence).
     pub fn on_receive(&mut self, now: Instant) {
         self.last_rx = now;
+    }
+
+    /// Downstream data arrived: whatever was asked has an answer.
+    pub fn on_data_received(&mut self, now: Instant) {
+        self.last_rx = now;
+        self.last_data = now;
+        self.waiting = false;
+    }
+
+    /// Upstream data (or its end) went to the server: an answer is due. If the agent expected
+    /// nothing until now, the silence clock starts here, not at some old frame.
+    pub fn on_data_sent(&mut self, now: Instant) {
+        if !self.waiting {
+            if self.deadline().is_none() {
+                self.last_rx = now;
+            }
+            self.waiting = true;
+        }
     }
 
     /// How long silence may last before the trigger fires.
@@ -88,12 +140,15 @@ impl Liveness {
         (self.heartbeat * self.misses + rto * 2).max(self.min_bound)
     }
 
-    pub fn deadline(&self) -> Instant {
-        self.last_rx + self.bound()
+    /// When the trigger fires if nothing arrives, or `None` while the agent expects nothing
+    /// (by the time the bound ran out, the window after the last data would have closed).
+    pub fn deadline(&self) -> Option<Instant> {
+        (self.waiting || self.last_rx < self.last_data + EXPECT_AFTER_DATA)
+            .then(|| self.last_rx + self.bound())
     }
 
     pub fn expired(&self, now: Instant) -> bool {
-        now >= self.deadline()
+        self.deadline().is_some_and(|d| now >= d)
     }
 }
 
@@ -122,6 +177,7 @@ mod tests {
         // 3 heartbeats + 2 minimum RTOs: one lost segment (retransmitted after 200 ms) is
         // never taken for a dead server.
         assert_eq!(l.bound(), Duration::from_millis(700));
+        l.on_data_sent(t0);
         assert!(!l.expired(t0 + Duration::from_millis(699)));
         assert!(l.expired(t0 + Duration::from_millis(700)));
         l.on_receive(t0 + Duration::from_millis(250));
@@ -131,5 +187,116 @@ mod tests {
         }
         // A long path's RTO replaces the minimum.
         assert!(l.bound() > Duration::from_millis(900));
+    }
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn an_idle_connection_expects_nothing_and_a_request_starts_the_clock() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(t0, Duration::from_millis(100));
+        // A new session: the server beats for a while, so silence right away counts.
+        assert!(l.expired(at(t0, 700)));
+        // Heartbeats keep it alive; past the window after the last data nothing is expected.
+        for ms in (100..=900).step_by(100) {
+            l.on_receive(at(t0, ms));
+            assert!(!l.expired(at(t0, ms + 1)));
+        }
+        l.on_receive(at(t0, 1_000));
+        assert_eq!(l.deadline(), None, "idle: nothing expected");
+        assert!(!l.expired(at(t0, 60_000)));
+        // A request after an hour of quiet: the bound runs from it, not from the last beat.
+        let t1 = at(t0, 3_600_000);
+        l.on_data_sent(t1);
+        assert_eq!(l.deadline(), Some(t1 + l.bound()));
+        // More requests do not move the clock; only something from the server does.
+        l.on_data_sent(t1 + Duration::from_millis(300));
+        assert!(l.expired(t1 + Duration::from_millis(700)));
+        l.on_receive(t1 + Duration::from_millis(500));
+        assert!(!l.expired(t1 + Duration::from_millis(1_100)));
+        assert!(l.expired(t1 + Duration::from_millis(1_200)));
+        // The answer: the server beats on for BEAT_LINGER, the agent expects it a little less.
+        let t2 = t1 + Duration::from_millis(1_150);
+        l.on_data_received(t2);
+        assert!(!l.expired(t2 + Duration::from_millis(699)));
+        assert!(
+            l.expired(t2 + Duration::from_millis(700)),
+            "a server hung mid-stream"
+        );
+    }
+
+    #[test]
+    fn a_server_that_beats_by_rule_is_never_taken_for_silent() {
+        // Simulated: requests at random times, answers after random delays, one-way delay d;
+        // the server beats by `beat_due` every 100 ms of quiet. The agent must never fire.
+        use proptest::prelude::*;
+        let hb = Duration::from_millis(100);
+        proptest!(ProptestConfig::with_cases(256), |(
+            events in proptest::collection::vec((0u64..5_000, 0u64..3_000), 1..8),
+            d in 0u64..60,
+        )| {
+            let t0 = Instant::now();
+            let mut l = Liveness::new(t0, hb);
+            // Server's view (its own clock = the agent's here): when it last wrote data,
+            // whether input is unanswered.
+            let mut last_write = 0u64;
+            let mut unanswered = false;
+            let mut last_beat_or_write = 0u64;
+            // (time of arrival at the server, answer delay) and the agent's sends.
+            let mut sends: Vec<(u64, u64)> = Vec::new();
+            let mut t = 0u64;
+            for (gap, delay) in &events {
+                t += gap;
+                sends.push((t, *delay));
+            }
+            let end = t + 6_000;
+            let mut in_flight_up: Vec<(u64, u64)> = Vec::new(); // (arrive at server, delay)
+            let mut in_flight_down: Vec<(u64, bool)> = Vec::new(); // (arrive at agent, data?)
+            let mut answers: Vec<u64> = Vec::new(); // server write times
+            for now in 0..end {
+                let ti = at(t0, now);
+                for &(s, delay) in &sends {
+                    if s == now {
+                        l.on_data_sent(ti);
+                        in_flight_up.push((now + d, delay));
+                    }
+                }
+                // Server receives input.
+                let mut k = 0;
+                while k < in_flight_up.len() {
+                    if in_flight_up[k].0 == now {
+                        let (_, delay) = in_flight_up.swap_remove(k);
+                        unanswered = true;
+                        answers.push(now + delay);
+                    } else {
+                        k += 1;
+                    }
+                }
+                // Server answers.
+                if answers.contains(&now) {
+                    answers.retain(|&a| a != now);
+                    last_write = now;
+                    last_beat_or_write = now;
+                    // As the server sees it: output followed every input so far.
+                    unanswered = false;
+                    in_flight_down.push((now + d, true));
+                } else if now >= last_beat_or_write + 100
+                    && beat_due(unanswered, Duration::from_millis(now - last_write), false)
+                {
+                    last_beat_or_write = now;
+                    in_flight_down.push((now + d, false));
+                }
+                // Agent receives.
+                for &(a, data) in &in_flight_down {
+                    if a == now {
+                        if data { l.on_data_received(ti) } else { l.on_receive(ti) }
+                    }
+                }
+                in_flight_down.retain(|&(a, _)| a != now);
+                prop_assert!(!l.expired(ti), "fired at {now} ms");
+            }
+        });
     }
 }

@@ -228,6 +228,9 @@ pub struct ServerStatus {
     pub migrated_out: u64,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas_held: u32,
+    /// Connections whose agent closed their session to move them, not fetched yet (not
+    /// counted in `detached`).
+    pub leaving: u32,
 }
 
 /// Every control message of every channel. New variants go at the end (postcard encodes the
@@ -343,10 +346,11 @@ pub enum Msg {
     /// MIGRATE's connection: sent every heartbeat interval until RESUMED or REFUSED, so the agent can give up on a silent candidate after an RTT-derived bound
     /// instead of a fixed one.
     Working,
-    /// Agent → server, first message of a *watch* connection (eager mode): a second TCP
-    /// connection that carries nothing after the server's HEARTBEAT answer. Its end tells the
-    /// agent at once that the server process died, while the session may still be delivering
-    /// bytes the dead process had already written.
+    /// Agent → server on a *watch* connection (eager mode): one TCP connection per agent and
+    /// server, beside the sessions, that carries only heartbeats and hints. The first WATCH
+    /// opens it (answered by a HEARTBEAT); each later one adds a connection to it. Its end tells
+    /// the agent at once that the server process died, while the sessions may still be
+    /// delivering bytes the dead process had already written.
     Watch {
         cid: Cid,
         epoch: u64,
@@ -399,7 +403,7 @@ pub enum Msg {
     /// dead destination would resume at, so it can never store or serve it
     /// (`mtcp_proto::custody`). Answered as CLAIMREPLICA; unlike it, the claim is plain (never
     /// a custody). A destination holding that epoch there is passed over only if it gives its
-    /// successor up; the answer's record is then labelled past it (decision 45).
+    /// successor up; the answer's record is then labelled past it (decision 48).
     FenceEpoch {
         cid: Cid,
         epoch: u64,
@@ -411,9 +415,19 @@ pub enum Msg {
         cid: Cid,
         epoch: u64,
     },
+    /// Server → agent on a watch connection: a HINT for one of the connections watched on it,
+    /// which arrives ahead of whatever data that connection's session has queued.
+    WatchHint {
+        cid: Cid,
+        reason: HintReason,
+    },
+    /// Agent → server, last message of a session it closes to move the connection elsewhere:
+    /// until a destination fetches the state, the server counts the connection as moving, not
+    /// as kept for a dead agent (`ServerStatus::leaving`).
+    Leaving,
     /// Backup → server (eager mode), the answer to REPLICATE for an epoch a destination took
     /// over from this backup's replica: `by` claimed it and resumes past `label`. The server
-    /// lets the connection go but keeps its state as that destination's keeper (decision 45).
+    /// lets the connection go but keeps its state as that destination's keeper (decision 48).
     Taken {
         cid: Cid,
         epoch: u64,
@@ -663,10 +677,19 @@ mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),
+            Just(Msg::Leaving),
             (cid.clone(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(cid, epoch, t)| Msg::Watch {
                 cid,
                 epoch,
                 token: Token(t)
+            }),
+            (cid.clone(), any::<bool>()).prop_map(|(cid, d)| Msg::WatchHint {
+                cid,
+                reason: if d {
+                    HintReason::Drain
+                } else {
+                    HintReason::Overload
+                }
             }),
             (
                 any::<String>(),

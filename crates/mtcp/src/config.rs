@@ -10,6 +10,10 @@
 //! data = "127.0.0.1:7001"       # agents connect here
 //! peer = "127.0.0.1:7101"       # server-to-server state transfer
 //! admin = "127.0.0.1:7201"      # drain / status
+//! # [tls]                       # optional: TLS 1.3 on every port (decision 45; `mtcp cert`)
+//! # ca = "tls/ca.crt"           # the cluster CA; agents get it as --tls-ca
+//! # cert = "tls/{id}.crt"       # each server's certificate and key ({id}: the server's id)
+//! # key = "tls/{id}.key"
 //! ```
 
 use mtcp_proto::wire::{Mode, ServerInfo};
@@ -49,6 +53,38 @@ struct RawCluster {
     fast_path: Vec<String>,
     #[serde(default)]
     server: Vec<RawServer>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+/// The `[tls]` section: where the cluster CA and each server's certificate and key are.
+/// Relative paths are anchored at the cluster file's directory; `{id}` in `cert` and `key` is
+/// replaced by a server's id. Only paths: the files are read when a server starts
+/// (`crate::tls::ServerTls::load`), so parsing stays free of I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub cert: String,
+    pub key: String,
+}
+
+impl TlsFiles {
+    /// Server `id`'s certificate file.
+    pub fn cert_for(&self, id: &str) -> std::path::PathBuf {
+        self.cert.replace("{id}", id).into()
+    }
+
+    /// Server `id`'s private key file.
+    pub fn key_for(&self, id: &str) -> std::path::PathBuf {
+        self.key.replace("{id}", id).into()
+    }
 }
 
 fn default_mode() -> String {
@@ -106,6 +142,8 @@ pub struct Cluster {
     /// path is off (a data port must not be a way to plant arbitrary TCP connections on the
     /// host).
     pub fast_path: Vec<std::net::SocketAddr>,
+    /// TLS on every port, when the file has a `[tls]` section.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Cluster {
@@ -214,7 +252,36 @@ impl Cluster {
                     .into(),
             ));
         }
+        let anchor = |f: &str| -> std::path::PathBuf {
+            let f = Path::new(f);
+            if f.is_absolute() {
+                f.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(f)
+            }
+        };
+        let tls = match raw.tls {
+            Some(t) if t.ca.is_empty() || t.cert.is_empty() || t.key.is_empty() => {
+                return Err(invalid(
+                    "[tls]: `ca`, `cert` and `key` must all name files".into(),
+                ))
+            }
+            Some(t) => {
+                if servers.len() > 1 && !(t.cert.contains("{id}") && t.key.contains("{id}")) {
+                    return Err(invalid(
+                        "[tls]: with several servers, `cert` and `key` must contain {id} (each server has its own certificate)".into(),
+                    ));
+                }
+                Some(TlsFiles {
+                    ca: anchor(&t.ca),
+                    cert: anchor(&t.cert).display().to_string(),
+                    key: anchor(&t.key).display().to_string(),
+                })
+            }
+            None => None,
+        };
         Ok(Self {
+            tls,
             fast_path,
             key,
             mode,
@@ -409,6 +476,34 @@ mod tests {
 
     fn parse(t: &str) -> Result<Cluster, ConfigError> {
         Cluster::parse(t, Path::new("c.toml"))
+    }
+
+    #[test]
+    fn tls_section_is_anchored_and_needs_a_file_per_server() {
+        let servers = "[[server]]\nid = \"a\"\ndata = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nadmin = \"127.0.0.1:3\"\n[[server]]\nid = \"b\"\ndata = \"127.0.0.1:4\"\npeer = \"127.0.0.1:5\"\nadmin = \"127.0.0.1:6\"\n";
+        let c = Cluster::parse(
+            &format!("key = \"{KEY}\"\n{servers}[tls]\nca = \"t/ca.crt\"\ncert = \"t/{{id}}.crt\"\nkey = \"/abs/{{id}}.key\"\n"),
+            Path::new("/etc/m/c.toml"),
+        )
+        .unwrap();
+        let t = c.tls.unwrap();
+        assert_eq!(t.ca, Path::new("/etc/m/t/ca.crt"));
+        assert_eq!(t.cert_for("b"), Path::new("/etc/m/t/b.crt"));
+        assert_eq!(t.key_for("a"), Path::new("/abs/a.key"));
+        assert!(parse(&format!("key = \"{KEY}\"\n{servers}"))
+            .unwrap()
+            .tls
+            .is_none());
+        let e = parse(&format!(
+            "key = \"{KEY}\"\n{servers}[tls]\nca = \"ca\"\ncert = \"one.crt\"\nkey = \"one.key\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("{id}"), "{e}");
+        let e = parse(&format!("key = \"{KEY}\"\n{servers}[tls]\nca = \"ca\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field"), "{e}");
     }
 
     #[test]

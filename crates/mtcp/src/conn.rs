@@ -107,6 +107,15 @@ pub(crate) struct ConnState {
     pub fast: crate::direct::FastOut,
     /// When the connection was last hinted away (a drain repeats hints at most this often).
     pub hinted_at: Option<Instant>,
+    /// Input frames (data, its end) received from the agent: the session's writer compares it
+    /// with its value at the last data it wrote to tell whether input awaits an answer.
+    pub inputs: u64,
+    /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
+    /// and waits for [`Shared::beat`] instead of its timer.
+    pub beat_parked: bool,
+    /// The agent closed the session to move the connection (`Msg::Leaving`): detached, but
+    /// not for a dead agent.
+    pub leaving: bool,
 }
 
 impl ConnState {
@@ -127,6 +136,18 @@ impl ConnState {
             direct: None,
             fast: Default::default(),
             hinted_at: None,
+            inputs: 0,
+            beat_parked: false,
+            leaving: false,
+        }
+    }
+
+    /// Input arrived from the agent: a parked heartbeat timer runs again.
+    pub fn on_input(&mut self, beat: &Notify) {
+        self.inputs += 1;
+        if self.beat_parked {
+            self.beat_parked = false;
+            beat.notify_one();
         }
     }
 
@@ -239,11 +260,11 @@ pub(crate) struct Shared {
     pub unlocked: Notify,
     /// Signalled when the application consumed input (the session reader may read more).
     pub consumed: Notify,
-    /// Eager mode: the newest HINT, also for the watch connection, which is never queued
-    /// behind data (see [`Shared::hint`]).
-    pub hint: Mutex<Option<Msg>>,
-    /// Signalled when `hint` is set.
-    pub hinted: Notify,
+    /// Eager mode: where HINTs for this connection also go (`WatchHint` on the agent's watch
+    /// connection with this server, which is never queued behind data; see [`Shared::hint`]).
+    pub watch: Mutex<Option<mpsc::UnboundedSender<Msg>>>,
+    /// Signalled when input arrives while the writer's heartbeats are parked.
+    pub beat: Notify,
 }
 
 impl Shared {
@@ -272,8 +293,8 @@ impl Shared {
             st: Mutex::new(st),
             unlocked: Notify::new(),
             consumed: Notify::new(),
-            hint: Mutex::new(None),
-            hinted: Notify::new(),
+            watch: Mutex::new(None),
+            beat: Notify::new(),
         })
     }
 
@@ -285,11 +306,15 @@ impl Shared {
             reason,
             target: None,
         };
-        st.send(Out::Msg(m.clone()));
+        st.send(Out::Msg(m));
         st.hinted_at = Some(Instant::now());
         crate::metrics::hinted(reason);
-        *self.hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
-        self.hinted.notify_one();
+        if let Some(tx) = &*self.watch.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(Msg::WatchHint {
+                cid: self.cid,
+                reason,
+            });
+        }
     }
 }
 

@@ -67,12 +67,12 @@ pub(crate) struct Repl {
     /// Fenced: a destination took the connection over from a backup's replica of this epoch
     /// (the custody it would hand out, and since when). The connection is let go but its stream
     /// is kept for a while, so that this server can act as that destination's keeper
-    /// ([`adopt_taken`], decision 45).
+    /// ([`adopt_taken`], decision 48).
     pub taken: Option<(Custody, Instant)>,
 }
 
 /// The agent spoke on the session. For a taken-over connection this settles its gate: no keeper
-/// can have this server give the epoch up any more (decision 45). False if one already did:
+/// can have this server give the epoch up any more (decision 48). False if one already did:
 /// the frame must be dropped and the session ended (the connection was let go). Then a
 /// COMMITTED held back goes out and, if the backups hold the epoch, the keepers are told.
 pub(crate) fn agent_heard(
@@ -106,7 +106,7 @@ pub(crate) fn agent_heard(
 
 /// Tells the agent that the backups hold `(out_off, in_off)` (COMMITTED: it may trim upstream
 /// before it and forget its fallbacks). On a taken-over connection only once the agent has
-/// spoken on the session (decision 45): until then a keeper may still have this server give
+/// spoken on the session (decision 48): until then a keeper may still have this server give
 /// the epoch up, and the agent must then still be able to fall back to the previous epoch.
 pub(crate) fn tell_committed(st: &mut ConnState, (out_off, in_off): (u64, u64)) {
     if st.repl.confirm.is_some() && !st.repl.heard {
@@ -280,7 +280,7 @@ pub(crate) async fn push_durable(
 /// If a backup said who took it over from its replica at this epoch, the stream is kept (the
 /// connection stays in the table, migrated) so that this server can be that destination's
 /// keeper: the destination may be the backup itself, which then holds the only other copy,
-/// and die before the agent has its RESUMED (decision 45). Otherwise it is forgotten.
+/// and die before the agent has its RESUMED (decision 48). Otherwise it is forgotten.
 fn let_go_fenced(
     inner: &Arc<ServerInner>,
     cid: mtcp_proto::Cid,
@@ -374,14 +374,14 @@ pub(crate) async fn hand_over(
     }
     // Kept at once, before the fences: they may take seconds (a dead backup on a lossy path),
     // and a FETCH for this epoch meanwhile (the agent gave up on `to`) must find the custody,
-    // not a forgotten connection (decision 45).
+    // not a forgotten connection (decision 48).
     let kept = rec.tcp.is_none();
     let custody = Custody::new(f.epoch, to);
     if kept {
         inner.custody.keep(f.cid, custody.clone(), &rec.rec);
     }
     // A fence that had to pass a failed candidate's claim over returns the epoch it reached:
-    // the destination then resumes past it (decision 45).
+    // the destination then resumes past it (decision 48).
     let mut rec = rec;
     let mut label = f.epoch;
     for b in inner.cluster.backups(&inner.id) {
@@ -504,7 +504,7 @@ pub(crate) async fn ask_to_yield(
 /// server fencing at its own store): a plain claim. If a candidate holds that epoch there (it
 /// claimed the replica and has not confirmed), it is asked to give its successor epoch up: a
 /// takeover that failed with its RELEASECLAIM lost, or whose RESUMED the agent never used,
-/// yields, and the claim passes to `by` one epoch up (`Custody::pass`, decision 45) — so a
+/// yields, and the claim passes to `by` one epoch up (`Custody::pass`, decision 48) — so a
 /// failed takeover never leaves the connection unclaimable. A holder that refuses (the agent
 /// uses its epoch: the connection moved on) or cannot be reached keeps it: refused.
 pub(crate) async fn fence_here(

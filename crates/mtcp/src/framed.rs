@@ -35,6 +35,7 @@ pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
 ) -> Result<(), ChannelError> {
     s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
+    s.flush().await?;
     check_preamble(s).await
 }
 
@@ -47,6 +48,7 @@ pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
     out.extend_from_slice(&first.to_frame());
     s.write_all(&out).await?;
+    s.flush().await?;
     check_preamble(s).await
 }
 
@@ -341,7 +343,8 @@ impl<W: AsyncWrite + Unpin> MacWriter<W> {
     /// Writes `m` as one frame and its tag, in one write.
     pub async fn write_msg(&mut self, m: &Msg) -> io::Result<()> {
         let b = self.seal(m);
-        self.w.write_all(&b).await
+        self.w.write_all(&b).await?;
+        self.w.flush().await
     }
 
     /// `m` as one frame and its tag, consuming a sequence number, without writing it.
@@ -352,7 +355,8 @@ impl<W: AsyncWrite + Unpin> MacWriter<W> {
     /// Writes bytes as they are, with no tag (tests of the receiver's checks: injected,
     /// replayed, reordered or cut-off frames).
     pub async fn write_raw(&mut self, b: &[u8]) -> io::Result<()> {
-        self.w.write_all(b).await
+        self.w.write_all(b).await?;
+        self.w.flush().await
     }
 
     pub fn get_ref(&self) -> &W {
@@ -405,7 +409,9 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, items: &[Out]) -> io
             }
         })
         .collect();
-    write_all_vectored(w, &slices).await
+    write_all_vectored(w, &slices).await?;
+    // A TLS stream may hold encrypted bytes until flushed; on TCP this is a no-op.
+    w.flush().await
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, slices: &[&[u8]]) -> io::Result<()> {
@@ -433,7 +439,8 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, slices: &[&[u8]]) 
 
 /// Writes one control message.
 pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, m: &Msg) -> io::Result<()> {
-    w.write_all(&m.to_frame()).await
+    w.write_all(&m.to_frame()).await?;
+    w.flush().await
 }
 
 #[cfg(test)]

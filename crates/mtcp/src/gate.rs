@@ -1,6 +1,6 @@
 //! Eager mode, destination side: per taken-over (cid, epoch), whether RESUMED went out, the
 //! agent has spoken on that session, or a keeper had this server give the epoch up
-//! (`mtcp_proto::custody::Gate`, decisions 43 and 45). The pure rule lives there; this holds
+//! (`mtcp_proto::custody::Gate`, decisions 43 and 48). The pure rule lives there; this holds
 //! the gates under one lock (a keeper's YIELD and the agent's first frame race from different
 //! tasks) and lets go of a connection given up after its RESUMED.
 

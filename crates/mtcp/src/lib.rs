@@ -5,6 +5,7 @@
 //! [`Connection::set_state`]. Another server of the cluster fetches the connection's state over
 //! the authenticated peer channel when the client's agent moves it.
 
+mod accept;
 mod admission;
 pub mod app;
 pub mod config;
@@ -21,6 +22,9 @@ mod replica;
 pub mod server;
 mod slots;
 mod sockowner;
+pub mod stream;
+pub mod tls;
+mod watch;
 
 pub use app::App;
 pub use config::{Cluster, Limits, ServerEntry};

@@ -40,6 +40,9 @@ pub const REPLICA_BYTES: &str = "mtcp_replica_bytes";
 /// Bytes kept only so that a connection can be restarted or replayed elsewhere (gauge).
 pub const RETENTION_BYTES: &str = "mtcp_retention_bytes";
 
+/// Heartbeats a server wrote (counter, label `on`: `session`, `watch`).
+pub const HEARTBEATS: &str = "mtcp_heartbeats_total";
+
 /// Buckets of both duration histograms, seconds: a move on loopback takes about a millisecond,
 /// a takeover from a replica a few, one that waits out a `lock_state` section up to seconds.
 pub const SECONDS_BUCKETS: &[f64] = &[
@@ -48,6 +51,15 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 
 static BYTES_UP: AtomicU64 = AtomicU64::new(0);
 static BYTES_DOWN: AtomicU64 = AtomicU64::new(0);
+static BEATS_SESSION: AtomicU64 = AtomicU64::new(0);
+static BEATS_WATCH: AtomicU64 = AtomicU64::new(0);
+
+/// A heartbeat went out on a session (`watch == false`) or a watch connection.
+#[inline]
+pub fn heartbeat_sent(watch: bool) {
+    let c = if watch { &BEATS_WATCH } else { &BEATS_SESSION };
+    c.fetch_add(1, Ordering::Relaxed);
+}
 
 /// `n` stream bytes went client→server through this process.
 #[inline]
@@ -65,6 +77,8 @@ pub fn add_down(n: usize) {
 pub fn sample_bytes() {
     counter!(BYTES, "direction" => "up").absolute(BYTES_UP.load(Ordering::Relaxed));
     counter!(BYTES, "direction" => "down").absolute(BYTES_DOWN.load(Ordering::Relaxed));
+    counter!(HEARTBEATS, "on" => "session").absolute(BEATS_SESSION.load(Ordering::Relaxed));
+    counter!(HEARTBEATS, "on" => "watch").absolute(BEATS_WATCH.load(Ordering::Relaxed));
 }
 
 /// A refusal with `code` was sent (server) or received (agent).
@@ -106,6 +120,10 @@ pub fn describe() {
         "Connections this server handed over to another server"
     );
     describe_counter!(HINTS, "HINTs this server sent, by reason (drain, overload)");
+    describe_counter!(
+        HEARTBEATS,
+        "Heartbeats this server wrote, on sessions (only where an agent waits) and watch connections"
+    );
     describe_counter!(
         BYTES,
         Unit::Bytes,

@@ -13,12 +13,13 @@ use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader, MacWriter};
 use crate::replica::Claimed;
 use crate::server::{msg_name, Fetch, Frozen, ServerInner};
+use crate::stream::{ReadHalf, Stream, WriteHalf};
+use crate::tls::ClientTls;
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{ChannelContext, Cid, ClusterKey, PortKind, Role, StateRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 const AUTH_FRAME: usize = 4 << 10;
@@ -28,14 +29,14 @@ const ADMIN_FRAME: usize = 64 << 10;
 const IDLE: Duration = Duration::from_secs(300);
 
 /// An authenticated peer or admin channel: frames in and out carry MACs.
-pub type Channel = (FrameReader<OwnedReadHalf>, MacWriter<OwnedWriteHalf>);
+pub type Channel = (FrameReader<ReadHalf>, MacWriter<WriteHalf>);
 
 /// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves; from then on
 /// every frame both ways carries a MAC. `me` is this server's id and `kind` the port the
 /// connection came in on: the opener's proof must name both. Returns the channel and the
 /// opener's id.
 async fn accept_authenticated(
-    mut s: TcpStream,
+    mut s: Stream,
     key: &ClusterKey,
     me: &str,
     kind: PortKind,
@@ -86,28 +87,54 @@ async fn accept_authenticated(
     Ok(((reader, MacWriter::new(w, send)), from))
 }
 
+/// Who opens a peer or admin channel: the cluster key, the id it authenticates as and, in a
+/// cluster with TLS, the client side that checks the acceptor's certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Opener<'a> {
+    pub key: &'a ClusterKey,
+    pub from: &'a str,
+    pub tls: Option<&'a ClientTls>,
+}
+
 /// Opener side: connects to `addr`, the `kind` port of server `to`, and authenticates as
-/// `from`; the channel's frames then carry MACs both ways.
+/// `opener.from`; the channel's frames then carry MACs both ways. With TLS, the acceptor's
+/// certificate must name `to` and be signed by the cluster CA, and the handshake below runs
+/// inside TLS (decision 45).
 pub async fn connect_authenticated(
     addr: &str,
-    key: &ClusterKey,
-    from: &str,
+    opener: Opener<'_>,
     to: &str,
     kind: PortKind,
     max_frame: usize,
     limit: Duration,
 ) -> Result<Channel, ChannelError> {
-    let mut s = tokio::time::timeout(limit, TcpStream::connect(addr))
+    let (key, from) = (opener.key, opener.from);
+    let s = tokio::time::timeout(limit, TcpStream::connect(addr))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);
+    let mut s = match opener.tls {
+        None => Stream::Tcp(s),
+        Some(tls) => {
+            let name =
+                crate::tls::name_of_id(to).map_err(|e| ChannelError::Unexpected(e.to_string()))?;
+            tokio::time::timeout(limit, tls.connect(name, s))
+                .await
+                .map_err(|_| ChannelError::Timeout)??
+        }
+    };
     tokio::time::timeout(limit, framed::exchange_preamble(&mut s))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let (r, mut w) = s.into_split();
     let mut reader = FrameReader::new(r, AUTH_FRAME);
-    let Msg::PeerChallenge { nonce: theirs } = reader.next_msg(limit).await? else {
-        return Err(ChannelError::Unexpected("expected a challenge".into()));
+    let theirs = match reader.next_msg(limit).await? {
+        Msg::PeerChallenge { nonce } => nonce,
+        // E.g. a TLS port's answer to a plain client.
+        Msg::Refused { reason, .. } => {
+            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
+        }
+        _ => return Err(ChannelError::Unexpected("expected a challenge".into())),
     };
     let nonce: [u8; 16] = rand::random();
     let ctx = ChannelContext {
@@ -200,10 +227,14 @@ async fn dial(
     to: &ServerEntry,
     limit: Duration,
 ) -> Result<Channel, ChannelError> {
+    let opener = Opener {
+        key: &inner.cluster.key,
+        from: &inner.id,
+        tls: inner.tls.as_ref().map(|t| &t.client),
+    };
     connect_authenticated(
         &to.peer,
-        &inner.cluster.key,
-        &inner.id,
+        opener,
         &to.id,
         PortKind::Peer,
         inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
@@ -563,8 +594,12 @@ impl PeerPool {
 }
 
 /// Serves one connection on the peer port.
-pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: TcpStream) {
-    let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
+    let addr = s
+        .tcp()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let ((mut reader, mut w), from) =
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
             Ok(x) => x,
@@ -758,9 +793,9 @@ impl Drop for HandingOver {
 
 /// Waits (at most `limit`) until everything written to `w` has been acknowledged by the peer's
 /// kernel (the send queue is empty): from then on the bytes survive this process's death.
-async fn acknowledged(w: &OwnedWriteHalf, limit: Duration) {
+async fn acknowledged(w: &WriteHalf, limit: Duration) {
     use std::os::fd::AsRawFd;
-    let fd = w.as_ref().as_raw_fd();
+    let fd = w.as_raw_fd();
     let t0 = Instant::now();
     loop {
         let mut outq: libc::c_int = 0;
@@ -774,8 +809,12 @@ async fn acknowledged(w: &OwnedWriteHalf, limit: Duration) {
 }
 
 /// Serves one connection on the admin port.
-pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: TcpStream) {
-    let addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream) {
+    let addr = s
+        .tcp()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let ((mut reader, mut w), from) =
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Admin).await {
             Ok(x) => x,
@@ -828,10 +867,21 @@ pub enum AdminError {
 
 /// Client side of the admin channel: one request (`AdminDrain`, `AdminUndrain`, `AdminStatus`)
 /// to the admin port `addr` of server `id` (the handshake names it, so a proof made for one
-/// server's admin port is refused by every other port).
+/// server's admin port is refused by every other port). Plain TCP: see [`admin_request_over`].
 pub async fn admin_request(
     addr: &str,
     key: &ClusterKey,
+    id: &str,
+    req: Msg,
+) -> Result<ServerStatus, AdminError> {
+    admin_request_over(addr, key, None, id, req).await
+}
+
+/// [`admin_request`] over TLS when `tls` is given (a cluster with `[tls]`).
+pub async fn admin_request_over(
+    addr: &str,
+    key: &ClusterKey,
+    tls: Option<&ClientTls>,
     id: &str,
     req: Msg,
 ) -> Result<ServerStatus, AdminError> {
@@ -840,8 +890,13 @@ pub async fn admin_request(
         err,
     };
     let lim = Duration::from_secs(5);
+    let opener = Opener {
+        key,
+        from: "admin",
+        tls,
+    };
     let (mut reader, mut w) =
-        connect_authenticated(addr, key, "admin", id, PortKind::Admin, ADMIN_FRAME, lim)
+        connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, lim)
             .await
             .map_err(err)?;
     w.write_msg(&req).await.map_err(|e| err(e.into()))?;

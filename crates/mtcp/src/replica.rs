@@ -133,7 +133,7 @@ impl ReplicaStore {
 
     /// As [`ReplicaStore::store`], but an update refused because a destination took the
     /// connection over from this replica at that epoch says who, and past which label it
-    /// resumes: the updating server becomes that destination's keeper (decision 45).
+    /// resumes: the updating server becomes that destination's keeper (decision 48).
     pub fn store_or_taken(
         &self,
         from: &str,
@@ -331,7 +331,7 @@ impl ReplicaStore {
 
     /// After [`ClaimError::Held`] met a fence by `by`: the holder gave its successor epoch up
     /// (YIELD). The entry passes to `by` as a plain claim one epoch up (`Custody::pass`,
-    /// decision 45); the answer is labelled with that epoch so the fencer hands its own state out
+    /// decision 48); the answer is labelled with that epoch so the fencer hands its own state out
     /// at least that high. Refused if the entry is no longer held as `seen`.
     pub fn pass(&self, cid: Cid, seen: &Custody, by: &str) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());

@@ -2,12 +2,14 @@
 //! session tasks that move frames between a socket and a connection's state, and the janitor
 //! that forgets connections whose agent is gone.
 
+use crate::accept::{self, Port};
 use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::{Connection, Phase, Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::metrics::SessionKind;
 use crate::peer;
+use crate::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::wire::{
     self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
 };
@@ -17,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,7 +35,7 @@ pub(crate) struct Fetch {
 
 /// The refusal of a token that does not match: it names nothing of the connection (a
 /// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
-const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+pub(crate) const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
 
 /// Limit on the first message of a session, before the peer is known.
 const SETUP_FRAME: usize = 64 << 10;
@@ -66,11 +67,15 @@ pub enum BindError {
         addr: String,
         err: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub(crate) struct ServerInner {
     pub id: String,
     pub cluster: Cluster,
+    /// TLS on every port and to every peer, when the cluster file has `[tls]` (decision 45).
+    pub tls: Option<crate::tls::ServerTls>,
     pub limits: Limits,
     pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
     pub draining: AtomicBool,
@@ -142,14 +147,23 @@ impl ServerInner {
         let mut conns = self.all();
         // A fenced connection kept only as its taker's keeper is not served here.
         conns.retain(|c| c.lock().repl.taken.is_none());
-        let detached = conns
-            .iter()
-            .filter(|c| c.lock().detached_at.is_some())
-            .count() as u32;
+        let (mut detached, mut leaving) = (0u32, 0u32);
+        for c in &conns {
+            let st = c.lock();
+            if st.detached_at.is_some() {
+                if st.leaving {
+                    leaving += 1;
+                } else {
+                    detached += 1;
+                }
+            }
+        }
         ServerStatus {
             id: self.id.clone(),
-            connections: conns.len() as u32 - detached + self.handing_over.load(Ordering::Relaxed),
+            connections: conns.len() as u32 - detached - leaving
+                + self.handing_over.load(Ordering::Relaxed),
             detached,
+            leaving,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
@@ -377,6 +391,15 @@ impl Server {
     /// Listens on the data, peer and admin addresses of server `id` of `cluster`.
     pub async fn bind(cluster: Cluster, id: &str, limits: Limits) -> Result<Server, BindError> {
         let me = cluster.require(id, "cluster file")?.clone();
+        // Certificate problems are found here, at start, not at the first handshake.
+        let tls = match &cluster.tls {
+            Some(files) => Some(crate::tls::ServerTls::load(
+                files,
+                id,
+                &[&me.data, &me.peer, &me.admin],
+            )?),
+            None => None,
+        };
         let listen = |what: &'static str, addr: String| async move {
             TcpListener::bind(&addr)
                 .await
@@ -394,6 +417,7 @@ impl Server {
         let inner = Arc::new(ServerInner {
             id: id.to_string(),
             cluster,
+            tls,
             limits,
             conns: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
@@ -412,15 +436,9 @@ impl Server {
             accept_tx,
         });
         let mut tasks = vec![
-            tokio::spawn(accept_loop(data, inner.clone(), |i, s| {
-                Box::pin(handle_session(i, s))
-            })),
-            tokio::spawn(accept_loop(peer_l, inner.clone(), |i, s| {
-                Box::pin(peer::serve_peer(i, s))
-            })),
-            tokio::spawn(accept_loop(admin, inner.clone(), |i, s| {
-                Box::pin(peer::serve_admin(i, s))
-            })),
+            tokio::spawn(accept::accept_loop(data, inner.clone(), Port::Data)),
+            tokio::spawn(accept::accept_loop(peer_l, inner.clone(), Port::Peer)),
+            tokio::spawn(accept::accept_loop(admin, inner.clone(), Port::Admin)),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
         ];
         for b in inner.cluster.backups(&inner.id) {
@@ -456,27 +474,6 @@ impl Server {
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::Relaxed);
         self.inner.hint_all(HintReason::Drain);
-    }
-}
-
-type Handler = fn(
-    Arc<ServerInner>,
-    TcpStream,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, handler: Handler) {
-    loop {
-        match l.accept().await {
-            Ok((s, _)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handler(inner.clone(), s));
-            }
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 }
 
@@ -585,7 +582,7 @@ pub(crate) fn noisy_event_admitted() -> Option<u64> {
         .admit(Instant::now())
 }
 
-async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
+pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) {
     crate::metrics::refused(code);
     if let Some(suppressed) = noisy_event_admitted() {
         tracing::info!(?code, suppressed, "refusing session: {reason}");
@@ -594,11 +591,16 @@ async fn refuse(w: &mut OwnedWriteHalf, code: RefuseCode, reason: String) {
     let _ = w.shutdown().await;
 }
 
-async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
+pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
     let mut gauge = crate::metrics::SessionGauge::new();
-    let peer_addr = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let ends = (s.local_addr().ok(), s.peer_addr().ok());
+    let peer_addr = s
+        .tcp()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
     let source = s
+        .tcp()
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
@@ -608,7 +610,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         Err(why) => (None, Some(why)),
     };
     if let Some(rate) = inner.limits.pacing_rate {
-        set_pacing_rate(&s, rate);
+        set_pacing_rate(s.tcp(), rate);
     }
     let mut s = s;
     match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
@@ -850,7 +852,7 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
         }
         Msg::Watch { cid, epoch, token } => {
             gauge.set(SessionKind::Watch);
-            Box::pin(watch(&inner, reader, w, cid, epoch, token)).await;
+            Box::pin(crate::watch::serve(&inner, reader, w, cid, epoch, token)).await;
             return;
         }
         Msg::Probe { t } => {
@@ -896,72 +898,6 @@ async fn handle_session(inner: Arc<ServerInner>, s: TcpStream) {
     }
 }
 
-/// A watch connection: heartbeats only, until the agent closes it — so that it ends only when
-/// the agent is done with it or this process dies, and falls silent only when this process
-/// hangs. Held at most for the dead-session bound after the connection left this server.
-async fn watch(
-    inner: &Arc<ServerInner>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut w: OwnedWriteHalf,
-    cid: Cid,
-    epoch: u64,
-    token: mtcp_proto::Token,
-) {
-    if !inner.cluster.key.check_token(cid, epoch, &token) {
-        refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
-        return;
-    }
-    let shared = match inner.get(&cid) {
-        Some(c) if c.lock().epoch == epoch => c,
-        _ => {
-            refuse(
-                &mut w,
-                RefuseCode::UnknownConnection,
-                format!(
-                    "server {} does not serve connection {cid} at epoch {epoch}",
-                    inner.id
-                ),
-            )
-            .await;
-            return;
-        }
-    };
-    let mut gone_since: Option<Instant> = None;
-    let mut beat = tokio::time::interval(inner.cluster.heartbeat);
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            // The agent closed it, or sent something it should not have.
-            _ = reader.next() => return,
-            _ = beat.tick() => {
-                // Heartbeats here are never queued behind data: a hung process is seen at once.
-                if framed::write_msg(&mut w, &Msg::Heartbeat).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            // A HINT goes here too: nothing is queued ahead of it on this connection.
-            _ = shared.hinted.notified() => {
-                let hint = shared.hint.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(m) = hint {
-                    if shared.lock().epoch == epoch && framed::write_msg(&mut w, &m).await.is_err() {
-                        return;
-                    }
-                }
-                continue;
-            }
-            _ = check.tick() => {}
-        }
-        let here = inner.get(&cid).is_some_and(|c| c.lock().epoch == epoch);
-        if here {
-            gone_since = None;
-        } else if gone_since.get_or_insert_with(Instant::now).elapsed() > inner.limits.dead_session
-        {
-            return;
-        }
-    }
-}
-
 /// Test hook (`Limits::pacing_rate`): caps the socket's send rate at `rate` bytes per second.
 fn set_pacing_rate(s: &TcpStream, rate: u64) {
     use std::os::fd::AsRawFd;
@@ -986,8 +922,8 @@ fn set_pacing_rate(s: &TcpStream, rate: u64) {
 /// `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends anything else.
 async fn probe(
     inner: &Arc<ServerInner>,
-    mut reader: FrameReader<OwnedReadHalf>,
-    mut w: OwnedWriteHalf,
+    mut reader: FrameReader<ReadHalf>,
+    mut w: WriteHalf,
     mut t: u64,
 ) {
     struct Slot;
@@ -1309,7 +1245,7 @@ async fn take_over_checked(
         // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`).
         st.repl.confirm = Some(keepers);
         if let Some(key) = protected {
-            // Held back until the agent speaks on the new session (decision 45).
+            // Held back until the agent speaks on the new session (decision 48).
             crate::eager::tell_committed(&mut st, key);
         }
     }
@@ -1363,7 +1299,7 @@ pub(crate) fn msg_name(m: &Msg) -> String {
 }
 
 async fn writer_loop(
-    mut w: OwnedWriteHalf,
+    mut w: WriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
     shared: Arc<Shared>,
     hb: Duration,
@@ -1371,8 +1307,12 @@ async fn writer_loop(
     let mut pending: VecDeque<Out> = VecDeque::new();
     let mut reported: Option<Instant> = None;
     // One heartbeat timer, armed at "quiet since the last write + hb" and re-armed only when it
-    // fires early: the hot path (one turn per batch) never touches the timer wheel.
+    // fires early: the hot path (one turn per batch) never touches the timer wheel. It beats
+    // only where someone waits (`trigger::beat_due`); otherwise it parks until input arrives.
     let mut last_write = tokio::time::Instant::now();
+    let mut last_data = last_write;
+    let mut inputs_at_data = 0u64;
+    let mut parked = false;
     let quiet = tokio::time::sleep_until(last_write + hb);
     tokio::pin!(quiet);
     loop {
@@ -1382,12 +1322,29 @@ async fn writer_loop(
                     Some(o) => pending.push_back(o),
                     None => break,
                 },
-                _ = &mut quiet => {
+                _ = shared.beat.notified(), if parked => {
+                    parked = false;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + hb);
+                    continue;
+                }
+                _ = &mut quiet, if !parked => {
+                    let now = tokio::time::Instant::now();
                     let due = last_write + hb;
-                    if tokio::time::Instant::now() < due {
+                    if now < due {
                         quiet.as_mut().reset(due);
                         continue;
                     }
+                    let mut st = shared.lock();
+                    let unanswered = st.inputs != inputs_at_data;
+                    let fast = st.direct.is_some();
+                    if !mtcp_proto::trigger::beat_due(unanswered, now - last_data, fast) {
+                        // Nobody waits: no frames until input arrives (issue 13).
+                        st.beat_parked = true;
+                        parked = true;
+                        continue;
+                    }
+                    drop(st);
+                    crate::metrics::heartbeat_sent(false);
                     pending.push_back(Out::Msg(Msg::Heartbeat));
                 }
             }
@@ -1399,13 +1356,16 @@ async fn writer_loop(
         // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
         // BACKLOG_EVERY; the agent anchors it at this point of the stream.
         let mut batch = batch;
-        if data > 0 && reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
-            let queued = shared.lock().queued;
-            if queued > data {
-                batch.insert(0, Out::Msg(Msg::Backlog { queued }));
+        let inputs = if data > 0 {
+            let st = shared.lock();
+            if reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) && st.queued > data {
+                batch.insert(0, Out::Msg(Msg::Backlog { queued: st.queued }));
                 reported = Some(Instant::now());
             }
-        }
+            Some(st.inputs)
+        } else {
+            None
+        };
         if let Err(e) = framed::write_frames(&mut w, &batch).await {
             tracing::debug!(cid = %shared.cid, "session write failed: {e}");
             return;
@@ -1413,6 +1373,17 @@ async fn writer_loop(
         crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
+        if let Some(n) = inputs {
+            // Data answers the input received before it was taken for this batch.
+            last_data = last_write;
+            inputs_at_data = n;
+        }
+        if parked {
+            // Anything written (a HINT, COMMITTED, …) restarts the timer as data does.
+            parked = false;
+            st.beat_parked = false;
+            quiet.as_mut().reset(last_write + hb);
+        }
         st.queued = st.queued.saturating_sub(data);
         if let Some(wk) = st.write_waker.take() {
             wk.wake();
@@ -1453,7 +1424,7 @@ fn next_batch(pending: &mut VecDeque<Out>) -> (Vec<Out>, u64) {
 
 /// Returns whether the session ended in order (the writer should flush) rather than broke.
 async fn reader_loop(
-    mut reader: FrameReader<OwnedReadHalf>,
+    mut reader: FrameReader<ReadHalf>,
     shared: &Arc<Shared>,
     inner: &Arc<ServerInner>,
 ) -> bool {
@@ -1504,6 +1475,7 @@ async fn reader_loop(
                 crate::metrics::add_up(b.len());
                 // Once the application is done, late input is dropped.
                 if st.phase == Phase::Live {
+                    st.on_input(&shared.beat);
                     if let Err(why) = st.s.receive(b) {
                         break why.into();
                     }
@@ -1543,12 +1515,17 @@ async fn reader_loop(
                 }
             }
             Frame::Msg(Msg::UpFin { up_total }) => {
+                st.on_input(&shared.beat);
                 if let Err(why) = st.s.finish_input(up_total) {
                     break why;
                 }
                 if let Some(w) = st.read_waker.take() {
                     w.wake();
                 }
+            }
+            Frame::Msg(Msg::Leaving) => {
+                st.leaving = true;
+                break "the agent moves the connection elsewhere".into();
             }
             Frame::Msg(Msg::Close) => {
                 st.phase = Phase::Closed;

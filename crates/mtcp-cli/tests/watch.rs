@@ -1,0 +1,176 @@
+//! Eager mode's watch connection is one per agent and server, not one per connection (issue
+//! 13): twenty keep-alive connections on s1 share one, so each costs the agent two descriptors
+//! and s1 one. Its end after `kill -9` still moves every connection at once, and a drain's hint
+//! still overtakes the data a slow reader has queued, because it comes on the watch connection.
+
+mod common;
+
+use common::*;
+use mtcp_cli::client::Client;
+use mtcp_cli::local::{free_port, LocalCluster, LocalOptions};
+use std::time::{Duration, Instant};
+
+const CONNS: usize = 20;
+
+/// `name{labels}` from the metrics endpoint at `addr` (scraped with curl).
+fn metric(addr: &str, series: &str) -> f64 {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Three eager servers, s1 with a metrics endpoint.
+fn start(dir: &TempDir) -> (LocalCluster, String) {
+    let m1 = format!("127.0.0.1:{}", free_port());
+    let opts = LocalOptions {
+        servers: 3,
+        root: dir.path().join("www"),
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        mode: "eager".into(),
+        server_args_for: vec![("s1".into(), vec!["--metrics".into(), m1.clone()])],
+        ..Default::default()
+    };
+    let lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
+    mtcp_cli::local::wait_listening(&m1, Duration::from_secs(10)).unwrap();
+    (lc, m1)
+}
+
+async fn get_all(conns: &mut [Client], want: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = c.request("GET", "/f.bin", &[]).await.unwrap();
+        assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_share_one_watch_per_server_which_still_catches_a_kill() {
+    let dir = TempDir::new("watch-pair");
+    let want = file(&dir, "f.bin", 64 << 10, 3);
+    let (lc, m1) = tokio::task::block_in_place(|| start(&dir));
+    let agent = lc.pid("agent").expect("the agent's pid");
+    let s1 = lc.pid("s1").expect("s1's pid");
+    let (agent_before, s1_before) = (open_fds(agent), open_fds(s1));
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        conns.push(Client::connect(&lc.agent_listen).await.unwrap());
+    }
+    get_all(&mut conns, &want).await;
+    // The watch connection is opened beside the first session, not before its answer: wait
+    // (bounded) until s1 has seen it.
+    let t0 = Instant::now();
+    loop {
+        let counts = tokio::task::block_in_place(|| {
+            (
+                metric(&m1, "mtcp_sessions{state=\"watch\"}"),
+                metric(&m1, "mtcp_sessions{state=\"connection\"}"),
+            )
+        });
+        if counts == (1.0, CONNS as f64) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "s1's (watch, connection) sessions: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Per connection: the client's socket and the session at the agent, the session at s1
+    // (before: a watch connection more on each side). A few more for spares and the watch.
+    let (agent_fds, s1_fds) = (open_fds(agent) - agent_before, open_fds(s1) - s1_before);
+    eprintln!("descriptors for {CONNS} connections: agent +{agent_fds}, s1 +{s1_fds}");
+    assert!(agent_fds <= 2 * CONNS + 6, "agent +{agent_fds}");
+    assert!(s1_fds <= CONNS + 6, "s1 +{s1_fds}");
+
+    // kill -9 of s1: every connection moves, and answers correctly.
+    let killed = Instant::now();
+    // SAFETY: kill(2) on a child process this test started.
+    assert_eq!(unsafe { libc::kill(s1 as i32, libc::SIGKILL) }, 0);
+    loop {
+        let status = tokio::task::block_in_place(|| lc.status()).unwrap();
+        let moved = status
+            .iter()
+            .filter(|c| c.bytes_down > 0 && c.server != "s1" && c.migrations == 1)
+            .count();
+        if moved == CONNS {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "{moved} of {CONNS} moved off the killed server: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("all moved {:?} after the kill", killed.elapsed());
+    get_all(&mut conns, &want).await;
+}
+
+#[test]
+fn a_drain_hint_overtakes_a_slow_readers_queued_data_on_the_watch() {
+    let dir = TempDir::new("watch-hint");
+    let size: u64 = 64 << 20;
+    let want = file(&dir, "f.bin", size, 4);
+    let lc = eager_cluster(&dir, 3, None, &[]);
+    let out = dir.path().join("got.bin");
+    // 1 MiB/s: what s1 has queued for this reader (its queue, both sockets' buffers) would
+    // take seconds to get through; the watch connection carries nothing ahead of the hint.
+    let mut curl = spawn_curl(&lc, "f.bin", "1M", &out);
+    wait_for("the download to start", Duration::from_secs(20), || {
+        len(&out) >= 2 << 20
+    });
+    let origin = serving(&lc);
+    let t0 = Instant::now();
+    let mut drain = std::process::Command::new(exe())
+        .args(["drain", "--cluster"])
+        .arg(&lc.cluster_file)
+        .args(["--id", &origin])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start mtcp drain");
+    let moved = loop {
+        let status = lc.status().unwrap();
+        if let Some(ev) = status
+            .iter()
+            .flat_map(|c| c.timeline.iter())
+            .find(|e| e.ok && e.from == origin)
+        {
+            break ev.clone();
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = drain.kill();
+            panic!("not moved off the draining server: {status:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = t0.elapsed();
+    eprintln!("moved off the draining server {took:?} after the drain: {moved:?}");
+    assert!(drain.wait().unwrap().success(), "mtcp drain failed");
+    assert!(moved.reason.contains("drain"), "{moved:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the hint waited behind queued data: moved {took:?} after the drain"
+    );
+    // The rest would take a minute: what arrived until now (a second more, some of it from
+    // the new server) must be the file's start, byte for byte.
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = curl.kill();
+    let _ = curl.wait();
+    let got = std::fs::read(&out).unwrap();
+    let file = std::fs::read(dir.path().join("www/f.bin")).unwrap();
+    assert!(got.len() > 2 << 20, "{} bytes", got.len());
+    assert_eq!(sha256(&got), sha256(&file[..got.len()]), "bytes differ");
+    assert_eq!(sha256(&file), want);
+}
