@@ -518,15 +518,7 @@ async fn throughput(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         let exe = std::env::current_exe().context("locating the mtcp binary")?;
         let tdir = dir.join("tls-cluster");
         std::fs::create_dir_all(&tdir)?;
-        let opts = LocalOptions {
-            servers: 3,
-            root: dir.join("www"),
-            log: "warn".into(),
-            snapshot_every: a.snapshot_every,
-            mode: a.mode.clone(),
-            tls: true,
-            ..Default::default()
-        };
+        let opts = tls_cluster(a, dir);
         let t = tokio::task::block_in_place(|| LocalCluster::start(&exe, &tdir, &opts))?;
         download(&t.agent_listen, size, &want).await?;
         order.push(Path::Tls);
@@ -768,6 +760,19 @@ async fn migration(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// A TLS cluster of three servers (`--tls`) serving `dir/www`, in the run's mode.
+fn tls_cluster(a: &BenchArgs, dir: &std::path::Path) -> LocalOptions {
+    LocalOptions {
+        servers: 3,
+        root: dir.join("www"),
+        log: "warn".into(),
+        snapshot_every: a.snapshot_every,
+        mode: a.mode.clone(),
+        tls: true,
+        ..Default::default()
+    }
+}
+
 async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Result<MigrationReport> {
     // A transfer long enough to hold every migration: rate-limited client.
     let rate: u64 = 64 << 20;
@@ -777,15 +782,7 @@ async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Resul
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 9))?;
     let lc = if tls {
         let exe = std::env::current_exe().context("locating the mtcp binary")?;
-        let opts = LocalOptions {
-            servers: 3,
-            root: dir.join("www"),
-            log: "warn".into(),
-            snapshot_every: a.snapshot_every,
-            mode: a.mode.clone(),
-            tls: true,
-            ..Default::default()
-        };
+        let opts = tls_cluster(a, dir);
         tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?
     } else {
         start_maybe_fast(a, dir)?

@@ -278,3 +278,48 @@ pub async fn fast_path_hello(
     framed::write_msg(&mut w, &hello).await.unwrap();
     (framed::FrameReader::new(r, 1 << 20), w)
 }
+
+/// `servers` servers in `mode`, s1 with a metrics endpoint (`--metrics`); the cluster and that
+/// endpoint's address.
+pub fn cluster_with_metrics_on_s1(
+    dir: &TempDir,
+    servers: usize,
+    mode: &str,
+) -> (LocalCluster, String) {
+    let m1 = format!("127.0.0.1:{}", local::free_port());
+    let opts = LocalOptions {
+        servers,
+        root: dir.path().join("www"),
+        log: "info,mtcp=debug,mtcp_agent=debug".into(),
+        mode: mode.into(),
+        server_args_for: vec![("s1".into(), vec!["--metrics".into(), m1.clone()])],
+        ..Default::default()
+    };
+    let lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
+    local::wait_listening(&m1, std::time::Duration::from_secs(10)).unwrap();
+    (lc, m1)
+}
+
+/// The value of `series` (`name{labels}`, exactly as the endpoint prints it) from the metrics
+/// endpoint at `addr`, scraped with curl; panics showing the scrape when it is absent.
+pub fn metric(addr: &str, series: &str) -> f64 {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// One GET of `/f.bin` on each keep-alive connection; each body's SHA-256 must be `want`.
+pub async fn get_all(conns: &mut [mtcp_cli::client::Client], want: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = c.request("GET", "/f.bin", &[]).await.unwrap();
+        assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");
+    }
+}

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use mtcp_cli::client::Client;
-use mtcp_cli::local::{free_port, LocalCluster, LocalOptions};
+use mtcp_cli::local::LocalCluster;
 use std::time::{Duration, Instant};
 
 const CONNS: usize = 20;
@@ -18,60 +18,17 @@ fn signal(pid: u32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
 }
 
-/// The heartbeats s1 wrote on sessions, from its metrics endpoint (scraped with curl).
-fn session_beats(metrics: &str) -> f64 {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{metrics}/metrics"),
-        ])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "curl: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.starts_with("mtcp_heartbeats_total{on=\"session\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no session heartbeat series in:\n{text}"))
-}
-
 /// The agent's connections that carried a request (not the cluster's start-up probes).
 fn served(lc: &LocalCluster) -> Vec<mtcp_agent::ConnStatus> {
     let status = tokio::task::block_in_place(|| lc.status()).unwrap();
     status.into_iter().filter(|c| c.bytes_down > 0).collect()
 }
 
-/// Two lazy servers, s1 with a metrics endpoint; the cluster and that endpoint.
-fn start(dir: &TempDir) -> (LocalCluster, String) {
-    let m1 = format!("127.0.0.1:{}", free_port());
-    let opts = LocalOptions {
-        servers: 2,
-        root: dir.path().join("www"),
-        log: "info,mtcp=debug,mtcp_agent=debug".into(),
-        mode: "lazy".into(),
-        server_args_for: vec![("s1".into(), vec!["--metrics".into(), m1.clone()])],
-        ..Default::default()
-    };
-    let lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
-    mtcp_cli::local::wait_listening(&m1, Duration::from_secs(10)).unwrap();
-    (lc, m1)
-}
-
-async fn get_all(conns: &mut [Client], want: &str) {
-    for (i, c) in conns.iter_mut().enumerate() {
-        let r = c.request("GET", "/f.bin", &[]).await.unwrap();
-        assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_get_no_heartbeats_and_a_hung_server_is_left_on_the_next_request() {
     let dir = TempDir::new("idle");
     let want = file(&dir, "f.bin", 64 << 10, 5);
-    let (lc, m1) = tokio::task::block_in_place(|| start(&dir));
+    let (lc, m1) = tokio::task::block_in_place(|| cluster_with_metrics_on_s1(&dir, 2, "lazy"));
     let mut conns = Vec::new();
     for _ in 0..CONNS {
         conns.push(Client::connect(&lc.agent_listen).await.unwrap());
@@ -81,9 +38,11 @@ async fn idle_connections_get_no_heartbeats_and_a_hung_server_is_left_on_the_nex
     // Past the servers' linger after their last data, idle sessions get no heartbeat at all
     // (before: one every 100 ms each, 20 × 10 a second here).
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let before = tokio::task::block_in_place(|| session_beats(&m1));
+    let before =
+        tokio::task::block_in_place(|| metric(&m1, "mtcp_heartbeats_total{on=\"session\"}"));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = tokio::task::block_in_place(|| session_beats(&m1));
+    let after =
+        tokio::task::block_in_place(|| metric(&m1, "mtcp_heartbeats_total{on=\"session\"}"));
     assert_eq!(after - before, 0.0, "idle sessions got heartbeats");
     // Requests and answers still work; nothing was taken for a silent server.
     get_all(&mut conns, &want).await;

@@ -7,25 +7,9 @@ mod common;
 
 use common::*;
 use mtcp_cli::client::Client;
-use mtcp_cli::local::{free_port, LocalCluster, LocalOptions};
 use std::time::{Duration, Instant};
 
 const CONNS: usize = 20;
-
-/// `name{labels}` from the metrics endpoint at `addr` (scraped with curl).
-fn metric(addr: &str, series: &str) -> f64 {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", &format!("http://{addr}/metrics")])
-        .output()
-        .expect("run curl");
-    assert!(out.status.success(), "curl: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -33,34 +17,11 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-/// Three eager servers, s1 with a metrics endpoint.
-fn start(dir: &TempDir) -> (LocalCluster, String) {
-    let m1 = format!("127.0.0.1:{}", free_port());
-    let opts = LocalOptions {
-        servers: 3,
-        root: dir.path().join("www"),
-        log: "info,mtcp=debug,mtcp_agent=debug".into(),
-        mode: "eager".into(),
-        server_args_for: vec![("s1".into(), vec!["--metrics".into(), m1.clone()])],
-        ..Default::default()
-    };
-    let lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
-    mtcp_cli::local::wait_listening(&m1, Duration::from_secs(10)).unwrap();
-    (lc, m1)
-}
-
-async fn get_all(conns: &mut [Client], want: &str) {
-    for (i, c) in conns.iter_mut().enumerate() {
-        let r = c.request("GET", "/f.bin", &[]).await.unwrap();
-        assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_share_one_watch_per_server_which_still_catches_a_kill() {
     let dir = TempDir::new("watch-pair");
     let want = file(&dir, "f.bin", 64 << 10, 3);
-    let (lc, m1) = tokio::task::block_in_place(|| start(&dir));
+    let (lc, m1) = tokio::task::block_in_place(|| cluster_with_metrics_on_s1(&dir, 3, "eager"));
     let agent = lc.pid("agent").expect("the agent's pid");
     let s1 = lc.pid("s1").expect("s1's pid");
     let (agent_before, s1_before) = (open_fds(agent), open_fds(s1));

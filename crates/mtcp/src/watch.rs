@@ -111,16 +111,17 @@ impl Watched {
 }
 
 fn here(inner: &ServerInner, cid: Cid, epoch: u64) -> bool {
-    inner.get(&cid).is_some_and(|c| c.lock().epoch == epoch)
+    at_epoch(inner, cid, epoch).is_some()
 }
 
 /// Points `cid`'s hints (at `epoch`) at `tx`; false if the connection is not here at that epoch.
 fn attach(inner: &ServerInner, tx: &mpsc::UnboundedSender<Msg>, cid: Cid, epoch: u64) -> bool {
-    match inner.get(&cid) {
-        Some(c) if c.lock().epoch == epoch => {
-            *c.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
-            true
-        }
-        _ => false,
-    }
+    at_epoch(inner, cid, epoch)
+        .map(|c| *c.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone()))
+        .is_some()
+}
+
+/// The connection `cid` if this server serves it at `epoch`.
+fn at_epoch(inner: &ServerInner, cid: Cid, epoch: u64) -> Option<Arc<crate::conn::Shared>> {
+    inner.get(&cid).filter(|c| c.lock().epoch == epoch)
 }
