@@ -160,24 +160,18 @@ async fn run(
     me: &Weak<Pair>,
 ) -> Option<String> {
     let first = add.recv().await?;
-    let (mut r, mut w) = match connect(addr, limit, &first, dialer).await {
-        Ok(rw) => rw,
-        Err(e) => {
-            tracing::debug!(server = %addr, "cannot open a watch connection: {e}");
-            return None;
-        }
+    let opened = match connect(addr, limit, &first, dialer).await {
+        Ok((mut r, w)) => r.next_msg(limit).await.map(|m| (m, r, w)),
+        Err(e) => Err(e),
     };
-    match r.next_msg(limit).await {
-        Ok(Msg::Heartbeat) => {}
-        Ok(other) => {
+    let (mut r, mut w) = match opened {
+        Ok((Msg::Heartbeat, r, w)) => (r, w),
+        Ok((other, _, _)) => {
             tracing::debug!(server = %addr, "watch not accepted: {other:?}");
             return None;
         }
-        Err(e) => {
-            tracing::debug!(server = %addr, "watch not accepted: {e}");
-            return None;
-        }
-    }
+        Err(e) => return opening_failed(addr, limit, e),
+    };
     loop {
         tokio::select! {
             m = add.recv() => {
@@ -204,4 +198,19 @@ async fn run(
             }
         }
     }
+}
+
+/// What a watch connection that could not be opened says about its server: one that does not
+/// answer within `limit` is taken for hung (it may have stopped right after a connection moved
+/// to it, before any of that connection's data), so idle connections on it still move — their
+/// sessions expect nothing (decision 46). Any other failure (a process that died closes the
+/// sessions too) leaves the sessions alone to tell.
+fn opening_failed(addr: &str, limit: Duration, e: ChannelError) -> Option<String> {
+    if let ChannelError::Timeout = e {
+        return Some(format!(
+            "server silent: its watch connection was not answered within {limit:?}"
+        ));
+    }
+    tracing::debug!(server = %addr, "cannot open a watch connection: {e}");
+    None
 }

@@ -2,6 +2,8 @@
 //! 13): twenty keep-alive connections on s1 share one, so each costs the agent two descriptors
 //! and s1 one. Its end after `kill -9` still moves every connection at once, and a drain's hint
 //! still overtakes the data a slow reader has queued, because it comes on the watch connection.
+//! And a server that stops right after an idle connection moved to it, before it answered the
+//! new watch connection, is still taken for hung.
 
 mod common;
 
@@ -134,4 +136,45 @@ fn a_drain_hint_overtakes_a_slow_readers_queued_data_on_the_watch() {
     assert!(got.len() > 2 << 20, "{} bytes", got.len());
     assert_eq!(sha256(&got), sha256(&file[..got.len()]), "bytes differ");
     assert_eq!(sha256(&file), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_leaves_a_server_that_stopped_right_after_it_moved_there() {
+    let dir = TempDir::new("watch-stop");
+    let want = file(&dir, "f.bin", 256 << 10, 5);
+    let lc = tokio::task::block_in_place(|| eager_cluster(&dir, 3, None, &[]));
+    let mut conns = vec![Client::connect(&lc.agent_listen).await.unwrap()];
+    get_all(&mut conns, &want).await;
+    let origin = tokio::task::block_in_place(|| serving(&lc));
+    let to = if origin == "s2" { "s3" } else { "s2" };
+    let pid = lc.pid(to).expect("the destination's pid");
+    tokio::task::block_in_place(|| {
+        lc.mtcp(&["migrate", "--agent", &lc.agent_admin, "--all", "--to", to])
+    })
+    .unwrap();
+    // At once: the agent's watch connection to it is not answered yet, and the session is
+    // idle, so it expects nothing from it (decision 46).
+    // SAFETY: kill(2) on a child process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    let left = loop {
+        let status = tokio::task::block_in_place(|| lc.status()).unwrap();
+        let c = &status[0];
+        if c.migrations == 2 && c.server != to {
+            break c.server.clone();
+        }
+        if stopped.elapsed() > Duration::from_secs(10) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            panic!("still on the stopped {to} after 10 s: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "left the stopped {to} for {left} {:?} after the stop",
+        stopped.elapsed()
+    );
+    get_all(&mut conns, &want).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
 }
