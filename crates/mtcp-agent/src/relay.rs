@@ -1054,6 +1054,13 @@ async fn try_resume(
         .into_iter()
         .map(Out::Data)
         .collect();
+    if conn.eager {
+        // Speak at once on the new session: until the destination hears the agent there, a
+        // keeper may still have it give the epoch up (the agent might have moved on), and it
+        // holds COMMITTED back (decision 48).
+        let t = inner.started.elapsed().as_micros() as u64;
+        items.insert(0, Out::Msg(Msg::Ping { t }));
+    }
     if conn.client_eof {
         items.push(Out::Msg(Msg::UpFin {
             up_total: conn.retained.end(),

@@ -140,6 +140,12 @@ struct ServerArgs {
     /// Test hook: this server's pushes to its backups fail (its backups are cut off from it).
     #[arg(long, hide = true)]
     drop_pushes: bool,
+    /// Test hook: a destination waits this many ms (answering WORKING) before a takeover.
+    #[arg(long, hide = true)]
+    delay_takeover_ms: Option<u64>,
+    /// Test hook: this server's RELEASECLAIMs are dropped, as if lost.
+    #[arg(long, hide = true)]
+    drop_releases: bool,
     /// Test hook: the application scrambles its output with a key of this server's own (a
     /// deliberately non-deterministic application, for divergence tests).
     #[arg(long, hide = true)]
@@ -491,6 +497,8 @@ async fn server(a: ServerArgs) -> Result<()> {
         hold_resumed: Duration::from_millis(a.hold_resumed_ms.unwrap_or(0)),
         hold_handover: Duration::from_millis(a.hold_handover_ms.unwrap_or(0)),
         drop_pushes: a.drop_pushes,
+        delay_takeover: Duration::from_millis(a.delay_takeover_ms.unwrap_or(0)),
+        drop_releases: a.drop_releases,
         peer_loss: match a.peer_loss_pct {
             Some(p) if (0.0..=100.0).contains(&p) => p / 100.0,
             Some(p) => bail!("--peer-loss-pct must be within 0–100, not {p}"),

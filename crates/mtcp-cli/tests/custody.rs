@@ -15,12 +15,20 @@ const SIZE: u64 = 48 << 20;
 
 /// Three eager servers; `hook` are extra arguments for `s2` (the move's destination).
 fn start(dir: &TempDir, hook: &[&str]) -> LocalCluster {
+    start_with(dir, &[("s2", hook)])
+}
+
+/// Three eager servers, with extra arguments per server.
+fn start_with(dir: &TempDir, hooks: &[(&str, &[&str])]) -> LocalCluster {
     let opts = LocalOptions {
         servers: 3,
         root: dir.path().join("www"),
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
         mode: "eager".into(),
-        server_args_for: vec![("s2".into(), hook.iter().map(|s| s.to_string()).collect())],
+        server_args_for: hooks
+            .iter()
+            .map(|(id, a)| (id.to_string(), a.iter().map(|s| s.to_string()).collect()))
+            .collect(),
         ..Default::default()
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
@@ -150,4 +158,74 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     );
     let agent = log(&dir, "agent");
     assert!(agent.contains("to=s3"), "not moved to s3");
+}
+
+/// The agent gives up on s2 (silent for 3 s: the hook) and tries s3, which is slow to start
+/// (its hook); meanwhile s2 finishes and writes its RESUMED to the session the agent left. When
+/// s3's FETCH finds the origin's custody, s2 is asked to give its epoch up: the agent never
+/// spoke on that session, so s2 does and lets the connection go (decision 48), and s3 gets it.
+/// Before, s2 refused ("already answered the agent"), every candidate was refused for the old
+/// epoch and the download was reset.
+#[test]
+fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
+    let dir = TempDir::new("custody-unused-resumed");
+    let mut lc = start_with(
+        &dir,
+        &[
+            // The agent gives up on a silent candidate after one heartbeat plus srtt + 2 × RTO
+            // (~0.5 s idle, over 1 s on a loaded machine): the hold is well past that.
+            ("s2", &["--hold-resumed-ms", "3000"]),
+            ("s3", &["--delay-takeover-ms", "4500"]),
+        ],
+    );
+    download_through(&dir, &mut lc, |lc| {
+        let mut mv = move_to_s2(lc);
+        assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
+    });
+    let s2 = log(&dir, "s2");
+    assert!(
+        s2.contains("giving up an epoch whose RESUMED the agent never used"),
+        "s2 did not give its unused epoch up"
+    );
+    assert!(log(&dir, "s1").contains("connection handed over again from custody"));
+    assert!(log(&dir, "agent").contains("to=s3"), "not moved to s3");
+}
+
+/// s2 resumes unconfirmed (its pushes fail) and is killed. Every candidate for s2's epoch
+/// fails to restart from offset 0 (nothing of that epoch is on any backup), and — the hook —
+/// their RELEASECLAIMs are lost, so the claims stand at s2's backup s3. The agent falls back to
+/// the epoch before; the origin's fence of s2's epoch at s3 finds it claimed by a candidate
+/// that failed: asked, that candidate gives its successor epoch up, the claim passes to the
+/// origin one epoch up, and the connection goes out again past it (decision 48). Before, the
+/// fence was refused ("already taken over") and the download was reset.
+#[test]
+fn a_failed_takeover_whose_release_is_lost_does_not_block_the_fence() {
+    let dir = TempDir::new("custody-lost-release");
+    let mut lc = start_with(
+        &dir,
+        &[
+            ("s1", &["--drop-releases"]),
+            ("s2", &["--drop-pushes"]),
+            ("s3", &["--drop-releases"]),
+        ],
+    );
+    download_through(&dir, &mut lc, |lc| {
+        let mut mv = move_to_s2(lc);
+        assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
+        assert_eq!(serving(lc), "s2", "moved to s2, unconfirmed");
+        std::thread::sleep(Duration::from_millis(300));
+        lc.kill("s2").expect("kill -9 s2");
+    });
+    let (s1, s3) = (log(&dir, "s1"), log(&dir, "s3"));
+    assert!(
+        s1.contains("the claims' releases are dropped")
+            || s3.contains("the claims' releases are dropped"),
+        "no takeover failed with its release lost"
+    );
+    assert!(
+        s3.contains("passing the claim over") || s1.contains("passing the claim over"),
+        "the fence did not pass a failed candidate's claim over"
+    );
+    assert!(log(&dir, "agent").contains("retrying from epoch"));
+    assert!(s1.contains("connection handed over again from custody"));
 }

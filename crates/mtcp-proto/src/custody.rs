@@ -82,7 +82,17 @@ impl Custody {
     /// * None reached: the holder cannot be fenced — it may be alive and serving.
     /// * Otherwise the newest restart point the holder stored, or the kept one. One fenced
     ///   backup suffices: a holder must store its epoch on *every* backup before it may serve.
-    pub fn supersede(&mut self, by: &str, fences: &[Fence]) -> Result<(Handout, u64), Refusal> {
+    ///
+    /// `floor`: the highest epoch label a fence reached on its way (a backup that found the
+    /// successor epoch claimed by a failed candidate had that candidate give its own successor
+    /// up, see [`Custody::pass`]); the state is handed out at least that high, so the new holder
+    /// resumes past every epoch anyone else was given.
+    pub fn supersede(
+        &mut self,
+        by: &str,
+        fences: &[Fence],
+        floor: u64,
+    ) -> Result<(Handout, u64), Refusal> {
         let next = self.label + 1;
         if let Some(code) = fences.iter().find_map(|f| match f {
             Fence::Refused(c) => Some(*c),
@@ -113,30 +123,106 @@ impl Custody {
                 _ => None,
             })
             .max();
+        let label = next.max(floor);
         self.holder = by.to_string();
-        self.label = next;
+        self.label = label;
         Ok((
             newest.map_or(Handout::Kept, |(_, i)| Handout::Successor(i)),
-            next,
+            label,
         ))
+    }
+
+    /// A fence at this epoch found it claimed by `self.holder`, a candidate whose takeover
+    /// failed (its RELEASECLAIM lost) or that the agent never heard from; asked, the holder gave
+    /// its successor epoch up (YIELD: it never answers the agent for it, or lets go of what it
+    /// built). The claim passes to the fencer `by` one epoch up, with no fence at the holder's
+    /// backups: what it stored there is at an epoch no agent holds a token for, and is replaced
+    /// by the next holder's higher one. Returns the label the fencer gets the entry as: its own
+    /// handout must be at least that high. (A holder that does not answer is not passed over:
+    /// the fence refuses, as it would for a live owner.)
+    pub fn pass(&mut self, by: &str) -> u64 {
+        self.holder = by.to_string();
+        self.label += 1;
+        self.label
     }
 }
 
-/// A holder's epoch, between its takeover and its RESUMED: either RESUMED goes out to the agent
-/// or a keeper has the holder give the epoch up first (YIELD). Whichever comes first settles it
-/// for good: a holder never answers the agent for an epoch it gave up, and never gives up one
-/// the agent may already hold.
+/// A holder's epoch, from its takeover until the agent speaks on the new session. A keeper may
+/// have the holder give the epoch up (YIELD) until the agent has *used* it: not merely until
+/// RESUMED was written — the agent may have given up on this candidate before that RESUMED
+/// arrived and never read it (decision 48) — but until a frame from the agent arrives on the
+/// session RESUMED went out on. Whichever of YIELD and that frame comes first settles it for
+/// good: a holder never serves an epoch it gave up, and never gives up one the agent used.
+/// COMMITTED goes to the agent only once it was heard ([`Gate::may_commit`]), so an agent that
+/// trimmed upstream or forgot its fallbacks on COMMITTED never meets a holder that yielded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
+    /// RESUMED went out; nothing from the agent on that session yet.
     Answered,
+    /// The agent spoke on the session: the epoch is the agent's.
+    Heard,
+    /// Given up at a keeper's request: never answered, or answered to nobody listening.
     Yielded,
 }
 
+/// What reaches a [`Gate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateEvent {
+    /// The takeover is done: RESUMED is about to be written.
+    Answer,
+    /// A frame from the agent arrived on the session RESUMED went out on.
+    Hear,
+    /// A keeper asks the holder to give the epoch up (to hand the state to another candidate).
+    Yield,
+}
+
+/// What the caller of [`Gate::settle`] must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on: write RESUMED, process the frame, or (for a yield) the epoch is given up and
+    /// there is no connection to let go.
+    Go,
+    /// Don't: no RESUMED (given up), drop the frame and the session (given up), or refuse the
+    /// yield (the agent uses the epoch).
+    Refuse,
+    /// Yielded after RESUMED went out: the connection built for it must be let go (it never
+    /// serves again; the agent never used it).
+    LetGo,
+}
+
 impl Gate {
-    /// `event` reaches the gate (`None`: nothing yet); returns how it is settled. `event` won
-    /// when the result equals it.
-    pub fn settle(slot: &mut Option<Gate>, event: Gate) -> Gate {
-        *slot.get_or_insert(event)
+    /// `event` reaches the gate (`None`: nothing yet); updates it and says what to do.
+    pub fn settle(slot: &mut Option<Gate>, event: GateEvent) -> Verdict {
+        use GateEvent::*;
+        match (*slot, event) {
+            (None, Answer) => {
+                *slot = Some(Gate::Answered);
+                Verdict::Go
+            }
+            (None, Yield) => {
+                *slot = Some(Gate::Yielded);
+                Verdict::Go
+            }
+            (Some(Gate::Answered), Yield) => {
+                *slot = Some(Gate::Yielded);
+                Verdict::LetGo
+            }
+            (None | Some(Gate::Answered), Hear) => {
+                *slot = Some(Gate::Heard);
+                Verdict::Go
+            }
+            (Some(Gate::Heard), Yield) => Verdict::Refuse,
+            (Some(Gate::Yielded), Answer | Hear) => Verdict::Refuse,
+            (Some(Gate::Yielded), Yield) => Verdict::Go,
+            // Repeated: nothing changes.
+            (Some(Gate::Answered | Gate::Heard), Answer) | (Some(Gate::Heard), Hear) => Verdict::Go,
+        }
+    }
+
+    /// COMMITTED may go to the agent: the agent spoke on the session, so the epoch can no
+    /// longer be given up.
+    pub fn may_commit(slot: Option<Gate>) -> bool {
+        slot == Some(Gate::Heard)
     }
 }
 
@@ -200,14 +286,14 @@ mod tests {
         assert_eq!(c.successor(5).unwrap(), 6);
         // s2 stored nothing at 6 on its backup: s3 gets the kept point, labelled 6.
         assert_eq!(
-            c.supersede("s3", &[Fence::Nothing]).unwrap(),
+            c.supersede("s3", &[Fence::Nothing], 0).unwrap(),
             (Handout::Kept, 6)
         );
         assert_eq!((c.holder.as_str(), c.label), ("s3", 6));
         // s3 dies too: the agent still asks for epoch 5; s3's successor 7 is fenced next.
         assert_eq!(c.successor(5).unwrap(), 7);
         assert_eq!(
-            c.supersede("s1", &[Fence::Unreachable, Fence::Record(100, 40)])
+            c.supersede("s1", &[Fence::Unreachable, Fence::Record(100, 40)], 0)
                 .unwrap(),
             (Handout::Successor(1), 7)
         );
@@ -223,7 +309,10 @@ mod tests {
             Fence::Record(80, 10),
             Fence::Unreachable,
         ];
-        assert_eq!(c.supersede("s3", &f).unwrap(), (Handout::Successor(2), 3));
+        assert_eq!(
+            c.supersede("s3", &f, 0).unwrap(),
+            (Handout::Successor(2), 3)
+        );
         // Someone else claimed the successor epoch (or the connection went past it): refused,
         // and the custody is unchanged.
         let mut c = Custody::new(2, "s2");
@@ -231,30 +320,104 @@ mod tests {
             .supersede(
                 "s3",
                 &[Fence::Nothing, Fence::Refused(RefuseCode::StaleEpoch)],
+                0,
             )
             .unwrap_err();
         assert_eq!(e.0, RefuseCode::StaleEpoch);
         assert_eq!(c, Custody::new(2, "s2"));
         // No backup of the holder answered: it cannot be fenced, nothing is handed out.
         let e = c
-            .supersede("s3", &[Fence::Unreachable, Fence::Unreachable])
+            .supersede("s3", &[Fence::Unreachable, Fence::Unreachable], 0)
             .unwrap_err();
         assert_eq!(e.0, RefuseCode::OriginUnreachable);
         assert_eq!(c, Custody::new(2, "s2"));
-        assert!(c.supersede("s3", &[]).is_err());
+        assert!(c.supersede("s3", &[], 0).is_err());
     }
 
     #[test]
-    fn the_first_of_resumed_and_yield_settles_the_gate() {
+    fn a_yield_wins_until_the_agent_speaks_on_the_new_session() {
+        use GateEvent::*;
+        // Yielded before the takeover finished: it never answers, never serves.
         let mut g = None;
-        assert_eq!(Gate::settle(&mut g, Gate::Answered), Gate::Answered);
-        // A keeper asking later is refused: the agent may hold this epoch.
-        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Answered);
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Go);
+        assert_eq!(Gate::settle(&mut g, Answer), Verdict::Refuse);
+        assert_eq!(Gate::settle(&mut g, Hear), Verdict::Refuse);
+        assert!(!Gate::may_commit(g));
+        // RESUMED went out, but the agent had given up on this candidate and never speaks: the
+        // keeper's yield wins and the built connection is let go (decision 48).
         let mut g = None;
-        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Yielded);
-        // The holder finishing its takeover later must not answer.
-        assert_eq!(Gate::settle(&mut g, Gate::Answered), Gate::Yielded);
-        assert_eq!(Gate::settle(&mut g, Gate::Yielded), Gate::Yielded);
+        assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
+        assert!(!Gate::may_commit(g), "no COMMITTED before the agent spoke");
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::LetGo);
+        assert_eq!(
+            Gate::settle(&mut g, Hear),
+            Verdict::Refuse,
+            "a late frame is dropped"
+        );
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Go);
+        // The agent spoke first: the epoch is its, a keeper's yield is refused.
+        let mut g = None;
+        assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
+        assert_eq!(Gate::settle(&mut g, Hear), Verdict::Go);
+        assert!(Gate::may_commit(g));
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Refuse);
+        assert_eq!(Gate::settle(&mut g, Hear), Verdict::Go);
+        assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
+    }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = GateEvent> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(GateEvent::Answer),
+            proptest::strategy::Just(GateEvent::Hear),
+            proptest::strategy::Just(GateEvent::Yield),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Exactly one owner per epoch, whatever the order: once a yield was granted, no frame
+        /// of the agent is ever processed nor COMMITTED sent, and once a frame was processed no
+        /// yield is granted; a connection is let go only if RESUMED went out.
+        #[test]
+        fn a_granted_yield_and_a_heard_agent_exclude_each_other(
+            events in proptest::collection::vec(event(), 0..12)
+        ) {
+            let mut g = None;
+            let (mut yielded, mut heard, mut answered) = (false, false, false);
+            for e in events {
+                let v = Gate::settle(&mut g, e);
+                match (e, v) {
+                    (GateEvent::Yield, Verdict::Go | Verdict::LetGo) => yielded = true,
+                    (GateEvent::Hear, Verdict::Go) => heard = true,
+                    (GateEvent::Answer, Verdict::Go) => answered = true,
+                    _ => {}
+                }
+                if v == Verdict::LetGo {
+                    proptest::prop_assert!(answered);
+                }
+                proptest::prop_assert!(!(yielded && heard));
+                proptest::prop_assert!(!(yielded && Gate::may_commit(g)));
+                proptest::prop_assert!(!(yielded && answered && g != Some(Gate::Yielded)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_candidates_claim_passes_one_epoch_up_and_raises_the_handout() {
+        // s3 claimed the holder s2's successor epoch 6 at s2's backup (label 6: s3 would resume
+        // at 7), failed, and its release was lost. The keeper's fence finds it; s3 gives 7 up.
+        let mut claim = Custody::new(6, "s3");
+        assert_eq!(claim.pass("s1"), 7);
+        assert_eq!((claim.holder.as_str(), claim.label), ("s1", 7));
+        // The keeper (custody of epoch 5, handed to s2) hands its state out at 7: the next
+        // holder resumes at 8, past anything s2 or s3 was given.
+        let mut c = Custody::new(5, "s2");
+        assert_eq!(
+            c.supersede("s4", &[Fence::Nothing], 7).unwrap(),
+            (Handout::Kept, 7)
+        );
+        // A floor below the successor changes nothing.
+        let mut c = Custody::new(5, "s2");
+        assert_eq!(c.supersede("s4", &[Fence::Nothing], 3).unwrap().1, 6);
     }
 
     fn step(server: &str, epoch: u64) -> Step {

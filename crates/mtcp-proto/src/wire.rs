@@ -401,14 +401,16 @@ pub enum Msg {
     },
     /// Keeper → a holder's backup (eager mode): claim `cid` at `epoch`, the epoch a silent or
     /// dead destination would resume at, so it can never store or serve it
-    /// (`mtcp_proto::custody`). Answered as CLAIMREPLICA; unlike it, never supersedes a holder.
+    /// (`mtcp_proto::custody`). Answered as CLAIMREPLICA; unlike it, the claim is plain (never
+    /// a custody). A destination holding that epoch there is passed over only if it gives its
+    /// successor up; the answer's record is then labelled past it (decision 48).
     FenceEpoch {
         cid: Cid,
         epoch: u64,
     },
-    /// Keeper → holder (eager mode): give up epoch `epoch` of `cid` unless RESUMED for it
-    /// already went to the agent; answered STATE (empty) when given up, REFUSED otherwise
-    /// (`mtcp_proto::custody`).
+    /// Keeper → holder (eager mode): give up epoch `epoch` of `cid` unless the agent has used
+    /// it (spoken on the session its RESUMED went out on); answered STATE (empty) when given
+    /// up, REFUSED otherwise (`mtcp_proto::custody::Gate`).
     Yield {
         cid: Cid,
         epoch: u64,
@@ -423,6 +425,15 @@ pub enum Msg {
     /// until a destination fetches the state, the server counts the connection as moving, not
     /// as kept for a dead agent (`ServerStatus::leaving`).
     Leaving,
+    /// Backup → server (eager mode), the answer to REPLICATE for an epoch a destination took
+    /// over from this backup's replica: `by` claimed it and resumes past `label`. The server
+    /// lets the connection go but keeps its state as that destination's keeper (decision 48).
+    Taken {
+        cid: Cid,
+        epoch: u64,
+        by: String,
+        label: u64,
+    },
 }
 
 /// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
@@ -655,6 +666,14 @@ mod tests {
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::FenceEpoch { cid, epoch }),
             (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::Yield { cid, epoch }),
+            (cid.clone(), any::<[u64; 2]>(), "[a-z0-9]{0,12}").prop_map(|(cid, n, by)| {
+                Msg::Taken {
+                    cid,
+                    epoch: n[0],
+                    by,
+                    label: n[1],
+                }
+            }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
             Just(Msg::Working),

@@ -422,6 +422,11 @@ pub struct Limits {
     /// Test hook: this server's pushes to its backups fail as if the backups were unreachable
     /// from it (and from it only).
     pub drop_pushes: bool,
+    /// Test hook: a destination waits this long (answering WORKING) before it starts a
+    /// takeover, so a candidate the agent gave up on can finish first (issue 15).
+    pub delay_takeover: Duration,
+    /// Test hook: this server's RELEASECLAIMs are not sent, as if every one were lost.
+    pub drop_releases: bool,
 }
 
 impl Default for Limits {
@@ -457,6 +462,8 @@ impl Default for Limits {
             hold_resumed: Duration::ZERO,
             hold_handover: Duration::ZERO,
             drop_pushes: false,
+            delay_takeover: Duration::ZERO,
+            drop_releases: false,
         }
     }
 }

@@ -59,6 +59,28 @@ impl CustodyStore {
         );
     }
 
+    /// Replaces the custody `seen` (if still as seen) by `new`, with its record `rec`; or, with
+    /// `new` `None`, forgets it. A hand-over keeps its custody before it fences its backups, and
+    /// settles it here once they answered.
+    pub fn settle(&self, cid: Cid, seen: &Custody, new: Option<(Custody, &StateRecord)>) {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, used) = &mut *g;
+        if map.get(&cid).is_none_or(|k| k.custody != *seen) {
+            return;
+        }
+        match new {
+            Some((c, rec)) => {
+                let k = map.get_mut(&cid).expect("present");
+                k.custody = c;
+                k.rec = rec.clone();
+            }
+            None => {
+                let k = map.remove(&cid).expect("present");
+                *used -= k.bytes;
+            }
+        }
+    }
+
     pub fn get(&self, cid: Cid) -> Option<Custody> {
         let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         g.0.get(&cid).map(|k| k.custody.clone())
@@ -73,6 +95,7 @@ impl CustodyStore {
         by: &str,
         fences: &[Fence],
         records: &[Option<Vec<u8>>],
+        floor: u64,
     ) -> Result<StateRecord, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(k) = g.0.get_mut(&cid) else {
@@ -89,7 +112,7 @@ impl CustodyStore {
                 format!("connection {cid} changed hands meanwhile"),
             ));
         }
-        let (what, label) = k.custody.supersede(by, fences)?;
+        let (what, label) = k.custody.supersede(by, fences, floor)?;
         if let Handout::Successor(i) = what {
             // The holder's newer restart point replaces the kept one.
             match records
@@ -178,12 +201,12 @@ mod tests {
         let seen = s.get(cid).unwrap();
         // s2 died before its backups held epoch 5; fenced with nothing there: s3 gets it as 5.
         let r = s
-            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None])
+            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None], 0)
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (5, 100));
         // A second supersede with the stale view is refused.
         assert!(s
-            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None])
+            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None], 0)
             .is_err());
         // s2's late confirmation changes nothing: s3 holds it now.
         s.confirmed(cid, 4, "s2");
@@ -192,7 +215,14 @@ mod tests {
         let seen = s.get(cid).unwrap();
         let newer = rec(6, 300).encode();
         let r = s
-            .supersede(cid, &seen, "s1", &[Fence::Record(300, 150)], &[Some(newer)])
+            .supersede(
+                cid,
+                &seen,
+                "s1",
+                &[Fence::Record(300, 150)],
+                &[Some(newer)],
+                0,
+            )
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (6, 300));
         s.confirmed(cid, 4, "s1");

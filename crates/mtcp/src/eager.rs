@@ -62,19 +62,58 @@ pub(crate) struct Repl {
     pub confirm: Option<Confirm>,
     /// The agent has sent something on this session.
     pub heard: bool,
+    /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`]).
+    pub withheld: Option<(u64, u64)>,
+    /// Fenced: a destination took the connection over from a backup's replica of this epoch
+    /// (the custody it would hand out, and since when). The connection is let go but its stream
+    /// is kept for a while, so that this server can act as that destination's keeper
+    /// ([`adopt_taken`], decision 48).
+    pub taken: Option<(Custody, Instant)>,
 }
 
-/// The agent spoke on the session: if the backups already hold the epoch, tell the keepers.
-pub(crate) fn agent_heard(inner: &Arc<ServerInner>, st: &mut ConnState) {
+/// The agent spoke on the session. For a taken-over connection this settles its gate: no keeper
+/// can have this server give the epoch up any more (decision 48). False if one already did:
+/// the frame must be dropped and the session ended (the connection was let go). Then a
+/// COMMITTED held back goes out and, if the backups hold the epoch, the keepers are told.
+pub(crate) fn agent_heard(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    st: &mut ConnState,
+) -> bool {
     if st.repl.heard {
-        return;
+        return true;
+    }
+    if st.repl.confirm.is_some()
+        && inner
+            .gates
+            .settle(cid, st.epoch, mtcp_proto::custody::GateEvent::Hear)
+            == mtcp_proto::custody::Verdict::Refuse
+    {
+        tracing::warn!(%cid, epoch = st.epoch, "the agent spoke on a session whose epoch was given up; ending it");
+        return false;
     }
     st.repl.heard = true;
+    if let Some((out_off, in_off)) = st.repl.withheld.take() {
+        st.send(Out::Msg(Msg::Committed { in_off, out_off }));
+    }
     if st.repl.committed.is_some() {
         if let Some(c) = st.repl.confirm.take() {
             c.send(inner);
         }
     }
+    true
+}
+
+/// Tells the agent that the backups hold `(out_off, in_off)` (COMMITTED: it may trim upstream
+/// before it and forget its fallbacks). On a taken-over connection only once the agent has
+/// spoken on the session (decision 48): until then a keeper may still have this server give
+/// the epoch up, and the agent must then still be able to fall back to the previous epoch.
+pub(crate) fn tell_committed(st: &mut ConnState, (out_off, in_off): (u64, u64)) {
+    if st.repl.confirm.is_some() && !st.repl.heard {
+        st.repl.withheld = Some((out_off, in_off));
+        return;
+    }
+    st.send(Out::Msg(Msg::Committed { in_off, out_off }));
 }
 
 /// Why a push failed.
@@ -83,6 +122,8 @@ pub(crate) struct PushError {
     /// let it go.
     pub fenced: bool,
     pub why: String,
+    /// Who took it over from a backup's replica (TAKEN), if a backup said so.
+    pub taken: Option<Custody>,
 }
 
 /// Pushes an encoded record to every backup of this server; all must store it.
@@ -92,15 +133,18 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
         return Err(PushError {
             fenced: false,
             why: "test hook: pushes are dropped".into(),
+            taken: None,
         });
     }
     let backups = inner.cluster.backups(&inner.id);
     let mut errs = Vec::new();
     let mut fenced = false;
+    let mut taken = None;
     for b in &backups {
-        if let Err((code, e)) = peer::replicate(inner, b, rec.clone()).await {
-            fenced |= code == Some(RefuseCode::StaleEpoch);
-            errs.push(e);
+        if let Err(e) = peer::replicate(inner, b, rec.clone()).await {
+            fenced |= e.code == Some(RefuseCode::StaleEpoch);
+            taken = taken.or(e.taken);
+            errs.push(e.why);
         }
     }
     if errs.is_empty() {
@@ -109,6 +153,7 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
         Err(PushError {
             fenced,
             why: errs.join("; "),
+            taken,
         })
     }
 }
@@ -164,21 +209,14 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
                         c.send(&inner);
                     }
                 }
-                st.send(Out::Msg(Msg::Committed {
-                    in_off: key.1,
-                    out_off: key.0,
-                }));
+                tell_committed(&mut st, key);
                 replicate_if_due(&inner, &shared, &mut st);
             }
             Err(e) if e.fenced => {
-                // Taken over from a replica while this server was unreachable (hung, cut off):
-                // it must never serve the connection again.
+                // Taken over from a replica while this server was unreachable (hung, cut off,
+                // or only slow): it must never serve the connection again.
                 tracing::warn!(cid = %shared.cid, "connection was taken over elsewhere ({}); letting it go", e.why);
-                st.phase = Phase::Migrated;
-                st.tx = None;
-                st.wake_all();
-                drop(st);
-                inner.forget(shared.cid);
+                let_go_fenced(&inner, shared.cid, st, e.taken);
                 inner
                     .migrated_out
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -222,20 +260,13 @@ pub(crate) async fn push_durable(
             if st.epoch == epoch && st.repl.committed.is_none_or(|c| c < key) {
                 st.repl.committed = Some(key);
                 st.repl.at = Some(Instant::now());
-                st.send(Out::Msg(Msg::Committed {
-                    in_off: key.1,
-                    out_off: key.0,
-                }));
+                tell_committed(&mut st, key);
             }
             st.ensure_live()
         }
         Ok(Err(e)) if e.fenced => {
             // Taken over elsewhere meanwhile: this server must let it go.
-            st.phase = Phase::Migrated;
-            st.tx = None;
-            st.wake_all();
-            drop(st);
-            inner.forget(shared.cid);
+            let_go_fenced(inner, shared.cid, st, e.taken);
             Err(StateError::Migrated)
         }
         Ok(Err(e)) => Err(StateError::NotDurable(e.why)),
@@ -245,9 +276,66 @@ pub(crate) async fn push_durable(
     }
 }
 
+/// A push was refused because the connection was taken over elsewhere: it never serves again.
+/// If a backup said who took it over from its replica at this epoch, the stream is kept (the
+/// connection stays in the table, migrated) so that this server can be that destination's
+/// keeper: the destination may be the backup itself, which then holds the only other copy,
+/// and die before the agent has its RESUMED (decision 48). Otherwise it is forgotten.
+fn let_go_fenced(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    mut st: std::sync::MutexGuard<'_, ConnState>,
+    taken: Option<Custody>,
+) {
+    st.phase = Phase::Migrated;
+    st.tx = None;
+    st.repl.confirm = None;
+    st.wake_all();
+    match taken.filter(|c| c.epoch == st.epoch) {
+        Some(c) => {
+            tracing::info!(%cid, epoch = c.epoch, holder = %c.holder, "keeping the fenced connection's state until its taker confirms");
+            st.repl.taken = Some((c, Instant::now()));
+        }
+        None => {
+            drop(st);
+            inner.forget(cid);
+        }
+    }
+}
+
+/// A FETCH for `f.epoch` found the connection let go after a fence that named its taker: the
+/// stream becomes a custody (its record built for the agent's position in the FETCH), as if it
+/// had been handed over to that taker. `None`: no such connection here.
+fn adopt_taken(inner: &Arc<ServerInner>, f: &Fetch) -> Option<Result<(), Refusal>> {
+    let shared = inner.get(&f.cid)?;
+    let st = shared.lock();
+    let (c, _) = st.repl.taken.clone().filter(|(c, _)| c.epoch == f.epoch)?;
+    let r =
+        st.s.record(f.cid, f.epoch, f.down_recv, f.sum_from, f.down_sum)
+            .and_then(|rec| {
+                mtcp_proto::bounds::record_fits(rec.encoded_len_bound(), inner.limits.max_record)
+                    .map_err(|e| (RefuseCode::TooLarge, format!("state record too large: {e}")))?;
+                Ok(rec)
+            });
+    drop(st);
+    inner.forget(f.cid);
+    Some(r.map(|rec| inner.custody.keep(f.cid, c, &rec)))
+}
+
 /// Janitor duty: retry failed pushes and refresh replicas well within the backups' TTL.
 pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant) {
     let mut st = shared.lock();
+    if st
+        .repl
+        .taken
+        .as_ref()
+        .is_some_and(|(_, t)| now.duration_since(*t) > inner.limits.dead_session)
+    {
+        // Nobody asked for it: the taker confirmed or the agent went on without it.
+        drop(st);
+        inner.forget(shared.cid);
+        return;
+    }
     if st.detached_at.is_some() {
         return;
     }
@@ -284,28 +372,56 @@ pub(crate) async fn hand_over(
     if !eager(inner) {
         return Ok(rec);
     }
+    // Kept at once, before the fences: they may take seconds (a dead backup on a lossy path),
+    // and a FETCH for this epoch meanwhile (the agent gave up on `to`) must find the custody,
+    // not a forgotten connection (decision 48).
+    let kept = rec.tcp.is_none();
+    let custody = Custody::new(f.epoch, to);
+    if kept {
+        inner.custody.keep(f.cid, custody.clone(), &rec.rec);
+    }
+    // A fence that had to pass a failed candidate's claim over returns the epoch it reached:
+    // the destination then resumes past it (decision 48).
+    let mut rec = rec;
+    let mut label = f.epoch;
     for b in inner.cluster.backups(&inner.id) {
         // A plain fence: this origin keeps the custody itself.
         let r = if b.id == inner.id {
-            plain_claim(inner, f.cid, f.epoch)
+            fence_here(inner, f.cid, f.epoch, &inner.id).await
         } else {
             peer::fence(inner, &b, f.cid, f.epoch).await
         };
         match r {
-            Ok(_) => {}
+            Ok(Claimed::Record(bytes)) => {
+                if let Ok(r) = StateRecord::decode(&bytes) {
+                    label = label.max(r.epoch);
+                }
+            }
+            Ok(Claimed::Nothing) => {}
             Err((RefuseCode::OriginUnreachable, why)) => {
                 tracing::warn!(cid = %f.cid, "cannot fence backup: {why}");
             }
             Err((code, why)) => {
                 tracing::warn!(cid = %f.cid, "connection was taken over from a replica meanwhile: {why}");
+                if kept {
+                    inner.custody.settle(f.cid, &custody, None);
+                }
                 return Err((code, why));
             }
         }
     }
-    if rec.tcp.is_none() {
-        inner
-            .custody
-            .keep(f.cid, Custody::new(f.epoch, to), &rec.rec);
+    if label > f.epoch {
+        tracing::info!(cid = %f.cid, epoch = f.epoch, label, "handing the connection over one past a failed candidate's epoch");
+        rec.rec.epoch = label;
+        if kept {
+            let raised = Custody {
+                label,
+                ..custody.clone()
+            };
+            inner
+                .custody
+                .settle(f.cid, &custody, Some((raised, &rec.rec)));
+        }
     }
     Ok(rec)
 }
@@ -318,7 +434,15 @@ async fn rehand(
     f: &Fetch,
     to: &str,
 ) -> Option<Result<crate::server::Frozen, Refusal>> {
-    let seen = inner.custody.get(f.cid)?;
+    let seen = match inner.custody.get(f.cid) {
+        Some(c) => c,
+        None => {
+            if let Err(e) = adopt_taken(inner, f)? {
+                return Some(Err(e));
+            }
+            inner.custody.get(f.cid)?
+        }
+    };
     let next = match seen.successor(f.epoch) {
         Ok(n) => n,
         Err(e) => return Some(Err(e)),
@@ -327,8 +451,10 @@ async fn rehand(
     if let Err(e) = ask_to_yield(inner, &seen.holder, f.cid, next).await {
         return Some(Err(e));
     }
-    let (fences, records) = fence(inner, f.cid, next, &seen.holder).await;
-    let r = inner.custody.supersede(f.cid, &seen, to, &fences, &records);
+    let (fences, records, floor) = fence(inner, f.cid, next, &seen.holder).await;
+    let r = inner
+        .custody
+        .supersede(f.cid, &seen, to, &fences, &records, floor);
     match &r {
         Ok(rec) => {
             tracing::info!(cid = %f.cid, to, label = rec.epoch, restart_at = rec.snap_out, "connection handed over again from custody")
@@ -374,42 +500,84 @@ pub(crate) async fn ask_to_yield(
     }
 }
 
-/// A claim at this server's own replica store that never supersedes (a fence).
-fn plain_claim(inner: &ServerInner, cid: mtcp_proto::Cid, epoch: u64) -> Result<Claimed, Refusal> {
-    inner
-        .replicas
-        .claim(cid, epoch, &inner.id, false)
-        .map_err(|e| match e {
-            ClaimError::Refused(r) => r,
-            ClaimError::Held(c) => (
-                RefuseCode::StaleEpoch,
-                format!("held by {} as epoch {}", c.holder, c.label),
+/// A fence of `epoch` of `cid` for `by` at this server's replica store (FENCEEPOCH, or this
+/// server fencing at its own store): a plain claim. If a candidate holds that epoch there (it
+/// claimed the replica and has not confirmed), it is asked to give its successor epoch up: a
+/// takeover that failed with its RELEASECLAIM lost, or whose RESUMED the agent never used,
+/// yields, and the claim passes to `by` one epoch up (`Custody::pass`, decision 48) — so a
+/// failed takeover never leaves the connection unclaimable. A holder that refuses (the agent
+/// uses its epoch: the connection moved on) or cannot be reached keeps it: refused.
+pub(crate) async fn fence_here(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+    by: &str,
+) -> Result<Claimed, Refusal> {
+    let seen = match inner.replicas.claim(cid, epoch, by, false) {
+        Ok(c) => return Ok(c),
+        Err(ClaimError::Refused(r)) => return Err(r),
+        Err(ClaimError::Held(seen)) => seen,
+    };
+    let next = seen.label + 1;
+    let yielded = if seen.holder == inner.id {
+        inner.give_up(cid, next)
+    } else {
+        match inner.cluster.server(&seen.holder).cloned() {
+            Some(h) => match peer::ask_yield(inner, &h, cid, next).await {
+                Ok(y) => y,
+                Err(e) => {
+                    tracing::warn!(%cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
+                    false
+                }
+            },
+            None => false,
+        }
+    };
+    if !yielded {
+        return Err((
+            RefuseCode::StaleEpoch,
+            format!(
+                "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
+                seen.holder
             ),
-        })
+        ));
+    }
+    tracing::info!(%cid, epoch, holder = %seen.holder, by, "a fence found the epoch claimed by a candidate that gave it up; passing the claim over");
+    inner.replicas.pass(cid, &seen, by)
 }
 
 /// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim by this server), so
 /// `holder` can never store it — and so never confirm or serve it: a destination answers the
 /// agent only once its backups hold its epoch. Returns each backup's answer, with the record
-/// it had at that epoch.
+/// it had at that epoch, and the highest epoch label an answer carried (past `next` when a
+/// backup passed a failed candidate's claim over, [`fence_here`]). A record that is only the
+/// start of the connection (nothing was stored) counts as nothing.
 pub(crate) async fn fence(
     inner: &Arc<ServerInner>,
     cid: mtcp_proto::Cid,
     next: u64,
     holder: &str,
-) -> (Vec<Fence>, Vec<Option<Vec<u8>>>) {
+) -> (Vec<Fence>, Vec<Option<Vec<u8>>>, u64) {
     let mut fences = Vec::new();
     let mut records = Vec::new();
+    let mut floor = next;
     for b in inner.cluster.backups(holder) {
         let r = if b.id == inner.id {
-            plain_claim(inner, cid, next)
+            fence_here(inner, cid, next, &inner.id).await
         } else {
             peer::fence(inner, &b, cid, next).await
         };
         let (f, rec) = match r {
             Ok(Claimed::Nothing) => (Fence::Nothing, None),
             Ok(Claimed::Record(bytes)) => match StateRecord::decode(&bytes) {
-                Ok(r) => (Fence::Record(r.snap_out, r.snap_in), Some(bytes)),
+                Ok(r) => {
+                    floor = floor.max(r.epoch);
+                    if is_start(&r) {
+                        (Fence::Nothing, None)
+                    } else {
+                        (Fence::Record(r.snap_out, r.snap_in), Some(bytes))
+                    }
+                }
                 Err(_) => (Fence::Refused(RefuseCode::Internal), None),
             },
             Err((RefuseCode::OriginUnreachable, _)) => (Fence::Unreachable, None),
@@ -421,7 +589,15 @@ pub(crate) async fn fence(
         fences.push(f);
         records.push(rec);
     }
-    (fences, records)
+    (fences, records, floor)
+}
+
+/// The implicit restart point of a new connection (what a relabelled tombstone hands out).
+fn is_start(r: &StateRecord) -> bool {
+    r.snapshot.is_none()
+        && (r.snap_out, r.snap_in) == (0, 0)
+        && r.input.is_empty()
+        && r.tail.is_empty()
 }
 
 /// A claim at this server's replica store by `by` (a destination taking a connection from a
@@ -441,8 +617,10 @@ pub(crate) async fn claim_here(
             let next = seen.successor(epoch)?;
             tracing::warn!(%cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
             ask_to_yield(inner, &seen.holder, cid, next).await?;
-            let (fences, records) = fence(inner, cid, next, &seen.holder).await;
-            inner.replicas.supersede(cid, &seen, by, &fences, &records)
+            let (fences, records, floor) = fence(inner, cid, next, &seen.holder).await;
+            inner
+                .replicas
+                .supersede(cid, &seen, by, &fences, &records, floor)
         }
     }
 }
@@ -491,6 +669,10 @@ impl Claims {
     /// cannot be reached keeps the claim, and the next candidate supersedes it).
     pub(crate) async fn release(self, inner: &Arc<ServerInner>) {
         let Some(cid) = self.cid else { return };
+        if inner.limits.drop_releases {
+            tracing::info!(%cid, "test hook: the claims' releases are dropped");
+            return;
+        }
         for b in self.at {
             if b.id == inner.id {
                 inner.replicas.release(cid, self.epoch, &inner.id);
@@ -699,6 +881,18 @@ pub(crate) async fn protect_takeover(
     }
     tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unconfirmed (its keepers and the agent keep the previous restart point) until a push reaches them");
     Ok(None)
+}
+
+/// Test hook (`delay_takeover`): the destination waits before its takeover (it answers WORKING
+/// meanwhile, so the agent waits for it).
+pub(crate) async fn test_delay(inner: &ServerInner) {
+    if !inner.limits.delay_takeover.is_zero() {
+        tracing::info!(
+            "test hook: delaying the takeover by {:?}",
+            inner.limits.delay_takeover
+        );
+        tokio::time::sleep(inner.limits.delay_takeover).await;
+    }
 }
 
 /// The connection ended in order at `epoch`: the backups may forget it.

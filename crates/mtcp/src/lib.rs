@@ -14,6 +14,7 @@ mod custody;
 pub(crate) mod direct;
 mod eager;
 pub mod framed;
+mod gate;
 pub mod memory;
 pub mod metrics;
 pub mod peer;

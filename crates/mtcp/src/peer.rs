@@ -367,17 +367,50 @@ pub(crate) async fn replicate(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     rec: Vec<u8>,
-) -> Result<(), (Option<RefuseCode>, String)> {
+) -> Result<(), ReplicateError> {
     let t = inner.limits.fetch_timeout;
+    let err = |code, why| ReplicateError {
+        code,
+        why,
+        taken: None,
+    };
     match call(inner, to, &Msg::Replicate(rec), t, t).await {
         Ok(Msg::ReplicaStored { .. }) => Ok(()),
-        Ok(Msg::Refused { code, reason }) => Err((
+        Ok(Msg::Taken {
+            cid,
+            epoch,
+            by,
+            label,
+        }) => Err(ReplicateError {
+            code: Some(RefuseCode::StaleEpoch),
+            why: format!(
+                "{}: connection {cid} at epoch {epoch} was taken over by {by}",
+                to.id
+            ),
+            taken: Some(mtcp_proto::custody::Custody {
+                epoch,
+                holder: by,
+                label,
+            }),
+        }),
+        Ok(Msg::Refused { code, reason }) => Err(err(
             Some(code),
             format!("{} refused ({code:?}): {reason}", to.id),
         )),
-        Ok(other) => Err((None, format!("{} answered {}", to.id, msg_name(&other)))),
-        Err(e) => Err((None, format!("{} ({}): {e}", to.id, to.peer))),
+        Ok(other) => Err(err(
+            None,
+            format!("{} answered {}", to.id, msg_name(&other)),
+        )),
+        Err(e) => Err(err(None, format!("{} ({}): {e}", to.id, to.peer))),
     }
+}
+
+/// Why a REPLICATE failed.
+pub(crate) struct ReplicateError {
+    pub code: Option<RefuseCode>,
+    pub why: String,
+    /// A destination took the connection over from that backup's replica (TAKEN).
+    pub taken: Option<mtcp_proto::custody::Custody>,
 }
 
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
@@ -396,15 +429,16 @@ pub(crate) async fn claim(
     claim_msg(inner, to, &Msg::ClaimReplica { cid, epoch }, t).await
 }
 
-/// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim that never
-/// supersedes (see [`crate::eager::fence`]). Answered as [`claim`].
+/// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim (see
+/// [`crate::eager::fence`]). Answered as [`claim`]. Twice the answer bound: the backup may
+/// first ask a candidate holding the epoch to give it up ([`crate::eager::fence_here`]).
 pub(crate) async fn fence(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
 ) -> Result<Claimed, (RefuseCode, String)> {
-    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
+    let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
     claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
 }
 
@@ -642,13 +676,22 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                     }
                 }
             }
-            Ok(Msg::Replicate(rec)) => match inner.replicas.store(&from, rec) {
+            Ok(Msg::Replicate(rec)) => match inner.replicas.store_or_taken(&from, rec) {
                 Ok((cid, epoch, out_off)) => Msg::ReplicaStored {
                     cid,
                     epoch,
                     out_off,
                 },
-                Err((code, reason)) => {
+                Err((_, Some((cid, c)))) => {
+                    tracing::warn!(peer = %from, %cid, epoch = c.epoch, by = %c.holder, "replica refused: taken over from here");
+                    Msg::Taken {
+                        cid,
+                        epoch: c.epoch,
+                        by: c.holder,
+                        label: c.label,
+                    }
+                }
+                Err(((code, reason), None)) => {
                     tracing::warn!(peer = %from, "replica refused: {reason}");
                     Msg::Refused { code, reason }
                 }
@@ -678,16 +721,13 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                 }
             }
             Ok(Msg::FenceEpoch { cid, epoch }) => {
-                match inner.replicas.claim(cid, epoch, &from, false) {
+                match crate::eager::fence_here(&inner, cid, epoch, &from).await {
                     Ok(Claimed::Record(b)) => {
                         tracing::info!(%cid, epoch, by = %from, "epoch fenced (its replica handed to the keeper)");
                         Msg::State(b)
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err(e) => Msg::Refused {
-                        code: e.code(),
-                        reason: format!("epoch {epoch} of {cid} is already claimed ({e:?})"),
-                    },
+                    Err((code, reason)) => Msg::Refused { code, reason },
                 }
             }
             Ok(Msg::ReleaseClaim { cid, epoch }) => {

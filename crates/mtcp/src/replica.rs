@@ -71,6 +71,7 @@ pub enum ClaimError {
 
 impl ClaimError {
     /// The refusal code a plain claim answers with.
+    #[cfg(test)]
     pub fn code(&self) -> RefuseCode {
         match self {
             ClaimError::Refused((c, _)) => *c,
@@ -84,6 +85,9 @@ impl From<Refusal> for ClaimError {
         ClaimError::Refused(r)
     }
 }
+
+/// A connection taken over from this store's replica, and the taker's custody.
+pub type Taken = (Cid, Custody);
 
 /// `bytes` (an encoded record, or empty for "nothing": the implicit start of a new connection)
 /// of the entry at `epoch`, handed out as epoch `label`.
@@ -125,6 +129,33 @@ impl ReplicaStore {
 
     fn charge(e: &Entry) -> usize {
         e.rec.len() + ENTRY_OVERHEAD
+    }
+
+    /// As [`ReplicaStore::store`], but an update refused because a destination took the
+    /// connection over from this replica at that epoch says who, and past which label it
+    /// resumes: the updating server becomes that destination's keeper (decision 48).
+    pub fn store_or_taken(
+        &self,
+        from: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Cid, u64, u64), (Refusal, Option<Taken>)> {
+        let key = StateRecord::decode(&bytes).ok().map(|r| (r.cid, r.epoch));
+        self.store(from, bytes).map_err(|r| {
+            let taken = key.and_then(|(cid, epoch)| {
+                let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+                let e = g.0.get(&cid)?;
+                let holder = e.claimer.clone()?;
+                (e.epoch == epoch && e.custody && holder != from).then_some((
+                    cid,
+                    Custody {
+                        epoch,
+                        holder,
+                        label: e.label,
+                    },
+                ))
+            });
+            (r, taken)
+        })
     }
 
     /// Stores `bytes` (an encoded record) from server `from`. Returns the record's cid, epoch and
@@ -182,8 +213,9 @@ impl ReplicaStore {
     }
 
     /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds. An
-    /// entry another destination claimed is [`ClaimError::Held`] when `supersede` is set (see
-    /// [`ReplicaStore::supersede`]); a fence (`supersede` false) never supersedes.
+    /// entry another destination claimed is [`ClaimError::Held`] (see
+    /// [`ReplicaStore::supersede`] and [`ReplicaStore::pass`]); `supersede` says the claim is a
+    /// destination's takeover (its claim is a custody), not a fence.
     pub fn claim(
         &self,
         cid: Cid,
@@ -202,7 +234,7 @@ impl ReplicaStore {
             }
             if e.epoch == epoch {
                 match &e.claimer {
-                    Some(holder) if supersede && e.custody => {
+                    Some(holder) if e.custody => {
                         return Err(ClaimError::Held(Custody {
                             epoch,
                             holder: holder.clone(),
@@ -258,6 +290,7 @@ impl ReplicaStore {
         by: &str,
         fences: &[Fence],
         records: &[Option<Vec<u8>>],
+        floor: u64,
     ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
@@ -280,7 +313,7 @@ impl ReplicaStore {
                 ),
             ));
         }
-        let (what, label) = c.supersede(by, fences)?;
+        let (what, label) = c.supersede(by, fences, floor)?;
         e.claimer = Some(c.holder);
         e.label = label;
         e.updated = Instant::now();
@@ -294,6 +327,41 @@ impl ReplicaStore {
                 label,
             ),
         })
+    }
+
+    /// After [`ClaimError::Held`] met a fence by `by`: the holder gave its successor epoch up
+    /// (YIELD). The entry passes to `by` as a plain claim one epoch up (`Custody::pass`,
+    /// decision 48); the answer is labelled with that epoch so the fencer hands its own state out
+    /// at least that high. Refused if the entry is no longer held as `seen`.
+    pub fn pass(&self, cid: Cid, seen: &Custody, by: &str) -> Result<Claimed, Refusal> {
+        let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = g.0.get_mut(&cid) else {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!("connection {cid}: its replica went away meanwhile"),
+            ));
+        };
+        let mut c = Custody {
+            epoch: e.epoch,
+            holder: e.claimer.clone().unwrap_or_default(),
+            label: e.label,
+        };
+        if c != *seen || !e.custody {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!(
+                    "connection {cid} at epoch {} changed hands meanwhile ({})",
+                    seen.epoch, e.from
+                ),
+            ));
+        }
+        let label = c.pass(by);
+        e.claimer = Some(c.holder);
+        e.label = label;
+        e.custody = false;
+        e.updated = Instant::now();
+        e.from = format!("fenced by {by}, passed over by {}", seen.holder);
+        Ok(labelled(cid, &e.rec, e.epoch, label))
     }
 
     /// `by` withdraws its claim on `cid` at `epoch` (its takeover failed before it served
@@ -475,11 +543,11 @@ mod tests {
         );
         // The fence could reach none of s1's backups: nothing changes hands.
         assert!(s
-            .supersede(cid, &c, "s2", &[Fence::Unreachable], &[None])
+            .supersede(cid, &c, "s2", &[Fence::Unreachable], &[None], 0)
             .is_err());
         // Fenced with nothing stored there: s2 gets the same record labelled 6 (resumes at 7).
         let Claimed::Record(r) = s
-            .supersede(cid, &c, "s2", &[Fence::Nothing], &[None])
+            .supersede(cid, &c, "s2", &[Fence::Nothing], &[None], 0)
             .unwrap()
         else {
             panic!("expected the record")
@@ -488,7 +556,7 @@ mod tests {
         assert_eq!((r.epoch, r.snap_out), (6, 100));
         // The same custody cannot be superseded twice (s3 raced s2 with a stale view).
         assert!(s
-            .supersede(cid, &c, "s3", &[Fence::Nothing], &[None])
+            .supersede(cid, &c, "s3", &[Fence::Nothing], &[None], 0)
             .is_err());
         // s2 dies too: s3 fences s2's epoch 7, whose backup had s2's newer point.
         let Err(ClaimError::Held(c2)) = s.claim(cid, 5, "s3", true) else {
@@ -497,7 +565,14 @@ mod tests {
         assert_eq!(c2.successor(5).unwrap(), 7);
         let newer = rec(9, 7, 300);
         let Claimed::Record(r) = s
-            .supersede(cid, &c2, "s3", &[Fence::Record(300, 150)], &[Some(newer)])
+            .supersede(
+                cid,
+                &c2,
+                "s3",
+                &[Fence::Record(300, 150)],
+                &[Some(newer)],
+                0,
+            )
             .unwrap()
         else {
             panic!("expected the record")
@@ -516,6 +591,63 @@ mod tests {
             s.claim(cid, 8, "s2", true),
             Err(ClaimError::Refused(_))
         ));
+    }
+
+    #[test]
+    fn a_fence_passes_a_failed_claimers_tombstone_over_one_epoch_up() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([4; 16]);
+        // s2 resumed at 6 unconfirmed and died; s3 claimed epoch 6 here (nothing stored: a
+        // restart from offset 0), failed, and its release was lost.
+        assert!(matches!(
+            s.claim(cid, 6, "s3", true).unwrap(),
+            Claimed::Nothing
+        ));
+        // The keeper s1 fences epoch 6: held by s3 (which would resume at 7).
+        let Err(ClaimError::Held(seen)) = s.claim(cid, 6, "s1", false) else {
+            panic!("expected the custody")
+        };
+        assert_eq!(seen, Custody::new(6, "s3"));
+        // s3 gave 7 up: the claim passes to s1 as a plain claim labelled 7, and the answer
+        // says so (a start record at 7: nothing was stored).
+        let Claimed::Record(r) = s.pass(cid, &seen, "s1").unwrap() else {
+            panic!("expected a labelled answer")
+        };
+        let r = StateRecord::decode(&r).unwrap();
+        assert_eq!((r.epoch, r.snap_out, r.snapshot.is_none()), (7, 0, true));
+        // Passed once only; the entry is now a plain claim nobody supersedes.
+        assert!(s.pass(cid, &seen, "s2").is_err());
+        assert!(matches!(
+            s.claim(cid, 6, "s2", true),
+            Err(ClaimError::Refused(_))
+        ));
+        assert!(
+            !s.release(cid, 6, "s3"),
+            "s3's late release changes nothing"
+        );
+        // The next holder resumes at 8 and replaces the entry.
+        s.store("s4", rec(4, 8, 500)).unwrap();
+        assert_eq!(s.usage().0, 1);
+    }
+
+    #[test]
+    fn an_update_refused_because_a_destination_took_the_replica_names_it() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        let cid = Cid([5; 16]);
+        s.store("s2", rec(5, 2, 100)).unwrap();
+        // s3 (this backup) takes the connection over from its replica: a custody claim.
+        assert!(s.claim(cid, 2, "s3", true).is_ok());
+        // The origin s2, slow but alive, pushes again: refused, naming the taker and its label.
+        let (r, taken) = s.store_or_taken("s2", rec(5, 2, 200)).unwrap_err();
+        assert_eq!(r.0, RefuseCode::StaleEpoch);
+        assert_eq!(taken, Some((cid, Custody::new(2, "s3"))));
+        // A plain claim (a keeper's fence) names nobody: the origin just lets go.
+        let t = Cid([6; 16]);
+        s.store("s2", rec(6, 4, 100)).unwrap();
+        assert!(s.claim(t, 4, "s1", false).is_ok());
+        assert_eq!(s.store_or_taken("s2", rec(6, 4, 200)).unwrap_err().1, None);
+        // An older epoch is refused without a taker either.
+        assert_eq!(s.store_or_taken("s2", rec(5, 1, 300)).unwrap_err().1, None);
     }
 
     #[test]

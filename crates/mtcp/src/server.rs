@@ -10,7 +10,6 @@ use crate::framed::{self, ChannelError, FrameReader, Out};
 use crate::metrics::SessionKind;
 use crate::peer;
 use crate::stream::{ReadHalf, Stream, WriteHalf};
-use mtcp_proto::custody::Gate;
 use mtcp_proto::wire::{
     self, Frame, HintReason, Migrate, Msg, RefuseCode, Resumed, ServerStatus, Welcome,
 };
@@ -100,36 +99,14 @@ pub(crate) struct ServerInner {
     pub replicas: crate::replica::ReplicaStore,
     /// Eager mode: connections handed over alive, kept until their destination confirms.
     pub(crate) custody: crate::custody::CustodyStore,
-    /// Eager mode: per taken-over (cid, epoch), whether RESUMED went to the agent or a keeper
-    /// had this server give the epoch up first (see [`ServerInner::may_answer`]).
-    pub(crate) gates: Mutex<HashMap<(Cid, u64), GateSlot>>,
+    /// Eager mode: per taken-over (cid, epoch), RESUMED, the agent's first frame or a yield.
+    pub(crate) gates: crate::gate::Gates,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     accept_tx: mpsc::UnboundedSender<Connection>,
 }
 
-/// A gate and when it was made (forgotten after `replica_ttl`).
-type GateSlot = (Option<Gate>, Instant);
-
 impl ServerInner {
-    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
-    /// epoch up (another destination got the connection); otherwise no keeper can any more.
-    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
-        self.settle_gate(cid, epoch, Gate::Answered) == Gate::Answered
-    }
-
-    /// A keeper asks this server to give up `epoch` of `cid`: true unless RESUMED for it went
-    /// to the agent already.
-    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> bool {
-        self.settle_gate(cid, epoch, Gate::Yielded) == Gate::Yielded
-    }
-
-    fn settle_gate(&self, cid: Cid, epoch: u64, event: Gate) -> Gate {
-        let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        let (slot, _) = g.entry((cid, epoch)).or_insert((None, Instant::now()));
-        Gate::settle(slot, event)
-    }
-
     pub fn forget(&self, cid: Cid) {
         self.conns
             .lock()
@@ -167,7 +144,9 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        let conns = self.all();
+        let mut conns = self.all();
+        // A fenced connection kept only as its taker's keeper is not served here.
+        conns.retain(|c| c.lock().repl.taken.is_none());
         let (mut detached, mut leaving) = (0u32, 0u32);
         for c in &conns {
             let st = c.lock();
@@ -453,7 +432,7 @@ impl Server {
             replicas,
             custody,
             closed: Mutex::new(HashMap::new()),
-            gates: Mutex::new(HashMap::new()),
+            gates: Default::default(),
             accept_tx,
         });
         let mut tasks = vec![
@@ -509,11 +488,7 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, t)| now.duration_since(*t) < CLOSED_MEMORY);
         inner.custody.expire(now);
-        inner
-            .gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, (_, t)| now.duration_since(*t) < inner.limits.replica_ttl);
+        inner.gates.expire(now, inner.limits.replica_ttl);
         let gone = inner.replicas.expire(now);
         if gone > 0 {
             tracing::info!(
@@ -848,6 +823,8 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
             match outcome {
                 Ok((shared, start, resumed, sock)) => {
                     let resumed_from_replica = resumed.from_replica;
+                    // A fast-path agent's session is quiet: its RESUMED settles the epoch.
+                    let quiet = sock.is_some();
                     if let Some(d) = sock {
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
@@ -858,6 +835,8 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
                         // The agent will try elsewhere; the state stays here until it comes back
                         // or the janitor drops it.
                         shared.lock().detached_at = Some(Instant::now());
+                    } else if quiet {
+                        crate::eager::agent_heard(&inner, m.cid, &mut shared.lock());
                     }
                     inner.migrated_in.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::took_over(Some((resumed_from_replica, started.elapsed())));
@@ -1029,6 +1008,7 @@ async fn take_over(
     if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
         return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
     }
+    crate::eager::test_delay(inner).await;
     if inner.draining.load(Ordering::Relaxed) {
         return Err((
             RefuseCode::Draining,
@@ -1261,10 +1241,13 @@ async fn take_over_checked(
         if let Some((out_off, in_off)) = protected {
             st.repl.committed = Some((out_off, in_off));
             st.repl.at = Some(Instant::now());
-            st.send(Out::Msg(Msg::Committed { in_off, out_off }));
         }
         // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`).
         st.repl.confirm = Some(keepers);
+        if let Some(key) = protected {
+            // Held back until the agent speaks on the new session (decision 48).
+            crate::eager::tell_committed(&mut st, key);
+        }
     }
     inner
         .conns
@@ -1484,7 +1467,9 @@ async fn reader_loop(
         ) {
             return st.phase != Phase::Migrated;
         }
-        crate::eager::agent_heard(inner, &mut st);
+        if !crate::eager::agent_heard(inner, shared.cid, &mut st) {
+            return false;
+        }
         match f {
             Frame::Data(b) => {
                 crate::metrics::add_up(b.len());

@@ -1,0 +1,71 @@
+//! Eager mode, destination side: per taken-over (cid, epoch), whether RESUMED went out, the
+//! agent has spoken on that session, or a keeper had this server give the epoch up
+//! (`mtcp_proto::custody::Gate`, decisions 43 and 48). The pure rule lives there; this holds
+//! the gates under one lock (a keeper's YIELD and the agent's first frame race from different
+//! tasks) and lets go of a connection given up after its RESUMED.
+
+use crate::conn::Phase;
+use crate::server::ServerInner;
+use mtcp_proto::custody::{Gate, GateEvent, Verdict};
+use mtcp_proto::Cid;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A gate and when it was made (forgotten after `replica_ttl`).
+type Slot = (Option<Gate>, Instant);
+
+#[derive(Default)]
+pub(crate) struct Gates(Mutex<HashMap<(Cid, u64), Slot>>);
+
+impl Gates {
+    pub(crate) fn settle(&self, cid: Cid, epoch: u64, event: GateEvent) -> Verdict {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (slot, _) = g.entry((cid, epoch)).or_insert((None, Instant::now()));
+        Gate::settle(slot, event)
+    }
+
+    /// Forgets gates older than `ttl` (a keeper keeps what it could ask about that long).
+    pub(crate) fn expire(&self, now: Instant, ttl: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, t)| now.duration_since(*t) < ttl);
+    }
+}
+
+impl ServerInner {
+    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
+    /// epoch up (another destination got the connection).
+    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
+        self.gates.settle(cid, epoch, GateEvent::Answer) == Verdict::Go
+    }
+
+    /// A keeper asks this server to give up `epoch` of `cid`: true unless the agent has used
+    /// the epoch (spoken on the session its RESUMED went out on). A connection built for that
+    /// epoch whose agent never spoke is let go: it never serves again.
+    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> bool {
+        match self.gates.settle(cid, epoch, GateEvent::Yield) {
+            Verdict::Go => true,
+            Verdict::Refuse => false,
+            Verdict::LetGo => {
+                let Some(shared) = self.get(&cid) else {
+                    return true;
+                };
+                {
+                    let mut st = shared.lock();
+                    if st.epoch != epoch {
+                        return true;
+                    }
+                    tracing::warn!(%cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
+                    st.phase = Phase::Migrated;
+                    st.tx = None;
+                    st.repl.confirm = None;
+                    st.wake_all();
+                }
+                self.forget(cid);
+                true
+            }
+        }
+    }
+}
