@@ -87,11 +87,19 @@ impl Custody {
     /// successor epoch claimed by a failed candidate had that candidate give its own successor
     /// up, see [`Custody::pass`]); the state is handed out at least that high, so the new holder
     /// resumes past every epoch anyone else was given.
+    ///
+    /// `unanswered`: the holder itself gave the successor epoch up before it answered RESUMED
+    /// for it (YIELD granted, [`Verdict::Go`]): it never serves that epoch and no agent holds a
+    /// token for it, so nobody can ever take the connection over at that epoch — the fence is
+    /// then not needed, and "none reached" does not refuse. Without it, a holder whose only
+    /// backup is down (typically: the hung origin itself) made every other candidate fail
+    /// while it had given its own epoch up: nobody owned the connection (decision 48).
     pub fn supersede(
         &mut self,
         by: &str,
         fences: &[Fence],
         floor: u64,
+        unanswered: bool,
     ) -> Result<(Handout, u64), Refusal> {
         let next = self.label + 1;
         if let Some(code) = fences.iter().find_map(|f| match f {
@@ -106,7 +114,7 @@ impl Custody {
                 ),
             ));
         }
-        if fences.iter().all(|f| *f == Fence::Unreachable) {
+        if !unanswered && fences.iter().all(|f| *f == Fence::Unreachable) {
             return Err((
                 RefuseCode::OriginUnreachable,
                 format!(
@@ -155,14 +163,19 @@ impl Custody {
 /// good: a holder never serves an epoch it gave up, and never gives up one the agent used.
 /// COMMITTED goes to the agent only once it was heard ([`Gate::may_commit`]), so an agent that
 /// trimmed upstream or forgot its fallbacks on COMMITTED never meets a holder that yielded.
+/// A yield granted before RESUMED went out ([`Gate::Yielded`]) is told apart from one granted
+/// after ([`Gate::Abandoned`]): only in the first case is it certain that no agent holds a token
+/// for the epoch ([`Custody::supersede`]'s `unanswered`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
     /// RESUMED went out; nothing from the agent on that session yet.
     Answered,
     /// The agent spoke on the session: the epoch is the agent's.
     Heard,
-    /// Given up at a keeper's request: never answered, or answered to nobody listening.
+    /// Given up at a keeper's request before any RESUMED for it went out.
     Yielded,
+    /// Given up at a keeper's request after RESUMED went out (to nobody listening).
+    Abandoned,
 }
 
 /// What reaches a [`Gate`].
@@ -179,14 +192,14 @@ pub enum GateEvent {
 /// What the caller of [`Gate::settle`] must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Go on: write RESUMED, process the frame, or (for a yield) the epoch is given up and
-    /// there is no connection to let go.
+    /// Go on: write RESUMED, process the frame, or (for a yield) the epoch is given up, no
+    /// RESUMED for it ever went out, and there is no connection to let go.
     Go,
     /// Don't: no RESUMED (given up), drop the frame and the session (given up), or refuse the
     /// yield (the agent uses the epoch).
     Refuse,
     /// Yielded after RESUMED went out: the connection built for it must be let go (it never
-    /// serves again; the agent never used it).
+    /// serves again; the agent never used it, but may hold the epoch's token).
     LetGo,
 }
 
@@ -204,7 +217,7 @@ impl Gate {
                 Verdict::Go
             }
             (Some(Gate::Answered), Yield) => {
-                *slot = Some(Gate::Yielded);
+                *slot = Some(Gate::Abandoned);
                 Verdict::LetGo
             }
             (None | Some(Gate::Answered), Hear) => {
@@ -212,8 +225,10 @@ impl Gate {
                 Verdict::Go
             }
             (Some(Gate::Heard), Yield) => Verdict::Refuse,
-            (Some(Gate::Yielded), Answer | Hear) => Verdict::Refuse,
+            (Some(Gate::Yielded | Gate::Abandoned), Answer | Hear) => Verdict::Refuse,
             (Some(Gate::Yielded), Yield) => Verdict::Go,
+            // Repeated after RESUMED went out: still "answered" (the connection is gone already).
+            (Some(Gate::Abandoned), Yield) => Verdict::LetGo,
             // Repeated: nothing changes.
             (Some(Gate::Answered | Gate::Heard), Answer) | (Some(Gate::Heard), Hear) => Verdict::Go,
         }
@@ -286,15 +301,20 @@ mod tests {
         assert_eq!(c.successor(5).unwrap(), 6);
         // s2 stored nothing at 6 on its backup: s3 gets the kept point, labelled 6.
         assert_eq!(
-            c.supersede("s3", &[Fence::Nothing], 0).unwrap(),
+            c.supersede("s3", &[Fence::Nothing], 0, false).unwrap(),
             (Handout::Kept, 6)
         );
         assert_eq!((c.holder.as_str(), c.label), ("s3", 6));
         // s3 dies too: the agent still asks for epoch 5; s3's successor 7 is fenced next.
         assert_eq!(c.successor(5).unwrap(), 7);
         assert_eq!(
-            c.supersede("s1", &[Fence::Unreachable, Fence::Record(100, 40)], 0)
-                .unwrap(),
+            c.supersede(
+                "s1",
+                &[Fence::Unreachable, Fence::Record(100, 40)],
+                0,
+                false
+            )
+            .unwrap(),
             (Handout::Successor(1), 7)
         );
         assert_eq!((c.holder.as_str(), c.label), ("s1", 7));
@@ -310,7 +330,7 @@ mod tests {
             Fence::Unreachable,
         ];
         assert_eq!(
-            c.supersede("s3", &f, 0).unwrap(),
+            c.supersede("s3", &f, 0, false).unwrap(),
             (Handout::Successor(2), 3)
         );
         // Someone else claimed the successor epoch (or the connection went past it): refused,
@@ -321,17 +341,50 @@ mod tests {
                 "s3",
                 &[Fence::Nothing, Fence::Refused(RefuseCode::StaleEpoch)],
                 0,
+                true,
             )
             .unwrap_err();
         assert_eq!(e.0, RefuseCode::StaleEpoch);
         assert_eq!(c, Custody::new(2, "s2"));
         // No backup of the holder answered: it cannot be fenced, nothing is handed out.
         let e = c
-            .supersede("s3", &[Fence::Unreachable, Fence::Unreachable], 0)
+            .supersede("s3", &[Fence::Unreachable, Fence::Unreachable], 0, false)
             .unwrap_err();
         assert_eq!(e.0, RefuseCode::OriginUnreachable);
         assert_eq!(c, Custody::new(2, "s2"));
-        assert!(c.supersede("s3", &[], 0).is_err());
+        assert!(c.supersede("s3", &[], 0, false).is_err());
+    }
+
+    /// What `crash::racing_takeovers_have_exactly_one_winner` caught once the confirmed claim
+    /// stayed: with the origin s1 hung, s3 claimed first at s1's backup s2; s2's own claim found
+    /// s3 holding it and asked it to yield, which it did (its RESUMED had not gone out: it was
+    /// still pushing to its only backup — s1, hung); the fence of s3's epoch 1 then reached no
+    /// backup of s3 and refused, so nobody had the connection. A holder that gave the epoch up
+    /// before answering needs no fence.
+    #[test]
+    fn a_holder_that_yielded_before_answering_needs_no_fence() {
+        let mut c = Custody::new(0, "s3");
+        assert_eq!(
+            c.supersede("s2", &[Fence::Unreachable], 0, true).unwrap(),
+            (Handout::Kept, 1)
+        );
+        assert_eq!((c.holder.as_str(), c.label), ("s2", 1));
+        // With no backup reachable, only the holder's own word before answering will do: one
+        // that yielded after its RESUMED went out (the agent may hold its token), or that was
+        // not reached, is not superseded.
+        let mut c = Custody::new(0, "s3");
+        assert!(c.supersede("s2", &[Fence::Unreachable], 0, false).is_err());
+        assert!(c.supersede("s2", &[], 0, false).is_err());
+        assert!(c.supersede("s2", &[], 0, true).is_ok());
+        // The gate tells the keeper which: Go before RESUMED went out, LetGo after, every time.
+        use GateEvent::*;
+        let mut g = None;
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Go);
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Go);
+        let mut g = None;
+        assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::LetGo);
+        assert_eq!(Gate::settle(&mut g, Yield), Verdict::LetGo);
     }
 
     #[test]
@@ -354,7 +407,11 @@ mod tests {
             Verdict::Refuse,
             "a late frame is dropped"
         );
-        assert_eq!(Gate::settle(&mut g, Yield), Verdict::Go);
+        assert_eq!(
+            Gate::settle(&mut g, Yield),
+            Verdict::LetGo,
+            "still answered"
+        );
         // The agent spoke first: the epoch is its, a keeper's yield is refused.
         let mut g = None;
         assert_eq!(Gate::settle(&mut g, Answer), Verdict::Go);
@@ -376,7 +433,8 @@ mod tests {
     proptest::proptest! {
         /// Exactly one owner per epoch, whatever the order: once a yield was granted, no frame
         /// of the agent is ever processed nor COMMITTED sent, and once a frame was processed no
-        /// yield is granted; a connection is let go only if RESUMED went out.
+        /// yield is granted; a connection is let go only if RESUMED went out, and a yield is
+        /// granted as "never answered" (Go) only if no RESUMED went out.
         #[test]
         fn a_granted_yield_and_a_heard_agent_exclude_each_other(
             events in proptest::collection::vec(event(), 0..12)
@@ -394,9 +452,12 @@ mod tests {
                 if v == Verdict::LetGo {
                     proptest::prop_assert!(answered);
                 }
+                if (e, v) == (GateEvent::Yield, Verdict::Go) {
+                    proptest::prop_assert!(!answered);
+                }
                 proptest::prop_assert!(!(yielded && heard));
                 proptest::prop_assert!(!(yielded && Gate::may_commit(g)));
-                proptest::prop_assert!(!(yielded && answered && g != Some(Gate::Yielded)));
+                proptest::prop_assert!(!(yielded && answered && g != Some(Gate::Abandoned)));
             }
         }
     }
@@ -412,12 +473,12 @@ mod tests {
         // holder resumes at 8, past anything s2 or s3 was given.
         let mut c = Custody::new(5, "s2");
         assert_eq!(
-            c.supersede("s4", &[Fence::Nothing], 7).unwrap(),
+            c.supersede("s4", &[Fence::Nothing], 7, false).unwrap(),
             (Handout::Kept, 7)
         );
         // A floor below the successor changes nothing.
         let mut c = Custody::new(5, "s2");
-        assert_eq!(c.supersede("s4", &[Fence::Nothing], 3).unwrap().1, 6);
+        assert_eq!(c.supersede("s4", &[Fence::Nothing], 3, false).unwrap().1, 6);
     }
 
     fn step(server: &str, epoch: u64) -> Step {

@@ -409,8 +409,10 @@ pub enum Msg {
         epoch: u64,
     },
     /// Keeper → holder (eager mode): give up epoch `epoch` of `cid` unless the agent has used
-    /// it (spoken on the session its RESUMED went out on); answered STATE (empty) when given
-    /// up, REFUSED otherwise (`mtcp_proto::custody::Gate`).
+    /// it (spoken on the session its RESUMED went out on); answered STATE when given up —
+    /// empty if no RESUMED for that epoch went out (no agent holds its token, so the keeper
+    /// needs no fence), one byte if one did — and REFUSED otherwise
+    /// (`mtcp_proto::custody::Gate`).
     Yield {
         cid: Cid,
         epoch: u64,

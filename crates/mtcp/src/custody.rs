@@ -12,6 +12,30 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// What fencing a holder's successor epoch found ([`crate::eager::fence`]): each backup's
+/// answer with the record it had, the highest epoch label an answer carried, and whether the
+/// holder said it gave the epoch up before answering RESUMED for it (`Custody::supersede`'s
+/// `unanswered`).
+#[derive(Debug, Default)]
+pub(crate) struct Fenced {
+    pub fences: Vec<Fence>,
+    pub records: Vec<Option<Vec<u8>>>,
+    pub floor: u64,
+    pub unanswered: bool,
+}
+
+impl Fenced {
+    #[cfg(test)]
+    pub fn of(fences: &[Fence], records: &[Option<Vec<u8>>], floor: u64) -> Self {
+        Self {
+            fences: fences.to_vec(),
+            records: records.to_vec(),
+            floor,
+            unanswered: false,
+        }
+    }
+}
+
 struct Kept {
     custody: Custody,
     rec: StateRecord,
@@ -86,16 +110,14 @@ impl CustodyStore {
         g.0.get(&cid).map(|k| k.custody.clone())
     }
 
-    /// The holder `seen` was fenced (its backups answered `fences`, with `records`): hands the
-    /// state to `by` under the successor epoch's label, if the custody is still as `seen`.
+    /// The holder `seen` was fenced (`f`): hands the state to `by` under the successor epoch's
+    /// label, if the custody is still as `seen`.
     pub fn supersede(
         &self,
         cid: Cid,
         seen: &Custody,
         by: &str,
-        fences: &[Fence],
-        records: &[Option<Vec<u8>>],
-        floor: u64,
+        f: &Fenced,
     ) -> Result<StateRecord, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(k) = g.0.get_mut(&cid) else {
@@ -112,10 +134,11 @@ impl CustodyStore {
                 format!("connection {cid} changed hands meanwhile"),
             ));
         }
-        let (what, label) = k.custody.supersede(by, fences, floor)?;
+        let (what, label) = k.custody.supersede(by, &f.fences, f.floor, f.unanswered)?;
         if let Handout::Successor(i) = what {
             // The holder's newer restart point replaces the kept one.
-            match records
+            match f
+                .records
                 .get(i)
                 .and_then(|r| r.as_deref())
                 .map(StateRecord::decode)
@@ -201,12 +224,12 @@ mod tests {
         let seen = s.get(cid).unwrap();
         // s2 died before its backups held epoch 5; fenced with nothing there: s3 gets it as 5.
         let r = s
-            .supersede(cid, &seen, "s3", &[Fence::Nothing], &[None], 0)
+            .supersede(cid, &seen, "s3", &Fenced::of(&[Fence::Nothing], &[None], 0))
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (5, 100));
         // A second supersede with the stale view is refused.
         assert!(s
-            .supersede(cid, &seen, "s1", &[Fence::Nothing], &[None], 0)
+            .supersede(cid, &seen, "s1", &Fenced::of(&[Fence::Nothing], &[None], 0))
             .is_err());
         // s2's late confirmation changes nothing: s3 holds it now.
         s.confirmed(cid, 4, "s2");
@@ -219,9 +242,7 @@ mod tests {
                 cid,
                 &seen,
                 "s1",
-                &[Fence::Record(300, 150)],
-                &[Some(newer)],
-                0,
+                &Fenced::of(&[Fence::Record(300, 150)], &[Some(newer)], 0),
             )
             .unwrap();
         assert_eq!((r.epoch, r.snap_out), (6, 300));

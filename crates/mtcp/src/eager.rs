@@ -16,7 +16,9 @@
 
 use crate::config::ServerEntry;
 use crate::conn::{ConnState, Phase, Shared};
+use crate::custody::Fenced;
 use crate::framed::Out;
+use crate::gate::YieldAnswer;
 use crate::peer;
 use crate::replica::{ClaimError, Claimed};
 use crate::server::{Fetch, ServerInner};
@@ -448,13 +450,15 @@ async fn rehand(
         Err(e) => return Some(Err(e)),
     };
     tracing::warn!(cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
-    if let Err(e) = ask_to_yield(inner, &seen.holder, f.cid, next).await {
-        return Some(Err(e));
-    }
-    let (fences, records, floor) = fence(inner, f.cid, next, &seen.holder).await;
-    let r = inner
-        .custody
-        .supersede(f.cid, &seen, to, &fences, &records, floor);
+    let unanswered = match ask_to_yield(inner, &seen.holder, f.cid, next).await {
+        Ok(u) => u,
+        Err(e) => return Some(Err(e)),
+    };
+    let fenced = Fenced {
+        unanswered,
+        ..fence(inner, f.cid, next, &seen.holder).await
+    };
+    let r = inner.custody.supersede(f.cid, &seen, to, &fenced);
     match &r {
         Ok(rec) => {
             tracing::info!(cid = %f.cid, to, label = rec.epoch, restart_at = rec.snap_out, "connection handed over again from custody")
@@ -465,38 +469,38 @@ async fn rehand(
 }
 
 /// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
-/// it already sent RESUMED for it (the agent has that epoch: whoever asks for the older one is
-/// not the agent's current move). A holder that cannot be reached is left to the fence: dead,
-/// or cut off from everyone, so it serves no one.
+/// the agent has used that epoch (spoken on the session its RESUMED went out on: whoever asks
+/// for the older one is not the agent's current move). A holder that cannot be reached is left
+/// to the fence: dead, or cut off from everyone, so it serves no one. `Ok(true)`: the holder
+/// gave the epoch up before any RESUMED for it went out — no agent holds its token, so the
+/// fence is not needed (`Custody::supersede`'s `unanswered`).
 pub(crate) async fn ask_to_yield(
     inner: &Arc<ServerInner>,
     holder: &str,
     cid: mtcp_proto::Cid,
     epoch: u64,
-) -> Result<(), Refusal> {
-    let answered = || {
-        Err((
+) -> Result<bool, Refusal> {
+    let answer = if holder == inner.id {
+        inner.give_up(cid, epoch)
+    } else {
+        let Some(to) = inner.cluster.server(holder).cloned() else {
+            return Ok(false);
+        };
+        match peer::ask_yield(inner, &to, cid, epoch).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(%cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
+                return Ok(false);
+            }
+        }
+    };
+    match answer {
+        YieldAnswer::Unanswered => Ok(true),
+        YieldAnswer::LetGo => Ok(false),
+        YieldAnswer::Refused => Err((
             RefuseCode::StaleEpoch,
             format!("{holder} already resumed the connection at epoch {epoch}"),
-        ))
-    };
-    if holder == inner.id {
-        return if inner.give_up(cid, epoch) {
-            Ok(())
-        } else {
-            answered()
-        };
-    }
-    let Some(to) = inner.cluster.server(holder).cloned() else {
-        return Ok(());
-    };
-    match peer::ask_yield(inner, &to, cid, epoch).await {
-        Ok(true) => Ok(()),
-        Ok(false) => answered(),
-        Err(e) => {
-            tracing::info!(%cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
-            Ok(())
-        }
+        )),
     }
 }
 
@@ -520,11 +524,11 @@ pub(crate) async fn fence_here(
     };
     let next = seen.label + 1;
     let yielded = if seen.holder == inner.id {
-        inner.give_up(cid, next)
+        inner.give_up(cid, next) != YieldAnswer::Refused
     } else {
         match inner.cluster.server(&seen.holder).cloned() {
             Some(h) => match peer::ask_yield(inner, &h, cid, next).await {
-                Ok(y) => y,
+                Ok(y) => y != YieldAnswer::Refused,
                 Err(e) => {
                     tracing::warn!(%cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
                     false
@@ -551,13 +555,14 @@ pub(crate) async fn fence_here(
 /// agent only once its backups hold its epoch. Returns each backup's answer, with the record
 /// it had at that epoch, and the highest epoch label an answer carried (past `next` when a
 /// backup passed a failed candidate's claim over, [`fence_here`]). A record that is only the
-/// start of the connection (nothing was stored) counts as nothing.
+/// start of the connection (nothing was stored) counts as nothing. (`unanswered` is left
+/// false: the caller sets it from the holder's answer to YIELD.)
 pub(crate) async fn fence(
     inner: &Arc<ServerInner>,
     cid: mtcp_proto::Cid,
     next: u64,
     holder: &str,
-) -> (Vec<Fence>, Vec<Option<Vec<u8>>>, u64) {
+) -> Fenced {
     let mut fences = Vec::new();
     let mut records = Vec::new();
     let mut floor = next;
@@ -589,7 +594,12 @@ pub(crate) async fn fence(
         fences.push(f);
         records.push(rec);
     }
-    (fences, records, floor)
+    Fenced {
+        fences,
+        records,
+        floor,
+        unanswered: false,
+    }
 }
 
 /// The implicit restart point of a new connection (what a relabelled tombstone hands out).
@@ -616,11 +626,12 @@ pub(crate) async fn claim_here(
         Err(ClaimError::Held(seen)) => {
             let next = seen.successor(epoch)?;
             tracing::warn!(%cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
-            ask_to_yield(inner, &seen.holder, cid, next).await?;
-            let (fences, records, floor) = fence(inner, cid, next, &seen.holder).await;
-            inner
-                .replicas
-                .supersede(cid, &seen, by, &fences, &records, floor)
+            let unanswered = ask_to_yield(inner, &seen.holder, cid, next).await?;
+            let fenced = Fenced {
+                unanswered,
+                ..fence(inner, cid, next, &seen.holder).await
+            };
+            inner.replicas.supersede(cid, &seen, by, &fenced)
         }
     }
 }

@@ -12,6 +12,18 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// A holder's answer to a keeper's YIELD ([`ServerInner::give_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum YieldAnswer {
+    /// Given up before any RESUMED for the epoch went out from here: no agent holds its token.
+    Unanswered,
+    /// Given up after RESUMED went out (the connection built for it is let go): the agent
+    /// never spoke on that session, but may hold the epoch's token.
+    LetGo,
+    /// Refused: the agent uses the epoch.
+    Refused,
+}
+
 /// A gate and when it was made (forgotten after `replica_ttl`).
 type Slot = (Option<Gate>, Instant);
 
@@ -41,21 +53,22 @@ impl ServerInner {
         self.gates.settle(cid, epoch, GateEvent::Answer) == Verdict::Go
     }
 
-    /// A keeper asks this server to give up `epoch` of `cid`: true unless the agent has used
-    /// the epoch (spoken on the session its RESUMED went out on). A connection built for that
-    /// epoch whose agent never spoke is let go: it never serves again.
-    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> bool {
+    /// A keeper asks this server to give up `epoch` of `cid`: granted unless the agent has used
+    /// the epoch (spoken on the session its RESUMED went out on), and said apart when no
+    /// RESUMED for it went out. A connection built for that epoch whose agent never spoke is
+    /// let go: it never serves again.
+    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> YieldAnswer {
         match self.gates.settle(cid, epoch, GateEvent::Yield) {
-            Verdict::Go => true,
-            Verdict::Refuse => false,
+            Verdict::Go => YieldAnswer::Unanswered,
+            Verdict::Refuse => YieldAnswer::Refused,
             Verdict::LetGo => {
                 let Some(shared) = self.get(&cid) else {
-                    return true;
+                    return YieldAnswer::LetGo;
                 };
                 {
                     let mut st = shared.lock();
                     if st.epoch != epoch {
-                        return true;
+                        return YieldAnswer::LetGo;
                     }
                     tracing::warn!(%cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
                     st.phase = Phase::Migrated;
@@ -64,7 +77,7 @@ impl ServerInner {
                     st.wake_all();
                 }
                 self.forget(cid);
-                true
+                YieldAnswer::LetGo
             }
         }
     }

@@ -11,6 +11,7 @@
 
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader, MacWriter};
+use crate::gate::YieldAnswer;
 use crate::replica::Claimed;
 use crate::server::{msg_name, Fetch, Frozen, ServerInner};
 use crate::stream::{ReadHalf, Stream, WriteHalf};
@@ -443,18 +444,18 @@ pub(crate) async fn fence(
 }
 
 /// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` (see
-/// [`crate::eager::ask_to_yield`]). `Ok(false)`: it answered the agent already. An error: not
-/// reached.
+/// [`crate::eager::ask_to_yield`]). An error: not reached.
 pub(crate) async fn ask_yield(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
-) -> Result<bool, String> {
+) -> Result<YieldAnswer, String> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
     match call(inner, to, &Msg::Yield { cid, epoch }, t, t).await {
-        Ok(Msg::State(_)) => Ok(true),
-        Ok(Msg::Refused { .. }) => Ok(false),
+        Ok(Msg::State(b)) if b.is_empty() => Ok(YieldAnswer::Unanswered),
+        Ok(Msg::State(_)) => Ok(YieldAnswer::LetGo),
+        Ok(Msg::Refused { .. }) => Ok(YieldAnswer::Refused),
         Ok(other) => Err(format!("answered {}", msg_name(&other))),
         Err(e) => Err(e.to_string()),
     }
@@ -706,20 +707,23 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                     Err((code, reason)) => Msg::Refused { code, reason },
                 }
             }
-            Ok(Msg::Yield { cid, epoch }) => {
-                if inner.give_up(cid, epoch) {
+            Ok(Msg::Yield { cid, epoch }) => match inner.give_up(cid, epoch) {
+                YieldAnswer::Unanswered => {
                     tracing::info!(%cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
                     Msg::State(Vec::new())
-                } else {
-                    Msg::Refused {
-                        code: RefuseCode::StaleEpoch,
-                        reason: format!(
-                            "server {} already answered the agent for epoch {epoch} of {cid}",
-                            inner.id
-                        ),
-                    }
                 }
-            }
+                YieldAnswer::LetGo => {
+                    tracing::info!(%cid, epoch, keeper = %from, "epoch given up after RESUMED went out (the agent never used it)");
+                    Msg::State(vec![1])
+                }
+                YieldAnswer::Refused => Msg::Refused {
+                    code: RefuseCode::StaleEpoch,
+                    reason: format!(
+                        "server {} already answered the agent for epoch {epoch} of {cid}",
+                        inner.id
+                    ),
+                },
+            },
             Ok(Msg::FenceEpoch { cid, epoch }) => {
                 match crate::eager::fence_here(&inner, cid, epoch, &from).await {
                     Ok(Claimed::Record(b)) => {

@@ -12,7 +12,8 @@
 //! backups ([`ReplicaStore::supersede`]); then the record goes to the new claimer one epoch
 //! up. Memory is bounded (`max_bytes`) and entries not refreshed for `ttl` are forgotten.
 
-use mtcp_proto::custody::{Custody, Fence, Handout};
+use crate::custody::Fenced;
+use mtcp_proto::custody::{Custody, Handout};
 use mtcp_proto::stream::{Refusal, ServerStream, Snap};
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
@@ -279,18 +280,16 @@ impl ReplicaStore {
         Ok(Claimed::Nothing)
     }
 
-    /// After [`ClaimError::Held`]: the holder's successor epoch was fenced at its backups,
-    /// which answered `fences` (with the records they had, same order). Hands the entry to
-    /// `by` one epoch up — its own record or the holder's newer one — if the entry is still
-    /// held as `seen` (else the claim is tried anew by the caller's next attempt: refused).
+    /// After [`ClaimError::Held`]: the holder's successor epoch was fenced at its backups
+    /// (`f`: their answers, with the records they had, same order). Hands the entry to `by`
+    /// one epoch up — its own record or the holder's newer one — if the entry is still held as
+    /// `seen` (else the claim is tried anew by the caller's next attempt: refused).
     pub fn supersede(
         &self,
         cid: Cid,
         seen: &Custody,
         by: &str,
-        fences: &[Fence],
-        records: &[Option<Vec<u8>>],
-        floor: u64,
+        f: &Fenced,
     ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
@@ -313,7 +312,7 @@ impl ReplicaStore {
                 ),
             ));
         }
-        let (what, label) = c.supersede(by, fences, floor)?;
+        let (what, label) = c.supersede(by, &f.fences, f.floor, f.unanswered)?;
         e.claimer = Some(c.holder);
         e.label = label;
         e.updated = Instant::now();
@@ -322,7 +321,10 @@ impl ReplicaStore {
             Handout::Kept => labelled(cid, &e.rec, e.epoch, label),
             Handout::Successor(i) => labelled(
                 cid,
-                records.get(i).and_then(|r| r.as_deref()).unwrap_or(&e.rec),
+                f.records
+                    .get(i)
+                    .and_then(|r| r.as_deref())
+                    .unwrap_or(&e.rec),
                 e.epoch,
                 label,
             ),
@@ -381,17 +383,36 @@ impl ReplicaStore {
     }
 
     /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
-    /// Sent by `by`: a claimed entry is forgotten only when `by` holds it (a destination
-    /// confirming that its own backups now hold its new epoch, decision 43).
+    /// Sent by `by`. An unclaimed entry (the origin closing in order) is removed. A claimed one
+    /// is touched only when `by` holds it — a destination confirming that its own backups now
+    /// hold its new epoch and the agent has it (decision 43) — and then only its record goes:
+    /// the claim stays, as a plain tombstone, so the epoch is still claimed. Removing it would
+    /// make the next claim of that epoch (a second destination racing the first, a late one)
+    /// find no entry and be granted, and two destinations would serve the same epoch; and an
+    /// origin that comes back from a hang could store its old epoch again (decision 48). The
+    /// tombstone goes when a newer epoch is stored here, or after the TTL.
     pub fn drop_upto(&self, cid: Cid, epoch: u64, by: &str) {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
-        if map
-            .get(&cid)
-            .is_some_and(|e| e.epoch <= epoch && e.claimer.as_deref().is_none_or(|c| c == by))
-        {
-            let e = map.remove(&cid).expect("present");
-            *used -= Self::charge(&e);
+        let Some(e) = map.get_mut(&cid) else { return };
+        if e.epoch > epoch {
+            return;
+        }
+        match e.claimer.as_deref() {
+            None => {
+                let e = map.remove(&cid).expect("present");
+                *used -= Self::charge(&e);
+            }
+            Some(c) if c == by => {
+                *used -= e.rec.len();
+                e.rec = Vec::new();
+                e.in_off = 0;
+                e.out_off = 0;
+                e.custody = false;
+                e.updated = Instant::now();
+                e.from = format!("claimed by {by}, confirmed");
+            }
+            Some(_) => {}
         }
     }
 
@@ -422,6 +443,7 @@ impl ReplicaStore {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use mtcp_proto::custody::Fence;
 
     fn rec(cid: u8, epoch: u64, out: u64) -> Vec<u8> {
         StateRecord {
@@ -543,11 +565,16 @@ mod tests {
         );
         // The fence could reach none of s1's backups: nothing changes hands.
         assert!(s
-            .supersede(cid, &c, "s2", &[Fence::Unreachable], &[None], 0)
+            .supersede(
+                cid,
+                &c,
+                "s2",
+                &Fenced::of(&[Fence::Unreachable], &[None], 0)
+            )
             .is_err());
         // Fenced with nothing stored there: s2 gets the same record labelled 6 (resumes at 7).
         let Claimed::Record(r) = s
-            .supersede(cid, &c, "s2", &[Fence::Nothing], &[None], 0)
+            .supersede(cid, &c, "s2", &Fenced::of(&[Fence::Nothing], &[None], 0))
             .unwrap()
         else {
             panic!("expected the record")
@@ -556,7 +583,7 @@ mod tests {
         assert_eq!((r.epoch, r.snap_out), (6, 100));
         // The same custody cannot be superseded twice (s3 raced s2 with a stale view).
         assert!(s
-            .supersede(cid, &c, "s3", &[Fence::Nothing], &[None], 0)
+            .supersede(cid, &c, "s3", &Fenced::of(&[Fence::Nothing], &[None], 0))
             .is_err());
         // s2 dies too: s3 fences s2's epoch 7, whose backup had s2's newer point.
         let Err(ClaimError::Held(c2)) = s.claim(cid, 5, "s3", true) else {
@@ -569,9 +596,7 @@ mod tests {
                 cid,
                 &c2,
                 "s3",
-                &[Fence::Record(300, 150)],
-                &[Some(newer)],
-                0,
+                &Fenced::of(&[Fence::Record(300, 150)], &[Some(newer)], 0),
             )
             .unwrap()
         else {
@@ -579,11 +604,17 @@ mod tests {
         };
         let r = StateRecord::decode(&r).unwrap();
         assert_eq!((r.epoch, r.snap_out), (7, 300));
-        // s1's late confirmation cannot drop what s3 now holds; s3's can.
+        // s1's late confirmation cannot drop what s3 now holds; s3's drops the record but
+        // keeps the claim (a tombstone: epoch 5 stays taken).
         s.drop_upto(cid, 5, "s1");
         assert_eq!(s.usage().0, 1);
+        assert!(s.usage().1 > ENTRY_OVERHEAD);
         s.drop_upto(cid, 5, "s3");
-        assert_eq!(s.usage().0, 0);
+        assert_eq!(s.usage(), (1, ENTRY_OVERHEAD));
+        assert!(matches!(
+            s.claim(cid, 5, "s2", true),
+            Err(ClaimError::Refused(_))
+        ));
         // The origin's own claim (a hand-over fence) is not a custody: plainly refused.
         s.store("s3", rec(9, 8, 400)).unwrap();
         assert!(s.claim(cid, 8, "s3", true).is_ok());
@@ -591,6 +622,58 @@ mod tests {
             s.claim(cid, 8, "s2", true),
             Err(ClaimError::Refused(_))
         ));
+    }
+
+    /// What `crash::racing_takeovers_have_exactly_one_winner` caught: with the origin s1 hung,
+    /// s2 claimed a connection that had no replica yet at its own store (s1's backup), resumed
+    /// at epoch 1 and confirmed at once (its backup s3 stored epoch 1, the agent spoke); the
+    /// confirmation removed the entry, and s3's claim of epoch 0, arriving a moment later, found
+    /// none and was granted too: s2 and s3 both resumed at epoch 1. A confirmation keeps the
+    /// claim.
+    #[test]
+    fn a_confirmed_claim_still_fences_its_epoch() {
+        let s = ReplicaStore::new(1 << 20, Duration::from_secs(60));
+        // No replica yet: s2's claim leaves a claimed tombstone.
+        let cid = Cid([3; 16]);
+        assert!(matches!(
+            s.claim(cid, 0, "s2", true).unwrap(),
+            Claimed::Nothing
+        ));
+        // Someone else's confirmation changes nothing; s2's keeps the claim.
+        s.drop_upto(cid, 0, "s3");
+        s.drop_upto(cid, 0, "s2");
+        assert_eq!(s.usage(), (1, ENTRY_OVERHEAD));
+        // The racing destination's claim (as a takeover or as a fence) is refused, not granted.
+        for supersede in [true, false] {
+            assert_eq!(
+                s.claim(cid, 0, "s3", supersede).unwrap_err().code(),
+                RefuseCode::StaleEpoch
+            );
+        }
+        // The hung origin, continued, cannot store its old epoch again.
+        assert!(s.store("s1", rec(3, 0, 10)).is_err());
+        // With a replica: the record goes on confirmation, the claim stays.
+        let cid = Cid([10; 16]);
+        s.store("s1", rec(10, 2, 100)).unwrap();
+        assert!(matches!(
+            s.claim(cid, 2, "s2", true).unwrap(),
+            Claimed::Record(_)
+        ));
+        s.drop_upto(cid, 2, "s2");
+        assert_eq!(s.usage(), (2, 2 * ENTRY_OVERHEAD));
+        assert!(s.claim(cid, 2, "s3", true).is_err());
+        assert!(!s.release(cid, 2, "s3"));
+        // The next epoch, stored by whoever serves it next, replaces the tombstone.
+        s.store("s2", rec(10, 3, 200)).unwrap();
+        assert!(matches!(
+            s.claim(cid, 3, "s3", true).unwrap(),
+            Claimed::Record(_)
+        ));
+        // An unclaimed entry (an orderly close at its origin) is removed.
+        let cid = Cid([11; 16]);
+        s.store("s1", rec(11, 0, 10)).unwrap();
+        s.drop_upto(cid, 0, "s1");
+        assert_eq!(s.usage().0, 2);
     }
 
     #[test]
