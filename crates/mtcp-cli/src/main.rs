@@ -137,6 +137,9 @@ struct ServerArgs {
     /// RESUMED.
     #[arg(long, hide = true)]
     hold_resumed_ms: Option<u64>,
+    /// Test hook: that hold ends as soon as the agent closes the MIGRATE's connection.
+    #[arg(long, hide = true)]
+    hold_resumed_until_left: bool,
     /// Test hook: this server's pushes to its backups fail (its backups are cut off from it).
     #[arg(long, hide = true)]
     drop_pushes: bool,
@@ -495,6 +498,7 @@ async fn server(a: ServerArgs) -> Result<()> {
         probe_delay: Duration::from_millis(a.probe_delay_ms.unwrap_or(0)),
         peer_delay: Duration::from_millis(a.peer_delay_ms.unwrap_or(0)),
         hold_resumed: Duration::from_millis(a.hold_resumed_ms.unwrap_or(0)),
+        hold_resumed_until_left: a.hold_resumed_until_left,
         hold_handover: Duration::from_millis(a.hold_handover_ms.unwrap_or(0)),
         drop_pushes: a.drop_pushes,
         delay_takeover: Duration::from_millis(a.delay_takeover_ms.unwrap_or(0)),

@@ -160,8 +160,9 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     assert!(agent.contains("to=s3"), "not moved to s3");
 }
 
-/// The agent gives up on s2 (silent for 3 s: the hook) and tries s3, which is slow to start
-/// (its hook); meanwhile s2 finishes and writes its RESUMED to the session the agent left. When
+/// The agent gives up on s2 (silent: the hook holds its RESUMED until the agent has left, at
+/// most 20 s) and tries s3, which is slow to start (its hook); meanwhile s2 writes its RESUMED
+/// to the session the agent left. When
 /// s3's FETCH finds the origin's custody, s2 is asked to give its epoch up: the agent never
 /// spoke on that session, so s2 does and lets the connection go (decision 48), and s3 gets it.
 /// Before, s2 refused ("already answered the agent"), every candidate was refused for the old
@@ -173,8 +174,14 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
         &dir,
         &[
             // The agent gives up on a silent candidate after one heartbeat plus srtt + 2 × RTO
-            // (~0.5 s idle, over 1 s on a loaded machine): the hold is well past that.
-            ("s2", &["--hold-resumed-ms", "3000"]),
+            // of its session's PING/PONG: ~0.5 s idle, but this download is rate-limited, the
+            // PONGs wait behind seconds of queued data, and the bound grew past a fixed 3 s hold
+            // in 2 of 5 runs here. So s2 holds until the agent has left, and writes RESUMED then
+            // (s3 starts 4.5 s after the agent came to it, well after that).
+            (
+                "s2",
+                &["--hold-resumed-ms", "20000", "--hold-resumed-until-left"],
+            ),
             ("s3", &["--delay-takeover-ms", "4500"]),
         ],
     );

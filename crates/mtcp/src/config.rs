@@ -416,6 +416,11 @@ pub struct Limits {
     /// Test hook: a destination waits this long, silent to the agent, between a finished
     /// takeover and its RESUMED (the moment a kill -9 of the destination tests, issue 15).
     pub hold_resumed: Duration,
+    /// Test hook: `hold_resumed` ends early once the agent has given up on this candidate
+    /// (closed the MIGRATE's connection), so RESUMED goes out just after the agent left,
+    /// whatever the agent's silence bound (it follows the agent's RTT estimate, which a
+    /// rate-limited download's queue inflates to seconds).
+    pub hold_resumed_until_left: bool,
     /// Test hook: an origin holds each hand-over's slot this long before freezing the
     /// connection (so that a test can fill `max_handovers`).
     pub hold_handover: Duration,
@@ -460,6 +465,7 @@ impl Default for Limits {
             peer_delay: Duration::ZERO,
             peer_loss: 0.0,
             hold_resumed: Duration::ZERO,
+            hold_resumed_until_left: false,
             hold_handover: Duration::ZERO,
             drop_pushes: false,
             delay_takeover: Duration::ZERO,

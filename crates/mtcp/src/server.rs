@@ -796,7 +796,19 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
                 // Test hook: the moment between a finished takeover and RESUMED (a kill -9
                 // here), silent to the agent (no WORKING: it gives up on this candidate).
                 tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
-                tokio::time::sleep(inner.limits.hold_resumed).await;
+                let hold = tokio::time::sleep(inner.limits.hold_resumed);
+                if inner.limits.hold_resumed_until_left {
+                    // The agent sends nothing on a MIGRATE's connection before the answer: what
+                    // ends this read is the agent leaving (giving up on this candidate).
+                    tokio::select! {
+                        _ = hold => {}
+                        r = reader.next() => {
+                            tracing::info!(cid = %m.cid, "test hook: the agent left ({:?}); RESUMED goes out now", r.err());
+                        }
+                    }
+                } else {
+                    hold.await;
+                }
             }
             let outcome = match outcome {
                 Ok((shared, ..))
