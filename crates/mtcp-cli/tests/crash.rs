@@ -230,6 +230,80 @@ async fn raw_hello(
     (wl, r, w)
 }
 
+/// One race: a connection opened at s1 (raw HELLO), s1 stopped if `hang_origin`, then MIGRATE
+/// sent to s2 and s3 at once. Each destination's answer, and whether it still has the
+/// connection once spoken to: the test pings each resumed session at once, as the agent does
+/// (a destination whose RESUMED was not used yet may have given its epoch up, decision 48).
+async fn race(lc: &mut LocalCluster, hang_origin: bool) -> [(Msg, bool); 2] {
+    let data = |id: &str| lc.servers.iter().find(|s| s.id == id).unwrap().data.clone();
+    let (s1, s2, s3) = (data("s1"), data("s2"), data("s3"));
+    let (wl, _r, _w) = raw_hello(&s1).await;
+    if hang_origin {
+        tokio::task::block_in_place(|| lc.sigstop("s1")).unwrap();
+    }
+    let m = Migrate {
+        cid: wl.cid,
+        epoch: wl.epoch,
+        token: wl.token,
+        origin: "s1".into(),
+        down_recv: 0,
+        sum_from: 0,
+        down_sum: checksum(&[]),
+        up_sent: 0,
+        up_base: 0,
+        segs: vec![],
+    };
+    let one = |to: String, m: Migrate| async move {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        framed::open_with(&mut s, &Msg::Migrate(m)).await.unwrap();
+        let (r, mut w) = s.into_split();
+        let mut r = FrameReader::new(r, 1 << 20);
+        // A destination says WORKING every heartbeat until it answers.
+        let answer = loop {
+            match r.next_msg(Duration::from_secs(10)).await.unwrap() {
+                Msg::Working => continue,
+                m => break m,
+            }
+        };
+        // Speak at once on a resumed session, as the agent does; then see whether the
+        // destination still has the connection (it answers the ping) or let it go (the
+        // session ends).
+        let kept = matches!(answer, Msg::Resumed(_)) && {
+            framed::write_msg(&mut w, &Msg::Ping { t: 1 }).await.is_ok()
+                && loop {
+                    match r.next_msg(Duration::from_secs(5)).await {
+                        Ok(Msg::Pong { .. }) => break true,
+                        Ok(_) => continue,
+                        Err(_) => break false,
+                    }
+                }
+        };
+        (answer, kept)
+    };
+    let (a, b) = tokio::join!(one(s2, m.clone()), one(s3, m));
+    if hang_origin {
+        tokio::task::block_in_place(|| lc.sigcont("s1")).unwrap();
+    }
+    for x in [&a.0, &b.0] {
+        match x {
+            Msg::Resumed(_) => {}
+            Msg::Refused { code, .. } => assert!(
+                matches!(code, RefuseCode::StaleEpoch | RefuseCode::UnknownConnection),
+                "{x:?}"
+            ),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(
+        [a.1, b.1].iter().filter(|k| **k).count(),
+        1,
+        "origin hung: {hang_origin}; answers: {:?} / {:?}",
+        a.0,
+        b.0
+    );
+    [a, b]
+}
+
 /// Raw sessions (the test plays the agent): a connection is opened at s1, then two destinations
 /// are asked at once to take it over — with s1 alive (the origin hands it to one), and with s1
 /// hung (the backups grant one claim). Exactly one keeps it each time: a destination answers
@@ -240,75 +314,50 @@ async fn raw_hello(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_takeovers_have_exactly_one_winner() {
     let dir = TempDir::new("crash-race");
-    file(&dir, "f.bin", 1 << 20, 10);
     let mut lc = tokio::task::block_in_place(|| eager_cluster(&dir, 3, None, &[]));
-    let servers = lc.servers.clone();
-    let data = |id: &str| servers.iter().find(|s| s.id == id).unwrap().data.clone();
     for hang_origin in [false, true] {
-        let (wl, _r, _w) = raw_hello(&data("s1")).await;
-        if hang_origin {
-            tokio::task::block_in_place(|| lc.sigstop("s1")).unwrap();
-        }
-        let m = Migrate {
-            cid: wl.cid,
-            epoch: wl.epoch,
-            token: wl.token,
-            origin: "s1".into(),
-            down_recv: 0,
-            sum_from: 0,
-            down_sum: checksum(&[]),
-            up_sent: 0,
-            up_base: 0,
-            segs: vec![],
+        race(&mut lc, hang_origin).await;
+    }
+}
+
+/// The two orders of the hung-origin race above, each forced with a late start (the hidden
+/// `--delay-takeover-ms` hook) at one destination; s2 is s1's backup, s3's backup is s1.
+/// * s3 late: s2 claims at its own store, resumes at epoch 1 and — spoken to — confirms; s3's
+///   claim then comes. A confirmation used to remove the claimed entry, and s3's claim was
+///   granted anew: both resumed at epoch 1 (CI's failure). The claim now stays: s3 is refused.
+/// * s2 late: s3 claims first and pushes epoch 1 to its backup, the stopped s1; s2's claim asks
+///   s3 to give its epoch up, which it does before answering, and the fence of that epoch at s3's
+///   backup (s1 again) reaches nobody. That fence used to be required, and both refused: no
+///   owner. A holder that yielded before any RESUMED went out needs none: s2 resumes one epoch
+///   up (decision 48).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_takeovers_for_a_hung_origin_in_either_order_have_exactly_one_winner() {
+    for (late, winner, epoch) in [("s3", "s2", 1), ("s2", "s2", 2)] {
+        let dir = TempDir::new(&format!("crash-race-{late}-late"));
+        let opts = mtcp_cli::local::LocalOptions {
+            servers: 3,
+            root: dir.path().join("www"),
+            log: "info,mtcp=debug".into(),
+            mode: "eager".into(),
+            server_args_for: vec![(
+                late.into(),
+                vec!["--delay-takeover-ms".into(), "1000".into()],
+            )],
+            ..Default::default()
         };
-        let race = |to: String, m: Migrate| async move {
-            let mut s = TcpStream::connect(to).await.unwrap();
-            framed::open_with(&mut s, &Msg::Migrate(m)).await.unwrap();
-            let (r, mut w) = s.into_split();
-            let mut r = FrameReader::new(r, 1 << 20);
-            // A destination says WORKING every heartbeat until it answers.
-            let answer = loop {
-                match r.next_msg(Duration::from_secs(10)).await.unwrap() {
-                    Msg::Working => continue,
-                    m => break m,
-                }
-            };
-            // Speak at once on a resumed session, as the agent does; then see whether the
-            // destination still has the connection (it answers the ping) or let it go (the
-            // session ends).
-            let kept = matches!(answer, Msg::Resumed(_)) && {
-                framed::write_msg(&mut w, &Msg::Ping { t: 1 }).await.is_ok()
-                    && loop {
-                        match r.next_msg(Duration::from_secs(5)).await {
-                            Ok(Msg::Pong { .. }) => break true,
-                            Ok(_) => continue,
-                            Err(_) => break false,
-                        }
-                    }
-            };
-            (answer, kept, w)
+        let mut lc = tokio::task::block_in_place(|| {
+            LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
+        });
+        let answers = race(&mut lc, true).await;
+        let kept = answers.iter().find(|(_, k)| *k).expect("one kept it");
+        let Msg::Resumed(r) = &kept.0 else {
+            panic!("kept without RESUMED")
         };
-        let (a, b) = tokio::join!(race(data("s2"), m.clone()), race(data("s3"), m.clone()));
-        for x in [&a.0, &b.0] {
-            match x {
-                Msg::Resumed(_) => {}
-                Msg::Refused { code, .. } => assert!(
-                    matches!(code, RefuseCode::StaleEpoch | RefuseCode::UnknownConnection),
-                    "{x:?}"
-                ),
-                other => panic!("unexpected answer {other:?}"),
-            }
-        }
         assert_eq!(
-            [a.1, b.1].iter().filter(|k| **k).count(),
-            1,
-            "origin hung: {hang_origin}; answers: {:?} / {:?}",
-            a.0,
-            b.0
+            (r.server.as_str(), r.epoch),
+            (winner, epoch),
+            "{late} late: {answers:?}"
         );
-        if hang_origin {
-            tokio::task::block_in_place(|| lc.sigcont("s1")).unwrap();
-        }
     }
 }
 
