@@ -616,7 +616,13 @@ pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) 
     let _ = w.shutdown().await;
 }
 
-pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
+/// Serves a data-port session; `admitted` is its place under the session caps, taken at
+/// accept (or why it is over one).
+pub(crate) async fn handle_session(
+    inner: Arc<ServerInner>,
+    s: Stream,
+    admitted: Result<crate::admission::Slot, String>,
+) {
     let mut gauge = crate::metrics::SessionGauge::new();
     let peer_addr = s
         .tcp()
@@ -624,13 +630,8 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
-    let source = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.ip())
-        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     // Held for the session's life: counts it against the caps.
-    let (_slot, over) = match crate::admission::Sessions::admit(&inner, source) {
+    let (_slot, over) = match admitted {
         Ok(slot) => (Some(slot), None),
         Err(why) => (None, Some(why)),
     };
