@@ -701,15 +701,17 @@ pub(crate) async fn handle_session(
             }
             // Fast path: only a local agent of a trusted uid may hand connections over; its
             // end of this session is in this host's socket table (decision 39).
-            let agent_uid = if direct {
-                let owner = match ends {
+            // What it may hand over are the connections it holds on its listed addresses now,
+            // while the client's connection is still its own (it freezes it after WELCOME).
+            let agent = if direct {
+                let listed = inner.cluster.fast_path.clone();
+                let (owner, held) = match ends {
                     (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
-                        crate::sockowner::connection_owner(peer, local)
+                        crate::sockowner::session_view(peer, local, &listed)
                     })
                     .await
-                    .ok()
-                    .flatten(),
-                    _ => None,
+                    .unwrap_or_default(),
+                    _ => (None, Vec::new()),
                 };
                 // SAFETY: geteuid has no preconditions.
                 let me = unsafe { libc::geteuid() };
@@ -717,7 +719,7 @@ pub(crate) async fn handle_session(
                     refuse(&mut w, RefuseCode::Unauthenticated, why).await;
                     return;
                 }
-                owner
+                owner.map(|uid| crate::direct::Adopter { uid, held })
             } else {
                 None
             };
@@ -766,7 +768,7 @@ pub(crate) async fn handle_session(
                 match Box::pin(crate::direct::adopt(
                     tcp,
                     &inner.cluster.fast_path,
-                    agent_uid,
+                    agent.as_ref(),
                 ))
                 .await
                 {
