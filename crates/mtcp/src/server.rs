@@ -1357,7 +1357,9 @@ async fn writer_loop(
                     let mut st = shared.lock();
                     let unanswered = st.inputs != inputs_at_data;
                     let fast = st.direct.is_some();
-                    if !mtcp_proto::trigger::beat_due(unanswered, now - last_data, fast) {
+                    let unacked = st.s.unacked() > 0;
+                    let since = now - last_data.max(st.acked_at);
+                    if !mtcp_proto::trigger::beat_due(unanswered, unacked, since, fast) {
                         // Nobody waits: no frames until input arrives (issue 13).
                         st.beat_parked = true;
                         parked = true;
@@ -1510,6 +1512,7 @@ async fn reader_loop(
                 st.s.on_ack(down_recv, sum_from);
                 if st.s.acked() > before {
                     st.ack_wait = None;
+                    st.acked_at = tokio::time::Instant::now();
                     if st.s.unacked() < inner.limits.max_unacked {
                         if let Some(w) = st.write_waker.take() {
                             w.wake();
