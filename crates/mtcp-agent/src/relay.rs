@@ -470,15 +470,17 @@ async fn run(
                     pend = 0..0;
                     buf = BytesMut::new();
                     up_want = CLIENT_READ_MIN;
-                    // Acknowledge what was delivered, so the server can drop its copy now rather
-                    // than after ACK_EVERY more bytes that may never come.
-                    let recv = conn.down.received();
-                    if recv > conn.acked {
-                        conn.acked = recv;
-                        let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
-                        if framed::write_msg(&mut s.w, &ack).await.is_err() {
-                            return session_broke(conn, "write failed");
-                        }
+                }
+                // Acknowledge what arrived since the last ACK, at most once a tick: the server
+                // drops its copy now rather than after ACK_EVERY more bytes that may never come,
+                // and learns that the agent read it (it beats on for a while after, in case more
+                // is expected: `trigger::beat_due`).
+                let recv = conn.down.received();
+                if recv > conn.acked {
+                    conn.acked = recv;
+                    let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                    if framed::write_msg(&mut s.w, &ack).await.is_err() {
+                        return session_broke(conn, "write failed");
                     }
                 }
                 moved_at_tick = moved;

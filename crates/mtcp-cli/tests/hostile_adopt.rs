@@ -1,6 +1,7 @@
 //! Issue 14, fast-path admission: a session that is not a local agent of a trusted uid cannot
 //! hand a server a TCP connection (ADOPT), and a trusted one can hand over only a connection to
-//! its own listening address, with no output sent and at most 4 MiB of input. Each planted
+//! its own listening address that it held (no remote address of its choosing), with no output
+//! sent and at most 4 MiB of input. Each planted
 //! ADOPT is refused by name and nothing is planted, while a live download through a fast-path
 //! agent (the client's connection itself served by the server) arrives byte-exact. Needs root
 //! (TCP_REPAIR, nftables, and `setpriv` to run the probe as uid 65534); without it the test
@@ -188,8 +189,13 @@ async fn a_planted_adopt_is_refused_and_nothing_is_planted() {
     assert!(a.contains("uid 65534"), "{a}");
 
     // A trusted uid (this test runs as root), but a connection the agent could not hand over:
-    // output it sent, input over the bound, an address nobody listens on, an unlisted address.
-    let cases: [(&str, Vec<u8>, &str); 4] = [
+    // one to its listener that it never accepted (the remote address chosen), output it sent, input over the bound, an address nobody listens on, an unlisted address.
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "a client the agent never accepted",
+            planted(&lc.agent_listen, 0, 10).encode(),
+            "held when the session began",
+        ),
         (
             "output sent",
             planted(&lc.agent_listen, 1000, 10).encode(),

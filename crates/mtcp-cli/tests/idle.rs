@@ -35,9 +35,10 @@ async fn idle_connections_get_no_heartbeats_and_a_hung_server_is_left_on_the_nex
     }
     get_all(&mut conns, &want).await;
 
-    // Past the servers' linger after their last data, idle sessions get no heartbeat at all
-    // (before: one every 100 ms each, 20 × 10 a second here).
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Past the agent's acknowledgement (at its next 1 s tick) and the servers' 2 s linger
+    // after it, idle sessions get no heartbeat at all (before: one every 100 ms each, 20 × 10 a
+    // second here).
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
     let before =
         tokio::task::block_in_place(|| metric(&m1, "mtcp_heartbeats_total{on=\"session\"}"));
     tokio::time::sleep(Duration::from_secs(2)).await;

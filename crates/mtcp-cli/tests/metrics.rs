@@ -1,7 +1,7 @@
 //! The Prometheus endpoint (`--metrics ADDR`) of servers and an agent, scraped with curl: the
 //! counts follow manual moves, a refused move, a forged MIGRATE and a drain exactly; garbage,
 //! oversized and silent requests on the metrics port are answered or closed and leave the
-//! cluster serving.
+//! cluster serving; a connection being moved shows as `leaving`, not `detached`.
 
 mod common;
 
@@ -397,4 +397,54 @@ async fn metrics_show_replicas_and_a_takeover_from_one_after_a_kill() {
         s.get("mtcp_replicas_held", &[]) == 1.0
     })
     .await;
+}
+
+/// `mtcp_connections{state="leaving"}` counts a connection whose agent closed its session to
+/// move it (LEAVING), apart from `detached` (an agent that may be gone): while the destination
+/// is stopped, the origin holds the connection as leaving; once the move ends, as live again or
+/// not at all — and the connection answers byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_being_moved_is_leaving_not_detached() {
+    let dir = TempDir::new("metrics-leaving");
+    let want = file(&dir, "f.bin", 64 << 10, 8);
+    let (lc, m1) = tokio::task::block_in_place(|| cluster_with_metrics_on_s1(&dir, 2, "lazy"));
+    let mut conns = vec![Client::connect(&lc.agent_listen).await.unwrap()];
+    get_all(&mut conns, &want).await;
+    let leaving = "mtcp_connections{state=\"leaving\"}";
+    let detached = "mtcp_connections{state=\"detached\"}";
+    let live = "mtcp_connections{state=\"live\"}";
+    assert_eq!(tokio::task::block_in_place(|| metric(&m1, live)), 1.0);
+    let s2 = lc.pid("s2").expect("s2's pid");
+    // SAFETY: kill(2) on a child process this test started.
+    assert_eq!(unsafe { libc::kill(s2 as i32, libc::SIGSTOP) }, 0);
+    let mut mv = std::process::Command::new(exe())
+        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", "s2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start mtcp migrate");
+    let t0 = Instant::now();
+    let seen = loop {
+        let (l, d) = tokio::task::block_in_place(|| (metric(&m1, leaving), metric(&m1, detached)));
+        if l == 1.0 {
+            break d;
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            // SAFETY: as above.
+            unsafe { libc::kill(s2 as i32, libc::SIGCONT) };
+            let _ = mv.kill();
+            panic!("s1 never showed the connection as leaving (detached: {d})");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(seen, 0.0, "a leaving connection also counted as detached");
+    // SAFETY: as above.
+    unsafe { libc::kill(s2 as i32, libc::SIGCONT) };
+    tokio::task::block_in_place(|| wait_child(&mut mv, "mtcp migrate", Duration::from_secs(20)));
+    get_all(&mut conns, &want).await;
+    let t1 = Instant::now();
+    while tokio::task::block_in_place(|| metric(&m1, leaving)) != 0.0 {
+        assert!(t1.elapsed() < Duration::from_secs(5), "still leaving on s1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -263,3 +263,85 @@ fn a_mismatched_cluster_fails_at_once_and_by_name() {
     let log = log_of(other.path(), "tls");
     assert!(log.contains("speaks plain M-TCP"), "{log}");
 }
+
+/// A TLS session from `src` to `addr`: handshake, preamble, HELLO; its answer.
+async fn tls_hello(
+    addr: &str,
+    src: &str,
+    tls: &mtcp::tls::ClientTls,
+) -> Result<(), (mtcp::proto::wire::RefuseCode, String)> {
+    use mtcp::framed::{self, FrameReader};
+    use mtcp::proto::wire::Msg;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let s = sock.connect(addr.parse().unwrap()).await.unwrap();
+    let name = mtcp::tls::name_of_addr(addr).unwrap();
+    let mut s = tls.connect(name, s).await.expect("TLS handshake");
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: 0,
+        orig_dst: None,
+    };
+    let _ = framed::write_msg(&mut w, &hello).await;
+    let mut r = FrameReader::new(r, 4 << 20);
+    match r.next_msg(Duration::from_secs(10)).await.unwrap() {
+        Msg::Welcome(_) => Ok(()),
+        Msg::Refused { code, reason } => Err((code, reason)),
+        other => panic!("expected WELCOME or REFUSED, got {other:?}"),
+    }
+}
+
+/// Connections that stall in their TLS handshake count against the session caps from their
+/// accept (issue 14): with `--max-sessions-per-source 4`, four of them from 127.0.0.2 make a
+/// fifth session from there, handshake done, refused `Busy` by name; once they are gone one is
+/// served again. A download through the agent (from 127.0.0.1) is byte-exact meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_count_against_the_session_caps() {
+    let dir = TempDir::new("tls-caps");
+    let want = file(&dir, "f.bin", 4 << 20, 48);
+    let lc = tokio::task::block_in_place(|| {
+        let opts = LocalOptions {
+            servers: 1,
+            root: dir.path().join("www"),
+            mode: "lazy".into(),
+            tls: true,
+            server_args: ["--max-sessions-per-source", "4"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        };
+        LocalCluster::start(&exe(), dir.path(), &opts).expect("start a TLS cluster")
+    });
+    let tls = mtcp::tls::ClientTls::from_ca_file(lc.tls_ca.as_ref().unwrap()).unwrap();
+    let data = lc.servers[0].data.clone();
+    // A handshake's first byte, then nothing: the server waits in its handshake (≤ 5 s).
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(data.parse().unwrap()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, &[0x16])
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match tls_hello(&data, "127.0.0.2", &tls).await {
+        Err((mtcp::proto::wire::RefuseCode::Busy, why)) if why.contains("from one address") => {}
+        other => panic!("expected Busy (per source) with 4 stalled handshakes: {other:?}"),
+    }
+    // Another address is not affected, nor is the agent's client.
+    tls_hello(&data, "127.0.0.3", &tls)
+        .await
+        .expect("a session from 127.0.0.3");
+    let mut conns = vec![mtcp_cli::client::Client::connect(&lc.agent_listen)
+        .await
+        .unwrap()];
+    get_all(&mut conns, &want).await;
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls_hello(&data, "127.0.0.2", &tls)
+        .await
+        .expect("served again once the stalled handshakes are gone");
+}

@@ -6,7 +6,8 @@
 //! and servers on one host (the recreated socket binds the agent's listening address), so the
 //! server asks its own kernel who owns the other end of the session: only a process of a
 //! trusted uid (root, or the server's own) may hand connections over, and only connections to a
-//! listening address of its own that the cluster file admits. The queues are what an agent's
+//! listening address of its own that the cluster file admits, which its socket held when the
+//! session began (so the remote address is its client's, not one of its choosing). The queues are what an agent's
 //! freshly accepted socket can hold: nothing it wrote (the agent never writes to the client),
 //! and at most [`MAX_ADOPT_QUEUE`] received bytes.
 
@@ -41,6 +42,9 @@ pub struct Handover {
     pub listener_uid: Option<u32>,
     /// Owner of the session's other end (already admitted by [`admit_session`]).
     pub session_uid: u32,
+    /// Whether a socket of `session_uid` held this very connection (local and remote address)
+    /// when the session began: the agent's client, accepted and not yet frozen.
+    pub held: bool,
     /// Output queued on the handed-over socket, and how much of it was never sent.
     pub send_queue: usize,
     pub unsent: usize,
@@ -79,6 +83,9 @@ pub fn admit_handover(h: &Handover) -> Result<(), String> {
             h.recv_queue
         ));
     }
+    if !h.held {
+        return Err("the connection is not one the session's agent held when the session began: an agent hands over only a client connection it accepted".into());
+    }
     Ok(())
 }
 
@@ -102,6 +109,7 @@ mod tests {
             local_admitted: true,
             listener_uid: Some(0),
             session_uid: 0,
+            held: true,
             send_queue: 0,
             unsent: 0,
             recv_queue: 100,
@@ -136,6 +144,13 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("never writes"), "{e}");
+        // A connection the agent did not hold (a remote address of its choosing).
+        let e = admit_handover(&Handover {
+            held: false,
+            ..ok()
+        })
+        .unwrap_err();
+        assert!(e.contains("accepted"), "{e}");
         // Unsent output is dropped before the restore: allowed.
         assert!(admit_handover(&Handover {
             send_queue: 10,

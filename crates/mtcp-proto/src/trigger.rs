@@ -54,18 +54,31 @@ pub const MIN_RTO: Duration = Duration::from_millis(200);
 /// outstanding) is caught within this window. See [`Liveness`].
 pub const EXPECT_AFTER_DATA: Duration = Duration::from_secs(1);
 
-/// How long a server keeps beating after it last wrote data to a session ([`beat_due`]). Longer
-/// than [`EXPECT_AFTER_DATA`], so the agent never expects a beat the server no longer sends.
+/// How long a server keeps beating after the agent last got data from it ([`beat_due`]).
+/// Longer than [`EXPECT_AFTER_DATA`] plus a silence bound's usual size, so the agent never
+/// expects a beat the server no longer sends.
 pub const BEAT_LINGER: Duration = Duration::from_secs(2);
 
 /// Whether a server sends a heartbeat on a relayed session that has been quiet for one
 /// interval (issue 13: an idle session costs no frames). It beats only where someone may be
-/// waiting for it: input arrived that no output has followed yet (`input_unanswered`: the
-/// client sent something, the agent expects an answer), or data was written less than
-/// [`BEAT_LINGER`] ago (a stream may go on). A fast-path session always beats: its agent sees
-/// no data and bounds the session's silence as such.
-pub fn beat_due(input_unanswered: bool, since_data_written: Duration, fast_path: bool) -> bool {
-    fast_path || input_unanswered || since_data_written < BEAT_LINGER
+/// waiting for it:
+/// - input arrived that no output has followed yet (`input_unanswered`: the client sent
+///   something, the agent expects an answer);
+/// - data it wrote is not acknowledged yet (`data_unacked`): the agent may still be reading
+///   it — a slow client leaves it in the socket buffers for seconds, and the agent expects
+///   more for a while after each piece it reads;
+/// - or data was written or acknowledged less than [`BEAT_LINGER`] ago (`since_data`): the
+///   agent got data recently (an acknowledgement comes after the agent read what it covers).
+///
+/// A fast-path session always beats: its agent sees no data and bounds the session's silence
+/// as such.
+pub fn beat_due(
+    input_unanswered: bool,
+    data_unacked: bool,
+    since_data: Duration,
+    fast_path: bool,
+) -> bool {
+    fast_path || input_unanswered || data_unacked || since_data < BEAT_LINGER
 }
 
 /// Fires when the server has been silent for too long while the agent expects to hear from it.
@@ -232,73 +245,97 @@ mod tests {
 
     #[test]
     fn a_server_that_beats_by_rule_is_never_taken_for_silent() {
-        // Simulated: requests at random times, answers after random delays, one-way delay d;
-        // the server beats by `beat_due` every 100 ms of quiet. The agent must never fire.
+        // Simulated: requests at random times, answers after random delays, one-way delay d.
+        // Downstream is one FIFO stream: an answer may wait in socket buffers behind a slow
+        // client for up to `slow` ms more (heartbeats queue behind it too). The agent
+        // acknowledges data it read after a random delay (its ACK_EVERY or its idle tick).
+        // The server beats by `beat_due` every 100 ms of quiet. The agent must never fire.
         use proptest::prelude::*;
         let hb = Duration::from_millis(100);
-        proptest!(ProptestConfig::with_cases(256), |(
-            events in proptest::collection::vec((0u64..5_000, 0u64..3_000), 1..8),
+        proptest!(ProptestConfig::with_cases(512), |(
+            events in proptest::collection::vec((0u64..5_000, 0u64..3_000, 0u64..1_000), 1..8),
             d in 0u64..60,
+            slow in prop_oneof![Just(0u64), 0u64..5_000],
         )| {
             let t0 = Instant::now();
             let mut l = Liveness::new(t0, hb);
-            // Server's view (its own clock = the agent's here): when it last wrote data,
-            // whether input is unanswered.
-            let mut last_write = 0u64;
+            // Server's view: when it last wrote data or had data acknowledged, how much data
+            // it wrote and how much is acknowledged, whether input is unanswered.
+            let mut last_data = 0u64;
+            let (mut written, mut acked) = (0u64, 0u64);
             let mut unanswered = false;
             let mut last_beat_or_write = 0u64;
-            // (time of arrival at the server, answer delay) and the agent's sends.
-            let mut sends: Vec<(u64, u64)> = Vec::new();
+            // (time sent by the agent, answer delay, ack delay).
+            let mut sends: Vec<(u64, u64, u64)> = Vec::new();
             let mut t = 0u64;
-            for (gap, delay) in &events {
+            for (gap, delay, ack) in &events {
                 t += gap;
-                sends.push((t, *delay));
+                sends.push((t, *delay, *ack));
             }
-            let end = t + 6_000;
-            let mut in_flight_up: Vec<(u64, u64)> = Vec::new(); // (arrive at server, delay)
-            let mut in_flight_down: Vec<(u64, bool)> = Vec::new(); // (arrive at agent, data?)
-            let mut answers: Vec<u64> = Vec::new(); // server write times
+            let end = t + 3_000 + 2 * slow + 6_000;
+            let mut in_flight_up: Vec<(u64, u64, u64)> = Vec::new(); // (arrival, delay, ack)
+            // Downstream, in stream order: (arrival at the agent, Some(data no, ack delay)).
+            let mut down: std::collections::VecDeque<(u64, Option<(u64, u64)>)> = Default::default();
+            let mut acks: Vec<(u64, u64)> = Vec::new(); // (arrival at the server, up to data no)
+            let mut answers: Vec<(u64, u64)> = Vec::new(); // (server write time, ack delay)
+            let mut last_arrival = 0u64;
             for now in 0..end {
                 let ti = at(t0, now);
-                for &(s, delay) in &sends {
+                for &(s, delay, ack) in &sends {
                     if s == now {
                         l.on_data_sent(ti);
-                        in_flight_up.push((now + d, delay));
+                        in_flight_up.push((now + d, delay, ack));
                     }
                 }
-                // Server receives input.
+                // Server receives input and acknowledgements.
                 let mut k = 0;
                 while k < in_flight_up.len() {
                     if in_flight_up[k].0 == now {
-                        let (_, delay) = in_flight_up.swap_remove(k);
+                        let (_, delay, ack) = in_flight_up.swap_remove(k);
                         unanswered = true;
-                        answers.push(now + delay);
+                        answers.push((now + delay, ack));
                     } else {
                         k += 1;
                     }
                 }
-                // Server answers.
-                if answers.contains(&now) {
-                    answers.retain(|&a| a != now);
-                    last_write = now;
-                    last_beat_or_write = now;
-                    // As the server sees it: output followed every input so far.
-                    unanswered = false;
-                    in_flight_down.push((now + d, true));
-                } else if now >= last_beat_or_write + 100
-                    && beat_due(unanswered, Duration::from_millis(now - last_write), false)
-                {
-                    last_beat_or_write = now;
-                    in_flight_down.push((now + d, false));
-                }
-                // Agent receives.
-                for &(a, data) in &in_flight_down {
-                    if a == now {
-                        if data { l.on_data_received(ti) } else { l.on_receive(ti) }
+                for &(a, upto) in &acks {
+                    if a == now && upto > acked {
+                        acked = upto;
+                        last_data = now;
                     }
                 }
-                in_flight_down.retain(|&(a, _)| a != now);
-                prop_assert!(!l.expired(ti), "fired at {now} ms");
+                acks.retain(|&(a, _)| a != now);
+                // Server answers, or beats.
+                if let Some(i) = answers.iter().position(|&(a, _)| a == now) {
+                    let (_, ack) = answers.swap_remove(i);
+                    last_data = now;
+                    last_beat_or_write = now;
+                    written += 1;
+                    // As the server sees it: output followed every input so far.
+                    unanswered = false;
+                    last_arrival = last_arrival.max(now + d + slow);
+                    down.push_back((last_arrival, Some((written, ack))));
+                } else if now >= last_beat_or_write + 100
+                    && beat_due(unanswered, acked < written, Duration::from_millis(now - last_data), false)
+                {
+                    last_beat_or_write = now;
+                    last_arrival = last_arrival.max(now + d);
+                    down.push_back((last_arrival, None));
+                }
+                // Agent receives, in order.
+                while down.front().is_some_and(|&(a, _)| a == now) {
+                    match down.pop_front().map(|(_, x)| x) {
+                        Some(Some((n, ack))) => {
+                            l.on_data_received(ti);
+                            acks.push((now + ack + d, n));
+                        }
+                        _ => l.on_receive(ti),
+                    }
+                }
+                // While answers wait in the buffers behind the slow client the agent is blocked
+                // writing to it, and does not count silence (the relay's timer is off then).
+                let blocked = slow > 0 && down.iter().any(|(_, x)| x.is_some());
+                prop_assert!(blocked || !l.expired(ti), "fired at {now} ms");
             }
         });
     }

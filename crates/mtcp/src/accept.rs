@@ -51,6 +51,16 @@ pub(crate) async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, port: P
 /// Both steps are boxed: the task then holds only the step it is in, and a live session's task
 /// carries no room for a handshake it finished long ago (issue 13: memory per idle connection).
 async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
+    // A data session counts against the caps from its accept, so connections that stall in
+    // their TLS handshake are bounded by the caps too, not only by HANDSHAKE_TIMEOUT. One over
+    // a cap still gets its handshake and preamble: its refusal names the cap.
+    let admitted = (port == Port::Data).then(|| {
+        let source = s
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        crate::admission::Sessions::admit(&inner, source)
+    });
     let s = match &inner.tls {
         None => Stream::Tcp(s),
         Some(_) => match Box::pin(secure(&inner, s, port)).await {
@@ -59,7 +69,10 @@ async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
         },
     };
     match port {
-        Port::Data => Box::pin(crate::server::handle_session(inner, s)).await,
+        Port::Data => {
+            let admitted = admitted.expect("admitted on the data port");
+            Box::pin(crate::server::handle_session(inner, s, admitted)).await
+        }
         Port::Peer => Box::pin(crate::peer::serve_peer(inner, s)).await,
         Port::Admin => Box::pin(crate::peer::serve_admin(inner, s)).await,
     }

@@ -110,6 +110,9 @@ pub(crate) struct ConnState {
     /// Input frames (data, its end) received from the agent: the session's writer compares it
     /// with its value at the last data it wrote to tell whether input awaits an answer.
     pub inputs: u64,
+    /// When an acknowledgement last moved `s.acked()`: the agent had read data by then, and
+    /// may expect more for a while (`mtcp_proto::trigger::beat_due`).
+    pub acked_at: tokio::time::Instant,
     /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
     /// and waits for [`Shared::beat`] instead of its timer.
     pub beat_parked: bool,
@@ -137,6 +140,7 @@ impl ConnState {
             fast: Default::default(),
             hinted_at: None,
             inputs: 0,
+            acked_at: tokio::time::Instant::now(),
             beat_parked: false,
             leaving: false,
         }

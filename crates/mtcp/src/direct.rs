@@ -545,10 +545,18 @@ impl Queues {
 /// session is owned by that uid; it must name that agent's own listener and carry only what a
 /// freshly accepted socket holds ([`mtcp_proto::adopt::admit_handover`]). `None`: from a peer
 /// server's `DirectState`, on a channel authenticated with the cluster key.
+/// The agent of a fast-path session, as its server found it when the session began.
+pub(crate) struct Adopter {
+    /// Its uid (admitted by `mtcp_proto::adopt::admit_session`).
+    pub uid: u32,
+    /// The connections (local, remote) it held then on the listed `fast_path` addresses.
+    pub held: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+}
+
 pub(crate) async fn adopt(
     tcp: Vec<u8>,
     allowed: &[std::net::SocketAddr],
-    agent_uid: Option<u32>,
+    agent: Option<&Adopter>,
 ) -> Result<TcpStream, String> {
     if tcp.len() > MAX_TCP_STATE {
         return Err(format!(
@@ -557,8 +565,13 @@ pub(crate) async fn adopt(
         ));
     }
     let st = mtcp_repair::TcpState::decode(&tcp).map_err(|e| format!("TCP state: {e}"))?;
-    if let Some(session_uid) = agent_uid {
+    if let Some(agent) = agent {
+        let session_uid = agent.uid;
         let local = st.local;
+        let named = (
+            crate::sockowner::norm(st.local),
+            crate::sockowner::norm(st.remote),
+        );
         let listener_uid =
             tokio::task::spawn_blocking(move || crate::sockowner::listener_owner(local))
                 .await
@@ -568,6 +581,7 @@ pub(crate) async fn adopt(
             local_admitted: allowed.contains(&st.local),
             listener_uid,
             session_uid,
+            held: agent.held.contains(&named),
             send_queue: st.send_queue.len(),
             unsent: st.unsent as usize,
             recv_queue: st.recv_queue.len(),

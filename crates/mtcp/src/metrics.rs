@@ -216,17 +216,19 @@ pub(crate) fn took_over(outcome: Option<(bool, std::time::Duration)>) {
 }
 
 /// The states [`CONNECTIONS`] shows of a server's connections (besides `handing_over`).
-const SERVER_STATES: [&str; 4] = ["live", "closing", "detached", "ending"];
+const SERVER_STATES: [&str; 5] = ["live", "closing", "detached", "leaving", "ending"];
 
 /// A connection's state: its index in [`SERVER_STATES`].
 fn state_index(st: &ConnState) -> usize {
     if st.detached_at.is_some() {
-        return 2;
+        // Detached by an agent that said it moves the connection (`Msg::Leaving`): its
+        // destination will fetch it, unlike a detached one, whose agent may be gone.
+        return if st.leaving { 3 } else { 2 };
     }
     match st.phase {
         Phase::Live => 0,
         Phase::AppClosed => 1,
-        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 3,
+        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 4,
     }
 }
 

@@ -591,7 +591,13 @@ pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) 
     let _ = w.shutdown().await;
 }
 
-pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
+/// Serves a data-port session; `admitted` is its place under the session caps, taken at
+/// accept (or why it is over one).
+pub(crate) async fn handle_session(
+    inner: Arc<ServerInner>,
+    s: Stream,
+    admitted: Result<crate::admission::Slot, String>,
+) {
     let mut gauge = crate::metrics::SessionGauge::new();
     let peer_addr = s
         .tcp()
@@ -599,13 +605,8 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
-    let source = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.ip())
-        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     // Held for the session's life: counts it against the caps.
-    let (_slot, over) = match crate::admission::Sessions::admit(&inner, source) {
+    let (_slot, over) = match admitted {
         Ok(slot) => (Some(slot), None),
         Err(why) => (None, Some(why)),
     };
@@ -675,15 +676,17 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
             }
             // Fast path: only a local agent of a trusted uid may hand connections over; its
             // end of this session is in this host's socket table (decision 39).
-            let agent_uid = if direct {
-                let owner = match ends {
+            // What it may hand over are the connections it holds on its listed addresses now,
+            // while the client's connection is still its own (it freezes it after WELCOME).
+            let agent = if direct {
+                let listed = inner.cluster.fast_path.clone();
+                let (owner, held) = match ends {
                     (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
-                        crate::sockowner::connection_owner(peer, local)
+                        crate::sockowner::session_view(peer, local, &listed)
                     })
                     .await
-                    .ok()
-                    .flatten(),
-                    _ => None,
+                    .unwrap_or_default(),
+                    _ => (None, Vec::new()),
                 };
                 // SAFETY: geteuid has no preconditions.
                 let me = unsafe { libc::geteuid() };
@@ -691,7 +694,7 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
                     refuse(&mut w, RefuseCode::Unauthenticated, why).await;
                     return;
                 }
-                owner
+                owner.map(|uid| crate::direct::Adopter { uid, held })
             } else {
                 None
             };
@@ -740,7 +743,7 @@ pub(crate) async fn handle_session(inner: Arc<ServerInner>, s: Stream) {
                 match Box::pin(crate::direct::adopt(
                     tcp,
                     &inner.cluster.fast_path,
-                    agent_uid,
+                    agent.as_ref(),
                 ))
                 .await
                 {
@@ -1349,7 +1352,9 @@ async fn writer_loop(
                     let mut st = shared.lock();
                     let unanswered = st.inputs != inputs_at_data;
                     let fast = st.direct.is_some();
-                    if !mtcp_proto::trigger::beat_due(unanswered, now - last_data, fast) {
+                    let unacked = st.s.unacked() > 0;
+                    let since = now - last_data.max(st.acked_at);
+                    if !mtcp_proto::trigger::beat_due(unanswered, unacked, since, fast) {
                         // Nobody waits: no frames until input arrives (issue 13).
                         st.beat_parked = true;
                         parked = true;
@@ -1504,6 +1509,7 @@ async fn reader_loop(
                 st.s.on_ack(down_recv, sum_from);
                 if st.s.acked() > before {
                     st.ack_wait = None;
+                    st.acked_at = tokio::time::Instant::now();
                     if st.s.unacked() < inner.limits.max_unacked {
                         if let Some(w) = st.write_waker.take() {
                             w.wake();

@@ -64,10 +64,38 @@ fn rows() -> Vec<Row> {
         .collect()
 }
 
-/// Owner of the socket at `local` connected to `remote` (the other end of one of this
-/// process's connections, when that end is in this namespace); `None` if there is none.
-pub(crate) fn connection_owner(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
-    owner_in(&rows(), local, remote)
+/// A fast-path session's view of the socket tables when it begins: the owner of its other end
+/// (at `local`, connected to `remote`), and the connections that owner holds on the addresses
+/// in `listed` — the only ones it may hand over (its clients' connections, accepted by then).
+pub(crate) fn session_view(
+    local: SocketAddr,
+    remote: SocketAddr,
+    listed: &[SocketAddr],
+) -> (Option<u32>, Vec<(SocketAddr, SocketAddr)>) {
+    let rows = rows();
+    let Some(owner) = owner_in(&rows, local, remote) else {
+        return (None, Vec::new());
+    };
+    (Some(owner), held_in(&rows, owner, listed))
+}
+
+/// The connections (local, remote) of `uid`'s sockets on the addresses in `listed`.
+fn held_in(rows: &[Row], uid: u32, listed: &[SocketAddr]) -> Vec<(SocketAddr, SocketAddr)> {
+    let listed: Vec<SocketAddr> = listed.iter().map(|&a| norm(a)).collect();
+    rows.iter()
+        .filter(|r| r.state != LISTEN && r.uid == uid && listed.contains(&r.local))
+        .map(|r| (r.local, r.remote))
+        .collect()
+}
+
+/// An address as the tables show it: a v4-mapped IPv6 address is the IPv4 one.
+pub(crate) fn norm(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        _ => a,
+    }
 }
 
 /// Owner of the socket listening on `addr` (or on the wildcard address of its port).
@@ -76,12 +104,6 @@ pub(crate) fn listener_owner(addr: SocketAddr) -> Option<u32> {
 }
 
 fn owner_in(rows: &[Row], local: SocketAddr, remote: SocketAddr) -> Option<u32> {
-    let norm = |a: SocketAddr| match a.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
-        _ => a,
-    };
     let (local, remote) = (norm(local), norm(remote));
     rows.iter()
         .find(|r| r.state != LISTEN && r.local == local && r.remote == remote)
@@ -126,6 +148,13 @@ mod tests {
         assert_eq!(listener_in(&rows, a("127.0.0.1:7001")), Some(0));
         assert_eq!(listener_in(&rows, a("127.0.0.9:8080")), Some(1000));
         assert_eq!(listener_in(&rows, a("127.0.0.1:7002")), None);
+        // Only uid 65534's connections on the listed address.
+        assert_eq!(
+            held_in(&rows, 65534, &[a("127.0.0.1:54321")]),
+            vec![(a("127.0.0.1:54321"), a("127.0.0.1:7000"))]
+        );
+        assert!(held_in(&rows, 0, &[a("127.0.0.1:54321")]).is_empty());
+        assert!(held_in(&rows, 65534, &[a("127.0.0.1:7001")]).is_empty());
         // v4-mapped in tcp6.
         let v6 = parse_addr("0000000000000000FFFF00000100007F:1B59").unwrap();
         assert_eq!(v6, a("127.0.0.1:7001"));
@@ -135,12 +164,23 @@ mod tests {
     fn this_processs_own_sockets_are_found() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         assert_eq!(listener_owner(l.local_addr().unwrap()), Some(me));
-        assert_eq!(
-            connection_owner(c.local_addr().unwrap(), c.peer_addr().unwrap()),
-            Some(me)
+        // The client end's owner, and the accepted connection on the listed address.
+        let (owner, held) = session_view(
+            c.local_addr().unwrap(),
+            c.peer_addr().unwrap(),
+            &[l.local_addr().unwrap()],
+        );
+        assert_eq!(owner, Some(me));
+        assert!(
+            held.contains(&(
+                accepted.local_addr().unwrap(),
+                accepted.peer_addr().unwrap()
+            )),
+            "{held:?}"
         );
     }
 }
