@@ -539,12 +539,6 @@ impl Queues {
     }
 }
 
-/// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of
-/// this process, if the cluster admits its local address (`allowed`); returns it nonblocking and
-/// registered with tokio. `agent_uid`: the connection comes from an agent's ADOPT, whose
-/// session is owned by that uid; it must name that agent's own listener and carry only what a
-/// freshly accepted socket holds ([`mtcp_proto::adopt::admit_handover`]). `None`: from a peer
-/// server's `DirectState`, on a channel authenticated with the cluster key.
 /// The agent of a fast-path session, as its server found it when the session began.
 pub(crate) struct Adopter {
     /// Its uid (admitted by `mtcp_proto::adopt::admit_session`).
@@ -553,6 +547,12 @@ pub(crate) struct Adopter {
     pub held: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
+/// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of
+/// this process, if the cluster admits its local address (`allowed`); returns it nonblocking and
+/// registered with tokio. `agent`: the connection comes from an agent's ADOPT; it must name a
+/// connection that agent held on its own listener and carry only what a freshly accepted socket
+/// holds ([`mtcp_proto::adopt::admit_handover`]). `None`: from a peer
+/// server's `DirectState`, on a channel authenticated with the cluster key.
 pub(crate) async fn adopt(
     tcp: Vec<u8>,
     allowed: &[std::net::SocketAddr],
