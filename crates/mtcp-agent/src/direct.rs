@@ -17,12 +17,14 @@
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
 use crate::metrics::{counted, Moving};
-use crate::relay::{candidates, connect, known_servers, reset, resumed, welcome, CLOSED_PREFIX};
+use crate::relay::{connect, reset, resumed, welcome};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
 use mtcp::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::agent::{Control, MoveError, MovePlan, Placement, StreamPos};
+use mtcp_proto::custody::Lineage;
+use mtcp_proto::trigger::{silence_bound, Rtt};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
-use mtcp_proto::{Cid, Token};
 use mtcp_repair::TcpState;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,15 +34,11 @@ use tokio::sync::mpsc;
 
 type Session = (FrameReader<ReadHalf>, WriteHalf);
 
-/// What the agent knows of a fast-path connection.
+/// What the agent knows of a fast-path connection: the core's placement (no stream: the agent
+/// sees none of the bytes), and the client's flow.
 struct Conn {
     id: u64,
-    cid: Cid,
-    epoch: u64,
-    token: Token,
-    server: String,
-    alternates: Vec<ServerInfo>,
-    heartbeat: Duration,
+    at: Placement,
     /// The client's flow: the server-side address (ours, the listening one) and the client's.
     local: SocketAddr,
     client: SocketAddr,
@@ -80,7 +78,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
     if let Err(e) = framed::write_msg(&mut session.1, &Msg::Kick).await {
         tracing::warn!(conn = id, "KICK: {e}");
     }
-    tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "fast path: the server serves the client's connection");
+    tracing::info!(conn = id, cid = %conn.at.cid, server = %conn.at.server, "fast path: the server serves the client's connection");
     let outcome = loop {
         match run(&mut conn, &mut session, &mut cmd_rx).await {
             End::Done => break Ok(()),
@@ -98,7 +96,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                     Ok(Some(s)) => {
                         session = s;
                         if let Some(d) = done {
-                            let _ = d.send(Ok(conn.server.clone()));
+                            let _ = d.send(Ok(conn.at.server.clone()));
                         }
                     }
                     Ok(None) => {
@@ -114,7 +112,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                         // Refused before any origin let go: the connection is still served where
                         // it was (its flow was fenced meanwhile, so kick it).
                         if !broken && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
-                            tracing::warn!(conn = id, cid = %conn.cid, "not moved ({e}); still on {}", conn.server);
+                            tracing::warn!(conn = id, cid = %conn.at.cid, "not moved ({e}); still on {}", conn.at.server);
                             continue;
                         }
                         break Err(format!("migration failed: {e}"));
@@ -125,8 +123,8 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
     };
     inner.retire(id, &conn.status, &outcome);
     match outcome {
-        Ok(()) => tracing::info!(conn = id, cid = %conn.cid, "connection closed in order"),
-        Err(why) => tracing::error!(conn = id, cid = %conn.cid, "connection given up: {why}"),
+        Ok(()) => tracing::info!(conn = id, cid = %conn.at.cid, "connection closed in order"),
+        Err(why) => tracing::error!(conn = id, cid = %conn.at.cid, "connection given up: {why}"),
     }
 }
 
@@ -213,12 +211,7 @@ async fn hand_over(
     )));
     let conn = Conn {
         id,
-        cid: wl.cid,
-        epoch: wl.epoch,
-        token: wl.token,
-        alternates: known_servers(wl.alternates, &wl.server, &addr),
-        server: wl.server,
-        heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
+        at: Placement::welcomed(wl, &addr),
         local,
         client: peer,
         status,
@@ -243,48 +236,49 @@ async fn run(
     s: &mut Session,
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
 ) -> End {
-    // The server sends a heartbeat whenever the session is quiet for one interval.
-    let silent = conn.heartbeat * 3 + Duration::from_millis(200);
+    // A fast-path server beats whenever the session is quiet for one interval
+    // (`trigger::beat_due`), so any silence beyond the bound means it is gone. No pings run
+    // here: the bound of an unmeasured path.
+    let silent = silence_bound(conn.at.heartbeat, &Rtt::default());
     loop {
         tokio::select! {
             biased;
             Some(req) = cmd.recv() => {
-                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
+                if let Err(e) = conn.at.check_target(req.to.as_deref()) {
                     if let Some(d) = req.done {
-                        let _ = d.send(Err(format!("unknown server {t:?}")));
+                        let _ = d.send(Err(e.to_string()));
                     }
                     continue;
                 }
                 return End::Move { reason: req.reason, to: req.to, done: req.done, at: req.at, broken: false };
             }
-            m = s.0.next_msg(silent) => match m {
-                Ok(Msg::Hint { reason, target }) => {
+            m = s.0.next_msg(silent) => match m.map(|m| conn.at.on_control(m)) {
+                Ok(Control::Move(h)) => {
                     return End::Move {
-                        reason: MoveReason::new(reason.into(), format!("server hint: {reason:?}")),
-                        to: target.filter(|t| conn.alternates.iter().any(|a| a.id == *t)),
+                        reason: MoveReason::new(h.reason.into(), h.text),
+                        to: h.to,
                         done: None,
                         at: Instant::now(),
                         broken: false,
                     };
                 }
-                Ok(Msg::Snap { in_off, out_off }) => {
+                Ok(Control::Stream(Msg::Snap { in_off, out_off })) => {
                     let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
                     st.bytes_up = in_off;
                     st.bytes_down = out_off;
                 }
-                Ok(Msg::Closed { down_total }) => {
+                Ok(Control::Stream(Msg::Closed { down_total })) => {
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = down_total;
                     return End::Done;
                 }
-                Ok(Msg::Refused { code, reason }) => {
+                Ok(Control::Refused { code, why }) => {
                     mtcp::metrics::refused(code);
-                    return End::Abort(format!("server refused ({code:?}): {reason}"));
+                    return End::Abort(why);
                 }
-                Ok(Msg::Heartbeat | Msg::Pong { .. } | Msg::Committed { .. }) => {}
-                Ok(other) => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
+                Ok(Control::Nothing | Control::Pong(_) | Control::Stream(_)) => {}
                 Err(e) => {
-                    let reason = MoveReason::new(MoveCause::SessionBroke, format!("session with {} broke: {e}", conn.server));
-                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+                    let reason = MoveReason::new(MoveCause::SessionBroke, format!("session with {} broke: {e}", conn.at.server));
+                    tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
                     return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
                 }
             },
@@ -300,42 +294,32 @@ async fn migrate(
     to: Option<&str>,
     t0: Instant,
 ) -> Result<Option<Session>, String> {
-    let from = conn.server.clone();
-    let cands = candidates(&conn.alternates, &conn.server, to)?;
-    tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating (fast path): {reason}");
+    let from = conn.at.server.clone();
+    let mut plan = MovePlan::new(&conn.at, StreamPos::unseen(), to).map_err(|e| e.to_string())?;
+    tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, "migrating (fast path): {reason}");
     let fence = inner
         .fences()?
         .fence(conn.local, conn.client)
         .map_err(|e| format!("fence: {e}"))?;
-    let m = Migrate {
-        cid: conn.cid,
-        epoch: conn.epoch,
-        token: conn.token,
-        origin: conn.server.clone(),
-        down_recv: 0,
-        sum_from: 0,
-        down_sum: mtcp_proto::sum::checksum(&[]),
-        up_sent: 0,
-        up_base: 0,
-        segs: Vec::new(),
-    };
-    let mut refusals = Vec::new();
     let mut state_bytes = None;
     let mut resumed = None;
-    for cand in cands {
-        match try_resume(inner, conn, &cand, &m).await {
+    // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): one round.
+    let no_lineage = Lineage::default();
+    while let Some(a) = plan.next(&no_lineage) {
+        let cand = &a.cand;
+        match try_resume(inner, conn, cand, &a.migrate).await {
             Ok((s, n)) => {
                 state_bytes = Some(n);
                 resumed = Some(s);
                 break;
             }
-            Err(e) if e.starts_with(CLOSED_PREFIX) => {
-                tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
+            Err(e @ MoveError::Closed(_)) => {
+                tracing::info!(conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
                 return Ok(None);
             }
             Err(e) => {
                 tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
-                refusals.push(format!("{}: {e}", cand.id));
+                plan.refused(cand, &e);
             }
         }
     }
@@ -345,16 +329,16 @@ async fn migrate(
     {
         let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
         if ok {
-            st.server = conn.server.clone();
-            st.epoch = conn.epoch;
+            st.server = conn.at.server.clone();
+            st.epoch = conn.at.epoch;
             st.migrations += 1;
         }
         st.record(MigrationEvent {
-            to: ok.then(|| conn.server.clone()),
+            to: ok.then(|| conn.at.server.clone()),
             ok,
             resumed_us: ok.then_some(resumed_us),
             state_bytes,
-            refusals: refusals.clone(),
+            refusals: plan.refusals().to_vec(),
             ..MigrationEvent::new(inner.started, t0, from.clone(), reason)
         });
     }
@@ -363,14 +347,10 @@ async fn migrate(
             if let Err(e) = framed::write_msg(&mut s.1, &Msg::Kick).await {
                 tracing::warn!(conn = conn.id, "KICK: {e}");
             }
-            tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated (fast path)");
+            tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, to = %conn.at.server, us = resumed_us, "migrated (fast path)");
             Ok(Some(s))
         }
-        None => Err(if refusals.is_empty() {
-            "no server to move to".into()
-        } else {
-            refusals.join("; ")
-        }),
+        None => Err(plan.failure()),
     }
 }
 
@@ -379,7 +359,7 @@ async fn try_resume(
     conn: &mut Conn,
     cand: &ServerInfo,
     m: &Migrate,
-) -> Result<(Session, u64), String> {
+) -> Result<(Session, u64), MoveError> {
     let (mut reader, w) = connect(
         &cand.data,
         inner.cfg.connect_timeout,
@@ -387,19 +367,15 @@ async fn try_resume(
         &inner.dialer,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| MoveError::Channel(e.to_string()))?;
     // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
-    let silence = mtcp_proto::timing::candidate_silence(&Default::default(), conn.heartbeat);
+    let silence = mtcp_proto::timing::candidate_silence(&Rtt::default(), conn.at.heartbeat);
     let r = resumed(
         crate::relay::answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
             .await
             .map_err(|e| crate::relay::silent(e, silence))?,
     )?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
-    conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
-    conn.epoch = r.epoch;
-    conn.token = r.token;
-    conn.server = r.server;
-    conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
+    conn.at.resumed(&r, &cand.data);
     Ok(((reader, w), r.state_bytes))
 }

@@ -8,12 +8,11 @@ use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveR
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
 use mtcp::stream::{ReadHalf, Stream, WriteHalf};
-use mtcp_proto::custody::{Lineage, Step};
-use mtcp_proto::offsets::ByteLog;
-use mtcp_proto::sum::DownTracker;
+use mtcp_proto::agent::stream::{RelayStream, StreamStep};
+use mtcp_proto::agent::{self, Attempt, Control, MoveError, MovePlan, Placement};
+use mtcp_proto::custody::Step;
 use mtcp_proto::trigger::{Liveness, Rtt};
-use mtcp_proto::wire::{self, Migrate, Mode, Msg, RefuseCode, ServerInfo};
-use mtcp_proto::{Cid, Token};
+use mtcp_proto::wire::{self, Migrate, Mode, Msg, ServerInfo};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -21,12 +20,6 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 const SETUP_FRAME: usize = 64 << 10;
-/// How `try_resume` reports a `Closed` refusal (the connection had already ended in order).
-pub(crate) const CLOSED_PREFIX: &str = "Closed: ";
-/// Downstream bytes between periodic ACKs (they let the server trim its output log). Each ACK
-/// is a write here and a wake-up of the server's session reader: 1 MiB instead of 256 KiB cut
-/// the CPU per GiB through the agent by about 7 % (stop 7, `mtcp bench throughput`).
-const ACK_EVERY: u64 = 1 << 20;
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// Largest read from the client program.
 const CLIENT_READ: usize = 128 << 10;
@@ -49,51 +42,36 @@ struct Session {
 /// Eager mode: puts `conn`'s session with the server at `addr` on that server's watch
 /// connection.
 fn watch_for(inner: &AgentInner, conn: &Conn, addr: &str) -> Option<Watch> {
-    conn.eager.then(|| {
+    conn.stream.eager().then(|| {
         inner.watches.watch(
             addr,
-            conn.cid,
-            conn.epoch,
-            conn.token,
+            conn.at.cid,
+            conn.at.epoch,
+            conn.at.token,
             inner.cfg.connect_timeout,
-            conn.heartbeat,
+            conn.at.heartbeat,
             inner.dialer.clone(),
         )
     })
 }
 
-/// What the agent knows of the connection across sessions.
+/// What the agent knows of the connection across sessions: the core's placement and stream
+/// (`mtcp_proto::agent`), and what only the relay's I/O and the operator's status need.
 struct Conn {
     id: u64,
-    cid: Cid,
-    epoch: u64,
-    token: Token,
-    server: String,
-    alternates: Vec<ServerInfo>,
-    heartbeat: Duration,
-    /// Upstream bytes not yet covered by a snapshot.
-    retained: ByteLog,
-    down: DownTracker,
-    acked: u64,
-    client_eof: bool,
+    at: Placement,
+    stream: RelayStream,
     status: Arc<Mutex<ConnStatus>>,
     /// The migration whose first resumed byte is awaited: (trigger time, its absolute index in
     /// the timeline, see `ConnStatus::record`).
     awaiting_first_byte: Option<(Instant, u64)>,
     last_state_bytes: u64,
     last_from_replica: bool,
-    /// Eager mode: upstream is retained back to the snapshot a backup holds (COMMITTED), and
-    /// downstream checksum ranges are kept from there.
-    eager: bool,
     /// Trigger policies (throughput floor, RTT).
     policy: crate::policy::ConnPolicy,
     /// Round trips to the servers (PING/PONG of every session): bounds the wait on a
     /// candidate during a move.
     rtt: Rtt,
-    /// Eager mode: the epochs moved away from whose destination has not confirmed (COMMITTED)
-    /// that its backups hold the new one — fallbacks for a move nobody can take at the current
-    /// epoch (decision 43).
-    lineage: Lineage,
 }
 
 enum End {
@@ -130,7 +108,7 @@ pub(crate) async fn relay(
         }
     };
     inner.register(id, conn.status.clone(), cmd_tx);
-    tracing::info!(conn = id, cid = %conn.cid, server = %conn.server, "session open");
+    tracing::info!(conn = id, cid = %conn.at.cid, server = %conn.at.server, "session open");
     let (mut cr, mut cw) = client.into_split();
     // Downstream double buffer, kept across sessions: one piece is written to the client
     // program while the next is read from the session, and neither blocks the relay loop, so a
@@ -186,7 +164,7 @@ pub(crate) async fn relay(
                     Ok(Some(s)) => {
                         session = s;
                         if let Some(d) = done {
-                            let _ = d.send(Ok(conn.server.clone()));
+                            let _ = d.send(Ok(conn.at.server.clone()));
                         }
                     }
                     Ok(None) => {
@@ -208,15 +186,15 @@ pub(crate) async fn relay(
     conn.status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .bytes_down = conn.down.received();
+        .bytes_down = conn.stream.down.received();
     inner.retire(id, &conn.status, &outcome);
     match outcome {
         Ok(()) => {
-            tracing::info!(conn = id, cid = %conn.cid, "connection closed in order");
+            tracing::info!(conn = id, cid = %conn.at.cid, "connection closed in order");
             let _ = cw.shutdown().await;
         }
         Err(why) => {
-            tracing::error!(conn = id, cid = %conn.cid, "closing the client connection: {why}");
+            tracing::error!(conn = id, cid = %conn.at.cid, "closing the client connection: {why}");
             if let Ok(c) = cr.reunite(cw) {
                 reset(c);
             }
@@ -325,38 +303,26 @@ async fn open(
     let addr = &addr;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     let eager = wl.mode == Mode::Eager;
-    let mut down = DownTracker::new(0);
-    down.keep_ranges(eager);
     let status = Arc::new(Mutex::new(ConnStatus::live(
         wl.cid.to_string(),
         wl.server.clone(),
         wl.epoch,
         false,
     )));
+    let at = Placement::welcomed(wl, addr);
+    inner
+        .spares
+        .want(at.alternates.iter().map(|a| a.data.as_str()));
     let conn = Conn {
         id,
-        cid: wl.cid,
-        epoch: wl.epoch,
-        token: wl.token,
-        alternates: {
-            let alts = known_servers(wl.alternates, &wl.server, addr);
-            inner.spares.want(alts.iter().map(|a| a.data.as_str()));
-            alts
-        },
-        server: wl.server,
-        heartbeat: Duration::from_millis(wl.heartbeat_ms.max(1) as u64),
-        retained: ByteLog::new(0),
-        down,
-        acked: 0,
-        client_eof: false,
+        at,
+        stream: RelayStream::new(eager),
         status,
         awaiting_first_byte: None,
         last_state_bytes: 0,
         last_from_replica: false,
-        eager,
         policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
         rtt: Rtt::default(),
-        lineage: Lineage::default(),
     };
     let watch = watch_for(inner, &conn, addr);
     Ok((Session { reader, w, watch }, conn))
@@ -378,8 +344,8 @@ async fn run(
     let mut up_want = CLIENT_READ_MIN;
     // Bytes moved either way at the last ping tick: none since means idle.
     let mut moved_at_tick = u64::MAX;
-    let mut live = Liveness::new(Instant::now(), conn.heartbeat);
-    if !conn.retained.is_empty() {
+    let mut live = Liveness::new(Instant::now(), conn.at.heartbeat);
+    if !conn.stream.retained.is_empty() {
         // Resent on this session after a move: input the new server may still have to answer.
         live.on_data_sent(Instant::now());
     }
@@ -390,9 +356,8 @@ async fn run(
     // into the other buffer, waiting their turn.
     let mut pend = 0..0;
     let mut ready: Option<usize> = None;
-    let mut closed_at: Option<u64> = None;
     conn.policy
-        .new_session(inner.prober.as_ref(), &conn.server, &conn.alternates);
+        .new_session(inner.prober.as_ref(), &conn.at.server, &conn.at.alternates);
     // One timer for the silence bound, armed at a deadline that only moves forward: when it fires
     // early (bytes arrived since it was armed) it is re-armed, so the hot path never touches the
     // timer wheel.
@@ -413,7 +378,8 @@ async fn run(
         }
         let [b0, b1] = &mut *bufs;
         let (rbuf, wbuf) = if flip { (b0, &*b1) } else { (b1, &*b0) };
-        let can_read = !conn.client_eof && conn.retained.len() < inner.cfg.max_retained;
+        let can_read =
+            !conn.stream.client_eof() && conn.stream.retained.len() < inner.cfg.max_retained;
         tokio::select! {
             // A fixed order: control first (cheap to poll, and never starved by a busy data
             // path), then delivery before reading more, so bytes just read are written while
@@ -423,7 +389,7 @@ async fn run(
                 match why {
                     Ok(WatchEnd::Gone(why)) => return session_broke(conn, &why),
                     Ok(WatchEnd::Hint(m)) => {
-                        if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
+                        if let Some(end) = on_msg(inner, conn, s, m, &mut live).await {
                             return end;
                         }
                         s.watch = None;
@@ -433,7 +399,7 @@ async fn run(
             }
             Some(req) = cmd.recv() => {
                 tracing::debug!(conn = conn.id, waited_us = req.at.elapsed().as_micros() as u64, "move request seen");
-                if let Some(t) = req.to.as_deref().filter(|t| !conn.alternates.iter().any(|a| a.id == *t)) {
+                if let Some(t) = req.to.as_deref().filter(|t| !conn.at.alternates.iter().any(|a| a.id == *t)) {
                     // Refuse before touching the session: a typo must not break a live connection.
                     if let Some(d) = req.done {
                         let _ = d.send(Err(format!("unknown server {t:?}")));
@@ -443,25 +409,25 @@ async fn run(
                 return End::Move { reason: req.reason, to: req.to, done: req.done, at: Some(req.at) };
             }
             _ = policy_tick.tick(), if conn.policy.active() => {
-                let arrived = conn.down.received() + (pend.len() + ready.unwrap_or(0)) as u64;
+                let arrived = conn.stream.down.received() + (pend.len() + ready.unwrap_or(0)) as u64;
                 let fired = conn.policy.tick(
                     Instant::now(),
                     inner.prober.as_ref(),
-                    conn.down.received(),
+                    conn.stream.down.received(),
                     arrived,
                     ready.is_some(),
-                    &conn.alternates,
+                    &conn.at.alternates,
                     &conn.status,
                 );
                 if let Some((reason, to)) = fired {
-                    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+                    tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
                     return End::Move { reason, to, done: None, at: None };
                 }
             }
             _ = ping.tick() => {
                 // Idle for a whole tick: give the buffers back (issue 13, memory per idle
                 // connection). A busy connection keeps them.
-                let moved = conn.down.received() + conn.retained.end();
+                let moved = conn.stream.down.received() + conn.stream.retained.end();
                 if moved == moved_at_tick && pend.is_empty() && ready.is_none() {
                     bufs[0] = Vec::new();
                     bufs[1] = Vec::new();
@@ -475,10 +441,7 @@ async fn run(
                 // drops its copy now rather than after ACK_EVERY more bytes that may never come,
                 // and learns that the agent read it (it beats on for a while after, in case more
                 // is expected: `trigger::beat_due`).
-                let recv = conn.down.received();
-                if recv > conn.acked {
-                    conn.acked = recv;
-                    let ack = Msg::Ack { down_recv: recv, sum_from: conn.down.sum_from() };
+                if let Some(ack) = conn.stream.on_tick() {
                     if framed::write_msg(&mut s.w, &ack).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
@@ -492,7 +455,7 @@ async fn run(
             w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
                 Ok(k) if k > 0 => {
                     let d = &wbuf[pend.start..pend.start + k];
-                    if let Err(e) = on_delivered(conn, s, d, &mut live, closed_at).await {
+                    if let Err(e) = on_delivered(conn, s, d, &mut live).await {
                         return e;
                     }
                     pend.start += k;
@@ -500,7 +463,7 @@ async fn run(
                         if let Some(n) = ready.take() {
                             flip = !flip;
                             pend = 0..n;
-                        } else if closed_at == Some(conn.down.received()) {
+                        } else if conn.stream.complete() {
                             return End::Done;
                         }
                     }
@@ -526,9 +489,8 @@ async fn run(
                 Ok(0) | Err(_) => {
                     // A reset from the client program is treated like its orderly end of input:
                     // the server application decides what to do with it.
-                    conn.client_eof = true;
-                    let up_total = conn.retained.end();
-                    if framed::write_msg(&mut s.w, &Msg::UpFin { up_total }).await.is_err() {
+                    let fin = conn.stream.on_client_eof();
+                    if framed::write_msg(&mut s.w, &fin).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
                     live.on_data_sent(Instant::now());
@@ -541,7 +503,7 @@ async fn run(
                     } else {
                         buf.split().freeze()
                     };
-                    conn.retained.push(chunk.clone());
+                    conn.stream.on_upstream(chunk.clone());
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
                         return session_broke(conn, "write failed");
                     }
@@ -556,8 +518,8 @@ async fn run(
                 match f {
                     Ok(Piece::Data(n)) => {
                         live.on_data_received(now);
-                        let arrived = conn.down.received() + pend.len() as u64 + n as u64;
-                        if let Err(e) = on_arrival(conn, arrived, closed_at) {
+                        let arrived = conn.stream.down.received() + pend.len() as u64 + n as u64;
+                        if let Err(e) = on_arrival(conn, arrived) {
                             return e;
                         }
                         if pend.is_empty() {
@@ -568,27 +530,27 @@ async fn run(
                         }
                     }
                     Ok(Piece::Msg(Msg::Backlog { queued })) => {
-                        conn.policy.on_backlog(conn.down.received() + pend.len() as u64, queued);
+                        conn.policy.on_backlog(conn.stream.down.received() + pend.len() as u64, queued);
                     }
                     Ok(Piece::Msg(m)) => {
-                        if let Some(end) = on_msg(inner, conn, s, m, &mut live, &mut closed_at).await {
+                        if let Some(end) = on_msg(inner, conn, s, m, &mut live).await {
                             return end;
                         }
                     }
                     Err(e) => {
-                        if let Some(t) = closed_at {
-                            if conn.down.received() + pend.len() as u64 + ready.unwrap_or(0) as u64 >= t {
+                        if let Some(t) = conn.stream.closed_at() {
+                            if conn.stream.down.received() + pend.len() as u64 + ready.unwrap_or(0) as u64 >= t {
                                 // Everything arrived; deliver it before ending.
                                 if let Err(e) = cw.write_all(&wbuf[pend.clone()]).await {
                                     return End::Abort(format!("client program closed its connection: {e}"));
                                 }
-                                conn.down.on_data(&wbuf[pend.clone()]);
+                                conn.stream.down.on_data(&wbuf[pend.clone()]);
                                 mtcp::metrics::add_down(pend.len());
                                 if let Some(n) = ready {
                                     if cw.write_all(&rbuf[..n]).await.is_err() {
                                         return End::Abort("client program closed its connection".into());
                                     }
-                                    conn.down.on_data(&rbuf[..n]);
+                                    conn.stream.down.on_data(&rbuf[..n]);
                                     mtcp::metrics::add_down(n);
                                 }
                                 return End::Done;
@@ -623,12 +585,12 @@ fn silence_due(live: &Liveness) -> tokio::time::Instant {
 /// The status shows the upstream bytes sent and those retained for a replay.
 fn show_upstream(conn: &Conn) {
     let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-    st.bytes_up = conn.retained.end();
-    st.retained = conn.retained.len();
+    st.bytes_up = conn.stream.retained.end();
+    st.retained = conn.stream.retained.len();
 }
 
 /// Downstream data arrived from the session (`arrived`: the stream offset it reaches).
-fn on_arrival(conn: &mut Conn, arrived: u64, closed_at: Option<u64>) -> Result<(), End> {
+fn on_arrival(conn: &mut Conn, arrived: u64) -> Result<(), End> {
     if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
         let us = t0.elapsed().as_micros() as u64;
         let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -636,10 +598,7 @@ fn on_arrival(conn: &mut Conn, arrived: u64, closed_at: Option<u64>) -> Result<(
             ev.first_byte_us = Some(us);
         }
     }
-    match closed_at {
-        Some(t) if arrived > t => Err(End::Abort("server sent data past its close".into())),
-        _ => Ok(()),
-    }
+    conn.stream.on_arrival(arrived).map_err(End::Abort)
 }
 
 /// Downstream bytes `d` were delivered to the client program: count, checksum, acknowledge.
@@ -648,21 +607,12 @@ async fn on_delivered(
     s: &mut Session,
     d: &[u8],
     live: &mut Liveness,
-    closed_at: Option<u64>,
 ) -> Result<(), End> {
-    let cut = conn.down.on_data(d);
     mtcp::metrics::add_down(d.len());
     // Time spent waiting on the client program is not the server's silence.
     live.on_receive(Instant::now());
-    let recv = conn.down.received();
-    // Eager mode: the client reaching a snapshot lets the server replicate it; say so at once.
-    if recv - conn.acked >= ACK_EVERY || closed_at == Some(recv) || (cut && conn.eager) {
-        conn.acked = recv;
-        let ack = Msg::Ack {
-            down_recv: recv,
-            sum_from: conn.down.sum_from(),
-        };
-        if framed::write_msg(&mut s.w, &ack).await.is_err() && closed_at != Some(recv) {
+    if let Some(ack) = conn.stream.on_delivered(d) {
+        if framed::write_msg(&mut s.w, &ack).await.is_err() && !conn.stream.complete() {
             return Err(session_broke(conn, "write failed"));
         }
     }
@@ -670,90 +620,57 @@ async fn on_delivered(
     conn.status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .bytes_down = recv;
+        .bytes_down = conn.stream.down.received();
     Ok(())
 }
 
-/// The server closed and everything was delivered: acknowledge so it forgets the connection.
-async fn finish(conn: &mut Conn, s: &mut Session) -> End {
-    let ack = Msg::Ack {
-        down_recv: conn.down.received(),
-        sum_from: conn.down.sum_from(),
-    };
-    let _ = framed::write_msg(&mut s.w, &ack).await;
-    End::Done
-}
-
-/// A control message on the session; `Some` ends the session.
+/// A control message on the session, read by the core; `Some` ends the session.
 async fn on_msg(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
     s: &mut Session,
     m: Msg,
     live: &mut Liveness,
-    closed_at: &mut Option<u64>,
 ) -> Option<End> {
-    match m {
-        Msg::Snap { in_off, out_off } => {
-            if !conn.eager {
-                conn.retained.trim_to(in_off);
-                show_upstream(conn);
-            }
-            if conn.down.on_snap(out_off) && conn.eager {
-                conn.acked = conn.down.received();
-                let ack = Msg::Ack {
-                    down_recv: conn.acked,
-                    sum_from: conn.down.sum_from(),
-                };
-                if framed::write_msg(&mut s.w, &ack).await.is_err() {
-                    return Some(session_broke(conn, "write failed"));
-                }
-            }
-        }
-        Msg::Committed { in_off, out_off } if conn.eager => {
-            // The current server's backups hold this point, hence its epoch: upstream before it
-            // and the epochs before this one are no longer needed.
-            conn.retained.trim_to(in_off);
-            show_upstream(conn);
-            conn.down.retain_from(out_off);
-            conn.lineage.confirmed();
-        }
-        Msg::Heartbeat => {}
-        Msg::Pong { t } => {
+    match conn.at.on_control(m) {
+        Control::Nothing => {}
+        Control::Pong(t) => {
             let now = inner.started.elapsed().as_micros() as u64;
             let r = Duration::from_micros(now.saturating_sub(t));
             live.rtt.sample(r);
             conn.rtt.sample(r);
         }
-        Msg::Hint { reason, target } => {
+        Control::Move(h) => {
             return Some(End::Move {
-                reason: MoveReason::new(reason.into(), format!("hint ({reason:?})").to_lowercase()),
-                to: target,
+                reason: MoveReason::new(h.reason.into(), h.text),
+                to: h.to,
                 done: None,
                 at: None,
             });
         }
-        Msg::Closed { down_total } => {
-            let recv = conn.down.received();
-            if down_total < recv {
-                return Some(End::Abort(format!(
-                    "server {} closed the stream at {down_total} but {recv} bytes were already delivered",
-                    conn.server
-                )));
-            }
-            if recv == down_total {
-                return Some(finish(conn, s).await);
-            }
-            *closed_at = Some(down_total);
-        }
-        Msg::Refused { code, reason } => {
+        Control::Refused { code, why } => {
             mtcp::metrics::refused(code);
-            return Some(End::Abort(format!(
-                "server {} ended the connection ({code:?}): {reason}",
-                conn.server
-            )));
+            return Some(End::Abort(why));
         }
-        other => tracing::debug!(conn = conn.id, "ignoring {other:?}"),
+        Control::Stream(m) => {
+            let step = conn.stream.on_msg(m, &conn.at.server);
+            show_upstream(conn);
+            match step {
+                StreamStep::Continue => {}
+                StreamStep::Send(ack) => {
+                    if framed::write_msg(&mut s.w, &ack).await.is_err() {
+                        return Some(session_broke(conn, "write failed"));
+                    }
+                }
+                StreamStep::Finish(ack) => {
+                    // Everything was delivered: acknowledge so the server forgets the
+                    // connection.
+                    let _ = framed::write_msg(&mut s.w, &ack).await;
+                    return Some(End::Done);
+                }
+                StreamStep::Abort(why) => return Some(End::Abort(why)),
+            }
+        }
     }
     None
 }
@@ -762,9 +679,9 @@ async fn on_msg(
 fn session_broke(conn: &Conn, why: &str) -> End {
     let reason = MoveReason::new(
         MoveCause::SessionBroke,
-        format!("session with {} broke: {why}", conn.server),
+        format!("session with {} broke: {why}", conn.at.server),
     );
-    tracing::info!(conn = conn.id, cid = %conn.cid, "{reason}");
+    tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
     End::Move {
         reason,
         to: None,
@@ -782,77 +699,44 @@ async fn migrate(
     to: Option<&str>,
     t0: Instant,
 ) -> Result<Option<Session>, String> {
-    let from = conn.server.clone();
-    let cands = candidates(&conn.alternates, &conn.server, to)?;
-    tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, "migrating: {reason}");
-    let mut m = Migrate {
-        cid: conn.cid,
-        epoch: conn.epoch,
-        token: conn.token,
-        origin: conn.server.clone(),
-        down_recv: conn.down.received(),
-        sum_from: conn.down.sum_from(),
-        down_sum: conn.down.sum(),
-        up_sent: conn.retained.end(),
-        up_base: conn.retained.start(),
-        segs: conn.down.finished(),
-    };
-    let mut refusals = Vec::new();
-    loop {
-        for cand in &cands {
-            if let Some(r) = attempt(inner, conn, cand, &m, &from, reason, t0, &mut refusals).await
-            {
-                return r;
-            }
+    let from = conn.at.server.clone();
+    let mut plan =
+        MovePlan::new(&conn.at, conn.stream.position(), to).map_err(|e| e.to_string())?;
+    tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, "migrating: {reason}");
+    while let Some(a) = plan.next(&conn.stream.lineage) {
+        if let Some((left, fb)) = &a.fell_back {
+            tracing::warn!(conn = conn.id, cid = %conn.at.cid, epoch = left, "no server could take the connection at its epoch; retrying from epoch {} (unconfirmed move from {})", fb.epoch, fb.server);
         }
-        // Nobody could take the connection at this epoch. Eager mode: a destination that died
-        // before its backups held its epoch left it with its keepers (the server that handed
-        // it over, or the backup whose replica it claimed); ask again from the epoch before,
-        // whose keeper fences the dead destination's epoch and hands the state out again.
-        let Some(fb) = conn.lineage.fallback(m.epoch).cloned() else {
-            break;
-        };
-        tracing::warn!(conn = conn.id, cid = %conn.cid, epoch = m.epoch, "no server could take the connection at its epoch; retrying from epoch {} (unconfirmed move from {})", fb.epoch, fb.server);
-        refusals.push(format!(
-            "falling back to epoch {} of {}",
-            fb.epoch, fb.server
-        ));
-        m.epoch = fb.epoch;
-        m.token = fb.token;
-        m.origin = fb.server;
+        if let Some(r) = attempt(inner, conn, &a, &from, reason, t0, &mut plan).await {
+            return r;
+        }
     }
-    let why = refusals.join("; ");
     conn.status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .record(MigrationEvent {
-            refusals,
+            refusals: plan.refusals().to_vec(),
             ..MigrationEvent::new(inner.started, t0, from, reason)
         });
-    Err(if why.is_empty() {
-        "no server to move to".into()
-    } else {
-        why
-    })
+    Err(plan.failure())
 }
 
-/// One MIGRATE to `cand`; `None`: refused (noted in `refusals`), try the next.
-#[allow(clippy::too_many_arguments)]
+/// One MIGRATE; `None`: refused (noted in `plan`), try the next.
 async fn attempt(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
-    cand: &ServerInfo,
-    m: &Migrate,
+    a: &Attempt,
     from: &str,
     reason: &str,
     t0: Instant,
-    refusals: &mut Vec<String>,
+    plan: &mut MovePlan,
 ) -> Option<Result<Option<Session>, String>> {
+    let (cand, m) = (&a.cand, &a.migrate);
     match try_resume(inner, conn, cand, m).await {
         Ok(s) => {
-            if conn.eager {
+            if conn.stream.eager() {
                 // Until the new server confirms, its keeper can hand the state out again.
-                conn.lineage.moved(Step {
+                conn.stream.lineage.moved(Step {
                     server: m.origin.clone(),
                     epoch: m.epoch,
                     token: m.token,
@@ -861,61 +745,33 @@ async fn attempt(
             let resumed_us = t0.elapsed().as_micros() as u64;
             let idx = {
                 let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
-                st.server = conn.server.clone();
-                st.epoch = conn.epoch;
+                st.server = conn.at.server.clone();
+                st.epoch = conn.at.epoch;
                 st.migrations += 1;
                 st.record(MigrationEvent {
-                    to: Some(conn.server.clone()),
+                    to: Some(conn.at.server.clone()),
                     ok: true,
                     resumed_us: Some(resumed_us),
                     state_bytes: Some(conn.last_state_bytes),
-                    refusals: refusals.clone(),
+                    refusals: plan.refusals().to_vec(),
                     from_replica: conn.last_from_replica,
                     ..MigrationEvent::new(inner.started, t0, from.to_string(), reason)
                 })
             };
             conn.awaiting_first_byte = Some((t0, idx));
-            tracing::info!(conn = conn.id, cid = %conn.cid, from = %from, to = %conn.server, us = resumed_us, "migrated");
+            tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, to = %conn.at.server, us = resumed_us, "migrated");
             Some(Ok(Some(s)))
         }
-        Err(e) if e.starts_with(CLOSED_PREFIX) => {
-            tracing::info!(conn = conn.id, cid = %conn.cid, "not moved: {e}");
+        Err(e @ MoveError::Closed(_)) => {
+            tracing::info!(conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
             Some(Ok(None))
         }
         Err(e) => {
             tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
-            refusals.push(format!("{}: {e}", cand.id));
+            plan.refused(cand, &e);
             None
         }
     }
-}
-
-/// Where to move, in order: the requested server, then the alternates in order, then the
-/// current server itself (which re-attaches the connection where it is when the origin is alive
-/// and reachable). An unknown requested server is an error.
-pub(crate) fn candidates(
-    alternates: &[ServerInfo],
-    current: &str,
-    to: Option<&str>,
-) -> Result<Vec<ServerInfo>, String> {
-    let mut cands: Vec<ServerInfo> = Vec::new();
-    if let Some(t) = to {
-        match alternates.iter().find(|a| a.id == t) {
-            Some(a) => cands.push(a.clone()),
-            None => return Err(format!("unknown server {t:?}")),
-        }
-    }
-    for a in alternates {
-        if a.id != current && !cands.iter().any(|c| c.id == a.id) {
-            cands.push(a.clone());
-        }
-    }
-    if let Some(me) = alternates.iter().find(|a| a.id == current) {
-        if !cands.iter().any(|c| c.id == me.id) {
-            cands.push(me.clone());
-        }
-    }
-    Ok(cands)
 }
 
 /// Reads a candidate's answer to MIGRATE. WORKING (sent every heartbeat while the
@@ -940,43 +796,20 @@ pub(crate) async fn answer_to_migrate(
 }
 
 /// How a failed wait for a candidate's answer is reported.
-pub(crate) fn silent(e: ChannelError, silence: Duration) -> String {
+pub(crate) fn silent(e: ChannelError, silence: Duration) -> MoveError {
     match e {
-        ChannelError::Timeout => format!("candidate silent for {silence:?} (or no answer in time)"),
-        e => e.to_string(),
+        ChannelError::Timeout => MoveError::Silent(silence),
+        e => MoveError::Channel(e.to_string()),
     }
 }
 
-/// A destination's answer to MIGRATE: RESUMED, or why not (a `Closed` refusal is marked with
-/// [`CLOSED_PREFIX`]: the connection had already ended in order).
-pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, String> {
-    match msg {
-        Msg::Resumed(r) => Ok(r),
-        Msg::Refused { code, reason } => {
+/// A destination's answer to MIGRATE, read by the core; refusals are counted.
+pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, MoveError> {
+    agent::answer(msg).inspect_err(|e| {
+        if let Some(code) = e.refuse_code() {
             mtcp::metrics::refused(code);
-            if code == RefuseCode::Closed {
-                Err(format!("{CLOSED_PREFIX}{reason}"))
-            } else {
-                Err(format!("{code:?}: {reason}"))
-            }
         }
-        other => Err(format!("unexpected answer {other:?}")),
-    }
-}
-
-/// Every server the agent knows: the alternates a server listed, plus that server itself (kept
-/// so the connection can re-attach to it).
-pub(crate) fn known_servers(
-    mut alternates: Vec<ServerInfo>,
-    current: &str,
-    current_addr: &str,
-) -> Vec<ServerInfo> {
-    alternates.retain(|a| a.id != current);
-    alternates.push(ServerInfo {
-        id: current.to_string(),
-        data: current_addr.to_string(),
-    });
-    alternates
+    })
 }
 
 async fn try_resume(
@@ -984,11 +817,11 @@ async fn try_resume(
     conn: &mut Conn,
     cand: &ServerInfo,
     m: &Migrate,
-) -> Result<Session, String> {
+) -> Result<Session, MoveError> {
     let first = Msg::Migrate(m.clone());
     // The candidate says WORKING every heartbeat until it answers: silence beyond an RTT-derived
     // bound means it is dead, hung or cut off, and the next candidate is tried (decision 32).
-    let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.heartbeat);
+    let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.at.heartbeat);
     // A spare connection saves the TCP handshake: MIGRATE leaves at once. One the server has
     // closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe then.
     let mut answer = None;
@@ -1007,7 +840,7 @@ async fn try_resume(
             let (mut reader, w) =
                 connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| MoveError::Channel(e.to_string()))?;
             let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
                 .await
                 .map_err(|e| silent(e, silence))?;
@@ -1015,62 +848,33 @@ async fn try_resume(
         }
     };
     let r = resumed(msg)?;
-    if r.up_from < conn.retained.start() || r.up_from > conn.retained.end() {
-        return Err(format!(
-            "server wants upstream from {} but the agent retains [{}, {})",
-            r.up_from,
-            conn.retained.start(),
-            conn.retained.end()
-        ));
-    }
+    conn.stream.check_resume(&r)?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
-    conn.alternates = known_servers(r.alternates, &r.server, &cand.data);
+    conn.at.resumed(&r, &cand.data);
     inner
         .spares
-        .want(conn.alternates.iter().map(|a| a.data.as_str()));
-    if conn.eager {
-        // The live range restarts at our position (where the destination's output log and its
-        // idea of our checksum start), and the ranges before it are kept from the destination's
-        // restart point: its backups hold that point now, and a later takeover from a replica
-        // checks from there.
-        conn.down.cut_here();
-        conn.down.retain_from(r.restart_out);
-    } else {
-        // The destination checked everything up to our position with the origin: the
-        // downstream checksum restarts there.
-        conn.down = DownTracker::new(conn.down.received());
-    }
+        .want(conn.at.alternates.iter().map(|a| a.data.as_str()));
     if r.from_replica {
-        tracing::warn!(conn = conn.id, cid = %conn.cid, server = %r.server, "origin unreachable: resumed from a replica at downstream offset {}", r.restart_out);
+        tracing::warn!(conn = conn.id, cid = %conn.at.cid, server = %r.server, "origin unreachable: resumed from a replica at downstream offset {}", r.restart_out);
     }
-    conn.epoch = r.epoch;
     conn.last_state_bytes = r.state_bytes;
     conn.last_from_replica = r.from_replica;
-    conn.token = r.token;
-    conn.server = r.server;
-    conn.heartbeat = Duration::from_millis(r.heartbeat_ms.max(1) as u64);
-    let mut items: Vec<Out> = conn
-        .retained
-        .chunks_from(r.up_from)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(Out::Data)
-        .collect();
-    if conn.eager {
+    let resend = conn.stream.resume(&r)?;
+    let mut items: Vec<Out> = Vec::with_capacity(resend.chunks.len() + 2);
+    if conn.stream.eager() {
         // Speak at once on the new session: until the destination hears the agent there, a
         // keeper may still have it give the epoch up (the agent might have moved on), and it
         // holds COMMITTED back (decision 48).
         let t = inner.started.elapsed().as_micros() as u64;
-        items.insert(0, Out::Msg(Msg::Ping { t }));
+        items.push(Out::Msg(Msg::Ping { t }));
     }
-    if conn.client_eof {
-        items.push(Out::Msg(Msg::UpFin {
-            up_total: conn.retained.end(),
-        }));
+    items.extend(resend.chunks.into_iter().map(Out::Data));
+    if let Some(up_total) = resend.up_fin {
+        items.push(Out::Msg(Msg::UpFin { up_total }));
     }
     framed::write_frames(&mut w, &items)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| MoveError::Channel(e.to_string()))?;
     let watch = watch_for(inner, conn, &cand.data);
     Ok(Session { reader, w, watch })
 }

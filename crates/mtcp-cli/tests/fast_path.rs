@@ -75,7 +75,7 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
         .filter(|e| e.ok)
         .map(|e| e.reason.as_str())
         .collect();
-    assert!(reasons.iter().any(|r| r.contains("Drain")), "{reasons:?}");
+    assert!(reasons.contains(&"hint (drain)"), "{reasons:?}");
     assert!(reasons.contains(&"manual"), "{reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("session with")),

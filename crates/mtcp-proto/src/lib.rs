@@ -8,6 +8,7 @@
 //! (throughput floor, RTT, server overload).
 
 pub mod adopt;
+pub mod agent;
 pub mod auth;
 pub mod bounds;
 pub mod channel;

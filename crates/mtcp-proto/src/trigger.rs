@@ -81,6 +81,18 @@ pub fn beat_due(
     fast_path || input_unanswered || data_unacked || since_data < BEAT_LINGER
 }
 
+/// Heartbeat intervals a session may miss before its server counts as silent.
+pub const MISSED_BEATS: u32 = 3;
+
+/// How long a session with a server that beats every `heartbeat` may stay silent while the
+/// agent expects to hear from it: [`MISSED_BEATS`] beats plus two retransmission timeouts of
+/// the measured path (a lost segment stalls a TCP stream that long). The one bound of both the
+/// relay ([`Liveness`]) and the fast path, whose sessions always beat ([`beat_due`]).
+pub fn silence_bound(heartbeat: Duration, rtt: &Rtt) -> Duration {
+    let rto = rtt.rto().unwrap_or(MIN_RTO);
+    heartbeat * MISSED_BEATS + rto * 2
+}
+
 /// Fires when the server has been silent for too long while the agent expects to hear from it.
 ///
 /// Servers beat every `heartbeat` only where someone waits ([`beat_due`]), so the agent applies
@@ -93,9 +105,6 @@ pub fn beat_due(
 #[derive(Debug, Clone)]
 pub struct Liveness {
     heartbeat: Duration,
-    /// Number of heartbeat intervals that may pass in silence.
-    misses: u32,
-    min_bound: Duration,
     last_rx: Instant,
     /// When downstream data last arrived.
     last_data: Instant,
@@ -111,8 +120,6 @@ impl Liveness {
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
         Self {
             heartbeat,
-            misses: 3,
-            min_bound: Duration::from_millis(200),
             last_rx: now,
             last_data: now.checked_sub(EXPECT_AFTER_DATA).unwrap_or(now),
             waiting: false,
@@ -148,10 +155,9 @@ impl Liveness {
         }
     }
 
-    /// How long silence may last before the trigger fires.
+    /// How long silence may last before the trigger fires ([`silence_bound`]).
     pub fn bound(&self) -> Duration {
-        let rto = self.rtt.rto().unwrap_or(MIN_RTO);
-        (self.heartbeat * self.misses + rto * 2).max(self.min_bound)
+        silence_bound(self.heartbeat, &self.rtt)
     }
 
     /// When the trigger fires if nothing arrives, or `None` while the agent expects nothing
@@ -182,6 +188,21 @@ mod tests {
             "{s:?}"
         );
         assert!(r.rto().unwrap() >= s);
+    }
+
+    #[test]
+    fn one_silence_bound_follows_the_heartbeat_and_the_path() {
+        let unmeasured = Rtt::default();
+        let hb = Duration::from_millis(100);
+        assert_eq!(silence_bound(hb, &unmeasured), Duration::from_millis(700));
+        let mut far = Rtt::default();
+        far.sample(Duration::from_millis(300));
+        assert_eq!(
+            silence_bound(hb, &far),
+            Duration::from_millis(300 + 2 * (300 + 600))
+        );
+        let live = Liveness::new(Instant::now(), hb);
+        assert_eq!(live.bound(), silence_bound(hb, &unmeasured));
     }
 
     #[test]

@@ -1,0 +1,342 @@
+//! The agent's per-connection core, without I/O (issue 11): what the agent knows of one client
+//! connection across its sessions, and the decisions both of its drivers — the relay
+//! (`mtcp-agent/src/relay.rs`) and the kernel fast path (`direct.rs`) — take on the same input:
+//! - which servers a move tries, in which order ([`Placement::candidates`]);
+//! - the MIGRATE it sends ([`Placement::migrate`]; the fast path's agent sees no bytes:
+//!   [`StreamPos::unseen`]), and a move's attempts in order, falling back to an unconfirmed
+//!   earlier epoch when nobody can take the current one ([`MovePlan`]);
+//! - how a candidate's answer reads ([`answer`]) and what RESUMED changes
+//!   ([`Placement::resumed`], and for the relayed stream [`stream::RelayStream::resume`]);
+//! - what a control message from the serving server asks ([`Placement::on_control`]: one reading
+//!   of HINT and of a refusal for both drivers);
+//! - (relay) the upstream bytes it retains and the downstream it acknowledges
+//!   ([`stream::RelayStream`]).
+//!
+//! Drivers feed it messages and bytes, carry out what it returns, and keep the sockets, the
+//! timers and the status shown to operators. Errors are typed ([`MoveError`]).
+
+pub mod stream;
+
+use crate::custody::{Lineage, Step};
+use crate::sum::{checksum, SumSeg};
+use crate::wire::{HintReason, Migrate, Msg, RefuseCode, Resumed, ServerInfo, Welcome};
+use crate::{Cid, Token};
+use std::time::Duration;
+
+/// Why a move could not be made with one candidate (or at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoveError {
+    /// The server had already ended the connection in order (every byte was delivered):
+    /// nothing to move.
+    #[error("Closed: {0}")]
+    Closed(String),
+    /// The candidate refused MIGRATE.
+    #[error("{code:?}: {reason}")]
+    Refused { code: RefuseCode, reason: String },
+    /// The candidate answered something other than RESUMED or REFUSED.
+    #[error("unexpected answer {0}")]
+    Unexpected(String),
+    /// RESUMED asks for upstream bytes the agent no longer (or never) had.
+    #[error("server wants upstream from {want} but the agent retains [{start}, {end})")]
+    NotRetained { want: u64, start: u64, end: u64 },
+    /// The candidate said nothing (not even WORKING) for this long, or not RESUMED in time.
+    #[error("candidate silent for {0:?} (or no answer in time)")]
+    Silent(Duration),
+    /// A move named a server the connection does not know.
+    #[error("unknown server {0:?}")]
+    UnknownServer(String),
+    /// The channel to the candidate failed (connect, write, read).
+    #[error("{0}")]
+    Channel(String),
+}
+
+impl MoveError {
+    /// The refusal code a candidate sent, for the refusal counters.
+    pub fn refuse_code(&self) -> Option<RefuseCode> {
+        match self {
+            MoveError::Closed(_) => Some(RefuseCode::Closed),
+            MoveError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A candidate's answer to MIGRATE (WORKING already skipped): RESUMED, or why not.
+pub fn answer(msg: Msg) -> Result<Resumed, MoveError> {
+    match msg {
+        Msg::Resumed(r) => Ok(r),
+        Msg::Refused {
+            code: RefuseCode::Closed,
+            reason,
+        } => Err(MoveError::Closed(reason)),
+        Msg::Refused { code, reason } => Err(MoveError::Refused { code, reason }),
+        other => Err(MoveError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Where the stream stands, as a MIGRATE tells the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPos {
+    pub down_recv: u64,
+    pub sum_from: u64,
+    pub down_sum: u64,
+    pub up_sent: u64,
+    pub up_base: u64,
+    pub segs: Vec<SumSeg>,
+}
+
+impl StreamPos {
+    /// The fast path: the agent sees none of the bytes (the kernel's socket carries them from
+    /// server to server), so it claims none; the destination takes the stream from the
+    /// origin's socket state.
+    pub fn unseen() -> Self {
+        StreamPos {
+            down_recv: 0,
+            sum_from: 0,
+            down_sum: checksum(&[]),
+            up_sent: 0,
+            up_base: 0,
+            segs: Vec::new(),
+        }
+    }
+}
+
+/// A server's HINT, read the same way by both drivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hinted {
+    pub reason: HintReason,
+    /// The sentence the log and the timeline show.
+    pub text: String,
+    /// The suggested destination, if the connection knows it (an unknown one is dropped: the
+    /// move then tries every server in order rather than failing).
+    pub to: Option<String>,
+}
+
+/// What a control message from the serving server asks of a driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A sign of life and nothing else (HEARTBEAT, or a message this connection ignores).
+    Nothing,
+    /// Move the connection.
+    Move(Hinted),
+    /// The server refused to go on with the connection: the client program's connection is
+    /// reset, saying `why`.
+    Refused { code: RefuseCode, why: String },
+    /// An answer to the agent's PING sent at `t` (microseconds on the agent's clock).
+    Pong(u64),
+    /// A stream message (SNAP, COMMITTED, CLOSED, BACKLOG) for the driver's stream.
+    Stream(Msg),
+}
+
+/// Which server holds the connection and with what credentials, and which others may take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub cid: Cid,
+    pub epoch: u64,
+    pub token: Token,
+    /// The serving server's id.
+    pub server: String,
+    /// Every server the connection may move to, the serving one included
+    /// ([`known_servers`]).
+    pub alternates: Vec<ServerInfo>,
+    /// The serving server's heartbeat interval.
+    pub heartbeat: Duration,
+}
+
+impl Placement {
+    /// A session opened with HELLO at `addr` was answered WELCOME.
+    pub fn welcomed(wl: Welcome, addr: &str) -> Self {
+        Placement {
+            alternates: known_servers(wl.alternates, &wl.server, addr),
+            cid: wl.cid,
+            epoch: wl.epoch,
+            token: wl.token,
+            server: wl.server,
+            heartbeat: heartbeat(wl.heartbeat_ms),
+        }
+    }
+
+    /// Whether a move may be asked toward `to`: an unknown server is refused before the live
+    /// session is touched (a typo must not break a connection).
+    pub fn check_target(&self, to: Option<&str>) -> Result<(), MoveError> {
+        match to {
+            Some(t) if !self.alternates.iter().any(|a| a.id == t) => {
+                Err(MoveError::UnknownServer(t.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Where to move, in order: the requested server, then the alternates in order, then the
+    /// serving server itself (which re-attaches the connection where it is when the origin is
+    /// alive and reachable).
+    pub fn candidates(&self, to: Option<&str>) -> Result<Vec<ServerInfo>, MoveError> {
+        self.check_target(to)?;
+        let named = |t: &str| self.alternates.iter().find(|a| a.id == t);
+        let order = to
+            .and_then(named)
+            .into_iter()
+            .chain(self.alternates.iter().filter(|a| a.id != self.server))
+            .chain(named(&self.server));
+        let mut cands: Vec<ServerInfo> = Vec::new();
+        for a in order {
+            if !cands.iter().any(|c| c.id == a.id) {
+                cands.push(a.clone());
+            }
+        }
+        Ok(cands)
+    }
+
+    /// The MIGRATE for this placement and stream position.
+    pub fn migrate(&self, pos: StreamPos) -> Migrate {
+        Migrate {
+            cid: self.cid,
+            epoch: self.epoch,
+            token: self.token,
+            origin: self.server.clone(),
+            down_recv: pos.down_recv,
+            sum_from: pos.sum_from,
+            down_sum: pos.down_sum,
+            up_sent: pos.up_sent,
+            up_base: pos.up_base,
+            segs: pos.segs,
+        }
+    }
+
+    /// The candidate at `addr` resumed the connection: it is the serving server now, at its
+    /// epoch, with its token and its list of servers.
+    pub fn resumed(&mut self, r: &Resumed, addr: &str) {
+        self.alternates = known_servers(r.alternates.clone(), &r.server, addr);
+        self.epoch = r.epoch;
+        self.token = r.token;
+        self.server = r.server.clone();
+        self.heartbeat = heartbeat(r.heartbeat_ms);
+    }
+
+    /// What a control message from the serving server asks.
+    pub fn on_control(&self, m: Msg) -> Control {
+        match m {
+            Msg::Hint { reason, target } => Control::Move(Hinted {
+                reason,
+                text: format!("hint ({reason:?})").to_lowercase(),
+                to: target.filter(|t| self.alternates.iter().any(|a| a.id == *t)),
+            }),
+            Msg::Refused { code, reason } => Control::Refused {
+                code,
+                why: format!(
+                    "server {} ended the connection ({code:?}): {reason}",
+                    self.server
+                ),
+            },
+            Msg::Pong { t } => Control::Pong(t),
+            m @ (Msg::Snap { .. }
+            | Msg::Committed { .. }
+            | Msg::Closed { .. }
+            | Msg::Backlog { .. }) => Control::Stream(m),
+            _ => Control::Nothing,
+        }
+    }
+}
+
+/// One move: the candidates in order, each asked with the same MIGRATE, then — when nobody could
+/// take the connection at its epoch — the same candidates again from an unconfirmed earlier
+/// epoch (eager mode, decision 43): a destination that died before its backups held its epoch
+/// left the connection with its keeper, which fences the dead epoch and hands the state out
+/// again. Refusals are collected for the timeline and the error.
+#[derive(Debug, Clone)]
+pub struct MovePlan {
+    cands: Vec<ServerInfo>,
+    next: usize,
+    migrate: Migrate,
+    refusals: Vec<String>,
+}
+
+/// The next MIGRATE of a move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub cand: ServerInfo,
+    pub migrate: Migrate,
+    /// Set on the first attempt from an earlier epoch: the epoch left, and the keeper asked.
+    pub fell_back: Option<(u64, Step)>,
+}
+
+impl MovePlan {
+    /// A move of the connection at `at`, whose stream stands at `pos`, toward `to` if named.
+    pub fn new(at: &Placement, pos: StreamPos, to: Option<&str>) -> Result<Self, MoveError> {
+        Ok(MovePlan {
+            cands: at.candidates(to)?,
+            next: 0,
+            migrate: at.migrate(pos),
+            refusals: Vec::new(),
+        })
+    }
+
+    /// The next candidate to ask, or `None` once every candidate was asked at every epoch
+    /// `lineage` still offers.
+    pub fn next(&mut self, lineage: &Lineage) -> Option<Attempt> {
+        let mut fell_back = None;
+        if self.next == self.cands.len() {
+            let fb = lineage.fallback(self.migrate.epoch)?.clone();
+            if self.cands.is_empty() {
+                return None;
+            }
+            self.refusals.push(format!(
+                "falling back to epoch {} of {}",
+                fb.epoch, fb.server
+            ));
+            fell_back = Some((self.migrate.epoch, fb.clone()));
+            self.migrate.epoch = fb.epoch;
+            self.migrate.token = fb.token;
+            self.migrate.origin = fb.server;
+            self.next = 0;
+        }
+        let cand = self.cands.get(self.next)?.clone();
+        self.next += 1;
+        Some(Attempt {
+            cand,
+            migrate: self.migrate.clone(),
+            fell_back,
+        })
+    }
+
+    /// `cand` did not take the connection.
+    pub fn refused(&mut self, cand: &ServerInfo, e: &MoveError) {
+        self.refusals.push(format!("{}: {e}", cand.id));
+    }
+
+    /// What every candidate answered so far.
+    pub fn refusals(&self) -> &[String] {
+        &self.refusals
+    }
+
+    /// Why the move failed, once [`MovePlan::next`] returned `None`.
+    pub fn failure(&self) -> String {
+        match self.refusals.is_empty() {
+            true => "no server to move to".into(),
+            false => self.refusals.join("; "),
+        }
+    }
+}
+
+/// A server's heartbeat interval in milliseconds, as a duration (never zero).
+fn heartbeat(ms: u32) -> Duration {
+    Duration::from_millis(ms.max(1) as u64)
+}
+
+/// Every server the agent knows: the alternates a server listed, plus that server itself at
+/// the address the agent reached it (kept so the connection can re-attach to it).
+pub fn known_servers(
+    mut alternates: Vec<ServerInfo>,
+    current: &str,
+    current_addr: &str,
+) -> Vec<ServerInfo> {
+    alternates.retain(|a| a.id != current);
+    alternates.push(ServerInfo {
+        id: current.to_string(),
+        data: current_addr.to_string(),
+    });
+    alternates
+}
+
+#[cfg(test)]
+mod tests;
