@@ -19,9 +19,10 @@ use crate::conn::{ConnState, Phase, Shared};
 use crate::custody::Fenced;
 use crate::framed::Out;
 use crate::gate::YieldAnswer;
+use crate::origin::Fetch;
 use crate::peer;
 use crate::replica::{ClaimError, Claimed};
-use crate::server::{Fetch, ServerInner};
+use crate::server::ServerInner;
 use mtcp_proto::custody::{Custody, Fence};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
 use mtcp_proto::wire::{Migrate, Mode, Msg, RefuseCode};
@@ -361,7 +362,7 @@ pub(crate) async fn hand_over(
     inner: &Arc<ServerInner>,
     f: &Fetch,
     to: &str,
-) -> Result<crate::server::Frozen, Refusal> {
+) -> Result<crate::origin::Frozen, Refusal> {
     let rec = match inner.freeze_local(f).await {
         Ok(rec) => rec,
         Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
@@ -435,7 +436,7 @@ async fn rehand(
     inner: &Arc<ServerInner>,
     f: &Fetch,
     to: &str,
-) -> Option<Result<crate::server::Frozen, Refusal>> {
+) -> Option<Result<crate::origin::Frozen, Refusal>> {
     let seen = match inner.custody.get(f.cid) {
         Some(c) => c,
         None => {
@@ -465,7 +466,7 @@ async fn rehand(
         }
         Err(e) => tracing::warn!(cid = %f.cid, "cannot hand the connection over again: {}", e.1),
     }
-    Some(r.map(|rec| crate::server::Frozen { rec, tcp: None }))
+    Some(r.map(|rec| crate::origin::Frozen { rec, tcp: None }))
 }
 
 /// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if

@@ -17,12 +17,17 @@ pub mod framed;
 mod gate;
 pub mod memory;
 pub mod metrics;
+mod origin;
 pub mod peer;
+mod probe;
 mod replica;
 pub mod server;
+mod session;
+mod session_io;
 mod slots;
 mod sockowner;
 pub mod stream;
+mod takeover;
 pub mod tls;
 mod watch;
 

@@ -12,8 +12,10 @@
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader, MacWriter};
 use crate::gate::YieldAnswer;
+use crate::origin::{Fetch, Frozen};
 use crate::replica::Claimed;
-use crate::server::{msg_name, Fetch, Frozen, ServerInner};
+use crate::server::ServerInner;
+use crate::session::msg_name;
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::tls::ClientTls;
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
@@ -300,7 +302,7 @@ pub(crate) fn fetch_bound(inner: &ServerInner) -> Duration {
 /// `answered` is set once the origin's first answer arrived. The first answer is waited for
 /// `fetch_timeout` here; in eager mode the caller gives up sooner (`origin_wait`) and takes the
 /// connection over from a replica, but keeps this future to read the origin's answer if the
-/// replica cannot be had (see `server::fetch_or_replica`).
+/// replica cannot be had (see `takeover::fetch_or_replica`).
 pub(crate) async fn fetch(
     inner: &Arc<ServerInner>,
     origin: &ServerEntry,
@@ -605,7 +607,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
             Ok(x) => x,
             Err(e) => {
-                if let Some(suppressed) = crate::server::noisy_event_admitted() {
+                if let Some(suppressed) = crate::session::noisy_event_admitted() {
                     tracing::warn!(peer = %addr, suppressed, "peer port: {e}; closing");
                 }
                 return;

@@ -1,0 +1,198 @@
+//! The origin's side of a move: freezing a local connection (relayed or fast path) and taking its
+//! state record for the destination that asked (`Fetch`).
+
+use crate::conn::{Phase, Shared};
+use crate::server::ServerInner;
+use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::{Cid, StateRecord};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What a destination asks of the origin.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fetch {
+    pub cid: Cid,
+    pub epoch: u64,
+    pub down_recv: u64,
+    pub sum_from: u64,
+    pub down_sum: u64,
+}
+
+impl ServerInner {
+    /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
+    /// for a `lock_state` section to end. A fast-path connection also gives its TCP
+    /// connection (an encoded `mtcp_repair::TcpState`).
+    pub async fn freeze_local(self: &Arc<Self>, f: &Fetch) -> Result<Frozen, (RefuseCode, String)> {
+        let (cid, epoch) = (f.cid, f.epoch);
+        let Some(shared) = self.get(&cid) else {
+            let ended = self
+                .closed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&cid)
+                .is_some_and(|(e, _)| *e == epoch);
+            return Err(if ended {
+                (
+                    RefuseCode::Closed,
+                    format!("connection {cid} ended in order; the client has every byte"),
+                )
+            } else {
+                (
+                    RefuseCode::UnknownConnection,
+                    format!("server {} has no connection {cid}", self.id),
+                )
+            });
+        };
+        let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
+        loop {
+            let notified = shared.unlocked.notified();
+            let mut direct = None;
+            {
+                let mut st = shared.lock();
+                if st.epoch != epoch {
+                    return Err((
+                        RefuseCode::StaleEpoch,
+                        // Not the current epoch: whoever holds an old token learns nothing
+                        // of where the connection is now (issue 14).
+                        format!(
+                            "connection {cid} has moved on since epoch {epoch}: the token is stale"
+                        ),
+                    ));
+                }
+                if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+                    return Err((
+                        RefuseCode::UnknownConnection,
+                        format!("connection {cid} is no longer served here"),
+                    ));
+                }
+                if !st.locked && st.direct.is_some() {
+                    // The pump must stop before the socket freezes; the section stays ours
+                    // meanwhile, so the application cannot start one.
+                    st.locked = true;
+                    direct = st.direct.take();
+                } else if !st.locked {
+                    let rec = st.freeze(
+                        cid,
+                        f.down_recv,
+                        f.sum_from,
+                        f.down_sum,
+                        self.limits.max_record,
+                    )?;
+                    drop(st);
+                    self.forget(cid);
+                    self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        %cid,
+                        epoch,
+                        restart_at = rec.snap_out,
+                        client_at = f.down_recv,
+                        tail = rec.tail.len(),
+                        "connection frozen and handed over"
+                    );
+                    return Ok(Frozen { rec, tcp: None });
+                }
+            }
+            if let Some(h) = direct {
+                let r = self.freeze_direct(&shared, h, cid, epoch).await;
+                shared.lock().locked = false;
+                shared.unlocked.notify_waiters();
+                return r;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err((
+                    RefuseCode::Busy,
+                    format!(
+                        "connection stayed locked longer than {:?}",
+                        self.limits.lock_timeout
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// A frozen connection: its state record and, for a fast-path connection, its TCP connection
+/// (an encoded `mtcp_repair::TcpState`).
+pub(crate) struct Frozen {
+    pub rec: StateRecord,
+    pub tcp: Option<Vec<u8>>,
+}
+
+impl ServerInner {
+    /// Freezes a fast-path connection: stops its pump, freezes the client's socket, and builds
+    /// the record for the downstream position "everything handed to the kernel" (the socket's
+    /// queues move with it). On failure the pump goes on serving.
+    async fn freeze_direct(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        h: crate::direct::DirectHandle,
+        cid: Cid,
+        epoch: u64,
+    ) -> Result<Frozen, (RefuseCode, String)> {
+        let Some(pump) = h.stop().await else {
+            return Err((
+                RefuseCode::Closed,
+                format!("connection {cid} ended; nothing to move"),
+            ));
+        };
+        let written = shared.lock().fast.written;
+        let Some((sock, restart)) = pump.into_parts() else {
+            return Err((
+                RefuseCode::Internal,
+                format!("connection {cid}: its socket is still in use"),
+            ));
+        };
+        let std = sock
+            .into_std()
+            .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
+        let frozen = match mtcp_repair::try_freeze(std) {
+            Ok(f) => f,
+            Err((e, std)) => {
+                restart.resume(std, shared, self);
+                return Err((
+                    RefuseCode::Busy,
+                    format!("cannot freeze the client's connection: {e}"),
+                ));
+            }
+        };
+        // Output the kernel never sent is not carried: the destination's application
+        // regenerates it from the snapshot (it is checked like the rest), so the state holds
+        // only what is on the wire and unread input.
+        let unsent = frozen.state.unsent_bytes().len() as u64;
+        let written = written - unsent.min(written);
+        let mut st = shared.lock();
+        let sum = mtcp_proto::sum::checksum(&[]);
+        match st.freeze(cid, written, written, sum, self.limits.max_record) {
+            Ok(rec) => {
+                drop(st);
+                self.forget(cid);
+                self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                // Nothing is sent to the client: the agent fenced its flow.
+                let mut tcp_state = frozen.discard();
+                tcp_state.drop_unsent();
+                let tcp = tcp_state.encode();
+                tracing::info!(
+                    %cid,
+                    epoch,
+                    restart_at = rec.snap_out,
+                    written,
+                    unsent,
+                    tcp_state = tcp.len(),
+                    "fast-path connection frozen and handed over"
+                );
+                Ok(Frozen {
+                    rec,
+                    tcp: Some(tcp),
+                })
+            }
+            Err(e) => {
+                drop(st);
+                match frozen.thaw() {
+                    Ok(std) => restart.resume(std, shared, self),
+                    Err(t) => tracing::error!(%cid, "cannot thaw the client's connection: {t}"),
+                }
+                Err(e)
+            }
+        }
+    }
+}

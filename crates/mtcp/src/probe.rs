@@ -1,0 +1,123 @@
+//! What a server watches besides its sessions: the agents' probe connections, the overload
+//! policy that hints connections away, and the pacing test hook.
+
+use crate::conn::Phase;
+use crate::framed::{self, FrameReader};
+use crate::server::ServerInner;
+use crate::session::refuse;
+use crate::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
+use mtcp_proto::Cid;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// How often the overload policy looks at the connections.
+const OVERLOAD_EVERY: Duration = Duration::from_millis(100);
+/// Probe connections: closed after this long without a probe, or when probes come faster than
+/// one per `PROBE_MIN_GAP`; at most `MAX_PROBE_CONNS` at once per process.
+const PROBE_IDLE: Duration = Duration::from_secs(10);
+const PROBE_MIN_GAP: Duration = Duration::from_millis(250);
+const MAX_PROBE_CONNS: usize = 4096;
+static PROBE_CONNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Test hook (`Limits::pacing_rate`): caps the socket's send rate at `rate` bytes per second.
+pub(crate) fn set_pacing_rate(s: &TcpStream, rate: u64) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_ulong = rate as libc::c_ulong;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live value of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            &v as *const libc::c_ulong as *const libc::c_void,
+            std::mem::size_of::<libc::c_ulong>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::warn!("SO_MAX_PACING_RATE: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A probe connection: answers each `PROBE{t}` with `PROBE_REPLY{t}` (after
+/// `Limits::probe_delay`, a test hook), until the agent closes it, stays quiet for
+/// `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends anything else.
+pub(crate) async fn probe(
+    inner: &Arc<ServerInner>,
+    mut reader: FrameReader<ReadHalf>,
+    mut w: WriteHalf,
+    mut t: u64,
+) {
+    struct Slot;
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            PROBE_CONNS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _slot = Slot;
+    if PROBE_CONNS.fetch_add(1, Ordering::Relaxed) >= MAX_PROBE_CONNS {
+        refuse(
+            &mut w,
+            RefuseCode::Busy,
+            "too many probe connections".into(),
+        )
+        .await;
+        return;
+    }
+    tracing::debug!(server = %inner.id, "probe connection");
+    loop {
+        let at = Instant::now();
+        if !inner.limits.probe_delay.is_zero() {
+            tokio::time::sleep(inner.limits.probe_delay).await;
+        }
+        if framed::write_msg(&mut w, &Msg::ProbeReply { t })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        match reader.next_msg(PROBE_IDLE).await {
+            Ok(Msg::Probe { t: next }) if at.elapsed() >= PROBE_MIN_GAP => t = next,
+            _ => return,
+        }
+    }
+}
+
+/// Overload: while more than `max` connections with an agent are live here, hints the newest
+/// away (`HINT{Overload}`), paced by [`OverloadPolicy`]. Idle while draining (every connection
+/// is hinted then anyway).
+pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usize) {
+    use mtcp_proto::policy::{LiveConn, OverloadConfig, OverloadPolicy};
+    let mut policy = OverloadPolicy::new(OverloadConfig::new(max));
+    let mut tick = tokio::time::interval(OVERLOAD_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        let conns = inner.all();
+        let live: Vec<LiveConn<Cid>> = conns
+            .iter()
+            .filter_map(|c| {
+                let st = c.lock();
+                (st.phase == Phase::Live && st.detached_at.is_none()).then_some(LiveConn {
+                    key: c.cid,
+                    arrived: st.arrived,
+                })
+            })
+            .collect();
+        for cid in policy.poll(Instant::now(), &live) {
+            let Some(c) = conns.iter().find(|c| c.cid == cid) else {
+                continue;
+            };
+            let mut st = c.lock();
+            if st.phase == Phase::Live {
+                tracing::info!(%cid, live = live.len(), max, "overloaded: hinting the connection away");
+                c.hint(&mut st, HintReason::Overload);
+            }
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! One session on the data port: its first message (HELLO, MIGRATE, ADOPT, WATCH, PROBE)
+//! decides what it is; refusals; the names of messages for logs.
+
+use crate::conn::{Connection, Phase, Shared, Start};
+use crate::framed::{self, ChannelError, FrameReader};
+use crate::metrics::SessionKind;
+use crate::probe::{probe, set_pacing_rate};
+use crate::server::ServerInner;
+use crate::session_io::{reader_loop, writer_loop};
+use crate::stream::{Stream, WriteHalf};
+use crate::takeover::{take_over, DirectSock};
+use mtcp_proto::wire::{self, Msg, RefuseCode, Welcome};
+use mtcp_proto::Cid;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// The refusal of a token that does not match: it names nothing of the connection (a
+/// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
+pub(crate) const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+
+/// Limit on the first message of a session, before the peer is known.
+pub(crate) const SETUP_FRAME: usize = 64 << 10;
+/// Limit on ADOPT (the client's connection, with what it had queued when the agent accepted
+/// it): larger states are refused, and the agent resets that client connection.
+pub(crate) const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two BACKLOG reports of a session.
+pub(crate) const BACKLOG_EVERY: Duration = Duration::from_millis(200);
+/// Whether to log an event anyone can cause (a refused session, garbage on a port), at most 20
+/// lines a second: `Some(n)` with the number of such lines suppressed since the last one.
+pub(crate) fn noisy_event_admitted() -> Option<u64> {
+    use mtcp_proto::bounds::LogBudget;
+    static BUDGET: Mutex<LogBudget> = Mutex::new(LogBudget::new(Duration::from_secs(1), 20));
+    BUDGET
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now())
+}
+
+pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) {
+    crate::metrics::refused(code);
+    if let Some(suppressed) = noisy_event_admitted() {
+        tracing::info!(?code, suppressed, "refusing session: {reason}");
+    }
+    let _ = framed::write_msg(w, &Msg::Refused { code, reason }).await;
+    let _ = w.shutdown().await;
+}
+
+/// Serves a data-port session; `admitted` is its place under the session caps, taken at
+/// accept (or why it is over one).
+pub(crate) async fn handle_session(
+    inner: Arc<ServerInner>,
+    s: Stream,
+    admitted: Result<crate::admission::Slot, String>,
+) {
+    let mut gauge = crate::metrics::SessionGauge::new();
+    let peer_addr = s
+        .tcp()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
+    // Held for the session's life: counts it against the caps.
+    let (_slot, over) = match admitted {
+        Ok(slot) => (Some(slot), None),
+        Err(why) => (None, Some(why)),
+    };
+    if let Some(rate) = inner.limits.pacing_rate {
+        set_pacing_rate(s.tcp(), rate);
+    }
+    let mut s = s;
+    match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(ChannelError::Wire(e @ wire::WireError::Version { .. }))) => {
+            let (_, mut w) = s.into_split();
+            refuse(&mut w, RefuseCode::VersionMismatch, e.to_string()).await;
+            return;
+        }
+        // An agent's unused spare connection, closed before it carried anything.
+        Ok(Err(ChannelError::Closed)) => {
+            tracing::debug!(peer = %peer_addr, "data port: closed before the preamble");
+            return;
+        }
+        Ok(Err(e)) => {
+            if let Some(suppressed) = noisy_event_admitted() {
+                tracing::info!(peer = %peer_addr, suppressed, "data port: {e}; closing");
+            }
+            return;
+        }
+        Err(_) => {
+            if let Some(suppressed) = noisy_event_admitted() {
+                tracing::info!(peer = %peer_addr, suppressed, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
+            }
+            return;
+        }
+    }
+    let (r, mut w) = s.into_split();
+    if let Some(why) = over {
+        refuse(&mut w, RefuseCode::Busy, why).await;
+        return;
+    }
+    let mut reader = FrameReader::new(r, SETUP_FRAME);
+    let first = match reader.next_msg(SETUP_TIMEOUT).await {
+        Ok(m) => m,
+        Err(e) => {
+            refuse(
+                &mut w,
+                RefuseCode::Malformed,
+                format!("bad session setup: {e}"),
+            )
+            .await;
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    // What the session's writer sends: the connection's queue, or for a fast-path connection
+    // what its pump passes on.
+    let mut rx = Some(rx);
+    let (shared, start) = match first {
+        Msg::Hello { caps, .. } => {
+            gauge.set(SessionKind::Connection);
+            let direct = caps & wire::CAP_DIRECT != 0;
+            if direct && inner.cluster.fast_path.is_empty() {
+                refuse(
+                    &mut w,
+                    RefuseCode::Unauthenticated,
+                    "this cluster admits no fast-path agents (list the agent's --listen address under `fast_path` in the cluster file)".into(),
+                )
+                .await;
+                return;
+            }
+            // Fast path: only a local agent of a trusted uid may hand connections over; its
+            // end of this session is in this host's socket table (decision 39).
+            // What it may hand over are the connections it holds on its listed addresses now,
+            // while the client's connection is still its own (it freezes it after WELCOME).
+            let agent = if direct {
+                let listed = inner.cluster.fast_path.clone();
+                let (owner, held) = match ends {
+                    (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
+                        crate::sockowner::session_view(peer, local, &listed)
+                    })
+                    .await
+                    .unwrap_or_default(),
+                    _ => (None, Vec::new()),
+                };
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if let Err(why) = mtcp_proto::adopt::admit_session(owner, me) {
+                    refuse(&mut w, RefuseCode::Unauthenticated, why).await;
+                    return;
+                }
+                owner.map(|uid| crate::direct::Adopter { uid, held })
+            } else {
+                None
+            };
+            if inner.draining.load(Ordering::Relaxed) {
+                refuse(
+                    &mut w,
+                    RefuseCode::Draining,
+                    format!("server {} is draining", inner.id),
+                )
+                .await;
+                return;
+            }
+            let cid = Cid(rand::random());
+            let shared = Shared::new_conn(cid, tx);
+            let welcome = Welcome {
+                server: inner.id.clone(),
+                cid,
+                epoch: 0,
+                token: inner.cluster.key.token(cid, 0),
+                alternates: inner.cluster.alternates(&inner.id),
+                mode: inner.cluster.mode,
+                heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+            };
+            if framed::write_msg(&mut w, &Msg::Welcome(welcome))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if direct {
+                // The client's connection itself comes next: its queues are what the agent's
+                // socket had received and not sent, bounded by ADOPT_FRAME.
+                reader.set_max_frame(ADOPT_FRAME);
+                let tcp = match reader.next_msg(SETUP_TIMEOUT).await {
+                    Ok(Msg::Adopt(tcp)) => tcp,
+                    Ok(other) => {
+                        let why = format!("expected ADOPT, got {}", msg_name(&other));
+                        refuse(&mut w, RefuseCode::Malformed, why).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(%cid, "fast path: no client connection: {e}");
+                        return;
+                    }
+                };
+                match Box::pin(crate::direct::adopt(
+                    tcp,
+                    &inner.cluster.fast_path,
+                    agent.as_ref(),
+                ))
+                .await
+                {
+                    Ok(sock) => {
+                        let d = DirectSock { sock, written: 0 };
+                        rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
+                    }
+                    Err(e) => {
+                        refuse(&mut w, RefuseCode::Internal, e).await;
+                        return;
+                    }
+                }
+                if framed::write_msg(&mut w, &Msg::Adopted).await.is_err() {
+                    return;
+                }
+            }
+            inner
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(cid, shared.clone());
+            tracing::debug!(%cid, peer = %peer_addr, "new connection");
+            (shared, Start::New)
+        }
+        Msg::Migrate(m) => {
+            gauge.set(SessionKind::Connection);
+            let started = Instant::now();
+            // WORKING every heartbeat until the answer: the agent gives up on a
+            // silent candidate after an RTT-derived bound (decision 32), while a takeover may
+            // take longer (an origin's lock_state section, protecting the connection on this
+            // server's backups). The takeover itself is never cancelled: past the origin's
+            // hand-over it is the only copy of the connection.
+            let outcome = {
+                // Boxed, as the other setup paths: the session's task then holds only what a
+                // live session needs (issue 13: memory per idle connection).
+                let mut fut = Box::pin(take_over(&inner, &m, tx));
+                // The first after one beat: a quick answer (a refusal, a move from a live
+                // origin) needs none.
+                let hb = inner.cluster.heartbeat;
+                let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut agent_there = true;
+                loop {
+                    tokio::select! {
+                        r = &mut fut => break r,
+                        _ = beat.tick(), if agent_there => {
+                            agent_there = framed::write_msg(&mut w, &Msg::Working).await.is_ok();
+                        }
+                    }
+                }
+            };
+            if outcome.is_ok() && !inner.limits.hold_resumed.is_zero() {
+                // Test hook: the moment between a finished takeover and RESUMED (a kill -9
+                // here), silent to the agent (no WORKING: it gives up on this candidate).
+                tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
+                let hold = tokio::time::sleep(inner.limits.hold_resumed);
+                if inner.limits.hold_resumed_until_left {
+                    // The agent sends nothing on a MIGRATE's connection before the answer: what
+                    // ends this read is the agent leaving (giving up on this candidate).
+                    tokio::select! {
+                        _ = hold => {}
+                        r = reader.next() => {
+                            tracing::info!(cid = %m.cid, "test hook: the agent left ({:?}); RESUMED goes out now", r.err());
+                        }
+                    }
+                } else {
+                    hold.await;
+                }
+            }
+            let outcome = match outcome {
+                Ok((shared, ..))
+                    if crate::eager::eager(&inner)
+                        && !inner.may_answer(m.cid, shared.lock().epoch) =>
+                {
+                    // A keeper superseded this takeover (the agent gave up on us): another
+                    // destination has the connection one epoch up.
+                    tracing::warn!(cid = %m.cid, "superseded before RESUMED went out; letting the connection go");
+                    {
+                        let mut st = shared.lock();
+                        st.phase = Phase::Migrated;
+                        st.tx = None;
+                        st.wake_all();
+                    }
+                    inner.forget(m.cid);
+                    Err((
+                        RefuseCode::StaleEpoch,
+                        "the connection went to another server meanwhile".to_string(),
+                    ))
+                }
+                o => o,
+            };
+            match outcome {
+                Ok((shared, start, resumed, sock)) => {
+                    let resumed_from_replica = resumed.from_replica;
+                    // A fast-path agent's session is quiet: its RESUMED settles the epoch.
+                    let quiet = sock.is_some();
+                    if let Some(d) = sock {
+                        rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
+                    }
+                    if framed::write_msg(&mut w, &Msg::Resumed(resumed))
+                        .await
+                        .is_err()
+                    {
+                        // The agent will try elsewhere; the state stays here until it comes back
+                        // or the janitor drops it.
+                        shared.lock().detached_at = Some(Instant::now());
+                    } else if quiet {
+                        crate::eager::agent_heard(&inner, m.cid, &mut shared.lock());
+                    }
+                    inner.migrated_in.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::took_over(Some((resumed_from_replica, started.elapsed())));
+                    tracing::info!(cid = %m.cid, from = %m.origin, took = ?started.elapsed(), "connection migrated here");
+                    (shared, start)
+                }
+                Err((code, reason)) => {
+                    crate::metrics::took_over(None);
+                    refuse(&mut w, code, reason).await;
+                    return;
+                }
+            }
+        }
+        Msg::Watch { cid, epoch, token } => {
+            gauge.set(SessionKind::Watch);
+            Box::pin(crate::watch::serve(&inner, reader, w, cid, epoch, token)).await;
+            return;
+        }
+        Msg::Probe { t } => {
+            gauge.set(SessionKind::Probe);
+            Box::pin(probe(&inner, reader, w, t)).await;
+            return;
+        }
+        other => {
+            refuse(
+                &mut w,
+                RefuseCode::Malformed,
+                format!(
+                    "expected HELLO, MIGRATE, WATCH or PROBE, got {}",
+                    msg_name(&other)
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let conn = Connection {
+        shared: shared.clone(),
+        server: inner.clone(),
+        start,
+    };
+    if inner.accept_tx.send(conn).is_err() {
+        return;
+    }
+    let (buf_r, buf) = reader.into_inner();
+    let reader = FrameReader::from_parts(buf_r, buf, wire::MAX_SESSION_FRAME);
+    let Some(rx) = rx else { return };
+    let writer = tokio::spawn(writer_loop(w, rx, shared.clone(), inner.cluster.heartbeat));
+    if reader_loop(reader, &shared, &inner).await {
+        // Orderly end: let the writer flush what is queued (it ends when the queue closes).
+        if tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .is_err()
+        {
+            tracing::debug!(cid = %shared.cid, "session writer did not finish in time");
+        }
+    } else {
+        writer.abort();
+    }
+}
+
+pub(crate) fn msg_name(m: &Msg) -> String {
+    let s = format!("{m:?}");
+    s.split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}

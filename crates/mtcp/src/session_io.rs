@@ -1,0 +1,332 @@
+//! A session's two loops: the writer (data, snapshots, heartbeats, batched) and the reader
+//! (upstream data, ACKs, control).
+
+use crate::conn::{Phase, Shared};
+use crate::framed::{self, FrameReader, Out};
+use crate::server::{sweep_detached, ServerInner};
+use crate::session::{msg_name, BACKLOG_EVERY};
+use crate::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::wire::{Frame, Msg};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+pub(crate) async fn writer_loop(
+    mut w: WriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    shared: Arc<Shared>,
+    hb: Duration,
+) {
+    let mut pending: VecDeque<Out> = VecDeque::new();
+    let mut reported: Option<Instant> = None;
+    // One heartbeat timer, armed at "quiet since the last write + hb" and re-armed only when it
+    // fires early: the hot path (one turn per batch) never touches the timer wheel. It beats
+    // only where someone waits (`trigger::beat_due`); otherwise it parks until input arrives.
+    let mut last_write = tokio::time::Instant::now();
+    let mut last_data = last_write;
+    let mut inputs_at_data = 0u64;
+    let mut parked = false;
+    let quiet = tokio::time::sleep_until(last_write + hb);
+    tokio::pin!(quiet);
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                x = rx.recv() => match x {
+                    Some(o) => pending.push_back(o),
+                    None => break,
+                },
+                _ = shared.beat.notified(), if parked => {
+                    parked = false;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + hb);
+                    continue;
+                }
+                _ = &mut quiet, if !parked => {
+                    let now = tokio::time::Instant::now();
+                    let due = last_write + hb;
+                    if now < due {
+                        quiet.as_mut().reset(due);
+                        continue;
+                    }
+                    let mut st = shared.lock();
+                    let unanswered = st.inputs != inputs_at_data;
+                    let fast = st.direct.is_some();
+                    let unacked = st.s.unacked() > 0;
+                    let since = now - last_data.max(st.acked_at);
+                    if !mtcp_proto::trigger::beat_due(unanswered, unacked, since, fast) {
+                        // Nobody waits: no frames until input arrives (issue 13).
+                        st.beat_parked = true;
+                        parked = true;
+                        continue;
+                    }
+                    drop(st);
+                    crate::metrics::heartbeat_sent(false);
+                    pending.push_back(Out::Msg(Msg::Heartbeat));
+                }
+            }
+        }
+        while let Ok(o) = rx.try_recv() {
+            pending.push_back(o);
+        }
+        let (batch, data) = next_batch(&mut pending);
+        // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
+        // BACKLOG_EVERY; the agent anchors it at this point of the stream.
+        let mut batch = batch;
+        let inputs = if data > 0 {
+            let st = shared.lock();
+            if reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) && st.queued > data {
+                batch.insert(0, Out::Msg(Msg::Backlog { queued: st.queued }));
+                reported = Some(Instant::now());
+            }
+            Some(st.inputs)
+        } else {
+            None
+        };
+        if let Err(e) = framed::write_frames(&mut w, &batch).await {
+            tracing::debug!(cid = %shared.cid, "session write failed: {e}");
+            return;
+        }
+        crate::metrics::add_down(data as usize);
+        last_write = tokio::time::Instant::now();
+        let mut st = shared.lock();
+        if let Some(n) = inputs {
+            // Data answers the input received before it was taken for this batch.
+            last_data = last_write;
+            inputs_at_data = n;
+        }
+        if parked {
+            // Anything written (a HINT, COMMITTED, …) restarts the timer as data does.
+            parked = false;
+            st.beat_parked = false;
+            quiet.as_mut().reset(last_write + hb);
+        }
+        st.queued = st.queued.saturating_sub(data);
+        if let Some(wk) = st.write_waker.take() {
+            wk.wake();
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+/// Most data bytes in one batch written to the session socket.
+const BATCH_BYTES: u64 = 1 << 20;
+/// Most items in one batch.
+const BATCH_ITEMS: usize = 64;
+
+/// Takes the next batch to write from `pending` (everything queued for the session, in order),
+/// and the data bytes in it. A HINT is position-free, so it jumps ahead of queued data: a
+/// drain or an overload hint reaches the agent after at most one batch, not after everything
+/// the application has queued (up to `max_queued`). Every other item keeps its order.
+fn next_batch(pending: &mut VecDeque<Out>) -> (Vec<Out>, u64) {
+    let mut batch = Vec::with_capacity(BATCH_ITEMS.min(pending.len()));
+    if let Some(i) = pending
+        .iter()
+        .position(|o| matches!(o, Out::Msg(Msg::Hint { .. })))
+    {
+        if let Some(h) = pending.remove(i) {
+            batch.push(h);
+        }
+    }
+    let mut data = 0u64;
+    while data < BATCH_BYTES && batch.len() < BATCH_ITEMS {
+        let Some(o) = pending.pop_front() else { break };
+        if let Out::Data(d) = &o {
+            data += d.len() as u64;
+        }
+        batch.push(o);
+    }
+    (batch, data)
+}
+
+/// Returns whether the session ended in order (the writer should flush) rather than broke.
+pub(crate) async fn reader_loop(
+    mut reader: FrameReader<ReadHalf>,
+    shared: &Arc<Shared>,
+    inner: &Arc<ServerInner>,
+) -> bool {
+    let why = loop {
+        // Upstream backpressure: stop reading while the application is behind.
+        let behind = || {
+            let st = shared.lock();
+            st.phase == Phase::Live && st.s.unread() >= inner.limits.max_unread
+        };
+        while behind() {
+            // Made only when needed (not once per frame); a read in between leaves a permit.
+            let consumed = shared.consumed.notified();
+            if !behind() {
+                break;
+            }
+            consumed.await;
+        }
+        // A relaying agent pings every second: a session silent for `session_idle` has no
+        // agent behind it (a fast-path agent's session is a quiet control channel).
+        let relayed = shared.lock().direct.is_none();
+        let next = if relayed {
+            tokio::time::timeout(inner.limits.session_idle, reader.next()).await
+        } else {
+            Ok(reader.next().await)
+        };
+        let f = match next {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => break e.to_string(),
+            Err(_) => {
+                break format!(
+                    "nothing from the agent for {:?} (a relaying agent pings every second)",
+                    inner.limits.session_idle
+                )
+            }
+        };
+        let mut st = shared.lock();
+        if matches!(
+            st.phase,
+            Phase::Migrated | Phase::Aborted(_) | Phase::Closed
+        ) {
+            return st.phase != Phase::Migrated;
+        }
+        if !crate::eager::agent_heard(inner, shared.cid, &mut st) {
+            return false;
+        }
+        match f {
+            Frame::Data(b) => {
+                crate::metrics::add_up(b.len());
+                // Once the application is done, late input is dropped.
+                if st.phase == Phase::Live {
+                    st.on_input(&shared.beat);
+                    if let Err(why) = st.s.receive(b) {
+                        break why.into();
+                    }
+                    if let Some(w) = st.read_waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            Frame::Msg(Msg::Ack {
+                down_recv,
+                sum_from,
+            }) => {
+                let before = st.s.acked();
+                st.s.on_ack(down_recv, sum_from);
+                if st.s.acked() > before {
+                    st.ack_wait = None;
+                    st.acked_at = tokio::time::Instant::now();
+                    if st.s.unacked() < inner.limits.max_unacked {
+                        if let Some(w) = st.write_waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                if st.phase == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
+                    st.phase = Phase::Closed;
+                    st.tx = None;
+                    let epoch = st.epoch;
+                    drop(st);
+                    inner.closed_in_order(shared.cid, epoch);
+                    return true;
+                }
+                crate::eager::replicate_if_due(inner, shared, &mut st);
+            }
+            Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
+            Frame::Msg(Msg::Kick) => {
+                if let Some(d) = &st.direct {
+                    d.kick();
+                }
+            }
+            Frame::Msg(Msg::UpFin { up_total }) => {
+                st.on_input(&shared.beat);
+                if let Err(why) = st.s.finish_input(up_total) {
+                    break why;
+                }
+                if let Some(w) = st.read_waker.take() {
+                    w.wake();
+                }
+            }
+            Frame::Msg(Msg::Leaving) => {
+                st.leaving = true;
+                break "the agent moves the connection elsewhere".into();
+            }
+            Frame::Msg(Msg::Close) => {
+                st.phase = Phase::Closed;
+                st.tx = None;
+                st.wake_all();
+                let epoch = st.epoch;
+                drop(st);
+                inner.closed_in_order(shared.cid, epoch);
+                return true;
+            }
+            Frame::Msg(other) => break format!("unexpected {} in a session", msg_name(&other)),
+        }
+    };
+    let mut st = shared.lock();
+    if matches!(st.phase, Phase::Live | Phase::AppClosed) {
+        tracing::debug!(cid = %shared.cid, "session detached: {why}");
+        st.detached_at = Some(Instant::now());
+        let empty = st.s.out_off() == 0 && st.s.up_recv() == 0;
+        drop(st);
+        // A flood of sessions that open and leave without a byte is swept as it comes, not
+        // only by the janitor each second: at twice the cap, so a sweep (a pass over all
+        // connections) is paid once per cap's worth of such sessions.
+        if empty
+            && inner.empty_detached.fetch_add(1, Ordering::Relaxed)
+                >= 2 * mtcp_proto::bounds::MAX_EMPTY_DETACHED
+        {
+            sweep_detached(inner, Instant::now());
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use mtcp_proto::wire::HintReason;
+
+    fn data(n: usize) -> Out {
+        Out::Data(Bytes::from(vec![7u8; n]))
+    }
+
+    fn hint() -> Out {
+        Out::Msg(Msg::Hint {
+            reason: HintReason::Drain,
+            target: None,
+        })
+    }
+
+    #[test]
+    fn a_hint_jumps_queued_data_and_everything_else_keeps_its_order() {
+        let mut q: VecDeque<Out> = VecDeque::new();
+        for _ in 0..16 {
+            q.push_back(data(256 << 10));
+            q.push_back(Out::Msg(Msg::Heartbeat));
+        }
+        q.push_back(hint());
+        let (b, n) = next_batch(&mut q);
+        assert!(matches!(b[0], Out::Msg(Msg::Hint { .. })), "hint first");
+        assert_eq!(n, BATCH_BYTES, "then one batch of data");
+        // The rest comes out in its original order, without the hint.
+        let mut kinds = Vec::new();
+        for o in b.iter().skip(1) {
+            kinds.push(matches!(o, Out::Data(_)));
+        }
+        while !q.is_empty() {
+            let (b, _) = next_batch(&mut q);
+            assert!(b.iter().all(|o| !matches!(o, Out::Msg(Msg::Hint { .. }))));
+            kinds.extend(b.iter().map(|o| matches!(o, Out::Data(_))));
+        }
+        let want: Vec<bool> = (0..32).map(|i| i % 2 == 0).collect();
+        assert_eq!(kinds, want);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_bytes_and_items() {
+        let mut q: VecDeque<Out> = (0..200).map(|_| Out::Msg(Msg::Heartbeat)).collect();
+        let (b, n) = next_batch(&mut q);
+        assert_eq!((b.len(), n), (BATCH_ITEMS, 0));
+        let mut q: VecDeque<Out> = (0..8).map(|_| data(512 << 10)).collect();
+        let (b, n) = next_batch(&mut q);
+        assert_eq!((b.len(), n), (2, 1 << 20));
+        assert_eq!(q.len(), 6);
+    }
+}

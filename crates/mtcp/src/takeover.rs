@@ -1,0 +1,308 @@
+//! A MIGRATE's takeover at the destination: check the token and the epoch, get the state record
+//! from the origin (or a backup's replica), check it, restart the connection here.
+
+use crate::conn::{Shared, Start};
+use crate::eager::Confirm;
+use crate::framed::Out;
+use crate::origin::Fetch;
+use crate::peer;
+use crate::server::ServerInner;
+use crate::session::BAD_TOKEN;
+use mtcp_proto::wire::{Migrate, RefuseCode, Resumed};
+use mtcp_proto::StateRecord;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// MIGRATE: check the token, get the state record from the origin, restart here.
+pub(crate) async fn take_over(
+    inner: &Arc<ServerInner>,
+    m: &Migrate,
+    tx: mpsc::UnboundedSender<Out>,
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
+    if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
+        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
+    }
+    crate::eager::test_delay(inner).await;
+    if inner.draining.load(Ordering::Relaxed) {
+        return Err((
+            RefuseCode::Draining,
+            format!("server {} is draining", inner.id),
+        ));
+    }
+    // Counted from here to the end of the takeover, refused or not.
+    // (A drain moves every connection at once: the MIGRATEs over the cap wait their turn,
+    // answered WORKING meanwhile, instead of failing.)
+    let _slot = inner
+        .takeovers
+        .take(
+            inner.limits.max_takeovers,
+            inner.limits.takeover_wait,
+            mtcp_proto::bounds::admit_takeover,
+        )
+        .await
+        .map_err(|why| (RefuseCode::Busy, format!("server {}: {why}", inner.id)))?;
+    let origin = inner
+        .cluster
+        .server(&m.origin)
+        .ok_or((
+            RefuseCode::UnknownConnection,
+            format!("origin {:?} is not in the cluster", m.origin),
+        ))?
+        .clone();
+    let f = Fetch {
+        cid: m.cid,
+        epoch: m.epoch,
+        down_recv: m.down_recv,
+        sum_from: m.sum_from,
+        down_sum: m.down_sum,
+    };
+    if m.segs.len() > mtcp_proto::sum::MAX_SEGS {
+        return Err((
+            RefuseCode::TooLarge,
+            format!(
+                "{} checksum ranges (at most {})",
+                m.segs.len(),
+                mtcp_proto::sum::MAX_SEGS
+            ),
+        ));
+    }
+    let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
+    // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):
+    // a restart point, as from a replica, for the client's position now.
+    let rehanded = claims.is_none() && rec.epoch > m.epoch;
+    let rec = if rehanded {
+        mtcp_proto::stream::replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?
+    } else {
+        rec
+    };
+    let from_replica = claims.is_some() || rehanded;
+    if let Err(e) = check_record(m, &rec, tcp.is_some()) {
+        // A record that does not fit withdraws the claims made for it.
+        if let Some(c) = claims {
+            tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
+            c.release(inner).await;
+        }
+        return Err(e);
+    }
+    let keepers = Confirm {
+        cid: Some(m.cid),
+        epoch: m.epoch,
+        to: match &claims {
+            Some(c) => c.at.clone(),
+            None => vec![origin.clone()],
+        },
+    };
+    let r = take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx, keepers).await;
+    if r.is_err() {
+        if let Some(c) = claims {
+            c.release(inner).await;
+        }
+    }
+    r
+}
+
+/// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
+/// when the origin does not answer within `origin_wait`, from a replica at its backups (with
+/// the claims made there). The FETCH sent to a silent origin is not given up on: the origin
+/// may have frozen the connection, fenced its backups and sent the state with a segment lost
+/// on the way — the connection then exists only in that answer. So when the replica cannot
+/// be had, the destination keeps reading the origin's answer
+/// ([`mtcp_proto::timing::origin_grace`]).
+pub(crate) async fn fetch_or_replica(
+    inner: &Arc<ServerInner>,
+    origin: &crate::config::ServerEntry,
+    m: &Migrate,
+    f: &Fetch,
+) -> Result<
+    (
+        StateRecord,
+        Option<Vec<u8>>,
+        u64,
+        Option<crate::eager::Claims>,
+    ),
+    (RefuseCode, String),
+> {
+    if origin.id == inner.id {
+        // Local re-attach: nothing crosses the network; the size is what it would have been.
+        let fr = crate::eager::hand_over(inner, f, &inner.id).await?;
+        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
+        return Ok((fr.rec, fr.tcp, size, None));
+    }
+    let answered = AtomicBool::new(false);
+    let fetch = peer::fetch(inner, origin, f, &answered);
+    if !crate::eager::eager(inner) {
+        let (fr, n) = fetch.await?;
+        return Ok((fr.rec, fr.tcp, n, None));
+    }
+    tokio::pin!(fetch);
+    let first = mtcp_proto::timing::origin_wait(
+        inner.cluster.origin_wait,
+        &inner.peer_pool.rtt(&origin.id),
+    );
+    let (why, pending) = match tokio::time::timeout(first, &mut fetch).await {
+        Ok(Ok((fr, n))) => return Ok((fr.rec, fr.tcp, n, None)),
+        Ok(Err((RefuseCode::OriginUnreachable, why))) => (why, false),
+        Ok(Err(e)) => return Err(e),
+        Err(_) if answered.load(Ordering::Relaxed) => {
+            // WORKING came in time: the origin is alive (a lock_state section may delay it).
+            let (fr, n) = fetch.await?;
+            return Ok((fr.rec, fr.tcp, n, None));
+        }
+        Err(_) => (
+            format!(
+                "origin {} ({}): no answer within {first:?}",
+                origin.id, origin.peer
+            ),
+            true,
+        ),
+    };
+    tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
+    let e = match crate::eager::take_from_replica(inner, origin, m).await {
+        Ok((rec, n, claims)) => return Ok((rec, None, n, Some(claims))),
+        Err(e) if pending => e,
+        Err(e) => return Err(e),
+    };
+    let grace = mtcp_proto::timing::origin_grace(
+        answered.load(Ordering::Relaxed),
+        e.0,
+        &inner.peer_pool.rtt(&origin.id),
+        peer::fetch_bound(inner),
+    );
+    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({:?}: {}); waiting up to {grace:?} more for origin {}'s answer", e.0, e.1, origin.id);
+    match tokio::time::timeout(grace, fetch).await {
+        Ok(Ok((fr, n))) => {
+            tracing::info!(cid = %m.cid, "origin {} answered after all", origin.id);
+            Ok((fr.rec, fr.tcp, n, None))
+        }
+        Ok(Err(o)) => Err((e.0, format!("{}; origin {}: {}", e.1, origin.id, o.1))),
+        Err(_) => Err(e),
+    }
+}
+
+/// The record a destination got must be for this connection and the client's position.
+fn check_record(
+    m: &Migrate,
+    rec: &mtcp_proto::StateRecord,
+    direct: bool,
+) -> Result<(), (RefuseCode, String)> {
+    if rec.cid != m.cid || rec.epoch < m.epoch {
+        return Err((
+            RefuseCode::Internal,
+            "origin sent the record of another connection".into(),
+        ));
+    }
+    // A fast-path connection's position is the origin's own: the agent sees no bytes.
+    if !direct && m.up_sent < rec.up_recv() {
+        return Err((
+            RefuseCode::Malformed,
+            format!(
+                "agent says it sent {} upstream bytes but the origin received {}",
+                m.up_sent,
+                rec.up_recv()
+            ),
+        ));
+    }
+    if !direct && rec.client_down() != m.down_recv {
+        return Err((
+            RefuseCode::Internal,
+            "origin's record is for another downstream position".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The rest of a takeover, once the record is known to fit: restart the connection here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn take_over_checked(
+    inner: &Arc<ServerInner>,
+    m: &Migrate,
+    rec: mtcp_proto::StateRecord,
+    tcp: Option<Vec<u8>>,
+    state_bytes: u64,
+    from_replica: bool,
+    tx: mpsc::UnboundedSender<Out>,
+    keepers: Confirm,
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
+    // One past the record's label: the MIGRATE's epoch + 1, or more when a silent holder was
+    // superseded (its epoch is fenced).
+    let epoch = rec.epoch + 1;
+    let up_from = rec.up_recv();
+    let restart_out = rec.snap_out;
+    let start = rec
+        .snapshot
+        .clone()
+        .map(Start::Migrated)
+        .unwrap_or(Start::New);
+    let sock = match tcp {
+        Some(tcp) => {
+            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path, None)
+                .await
+                .map_err(|e| {
+                    tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
+                    (RefuseCode::Internal, e)
+                })?;
+            Some(DirectSock {
+                sock,
+                written: rec.client_down(),
+            })
+        }
+        None => None,
+    };
+    let protected = crate::eager::protect_takeover(inner, &rec, epoch).await?;
+    let shared = Shared::from_record(rec, epoch, tx);
+    if crate::eager::eager(inner) {
+        let mut st = shared.lock();
+        if let Some((out_off, in_off)) = protected {
+            st.repl.committed = Some((out_off, in_off));
+            st.repl.at = Some(Instant::now());
+        }
+        // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`).
+        st.repl.confirm = Some(keepers);
+        if let Some(key) = protected {
+            // Held back until the agent speaks on the new session (decision 48).
+            crate::eager::tell_committed(&mut st, key);
+        }
+    }
+    inner
+        .conns
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(m.cid, shared.clone());
+    let resumed = Resumed {
+        server: inner.id.clone(),
+        epoch,
+        token: inner.cluster.key.token(m.cid, epoch),
+        up_from,
+        alternates: inner.cluster.alternates(&inner.id),
+        heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+        state_bytes,
+        restart_out,
+        from_replica,
+    };
+    Ok((shared, start, resumed, sock))
+}
+
+/// A fast-path connection's socket, recreated here, before its pump runs.
+pub(crate) struct DirectSock {
+    pub(crate) sock: TcpStream,
+    /// Downstream offset the socket continues at.
+    pub(crate) written: u64,
+}
+
+impl DirectSock {
+    /// Starts the pump; the session's writer then carries what the pump passes on (`ctl_rx`).
+    pub(crate) fn start(
+        self,
+        rx: mpsc::UnboundedReceiver<Out>,
+        shared: &Arc<Shared>,
+        inner: &Arc<ServerInner>,
+    ) -> mpsc::UnboundedReceiver<Out> {
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        shared.lock().fast = crate::direct::FastOut::at(self.written);
+        crate::direct::Pump::new(self.sock, rx, ctl_tx).start(shared, inner);
+        ctl_rx
+    }
+}
