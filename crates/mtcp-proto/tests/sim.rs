@@ -79,7 +79,7 @@ impl App {
 enum Up {
     Data(Bytes),
     Ack { down_recv: u64, sum_from: u64 },
-    UpFin(u64),
+    Fin(u64),
 }
 
 /// Server → agent.
@@ -225,7 +225,7 @@ impl World {
             let Msg::UpFin { up_total } = fin else {
                 unreachable!()
             };
-            self.send_up(Up::UpFin(up_total));
+            self.send_up(Up::Fin(up_total));
             return;
         }
         let n = self
@@ -250,7 +250,7 @@ impl World {
                     down_recv,
                     sum_from,
                 } => h.stream.on_ack(down_recv, sum_from),
-                Up::UpFin(total) => h.stream.finish_input(total)?,
+                Up::Fin(total) => h.stream.finish_input(total)?,
             }
         }
         Ok(())
@@ -422,7 +422,7 @@ impl World {
                 self.send_up(Up::Data(c));
             }
             if let Some(total) = resend.up_fin {
-                self.send_up(Up::UpFin(total));
+                self.send_up(Up::Fin(total));
             }
             self.moves += 1;
             return Ok(());
