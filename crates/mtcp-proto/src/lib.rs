@@ -18,6 +18,7 @@ pub mod policy;
 pub mod record;
 pub mod stream;
 pub mod sum;
+pub mod takeover;
 pub mod timing;
 pub mod trigger;
 pub mod wire;

@@ -5,6 +5,10 @@
 //! and acknowledgements at random times, moves at any moment (to a named or any server),
 //! candidates that refuse, and sessions that break (whatever was in flight either way is lost).
 //!
+//! The destination's decisions are the runtime's own (`mtcp_proto::takeover`: admission, the
+//! record's fit, the restart record, RESUMED); the FETCH is played by calling the origin's
+//! `ServerStream::record` directly.
+//!
 //! Every run checks, byte for byte, that the client receives exactly the application's output
 //! for its input, that no server ever hands out a record the agent's checksum contradicts, that
 //! a restarted application's regenerated output matches what the client has, and that at most
@@ -17,9 +21,11 @@
 use bytes::Bytes;
 use mtcp_proto::agent::stream::{RelayStream, StreamStep};
 use mtcp_proto::agent::{self, MoveError, MovePlan, Placement};
-use mtcp_proto::custody::Lineage;
-use mtcp_proto::stream::ServerStream;
-use mtcp_proto::wire::{Mode, Msg, RefuseCode, Resumed, ServerInfo, Welcome};
+use mtcp_proto::custody::Step;
+use mtcp_proto::record::StateRecord;
+use mtcp_proto::stream::{replica_for_client, ServerStream, Snap};
+use mtcp_proto::takeover;
+use mtcp_proto::wire::{Migrate, Mode, Msg, RefuseCode, ServerInfo, Welcome};
 use mtcp_proto::{Cid, Token};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -97,11 +103,32 @@ struct Held {
     finished: bool,
     /// The session is attached (an agent talks to it); a detached connection waits for a FETCH.
     attached: bool,
+    /// The epoch it serves at.
+    epoch: u64,
+    /// Eager mode: the restart point its backup holds (`(out_off, in_off)`).
+    committed: Option<(u64, u64)>,
+}
+
+impl Held {
+    fn new(stream: ServerStream, app: App, epoch: u64) -> Held {
+        Held {
+            stream,
+            app,
+            finished: false,
+            attached: true,
+            epoch,
+            committed: None,
+        }
+    }
 }
 
 struct Server {
     id: &'static str,
     conn: Option<Held>,
+    /// Eager mode: the replica this server holds as another server's backup.
+    replica: Option<StateRecord>,
+    /// Crashed: down (and empty) until this step.
+    down_until: Option<usize>,
 }
 
 /// A session: both directions in order, each item delivered `delay` steps after it was sent.
@@ -124,6 +151,8 @@ struct World {
     link: Link,
     moves: usize,
     breaks: usize,
+    crashes: usize,
+    eager: bool,
     done: bool,
 }
 
@@ -135,7 +164,7 @@ fn server_index(id: &str) -> usize {
 }
 
 impl World {
-    fn new(seed: u64) -> World {
+    fn new(seed: u64, eager: bool) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
         let len = rng.gen_range(1..6000);
         let input: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
@@ -154,18 +183,21 @@ impl World {
                 epoch: 0,
                 token: Token([0; 32]),
                 alternates,
-                mode: Mode::Lazy,
+                mode: if eager { Mode::Eager } else { Mode::Lazy },
                 heartbeat_ms: 100,
             },
             &format!("addr-{}", SERVERS[first]),
         );
-        let mut servers: Vec<Server> = SERVERS.iter().map(|id| Server { id, conn: None }).collect();
-        servers[first].conn = Some(Held {
-            stream: ServerStream::new(),
-            app: App::default(),
-            finished: false,
-            attached: true,
-        });
+        let mut servers: Vec<Server> = SERVERS
+            .iter()
+            .map(|id| Server {
+                id,
+                conn: None,
+                replica: None,
+                down_until: None,
+            })
+            .collect();
+        servers[first].conn = Some(Held::new(ServerStream::new(), App::default(), 0));
         let delay = rng.gen_range(0..4);
         World {
             rng,
@@ -174,7 +206,9 @@ impl World {
             sent: 0,
             received: Vec::new(),
             at,
-            stream: RelayStream::new(false),
+            stream: RelayStream::new(eager),
+            eager,
+            crashes: 0,
             servers,
             serving: first,
             link: Link {
@@ -195,7 +229,23 @@ impl World {
     /// One step of simulated time: each party acts with some probability.
     fn step(&mut self) -> Result<(), String> {
         self.now += 1;
+        for s in &mut self.servers {
+            if s.down_until.is_some_and(|t| t <= self.now) {
+                s.down_until = None;
+            }
+        }
         let roll: f64 = self.rng.gen();
+        if self.eager && roll > 0.99 && self.protected() {
+            // The serving server crashes, with whatever it held; it comes back empty later.
+            let s = &mut self.servers[self.serving];
+            s.conn = None;
+            s.replica = None;
+            s.down_until = Some(self.now + 300);
+            self.link.up.clear();
+            self.link.down.clear();
+            self.crashes += 1;
+            return self.move_connection(true);
+        }
         if roll < 0.03 {
             return self.move_connection(false);
         }
@@ -212,7 +262,54 @@ impl World {
         self.client_sends();
         self.deliver_up()?;
         self.server_runs()?;
+        if self.eager && self.rng.gen_bool(0.3) {
+            self.replicate();
+        }
         self.deliver_down()
+    }
+
+    /// The next live server after `s` in the ring: `s`'s backup.
+    fn backup_of(&self, s: usize) -> Option<usize> {
+        (1..SERVERS.len())
+            .map(|k| (s + k) % SERVERS.len())
+            .find(|&b| self.servers[b].down_until.is_none())
+    }
+
+    /// Eager mode: whether a live backup holds the serving server's epoch (a crash then loses
+    /// nothing; a second fault before that is not simulated).
+    fn protected(&self) -> bool {
+        let Some(h) = self.servers[self.serving].conn.as_ref() else {
+            return false;
+        };
+        self.servers.iter().enumerate().any(|(i, s)| {
+            i != self.serving
+                && s.down_until.is_none()
+                && s.replica.as_ref().is_some_and(|r| r.epoch == h.epoch)
+        })
+    }
+
+    /// Eager mode: the serving server pushes its newest restart point the client has to its
+    /// backup, and tells the agent (COMMITTED).
+    fn replicate(&mut self) {
+        let serving = self.serving;
+        let Some(b) = self.backup_of(serving) else {
+            return;
+        };
+        let now = self.now + self.link.delay;
+        let cid = self.at.cid;
+        let Some(h) = self.servers[serving].conn.as_mut().filter(|h| h.attached) else {
+            return;
+        };
+        let Some(snap) = h.stream.replicable(h.committed).cloned() else {
+            return;
+        };
+        let rec = ServerStream::replica_record(cid, h.epoch, &snap);
+        h.committed = Some((snap.out_off, snap.in_off));
+        self.servers[b].replica = Some(rec);
+        let (in_off, out_off) = (snap.in_off, snap.out_off);
+        self.link
+            .down
+            .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
     }
 
     /// The client program writes a chunk (or ends its input); the agent retains and relays it.
@@ -323,7 +420,14 @@ impl World {
                 }
                 Down::Msg(m) => match self.stream.on_msg(m, &self.at.server) {
                     StreamStep::Continue => {}
-                    StreamStep::Send(_) => return Err("a lazy stream acknowledged a SNAP".into()),
+                    StreamStep::Send(Msg::Ack {
+                        down_recv,
+                        sum_from,
+                    }) if self.eager => self.send_up(Up::Ack {
+                        down_recv,
+                        sum_from,
+                    }),
+                    StreamStep::Send(m) => return Err(format!("unexpected {m:?} to send")),
                     StreamStep::Finish(_) => self.done = true,
                     StreamStep::Abort(why) => return Err(why),
                 },
@@ -363,61 +467,90 @@ impl World {
             .then(|| SERVERS[self.rng.gen_range(0..SERVERS.len())]);
         let mut plan =
             MovePlan::new(&self.at, self.stream.position(), to).map_err(|e| e.to_string())?;
-        let last = plan_len(&self.at, to);
+        let cands = self.at.candidates(to).map_err(|e| e.to_string())?;
         let mut tried = 0;
-        while let Some(a) = plan.next(&Lineage::default()) {
+        let lineage = self.stream.lineage.clone();
+        while let Some(a) = plan.next(&lineage) {
             tried += 1;
-            // Any candidate but the last may be busy.
-            if tried < last && self.rng.gen_bool(0.2) {
-                plan.refused(
-                    &a.cand,
-                    &MoveError::Refused {
-                        code: RefuseCode::Busy,
-                        reason: "busy".into(),
-                    },
-                );
+            let dest = server_index(&a.cand.id);
+            let refuse = |code, why: &str| MoveError::Refused {
+                code,
+                reason: why.into(),
+            };
+            if self.servers[dest].down_until.is_some() {
+                plan.refused(&a.cand, &MoveError::Channel("connection refused".into()));
                 continue;
             }
-            let dest = server_index(&a.cand.id);
-            let origin = server_index(&a.migrate.origin);
-            // The destination fetches the state: the origin checks the agent's position against
-            // what it sent and hands out the record; the connection leaves the origin.
-            let held = self.servers[origin]
-                .conn
-                .take()
-                .ok_or("the origin does not hold the connection")?;
+            // A candidate may be busy while a live one comes after it in this round.
+            let i = (tried - 1) % cands.len();
+            let later_live = cands[i + 1..]
+                .iter()
+                .any(|c| self.servers[server_index(&c.id)].down_until.is_none());
+            if later_live && self.rng.gen_bool(0.2) {
+                plan.refused(&a.cand, &refuse(RefuseCode::Busy, "busy"));
+                continue;
+            }
             let m = &a.migrate;
-            let rec = held
-                .stream
-                .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
-                .map_err(|(code, why)| format!("origin refused the record ({code:?}): {why}"))?;
+            takeover::admit(m, true, false, SERVERS[dest])
+                .map_err(|(c, why)| format!("{c:?}: {why}"))?;
+            let Some((rec, claimed)) = self.fetch(m)? else {
+                plan.refused(
+                    &a.cand,
+                    &refuse(RefuseCode::OriginUnreachable, "no origin, no replica"),
+                );
+                continue;
+            };
+            let (rec, from_replica) =
+                takeover::restart_record(m, rec, claimed, false).map_err(|(code, why)| {
+                    format!("destination refused the record ({code:?}): {why}")
+                })?;
             let (stream, tail) = ServerStream::restart(&rec);
-            let resumed = Resumed {
-                server: SERVERS[dest].into(),
-                epoch: m.epoch + 1,
-                token: Token([(m.epoch + 1) as u8; 32]),
-                up_from: rec.up_recv(),
+            let at = takeover::Destination {
+                id: SERVERS[dest],
                 alternates: self.at.alternates.clone(),
                 heartbeat_ms: 100,
-                state_bytes: 0,
-                restart_out: rec.snap_out,
-                from_replica: false,
             };
+            let epoch = takeover::next_epoch(&rec);
+            let token = Token([epoch as u8; 32]);
+            let resumed = takeover::resumed(&rec, at, token, 0, from_replica);
             let r = agent::answer(Msg::Resumed(resumed)).map_err(|e| e.to_string())?;
             self.stream.check_resume(&r).map_err(|e| e.to_string())?;
             self.at.resumed(&r, &a.cand.data);
             let resend = self.stream.resume(&r).map_err(|e| e.to_string())?;
-            self.servers[dest].conn = Some(Held {
-                stream,
-                app: App::restore(rec.snapshot.as_ref()),
-                finished: false,
-                attached: true,
-            });
-            self.serving = dest;
+            if self.eager {
+                // Until the destination confirms, the agent may fall back to this epoch.
+                self.stream.lineage.moved(Step {
+                    server: m.origin.clone(),
+                    epoch: m.epoch,
+                    token: m.token,
+                });
+            }
+            let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
             let now = self.now + self.link.delay;
             if !tail.is_empty() {
-                self.link.down.push_back((now, Down::Data(tail)));
+                self.link.down.push_back((now, Down::Data(tail.clone())));
             }
+            if self.eager {
+                // The destination's backup holds the new epoch before the agent may trim
+                // (the runtime's `protect_takeover`); the agent hears COMMITTED.
+                if let Some(b) = self.backup_of(dest) {
+                    let snap = Snap {
+                        state: rec.snapshot.clone(),
+                        in_off: rec.snap_in,
+                        out_off: rec.snap_out,
+                    };
+                    let mut replica = ServerStream::replica_record(rec.cid, epoch, &snap);
+                    replica.tail = rec.tail.clone();
+                    self.servers[b].replica = Some(replica);
+                    held.committed = Some((rec.snap_out, rec.snap_in));
+                    let (in_off, out_off) = (rec.snap_in, rec.snap_out);
+                    self.link
+                        .down
+                        .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+                }
+            }
+            self.servers[dest].conn = Some(held);
+            self.serving = dest;
             for c in resend.chunks {
                 self.send_up(Up::Data(c));
             }
@@ -431,6 +564,43 @@ impl World {
             "no candidate took the connection: {}",
             plan.failure()
         ))
+    }
+
+    /// A destination gets the state for MIGRATE `m`: from the origin, which checks the agent's
+    /// position against what it sent and lets the connection go; or, in eager mode with the
+    /// origin down, from the replica a live backup holds at that epoch (claimed: no one else
+    /// gets it), made into a record for the client's position. `None`: neither is there.
+    fn fetch(&mut self, m: &Migrate) -> Result<Option<(StateRecord, bool)>, String> {
+        let origin = server_index(&m.origin);
+        if let Some(held) = self.servers[origin].conn.take() {
+            if held.epoch != m.epoch {
+                return Err(format!(
+                    "origin at epoch {} asked for {}",
+                    held.epoch, m.epoch
+                ));
+            }
+            let rec = held
+                .stream
+                .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
+                .map_err(|(code, why)| format!("origin refused the record ({code:?}): {why}"))?;
+            return Ok(Some((rec, false)));
+        }
+        if !self.eager || self.servers[origin].down_until.is_none() {
+            return Ok(None);
+        }
+        let Some(b) = (0..SERVERS.len()).find(|&b| {
+            self.servers[b].down_until.is_none()
+                && self.servers[b]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.epoch == m.epoch)
+        }) else {
+            return Ok(None);
+        };
+        let rec = self.servers[b].replica.take().expect("found");
+        let rec = replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)
+            .map_err(|(code, why)| format!("replica refused for the client ({code:?}): {why}"))?;
+        Ok(Some((rec, true)))
     }
 
     fn check_one_owner(&self) -> Result<(), String> {
@@ -447,14 +617,17 @@ impl World {
     }
 }
 
-/// How many candidates a move toward `to` has.
-fn plan_len(at: &Placement, to: Option<&str>) -> usize {
-    at.candidates(to).map_or(0, |c| c.len())
+/// What the faults of the runs did, summed.
+#[derive(Default, Debug)]
+struct Tally {
+    moves: u64,
+    breaks: u64,
+    crashes: u64,
 }
 
-/// One seeded run: `Ok((moves, session breaks))`, or what went wrong.
-fn run(seed: u64) -> Result<(usize, usize), String> {
-    let mut w = World::new(seed);
+/// One seeded run: what its faults did, or what went wrong.
+fn run(seed: u64, eager: bool) -> Result<Tally, String> {
+    let mut w = World::new(seed, eager);
     while !w.done {
         if w.now > MAX_STEPS {
             return Err(format!(
@@ -481,35 +654,52 @@ fn run(seed: u64) -> Result<(usize, usize), String> {
             want.len()
         ));
     }
-    Ok((w.moves, w.breaks))
+    Ok(Tally {
+        moves: w.moves as u64,
+        breaks: w.breaks as u64,
+        crashes: w.crashes as u64,
+    })
 }
 
-#[test]
-fn ten_thousand_seeded_runs_deliver_exactly_the_applications_output() {
+/// 10 000 seeded runs (or the one `MTCP_SIM_SEED` names); panics with the seed of a failure.
+fn runs(eager: bool, first: u64) -> (u64, Tally) {
     let (first, count) = match std::env::var("MTCP_SIM_SEED") {
         Ok(s) => (s.parse::<u64>().expect("MTCP_SIM_SEED is a number"), 1),
-        Err(_) => (0x5eed_0000, 10_000),
+        Err(_) => (first, 10_000),
     };
-    let (mut moves, mut breaks) = (0u64, 0u64);
+    let mut sum = Tally::default();
     let t0 = std::time::Instant::now();
     for seed in first..first + count {
-        match run(seed) {
-            Ok((m, b)) => {
-                moves += m as u64;
-                breaks += b as u64;
+        match run(seed, eager) {
+            Ok(t) => {
+                sum.moves += t.moves;
+                sum.breaks += t.breaks;
+                sum.crashes += t.crashes;
             }
             Err(e) => panic!(
-                "seed {seed}: {e}\nreplay: MTCP_SIM_SEED={seed} cargo test --release -p mtcp-proto --test sim"
+                "seed {seed} (eager: {eager}): {e}\nreplay: MTCP_SIM_SEED={seed} cargo test --release -p mtcp-proto --test sim"
             ),
         }
     }
-    eprintln!(
-        "{count} runs, {moves} moves ({breaks} after a broken session), {:.2?}",
-        t0.elapsed()
-    );
+    eprintln!("eager {eager}: {count} runs, {sum:?}, {:.2?}", t0.elapsed());
+    (count, sum)
+}
+
+#[test]
+fn ten_thousand_seeded_lazy_runs_deliver_exactly_the_applications_output() {
+    let (count, t) = runs(false, 0x5eed_0000);
     // The faults must really happen: a simulation whose moves never fire checks nothing.
     if count > 1 {
-        assert!(moves > count, "only {moves} moves in {count} runs");
-        assert!(breaks > count / 10, "only {breaks} broken sessions");
+        assert!(t.moves > count, "only {} moves in {count} runs", t.moves);
+        assert!(t.breaks > count / 10, "only {} broken sessions", t.breaks);
+    }
+}
+
+#[test]
+fn ten_thousand_seeded_eager_runs_survive_crashes_of_the_serving_server() {
+    let (count, t) = runs(true, 0xea9e_0000);
+    if count > 1 {
+        assert!(t.moves > count, "only {} moves in {count} runs", t.moves);
+        assert!(t.crashes > count / 10, "only {} crashes", t.crashes);
     }
 }

@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-/// The refusal of a token that does not match: it names nothing of the connection (a
-/// refusal to an unauthenticated party echoes no positions or epochs, issue 14).
-pub(crate) const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+pub(crate) use mtcp_proto::takeover::BAD_TOKEN;
 
 /// Limit on the first message of a session, before the peer is known.
 pub(crate) const SETUP_FRAME: usize = 64 << 10;

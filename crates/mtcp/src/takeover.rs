@@ -7,7 +7,7 @@ use crate::framed::Out;
 use crate::origin::Fetch;
 use crate::peer;
 use crate::server::ServerInner;
-use crate::session::BAD_TOKEN;
+use mtcp_proto::takeover as core;
 use mtcp_proto::wire::{Migrate, RefuseCode, Resumed};
 use mtcp_proto::StateRecord;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,16 +22,17 @@ pub(crate) async fn take_over(
     m: &Migrate,
     tx: mpsc::UnboundedSender<Out>,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
-    if !inner.cluster.key.check_token(m.cid, m.epoch, &m.token) {
-        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
+    let token_ok = inner.cluster.key.check_token(m.cid, m.epoch, &m.token);
+    if !token_ok {
+        return Err((RefuseCode::BadToken, core::BAD_TOKEN.into()));
     }
     crate::eager::test_delay(inner).await;
-    if inner.draining.load(Ordering::Relaxed) {
-        return Err((
-            RefuseCode::Draining,
-            format!("server {} is draining", inner.id),
-        ));
-    }
+    core::admit(
+        m,
+        token_ok,
+        inner.draining.load(Ordering::Relaxed),
+        &inner.id,
+    )?;
     // Counted from here to the end of the takeover, refused or not.
     // (A drain moves every connection at once: the MIGRATEs over the cap wait their turn,
     // answered WORKING meanwhile, instead of failing.)
@@ -59,34 +60,20 @@ pub(crate) async fn take_over(
         sum_from: m.sum_from,
         down_sum: m.down_sum,
     };
-    if m.segs.len() > mtcp_proto::sum::MAX_SEGS {
-        return Err((
-            RefuseCode::TooLarge,
-            format!(
-                "{} checksum ranges (at most {})",
-                m.segs.len(),
-                mtcp_proto::sum::MAX_SEGS
-            ),
-        ));
-    }
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
     // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):
     // a restart point, as from a replica, for the client's position now.
-    let rehanded = claims.is_none() && rec.epoch > m.epoch;
-    let rec = if rehanded {
-        mtcp_proto::stream::replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?
-    } else {
-        rec
-    };
-    let from_replica = claims.is_some() || rehanded;
-    if let Err(e) = check_record(m, &rec, tcp.is_some()) {
-        // A record that does not fit withdraws the claims made for it.
-        if let Some(c) = claims {
-            tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
-            c.release(inner).await;
+    let (rec, from_replica) = match core::restart_record(m, rec, claims.is_some(), tcp.is_some()) {
+        Ok(x) => x,
+        Err(e) => {
+            // A record that does not fit withdraws the claims made for it.
+            if let Some(c) = claims {
+                tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
+                c.release(inner).await;
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     let keepers = Confirm {
         cid: Some(m.cid),
         epoch: m.epoch,
@@ -182,38 +169,6 @@ pub(crate) async fn fetch_or_replica(
     }
 }
 
-/// The record a destination got must be for this connection and the client's position.
-fn check_record(
-    m: &Migrate,
-    rec: &mtcp_proto::StateRecord,
-    direct: bool,
-) -> Result<(), (RefuseCode, String)> {
-    if rec.cid != m.cid || rec.epoch < m.epoch {
-        return Err((
-            RefuseCode::Internal,
-            "origin sent the record of another connection".into(),
-        ));
-    }
-    // A fast-path connection's position is the origin's own: the agent sees no bytes.
-    if !direct && m.up_sent < rec.up_recv() {
-        return Err((
-            RefuseCode::Malformed,
-            format!(
-                "agent says it sent {} upstream bytes but the origin received {}",
-                m.up_sent,
-                rec.up_recv()
-            ),
-        ));
-    }
-    if !direct && rec.client_down() != m.down_recv {
-        return Err((
-            RefuseCode::Internal,
-            "origin's record is for another downstream position".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The rest of a takeover, once the record is known to fit: restart the connection here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn take_over_checked(
@@ -228,9 +183,14 @@ pub(crate) async fn take_over_checked(
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     // One past the record's label: the MIGRATE's epoch + 1, or more when a silent holder was
     // superseded (its epoch is fenced).
-    let epoch = rec.epoch + 1;
-    let up_from = rec.up_recv();
-    let restart_out = rec.snap_out;
+    let epoch = core::next_epoch(&rec);
+    let at = core::Destination {
+        id: &inner.id,
+        alternates: inner.cluster.alternates(&inner.id),
+        heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+    };
+    let token = inner.cluster.key.token(m.cid, epoch);
+    let resumed = core::resumed(&rec, at, token, state_bytes, from_replica);
     let start = rec
         .snapshot
         .clone()
@@ -271,17 +231,6 @@ pub(crate) async fn take_over_checked(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(m.cid, shared.clone());
-    let resumed = Resumed {
-        server: inner.id.clone(),
-        epoch,
-        token: inner.cluster.key.token(m.cid, epoch),
-        up_from,
-        alternates: inner.cluster.alternates(&inner.id),
-        heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
-        state_bytes,
-        restart_out,
-        from_replica,
-    };
     Ok((shared, start, resumed, sock))
 }
 

@@ -1,0 +1,257 @@
+//! A destination's decisions on a MIGRATE, without I/O (issue 11): whether to take it up at all,
+//! whether the state record it got fits the agent's claims, which record it restarts from, and
+//! the RESUMED it answers with. The runtime (`mtcp/src/takeover.rs`) does the waiting — the
+//! takeover slot, the FETCH to the origin or a backup's replica, the claims — around these.
+
+use crate::auth::Token;
+use crate::record::StateRecord;
+use crate::stream::{replica_for_client, Refusal};
+use crate::sum::MAX_SEGS;
+use crate::wire::{Migrate, RefuseCode, Resumed, ServerInfo};
+
+/// The refusal of a token that does not match: it names nothing of the connection (a refusal
+/// to an unauthenticated party echoes no positions or epochs, issue 14).
+pub const BAD_TOKEN: &str = "the token does not match the connection and epoch named";
+
+/// Whether server `me` takes up MIGRATE `m` at all: the token must match (checked by the caller
+/// with the cluster key: `token_ok`), a draining server takes nothing, and the agent's checksum
+/// ranges are bounded. Checked before anything is waited for or fetched.
+pub fn admit(m: &Migrate, token_ok: bool, draining: bool, me: &str) -> Result<(), Refusal> {
+    if !token_ok {
+        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
+    }
+    if draining {
+        return Err((RefuseCode::Draining, format!("server {me} is draining")));
+    }
+    if m.segs.len() > MAX_SEGS {
+        return Err((
+            RefuseCode::TooLarge,
+            format!("{} checksum ranges (at most {MAX_SEGS})", m.segs.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The record to restart from, given the one fetched. A record labelled past the MIGRATE's
+/// epoch without claims came from a keeper's custody (decision 43): like a replica, it is a
+/// restart point, turned into one for the client's position now. Returns it and whether it is
+/// a replica's (`claimed`: taken from a backup's replica; `direct`: a fast-path connection, see
+/// [`check_record`]).
+pub fn restart_record(
+    m: &Migrate,
+    rec: StateRecord,
+    claimed: bool,
+    direct: bool,
+) -> Result<(StateRecord, bool), Refusal> {
+    let rehanded = !claimed && rec.epoch > m.epoch;
+    let rec = match rehanded {
+        true => replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?,
+        false => rec,
+    };
+    check_record(m, &rec, direct)?;
+    Ok((rec, claimed || rehanded))
+}
+
+/// The record a destination got must be for this connection and the client's position
+/// (`direct`: a fast-path connection, whose position is the origin's own — the agent sees no
+/// bytes).
+pub fn check_record(m: &Migrate, rec: &StateRecord, direct: bool) -> Result<(), Refusal> {
+    if rec.cid != m.cid || rec.epoch < m.epoch {
+        return Err((
+            RefuseCode::Internal,
+            "origin sent the record of another connection".into(),
+        ));
+    }
+    if !direct && m.up_sent < rec.up_recv() {
+        return Err((
+            RefuseCode::Malformed,
+            format!(
+                "agent says it sent {} upstream bytes but the origin received {}",
+                m.up_sent,
+                rec.up_recv()
+            ),
+        ));
+    }
+    if !direct && rec.client_down() != m.down_recv {
+        return Err((
+            RefuseCode::Internal,
+            "origin's record is for another downstream position".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Who answers RESUMED and how the agent reaches the cluster from there.
+#[derive(Debug, Clone)]
+pub struct Destination<'a> {
+    pub id: &'a str,
+    pub alternates: Vec<ServerInfo>,
+    pub heartbeat_ms: u32,
+}
+
+/// The epoch a connection restarted from `rec` runs at: one past the record's label (the
+/// MIGRATE's epoch + 1, or more when a silent holder was superseded and its epoch fenced).
+pub fn next_epoch(rec: &StateRecord) -> u64 {
+    rec.epoch + 1
+}
+
+/// The RESUMED for a connection restarted here from `rec`, with the token for its new epoch
+/// (`token`, made by the caller with the cluster key for [`next_epoch`]).
+pub fn resumed(
+    rec: &StateRecord,
+    at: Destination<'_>,
+    token: Token,
+    state_bytes: u64,
+    from_replica: bool,
+) -> Resumed {
+    Resumed {
+        server: at.id.to_string(),
+        epoch: next_epoch(rec),
+        token,
+        up_from: rec.up_recv(),
+        alternates: at.alternates,
+        heartbeat_ms: at.heartbeat_ms,
+        state_bytes,
+        restart_out: rec.snap_out,
+        from_replica,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Cid;
+    use crate::sum::{checksum, SumSeg};
+    use bytes::Bytes;
+
+    fn migrate(epoch: u64, down_recv: u64, up_sent: u64) -> Migrate {
+        Migrate {
+            cid: Cid([3; 16]),
+            epoch,
+            token: Token([0; 32]),
+            origin: "s1".into(),
+            down_recv,
+            sum_from: 0,
+            down_sum: 0,
+            up_sent,
+            up_base: 0,
+            segs: Vec::new(),
+        }
+    }
+
+    fn record(epoch: u64, snap_in: u64, input: &'static [u8], snap_out: u64) -> StateRecord {
+        StateRecord {
+            cid: Cid([3; 16]),
+            epoch,
+            snapshot: Some(Bytes::from_static(b"state")),
+            snap_in,
+            snap_out,
+            input: Bytes::from_static(input),
+            up_fin: None,
+            tail: Bytes::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_migrate_is_refused_for_its_token_a_drain_or_too_many_ranges_in_that_order() {
+        let m = migrate(4, 0, 0);
+        assert_eq!(
+            admit(&m, false, true, "s2").unwrap_err().0,
+            RefuseCode::BadToken
+        );
+        assert_eq!(admit(&m, false, false, "s2").unwrap_err().1, BAD_TOKEN);
+        let (code, why) = admit(&m, true, true, "s2").unwrap_err();
+        assert_eq!(
+            (code, why.as_str()),
+            (RefuseCode::Draining, "server s2 is draining")
+        );
+        let mut many = m.clone();
+        many.segs = vec![
+            SumSeg {
+                from: 0,
+                end: 0,
+                sum: 0
+            };
+            MAX_SEGS + 1
+        ];
+        assert_eq!(
+            admit(&many, true, false, "s2").unwrap_err().0,
+            RefuseCode::TooLarge
+        );
+        many.segs.pop();
+        assert!(admit(&many, true, false, "s2").is_ok());
+    }
+
+    #[test]
+    fn a_record_must_be_the_connections_at_the_clients_position() {
+        let rec = record(4, 10, b"abc", 20);
+        assert!(check_record(&migrate(4, 20, 13), &rec, false).is_ok());
+        // Another connection, or an older epoch.
+        let mut other = rec.clone();
+        other.cid = Cid([4; 16]);
+        assert_eq!(
+            check_record(&migrate(4, 20, 13), &other, false)
+                .unwrap_err()
+                .0,
+            RefuseCode::Internal
+        );
+        assert!(check_record(&migrate(5, 20, 13), &rec, false).is_err());
+        // The origin received more than the agent says it sent.
+        assert_eq!(
+            check_record(&migrate(4, 20, 12), &rec, false)
+                .unwrap_err()
+                .0,
+            RefuseCode::Malformed
+        );
+        // Another downstream position.
+        assert!(check_record(&migrate(4, 21, 13), &rec, false).is_err());
+        // The fast path: the positions are the origin's own.
+        assert!(check_record(&migrate(4, 0, 0), &rec, true).is_ok());
+    }
+
+    #[test]
+    fn a_keepers_record_past_the_epoch_restarts_as_a_replica_for_the_client() {
+        // The keeper hands out epoch 6's restart point for a MIGRATE at epoch 5.
+        let mut m = migrate(5, 23, 10);
+        m.sum_from = 20;
+        m.down_sum = checksum(b"xyz");
+        let rec = record(6, 10, b"abc", 20);
+        let (r, from_replica) = restart_record(&m, rec.clone(), false, false).unwrap();
+        assert!(from_replica);
+        assert!(
+            r.input.is_empty(),
+            "a replica restart is resent upstream by the agent"
+        );
+        assert_eq!(r.client_down(), 23);
+        assert_eq!(r.checks.len(), 1);
+        // At its own epoch a record is taken as it is (and must fit).
+        let plain = record(5, 10, b"", 23);
+        let (r, from_replica) =
+            restart_record(&migrate(5, 23, 10), plain.clone(), false, false).unwrap();
+        assert_eq!((r, from_replica), (plain, false));
+        // A claimed replica counts as one, and a record that does not fit is refused.
+        assert!(
+            restart_record(&migrate(5, 23, 10), record(5, 10, b"", 23), true, false)
+                .unwrap()
+                .1
+        );
+        assert!(restart_record(&migrate(5, 22, 10), record(5, 10, b"", 23), false, false).is_err());
+    }
+
+    #[test]
+    fn resumed_runs_one_epoch_past_the_record_from_its_restart_point() {
+        let rec = record(6, 10, b"abc", 20);
+        let at = Destination {
+            id: "s3",
+            alternates: vec![],
+            heartbeat_ms: 100,
+        };
+        let r = resumed(&rec, at, Token([7; 32]), 99, true);
+        assert_eq!((r.epoch, r.up_from, r.restart_out), (7, 13, 20));
+        assert_eq!(
+            (r.server.as_str(), r.state_bytes, r.from_replica),
+            ("s3", 99, true)
+        );
+    }
+}
