@@ -734,14 +734,6 @@ async fn attempt(
     let (cand, m) = (&a.cand, &a.migrate);
     match try_resume(inner, conn, cand, m).await {
         Ok(s) => {
-            if conn.stream.eager() {
-                // Until the new server confirms, its keeper can hand the state out again.
-                conn.stream.lineage.moved(Step {
-                    server: m.origin.clone(),
-                    epoch: m.epoch,
-                    token: m.token,
-                });
-            }
             let resumed_us = t0.elapsed().as_micros() as u64;
             let idx = {
                 let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -859,7 +851,13 @@ async fn try_resume(
     }
     conn.last_state_bytes = r.state_bytes;
     conn.last_from_replica = r.from_replica;
-    let resend = conn.stream.resume(&r)?;
+    // Until the new server confirms, its keeper can hand the state out again (eager mode).
+    let from = Step {
+        server: m.origin.clone(),
+        epoch: m.epoch,
+        token: m.token,
+    };
+    let resend = conn.stream.resume(&r, from)?;
     let mut items: Vec<Out> = Vec::with_capacity(resend.chunks.len() + 2);
     if conn.stream.eager() {
         // Speak at once on the new session: until the destination hears the agent there, a

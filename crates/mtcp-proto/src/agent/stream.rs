@@ -4,7 +4,7 @@
 //! frames to send.
 
 use super::{MoveError, StreamPos};
-use crate::custody::Lineage;
+use crate::custody::{Lineage, Step};
 use crate::offsets::ByteLog;
 use crate::sum::DownTracker;
 use crate::wire::{Msg, Resumed};
@@ -198,10 +198,13 @@ impl RelayStream {
     }
 
     /// The connection resumed on a new server: restart the downstream checksum where the
-    /// destination's check ends, and return what to resend.
-    pub fn resume(&mut self, r: &Resumed) -> Result<Resend, MoveError> {
+    /// destination's check ends, and return what to resend. `from`: the epoch the MIGRATE named
+    /// and its origin — in eager mode a fallback until the destination confirms (COMMITTED):
+    /// its keeper can hand the state out again if the destination dies first.
+    pub fn resume(&mut self, r: &Resumed, from: Step) -> Result<Resend, MoveError> {
         self.check_resume(r)?;
         if self.eager {
+            self.lineage.moved(from);
             // The live range restarts at our position (where the destination's output log and
             // its idea of our checksum start), and the ranges before it are kept from the
             // destination's restart point: its backups hold that point now, and a later

@@ -53,6 +53,14 @@ fn resumed(server: &str, epoch: u64, up_from: u64, restart_out: u64) -> Resumed 
     }
 }
 
+fn step() -> crate::custody::Step {
+    crate::custody::Step {
+        server: "s1".into(),
+        epoch: 0,
+        token: Token([0; 32]),
+    }
+}
+
 fn ids(v: &[ServerInfo]) -> Vec<&str> {
     v.iter().map(|s| s.id.as_str()).collect()
 }
@@ -264,6 +272,15 @@ fn lazy_snap_trims_upstream_and_eager_waits_for_committed() {
 }
 
 #[test]
+fn an_eager_resume_keeps_the_epoch_moved_from_until_committed() {
+    for eager in [false, true] {
+        let mut s = RelayStream::new(eager);
+        s.resume(&resumed("s2", 1, 0, 0), step()).unwrap();
+        assert_eq!(s.lineage.fallback(1).is_some(), eager);
+    }
+}
+
+#[test]
 fn committed_confirms_the_lineage() {
     let mut s = RelayStream::new(true);
     s.lineage.moved(crate::custody::Step {
@@ -356,7 +373,7 @@ fn resume_resends_from_the_restart_point_or_refuses_one_not_retained() {
         "s1",
     );
     assert_eq!(
-        s.resume(&resumed("s2", 1, 1, 0)).unwrap_err(),
+        s.resume(&resumed("s2", 1, 1, 0), step()).unwrap_err(),
         MoveError::NotRetained {
             want: 1,
             start: 2,
@@ -365,7 +382,7 @@ fn resume_resends_from_the_restart_point_or_refuses_one_not_retained() {
     );
     assert!(s.check_resume(&resumed("s2", 1, 7, 0)).is_err());
     s.on_delivered(b"0123");
-    let Resend { chunks, up_fin } = s.resume(&resumed("s2", 1, 3, 0)).unwrap();
+    let Resend { chunks, up_fin } = s.resume(&resumed("s2", 1, 3, 0), step()).unwrap();
     assert_eq!(chunks.concat(), b"def");
     assert_eq!(up_fin, None);
     // Lazy: the destination checked up to here; the checksum restarts at the position.
@@ -376,7 +393,7 @@ fn resume_resends_from_the_restart_point_or_refuses_one_not_retained() {
         Msg::UpFin { up_total: 6 },
         "the end of upstream is where the bytes end"
     );
-    let again = s.resume(&resumed("s3", 2, 6, 0)).unwrap();
+    let again = s.resume(&resumed("s3", 2, 6, 0), step()).unwrap();
     assert!(again.chunks.concat().is_empty());
     assert_eq!(again.up_fin, Some(6));
 }
@@ -409,7 +426,7 @@ proptest! {
         let (start, end) = (s.retained.start(), s.retained.end());
         prop_assert_eq!(end, sent.len() as u64);
         let from = start + pick.index((end - start + 1) as usize) as u64;
-        let r = s.resume(&resumed("s2", 1, from, 0)).unwrap();
+        let r = s.resume(&resumed("s2", 1, from, 0), step()).unwrap();
         prop_assert_eq!(r.chunks.concat(), sent[from as usize..].to_vec());
     }
 }
