@@ -62,8 +62,9 @@ fn measured_answer(rtt: &Rtt) -> Option<Duration> {
 /// longer than one beat plus an answer bound means the candidate is dead, hung or cut off.
 /// `rtt` is the agent's estimate of its path to the servers (the session's PING/PONG).
 pub fn candidate_silence(rtt: &Rtt, heartbeat: Duration) -> Duration {
-    // Without a sample, the session's first bound: two minimum RTOs.
-    heartbeat + measured_answer(rtt).unwrap_or(MIN_RTO * 2)
+    // The path's own round trip, not the current session's queue (`Rtt::unqueued`); without a
+    // sample, the session's first bound: two minimum RTOs.
+    heartbeat + measured_answer(&rtt.unqueued()).unwrap_or(MIN_RTO * 2)
 }
 
 /// How long a destination waits for the origin's first answer (WORKING) before it counts as
@@ -164,6 +165,27 @@ mod tests {
         // Grows with the path and with the heartbeat.
         assert!(candidate_silence(&rtt(200), hb) > b);
         assert!(candidate_silence(&rtt(20), Duration::from_secs(1)) > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_queue_on_the_current_session_does_not_slow_the_give_up_on_a_candidate() {
+        // PONGs behind a slow reader's queued data: seconds, then the path's own 20 ms once.
+        let hb = Duration::from_millis(100);
+        let mut r = Rtt::default();
+        for ms in [20, 2500, 3000, 2800, 3100, 2900] {
+            r.sample(Duration::from_millis(ms));
+        }
+        assert!(
+            r.srtt().unwrap() > Duration::from_secs(1),
+            "the session's own estimate grows"
+        );
+        let b = candidate_silence(&r, hb);
+        assert!(b < Duration::from_millis(560), "{b:?}");
+        // Once the 20 ms sample leaves the window, the bound follows the smallest recent one.
+        for _ in 0..8 {
+            r.sample(Duration::from_millis(2500));
+        }
+        assert!(candidate_silence(&r, hb) > Duration::from_secs(5));
     }
 
     #[test]

@@ -3,11 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-/// Smoothed RTT estimator.
+/// Samples the path's minimum is taken over ([`Rtt::unqueued`]).
+const MIN_WINDOW: usize = 8;
+
+/// Smoothed RTT estimator, and the minimum of the last [`MIN_WINDOW`] samples.
 #[derive(Debug, Clone, Copy)]
 pub struct Rtt {
     srtt: Option<Duration>,
     rttvar: Duration,
+    recent: [Option<Duration>; MIN_WINDOW],
+    next: usize,
 }
 
 impl Default for Rtt {
@@ -15,12 +20,16 @@ impl Default for Rtt {
         Self {
             srtt: None,
             rttvar: Duration::ZERO,
+            recent: [None; MIN_WINDOW],
+            next: 0,
         }
     }
 }
 
 impl Rtt {
     pub fn sample(&mut self, r: Duration) {
+        self.recent[self.next] = Some(r);
+        self.next = (self.next + 1) % MIN_WINDOW;
         match self.srtt {
             None => {
                 self.srtt = Some(r);
@@ -36,6 +45,18 @@ impl Rtt {
 
     pub fn srtt(&self) -> Option<Duration> {
         self.srtt
+    }
+
+    /// The path without the queues in front of it: an estimate started from the smallest of
+    /// the recent samples. A session's PONG waits behind the data queued on it (a slow reader
+    /// leaves seconds of it), which says nothing of how fast another server on the same path
+    /// answers; queueing only ever adds, so the minimum is the path's own round trip.
+    pub fn unqueued(&self) -> Rtt {
+        let mut r = Rtt::default();
+        if let Some(min) = self.recent.iter().flatten().min() {
+            r.sample(*min);
+        }
+        r
     }
 
     /// A retransmission-timeout-like bound: srtt + 4·rttvar, at least TCP's minimum
