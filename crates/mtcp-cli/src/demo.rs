@@ -2,12 +2,12 @@
 //! that moves three times mid-transfer — a drain, a manual migration, then the serving server is
 //! killed with SIGKILL — checked by SHA-256.
 
-use crate::client::Client;
-use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mtcp_agent::admin::{Request, Response};
+use mtcp_harness::client::Client;
+use mtcp_harness::local::{self, LocalCluster, LocalOptions};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -108,7 +108,7 @@ async fn demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     enum Dl {
         Curl(tokio::process::Child),
-        Builtin(tokio::task::JoinHandle<Result<crate::client::Response>>),
+        Builtin(tokio::task::JoinHandle<Result<mtcp_harness::client::Response>>),
     }
     let mut dl = if use_curl {
         println!(
@@ -292,7 +292,7 @@ pub async fn drain(lc: &LocalCluster, id: &str) -> Result<()> {
 
 /// `mtcp demo --lab`: the same story in the network lab, with a transparent agent.
 fn lab_demo(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
-    use crate::labcluster::{LabCluster, LabClusterOptions};
+    use mtcp_harness::labcluster::{LabCluster, LabClusterOptions};
     use mtcp_lab::Impairment;
     let size = a.size_mib << 20;
     println!("== M-TCP demo in the network lab: curl does not know M-TCP exists ==");

@@ -36,10 +36,10 @@ enum Cmd {
     /// Live demo on loopback: three servers, an agent, a download that moves twice.
     Demo(mtcp_cli::demo::DemoArgs),
     /// Benchmarks: throughput vs direct TCP, migration latency.
-    Bench(mtcp_cli::bench::BenchArgs),
+    Bench(mtcp_bench::bench::BenchArgs),
     /// Seeded randomized fault test: runs of checked requests while servers are drained,
     /// migrated away from, killed and stopped.
-    Chaos(mtcp_cli::chaos::ChaosArgs),
+    Chaos(mtcp_bench::chaos::ChaosArgs),
     /// Network lab (root): namespaces for a client, a router and servers, with delayed, lossy,
     /// rate-limited or blackholed links.
     Lab(mtcp_cli::lab::LabArgs),
@@ -428,8 +428,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Status(a) => status(a).await,
         Cmd::Cert(a) => mtcp_cli::cert::run(&a),
         Cmd::Demo(a) => mtcp_cli::demo::run(a).await,
-        Cmd::Bench(a) => mtcp_cli::bench::run(a).await,
-        Cmd::Chaos(a) => mtcp_cli::chaos::run(a).await,
+        Cmd::Bench(a) => mtcp_bench::bench::run(a).await,
+        Cmd::Chaos(a) => mtcp_bench::chaos::run(a).await,
         Cmd::Lab(a) => mtcp_cli::lab::run(a).await,
     }
 }
@@ -680,7 +680,7 @@ async fn drain(a: DrainArgs) -> Result<()> {
         .as_ref()
         .map(|t| mtcp::tls::ClientTls::from_ca_file(&t.ca))
         .transpose()?;
-    let r = mtcp_cli::local::drain_server_report(
+    let r = mtcp_harness::local::drain_server_report(
         &me.admin,
         &cluster.key,
         tls.as_ref(),

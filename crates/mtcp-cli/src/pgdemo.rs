@@ -13,8 +13,8 @@
 //! the primary key and makes pgbench abort that client.
 
 use crate::demo::DemoArgs;
-use crate::pglocal::{PgLocal, PgLocalOptions};
 use anyhow::{anyhow, bail, Context, Result};
+use mtcp_harness::pglocal::{PgLocal, PgLocalOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@ use mtcp::framed::{self, FrameReader};
 use mtcp::peer::connect_authenticated;
 use mtcp::proto::wire::{Msg, RefuseCode};
 use mtcp::proto::{ChannelContext, Cid, ClusterKey, PortKind};
-use mtcp_cli::local::{strip_ansi, LocalCluster, LocalOptions};
+use mtcp_harness::local::{strip_ansi, LocalCluster, LocalOptions};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
@@ -265,7 +265,7 @@ fn relayed_handshakes_are_refused_on_peer_and_admin_ports() {
         "curl failed"
     );
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "download corrupted"
     );
@@ -424,7 +424,7 @@ fn frames_injected_into_authenticated_channels_are_refused() {
         "curl failed"
     );
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "download corrupted"
     );

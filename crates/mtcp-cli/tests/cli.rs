@@ -77,7 +77,8 @@ fn configuration_errors_are_one_clear_line() {
     let e = server_fails(bad.to_str().unwrap(), "s1", root);
     assert!(e.contains("64 hex characters"), "{e}");
 
-    let (cluster, servers) = mtcp_cli::local::write_cluster(dir.path(), 2, "lazy", None).unwrap();
+    let (cluster, servers) =
+        mtcp_harness::local::write_cluster(dir.path(), 2, "lazy", None).unwrap();
     let c = cluster.to_str().unwrap();
     let e = server_fails(c, "s9", root);
     assert!(e.contains("server id \"s9\" is not in cluster file"), "{e}");
@@ -93,7 +94,7 @@ fn configuration_errors_are_one_clear_line() {
     drop(hold);
 
     // Nothing listens: the agent admin and the server admin.
-    let closed = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let closed = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
     let (ok, e) = run(&["status", "--agent", &closed]);
     assert!(!ok);
     assert!(error_line(&e).contains("refused"), "{e}");
@@ -121,15 +122,15 @@ fn wrong_key_is_refused_and_unreachable_service_closes_the_client() {
     assert!(error_line(&e).contains("wrong cluster key"), "{e}");
 
     // An agent whose service is unreachable closes the client program's connection and says why.
-    let listen = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
-    let dead = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let listen = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
+    let dead = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
     let log = std::fs::File::create(dir.path().join("lonely-agent.log")).unwrap();
     let mut agent = Command::new(exe())
         .args(["agent", "--connect", &dead, "--listen", &listen])
         .stderr(log)
         .spawn()
         .unwrap();
-    mtcp_cli::local::wait_listening(&listen, Duration::from_secs(10)).unwrap();
+    mtcp_harness::local::wait_listening(&listen, Duration::from_secs(10)).unwrap();
     let mut s = std::net::TcpStream::connect(&listen).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut b = [0u8; 16];

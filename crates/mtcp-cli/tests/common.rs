@@ -1,7 +1,7 @@
 //! Shared set-up for the end-to-end tests: a temp directory, a served file, a local cluster.
 #![allow(dead_code)]
 
-use mtcp_cli::local::{self, LocalCluster, LocalOptions};
+use mtcp_harness::local::{self, LocalCluster, LocalOptions};
 use std::path::{Path, PathBuf};
 
 pub struct TempDir(pub PathBuf);
@@ -246,7 +246,7 @@ pub fn assert_lab_gone(tag: &str) {
 /// Waits (at most 90 s) for a download through the agent and checks it arrived whole: status
 /// 200 and the body's digest equal to `want`.
 pub async fn assert_download_intact(
-    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>>,
+    dl: tokio::task::JoinHandle<anyhow::Result<mtcp_harness::client::Response>>,
     want: &str,
 ) {
     let r = tokio::time::timeout(std::time::Duration::from_secs(90), dl)
@@ -317,7 +317,7 @@ pub fn metric(addr: &str, series: &str) -> f64 {
 }
 
 /// One GET of `/f.bin` on each keep-alive connection; each body's SHA-256 must be `want`.
-pub async fn get_all(conns: &mut [mtcp_cli::client::Client], want: &str) {
+pub async fn get_all(conns: &mut [mtcp_harness::client::Client], want: &str) {
     for (i, c) in conns.iter_mut().enumerate() {
         let r = c.request("GET", "/f.bin", &[]).await.unwrap();
         assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");

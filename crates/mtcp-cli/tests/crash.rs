@@ -9,7 +9,7 @@ use common::*;
 use mtcp::framed::{self, FrameReader};
 use mtcp::proto::sum::checksum;
 use mtcp::proto::wire::{Migrate, Msg, RefuseCode};
-use mtcp_cli::local::LocalCluster;
+use mtcp_harness::local::LocalCluster;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ fn serving_all(lc: &LocalCluster) -> Vec<String> {
 fn curl_and_wget_survive_kill_9_of_the_serving_server_and_then_the_next() {
     for prog in ["curl", "wget"] {
         assert!(
-            mtcp_cli::local::have(prog),
+            mtcp_harness::local::have(prog),
             "{prog} is required for this test (scripts/test.sh installs it)"
         );
     }
@@ -74,12 +74,12 @@ fn curl_and_wget_survive_kill_9_of_the_serving_server_and_then_the_next() {
     assert!(c.success(), "curl failed: {c}");
     assert!(w.success(), "wget failed: {w}");
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out_c).unwrap(),
+        mtcp_harness::local::sha256_file(&out_c).unwrap(),
         want,
         "curl's bytes differ"
     );
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out_w).unwrap(),
+        mtcp_harness::local::sha256_file(&out_w).unwrap(),
         want,
         "wget's bytes differ"
     );
@@ -109,7 +109,7 @@ fn curl_and_wget_survive_kill_9_of_the_serving_server_and_then_the_next() {
 
 #[test]
 fn a_hung_server_is_left_and_after_sigcont_it_sends_nothing() {
-    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    assert!(mtcp_harness::local::have("curl"), "curl is required");
     let dir = TempDir::new("crash-stop");
     let size: u64 = 64 << 20;
     let want = file(&dir, "big.bin", size, 8);
@@ -132,7 +132,7 @@ fn a_hung_server_is_left_and_after_sigcont_it_sends_nothing() {
     let st = curl.wait().unwrap();
     assert!(st.success(), "curl failed: {st}");
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "bytes differ"
     );
@@ -172,7 +172,7 @@ fn a_hung_server_is_left_and_after_sigcont_it_sends_nothing() {
 /// aborted (curl fails) — and the agent names the divergence.
 #[test]
 fn a_nondeterministic_app_is_caught_and_the_client_aborted() {
-    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    assert!(mtcp_harness::local::have("curl"), "curl is required");
     let dir = TempDir::new("crash-diverge");
     let size: u64 = 64 << 20;
     file(&dir, "big.bin", size, 9);
@@ -334,7 +334,7 @@ async fn racing_takeovers_have_exactly_one_winner() {
 async fn racing_takeovers_for_a_hung_origin_in_either_order_have_exactly_one_winner() {
     for (late, winner, epoch) in [("s3", "s2", 1), ("s2", "s2", 2)] {
         let dir = TempDir::new(&format!("crash-race-{late}-late"));
-        let opts = mtcp_cli::local::LocalOptions {
+        let opts = mtcp_harness::local::LocalOptions {
             servers: 3,
             root: dir.path().join("www"),
             log: "info,mtcp=debug".into(),

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -48,7 +48,7 @@ fn move_to_s2(lc: &LocalCluster) -> Child {
 fn log(dir: &TempDir, name: &str) -> String {
     let raw = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
     raw.lines()
-        .map(mtcp_cli::local::strip_ansi)
+        .map(mtcp_harness::local::strip_ansi)
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -71,7 +71,7 @@ fn download_through(dir: &TempDir, lc: &mut LocalCluster, fault: impl FnOnce(&mu
         tail(&log(dir, "agent"))
     );
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "the bytes differ"
     );

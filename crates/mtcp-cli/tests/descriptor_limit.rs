@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ async fn agent_at_its_descriptor_limit_refuses_the_newest_client_and_serves_the_
     let dir = TempDir::new("descriptor-limit");
     let want = file(&dir, "small.bin", 64 << 10, 5);
     let lc = tokio::task::block_in_place(|| cluster(&dir, 1));
-    let listen = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let listen = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
     let log = dir.path().join("limited-agent.log");
     // `ulimit -n` in sh sets the soft and the hard limit.
     let agent = Agent(

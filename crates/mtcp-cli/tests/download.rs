@@ -9,7 +9,7 @@ use common::*;
 #[test]
 fn curl_download_survives_drain_manual_and_reset() {
     assert!(
-        mtcp_cli::local::have("curl"),
+        mtcp_harness::local::have("curl"),
         "curl is required for this test (scripts/test.sh installs it)"
     );
     let dir = TempDir::new("download");
@@ -24,7 +24,7 @@ fn curl_download_survives_drain_manual_and_reset() {
         step, 3,
         "the download finished before every migration was triggered"
     );
-    let got = mtcp_cli::local::sha256_file(&out).unwrap();
+    let got = mtcp_harness::local::sha256_file(&out).unwrap();
     assert_eq!(got, want, "downloaded bytes differ from the file");
     let conns = lc.status().unwrap();
     let events: Vec<_> = conns

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::time::{Duration, Instant};
 
 /// Every server of the cluster is killed mid-download: the client program's connection ends

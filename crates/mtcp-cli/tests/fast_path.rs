@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -40,7 +40,7 @@ fn ready() -> bool {
         return false;
     }
     assert!(
-        mtcp_cli::local::have("curl") && mtcp_cli::local::have("nft"),
+        mtcp_harness::local::have("curl") && mtcp_harness::local::have("nft"),
         "curl and nft are required for this test (scripts/test.sh installs them)"
     );
     true
@@ -65,7 +65,7 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
         step, 3,
         "the download finished before every migration was triggered"
     );
-    let got = mtcp_cli::local::sha256_file(&out).unwrap();
+    let got = mtcp_harness::local::sha256_file(&out).unwrap();
     assert_eq!(got, want, "downloaded bytes differ from the file");
     let conns = lc.status().unwrap();
     assert!(conns.iter().all(|c| c.fast_path), "{conns:?}");

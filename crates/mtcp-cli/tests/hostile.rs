@@ -9,7 +9,7 @@ use mtcp::framed::{self, FrameReader};
 use mtcp::proto::wire::{self, Frame, Migrate, Msg, RefuseCode};
 use mtcp::proto::{Cid, Token};
 use mtcp_agent::admin::{Request, Response};
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -93,14 +93,14 @@ async fn fast_path_refuses_garbage_and_unadmitted_connections() {
     let dir = TempDir::new("hostile-fast");
     let want = file(&dir, "f.bin", 1 << 20, 6);
     let lc = tokio::task::block_in_place(|| {
-        let opts = mtcp_cli::local::LocalOptions {
+        let opts = mtcp_harness::local::LocalOptions {
             servers: 2,
             root: dir.path().join("www"),
             log: "info,mtcp=debug".into(),
             fast_path_listen: vec!["127.0.0.1:9".into()],
             ..Default::default()
         };
-        mtcp_cli::local::LocalCluster::start(&exe(), dir.path(), &opts).expect("cluster")
+        mtcp_harness::local::LocalCluster::start(&exe(), dir.path(), &opts).expect("cluster")
     });
     let data = lc.servers[0].data.clone();
     let garbage: Vec<u8> = (0..3000).map(|i| (i * 31 % 253) as u8).collect();

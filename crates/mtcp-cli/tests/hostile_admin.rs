@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use mtcp_agent::admin::{request, request_with, Request, Response};
-use mtcp_cli::client::Client;
-use mtcp_cli::local::LocalCluster;
+use mtcp_harness::client::Client;
+use mtcp_harness::local::LocalCluster;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,7 +20,7 @@ async fn live_download(
     listen: &str,
     admin: &str,
     token: Option<&str>,
-) -> tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>> {
+) -> tokio::task::JoinHandle<anyhow::Result<mtcp_harness::client::Response>> {
     let mut c = Client::connect(listen).await.unwrap();
     c.rate = Some(4 << 20);
     let dl = tokio::spawn(async move { c.request("GET", "/f.bin", &[]).await });
@@ -72,7 +72,7 @@ async fn the_admin_socket_serves_only_its_owner_and_rate_limits_moves() {
     let dir = TempDir::new("hostile-admin");
     let want = file(&dir, "f.bin", 24 << 20, 11);
     let lc: LocalCluster = tokio::task::block_in_place(|| {
-        let opts = mtcp_cli::local::LocalOptions {
+        let opts = mtcp_harness::local::LocalOptions {
             servers: 2,
             root: dir.path().join("www"),
             log: "info,mtcp=debug,mtcp_agent=debug".into(),
@@ -195,8 +195,8 @@ async fn a_tcp_admin_endpoint_needs_its_token() {
     let dir = TempDir::new("hostile-admin-tcp");
     let want = file(&dir, "f.bin", 24 << 20, 12);
     let mut lc = tokio::task::block_in_place(|| cluster(&dir, 2));
-    let admin = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
-    let listen = format!("127.0.0.1:{}", mtcp_cli::local::free_port());
+    let admin = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
+    let listen = format!("127.0.0.1:{}", mtcp_harness::local::free_port());
 
     // `mtcp agent` on the TCP admin address with `admin_args`, expected to refuse to start.
     let try_agent = |admin_args: &[&std::ffi::OsStr]| {

@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use mtcp::framed;
 use mtcp::proto::wire::Msg;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;

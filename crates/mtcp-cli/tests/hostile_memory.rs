@@ -9,8 +9,8 @@ use bytes::Bytes;
 use common::*;
 use mtcp::framed::{self, FrameReader, Out};
 use mtcp::proto::wire::{self, Frame, Msg};
-use mtcp_cli::client::Client;
-use mtcp_cli::local::LocalCluster;
+use mtcp_harness::client::Client;
+use mtcp_harness::local::LocalCluster;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -44,7 +44,7 @@ async fn raw_session(addr: &str) -> (FrameReader<OwnedReadHalf>, OwnedWriteHalf)
 /// A rate-limited download of `/f.bin` through the agent, under way when this returns.
 async fn live_download(
     lc: &LocalCluster,
-) -> tokio::task::JoinHandle<anyhow::Result<mtcp_cli::client::Response>> {
+) -> tokio::task::JoinHandle<anyhow::Result<mtcp_harness::client::Response>> {
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
     c.rate = Some(4 << 20);
     let dl = tokio::spawn(async move { c.request("GET", "/f.bin", &[]).await });

@@ -7,8 +7,8 @@ mod common;
 
 use common::*;
 use mtcp_agent::admin::{request, Request, Response};
-use mtcp_cli::client::Client;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::client::Client;
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

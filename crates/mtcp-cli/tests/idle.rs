@@ -7,8 +7,8 @@
 mod common;
 
 use common::*;
-use mtcp_cli::client::Client;
-use mtcp_cli::local::LocalCluster;
+use mtcp_harness::client::Client;
+use mtcp_harness::local::LocalCluster;
 use std::time::{Duration, Instant};
 
 const CONNS: usize = 20;

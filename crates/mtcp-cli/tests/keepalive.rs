@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use mtcp_agent::admin::{Request, Response};
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::time::Duration;
 
 async fn migrate(admin: &str) -> String {
@@ -52,7 +52,7 @@ async fn keep_alive(fast_path: bool) {
     let a_bytes = std::fs::read(dir.path().join("www/a.bin")).unwrap();
     let b_bytes = std::fs::read(dir.path().join("www/b.bin")).unwrap();
     let lc = tokio::task::block_in_place(|| {
-        let opts = mtcp_cli::local::LocalOptions {
+        let opts = mtcp_harness::local::LocalOptions {
             servers: 3,
             root: dir.path().join("www"),
             log: "info,mtcp=debug,mtcp_agent=debug".into(),
@@ -64,7 +64,7 @@ async fn keep_alive(fast_path: bool) {
             },
             ..Default::default()
         };
-        mtcp_cli::local::LocalCluster::start(&exe(), dir.path(), &opts)
+        mtcp_harness::local::LocalCluster::start(&exe(), dir.path(), &opts)
             .expect("start local cluster")
     });
     let admin = lc.agent_admin.clone();

@@ -19,7 +19,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::labcluster::{LabCluster, LabClusterOptions};
+use mtcp_harness::labcluster::{LabCluster, LabClusterOptions};
 use mtcp_lab::{Host, Impairment};
 use std::io::Write;
 use std::path::PathBuf;
@@ -206,7 +206,7 @@ fn eager_downloads_survive_their_new_server_killed_right_after_a_move_at_20_ms_r
             dir.path().display()
         );
         assert_eq!(
-            mtcp_cli::local::sha256_file(&out).unwrap(),
+            mtcp_harness::local::sha256_file(&out).unwrap(),
             want,
             "seed {seed}: curl's bytes"
         );
@@ -385,7 +385,7 @@ fn eager_downloads_survive_their_new_server_killed_before_its_resumed_at_20_ms_r
             dir.path().display()
         );
         assert_eq!(
-            mtcp_cli::local::sha256_file(&out).unwrap(),
+            mtcp_harness::local::sha256_file(&out).unwrap(),
             want,
             "seed {seed}: curl's bytes"
         );

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::labcluster::{LabCluster, LabClusterOptions};
+use mtcp_harness::labcluster::{LabCluster, LabClusterOptions};
 use mtcp_lab::Impairment;
 use std::process::Stdio;
 use std::time::Duration;
@@ -114,12 +114,12 @@ fn curl_and_wget_survive_kill_stop_blackhole_and_starvation_through_the_transpar
         let ok_w = wait_child(&mut wget, "wget", Duration::from_secs(90));
         assert!(ok_c && ok_w, "{sc:?}: curl ok {ok_c}, wget ok {ok_w}");
         assert_eq!(
-            mtcp_cli::local::sha256_file(&out_c).unwrap(),
+            mtcp_harness::local::sha256_file(&out_c).unwrap(),
             want,
             "{sc:?}: curl's bytes"
         );
         assert_eq!(
-            mtcp_cli::local::sha256_file(&out_w).unwrap(),
+            mtcp_harness::local::sha256_file(&out_w).unwrap(),
             want,
             "{sc:?}: wget's bytes"
         );
@@ -223,7 +223,7 @@ fn a_40_ms_rtt_lab_moves_a_live_download() {
         wait_child(&mut curl, "curl", Duration::from_secs(60)),
         "curl failed"
     );
-    assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
+    assert_eq!(mtcp_harness::local::sha256_file(&out).unwrap(), want);
     let events: Vec<_> = lc
         .status()
         .unwrap()

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::labcluster::{LabCluster, LabClusterOptions};
+use mtcp_harness::labcluster::{LabCluster, LabClusterOptions};
 use mtcp_lab::Impairment;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -75,7 +75,7 @@ fn a_server_on_a_slow_link_is_left_by_the_floor_policy() {
         "curl",
         Duration::from_secs(60)
     ));
-    assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
+    assert_eq!(mtcp_harness::local::sha256_file(&out).unwrap(), want);
     let m = moves(&lc);
     assert!(
         m.iter()
@@ -129,7 +129,7 @@ fn a_distant_server_is_left_by_the_rtt_policy() {
         "curl",
         Duration::from_secs(60)
     ));
-    assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
+    assert_eq!(mtcp_harness::local::sha256_file(&out).unwrap(), want);
     let m = moves(&lc);
     assert_eq!(m.len(), 1, "exactly one move, no flapping: {m:?}");
     assert!(
@@ -174,7 +174,7 @@ fn an_overloaded_server_hints_connections_away() {
         assert!(wait_child(&mut c, "curl", Duration::from_secs(60)));
     }
     for o in &outs {
-        assert_eq!(mtcp_cli::local::sha256_file(o).unwrap(), want);
+        assert_eq!(mtcp_harness::local::sha256_file(o).unwrap(), want);
     }
     let m = moves(&lc);
     let hinted = m.iter().filter(|(_, _, r)| r.contains("overload")).count();

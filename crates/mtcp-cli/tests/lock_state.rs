@@ -74,7 +74,7 @@ async fn app(
 }
 
 fn free(host: &str) -> String {
-    format!("{host}:{}", mtcp_cli::local::free_port())
+    format!("{host}:{}", mtcp_harness::local::free_port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use mtcp::proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp::proto::{Cid, Token};
-use mtcp_cli::client::Client;
-use mtcp_cli::local::{free_port, LocalCluster, LocalOptions};
+use mtcp_harness::client::Client;
+use mtcp_harness::local::{free_port, LocalCluster, LocalOptions};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,7 +155,7 @@ async fn start(dir: &TempDir, mode: &str) -> (LocalCluster, [String; 4]) {
         LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
     });
     for a in &m {
-        mtcp_cli::local::wait_listening_async(a, Duration::from_secs(10))
+        mtcp_harness::local::wait_listening_async(a, Duration::from_secs(10))
             .await
             .unwrap();
     }

@@ -8,8 +8,8 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::strip_ansi;
-use mtcp_cli::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
+use mtcp_harness::local::strip_ansi;
+use mtcp_harness::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

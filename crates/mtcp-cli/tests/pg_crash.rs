@@ -6,7 +6,7 @@
 mod common;
 
 use common::{exe, TempDir};
-use mtcp_cli::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
+use mtcp_harness::pglocal::{PgLocal, PgLocalOptions, TPCB_OWN_ACCOUNTS};
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::{sha256_file, LocalCluster, LocalOptions};
+use mtcp_harness::local::{sha256_file, LocalCluster, LocalOptions};
 use std::time::{Duration, Instant};
 
 fn start(
@@ -161,7 +161,7 @@ fn the_floor_leaves_slow_clients_and_quiet_applications_alone() {
         // the client) and the rate is under the floor — but it is the agent that waits, on its
         // client, and that time does not count.
         let slow = async {
-            let mut c = mtcp_cli::client::Client::connect(&lc.agent_listen)
+            let mut c = mtcp_harness::client::Client::connect(&lc.agent_listen)
                 .await
                 .unwrap();
             c.rate = Some(3_000_000);
@@ -172,7 +172,7 @@ fn the_floor_leaves_slow_clients_and_quiet_applications_alone() {
         // An application that sends little (64 KiB every 250 ms, 2 Mbit/s), then an idle
         // keep-alive connection, then one more request.
         let quiet = async {
-            let mut c = mtcp_cli::client::Client::connect(&lc.agent_listen)
+            let mut c = mtcp_harness::client::Client::connect(&lc.agent_listen)
                 .await
                 .unwrap();
             for _ in 0..16 {

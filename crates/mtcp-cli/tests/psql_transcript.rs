@@ -18,8 +18,8 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::strip_ansi;
-use mtcp_cli::pglocal::{PgLocal, PgLocalOptions};
+use mtcp_harness::local::strip_ansi;
+use mtcp_harness::pglocal::{PgLocal, PgLocalOptions};
 use std::fs::{self, File};
 use std::path::Path;
 use std::process::{Command, Stdio};

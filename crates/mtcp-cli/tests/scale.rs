@@ -8,7 +8,7 @@ mod common;
 
 use clap::Parser;
 use common::TempDir;
-use mtcp_cli::bench::BenchArgs;
+use mtcp_bench::bench::BenchArgs;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -44,7 +44,7 @@ async fn two_thousand(mode: &str) {
     // Dropping the future on a timeout drops the cluster, which kills its processes.
     let rep = tokio::time::timeout(
         Duration::from_secs(240),
-        mtcp_cli::scalebench::measure(&a, dir.path()),
+        mtcp_bench::scalebench::measure(&a, dir.path()),
     )
     .await
     .expect("bench scale within 240 s")

@@ -54,7 +54,7 @@ fn a_stopped_server_is_detected_by_silence_and_the_connection_moves() {
     let status = curl.wait().unwrap();
     assert!(status.success(), "curl failed: {status}");
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "downloaded bytes differ"
     );

@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use mtcp::proto::wire::Msg;
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::time::{Duration, Instant};
 
-async fn connections(lc: &mtcp_cli::local::LocalCluster, key: &mtcp::proto::ClusterKey) -> u32 {
+async fn connections(lc: &mtcp_harness::local::LocalCluster, key: &mtcp::proto::ClusterKey) -> u32 {
     let mut n = 0;
     for s in &lc.servers {
         // Attached or not: state the server still keeps.
@@ -21,7 +21,7 @@ async fn connections(lc: &mtcp_cli::local::LocalCluster, key: &mtcp::proto::Clus
 }
 
 async fn wait_for(
-    lc: &mtcp_cli::local::LocalCluster,
+    lc: &mtcp_harness::local::LocalCluster,
     key: &mtcp::proto::ClusterKey,
     want: u32,
     limit: Duration,

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ fn failing_curl(listen: &str) -> Duration {
 #[test]
 fn curl_download_through_a_tls_cluster_survives_drain_manual_and_reset() {
     assert!(
-        mtcp_cli::local::have("curl"),
+        mtcp_harness::local::have("curl"),
         "curl is required for this test (scripts/test.sh installs it)"
     );
     let dir = TempDir::new("tls-download");
@@ -62,7 +62,7 @@ fn curl_download_through_a_tls_cluster_survives_drain_manual_and_reset() {
     assert!(status.success(), "curl failed: {status}");
     assert_eq!(step, 3, "the download finished before every move was made");
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out).unwrap(),
+        mtcp_harness::local::sha256_file(&out).unwrap(),
         want,
         "downloaded bytes differ from the file"
     );
@@ -87,7 +87,7 @@ fn curl_download_through_a_tls_cluster_survives_drain_manual_and_reset() {
 /// connection is TLS, and a `kill -9` of the serving server is survived byte-exact.
 #[test]
 fn an_eager_tls_cluster_survives_kill_9_of_the_serving_server() {
-    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    assert!(mtcp_harness::local::have("curl"), "curl is required");
     let dir = TempDir::new("tls-eager");
     let size: u64 = 64 << 20;
     let want = file(&dir, "big.bin", size, 48);
@@ -103,7 +103,7 @@ fn an_eager_tls_cluster_survives_kill_9_of_the_serving_server() {
         wait_child(&mut curl, "curl", Duration::from_secs(60)),
         "curl failed after the kill"
     );
-    assert_eq!(mtcp_cli::local::sha256_file(&out).unwrap(), want);
+    assert_eq!(mtcp_harness::local::sha256_file(&out).unwrap(), want);
     let after = lc.status().unwrap();
     let moved: Vec<_> = after
         .iter()
@@ -217,7 +217,7 @@ fn plain_hello(addr: &str) -> (Vec<u8>, Duration) {
 
 #[test]
 fn a_mismatched_cluster_fails_at_once_and_by_name() {
-    assert!(mtcp_cli::local::have("curl"), "curl is required");
+    assert!(mtcp_harness::local::have("curl"), "curl is required");
     let dir = TempDir::new("tls-mismatch");
     file(&dir, "f.bin", 1 << 20, 47);
     let mut lc = tls_cluster(&dir, 2);
@@ -335,7 +335,7 @@ async fn stalled_tls_handshakes_count_against_the_session_caps() {
     tls_hello(&data, "127.0.0.3", &tls)
         .await
         .expect("a session from 127.0.0.3");
-    let mut conns = vec![mtcp_cli::client::Client::connect(&lc.agent_listen)
+    let mut conns = vec![mtcp_harness::client::Client::connect(&lc.agent_listen)
         .await
         .unwrap()];
     get_all(&mut conns, &want).await;

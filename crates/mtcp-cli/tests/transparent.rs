@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::local::{LocalCluster, LocalOptions};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -78,12 +78,12 @@ fn body() {
     assert!(curl.wait().unwrap().success(), "curl failed");
     assert!(wget.wait().unwrap().success(), "wget failed");
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out_c).unwrap(),
+        mtcp_harness::local::sha256_file(&out_c).unwrap(),
         want,
         "curl's bytes"
     );
     assert_eq!(
-        mtcp_cli::local::sha256_file(&out_w).unwrap(),
+        mtcp_harness::local::sha256_file(&out_w).unwrap(),
         want,
         "wget's bytes"
     );
@@ -155,7 +155,7 @@ fn curl_and_wget_are_intercepted_and_survive_a_crash_and_the_table_is_cleaned() 
         return;
     }
     assert!(
-        mtcp_cli::local::have("nft"),
+        mtcp_harness::local::have("nft"),
         "nft is required (scripts/test.sh installs nftables)"
     );
     // A thread of its own: the namespace is the thread's (and its children's) only.

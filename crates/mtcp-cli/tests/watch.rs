@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use mtcp_cli::client::Client;
+use mtcp_harness::client::Client;
 use std::time::{Duration, Instant};
 
 const CONNS: usize = 20;

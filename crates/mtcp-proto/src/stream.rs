@@ -416,6 +416,20 @@ impl ServerStream {
         Some(r)
     }
 
+    /// Eager mode: the record a destination's backups keep for the restart point it restarted
+    /// from (`rec`, the record it took the connection over with), at its new `epoch`: the
+    /// bytes before that point the client still lacks ride along as the tail.
+    pub fn restarted_replica(rec: &StateRecord, epoch: u64) -> StateRecord {
+        let snap = Snap {
+            state: rec.snapshot.clone(),
+            in_off: rec.snap_in,
+            out_off: rec.snap_out,
+        };
+        let mut r = Self::replica_record(rec.cid, epoch, &snap);
+        r.tail = rec.tail.clone();
+        r
+    }
+
     /// Eager mode: the record a backup keeps for restart point `s` (no input: the agent retains
     /// it; no tail: the agent has every byte up to `s`).
     pub fn replica_record(cid: Cid, epoch: u64, s: &Snap) -> StateRecord {

@@ -819,15 +819,7 @@ pub(crate) async fn protect_takeover(
         tracing::warn!(cid = %rec.cid, "the taken-over connection's tail ({} bytes) exceeds the replica limit; unconfirmed until its next snapshot is pushed", rec.tail.len());
         return Ok(None);
     }
-    let snap = Snap {
-        state: rec.snapshot.clone(),
-        in_off: rec.snap_in,
-        out_off: rec.snap_out,
-    };
-    let mut r = ServerStream::replica_record(rec.cid, epoch, &snap);
-    // Bytes before the restart point the client still lacks (from its position).
-    r.tail = rec.tail.clone();
-    let bytes = r.encode();
+    let bytes = ServerStream::restarted_replica(rec, epoch).encode();
     let backups = inner.cluster.backups(&inner.id);
     let slowest = backups
         .iter()

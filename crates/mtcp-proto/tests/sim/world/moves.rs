@@ -4,7 +4,7 @@
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
 use mtcp_proto::custody::{Custody, Fence, Handout, Step};
-use mtcp_proto::stream::{replica_for_client, ServerStream, Snap};
+use mtcp_proto::stream::{replica_for_client, ServerStream};
 use mtcp_proto::takeover;
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp_proto::Token;
@@ -105,13 +105,7 @@ impl World {
                 // `protect_takeover`); the agent hears COMMITTED. Otherwise (the push timed
                 // out) the move stays unconfirmed: the keeper's custody and the agent's lineage
                 // cover it until a later push.
-                let snap = Snap {
-                    state: rec.snapshot.clone(),
-                    in_off: rec.snap_in,
-                    out_off: rec.snap_out,
-                };
-                let mut replica = ServerStream::replica_record(rec.cid, epoch, &snap);
-                replica.tail = rec.tail.clone();
+                let replica = ServerStream::restarted_replica(&rec, epoch);
                 if self.store(dest, replica) {
                     held.committed = Some((rec.snap_out, rec.snap_in));
                     let (in_off, out_off) = (rec.snap_in, rec.snap_out);

@@ -2,10 +2,10 @@
 //! in the same run, and migration latency (trigger to first resumed byte at the agent) over a
 //! live transfer.
 
-use crate::client::{Client, Hash};
-use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use mtcp_harness::client::{Client, Hash};
+use mtcp_harness::local::{self, LocalCluster, LocalOptions};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 

@@ -33,7 +33,7 @@ impl Relay {
     /// `socat` forwarding to `to`, a child process per connection (`fork`), 256 KiB blocks.
     pub fn socat(to: &str) -> Result<Relay> {
         let bin = find("socat").context("socat is not installed")?;
-        let port = crate::local::free_port();
+        let port = mtcp_harness::local::free_port();
         let mut c = Command::new(bin);
         c.args([
             "-b",
@@ -48,7 +48,7 @@ impl Relay {
     /// `dir`.
     pub fn haproxy(to: &str, dir: &Path) -> Result<Relay> {
         let bin = find("haproxy").context("HAProxy is not installed")?;
-        let port = crate::local::free_port();
+        let port = mtcp_harness::local::free_port();
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(
             &cfg,

@@ -114,7 +114,8 @@ impl PgLocal {
     }
 }
 
-pub(crate) fn split(addr: &str) -> (String, u16) {
+/// `host:port` as its two parts (port 0 when missing or not a number).
+pub fn split(addr: &str) -> (String, u16) {
     let (h, p) = addr.rsplit_once(':').unwrap_or((addr, "0"));
     (h.to_string(), p.parse().unwrap_or(0))
 }

@@ -15,10 +15,10 @@
 //! Every choice of a run comes from an RNG seeded by (seed, run index), so a failing run is
 //! reproduced by the same seed with enough runs (`--runs R+1`), which the failure line says.
 
-use crate::client::Client;
-use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
+use mtcp_harness::client::Client;
+use mtcp_harness::local::{self, LocalCluster, LocalOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -1033,7 +1033,7 @@ fn check(
     i: usize,
     req: &Req,
     files: &[Served],
-    resp: &crate::client::Response,
+    resp: &mtcp_harness::client::Response,
     ev: &Events,
 ) -> Result<()> {
     let f = &files[req.file];

@@ -4,10 +4,10 @@
 //! moves the connection, the rate recovers), plotted as SVG.
 
 use crate::bench::{curl_secs, median, pct, BenchArgs, CURL_TIMED};
-use crate::labcluster::{LabCluster, LabClusterOptions, PLAIN_PORT};
-use crate::local;
 use crate::plot::{Chart, Marker};
 use anyhow::{bail, Context, Result};
+use mtcp_harness::labcluster::{LabCluster, LabClusterOptions, PLAIN_PORT};
+use mtcp_harness::local;
 use mtcp_lab::{Host, Impairment};
 use serde::Serialize;
 use std::path::Path;
@@ -118,8 +118,10 @@ fn rtt_one(a: &BenchArgs, d: &Path, root: &Path, ms: u32, size: u64, want: &str)
             ..Default::default()
         },
     )?;
-    let s1 = std::net::SocketAddr::from((Host::Server(1).addr(), crate::labcluster::DATA_PORT));
-    let s2 = std::net::SocketAddr::from((Host::Server(2).addr(), crate::labcluster::DATA_PORT));
+    let s1 =
+        std::net::SocketAddr::from((Host::Server(1).addr(), mtcp_harness::labcluster::DATA_PORT));
+    let s2 =
+        std::net::SocketAddr::from((Host::Server(2).addr(), mtcp_harness::labcluster::DATA_PORT));
     let client_rtt_us = connect_rtt_us(&lc, Host::Client, s1)?;
     let server_rtt_us = connect_rtt_us(&lc, Host::Server(1), s2)?;
     let out = d.join("got.bin");

@@ -4,9 +4,9 @@
 //! checks that every connection answers one more GET with the right body.
 
 use crate::bench::{pct, BenchArgs};
-use crate::client::Client;
-use crate::local::{self, LocalCluster, LocalOptions};
 use anyhow::{bail, Context, Result};
+use mtcp_harness::client::Client;
+use mtcp_harness::local::{self, LocalCluster, LocalOptions};
 use serde::Serialize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

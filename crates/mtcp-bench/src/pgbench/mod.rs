@@ -11,11 +11,11 @@
 //! front-end's per-restart timings from its debug log.
 
 use crate::bench::{median, pct, BenchArgs};
-use crate::local::{strip_ansi, LocalCluster};
-use crate::pglocal::{split, PgLocal, PgLocalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mtcp_agent::admin::{self, Request, Response};
+use mtcp_harness::local::{strip_ansi, LocalCluster};
+use mtcp_harness::pglocal::{split, PgLocal, PgLocalOptions};
 use mtcp_pgtmp::{PgBouncer, PgCluster, PgOptions};
 use serde::Serialize;
 use std::path::Path;
