@@ -3,8 +3,9 @@
 //! connection, and the degrade experiment (a server's link degrades, the throughput-floor policy
 //! moves the connection, the rate recovers), plotted as SVG.
 
-use crate::bench::{curl_secs, median, pct, BenchArgs, CURL_TIMED};
+use crate::args::BenchArgs;
 use crate::plot::{Chart, Marker};
+use crate::stats::{curl_secs, median, pct, CURL_TIMED};
 use anyhow::{bail, Context, Result};
 use mtcp_harness::labcluster::{LabCluster, LabClusterOptions, PLAIN_PORT};
 use mtcp_harness::local;

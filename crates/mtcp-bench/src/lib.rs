@@ -3,6 +3,7 @@
 //! `scalebench`, PostgreSQL in `pgbench`, the user-space relays compared in `relays`, SVG
 //! plots in `plot`); `chaos` runs seeded faults against a cluster and checks every byte.
 
+pub mod args;
 pub mod bench;
 pub mod chaos;
 pub mod labbench;
@@ -10,3 +11,4 @@ pub mod pgbench;
 pub mod plot;
 pub mod relays;
 pub mod scalebench;
+pub mod stats;

@@ -3,7 +3,8 @@
 //! every process's resident memory per connection, drains the server(s) holding them, and
 //! checks that every connection answers one more GET with the right body.
 
-use crate::bench::{pct, BenchArgs};
+use crate::args::BenchArgs;
+use crate::stats::pct;
 use anyhow::{bail, Context, Result};
 use mtcp_harness::client::Client;
 use mtcp_harness::local::{self, LocalCluster, LocalOptions};
@@ -337,7 +338,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
         if !quiet {
             eprintln!("draining {id} ({count} connections)");
         }
-        let cpu = |pid: u32| crate::bench::cpu_secs(&format!("/proc/{pid}/stat")).unwrap_or(0.0);
+        let cpu = |pid: u32| crate::stats::cpu_secs(&format!("/proc/{pid}/stat")).unwrap_or(0.0);
         let cpu_before: Vec<f64> = pids.iter().map(|&p| cpu(p)).collect();
         let rep = local::drain_server_report(
             lc.admin_of(&id)?,

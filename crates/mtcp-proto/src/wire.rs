@@ -438,6 +438,57 @@ pub enum Msg {
     },
 }
 
+impl Msg {
+    /// The message's name, for logs and errors (what it is, never what it carries).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "Hello",
+            Msg::Migrate(..) => "Migrate",
+            Msg::Ack { .. } => "Ack",
+            Msg::Ping { .. } => "Ping",
+            Msg::UpFin { .. } => "UpFin",
+            Msg::Close => "Close",
+            Msg::Welcome(..) => "Welcome",
+            Msg::Resumed(..) => "Resumed",
+            Msg::Refused { .. } => "Refused",
+            Msg::Snap { .. } => "Snap",
+            Msg::Hint { .. } => "Hint",
+            Msg::Pong { .. } => "Pong",
+            Msg::Heartbeat => "Heartbeat",
+            Msg::Closed { .. } => "Closed",
+            Msg::PeerChallenge { .. } => "PeerChallenge",
+            Msg::PeerAuth { .. } => "PeerAuth",
+            Msg::PeerAccept { .. } => "PeerAccept",
+            Msg::Fetch { .. } => "Fetch",
+            Msg::State(..) => "State",
+            Msg::AdminDrain => "AdminDrain",
+            Msg::AdminUndrain => "AdminUndrain",
+            Msg::AdminStatus => "AdminStatus",
+            Msg::AdminStatusReply(..) => "AdminStatusReply",
+            Msg::Committed { .. } => "Committed",
+            Msg::Replicate(..) => "Replicate",
+            Msg::ReplicaStored { .. } => "ReplicaStored",
+            Msg::ClaimReplica { .. } => "ClaimReplica",
+            Msg::DropReplica { .. } => "DropReplica",
+            Msg::Working => "Working",
+            Msg::Watch { .. } => "Watch",
+            Msg::Backlog { .. } => "Backlog",
+            Msg::Probe { .. } => "Probe",
+            Msg::ProbeReply { .. } => "ProbeReply",
+            Msg::Adopt(..) => "Adopt",
+            Msg::Adopted => "Adopted",
+            Msg::Kick => "Kick",
+            Msg::DirectState { .. } => "DirectState",
+            Msg::ReleaseClaim { .. } => "ReleaseClaim",
+            Msg::FenceEpoch { .. } => "FenceEpoch",
+            Msg::Yield { .. } => "Yield",
+            Msg::WatchHint { .. } => "WatchHint",
+            Msg::Leaving => "Leaving",
+            Msg::Taken { .. } => "Taken",
+        }
+    }
+}
+
 /// HELLO capability: the kernel fast path (the agent hands the client's TCP connection over,
 /// see [`Msg::Adopt`]).
 pub const CAP_DIRECT: u32 = 1;
@@ -761,6 +812,16 @@ mod tests {
         assert_eq!(dec.decode(&mut b), Err(WireError::UnknownKind(9)));
         let mut b = BytesMut::from(&[KIND_MSG, 0, 0, 0, 2, 0xff, 0xff][..]);
         assert!(matches!(dec.decode(&mut b), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        /// A message's name is its variant's, for every message (logs and errors name it so).
+        #[test]
+        fn a_message_is_named_by_its_variant(m in arb_msg()) {
+            let debug = format!("{m:?}");
+            let variant = debug.split(|c: char| !c.is_alphanumeric()).next().unwrap();
+            prop_assert_eq!(m.name(), variant);
+        }
     }
 
     #[test]

@@ -15,7 +15,6 @@ use crate::gate::YieldAnswer;
 use crate::origin::{Fetch, Frozen};
 use crate::replica::Claimed;
 use crate::server::ServerInner;
-use crate::session::msg_name;
 use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::tls::ClientTls;
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
@@ -61,7 +60,7 @@ async fn accept_authenticated(
         other => {
             return Err(ChannelError::Unexpected(format!(
                 "expected authentication, got {}",
-                msg_name(&other)
+                other.name()
             )))
         }
     };
@@ -171,7 +170,7 @@ pub async fn connect_authenticated(
         other => {
             return Err(ChannelError::Unexpected(format!(
                 "expected acceptance, got {}",
-                msg_name(&other)
+                other.name()
             )))
         }
     }
@@ -360,7 +359,7 @@ pub(crate) async fn fetch(
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
         other => Err((
             RefuseCode::Internal,
-            format!("origin {} answered {}", origin.id, msg_name(&other)),
+            format!("origin {} answered {}", origin.id, other.name()),
         )),
     }
 }
@@ -400,10 +399,7 @@ pub(crate) async fn replicate(
             Some(code),
             format!("{} refused ({code:?}): {reason}", to.id),
         )),
-        Ok(other) => Err(err(
-            None,
-            format!("{} answered {}", to.id, msg_name(&other)),
-        )),
+        Ok(other) => Err(err(None, format!("{} answered {}", to.id, other.name()))),
         Err(e) => Err(err(None, format!("{} ({}): {e}", to.id, to.peer))),
     }
 }
@@ -458,7 +454,7 @@ pub(crate) async fn ask_yield(
         Ok(Msg::State(b)) if b.is_empty() => Ok(YieldAnswer::Unanswered),
         Ok(Msg::State(_)) => Ok(YieldAnswer::LetGo),
         Ok(Msg::Refused { .. }) => Ok(YieldAnswer::Refused),
-        Ok(other) => Err(format!("answered {}", msg_name(&other))),
+        Ok(other) => Err(format!("answered {}", other.name())),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -475,7 +471,7 @@ async fn claim_msg(
         Ok(Msg::Refused { code, reason }) => Err((code, format!("backup {}: {reason}", to.id))),
         Ok(other) => Err((
             RefuseCode::Internal,
-            format!("backup {} answered {}", to.id, msg_name(&other)),
+            format!("backup {} answered {}", to.id, other.name()),
         )),
         Err(e) => Err((
             RefuseCode::OriginUnreachable,
@@ -491,7 +487,7 @@ pub(crate) async fn release(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid
     match call(inner, to, &Msg::ReleaseClaim { cid, epoch }, t, t).await {
         Ok(Msg::ReplicaStored { .. }) => {}
         Ok(other) => {
-            tracing::warn!(%cid, backup = %to.id, "releasing the claim: answered {}", msg_name(&other))
+            tracing::warn!(%cid, backup = %to.id, "releasing the claim: answered {}", other.name())
         }
         Err(e) => tracing::warn!(%cid, backup = %to.id, "could not release the claim: {e}"),
     }
@@ -541,7 +537,7 @@ pub(crate) async fn keep_warm(inner: std::sync::Weak<ServerInner>, to: ServerEnt
                 inner.peer_pool.put(&to.id, ch);
             }
             Ok((other, _, _)) => {
-                tracing::debug!(backup = %to.id, "keep-warm probe answered {}", msg_name(&other))
+                tracing::debug!(backup = %to.id, "keep-warm probe answered {}", other.name())
             }
             Err(e) => tracing::debug!(backup = %to.id, "keep-warm probe: {e}"),
         }
@@ -758,7 +754,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                 }
             }
             Ok(other) => {
-                tracing::warn!(peer = %from, "peer port: unexpected {}; closing", msg_name(&other));
+                tracing::warn!(peer = %from, "peer port: unexpected {}; closing", other.name());
                 return;
             }
             Err(ChannelError::Closed) => return,
@@ -846,7 +842,7 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream) {
                 }
             }
             Ok(other) => {
-                tracing::warn!(peer = %addr, "admin port: unexpected {}; closing", msg_name(&other));
+                tracing::warn!(peer = %addr, "admin port: unexpected {}; closing", other.name());
                 return;
             }
             Err(ChannelError::Closed) => return,
@@ -908,6 +904,6 @@ pub async fn admin_request_over(
     w.write_msg(&req).await.map_err(|e| err(e.into()))?;
     match reader.next_msg(lim).await.map_err(err)? {
         Msg::AdminStatusReply(s) => Ok(s),
-        other => Err(err(ChannelError::Unexpected(msg_name(&other)))),
+        other => Err(err(ChannelError::Unexpected(other.name().to_string()))),
     }
 }

@@ -187,7 +187,7 @@ pub(crate) async fn handle_session(
                 let tcp = match reader.next_msg(SETUP_TIMEOUT).await {
                     Ok(Msg::Adopt(tcp)) => tcp,
                     Ok(other) => {
-                        let why = format!("expected ADOPT, got {}", msg_name(&other));
+                        let why = format!("expected ADOPT, got {}", other.name());
                         refuse(&mut w, RefuseCode::Malformed, why).await;
                         return;
                     }
@@ -337,7 +337,7 @@ pub(crate) async fn handle_session(
                 RefuseCode::Malformed,
                 format!(
                     "expected HELLO, MIGRATE, WATCH or PROBE, got {}",
-                    msg_name(&other)
+                    other.name()
                 ),
             )
             .await;
@@ -367,12 +367,4 @@ pub(crate) async fn handle_session(
     } else {
         writer.abort();
     }
-}
-
-pub(crate) fn msg_name(m: &Msg) -> String {
-    let s = format!("{m:?}");
-    s.split(|c: char| !c.is_alphanumeric())
-        .next()
-        .unwrap_or("?")
-        .to_string()
 }

@@ -4,7 +4,7 @@
 use crate::conn::{Phase, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::server::{sweep_detached, ServerInner};
-use crate::session::{msg_name, BACKLOG_EVERY};
+use crate::session::BACKLOG_EVERY;
 use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{Frame, Msg};
 use std::collections::VecDeque;
@@ -255,7 +255,7 @@ pub(crate) async fn reader_loop(
                 inner.closed_in_order(shared.cid, epoch);
                 return true;
             }
-            Frame::Msg(other) => break format!("unexpected {} in a session", msg_name(&other)),
+            Frame::Msg(other) => break format!("unexpected {} in a session", other.name()),
         }
     };
     let mut st = shared.lock();

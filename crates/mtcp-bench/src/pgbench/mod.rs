@@ -10,7 +10,8 @@
 //! (pgbench `-r`), the agent's timings of the moves made under load, and the destination
 //! front-end's per-restart timings from its debug log.
 
-use crate::bench::{median, pct, BenchArgs};
+use crate::args::BenchArgs;
+use crate::stats::{median, pct};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mtcp_agent::admin::{self, Request, Response};
