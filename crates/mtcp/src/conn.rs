@@ -83,7 +83,8 @@ pub(crate) enum Phase {
 
 pub(crate) struct ConnState {
     pub epoch: u64,
-    pub phase: Phase,
+    /// Changed only by [`ConnState::enter`].
+    phase: Phase,
     /// The byte streams, restart points and acknowledgements (sans-IO).
     pub s: ServerStream,
     pub locked: bool,
@@ -188,6 +189,25 @@ impl ConnState {
         }
     }
 
+    /// The connection's phase.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Every phase change of a connection happens here. Live → AppClosed (the application is
+    /// done, the agent still reading) → Closed; a live or closing connection may instead end
+    /// as Migrated (frozen for a destination, or given up to a keeper) or Aborted. Entering a
+    /// final phase drops the session's queue (its writer stops) and wakes every waiting call
+    /// of the application, which then sees the phase.
+    pub fn enter(&mut self, to: Phase) {
+        let done = !matches!(to, Phase::Live | Phase::AppClosed);
+        self.phase = to;
+        if done {
+            self.tx = None;
+            self.wake_all();
+        }
+    }
+
     /// Ends the connection here for `reason`: the agent hears REFUSED with `refusal` when one is
     /// given, the session's writer stops, and the application's pending calls wake to the error.
     /// The caller then forgets the connection (`ServerInner::forget`).
@@ -199,9 +219,7 @@ impl ConnState {
                 reason: reason.clone(),
             }));
         }
-        self.phase = Phase::Aborted(reason);
-        self.tx = None;
-        self.wake_all();
+        self.enter(Phase::Aborted(reason));
     }
 
     /// The application's read waits: it is woken when input arrives or the connection ends.
@@ -249,9 +267,7 @@ impl ConnState {
                 format!("the connection's state record is too large to move: {e}"),
             ));
         }
-        self.phase = Phase::Migrated;
-        self.tx = None;
-        self.wake_all();
+        self.enter(Phase::Migrated);
         Ok(rec)
     }
 }
@@ -454,17 +470,16 @@ impl Connection {
 
     fn close_by_app(&self) {
         let mut st = self.shared.lock();
-        if st.phase != Phase::Live {
+        if *st.phase() != Phase::Live {
             return;
         }
         let down_total = st.s.out_off();
-        st.phase = Phase::AppClosed;
+        st.enter(Phase::AppClosed);
         st.send(Out::Msg(Msg::Closed { down_total }));
         let done = st.s.acked() >= down_total;
         if done {
             // Nothing left to deliver: end the session (the writer flushes CLOSED, then stops).
-            st.phase = Phase::Closed;
-            st.tx = None;
+            st.enter(Phase::Closed);
         }
         let epoch = st.epoch;
         drop(st);
@@ -617,13 +632,13 @@ mod tests {
         assert_eq!(code, RefuseCode::TooLarge, "{why}");
         assert!(why.contains("over the 1048576-byte limit"), "{why}");
         assert_eq!(
-            st.phase,
+            *st.phase(),
             Phase::Live,
             "a refused freeze must leave it served"
         );
         let rec = st.freeze(cid, 0, 0, sum, 8 << 20).unwrap();
         assert_eq!(rec.input.len(), 3 << 20);
         assert!(rec.encode().len() <= rec.encoded_len_bound());
-        assert_eq!(st.phase, Phase::Migrated);
+        assert_eq!(*st.phase(), Phase::Migrated);
     }
 }

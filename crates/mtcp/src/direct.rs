@@ -360,7 +360,7 @@ impl Pump {
             } else if !self.q.rx_open && self.q.cur.is_none() && self.q.pending.is_empty() {
                 // The runtime let go of the connection without CLOSED: aborted (divergence,
                 // the janitor). A migration stops the pump before that, so not here.
-                let why = match &shared.lock().phase {
+                let why = match &shared.lock().phase() {
                     Phase::Aborted(r) => r.clone(),
                     p => format!("{p:?}"),
                 };
@@ -471,9 +471,8 @@ impl Pump {
     fn closed(&mut self, shared: &Arc<Shared>, inner: &Arc<ServerInner>, m: Msg) {
         let _ = socket2::SockRef::from(&*self.sock).shutdown(std::net::Shutdown::Write);
         let mut st = shared.lock();
-        if st.phase == Phase::AppClosed {
-            st.phase = Phase::Closed;
-            st.tx = None;
+        if *st.phase() == Phase::AppClosed {
+            st.enter(Phase::Closed);
             let epoch = st.epoch;
             drop(st);
             inner.closed_in_order(shared.cid, epoch);

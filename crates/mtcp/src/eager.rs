@@ -164,7 +164,7 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
 /// Starts pushing the connection's newest acknowledged restart point to the backups, if there
 /// is a newer one than they hold and no push is running. On success the agent hears COMMITTED.
 pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, st: &mut ConnState) {
-    if !eager(inner) || st.repl.busy || !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+    if !eager(inner) || st.repl.busy || !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
         return;
     }
     if st.repl.retry_at.is_some_and(|t| Instant::now() < t) {
@@ -198,7 +198,7 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
         let r = push(&inner, rec).await;
         let mut st = shared.lock();
         st.repl.busy = false;
-        if st.epoch != epoch || !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+        if st.epoch != epoch || !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
             return;
         }
         match r {
@@ -290,8 +290,7 @@ fn let_go_fenced(
     mut st: std::sync::MutexGuard<'_, ConnState>,
     taken: Option<Custody>,
 ) {
-    st.phase = Phase::Migrated;
-    st.tx = None;
+    st.enter(Phase::Migrated);
     st.repl.confirm = None;
     st.wake_all();
     match taken.filter(|c| c.epoch == st.epoch) {

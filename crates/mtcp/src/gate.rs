@@ -71,8 +71,7 @@ impl ServerInner {
                         return YieldAnswer::LetGo;
                     }
                     tracing::warn!(%cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
-                    st.phase = Phase::Migrated;
-                    st.tx = None;
+                    st.enter(Phase::Migrated);
                     st.repl.confirm = None;
                     st.wake_all();
                 }

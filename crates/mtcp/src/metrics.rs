@@ -225,7 +225,7 @@ fn state_index(st: &ConnState) -> usize {
         // destination will fetch it, unlike a detached one, whose agent may be gone.
         return if st.leaving { 3 } else { 2 };
     }
-    match st.phase {
+    match st.phase() {
         Phase::Live => 0,
         Phase::AppClosed => 1,
         Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 4,

@@ -59,7 +59,7 @@ impl ServerInner {
                         ),
                     ));
                 }
-                if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+                if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
                     return Err((
                         RefuseCode::UnknownConnection,
                         format!("connection {cid} is no longer served here"),

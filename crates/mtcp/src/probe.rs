@@ -103,7 +103,7 @@ pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usiz
             .iter()
             .filter_map(|c| {
                 let st = c.lock();
-                (st.phase == Phase::Live && st.detached_at.is_none()).then_some(LiveConn {
+                (*st.phase() == Phase::Live && st.detached_at.is_none()).then_some(LiveConn {
                     key: c.cid,
                     arrived: st.arrived,
                 })
@@ -114,7 +114,7 @@ pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usiz
                 continue;
             };
             let mut st = c.lock();
-            if st.phase == Phase::Live {
+            if *st.phase() == Phase::Live {
                 tracing::info!(%cid, live = live.len(), max, "overloaded: hinting the connection away");
                 c.hint(&mut st, HintReason::Overload);
             }

@@ -140,7 +140,7 @@ impl ServerInner {
     pub fn hint_all(&self, reason: HintReason) {
         for c in self.all() {
             let mut st = c.lock();
-            if st.phase == Phase::Live {
+            if *st.phase() == Phase::Live {
                 c.hint(&mut st, reason);
             }
         }
@@ -153,7 +153,7 @@ impl ServerInner {
         let now = Instant::now();
         for c in self.all() {
             let mut st = c.lock();
-            if st.phase == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
+            if *st.phase() == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
                 c.hint(&mut st, reason);
             }
         }
@@ -290,7 +290,7 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
             // An attached agent that acknowledges nothing while the app waits on it: the
             // connection goes, not the server's memory. (A detached one is waited for below.)
             if st.detached_at.is_none()
-                && st.phase == Phase::Live
+                && *st.phase() == Phase::Live
                 && st
                     .ack_wait
                     .is_some_and(|t| now.duration_since(t) > inner.limits.ack_timeout)
@@ -323,7 +323,7 @@ pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
         let Some(t) = st.detached_at.filter(|_| st.direct.is_none()) else {
             continue;
         };
-        if !matches!(st.phase, Phase::Live | Phase::AppClosed) {
+        if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
             continue;
         }
         list.push(Detached {

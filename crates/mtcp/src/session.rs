@@ -279,9 +279,7 @@ pub(crate) async fn handle_session(
                     tracing::warn!(cid = %m.cid, "superseded before RESUMED went out; letting the connection go");
                     {
                         let mut st = shared.lock();
-                        st.phase = Phase::Migrated;
-                        st.tx = None;
-                        st.wake_all();
+                        st.enter(Phase::Migrated);
                     }
                     inner.forget(m.cid);
                     Err((

@@ -150,7 +150,7 @@ pub(crate) async fn reader_loop(
         // Upstream backpressure: stop reading while the application is behind.
         let behind = || {
             let st = shared.lock();
-            st.phase == Phase::Live && st.s.unread() >= inner.limits.max_unread
+            *st.phase() == Phase::Live && st.s.unread() >= inner.limits.max_unread
         };
         while behind() {
             // Made only when needed (not once per frame); a read in between leaves a permit.
@@ -180,10 +180,10 @@ pub(crate) async fn reader_loop(
         };
         let mut st = shared.lock();
         if matches!(
-            st.phase,
+            st.phase(),
             Phase::Migrated | Phase::Aborted(_) | Phase::Closed
         ) {
-            return st.phase != Phase::Migrated;
+            return *st.phase() != Phase::Migrated;
         }
         if !crate::eager::agent_heard(inner, shared.cid, &mut st) {
             return false;
@@ -192,7 +192,7 @@ pub(crate) async fn reader_loop(
             Frame::Data(b) => {
                 crate::metrics::add_up(b.len());
                 // Once the application is done, late input is dropped.
-                if st.phase == Phase::Live {
+                if *st.phase() == Phase::Live {
                     st.on_input(&shared.beat);
                     if let Err(why) = st.s.receive(b) {
                         break why.into();
@@ -217,9 +217,8 @@ pub(crate) async fn reader_loop(
                         }
                     }
                 }
-                if st.phase == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
-                    st.phase = Phase::Closed;
-                    st.tx = None;
+                if *st.phase() == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
+                    st.enter(Phase::Closed);
                     let epoch = st.epoch;
                     drop(st);
                     inner.closed_in_order(shared.cid, epoch);
@@ -247,9 +246,7 @@ pub(crate) async fn reader_loop(
                 break "the agent moves the connection elsewhere".into();
             }
             Frame::Msg(Msg::Close) => {
-                st.phase = Phase::Closed;
-                st.tx = None;
-                st.wake_all();
+                st.enter(Phase::Closed);
                 let epoch = st.epoch;
                 drop(st);
                 inner.closed_in_order(shared.cid, epoch);
@@ -259,7 +256,7 @@ pub(crate) async fn reader_loop(
         }
     };
     let mut st = shared.lock();
-    if matches!(st.phase, Phase::Live | Phase::AppClosed) {
+    if matches!(st.phase(), Phase::Live | Phase::AppClosed) {
         tracing::debug!(cid = %shared.cid, "session detached: {why}");
         st.detached_at = Some(Instant::now());
         let empty = st.s.out_off() == 0 && st.s.up_recv() == 0;
