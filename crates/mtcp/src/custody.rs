@@ -9,7 +9,7 @@ use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What fencing a holder's successor epoch found ([`crate::eager::fence`]): each backup's
@@ -47,6 +47,31 @@ pub(crate) struct CustodyStore {
     map: Mutex<(HashMap<Cid, Kept>, usize)>,
     max_bytes: usize,
     ttl: Duration,
+    /// One hand-out at a time per connection ([`CustodyStore::turn`]).
+    turns: Mutex<HashMap<Cid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The right to hand one connection's state out (from the origin, or again from custody)
+/// until dropped. Two hand-outs of the same connection at once — a destination's FETCH and
+/// the agent's re-attach at the keeper itself, each after the agent gave up on the other —
+/// both read the custody before either changed it: both fenced the same epoch, the first gave
+/// the state to a destination that had meanwhile given up, and the second found its own claim
+/// and refused, so nobody took the connection (stop 16, `lab_eager_moves`). Taken in turn,
+/// the second sees the first's hand-out and supersedes it one epoch up.
+pub(crate) struct Turn<'a> {
+    store: &'a CustodyStore,
+    cid: Cid,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut t = self.store.turns.lock().unwrap_or_else(|p| p.into_inner());
+        if t.get(&self.cid).is_some_and(|m| Arc::strong_count(m) == 1) {
+            t.remove(&self.cid);
+        }
+    }
 }
 
 impl CustodyStore {
@@ -55,6 +80,23 @@ impl CustodyStore {
             map: Mutex::new((HashMap::new(), 0)),
             max_bytes,
             ttl,
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for this server's turn to hand `cid`'s state out ([`Turn`]).
+    pub async fn turn(&self, cid: Cid) -> Turn<'_> {
+        let m = self
+            .turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cid)
+            .or_default()
+            .clone();
+        Turn {
+            store: self,
+            cid,
+            guard: Some(m.lock_owned().await),
         }
     }
 
@@ -214,6 +256,34 @@ mod tests {
             tail: Bytes::new(),
             checks: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn hand_outs_of_one_connection_take_turns_and_leave_nothing_behind() {
+        let s = Arc::new(CustodyStore::new(1 << 20, Duration::from_secs(60)));
+        let (a, b) = (Cid([1; 16]), Cid([2; 16]));
+        let first = s.turn(a).await;
+        // Another connection is not held up.
+        drop(s.turn(b).await);
+        // The same one waits for the first turn to end.
+        let s2 = s.clone();
+        let second = tokio::spawn(async move {
+            let _t = s2.turn(a).await;
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !second.is_finished(),
+            "a second hand-out ran beside the first"
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second hand-out got its turn")
+            .unwrap();
+        assert!(
+            s.turns.lock().unwrap().is_empty(),
+            "turns are forgotten once unused"
+        );
     }
 
     #[test]

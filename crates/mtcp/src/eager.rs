@@ -127,6 +127,8 @@ pub(crate) struct PushError {
     pub why: String,
     /// Who took it over from a backup's replica (TAKEN), if a backup said so.
     pub taken: Option<Custody>,
+    /// Every backup that failed refused the connection: their processes are not running.
+    pub down: bool,
 }
 
 /// Pushes an encoded record to every backup of this server; all must store it.
@@ -137,16 +139,19 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
             fenced: false,
             why: "test hook: pushes are dropped".into(),
             taken: None,
+            down: false,
         });
     }
     let backups = inner.cluster.backups(&inner.id);
     let mut errs = Vec::new();
     let mut fenced = false;
     let mut taken = None;
+    let mut down = true;
     for b in &backups {
         if let Err(e) = peer::replicate(inner, b, rec.clone()).await {
             fenced |= e.code == Some(RefuseCode::StaleEpoch);
             taken = taken.or(e.taken);
+            down &= e.down;
             errs.push(e.why);
         }
     }
@@ -157,6 +162,7 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
             fenced,
             why: errs.join("; "),
             taken,
+            down,
         })
     }
 }
@@ -357,15 +363,23 @@ pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant)
 /// `to` is the destination asking. In eager mode the origin keeps the handed-over state in its
 /// custody until `to` confirms, and hands it again to the next destination asking for the same
 /// epoch once `to`'s successor epoch is fenced ([`rehand`]).
+///
+/// `waiting` says whether `to` still waits for the answer: a FETCH can reach this server after
+/// its destination gave up on it (a lossy path, a slow origin) — handing the state to it then
+/// would freeze the connection, or supersede the holder the agent now uses, for nobody.
 pub(crate) async fn hand_over(
     inner: &Arc<ServerInner>,
     f: &Fetch,
     to: &str,
+    waiting: &(dyn Fn() -> bool + Sync),
 ) -> Result<crate::origin::Frozen, Refusal> {
+    if !waiting() {
+        return Err(gave_up(to));
+    }
     let rec = match inner.freeze_local(f).await {
         Ok(rec) => rec,
         Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
-            return rehand(inner, f, to)
+            return rehand(inner, f, to, waiting)
                 .await
                 .unwrap_or(Err((RefuseCode::UnknownConnection, why)));
         }
@@ -376,7 +390,8 @@ pub(crate) async fn hand_over(
     }
     // Kept at once, before the fences: they may take seconds (a dead backup on a lossy path),
     // and a FETCH for this epoch meanwhile (the agent gave up on `to`) must find the custody,
-    // not a forgotten connection (decision 48).
+    // not a forgotten connection (decision 48) — once these fences are done (`Turn`).
+    let _turn = inner.custody.turn(f.cid).await;
     let kept = rec.tcp.is_none();
     let custody = Custody::new(f.epoch, to);
     if kept {
@@ -435,7 +450,15 @@ async fn rehand(
     inner: &Arc<ServerInner>,
     f: &Fetch,
     to: &str,
+    waiting: &(dyn Fn() -> bool + Sync),
 ) -> Option<Result<crate::origin::Frozen, Refusal>> {
+    // One hand-out of this connection at a time: this one sees what an earlier one did.
+    let _turn = inner.custody.turn(f.cid).await;
+    // The turn may have taken seconds: superseding the holder for a destination that left
+    // meanwhile would take the connection from the one the agent now uses (stop 16).
+    if !waiting() {
+        return Some(Err(gave_up(to)));
+    }
     let seen = match inner.custody.get(f.cid) {
         Some(c) => c,
         None => {
@@ -466,6 +489,14 @@ async fn rehand(
         Err(e) => tracing::warn!(cid = %f.cid, "cannot hand the connection over again: {}", e.1),
     }
     Some(r.map(|rec| crate::origin::Frozen { rec, tcp: None }))
+}
+
+/// The refusal of a hand-out whose destination no longer waits for it.
+fn gave_up(to: &str) -> Refusal {
+    (
+        RefuseCode::Busy,
+        format!("{to} gave up on this FETCH before it was served"),
+    )
 }
 
 /// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
@@ -834,6 +865,8 @@ pub(crate) async fn protect_takeover(
     let t0 = Instant::now();
     let mut tries = 0;
     let mut last = String::new();
+    // Attempts that found every failing backup down (its peer port refused).
+    let mut found_down = 0;
     let mut inflight = tokio::task::JoinSet::new();
     let mut next_try = t0;
     loop {
@@ -872,6 +905,13 @@ pub(crate) async fn protect_takeover(
                 }
                 Ok(Err(e)) => {
                     last = e.why;
+                    found_down += u32::from(e.down);
+                    if found_down >= DOWN_TRIES {
+                        // No process listens at a backup: waiting out the bound (seconds on a
+                        // lossy path) protects nothing; the keepers and the agent keep the
+                        // previous restart point meanwhile (decision 48).
+                        break;
+                    }
                     next_try = next_try.min(Instant::now() + Duration::from_millis(20));
                 }
                 Err(e) => last = format!("push task: {e}"),
@@ -885,6 +925,11 @@ pub(crate) async fn protect_takeover(
     tracing::warn!(cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unconfirmed (its keepers and the agent keep the previous restart point) until a push reaches them");
     Ok(None)
 }
+
+/// Attempts that must find the backups down (their peer ports refusing connections; others
+/// may have timed out on a lossy path meanwhile) before a takeover stops waiting for them and
+/// resumes unconfirmed.
+const DOWN_TRIES: u32 = 2;
 
 /// Test hook (`delay_takeover`): the destination waits before its takeover (it answers WORKING
 /// meanwhile, so the agent waits for it).

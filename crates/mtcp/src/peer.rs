@@ -375,6 +375,7 @@ pub(crate) async fn replicate(
         code,
         why,
         taken: None,
+        down: false,
     };
     match call(inner, to, &Msg::Replicate(rec), t, t).await {
         Ok(Msg::ReplicaStored { .. }) => Ok(()),
@@ -394,13 +395,17 @@ pub(crate) async fn replicate(
                 holder: by,
                 label,
             }),
+            down: false,
         }),
         Ok(Msg::Refused { code, reason }) => Err(err(
             Some(code),
             format!("{} refused ({code:?}): {reason}", to.id),
         )),
         Ok(other) => Err(err(None, format!("{} answered {}", to.id, other.name()))),
-        Err(e) => Err(err(None, format!("{} ({}): {e}", to.id, to.peer))),
+        Err(e) => Err(ReplicateError {
+            down: matches!(&e, ChannelError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused),
+            ..err(None, format!("{} ({}): {e}", to.id, to.peer))
+        }),
     }
 }
 
@@ -410,6 +415,8 @@ pub(crate) struct ReplicateError {
     pub why: String,
     /// A destination took the connection over from that backup's replica (TAKEN).
     pub taken: Option<mtcp_proto::custody::Custody>,
+    /// The backup's peer port refused the connection: no server process runs there.
+    pub down: bool,
 }
 
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).
@@ -592,6 +599,23 @@ impl PeerPool {
     }
 }
 
+/// Whether the other end of the socket `fd` closed it (its end of stream, or a reset, is
+/// waiting): a destination that gave up on a FETCH drops the channel.
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: a non-blocking peek of at most one byte into a live buffer, on a socket this
+    // channel owns (open for as long as the channel is).
+    let n = unsafe {
+        libc::recv(
+            fd,
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
+}
+
 /// Serves one connection on the peer port.
 pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
     let addr = s
@@ -599,6 +623,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(s.tcp());
     let ((mut reader, mut w), from) =
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
             Ok(x) => x,
@@ -661,7 +686,9 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                     }
                     Ok(_slot) => {
                         emulated_hold(&inner).await;
-                        match crate::eager::hand_over(&inner, &f, &from).await {
+                        // A destination that gave up on this FETCH closed the channel.
+                        let waiting = || !peer_closed(fd);
+                        match crate::eager::hand_over(&inner, &f, &from, &waiting).await {
                             Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
                             Ok(Frozen {
                                 rec,
@@ -905,5 +932,28 @@ pub async fn admin_request_over(
     match reader.next_msg(lim).await.map_err(err)? {
         Msg::AdminStatusReply(s) => Ok(s),
         other => Err(err(ChannelError::Unexpected(other.name().to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_closed;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_channel_whose_destination_left_reads_as_closed() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut dest = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (here, _) = l.accept().unwrap();
+        assert!(!peer_closed(here.as_raw_fd()), "open and quiet");
+        dest.write_all(b"x").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!peer_closed(here.as_raw_fd()), "data waiting is not an end");
+        let mut one = [0u8; 1];
+        std::io::Read::read_exact(&mut &here, &mut one).unwrap();
+        drop(dest);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(peer_closed(here.as_raw_fd()), "the other end closed");
     }
 }

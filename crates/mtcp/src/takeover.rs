@@ -114,7 +114,7 @@ pub(crate) async fn fetch_or_replica(
 > {
     if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
-        let fr = crate::eager::hand_over(inner, f, &inner.id).await?;
+        let fr = crate::eager::hand_over(inner, f, &inner.id, &|| true).await?;
         let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
         return Ok((fr.rec, fr.tcp, size, None));
     }
