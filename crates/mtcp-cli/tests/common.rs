@@ -323,3 +323,48 @@ pub async fn get_all(conns: &mut [mtcp_harness::client::Client], want: &str) {
         assert_eq!((r.status, r.digest.as_str()), (200, want), "connection {i}");
     }
 }
+
+/// A session from source address `src` to the data port `addr`, over TLS when `tls` is given:
+/// preamble and HELLO. WELCOME gives the open session's halves; otherwise the refusal.
+pub async fn hello_from(
+    addr: &str,
+    src: &str,
+    tls: Option<&mtcp::tls::ClientTls>,
+) -> Result<
+    (
+        mtcp::framed::FrameReader<mtcp::stream::ReadHalf>,
+        mtcp::stream::WriteHalf,
+    ),
+    (mtcp::proto::wire::RefuseCode, String),
+> {
+    use mtcp::framed::{self, FrameReader};
+    use mtcp::proto::wire::Msg;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let tcp = sock.connect(addr.parse().unwrap()).await.unwrap();
+    let mut s = match tls {
+        Some(tls) => {
+            let name = mtcp::tls::name_of_addr(addr).unwrap();
+            tls.connect(name, tcp).await.expect("TLS handshake")
+        }
+        None => mtcp::stream::Stream::from(tcp),
+    };
+    framed::exchange_preamble(&mut s).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let hello = Msg::Hello {
+        caps: 0,
+        orig_dst: None,
+    };
+    // A refused session may be closed before the HELLO is written.
+    let _ = framed::write_msg(&mut w, &hello).await;
+    let mut r = FrameReader::new(r, 4 << 20);
+    match r
+        .next_msg(std::time::Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        Msg::Welcome(_) => Ok((r, w)),
+        Msg::Refused { code, reason } => Err((code, reason)),
+        other => panic!("expected WELCOME or REFUSED, got {other:?}"),
+    }
+}

@@ -482,30 +482,6 @@ async fn a_paused_client_is_not_taken_for_one_that_never_acknowledges() {
     );
 }
 
-/// A session from source address `src` on `addr`'s data port: WELCOME, or the refusal.
-async fn session_from(
-    addr: &str,
-    src: &str,
-) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), (wire::RefuseCode, String)> {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-    let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
-    framed::exchange_preamble(&mut s).await.unwrap();
-    let (r, mut w) = s.into_split();
-    let hello = Msg::Hello {
-        caps: 0,
-        orig_dst: None,
-    };
-    // A refused session may be closed before the HELLO is written.
-    let _ = framed::write_msg(&mut w, &hello).await;
-    let mut r = FrameReader::new(r, 4 << 20);
-    match r.next_msg(Duration::from_secs(10)).await.unwrap() {
-        Msg::Welcome(_) => Ok((r, w)),
-        Msg::Refused { code, reason } => Err((code, reason)),
-        other => panic!("expected WELCOME or REFUSED, got {other:?}"),
-    }
-}
-
 /// Session caps: with `--max-sessions-per-source 40 --max-sessions 100`, sessions from one
 /// address past 40 are refused `Busy` by name, and past 100 in all, whatever the address — while
 /// the agent's download (its sessions came first) goes on byte-exact. Once the flood is gone a
@@ -527,7 +503,7 @@ async fn sessions_are_capped_per_source_and_in_all_and_existing_ones_go_on() {
     let mut held = Vec::new();
     let mut refused = Vec::new();
     for _ in 0..60 {
-        match session_from(&s1.data, "127.0.0.2").await {
+        match hello_from(&s1.data, "127.0.0.2", None).await {
             Ok(s) => held.push(s),
             Err(r) => refused.push(r),
         }
@@ -544,7 +520,7 @@ async fn sessions_are_capped_per_source_and_in_all_and_existing_ones_go_on() {
     let mut global = Vec::new();
     for i in 0..80 {
         let src = format!("127.0.1.{}", 1 + i / 30);
-        match session_from(&s1.data, &src).await {
+        match hello_from(&s1.data, &src, None).await {
             Ok(s) => held.push(s),
             Err(r) => global.push(r),
         }

@@ -264,34 +264,6 @@ fn a_mismatched_cluster_fails_at_once_and_by_name() {
     assert!(log.contains("speaks plain M-TCP"), "{log}");
 }
 
-/// A TLS session from `src` to `addr`: handshake, preamble, HELLO; its answer.
-async fn tls_hello(
-    addr: &str,
-    src: &str,
-    tls: &mtcp::tls::ClientTls,
-) -> Result<(), (mtcp::proto::wire::RefuseCode, String)> {
-    use mtcp::framed::{self, FrameReader};
-    use mtcp::proto::wire::Msg;
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-    let s = sock.connect(addr.parse().unwrap()).await.unwrap();
-    let name = mtcp::tls::name_of_addr(addr).unwrap();
-    let mut s = tls.connect(name, s).await.expect("TLS handshake");
-    framed::exchange_preamble(&mut s).await.unwrap();
-    let (r, mut w) = s.into_split();
-    let hello = Msg::Hello {
-        caps: 0,
-        orig_dst: None,
-    };
-    let _ = framed::write_msg(&mut w, &hello).await;
-    let mut r = FrameReader::new(r, 4 << 20);
-    match r.next_msg(Duration::from_secs(10)).await.unwrap() {
-        Msg::Welcome(_) => Ok(()),
-        Msg::Refused { code, reason } => Err((code, reason)),
-        other => panic!("expected WELCOME or REFUSED, got {other:?}"),
-    }
-}
-
 /// Connections that stall in their TLS handshake count against the session caps from their
 /// accept (issue 14): with `--max-sessions-per-source 4`, four of them from 127.0.0.2 make a
 /// fifth session from there, handshake done, refused `Busy` by name; once they are gone one is
@@ -327,12 +299,12 @@ async fn stalled_tls_handshakes_count_against_the_session_caps() {
         stalled.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    match tls_hello(&data, "127.0.0.2", &tls).await {
+    match hello_from(&data, "127.0.0.2", Some(&tls)).await.map(drop) {
         Err((mtcp::proto::wire::RefuseCode::Busy, why)) if why.contains("from one address") => {}
         other => panic!("expected Busy (per source) with 4 stalled handshakes: {other:?}"),
     }
     // Another address is not affected, nor is the agent's client.
-    tls_hello(&data, "127.0.0.3", &tls)
+    hello_from(&data, "127.0.0.3", Some(&tls))
         .await
         .expect("a session from 127.0.0.3");
     let mut conns = vec![mtcp_harness::client::Client::connect(&lc.agent_listen)
@@ -341,7 +313,7 @@ async fn stalled_tls_handshakes_count_against_the_session_caps() {
     get_all(&mut conns, &want).await;
     drop(stalled);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tls_hello(&data, "127.0.0.2", &tls)
+    hello_from(&data, "127.0.0.2", Some(&tls))
         .await
         .expect("served again once the stalled handshakes are gone");
 }

@@ -292,8 +292,9 @@ impl LabCluster {
         self.lab.command(Host::Client, prog)
     }
 
-    /// The agent's connections (asked from inside the client host).
-    pub fn status(&self) -> Result<Vec<mtcp_agent::ConnStatus>> {
+    /// One request to the agent's admin endpoint, from inside the client host: its answer,
+    /// or why the request failed.
+    fn admin(&self, req: Request) -> Result<std::result::Result<Response, String>> {
         let token = self.admin_token.clone();
         let r = self.lab.run_in(Host::Client, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -303,11 +304,16 @@ impl LabCluster {
             rt.block_on(mtcp_agent::admin::request_with(
                 AGENT_ADMIN,
                 Some(&token),
-                &Request::Status,
+                &req,
             ))
             .map_err(|e| e.to_string())
         })?;
-        match r {
+        Ok(r)
+    }
+
+    /// The agent's connections (asked from inside the client host).
+    pub fn status(&self) -> Result<Vec<mtcp_agent::ConnStatus>> {
+        match self.admin(Request::Status)? {
             Ok(Response::Status { connections }) => Ok(connections),
             Ok(other) => bail!("agent answered {other:?}"),
             Err(e) => bail!("agent status: {e}"),
@@ -316,23 +322,10 @@ impl LabCluster {
 
     /// Moves every connection (as `mtcp migrate --all`), from inside the client host.
     pub fn migrate_all(&self) -> Result<()> {
-        let token = self.admin_token.clone();
-        let r = self.lab.run_in(Host::Client, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(mtcp_agent::admin::request_with(
-                AGENT_ADMIN,
-                Some(&token),
-                &Request::Migrate {
-                    conn: None,
-                    to: None,
-                },
-            ))
-            .map_err(|e| e.to_string())
-        })?;
-        match r {
+        match self.admin(Request::Migrate {
+            conn: None,
+            to: None,
+        })? {
             Ok(Response::Migrated { results }) if results.iter().all(|r| r.ok) => Ok(()),
             other => bail!("migration failed: {other:?}"),
         }
