@@ -653,8 +653,11 @@ async fn on_msg(
             return Some(End::Abort(why));
         }
         Control::Stream(m) => {
+            let retained_from = conn.stream.retained.start();
             let step = conn.stream.on_msg(m, &conn.at.server);
-            show_upstream(conn);
+            if conn.stream.retained.start() != retained_from {
+                show_upstream(conn);
+            }
             match step {
                 StreamStep::Continue => {}
                 StreamStep::Send(ack) => {
@@ -840,7 +843,14 @@ async fn try_resume(
         }
     };
     let r = resumed(msg)?;
-    conn.stream.check_resume(&r)?;
+    // Until the new server confirms, its keeper can hand the state out again (eager mode).
+    let from = Step {
+        server: m.origin.clone(),
+        epoch: m.epoch,
+        token: m.token,
+    };
+    // Checks the restart point first: a refused RESUMED changes nothing.
+    let resend = conn.stream.resume(&r, from)?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.at.resumed(&r, &cand.data);
     inner
@@ -851,13 +861,6 @@ async fn try_resume(
     }
     conn.last_state_bytes = r.state_bytes;
     conn.last_from_replica = r.from_replica;
-    // Until the new server confirms, its keeper can hand the state out again (eager mode).
-    let from = Step {
-        server: m.origin.clone(),
-        epoch: m.epoch,
-        token: m.token,
-    };
-    let resend = conn.stream.resume(&r, from)?;
     let mut items: Vec<Out> = Vec::with_capacity(resend.chunks.len() + 2);
     if conn.stream.eager() {
         // Speak at once on the new session: until the destination hears the agent there, a

@@ -23,16 +23,13 @@ pub(crate) async fn take_over(
     tx: mpsc::UnboundedSender<Out>,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     let token_ok = inner.cluster.key.check_token(m.cid, m.epoch, &m.token);
-    if !token_ok {
-        return Err((RefuseCode::BadToken, core::BAD_TOKEN.into()));
-    }
-    crate::eager::test_delay(inner).await;
     core::admit(
         m,
         token_ok,
         inner.draining.load(Ordering::Relaxed),
         &inner.id,
     )?;
+    crate::eager::test_delay(inner).await;
     // Counted from here to the end of the takeover, refused or not.
     // (A drain moves every connection at once: the MIGRATEs over the cap wait their turn,
     // answered WORKING meanwhile, instead of failing.)

@@ -185,7 +185,7 @@ impl RelayStream {
     }
 
     /// Whether RESUMED's restart point is one the agent can resend from.
-    pub fn check_resume(&self, r: &Resumed) -> Result<(), MoveError> {
+    fn check_resume(&self, r: &Resumed) -> Result<(), MoveError> {
         let (start, end) = (self.retained.start(), self.retained.end());
         if r.up_from < start || r.up_from > end {
             return Err(MoveError::NotRetained {
@@ -200,7 +200,8 @@ impl RelayStream {
     /// The connection resumed on a new server: restart the downstream checksum where the
     /// destination's check ends, and return what to resend. `from`: the epoch the MIGRATE named
     /// and its origin — in eager mode a fallback until the destination confirms (COMMITTED):
-    /// its keeper can hand the state out again if the destination dies first.
+    /// its keeper can hand the state out again if the destination dies first. A restart point
+    /// the agent cannot resend from is refused before anything changes.
     pub fn resume(&mut self, r: &Resumed, from: Step) -> Result<Resend, MoveError> {
         self.check_resume(r)?;
         if self.eager {

@@ -380,7 +380,7 @@ fn resume_resends_from_the_restart_point_or_refuses_one_not_retained() {
             end: 6
         }
     );
-    assert!(s.check_resume(&resumed("s2", 1, 7, 0)).is_err());
+    assert!(s.resume(&resumed("s2", 1, 7, 0), step()).is_err());
     s.on_delivered(b"0123");
     let Resend { chunks, up_fin } = s.resume(&resumed("s2", 1, 3, 0), step()).unwrap();
     assert_eq!(chunks.concat(), b"def");

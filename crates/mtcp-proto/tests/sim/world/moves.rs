@@ -83,14 +83,13 @@ impl World {
             let token = Token([epoch as u8; 32]);
             let resumed = takeover::resumed(&rec, at, token, 0, from_replica);
             let r = agent::answer(Msg::Resumed(resumed)).map_err(|e| e.to_string())?;
-            self.stream.check_resume(&r).map_err(|e| e.to_string())?;
-            self.at.resumed(&r, &a.cand.data);
             let from = Step {
                 server: m.origin.clone(),
                 epoch: m.epoch,
                 token: m.token,
             };
             let resend = self.stream.resume(&r, from).map_err(|e| e.to_string())?;
+            self.at.resumed(&r, &a.cand.data);
             let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
             let now = self.now + self.link.delay;
             if !tail.is_empty() {
