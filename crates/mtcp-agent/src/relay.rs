@@ -7,6 +7,7 @@ use crate::watch::{Watch, WatchEnd};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, ChannelError, FrameReader, Out, Piece};
+use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::agent::stream::{RelayStream, StreamStep};
 use mtcp_proto::agent::{self, Attempt, Control, MoveError, MovePlan, Placement};
@@ -65,6 +66,8 @@ struct Conn {
     /// The migration whose first resumed byte is awaited: (trigger time, its absolute index in
     /// the timeline, see `ConnStatus::record`).
     awaiting_first_byte: Option<(Instant, u64)>,
+    /// The steps of the move under way, until its first resumed byte (`mtcp::movetrace`).
+    trace: Option<Trace>,
     last_state_bytes: u64,
     last_from_replica: bool,
     /// Trigger policies (throughput floor, RTT).
@@ -319,6 +322,7 @@ async fn open(
         stream: RelayStream::new(eager),
         status,
         awaiting_first_byte: None,
+        trace: None,
         last_state_bytes: 0,
         last_from_replica: false,
         policy: crate::policy::ConnPolicy::new(&inner.cfg.policy),
@@ -592,6 +596,10 @@ fn show_upstream(conn: &Conn) {
 /// Downstream data arrived from the session (`arrived`: the stream offset it reaches).
 fn on_arrival(conn: &mut Conn, arrived: u64) -> Result<(), End> {
     if let Some((t0, idx)) = conn.awaiting_first_byte.take() {
+        if let Some(mut t) = conn.trace.take() {
+            t.mark("first_byte_rx");
+            t.emit();
+        }
         let us = t0.elapsed().as_micros() as u64;
         let mut st = conn.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ev) = st.event_mut(idx) {
@@ -735,6 +743,8 @@ async fn attempt(
     plan: &mut MovePlan,
 ) -> Option<Result<Option<Session>, String>> {
     let (cand, m) = (&a.cand, &a.migrate);
+    let trigger_ns = mtcp::movetrace::now_ns().saturating_sub(t0.elapsed().as_nanos() as u64);
+    conn.trace = Trace::start_at(TraceRole::Agent, m.cid, m.epoch, "trigger", trigger_ns);
     match try_resume(inner, conn, cand, m).await {
         Ok(s) => {
             let resumed_us = t0.elapsed().as_micros() as u64;
@@ -822,6 +832,7 @@ async fn try_resume(
     let mut answer = None;
     if let Some(s) = inner.spares.take(&cand.data) {
         if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
+            movetrace::mark(&mut conn.trace, "migrate_tx_spare");
             match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
                 Ok(m) => answer = Some((reader, w, m)),
                 Err(ChannelError::Closed | ChannelError::Io(_)) => {}
@@ -836,12 +847,14 @@ async fn try_resume(
                 connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
                     .await
                     .map_err(|e| MoveError::Channel(e.to_string()))?;
+            movetrace::mark(&mut conn.trace, "migrate_tx_connect");
             let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
                 .await
                 .map_err(|e| silent(e, silence))?;
             (reader, w, m)
         }
     };
+    movetrace::mark(&mut conn.trace, "resumed_rx");
     let r = resumed(msg)?;
     // Until the new server confirms, its keeper can hand the state out again (eager mode).
     let from = Step {
@@ -876,6 +889,7 @@ async fn try_resume(
     framed::write_frames(&mut w, &items)
         .await
         .map_err(|e| MoveError::Channel(e.to_string()))?;
+    movetrace::mark(&mut conn.trace, "resend_tx");
     let watch = watch_for(inner, conn, &cand.data);
     Ok(Session { reader, w, watch })
 }

@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Migration and drain: the agent uses the fast path instead of relaying.
     #[arg(long)]
     pub fast_path: bool,
+    /// Migration: also trace every move in the agent, the destination and the origin and print
+    /// where its time goes, with the loopback floor measured in the same run (relay moves).
+    #[arg(long)]
+    pub breakdown: bool,
     /// TLS (decision 45). Throughput: also time an agent of a second cluster with `[tls]`,
     /// in the same rotation as the plain agent. Migration: measure a plain cluster, then one
     /// with TLS, and print both and the ratio.

@@ -131,6 +131,9 @@ pub struct MigrationReport {
     /// down the nftables fence) is the measure.
     #[serde(default)]
     pub fast_path: bool,
+    /// `--breakdown`: where each move's time went, and the loopback floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<crate::breakdown::Breakdown>,
 }
 
 pub async fn run(a: BenchArgs) -> Result<()> {
@@ -168,23 +171,36 @@ fn start(a: &BenchArgs, dir: &std::path::Path, plain: bool) -> Result<LocalClust
     start_mode(dir, &dir.join("www"), plain, a.snapshot_every, &a.mode)
 }
 
+/// The processes' `RUST_LOG`: warnings, and the moves' traces with `--breakdown`.
+fn cluster_log(a: &BenchArgs) -> String {
+    if a.breakdown {
+        crate::breakdown::LOG.into()
+    } else {
+        "warn".into()
+    }
+}
+
 /// A cluster whose agent uses the kernel fast path with `--fast-path` (root), else [`start`].
 fn start_maybe_fast(a: &BenchArgs, dir: &std::path::Path) -> Result<LocalCluster> {
-    if !a.fast_path {
+    if !a.fast_path && !a.breakdown {
         return start(a, dir, false);
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if a.fast_path && unsafe { libc::geteuid() } != 0 {
         bail!("--fast-path needs root (TCP_REPAIR and nftables)");
     }
     let exe = std::env::current_exe().context("locating the mtcp binary")?;
     let opts = LocalOptions {
         servers: 3,
         root: dir.join("www"),
-        log: "warn".into(),
+        log: cluster_log(a),
         snapshot_every: a.snapshot_every,
         mode: a.mode.clone(),
-        agent_args: vec!["--fast-path".into()],
+        agent_args: if a.fast_path {
+            vec!["--fast-path".into()]
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
     tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))
@@ -603,7 +619,7 @@ fn tls_cluster(a: &BenchArgs, dir: &std::path::Path) -> LocalOptions {
     LocalOptions {
         servers: 3,
         root: dir.join("www"),
-        log: "warn".into(),
+        log: cluster_log(a),
         snapshot_every: a.snapshot_every,
         mode: a.mode.clone(),
         tls: true,
@@ -618,6 +634,10 @@ async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Resul
     let size = rate * secs;
     let file = dir.join("www/data.bin");
     let want = tokio::task::block_in_place(|| local::make_file(&file, size, 9))?;
+    let floor = match a.breakdown {
+        true => Some(tokio::task::block_in_place(crate::breakdown::floor)?),
+        false => None,
+    };
     let lc = if tls {
         let exe = std::env::current_exe().context("locating the mtcp binary")?;
         let opts = tls_cluster(a, dir);
@@ -671,9 +691,16 @@ async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Resul
             .unwrap_or(0),
         transfer_sha256_ok: ok,
         fast_path: a.fast_path && !tls,
+        breakdown: None,
     };
     if !ok {
         bail!("the migrated transfer's SHA-256 did not match");
+    }
+    let mut rep = rep;
+    if let Some(floor) = floor {
+        // The processes write their traces as they go; stopping them flushes every line.
+        drop(lc);
+        rep.breakdown = Some(crate::breakdown::analyse(dir, floor)?);
     }
     Ok(rep)
 }
@@ -701,6 +728,9 @@ fn print_migration(a: &BenchArgs, rep: &MigrationReport) -> Result<()> {
             "  largest state record: {} bytes; transfer sha256 ok: {}",
             rep.state_bytes_max, rep.transfer_sha256_ok
         );
+        if let Some(b) = &rep.breakdown {
+            crate::breakdown::print(b);
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod bench;
+pub mod breakdown;
 pub mod chaos;
 pub mod labbench;
 pub mod pgbench;

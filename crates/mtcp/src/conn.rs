@@ -120,6 +120,9 @@ pub(crate) struct ConnState {
     /// The agent closed the session to move the connection (`Msg::Leaving`): detached, but
     /// not for a dead agent.
     pub leaving: bool,
+    /// A move's trace waits for the application's first write here (1), then for the first
+    /// byte past what the client already has (2); 0: none (see [`crate::movetrace`]).
+    pub trace_out: u8,
 }
 
 impl ConnState {
@@ -137,6 +140,7 @@ impl ConnState {
             write_waker: None,
             repl: Default::default(),
             arrived: Instant::now(),
+            trace_out: 0,
             direct: None,
             fast: Default::default(),
             hinted_at: None,
@@ -590,6 +594,9 @@ impl AsyncWrite for Connection {
                 "application wrote over {max_log} bytes since its last snapshot; connection not migratable until the next one"
             );
         }
+        if st.trace_out != 0 {
+            trace_write(&mut st, self.shared.cid, !to_send.is_empty());
+        }
         // On the fast path, with nothing queued before it and the agent's fence down, the
         // socket takes what it can at once.
         let to_send = match st.direct.as_ref().map(|d| d.sock.clone()) {
@@ -613,6 +620,20 @@ impl AsyncWrite for Connection {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.close_by_app();
         Poll::Ready(Ok(()))
+    }
+}
+
+/// The steps of a traced move (`st.trace_out`) an application's write passes: its first write
+/// after the restart, and the first byte the client does not have yet.
+fn trace_write(st: &mut ConnState, cid: Cid, sends: bool) {
+    use crate::movetrace::{finish, step, Role};
+    if st.trace_out == 1 {
+        step(Role::Destination, cid, "app_first_write");
+        st.trace_out = 2;
+    }
+    if sends {
+        finish(Role::Destination, cid, "first_new_byte_queued");
+        st.trace_out = 0;
     }
 }
 

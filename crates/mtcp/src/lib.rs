@@ -17,6 +17,7 @@ pub mod framed;
 mod gate;
 pub mod memory;
 pub mod metrics;
+pub mod movetrace;
 mod origin;
 pub mod peer;
 mod probe;

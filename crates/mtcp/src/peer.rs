@@ -12,6 +12,7 @@
 use crate::config::ServerEntry;
 use crate::framed::{self, ChannelError, FrameReader, MacWriter};
 use crate::gate::YieldAnswer;
+use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::replica::Claimed;
 use crate::server::ServerInner;
@@ -315,6 +316,7 @@ pub(crate) async fn fetch(
         sum_from: f.sum_from,
         down_sum: f.down_sum,
     };
+    crate::movetrace::step(TraceRole::Destination, f.cid, "fetch_call");
     let msg = call_noting(
         inner,
         origin,
@@ -330,6 +332,7 @@ pub(crate) async fn fetch(
             format!("origin {} ({}): {e}", origin.id, origin.peer),
         )
     })?;
+    crate::movetrace::step(TraceRole::Destination, f.cid, "state_rx");
     // The frame was bounded before it was read; the record in it is held to max_record before
     // it is decoded (decoding costs about 1.6 times its size again).
     let fits = |len: usize| {
@@ -643,6 +646,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
     loop {
         // Held from a FETCH until its reply is acknowledged (see `ServerInner::handing_over`).
         let mut handover: Option<HandingOver> = None;
+        // The connection a FETCH here is moving, for its trace (`crate::movetrace`).
+        let mut traced: Option<Cid> = None;
         let reply = match reader.next_msg(IDLE).await {
             Ok(Msg::Fetch {
                 cid,
@@ -652,11 +657,14 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                 down_sum,
             }) => {
                 handover = Some(HandingOver::new(&inner));
+                crate::movetrace::open(TraceRole::Origin, cid, epoch, "fetch_rx");
+                traced = Some(cid);
                 // Tell the destination we are alive before a lock_state section may delay us.
                 emulated_path(&inner).await;
                 if w.write_msg(&Msg::Working).await.is_err() {
                     return;
                 }
+                crate::movetrace::step(TraceRole::Origin, cid, "working_tx");
                 let f = Fetch {
                     cid,
                     epoch,
@@ -688,13 +696,21 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                         emulated_hold(&inner).await;
                         // A destination that gave up on this FETCH closed the channel.
                         let waiting = || !peer_closed(fd);
-                        match crate::eager::hand_over(&inner, &f, &from, &waiting).await {
-                            Ok(Frozen { rec, tcp: None }) => Msg::State(rec.encode()),
+                        crate::movetrace::step(TraceRole::Origin, cid, "slot");
+                        let r = crate::eager::hand_over(&inner, &f, &from, &waiting).await;
+                        crate::movetrace::step(TraceRole::Origin, cid, "frozen");
+                        let encode = |rec: StateRecord| {
+                            let b = rec.encode();
+                            crate::movetrace::step(TraceRole::Origin, cid, "encoded");
+                            b
+                        };
+                        match r {
+                            Ok(Frozen { rec, tcp: None }) => Msg::State(encode(rec)),
                             Ok(Frozen {
                                 rec,
                                 tcp: Some(tcp),
                             }) => Msg::DirectState {
-                                record: rec.encode(),
+                                record: encode(rec),
                                 tcp,
                             },
                             Err((code, reason)) => Msg::Refused { code, reason },
@@ -793,6 +809,11 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
         emulated_path(&inner).await;
         if w.write_msg(&reply).await.is_err() {
             return;
+        }
+        if let (Some(_), Msg::State(_) | Msg::DirectState { .. }) = (&handover, &reply) {
+            if let Some(cid) = traced {
+                crate::movetrace::finish(TraceRole::Origin, cid, "state_tx");
+            }
         }
         if handover.is_some() {
             acknowledged(w.get_ref(), HANDOVER_ACK_WAIT).await;

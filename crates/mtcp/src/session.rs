@@ -4,6 +4,7 @@
 use crate::conn::{Connection, Phase, Shared, Start};
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::metrics::SessionKind;
+use crate::movetrace::Role;
 use crate::probe::{probe, set_pacing_rate};
 use crate::server::ServerInner;
 use crate::session_io::{reader_loop, writer_loop};
@@ -227,6 +228,7 @@ pub(crate) async fn handle_session(
         Msg::Migrate(m) => {
             gauge.set(SessionKind::Connection);
             let started = Instant::now();
+            crate::movetrace::open(Role::Destination, m.cid, m.epoch, "migrate_rx");
             // WORKING every heartbeat until the answer: the agent gives up on a
             // silent candidate after an RTT-derived bound (decision 32), while a takeover may
             // take longer (an origin's lock_state section, protecting the connection on this
@@ -297,10 +299,13 @@ pub(crate) async fn handle_session(
                     if let Some(d) = sock {
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
-                    if framed::write_msg(&mut w, &Msg::Resumed(resumed))
-                        .await
-                        .is_err()
-                    {
+                    crate::movetrace::step(Role::Destination, m.cid, "resumed_ready");
+                    let sent = framed::write_msg(&mut w, &Msg::Resumed(resumed)).await;
+                    if sent.is_ok() && crate::movetrace::enabled() {
+                        crate::movetrace::step(Role::Destination, m.cid, "resumed_tx");
+                        shared.lock().trace_out = 1;
+                    }
+                    if sent.is_err() {
                         // The agent will try elsewhere; the state stays here until it comes back
                         // or the janitor drops it.
                         shared.lock().detached_at = Some(Instant::now());

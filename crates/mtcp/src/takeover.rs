@@ -4,6 +4,7 @@
 use crate::conn::{Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::Out;
+use crate::movetrace::Role;
 use crate::origin::Fetch;
 use crate::peer;
 use crate::server::ServerInner;
@@ -29,6 +30,7 @@ pub(crate) async fn take_over(
         inner.draining.load(Ordering::Relaxed),
         &inner.id,
     )?;
+    crate::movetrace::step(Role::Destination, m.cid, "admitted");
     crate::eager::test_delay(inner).await;
     // Counted from here to the end of the takeover, refused or not.
     // (A drain moves every connection at once: the MIGRATEs over the cap wait their turn,
@@ -42,6 +44,7 @@ pub(crate) async fn take_over(
         )
         .await
         .map_err(|why| (RefuseCode::Busy, format!("server {}: {why}", inner.id)))?;
+    crate::movetrace::step(Role::Destination, m.cid, "slot");
     let origin = inner
         .cluster
         .server(&m.origin)
@@ -79,6 +82,7 @@ pub(crate) async fn take_over(
             None => vec![origin.clone()],
         },
     };
+    crate::movetrace::step(Role::Destination, m.cid, "record_checked");
     let r = take_over_checked(inner, m, rec, tcp, state_bytes, from_replica, tx, keepers).await;
     if r.is_err() {
         if let Some(c) = claims {
@@ -228,6 +232,7 @@ pub(crate) async fn take_over_checked(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(m.cid, shared.clone());
+    crate::movetrace::step(Role::Destination, m.cid, "restarted");
     Ok((shared, start, resumed, sock))
 }
 

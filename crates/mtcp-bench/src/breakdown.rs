@@ -1,0 +1,424 @@
+//! `mtcp bench migration --breakdown`: where each move's time goes, from the timestamps the
+//! agent, the destination and the origin write on the `mtcp_breakdown` log target
+//! (`mtcp::movetrace`), joined by connection and epoch; and the loopback floor measured in the
+//! same run (a TCP connect plus one 64-byte request/response, and one request/response on an
+//! open connection), so each latency is also shown as a multiple of it.
+
+use crate::stats::pct;
+use anyhow::{Context, Result};
+use mtcp::movetrace;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Instant;
+
+/// `RUST_LOG` of a cluster whose moves are traced.
+pub const LOG: &str = "warn,mtcp_breakdown=info";
+
+/// A point of a move: which process, which step (a step named with a trailing `*` matches any
+/// step with that prefix: `migrate_tx*` is `migrate_tx_spare` or `migrate_tx_connect`).
+type Point = (&'static str, &'static str);
+
+/// The segments of a move, in order along its critical path (trigger to the first resumed
+/// byte at the agent), then the two that run beside it.
+const SEGMENTS: &[(&str, Point, Point)] = &[
+    (
+        "agent: trigger -> MIGRATE written (spare or connect)",
+        ("agent", "trigger"),
+        ("agent", "migrate_tx*"),
+    ),
+    (
+        "wire: MIGRATE -> destination has read it",
+        ("agent", "migrate_tx*"),
+        ("destination", "migrate_rx"),
+    ),
+    (
+        "destination: token, epoch, drain checks",
+        ("destination", "migrate_rx"),
+        ("destination", "admitted"),
+    ),
+    (
+        "destination: takeover slot",
+        ("destination", "admitted"),
+        ("destination", "slot"),
+    ),
+    (
+        "destination: -> FETCH (peer channel)",
+        ("destination", "slot"),
+        ("destination", "fetch_call"),
+    ),
+    (
+        "wire: FETCH -> origin has read it",
+        ("destination", "fetch_call"),
+        ("origin", "fetch_rx"),
+    ),
+    (
+        "origin: WORKING written",
+        ("origin", "fetch_rx"),
+        ("origin", "working_tx"),
+    ),
+    (
+        "origin: hand-over slot",
+        ("origin", "working_tx"),
+        ("origin", "slot"),
+    ),
+    (
+        "origin: freeze (+ fences in eager mode)",
+        ("origin", "slot"),
+        ("origin", "frozen"),
+    ),
+    (
+        "origin: encode the record",
+        ("origin", "frozen"),
+        ("origin", "encoded"),
+    ),
+    (
+        "origin: record written",
+        ("origin", "encoded"),
+        ("origin", "state_tx"),
+    ),
+    (
+        "wire: record -> destination has read it",
+        ("origin", "state_tx"),
+        ("destination", "state_rx"),
+    ),
+    (
+        "destination: decode and check the record",
+        ("destination", "state_rx"),
+        ("destination", "record_checked"),
+    ),
+    (
+        "destination: restart the connection (+ protect in eager mode)",
+        ("destination", "record_checked"),
+        ("destination", "restarted"),
+    ),
+    (
+        "destination: -> RESUMED written",
+        ("destination", "restarted"),
+        ("destination", "resumed_tx"),
+    ),
+    (
+        "destination: application restart (-> its first write)",
+        ("destination", "resumed_tx"),
+        ("destination", "app_first_write"),
+    ),
+    (
+        "destination: regenerate + checksum output the client has",
+        ("destination", "app_first_write"),
+        ("destination", "first_new_byte_queued"),
+    ),
+    (
+        "wire: first new byte -> agent",
+        ("destination", "first_new_byte_queued"),
+        ("agent", "first_byte_rx"),
+    ),
+    (
+        "beside it: wire: RESUMED -> agent has read it",
+        ("destination", "resumed_tx"),
+        ("agent", "resumed_rx"),
+    ),
+    (
+        "beside it: agent: resend of retained upstream written",
+        ("agent", "resumed_rx"),
+        ("agent", "resend_tx"),
+    ),
+];
+
+/// Critical-path segments: all but the last two of [`SEGMENTS`].
+const CRITICAL: usize = SEGMENTS.len() - 2;
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Segment {
+    pub name: String,
+    pub moves: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+}
+
+/// The loopback floor. Each sample follows a pause ([`PAUSE`]) in which both sides sleep, as
+/// the processes of a move do between moves (on a virtual machine, waking an idle CPU is most
+/// of a round trip); the `hot_` figures are back to back, for comparison.
+#[derive(Serialize, Debug, Clone)]
+pub struct Floor {
+    /// TCP connect + one 64-byte request/response, p50 µs.
+    pub connect_rr_us: f64,
+    /// One 64-byte request/response on an open connection, p50 µs.
+    pub rr_us: f64,
+    pub hot_connect_rr_us: f64,
+    pub hot_rr_us: f64,
+}
+
+/// The pause before each sample of the floor.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Breakdown {
+    /// Moves whose three traces were all found.
+    pub moves: usize,
+    /// Of them, moves whose MIGRATE went out on a spare connection.
+    pub on_spare: usize,
+    pub segments: Vec<Segment>,
+    /// Sum of the critical path's segment medians, µs.
+    pub critical_sum_p50_us: f64,
+    /// Trigger -> first resumed byte, and -> RESUMED, over the joined moves, p50 µs.
+    pub total_p50_us: f64,
+    pub total_p99_us: f64,
+    pub resumed_p50_us: f64,
+    pub floor: Floor,
+}
+
+/// The traces of one move: role -> steps.
+type Move = HashMap<String, Vec<(String, u64)>>;
+
+/// Reads every `*.log` in `dir` for trace lines and joins them by (connection, epoch).
+fn moves(dir: &Path) -> Result<Vec<Move>> {
+    let mut by: HashMap<(String, u64), Move> = HashMap::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().is_none_or(|x| x != "log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for line in text.lines() {
+            let line = mtcp_harness::local::strip_ansi(line);
+            let Some(i) = line.find("mtcp_breakdown: ") else {
+                continue;
+            };
+            if let Some(t) = movetrace::parse(&line[i + "mtcp_breakdown: ".len()..]) {
+                by.entry((t.cid, t.epoch))
+                    .or_default()
+                    .insert(t.role, t.steps);
+            }
+        }
+    }
+    Ok(by
+        .into_values()
+        .filter(|m| {
+            ["agent", "destination", "origin"]
+                .iter()
+                .all(|r| m.contains_key(*r))
+        })
+        .collect())
+}
+
+fn at(m: &Move, (role, step): Point) -> Option<u64> {
+    let steps = m.get(role)?;
+    match step.strip_suffix('*') {
+        Some(prefix) => steps.iter().find(|(s, _)| s.starts_with(prefix)),
+        None => steps.iter().find(|(s, _)| s == step),
+    }
+    .map(|(_, ns)| *ns)
+}
+
+/// Nanoseconds from `a` to `b` in move `m` (0 if `b` came first: stamps of two processes a few
+/// hundred nanoseconds apart can land in either order).
+fn span(m: &Move, a: Point, b: Point) -> Option<u64> {
+    Some(at(m, b)?.saturating_sub(at(m, a)?))
+}
+
+fn us(sorted_ns: &[u64], p: f64) -> f64 {
+    pct(sorted_ns, p) as f64 / 1e3
+}
+
+/// The breakdown of the traced moves in `dir`'s logs.
+pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
+    let ms = moves(dir)?;
+    let mut segments = Vec::new();
+    for (name, a, b) in SEGMENTS {
+        let mut v: Vec<u64> = ms.iter().filter_map(|m| span(m, *a, *b)).collect();
+        v.sort_unstable();
+        segments.push(Segment {
+            name: name.to_string(),
+            moves: v.len(),
+            p50_us: us(&v, 0.5),
+            p90_us: us(&v, 0.9),
+            p99_us: us(&v, 0.99),
+        });
+    }
+    let total = |to: Point| {
+        let mut v: Vec<u64> = ms
+            .iter()
+            .filter_map(|m| span(m, ("agent", "trigger"), to))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let first = total(("agent", "first_byte_rx"));
+    let resumed = total(("agent", "resumed_rx"));
+    Ok(Breakdown {
+        moves: ms.len(),
+        on_spare: ms
+            .iter()
+            .filter(|m| at(m, ("agent", "migrate_tx_spare")).is_some())
+            .count(),
+        critical_sum_p50_us: segments[..CRITICAL].iter().map(|s| s.p50_us).sum(),
+        segments,
+        total_p50_us: us(&first, 0.5),
+        total_p99_us: us(&first, 0.99),
+        resumed_p50_us: us(&resumed, 0.5),
+        floor,
+    })
+}
+
+/// Measures the loopback floor: an echo server thread, and a client that (1) connects and does
+/// one 64-byte request/response, and (2) does request/responses on one open connection; 120
+/// samples of each after a [`PAUSE`] and 120 back to back, the first 20 of each not counted.
+pub fn floor() -> Result<Floor> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding the floor's echo server")?;
+    let addr = l.local_addr()?;
+    const N: usize = 120;
+    let server = std::thread::spawn(move || {
+        // One connection per sample of (1), twice, then the one of (2).
+        for _ in 0..=2 * N {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let _ = s.set_nodelay(true);
+            let mut b = [0u8; 64];
+            while s.read_exact(&mut b).is_ok() {
+                if s.write_all(&b).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let rr = |s: &mut TcpStream| -> Result<()> {
+        let mut b = [7u8; 64];
+        s.write_all(&b)?;
+        s.read_exact(&mut b)?;
+        Ok(())
+    };
+    let samples = |pause: bool, connect: bool, open: &mut Option<TcpStream>| -> Result<f64> {
+        let mut v = Vec::new();
+        for i in 0..N {
+            if pause {
+                std::thread::sleep(PAUSE);
+            }
+            let t = Instant::now();
+            if connect {
+                let mut s = TcpStream::connect(addr)?;
+                s.set_nodelay(true)?;
+                rr(&mut s)?;
+            } else {
+                rr(open.as_mut().context("no open connection")?)?;
+            }
+            if i >= 20 {
+                v.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        v.sort_unstable();
+        Ok(us(&v, 0.5))
+    };
+    let connect_rr_us = samples(true, true, &mut None)?;
+    let hot_connect_rr_us = samples(false, true, &mut None)?;
+    let mut s = Some(TcpStream::connect(addr)?);
+    if let Some(s) = &s {
+        s.set_nodelay(true)?;
+    }
+    let rr_us = samples(true, false, &mut s)?;
+    let hot_rr_us = samples(false, false, &mut s)?;
+    drop(s);
+    let _ = server.join();
+    Ok(Floor {
+        connect_rr_us,
+        rr_us,
+        hot_connect_rr_us,
+        hot_rr_us,
+    })
+}
+
+/// Prints the breakdown as a table.
+pub fn print(b: &Breakdown) {
+    let f = &b.floor;
+    println!(
+        "  where a move's time goes ({} moves traced in all three processes, {} on a spare connection), µs:",
+        b.moves, b.on_spare
+    );
+    println!(
+        "    {:<66} {:>8} {:>8} {:>8} {:>7}",
+        "segment", "p50", "p90", "p99", "x rr"
+    );
+    for (i, s) in b.segments.iter().enumerate() {
+        if i == CRITICAL {
+            println!(
+                "    {:<66} {:>8.1}",
+                "sum of the p50s above", b.critical_sum_p50_us
+            );
+        }
+        println!(
+            "    {:<66} {:>8.1} {:>8.1} {:>8.1} {:>7.2}",
+            s.name,
+            s.p50_us,
+            s.p90_us,
+            s.p99_us,
+            s.p50_us / f.rr_us.max(0.001)
+        );
+    }
+    println!(
+        "  loopback floor, same run, after a {PAUSE:?} pause: connect + 64-byte request/response p50 {:.1} µs, request/response on an open connection p50 {:.1} µs (back to back: {:.1} and {:.1} µs)",
+        f.connect_rr_us, f.rr_us, f.hot_connect_rr_us, f.hot_rr_us
+    );
+    println!(
+        "  trigger -> first resumed byte p50 {:.1} µs = {:.1} x connect+rr = {:.1} x rr (p99 {:.1} µs); trigger -> RESUMED p50 {:.1} µs = {:.1} x rr",
+        b.total_p50_us,
+        b.total_p50_us / f.connect_rr_us.max(0.001),
+        b.total_p50_us / f.rr_us.max(0.001),
+        b.total_p99_us,
+        b.resumed_p50_us,
+        b.resumed_p50_us / f.rr_us.max(0.001)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_of_one_move_join_into_segments() {
+        let dir = std::env::temp_dir().join(format!("mtcp-breakdown-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cid = "ab".repeat(16);
+        std::fs::write(
+            dir.join("agent.log"),
+            format!("x INFO mtcp_breakdown: agent {cid} 4 trigger=1000,migrate_tx_spare=3000,resumed_rx=9000,resend_tx=9500,first_byte_rx=15000\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s2.log"),
+            format!("\x1b[32m INFO\x1b[0m mtcp_breakdown: destination {cid} 4 migrate_rx=3500,admitted=3600,slot=3700,fetch_call=3800,state_rx=7000,record_checked=7200,restarted=7400,resumed_ready=7500,resumed_tx=8000,app_first_write=10000,first_new_byte_queued=14000\nnoise\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s1.log"),
+            format!("mtcp_breakdown: origin {cid} 4 fetch_rx=4000,working_tx=4200,slot=4300,frozen=5000,encoded=5500,state_tx=6000\n"),
+        )
+        .unwrap();
+        let b = analyse(
+            &dir,
+            Floor {
+                connect_rr_us: 2.0,
+                rr_us: 1.0,
+                hot_connect_rr_us: 2.0,
+                hot_rr_us: 1.0,
+            },
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((b.moves, b.on_spare), (1, 1));
+        let seg = |n: &str| b.segments.iter().find(|s| s.name.starts_with(n)).unwrap();
+        assert_eq!(seg("agent: trigger").p50_us, 2.0);
+        assert_eq!(seg("wire: FETCH").p50_us, 0.2);
+        assert_eq!(seg("wire: first new byte").p50_us, 1.0);
+        assert_eq!(b.total_p50_us, 14.0);
+        assert_eq!(b.resumed_p50_us, 8.0);
+        // The critical path's segments add up to the whole move.
+        assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_floor_is_measured() {
+        let f = floor().unwrap();
+        assert!(f.rr_us > 0.0 && f.connect_rr_us > f.rr_us * 0.5);
+    }
+}
