@@ -1,0 +1,218 @@
+//! Restarts and restart points: a session that moved here rebuilt on its new backend (a commit
+//! that was under way finished, one that was not safe rolled back), the snapshot of the
+//! session, and the restart point taken at Idle.
+
+use super::commit::not_committed;
+use super::*;
+
+impl Session {
+    /// A session that moved here: fence the old backend, rebuild the session, finish a commit
+    /// that was under way or roll back one that was not yet safe, then serve.
+    pub(super) async fn restart(&mut self) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let key = self.cancel_key();
+        let epoch = self.conn.epoch();
+        let fenced = self
+            .front
+            .registry
+            .register_and_fence(&self.cid, epoch, self.be.pid, key)
+            .await?;
+        let t1 = t0.elapsed();
+        // Transactions an origin prepared and died (or hung) before their commit point was
+        // durable: asked along with the restore, after the fence; rolled back below.
+        let check = format!(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'mtcp:{}:%'",
+            self.cid
+        );
+        let sets = self.restore(&check).await?;
+        let prepared: Vec<String> = sets
+            .last()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.first().cloned().flatten())
+            .collect();
+        tracing::debug!(cid = %self.cid, fenced, register_and_fence = ?t1, restore = ?(t0.elapsed() - t1), "session restarting here");
+        match self.state.stage.clone() {
+            Stage::Pinned { reason } => {
+                return Err(SessionError::Fatal(
+                    "57P01",
+                    format!("terminating connection: the session moved to another server but cannot move ({reason})"),
+                ));
+            }
+            Stage::Commit {
+                gid,
+                xid,
+                reply,
+                echo,
+            } => {
+                if let Some(gid) = &gid {
+                    let q = format!("SELECT 1 FROM pg_prepared_xacts WHERE gid = '{gid}'");
+                    if !self.be.simple(&q).await?.concat().is_empty() {
+                        self.be.simple(&format!("COMMIT PREPARED '{gid}'")).await?;
+                    }
+                }
+                let q = format!("SELECT pg_xact_status('{}'::xid8)", xid.replace('\'', ""));
+                let status = self.be.simple(&q).await?.concat();
+                let status = status.first().and_then(|r| r.first().cloned()).flatten();
+                tracing::info!(cid = %self.cid, %xid, ?gid, ?status, "finishing a commit that was under way");
+                match status.as_deref() {
+                    Some("committed") if !reply.is_empty() => self.out.extend_from_slice(&reply),
+                    Some("committed") => {
+                        // Its COMMIT messages on an idle backend: the same answer, less the
+                        // "no transaction in progress" warning.
+                        self.be.send(&echo).await?;
+                        let r = self.answer().await?.unwrap_or_else(|e| e);
+                        self.out.extend_from_slice(&r);
+                    }
+                    Some("aborted") => self.out.extend_from_slice(&not_committed()),
+                    _ => {
+                        return Err(SessionError::Fatal(
+                            "08007",
+                            format!("the outcome of transaction {xid} is unknown"),
+                        ))
+                    }
+                }
+                self.state.txseq += 1;
+                self.flush().await?;
+                self.restart_point().await?;
+            }
+            Stage::Idle => {}
+        }
+        // Prepared by an origin that died before its commit point was durable — this point's
+        // transaction, or (restarting from a Commit point whose Idle successor never reached
+        // the backups) a later one: its client was told nothing, and it is replayed from the
+        // input below. Its locks would block that replay for good.
+        for gid in prepared
+            .iter()
+            .filter(|g| snapshot::left_over(g, &self.cid, self.state.txseq, epoch))
+        {
+            tracing::info!(cid = %self.cid, %gid, "rolling back a transaction prepared by a server that did not finish it");
+            self.be
+                .simple(&format!("ROLLBACK PREPARED '{gid}'"))
+                .await?;
+        }
+        self.serve().await
+    }
+
+    /// Recreates the session's settings and prepared statements on the new backend, all sent
+    /// at once; `last` is one more query sent along, whose rows come back as the last result
+    /// set.
+    async fn restore(&mut self, last: &str) -> Result<Vec<crate::backend::Rows>> {
+        let mut sql = String::new();
+        for (name, value) in &self.state.gucs {
+            let (Some(n), Some(v)) = (literal(name), literal(value)) else {
+                return Err(SessionError::Fatal(
+                    "57P01",
+                    format!("cannot restore setting {name}"),
+                ));
+            };
+            sql += &format!("SELECT set_config({n}, {v}, false);");
+        }
+        let mut answers = 0;
+        if !sql.is_empty() {
+            self.be.send(&codec::query(&sql)).await?;
+            answers += 1;
+        }
+        // Each SQL PREPARE in a query string of its own, after the settings (its
+        // search_path): PostgreSQL records the whole query string as the statement's text,
+        // which the next `refresh` reads back; sharing a string with the settings, it would
+        // look like a PREPARE inside a multi-statement string and pin the session.
+        let mut seen = std::collections::HashSet::new();
+        for p in self.state.prepared.iter().filter(|p| p.from_sql) {
+            if seen.insert(p.sql.clone()) {
+                let q = codec::query(&String::from_utf8_lossy(&p.sql));
+                self.be.send(&q).await?;
+                answers += 1;
+            }
+        }
+        for p in self.state.prepared.iter().filter(|p| !p.from_sql) {
+            self.be
+                .send(&codec::parse(&p.name, &p.sql, &p.types))
+                .await?;
+            self.be.send(&codec::sync()).await?;
+            answers += 1;
+        }
+        self.be.send(&codec::query(last)).await?;
+        Ok(self.be.collect(answers + 1).await?)
+    }
+
+    /// The snapshot of the session as it is now, at `stage`.
+    pub(super) fn snapshot(&mut self, stage: Stage) -> Vec<u8> {
+        // Encoded in place (one per transaction): the session's own state with this stage and
+        // the unread input, then its stage put back.
+        let stage = std::mem::replace(&mut self.state.stage, stage);
+        self.state.leftover.clear();
+        self.state.leftover.extend_from_slice(&self.inbuf);
+        let v = self.state.encode();
+        self.state.stage = stage;
+        v
+    }
+
+    /// A restart point at Idle (everything sent so far is answered): refreshes the settings and
+    /// prepared statements first if they may have changed. A pinned session leaves a marker
+    /// instead, so that a move ends it clearly.
+    pub(super) async fn restart_point(&mut self) -> Result<()> {
+        if self.dirty {
+            self.refresh().await?;
+        }
+        let stage = match &self.pinned {
+            Some(reason) => Stage::Pinned {
+                reason: reason.clone(),
+            },
+            None => Stage::Idle,
+        };
+        let snap = self.snapshot(stage);
+        match self.conn.set_state_barrier(snap) {
+            // Restarted here and still regenerating what the client already has (its position
+            // lies past this point): the restart point this session came with stays the one
+            // to use until that is checked, and a restart from it reaches this same point.
+            Err(StateError::Replaying) => {
+                tracing::debug!(cid = %self.cid, "restart point skipped while the replay is checked");
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Reads the session's settings and prepared statements back from the backend.
+    async fn refresh(&mut self) -> Result<()> {
+        let sets = self
+            .be
+            .simple(
+                "SELECT name, setting FROM pg_settings WHERE source = 'session' ORDER BY name;
+                 SELECT name, statement, from_sql, parameter_types::oid[]::text
+                   FROM pg_prepared_statements ORDER BY prepare_time, name",
+            )
+            .await?;
+        let get =
+            |r: &Vec<Option<String>>, i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        self.state.gucs = sets.first().map_or(Vec::new(), |rows| {
+            rows.iter().map(|r| (get(r, 0), get(r, 1))).collect()
+        });
+        self.state.prepared = sets.get(1).map_or(Vec::new(), |rows| {
+            rows.iter()
+                .map(|r| Prepared {
+                    name: get(r, 0).into_bytes(),
+                    sql: get(r, 1).into_bytes(),
+                    from_sql: get(r, 2) == "t",
+                    types: get(r, 3)
+                        .trim_matches(|c| c == '{' || c == '}')
+                        .split(',')
+                        .filter_map(|t| t.parse().ok())
+                        .collect(),
+                })
+                .collect()
+        });
+        if self
+            .state
+            .prepared
+            .iter()
+            .any(|p| p.from_sql && classify(&p.sql).statements != 1)
+            && self.pinned.is_none()
+        {
+            self.pinned = Some("a PREPARE inside a multi-statement query string".into());
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}
