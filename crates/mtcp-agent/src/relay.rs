@@ -146,8 +146,19 @@ pub(crate) async fn relay(
                 // session's — before any deferred close ran, and run out (issue 13: 9 000
                 // connections under a 20 000 open-files limit).
                 // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
+                let at = at.unwrap_or_else(Instant::now);
+                let trigger_ns = movetrace::now_ns().saturating_sub(at.elapsed().as_nanos() as u64);
+                conn.trace = Trace::start_at(
+                    TraceRole::Agent,
+                    conn.at.cid,
+                    conn.at.epoch,
+                    "trigger",
+                    trigger_ns,
+                );
+                movetrace::mark(&mut conn.trace, "seen");
                 let _moving = Moving::new(&inner);
                 let _turn = inner.moves.acquire().await;
+                movetrace::mark(&mut conn.trace, "turn");
                 // Tell the server why the session ends, so that until a destination fetches
                 // the state it counts the connection as moving, not as kept for a dead agent
                 // (a drain's summary). Bounded: the session may be broken or stuck.
@@ -156,12 +167,13 @@ pub(crate) async fn relay(
                     framed::write_msg(&mut session.w, &Msg::Leaving),
                 )
                 .await;
+                movetrace::mark(&mut conn.trace, "leaving_tx");
                 if queued_bytes(&session) < CLOSE_INLINE_BELOW {
                     drop(session);
                 } else {
                     tokio::spawn(async move { drop(session) });
                 }
-                let at = at.unwrap_or_else(Instant::now);
+                movetrace::mark(&mut conn.trace, "old_closed");
                 let moving = migrate(&inner, &mut conn, &reason.text, to.as_deref(), at);
                 match counted(reason.cause, at, moving).await {
                     Ok(Some(s)) => {
@@ -743,8 +755,9 @@ async fn attempt(
     plan: &mut MovePlan,
 ) -> Option<Result<Option<Session>, String>> {
     let (cand, m) = (&a.cand, &a.migrate);
-    let trigger_ns = mtcp::movetrace::now_ns().saturating_sub(t0.elapsed().as_nanos() as u64);
-    conn.trace = Trace::start_at(TraceRole::Agent, m.cid, m.epoch, "trigger", trigger_ns);
+    if let Some(t) = conn.trace.as_mut() {
+        t.set_epoch(m.epoch);
+    }
     match try_resume(inner, conn, cand, m).await {
         Ok(s) => {
             let resumed_us = t0.elapsed().as_micros() as u64;

@@ -121,7 +121,8 @@ pub(crate) struct ConnState {
     /// not for a dead agent.
     pub leaving: bool,
     /// A move's trace waits for the application's first write here (1), then for the first
-    /// byte past what the client already has (2); 0: none (see [`crate::movetrace`]).
+    /// byte past what the client already has (2), then for the session's writer to write it
+    /// (3); 0: none (see [`crate::movetrace`]).
     pub trace_out: u8,
 }
 
@@ -626,14 +627,15 @@ impl AsyncWrite for Connection {
 /// The steps of a traced move (`st.trace_out`) an application's write passes: its first write
 /// after the restart, and the first byte the client does not have yet.
 fn trace_write(st: &mut ConnState, cid: Cid, sends: bool) {
-    use crate::movetrace::{finish, step, Role};
+    use crate::movetrace::{step, Role};
     if st.trace_out == 1 {
         step(Role::Destination, cid, "app_first_write");
         st.trace_out = 2;
     }
-    if sends {
-        finish(Role::Destination, cid, "first_new_byte_queued");
-        st.trace_out = 0;
+    if sends && st.trace_out == 2 {
+        step(Role::Destination, cid, "first_new_byte_queued");
+        // The session's writer ends the trace once it wrote it (`session_io::writer_loop`).
+        st.trace_out = 3;
     }
 }
 

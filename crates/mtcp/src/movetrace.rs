@@ -114,6 +114,11 @@ impl Trace {
         })
     }
 
+    /// The MIGRATE's epoch the trace is joined by.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
     /// Marks `step`, now.
     pub fn mark(&mut self, step: &'static str) {
         self.steps.push((step, now_ns()));

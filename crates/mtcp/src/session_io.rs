@@ -91,6 +91,14 @@ pub(crate) async fn writer_loop(
         crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
+        if data > 0 && st.trace_out == 3 {
+            st.trace_out = 0;
+            crate::movetrace::finish(
+                crate::movetrace::Role::Destination,
+                shared.cid,
+                "first_new_byte_written",
+            );
+        }
         if let Some(n) = inputs {
             // Data answers the input received before it was taken for this batch.
             last_data = last_write;
