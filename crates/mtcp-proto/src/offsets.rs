@@ -88,6 +88,33 @@ impl ByteLog {
         Ok(out)
     }
 
+    /// Passes the log's bytes `[from, to)` to `f`, in order, in the pieces they are stored in
+    /// (no copy).
+    pub fn visit_range(
+        &self,
+        from: u64,
+        to: u64,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), OffsetError> {
+        self.check(from)?;
+        self.check(to)?;
+        let mut pos = self.start;
+        for c in &self.chunks {
+            let (cs, ce) = (pos, pos + c.len() as u64);
+            pos = ce;
+            if ce <= from {
+                continue;
+            }
+            if cs >= to {
+                break;
+            }
+            let a = from.max(cs) - cs;
+            let b = to.min(ce) - cs;
+            f(&c[a as usize..b as usize]);
+        }
+        Ok(())
+    }
+
     /// A contiguous copy of `[from, to)`.
     pub fn copy_range(&self, from: u64, to: u64) -> Result<Bytes, OffsetError> {
         self.check(from)?;

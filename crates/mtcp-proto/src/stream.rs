@@ -306,11 +306,12 @@ impl ServerStream {
                 format!("agent claims downstream [{sum_from}, {down_recv}) but only {high} bytes were sent"),
             ));
         }
-        // The client must hold exactly what was sent: compare the agent's checksum.
+        // The client must hold exactly what was sent: compare the agent's checksum (hashed in
+        // the log, not over a copy: a move's freeze waits on it).
         let ours = if sum_from == down_recv {
             checksum(&[])
         } else {
-            checksum(&self.out.copy_range(sum_from, down_recv).map_err(internal)?)
+            crate::sum::log_checksum(&self.out, sum_from, down_recv).map_err(internal)?
         };
         if ours != down_sum {
             return Err((
