@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::files::{self, join_error};
+use crate::files;
 use crate::http::{self, Connection, ContentRange, Method, Parse, Request, Resolved, Status};
 use crate::snapshot::{self, Body, State};
 use crate::{Config, Snapshots, READ_SIZE};
@@ -56,7 +56,7 @@ where
                     tracing::debug!(path = %body.path, sent = body.sent, "resuming a body");
                     let file = files::reopen(&self.cfg.root, &body)?;
                     let connection = body.connection;
-                    Box::pin(self.send_body(body, file)).await?;
+                    Box::pin(self.send_body(body, file, true)).await?;
                     if !self.end_response(connection).await? {
                         return self.close().await;
                     }
@@ -260,7 +260,7 @@ where
             body: body.clone(),
             leftover: self.input.clone(),
         })?;
-        self.send_body(body, file).await?;
+        self.send_body(body, file, false).await?;
         Ok(connection)
     }
 
@@ -268,7 +268,9 @@ where
     /// snapshot each time `sent` reaches a multiple of `snapshot_every`.
     ///
     /// The next chunk is read from the file while the current one is being written.
-    async fn send_body(&mut self, mut body: Body, file: File) -> io::Result<()> {
+    /// `resumed`: the body of a connection restarted here from a snapshot (its first chunk is
+    /// read at once when cached, see [`files::read_cached_first`]).
+    async fn send_body(&mut self, mut body: Body, file: File, resumed: bool) -> io::Result<()> {
         let total = body.len();
         let chunk = self.cfg.chunk_size.max(1) as u64;
         let every = self.cfg.snapshot_every;
@@ -291,9 +293,14 @@ where
         let prefix = first.len();
         let mut head_len = prefix;
         let mut len = chunk_at(body.sent);
-        let mut task = files::spawn_read(file, first, prefix, body.start + body.sent, len);
+        let read_first = if resumed {
+            files::read_cached_first
+        } else {
+            files::spawn_read
+        };
+        let mut task = read_first(file, first, prefix, body.start + body.sent, len);
         loop {
-            let (file, buf, result) = task.await.map_err(join_error)?;
+            let (file, buf, result) = task.done().await?;
             result?;
             let sent = body.sent + len as u64;
             let next = (sent < total).then(|| {

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 
 /// `RUST_LOG` of a cluster whose moves are traced.
-pub const LOG: &str = "warn,mtcp_breakdown=info";
+pub const LOG: &str = "warn,mtcp_breakdown=trace";
 
 /// A point of a move: which process, which step (a step named with a trailing `*` matches any
 /// step with that prefix: `migrate_tx*` is `migrate_tx_spare` or `migrate_tx_connect`).
