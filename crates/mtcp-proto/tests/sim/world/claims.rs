@@ -134,8 +134,33 @@ impl World {
             }
             Err(ClaimError::Held(seen)) => {
                 let holder = server_index(&seen.holder);
+                // Whether the agent read the holder's RESUMED (it is the agent's server now).
+                let agents = self.serving == holder
+                    && self.servers[holder]
+                        .conn
+                        .as_ref()
+                        .is_some_and(|h| h.epoch == seen.label + 1);
                 match self.ask_yield(holder, seen.label + 1) {
-                    Yield::Unanswered | Yield::LetGo => {}
+                    Yield::Unanswered => {}
+                    Yield::LetGo => {
+                        self.passes_answered += 1;
+                        if agents {
+                            // Issue 15's question: the agent holds this RESUMED's token and
+                            // the holder's backups are not fenced.
+                            self.passes_of_agents += 1;
+                            self.trace(format!(
+                                "pass over {} whose RESUMED (epoch {}) the agent read",
+                                seen.holder,
+                                seen.label + 1
+                            ));
+                            if self.rng.gen_bool(self.knobs.hang_after_pass) {
+                                let len = self.rng.gen_range(50..300);
+                                self.servers[holder].hung_until = Some(self.now + len);
+                                self.hangs += 1;
+                                self.trace(format!("{} hangs for {len} steps", seen.holder));
+                            }
+                        }
+                    }
                     _ => return refused(RefuseCode::StaleEpoch),
                 }
                 let slot = &mut self.servers[b].entry.as_mut().expect("held").0;

@@ -57,8 +57,17 @@ impl World {
 
     /// Crashes, hangs and (eager) two faults, drawn for this step; `Some` if the agent moved.
     pub(super) fn inject(&mut self) -> Result<Option<Result<(), String>>, String> {
-        let roll: f64 = self.rng.gen();
         let serving = self.serving;
+        if self.crash_at.is_some_and(|t| t <= self.now) {
+            self.crash_at = None;
+            if self.quiet() && self.recoverable() {
+                self.crash(serving);
+                self.link.up.clear();
+                self.link.down.clear();
+                return Ok(Some(self.move_connection(true)));
+            }
+        }
+        let roll: f64 = self.rng.gen();
         if roll < 0.003 && self.quiet() && self.two_fault.is_none() {
             // A server hangs: the serving one mostly; it answers nobody until it wakes.
             let s = if self.rng.gen_bool(0.7) {
@@ -193,7 +202,7 @@ impl World {
         dest: usize,
         before: bool,
     ) -> Result<(), String> {
-        if !self.eager || self.racer.is_some() || !self.rng.gen_bool(0.25) {
+        if !self.eager || self.racer.is_some() || !self.rng.gen_bool(self.knobs.race) {
             return Ok(());
         }
         let pick: Vec<_> = self

@@ -120,7 +120,36 @@ struct Link {
     delay: usize,
 }
 
+/// How often the seeded faults happen.
+#[derive(Clone, Copy)]
+pub(crate) struct Knobs {
+    /// A move has a racing destination (a candidate the agent gave up on goes on).
+    pub race: f64,
+    /// A destination's backup holds the new epoch before RESUMED.
+    pub protect: f64,
+    /// After a fence passed over the agent's holder, that holder hangs (so the agent's MIGRATE
+    /// at its epoch goes to its backup: issue 15's open question).
+    pub hang_after_pass: f64,
+    /// A new holder crashes within a few steps of its RESUMED (before the agent spoke on its
+    /// session, or just after), when that is survivable.
+    pub crash_soon: f64,
+}
+
+impl Knobs {
+    pub(crate) const DEFAULT: Knobs = Knobs {
+        race: 0.25,
+        protect: 0.6,
+        hang_after_pass: 0.0,
+        crash_soon: 0.0,
+    };
+}
+
 pub(crate) struct World {
+    pub(crate) knobs: Knobs,
+    /// Two servers resumed at the same epoch (one of them to nobody).
+    pub(crate) same_epoch: usize,
+    /// A crash of the serving server due at this step (`Knobs::crash_soon`).
+    crash_at: Option<usize>,
     pub(crate) rng: StdRng,
     pub(crate) now: usize,
     pub(crate) input: Vec<u8>,
@@ -167,6 +196,9 @@ pub(crate) struct World {
     pub(crate) races_resumed: usize,
     pub(crate) supersedes: usize,
     pub(crate) passes: usize,
+    /// Passes over a claimer that had answered RESUMED, and of those, one the agent had read.
+    pub(crate) passes_answered: usize,
+    pub(crate) passes_of_agents: usize,
     pub(crate) let_gos: usize,
     pub(crate) stale_refused: usize,
 }
@@ -179,7 +211,7 @@ fn server_index(id: &str) -> usize {
 }
 
 impl World {
-    pub(crate) fn new(seed: u64, eager: bool) -> World {
+    pub(crate) fn new(seed: u64, eager: bool, knobs: Knobs) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
         let len = rng.gen_range(1..6000);
         let input: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
@@ -219,6 +251,9 @@ impl World {
         servers[first].conn = Some(Held::new(ServerStream::new(), App::default(), 0));
         let delay = rng.gen_range(0..4);
         World {
+            knobs,
+            same_epoch: 0,
+            crash_at: None,
             rng,
             now: 0,
             input,
@@ -259,6 +294,8 @@ impl World {
             races_resumed: 0,
             supersedes: 0,
             passes: 0,
+            passes_answered: 0,
+            passes_of_agents: 0,
             let_gos: 0,
             stale_refused: 0,
         }
@@ -278,6 +315,13 @@ impl World {
             }
             if s.hung_until.is_some_and(|t| t <= self.now) {
                 s.hung_until = None;
+                let live = s.conn.as_ref().is_some_and(|h| h.attached);
+                if live && i != self.serving {
+                    return Err(format!(
+                        "{} woke up still serving a session the agent left",
+                        SERVERS[i]
+                    ));
+                }
                 self.trace(format!("{} wakes up", SERVERS[i]));
             }
         }
@@ -300,7 +344,11 @@ impl World {
         if let Some(r) = self.inject()? {
             return r;
         }
-        let roll: f64 = self.rng.gen();
+        let mut roll: f64 = self.rng.gen();
+        if !self.reachable(self.serving) && self.rng.gen_bool(0.95) {
+            // The serving server hangs: the agent mostly has no other reason to move.
+            roll = 1.0;
+        }
         if roll < 0.03 {
             return self.move_connection(false);
         }

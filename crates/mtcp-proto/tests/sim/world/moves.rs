@@ -132,7 +132,7 @@ impl World {
             self.keep(k, m.epoch, label, dest, kept);
         }
         let mut committed = None;
-        if self.eager && self.rng.gen_bool(0.6) {
+        if self.eager && self.rng.gen_bool(self.knobs.protect) {
             // The destination's backup holds the new epoch before RESUMED (the runtime's
             // `protect_takeover`). Refused there (fenced): the takeover is refused. Down or
             // timed out (the other 40 %): it resumes unconfirmed — the keeper's custody and the
@@ -153,6 +153,15 @@ impl World {
         if self.settle(dest, epoch, GateEvent::Answer) != Verdict::Go {
             // Given up (YIELD) before its RESUMED went out: it never answers.
             return Ok(None);
+        }
+        if let Some(o) = (0..SERVERS.len()).find(|&o| {
+            o != dest && self.servers[o].conn.as_ref().is_some_and(|h| h.epoch == epoch)
+        }) {
+            self.same_epoch += 1;
+            self.trace(format!(
+                "{} resumes at epoch {epoch}, which {} holds too",
+                SERVERS[dest], SERVERS[o]
+            ));
         }
         let (stream, tail) = ServerStream::restart(&rec);
         let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
@@ -196,6 +205,9 @@ impl World {
         self.serving = dest;
         self.heard_at = self.now;
         self.stalled_since = None;
+        if self.rng.gen_bool(self.knobs.crash_soon) {
+            self.crash_at = Some(self.now + self.rng.gen_range(0..=self.link.delay + 1));
+        }
         // The agent speaks first on a new eager session (a PING with the resent upstream).
         self.send_up(Up::Ping);
         for c in resend.chunks {
@@ -222,14 +234,16 @@ impl World {
             let conn = self.servers[o].conn.as_ref();
             match conn.map(|h| (h.epoch, h.taken.is_some())) {
                 Some((e, false)) if e == m.epoch => {
-                    // The origin checks the agent's position before it freezes anything.
-                    let mut rec = conn
-                        .expect("held")
-                        .stream
-                        .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
-                        .map_err(|(code, why)| {
-                            format!("origin refused the record ({code:?}): {why}")
-                        })?;
+                    // The origin checks the agent's position (a refusal is a bug: the agent's
+                    // checksum contradicts what the origin sent) — unless the origin was taken
+                    // over meanwhile (hung) and its fence below says so.
+                    let rec = conn.expect("held").stream.record(
+                        m.cid,
+                        m.epoch,
+                        m.down_recv,
+                        m.sum_from,
+                        m.down_sum,
+                    );
                     let mut label = m.epoch;
                     if self.eager {
                         let b = (o + 1) % SERVERS.len();
@@ -241,6 +255,9 @@ impl World {
                         }
                         label = label.max(f.label);
                     }
+                    let mut rec = rec.map_err(|(code, why)| {
+                        format!("origin refused the record ({code:?}): {why}")
+                    })?;
                     self.servers[o].conn = None;
                     rec.epoch = label;
                     return Ok(Ok(Fetched {
