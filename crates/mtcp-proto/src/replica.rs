@@ -11,7 +11,7 @@
 //! epoch is fenced ([`Slot::supersede`]), or passed over to a fence whose holder gave its
 //! successor up ([`Slot::pass`]).
 
-use crate::custody::{Custody, Fence, Handout};
+use crate::custody::{Custody, Fence, GaveUp, Handout, PassError};
 use crate::stream::Refusal;
 use crate::wire::RefuseCode;
 
@@ -96,6 +96,9 @@ pub enum HandError {
     /// The fence does not allow it (`Custody::supersede`).
     #[error("{}", .0.1)]
     Refused(Refusal),
+    /// The claimer answered RESUMED and its epoch is not fenced (`Custody::pass`).
+    #[error(transparent)]
+    Pass(#[from] PassError),
 }
 
 impl HandError {
@@ -103,6 +106,7 @@ impl HandError {
         match self {
             HandError::ChangedHands => RefuseCode::StaleEpoch,
             HandError::Refused((c, _)) => *c,
+            HandError::Pass(e) => e.code(),
         }
     }
 }
@@ -255,14 +259,15 @@ impl Slot {
     }
 
     /// After [`ClaimError::Held`] met a fence by `by`: the holder gave its successor epoch up
-    /// (YIELD). The entry passes to `by` as a plain claim one epoch up (`Custody::pass`,
-    /// decision 48); returns that label. Refused if the entry is no longer held as `seen`.
-    pub fn pass(&mut self, seen: &Custody, by: &str) -> Result<u64, HandError> {
+    /// (YIELD, as `gave_up` says). The entry passes to `by` as a plain claim one epoch up
+    /// (`Custody::pass`, decision 48); returns that label. Refused if the entry is no longer
+    /// held as `seen`, or the holder had answered RESUMED and its epoch is not fenced.
+    pub fn pass(&mut self, seen: &Custody, by: &str, gave_up: &GaveUp) -> Result<u64, HandError> {
         let mut c = self.custody();
         if c != *seen || !self.custody {
             return Err(HandError::ChangedHands);
         }
-        let label = c.pass(by);
+        let label = c.pass(by, gave_up)?;
         self.claimer = Some(c.holder);
         self.label = label;
         self.custody = false;

@@ -15,7 +15,7 @@
 //! simulation too); this holds the entries, their records, charges and times under one lock.
 
 use crate::custody::Fenced;
-use mtcp_proto::custody::{Custody, Handout};
+use mtcp_proto::custody::{Custody, GaveUp, Handout};
 use mtcp_proto::replica::{self as rules, Dropped, Granted, Slot, Store};
 use mtcp_proto::stream::{Refusal, ServerStream, Snap};
 use mtcp_proto::wire::RefuseCode;
@@ -241,6 +241,7 @@ impl ReplicaStore {
                 ),
             ),
             rules::HandError::Refused(r) => r,
+            rules::HandError::Pass(p) => (p.code(), format!("connection {cid}: {p}")),
         }
     }
 
@@ -287,7 +288,13 @@ impl ReplicaStore {
     /// (YIELD). The entry passes to `by` as a plain claim one epoch up (`Custody::pass`,
     /// decision 48); the answer is labelled with that epoch so the fencer hands its own state out
     /// at least that high. Refused if the entry is no longer held as `seen`.
-    pub fn pass(&self, cid: Cid, seen: &Custody, by: &str) -> Result<Claimed, Refusal> {
+    pub fn pass(
+        &self,
+        cid: Cid,
+        seen: &Custody,
+        by: &str,
+        gave_up: &GaveUp,
+    ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
             return Err((
@@ -295,7 +302,7 @@ impl ReplicaStore {
                 format!("connection {cid}: its replica went away meanwhile"),
             ));
         };
-        let label = match e.slot.pass(seen, by) {
+        let label = match e.slot.pass(seen, by, gave_up) {
             Ok(l) => l,
             Err(err) => return Err(Self::hand_refusal(cid, seen, e, err)),
         };
@@ -624,15 +631,22 @@ mod tests {
             panic!("expected the custody")
         };
         assert_eq!(seen, Custody::new(6, "s3"));
+        // Had s3 answered RESUMED for 7 (the agent may hold that token), its epoch 7 would have
+        // to be fenced at its own backups first: unfenced, nothing passes.
+        let unfenced = GaveUp::Answered(vec![Fence::Unreachable]);
+        assert_eq!(
+            s.pass(cid, &seen, "s1", &unfenced).unwrap_err().0,
+            RefuseCode::OriginUnreachable
+        );
         // s3 gave 7 up: the claim passes to s1 as a plain claim labelled 7, and the answer
         // says so (a start record at 7: nothing was stored).
-        let Claimed::Record(r) = s.pass(cid, &seen, "s1").unwrap() else {
+        let Claimed::Record(r) = s.pass(cid, &seen, "s1", &GaveUp::Unanswered).unwrap() else {
             panic!("expected a labelled answer")
         };
         let r = StateRecord::decode(&r).unwrap();
         assert_eq!((r.epoch, r.snap_out, r.snapshot.is_none()), (7, 0, true));
         // Passed once only; the entry is now a plain claim nobody supersedes.
-        assert!(s.pass(cid, &seen, "s2").is_err());
+        assert!(s.pass(cid, &seen, "s2", &GaveUp::Unanswered).is_err());
         assert!(matches!(
             s.claim(cid, 6, "s2", true),
             Err(ClaimError::Refused(_))

@@ -1,4 +1,5 @@
 use super::*;
+use crate::custody::GaveUp;
 
 fn claim(cur: &mut Option<Slot>, epoch: u64, by: &str, sup: bool) -> Result<Granted, ClaimError> {
     let g = Slot::claim(cur.as_mut(), epoch, by, sup)?;
@@ -87,15 +88,26 @@ fn a_held_entry_is_superseded_once_and_passed_over_only_as_seen() {
         s.supersede(&seen, "s3", &[Fence::Nothing], 0, false),
         Err(HandError::ChangedHands)
     );
-    assert_eq!(s.pass(&seen, "s3"), Err(HandError::ChangedHands));
+    assert_eq!(
+        s.pass(&seen, "s3", &GaveUp::Unanswered),
+        Err(HandError::ChangedHands)
+    );
     // A fence passes the current holder over one epoch up, as a plain claim.
     let now = s.custody();
-    assert_eq!(s.pass(&now, "s1"), Ok(7));
+    let unfenced = GaveUp::Answered(vec![Fence::Unreachable]);
+    assert_eq!(
+        s.pass(&now, "s1", &unfenced).unwrap_err().code(),
+        RefuseCode::OriginUnreachable
+    );
+    assert_eq!(s.pass(&now, "s1", &GaveUp::Unanswered), Ok(7));
     assert_eq!(
         (s.claimer.as_deref(), s.label, s.custody),
         (Some("s1"), 7, false)
     );
-    assert_eq!(s.pass(&s.custody(), "s2"), Err(HandError::ChangedHands));
+    assert_eq!(
+        s.pass(&s.custody(), "s2", &GaveUp::Unanswered),
+        Err(HandError::ChangedHands)
+    );
     assert_eq!(
         claim(&mut e, 5, "s2", true),
         Err(ClaimError::Taken { epoch: 5 })

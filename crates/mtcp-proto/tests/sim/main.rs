@@ -219,6 +219,10 @@ fn a_pass_over_a_holder_whose_resumed_the_agent_read_never_makes_two_owners() {
     };
     let (count, t) = runs(true, 0x9a55_0000, knobs, 15_000);
     if count > 1 {
-        assert!(t.passes_of_agents > 10, "only {} such passes", t.passes_of_agents);
+        assert!(
+            t.passes_of_agents > 10,
+            "only {} such passes",
+            t.passes_of_agents
+        );
     }
 }

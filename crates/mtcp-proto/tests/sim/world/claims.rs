@@ -3,7 +3,7 @@
 //! `fence_here`, `claim_here` and `ask_to_yield`, played in one step.
 
 use super::*;
-use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, Handout, Verdict};
+use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict};
 use mtcp_proto::replica::{ClaimError, Granted, Slot, Store};
 use mtcp_proto::wire::RefuseCode;
 use rand::Rng;
@@ -140,8 +140,8 @@ impl World {
                         .conn
                         .as_ref()
                         .is_some_and(|h| h.epoch == seen.label + 1);
-                match self.ask_yield(holder, seen.label + 1) {
-                    Yield::Unanswered => {}
+                let gave_up = match self.ask_yield(holder, seen.label + 1) {
+                    Yield::Unanswered => GaveUp::Unanswered,
                     Yield::LetGo => {
                         self.passes_answered += 1;
                         if agents {
@@ -160,11 +160,18 @@ impl World {
                                 self.trace(format!("{} hangs for {len} steps", seen.holder));
                             }
                         }
+                        if self.unfenced_pass {
+                            GaveUp::Unanswered
+                        } else {
+                            // The epoch it answered for is fenced at its backups first.
+                            let f = self.fence_holder(holder, seen.label + 1, by);
+                            GaveUp::Answered(vec![f.fence])
+                        }
                     }
                     _ => return refused(RefuseCode::StaleEpoch),
-                }
+                };
                 let slot = &mut self.servers[b].entry.as_mut().expect("held").0;
-                let Ok(label) = slot.pass(&seen, SERVERS[by]) else {
+                let Ok(label) = slot.pass(&seen, SERVERS[by], &gave_up) else {
                     return refused(RefuseCode::StaleEpoch);
                 };
                 self.passes += 1;

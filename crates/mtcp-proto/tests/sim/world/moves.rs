@@ -155,10 +155,14 @@ impl World {
             return Ok(None);
         }
         if let Some(o) = (0..SERVERS.len()).find(|&o| {
-            o != dest && self.servers[o].conn.as_ref().is_some_and(|h| h.epoch == epoch)
+            self.servers[o]
+                .conn
+                .as_ref()
+                .is_some_and(|h| h.epoch == epoch)
         }) {
+            // Two custody chains: one owner per epoch is gone (issue 15's pass question).
             self.same_epoch += 1;
-            self.trace(format!(
+            return Err(format!(
                 "{} resumes at epoch {epoch}, which {} holds too",
                 SERVERS[dest], SERVERS[o]
             ));
