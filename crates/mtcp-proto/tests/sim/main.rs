@@ -8,16 +8,30 @@
 //! break (whatever was in flight either way is lost), and in eager mode crashes of the serving
 //! server — protected by its backup's replica, or inside an unconfirmed move by its keeper.
 //!
-//! Every run checks, byte for byte, that the client receives exactly the application's output
-//! for its input, that no server ever hands out a record the agent's checksum contradicts, that
-//! a restarted application's regenerated output matches what the client has, and that at most
-//! one server holds the connection live at any time. A failure names its seed; replay one with
-//! `MTCP_SIM_SEED=<seed> cargo test --release -p mtcp-proto --test sim` (and `MTCP_SIM_TRACE=1`
-//! to see its moves and crashes).
+//! Since issue 11 item 3 also: hangs (a server answers nobody for a while; the agent's
+//! `trigger::silence_bound` moves the connection off a hung serving server; a FETCH to a hung
+//! origin is played as the destination waiting for it — the move retried once it wakes — or,
+//! eager, as a claim at its backup), the backups' replica stores under
+//! `mtcp_proto::replica`'s claim rules (claims, releases that get lost, confirmations, fences
+//! that pass a claimer over, supersedes), YIELD and the holders' gates (`custody::Gate`: the
+//! agent's first frame on a new session settles it; COMMITTED waits for it), racing
+//! destinations (a candidate the agent gave up on goes on with its takeover, before or after
+//! the winner, with this or an earlier move's MIGRATE), and in eager mode two faults at once,
+//! whose losses are counted by kind (decision 48's list) instead of failing the run.
 //!
-//! Not simulated yet: hung servers and the agent's silence timer, YIELD and the `Gate`, two
-//! faults at once, racing claims; the FETCH and the fence are played by calling the origin's
-//! `ServerStream::record` and the custody core directly (the runtime's glue is tokio code).
+//! Every run checks, byte for byte, that the client receives exactly the application's output
+//! for its input (a run lost to two faults: that what it got is a prefix of it), that no
+//! server ever hands out a record the agent's checksum contradicts, that a restarted
+//! application's regenerated output matches what the client has, that at most one server
+//! holds the connection live at any time, that no two servers the agent spoke to own one
+//! epoch, that no two takeovers resume at one epoch, and that a hung server never wakes up
+//! serving a session the agent left. A failure names its seed; replay one with
+//! `MTCP_SIM_SEED=<seed> cargo test --release -p mtcp-proto --test sim` (and `MTCP_SIM_TRACE=1`
+//! to see its moves, crashes, hangs, racers and passes).
+//!
+//! Not simulated: the runtime's timers themselves (WORKING beats, `candidate_silence`: a
+//! candidate the agent gives up on is played as a `Busy` refusal), a restarted server that
+//! knows no gates being asked to yield, more than one backup per server.
 
 mod app;
 mod world;

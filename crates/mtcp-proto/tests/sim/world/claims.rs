@@ -4,7 +4,7 @@
 
 use super::*;
 use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict};
-use mtcp_proto::replica::{ClaimError, Granted, Slot, Store};
+use mtcp_proto::replica::{ClaimError, Dropped, Granted, Slot, Store};
 use mtcp_proto::wire::RefuseCode;
 use rand::Rng;
 
@@ -93,6 +93,15 @@ impl World {
             Err(_) => Err(()),
             Ok(Store::KeepNewer) => Ok(()),
             Ok(Store::Replace) => {
+                if self.taken_at.contains(&(b, rec.epoch)) {
+                    // A holder whose epoch a destination took over from this replica (a woken
+                    // origin) must never store it again: it could confirm and serve it.
+                    self.two_owners = Some(format!(
+                        "{} stored epoch {} at {} after a destination took it over there",
+                        SERVERS[from], rec.epoch, SERVERS[b]
+                    ));
+                }
+                self.taken_at.retain(|&(x, e)| x != b || e > rec.epoch);
                 let slot = Slot::stored(SERVERS[from], rec.epoch, rec.snap_out, rec.snap_in);
                 *e = Some((slot, Some(rec)));
                 Ok(())
@@ -215,6 +224,19 @@ impl World {
         if !self.reachable(b) {
             return Err(RefuseCode::OriginUnreachable);
         }
+        let got = self.claim_rules(b, epoch, dest);
+        if got.is_ok() {
+            self.taken_at.insert((b, epoch));
+        }
+        got
+    }
+
+    fn claim_rules(
+        &mut self,
+        b: usize,
+        epoch: u64,
+        dest: usize,
+    ) -> Result<Option<StateRecord>, RefuseCode> {
         let cur = self.servers[b].entry.as_mut().map(|(s, _)| s);
         match Slot::claim(cur, epoch, SERVERS[dest], true) {
             Ok(Granted::Entry { label, .. }) => Ok(self.labelled(b, label)),
@@ -264,7 +286,9 @@ impl World {
             return;
         }
         if let Some((slot, _)) = self.servers[b].entry.as_mut() {
-            slot.release(epoch, SERVERS[dest]);
+            if slot.release(epoch, SERVERS[dest]) {
+                self.taken_at.remove(&(b, epoch));
+            }
         }
     }
 
@@ -280,8 +304,11 @@ impl World {
             }
             if let Some((slot, rec)) = s.entry.as_mut() {
                 if slot.claimer.as_deref() == Some(SERVERS[holder]) && slot.label + 1 == epoch {
-                    slot.drop_upto(slot.epoch, SERVERS[holder]);
-                    *rec = None;
+                    match slot.drop_upto(slot.epoch, SERVERS[holder]) {
+                        Dropped::Remove => s.entry = None,
+                        Dropped::Strip => *rec = None,
+                        Dropped::Keep => {}
+                    }
                 }
             }
         }

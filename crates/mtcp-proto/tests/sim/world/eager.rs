@@ -64,7 +64,7 @@ impl World {
     /// origin, a racer) pushes too: refused, it lets the connection go.
     pub(super) fn replicate(&mut self) {
         let cid = self.at.cid;
-        for s in 0..SERVERS.len() {
+        for (s, id) in SERVERS.iter().enumerate() {
             if s == self.serving || !self.reachable(s) {
                 continue;
             }
@@ -75,7 +75,8 @@ impl World {
             else {
                 continue;
             };
-            let Some(snap) = h.stream.replicable(h.committed).cloned() else {
+            // Its newest restart point again (a push in flight when it hung is retried).
+            let Some(snap) = h.stream.replicable(None).cloned() else {
                 continue;
             };
             let epoch = h.epoch;
@@ -87,7 +88,7 @@ impl World {
                 let taken = self.servers[b]
                     .entry
                     .as_ref()
-                    .and_then(|(slot, _)| slot.taken(epoch, SERVERS[s]));
+                    .and_then(|(slot, _)| slot.taken(epoch, id));
                 self.trace(format!(
                     "{}'s push refused: it lets go (taken: {taken:?})",
                     SERVERS[s]

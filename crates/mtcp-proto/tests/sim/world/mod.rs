@@ -185,6 +185,8 @@ pub(crate) struct World {
     /// Who the agent spoke to at each epoch (one owner per epoch), and the first violation.
     owners: BTreeMap<u64, usize>,
     pub(crate) two_owners: Option<String>,
+    /// (backup, epoch) a destination claimed (and may have taken over from).
+    taken_at: BTreeSet<(usize, u64)>,
     /// MIGRATEs the agent sent in earlier moves (a late one may still be served: a racer).
     attempts: Vec<(mtcp_proto::wire::Migrate, usize)>,
     /// A racer's takeover due at a step: the MIGRATE and the server.
@@ -289,6 +291,7 @@ impl World {
             stalled_since: None,
             owners: BTreeMap::new(),
             two_owners: None,
+            taken_at: BTreeSet::new(),
             attempts: Vec::new(),
             racer: None,
             two_fault: None,
@@ -317,7 +320,7 @@ impl World {
     /// One step of simulated time: each party acts with some probability.
     pub(crate) fn step(&mut self) -> Result<(), String> {
         self.now += 1;
-        for i in 0..self.servers.len() {
+        for (i, id) in SERVERS.iter().enumerate() {
             let s = &mut self.servers[i];
             if s.down_until.is_some_and(|t| t <= self.now) {
                 s.down_until = None;
@@ -327,11 +330,10 @@ impl World {
                 let live = s.conn.as_ref().is_some_and(|h| h.attached);
                 if live && i != self.serving {
                     return Err(format!(
-                        "{} woke up still serving a session the agent left",
-                        SERVERS[i]
+                        "{id} woke up still serving a session the agent left"
                     ));
                 }
-                self.trace(format!("{} wakes up", SERVERS[i]));
+                self.trace(format!("{id} wakes up"));
             }
         }
         if self.racer.as_ref().is_some_and(|(t, _, _)| *t <= self.now) {
