@@ -27,7 +27,8 @@
 //! epoch, that no two takeovers resume at one epoch, and that a hung server never wakes up
 //! serving a session the agent left. A failure names its seed; replay one with
 //! `MTCP_SIM_SEED=<seed> cargo test --release -p mtcp-proto --test sim` (and `MTCP_SIM_TRACE=1`
-//! to see its moves, crashes, hangs, racers and passes).
+//! to see its moves, crashes, hangs, racers and passes; `MTCP_SIM_SHOW=1` lists the seeds of
+//! the rare outcomes — passes over the agent's holder, losses by kind).
 //!
 //! Not simulated: the runtime's timers themselves (WORKING beats, `candidate_silence`: a
 //! candidate the agent gives up on is played as a `Busy` refusal), a restarted server that
@@ -179,8 +180,14 @@ fn runs(eager: bool, first: u64, knobs: Knobs, count: u64) -> (u64, Tally) {
     for seed in first..first + count {
         match run(seed, eager, knobs) {
             Ok(t) => {
-                if t.passes_of_agents > 0 && std::env::var_os("MTCP_SIM_SHOW_PASSES").is_some() {
-                    eprintln!("seed {seed}: a fence passed over the agent's holder");
+                // `MTCP_SIM_SHOW=1`: the seeds of the rare outcomes, to replay them.
+                if std::env::var_os("MTCP_SIM_SHOW").is_some() {
+                    if t.passes_of_agents > 0 {
+                        eprintln!("seed {seed}: a fence passed over the agent's holder");
+                    }
+                    for k in t.lost.keys() {
+                        eprintln!("seed {seed}: lost ({k})");
+                    }
                 }
                 sum.add(t)
             }
