@@ -143,15 +143,70 @@ impl Custody {
     /// A fence at this epoch found it claimed by `self.holder`, a candidate whose takeover
     /// failed (its RELEASECLAIM lost) or that the agent never heard from; asked, the holder gave
     /// its successor epoch up (YIELD: it never answers the agent for it, or lets go of what it
-    /// built). The claim passes to the fencer `by` one epoch up, with no fence at the holder's
-    /// backups: what it stored there is at an epoch no agent holds a token for, and is replaced
-    /// by the next holder's higher one. Returns the label the fencer gets the entry as: its own
-    /// handout must be at least that high. (A holder that does not answer is not passed over:
-    /// the fence refuses, as it would for a live owner.)
-    pub fn pass(&mut self, by: &str) -> u64 {
+    /// built). The claim passes to the fencer `by` one epoch up. Returns the label the fencer
+    /// gets the entry as: its own handout must be at least that high. (A holder that does not
+    /// answer is not passed over: the fence refuses, as it would for a live owner.)
+    ///
+    /// A holder that gave its epoch up *before* any RESUMED for it went out
+    /// ([`GaveUp::Unanswered`]) needs nothing more: no agent holds a token for that epoch. One
+    /// that gave it up *after* its RESUMED went out ([`GaveUp::Answered`]) may have been read by
+    /// the agent, which then holds that epoch's token and, the holder having let go, takes the
+    /// connection from the holder's backups at that epoch — resuming one past it, at the very
+    /// epoch the fencer's next holder resumes at, from another state (the simulation found it:
+    /// issue 15's open question, `MTCP_SIM_SEED=2589265266`). So that epoch must first be fenced
+    /// at the holder's backups, as [`Custody::supersede`] requires for a holder it supersedes:
+    /// the answers are given with it, and the pass is refused unless one landed and none was
+    /// refused.
+    pub fn pass(&mut self, by: &str, gave_up: &GaveUp) -> Result<u64, PassError> {
+        let epoch = self.label + 1;
+        if let GaveUp::Answered(fences) = gave_up {
+            if let Some(code) = fences.iter().find_map(|f| match f {
+                Fence::Refused(c) => Some(*c),
+                _ => None,
+            }) {
+                return Err(PassError::Moved { epoch, code });
+            }
+            if fences.iter().all(|f| *f == Fence::Unreachable) {
+                return Err(PassError::Unfenced { epoch });
+            }
+        }
         self.holder = by.to_string();
         self.label += 1;
-        self.label
+        Ok(self.label)
+    }
+}
+
+/// How a claimer a fence found gave its successor epoch up (its answer to YIELD).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GaveUp {
+    /// Before any RESUMED for it went out ([`Verdict::Go`]).
+    Unanswered,
+    /// After its RESUMED went out ([`Verdict::LetGo`]), with the answers of the claimer's
+    /// backups to a fence of that epoch.
+    Answered(Vec<Fence>),
+}
+
+/// Why a fence does not pass a claimer over ([`Custody::pass`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PassError {
+    /// The claimer answered RESUMED for `epoch` and none of its backups could be fenced.
+    #[error(
+        "the claimer answered RESUMED for epoch {epoch} and none of its backups could be fenced"
+    )]
+    Unfenced { epoch: u64 },
+    /// A backup of the claimer refused the fence of `epoch`: the agent took it from there.
+    #[error(
+        "epoch {epoch} of the claimer is claimed elsewhere ({code:?}): the connection moved on"
+    )]
+    Moved { epoch: u64, code: RefuseCode },
+}
+
+impl PassError {
+    pub fn code(&self) -> RefuseCode {
+        match self {
+            PassError::Unfenced { .. } => RefuseCode::OriginUnreachable,
+            PassError::Moved { .. } => RefuseCode::StaleEpoch,
+        }
     }
 }
 
@@ -467,7 +522,7 @@ mod tests {
         // s3 claimed the holder s2's successor epoch 6 at s2's backup (label 6: s3 would resume
         // at 7), failed, and its release was lost. The keeper's fence finds it; s3 gives 7 up.
         let mut claim = Custody::new(6, "s3");
-        assert_eq!(claim.pass("s1"), 7);
+        assert_eq!(claim.pass("s1", &GaveUp::Unanswered), Ok(7));
         assert_eq!((claim.holder.as_str(), claim.label), ("s1", 7));
         // The keeper (custody of epoch 5, handed to s2) hands its state out at 7: the next
         // holder resumes at 8, past anything s2 or s3 was given.
@@ -479,6 +534,29 @@ mod tests {
         // A floor below the successor changes nothing.
         let mut c = Custody::new(5, "s2");
         assert_eq!(c.supersede("s4", &[Fence::Nothing], 3, false).unwrap().1, 6);
+    }
+
+    /// Issue 15's open question, answered by the simulation: a candidate that answered RESUMED
+    /// (the agent may hold its token) is passed over only once its epoch is fenced at its own
+    /// backups; otherwise the agent could take that epoch from them and resume at the epoch the
+    /// fencer's next holder resumes at.
+    #[test]
+    fn a_claimer_that_answered_is_passed_over_only_once_its_epoch_is_fenced() {
+        let mut claim = Custody::new(3, "s3");
+        let unfenced = GaveUp::Answered(vec![Fence::Unreachable]);
+        assert_eq!(
+            claim.pass("s1", &unfenced),
+            Err(PassError::Unfenced { epoch: 4 })
+        );
+        let moved = GaveUp::Answered(vec![Fence::Nothing, Fence::Refused(RefuseCode::StaleEpoch)]);
+        assert_eq!(
+            claim.pass("s1", &moved).unwrap_err().code(),
+            RefuseCode::StaleEpoch
+        );
+        assert_eq!(claim, Custody::new(3, "s3"), "nothing changed");
+        let fenced = GaveUp::Answered(vec![Fence::Unreachable, Fence::Record(10, 5)]);
+        assert_eq!(claim.pass("s1", &fenced), Ok(4));
+        assert_eq!((claim.holder.as_str(), claim.label), ("s1", 4));
     }
 
     fn step(server: &str, epoch: u64) -> Step {

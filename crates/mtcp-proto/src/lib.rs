@@ -16,6 +16,7 @@ pub mod custody;
 pub mod offsets;
 pub mod policy;
 pub mod record;
+pub mod replica;
 pub mod stream;
 pub mod sum;
 pub mod takeover;

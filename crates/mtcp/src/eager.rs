@@ -23,7 +23,7 @@ use crate::origin::Fetch;
 use crate::peer;
 use crate::replica::{ClaimError, Claimed};
 use crate::server::ServerInner;
-use mtcp_proto::custody::{Custody, Fence};
+use mtcp_proto::custody::{Custody, Fence, GaveUp};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
 use mtcp_proto::wire::{Migrate, Mode, Msg, RefuseCode};
 use mtcp_proto::StateRecord;
@@ -554,31 +554,40 @@ pub(crate) async fn fence_here(
         Err(ClaimError::Held(seen)) => seen,
     };
     let next = seen.label + 1;
-    let yielded = if seen.holder == inner.id {
-        inner.give_up(cid, next) != YieldAnswer::Refused
+    let answer = if seen.holder == inner.id {
+        Some(inner.give_up(cid, next))
     } else {
         match inner.cluster.server(&seen.holder).cloned() {
             Some(h) => match peer::ask_yield(inner, &h, cid, next).await {
-                Ok(y) => y != YieldAnswer::Refused,
+                Ok(y) => Some(y),
                 Err(e) => {
                     tracing::warn!(%cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
-                    false
+                    None
                 }
             },
-            None => false,
+            None => None,
         }
     };
-    if !yielded {
-        return Err((
-            RefuseCode::StaleEpoch,
-            format!(
-                "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
-                seen.holder
-            ),
-        ));
-    }
+    let gave_up = match answer {
+        Some(YieldAnswer::Unanswered) => GaveUp::Unanswered,
+        // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
+        // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
+        // question, settled by the simulation).
+        Some(YieldAnswer::LetGo) => {
+            GaveUp::Answered(Box::pin(fence(inner, cid, next, &seen.holder)).await.fences)
+        }
+        Some(YieldAnswer::Refused) | None => {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!(
+                    "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
+                    seen.holder
+                ),
+            ));
+        }
+    };
     tracing::info!(%cid, epoch, holder = %seen.holder, by, "a fence found the epoch claimed by a candidate that gave it up; passing the claim over");
-    inner.replicas.pass(cid, &seen, by)
+    inner.replicas.pass(cid, &seen, by, &gave_up)
 }
 
 /// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim by this server), so

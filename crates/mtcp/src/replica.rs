@@ -11,9 +11,12 @@
 //! same epoch is refused only until the holder's successor epoch is fenced at the holder's
 //! backups ([`ReplicaStore::supersede`]); then the record goes to the new claimer one epoch
 //! up. Memory is bounded (`max_bytes`) and entries not refreshed for `ttl` are forgotten.
+//! The claim rules themselves are `mtcp_proto::replica::Slot` (sans-IO, driven by the
+//! simulation too); this holds the entries, their records, charges and times under one lock.
 
 use crate::custody::Fenced;
-use mtcp_proto::custody::{Custody, Handout};
+use mtcp_proto::custody::{Custody, GaveUp, Handout};
+use mtcp_proto::replica::{self as rules, Dropped, Granted, Slot, Store};
 use mtcp_proto::stream::{Refusal, ServerStream, Snap};
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
@@ -25,30 +28,12 @@ use std::time::{Duration, Instant};
 const ENTRY_OVERHEAD: usize = 128;
 
 struct Entry {
-    epoch: u64,
+    /// The claim rules' part (`mtcp_proto::replica`).
+    slot: Slot,
     /// The encoded record; empty for a tombstone.
     rec: Vec<u8>,
-    in_off: u64,
-    out_off: u64,
-    /// Who claimed it, if it is claimed (only that server may release the claim).
-    claimer: Option<String>,
-    /// The server whose replica this is ("" for a tombstone). Its own claim (an origin handing
-    /// the connection over alive) is a plain fence: the origin keeps the custody then.
-    origin: String,
-    /// The epoch the record is handed out as: `epoch`, or higher once a holder was superseded
-    /// (the claimer resumes at `label + 1`).
-    label: u64,
-    /// The claim is a destination's takeover (not the origin's hand-over fence, nor a keeper's
-    /// fence): this backup keeps the custody, and the claim can be superseded.
-    custody: bool,
     from: String,
     updated: Instant,
-}
-
-impl Entry {
-    fn claimed(&self) -> bool {
-        self.claimer.is_some()
-    }
 }
 
 /// What a successful claim hands over.
@@ -144,16 +129,8 @@ impl ReplicaStore {
         self.store(from, bytes).map_err(|r| {
             let taken = key.and_then(|(cid, epoch)| {
                 let g = self.map.lock().unwrap_or_else(|p| p.into_inner());
-                let e = g.0.get(&cid)?;
-                let holder = e.claimer.clone()?;
-                (e.epoch == epoch && e.custody && holder != from).then_some((
-                    cid,
-                    Custody {
-                        epoch,
-                        holder,
-                        label: e.label,
-                    },
-                ))
+                let c = g.0.get(&cid)?.slot.taken(epoch, from)?;
+                Some((cid, c))
             });
             (r, taken)
         })
@@ -166,33 +143,24 @@ impl ReplicaStore {
             .map_err(|e| (RefuseCode::Malformed, format!("replica: {e}")))?;
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
-        if let Some(e) = map.get(&rec.cid) {
-            if e.epoch > rec.epoch || (e.epoch == rec.epoch && e.claimed()) {
+        let cur = map.get(&rec.cid).map(|e| &e.slot);
+        match Slot::check_store(cur, rec.epoch, rec.snap_out, rec.snap_in) {
+            Err(m) => {
                 return Err((
                     RefuseCode::StaleEpoch,
-                    format!(
-                        "connection {} moved on (epoch {}{}); update for epoch {} refused",
-                        rec.cid,
-                        e.epoch,
-                        if e.claimed() { ", claimed" } else { "" },
-                        rec.epoch
-                    ),
+                    format!("connection {} {m}", rec.cid),
                 ));
             }
-            if e.epoch == rec.epoch && (e.out_off, e.in_off) > (rec.snap_out, rec.snap_in) {
+            Ok(Store::KeepNewer) => {
                 // A late, older update: keep the newer one.
+                let e = &map[&rec.cid].slot;
                 return Ok((rec.cid, e.epoch, e.out_off));
             }
+            Ok(Store::Replace) => {}
         }
         let entry = Entry {
-            epoch: rec.epoch,
-            in_off: rec.snap_in,
-            out_off: rec.snap_out,
+            slot: Slot::stored(from, rec.epoch, rec.snap_out, rec.snap_in),
             rec: bytes,
-            claimer: None,
-            origin: from.to_string(),
-            label: rec.epoch,
-            custody: false,
             from: from.to_string(),
             updated: Instant::now(),
         };
@@ -213,10 +181,11 @@ impl ReplicaStore {
         Ok(out)
     }
 
-    /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds. An
-    /// entry another destination claimed is [`ClaimError::Held`] (see
-    /// [`ReplicaStore::supersede`] and [`ReplicaStore::pass`]); `supersede` says the claim is a
-    /// destination's takeover (its claim is a custody), not a fence.
+    /// Claims connection `cid` at `epoch` for `by`: exactly one claim per epoch succeeds
+    /// (`mtcp_proto::replica::Slot::claim`). An entry another destination claimed is
+    /// [`ClaimError::Held`] (see [`ReplicaStore::supersede`] and [`ReplicaStore::pass`]);
+    /// `supersede` says the claim is a destination's takeover (its claim is a custody), not a
+    /// fence.
     pub fn claim(
         &self,
         cid: Cid,
@@ -226,58 +195,54 @@ impl ReplicaStore {
     ) -> Result<Claimed, ClaimError> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
-        if let Some(e) = map.get_mut(&cid) {
-            if e.epoch > epoch {
-                return Err(ClaimError::Refused((
-                    RefuseCode::StaleEpoch,
-                    format!("connection {cid} is at epoch {} here, not {epoch}", e.epoch),
-                )));
-            }
-            if e.epoch == epoch {
-                match &e.claimer {
-                    Some(holder) if e.custody => {
-                        return Err(ClaimError::Held(Custody {
-                            epoch,
-                            holder: holder.clone(),
-                            label: e.label,
-                        }));
-                    }
-                    Some(_) => {
-                        return Err(ClaimError::Refused((
-                            RefuseCode::StaleEpoch,
-                            format!(
-                                "connection {cid} at epoch {epoch} was already taken over ({})",
-                                e.from
-                            ),
-                        )));
-                    }
-                    None => {}
-                }
-                e.claimer = Some(by.to_string());
-                e.custody = supersede && by != e.origin;
+        let cur = map.get_mut(&cid);
+        let from = cur.as_ref().map(|e| e.from.clone()).unwrap_or_default();
+        match Slot::claim(cur.map(|e| &mut e.slot), epoch, by, supersede) {
+            Err(rules::ClaimError::Held(c)) => Err(ClaimError::Held(c)),
+            Err(e @ rules::ClaimError::Past { .. }) => Err(ClaimError::Refused((
+                e.code(),
+                format!("connection {cid} {e}"),
+            ))),
+            Err(e @ rules::ClaimError::Taken { .. }) => Err(ClaimError::Refused((
+                e.code(),
+                format!("connection {cid} {e} ({from})"),
+            ))),
+            Ok(Granted::Entry { epoch, label }) => {
+                let e = map.get_mut(&cid).expect("claimed");
                 e.updated = Instant::now();
                 e.from = format!("claimed by {by}");
                 // The record stays (charged) so a released claim can hand it out again.
-                return Ok(labelled(cid, &e.rec, e.epoch, e.label));
+                Ok(labelled(cid, &e.rec, epoch, label))
+            }
+            Ok(Granted::Tombstone) => {
+                // No entry, or one from an older epoch: leave a claimed tombstone.
+                let old = map.get(&cid).map_or(0, Self::charge);
+                let t = Entry {
+                    slot: Slot::tombstone(epoch, by, supersede),
+                    rec: Vec::new(),
+                    from: format!("claimed by {by}"),
+                    updated: Instant::now(),
+                };
+                *used = *used - old + Self::charge(&t);
+                map.insert(cid, t);
+                Ok(Claimed::Nothing)
             }
         }
-        // No entry, or one from an older epoch: leave a claimed tombstone.
-        let old = map.get(&cid).map_or(0, Self::charge);
-        let t = Entry {
-            epoch,
-            rec: Vec::new(),
-            in_off: 0,
-            out_off: 0,
-            claimer: Some(by.to_string()),
-            origin: String::new(),
-            label: epoch,
-            custody: supersede,
-            from: format!("claimed by {by}"),
-            updated: Instant::now(),
-        };
-        *used = *used - old + Self::charge(&t);
-        map.insert(cid, t);
-        Ok(Claimed::Nothing)
+    }
+
+    /// The refusal of a supersede or pass the entry's rules did not allow.
+    fn hand_refusal(cid: Cid, seen: &Custody, e: &Entry, err: rules::HandError) -> Refusal {
+        match err {
+            rules::HandError::ChangedHands => (
+                RefuseCode::StaleEpoch,
+                format!(
+                    "connection {cid} at epoch {} changed hands meanwhile ({})",
+                    seen.epoch, e.from
+                ),
+            ),
+            rules::HandError::Refused(r) => r,
+            rules::HandError::Pass(p) => (p.code(), format!("connection {cid}: {p}")),
+        }
     }
 
     /// After [`ClaimError::Held`]: the holder's successor epoch was fenced at its backups
@@ -298,34 +263,22 @@ impl ReplicaStore {
                 format!("connection {cid}: its replica went away meanwhile"),
             ));
         };
-        let mut c = Custody {
-            epoch: e.epoch,
-            holder: e.claimer.clone().unwrap_or_default(),
-            label: e.label,
+        let (what, label) = match e.slot.supersede(seen, by, &f.fences, f.floor, f.unanswered) {
+            Ok(x) => x,
+            Err(err) => return Err(Self::hand_refusal(cid, seen, e, err)),
         };
-        if c != *seen {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!(
-                    "connection {cid} at epoch {} changed hands meanwhile ({})",
-                    seen.epoch, e.from
-                ),
-            ));
-        }
-        let (what, label) = c.supersede(by, &f.fences, f.floor, f.unanswered)?;
-        e.claimer = Some(c.holder);
-        e.label = label;
         e.updated = Instant::now();
         e.from = format!("claimed by {by}, superseding {}", seen.holder);
+        let epoch = e.slot.epoch;
         Ok(match what {
-            Handout::Kept => labelled(cid, &e.rec, e.epoch, label),
+            Handout::Kept => labelled(cid, &e.rec, epoch, label),
             Handout::Successor(i) => labelled(
                 cid,
                 f.records
                     .get(i)
                     .and_then(|r| r.as_deref())
                     .unwrap_or(&e.rec),
-                e.epoch,
+                epoch,
                 label,
             ),
         })
@@ -335,7 +288,13 @@ impl ReplicaStore {
     /// (YIELD). The entry passes to `by` as a plain claim one epoch up (`Custody::pass`,
     /// decision 48); the answer is labelled with that epoch so the fencer hands its own state out
     /// at least that high. Refused if the entry is no longer held as `seen`.
-    pub fn pass(&self, cid: Cid, seen: &Custody, by: &str) -> Result<Claimed, Refusal> {
+    pub fn pass(
+        &self,
+        cid: Cid,
+        seen: &Custody,
+        by: &str,
+        gave_up: &GaveUp,
+    ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
             return Err((
@@ -343,27 +302,13 @@ impl ReplicaStore {
                 format!("connection {cid}: its replica went away meanwhile"),
             ));
         };
-        let mut c = Custody {
-            epoch: e.epoch,
-            holder: e.claimer.clone().unwrap_or_default(),
-            label: e.label,
+        let label = match e.slot.pass(seen, by, gave_up) {
+            Ok(l) => l,
+            Err(err) => return Err(Self::hand_refusal(cid, seen, e, err)),
         };
-        if c != *seen || !e.custody {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!(
-                    "connection {cid} at epoch {} changed hands meanwhile ({})",
-                    seen.epoch, e.from
-                ),
-            ));
-        }
-        let label = c.pass(by);
-        e.claimer = Some(c.holder);
-        e.label = label;
-        e.custody = false;
         e.updated = Instant::now();
         e.from = format!("fenced by {by}, passed over by {}", seen.holder);
-        Ok(labelled(cid, &e.rec, e.epoch, label))
+        Ok(labelled(cid, &e.rec, e.slot.epoch, label))
     }
 
     /// `by` withdraws its claim on `cid` at `epoch` (its takeover failed before it served
@@ -371,15 +316,15 @@ impl ReplicaStore {
     /// false) unless the entry is still at that epoch and claimed by `by`.
     pub fn release(&self, cid: Cid, epoch: u64, by: &str) -> bool {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        match g.0.get_mut(&cid) {
-            Some(e) if e.epoch == epoch && e.claimer.as_deref() == Some(by) => {
-                e.claimer = None;
-                e.from = format!("released by {by}");
-                e.updated = Instant::now();
-                true
-            }
-            _ => false,
+        let Some(e) = g.0.get_mut(&cid) else {
+            return false;
+        };
+        if !e.slot.release(epoch, by) {
+            return false;
         }
+        e.from = format!("released by {by}");
+        e.updated = Instant::now();
+        true
     }
 
     /// The connection closed (or moved) at `epoch`: forget what is held for it up to there.
@@ -390,29 +335,24 @@ impl ReplicaStore {
     /// make the next claim of that epoch (a second destination racing the first, a late one)
     /// find no entry and be granted, and two destinations would serve the same epoch; and an
     /// origin that comes back from a hang could store its old epoch again (decision 48). The
-    /// tombstone goes when a newer epoch is stored here, or after the TTL.
+    /// tombstone goes when a newer epoch is stored here, or after the TTL
+    /// (`mtcp_proto::replica::Slot::drop_upto`).
     pub fn drop_upto(&self, cid: Cid, epoch: u64, by: &str) {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
         let Some(e) = map.get_mut(&cid) else { return };
-        if e.epoch > epoch {
-            return;
-        }
-        match e.claimer.as_deref() {
-            None => {
+        match e.slot.drop_upto(epoch, by) {
+            Dropped::Keep => {}
+            Dropped::Remove => {
                 let e = map.remove(&cid).expect("present");
                 *used -= Self::charge(&e);
             }
-            Some(c) if c == by => {
+            Dropped::Strip => {
                 *used -= e.rec.len();
                 e.rec = Vec::new();
-                e.in_off = 0;
-                e.out_off = 0;
-                e.custody = false;
                 e.updated = Instant::now();
                 e.from = format!("claimed by {by}, confirmed");
             }
-            Some(_) => {}
         }
     }
 
@@ -691,15 +631,22 @@ mod tests {
             panic!("expected the custody")
         };
         assert_eq!(seen, Custody::new(6, "s3"));
+        // Had s3 answered RESUMED for 7 (the agent may hold that token), its epoch 7 would have
+        // to be fenced at its own backups first: unfenced, nothing passes.
+        let unfenced = GaveUp::Answered(vec![Fence::Unreachable]);
+        assert_eq!(
+            s.pass(cid, &seen, "s1", &unfenced).unwrap_err().0,
+            RefuseCode::OriginUnreachable
+        );
         // s3 gave 7 up: the claim passes to s1 as a plain claim labelled 7, and the answer
         // says so (a start record at 7: nothing was stored).
-        let Claimed::Record(r) = s.pass(cid, &seen, "s1").unwrap() else {
+        let Claimed::Record(r) = s.pass(cid, &seen, "s1", &GaveUp::Unanswered).unwrap() else {
             panic!("expected a labelled answer")
         };
         let r = StateRecord::decode(&r).unwrap();
         assert_eq!((r.epoch, r.snap_out, r.snapshot.is_none()), (7, 0, true));
         // Passed once only; the entry is now a plain claim nobody supersedes.
-        assert!(s.pass(cid, &seen, "s2").is_err());
+        assert!(s.pass(cid, &seen, "s2", &GaveUp::Unanswered).is_err());
         assert!(matches!(
             s.claim(cid, 6, "s2", true),
             Err(ClaimError::Refused(_))

@@ -1,78 +1,110 @@
 //! Eager mode: replicas, COMMITTED, custody — what makes a crash survivable.
 
 use super::*;
-use mtcp_proto::record::StateRecord;
 use mtcp_proto::stream::ServerStream;
 use mtcp_proto::wire::Msg;
 
 impl World {
-    /// `s`'s backup (the next server in the ring), if it is up.
-    pub(super) fn backup_of(&self, s: usize) -> Option<usize> {
-        let b = (s + 1) % SERVERS.len();
-        self.servers[b].down_until.is_none().then_some(b)
-    }
-
-    /// Eager mode: whether the serving server's death would lose nothing: its backup holds its
-    /// epoch, or — a move not confirmed yet — its keeper is up and its backup can be fenced.
-    /// (Two faults at once are not simulated.)
+    /// Eager mode: whether the serving server's death would lose nothing (one fault): its
+    /// backup holds its epoch, unclaimed; or — a move not confirmed yet — a live origin keeps
+    /// custody of the state it handed it; or it took the connection from a replica at a backup
+    /// whose origin is down, which keeps that custody. Decided from the servers alone: whether
+    /// the agent finds the way (its lineage) is what the run checks.
     pub(super) fn recoverable(&self) -> bool {
-        let Some(h) = self.servers[self.serving].conn.as_ref() else {
+        let serving = self.serving;
+        let Some(h) = self.servers[serving].conn.as_ref() else {
             return false;
         };
-        let Some(b) = self.backup_of(self.serving) else {
+        let b = (serving + 1) % SERVERS.len();
+        if !self.reachable(b) {
             return false;
-        };
+        }
         let stored = self.servers[b]
-            .replica
+            .entry
             .as_ref()
-            .is_some_and(|r| r.epoch == h.epoch);
-        // A keeper with custody of the state the serving server holds (it resumed at the
-        // custody's label + 1); one that is the serving server itself (a re-attach) dies with
-        // it. Decided from the servers alone: whether the agent can reach that keeper (its
-        // lineage) is what the run checks.
-        let kept = self.servers.iter().enumerate().any(|(k, s)| {
-            k != self.serving
-                && s.down_until.is_none()
-                && s.custody.as_ref().is_some_and(|(c, _)| {
-                    c.holder == SERVERS[self.serving] && c.label + 1 == h.epoch
+            .is_some_and(|(s, r)| s.epoch == h.epoch && !s.claimed() && r.is_some());
+        let me = SERVERS[serving];
+        let kept = (0..SERVERS.len()).any(|k| {
+            k != serving
+                && self.reachable(k)
+                && self.servers[k]
+                    .custody
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.holder == me && c.label + 1 == h.epoch)
+        });
+        let claimed = (0..SERVERS.len()).any(|k| {
+            let o = (k + SERVERS.len() - 1) % SERVERS.len();
+            k != serving
+                && self.reachable(k)
+                && self.servers[o].down_until.is_some()
+                && self.servers[k].entry.as_ref().is_some_and(|(s, _)| {
+                    s.custody && s.claimer.as_deref() == Some(me) && s.label + 1 == h.epoch
                 })
         });
-        stored || kept
+        stored || kept || claimed
     }
 
-    /// Eager mode: `holder` stored its epoch at its backup: its keeper forgets the custody.
-    pub(super) fn confirmed(&mut self, holder: usize, epoch: u64) {
-        for s in &mut self.servers {
-            if s.custody
-                .as_ref()
-                .is_some_and(|(c, _)| c.holder == SERVERS[holder] && c.label + 1 == epoch)
-            {
-                s.custody = None;
-            }
+    /// The agent spoke on `holder`'s new session: COMMITTED for what its backup holds, and its
+    /// keepers may forget (decisions 43, 48).
+    pub(super) fn heard(&mut self, holder: usize) {
+        let now = self.now + self.link.delay;
+        let h = self.servers[holder].conn.as_mut().expect("held");
+        h.heard = true;
+        let epoch = h.epoch;
+        if let Some((out_off, in_off)) = h.committed {
+            self.link
+                .down
+                .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+            self.confirmed(holder, epoch);
         }
-    }
-
-    /// Eager mode: `holder` stores `rec` at its backup; false if the backup is down or fenced
-    /// that epoch.
-    pub(super) fn store(&mut self, holder: usize, rec: StateRecord) -> bool {
-        let Some(b) = self.backup_of(holder) else {
-            return false;
-        };
-        if self.servers[b].fenced.is_some_and(|f| rec.epoch <= f) {
-            return false;
-        }
-        let epoch = rec.epoch;
-        self.servers[b].replica = Some(rec);
-        self.confirmed(holder, epoch);
-        true
     }
 
     /// Eager mode: the serving server pushes its newest restart point the client has to its
-    /// backup, and tells the agent (COMMITTED).
+    /// backup, and tells the agent (COMMITTED) once it heard it. A detached holder (a woken
+    /// origin, a racer) pushes too: refused, it lets the connection go.
     pub(super) fn replicate(&mut self) {
-        let serving = self.serving;
-        let now = self.now + self.link.delay;
         let cid = self.at.cid;
+        for (s, id) in SERVERS.iter().enumerate() {
+            if s == self.serving || !self.reachable(s) {
+                continue;
+            }
+            let Some(h) = self.servers[s]
+                .conn
+                .as_ref()
+                .filter(|h| !h.attached && h.taken.is_none())
+            else {
+                continue;
+            };
+            // Its newest restart point again (a push in flight when it hung is retried).
+            let Some(snap) = h.stream.replicable(None).cloned() else {
+                continue;
+            };
+            let epoch = h.epoch;
+            let rec = ServerStream::replica_record(cid, epoch, &snap);
+            let b = (s + 1) % SERVERS.len();
+            if self.store_at(b, s, rec).is_err() && self.reachable(b) {
+                // Refused: it lets go; if a destination took it over from the replica at its
+                // epoch (TAKEN), it keeps the stream as that destination's keeper.
+                let taken = self.servers[b]
+                    .entry
+                    .as_ref()
+                    .and_then(|(slot, _)| slot.taken(epoch, id));
+                self.trace(format!(
+                    "{}'s push refused: it lets go (taken: {taken:?})",
+                    SERVERS[s]
+                ));
+                match taken {
+                    Some(c) => self.servers[s].conn.as_mut().expect("held").taken = Some(c),
+                    None => self.servers[s].conn = None,
+                }
+                self.stale_refused += 1;
+            }
+        }
+        let serving = self.serving;
+        if !self.reachable(serving) {
+            return;
+        }
+        let now = self.now + self.link.delay;
         let Some(h) = self.servers[serving].conn.as_ref().filter(|h| h.attached) else {
             return;
         };
@@ -80,14 +112,18 @@ impl World {
             return;
         };
         let rec = ServerStream::replica_record(cid, h.epoch, &snap);
-        if !self.store(serving, rec) {
+        let b = (serving + 1) % SERVERS.len();
+        if self.store_at(b, serving, rec).is_err() {
             return;
         }
         let h = self.servers[serving].conn.as_mut().expect("checked");
         h.committed = Some((snap.out_off, snap.in_off));
-        let (in_off, out_off) = (snap.in_off, snap.out_off);
-        self.link
-            .down
-            .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+        if h.heard {
+            let (in_off, out_off, epoch) = (snap.in_off, snap.out_off, h.epoch);
+            self.link
+                .down
+                .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+            self.confirmed(serving, epoch);
+        }
     }
 }

@@ -1,14 +1,25 @@
 //! A move: the agent's plan, the destination's takeover, the FETCH (from the origin, a
 //! keeper's custody or a backup's replica).
 
+use super::claims::Yield;
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
-use mtcp_proto::custody::{Custody, Fence, Handout, Step};
+use mtcp_proto::custody::{Fence, GateEvent, Handout, Step, Verdict};
 use mtcp_proto::stream::{replica_for_client, ServerStream};
 use mtcp_proto::takeover;
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp_proto::Token;
 use rand::Rng;
+
+/// What a FETCH got: the state, or the refusal the destination passes on.
+pub(super) type Got = Result<Fetched, (RefuseCode, &'static str)>;
+
+/// How a move ended.
+pub(crate) enum Moved {
+    Done,
+    /// No candidate took the connection: the refusals.
+    Failed(String),
+}
 
 impl World {
     /// A move: MIGRATE to candidates in order until one resumes the connection.
@@ -24,6 +35,14 @@ impl World {
                 h.attached = false;
             }
         }
+        self.retry_at = None;
+        match self.try_move()? {
+            Moved::Done => Ok(()),
+            Moved::Failed(why) => self.move_failed(why),
+        }
+    }
+
+    fn try_move(&mut self) -> Result<Moved, String> {
         let to = self
             .rng
             .gen_bool(0.5)
@@ -40,188 +59,303 @@ impl World {
                 code,
                 reason: why.into(),
             };
-            if self.servers[dest].down_until.is_some() {
-                plan.refused(&a.cand, &MoveError::Channel("connection refused".into()));
+            if !self.reachable(dest) {
+                plan.refused(
+                    &a.cand,
+                    &MoveError::Silent(std::time::Duration::from_millis(700)),
+                );
                 continue;
             }
             // A candidate may be busy while a live one comes after it in this round.
             let i = (tried - 1) % cands.len();
             let later_live = cands[i + 1..]
                 .iter()
-                .any(|c| self.servers[server_index(&c.id)].down_until.is_none());
+                .any(|c| self.reachable(server_index(&c.id)));
             if later_live && self.rng.gen_bool(0.2) {
+                self.gave_up_on(&a.migrate, dest);
                 plan.refused(&a.cand, &refuse(RefuseCode::Busy, "busy"));
                 continue;
             }
-            let m = &a.migrate;
-            takeover::admit(m, true, false, SERVERS[dest])
+            let m = a.migrate.clone();
+            takeover::admit(&m, true, false, SERVERS[dest])
                 .map_err(|(c, why)| format!("{c:?}: {why}"))?;
-            let Some(Fetched {
-                rec,
-                claimed,
-                keeper,
-            }) = self.fetch(m, dest)?
-            else {
-                plan.refused(
-                    &a.cand,
-                    &refuse(RefuseCode::OriginUnreachable, "no origin, no replica"),
-                );
-                continue;
-            };
-            let kept = rec.clone();
-            let (rec, from_replica) =
-                takeover::restart_record(m, rec, claimed, false).map_err(|(code, why)| {
-                    format!("destination refused the record ({code:?}): {why}")
-                })?;
-            let (stream, tail) = ServerStream::restart(&rec);
-            let at = takeover::Destination {
-                id: SERVERS[dest],
-                alternates: self.at.alternates.clone(),
-                heartbeat_ms: 100,
-            };
-            let epoch = takeover::next_epoch(&rec);
-            let token = Token([epoch as u8; 32]);
-            let resumed = takeover::resumed(&rec, at, token, 0, from_replica);
-            let r = agent::answer(Msg::Resumed(resumed)).map_err(|e| e.to_string())?;
-            let from = Step {
-                server: m.origin.clone(),
-                epoch: m.epoch,
-                token: m.token,
-            };
-            let resend = self.stream.resume(&r, from).map_err(|e| e.to_string())?;
-            self.at.resumed(&r, &a.cand.data);
-            let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
-            let now = self.now + self.link.delay;
-            if !tail.is_empty() {
-                self.link.down.push_back((now, Down::Data(tail.clone())));
-            }
-            if let Some(k) = keeper {
-                // Whoever gave the state out keeps it until the destination confirms.
-                self.servers[k].custody = Some((Custody::new(m.epoch, SERVERS[dest]), kept));
-            }
-            if self.eager && self.rng.gen_bool(0.6) {
-                // The destination's backup holds the new epoch before RESUMED (the runtime's
-                // `protect_takeover`); the agent hears COMMITTED. Otherwise (the push timed
-                // out) the move stays unconfirmed: the keeper's custody and the agent's lineage
-                // cover it until a later push.
-                let replica = ServerStream::restarted_replica(&rec, epoch);
-                if self.store(dest, replica) {
-                    held.committed = Some((rec.snap_out, rec.snap_in));
-                    let (in_off, out_off) = (rec.snap_in, rec.snap_out);
-                    self.link
-                        .down
-                        .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+            self.maybe_race(&m, dest, true)?;
+            let f = match self.fetch(&m, dest)? {
+                Ok(f) => f,
+                Err((code, why)) => {
+                    plan.refused(&a.cand, &refuse(code, why));
+                    continue;
                 }
+            };
+            match self.take_over(&m, dest, f, true)? {
+                Some(epoch) => {
+                    self.moves += 1;
+                    self.trace(format!(
+                        "moved: MIGRATE epoch {} origin {} -> {} at epoch {epoch} (protected {}, lineage {:?})",
+                        m.epoch, m.origin, SERVERS[dest],
+                        self.servers[dest].conn.as_ref().is_some_and(|h| h.committed.is_some()),
+                        self.stream.lineage
+                    ));
+                    self.maybe_race(&m, dest, false)?;
+                    return Ok(Moved::Done);
+                }
+                None => plan.refused(&a.cand, &refuse(RefuseCode::Internal, "protect refused")),
             }
-            self.servers[dest].conn = Some(held);
-            self.serving = dest;
-            for c in resend.chunks {
-                self.send_up(Up::Data(c));
-            }
-            if let Some(total) = resend.up_fin {
-                self.send_up(Up::Fin(total));
-            }
-            self.moves += 1;
-            self.trace(format!(
-                "moved: MIGRATE epoch {} origin {} -> {} at epoch {epoch} (claimed {claimed}, protected {}, lineage {:?})",
-                m.epoch, m.origin, SERVERS[dest], self.servers[dest].conn.as_ref().unwrap().committed.is_some(), self.stream.lineage
-            ));
-            return Ok(());
         }
-        Err(format!(
-            "no candidate took the connection: {}",
-            plan.failure()
-        ))
+        Ok(Moved::Failed(plan.failure()))
     }
 
-    /// A destination gets the state for MIGRATE `m`: from the origin, which checks the agent's
-    /// position against what it sent and lets the connection go; or, in eager mode, from a
-    /// keeper that still has custody of that epoch (it fences the holder's successor epoch at
-    /// the holder's backup first: `Custody::supersede`); or, with the origin down, from the
-    /// replica a live backup holds at that epoch (claimed: no one else gets it), made into a
-    /// record for the client's position. `None`: none of them is there.
-    pub(super) fn fetch(&mut self, m: &Migrate, dest: usize) -> Result<Option<Fetched>, String> {
-        let origin = server_index(&m.origin);
-        if let Some(held) = self.servers[origin].conn.take() {
-            if held.epoch != m.epoch {
-                return Err(format!(
-                    "origin at epoch {} asked for {}",
-                    held.epoch, m.epoch
-                ));
-            }
-            let rec = held
-                .stream
-                .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
-                .map_err(|(code, why)| format!("origin refused the record ({code:?}): {why}"))?;
-            let keeper = self.eager.then_some(origin);
-            return Ok(Some(Fetched {
-                rec,
-                claimed: false,
-                keeper,
-            }));
+    /// `dest` takes the connection over with what it fetched for `m`, and (`agent`) answers
+    /// the agent, or (a racer whose MIGRATE the agent gave up on) a session nobody reads.
+    /// Returns the epoch it resumed at, or `None` if it refused (its backup refused the new
+    /// epoch: fenced).
+    pub(super) fn take_over(
+        &mut self,
+        m: &Migrate,
+        dest: usize,
+        f: Fetched,
+        agent: bool,
+    ) -> Result<Option<u64>, String> {
+        let Fetched {
+            rec,
+            claimed,
+            keeper,
+            claim_at,
+        } = f;
+        let kept = rec.clone();
+        let (rec, from_replica) = takeover::restart_record(m, rec, claimed, false)
+            .map_err(|(code, why)| format!("destination refused the record ({code:?}): {why}"))?;
+        let epoch = takeover::next_epoch(&rec);
+        if let Some((k, label)) = keeper {
+            // Whoever gave the state out keeps it (right after the freeze) until the
+            // destination confirms.
+            self.keep(k, m.epoch, label, dest, kept);
         }
-        if !self.eager {
+        let mut committed = None;
+        if self.eager && self.rng.gen_bool(self.knobs.protect) {
+            // The destination's backup holds the new epoch before RESUMED (the runtime's
+            // `protect_takeover`). Refused there (fenced): the takeover is refused. Down or
+            // timed out (the other 40 %): it resumes unconfirmed — the keeper's custody and the
+            // agent's lineage cover it until a later push.
+            let b = (dest + 1) % SERVERS.len();
+            let replica = ServerStream::restarted_replica(&rec, epoch);
+            match self.store_at(b, dest, replica) {
+                Ok(()) => committed = Some((rec.snap_out, rec.snap_in)),
+                Err(()) if self.reachable(b) => {
+                    if let Some(cb) = claim_at {
+                        self.release(cb, m.epoch, dest);
+                    }
+                    return Ok(None);
+                }
+                Err(()) => {}
+            }
+        }
+        if self.settle(dest, epoch, GateEvent::Answer) != Verdict::Go {
+            // Given up (YIELD) before its RESUMED went out: it never answers.
             return Ok(None);
         }
-        let keeper = (0..SERVERS.len()).find(|&k| {
-            self.servers[k].down_until.is_none()
-                && self.servers[k]
-                    .custody
-                    .as_ref()
-                    .is_some_and(|(c, _)| c.epoch == m.epoch)
-        });
-        if let Some(k) = keeper {
-            let (mut custody, kept) = self.servers[k].custody.take().expect("found");
+        if let Some(o) = (0..SERVERS.len()).find(|&o| {
+            self.servers[o]
+                .conn
+                .as_ref()
+                .is_some_and(|h| h.epoch == epoch)
+        }) {
+            // Two custody chains: one owner per epoch is gone (issue 15's pass question).
+            self.same_epoch += 1;
+            return Err(format!(
+                "{} resumes at epoch {epoch}, which {} holds too",
+                SERVERS[dest], SERVERS[o]
+            ));
+        }
+        let (stream, tail) = ServerStream::restart(&rec);
+        let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
+        held.committed = committed;
+        held.attached = agent;
+        held.heard = false;
+        if !agent {
+            self.servers[dest].conn = Some(held);
+            self.races_resumed += 1;
+            self.trace(format!(
+                "racer {} resumed at epoch {epoch}, to nobody",
+                SERVERS[dest]
+            ));
+            return Ok(Some(epoch));
+        }
+        let at = takeover::Destination {
+            id: SERVERS[dest],
+            alternates: self.at.alternates.clone(),
+            heartbeat_ms: 100,
+        };
+        let token = Token([epoch as u8; 32]);
+        let resumed = takeover::resumed(&rec, at, token, 0, from_replica);
+        let r = agent::answer(Msg::Resumed(resumed)).map_err(|e| e.to_string())?;
+        let from = Step {
+            server: m.origin.clone(),
+            epoch: m.epoch,
+            token: m.token,
+        };
+        let resend = self.stream.resume(&r, from).map_err(|e| e.to_string())?;
+        let addr = format!("addr-{}", SERVERS[dest]);
+        self.at.resumed(&r, &addr);
+        // Whatever was in flight on the old session is gone with it.
+        self.link.up.clear();
+        self.link.down.clear();
+        self.cut = false;
+        let now = self.now + self.link.delay;
+        if !tail.is_empty() {
+            self.link.down.push_back((now, Down::Data(tail.clone())));
+        }
+        self.servers[dest].conn = Some(held);
+        self.serving = dest;
+        self.heard_at = self.now;
+        self.stalled_since = None;
+        if self.rng.gen_bool(self.knobs.crash_soon) {
+            self.crash_at = Some(self.now + self.rng.gen_range(0..=self.link.delay + 1));
+        }
+        // The agent speaks first on a new eager session (a PING with the resent upstream).
+        self.send_up(Up::Ping);
+        for c in resend.chunks {
+            self.send_up(Up::Data(c));
+        }
+        if let Some(total) = resend.up_fin {
+            self.send_up(Up::Fin(total));
+        }
+        Ok(Some(epoch))
+    }
+
+    /// A destination gets the state for MIGRATE `m` from its origin (the FETCH goes there):
+    /// the live connection, which the origin freezes after fencing its epoch at its backup (a
+    /// plain claim; in eager mode it keeps the state until the destination confirms); or the
+    /// state the origin keeps in custody for that epoch, re-handed once the holder was asked to
+    /// yield and its successor epoch fenced (`Custody::supersede`). An origin that is up but
+    /// has neither refuses. With the origin down or hung, in eager mode, the destination claims
+    /// the replica at the origin's backup (`claim_at`: the backup's custody, superseding a
+    /// holder that did not confirm).
+    pub(super) fn fetch(&mut self, m: &Migrate, dest: usize) -> Result<Got, String> {
+        let o = server_index(&m.origin);
+        let refused = |code, why: &'static str| Ok(Err((code, why)));
+        if self.reachable(o) {
+            let conn = self.servers[o].conn.as_ref();
+            match conn.map(|h| (h.epoch, h.taken.is_some())) {
+                Some((e, false)) if e == m.epoch => {
+                    // The origin checks the agent's position (a refusal is a bug: the agent's
+                    // checksum contradicts what the origin sent) — unless the origin was taken
+                    // over meanwhile (hung) and its fence below says so.
+                    let rec = conn.expect("held").stream.record(
+                        m.cid,
+                        m.epoch,
+                        m.down_recv,
+                        m.sum_from,
+                        m.down_sum,
+                    );
+                    let mut label = m.epoch;
+                    if self.eager {
+                        let b = (o + 1) % SERVERS.len();
+                        let f = self.fence_at(b, m.epoch, o);
+                        if let Fence::Refused(_) = f.fence {
+                            // Taken over from the replica meanwhile: the origin lets go.
+                            self.servers[o].conn = None;
+                            return refused(RefuseCode::StaleEpoch, "taken over from the replica");
+                        }
+                        label = label.max(f.label);
+                    }
+                    let mut rec = rec.map_err(|(code, why)| {
+                        format!("origin refused the record ({code:?}): {why}")
+                    })?;
+                    self.servers[o].conn = None;
+                    rec.epoch = label;
+                    return Ok(Ok(Fetched {
+                        rec,
+                        claimed: false,
+                        keeper: self.eager.then_some((o, label)),
+                        claim_at: None,
+                    }));
+                }
+                Some((e, true)) if e == m.epoch => {
+                    // A fenced origin kept its stream as the taker's keeper (decision 48): the
+                    // stream becomes a kept record for the agent's position.
+                    let held = self.servers[o].conn.take().expect("checked");
+                    let rec = held
+                        .stream
+                        .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
+                        .map_err(|(code, why)| {
+                            format!("fenced origin refused the record ({code:?}): {why}")
+                        })?;
+                    self.servers[o].custody = Some((held.taken.expect("taken"), rec));
+                }
+                Some(_) => return refused(RefuseCode::StaleEpoch, "origin at another epoch"),
+                None => {}
+            }
+            let kept = self.servers[o]
+                .custody
+                .as_ref()
+                .is_some_and(|(c, _)| c.epoch == m.epoch);
+            if !kept {
+                return refused(RefuseCode::UnknownConnection, "origin does not know it");
+            }
+            let (mut custody, kept) = self.servers[o].custody.clone().expect("kept");
             let next = custody
                 .successor(m.epoch)
                 .map_err(|(c, why)| format!("custody: {c:?}: {why}"))?;
             let holder = server_index(&custody.holder);
-            let b = (holder + 1) % SERVERS.len();
-            let fence = if self.servers[b].down_until.is_some() {
-                Fence::Unreachable
-            } else {
-                self.servers[b].fenced = Some(next);
-                match self.servers[b].replica.as_ref().filter(|r| r.epoch == next) {
-                    Some(r) => Fence::Record(r.snap_out, r.snap_in),
-                    None => Fence::Nothing,
+            let y = self.ask_yield(holder, next);
+            if y == Yield::Refused {
+                return refused(RefuseCode::StaleEpoch, "holder refused to yield");
+            }
+            let f = self.fence_holder(holder, next, o);
+            let (handout, label) = match custody.supersede(
+                SERVERS[dest],
+                std::slice::from_ref(&f.fence),
+                f.label,
+                y == Yield::Unanswered,
+            ) {
+                Ok(x) => x,
+                Err((code, _)) => {
+                    self.unfenced |= y == Yield::LetGo && f.fence == Fence::Unreachable;
+                    return refused(code, "custody: cannot supersede");
                 }
             };
-            let (handout, label) = custody
-                .supersede(SERVERS[dest], &[fence], 0, false)
-                .map_err(|(c, why)| format!("supersede: {c:?}: {why}"))?;
             let mut rec = match handout {
                 Handout::Kept => kept.clone(),
-                Handout::Successor(_) => self.servers[b].replica.clone().expect("fenced"),
+                Handout::Successor(_) => f.rec.clone().expect("fenced record"),
             };
             rec.epoch = label;
-            self.servers[k].custody = Some((custody, kept));
+            self.servers[o].custody = Some((custody, kept));
             self.fallbacks += 1;
-            return Ok(Some(Fetched {
+            return Ok(Ok(Fetched {
                 rec,
                 claimed: false,
                 keeper: None,
+                claim_at: None,
             }));
         }
-        if self.servers[origin].down_until.is_none() {
-            return Ok(None);
+        if !self.eager {
+            return refused(RefuseCode::OriginUnreachable, "origin unreachable");
         }
-        let Some(b) = (0..SERVERS.len()).find(|&b| {
-            self.servers[b].down_until.is_none()
-                && self.servers[b]
-                    .replica
-                    .as_ref()
-                    .is_some_and(|r| r.epoch == m.epoch)
-        }) else {
-            return Ok(None);
+        let b = (o + 1) % SERVERS.len();
+        let raw = match self.claim_at(b, m.epoch, dest) {
+            Err(code) => return refused(code, "replica claim refused"),
+            Ok(None) => {
+                self.release(b, m.epoch, dest);
+                return refused(RefuseCode::OriginUnreachable, "no origin, no replica");
+            }
+            Ok(Some(raw)) => raw,
         };
-        let raw = self.servers[b].replica.take().expect("found");
-        let rec = replica_for_client(raw.clone(), m.down_recv, &m.ranges(), m.up_base)
-            .map_err(|(code, why)| format!("replica refused for the client ({code:?}): {why}"))?;
-        // The backup whose replica was claimed keeps it until the new holder confirms.
-        Ok(Some(Fetched {
+        let rec = match replica_for_client(raw, m.down_recv, &m.ranges(), m.up_base) {
+            Ok(r) => r,
+            Err((code, why)) if self.two_fault.is_none() => {
+                return Err(format!("replica refused for the client ({code:?}): {why}"));
+            }
+            Err((code, _)) => {
+                self.release(b, m.epoch, dest);
+                return refused(code, "replica refused for the client");
+            }
+        };
+        Ok(Ok(Fetched {
             rec,
             claimed: true,
-            keeper: Some(b),
+            keeper: None,
+            claim_at: Some(b),
         }))
     }
 }

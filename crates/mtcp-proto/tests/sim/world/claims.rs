@@ -1,0 +1,333 @@
+//! Eager mode: the backups' replica stores under `mtcp_proto::replica`'s claim rules, fences,
+//! YIELD and the holders' gates (`mtcp_proto::custody::Gate`) — the runtime's `eager::fence`,
+//! `fence_here`, `claim_here` and `ask_to_yield`, played in one step.
+
+use super::*;
+use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict};
+use mtcp_proto::replica::{ClaimError, Dropped, Granted, Slot, Store};
+use mtcp_proto::wire::RefuseCode;
+use rand::Rng;
+
+/// A holder's answer to YIELD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Yield {
+    /// Not reached (down or hung).
+    Unreached,
+    /// Given up before any RESUMED for it went out.
+    Unanswered,
+    /// Given up after RESUMED went out: the connection built for it is let go.
+    LetGo,
+    /// The agent uses the epoch.
+    Refused,
+}
+
+/// What one backup's fence found, with the record it hands back (labelled).
+pub(super) struct Fenced {
+    pub fence: Fence,
+    pub rec: Option<StateRecord>,
+    pub label: u64,
+}
+
+impl World {
+    /// Neither down nor hung: answers peers.
+    pub(super) fn reachable(&self, s: usize) -> bool {
+        self.servers[s].down_until.is_none() && self.servers[s].hung_until.is_none()
+    }
+
+    /// `s`'s gate for `epoch` meets `e`.
+    pub(super) fn settle(&mut self, s: usize, epoch: u64, e: GateEvent) -> Verdict {
+        let v = Gate::settle(self.servers[s].gates.entry(epoch).or_default(), e);
+        if e == GateEvent::Hear && v == Verdict::Go && self.servers[s].heard.insert(epoch) {
+            // The first frame of the agent at this epoch here: the epoch is s's, for good.
+            if let Some(&other) = self.owners.get(&epoch).filter(|&&o| o != s) {
+                self.two_owners = Some(format!(
+                    "two owners of epoch {epoch}: {} and {}",
+                    SERVERS[other], SERVERS[s]
+                ));
+            }
+            self.owners.insert(epoch, s);
+        }
+        v
+    }
+
+    /// A keeper asks `holder` to give `epoch` up (YIELD).
+    pub(super) fn ask_yield(&mut self, holder: usize, epoch: u64) -> Yield {
+        if !self.reachable(holder) {
+            return Yield::Unreached;
+        }
+        match self.settle(holder, epoch, GateEvent::Yield) {
+            Verdict::Go => Yield::Unanswered,
+            Verdict::Refuse => Yield::Refused,
+            Verdict::LetGo => {
+                if self.servers[holder]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|h| h.epoch == epoch)
+                {
+                    self.servers[holder].conn = None;
+                    self.trace(format!("{} lets epoch {epoch} go", SERVERS[holder]));
+                    if self.serving == holder {
+                        // The agent's frames on that session are dropped and it ends.
+                        self.cut = true;
+                        self.late_handout |= self.racing;
+                    }
+                }
+                self.let_gos += 1;
+                Yield::LetGo
+            }
+        }
+    }
+
+    /// `from` stores `rec` at backup `b` (REPLICATE).
+    pub(super) fn store_at(&mut self, b: usize, from: usize, rec: StateRecord) -> Result<(), ()> {
+        if !self.reachable(b) {
+            return Err(());
+        }
+        let e = &mut self.servers[b].entry;
+        match Slot::check_store(
+            e.as_ref().map(|(s, _)| s),
+            rec.epoch,
+            rec.snap_out,
+            rec.snap_in,
+        ) {
+            Err(_) => Err(()),
+            Ok(Store::KeepNewer) => Ok(()),
+            Ok(Store::Replace) => {
+                if self.taken_at.contains(&(b, rec.epoch)) {
+                    // A holder whose epoch a destination took over from this replica (a woken
+                    // origin) must never store it again: it could confirm and serve it.
+                    self.two_owners = Some(format!(
+                        "{} stored epoch {} at {} after a destination took it over there",
+                        SERVERS[from], rec.epoch, SERVERS[b]
+                    ));
+                }
+                self.taken_at.retain(|&(x, e)| x != b || e > rec.epoch);
+                let slot = Slot::stored(SERVERS[from], rec.epoch, rec.snap_out, rec.snap_in);
+                *e = Some((slot, Some(rec)));
+                Ok(())
+            }
+        }
+    }
+
+    /// The entry's record (or its tombstone: `None`) at backup `b`, labelled `label`.
+    fn labelled(&self, b: usize, label: u64) -> Option<StateRecord> {
+        let (_, rec) = self.servers[b].entry.as_ref()?;
+        rec.clone().map(|mut r| {
+            r.epoch = label;
+            r
+        })
+    }
+
+    /// A fence of `epoch` by `by` at backup `b` (FENCEEPOCH; the runtime's `fence_here`): a
+    /// plain claim; a candidate holding that epoch is asked to give its successor up, and if it
+    /// does the claim passes to `by` one epoch up (`Slot::pass`).
+    pub(super) fn fence_at(&mut self, b: usize, epoch: u64, by: usize) -> Fenced {
+        let refused = |c| Fenced {
+            fence: Fence::Refused(c),
+            rec: None,
+            label: epoch,
+        };
+        if !self.reachable(b) {
+            return Fenced {
+                fence: Fence::Unreachable,
+                rec: None,
+                label: epoch,
+            };
+        }
+        let cur = self.servers[b].entry.as_mut().map(|(s, _)| s);
+        let label = match Slot::claim(cur, epoch, SERVERS[by], false) {
+            Ok(Granted::Entry { label, .. }) => label,
+            Ok(Granted::Tombstone) => {
+                self.servers[b].entry = Some((Slot::tombstone(epoch, SERVERS[by], false), None));
+                epoch
+            }
+            Err(ClaimError::Held(seen)) => {
+                let holder = server_index(&seen.holder);
+                // Whether the agent read the holder's RESUMED (it is the agent's server now).
+                let agents = self.serving == holder
+                    && self.servers[holder]
+                        .conn
+                        .as_ref()
+                        .is_some_and(|h| h.epoch == seen.label + 1);
+                let gave_up = match self.ask_yield(holder, seen.label + 1) {
+                    Yield::Unanswered => GaveUp::Unanswered,
+                    Yield::LetGo => {
+                        self.passes_answered += 1;
+                        if agents {
+                            // Issue 15's question: the agent holds this RESUMED's token and
+                            // the holder's backups are not fenced.
+                            self.passes_of_agents += 1;
+                            self.trace(format!(
+                                "pass over {} whose RESUMED (epoch {}) the agent read",
+                                seen.holder,
+                                seen.label + 1
+                            ));
+                            if self.rng.gen_bool(self.knobs.hang_after_pass) {
+                                let len = self.rng.gen_range(50..300);
+                                self.servers[holder].hung_until = Some(self.now + len);
+                                self.hangs += 1;
+                                self.trace(format!("{} hangs for {len} steps", seen.holder));
+                            }
+                        }
+                        if self.unfenced_pass {
+                            GaveUp::Unanswered
+                        } else {
+                            // The epoch it answered for is fenced at its backups first.
+                            let f = self.fence_holder(holder, seen.label + 1, by);
+                            GaveUp::Answered(vec![f.fence])
+                        }
+                    }
+                    _ => return refused(RefuseCode::StaleEpoch),
+                };
+                let slot = &mut self.servers[b].entry.as_mut().expect("held").0;
+                let Ok(label) = slot.pass(&seen, SERVERS[by], &gave_up) else {
+                    return refused(RefuseCode::StaleEpoch);
+                };
+                self.passes += 1;
+                self.trace(format!(
+                    "fence of epoch {epoch} by {} at {} passes {} over (label {label})",
+                    SERVERS[by], SERVERS[b], seen.holder
+                ));
+                label
+            }
+            Err(e) => return refused(e.code()),
+        };
+        match self.labelled(b, label) {
+            Some(r) => Fenced {
+                fence: Fence::Record(r.snap_out, r.snap_in),
+                rec: Some(r),
+                label,
+            },
+            None => Fenced {
+                fence: Fence::Nothing,
+                rec: None,
+                label,
+            },
+        }
+    }
+
+    /// Fences `holder`'s successor epoch `next` at its backup, on behalf of `by`.
+    pub(super) fn fence_holder(&mut self, holder: usize, next: u64, by: usize) -> Fenced {
+        let b = (holder + 1) % SERVERS.len();
+        self.fence_at(b, next, by)
+    }
+
+    /// Destination `dest` claims the connection at `epoch` from backup `b`'s replica (the
+    /// runtime's `claim_here`): the record (labelled), `Ok(None)` for a claimed tombstone (no
+    /// replica: nothing to restart from), or why not.
+    pub(super) fn claim_at(
+        &mut self,
+        b: usize,
+        epoch: u64,
+        dest: usize,
+    ) -> Result<Option<StateRecord>, RefuseCode> {
+        if !self.reachable(b) {
+            return Err(RefuseCode::OriginUnreachable);
+        }
+        let got = self.claim_rules(b, epoch, dest);
+        if got.is_ok() {
+            self.taken_at.insert((b, epoch));
+        }
+        got
+    }
+
+    fn claim_rules(
+        &mut self,
+        b: usize,
+        epoch: u64,
+        dest: usize,
+    ) -> Result<Option<StateRecord>, RefuseCode> {
+        let cur = self.servers[b].entry.as_mut().map(|(s, _)| s);
+        match Slot::claim(cur, epoch, SERVERS[dest], true) {
+            Ok(Granted::Entry { label, .. }) => Ok(self.labelled(b, label)),
+            Ok(Granted::Tombstone) => {
+                self.servers[b].entry = Some((Slot::tombstone(epoch, SERVERS[dest], true), None));
+                Ok(None)
+            }
+            Err(ClaimError::Held(seen)) => {
+                let next = seen.successor(epoch).map_err(|(c, _)| c)?;
+                let holder = server_index(&seen.holder);
+                let y = self.ask_yield(holder, next);
+                if y == Yield::Refused {
+                    return Err(RefuseCode::StaleEpoch);
+                }
+                let f = self.fence_holder(holder, next, b);
+                let unfenced = y == Yield::LetGo && f.fence == Fence::Unreachable;
+                let slot = &mut self.servers[b].entry.as_mut().expect("held").0;
+                let (what, label) = slot
+                    .supersede(
+                        &seen,
+                        SERVERS[dest],
+                        &[f.fence],
+                        f.label,
+                        y == Yield::Unanswered,
+                    )
+                    .map_err(|e| {
+                        self.unfenced |= unfenced;
+                        e.code()
+                    })?;
+                self.supersedes += 1;
+                Ok(match what {
+                    Handout::Kept => self.labelled(b, label),
+                    Handout::Successor(_) => f.rec.map(|mut r| {
+                        r.epoch = label;
+                        r
+                    }),
+                })
+            }
+            Err(e) => Err(e.code()),
+        }
+    }
+
+    /// `dest`'s takeover from `b`'s replica failed after its claim: it releases the claim
+    /// (RELEASECLAIM), which is lost sometimes — then the claim stands until a fence passes it.
+    pub(super) fn release(&mut self, b: usize, epoch: u64, dest: usize) {
+        if !self.reachable(b) || self.rng.gen_bool(0.3) {
+            return;
+        }
+        if let Some((slot, _)) = self.servers[b].entry.as_mut() {
+            if slot.release(epoch, SERVERS[dest]) {
+                self.taken_at.remove(&(b, epoch));
+            }
+        }
+    }
+
+    /// `holder` confirmed epoch `epoch` (its backup holds it and the agent spoke): its keepers
+    /// forget the custody, and its claims become plain tombstones.
+    pub(super) fn confirmed(&mut self, holder: usize, epoch: u64) {
+        for s in &mut self.servers {
+            if s.custody
+                .as_ref()
+                .is_some_and(|(c, _)| c.holder == SERVERS[holder] && c.label + 1 == epoch)
+            {
+                s.custody = None;
+            }
+            if let Some((slot, rec)) = s.entry.as_mut() {
+                if slot.claimer.as_deref() == Some(SERVERS[holder]) && slot.label + 1 == epoch {
+                    match slot.drop_upto(slot.epoch, SERVERS[holder]) {
+                        Dropped::Remove => s.entry = None,
+                        Dropped::Strip => *rec = None,
+                        Dropped::Keep => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The custody a keeper records after handing `epoch` out as `label` to `holder`.
+    pub(super) fn keep(
+        &mut self,
+        k: usize,
+        epoch: u64,
+        label: u64,
+        holder: usize,
+        rec: StateRecord,
+    ) {
+        let c = Custody {
+            epoch,
+            holder: SERVERS[holder].to_string(),
+            label,
+        };
+        self.servers[k].custody = Some((c, rec));
+    }
+}
