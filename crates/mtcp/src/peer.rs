@@ -604,7 +604,7 @@ impl PeerPool {
 
 /// Whether the other end of the socket `fd` closed it (its end of stream, or a reset, is
 /// waiting): a destination that gave up on a FETCH drops the channel.
-fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+pub(crate) fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     let mut b = [0u8; 1];
     // SAFETY: a non-blocking peek of at most one byte into a live buffer, on a socket this
     // channel owns (open for as long as the channel is).

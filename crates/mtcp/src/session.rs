@@ -237,7 +237,10 @@ pub(crate) async fn handle_session(
             let outcome = {
                 // Boxed, as the other setup paths: the session's task then holds only what a
                 // live session needs (issue 13: memory per idle connection).
-                let mut fut = Box::pin(take_over(&inner, &m, tx));
+                // The agent waits on this session for the answer; it closes the session when
+                // it gives up on this candidate (a re-attach here must then not hand out).
+                let agent = std::os::fd::AsRawFd::as_raw_fd(&w);
+                let mut fut = Box::pin(take_over(&inner, &m, tx, agent));
                 // The first after one beat: a quick answer (a refusal, a move from a live
                 // origin) needs none.
                 let hb = inner.cluster.heartbeat;

@@ -17,11 +17,13 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// MIGRATE: check the token, get the state record from the origin, restart here.
+/// MIGRATE: check the token, get the state record from the origin, restart here. `agent`: the
+/// socket of the session the MIGRATE came on (the agent closes it when it gives up on us).
 pub(crate) async fn take_over(
     inner: &Arc<ServerInner>,
     m: &Migrate,
     tx: mpsc::UnboundedSender<Out>,
+    agent: std::os::fd::RawFd,
 ) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
     let token_ok = inner.cluster.key.check_token(m.cid, m.epoch, &m.token);
     core::admit(
@@ -60,7 +62,7 @@ pub(crate) async fn take_over(
         sum_from: m.sum_from,
         down_sum: m.down_sum,
     };
-    let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f).await?;
+    let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f, agent).await?;
     // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):
     // a restart point, as from a replica, for the client's position now.
     let (rec, from_replica) = match core::restart_record(m, rec, claims.is_some(), tcp.is_some()) {
@@ -104,6 +106,7 @@ pub(crate) async fn fetch_or_replica(
     origin: &crate::config::ServerEntry,
     m: &Migrate,
     f: &Fetch,
+    agent: std::os::fd::RawFd,
 ) -> Result<
     (
         StateRecord,
@@ -115,7 +118,12 @@ pub(crate) async fn fetch_or_replica(
 > {
     if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
-        let fr = crate::eager::hand_over(inner, f, &inner.id, &|| true).await?;
+        // Handed out only while the agent still waits on its MIGRATE: a re-attach it gave up on
+        // (its turn at the custody came late) would otherwise supersede the holder the agent
+        // has just resumed with, and the connection would be lost (found by the simulation,
+        // decision 52's `LateHandOut`).
+        let waiting = || !peer::peer_closed(agent);
+        let fr = crate::eager::hand_over(inner, f, &inner.id, &waiting).await?;
         let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
         return Ok((fr.rec, fr.tcp, size, None));
     }

@@ -29,9 +29,9 @@ pub(crate) enum TwoFault {
     /// (decision 48's rule), and the connection is lost. Counted, not failed; see the report.
     UnfencedLetGo,
     /// Not given: a hand-out for a MIGRATE the agent had given up on (a late re-attach at the
-    /// keeper itself, which the runtime's `waiting` check does not cover; or a remote one whose
-    /// closed channel the keeper had not seen yet) superseded the holder the agent had just
-    /// read RESUMED from (decision 50, "left open"). Counted, not failed; see the report.
+    /// keeper itself, or a remote destination, whose close the keeper had not seen yet)
+    /// superseded the holder the agent had just read RESUMED from (decision 50, "left open";
+    /// the keeper's own re-attach is checked since decision 52). Counted, not failed.
     LateHandOut,
 }
 
@@ -235,9 +235,11 @@ impl World {
             "racer {} serves MIGRATE epoch {} origin {}",
             SERVERS[r], m.epoch, m.origin
         ));
-        // A keeper sees that a remote destination left (its peer channel closed) and refuses,
-        // mostly (decision 50); a local re-attach is not checked.
-        if r != server_index(&m.origin) && self.rng.gen_bool(0.8) {
+        // A keeper sees that the one it would hand the connection to left — a remote
+        // destination's peer channel closed (decision 50), or, for its own re-attach, the
+        // agent's MIGRATE session closed (decision 52) — and refuses, mostly: the close may not
+        // have arrived yet.
+        if self.rng.gen_bool(0.8) {
             return Ok(());
         }
         self.racing = true;
