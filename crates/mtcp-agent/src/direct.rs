@@ -20,6 +20,7 @@ use crate::metrics::{counted, Moving};
 use crate::relay::{connect, reset, resumed, welcome};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
+use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::agent::{Control, MoveError, MovePlan, Placement, StreamPos};
 use mtcp_proto::custody::Lineage;
@@ -297,17 +298,29 @@ async fn migrate(
     let from = conn.at.server.clone();
     let mut plan = MovePlan::new(&conn.at, StreamPos::unseen(), to).map_err(|e| e.to_string())?;
     tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, "migrating (fast path): {reason}");
+    let trigger_ns = movetrace::now_ns().saturating_sub(t0.elapsed().as_nanos() as u64);
+    let mut trace = Trace::start_at(
+        TraceRole::Agent,
+        conn.at.cid,
+        conn.at.epoch,
+        "trigger",
+        trigger_ns,
+    );
     let fence = inner
         .fences()?
         .fence(conn.local, conn.client)
         .map_err(|e| format!("fence: {e}"))?;
+    movetrace::mark(&mut trace, "fenced");
     let mut state_bytes = None;
     let mut resumed = None;
     // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): one round.
     let no_lineage = Lineage::default();
     while let Some(a) = plan.next(&no_lineage) {
         let cand = &a.cand;
-        match try_resume(inner, conn, cand, &a.migrate).await {
+        if let Some(t) = trace.as_mut() {
+            t.set_epoch(a.migrate.epoch);
+        }
+        match try_resume(inner, conn, cand, &a.migrate, &mut trace).await {
             Ok((s, n)) => {
                 state_bytes = Some(n);
                 resumed = Some(s);
@@ -324,6 +337,7 @@ async fn migrate(
         }
     }
     drop(fence);
+    movetrace::mark(&mut trace, "unfenced");
     let ok = resumed.is_some();
     let resumed_us = t0.elapsed().as_micros() as u64;
     {
@@ -347,6 +361,10 @@ async fn migrate(
             if let Err(e) = framed::write_msg(&mut s.1, &Msg::Kick).await {
                 tracing::warn!(conn = conn.id, "KICK: {e}");
             }
+            if let Some(mut t) = trace {
+                t.mark("kick_tx");
+                t.emit();
+            }
             tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, to = %conn.at.server, us = resumed_us, "migrated (fast path)");
             Ok(Some(s))
         }
@@ -359,6 +377,7 @@ async fn try_resume(
     conn: &mut Conn,
     cand: &ServerInfo,
     m: &Migrate,
+    trace: &mut Option<Trace>,
 ) -> Result<(Session, u64), MoveError> {
     let (mut reader, w) = connect(
         &cand.data,
@@ -368,6 +387,7 @@ async fn try_resume(
     )
     .await
     .map_err(|e| MoveError::Channel(e.to_string()))?;
+    movetrace::mark(trace, "migrate_tx_connect");
     // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
     let silence = mtcp_proto::timing::candidate_silence(&Rtt::default(), conn.at.heartbeat);
     let r = resumed(
@@ -375,6 +395,7 @@ async fn try_resume(
             .await
             .map_err(|e| crate::relay::silent(e, silence))?,
     )?;
+    movetrace::mark(trace, "resumed_rx");
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.at.resumed(&r, &cand.data);
     Ok(((reader, w), r.state_bytes))

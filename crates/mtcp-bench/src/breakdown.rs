@@ -154,6 +154,101 @@ const SEGMENTS: &[(&str, Point, Point)] = &[
 /// Critical-path segments: all but the last two of [`SEGMENTS`].
 const CRITICAL: usize = SEGMENTS.len() - 2;
 
+/// The segments of a move over the kernel fast path (`--fast-path`): the agent fences the
+/// client's flow, the origin freezes the client's TCP connection itself and the destination
+/// restores it; the agent sees no bytes, so the move ends when the fence is down and KICK is
+/// written. The destination's application restart runs beside it.
+const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
+    (
+        "agent: trigger -> the client's flow fenced (nftables)",
+        ("agent", "trigger"),
+        ("agent", "fenced"),
+    ),
+    (
+        "agent: -> MIGRATE written (connect)",
+        ("agent", "fenced"),
+        ("agent", "migrate_tx*"),
+    ),
+    (
+        "wire: MIGRATE -> destination has read it",
+        ("agent", "migrate_tx*"),
+        ("destination", "migrate_rx"),
+    ),
+    (
+        "destination: checks, takeover slot, -> FETCH",
+        ("destination", "migrate_rx"),
+        ("destination", "fetch_call"),
+    ),
+    (
+        "wire: FETCH -> origin has read it",
+        ("destination", "fetch_call"),
+        ("origin", "fetch_rx"),
+    ),
+    (
+        "origin: WORKING written, hand-over slot",
+        ("origin", "fetch_rx"),
+        ("origin", "slot"),
+    ),
+    (
+        "origin: freeze (stop the pump, TCP_REPAIR)",
+        ("origin", "slot"),
+        ("origin", "frozen"),
+    ),
+    (
+        "origin: encode and write the record",
+        ("origin", "frozen"),
+        ("origin", "state_tx"),
+    ),
+    (
+        "wire: record -> destination has read it",
+        ("origin", "state_tx"),
+        ("destination", "state_rx"),
+    ),
+    (
+        "destination: decode and check the record",
+        ("destination", "state_rx"),
+        ("destination", "record_checked"),
+    ),
+    (
+        "destination: restore the TCP connection, restart",
+        ("destination", "record_checked"),
+        ("destination", "restarted"),
+    ),
+    (
+        "destination: -> RESUMED written",
+        ("destination", "restarted"),
+        ("destination", "resumed_tx"),
+    ),
+    (
+        "wire: RESUMED -> agent has read it",
+        ("destination", "resumed_tx"),
+        ("agent", "resumed_rx"),
+    ),
+    (
+        "agent: fence down",
+        ("agent", "resumed_rx"),
+        ("agent", "unfenced"),
+    ),
+    (
+        "agent: KICK written",
+        ("agent", "unfenced"),
+        ("agent", "kick_tx"),
+    ),
+    (
+        "beside it: destination: application restart (-> its first write)",
+        ("destination", "resumed_tx"),
+        ("destination", "app_first_write"),
+    ),
+    (
+        "beside it: destination: first byte the client lacks written",
+        ("destination", "app_first_write"),
+        ("destination", "first_new_byte_queued"),
+    ),
+];
+
+/// Critical-path segments of a fast-path move: all but the last two of [`FAST_SEGMENTS`].
+const FAST_CRITICAL: usize = FAST_SEGMENTS.len() - 2;
+
 #[derive(Serialize, Debug, Clone)]
 pub struct Segment {
     pub name: String,
@@ -186,9 +281,14 @@ pub struct Breakdown {
     /// Of them, moves whose MIGRATE went out on a spare connection.
     pub on_spare: usize,
     pub segments: Vec<Segment>,
+    /// Moves over the kernel fast path (the agent fenced the flow).
+    pub fast_path: bool,
+    /// How many of `segments` are on the critical path (the rest run beside it).
+    pub critical: usize,
     /// Sum of the critical path's segment medians, µs.
     pub critical_sum_p50_us: f64,
-    /// Trigger -> first resumed byte, and -> RESUMED, over the joined moves, p50 µs.
+    /// Trigger -> the move's end (the first resumed byte at the agent; on the fast path KICK
+    /// written), and -> RESUMED, over the joined moves, p50 µs.
     pub total_p50_us: f64,
     pub total_p99_us: f64,
     pub resumed_p50_us: f64,
@@ -251,8 +351,14 @@ fn us(sorted_ns: &[u64], p: f64) -> f64 {
 /// The breakdown of the traced moves in `dir`'s logs.
 pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
     let ms = moves(dir)?;
+    let fast_path = ms.iter().any(|m| at(m, ("agent", "fenced")).is_some());
+    let (list, critical, end) = if fast_path {
+        (FAST_SEGMENTS, FAST_CRITICAL, ("agent", "kick_tx"))
+    } else {
+        (SEGMENTS, CRITICAL, ("agent", "first_byte_rx"))
+    };
     let mut segments = Vec::new();
-    for (name, a, b) in SEGMENTS {
+    for (name, a, b) in list {
         let mut v: Vec<u64> = ms.iter().filter_map(|m| span(m, *a, *b)).collect();
         v.sort_unstable();
         segments.push(Segment {
@@ -271,7 +377,7 @@ pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
         v.sort_unstable();
         v
     };
-    let first = total(("agent", "first_byte_rx"));
+    let first = total(end);
     let resumed = total(("agent", "resumed_rx"));
     Ok(Breakdown {
         moves: ms.len(),
@@ -279,7 +385,9 @@ pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
             .iter()
             .filter(|m| at(m, ("agent", "migrate_tx_spare")).is_some())
             .count(),
-        critical_sum_p50_us: segments[..CRITICAL].iter().map(|s| s.p50_us).sum(),
+        fast_path,
+        critical,
+        critical_sum_p50_us: segments[..critical].iter().map(|s| s.p50_us).sum(),
         segments,
         total_p50_us: us(&first, 0.5),
         total_p99_us: us(&first, 0.99),
@@ -387,7 +495,7 @@ pub fn print(b: &Breakdown) {
         "segment", "p50", "p90", "p99", "x rr"
     );
     for (i, s) in b.segments.iter().enumerate() {
-        if i == CRITICAL {
+        if i == b.critical {
             println!(
                 "    {:<66} {:>8.1}",
                 "sum of the p50s above", b.critical_sum_p50_us
@@ -406,8 +514,13 @@ pub fn print(b: &Breakdown) {
         "  loopback floor, same run ({PAUSE:?} pauses, threads on two CPUs): connect + 64-byte request/response p50 {:.1} µs, request/response on an open connection p50 {:.1} µs (on one CPU: {:.1} and {:.1} µs)",
         f.connect_rr_us, f.rr_us, f.same_cpu_connect_rr_us, f.same_cpu_rr_us
     );
+    let end = if b.fast_path {
+        "fence down and KICK written (fast path)"
+    } else {
+        "first resumed byte"
+    };
     println!(
-        "  trigger -> first resumed byte p50 {:.1} µs = {:.1} x connect+rr = {:.1} x rr (p99 {:.1} µs); trigger -> RESUMED p50 {:.1} µs = {:.1} x rr",
+        "  trigger -> {end} p50 {:.1} µs = {:.1} x connect+rr = {:.1} x rr (p99 {:.1} µs); trigger -> RESUMED p50 {:.1} µs = {:.1} x rr",
         b.total_p50_us,
         b.total_p50_us / f.connect_rr_us.max(0.001),
         b.total_p50_us / f.rr_us.max(0.001),
@@ -462,6 +575,46 @@ mod tests {
         assert_eq!(b.resumed_p50_us, 8.0);
         // The critical path's segments add up to the whole move.
         assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_fast_path_move_ends_with_its_kick() {
+        let dir = std::env::temp_dir().join(format!("mtcp-breakdown-fast-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cid = "cd".repeat(16);
+        std::fs::write(
+            dir.join("agent.log"),
+            format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,fenced=400,migrate_tx_connect=600,resumed_rx=2000,unfenced=2300,kick_tx=2400\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s2.log"),
+            format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s1.log"),
+            format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,frozen=1300,encoded=1350,state_tx=1400\n"),
+        )
+        .unwrap();
+        let f = Floor {
+            connect_rr_us: 1.0,
+            rr_us: 1.0,
+            same_cpu_connect_rr_us: 1.0,
+            same_cpu_rr_us: 1.0,
+        };
+        let b = analyse(&dir, f).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(b.fast_path);
+        assert_eq!(b.critical, FAST_CRITICAL);
+        assert_eq!(b.total_p50_us, 2.4);
+        assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
+        let seg = |n: &str| b.segments.iter().find(|s| s.name.starts_with(n)).unwrap();
+        assert_eq!(
+            seg("agent: trigger -> the client's flow fenced").p50_us,
+            0.4
+        );
+        assert_eq!(seg("origin: freeze").p50_us, 0.3);
     }
 
     #[test]

@@ -633,6 +633,12 @@ fn trace_write(st: &mut ConnState, cid: Cid, sends: bool) {
         st.trace_out = 2;
     }
     if sends && st.trace_out == 2 {
+        if st.direct.is_some() {
+            // The fast path writes the client's socket itself (inline or by its pump).
+            crate::movetrace::finish(Role::Destination, cid, "first_new_byte_queued");
+            st.trace_out = 0;
+            return;
+        }
         step(Role::Destination, cid, "first_new_byte_queued");
         // The session's writer ends the trace once it wrote it (`session_io::writer_loop`).
         st.trace_out = 3;
