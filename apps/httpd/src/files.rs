@@ -89,15 +89,20 @@ impl ChunkTask {
 /// short chunk.
 pub(crate) fn spawn_read(
     file: File,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
     prefix: usize,
     offset: u64,
     len: usize,
 ) -> ChunkTask {
+    pool_read(file, buf, prefix + len, prefix, offset)
+}
+
+/// Reads `buf[at..size]` from `offset` on the blocking pool, `buf` grown to `size` there first
+/// (buffers are reused at full length, so this zero-fills only when a buffer grows).
+fn pool_read(file: File, mut buf: Vec<u8>, size: usize, at: usize, offset: u64) -> ChunkTask {
     ChunkTask::Pool(tokio::task::spawn_blocking(move || {
-        // Buffers are reused at full length, so this zero-fills only when a buffer grows.
-        buf.resize(prefix + len, 0);
-        let result = read_exact_at(&file, &mut buf[prefix..], offset).map_err(shorter);
+        buf.resize(size, 0);
+        let result = read_exact_at(&file, &mut buf[at..], offset).map_err(shorter);
         (file, buf, result)
     }))
 }
@@ -122,11 +127,7 @@ pub(crate) fn read_cached_first(
     if done == len {
         return ChunkTask::Ready(Some((file, buf, Ok(()))));
     }
-    ChunkTask::Pool(tokio::task::spawn_blocking(move || {
-        let rest = &mut buf[prefix + done..];
-        let result = read_exact_at(&file, rest, offset + done as u64).map_err(shorter);
-        (file, buf, result)
-    }))
+    pool_read(file, buf, prefix + len, prefix + done, offset + done as u64)
 }
 
 fn shorter(e: io::Error) -> io::Error {

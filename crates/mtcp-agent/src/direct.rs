@@ -298,14 +298,7 @@ async fn migrate(
     let from = conn.at.server.clone();
     let mut plan = MovePlan::new(&conn.at, StreamPos::unseen(), to).map_err(|e| e.to_string())?;
     tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, "migrating (fast path): {reason}");
-    let trigger_ns = movetrace::now_ns().saturating_sub(t0.elapsed().as_nanos() as u64);
-    let mut trace = Trace::start_at(
-        TraceRole::Agent,
-        conn.at.cid,
-        conn.at.epoch,
-        "trigger",
-        trigger_ns,
-    );
+    let mut trace = Trace::start_at(TraceRole::Agent, conn.at.cid, conn.at.epoch, "trigger", t0);
     let fence = inner
         .fences()?
         .fence(conn.local, conn.client)

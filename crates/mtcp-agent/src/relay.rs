@@ -147,14 +147,8 @@ pub(crate) async fn relay(
                 // connections under a 20 000 open-files limit).
                 // Waits its turn among the moves under way (MAX_CONCURRENT_MOVES).
                 let at = at.unwrap_or_else(Instant::now);
-                let trigger_ns = movetrace::now_ns().saturating_sub(at.elapsed().as_nanos() as u64);
-                conn.trace = Trace::start_at(
-                    TraceRole::Agent,
-                    conn.at.cid,
-                    conn.at.epoch,
-                    "trigger",
-                    trigger_ns,
-                );
+                conn.trace =
+                    Trace::start_at(TraceRole::Agent, conn.at.cid, conn.at.epoch, "trigger", at);
                 movetrace::mark(&mut conn.trace, "seen");
                 let _moving = Moving::new(&inner);
                 let _turn = inner.moves.acquire().await;

@@ -534,26 +534,30 @@ pub fn print(b: &Breakdown) {
 mod tests {
     use super::*;
 
+    /// A fresh directory holding the agent's, a destination's and an origin's log text.
+    fn logs(name: &str, agent: &str, destination: &str, origin: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("mtcp-breakdown-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in [
+            ("agent.log", agent),
+            ("s2.log", destination),
+            ("s1.log", origin),
+        ] {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
     #[test]
     fn traces_of_one_move_join_into_segments() {
-        let dir = std::env::temp_dir().join(format!("mtcp-breakdown-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let cid = "ab".repeat(16);
-        std::fs::write(
-            dir.join("agent.log"),
-            format!("x INFO mtcp_breakdown: agent {cid} 4 trigger=1000,seen=1100,turn=1200,leaving_tx=1300,old_closed=1400,migrate_tx_spare=3000,resumed_rx=9000,resend_tx=9500,first_byte_rx=15000\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("s2.log"),
-            format!("\x1b[32m INFO\x1b[0m mtcp_breakdown: destination {cid} 4 migrate_rx=3500,admitted=3600,slot=3700,fetch_call=3800,state_rx=7000,record_checked=7200,restarted=7400,resumed_ready=7500,resumed_tx=8000,app_first_write=10000,first_new_byte_queued=14000,first_new_byte_written=14500\nnoise\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("s1.log"),
-            format!("mtcp_breakdown: origin {cid} 4 fetch_rx=4000,working_tx=4200,slot=4300,frozen=5000,encoded=5500,state_tx=6000\n"),
-        )
-        .unwrap();
+        let dir = logs(
+            "join",
+            &format!("x INFO mtcp_breakdown: agent {cid} 4 trigger=1000,seen=1100,turn=1200,leaving_tx=1300,old_closed=1400,migrate_tx_spare=3000,resumed_rx=9000,resend_tx=9500,first_byte_rx=15000\n"),
+            &format!("\x1b[32m INFO\x1b[0m mtcp_breakdown: destination {cid} 4 migrate_rx=3500,admitted=3600,slot=3700,fetch_call=3800,state_rx=7000,record_checked=7200,restarted=7400,resumed_ready=7500,resumed_tx=8000,app_first_write=10000,first_new_byte_queued=14000,first_new_byte_written=14500\nnoise\n"),
+            &format!("mtcp_breakdown: origin {cid} 4 fetch_rx=4000,working_tx=4200,slot=4300,frozen=5000,encoded=5500,state_tx=6000\n"),
+        );
         let b = analyse(
             &dir,
             Floor {
@@ -579,24 +583,13 @@ mod tests {
 
     #[test]
     fn a_fast_path_move_ends_with_its_kick() {
-        let dir = std::env::temp_dir().join(format!("mtcp-breakdown-fast-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let cid = "cd".repeat(16);
-        std::fs::write(
-            dir.join("agent.log"),
-            format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,fenced=400,migrate_tx_connect=600,resumed_rx=2000,unfenced=2300,kick_tx=2400\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("s2.log"),
-            format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.join("s1.log"),
-            format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,frozen=1300,encoded=1350,state_tx=1400\n"),
-        )
-        .unwrap();
+        let dir = logs(
+            "fast",
+            &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,fenced=400,migrate_tx_connect=600,resumed_rx=2000,unfenced=2300,kick_tx=2400\n"),
+            &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
+            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,frozen=1300,encoded=1350,state_tx=1400\n"),
+        );
         let f = Floor {
             connect_rr_us: 1.0,
             rr_us: 1.0,

@@ -117,23 +117,8 @@ impl ByteLog {
 
     /// A contiguous copy of `[from, to)`.
     pub fn copy_range(&self, from: u64, to: u64) -> Result<Bytes, OffsetError> {
-        self.check(from)?;
-        self.check(to)?;
         let mut out = BytesMut::with_capacity(to.saturating_sub(from) as usize);
-        let mut pos = self.start;
-        for c in &self.chunks {
-            let (cs, ce) = (pos, pos + c.len() as u64);
-            pos = ce;
-            if ce <= from {
-                continue;
-            }
-            if cs >= to {
-                break;
-            }
-            let a = from.max(cs) - cs;
-            let b = to.min(ce) - cs;
-            out.extend_from_slice(&c[a as usize..b as usize]);
-        }
+        self.visit_range(from, to, |b| out.extend_from_slice(b))?;
         Ok(out.freeze())
     }
 

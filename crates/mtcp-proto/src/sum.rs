@@ -259,16 +259,21 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Piece boundaries of `len` bytes: `cuts` clamped to `len`, with 0 and `len`, sorted.
+    fn bounds(mut cuts: Vec<usize>, len: usize) -> Vec<usize> {
+        cuts.push(0);
+        cuts.push(len);
+        cuts.iter_mut().for_each(|c| *c = (*c).min(len));
+        cuts.sort();
+        cuts
+    }
+
     proptest! {
         #[test]
         fn streaming_equals_one_shot(data in proptest::collection::vec(any::<u8>(), 0..5000),
                                      cuts in proptest::collection::vec(0usize..5000, 0..10)) {
             let mut s = StreamSum::new(10);
-            let mut cuts = cuts;
-            cuts.push(0);
-            cuts.push(data.len());
-            cuts.iter_mut().for_each(|c| *c = (*c).min(data.len()));
-            cuts.sort();
+            let cuts = bounds(cuts, data.len());
             for w in cuts.windows(2) {
                 s.update(&data[w[0]..w[1]]);
             }
@@ -283,11 +288,7 @@ mod tests {
             // The log starts at 100, holds `data` in the pieces `cuts` make, and has its first
             // `trim` bytes dropped; any range inside sums as a copy of it does.
             let mut log = crate::offsets::ByteLog::new(100);
-            let mut cuts = cuts;
-            cuts.push(0);
-            cuts.push(data.len());
-            cuts.iter_mut().for_each(|c| *c = (*c).min(data.len()));
-            cuts.sort();
+            let cuts = bounds(cuts, data.len());
             for w in cuts.windows(2) {
                 log.push(bytes::Bytes::copy_from_slice(&data[w[0]..w[1]]));
             }

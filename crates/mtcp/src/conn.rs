@@ -120,10 +120,22 @@ pub(crate) struct ConnState {
     /// The agent closed the session to move the connection (`Msg::Leaving`): detached, but
     /// not for a dead agent.
     pub leaving: bool,
-    /// A move's trace waits for the application's first write here (1), then for the first
-    /// byte past what the client already has (2), then for the session's writer to write it
-    /// (3); 0: none (see [`crate::movetrace`]).
-    pub trace_out: u8,
+    /// What a move's trace here waits for on the output side (see [`crate::movetrace`]).
+    pub trace_out: TraceOut,
+}
+
+/// The output steps a destination's move trace waits for, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum TraceOut {
+    /// No trace.
+    #[default]
+    Off,
+    /// The application's first write after the restart.
+    AppWrite,
+    /// The first byte past what the client already has.
+    NewByte,
+    /// The session's writer writing it (`session_io::writer_loop`).
+    Written,
 }
 
 impl ConnState {
@@ -141,7 +153,7 @@ impl ConnState {
             write_waker: None,
             repl: Default::default(),
             arrived: Instant::now(),
-            trace_out: 0,
+            trace_out: TraceOut::Off,
             direct: None,
             fast: Default::default(),
             hinted_at: None,
@@ -595,7 +607,7 @@ impl AsyncWrite for Connection {
                 "application wrote over {max_log} bytes since its last snapshot; connection not migratable until the next one"
             );
         }
-        if st.trace_out != 0 {
+        if st.trace_out != TraceOut::Off {
             trace_write(&mut st, self.shared.cid, !to_send.is_empty());
         }
         // On the fast path, with nothing queued before it and the agent's fence down, the
@@ -628,20 +640,19 @@ impl AsyncWrite for Connection {
 /// after the restart, and the first byte the client does not have yet.
 fn trace_write(st: &mut ConnState, cid: Cid, sends: bool) {
     use crate::movetrace::{step, Role};
-    if st.trace_out == 1 {
+    if st.trace_out == TraceOut::AppWrite {
         step(Role::Destination, cid, "app_first_write");
-        st.trace_out = 2;
+        st.trace_out = TraceOut::NewByte;
     }
-    if sends && st.trace_out == 2 {
+    if sends && st.trace_out == TraceOut::NewByte {
         if st.direct.is_some() {
             // The fast path writes the client's socket itself (inline or by its pump).
             crate::movetrace::finish(Role::Destination, cid, "first_new_byte_queued");
-            st.trace_out = 0;
+            st.trace_out = TraceOut::Off;
             return;
         }
         step(Role::Destination, cid, "first_new_byte_queued");
-        // The session's writer ends the trace once it wrote it (`session_io::writer_loop`).
-        st.trace_out = 3;
+        st.trace_out = TraceOut::Written;
     }
 }
 

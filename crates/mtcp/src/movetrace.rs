@@ -97,20 +97,23 @@ impl Trace {
         })
     }
 
-    /// A trace whose first step `step` happened at `ns` (see [`now_ns`]); `None` when tracing
-    /// is off.
+    /// A trace whose first step `step` happened at `at` (earlier, on this process's clock);
+    /// `None` when tracing is off.
     pub fn start_at(
         role: Role,
         cid: Cid,
         epoch: u64,
         step: &'static str,
-        ns: u64,
+        at: std::time::Instant,
     ) -> Option<Trace> {
         enabled().then(|| Trace {
             role,
             cid,
             epoch,
-            steps: vec![(step, ns)],
+            steps: vec![(
+                step,
+                now_ns().saturating_sub(at.elapsed().as_nanos() as u64),
+            )],
         })
     }
 

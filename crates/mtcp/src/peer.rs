@@ -810,10 +810,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
         if w.write_msg(&reply).await.is_err() {
             return;
         }
-        if let (Some(_), Msg::State(_) | Msg::DirectState { .. }) = (&handover, &reply) {
-            if let Some(cid) = traced {
-                crate::movetrace::finish(TraceRole::Origin, cid, "state_tx");
-            }
+        if let (Some(cid), Msg::State(_) | Msg::DirectState { .. }) = (traced, &reply) {
+            crate::movetrace::finish(TraceRole::Origin, cid, "state_tx");
         }
         if handover.is_some() {
             acknowledged(w.get_ref(), HANDOVER_ACK_WAIT).await;

@@ -306,7 +306,7 @@ pub(crate) async fn handle_session(
                     let sent = framed::write_msg(&mut w, &Msg::Resumed(resumed)).await;
                     if sent.is_ok() && crate::movetrace::enabled() {
                         crate::movetrace::step(Role::Destination, m.cid, "resumed_tx");
-                        shared.lock().trace_out = 1;
+                        shared.lock().trace_out = crate::conn::TraceOut::AppWrite;
                     }
                     if sent.is_err() {
                         // The agent will try elsewhere; the state stays here until it comes back

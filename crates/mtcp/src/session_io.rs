@@ -91,8 +91,8 @@ pub(crate) async fn writer_loop(
         crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
-        if data > 0 && st.trace_out == 3 {
-            st.trace_out = 0;
+        if data > 0 && st.trace_out == crate::conn::TraceOut::Written {
+            st.trace_out = crate::conn::TraceOut::Off;
             crate::movetrace::finish(
                 crate::movetrace::Role::Destination,
                 shared.cid,

@@ -105,7 +105,7 @@ async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Resul
     let mut rs: Vec<u64> = events.iter().filter_map(|e| e.resumed_us).collect();
     fb.sort_unstable();
     rs.sort_unstable();
-    let rep = MigrationReport {
+    let mut rep = MigrationReport {
         migrations: events.len(),
         first_byte_us_p50: pct(&fb, 0.5),
         first_byte_us_p90: pct(&fb, 0.9),
@@ -125,7 +125,6 @@ async fn migration_run(a: &BenchArgs, dir: &std::path::Path, tls: bool) -> Resul
     if !ok {
         bail!("the migrated transfer's SHA-256 did not match");
     }
-    let mut rep = rep;
     if let Some(floor) = floor {
         // The processes write their traces as they go; stopping them flushes every line.
         drop(lc);
