@@ -20,6 +20,7 @@
 //! an nftables rule first (`LINUX-NOTES.md`).
 
 mod fence;
+pub mod nfnl;
 pub use fence::{Fence, Fences, TABLE_PREFIX};
 
 use serde::{Deserialize, Serialize};
