@@ -17,7 +17,7 @@
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
 use crate::metrics::{counted, Moving};
-use crate::relay::{connect, reset, resumed, welcome};
+use crate::relay::{reset, resumed, welcome};
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
@@ -210,9 +210,14 @@ async fn hand_over(
         wl.epoch,
         true,
     )));
+    let at = Placement::welcomed(wl, &addr);
+    // MIGRATE leaves on a spare connection when there is one (as on the relay).
+    inner
+        .spares
+        .want(at.alternates.iter().map(|a| a.data.as_str()));
     let conn = Conn {
         id,
-        at: Placement::welcomed(wl, &addr),
+        at,
         local,
         client: peer,
         status,
@@ -372,24 +377,16 @@ async fn try_resume(
     m: &Migrate,
     trace: &mut Option<Trace>,
 ) -> Result<(Session, u64), MoveError> {
-    let (mut reader, w) = connect(
-        &cand.data,
-        inner.cfg.connect_timeout,
-        &Msg::Migrate(m.clone()),
-        &inner.dialer,
-    )
-    .await
-    .map_err(|e| MoveError::Channel(e.to_string()))?;
-    movetrace::mark(trace, "migrate_tx_connect");
     // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
     let silence = mtcp_proto::timing::candidate_silence(&Rtt::default(), conn.at.heartbeat);
-    let r = resumed(
-        crate::relay::answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
-            .await
-            .map_err(|e| crate::relay::silent(e, silence))?,
-    )?;
+    let (mut reader, w, msg) =
+        crate::relay::exchange_migrate(inner, cand, m, silence, trace).await?;
     movetrace::mark(trace, "resumed_rx");
+    let r = resumed(msg)?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     conn.at.resumed(&r, &cand.data);
+    inner
+        .spares
+        .want(conn.at.alternates.iter().map(|a| a.data.as_str()));
     Ok(((reader, w), r.state_bytes))
 }

@@ -824,43 +824,49 @@ pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, MoveError> 
     })
 }
 
+/// Sends MIGRATE to `cand` and reads its answer: on a spare connection if a fresh one is kept
+/// (it saves the TCP handshake: MIGRATE leaves at once), else on a new connection. A spare the
+/// server closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe
+/// then. Both agents (relay and fast path) move through this.
+pub(crate) async fn exchange_migrate(
+    inner: &Arc<AgentInner>,
+    cand: &ServerInfo,
+    m: &Migrate,
+    silence: Duration,
+    trace: &mut Option<Trace>,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf, Msg), MoveError> {
+    let first = Msg::Migrate(m.clone());
+    if let Some(s) = inner.spares.take(&cand.data) {
+        if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
+            movetrace::mark(trace, "migrate_tx_spare");
+            match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
+                Ok(m) => return Ok((reader, w, m)),
+                Err(ChannelError::Closed | ChannelError::Io(_)) => {}
+                Err(e) => return Err(silent(e, silence)),
+            }
+        }
+    }
+    let (mut reader, w) = connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
+        .await
+        .map_err(|e| MoveError::Channel(e.to_string()))?;
+    movetrace::mark(trace, "migrate_tx_connect");
+    let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
+        .await
+        .map_err(|e| silent(e, silence))?;
+    Ok((reader, w, m))
+}
+
 async fn try_resume(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
     cand: &ServerInfo,
     m: &Migrate,
 ) -> Result<Session, MoveError> {
-    let first = Msg::Migrate(m.clone());
     // The candidate says WORKING every heartbeat until it answers: silence beyond an RTT-derived
     // bound means it is dead, hung or cut off, and the next candidate is tried (decision 32).
     let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.at.heartbeat);
-    // A spare connection saves the TCP handshake: MIGRATE leaves at once. One the server has
-    // closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe then.
-    let mut answer = None;
-    if let Some(s) = inner.spares.take(&cand.data) {
-        if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
-            movetrace::mark(&mut conn.trace, "migrate_tx_spare");
-            match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
-                Ok(m) => answer = Some((reader, w, m)),
-                Err(ChannelError::Closed | ChannelError::Io(_)) => {}
-                Err(e) => return Err(silent(e, silence)),
-            }
-        }
-    }
-    let (mut reader, mut w, msg) = match answer {
-        Some(x) => x,
-        None => {
-            let (mut reader, w) =
-                connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
-                    .await
-                    .map_err(|e| MoveError::Channel(e.to_string()))?;
-            movetrace::mark(&mut conn.trace, "migrate_tx_connect");
-            let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
-                .await
-                .map_err(|e| silent(e, silence))?;
-            (reader, w, m)
-        }
-    };
+    let (mut reader, mut w, msg) =
+        exchange_migrate(inner, cand, m, silence, &mut conn.trace).await?;
     movetrace::mark(&mut conn.trace, "resumed_rx");
     let r = resumed(msg)?;
     // Until the new server confirms, its keeper can hand the state out again (eager mode).

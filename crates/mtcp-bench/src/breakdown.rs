@@ -160,12 +160,12 @@ const CRITICAL: usize = SEGMENTS.len() - 2;
 /// written. The destination's application restart runs beside it.
 const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
     (
-        "agent: trigger -> the client's flow fenced (nftables)",
+        "agent: trigger -> the client's flow fenced (nftables, netlink)",
         ("agent", "trigger"),
         ("agent", "fenced"),
     ),
     (
-        "agent: -> MIGRATE written (connect)",
+        "agent: -> MIGRATE written (spare or connect)",
         ("agent", "fenced"),
         ("agent", "migrate_tx*"),
     ),
