@@ -259,7 +259,7 @@ pub struct Segment {
 }
 
 /// The loopback floor: a TCP connect plus one 64-byte request/response, and one request/response
-/// on an open connection, each after a pause ([`PAUSE`]) in which both sides sleep, as the
+/// on an open connection, each after a pause (`PAUSE`) in which both sides sleep, as the
 /// processes of a move do between moves. Client and echo server are threads pinned to
 /// different CPUs, as a move's processes usually are: on a virtual machine a wake-up across
 /// CPUs costs tens of microseconds more than one on the same CPU (`same_cpu_` figures).

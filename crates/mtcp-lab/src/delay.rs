@@ -110,7 +110,7 @@ impl DelayLine {
             .store(loss_units(loss_pct), Ordering::Relaxed);
     }
 
-    /// Stops both directions (within [`MAX_WAIT`]) and returns what they did; the fds close.
+    /// Stops both directions (within `MAX_WAIT`) and returns what they did; the fds close.
     pub fn stop(mut self) -> [DirStats; 2] {
         self.stop_inner()
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 /// Samples the path's minimum is taken over ([`Rtt::unqueued`]).
 const MIN_WINDOW: usize = 8;
 
-/// Smoothed RTT estimator, and the minimum of the last [`MIN_WINDOW`] samples.
+/// Smoothed RTT estimator, and the minimum of the last `MIN_WINDOW` samples.
 #[derive(Debug, Clone, Copy)]
 pub struct Rtt {
     srtt: Option<Duration>,
