@@ -6,9 +6,10 @@
 //! socket with `TCP_REPAIR`, closes it silently and sends its state to the server (ADOPT). The
 //! server recreates the connection and serves the client directly; the agent drops the fence
 //! and sends KICK, and the server's window probe restarts the flow. The session then carries
-//! control only. To migrate, the agent fences the flow again and sends MIGRATE as usual; the
-//! origin freezes the socket and the destination recreates it (`DirectState` on the peer
-//! channel), then the fence comes down and the destination is kicked.
+//! control only. To migrate, the agent sends MIGRATE as usual; the origin fences the flow in its
+//! own fence table, freezes the socket and sends its state and the table's name
+//! (`DirectState` on the peer channel); the destination recreates the socket, lifts the fence
+//! and sends the client a window probe; the agent then sends KICK as well (decision 54).
 //!
 //! The agent sees none of the bytes: its status shows the stream offsets of the server's last
 //! restart point (SNAP) and, at the end, the total. Needs root on the client's host and on the
@@ -36,13 +37,10 @@ use tokio::sync::mpsc;
 type Session = (FrameReader<ReadHalf>, WriteHalf);
 
 /// What the agent knows of a fast-path connection: the core's placement (no stream: the agent
-/// sees none of the bytes), and the client's flow.
+/// sees none of the bytes).
 struct Conn {
     id: u64,
     at: Placement,
-    /// The client's flow: the server-side address (ours, the listening one) and the client's.
-    local: SocketAddr,
-    client: SocketAddr,
     status: Arc<Mutex<ConnStatus>>,
 }
 
@@ -215,13 +213,7 @@ async fn hand_over(
     inner
         .spares
         .want(at.alternates.iter().map(|a| a.data.as_str()));
-    let conn = Conn {
-        id,
-        at,
-        local,
-        client: peer,
-        status,
-    };
+    let conn = Conn { id, at, status };
     Ok(((reader, w), conn))
 }
 
@@ -304,11 +296,8 @@ async fn migrate(
     let mut plan = MovePlan::new(&conn.at, StreamPos::unseen(), to).map_err(|e| e.to_string())?;
     tracing::info!(conn = conn.id, cid = %conn.at.cid, from = %from, "migrating (fast path): {reason}");
     let mut trace = Trace::start_at(TraceRole::Agent, conn.at.cid, conn.at.epoch, "trigger", t0);
-    let fence = inner
-        .fences()?
-        .fence(conn.local, conn.client)
-        .map_err(|e| format!("fence: {e}"))?;
-    movetrace::mark(&mut trace, "fenced");
+    // No fence here: the origin fences the flow just before it freezes the socket, and the
+    // destination lifts it once the socket is recreated (decision 54).
     let mut state_bytes = None;
     let mut resumed = None;
     // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): one round.
@@ -334,8 +323,6 @@ async fn migrate(
             }
         }
     }
-    drop(fence);
-    movetrace::mark(&mut trace, "unfenced");
     let ok = resumed.is_some();
     let resumed_us = t0.elapsed().as_micros() as u64;
     {

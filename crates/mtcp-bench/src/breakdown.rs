@@ -154,19 +154,14 @@ const SEGMENTS: &[(&str, Point, Point)] = &[
 /// Critical-path segments: all but the last two of [`SEGMENTS`].
 const CRITICAL: usize = SEGMENTS.len() - 2;
 
-/// The segments of a move over the kernel fast path (`--fast-path`): the agent fences the
-/// client's flow, the origin freezes the client's TCP connection itself and the destination
-/// restores it; the agent sees no bytes, so the move ends when the fence is down and KICK is
-/// written. The destination's application restart runs beside it.
+/// The segments of a move over the kernel fast path (`--fast-path`): the origin fences the
+/// client's flow and freezes the client's TCP connection itself, the destination restores it,
+/// lifts the fence and sends the client a window probe — the flow restarts there (decision 54).
+/// The agent sees no bytes; its RESUMED and KICK, and the application's restart, run beside.
 const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
     (
-        "agent: trigger -> the client's flow fenced (nftables, netlink)",
+        "agent: trigger -> MIGRATE written (spare or connect)",
         ("agent", "trigger"),
-        ("agent", "fenced"),
-    ),
-    (
-        "agent: -> MIGRATE written (spare or connect)",
-        ("agent", "fenced"),
         ("agent", "migrate_tx*"),
     ),
     (
@@ -190,8 +185,13 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
         ("origin", "slot"),
     ),
     (
-        "origin: freeze (stop the pump, TCP_REPAIR)",
+        "origin: the client's flow fenced (nftables, netlink)",
         ("origin", "slot"),
+        ("origin", "fenced"),
+    ),
+    (
+        "origin: freeze (stop the pump, TCP_REPAIR)",
+        ("origin", "fenced"),
         ("origin", "frozen"),
     ),
     (
@@ -210,28 +210,33 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
         ("destination", "record_checked"),
     ),
     (
-        "destination: restore the TCP connection, restart",
+        "destination: restore the TCP connection",
         ("destination", "record_checked"),
-        ("destination", "restarted"),
+        ("destination", "restored"),
     ),
     (
-        "destination: -> RESUMED written",
-        ("destination", "restarted"),
+        "destination: lift the origin's fence",
+        ("destination", "restored"),
+        ("destination", "lifted"),
+    ),
+    (
+        "destination: restart, pump started, window probe sent",
+        ("destination", "lifted"),
+        ("destination", "resumed_ready"),
+    ),
+    (
+        "beside it: destination: -> RESUMED written",
+        ("destination", "resumed_ready"),
         ("destination", "resumed_tx"),
     ),
     (
-        "wire: RESUMED -> agent has read it",
+        "beside it: wire: RESUMED -> agent has read it",
         ("destination", "resumed_tx"),
         ("agent", "resumed_rx"),
     ),
     (
-        "agent: fence down",
+        "beside it: agent: KICK written",
         ("agent", "resumed_rx"),
-        ("agent", "unfenced"),
-    ),
-    (
-        "agent: KICK written",
-        ("agent", "unfenced"),
         ("agent", "kick_tx"),
     ),
     (
@@ -246,8 +251,8 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
     ),
 ];
 
-/// Critical-path segments of a fast-path move: all but the last two of [`FAST_SEGMENTS`].
-const FAST_CRITICAL: usize = FAST_SEGMENTS.len() - 2;
+/// Critical-path segments of a fast-path move: all but the last five of [`FAST_SEGMENTS`].
+const FAST_CRITICAL: usize = FAST_SEGMENTS.len() - 5;
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Segment {
@@ -351,9 +356,13 @@ fn us(sorted_ns: &[u64], p: f64) -> f64 {
 /// The breakdown of the traced moves in `dir`'s logs.
 pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
     let ms = moves(dir)?;
-    let fast_path = ms.iter().any(|m| at(m, ("agent", "fenced")).is_some());
+    let fast_path = ms.iter().any(|m| at(m, ("origin", "fenced")).is_some());
     let (list, critical, end) = if fast_path {
-        (FAST_SEGMENTS, FAST_CRITICAL, ("agent", "kick_tx"))
+        (
+            FAST_SEGMENTS,
+            FAST_CRITICAL,
+            ("destination", "resumed_ready"),
+        )
     } else {
         (SEGMENTS, CRITICAL, ("agent", "first_byte_rx"))
     };
@@ -515,7 +524,7 @@ pub fn print(b: &Breakdown) {
         f.connect_rr_us, f.rr_us, f.same_cpu_connect_rr_us, f.same_cpu_rr_us
     );
     let end = if b.fast_path {
-        "fence down and KICK written (fast path)"
+        "the destination's window probe (fast path: the client's flow restarts)"
     } else {
         "first resumed byte"
     };
@@ -582,13 +591,13 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_path_move_ends_with_its_kick() {
+    fn a_fast_path_move_ends_with_the_destinations_window_probe() {
         let cid = "cd".repeat(16);
         let dir = logs(
             "fast",
-            &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,fenced=400,migrate_tx_connect=600,resumed_rx=2000,unfenced=2300,kick_tx=2400\n"),
-            &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
-            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,frozen=1300,encoded=1350,state_tx=1400\n"),
+            &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,migrate_tx_connect=600,resumed_rx=2000,kick_tx=2400\n"),
+            &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restored=1700,lifted=1750,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
+            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,fenced=1050,frozen=1300,encoded=1350,state_tx=1400\n"),
         );
         let f = Floor {
             connect_rr_us: 1.0,
@@ -600,14 +609,13 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(b.fast_path);
         assert_eq!(b.critical, FAST_CRITICAL);
-        assert_eq!(b.total_p50_us, 2.4);
+        assert_eq!(b.total_p50_us, 1.85);
         assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
         let seg = |n: &str| b.segments.iter().find(|s| s.name.starts_with(n)).unwrap();
-        assert_eq!(
-            seg("agent: trigger -> the client's flow fenced").p50_us,
-            0.4
-        );
-        assert_eq!(seg("origin: freeze").p50_us, 0.3);
+        assert_eq!(seg("origin: the client's flow fenced").p50_us, 0.05);
+        assert_eq!(seg("origin: freeze").p50_us, 0.25);
+        assert_eq!(seg("destination: lift the origin's fence").p50_us, 0.05);
+        assert_eq!(seg("beside it: agent: KICK written").p50_us, 0.4);
     }
 
     #[test]

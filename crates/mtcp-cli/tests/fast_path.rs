@@ -56,6 +56,10 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
     let want = file(&dir, "big.bin", size, 43);
     let lc = fast_cluster(&dir);
     let agent_pid = lc.pid("agent").expect("agent");
+    let server_pids: Vec<u32> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|s| lc.pid(s).expect("server"))
+        .collect();
     let out = dir.path().join("got.bin");
     // The reset breaks the agent's control session while the server (and the client's
     // connection on it) lives: the agent moves the connection.
@@ -81,11 +85,24 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
         reasons.iter().any(|r| r.contains("session with")),
         "{reasons:?}"
     );
-    // Every fence is down (the table has no fenced flow), and the table goes with the agent.
+    // Every fence is down (no table has a fenced flow: the agent's fenced the hand-overs, the
+    // origins' the moves), and the tables go with their processes.
     let table = fence_table(agent_pid).expect("the agent's fence table");
     assert!(!table.contains("elements"), "fences left up: {table}");
+    let origins: Vec<u32> = server_pids
+        .iter()
+        .copied()
+        .filter(|p| fence_table(*p).is_some())
+        .collect();
+    assert!(!origins.is_empty(), "no origin fenced a move");
+    for p in &origins {
+        let t = fence_table(*p).unwrap();
+        assert!(!t.contains("elements"), "an origin's fences left up: {t}");
+    }
     drop(lc);
-    assert_eq!(fence_table(agent_pid), None, "fence table left behind");
+    for p in std::iter::once(agent_pid).chain(origins) {
+        assert_eq!(fence_table(p), None, "fence table of {p} left behind");
+    }
 }
 
 /// The fast path does not survive a crash (the kernel closes the client's connection with the

@@ -384,12 +384,15 @@ pub enum Msg {
     /// probe so the flow restarts at once (its ACKs were dropped while fenced).
     Kick,
     /// Origin → destination: a fast-path connection's state record (encoded
-    /// [`crate::StateRecord`]) and its TCP connection (encoded `mtcp_repair::TcpState`).
+    /// [`crate::StateRecord`]) and its TCP connection (encoded `mtcp_repair::TcpState`). The
+    /// origin fenced the client's flow before freezing it, in its fence table `fence`; the
+    /// destination lifts that fence once it recreated the connection (decision 54).
     DirectState {
         #[serde(with = "serde_bytes")]
         record: Vec<u8>,
         #[serde(with = "serde_bytes")]
         tcp: Vec<u8>,
+        fence: String,
     },
     /// Destination → backup (eager mode): the takeover for which this destination claimed `cid`
     /// at `epoch` failed before it served a byte; the claim is withdrawn and the entry is

@@ -20,6 +20,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Prefix of every fence table's name (`mtcp_fence_<pid>`).
 pub const TABLE_PREFIX: &str = "mtcp_fence_";
@@ -76,8 +77,8 @@ impl Fences {
         let _ = nft_once(&["delete", "table", "inet", &table], None);
         let rules = format!(
             "table inet {table} {{\n \
-               set f4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}\n \
-               set f6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}\n \
+               set f4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; }}\n \
+               set f6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; flags timeout; }}\n \
                chain input {{\n  type filter hook input priority -10;\n  \
                  ip saddr . tcp sport . ip daddr . tcp dport @f4 drop\n  \
                  ip6 saddr . tcp sport . ip6 daddr . tcp dport @f6 drop\n \
@@ -102,30 +103,92 @@ impl Fences {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> Result<Fence, RepairError> {
+        self.fence_for(local, remote, None)
+    }
+
+    /// As [`Fences::fence`], but the kernel also takes the fence down by itself after `ttl`:
+    /// for a fence [`Fence::leave_up`] hands to another process, which lifts it with [`lift`]
+    /// — if that process dies first, the flow is not cut off for good.
+    pub fn fence_expiring(
+        self: &Arc<Self>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        ttl: Duration,
+    ) -> Result<Fence, RepairError> {
+        self.fence_for(local, remote, Some(ttl.as_millis().max(1) as u64))
+    }
+
+    fn fence_for(
+        self: &Arc<Self>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        timeout_ms: Option<u64>,
+    ) -> Result<Fence, RepairError> {
         let Some(key) = nfnl::flow_key(local, remote) else {
             return Err(err(format!(
                 "cannot fence {remote} -> {local}: mixed address families"
             )));
         };
-        let set = if local.is_ipv4() { "f4" } else { "f6" };
-        self.edit(Op::Add, set, &key).map_err(|e| {
-            err(format!(
-                "cannot fence {remote} -> {local} in {}: {e}",
-                self.table
-            ))
-        })?;
+        let set = set_for(local);
+        let mut nl = self.nl.lock().unwrap_or_else(|p| p.into_inner());
+        nl.change(Op::Add, &self.table, set, &key, timeout_ms)
+            .map_err(|e| {
+                err(format!(
+                    "cannot fence {remote} -> {local} in {}: {e}",
+                    self.table
+                ))
+            })?;
+        drop(nl);
         Ok(Fence {
             fences: self.clone(),
             set,
             key,
             flow: format!("{remote} -> {local}"),
+            armed: true,
         })
     }
 
-    /// Adds or deletes one element; returns once the kernel committed the change.
-    fn edit(&self, op: Op, set: &str, key: &[u8]) -> std::io::Result<()> {
+    /// Deletes one element; returns once the kernel committed the change.
+    fn delete(&self, set: &str, key: &[u8]) -> std::io::Result<()> {
         let mut nl = self.nl.lock().unwrap_or_else(|p| p.into_inner());
-        nl.change(op, &self.table, set, key)
+        nl.change(Op::Delete, &self.table, set, key, None)
+    }
+}
+
+fn set_for(local: SocketAddr) -> &'static str {
+    if local.is_ipv4() {
+        "f4"
+    } else {
+        "f6"
+    }
+}
+
+/// Takes down the fence of the flow `remote` → `local` that another process of this host put
+/// up in its fence table `table` and left up ([`Fence::leave_up`]). `Ok(false)`: there was none
+/// (it expired, or was never put up). Only tables named like a fence table are touched.
+pub fn lift(table: &str, local: SocketAddr, remote: SocketAddr) -> Result<bool, RepairError> {
+    let pid = table.strip_prefix(TABLE_PREFIX).unwrap_or("");
+    if pid.is_empty() || pid.len() > 10 || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err(format!("{table:?} is not a fence table's name")));
+    }
+    let Some(key) = nfnl::flow_key(local, remote) else {
+        return Err(err(format!(
+            "cannot lift a fence {remote} -> {local}: mixed address families"
+        )));
+    };
+    // One socket for the process's lifts, opened on first use.
+    static NL: Mutex<Option<Netlink>> = Mutex::new(None);
+    let mut g = NL.lock().unwrap_or_else(|p| p.into_inner());
+    if g.is_none() {
+        *g = Some(Netlink::open().map_err(|e| err(format!("netlink (nftables): {e}")))?);
+    }
+    let nl = g.as_mut().expect("opened above");
+    match nl.change(Op::Delete, table, set_for(local), &key, None) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(err(format!(
+            "cannot lift the fence {remote} -> {local} in {table}: {e}"
+        ))),
     }
 }
 
@@ -161,6 +224,17 @@ pub struct Fence {
     set: &'static str,
     key: Vec<u8>,
     flow: String,
+    /// Whether dropping it takes the fence down (see [`Fence::leave_up`]).
+    armed: bool,
+}
+
+impl Fence {
+    /// Leaves the fence up for another process to [`lift`] (or for its timeout, if it was put
+    /// up with [`Fences::fence_expiring`]); returns the table that holds it.
+    pub fn leave_up(mut self) -> String {
+        self.armed = false;
+        self.fences.table.clone()
+    }
 }
 
 impl std::fmt::Debug for Fence {
@@ -171,8 +245,11 @@ impl std::fmt::Debug for Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         // Not silent: a fence left up would cut the flow off for good.
-        if let Err(e) = self.fences.edit(Op::Delete, self.set, &self.key) {
+        if let Err(e) = self.fences.delete(self.set, &self.key) {
             eprintln!("mtcp: could not take fence {} down: {e}", self.flow);
         }
     }

@@ -21,7 +21,7 @@
 
 mod fence;
 pub mod nfnl;
-pub use fence::{Fence, Fences, TABLE_PREFIX};
+pub use fence::{lift, Fence, Fences, TABLE_PREFIX};
 
 use serde::{Deserialize, Serialize};
 use std::io;

@@ -25,6 +25,7 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 /// `NLMSGERR_ATTR_MSG`: the kernel's text for an error (extended ACK).
 const NLMSGERR_ATTR_MSG: u16 = 1;
@@ -107,8 +108,17 @@ fn message(
 }
 
 /// The batch that adds `key` to (or deletes it from) `set` of the `inet` table `table`: begin
-/// (sequence `seq`), the change (`seq + 1`, the one acknowledged), end (`seq + 2`).
-pub fn encode_change(op: Op, table: &str, set: &str, key: &[u8], seq: u32) -> Vec<u8> {
+/// (sequence `seq`), the change (`seq + 1`, the one acknowledged), end (`seq + 2`). An element
+/// added with `timeout_ms` is removed by the kernel after that long (the set needs
+/// `flags timeout`).
+pub fn encode_change(
+    op: Op,
+    table: &str,
+    set: &str,
+    key: &[u8],
+    timeout_ms: Option<u64>,
+    seq: u32,
+) -> Vec<u8> {
     let nested = libc::NLA_F_NESTED as u16;
     let subsys = libc::NFNL_SUBSYS_NFTABLES as u16;
     let mut b = Vec::with_capacity(160);
@@ -140,7 +150,12 @@ pub fn encode_change(op: Op, table: &str, set: &str, key: &[u8], seq: u32) -> Ve
                 attr(b, NFTA_LIST_ELEM | nested, |b| {
                     attr(b, NFTA_SET_ELEM_KEY | nested, |b| {
                         attr(b, NFTA_DATA_VALUE, |b| b.extend_from_slice(key))
-                    })
+                    });
+                    if let (Op::Add, Some(ms)) = (op, timeout_ms) {
+                        attr(b, NFTA_SET_ELEM_TIMEOUT, |b| {
+                            b.extend_from_slice(&ms.to_be_bytes())
+                        });
+                    }
                 })
             });
         },
@@ -294,12 +309,20 @@ impl Netlink {
         })
     }
 
-    /// Adds `key` to `set` of the `inet` table `table`, or deletes it; returns once the kernel
-    /// committed the change (or refused it: the error names the kernel's reason).
-    pub fn change(&mut self, op: Op, table: &str, set: &str, key: &[u8]) -> io::Result<()> {
+    /// Adds `key` to `set` of the `inet` table `table` (for `timeout_ms` if given), or deletes
+    /// it; returns once the kernel committed the change (or refused it: the error names the
+    /// kernel's reason).
+    pub fn change(
+        &mut self,
+        op: Op,
+        table: &str,
+        set: &str,
+        key: &[u8],
+        timeout_ms: Option<u64>,
+    ) -> io::Result<()> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(3);
-        let msg = encode_change(op, table, set, key, seq);
+        let msg = encode_change(op, table, set, key, timeout_ms, seq);
         let want = seq.wrapping_add(1);
         // SAFETY: `msg` is a valid buffer of its length; an unconnected netlink socket sends
         // to the kernel.
@@ -371,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_change_is_three_messages_and_only_the_middle_one_asks_for_an_ack() {
-        let b = encode_change(Op::Delete, "mtcp_fence_7", "f4", &[1; 16], 100);
+        let b = encode_change(Op::Delete, "mtcp_fence_7", "f4", &[1; 16], Some(5), 100);
         let mut at = 0;
         let mut seen = Vec::new();
         while at < b.len() {

@@ -81,6 +81,43 @@ fn a_fence_drops_its_flow_only_until_it_is_taken_down() {
     drop(again);
     c1.write_all(b"after").unwrap();
     assert_eq!(read_for(&mut s1, 5, Duration::from_secs(5)), b"after");
+    // A fence left up for another process: lifted by name, as a destination does.
+    let table = fences
+        .fence_expiring(
+            s1.local_addr().unwrap(),
+            c1.local_addr().unwrap(),
+            Duration::from_secs(30),
+        )
+        .expect("expiring fence up")
+        .leave_up();
+    c1.write_all(b"lifted").unwrap();
+    assert!(
+        read_for(&mut s1, 1, Duration::from_millis(400)).is_empty(),
+        "a fence left up still drops the flow"
+    );
+    assert!(
+        mtcp_repair::lift(&table, s1.local_addr().unwrap(), c1.local_addr().unwrap()).unwrap(),
+        "the fence was up and is lifted"
+    );
+    assert_eq!(read_for(&mut s1, 6, Duration::from_secs(10)), b"lifted");
+    assert!(
+        !mtcp_repair::lift(&table, s1.local_addr().unwrap(), c1.local_addr().unwrap()).unwrap(),
+        "lifting a fence that is not up says so"
+    );
+    assert!(
+        mtcp_repair::lift("filter", s1.local_addr().unwrap(), c1.local_addr().unwrap()).is_err()
+    );
+    // Left up and never lifted (its lifter died): the kernel takes it down after its timeout.
+    let _ = fences
+        .fence_expiring(
+            s1.local_addr().unwrap(),
+            c1.local_addr().unwrap(),
+            Duration::from_millis(300),
+        )
+        .expect("short fence up")
+        .leave_up();
+    c1.write_all(b"expired").unwrap();
+    assert_eq!(read_for(&mut s1, 7, Duration::from_secs(10)), b"expired");
     // (One `Fences` per process: its table is named by the pid, so this test holds the only one.)
     let e = fences
         .fence("127.0.0.1:1".parse().unwrap(), "[::1]:2".parse().unwrap())
@@ -101,6 +138,7 @@ fn a_change_the_kernel_refuses_names_its_reason() {
             "mtcp_no_such_table_for_test",
             "f4",
             &[0; 16],
+            None,
         )
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");

@@ -20,8 +20,16 @@ pub trait App: Send + Sync + 'static {
 }
 
 /// Accepts connections and serves each with `app` in its own task until the server stops
-/// (`Ctrl-C` included).
+/// (`Ctrl-C` and SIGTERM included: the fast path's fence table goes with the server).
 pub async fn run(mut server: Server, app: Arc<dyn App>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async move {
+        match term.as_mut() {
+            Some(t) => t.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(terminated);
     loop {
         tokio::select! {
             c = server.accept() => {
@@ -39,6 +47,12 @@ pub async fn run(mut server: Server, app: Arc<dyn App>) {
             }
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted; exiting");
+                server.close();
+                return;
+            }
+            _ = &mut terminated => {
+                tracing::info!("terminated; exiting");
+                server.close();
                 return;
             }
         }

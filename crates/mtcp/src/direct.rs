@@ -259,11 +259,20 @@ const SNAP_EVERY: Duration = Duration::from_millis(100);
 
 impl Pump {
     /// A pump for `sock`; the connection's [`FastOut`] says where its downstream stream is.
+    /// `released`: the client's flow is not fenced (a destination lifted the origin's fence),
+    /// so output need not wait for KICK; the client is sent a window probe at once, as KICK
+    /// would.
     pub fn new(
         sock: TcpStream,
         rx: mpsc::UnboundedReceiver<Out>,
         ctl: mpsc::UnboundedSender<Out>,
+        released: bool,
     ) -> Pump {
+        if released {
+            if let Err(e) = mtcp_repair::window_probe(&sock) {
+                tracing::warn!("window probe: {e}");
+            }
+        }
         Pump {
             sock: Arc::new(sock),
             q: Queues {
@@ -273,7 +282,7 @@ impl Pump {
                 cur: None,
                 ctl: Some(ctl),
                 eof: false,
-                held: Some(tokio::time::Instant::now() + HOLD_MAX),
+                held: (!released).then(|| tokio::time::Instant::now() + HOLD_MAX),
             },
         }
     }
@@ -546,6 +555,21 @@ pub(crate) struct Adopter {
     pub held: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
+/// Takes down the origin's fence (in its table `table`) around the flow of `sock`, a connection
+/// recreated here. `false`: there was none up, or it could not be taken down (logged).
+pub(crate) fn lift_fence(sock: &TcpStream, table: &str) -> bool {
+    let (Ok(local), Ok(remote)) = (sock.local_addr(), sock.peer_addr()) else {
+        return false;
+    };
+    match mtcp_repair::lift(table, local, remote) {
+        Ok(up) => up,
+        Err(e) => {
+            tracing::warn!(%local, %remote, "cannot lift the origin's fence: {e}");
+            false
+        }
+    }
+}
+
 /// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of
 /// this process, if the cluster admits its local address (`allowed`); returns it nonblocking and
 /// registered with tokio. `agent`: the connection comes from an agent's ADOPT; it must name a
@@ -596,9 +620,9 @@ pub(crate) async fn adopt(
     // from the snapshot (it drops it before sending), and an agent never writes to the client.
     let mut st = st;
     st.drop_unsent();
-    let sock = tokio::task::spawn_blocking(move || mtcp_repair::restore(&st))
-        .await
-        .map_err(|e| format!("restore: {e}"))?
+    // On the runtime's thread: a few system calls and copies of the queues (at most
+    // `MAX_TCP_STATE`), cheaper than two hops to the blocking pool and back.
+    let sock = mtcp_repair::restore(&st)
         .map_err(|e| format!("recreating the client's connection: {e}"))?;
     sock.set_nonblocking(true)
         .map_err(|e| format!("restore: {e}"))?;

@@ -111,12 +111,25 @@ impl ServerInner {
     }
 }
 
-/// A frozen connection: its state record and, for a fast-path connection, its TCP connection
-/// (an encoded `mtcp_repair::TcpState`).
+/// A frozen connection: its state record and, for a fast-path connection, its TCP connection.
 pub(crate) struct Frozen {
     pub rec: StateRecord,
-    pub tcp: Option<Vec<u8>>,
+    pub tcp: Option<DirectTcp>,
 }
+
+/// A frozen fast-path connection's TCP side.
+pub(crate) struct DirectTcp {
+    /// An encoded `mtcp_repair::TcpState`.
+    pub tcp: Vec<u8>,
+    /// The origin's fence table, where the client's flow is fenced until the destination lifts
+    /// it (decision 54).
+    pub fence: String,
+}
+
+/// How long an origin's fence stays up if no destination lifts it (the destination died): then
+/// the kernel takes it down, and the client's next packet meets no socket and is reset, which
+/// ends its connection with an error instead of a hang.
+const FENCE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ServerInner {
     /// Freezes a fast-path connection: stops its pump, freezes the client's socket, and builds
@@ -129,6 +142,31 @@ impl ServerInner {
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {
+        // The client's flow is fenced from before the freeze until the destination recreated
+        // the connection (decision 54): a packet the frozen socket took after its queues were
+        // read would be lost, and one meeting no socket would reset the client.
+        let ends = (h.sock.local_addr(), h.sock.peer_addr());
+        let fence = match ends {
+            (Ok(local), Ok(remote)) => self
+                .fences()
+                .and_then(|f| {
+                    f.fence_expiring(local, remote, FENCE_TTL)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    (
+                        RefuseCode::Internal,
+                        format!("cannot fence {cid}'s flow: {e}"),
+                    )
+                })?,
+            (Err(e), _) | (_, Err(e)) => {
+                return Err((
+                    RefuseCode::Closed,
+                    format!("connection {cid}: its socket has no peer: {e}"),
+                ))
+            }
+        };
+        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "fenced");
         let Some(pump) = h.stop().await else {
             return Err((
                 RefuseCode::Closed,
@@ -171,6 +209,7 @@ impl ServerInner {
                 let mut tcp_state = frozen.discard();
                 tcp_state.drop_unsent();
                 let tcp = tcp_state.encode();
+                let fence = fence.leave_up();
                 tracing::info!(
                     %cid,
                     epoch,
@@ -182,7 +221,7 @@ impl ServerInner {
                 );
                 Ok(Frozen {
                     rec,
-                    tcp: Some(tcp),
+                    tcp: Some(DirectTcp { tcp, fence }),
                 })
             }
             Err(e) => {

@@ -347,13 +347,13 @@ pub(crate) async fn fetch(
         Msg::State(b) => StateRecord::decode(&b)
             .map(|rec| (Frozen { rec, tcp: None }, b.len() as u64))
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
-        Msg::DirectState { record, tcp } => StateRecord::decode(&record)
+        Msg::DirectState { record, tcp, fence } => StateRecord::decode(&record)
             .map(|rec| {
                 let n = (record.len() + tcp.len()) as u64;
                 (
                     Frozen {
                         rec,
-                        tcp: Some(tcp),
+                        tcp: Some(crate::origin::DirectTcp { tcp, fence }),
                     },
                     n,
                 )
@@ -708,10 +708,11 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                             Ok(Frozen { rec, tcp: None }) => Msg::State(encode(rec)),
                             Ok(Frozen {
                                 rec,
-                                tcp: Some(tcp),
+                                tcp: Some(crate::origin::DirectTcp { tcp, fence }),
                             }) => Msg::DirectState {
                                 record: encode(rec),
                                 tcp,
+                                fence,
                             },
                             Err((code, reason)) => Msg::Refused { code, reason },
                         }

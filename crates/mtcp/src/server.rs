@@ -69,9 +69,23 @@ pub(crate) struct ServerInner {
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
     pub(crate) accept_tx: mpsc::UnboundedSender<Connection>,
+    /// The fast path's fences: an origin fences a connection's flow before it freezes it
+    /// (created on first use; decision 54).
+    fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
 }
 
 impl ServerInner {
+    /// The fast path's fences (the table is created on first use).
+    pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
+        let mut f = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = &*f {
+            return Ok(x.clone());
+        }
+        let x = mtcp_repair::Fences::open().map_err(|e| format!("fences: {e}"))?;
+        *f = Some(x.clone());
+        Ok(x)
+    }
+
     pub fn forget(&self, cid: Cid) {
         self.conns
             .lock()
@@ -222,7 +236,15 @@ impl Server {
             closed: Mutex::new(HashMap::new()),
             gates: Default::default(),
             accept_tx,
+            fences: Mutex::new(None),
         });
+        if !inner.cluster.fast_path.is_empty() {
+            // A fast-path cluster: the fence table is made now, not in a move's critical path
+            // (creating it runs `nft`, tens of milliseconds).
+            if let Err(e) = inner.fences() {
+                tracing::warn!("the fast path cannot move connections away from here: {e}");
+            }
+        }
         let mut tasks = vec![
             tokio::spawn(accept::accept_loop(data, inner.clone(), Port::Data)),
             tokio::spawn(accept::accept_loop(peer_l, inner.clone(), Port::Peer)),
@@ -242,6 +264,15 @@ impl Server {
     /// The next connection, new or migrated here.
     pub async fn accept(&mut self) -> Option<Connection> {
         self.rx.recv().await
+    }
+
+    /// Removes the fast path's fence table (the server is exiting).
+    pub fn close(&self) {
+        self.inner
+            .fences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     pub fn id(&self) -> &str {

@@ -205,7 +205,11 @@ pub(crate) async fn handle_session(
                 .await
                 {
                     Ok(sock) => {
-                        let d = DirectSock { sock, written: 0 };
+                        let d = DirectSock {
+                            sock,
+                            written: 0,
+                            released: false,
+                        };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
                     Err(e) => {

@@ -110,7 +110,7 @@ pub(crate) async fn fetch_or_replica(
 ) -> Result<
     (
         StateRecord,
-        Option<Vec<u8>>,
+        Option<crate::origin::DirectTcp>,
         u64,
         Option<crate::eager::Claims>,
     ),
@@ -124,7 +124,7 @@ pub(crate) async fn fetch_or_replica(
         // decision 52's `LateHandOut`).
         let waiting = || !peer::peer_closed(agent);
         let fr = crate::eager::hand_over(inner, f, &inner.id, &waiting).await?;
-        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, Vec::len)) as u64;
+        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, |d| d.tcp.len())) as u64;
         return Ok((fr.rec, fr.tcp, size, None));
     }
     let answered = AtomicBool::new(false);
@@ -184,7 +184,7 @@ pub(crate) async fn take_over_checked(
     inner: &Arc<ServerInner>,
     m: &Migrate,
     rec: mtcp_proto::StateRecord,
-    tcp: Option<Vec<u8>>,
+    tcp: Option<crate::origin::DirectTcp>,
     state_bytes: u64,
     from_replica: bool,
     tx: mpsc::UnboundedSender<Out>,
@@ -206,16 +206,25 @@ pub(crate) async fn take_over_checked(
         .map(Start::Migrated)
         .unwrap_or(Start::New);
     let sock = match tcp {
-        Some(tcp) => {
-            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path, None)
+        Some(d) => {
+            let sock = crate::direct::adopt(d.tcp, &inner.cluster.fast_path, None)
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
                     (RefuseCode::Internal, e)
                 })?;
+            crate::movetrace::step(Role::Destination, m.cid, "restored");
+            // The connection has a socket again: the origin's fence comes down, and the pump
+            // restarts the flow at once (decision 54).
+            let lifted = crate::direct::lift_fence(&sock, &d.fence);
+            crate::movetrace::step(Role::Destination, m.cid, "lifted");
+            if !lifted {
+                tracing::warn!(cid = %m.cid, fence = %d.fence, "the origin's fence was not up; output waits for the agent's KICK");
+            }
             Some(DirectSock {
                 sock,
                 written: rec.client_down(),
+                released: lifted,
             })
         }
         None => None,
@@ -249,6 +258,8 @@ pub(crate) struct DirectSock {
     pub(crate) sock: TcpStream,
     /// Downstream offset the socket continues at.
     pub(crate) written: u64,
+    /// The flow is unfenced already: output need not wait for KICK.
+    pub(crate) released: bool,
 }
 
 impl DirectSock {
@@ -261,7 +272,7 @@ impl DirectSock {
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         shared.lock().fast = crate::direct::FastOut::at(self.written);
-        crate::direct::Pump::new(self.sock, rx, ctl_tx).start(shared, inner);
+        crate::direct::Pump::new(self.sock, rx, ctl_tx, self.released).start(shared, inner);
         ctl_rx
     }
 }

@@ -116,21 +116,29 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Kills every started process (SIGCONT first for stopped ones) and waits for them.
+    /// Stops every started process and waits for them: SIGTERM to all that run (servers and
+    /// agents remove their fast-path fence tables then), up to 2 s for them to exit, then
+    /// SIGCONT for stopped ones and SIGKILL for the rest.
     pub fn stop(&mut self) {
-        for p in &mut self.children {
-            if p.name.starts_with("agent") && !p.stopped {
-                // Agents clean up on SIGTERM (the fast path's nftables table); give them a moment.
+        for p in &self.children {
+            if !p.stopped {
                 // SAFETY: kill(2) on a child we started and have not reaped.
                 unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
-                let t0 = Instant::now();
-                while t0.elapsed() < Duration::from_secs(2) {
-                    if let Ok(Some(_)) = p.child.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
             }
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) {
+            let running = self
+                .children
+                .iter_mut()
+                .filter(|p| !p.stopped)
+                .any(|p| matches!(p.child.try_wait(), Ok(None)));
+            if !running {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for p in &mut self.children {
             if p.stopped {
                 // SAFETY: kill(2) on a child we started and have not reaped.
                 unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGCONT) };
