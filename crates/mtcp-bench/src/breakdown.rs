@@ -185,12 +185,12 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
         ("origin", "slot"),
     ),
     (
-        "origin: the client's flow fenced (nftables, netlink)",
+        "origin: stop the pump, fence the flow (nftables, netlink)",
         ("origin", "slot"),
         ("origin", "fenced"),
     ),
     (
-        "origin: freeze (stop the pump, TCP_REPAIR)",
+        "origin: freeze (TCP_REPAIR, read the queues)",
         ("origin", "fenced"),
         ("origin", "frozen"),
     ),
@@ -612,7 +612,7 @@ mod tests {
         assert_eq!(b.total_p50_us, 1.85);
         assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
         let seg = |n: &str| b.segments.iter().find(|s| s.name.starts_with(n)).unwrap();
-        assert_eq!(seg("origin: the client's flow fenced").p50_us, 0.05);
+        assert_eq!(seg("origin: stop the pump, fence the flow").p50_us, 0.05);
         assert_eq!(seg("origin: freeze").p50_us, 0.25);
         assert_eq!(seg("destination: lift the origin's fence").p50_us, 0.05);
         assert_eq!(seg("beside it: agent: KICK written").p50_us, 0.4);

@@ -142,31 +142,6 @@ impl ServerInner {
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {
-        // The client's flow is fenced from before the freeze until the destination recreated
-        // the connection (decision 54): a packet the frozen socket took after its queues were
-        // read would be lost, and one meeting no socket would reset the client.
-        let ends = (h.sock.local_addr(), h.sock.peer_addr());
-        let fence = match ends {
-            (Ok(local), Ok(remote)) => self
-                .fences()
-                .and_then(|f| {
-                    f.fence_expiring(local, remote, FENCE_TTL)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| {
-                    (
-                        RefuseCode::Internal,
-                        format!("cannot fence {cid}'s flow: {e}"),
-                    )
-                })?,
-            (Err(e), _) | (_, Err(e)) => {
-                return Err((
-                    RefuseCode::Closed,
-                    format!("connection {cid}: its socket has no peer: {e}"),
-                ))
-            }
-        };
-        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "fenced");
         let Some(pump) = h.stop().await else {
             return Err((
                 RefuseCode::Closed,
@@ -183,6 +158,29 @@ impl ServerInner {
         let std = sock
             .into_std()
             .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
+        // The client's flow is fenced from just before the freeze until the destination
+        // recreated the connection (decision 54): a packet the frozen socket took after its
+        // queues were read would be lost, and one meeting no socket would reset the client. Not
+        // earlier: while the pump stops the client's ACKs still arrive, so only what is in flight
+        // at this instant stays in the send queue and crosses in the state.
+        let fence = match (std.local_addr(), std.peer_addr()) {
+            (Ok(local), Ok(remote)) => self.fences().and_then(|f| {
+                f.fence_expiring(local, remote, FENCE_TTL)
+                    .map_err(|e| e.to_string())
+            }),
+            (Err(e), _) | (_, Err(e)) => Err(format!("its socket has no peer: {e}")),
+        };
+        let fence = match fence {
+            Ok(f) => f,
+            Err(e) => {
+                restart.resume(std, shared, self);
+                return Err((
+                    RefuseCode::Internal,
+                    format!("cannot fence {cid}'s flow: {e}"),
+                ));
+            }
+        };
+        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "fenced");
         let frozen = match mtcp_repair::try_freeze(std) {
             Ok(f) => f,
             Err((e, std)) => {
