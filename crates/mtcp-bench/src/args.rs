@@ -70,8 +70,8 @@ pub struct BenchArgs {
     /// Connections to open (scale).
     #[arg(long, default_value_t = 1000)]
     pub conns: u32,
-    /// The `mtcp` binary the cluster's processes run (scale; default: this one), e.g. an older
-    /// build to compare against.
+    /// The `mtcp` binary the cluster's processes run (scale, pg; default: this one), e.g. an
+    /// older build to compare against.
     #[arg(long)]
     pub exe: Option<std::path::PathBuf>,
     #[command(flatten)]

@@ -43,7 +43,8 @@ pub struct PgArgs {
     #[arg(long, default_value_t = 200)]
     pub move_every_ms: u64,
     /// Configurations to time, comma-separated (pg): direct, pgbouncer, agent-2pc-off,
-    /// agent-2pc-on, agent-2pc-on-moves, fastpath-2pc-off. `direct` (the baseline) is always
+    /// agent-2pc-on, agent-2pc-on-moves, fastpath-2pc-off, fastpath-2pc-off-moves. `direct`
+    /// (the baseline) is always
     /// timed; the move latencies are measured only with agent-2pc-on. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
@@ -68,17 +69,25 @@ enum Config {
     /// Two-phase commit off, the agent with `--fast-path` (root): the client's connection is
     /// served by the front-end itself, no relay in between.
     FastOff,
+    /// The same with every connection moved every `--move-every-ms`.
+    FastMoves,
 }
 
 impl Config {
-    const ALL: [Config; 6] = [
+    const ALL: [Config; 7] = [
         Config::Direct,
         Config::Bouncer,
         Config::Off,
         Config::On,
         Config::OnMoves,
         Config::FastOff,
+        Config::FastMoves,
     ];
+
+    /// A configuration whose connections are moved while pgbench runs.
+    fn moving(self) -> bool {
+        matches!(self, Config::OnMoves | Config::FastMoves)
+    }
 
     /// The configurations `names` selects (all when empty), direct always first.
     fn selected(names: &[String]) -> Result<Vec<Config>> {
@@ -104,6 +113,7 @@ impl Config {
             Config::On => "agent-2pc-on",
             Config::OnMoves => "agent-2pc-on-moves",
             Config::FastOff => "fastpath-2pc-off",
+            Config::FastMoves => "fastpath-2pc-off-moves",
         }
     }
 }
@@ -210,6 +220,34 @@ pub struct MoveStats {
     pub failures: Vec<String>,
 }
 
+/// What a moving configuration's rounds gathered, before the percentiles.
+#[derive(Default)]
+struct MoveTally {
+    stats: MoveStats,
+    request_us: Vec<u64>,
+    resumed_us: Vec<u64>,
+    first_byte_us: Vec<u64>,
+}
+
+impl MoveTally {
+    fn finish(mut self) -> MoveStats {
+        let mut m = self.stats;
+        self.request_us.sort_unstable();
+        self.resumed_us.sort_unstable();
+        self.first_byte_us.sort_unstable();
+        m.request_us_p50 = pct(&self.request_us, 0.5);
+        m.request_us_p99 = pct(&self.request_us, 0.99);
+        m.seen_at_agent = self.resumed_us.len() as u64;
+        m.resumed_us_p50 = pct(&self.resumed_us, 0.5);
+        m.resumed_us_p99 = pct(&self.resumed_us, 0.99);
+        m.resumed_us_max = self.resumed_us.last().copied().unwrap_or(0);
+        m.first_byte_us_p50 = pct(&self.first_byte_us, 0.5);
+        m.first_byte_us_p99 = pct(&self.first_byte_us, 0.99);
+        m.first_byte_us_max = self.first_byte_us.last().copied().unwrap_or(0);
+        m
+    }
+}
+
 #[derive(Serialize, Debug, Default)]
 pub struct MoveLatency {
     pub moves: usize,
@@ -303,7 +341,10 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     }
     let rounds = a.rounds().max(1);
     let threads = p.clients.min(2);
-    let exe = std::env::current_exe().context("locating the mtcp binary")?;
+    let exe = match &a.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe().context("locating the mtcp binary")?,
+    };
     // Declared in start order: dropped (stopped) in reverse, the front-ends before the
     // database, also on every early return.
     let pg_opts = PgOptions {
@@ -364,7 +405,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let fast = match (wants(&all, &[Config::FastOff]), root) {
+    let fast = match (wants(&all, &[Config::FastOff, Config::FastMoves]), root) {
         (true, true) => Some(start_front(
             "fastpath",
             false,
@@ -372,10 +413,11 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         )?),
         (true, false) => {
             eprintln!(
-                "!!! NOT MEASURED: {} needs root (TCP_REPAIR and nftables); run as root to time it !!!",
-                Config::FastOff.name()
+                "!!! NOT MEASURED: {} and {} need root (TCP_REPAIR and nftables); run as root to time them !!!",
+                Config::FastOff.name(),
+                Config::FastMoves.name()
             );
-            all.retain(|c| *c != Config::FastOff);
+            all.retain(|c| !matches!(c, Config::FastOff | Config::FastMoves));
             None
         }
         (false, _) => None,
@@ -384,7 +426,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         match c {
             Config::Off => off.as_ref(),
             Config::On | Config::OnMoves => on.as_ref(),
-            Config::FastOff => fast.as_ref(),
+            Config::FastOff | Config::FastMoves => fast.as_ref(),
             Config::Direct | Config::Bouncer => None,
         }
     };
@@ -400,7 +442,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     // Warm-up: every path once, short, so that no configuration's first timed run pays for
     // cold caches or first connections.
     let warm = p.seconds.clamp(1, 2);
-    for c in all.iter().filter(|c| **c != Config::OnMoves) {
+    for c in all.iter().filter(|c| !c.moving()) {
         progress(format!("warm-up: {} ({warm} s)", c.name()));
         let (h, port) = addr(*c);
         pgbench(&h, port, p.clients, threads, warm).await?;
@@ -408,9 +450,8 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
 
     let n = all.len();
     let mut runs: Vec<Vec<Run>> = (0..n).map(|_| Vec::new()).collect();
-    let mut moves = MoveStats::default();
-    let mut move_request_us = Vec::new();
-    let (mut resumed_us, mut first_byte_us) = (Vec::new(), Vec::new());
+    // Per moving configuration (by its place in `all`).
+    let mut tallies: Vec<MoveTally> = (0..n).map(|_| MoveTally::default()).collect();
     let mut seen_moves = std::collections::HashSet::new();
     for round in 0..rounds as usize {
         for k in 0..n {
@@ -429,7 +470,14 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             };
             let before = probe.sample();
             let machine_before = machine_cpu();
-            let mut r = if let (Config::OnMoves, Some(on)) = (c, on.as_ref()) {
+            let mut r = if let (true, Some(on)) = (c.moving(), cluster(c)) {
+                let t = &mut tallies[all.iter().position(|x| *x == c).expect("listed")];
+                let MoveTally {
+                    stats: moves,
+                    request_us: move_request_us,
+                    resumed_us,
+                    first_byte_us,
+                } = t;
                 let stop = Arc::new(AtomicBool::new(false));
                 let mover = tokio::spawn(mover(
                     on.agent_admin.clone(),
@@ -501,25 +549,15 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             runs[all.iter().position(|x| *x == c).expect("listed")].push(r);
         }
     }
-    move_request_us.sort_unstable();
-    moves.request_us_p50 = pct(&move_request_us, 0.5);
-    moves.request_us_p99 = pct(&move_request_us, 0.99);
-    resumed_us.sort_unstable();
-    first_byte_us.sort_unstable();
-    moves.seen_at_agent = resumed_us.len() as u64;
-    moves.resumed_us_p50 = pct(&resumed_us, 0.5);
-    moves.resumed_us_p99 = pct(&resumed_us, 0.99);
-    moves.resumed_us_max = resumed_us.last().copied().unwrap_or(0);
-    moves.first_byte_us_p50 = pct(&first_byte_us, 0.5);
-    moves.first_byte_us_p99 = pct(&first_byte_us, 0.99);
-    moves.first_byte_us_max = first_byte_us.last().copied().unwrap_or(0);
+    let moves: Vec<MoveStats> = tallies.into_iter().map(MoveTally::finish).collect();
 
     let direct: Vec<f64> = runs[0].iter().map(|r| r.tps).collect();
     let direct_median = median(&direct);
     let configs: Vec<ConfigReport> = all
         .iter()
         .zip(&runs)
-        .map(|(c, rs)| {
+        .zip(&moves)
+        .map(|((c, rs), m)| {
             let tps: Vec<f64> = rs.iter().map(|r| r.tps).collect();
             let round_ratios: Vec<f64> = tps.iter().zip(&direct).map(|(t, d)| t / d).collect();
             ConfigReport {
@@ -557,7 +595,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                         0.0
                     }
                 },
-                moves: (*c == Config::OnMoves).then(|| moves.clone()),
+                moves: c.moving().then(|| m.clone()),
             }
         })
         .collect();
@@ -594,11 +632,10 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     let pg_clean = configs
         .iter()
         .all(|c| c.failed_transactions == 0 && c.aborted_clients == 0);
-    let moves_clean = !all.contains(&Config::OnMoves)
-        || (moves.failed == 0
-            && moves.errors == 0
-            && moves.moved > 0
-            && moves.aborted_at_agent.is_empty());
+    let moves_clean = all.iter().zip(&moves).all(|(c, m)| {
+        !c.moving()
+            || (m.failed == 0 && m.errors == 0 && m.moved > 0 && m.aborted_at_agent.is_empty())
+    });
     let rep = PgReport {
         scale: p.scale,
         clients: p.clients,
@@ -620,10 +657,16 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
         eprintln!("\n!!! FAILED TRANSACTIONS OR ABORTED CLIENTS (see the table): this run is not clean !!!");
     }
     if !moves_clean {
-        eprintln!(
-            "\n!!! MOVES DURING THE RUNS: {} moved, {} failed, {} errors: {:?} !!!",
-            moves.moved, moves.failed, moves.errors, moves.failures
-        );
+        for (c, m) in all.iter().zip(&moves).filter(|(c, _)| c.moving()) {
+            eprintln!(
+                "\n!!! MOVES DURING THE RUNS ({}): {} moved, {} failed, {} errors: {:?} !!!",
+                c.name(),
+                m.moved,
+                m.failed,
+                m.errors,
+                m.failures
+            );
+        }
     }
     if !balance_ok {
         eprintln!("\n!!! THE IN-TRANSACTION MOVES' ACCOUNT BALANCE IS WRONG (a transaction was lost or applied twice) !!!");
