@@ -249,6 +249,66 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
 /// Critical-path segments of a fast-path move: all but the last two of [`FAST_SEGMENTS`].
 const FAST_CRITICAL: usize = FAST_SEGMENTS.len() - 2;
 
+/// The steps inside the origin's fast-path freeze (`slot` -> `frozen`), shown after the
+/// segments (they split one of them).
+const FREEZE_SEGMENTS: &[(&str, Point, Point)] = &[
+    (
+        "  freeze: hand-over checks, -> pump stop asked",
+        ("origin", "slot"),
+        ("origin", "pump_stop"),
+    ),
+    (
+        "  freeze: -> the pump task sees the stop",
+        ("origin", "pump_stop"),
+        ("origin", "pump_saw_stop"),
+    ),
+    (
+        "  freeze: -> the pump handed back",
+        ("origin", "pump_saw_stop"),
+        ("origin", "pump_stopped"),
+    ),
+    (
+        "  freeze: TCP_REPAIR on",
+        ("origin", "pump_stopped"),
+        ("origin", "repair_on"),
+    ),
+    (
+        "  freeze: TCP_INFO, queue sizes, window",
+        ("origin", "repair_on"),
+        ("origin", "info_read"),
+    ),
+    (
+        "  freeze: peek the receive queue",
+        ("origin", "info_read"),
+        ("origin", "recv_queue_read"),
+    ),
+    (
+        "  freeze: peek the send queue",
+        ("origin", "recv_queue_read"),
+        ("origin", "send_queue_read"),
+    ),
+    (
+        "  freeze: the state record",
+        ("origin", "send_queue_read"),
+        ("origin", "record_built"),
+    ),
+    (
+        "  freeze: close the socket in repair mode",
+        ("origin", "record_built"),
+        ("origin", "discarded"),
+    ),
+    (
+        "  freeze: encode the TCP state",
+        ("origin", "discarded"),
+        ("origin", "tcp_encoded"),
+    ),
+    (
+        "  freeze: -> back in the peer channel",
+        ("origin", "tcp_encoded"),
+        ("origin", "frozen"),
+    ),
+];
+
 #[derive(Serialize, Debug, Clone)]
 pub struct Segment {
     pub name: String,
@@ -358,7 +418,8 @@ pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
         (SEGMENTS, CRITICAL, ("agent", "first_byte_rx"))
     };
     let mut segments = Vec::new();
-    for (name, a, b) in list {
+    let inside: &[_] = if fast_path { FREEZE_SEGMENTS } else { &[] };
+    for (name, a, b) in list.iter().chain(inside) {
         let mut v: Vec<u64> = ms.iter().filter_map(|m| span(m, *a, *b)).collect();
         v.sort_unstable();
         segments.push(Segment {

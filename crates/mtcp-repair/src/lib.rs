@@ -108,9 +108,10 @@ pub const STATE_VERSION: u8 = 1;
 impl TcpState {
     /// The state as bytes to carry to another process or host: a version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![STATE_VERSION];
-        out.extend(postcard::to_allocvec(self).expect("a TcpState always serializes"));
-        out
+        // Sized for the queues up front: one copy of them, no reallocation.
+        let mut out = Vec::with_capacity(self.send_queue.len() + self.recv_queue.len() + 128);
+        out.push(STATE_VERSION);
+        postcard::to_extend(self, out).expect("a TcpState always serializes")
     }
 
     /// Reads a state [`TcpState::encode`] wrote, checking it as [`restore`] would: an unknown
@@ -362,6 +363,19 @@ struct RepairOpt {
 pub struct Frozen {
     fd: OwnedFd,
     pub state: TcpState,
+    /// Bytes of output the kernel never sent that the state leaves out ([`Unsent::Drop`]).
+    pub dropped: usize,
+}
+
+/// What a freeze reads of the output the kernel never sent (`SIOCOUTQNSD` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// Read into the state's send queue ([`TcpState::unsent`] counts it).
+    Keep,
+    /// Not read: the state ends at the last byte sent, as after [`TcpState::drop_unsent`] (for
+    /// an owner that regenerates that output). A full send buffer holds megabytes never sent,
+    /// and copying them out is most of a freeze's time.
+    Drop,
 }
 
 /// Puts `sock` in repair mode and reads its connection's state. From here on the socket neither
@@ -373,13 +387,25 @@ pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
 
 /// [`freeze`], giving the socket back (out of repair mode, still serving) when it cannot.
 pub fn try_freeze(sock: TcpStream) -> Result<Frozen, (RepairError, TcpStream)> {
+    try_freeze_with(sock, Unsent::Keep, &mut |_| {})
+}
+
+/// [`try_freeze`], reading the output never sent or not (`unsent`), and calling `mark` after
+/// each of its steps (`repair_on`, `info_read`, `recv_queue_read`, `send_queue_read`): for a
+/// caller that times them.
+pub fn try_freeze_with(
+    sock: TcpStream,
+    unsent: Unsent,
+    mark: &mut dyn FnMut(&'static str),
+) -> Result<Frozen, (RepairError, TcpStream)> {
     let fd = OwnedFd::from(sock);
     let raw = fd.as_raw_fd();
     if let Err(e) = repair(raw, true) {
         return Err((e, TcpStream::from(fd)));
     }
-    match read_state(raw) {
-        Ok(state) => Ok(Frozen { fd, state }),
+    mark("repair_on");
+    match read_state(raw, unsent, mark) {
+        Ok((state, dropped)) => Ok(Frozen { fd, state, dropped }),
         Err(e) => {
             let _ = repair(raw, false);
             Err((e, TcpStream::from(fd)))
@@ -387,7 +413,12 @@ pub fn try_freeze(sock: TcpStream) -> Result<Frozen, (RepairError, TcpStream)> {
     }
 }
 
-fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
+/// The connection's state, and how many unsent bytes it leaves out.
+fn read_state(
+    fd: RawFd,
+    keep: Unsent,
+    mark: &mut dyn FnMut(&'static str),
+) -> Result<(TcpState, usize), RepairError> {
     let (ti, _) = get::<TcpInfoHead>(fd, libc::SOL_TCP, libc::TCP_INFO, "TCP_INFO")?;
     if ti.state != TCP_ESTABLISHED {
         return Err(RepairError::State(ti.state));
@@ -407,15 +438,25 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
         libc::TCP_REPAIR_WINDOW,
         "TCP_REPAIR_WINDOW",
     )?;
-    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, inq)?;
-    let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, outq)?;
-    Ok(TcpState {
+    mark("info_read");
+    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, inq, inq)?;
+    mark("recv_queue_read");
+    let unsent = unsent.min(outq);
+    let dropped = match keep {
+        Unsent::Keep => 0,
+        Unsent::Drop => unsent,
+    };
+    let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, outq, outq - dropped)?;
+    mark("send_queue_read");
+    // `TCP_QUEUE_SEQ` of the send queue is the sequence number after its last byte.
+    let send_seq = send_seq.wrapping_sub(dropped as u32);
+    let state = TcpState {
         local: addr_of(fd, false)?,
         remote: addr_of(fd, true)?,
         send_seq,
         recv_seq,
         send_queue,
-        unsent: unsent.min(outq) as u32,
+        unsent: (unsent - dropped) as u32,
         recv_queue,
         mss: mss.max(0) as u32,
         options: ti.options,
@@ -429,37 +470,60 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
             rcv_wnd: w[3],
             rcv_wup: w[4],
         },
-    })
+    };
+    Ok((state, dropped))
 }
 
-/// A queue's sequence number (`TCP_QUEUE_SEQ`) and bytes, peeked in repair mode.
-fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>), RepairError> {
+/// A queue's sequence number (`TCP_QUEUE_SEQ`) and its first `want` bytes (of `len`, which
+/// the queue must hold), peeked in repair mode.
+fn read_queue(
+    fd: RawFd,
+    queue: libc::c_int,
+    len: usize,
+    want: usize,
+) -> Result<(u32, Vec<u8>), RepairError> {
     select_queue(fd, queue)?;
     let (seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
-    let mut buf = vec![0u8; len + 1];
-    let mut got = 0;
-    if len > 0 {
-        // SAFETY: `buf` has room for `len + 1` bytes; one more than expected proves the size.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr().cast(),
-                len + 1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            return Err(sys("reading a queue in repair mode"));
+    let want = want.min(len);
+    if want < len {
+        // A peek of the send queue in repair mode fills the buffer with the queue's first
+        // bytes and returns the whole queue's length (Linux's `tcp_peek_sndq` counts every
+        // buffer it walks); a kernel that counted only the bytes copied would return `want`.
+        // Anything else, and the whole queue is read instead.
+        let mut buf = vec![0u8; want];
+        let n = peek(fd, &mut buf);
+        if n.is_ok_and(|n| n == len || n == want) {
+            return Ok((seq, buf));
         }
-        got = n as usize;
     }
+    // One byte more than expected proves the size.
+    let mut buf = vec![0u8; len + 1];
+    let got = if len > 0 { peek(fd, &mut buf)? } else { 0 };
     if got != len {
         return Err(RepairError::Invalid(format!(
             "queue {queue} held {got} bytes, expected {len}"
         )));
     }
-    buf.truncate(len);
+    buf.truncate(want);
     Ok((seq, buf))
+}
+
+/// One `recv(MSG_PEEK)` into `buf`: what it returned.
+fn peek(fd: RawFd, buf: &mut [u8]) -> Result<usize, RepairError> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(sys("reading a queue in repair mode"))
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Makes an established socket send a window probe, so the peer answers with an ACK at once:

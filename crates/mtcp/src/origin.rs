@@ -129,6 +129,8 @@ impl ServerInner {
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {
+        use crate::movetrace::{step, Role};
+        step(Role::Origin, cid, "pump_stop");
         let Some(pump) = h.stop().await else {
             return Err((
                 RefuseCode::Closed,
@@ -145,20 +147,23 @@ impl ServerInner {
         let std = sock
             .into_std()
             .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
-        let frozen = match mtcp_repair::try_freeze(std) {
-            Ok(f) => f,
-            Err((e, std)) => {
-                restart.resume(std, shared, self);
-                return Err((
-                    RefuseCode::Busy,
-                    format!("cannot freeze the client's connection: {e}"),
-                ));
-            }
-        };
-        // Output the kernel never sent is not carried: the destination's application
-        // regenerates it from the snapshot (it is checked like the rest), so the state holds
-        // only what is on the wire and unread input.
-        let unsent = frozen.state.unsent_bytes().len() as u64;
+        step(Role::Origin, cid, "pump_stopped");
+        // Output the kernel never sent is not carried (nor read out of the socket): the
+        // destination's application regenerates it from the snapshot (it is checked like the
+        // rest), so the state holds only what is on the wire and unread input.
+        let unsent = mtcp_repair::Unsent::Drop;
+        let frozen =
+            match mtcp_repair::try_freeze_with(std, unsent, &mut |s| step(Role::Origin, cid, s)) {
+                Ok(f) => f,
+                Err((e, std)) => {
+                    restart.resume(std, shared, self);
+                    return Err((
+                        RefuseCode::Busy,
+                        format!("cannot freeze the client's connection: {e}"),
+                    ));
+                }
+            };
+        let unsent = frozen.dropped as u64;
         let written = written - unsent.min(written);
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
@@ -168,9 +173,11 @@ impl ServerInner {
                 self.forget(cid);
                 self.migrated_out.fetch_add(1, Ordering::Relaxed);
                 // Nothing is sent to the client: the agent fenced its flow.
-                let mut tcp_state = frozen.discard();
-                tcp_state.drop_unsent();
+                step(Role::Origin, cid, "record_built");
+                let tcp_state = frozen.discard();
+                step(Role::Origin, cid, "discarded");
                 let tcp = tcp_state.encode();
+                step(Role::Origin, cid, "tcp_encoded");
                 tracing::info!(
                     %cid,
                     epoch,
