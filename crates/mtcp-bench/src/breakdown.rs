@@ -283,7 +283,7 @@ const FREEZE_SEGMENTS: &[(&str, Point, Point)] = &[
         ("origin", "recv_queue_read"),
     ),
     (
-        "  freeze: peek the send queue",
+        "  freeze: the send queue peeked into the encoded state",
         ("origin", "recv_queue_read"),
         ("origin", "send_queue_read"),
     ),
@@ -298,13 +298,8 @@ const FREEZE_SEGMENTS: &[(&str, Point, Point)] = &[
         ("origin", "discarded"),
     ),
     (
-        "  freeze: encode the TCP state",
-        ("origin", "discarded"),
-        ("origin", "tcp_encoded"),
-    ),
-    (
         "  freeze: -> back in the peer channel",
-        ("origin", "tcp_encoded"),
+        ("origin", "discarded"),
         ("origin", "frozen"),
     ),
 ];

@@ -151,18 +151,17 @@ impl ServerInner {
         // Output the kernel never sent is not carried (nor read out of the socket): the
         // destination's application regenerates it from the snapshot (it is checked like the
         // rest), so the state holds only what is on the wire and unread input.
-        let unsent = mtcp_repair::Unsent::Drop;
-        let frozen =
-            match mtcp_repair::try_freeze_with(std, unsent, &mut |s| step(Role::Origin, cid, s)) {
-                Ok(f) => f,
-                Err((e, std)) => {
-                    restart.resume(std, shared, self);
-                    return Err((
-                        RefuseCode::Busy,
-                        format!("cannot freeze the client's connection: {e}"),
-                    ));
-                }
-            };
+        let frozen = match mtcp_repair::try_freeze_encoded(std, &mut |s| step(Role::Origin, cid, s))
+        {
+            Ok(f) => f,
+            Err((e, std)) => {
+                restart.resume(std, shared, self);
+                return Err((
+                    RefuseCode::Busy,
+                    format!("cannot freeze the client's connection: {e}"),
+                ));
+            }
+        };
         let unsent = frozen.dropped as u64;
         let written = written - unsent.min(written);
         let mut st = shared.lock();
@@ -174,10 +173,8 @@ impl ServerInner {
                 self.migrated_out.fetch_add(1, Ordering::Relaxed);
                 // Nothing is sent to the client: the agent fenced its flow.
                 step(Role::Origin, cid, "record_built");
-                let tcp_state = frozen.discard();
+                let tcp = frozen.discard();
                 step(Role::Origin, cid, "discarded");
-                let tcp = tcp_state.encode();
-                step(Role::Origin, cid, "tcp_encoded");
                 tracing::info!(
                     %cid,
                     epoch,
