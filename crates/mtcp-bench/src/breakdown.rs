@@ -644,7 +644,7 @@ mod tests {
             "fast",
             &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,fenced=400,migrate_tx_connect=600,resumed_rx=2000,unfenced=2300,kick_tx=2400\n"),
             &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
-            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,frozen=1300,encoded=1350,state_tx=1400\n"),
+            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,pump_stop=1010,pump_saw_stop=1030,pump_stopped=1040,repair_on=1050,info_read=1060,recv_queue_read=1070,send_queue_read=1170,record_built=1200,discarded=1280,frozen=1300,encoded=1350,state_tx=1400\n"),
         );
         let f = Floor {
             connect_rr_us: 1.0,
@@ -664,6 +664,21 @@ mod tests {
             0.4
         );
         assert_eq!(seg("origin: freeze").p50_us, 0.3);
+        // The steps inside the freeze follow the segments, off the critical path.
+        assert_eq!(
+            b.segments.len(),
+            FAST_SEGMENTS.len() + FREEZE_SEGMENTS.len()
+        );
+        assert_eq!(seg("  freeze: -> the pump task sees").p50_us, 0.02);
+        assert_eq!(seg("  freeze: the send queue peeked").p50_us, 0.1);
+        let inside: f64 = b.segments[FAST_SEGMENTS.len()..]
+            .iter()
+            .map(|s| s.p50_us)
+            .sum();
+        assert!(
+            (inside - 0.3).abs() < 1e-9,
+            "the freeze's steps add up to it"
+        );
     }
 
     #[test]
