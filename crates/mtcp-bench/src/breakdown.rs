@@ -254,6 +254,66 @@ const FAST_SEGMENTS: &[(&str, Point, Point)] = &[
 /// Critical-path segments of a fast-path move: all but the last five of [`FAST_SEGMENTS`].
 const FAST_CRITICAL: usize = FAST_SEGMENTS.len() - 5;
 
+/// The steps inside the origin's fast-path pump stop, fence and freeze (`slot` -> `frozen`),
+/// shown after the segments (they split two of them).
+const FREEZE_SEGMENTS: &[(&str, Point, Point)] = &[
+    (
+        "  freeze: hand-over checks, -> pump stop asked",
+        ("origin", "slot"),
+        ("origin", "pump_stop"),
+    ),
+    (
+        "  freeze: -> the pump task sees the stop",
+        ("origin", "pump_stop"),
+        ("origin", "pump_saw_stop"),
+    ),
+    (
+        "  freeze: -> the pump handed back",
+        ("origin", "pump_saw_stop"),
+        ("origin", "pump_stopped"),
+    ),
+    (
+        "  freeze: fence the flow (nftables, netlink)",
+        ("origin", "pump_stopped"),
+        ("origin", "fenced"),
+    ),
+    (
+        "  freeze: TCP_REPAIR on",
+        ("origin", "fenced"),
+        ("origin", "repair_on"),
+    ),
+    (
+        "  freeze: TCP_INFO, queue sizes, window",
+        ("origin", "repair_on"),
+        ("origin", "info_read"),
+    ),
+    (
+        "  freeze: peek the receive queue",
+        ("origin", "info_read"),
+        ("origin", "recv_queue_read"),
+    ),
+    (
+        "  freeze: the send queue peeked into the encoded state",
+        ("origin", "recv_queue_read"),
+        ("origin", "send_queue_read"),
+    ),
+    (
+        "  freeze: the state record",
+        ("origin", "send_queue_read"),
+        ("origin", "record_built"),
+    ),
+    (
+        "  freeze: close the socket in repair mode",
+        ("origin", "record_built"),
+        ("origin", "discarded"),
+    ),
+    (
+        "  freeze: -> back in the peer channel",
+        ("origin", "discarded"),
+        ("origin", "frozen"),
+    ),
+];
+
 #[derive(Serialize, Debug, Clone)]
 pub struct Segment {
     pub name: String,
@@ -367,7 +427,8 @@ pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
         (SEGMENTS, CRITICAL, ("agent", "first_byte_rx"))
     };
     let mut segments = Vec::new();
-    for (name, a, b) in list {
+    let inside: &[_] = if fast_path { FREEZE_SEGMENTS } else { &[] };
+    for (name, a, b) in list.iter().chain(inside) {
         let mut v: Vec<u64> = ms.iter().filter_map(|m| span(m, *a, *b)).collect();
         v.sort_unstable();
         segments.push(Segment {
@@ -597,7 +658,7 @@ mod tests {
             "fast",
             &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,migrate_tx_connect=600,resumed_rx=2000,kick_tx=2400\n"),
             &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restored=1700,lifted=1750,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
-            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,fenced=1050,frozen=1300,encoded=1350,state_tx=1400\n"),
+            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,pump_stop=1010,pump_saw_stop=1030,pump_stopped=1040,fenced=1050,repair_on=1055,info_read=1060,recv_queue_read=1070,send_queue_read=1170,record_built=1200,discarded=1280,frozen=1300,encoded=1350,state_tx=1400\n"),
         );
         let f = Floor {
             connect_rr_us: 1.0,
@@ -616,6 +677,23 @@ mod tests {
         assert_eq!(seg("origin: freeze").p50_us, 0.25);
         assert_eq!(seg("destination: lift the origin's fence").p50_us, 0.05);
         assert_eq!(seg("beside it: agent: KICK written").p50_us, 0.4);
+        // The steps inside the pump stop, fence and freeze follow the segments, off the
+        // critical path.
+        assert_eq!(
+            b.segments.len(),
+            FAST_SEGMENTS.len() + FREEZE_SEGMENTS.len()
+        );
+        assert_eq!(seg("  freeze: -> the pump task sees").p50_us, 0.02);
+        assert_eq!(seg("  freeze: fence the flow").p50_us, 0.01);
+        assert_eq!(seg("  freeze: the send queue peeked").p50_us, 0.1);
+        let inside: f64 = b.segments[FAST_SEGMENTS.len()..]
+            .iter()
+            .map(|s| s.p50_us)
+            .sum();
+        assert!(
+            (inside - 0.3).abs() < 1e-9,
+            "the steps add up to the pump stop, fence and freeze"
+        );
     }
 
     #[test]

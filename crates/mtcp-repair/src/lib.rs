@@ -109,9 +109,53 @@ pub const STATE_VERSION: u8 = 1;
 impl TcpState {
     /// The state as bytes to carry to another process or host: a version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![STATE_VERSION];
-        out.extend(postcard::to_allocvec(self).expect("a TcpState always serializes"));
-        out
+        // Sized for the queues up front: one copy of them, no reallocation.
+        let mut out = Vec::with_capacity(self.send_queue.len() + self.recv_queue.len() + 128);
+        out.push(STATE_VERSION);
+        postcard::to_extend(self, out).expect("a TcpState always serializes")
+    }
+
+    /// [`TcpState::encode`]'s bytes for this state with a send queue of `len` bytes that `fill`
+    /// appends where it belongs (this state's own send queue must be empty): the queue is
+    /// written once, straight into the encoding.
+    fn encode_around(
+        &self,
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), RepairError>,
+    ) -> Result<Vec<u8>, RepairError> {
+        debug_assert!(self.send_queue.is_empty());
+        let ser = |e: postcard::Error| RepairError::Invalid(format!("encoding the state: {e}"));
+        let mut out = Vec::with_capacity(len + self.recv_queue.len() + 128);
+        out.push(STATE_VERSION);
+        // The fields in declaration order, as postcard writes a struct; a byte string is its
+        // length (a varint, as a `usize` is written) and its bytes.
+        let mut out = postcard::to_extend(
+            &(self.local, self.remote, self.send_seq, self.recv_seq, len),
+            out,
+        )
+        .map_err(ser)?;
+        let start = out.len();
+        fill(&mut out)?;
+        if out.len() != start + len {
+            return Err(RepairError::Invalid(format!(
+                "send queue of {} bytes, expected {len}",
+                out.len() - start
+            )));
+        }
+        postcard::to_extend(
+            &(
+                self.unsent,
+                serde_bytes::Bytes::new(&self.recv_queue),
+                self.mss,
+                self.options,
+                self.snd_wscale,
+                self.rcv_wscale,
+                self.timestamp,
+                self.window,
+            ),
+            out,
+        )
+        .map_err(ser)
     }
 
     /// Reads a state [`TcpState::encode`] wrote, checking it as [`restore`] would: an unknown
@@ -365,6 +409,17 @@ pub struct Frozen {
     pub state: TcpState,
 }
 
+/// A socket in repair mode and its state, already encoded ([`TcpState::encode`]'s bytes), without
+/// the output the kernel never sent (as after [`TcpState::drop_unsent`]): see
+/// [`try_freeze_encoded`].
+pub struct FrozenEncoded {
+    fd: OwnedFd,
+    /// The encoded state.
+    pub encoded: Vec<u8>,
+    /// Bytes of output the kernel never sent, left out of the state.
+    pub dropped: usize,
+}
+
 /// Puts `sock` in repair mode and reads its connection's state. From here on the socket neither
 /// sends nor receives; [`Frozen::discard`] closes it without a FIN or reset, and
 /// [`Frozen::thaw`] gives it back unchanged if the move is abandoned.
@@ -388,7 +443,52 @@ pub fn try_freeze(sock: TcpStream) -> Result<Frozen, (RepairError, TcpStream)> {
     }
 }
 
-fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
+/// [`try_freeze`] for an owner that only carries the state elsewhere and regenerates the output
+/// the kernel never sent: that output is not read (a full send buffer holds megabytes of it),
+/// and the rest of the send queue is peeked straight into the encoding, so its bytes are copied
+/// once. `mark` is called after each step (`repair_on`, `info_read`, `recv_queue_read`,
+/// `send_queue_read`), for a caller that times them.
+pub fn try_freeze_encoded(
+    sock: TcpStream,
+    mark: &mut dyn FnMut(&'static str),
+) -> Result<FrozenEncoded, (RepairError, TcpStream)> {
+    let fd = OwnedFd::from(sock);
+    let raw = fd.as_raw_fd();
+    if let Err(e) = repair(raw, true) {
+        return Err((e, TcpStream::from(fd)));
+    }
+    mark("repair_on");
+    match read_encoded(raw, mark) {
+        Ok((encoded, dropped)) => Ok(FrozenEncoded {
+            fd,
+            encoded,
+            dropped,
+        }),
+        Err(e) => {
+            let _ = repair(raw, false);
+            Err((e, TcpStream::from(fd)))
+        }
+    }
+}
+
+/// What a frozen socket says about its connection, apart from the queues' bytes and sequence
+/// numbers.
+struct Head {
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// `SIOCOUTQ`, `SIOCOUTQNSD` (at most `outq`), `SIOCINQ`.
+    outq: usize,
+    unsent: usize,
+    inq: usize,
+    mss: u32,
+    options: u8,
+    snd_wscale: u8,
+    rcv_wscale: u8,
+    timestamp: u32,
+    window: Window,
+}
+
+fn read_head(fd: RawFd) -> Result<Head, RepairError> {
     let (ti, _) = get::<TcpInfoHead>(fd, libc::SOL_TCP, libc::TCP_INFO, "TCP_INFO")?;
     if ti.state != TCP_ESTABLISHED {
         return Err(RepairError::State(ti.state));
@@ -408,16 +508,12 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
         libc::TCP_REPAIR_WINDOW,
         "TCP_REPAIR_WINDOW",
     )?;
-    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, inq)?;
-    let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, outq)?;
-    Ok(TcpState {
+    Ok(Head {
         local: addr_of(fd, false)?,
         remote: addr_of(fd, true)?,
-        send_seq,
-        recv_seq,
-        send_queue,
-        unsent: unsent.min(outq) as u32,
-        recv_queue,
+        outq,
+        unsent: unsent.min(outq),
+        inq,
         mss: mss.max(0) as u32,
         options: ti.options,
         snd_wscale: ti.wscales & 0xf,
@@ -433,34 +529,132 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
     })
 }
 
-/// A queue's sequence number (`TCP_QUEUE_SEQ`) and bytes, peeked in repair mode.
-fn read_queue(fd: RawFd, queue: libc::c_int, len: usize) -> Result<(u32, Vec<u8>), RepairError> {
-    select_queue(fd, queue)?;
-    let (seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
-    let mut buf = vec![0u8; len + 1];
-    let mut got = 0;
-    if len > 0 {
-        // SAFETY: `buf` has room for `len + 1` bytes; one more than expected proves the size.
+fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
+    let h = read_head(fd)?;
+    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, h.inq, h.inq)?;
+    let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, h.outq, h.outq)?;
+    Ok(TcpState {
+        local: h.local,
+        remote: h.remote,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: h.unsent as u32,
+        recv_queue,
+        mss: h.mss,
+        options: h.options,
+        snd_wscale: h.snd_wscale,
+        rcv_wscale: h.rcv_wscale,
+        timestamp: h.timestamp,
+        window: h.window,
+    })
+}
+
+/// The encoded state without the unsent output, and how many unsent bytes it leaves out.
+fn read_encoded(
+    fd: RawFd,
+    mark: &mut dyn FnMut(&'static str),
+) -> Result<(Vec<u8>, usize), RepairError> {
+    let h = read_head(fd)?;
+    mark("info_read");
+    let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, h.inq, h.inq)?;
+    mark("recv_queue_read");
+    let sent = h.outq - h.unsent;
+    select_queue(fd, TCP_SEND_QUEUE)?;
+    let (end_seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
+    let st = TcpState {
+        local: h.local,
+        remote: h.remote,
+        // `TCP_QUEUE_SEQ` of the send queue is the sequence number after its last byte.
+        send_seq: end_seq.wrapping_sub(h.unsent as u32),
+        recv_seq,
+        send_queue: Vec::new(),
+        unsent: 0,
+        recv_queue,
+        mss: h.mss,
+        options: h.options,
+        snd_wscale: h.snd_wscale,
+        rcv_wscale: h.rcv_wscale,
+        timestamp: h.timestamp,
+        window: h.window,
+    };
+    let out = st.encode_around(sent, |out| peek_into(fd, out, h.outq, sent))?;
+    mark("send_queue_read");
+    Ok((out, h.unsent))
+}
+
+/// Appends the first `want` bytes of the selected queue, which holds `len`, to `out`, peeked
+/// straight into its spare room.
+fn peek_into(fd: RawFd, out: &mut Vec<u8>, len: usize, want: usize) -> Result<(), RepairError> {
+    // One byte more than the queue holds proves its size when all of it is wanted.
+    let room = if want == len { want + 1 } else { want };
+    out.reserve(room);
+    if want > 0 {
+        let dst = &mut out.spare_capacity_mut()[..room];
+        // SAFETY: `dst` is valid for writes of `room` bytes; `recv` writes only into it.
         let n = unsafe {
             libc::recv(
                 fd,
-                buf.as_mut_ptr().cast(),
-                len + 1,
+                dst.as_mut_ptr().cast(),
+                room,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        if n < 0 {
-            return Err(sys("reading a queue in repair mode"));
+        // A peek of the send queue in repair mode fills the buffer with the queue's first
+        // bytes and returns the whole queue's length (Linux's `tcp_peek_sndq` counts every
+        // buffer it walks); a kernel that counted only the bytes copied would return `want`.
+        // Either way the first `want` bytes are written; anything else, and the queue is read
+        // the plain way.
+        if n >= 0 && (n as usize == len || n as usize == want) {
+            // SAFETY: the kernel wrote the first `want` bytes of the spare room (`want` of a
+            // queue that holds at least that many, into a buffer at least that large).
+            unsafe { out.set_len(out.len() + want) };
+            return Ok(());
         }
-        got = n as usize;
     }
+    let (_, q) = read_queue(fd, TCP_SEND_QUEUE, len, want)?;
+    out.extend_from_slice(&q);
+    Ok(())
+}
+
+/// A queue's sequence number (`TCP_QUEUE_SEQ`) and its first `want` bytes (of `len`, which
+/// the queue must hold), peeked in repair mode.
+fn read_queue(
+    fd: RawFd,
+    queue: libc::c_int,
+    len: usize,
+    want: usize,
+) -> Result<(u32, Vec<u8>), RepairError> {
+    select_queue(fd, queue)?;
+    let (seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
+    // One byte more than expected proves the size.
+    let mut buf = vec![0u8; len + 1];
+    let got = if len > 0 { peek(fd, &mut buf)? } else { 0 };
     if got != len {
         return Err(RepairError::Invalid(format!(
             "queue {queue} held {got} bytes, expected {len}"
         )));
     }
-    buf.truncate(len);
+    buf.truncate(want.min(len));
     Ok((seq, buf))
+}
+
+/// One `recv(MSG_PEEK)` into `buf`: what it returned.
+fn peek(fd: RawFd, buf: &mut [u8]) -> Result<usize, RepairError> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(sys("reading a queue in repair mode"))
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Makes an established socket send a window probe, so the peer answers with an ACK at once:
@@ -470,6 +664,21 @@ pub fn window_probe(sock: &impl AsRawFd) -> Result<(), RepairError> {
     let fd = sock.as_raw_fd();
     repair(fd, true)?;
     repair(fd, false)
+}
+
+impl FrozenEncoded {
+    /// Closes the socket while still in repair mode (the peer is sent nothing), and gives the
+    /// encoded state to carry.
+    pub fn discard(self) -> Vec<u8> {
+        drop(self.fd);
+        self.encoded
+    }
+
+    /// Leaves repair mode and gives the socket back, unchanged (the move was abandoned).
+    pub fn thaw(self) -> Result<TcpStream, RepairError> {
+        repair(self.fd.as_raw_fd(), false)?;
+        Ok(TcpStream::from(self.fd))
+    }
 }
 
 impl Frozen {
@@ -770,6 +979,21 @@ mod tests {
         }
 
         #[test]
+        fn a_state_encoded_around_its_send_queue_is_the_plain_encoding(st in states()) {
+            let mut st = st;
+            st.drop_unsent();
+            let q = std::mem::take(&mut st.send_queue);
+            let b = st
+                .encode_around(q.len(), |out| {
+                    out.extend_from_slice(&q);
+                    Ok(())
+                })
+                .unwrap();
+            st.send_queue = q;
+            prop_assert_eq!(b, st.encode());
+        }
+
+        #[test]
         fn damaged_states_are_errors_not_panics(st in states(), cut in any::<prop::sample::Index>(), flip in any::<(prop::sample::Index, u8)>()) {
             let b = st.encode();
             let _ = TcpState::decode(&b[..cut.index(b.len())]);
@@ -825,5 +1049,31 @@ mod tests {
         assert!(TcpState::decode(&mixed.encode()).is_err());
         assert!(matches!(restore(&mixed), Err(RepairError::Invalid(_))));
         assert!(TcpState::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn a_send_queue_filled_short_or_long_is_an_error() {
+        let st = TcpState {
+            local: addr(false, 1),
+            remote: addr(false, 2),
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: Vec::new(),
+            unsent: 0,
+            recv_queue: vec![5; 3],
+            mss: 1460,
+            options: 0,
+            snd_wscale: 0,
+            rcv_wscale: 0,
+            timestamp: 0,
+            window: Window::default(),
+        };
+        for n in [3, 5] {
+            let r = st.encode_around(4, |out| {
+                out.extend(std::iter::repeat_n(1, n));
+                Ok(())
+            });
+            assert!(matches!(r, Err(RepairError::Invalid(_))), "{n} bytes");
+        }
     }
 }

@@ -1,11 +1,13 @@
 //! Moves a live loopback TCP connection from one socket to another with `TCP_REPAIR`, three
 //! times, each time with output in flight (sent and unacknowledged) and never sent, unread input
 //! queued, and the listener that accepted it still bound to the port; the flow is fenced with an
-//! nftables rule during each move, as the fast path will do. Then checks every byte in both
-//! directions by hash. Needs root (CAP_NET_ADMIN, nftables); without it the test says so loudly
+//! nftables rule during each move, as the fast path will do; the middle move leaves the output
+//! never sent behind and carries the state encoded (`try_freeze_encoded`, as a fast-path origin
+//! does), and the writer writes that output again.
+//! Then checks every byte in both directions by hash. Needs root (CAP_NET_ADMIN, nftables); without it the test says so loudly
 //! and checks only the refusal.
 
-use mtcp_repair::{freeze, restore, RepairError, TcpState};
+use mtcp_repair::{freeze, restore, try_freeze_encoded, RepairError, TcpState};
 use std::hash::Hasher;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -181,21 +183,43 @@ fn a_live_connection_moves_to_a_new_socket_with_every_byte_intact() {
         let fence = fence_and_fill(&listener, &client, &server, &down, &mut written);
 
         let t0 = Instant::now();
-        let frozen = freeze(server).expect("freeze");
-        let st: TcpState = frozen.state.clone();
-        frozen.discard();
+        let encoded = round == 1;
+        let (st, dropped) = if encoded {
+            let frozen = try_freeze_encoded(server, &mut |_| {})
+                .map_err(|(e, _)| e)
+                .expect("freeze");
+            let dropped = frozen.dropped;
+            let st = TcpState::decode(&frozen.discard()).expect("decodes");
+            (st, dropped)
+        } else {
+            let frozen = freeze(server).expect("freeze");
+            (frozen.discard(), 0)
+        };
         server = restore(&st).expect("restore");
         // Socket options are the new owner's to set again, as the app set them at first.
         set_buf(&server, libc::SO_SNDBUF, 2 << 20);
         drop(fence);
         eprintln!(
-            "move {round}: {:?}; {} bytes of output queued ({} never sent), {} bytes of input unread",
+            "move {round} (encoded: {encoded}): {:?}; {} bytes of output queued ({} never sent, {dropped} left behind), {} bytes of input unread",
             t0.elapsed(),
             st.send_queue.len(),
             st.unsent,
             st.recv_queue.len()
         );
-        assert!(st.unsent > 0, "the move must find output never sent");
+        if encoded {
+            assert!(dropped > 0, "the move must find output never sent");
+            assert_eq!(st.unsent, 0, "and leave it out");
+            let sent = written - dropped;
+            assert_eq!(
+                st.send_queue,
+                &down[sent - st.send_queue.len()..sent],
+                "the output carried is what was sent last"
+            );
+            // Never on the wire and not carried: the writer writes it again.
+            written = sent;
+        } else {
+            assert!(st.unsent > 0, "the move must find output never sent");
+        }
         assert!(
             st.send_queue.len() > st.unsent as usize,
             "and output sent but not acknowledged"

@@ -142,6 +142,8 @@ impl ServerInner {
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {
+        use crate::movetrace::{step, Role};
+        step(Role::Origin, cid, "pump_stop");
         let Some(pump) = h.stop().await else {
             return Err((
                 RefuseCode::Closed,
@@ -158,6 +160,7 @@ impl ServerInner {
         let std = sock
             .into_std()
             .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
+        step(Role::Origin, cid, "pump_stopped");
         // The client's flow is fenced from just before the freeze until the destination
         // recreated the connection (decision 54): a packet the frozen socket took after its
         // queues were read would be lost, and one meeting no socket would reset the client. Not
@@ -180,8 +183,12 @@ impl ServerInner {
                 ));
             }
         };
-        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "fenced");
-        let frozen = match mtcp_repair::try_freeze(std) {
+        step(Role::Origin, cid, "fenced");
+        // Output the kernel never sent is not carried (nor read out of the socket): the
+        // destination's application regenerates it from the snapshot (it is checked like the
+        // rest), so the state holds only what is on the wire and unread input.
+        let frozen = match mtcp_repair::try_freeze_encoded(std, &mut |s| step(Role::Origin, cid, s))
+        {
             Ok(f) => f,
             Err((e, std)) => {
                 restart.resume(std, shared, self);
@@ -191,10 +198,7 @@ impl ServerInner {
                 ));
             }
         };
-        // Output the kernel never sent is not carried: the destination's application
-        // regenerates it from the snapshot (it is checked like the rest), so the state holds
-        // only what is on the wire and unread input.
-        let unsent = frozen.state.unsent_bytes().len() as u64;
+        let unsent = frozen.dropped as u64;
         let written = written - unsent.min(written);
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
@@ -203,10 +207,10 @@ impl ServerInner {
                 drop(st);
                 self.forget(cid);
                 self.migrated_out.fetch_add(1, Ordering::Relaxed);
-                // Nothing is sent to the client: the agent fenced its flow.
-                let mut tcp_state = frozen.discard();
-                tcp_state.drop_unsent();
-                let tcp = tcp_state.encode();
+                // Nothing is sent to the client: its flow is fenced.
+                step(Role::Origin, cid, "record_built");
+                let tcp = frozen.discard();
+                step(Role::Origin, cid, "discarded");
                 let fence = fence.leave_up();
                 tracing::info!(
                     %cid,
