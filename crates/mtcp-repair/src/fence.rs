@@ -6,6 +6,14 @@
 //! meantime; the peer retransmits what it sent into the fence, and the new socket's window probe
 //! ([`crate::window_probe`]) restarts the flow at once after the fence goes.
 //!
+//! It drops the flow's packets *to* the peer as well (an `output` chain). A socket in repair mode
+//! still transmits queued output (when TCP small queues releases it, or a timer fires) unless its
+//! send queue is selected, so bytes could leave after the freeze read which bytes were sent: the
+//! state would call them unsent, the peer would have them, and the recreated socket's sequence
+//! numbers would lag behind the peer's — a connection that stalls for good (seen about once in
+//! five fast-path benchmark runs). Dropped at the fence, such bytes never reach the peer, and the
+//! recreated socket sends them again.
+//!
 //! [`Fences`] is one nftables table per process (`mtcp_fence_<pid>`) with a set of fenced flows
 //! and a rule dropping them, created with the `nft` tool once. Putting a fence up or down is one
 //! set element added or deleted over netlink ([`crate::nfnl`]): two system calls, where a
@@ -82,6 +90,10 @@ impl Fences {
                chain input {{\n  type filter hook input priority -10;\n  \
                  ip saddr . tcp sport . ip daddr . tcp dport @f4 drop\n  \
                  ip6 saddr . tcp sport . ip6 daddr . tcp dport @f6 drop\n \
+               }}\n \
+               chain output {{\n  type filter hook output priority -10;\n  \
+                 ip daddr . tcp dport . ip saddr . tcp sport @f4 drop\n  \
+                 ip6 daddr . tcp dport . ip6 saddr . tcp sport @f6 drop\n \
                }}\n}}\n"
         );
         let nl = Netlink::open().map_err(|e| err(format!("netlink (nftables): {e}")))?;

@@ -1,5 +1,6 @@
-//! `Fences` on real nftables: a fence put up over netlink drops exactly its flow's packets (the
-//! client's bytes to the server stop arriving, another flow's do not), taking it down lets the
+//! `Fences` on real nftables: a fence put up over netlink drops exactly its flow's packets, both
+//! ways (the client's bytes to the server stop arriving and the server's to the client do not
+//! leave, another flow's do), taking it down lets the
 //! retransmission through, and the bytes arrive whole. Errors name the kernel's reason. Needs
 //! root (CAP_NET_ADMIN, nftables); without it the test says so loudly and checks only that
 //! opening the fences is refused with a clear error.
@@ -67,6 +68,14 @@ fn a_fence_drops_its_flow_only_until_it_is_taken_down() {
         read_for(&mut s1, 1, Duration::from_millis(400)).is_empty(),
         "the fenced flow's bytes must not arrive"
     );
+    // Both ways: what the server's socket sends meanwhile does not reach the client either.
+    c1.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    s1.write_all(b"back").unwrap();
+    assert!(
+        read_for(&mut c1, 1, Duration::from_millis(400)).is_empty(),
+        "the fenced flow's bytes to the peer must not leave"
+    );
     drop(fence);
     // The client's retransmission goes through now (its RTO has backed off to ≤ 1.6 s).
     assert_eq!(
@@ -74,6 +83,7 @@ fn a_fence_drops_its_flow_only_until_it_is_taken_down() {
         msg,
         "the flow's bytes arrive whole once the fence is down"
     );
+    assert_eq!(read_for(&mut c1, 4, Duration::from_secs(10)), b"back");
     // Again, on the same flow: a second fence after the first went down.
     let again = fences
         .fence(s1.local_addr().unwrap(), c1.local_addr().unwrap())
