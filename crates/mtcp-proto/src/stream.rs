@@ -367,7 +367,8 @@ impl ServerStream {
             base(s, tail, vec![])
         } else {
             // Hashed in the log, not over a copy (up to a snapshot interval of output).
-            let sum = crate::sum::log_checksum(&self.out, s.out_off, down_recv).map_err(internal)?;
+            let sum =
+                crate::sum::log_checksum(&self.out, s.out_off, down_recv).map_err(internal)?;
             let checks = if down_recv > s.out_off {
                 vec![Check {
                     end: down_recv,
