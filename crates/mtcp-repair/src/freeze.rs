@@ -105,6 +105,34 @@ struct Head {
     window: Window,
 }
 
+impl Head {
+    /// The connection's state with these sequence numbers and queues.
+    fn state(
+        &self,
+        send_seq: u32,
+        recv_seq: u32,
+        send_queue: Vec<u8>,
+        unsent: u32,
+        recv_queue: Vec<u8>,
+    ) -> TcpState {
+        TcpState {
+            local: self.local,
+            remote: self.remote,
+            send_seq,
+            recv_seq,
+            send_queue,
+            unsent,
+            recv_queue,
+            mss: self.mss,
+            options: self.options,
+            snd_wscale: self.snd_wscale,
+            rcv_wscale: self.rcv_wscale,
+            timestamp: self.timestamp,
+            window: self.window,
+        }
+    }
+}
+
 fn read_head(fd: RawFd) -> Result<Head, RepairError> {
     let (ti, _) = get::<TcpInfoHead>(fd, libc::SOL_TCP, libc::TCP_INFO, "TCP_INFO")?;
     if ti.state != TCP_ESTABLISHED {
@@ -150,21 +178,7 @@ fn read_state(fd: RawFd) -> Result<TcpState, RepairError> {
     let h = read_head(fd)?;
     let (recv_seq, recv_queue) = read_queue(fd, TCP_RECV_QUEUE, h.inq, h.inq)?;
     let (send_seq, send_queue) = read_queue(fd, TCP_SEND_QUEUE, h.outq, h.outq)?;
-    Ok(TcpState {
-        local: h.local,
-        remote: h.remote,
-        send_seq,
-        recv_seq,
-        send_queue,
-        unsent: h.unsent as u32,
-        recv_queue,
-        mss: h.mss,
-        options: h.options,
-        snd_wscale: h.snd_wscale,
-        rcv_wscale: h.rcv_wscale,
-        timestamp: h.timestamp,
-        window: h.window,
-    })
+    Ok(h.state(send_seq, recv_seq, send_queue, h.unsent as u32, recv_queue))
 }
 
 /// The encoded state without the unsent output, and how many unsent bytes it leaves out.
@@ -179,22 +193,9 @@ fn read_encoded(
     let sent = h.outq - h.unsent;
     select_queue(fd, TCP_SEND_QUEUE)?;
     let (end_seq, _) = get::<u32>(fd, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")?;
-    let st = TcpState {
-        local: h.local,
-        remote: h.remote,
-        // `TCP_QUEUE_SEQ` of the send queue is the sequence number after its last byte.
-        send_seq: end_seq.wrapping_sub(h.unsent as u32),
-        recv_seq,
-        send_queue: Vec::new(),
-        unsent: 0,
-        recv_queue,
-        mss: h.mss,
-        options: h.options,
-        snd_wscale: h.snd_wscale,
-        rcv_wscale: h.rcv_wscale,
-        timestamp: h.timestamp,
-        window: h.window,
-    };
+    // `TCP_QUEUE_SEQ` of the send queue is the sequence number after its last byte.
+    let send_seq = end_seq.wrapping_sub(h.unsent as u32);
+    let st = h.state(send_seq, recv_seq, Vec::new(), 0, recv_queue);
     let out = st.encode_around(sent, |out| peek_into(fd, out, h.outq, sent))?;
     mark("send_queue_read");
     Ok((out, h.unsent))

@@ -166,6 +166,25 @@ mod tests {
     use crate::restore;
     use proptest::prelude::*;
 
+    /// An IPv4 state with empty queues, for the tests to vary.
+    fn small_state() -> TcpState {
+        TcpState {
+            local: addr(false, 1),
+            remote: addr(false, 2),
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: Vec::new(),
+            unsent: 0,
+            recv_queue: Vec::new(),
+            mss: 1460,
+            options: 0,
+            snd_wscale: 0,
+            rcv_wscale: 0,
+            timestamp: 0,
+            window: Window::default(),
+        }
+    }
+
     fn addr(v6: bool, port: u16) -> SocketAddr {
         if v6 {
             SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port))
@@ -246,19 +265,9 @@ mod tests {
     #[test]
     fn wrong_version_trailing_bytes_and_inconsistent_fields_are_refused() {
         let st = TcpState {
-            local: addr(false, 1),
-            remote: addr(false, 2),
-            send_seq: 0,
-            recv_seq: 0,
             send_queue: vec![1, 2, 3],
             unsent: 1,
-            recv_queue: Vec::new(),
-            mss: 1460,
-            options: 0,
-            snd_wscale: 0,
-            rcv_wscale: 0,
-            timestamp: 0,
-            window: Window::default(),
+            ..small_state()
         };
         let mut b = st.encode();
         b[0] = 9;
@@ -291,19 +300,8 @@ mod tests {
     #[test]
     fn a_send_queue_filled_short_or_long_is_an_error() {
         let st = TcpState {
-            local: addr(false, 1),
-            remote: addr(false, 2),
-            send_seq: 0,
-            recv_seq: 0,
-            send_queue: Vec::new(),
-            unsent: 0,
             recv_queue: vec![5; 3],
-            mss: 1460,
-            options: 0,
-            snd_wscale: 0,
-            rcv_wscale: 0,
-            timestamp: 0,
-            window: Window::default(),
+            ..small_state()
         };
         for n in [3, 5] {
             let r = st.encode_around(4, |out| {
