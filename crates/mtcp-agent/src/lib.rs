@@ -205,7 +205,7 @@ pub(crate) struct AgentInner {
     /// Connections opened ahead of time to every known server (faster migrations).
     pub spares: Arc<spare::Spares>,
     /// Kernel fast path: this process's nftables fence table, opened on first use.
-    fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
+    fences: mtcp_repair::LazyFences,
     /// Relayed connections moving at once (see [`MAX_CONCURRENT_MOVES`]).
     pub moves: tokio::sync::Semaphore,
     /// Connections between a move's trigger and its outcome (waiting for a turn included).
@@ -302,13 +302,7 @@ impl AgentInner {
 
     /// The fast path's fences (the table is created on first use).
     pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
-        let mut f = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(x) = &*f {
-            return Ok(x.clone());
-        }
-        let x = mtcp_repair::Fences::open().map_err(|e| format!("fences: {e}"))?;
-        *f = Some(x.clone());
-        Ok(x)
+        self.fences.get().map_err(|e| format!("fences: {e}"))
     }
 }
 
@@ -341,7 +335,7 @@ impl Agent {
                 next: AtomicU64::new(1),
                 finished: Mutex::new(Vec::new()),
                 spares: Arc::new(spare::Spares::default()),
-                fences: Mutex::new(None),
+                fences: Default::default(),
                 moves: tokio::sync::Semaphore::new(MAX_CONCURRENT_MOVES),
                 watches: Default::default(),
                 live: AtomicUsize::new(0),
@@ -421,11 +415,7 @@ impl Agent {
     /// Removes the fast path's fence table (the agent is exiting). Fences still held by
     /// connections keep it until they drop.
     pub fn close(&self) {
-        self.inner
-            .fences
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.fences.close();
     }
 
     /// What publishes this agent's levels to the metrics endpoint (holds no reference that

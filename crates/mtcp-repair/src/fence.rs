@@ -266,3 +266,26 @@ impl Drop for Fence {
         }
     }
 }
+
+/// A process's [`Fences`], opened on first use and closed when the process exits: what an agent
+/// and a server each hold.
+#[derive(Default)]
+pub struct LazyFences(Mutex<Option<Arc<Fences>>>);
+
+impl LazyFences {
+    /// The fences, creating the table on first use.
+    pub fn get(&self) -> Result<Arc<Fences>, RepairError> {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = &*f {
+            return Ok(x.clone());
+        }
+        let x = Fences::open()?;
+        *f = Some(x.clone());
+        Ok(x)
+    }
+
+    /// Lets the table go (the process is exiting); fences still held keep it until they drop.
+    pub fn close(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}

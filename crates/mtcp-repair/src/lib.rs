@@ -28,7 +28,7 @@ mod freeze;
 pub mod nfnl;
 mod restore;
 mod state;
-pub use fence::{lift, Fence, Fences, TABLE_PREFIX};
+pub use fence::{lift, Fence, Fences, LazyFences, TABLE_PREFIX};
 pub use freeze::{freeze, try_freeze, try_freeze_encoded, window_probe, Frozen, FrozenEncoded};
 pub use restore::restore;
 pub use state::{TcpState, Window, STATE_VERSION};

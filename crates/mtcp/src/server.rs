@@ -71,19 +71,13 @@ pub(crate) struct ServerInner {
     pub(crate) accept_tx: mpsc::UnboundedSender<Connection>,
     /// The fast path's fences: an origin fences a connection's flow before it freezes it
     /// (created on first use; decision 54).
-    fences: Mutex<Option<Arc<mtcp_repair::Fences>>>,
+    fences: mtcp_repair::LazyFences,
 }
 
 impl ServerInner {
     /// The fast path's fences (the table is created on first use).
     pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
-        let mut f = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(x) = &*f {
-            return Ok(x.clone());
-        }
-        let x = mtcp_repair::Fences::open().map_err(|e| format!("fences: {e}"))?;
-        *f = Some(x.clone());
-        Ok(x)
+        self.fences.get().map_err(|e| format!("fences: {e}"))
     }
 
     pub fn forget(&self, cid: Cid) {
@@ -236,7 +230,7 @@ impl Server {
             closed: Mutex::new(HashMap::new()),
             gates: Default::default(),
             accept_tx,
-            fences: Mutex::new(None),
+            fences: Default::default(),
         });
         if !inner.cluster.fast_path.is_empty() {
             // A fast-path cluster: the fence table is made now, not in a move's critical path
@@ -268,11 +262,7 @@ impl Server {
 
     /// Removes the fast path's fence table (the server is exiting).
     pub fn close(&self) {
-        self.inner
-            .fences
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.fences.close();
     }
 
     pub fn id(&self) -> &str {
