@@ -7,7 +7,10 @@
 //! Safety against the fence: a backend is pooled only after [`Registry::release`] deleted its
 //! row. A fence deletes the rows it terminates in the same statement, so exactly one of the two
 //! wins the row: a backend a fence claimed is never pooled, and one that is pooled can no longer
-//! be claimed. It had rolled back before, so it holds nothing of the session it served.
+//! be claimed. It had rolled back before — or, for a session that moved away between
+//! transactions, had no transaction open and is released first and only reset afterwards (the
+//! session's task sends it nothing else), so that the destination's fence does not terminate
+//! it — and holds nothing of the session it served.
 //!
 //! [`Registry::release`]: crate::registry::Registry::release
 

@@ -93,6 +93,9 @@ pub struct Session {
     /// The backend has answered everything it was sent: the session waits for its client's
     /// next unit (the backend can go back to the pool if the session ends now).
     at_rest: bool,
+    /// Held while a unit runs or a transaction is open: a move waits a little for the
+    /// transaction's end (decision 55) rather than replay it on a new backend.
+    soft: Option<mtcp::SoftGuard>,
 }
 
 /// Runs one connection of the front-end to its end.
@@ -242,6 +245,7 @@ impl Session {
             pinned: None,
             notify: false,
             at_rest: false,
+            soft: None,
         };
         for p in s.state.prepared.iter().filter(|p| !p.from_sql) {
             s.stmts.insert(p.name.clone(), classify(&p.sql));
@@ -255,11 +259,24 @@ impl Session {
         if (r.is_ok() || migrated) && self.at_rest && self.pinned.is_none() {
             // Reset, out of the registry (unless a fence got it first), into the pool.
             let (front, pid, cid) = (self.front.clone(), self.be.pid, self.cid.clone());
-            let release = async move { front.registry.release(pid, &cid).await };
-            self.front
-                .pool
-                .put(&self.state.startup, self.be, release)
-                .await;
+            if migrated && self.status == IDLE {
+                // Moved away between transactions: nothing to roll back, so out of the
+                // registry first — the destination's fence, a moment away, then leaves this
+                // backend alone instead of terminating it (a new backend costs the database a
+                // process start). Only a reset follows here, never a statement of the session.
+                let released = front.registry.release(pid, &cid).await;
+                let release = std::future::ready(released);
+                self.front
+                    .pool
+                    .put(&self.state.startup, self.be, release)
+                    .await;
+            } else {
+                let release = async move { front.registry.release(pid, &cid).await };
+                self.front
+                    .pool
+                    .put(&self.state.startup, self.be, release)
+                    .await;
+            }
         } else {
             let _ = self.be.send(&codec::terminate()).await;
             if !migrated {
@@ -305,6 +322,9 @@ impl Session {
             let unit = self.next_unit().await?;
             if !matches!(unit, Unit::End) {
                 self.at_rest = false;
+                if self.soft.is_none() {
+                    self.soft = Some(self.conn.soft_lock()?);
+                }
             }
             match unit {
                 Unit::End => return Ok(()),
@@ -327,6 +347,9 @@ impl Session {
                     let mode = plan::decide(self.status, &refs, self.points());
                     self.run_unit(mode, &frames, copy_in).await?;
                 }
+            }
+            if self.status == IDLE {
+                self.soft = None;
             }
         }
     }

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// older build to compare against.
     #[arg(long)]
     pub exe: Option<std::path::PathBuf>,
+    /// Keep the front-ends' and agents' logs after a clean run too (pg; they are always kept
+    /// after a run that was not clean).
+    #[arg(long)]
+    pub keep_logs: bool,
     #[command(flatten)]
     pub pg: crate::pgbench::PgArgs,
 }

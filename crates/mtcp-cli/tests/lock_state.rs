@@ -1,6 +1,10 @@
 //! `lock_state`: a migration requested while the application holds the lock waits for the
 //! unlock; afterwards the origin's application sees *migrated* and the connection continues on
 //! the destination (the seed's Example 3 pattern: lock, act, snapshot, unlock).
+//!
+//! `soft_lock` (decision 55): a fast-path migration waits for a soft section to end, but only
+//! for `Limits::soft_wait`; then it splits the section and the destination replays it. A relayed
+//! one does not wait.
 
 use mtcp::{Cluster, Limits, Server, Start};
 use mtcp_agent::{Agent, AgentConfig};
@@ -45,11 +49,24 @@ async fn app(
                 "restarted from the snapshot taken under the lock"
             );
         }
+        // An open soft section (BEGIN .. END): no restart point inside it.
+        let mut soft = None;
         while let Some(line) = read_line(&mut conn).await? {
             match line.as_str() {
                 "PING" => {
                     conn.write_all(format!("PONG {id}\n").as_bytes()).await?;
+                    if soft.is_none() {
+                        conn.set_state(&b"idle"[..])?;
+                    }
+                }
+                "BEGIN" => {
+                    soft = Some(conn.soft_lock()?);
+                    conn.write_all(b"begun\n").await?;
+                }
+                "END" => {
+                    conn.write_all(format!("ended {id}\n").as_bytes()).await?;
                     conn.set_state(&b"idle"[..])?;
+                    soft = None;
                 }
                 "LOCK" => {
                     let guard = conn.lock_state().await?;
@@ -94,7 +111,49 @@ async fn fast_path_migration_waits_for_unlock_and_origin_sees_migrated() {
     lock_test(true).await;
 }
 
-async fn lock_test(fast_path: bool) {
+/// Two servers running [`app`] and an agent in front of them, with one client connected.
+struct Setup {
+    agent: Agent,
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    ev: mpsc::UnboundedReceiver<Event>,
+    unlock: Arc<Notify>,
+}
+
+impl Setup {
+    /// Sends `line` and returns the answer.
+    async fn ask(&mut self, line: &str) -> String {
+        self.w.write_all(line.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut answer))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        answer
+    }
+
+    /// Starts moving the connection to s2.
+    fn move_to_s2(&self) -> tokio::task::JoinHandle<Vec<(String, Result<String, String>)>> {
+        let agent = self.agent.clone();
+        tokio::spawn(async move { agent.migrate(None, Some("s2".into())).await })
+    }
+
+    /// The origin's application must see `migrated` from its next call.
+    async fn origin_saw_migrated(&mut self) {
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(5), self.ev.recv())
+                .await
+                .expect("the origin's application must see `migrated` from its next call");
+            match e {
+                Some(Event::SawMigrated(id)) => return assert_eq!(id, "s1"),
+                Some(_) => continue,
+                None => panic!("the applications' events ended"),
+            }
+        }
+    }
+}
+
+async fn setup(fast_path: bool, limits: Limits) -> Setup {
     // The fast path's variant runs on IPv6 (its fences and restored sockets have both families).
     let host = if fast_path { "[::1]" } else { "127.0.0.1" };
     let l = tokio::net::TcpListener::bind(format!("{host}:0"))
@@ -115,10 +174,10 @@ async fn lock_test(fast_path: bool) {
         );
     }
     let cluster = Cluster::parse(&text, std::path::Path::new("test.toml")).unwrap();
-    let (ev_tx, mut ev) = mpsc::unbounded_channel();
+    let (ev_tx, ev) = mpsc::unbounded_channel();
     let unlock = Arc::new(Notify::new());
     for id in ["s1", "s2"] {
-        let mut server = Server::bind(cluster.clone(), id, Limits::default())
+        let mut server = Server::bind(cluster.clone(), id, limits.clone())
             .await
             .unwrap();
         let (unlock, ev_tx) = (unlock.clone(), ev_tx.clone());
@@ -139,18 +198,30 @@ async fn lock_test(fast_path: bool) {
     }
 
     let client = tokio::net::TcpStream::connect(listen).await.unwrap();
-    let (r, mut w) = client.into_split();
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    w.write_all(b"PING\n").await.unwrap();
-    r.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "PONG s1\n");
+    let (r, w) = client.into_split();
+    let mut s = Setup {
+        agent,
+        r: BufReader::new(r),
+        w,
+        ev,
+        unlock,
+    };
+    assert_eq!(s.ask("PING\n").await, "PONG s1\n");
+    s
+}
 
-    w.write_all(b"LOCK\n").await.unwrap();
-    line.clear();
-    r.read_line(&mut line).await.unwrap();
-    assert_eq!(line, "locked\n");
-    assert_eq!(ev.recv().await, Some(Event::Locked("s1".into())));
+async fn lock_test(fast_path: bool) {
+    let mut s = setup(fast_path, Limits::default()).await;
+    assert_eq!(s.ask("LOCK\n").await, "locked\n");
+    assert_eq!(s.ev.recv().await, Some(Event::Locked("s1".into())));
+    let Setup {
+        agent,
+        mut r,
+        mut w,
+        mut ev,
+        unlock,
+    } = s;
+    let mut line = String::new();
 
     // Request the move while the lock is held: it must wait.
     let mover = {
@@ -192,4 +263,98 @@ async fn lock_test(fast_path: bool) {
     assert_eq!(agent.status()[0].migrations, 1);
     assert_eq!(agent.status()[0].fast_path, fast_path);
     agent.close();
+}
+
+/// Relayed, the agent stops forwarding input when it moves the connection, so the section
+/// could not end: the move does not wait for it, and the destination replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_migration_does_not_wait_for_a_soft_section() {
+    let limits = Limits {
+        soft_wait: Duration::from_secs(30),
+        ..Limits::default()
+    };
+    let mut s = setup(false, limits).await;
+    assert_eq!(s.ask("BEGIN\n").await, "begun\n");
+    let results = tokio::time::timeout(Duration::from_secs(10), s.move_to_s2())
+        .await
+        .expect("a relayed move waited for a soft section")
+        .unwrap();
+    assert_eq!(results[0].1, Ok("s2".to_string()), "{results:?}");
+    s.origin_saw_migrated().await;
+    assert_eq!(s.ask("END\n").await, "ended s2\n");
+    assert_eq!(s.ask("PING\n").await, "PONG s2\n");
+    s.agent.close();
+}
+
+/// Over the kernel fast path the origin serves the client's socket while it waits, so a soft
+/// section can end (root: TCP_REPAIR, nftables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_soft_sections() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! NOT ROOT: the kernel fast path needs TCP_REPAIR and nftables; this test is NOT run !!!");
+        return;
+    }
+    soft_ends_in_time(true).await;
+    soft_lasts(true).await;
+}
+
+/// A soft section that ends within `soft_wait`: the move waits for its end, and the
+/// destination restarts from the restart point after it (nothing replayed).
+async fn soft_ends_in_time(fast_path: bool) {
+    let limits = Limits {
+        soft_wait: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let mut s = setup(fast_path, limits).await;
+    assert_eq!(s.ask("BEGIN\n").await, "begun\n");
+    let mover = s.move_to_s2();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !mover.is_finished(),
+        "the move went ahead inside a soft section, well before soft_wait: {:?}",
+        s.agent.status()
+    );
+    // The section ends on s1, then the move goes ahead.
+    assert_eq!(s.ask("END\n").await, "ended s1\n");
+    let results = tokio::time::timeout(Duration::from_secs(10), mover)
+        .await
+        .expect("the move did not finish after the soft section ended")
+        .unwrap();
+    assert_eq!(results[0].1, Ok("s2".to_string()), "{results:?}");
+    s.origin_saw_migrated().await;
+    assert_eq!(s.ask("PING\n").await, "PONG s2\n");
+    assert_eq!(s.agent.status()[0].migrations, 1);
+    assert_eq!(s.agent.status()[0].fast_path, fast_path);
+    s.agent.close();
+}
+
+/// A soft section that outlasts `soft_wait`: the move goes ahead without its end, the
+/// destination replays the section's input from the restart point before it (regenerating
+/// "begun", which the client already has), and the section ends there.
+async fn soft_lasts(fast_path: bool) {
+    let wait = Duration::from_millis(300);
+    let limits = Limits {
+        soft_wait: wait,
+        ..Limits::default()
+    };
+    let mut s = setup(fast_path, limits).await;
+    assert_eq!(s.ask("BEGIN\n").await, "begun\n");
+    let asked = std::time::Instant::now();
+    let mover = s.move_to_s2();
+    let results = tokio::time::timeout(Duration::from_secs(10), mover)
+        .await
+        .expect("a soft section held the move past soft_wait")
+        .unwrap();
+    assert_eq!(results[0].1, Ok("s2".to_string()), "{results:?}");
+    assert!(
+        asked.elapsed() >= wait,
+        "the move did not wait for the soft section at all: {:?}",
+        asked.elapsed()
+    );
+    s.origin_saw_migrated().await;
+    assert_eq!(s.ask("END\n").await, "ended s2\n");
+    assert_eq!(s.ask("PING\n").await, "PONG s2\n");
+    assert_eq!(s.agent.status()[0].migrations, 1);
+    s.agent.close();
 }

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod bounds;
 pub mod channel;
 pub mod custody;
+pub mod freeze;
 pub mod offsets;
 pub mod policy;
 pub mod record;

@@ -30,8 +30,19 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Prefix of every fence table's name (`mtcp_fence_<pid>`).
+/// Prefix of every fence table's name (`mtcp_fence_<pid>`, or `mtcp_fence_<pid>_<n>` for a
+/// process's second and later tables).
 pub const TABLE_PREFIX: &str = "mtcp_fence_";
+
+/// Whether `table` is named like a fence table: the prefix, a pid, and maybe `_<n>`.
+fn is_fence_table(table: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let rest = table.strip_prefix(TABLE_PREFIX).unwrap_or("");
+    match rest.split_once('_') {
+        Some((pid, n)) => digits(pid) && digits(n),
+        None => digits(rest),
+    }
+}
 
 fn err(msg: impl Into<String>) -> RepairError {
     RepairError::Invalid(msg.into())
@@ -80,7 +91,14 @@ impl Fences {
     /// root and the `nft` tool.
     pub fn open() -> Result<Arc<Fences>, RepairError> {
         remove_stale_tables();
-        let table = format!("{TABLE_PREFIX}{}", std::process::id());
+        // One table per process, named by its pid; a second `Fences` in the same process (an
+        // agent and servers in one test) gets its own, `<pid>_<n>`, instead of replacing it.
+        static OPENED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let table = match n {
+            0 => format!("{TABLE_PREFIX}{}", std::process::id()),
+            n => format!("{TABLE_PREFIX}{}_{n}", std::process::id()),
+        };
         // Replaces a table of the same name (a process of the same pid that died).
         let _ = nft_once(&["delete", "table", "inet", &table], None);
         let rules = format!(
@@ -179,8 +197,7 @@ fn set_for(local: SocketAddr) -> &'static str {
 /// up in its fence table `table` and left up ([`Fence::leave_up`]). `Ok(false)`: there was none
 /// (it expired, or was never put up). Only tables named like a fence table are touched.
 pub fn lift(table: &str, local: SocketAddr, remote: SocketAddr) -> Result<bool, RepairError> {
-    let pid = table.strip_prefix(TABLE_PREFIX).unwrap_or("");
-    if pid.is_empty() || pid.len() > 10 || !pid.bytes().all(|b| b.is_ascii_digit()) {
+    if !is_fence_table(table) {
         return Err(err(format!("{table:?} is not a fence table's name")));
     }
     let Some(key) = nfnl::flow_key(local, remote) else {
@@ -224,6 +241,7 @@ fn remove_stale_tables() {
         let Some(pid) = name.trim().strip_prefix(TABLE_PREFIX) else {
             continue;
         };
+        let pid = pid.split('_').next().unwrap_or_default();
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = nft_once(&["delete", "table", "inet", name.trim()], None);
         }
@@ -287,5 +305,28 @@ impl LazyFences {
     /// Lets the table go (the process is exiting); fences still held keep it until they drop.
     pub fn close(&self) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_fence_table;
+
+    #[test]
+    fn fence_table_names() {
+        assert!(is_fence_table("mtcp_fence_4242"));
+        assert!(is_fence_table("mtcp_fence_4242_3"));
+        for bad in [
+            "mtcp_fence_",
+            "mtcp_fence_42_",
+            "mtcp_fence__3",
+            "mtcp_fence_4x",
+            "mtcp_fence_1_2_3",
+            "mtcp_fence_12345678901",
+            "filter",
+            "nat",
+        ] {
+            assert!(!is_fence_table(bad), "{bad}");
+        }
     }
 }

@@ -374,6 +374,9 @@ pub struct Limits {
     pub max_sessions_per_source: usize,
     /// How long a migration waits for a `lock_state` section to end.
     pub lock_timeout: Duration,
+    /// How long a migration waits for a soft section ([`crate::Connection::soft_lock`]) to end
+    /// before it splits it (decision 55).
+    pub soft_wait: Duration,
     /// How long state is kept for a connection whose agent went away.
     pub dead_session: Duration,
     /// How long a destination waits for the origin's state.
@@ -447,6 +450,7 @@ impl Default for Limits {
             max_sessions: 32_768,
             max_sessions_per_source: 32_768,
             lock_timeout: Duration::from_secs(10),
+            soft_wait: Duration::from_millis(10),
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),
             max_record: 64 << 20,

@@ -88,6 +88,8 @@ pub(crate) struct ConnState {
     /// The byte streams, restart points and acknowledgements (sans-IO).
     pub s: ServerStream,
     pub locked: bool,
+    /// Soft sections open ([`Connection::soft_lock`]).
+    pub soft: u32,
     pub tx: Option<mpsc::UnboundedSender<Out>>,
     pub queued: u64,
     pub detached_at: Option<Instant>,
@@ -145,6 +147,7 @@ impl ConnState {
             phase: Phase::Live,
             s,
             locked: false,
+            soft: 0,
             tx: Some(tx),
             queued: 0,
             detached_at: None,
@@ -479,6 +482,24 @@ impl Connection {
         }
     }
 
+    /// Starts a *soft* section: a unit of work the application expects to finish soon, which
+    /// a migration prefers not to split (decision 55). A migration requested meanwhile waits
+    /// for the guard to drop for at most `Limits::soft_wait` (10 ms by default), then moves the
+    /// connection anyway: the application restarts from its last restart point, as after any
+    /// move, so a soft section needs no care beyond what restart points already take. Only a
+    /// fast-path connection waits: a relaying agent stops forwarding the client's input when it
+    /// moves a connection, so the section could not end meanwhile. Use it to
+    /// make moves land on cheap boundaries (the PostgreSQL front-end holds one while a
+    /// transaction is open); use [`Connection::lock_state`] where a split would be wrong.
+    pub fn soft_lock(&self) -> Result<SoftGuard, StateError> {
+        let mut st = self.shared.lock();
+        st.ensure_live()?;
+        st.soft += 1;
+        Ok(SoftGuard {
+            shared: self.shared.clone(),
+        })
+    }
+
     /// Bytes read and written so far (upstream, downstream offsets).
     pub fn offsets(&self) -> (u64, u64) {
         let st = self.shared.lock();
@@ -521,6 +542,23 @@ impl Drop for StateGuard {
     fn drop(&mut self) {
         self.shared.lock().locked = false;
         self.shared.unlocked.notify_waiters();
+    }
+}
+
+/// Held while a soft section is open (see [`Connection::soft_lock`]); dropping it ends the
+/// section.
+pub struct SoftGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for SoftGuard {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.soft = st.soft.saturating_sub(1);
+        if st.soft == 0 {
+            drop(st);
+            self.shared.unlocked.notify_waiters();
+        }
     }
 }
 

@@ -34,6 +34,6 @@ mod watch;
 
 pub use app::App;
 pub use config::{Cluster, Limits, ServerEntry};
-pub use conn::{is_migrated, Connection, Start, StateError, StateGuard};
+pub use conn::{is_migrated, Connection, SoftGuard, Start, StateError, StateGuard};
 pub use mtcp_proto as proto;
 pub use server::{BindError, Server};

@@ -3,6 +3,7 @@
 
 use crate::conn::{Phase, Shared};
 use crate::server::ServerInner;
+use mtcp_proto::freeze::{may_freeze, Freeze};
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
 use std::sync::atomic::Ordering;
@@ -20,7 +21,7 @@ pub(crate) struct Fetch {
 
 impl ServerInner {
     /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
-    /// for a `lock_state` section to end. A fast-path connection also gives its TCP
+    /// for a `lock_state` section to end, and for a soft one a little (decision 55). A fast-path connection also gives its TCP
     /// connection (an encoded `mtcp_repair::TcpState`).
     pub async fn freeze_local(self: &Arc<Self>, f: &Fetch) -> Result<Frozen, (RefuseCode, String)> {
         let (cid, epoch) = (f.cid, f.epoch);
@@ -43,10 +44,15 @@ impl ServerInner {
                 )
             });
         };
-        let deadline = tokio::time::Instant::now() + self.limits.lock_timeout;
+        let asked = tokio::time::Instant::now();
+        let waits = mtcp_proto::freeze::Waits {
+            lock: self.limits.lock_timeout,
+            soft: self.limits.soft_wait,
+        };
         loop {
             let notified = shared.unlocked.notified();
             let mut direct = None;
+            let wait;
             {
                 let mut st = shared.lock();
                 if st.epoch != epoch {
@@ -65,12 +71,28 @@ impl ServerInner {
                         format!("connection {cid} is no longer served here"),
                     ));
                 }
-                if !st.locked && st.direct.is_some() {
+                // A relaying agent has stopped forwarding input by now: a soft section could
+                // not end (decision 55).
+                let flows = st.direct.is_some();
+                wait = match may_freeze(st.locked, st.soft, flows, asked.elapsed(), waits) {
+                    Freeze::Now => None,
+                    Freeze::Wait(d) => Some(d),
+                    Freeze::Busy => {
+                        return Err((
+                            RefuseCode::Busy,
+                            format!(
+                                "connection stayed locked longer than {:?}",
+                                self.limits.lock_timeout
+                            ),
+                        ))
+                    }
+                };
+                if wait.is_none() && st.direct.is_some() {
                     // The pump must stop before the socket freezes; the section stays ours
                     // meanwhile, so the application cannot start one.
                     st.locked = true;
                     direct = st.direct.take();
-                } else if !st.locked {
+                } else if wait.is_none() {
                     let rec = st.freeze(
                         cid,
                         f.down_recv,
@@ -98,15 +120,8 @@ impl ServerInner {
                 shared.unlocked.notify_waiters();
                 return r;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err((
-                    RefuseCode::Busy,
-                    format!(
-                        "connection stayed locked longer than {:?}",
-                        self.limits.lock_timeout
-                    ),
-                ));
-            }
+            // A section ended, or the wait ran out: decide again.
+            let _ = tokio::time::timeout(wait.unwrap_or_default(), notified).await;
         }
     }
 }

@@ -306,7 +306,7 @@ struct Run {
 
 pub async fn run(a: &BenchArgs, dir: &Path) -> Result<()> {
     let r = bench(a, dir).await;
-    if let Err(e) = r {
+    if r.is_err() || a.keep_logs {
         // The run directory goes when the bench returns; keep the front-ends' and agents' logs.
         let keep = std::env::temp_dir().join(format!("mtcp-bench-pg-logs-{}", std::process::id()));
         for name in ["2pc-off", "2pc-on", "fastpath"] {
@@ -324,14 +324,17 @@ pub async fn run(a: &BenchArgs, dir: &Path) -> Result<()> {
             }
         }
         if keep.exists() {
-            return Err(e.context(format!(
-                "the front-ends' and agents' logs are in {}",
-                keep.display()
-            )));
+            let kept = format!("the front-ends' and agents' logs are in {}", keep.display());
+            return match r {
+                Err(e) => Err(e.context(kept)),
+                Ok(()) => {
+                    eprintln!("{kept}");
+                    Ok(())
+                }
+            };
         }
-        return Err(e);
     }
-    Ok(())
+    r
 }
 
 async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {

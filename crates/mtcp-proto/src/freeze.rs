@@ -1,0 +1,119 @@
+//! An origin's decision, without I/O, whether a connection may freeze for a move now (decision
+//! 55). Two kinds of section hold a freeze back:
+//! * a `lock_state` section is never split: the freeze waits for it to end, and past
+//!   `lock_timeout` the move is refused `Busy`;
+//! * a *soft* section (the application is inside a unit it expects to finish soon — for the
+//!   PostgreSQL front-end, an open transaction) is waited for only `soft_wait`: a move prefers a
+//!   boundary when one is near, and splits the section when it is not (the application then
+//!   restarts from its last restart point, as for any move). Only while the client's input
+//!   still reaches the application: on the kernel fast path the origin serves the client's
+//!   socket until it freezes, but a relaying agent stops forwarding input once it moves a
+//!   connection, so a soft section there could not end and is not waited for.
+//!
+//! The runtime calls [`may_freeze`] whenever a section ends or a wait runs out.
+
+use std::time::Duration;
+
+/// What the origin does with a freeze request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// Freeze at once.
+    Now,
+    /// Wait for a section to end, at most this much longer, then ask again.
+    Wait(Duration),
+    /// A `lock_state` section outlasted `lock_timeout`: refuse the move (`Busy`).
+    Busy,
+}
+
+/// How long a freeze waits for sections to end (the runtime's limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waits {
+    /// For a `lock_state` section.
+    pub lock: Duration,
+    /// For a soft section.
+    pub soft: Duration,
+}
+
+/// Whether a freeze asked for `waited` ago may happen now, with a `lock_state` section held or
+/// not (`locked`), `soft` soft sections open, and the client's input still flowing to the
+/// application (`input_flows`: the fast path) or not (a relayed connection being moved).
+pub fn may_freeze(
+    locked: bool,
+    soft: u32,
+    input_flows: bool,
+    waited: Duration,
+    w: Waits,
+) -> Freeze {
+    if locked {
+        return match w.lock.checked_sub(waited) {
+            Some(left) if !left.is_zero() => Freeze::Wait(left),
+            _ => Freeze::Busy,
+        };
+    }
+    match w.soft.checked_sub(waited) {
+        Some(left) if soft > 0 && input_flows && !left.is_zero() => Freeze::Wait(left),
+        _ => Freeze::Now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Waits = Waits {
+        lock: Duration::from_secs(10),
+        soft: Duration::from_millis(20),
+    };
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn nothing_held_freezes_at_once() {
+        assert_eq!(may_freeze(false, 0, true, Duration::ZERO, W), Freeze::Now);
+        assert_eq!(may_freeze(false, 0, true, 30 * MS, W), Freeze::Now);
+    }
+
+    #[test]
+    fn a_soft_section_is_waited_for_a_while_then_split() {
+        assert_eq!(
+            may_freeze(false, 1, true, Duration::ZERO, W),
+            Freeze::Wait(20 * MS)
+        );
+        assert_eq!(may_freeze(false, 2, true, 15 * MS, W), Freeze::Wait(5 * MS));
+        assert_eq!(may_freeze(false, 1, true, 20 * MS, W), Freeze::Now);
+        assert_eq!(may_freeze(false, 1, true, 25 * MS, W), Freeze::Now);
+    }
+
+    #[test]
+    fn a_lock_is_waited_for_up_to_its_bound_then_the_move_is_refused() {
+        assert_eq!(
+            may_freeze(true, 0, true, Duration::ZERO, W),
+            Freeze::Wait(10_000 * MS)
+        );
+        // A soft section does not shorten a lock's wait, nor end it.
+        assert_eq!(
+            may_freeze(true, 1, true, 30 * MS, W),
+            Freeze::Wait(9_970 * MS)
+        );
+        assert_eq!(may_freeze(true, 0, true, 10_000 * MS, W), Freeze::Busy);
+        assert_eq!(may_freeze(true, 1, true, 11_000 * MS, W), Freeze::Busy);
+    }
+
+    #[test]
+    fn a_soft_section_is_not_waited_for_when_input_cannot_reach_it() {
+        assert_eq!(may_freeze(false, 1, false, Duration::ZERO, W), Freeze::Now);
+        // A lock still is.
+        assert_eq!(
+            may_freeze(true, 1, false, Duration::ZERO, W),
+            Freeze::Wait(10_000 * MS)
+        );
+    }
+
+    #[test]
+    fn no_soft_wait_configured_never_waits_on_soft_sections() {
+        let w = Waits {
+            soft: Duration::ZERO,
+            ..W
+        };
+        assert_eq!(may_freeze(false, 3, true, Duration::ZERO, w), Freeze::Now);
+    }
+}
