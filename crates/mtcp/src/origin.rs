@@ -141,6 +141,9 @@ pub(crate) struct DirectTcp {
     pub fence: String,
 }
 
+/// `TCP_SYN_RECV` in `tcpi_state`: the only state other than established that is not closing.
+const TCP_SYN_RECV: u8 = 3;
+
 /// How long an origin's fence stays up if no destination lifts it (the destination died): then
 /// the kernel takes it down, and the client's next packet meets no socket and is reset, which
 /// ends its connection with an error instead of a hang.
@@ -207,10 +210,14 @@ impl ServerInner {
             Ok(f) => f,
             Err((e, std)) => {
                 restart.resume(std, shared, self);
-                return Err((
-                    RefuseCode::Busy,
-                    format!("cannot freeze the client's connection: {e}"),
-                ));
+                // The client closed its side (or the connection is closing): it ends here, as
+                // it would have wherever it was. Not a failure to move elsewhere (`Closed`: the
+                // agent leaves it be).
+                let code = match e {
+                    mtcp_repair::RepairError::State(s) if s != TCP_SYN_RECV => RefuseCode::Closed,
+                    _ => RefuseCode::Busy,
+                };
+                return Err((code, format!("cannot freeze the client's connection: {e}")));
             }
         };
         let unsent = frozen.dropped as u64;
