@@ -55,6 +55,9 @@ pub struct MoveResult {
     pub ok: bool,
     /// New server id, or why it failed.
     pub detail: String,
+    /// Not moved because the connection ended meanwhile (not a failed move).
+    #[serde(default)]
+    pub ended: bool,
 }
 
 /// Parses one request line.
@@ -398,11 +401,13 @@ where
                                     cid,
                                     ok: true,
                                     detail: s,
+                                    ended: false,
                                 },
                                 Err(e) => MoveResult {
                                     cid,
                                     ok: false,
-                                    detail: e,
+                                    ended: e == crate::NotMoved::Ended,
+                                    detail: e.to_string(),
                                 },
                             })
                             .collect();
@@ -487,6 +492,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_move_result_without_ended_reads_as_not_ended() {
+        // An older agent's answer has no `ended`.
+        let r: MoveResult = serde_json::from_str(r#"{"cid":"c","ok":false,"detail":"x"}"#).unwrap();
+        assert!(!r.ended);
+        let ended = MoveResult {
+            cid: "c".into(),
+            ok: false,
+            detail: crate::NotMoved::Ended.to_string(),
+            ended: true,
+        };
+        let back: MoveResult =
+            serde_json::from_str(&serde_json::to_string(&ended).unwrap()).unwrap();
+        assert_eq!(back, ended);
+    }
 
     #[test]
     fn requests_parse() {

@@ -50,7 +50,7 @@ enum End {
     Move {
         reason: MoveReason,
         to: Option<String>,
-        done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+        done: Option<tokio::sync::oneshot::Sender<crate::MoveOutcome>>,
         at: Instant,
         /// The session broke (otherwise a failed move leaves the connection where it is).
         broken: bool,
@@ -100,13 +100,13 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                     }
                     Ok(None) => {
                         if let Some(d) = done {
-                            let _ = d.send(Err("connection ended".into()));
+                            let _ = d.send(Err(crate::NotMoved::Ended));
                         }
                         break Ok(());
                     }
                     Err(e) => {
                         if let Some(d) = done {
-                            let _ = d.send(Err(e.clone()));
+                            let _ = d.send(Err(crate::NotMoved::Failed(e.clone())));
                         }
                         // Refused before any origin let go: the connection is still served where
                         // it was (its flow was fenced meanwhile, so kick it).
@@ -244,7 +244,7 @@ async fn run(
             Some(req) = cmd.recv() => {
                 if let Err(e) = conn.at.check_target(req.to.as_deref()) {
                     if let Some(d) = req.done {
-                        let _ = d.send(Err(e.to_string()));
+                        let _ = d.send(Err(crate::NotMoved::Failed(e.to_string())));
                     }
                     continue;
                 }

@@ -176,12 +176,27 @@ pub struct ConnStatus {
     pub retained: u64,
 }
 
+/// Why a requested move did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotMoved {
+    /// The connection ended before it could move (its client closed): nothing to move, and
+    /// not a failure of the move.
+    #[error("connection ended")]
+    Ended,
+    /// The move failed; the connection stays where it was, or was lost (the text says).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A requested move's outcome: the server the connection is on now, or why not.
+pub type MoveOutcome = Result<String, NotMoved>;
+
 /// A request to move a connection.
 #[derive(Debug)]
 pub(crate) struct MoveRequest {
     pub to: Option<String>,
     pub reason: MoveReason,
-    pub done: Option<oneshot::Sender<Result<String, String>>>,
+    pub done: Option<oneshot::Sender<MoveOutcome>>,
     /// When the request arrived: the trigger time migration latency is measured from.
     pub at: Instant,
 }
@@ -459,7 +474,7 @@ impl Agent {
         &self,
         cid: Option<&str>,
         to: Option<String>,
-    ) -> Vec<(String, Result<String, String>)> {
+    ) -> Vec<(String, MoveOutcome)> {
         let mut waits = Vec::new();
         {
             let conns = self.inner.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -489,8 +504,8 @@ impl Agent {
         for (c, rx) in waits {
             let r = match tokio::time::timeout(Duration::from_secs(30), rx).await {
                 Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err("connection ended".into()),
-                Err(_) => Err("timed out".into()),
+                Ok(Err(_)) => Err(NotMoved::Ended),
+                Err(_) => Err(NotMoved::Failed("timed out".into())),
             };
             out.push((c, r));
         }

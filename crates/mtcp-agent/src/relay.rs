@@ -84,7 +84,7 @@ enum End {
     Move {
         reason: MoveReason,
         to: Option<String>,
-        done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+        done: Option<tokio::sync::oneshot::Sender<crate::MoveOutcome>>,
         /// When the trigger fired (a manual request may wait a little before the relay sees it).
         at: Option<Instant>,
     },
@@ -178,13 +178,13 @@ pub(crate) async fn relay(
                     }
                     Ok(None) => {
                         if let Some(d) = done {
-                            let _ = d.send(Err("connection ended".into()));
+                            let _ = d.send(Err(crate::NotMoved::Ended));
                         }
                         break Ok(());
                     }
                     Err(e) => {
                         if let Some(d) = done {
-                            let _ = d.send(Err(e.clone()));
+                            let _ = d.send(Err(crate::NotMoved::Failed(e.clone())));
                         }
                         break Err(format!("migration failed: {e}"));
                     }
@@ -412,7 +412,7 @@ async fn run(
                 if let Some(t) = req.to.as_deref().filter(|t| !conn.at.alternates.iter().any(|a| a.id == *t)) {
                     // Refuse before touching the session: a typo must not break a live connection.
                     if let Some(d) = req.done {
-                        let _ = d.send(Err(format!("unknown server {t:?}")));
+                        let _ = d.send(Err(crate::NotMoved::Failed(format!("unknown server {t:?}"))));
                     }
                     continue;
                 }

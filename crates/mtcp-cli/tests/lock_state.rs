@@ -133,7 +133,7 @@ impl Setup {
     }
 
     /// Starts moving the connection to s2.
-    fn move_to_s2(&self) -> tokio::task::JoinHandle<Vec<(String, Result<String, String>)>> {
+    fn move_to_s2(&self) -> tokio::task::JoinHandle<Vec<(String, mtcp_agent::MoveOutcome)>> {
         let agent = self.agent.clone();
         tokio::spawn(async move { agent.migrate(None, Some("s2".into())).await })
     }

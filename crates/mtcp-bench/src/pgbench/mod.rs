@@ -198,6 +198,9 @@ pub struct MoveStats {
     /// Connections moved.
     pub moved: u64,
     pub failed: u64,
+    /// Connections that ended before they could move (pgbench closing them at the end of a
+    /// run): not failed moves.
+    pub ended: u64,
     /// Requests that found no connection to move (between pgbench's connections).
     pub empty: u64,
     /// Requests the agent did not answer properly.
@@ -497,6 +500,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 moves.requests += st.requests;
                 moves.moved += st.moved;
                 moves.failed += st.failed;
+                moves.ended += st.ended;
                 moves.empty += st.empty;
                 moves.errors += st.errors;
                 for f in st.failures {

@@ -39,6 +39,8 @@ pub(super) async fn mover(
                 for r in results {
                     if r.ok {
                         st.moved += 1;
+                    } else if r.ended {
+                        st.ended += 1;
                     } else {
                         st.failed += 1;
                         if st.failures.len() < 5 {

@@ -36,8 +36,8 @@ pub(super) fn print_table(r: &PgReport) {
         );
         if let Some(m) = &c.moves {
             println!(
-                "    moves: {} connections moved by {} `migrate --all` requests ({} found none), {} failed, {} errors; request p50 {:.2} ms, p99 {:.2} ms",
-                m.moved, m.requests, m.empty, m.failed, m.errors, ms(m.request_us_p50), ms(m.request_us_p99)
+                "    moves: {} connections moved by {} `migrate --all` requests ({} found none), {} failed, {} ended before they could move, {} errors; request p50 {:.2} ms, p99 {:.2} ms",
+                m.moved, m.requests, m.empty, m.failed, m.ended, m.errors, ms(m.request_us_p50), ms(m.request_us_p99)
             );
             println!(
                 "    each move in the agent ({} seen): trigger -> RESUMED p50 {:.2} ms p99 {:.2} ms max {:.2} ms; -> first byte from the new server p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
