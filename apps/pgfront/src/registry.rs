@@ -65,13 +65,29 @@ const REGISTER_AND_FENCE: &str = concat!(
 /// Takes backend `$1` out of the registry if it still serves connection `$2`.
 const RELEASE: &str = "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2";
 
+/// How many of the backends `$1` still run: one `pg_stat_get_activity(pid)` each, not the
+/// `pg_stat_activity` view (its joins), polled while a fence waits.
+const ALIVE: &str =
+    "SELECT count(*) FROM unnest($1::int4[]) AS v(pid), LATERAL pg_stat_get_activity(v.pid) a";
+
+/// Forgets backend `$1` (its session ended).
+const UNREGISTER: &str = "DELETE FROM mtcp.backends WHERE pid = $1";
+
+/// Deletes rows of backends that no longer run.
+const SWEEP: &str = "DELETE FROM mtcp.backends b WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+    WHERE a.pid = b.pid AND a.backend_start = b.backend_start)";
+
 /// A control connection and its statements, prepared once (a statement given as a string
-/// costs tokio-postgres a round trip to prepare it, every time).
+/// costs tokio-postgres a round trip to prepare it, every time, and PostgreSQL its parse
+/// analysis: measured, ~1.4 ms of the database's CPU per move while a fence polled with one).
 struct Control {
     client: Client,
     register: Statement,
     register_and_fence: Statement,
     release: Statement,
+    alive: Statement,
+    unregister: Statement,
+    sweep: Statement,
 }
 
 impl std::ops::Deref for Control {
@@ -141,6 +157,9 @@ impl Registry {
             register: client.prepare(REGISTER).await?,
             register_and_fence: client.prepare(REGISTER_AND_FENCE).await?,
             release: client.prepare(RELEASE).await?,
+            alive: client.prepare(ALIVE).await?,
+            unregister: client.prepare(UNREGISTER).await?,
+            sweep: client.prepare(SWEEP).await?,
             client,
         });
         *c = Some(control.clone());
@@ -197,13 +216,7 @@ impl Registry {
         let t0 = std::time::Instant::now();
         let mut pause = Duration::from_micros(500);
         loop {
-            let left: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[&pids],
-                )
-                .await?
-                .get(0);
+            let left: i64 = c.query_one(&c.alive, &[&pids]).await?.get(0);
             if left == 0 {
                 return Ok(pids.len() as u32);
             }
@@ -240,7 +253,7 @@ impl Registry {
     pub async fn unregister(&self, pid: i32) {
         let r = match self.client().await {
             Ok(c) => c
-                .execute("DELETE FROM mtcp.backends WHERE pid = $1", &[&pid])
+                .execute(&c.unregister, &[&pid])
                 .await
                 .map_err(RegistryError::from),
             Err(e) => Err(e),
@@ -267,12 +280,7 @@ impl Registry {
     /// Deletes rows of backends that no longer run.
     pub async fn sweep(&self) -> Result<u64, RegistryError> {
         let c = self.client().await?;
-        Ok(c.execute(
-            "DELETE FROM mtcp.backends b WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-             WHERE a.pid = b.pid AND a.backend_start = b.backend_start)",
-            &[],
-        )
-        .await?)
+        Ok(c.execute(&c.sweep, &[]).await?)
     }
 
     /// Rolls back transactions the commit path prepared (`mtcp:…` gids) longer than `age` ago

@@ -265,6 +265,29 @@ pub struct MoveLatency {
     /// Inside the agent: trigger to RESUMED, µs.
     pub resumed_us_p50: u64,
     pub resumed_us_p99: u64,
+    /// CPU per move, with the query after it (and, inside a transaction, its statements): µs of
+    /// PostgreSQL, the agent and the front-ends, over the whole loop.
+    pub cpu_us_per_move: CpuPerMove,
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct CpuPerMove {
+    pub postgres: f64,
+    pub agent: f64,
+    pub front_ends: f64,
+}
+
+impl CpuPerMove {
+    /// From two [`Probe::sample`]s around `moves` moves, less `quiet`: the CPU the same number
+    /// of rounds took without moves.
+    fn between(before: [f64; 5], after: [f64; 5], moves: u32, quiet: CpuPerMove) -> Self {
+        let per = |i: usize| (after[i] - before[i]).max(0.0) * 1e6 / f64::from(moves.max(1));
+        CpuPerMove {
+            postgres: per(1) - quiet.postgres,
+            agent: per(3) - quiet.agent,
+            front_ends: per(4) - quiet.front_ends,
+        }
+    }
 }
 
 #[derive(Serialize, Debug, Default)]
@@ -616,12 +639,24 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             let select1_agent = select1_p50(&h, port).await?;
             let logs = LogMark::new(on);
             progress(format!("{} moves of an idle session", p.moves));
-            let idle = idle_moves(on, p.moves).await?;
+            let probe = Probe {
+                postmaster: pg.pid(),
+                bouncer: None,
+                cluster: Some(on),
+            };
+            let before = probe.sample();
+            quiet_rounds(on, p.moves).await?;
+            let quiet = CpuPerMove::between(before, probe.sample(), p.moves, Default::default());
+            let before = probe.sample();
+            let mut idle = idle_moves(on, p.moves).await?;
+            idle.cpu_us_per_move = CpuPerMove::between(before, probe.sample(), p.moves, quiet);
             progress(format!(
                 "{} moves of a session inside a transaction",
                 p.moves
             ));
-            let (in_txn, balance_ok) = txn_moves(on, p.moves).await?;
+            let before = probe.sample();
+            let (mut in_txn, balance_ok) = txn_moves(on, p.moves).await?;
+            in_txn.cpu_us_per_move = CpuPerMove::between(before, probe.sample(), p.moves, quiet);
             Some(Latency {
                 select1_agent_us_p50: select1_agent,
                 idle_moves: idle,

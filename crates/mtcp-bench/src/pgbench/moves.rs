@@ -182,7 +182,20 @@ pub(super) async fn latency(
         move_query_us_max: total.last().copied().unwrap_or(0),
         resumed_us_p50: pct(&resumed, 0.5),
         resumed_us_p99: pct(&resumed, 0.99),
+        cpu_us_per_move: CpuPerMove::default(),
     })
+}
+
+/// The baseline for the moves' CPU: `n` rounds of `SELECT 1` and the pause between moves on an
+/// idle session, with no move (what PostgreSQL and the processes spend meanwhile anyway:
+/// autovacuum after the runs, statistics, timers).
+pub(super) async fn quiet_rounds(lc: &LocalCluster, n: u32) -> Result<()> {
+    let (c, _) = agent_session(lc).await?;
+    for _ in 0..n {
+        select1(&c).await?;
+        tokio::time::sleep(MOVE_PAUSE).await;
+    }
+    Ok(())
 }
 
 /// An idle session: move, then `SELECT 1`, `moves` times.

@@ -112,6 +112,11 @@ pub(super) fn print_table(r: &PgReport) {
             ms(m.move_query_us_p50), ms(m.move_query_us_p99), ms(m.move_query_us_max),
             ms(m.resumed_us_p50), m.moves
         );
+        let c = m.cpu_us_per_move;
+        println!(
+            "  {:<21} CPU per move with its queries, less as many quiet rounds: PostgreSQL {:.0} µs, agent {:.0} µs, front-ends {:.0} µs",
+            "", c.postgres, c.agent, c.front_ends
+        );
     }
     let f = &l.front_end_phases;
     println!(
