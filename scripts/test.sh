@@ -49,6 +49,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
+echo "== layout"
+python3 scripts/layout.py
 echo "== cargo doc (libraries, warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --lib --release --locked
 echo "== cargo test"
