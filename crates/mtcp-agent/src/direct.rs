@@ -17,8 +17,9 @@
 //! A client packet sent while fenced is dropped, and the client resends it after its
 //! retransmission timeout (≥ 200 ms); ACKs dropped meanwhile are replaced by the window probe.
 
+use crate::channel::{resumed, welcome};
 use crate::metrics::{counted, Moving};
-use crate::relay::{reset, resumed, welcome};
+use crate::relay::reset;
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
 use mtcp::framed::{self, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
@@ -367,7 +368,7 @@ async fn try_resume(
     // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
     let silence = mtcp_proto::timing::candidate_silence(&Rtt::default(), conn.at.heartbeat);
     let (mut reader, w, msg) =
-        crate::relay::exchange_migrate(inner, cand, m, silence, trace).await?;
+        crate::channel::exchange_migrate(inner, cand, m, silence, trace).await?;
     movetrace::mark(trace, "resumed_rx");
     let r = resumed(msg)?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);

@@ -6,6 +6,7 @@
 //! the session, and moves it to another server when a trigger fires.
 
 pub mod admin;
+mod channel;
 pub mod dialer;
 mod direct;
 pub mod metrics;

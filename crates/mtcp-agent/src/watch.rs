@@ -6,8 +6,8 @@
 //! [`WatchEnd::Hint`]. The connection to the server closes when the last [`Watch`] on it is
 //! dropped.
 
+use crate::channel::connect;
 use crate::dialer::Dialer;
-use crate::relay::connect;
 use mtcp::framed::ChannelError;
 use mtcp_proto::wire::Msg;
 use mtcp_proto::{Cid, Token};

@@ -1,0 +1,151 @@
+//! The agent's end of a channel to a server: opening one (preamble and the first message:
+//! HELLO, MIGRATE or WATCH), the HELLO/WELCOME exchange, and the MIGRATE exchange both agents
+//! (relay and fast path) move through.
+
+use crate::dialer::Dialer;
+use crate::AgentInner;
+use mtcp::framed::{self, ChannelError, FrameReader};
+use mtcp::movetrace::{self, Trace};
+use mtcp::stream::{ReadHalf, Stream, WriteHalf};
+use mtcp_proto::agent::{self, MoveError};
+use mtcp_proto::wire::{Migrate, Msg, ServerInfo};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SETUP_FRAME: usize = 64 << 10;
+
+/// Connects to a server and sends `first` (HELLO, MIGRATE or WATCH) with the preamble.
+pub(crate) async fn connect(
+    addr: &str,
+    limit: Duration,
+    first: &Msg,
+    dialer: &Dialer,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
+    let s = tokio::time::timeout(limit, dialer.dial(addr))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
+    open_on(s, limit, first).await
+}
+
+/// Sends the preamble and `first` on an established connection.
+async fn open_on(
+    mut s: Stream,
+    limit: Duration,
+    first: &Msg,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
+    tokio::time::timeout(limit, framed::open_with(&mut s, first))
+        .await
+        .map_err(|_| ChannelError::Timeout)??;
+    let (r, w) = s.into_split();
+    Ok((FrameReader::new(r, SETUP_FRAME), w))
+}
+
+/// HELLO to the configured servers in order.
+/// A session opened with HELLO: the server's address, the channel and its WELCOME.
+pub(crate) type Welcomed = (
+    String,
+    FrameReader<ReadHalf>,
+    WriteHalf,
+    mtcp_proto::wire::Welcome,
+);
+
+/// Sends `hello` to the configured servers in order until one answers WELCOME; the error names
+/// why each refused or failed.
+pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed, String> {
+    let mut errs = Vec::new();
+    for addr in &inner.cfg.connect {
+        let r = async {
+            let (mut reader, w) =
+                connect(addr, inner.cfg.connect_timeout, hello, &inner.dialer).await?;
+            match reader.next_msg(inner.cfg.connect_timeout).await? {
+                Msg::Welcome(wl) => Ok((reader, w, wl)),
+                Msg::Refused { code, reason } => {
+                    mtcp::metrics::refused(code);
+                    Err(ChannelError::Unexpected(format!(
+                        "refused ({code:?}): {reason}"
+                    )))
+                }
+                other => Err(ChannelError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        .await;
+        match r {
+            Ok((reader, w, wl)) => return Ok((addr.clone(), reader, w, wl)),
+            Err(e) => {
+                tracing::warn!(target: "mtcp_agent::relay", server = %addr, "cannot open a session: {e}");
+                errs.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    Err(errs.join("; "))
+}
+
+/// Reads a candidate's answer to MIGRATE. WORKING (sent every heartbeat while the
+/// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
+/// answer within `total`, is a timeout.
+pub(crate) async fn answer_to_migrate(
+    reader: &mut FrameReader<ReadHalf>,
+    silence: Duration,
+    total: Duration,
+) -> Result<Msg, ChannelError> {
+    let deadline = Instant::now() + total;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelError::Timeout);
+        }
+        match reader.next_msg(silence.min(left)).await? {
+            Msg::Working => continue,
+            m => return Ok(m),
+        }
+    }
+}
+
+/// How a failed wait for a candidate's answer is reported.
+pub(crate) fn silent(e: ChannelError, silence: Duration) -> MoveError {
+    match e {
+        ChannelError::Timeout => MoveError::Silent(silence),
+        e => MoveError::Channel(e.to_string()),
+    }
+}
+
+/// A destination's answer to MIGRATE, read by the core; refusals are counted.
+pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, MoveError> {
+    agent::answer(msg).inspect_err(|e| {
+        if let Some(code) = e.refuse_code() {
+            mtcp::metrics::refused(code);
+        }
+    })
+}
+
+/// Sends MIGRATE to `cand` and reads its answer: on a spare connection if a fresh one is kept
+/// (it saves the TCP handshake: MIGRATE leaves at once), else on a new connection. A spare the
+/// server closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe
+/// then. Both agents (relay and fast path) move through this.
+pub(crate) async fn exchange_migrate(
+    inner: &Arc<AgentInner>,
+    cand: &ServerInfo,
+    m: &Migrate,
+    silence: Duration,
+    trace: &mut Option<Trace>,
+) -> Result<(FrameReader<ReadHalf>, WriteHalf, Msg), MoveError> {
+    let first = Msg::Migrate(m.clone());
+    if let Some(s) = inner.spares.take(&cand.data) {
+        if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
+            movetrace::mark(trace, "migrate_tx_spare");
+            match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
+                Ok(m) => return Ok((reader, w, m)),
+                Err(ChannelError::Closed | ChannelError::Io(_)) => {}
+                Err(e) => return Err(silent(e, silence)),
+            }
+        }
+    }
+    let (mut reader, w) = connect(&cand.data, inner.cfg.connect_timeout, &first, &inner.dialer)
+        .await
+        .map_err(|e| MoveError::Channel(e.to_string()))?;
+    movetrace::mark(trace, "migrate_tx_connect");
+    let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
+        .await
+        .map_err(|e| silent(e, silence))?;
+    Ok((reader, w, m))
+}
