@@ -9,7 +9,6 @@
 //! handshake carries a MAC under a per-direction key derived from that context (see
 //! [`crate::channel`]).
 
-use crate::channel::{ChannelMac, Direction};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -52,7 +51,7 @@ impl ClusterKey {
         Ok(Self(out))
     }
 
-    fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+    pub(crate) fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
         let mut m = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         for p in parts {
             m.update(&(p.len() as u32).to_be_bytes());
@@ -135,26 +134,6 @@ impl ClusterKey {
         }
         Err(AuthError::BadProof)
     }
-
-    /// The per-channel MAC states of one side of an authenticated channel: `(send, receive)`.
-    /// Each direction has its own key, derived from the cluster key and the whole channel
-    /// context (both ids, the port kind, both nonces) with a direction label, so frames of one
-    /// direction can be neither reflected into the other nor moved to another channel.
-    pub fn channel_macs(&self, ctx: &ChannelContext<'_>, me: Role) -> (ChannelMac, ChannelMac) {
-        let key = |dir: Direction| {
-            let mut parts = ctx.parts(b"mtcp-channel-key-v1");
-            parts.push(dir.label());
-            self.mac(&parts)
-        };
-        let (send, recv) = match me {
-            Role::Opener => (Direction::OpenerToAcceptor, Direction::AcceptorToOpener),
-            Role::Acceptor => (Direction::AcceptorToOpener, Direction::OpenerToAcceptor),
-        };
-        (
-            ChannelMac::new(key(send), send),
-            ChannelMac::new(key(recv), recv),
-        )
-    }
 }
 
 /// The kind of port a peer-to-peer channel is opened on.
@@ -207,7 +186,7 @@ pub struct ChannelContext<'a> {
 }
 
 impl ChannelContext<'_> {
-    fn parts<'s>(&'s self, label: &'static [u8]) -> Vec<&'s [u8]> {
+    pub(crate) fn parts<'s>(&'s self, label: &'static [u8]) -> Vec<&'s [u8]> {
         vec![
             label,
             self.kind.label(),

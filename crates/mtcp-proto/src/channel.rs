@@ -14,7 +14,10 @@
 //! are all refused, and the channel must then be closed. The session channel (agent ↔ server)
 //! does not use this.
 
+use crate::auth::{ChannelContext, Role};
+pub use crate::wire::MacError;
 use crate::wire::{Frame, FrameDecoder, Msg, WireError};
+use crate::ClusterKey;
 use bytes::{Buf, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -43,19 +46,6 @@ impl Direction {
             Direction::AcceptorToOpener => b"acceptor-to-opener",
         }
     }
-}
-
-/// Why a frame of an authenticated channel was refused. Each one ends the channel.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum MacError {
-    #[error("truncated frame or frame MAC: the channel ended {have} bytes into it")]
-    Truncated { have: usize },
-    #[error("frame {expected} fails its MAC: forged, altered, or from another channel")]
-    BadMac { expected: u64 },
-    #[error("replayed frame: sequence number {seq} again (expected {expected})")]
-    Replayed { seq: u64, expected: u64 },
-    #[error("reordered or dropped frame: sequence number {seq}, expected {expected}")]
-    OutOfOrder { seq: u64, expected: u64 },
 }
 
 /// One direction of an authenticated channel: its key and the next sequence number.
@@ -184,6 +174,28 @@ pub fn decode_sealed(
     match dec.decode(&mut frame)? {
         Some(f) if frame.is_empty() => Ok(Some(f)),
         _ => unreachable!("frame_len measured one whole frame"),
+    }
+}
+
+impl ClusterKey {
+    /// The per-channel MAC states of one side of an authenticated channel: `(send, receive)`.
+    /// Each direction has its own key, derived from the cluster key and the whole channel
+    /// context (both ids, the port kind, both nonces) with a direction label, so frames of one
+    /// direction can be neither reflected into the other nor moved to another channel.
+    pub fn channel_macs(&self, ctx: &ChannelContext<'_>, me: Role) -> (ChannelMac, ChannelMac) {
+        let key = |dir: Direction| {
+            let mut parts = ctx.parts(b"mtcp-channel-key-v1");
+            parts.push(dir.label());
+            self.mac(&parts)
+        };
+        let (send, recv) = match me {
+            Role::Opener => (Direction::OpenerToAcceptor, Direction::AcceptorToOpener),
+            Role::Acceptor => (Direction::AcceptorToOpener, Direction::OpenerToAcceptor),
+        };
+        (
+            ChannelMac::new(key(send), send),
+            ChannelMac::new(key(recv), recv),
+        )
     }
 }
 

@@ -6,6 +6,8 @@ use crate::record::Check;
 use crate::sum::StreamSum;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::hash::Hasher;
+use twox_hash::XxHash3_64;
 
 /// Errors of offset arithmetic; each means the two ends disagree about a stream.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -264,10 +266,19 @@ impl ReplayVerifier {
     }
 }
 
+/// The checksum of bytes `[from, to)` of `log`, hashed where they lie (the same value as
+/// [`checksum`](crate::sum::checksum) of a copy of them).
+pub fn log_checksum(log: &ByteLog, from: u64, to: u64) -> Result<u64, OffsetError> {
+    let mut h = XxHash3_64::with_seed(0);
+    log.visit_range(from, to, |b| h.write(b))?;
+    Ok(h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sum::checksum;
+    use crate::sum::tests::bounds;
     use proptest::prelude::*;
 
     fn log_of(start: u64, data: &[u8], chunk: usize) -> ByteLog {
@@ -362,6 +373,32 @@ mod tests {
                 pos = e;
             }
             prop_assert!(failed);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_log_range_sums_as_its_copy(data in proptest::collection::vec(any::<u8>(), 0..5000),
+                                        cuts in proptest::collection::vec(0usize..5000, 0..10),
+                                        a in 0usize..5000, b in 0usize..5000, trim in 0usize..5000) {
+            // The log starts at 100, holds `data` in the pieces `cuts` make, and has its first
+            // `trim` bytes dropped; any range inside sums as a copy of it does.
+            let mut log = ByteLog::new(100);
+            let cuts = bounds(cuts, data.len());
+            for w in cuts.windows(2) {
+                log.push(bytes::Bytes::copy_from_slice(&data[w[0]..w[1]]));
+            }
+            let trim = trim % (data.len() + 1);
+            log.trim_to(100 + trim as u64);
+            let (mut a, mut b) = (trim + a % (data.len() - trim + 1), trim + b % (data.len() - trim + 1));
+            if a > b {
+                std::mem::swap(&mut a, &mut b);
+            }
+            prop_assert_eq!(log_checksum(&log, 100 + a as u64, 100 + b as u64).unwrap(), checksum(&data[a..b]));
+            prop_assert!(log_checksum(&log, 100 + data.len() as u64 + 1, 100 + data.len() as u64 + 1).is_err());
+            if trim > 0 {
+                prop_assert!(log_checksum(&log, 99 + trim as u64, 100 + b as u64).is_err());
+            }
         }
     }
 }

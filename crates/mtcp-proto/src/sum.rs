@@ -70,18 +70,6 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
 }
 
-/// The checksum of bytes `[from, to)` of `log`, hashed where they lie (the same value as
-/// [`checksum`] of a copy of them).
-pub fn log_checksum(
-    log: &crate::offsets::ByteLog,
-    from: u64,
-    to: u64,
-) -> Result<u64, crate::offsets::OffsetError> {
-    let mut h = XxHash3_64::with_seed(0);
-    log.visit_range(from, to, |b| h.write(b))?;
-    Ok(h.finish())
-}
-
 /// A finished checksum range of the downstream stream: bytes `[from, end)` sum to `sum`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SumSeg {
@@ -255,12 +243,12 @@ pub fn checks_from(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
     /// Piece boundaries of `len` bytes: `cuts` clamped to `len`, with 0 and `len`, sorted.
-    fn bounds(mut cuts: Vec<usize>, len: usize) -> Vec<usize> {
+    pub(crate) fn bounds(mut cuts: Vec<usize>, len: usize) -> Vec<usize> {
         cuts.push(0);
         cuts.push(len);
         cuts.iter_mut().for_each(|c| *c = (*c).min(len));
@@ -279,30 +267,6 @@ mod tests {
             }
             prop_assert_eq!(s.value(), checksum(&data));
             prop_assert_eq!(s.end(), 10 + data.len() as u64);
-        }
-
-        #[test]
-        fn a_log_range_sums_as_its_copy(data in proptest::collection::vec(any::<u8>(), 0..5000),
-                                        cuts in proptest::collection::vec(0usize..5000, 0..10),
-                                        a in 0usize..5000, b in 0usize..5000, trim in 0usize..5000) {
-            // The log starts at 100, holds `data` in the pieces `cuts` make, and has its first
-            // `trim` bytes dropped; any range inside sums as a copy of it does.
-            let mut log = crate::offsets::ByteLog::new(100);
-            let cuts = bounds(cuts, data.len());
-            for w in cuts.windows(2) {
-                log.push(bytes::Bytes::copy_from_slice(&data[w[0]..w[1]]));
-            }
-            let trim = trim % (data.len() + 1);
-            log.trim_to(100 + trim as u64);
-            let (mut a, mut b) = (trim + a % (data.len() - trim + 1), trim + b % (data.len() - trim + 1));
-            if a > b {
-                std::mem::swap(&mut a, &mut b);
-            }
-            prop_assert_eq!(log_checksum(&log, 100 + a as u64, 100 + b as u64).unwrap(), checksum(&data[a..b]));
-            prop_assert!(log_checksum(&log, 100 + data.len() as u64 + 1, 100 + data.len() as u64 + 1).is_err());
-            if trim > 0 {
-                prop_assert!(log_checksum(&log, 99 + trim as u64, 100 + b as u64).is_err());
-            }
         }
 
         #[test]
