@@ -79,7 +79,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub keep_logs: bool,
     #[command(flatten)]
-    pub pg: crate::pgbench::PgArgs,
+    pub pg: PgArgs,
 }
 
 impl BenchArgs {
@@ -122,4 +122,30 @@ pub enum Which {
     /// pgbench TPC-B direct, through PgBouncer and through the agent and the PostgreSQL
     /// front-end (two-phase commit off, on, on with moves every 200 ms); move latency.
     Pg,
+}
+
+/// `mtcp bench pg`'s own options (the shared `--rounds` and `--json` are in [`BenchArgs`]).
+#[derive(Args, Debug, Clone)]
+pub struct PgArgs {
+    /// Length of each pgbench run, seconds (pg).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// pgbench clients, `-c` (pg); threads `-j` are min(2, clients).
+    #[arg(long, default_value_t = 8)]
+    pub clients: u32,
+    /// pgbench scale factor, `-s` (pg).
+    #[arg(long, default_value_t = 10)]
+    pub scale: u32,
+    /// Moves of one session measured, idle and inside a transaction each (pg).
+    #[arg(long, default_value_t = 50)]
+    pub moves: u32,
+    /// Interval of `migrate --all` during the moving configuration, ms (pg).
+    #[arg(long, default_value_t = 200)]
+    pub move_every_ms: u64,
+    /// Configurations to time, comma-separated (pg): direct, pgbouncer, agent-2pc-off,
+    /// agent-2pc-on, agent-2pc-on-moves, fastpath-2pc-off, fastpath-2pc-off-moves. `direct`
+    /// (the baseline) is always
+    /// timed; the move latencies are measured only with agent-2pc-on. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
 }
