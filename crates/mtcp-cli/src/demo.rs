@@ -45,7 +45,11 @@ pub struct DemoArgs {
 
 pub async fn run(a: DemoArgs) -> Result<()> {
     if a.pg {
-        return crate::pgdemo::run(&a).await;
+        let o = crate::pgdemo::Options {
+            keep: a.keep,
+            quiet: a.quiet,
+        };
+        return crate::pgdemo::run(&o).await;
     }
     let dir = std::env::temp_dir().join(format!("mtcp-demo-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("www"))?;

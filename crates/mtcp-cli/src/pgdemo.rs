@@ -12,12 +12,17 @@
 //! transaction lost after its COMMIT was reported leaves a gap, one applied twice collides with
 //! the primary key and makes pgbench abort that client.
 
-use crate::demo::DemoArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use mtcp_harness::pglocal::{PgLocal, PgLocalOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+mod check;
+mod timeline;
+
+use check::{ledger_count, one, BenchStats, Report};
+use timeline::{agent_moves, Event, MoveSummary};
 
 /// How long pgbench runs (`-T`), seconds.
 const SECONDS: u64 = 20;
@@ -54,7 +59,15 @@ END;
 
 /// Runs the demo in a fresh working directory, kept (with every process's log) on failure or
 /// with `--keep`. Ctrl-C stops everything that was started.
-pub async fn run(a: &DemoArgs) -> Result<()> {
+/// What `mtcp demo --pg` takes from `mtcp demo`'s options.
+pub struct Options {
+    /// Keep the working directory (logs, files) instead of deleting it.
+    pub keep: bool,
+    /// Quieter output.
+    pub quiet: bool,
+}
+
+pub async fn run(a: &Options) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("mtcp-demo-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -90,31 +103,6 @@ impl Drop for Running {
     }
 }
 
-/// Something the demo did, or a move the agent made, at `t` seconds since pgbench started.
-struct Event {
-    t: f64,
-    text: String,
-}
-
-/// A move the agent made (one session).
-struct Move {
-    t: f64,
-    what: String,
-    ok: bool,
-    /// From the trigger to RESUMED.
-    ms: f64,
-}
-
-impl Move {
-    /// Ends the last group.
-    const END: Move = Move {
-        t: f64::INFINITY,
-        what: String::new(),
-        ok: false,
-        ms: 0.0,
-    };
-}
-
 /// A step of the story.
 #[derive(Default)]
 struct Steps {
@@ -126,7 +114,7 @@ struct Steps {
     restarted: bool,
 }
 
-async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
+async fn demo(a: &Options, dir: &Path) -> Result<()> {
     println!("== M-TCP demo: pgbench through PostgreSQL front-ends that are drained, moved and killed ==");
     let exe = std::env::current_exe().context("locating the mtcp binary")?;
     // SAFETY: geteuid has no preconditions.
@@ -150,7 +138,7 @@ async fn demo(a: &DemoArgs, dir: &Path) -> Result<()> {
     r
 }
 
-async fn story(a: &DemoArgs, dir: &Path, run: &mut Running) -> Result<()> {
+async fn story(a: &Options, dir: &Path, run: &mut Running) -> Result<()> {
     let pl = &mut run.pl;
     let version = pl.pg.psql("postgres", "SELECT version()")?;
     println!("PostgreSQL on {}:{}: {version}", pl.pg.host(), pl.pg.port());
@@ -363,77 +351,12 @@ async fn story(a: &DemoArgs, dir: &Path, run: &mut Running) -> Result<()> {
     // The agent's view: every move of every session, by reason; moves of several sessions
     // for one event are shown as one line.
     let conns = pl.lc.status_async().await?;
-    let mut by_reason: BTreeMap<&str, u32> = BTreeMap::new();
-    let mut failed_moves = 0;
-    let mut from_replica = 0;
-    let mut aborted = Vec::new();
-    let mut moves: Vec<Move> = Vec::new();
-    for c in &conns {
-        if c.state.starts_with("aborted") {
-            aborted.push(format!("{}: {}", c.cid, c.state));
-        }
-        for e in &c.timeline {
-            if e.ok {
-                *by_reason.entry(kind(&e.reason)).or_default() += 1;
-                from_replica += u32::from(e.from_replica);
-            } else {
-                failed_moves += 1;
-            }
-            moves.push(Move {
-                t: e.trigger_mono_us
-                    .map(|u| (u as f64 - mono0 as f64) / 1e6)
-                    .unwrap_or(f64::NAN),
-                what: if e.ok {
-                    format!(
-                        "{} -> {} ({}){}",
-                        e.from,
-                        e.to.as_deref().unwrap_or("?"),
-                        e.reason,
-                        if e.from_replica {
-                            ", state from a replica"
-                        } else {
-                            ""
-                        }
-                    )
-                } else {
-                    format!(
-                        "{} -> FAILED ({}): {}",
-                        e.from,
-                        e.reason,
-                        e.refusals.join("; ")
-                    )
-                },
-                ok: e.ok,
-                ms: e.resumed_us.unwrap_or(0) as f64 / 1e3,
-            });
-        }
-    }
-    moves.sort_by(|x, y| x.t.total_cmp(&y.t));
-    let mut group: Vec<&Move> = Vec::new();
-    for m in moves.iter().chain(std::iter::once(&Move::END)) {
-        if let Some(g) = group.first() {
-            if m.what != g.what || m.t - g.t > 1.0 {
-                let lo = group.iter().map(|m| m.ms).fold(f64::INFINITY, f64::min);
-                let hi = group.iter().map(|m| m.ms).fold(0.0, f64::max);
-                events.push(Event {
-                    t: g.t,
-                    text: format!(
-                        "   {} session{} {}{}",
-                        group.len(),
-                        if group.len() == 1 { "" } else { "s" },
-                        g.what,
-                        match (g.ok, group.len()) {
-                            (false, _) => String::new(),
-                            (true, 1) => format!(", resumed after {lo:.1} ms"),
-                            (true, _) => format!(", resumed after {lo:.1}..{hi:.1} ms"),
-                        }
-                    ),
-                });
-                group.clear();
-            }
-        }
-        group.push(m);
-    }
+    let MoveSummary {
+        by_reason,
+        failed_moves,
+        from_replica,
+        aborted,
+    } = agent_moves(&conns, mono0, &mut events);
     events.sort_by(|x, y| x.t.total_cmp(&y.t));
     println!("\ntimeline (t = seconds since pgbench started; indented: the agent's moves):");
     for e in &events {
@@ -579,71 +502,6 @@ async fn story(a: &DemoArgs, dir: &Path, run: &mut Running) -> Result<()> {
         drain + manual + crash
     );
     Ok(())
-}
-
-/// Which of the demo's events a move's trigger belongs to.
-fn kind(reason: &str) -> &'static str {
-    if reason.contains("drain") {
-        "drain"
-    } else if reason == "manual" {
-        "manual"
-    } else if reason.starts_with("hint") {
-        "other hint"
-    } else {
-        // The session or its watch connection broke, or the server went silent: the kill.
-        "crash"
-    }
-}
-
-#[derive(Default)]
-struct Report {
-    failed: usize,
-}
-
-impl Report {
-    fn check(&mut self, ok: bool, line: String) {
-        println!("  [{}] {line}", if ok { " ok " } else { "FAIL" });
-        self.failed += usize::from(!ok);
-    }
-}
-
-/// pgbench's summary.
-struct BenchStats {
-    processed: i64,
-    failed: i64,
-    retried: i64,
-    retries: i64,
-    tps: f64,
-}
-
-impl BenchStats {
-    fn parse(out: &str) -> Option<Self> {
-        let field = |prefix: &str| -> Option<&str> {
-            out.lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .and_then(|v| v.split_whitespace().next())
-        };
-        let num = |prefix: &str| field(prefix).and_then(|v| v.parse::<i64>().ok());
-        Some(BenchStats {
-            processed: num("number of transactions actually processed: ")?,
-            failed: num("number of failed transactions: ")?,
-            retried: num("number of transactions retried: ").unwrap_or(0),
-            retries: num("total number of retries: ").unwrap_or(0),
-            tps: field("tps = ").and_then(|v| v.parse().ok()).unwrap_or(0.0),
-        })
-    }
-}
-
-async fn one(db: &tokio_postgres::Client, sql: &str) -> Result<i64> {
-    Ok(db
-        .query_one(sql, &[])
-        .await
-        .context(sql.to_string())?
-        .get(0))
-}
-
-async fn ledger_count(db: &tokio_postgres::Client) -> Result<i64> {
-    one(db, "SELECT count(*) FROM ledger").await
 }
 
 /// Live sessions per front-end, e.g. `s1:3 s2:3 s3:2`.
