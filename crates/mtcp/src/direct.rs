@@ -28,7 +28,7 @@
 //!
 //! [`ServerStream`]: mtcp_proto::stream::ServerStream
 
-use crate::conn::{ConnState, Phase, Shared};
+use crate::conn_state::{ConnState, Phase, Shared};
 use crate::framed::Out;
 use crate::server::ServerInner;
 use bytes::{Buf, Bytes};

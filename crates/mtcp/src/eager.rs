@@ -15,7 +15,7 @@
 //! candidate one epoch up (`mtcp_proto::custody`).
 
 use crate::config::ServerEntry;
-use crate::conn::{ConnState, Phase, Shared};
+use crate::conn_state::{ConnState, Phase, Shared};
 use crate::custody::Fenced;
 use crate::framed::Out;
 use crate::gate::YieldAnswer;

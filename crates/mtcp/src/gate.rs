@@ -4,7 +4,7 @@
 //! the gates under one lock (a keeper's YIELD and the agent's first frame race from different
 //! tasks) and lets go of a connection given up after its RESUMED.
 
-use crate::conn::Phase;
+use crate::conn_state::Phase;
 use crate::server::ServerInner;
 use mtcp_proto::custody::{Gate, GateEvent, Verdict};
 use mtcp_proto::Cid;

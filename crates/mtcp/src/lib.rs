@@ -10,6 +10,7 @@ mod admission;
 pub mod app;
 pub mod config;
 pub mod conn;
+mod conn_state;
 mod custody;
 pub(crate) mod direct;
 mod eager;

@@ -6,7 +6,7 @@
 //! path pays one relaxed add per read or write, nothing more. Every name is listed in
 //! `docs/operations.md`.
 
-use crate::conn::{ConnState, Phase};
+use crate::conn_state::{ConnState, Phase};
 use crate::server::ServerInner;
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use mtcp_proto::wire::{HintReason, RefuseCode};

@@ -1,7 +1,7 @@
 //! The origin's side of a move: freezing a local connection (relayed or fast path) and taking its
 //! state record for the destination that asked (`Fetch`).
 
-use crate::conn::{Phase, Shared};
+use crate::conn_state::{Phase, Shared};
 use crate::server::ServerInner;
 use mtcp_proto::freeze::{may_freeze, Freeze};
 use mtcp_proto::wire::RefuseCode;

@@ -1,7 +1,7 @@
 //! What a server watches besides its sessions: the agents' probe connections, the overload
 //! policy that hints connections away, and the pacing test hook.
 
-use crate::conn::Phase;
+use crate::conn_state::Phase;
 use crate::framed::{self, FrameReader};
 use crate::server::ServerInner;
 use crate::session::refuse;

@@ -5,7 +5,8 @@
 
 use crate::accept::{self, Port};
 use crate::config::{Cluster, ConfigError, Limits};
-use crate::conn::{Connection, Phase, Shared};
+use crate::conn::Connection;
+use crate::conn_state::{Phase, Shared};
 use crate::peer;
 use crate::probe::overload_loop;
 use mtcp_proto::wire::{HintReason, RefuseCode, ServerStatus};

@@ -1,7 +1,8 @@
 //! One session on the data port: its first message (HELLO, MIGRATE, ADOPT, WATCH, PROBE)
 //! decides what it is; refusals; the names of messages for logs.
 
-use crate::conn::{Connection, Phase, Shared, Start};
+use crate::conn::Connection;
+use crate::conn_state::{Phase, Shared, Start};
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::metrics::SessionKind;
 use crate::movetrace::Role;
@@ -310,7 +311,7 @@ pub(crate) async fn handle_session(
                     let sent = framed::write_msg(&mut w, &Msg::Resumed(resumed)).await;
                     if sent.is_ok() && crate::movetrace::enabled() {
                         crate::movetrace::step(Role::Destination, m.cid, "resumed_tx");
-                        shared.lock().trace_out = crate::conn::TraceOut::AppWrite;
+                        shared.lock().trace_out = crate::conn_state::TraceOut::AppWrite;
                     }
                     if sent.is_err() {
                         // The agent will try elsewhere; the state stays here until it comes back

@@ -1,7 +1,7 @@
 //! A session's two loops: the writer (data, snapshots, heartbeats, batched) and the reader
 //! (upstream data, ACKs, control).
 
-use crate::conn::{Phase, Shared};
+use crate::conn_state::{Phase, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::server::{sweep_detached, ServerInner};
 use crate::session::BACKLOG_EVERY;
@@ -91,8 +91,8 @@ pub(crate) async fn writer_loop(
         crate::metrics::add_down(data as usize);
         last_write = tokio::time::Instant::now();
         let mut st = shared.lock();
-        if data > 0 && st.trace_out == crate::conn::TraceOut::Written {
-            st.trace_out = crate::conn::TraceOut::Off;
+        if data > 0 && st.trace_out == crate::conn_state::TraceOut::Written {
+            st.trace_out = crate::conn_state::TraceOut::Off;
             crate::movetrace::finish(
                 crate::movetrace::Role::Destination,
                 shared.cid,

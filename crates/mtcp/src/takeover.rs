@@ -1,7 +1,7 @@
 //! A MIGRATE's takeover at the destination: check the token and the epoch, get the state record
 //! from the origin (or a backup's replica), check it, restart the connection here.
 
-use crate::conn::{Shared, Start};
+use crate::conn_state::{Shared, Start};
 use crate::eager::Confirm;
 use crate::framed::Out;
 use crate::movetrace::Role;

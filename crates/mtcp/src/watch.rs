@@ -123,6 +123,6 @@ fn attach(inner: &ServerInner, tx: &mpsc::UnboundedSender<Msg>, cid: Cid, epoch:
 }
 
 /// The connection `cid` if this server serves it at `epoch`.
-fn at_epoch(inner: &ServerInner, cid: Cid, epoch: u64) -> Option<Arc<crate::conn::Shared>> {
+fn at_epoch(inner: &ServerInner, cid: Cid, epoch: u64) -> Option<Arc<crate::conn_state::Shared>> {
     inner.get(&cid).filter(|c| c.lock().epoch == epoch)
 }
