@@ -3,8 +3,10 @@
 //! bookkeeping; shared between the application's handle, the session tasks and the server's
 //! table. Also how a connection starts here and the errors of the state API.
 
+use crate::config::ServerEntry;
 use crate::framed::Out;
 use bytes::Bytes;
+use mtcp_proto::custody::Custody;
 use mtcp_proto::stream::ServerStream;
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::{Cid, StateRecord};
@@ -93,7 +95,7 @@ pub(crate) struct ConnState {
     pub read_waker: Option<Waker>,
     pub write_waker: Option<Waker>,
     /// Eager mode: what the backups hold.
-    pub repl: crate::eager::Repl,
+    pub repl: Repl,
     /// When the connection arrived here (opened or migrated in): the overload policy hints the
     /// newest away first.
     pub arrived: Instant,
@@ -350,6 +352,42 @@ impl Shared {
             });
         }
     }
+}
+
+/// Replication bookkeeping of one connection at its server.
+#[derive(Debug, Default)]
+pub(crate) struct Repl {
+    /// `(out_off, in_off)` of the restart point the backups hold.
+    pub committed: Option<(u64, u64)>,
+    pub busy: bool,
+    pub retry_at: Option<Instant>,
+    /// A deferred push is scheduled (see [`PUSH_GAP`]).
+    pub deferred: bool,
+    /// When the backups were last updated (refreshed well within their TTL).
+    pub at: Option<Instant>,
+    /// A taken-over connection's keepers, to be told they may forget the previous epoch once
+    /// the backups hold the new one *and* the agent has spoken on the new session (so it has
+    /// the new epoch: until then it may come back with the old one) (decision 43).
+    pub confirm: Option<Confirm>,
+    /// The agent has sent something on this session.
+    pub heard: bool,
+    /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`]).
+    pub withheld: Option<(u64, u64)>,
+    /// Fenced: a destination took the connection over from a backup's replica of this epoch
+    /// (the custody it would hand out, and since when). The connection is let go but its stream
+    /// is kept for a while, so that this server can act as that destination's keeper
+    /// ([`adopt_taken`], decision 48).
+    pub taken: Option<(Custody, Instant)>,
+}
+
+/// Where a destination confirms, once its backups hold its new epoch, that the keepers of the
+/// state it took may forget it: the origin it fetched from and the backups it claimed at.
+#[derive(Debug, Default)]
+pub(crate) struct Confirm {
+    pub cid: Option<mtcp_proto::Cid>,
+    /// The epoch the agent's MIGRATE named (the keepers' custody epoch).
+    pub epoch: u64,
+    pub to: Vec<ServerEntry>,
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! A MIGRATE's takeover at the destination: check the token and the epoch, get the state record
 //! from the origin (or a backup's replica), check it, restart the connection here.
 
+use crate::conn_state::Confirm;
 use crate::conn_state::{Shared, Start};
-use crate::eager::Confirm;
 use crate::framed::Out;
 use crate::movetrace::Role;
 use crate::origin::Fetch;

@@ -1,0 +1,354 @@
+//! Eager mode, the side that hands a connection out: at most once per epoch, with custody kept
+//! until the destination confirms (hand-over and re-hand-over by the origin or a keeper, YIELD,
+//! fences and claims at the backups).
+
+use super::eager;
+use crate::custody::Fenced;
+use crate::gate::YieldAnswer;
+use crate::origin::Fetch;
+use crate::peer;
+use crate::replica::{ClaimError, Claimed};
+use crate::server::ServerInner;
+use mtcp_proto::custody::{Custody, Fence, GaveUp};
+use mtcp_proto::stream::Refusal;
+use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::StateRecord;
+use std::sync::Arc;
+/// A FETCH for `f.epoch` found the connection let go after a fence that named its taker: the
+/// stream becomes a custody (its record built for the agent's position in the FETCH), as if it
+/// had been handed over to that taker. `None`: no such connection here.
+fn adopt_taken(inner: &Arc<ServerInner>, f: &Fetch) -> Option<Result<(), Refusal>> {
+    let shared = inner.get(&f.cid)?;
+    let st = shared.lock();
+    let (c, _) = st.repl.taken.clone().filter(|(c, _)| c.epoch == f.epoch)?;
+    let r =
+        st.s.record(f.cid, f.epoch, f.down_recv, f.sum_from, f.down_sum)
+            .and_then(|rec| {
+                mtcp_proto::bounds::record_fits(rec.encoded_len_bound(), inner.limits.max_record)
+                    .map_err(|e| (RefuseCode::TooLarge, format!("state record too large: {e}")))?;
+                Ok(rec)
+            });
+    drop(st);
+    inner.forget(f.cid);
+    Some(r.map(|rec| inner.custody.keep(f.cid, c, &rec)))
+}
+
+/// The origin's side of a migration: freeze the connection and, in eager mode, claim it at the
+/// backups so that no destination can also take it from a replica.
+/// `to` is the destination asking. In eager mode the origin keeps the handed-over state in its
+/// custody until `to` confirms, and hands it again to the next destination asking for the same
+/// epoch once `to`'s successor epoch is fenced ([`rehand`]).
+///
+/// `waiting` says whether `to` still waits for the answer: a FETCH can reach this server after
+/// its destination gave up on it (a lossy path, a slow origin) — handing the state to it then
+/// would freeze the connection, or supersede the holder the agent now uses, for nobody.
+pub(crate) async fn hand_over(
+    inner: &Arc<ServerInner>,
+    f: &Fetch,
+    to: &str,
+    waiting: &(dyn Fn() -> bool + Sync),
+) -> Result<crate::origin::Frozen, Refusal> {
+    if !waiting() {
+        return Err(gave_up(to));
+    }
+    let rec = match inner.freeze_local(f).await {
+        Ok(rec) => rec,
+        Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
+            return rehand(inner, f, to, waiting)
+                .await
+                .unwrap_or(Err((RefuseCode::UnknownConnection, why)));
+        }
+        Err(e) => return Err(e),
+    };
+    if !eager(inner) {
+        return Ok(rec);
+    }
+    // Kept at once, before the fences: they may take seconds (a dead backup on a lossy path),
+    // and a FETCH for this epoch meanwhile (the agent gave up on `to`) must find the custody,
+    // not a forgotten connection (decision 48) — once these fences are done (`Turn`).
+    let _turn = inner.custody.turn(f.cid).await;
+    let kept = rec.tcp.is_none();
+    let custody = Custody::new(f.epoch, to);
+    if kept {
+        inner.custody.keep(f.cid, custody.clone(), &rec.rec);
+    }
+    // A fence that had to pass a failed candidate's claim over returns the epoch it reached:
+    // the destination then resumes past it (decision 48).
+    let mut rec = rec;
+    let mut label = f.epoch;
+    for b in inner.cluster.backups(&inner.id) {
+        // A plain fence: this origin keeps the custody itself.
+        let r = if b.id == inner.id {
+            fence_here(inner, f.cid, f.epoch, &inner.id).await
+        } else {
+            peer::fence(inner, &b, f.cid, f.epoch).await
+        };
+        match r {
+            Ok(Claimed::Record(bytes)) => {
+                if let Ok(r) = StateRecord::decode(&bytes) {
+                    label = label.max(r.epoch);
+                }
+            }
+            Ok(Claimed::Nothing) => {}
+            Err((RefuseCode::OriginUnreachable, why)) => {
+                tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot fence backup: {why}");
+            }
+            Err((code, why)) => {
+                tracing::warn!(target: "mtcp::eager", cid = %f.cid, "connection was taken over from a replica meanwhile: {why}");
+                if kept {
+                    inner.custody.settle(f.cid, &custody, None);
+                }
+                return Err((code, why));
+            }
+        }
+    }
+    if label > f.epoch {
+        tracing::info!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, label, "handing the connection over one past a failed candidate's epoch");
+        rec.rec.epoch = label;
+        if kept {
+            let raised = Custody {
+                label,
+                ..custody.clone()
+            };
+            inner
+                .custody
+                .settle(f.cid, &custody, Some((raised, &rec.rec)));
+        }
+    }
+    Ok(rec)
+}
+
+/// A FETCH for a connection this origin no longer serves: if it handed the connection over at
+/// that epoch and keeps it in custody, fence the holder's successor epoch and hand the state
+/// to `to` one epoch up. `None`: no custody here.
+async fn rehand(
+    inner: &Arc<ServerInner>,
+    f: &Fetch,
+    to: &str,
+    waiting: &(dyn Fn() -> bool + Sync),
+) -> Option<Result<crate::origin::Frozen, Refusal>> {
+    // One hand-out of this connection at a time: this one sees what an earlier one did.
+    let _turn = inner.custody.turn(f.cid).await;
+    // The turn may have taken seconds: superseding the holder for a destination that left
+    // meanwhile would take the connection from the one the agent now uses (stop 16).
+    if !waiting() {
+        return Some(Err(gave_up(to)));
+    }
+    let seen = match inner.custody.get(f.cid) {
+        Some(c) => c,
+        None => {
+            if let Err(e) = adopt_taken(inner, f)? {
+                return Some(Err(e));
+            }
+            inner.custody.get(f.cid)?
+        }
+    };
+    let next = match seen.successor(f.epoch) {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e)),
+    };
+    tracing::warn!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
+    let unanswered = match ask_to_yield(inner, &seen.holder, f.cid, next).await {
+        Ok(u) => u,
+        Err(e) => return Some(Err(e)),
+    };
+    let fenced = Fenced {
+        unanswered,
+        ..fence(inner, f.cid, next, &seen.holder).await
+    };
+    let r = inner.custody.supersede(f.cid, &seen, to, &fenced);
+    match &r {
+        Ok(rec) => {
+            tracing::info!(target: "mtcp::eager", cid = %f.cid, to, label = rec.epoch, restart_at = rec.snap_out, "connection handed over again from custody")
+        }
+        Err(e) => {
+            tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot hand the connection over again: {}", e.1)
+        }
+    }
+    Some(r.map(|rec| crate::origin::Frozen { rec, tcp: None }))
+}
+
+/// The refusal of a hand-out whose destination no longer waits for it.
+fn gave_up(to: &str) -> Refusal {
+    (
+        RefuseCode::Busy,
+        format!("{to} gave up on this FETCH before it was served"),
+    )
+}
+
+/// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
+/// the agent has used that epoch (spoken on the session its RESUMED went out on: whoever asks
+/// for the older one is not the agent's current move). A holder that cannot be reached is left
+/// to the fence: dead, or cut off from everyone, so it serves no one. `Ok(true)`: the holder
+/// gave the epoch up before any RESUMED for it went out — no agent holds its token, so the
+/// fence is not needed (`Custody::supersede`'s `unanswered`).
+pub(crate) async fn ask_to_yield(
+    inner: &Arc<ServerInner>,
+    holder: &str,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+) -> Result<bool, Refusal> {
+    let answer = if holder == inner.id {
+        inner.give_up(cid, epoch)
+    } else {
+        let Some(to) = inner.cluster.server(holder).cloned() else {
+            return Ok(false);
+        };
+        match peer::ask_yield(inner, &to, cid, epoch).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(target: "mtcp::eager", %cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
+                return Ok(false);
+            }
+        }
+    };
+    match answer {
+        YieldAnswer::Unanswered => Ok(true),
+        YieldAnswer::LetGo => Ok(false),
+        YieldAnswer::Refused => Err((
+            RefuseCode::StaleEpoch,
+            format!("{holder} already resumed the connection at epoch {epoch}"),
+        )),
+    }
+}
+
+/// A fence of `epoch` of `cid` for `by` at this server's replica store (FENCEEPOCH, or this
+/// server fencing at its own store): a plain claim. If a candidate holds that epoch there (it
+/// claimed the replica and has not confirmed), it is asked to give its successor epoch up: a
+/// takeover that failed with its RELEASECLAIM lost, or whose RESUMED the agent never used,
+/// yields, and the claim passes to `by` one epoch up (`Custody::pass`, decision 48) — so a
+/// failed takeover never leaves the connection unclaimable. A holder that refuses (the agent
+/// uses its epoch: the connection moved on) or cannot be reached keeps it: refused.
+pub(crate) async fn fence_here(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+    by: &str,
+) -> Result<Claimed, Refusal> {
+    let seen = match inner.replicas.claim(cid, epoch, by, false) {
+        Ok(c) => return Ok(c),
+        Err(ClaimError::Refused(r)) => return Err(r),
+        Err(ClaimError::Held(seen)) => seen,
+    };
+    let next = seen.label + 1;
+    let answer = if seen.holder == inner.id {
+        Some(inner.give_up(cid, next))
+    } else {
+        match inner.cluster.server(&seen.holder).cloned() {
+            Some(h) => match peer::ask_yield(inner, &h, cid, next).await {
+                Ok(y) => Some(y),
+                Err(e) => {
+                    tracing::warn!(target: "mtcp::eager", %cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
+                    None
+                }
+            },
+            None => None,
+        }
+    };
+    let gave_up = match answer {
+        Some(YieldAnswer::Unanswered) => GaveUp::Unanswered,
+        // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
+        // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
+        // question, settled by the simulation).
+        Some(YieldAnswer::LetGo) => {
+            GaveUp::Answered(Box::pin(fence(inner, cid, next, &seen.holder)).await.fences)
+        }
+        Some(YieldAnswer::Refused) | None => {
+            return Err((
+                RefuseCode::StaleEpoch,
+                format!(
+                    "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
+                    seen.holder
+                ),
+            ));
+        }
+    };
+    tracing::info!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "a fence found the epoch claimed by a candidate that gave it up; passing the claim over");
+    inner.replicas.pass(cid, &seen, by, &gave_up)
+}
+
+/// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim by this server), so
+/// `holder` can never store it — and so never confirm or serve it: a destination answers the
+/// agent only once its backups hold its epoch. Returns each backup's answer, with the record
+/// it had at that epoch, and the highest epoch label an answer carried (past `next` when a
+/// backup passed a failed candidate's claim over, [`fence_here`]). A record that is only the
+/// start of the connection (nothing was stored) counts as nothing. (`unanswered` is left
+/// false: the caller sets it from the holder's answer to YIELD.)
+pub(crate) async fn fence(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    next: u64,
+    holder: &str,
+) -> Fenced {
+    let mut fences = Vec::new();
+    let mut records = Vec::new();
+    let mut floor = next;
+    for b in inner.cluster.backups(holder) {
+        let r = if b.id == inner.id {
+            fence_here(inner, cid, next, &inner.id).await
+        } else {
+            peer::fence(inner, &b, cid, next).await
+        };
+        let (f, rec) = match r {
+            Ok(Claimed::Nothing) => (Fence::Nothing, None),
+            Ok(Claimed::Record(bytes)) => match StateRecord::decode(&bytes) {
+                Ok(r) => {
+                    floor = floor.max(r.epoch);
+                    if is_start(&r) {
+                        (Fence::Nothing, None)
+                    } else {
+                        (Fence::Record(r.snap_out, r.snap_in), Some(bytes))
+                    }
+                }
+                Err(_) => (Fence::Refused(RefuseCode::Internal), None),
+            },
+            Err((RefuseCode::OriginUnreachable, _)) => (Fence::Unreachable, None),
+            Err((code, why)) => {
+                tracing::warn!(target: "mtcp::eager", %cid, backup = %b.id, "fence of epoch {next} refused: {why}");
+                (Fence::Refused(code), None)
+            }
+        };
+        fences.push(f);
+        records.push(rec);
+    }
+    Fenced {
+        fences,
+        records,
+        floor,
+        unanswered: false,
+    }
+}
+
+/// The implicit restart point of a new connection (what a relabelled tombstone hands out).
+fn is_start(r: &StateRecord) -> bool {
+    r.snapshot.is_none()
+        && (r.snap_out, r.snap_in) == (0, 0)
+        && r.input.is_empty()
+        && r.tail.is_empty()
+}
+
+/// A claim at this server's replica store by `by` (a destination taking a connection from a
+/// replica). If another destination holds the entry (it took the replica and has not
+/// confirmed its new epoch), its successor epoch is fenced first and the entry goes to `by`
+/// one epoch up: a destination that died or was given up on does not block the next.
+pub(crate) async fn claim_here(
+    inner: &Arc<ServerInner>,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+    by: &str,
+) -> Result<Claimed, Refusal> {
+    match inner.replicas.claim(cid, epoch, by, true) {
+        Ok(c) => Ok(c),
+        Err(ClaimError::Refused(r)) => Err(r),
+        Err(ClaimError::Held(seen)) => {
+            let next = seen.successor(epoch)?;
+            tracing::warn!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
+            let unanswered = ask_to_yield(inner, &seen.holder, cid, next).await?;
+            let fenced = Fenced {
+                unanswered,
+                ..fence(inner, cid, next, &seen.holder).await
+            };
+            inner.replicas.supersede(cid, &seen, by, &fenced)
+        }
+    }
+}
