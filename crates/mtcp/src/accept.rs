@@ -73,8 +73,8 @@ async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
             let admitted = admitted.expect("admitted on the data port");
             Box::pin(crate::session::handle_session(inner, s, admitted)).await
         }
-        Port::Peer => Box::pin(crate::peer::serve_peer(inner, s)).await,
-        Port::Admin => Box::pin(crate::peer::serve_admin(inner, s)).await,
+        Port::Peer => Box::pin(crate::peer_serve::serve_peer(inner, s)).await,
+        Port::Admin => Box::pin(crate::peer_serve::serve_admin(inner, s)).await,
     }
 }
 

@@ -21,6 +21,8 @@ pub mod metrics;
 pub mod movetrace;
 mod origin;
 pub mod peer;
+mod peer_pool;
+mod peer_serve;
 mod probe;
 mod replica;
 pub mod server;

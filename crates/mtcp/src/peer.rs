@@ -1,4 +1,6 @@
-//! The peer channel (server ↔ server state transfer) and the admin channel (drain, status).
+//! The peer channel (server ↔ server state transfer) and the admin channel (drain, status): the
+//! opening side's calls (FETCH, REPLICATE, CLAIMREPLICA, …; the serving side is `peer_serve`,
+//! the pool of idle channels `peer_pool`).
 //!
 //! Both start with mutual challenge–response authentication under the cluster key: the acceptor
 //! sends a nonce, the opener answers with its own nonce and an HMAC over both nonces, its id,
@@ -9,177 +11,29 @@
 //! with a sequence number (`mtcp_proto::channel`): a frame injected, altered, replayed or
 //! reordered on the path ends the channel.
 
+mod auth;
+
+pub use crate::peer_pool::Channel;
+pub(crate) use auth::accept_authenticated;
+pub use auth::{connect_authenticated, Opener};
+
 use crate::config::ServerEntry;
-use crate::framed::{self, ChannelError, FrameReader, MacWriter};
+use crate::framed::ChannelError;
 use crate::gate::YieldAnswer;
 use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::replica::Claimed;
 use crate::server::ServerInner;
-use crate::stream::{ReadHalf, Stream, WriteHalf};
 use crate::tls::ClientTls;
-use mtcp_proto::wire::{HintReason, Msg, RefuseCode, ServerStatus};
-use mtcp_proto::{ChannelContext, Cid, ClusterKey, PortKind, Role, StateRecord};
+use mtcp_proto::wire::{Msg, RefuseCode, ServerStatus};
+use mtcp_proto::{Cid, ClusterKey, PortKind, StateRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
+use std::time::Duration;
 
-const AUTH_FRAME: usize = 4 << 10;
-const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
-const ADMIN_FRAME: usize = 64 << 10;
+pub(crate) const ADMIN_FRAME: usize = 64 << 10;
 /// A peer channel idle this long is closed (pooled channels are reopened on demand).
-const IDLE: Duration = Duration::from_secs(300);
-
-/// An authenticated peer or admin channel: frames in and out carry MACs.
-pub type Channel = (FrameReader<ReadHalf>, MacWriter<WriteHalf>);
-
-/// Acceptor side: preamble, challenge, check the opener's proof, prove ourselves; from then on
-/// every frame both ways carries a MAC. `me` is this server's id and `kind` the port the
-/// connection came in on: the opener's proof must name both. Returns the channel and the
-/// opener's id.
-async fn accept_authenticated(
-    mut s: Stream,
-    key: &ClusterKey,
-    me: &str,
-    kind: PortKind,
-) -> Result<(Channel, String), ChannelError> {
-    tokio::time::timeout(AUTH_TIMEOUT, framed::exchange_preamble(&mut s))
-        .await
-        .map_err(|_| ChannelError::Timeout)??;
-    let (r, mut w) = s.into_split();
-    let mut reader = FrameReader::new(r, AUTH_FRAME);
-    let nonce: [u8; 16] = rand::random();
-    framed::write_msg(&mut w, &Msg::PeerChallenge { nonce }).await?;
-    let (from, to, theirs, proof) = match reader.next_msg(AUTH_TIMEOUT).await? {
-        Msg::PeerAuth {
-            from,
-            to,
-            nonce,
-            proof,
-        } => (from, to, nonce, proof),
-        other => {
-            return Err(ChannelError::Unexpected(format!(
-                "expected authentication, got {}",
-                other.name()
-            )))
-        }
-    };
-    let ctx = ChannelContext {
-        kind,
-        opener: &from,
-        acceptor: me,
-        acceptor_nonce: nonce,
-        opener_nonce: theirs,
-    };
-    if let Err(e) = key.verify_opener(&ctx, &to, &proof) {
-        let _ = framed::write_msg(
-            &mut w,
-            &Msg::Refused {
-                code: RefuseCode::Unauthenticated,
-                reason: e.to_string(),
-            },
-        )
-        .await;
-        return Err(ChannelError::Auth(e));
-    }
-    let proof = key.peer_accept_proof(&ctx);
-    framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
-    let (send, recv) = key.channel_macs(&ctx, Role::Acceptor);
-    reader.set_mac(recv);
-    Ok(((reader, MacWriter::new(w, send)), from))
-}
-
-/// Who opens a peer or admin channel: the cluster key, the id it authenticates as and, in a
-/// cluster with TLS, the client side that checks the acceptor's certificate.
-#[derive(Debug, Clone, Copy)]
-pub struct Opener<'a> {
-    pub key: &'a ClusterKey,
-    pub from: &'a str,
-    pub tls: Option<&'a ClientTls>,
-}
-
-/// Opener side: connects to `addr`, the `kind` port of server `to`, and authenticates as
-/// `opener.from`; the channel's frames then carry MACs both ways. With TLS, the acceptor's
-/// certificate must name `to` and be signed by the cluster CA, and the handshake below runs
-/// inside TLS (decision 45).
-pub async fn connect_authenticated(
-    addr: &str,
-    opener: Opener<'_>,
-    to: &str,
-    kind: PortKind,
-    max_frame: usize,
-    limit: Duration,
-) -> Result<Channel, ChannelError> {
-    let (key, from) = (opener.key, opener.from);
-    let s = tokio::time::timeout(limit, TcpStream::connect(addr))
-        .await
-        .map_err(|_| ChannelError::Timeout)??;
-    let _ = s.set_nodelay(true);
-    let mut s = match opener.tls {
-        None => Stream::Tcp(s),
-        Some(tls) => {
-            let name =
-                crate::tls::name_of_id(to).map_err(|e| ChannelError::Unexpected(e.to_string()))?;
-            tokio::time::timeout(limit, tls.connect(name, s))
-                .await
-                .map_err(|_| ChannelError::Timeout)??
-        }
-    };
-    tokio::time::timeout(limit, framed::exchange_preamble(&mut s))
-        .await
-        .map_err(|_| ChannelError::Timeout)??;
-    let (r, mut w) = s.into_split();
-    let mut reader = FrameReader::new(r, AUTH_FRAME);
-    let theirs = match reader.next_msg(limit).await? {
-        Msg::PeerChallenge { nonce } => nonce,
-        // E.g. a TLS port's answer to a plain client.
-        Msg::Refused { reason, .. } => {
-            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
-        }
-        _ => return Err(ChannelError::Unexpected("expected a challenge".into())),
-    };
-    let nonce: [u8; 16] = rand::random();
-    let ctx = ChannelContext {
-        kind,
-        opener: from,
-        acceptor: to,
-        acceptor_nonce: theirs,
-        opener_nonce: nonce,
-    };
-    let proof = key.peer_proof(&ctx);
-    framed::write_msg(
-        &mut w,
-        &Msg::PeerAuth {
-            from: from.to_string(),
-            to: to.to_string(),
-            nonce,
-            proof,
-        },
-    )
-    .await?;
-    match reader.next_msg(limit).await? {
-        Msg::PeerAccept { proof } if key.check_peer_accept_proof(&ctx, &proof) => {}
-        Msg::PeerAccept { .. } => {
-            return Err(ChannelError::Unexpected(format!(
-                "{addr} failed to prove the cluster key as the {kind} port of {to}"
-            )))
-        }
-        Msg::Refused { reason, .. } => {
-            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
-        }
-        other => {
-            return Err(ChannelError::Unexpected(format!(
-                "expected acceptance, got {}",
-                other.name()
-            )))
-        }
-    }
-    reader.set_max_frame(max_frame);
-    let (send, recv) = key.channel_macs(&ctx, Role::Opener);
-    reader.set_mac(recv);
-    Ok((reader, MacWriter::new(w, send)))
-}
+pub(crate) const IDLE: Duration = Duration::from_secs(300);
 
 /// One request to server `to` over a pooled authenticated channel. The first answer must come
 /// within `first` (an origin answers [`Msg::Working`] at once, then the result within
@@ -248,7 +102,7 @@ async fn dial(
 
 /// The test hooks `Limits::peer_delay` and `peer_loss`: what a peer-channel message waits
 /// before it is written (emulated path delay and retransmissions on loopback).
-async fn emulated_path(inner: &ServerInner) {
+pub(crate) async fn emulated_path(inner: &ServerInner) {
     let l = &inner.limits;
     let mut d = l.peer_delay;
     if l.peer_loss > 0.0 && rand::random::<f64>() < l.peer_loss {
@@ -260,7 +114,7 @@ async fn emulated_path(inner: &ServerInner) {
 }
 
 /// Test hook `Limits::hold_handover`: a hand-over holds its slot this long first.
-async fn emulated_hold(inner: &ServerInner) {
+pub(crate) async fn emulated_hold(inner: &ServerInner) {
     if !inner.limits.hold_handover.is_zero() {
         tokio::time::sleep(inner.limits.hold_handover).await;
     }
@@ -554,54 +408,6 @@ pub(crate) async fn keep_warm(inner: std::sync::Weak<ServerInner>, to: ServerEnt
     }
 }
 
-/// Idle authenticated channels to other servers, by server id, and the round-trip estimate
-/// towards each (time to a peer's immediate first answer).
-#[derive(Default)]
-pub(crate) struct PeerPool {
-    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Channel>>>,
-    rtts: std::sync::Mutex<std::collections::HashMap<String, mtcp_proto::trigger::Rtt>>,
-}
-
-impl PeerPool {
-    /// The RTT estimate towards server `id` (empty before the first answer).
-    pub(crate) fn rtt(&self, id: &str) -> mtcp_proto::trigger::Rtt {
-        self.rtts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-            .unwrap_or_default()
-    }
-
-    fn sample(&self, id: &str, d: Duration) {
-        self.rtts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_default()
-            .sample(d);
-    }
-
-    /// Channels kept per peer.
-    const MAX_IDLE: usize = 4;
-
-    fn take(&self, id: &str) -> Option<Channel> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(id)?
-            .pop()
-    }
-
-    fn put(&self, id: &str, ch: Channel) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let v = idle.entry(id.to_string()).or_default();
-        if v.len() < Self::MAX_IDLE {
-            v.push(ch);
-        }
-    }
-}
-
 /// Whether the other end of the socket `fd` closed it (its end of stream, or a reset, is
 /// waiting): a destination that gave up on a FETCH drops the channel.
 pub(crate) fn peer_closed(fd: std::os::fd::RawFd) -> bool {
@@ -617,294 +423,6 @@ pub(crate) fn peer_closed(fd: std::os::fd::RawFd) -> bool {
         )
     };
     n == 0 || (n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
-}
-
-/// Serves one connection on the peer port.
-pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
-    let addr = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let fd = std::os::fd::AsRawFd::as_raw_fd(s.tcp());
-    let ((mut reader, mut w), from) =
-        match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Peer).await {
-            Ok(x) => x,
-            Err(e) => {
-                if let Some(suppressed) = crate::session::noisy_event_admitted() {
-                    tracing::warn!(peer = %addr, suppressed, "peer port: {e}; closing");
-                }
-                return;
-            }
-        };
-    if inner.cluster.server(&from).is_none() {
-        tracing::warn!(peer = %addr, "peer port: {from:?} is not a server of the cluster; closing");
-        return;
-    }
-    // Replicas carry a snapshot and at most a small output tail.
-    reader.set_max_frame(inner.limits.max_snapshot + crate::eager::MAX_REPLICA_TAIL + 4096);
-    loop {
-        // Held from a FETCH until its reply is acknowledged (see `ServerInner::handing_over`).
-        let mut handover: Option<HandingOver> = None;
-        // The connection a FETCH here is moving, for its trace (`crate::movetrace`).
-        let mut traced: Option<Cid> = None;
-        let reply = match reader.next_msg(IDLE).await {
-            Ok(Msg::Fetch {
-                cid,
-                epoch,
-                down_recv,
-                sum_from,
-                down_sum,
-            }) => {
-                handover = Some(HandingOver::new(&inner));
-                crate::movetrace::open(TraceRole::Origin, cid, epoch, "fetch_rx");
-                traced = Some(cid);
-                // Tell the destination we are alive before a lock_state section may delay us.
-                emulated_path(&inner).await;
-                if w.write_msg(&Msg::Working).await.is_err() {
-                    return;
-                }
-                crate::movetrace::step(TraceRole::Origin, cid, "working_tx");
-                let f = Fetch {
-                    cid,
-                    epoch,
-                    down_recv,
-                    sum_from,
-                    down_sum,
-                };
-                // At most `max_handovers` connections frozen and encoded at once (each record
-                // may be up to `max_record`); over the cap, refused after a short wait and the
-                // connection stays served here.
-                let slot = inner
-                    .handovers
-                    .take(
-                        inner.limits.max_handovers,
-                        inner.limits.handover_wait,
-                        mtcp_proto::bounds::admit_handover,
-                    )
-                    .await;
-                match slot {
-                    Err(why) => {
-                        crate::metrics::refused(RefuseCode::Busy);
-                        tracing::warn!(%cid, by = %from, "FETCH refused: {why}");
-                        Msg::Refused {
-                            code: RefuseCode::Busy,
-                            reason: format!("origin {}: {why}", inner.id),
-                        }
-                    }
-                    Ok(_slot) => {
-                        emulated_hold(&inner).await;
-                        // A destination that gave up on this FETCH closed the channel.
-                        let waiting = || !peer_closed(fd);
-                        crate::movetrace::step(TraceRole::Origin, cid, "slot");
-                        let r = crate::eager::hand_over(&inner, &f, &from, &waiting).await;
-                        crate::movetrace::step(TraceRole::Origin, cid, "frozen");
-                        let encode = |rec: StateRecord| {
-                            let b = rec.encode();
-                            crate::movetrace::step(TraceRole::Origin, cid, "encoded");
-                            b
-                        };
-                        match r {
-                            Ok(Frozen { rec, tcp: None }) => Msg::State(encode(rec)),
-                            Ok(Frozen {
-                                rec,
-                                tcp: Some(crate::origin::DirectTcp { tcp, fence }),
-                            }) => Msg::DirectState {
-                                record: encode(rec),
-                                tcp,
-                                fence,
-                            },
-                            Err((code, reason)) => Msg::Refused { code, reason },
-                        }
-                    }
-                }
-            }
-            Ok(Msg::Replicate(rec)) => match inner.replicas.store_or_taken(&from, rec) {
-                Ok((cid, epoch, out_off)) => Msg::ReplicaStored {
-                    cid,
-                    epoch,
-                    out_off,
-                },
-                Err((_, Some((cid, c)))) => {
-                    tracing::warn!(peer = %from, %cid, epoch = c.epoch, by = %c.holder, "replica refused: taken over from here");
-                    Msg::Taken {
-                        cid,
-                        epoch: c.epoch,
-                        by: c.holder,
-                        label: c.label,
-                    }
-                }
-                Err(((code, reason), None)) => {
-                    tracing::warn!(peer = %from, "replica refused: {reason}");
-                    Msg::Refused { code, reason }
-                }
-            },
-            Ok(Msg::ClaimReplica { cid, epoch }) => {
-                match crate::eager::claim_here(&inner, cid, epoch, &from).await {
-                    Ok(Claimed::Record(b)) => {
-                        tracing::info!(%cid, epoch, by = %from, "replica claimed");
-                        Msg::State(b)
-                    }
-                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err((code, reason)) => Msg::Refused { code, reason },
-                }
-            }
-            Ok(Msg::Yield { cid, epoch }) => match inner.give_up(cid, epoch) {
-                YieldAnswer::Unanswered => {
-                    tracing::info!(%cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
-                    Msg::State(Vec::new())
-                }
-                YieldAnswer::LetGo => {
-                    tracing::info!(%cid, epoch, keeper = %from, "epoch given up after RESUMED went out (the agent never used it)");
-                    Msg::State(vec![1])
-                }
-                YieldAnswer::Refused => Msg::Refused {
-                    code: RefuseCode::StaleEpoch,
-                    reason: format!(
-                        "server {} already answered the agent for epoch {epoch} of {cid}",
-                        inner.id
-                    ),
-                },
-            },
-            Ok(Msg::FenceEpoch { cid, epoch }) => {
-                match crate::eager::fence_here(&inner, cid, epoch, &from).await {
-                    Ok(Claimed::Record(b)) => {
-                        tracing::info!(%cid, epoch, by = %from, "epoch fenced (its replica handed to the keeper)");
-                        Msg::State(b)
-                    }
-                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err((code, reason)) => Msg::Refused { code, reason },
-                }
-            }
-            Ok(Msg::ReleaseClaim { cid, epoch }) => {
-                if inner.replicas.release(cid, epoch, &from) {
-                    tracing::info!(%cid, epoch, by = %from, "claim released (the takeover failed)");
-                }
-                Msg::ReplicaStored {
-                    cid,
-                    epoch,
-                    out_off: 0,
-                }
-            }
-            // A keep-warm probe (see [`keep_warm`]): answered at once.
-            Ok(Msg::Ping { t }) => Msg::Pong { t },
-            Ok(Msg::DropReplica { cid, epoch }) => {
-                inner.replicas.drop_upto(cid, epoch, &from);
-                inner.custody.confirmed(cid, epoch, &from);
-                Msg::ReplicaStored {
-                    cid,
-                    epoch,
-                    out_off: 0,
-                }
-            }
-            Ok(other) => {
-                tracing::warn!(peer = %from, "peer port: unexpected {}; closing", other.name());
-                return;
-            }
-            Err(ChannelError::Closed) => return,
-            Err(e) => {
-                tracing::warn!(peer = %from, "peer port: {e}; closing");
-                return;
-            }
-        };
-        emulated_path(&inner).await;
-        if w.write_msg(&reply).await.is_err() {
-            return;
-        }
-        if let (Some(cid), Msg::State(_) | Msg::DirectState { .. }) = (traced, &reply) {
-            crate::movetrace::finish(TraceRole::Origin, cid, "state_tx");
-        }
-        if handover.is_some() {
-            acknowledged(w.get_ref(), HANDOVER_ACK_WAIT).await;
-        }
-        drop(handover);
-    }
-}
-
-/// Longest wait for a handed-over state record to be acknowledged by the destination.
-const HANDOVER_ACK_WAIT: Duration = Duration::from_secs(2);
-
-/// Counts one hand-over in [`ServerInner::handing_over`] while it lives.
-struct HandingOver(Arc<ServerInner>);
-
-impl HandingOver {
-    fn new(inner: &Arc<ServerInner>) -> Self {
-        inner.handing_over.fetch_add(1, Ordering::Relaxed);
-        HandingOver(inner.clone())
-    }
-}
-
-impl Drop for HandingOver {
-    fn drop(&mut self) {
-        self.0.handing_over.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Waits (at most `limit`) until everything written to `w` has been acknowledged by the peer's
-/// kernel (the send queue is empty): from then on the bytes survive this process's death.
-async fn acknowledged(w: &WriteHalf, limit: Duration) {
-    use std::os::fd::AsRawFd;
-    let fd = w.as_raw_fd();
-    let t0 = Instant::now();
-    loop {
-        let mut outq: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int; `fd` is the live socket `w` borrows.
-        let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut outq) };
-        if r < 0 || outq <= 0 || t0.elapsed() >= limit {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Serves one connection on the admin port.
-pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream) {
-    let addr = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let ((mut reader, mut w), from) =
-        match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Admin).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(peer = %addr, "admin port: {e}; closing");
-                return;
-            }
-        };
-    reader.set_max_frame(ADMIN_FRAME);
-    loop {
-        match reader.next_msg(IDLE).await {
-            Ok(Msg::AdminDrain) => {
-                tracing::info!(by = %from, "draining: hinting every connection away");
-                inner.draining.store(true, Ordering::Relaxed);
-                inner.hint_all(HintReason::Drain);
-            }
-            Ok(Msg::AdminUndrain) => inner.draining.store(false, Ordering::Relaxed),
-            Ok(Msg::AdminStatus) => {
-                if inner.draining.load(Ordering::Relaxed) {
-                    // Hints can be lost with a session that breaks; repeat them (each at
-                    // most once a second).
-                    inner.rehint_all(HintReason::Drain);
-                }
-            }
-            Ok(other) => {
-                tracing::warn!(peer = %addr, "admin port: unexpected {}; closing", other.name());
-                return;
-            }
-            Err(ChannelError::Closed) => return,
-            Err(e) => {
-                tracing::warn!(peer = %addr, "admin port: {e}; closing");
-                return;
-            }
-        }
-        if w.write_msg(&Msg::AdminStatusReply(inner.status()))
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
 }
 
 /// Why an admin request failed.

@@ -60,7 +60,7 @@ pub(crate) struct ServerInner {
     pub(crate) takeovers: crate::slots::Slots,
     /// Hand-overs (FETCHes served) running (`Limits::max_handovers`).
     pub(crate) handovers: crate::slots::Slots,
-    pub peer_pool: peer::PeerPool,
+    pub peer_pool: crate::peer_pool::PeerPool,
     /// Eager mode: replicas of other servers' connections held here.
     pub replicas: crate::replica::ReplicaStore,
     /// Eager mode: connections handed over alive, kept until their destination confirms.
@@ -225,7 +225,7 @@ impl Server {
             takeovers: Default::default(),
             handovers: Default::default(),
             handing_over: std::sync::atomic::AtomicU32::new(0),
-            peer_pool: peer::PeerPool::default(),
+            peer_pool: crate::peer_pool::PeerPool::default(),
             replicas,
             custody,
             closed: Mutex::new(HashMap::new()),

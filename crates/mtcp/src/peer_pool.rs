@@ -1,0 +1,57 @@
+//! Idle authenticated channels to the other servers of the cluster, kept for reuse, and the
+//! round-trip estimate towards each.
+
+use crate::framed::{FrameReader, MacWriter};
+use crate::stream::{ReadHalf, WriteHalf};
+use std::time::Duration;
+
+/// An authenticated peer or admin channel: frames in and out carry MACs.
+pub type Channel = (FrameReader<ReadHalf>, MacWriter<WriteHalf>);
+
+/// Idle authenticated channels to other servers, by server id, and the round-trip estimate
+/// towards each (time to a peer's immediate first answer).
+#[derive(Default)]
+pub(crate) struct PeerPool {
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Channel>>>,
+    rtts: std::sync::Mutex<std::collections::HashMap<String, mtcp_proto::trigger::Rtt>>,
+}
+
+impl PeerPool {
+    /// The RTT estimate towards server `id` (empty before the first answer).
+    pub(crate) fn rtt(&self, id: &str) -> mtcp_proto::trigger::Rtt {
+        self.rtts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn sample(&self, id: &str, d: Duration) {
+        self.rtts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .sample(d);
+    }
+
+    /// Channels kept per peer.
+    const MAX_IDLE: usize = 4;
+
+    pub(crate) fn take(&self, id: &str) -> Option<Channel> {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)?
+            .pop()
+    }
+
+    pub(crate) fn put(&self, id: &str, ch: Channel) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let v = idle.entry(id.to_string()).or_default();
+        if v.len() < Self::MAX_IDLE {
+            v.push(ch);
+        }
+    }
+}
