@@ -101,9 +101,9 @@ pub(crate) struct ConnState {
     pub arrived: Instant,
     /// Kernel fast path: the pump serving the client's own TCP connection (see
     /// [`crate::direct`]).
-    pub direct: Option<crate::direct::DirectHandle>,
+    pub direct: Option<crate::direct_state::DirectHandle>,
     /// Kernel fast path: what the application's own socket calls and the pump share.
-    pub fast: crate::direct::FastOut,
+    pub fast: crate::direct_state::FastOut,
     /// When the connection was last hinted away (a drain repeats hints at most this often).
     pub hinted_at: Option<Instant>,
     /// Input frames (data, its end) received from the agent: the session's writer compares it
@@ -361,7 +361,7 @@ pub(crate) struct Repl {
     pub committed: Option<(u64, u64)>,
     pub busy: bool,
     pub retry_at: Option<Instant>,
-    /// A deferred push is scheduled (see [`PUSH_GAP`]).
+    /// A deferred push is scheduled (see `eager`'s `PUSH_GAP`).
     pub deferred: bool,
     /// When the backups were last updated (refreshed well within their TTL).
     pub at: Option<Instant>,
@@ -371,12 +371,12 @@ pub(crate) struct Repl {
     pub confirm: Option<Confirm>,
     /// The agent has sent something on this session.
     pub heard: bool,
-    /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`]).
+    /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`](crate::eager::tell_committed)).
     pub withheld: Option<(u64, u64)>,
     /// Fenced: a destination took the connection over from a backup's replica of this epoch
     /// (the custody it would hand out, and since when). The connection is let go but its stream
     /// is kept for a while, so that this server can act as that destination's keeper
-    /// ([`adopt_taken`], decision 48).
+    /// (`eager::handover`'s `adopt_taken`, decision 48).
     pub taken: Option<(Custody, Instant)>,
 }
 

@@ -2,7 +2,7 @@
 //! the destination confirms that its own backups hold the new epoch (decision 43). Until then a
 //! destination that dies, hangs or is given up on can be superseded: the next destination
 //! asking for the same epoch gets the state again once the holder's successor epoch is fenced
-//! (`mtcp_proto::custody`, [`crate::eager::fence`]). Bounded in bytes and in time.
+//! (`mtcp_proto::custody`, [`crate::eager::handover::fence`]). Bounded in bytes and in time.
 
 use mtcp_proto::custody::{Custody, Fence, Handout};
 use mtcp_proto::stream::Refusal;
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What fencing a holder's successor epoch found ([`crate::eager::fence`]): each backup's
+/// What fencing a holder's successor epoch found ([`crate::eager::handover::fence`]): each backup's
 /// answer with the record it had, the highest epoch label an answer carried, and whether the
 /// holder said it gave the epoch up before answering RESUMED for it (`Custody::supersede`'s
 /// `unanswered`).

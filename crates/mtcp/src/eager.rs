@@ -11,11 +11,11 @@
 //! Custody (decision 43): whoever handed the state out — the origin, or the backup whose
 //! replica was claimed — keeps it until the destination confirms that its own backups hold the
 //! new epoch. A destination that dies, hangs or is given up on before that is superseded: its
-//! successor epoch is fenced at its backups ([`fence`]) and the state goes to the next
-//! candidate one epoch up (`mtcp_proto::custody`).
+//! successor epoch is fenced at its backups ([`fence`](handover::fence)) and the state goes to
+//! the next candidate one epoch up (`mtcp_proto::custody`).
 
-mod claims;
-mod handover;
+pub(crate) mod claims;
+pub(crate) mod handover;
 
 pub(crate) use claims::{protect_takeover, take_from_replica, Claims};
 pub(crate) use handover::{claim_here, fence_here, hand_over};

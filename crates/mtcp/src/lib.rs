@@ -13,6 +13,7 @@ pub mod conn;
 mod conn_state;
 mod custody;
 pub(crate) mod direct;
+mod direct_state;
 mod eager;
 pub mod framed;
 mod gate;

@@ -156,7 +156,7 @@ impl ServerInner {
     async fn freeze_direct(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
-        h: crate::direct::DirectHandle,
+        h: crate::direct_state::DirectHandle,
         cid: Cid,
         epoch: u64,
     ) -> Result<Frozen, (RefuseCode, String)> {

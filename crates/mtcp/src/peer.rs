@@ -94,7 +94,7 @@ async fn dial(
         opener,
         &to.id,
         PortKind::Peer,
-        inner.limits.max_record + crate::direct::MAX_TCP_STATE + 1024,
+        inner.limits.max_record + crate::direct_state::MAX_TCP_STATE + 1024,
         limit,
     )
     .await
@@ -293,7 +293,7 @@ pub(crate) async fn claim(
 }
 
 /// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim (see
-/// [`crate::eager::fence`]). Answered as [`claim`]. Twice the answer bound: the backup may
+/// [`crate::eager::handover::fence`]). Answered as [`claim`]. Twice the answer bound: the backup may
 /// first ask a candidate holding the epoch to give it up ([`crate::eager::fence_here`]).
 pub(crate) async fn fence(
     inner: &Arc<ServerInner>,
@@ -306,7 +306,7 @@ pub(crate) async fn fence(
 }
 
 /// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` (see
-/// [`crate::eager::ask_to_yield`]). An error: not reached.
+/// [`crate::eager::handover::ask_to_yield`]). An error: not reached.
 pub(crate) async fn ask_yield(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,

@@ -271,8 +271,8 @@ impl DirectSock {
         inner: &Arc<ServerInner>,
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        shared.lock().fast = crate::direct::FastOut::at(self.written);
-        crate::direct::Pump::new(self.sock, rx, ctl_tx, self.released).start(shared, inner);
+        shared.lock().fast = crate::direct_state::FastOut::at(self.written);
+        crate::direct_state::Pump::new(self.sock, rx, ctl_tx, self.released).start(shared, inner);
         ctl_rx
     }
 }
