@@ -3,7 +3,7 @@
 //! M-TCP with a refusal that says so, at once, instead of a failed handshake it would have to
 //! guess about (decision 45).
 
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use crate::stream::Stream;
 use mtcp_proto::wire::{Msg, RefuseCode, MAGIC};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! refused with `Busy` and a reason; sessions already admitted are never touched. The decision
 //! is `mtcp_proto::bounds::admit`; this module counts.
 
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

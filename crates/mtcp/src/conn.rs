@@ -8,7 +8,7 @@
 
 use crate::conn_state::{ConnState, Phase, Shared, TraceOut, MAX_WRITE};
 use crate::framed::Out;
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use bytes::Bytes;
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::Cid;
@@ -184,7 +184,7 @@ impl Connection {
         let epoch = st.epoch;
         drop(st);
         if done {
-            self.server.closed_in_order(self.shared.cid, epoch);
+            crate::eager::closed_in_order(&self.server, self.shared.cid, epoch);
         }
     }
 }

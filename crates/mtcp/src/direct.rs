@@ -31,7 +31,7 @@
 use crate::conn_state::{ConnState, Phase, Shared};
 use crate::direct_state::{DirectHandle, Pump, Queues, MAX_TCP_STATE};
 use crate::framed::Out;
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use bytes::{Buf, Bytes};
 use mtcp_proto::wire::Msg;
 use std::collections::VecDeque;
@@ -390,7 +390,7 @@ impl Pump {
             st.enter(Phase::Closed);
             let epoch = st.epoch;
             drop(st);
-            inner.closed_in_order(shared.cid, epoch);
+            crate::eager::closed_in_order(inner, shared.cid, epoch);
         }
         self.to_agent(m);
         // The session's writer flushes CLOSED and ends the session.

@@ -24,7 +24,7 @@ use crate::conn_state::Confirm;
 use crate::conn_state::{ConnState, Phase, Shared};
 use crate::framed::Out;
 use crate::peer;
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use mtcp_proto::custody::Custody;
 use mtcp_proto::stream::ServerStream;
 use mtcp_proto::wire::{Mode, Msg, RefuseCode};
@@ -318,8 +318,22 @@ pub(crate) async fn test_delay(inner: &ServerInner) {
     }
 }
 
+/// The connection ended in order at `epoch`: the server forgets it, but remembers for a while
+/// that it did, so a migration the agent requests just before it sees the end is answered
+/// `Closed` (the agent has every byte) rather than "unknown connection"; in eager mode the
+/// backups may forget it too.
+pub(crate) fn closed_in_order(inner: &Arc<ServerInner>, cid: mtcp_proto::Cid, epoch: u64) {
+    inner.forget(cid);
+    inner
+        .closed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(cid, (epoch, Instant::now()));
+    closed(inner, cid, epoch);
+}
+
 /// The connection ended in order at `epoch`: the backups may forget it.
-pub(crate) fn closed(inner: &Arc<ServerInner>, cid: mtcp_proto::Cid, epoch: u64) {
+fn closed(inner: &Arc<ServerInner>, cid: mtcp_proto::Cid, epoch: u64) {
     if !eager(inner) {
         return;
     }

@@ -4,8 +4,6 @@
 //! the gates under one lock (a keeper's YIELD and the agent's first frame race from different
 //! tasks) and lets go of a connection given up after its RESUMED.
 
-use crate::conn_state::Phase;
-use crate::server::ServerInner;
 use mtcp_proto::custody::{Gate, GateEvent, Verdict};
 use mtcp_proto::Cid;
 use std::collections::HashMap;
@@ -43,41 +41,5 @@ impl Gates {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, t)| now.duration_since(*t) < ttl);
-    }
-}
-
-impl ServerInner {
-    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
-    /// epoch up (another destination got the connection).
-    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
-        self.gates.settle(cid, epoch, GateEvent::Answer) == Verdict::Go
-    }
-
-    /// A keeper asks this server to give up `epoch` of `cid`: granted unless the agent has used
-    /// the epoch (spoken on the session its RESUMED went out on), and said apart when no
-    /// RESUMED for it went out. A connection built for that epoch whose agent never spoke is
-    /// let go: it never serves again.
-    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> YieldAnswer {
-        match self.gates.settle(cid, epoch, GateEvent::Yield) {
-            Verdict::Go => YieldAnswer::Unanswered,
-            Verdict::Refuse => YieldAnswer::Refused,
-            Verdict::LetGo => {
-                let Some(shared) = self.get(&cid) else {
-                    return YieldAnswer::LetGo;
-                };
-                {
-                    let mut st = shared.lock();
-                    if st.epoch != epoch {
-                        return YieldAnswer::LetGo;
-                    }
-                    tracing::warn!(%cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
-                    st.enter(Phase::Migrated);
-                    st.repl.confirm = None;
-                    st.wake_all();
-                }
-                self.forget(cid);
-                YieldAnswer::LetGo
-            }
-        }
     }
 }

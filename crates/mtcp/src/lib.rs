@@ -25,6 +25,7 @@ pub mod peer;
 mod peer_pool;
 mod peer_serve;
 mod probe;
+mod registry;
 mod replica;
 pub mod server;
 mod session;

@@ -7,7 +7,7 @@
 //! `docs/operations.md`.
 
 use crate::conn_state::{ConnState, Phase};
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use mtcp_proto::wire::{HintReason, RefuseCode};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! state record for the destination that asked (`Fetch`).
 
 use crate::conn_state::{Phase, Shared};
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use mtcp_proto::freeze::{may_freeze, Freeze};
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};

@@ -9,8 +9,8 @@ use crate::origin::{Fetch, Frozen};
 use crate::peer::{
     accept_authenticated, emulated_hold, emulated_path, peer_closed, ADMIN_FRAME, IDLE,
 };
+use crate::registry::ServerInner;
 use crate::replica::Claimed;
-use crate::server::ServerInner;
 use crate::stream::{Stream, WriteHalf};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::{Cid, PortKind, StateRecord};

@@ -3,7 +3,7 @@
 
 use crate::conn_state::Phase;
 use crate::framed::{self, FrameReader};
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use crate::session::refuse;
 use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};

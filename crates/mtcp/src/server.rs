@@ -6,11 +6,11 @@
 use crate::accept::{self, Port};
 use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::Connection;
-use crate::conn_state::{Phase, Shared};
+use crate::conn_state::Phase;
 use crate::peer;
 use crate::probe::overload_loop;
+use crate::registry::{sweep_detached, ServerInner};
 use mtcp_proto::wire::{HintReason, RefuseCode, ServerStatus};
-use mtcp_proto::Cid;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,138 +35,6 @@ pub enum BindError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-}
-
-pub(crate) struct ServerInner {
-    pub id: String,
-    pub cluster: Cluster,
-    /// TLS on every port and to every peer, when the cluster file has `[tls]` (decision 45).
-    pub tls: Option<crate::tls::ServerTls>,
-    pub limits: Limits,
-    pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
-    pub draining: AtomicBool,
-    pub migrated_in: AtomicU64,
-    pub migrated_out: AtomicU64,
-    /// About how many detached connections that never carried data are kept (counted up at
-    /// each such detach, set exactly by each sweep; see [`sweep_detached`]).
-    pub(crate) empty_detached: std::sync::atomic::AtomicUsize,
-    /// Sessions open on the data port (see [`crate::admission`]).
-    pub(crate) sessions: crate::admission::Sessions,
-    /// Connections being handed over on the peer port: frozen and forgotten here, but their
-    /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
-    /// drain does not report "none left" while a state record is still on its way.
-    pub handing_over: std::sync::atomic::AtomicU32,
-    /// Takeovers running (`Limits::max_takeovers`).
-    pub(crate) takeovers: crate::slots::Slots,
-    /// Hand-overs (FETCHes served) running (`Limits::max_handovers`).
-    pub(crate) handovers: crate::slots::Slots,
-    pub peer_pool: crate::peer_pool::PeerPool,
-    /// Eager mode: replicas of other servers' connections held here.
-    pub replicas: crate::replica::ReplicaStore,
-    /// Eager mode: connections handed over alive, kept until their destination confirms.
-    pub(crate) custody: crate::custody::CustodyStore,
-    /// Eager mode: per taken-over (cid, epoch), RESUMED, the agent's first frame or a yield.
-    pub(crate) gates: crate::gate::Gates,
-    /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
-    pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
-    pub(crate) accept_tx: mpsc::UnboundedSender<Connection>,
-    /// The fast path's fences: an origin fences a connection's flow before it freezes it
-    /// (created on first use; decision 54).
-    fences: mtcp_repair::LazyFences,
-}
-
-impl ServerInner {
-    /// The fast path's fences (the table is created on first use).
-    pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
-        self.fences.get().map_err(|e| format!("fences: {e}"))
-    }
-
-    pub fn forget(&self, cid: Cid) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&cid);
-    }
-
-    /// The connection ended in order at `epoch`: forget it, but remember for a while that it
-    /// did, so a migration the agent requests just before it sees the end is answered `Closed`
-    /// (the agent has every byte) rather than "unknown connection".
-    pub fn closed_in_order(self: &Arc<Self>, cid: Cid, epoch: u64) {
-        self.forget(cid);
-        self.closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cid, (epoch, Instant::now()));
-        crate::eager::closed(self, cid, epoch);
-    }
-
-    pub(crate) fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(cid)
-            .cloned()
-    }
-
-    pub(crate) fn all(&self) -> Vec<Arc<Shared>> {
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    pub fn status(&self) -> ServerStatus {
-        let mut conns = self.all();
-        // A fenced connection kept only as its taker's keeper is not served here.
-        conns.retain(|c| c.lock().repl.taken.is_none());
-        let (mut detached, mut leaving) = (0u32, 0u32);
-        for c in &conns {
-            let st = c.lock();
-            if st.detached_at.is_some() {
-                if st.leaving {
-                    leaving += 1;
-                } else {
-                    detached += 1;
-                }
-            }
-        }
-        ServerStatus {
-            id: self.id.clone(),
-            connections: conns.len() as u32 - detached - leaving
-                + self.handing_over.load(Ordering::Relaxed),
-            detached,
-            leaving,
-            draining: self.draining.load(Ordering::Relaxed),
-            migrated_in: self.migrated_in.load(Ordering::Relaxed),
-            migrated_out: self.migrated_out.load(Ordering::Relaxed),
-            replicas_held: self.replicas.usage().0 as u32,
-        }
-    }
-
-    /// Hints every live connection away (drain).
-    pub fn hint_all(&self, reason: HintReason) {
-        for c in self.all() {
-            let mut st = c.lock();
-            if *st.phase() == Phase::Live {
-                c.hint(&mut st, reason);
-            }
-        }
-    }
-
-    /// Hints again the live connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`]
-    /// (a draining server, on each status request: a hint can be lost with a session that
-    /// breaks).
-    pub fn rehint_all(&self, reason: HintReason) {
-        let now = Instant::now();
-        for c in self.all() {
-            let mut st = c.lock();
-            if *st.phase() == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
-                c.hint(&mut st, reason);
-            }
-        }
-    }
 }
 
 /// A server of an M-TCP cluster: accepts new and migrated connections.
@@ -331,52 +199,4 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
         }
         sweep_detached(&inner, now);
     }
-}
-
-/// Drops the state of connections whose agent is gone, as `mtcp_proto::bounds` rules: after
-/// `dead_session`, or soon and only so many when they never carried data. A fast-path
-/// connection is served without its agent and ends with its client: it is not swept.
-pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
-    use mtcp_proto::bounds::{detached_to_drop, Detached};
-    let mut conns = Vec::new();
-    let mut list = Vec::new();
-    for c in inner.all() {
-        let st = c.lock();
-        let Some(t) = st.detached_at.filter(|_| st.direct.is_none()) else {
-            continue;
-        };
-        if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
-            continue;
-        }
-        list.push(Detached {
-            age: now.duration_since(t),
-            carried_data: st.s.out_off() > 0 || st.s.up_recv() > 0,
-        });
-        drop(st);
-        conns.push(c);
-    }
-    let gone = detached_to_drop(&list, inner.limits.dead_session);
-    let mut empty = 0;
-    for &i in &gone {
-        let c = &conns[i];
-        let mut st = c.lock();
-        if st.detached_at.is_none() {
-            continue; // its agent came back meanwhile
-        }
-        if list[i].carried_data {
-            tracing::info!(cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
-        } else {
-            empty += 1;
-        }
-        st.abort("agent gone".into(), None);
-        drop(st);
-        inner.forget(c.cid);
-    }
-    if empty > 0 {
-        tracing::debug!(
-            "dropped the state of {empty} detached connection(s) that never carried data"
-        );
-    }
-    let kept_empty = list.iter().filter(|d| !d.carried_data).count() - empty;
-    inner.empty_detached.store(kept_empty, Ordering::Relaxed);
 }

@@ -7,7 +7,7 @@ use crate::framed::{self, ChannelError, FrameReader};
 use crate::metrics::SessionKind;
 use crate::movetrace::Role;
 use crate::probe::{probe, set_pacing_rate};
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use crate::session_io::{reader_loop, writer_loop};
 use crate::stream::{Stream, WriteHalf};
 use crate::takeover::{take_over, DirectSock};

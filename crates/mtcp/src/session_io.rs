@@ -3,7 +3,7 @@
 
 use crate::conn_state::{Phase, Shared};
 use crate::framed::{self, FrameReader, Out};
-use crate::server::{sweep_detached, ServerInner};
+use crate::registry::{sweep_detached, ServerInner};
 use crate::session::BACKLOG_EVERY;
 use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{Frame, Msg};
@@ -229,7 +229,7 @@ pub(crate) async fn reader_loop(
                     st.enter(Phase::Closed);
                     let epoch = st.epoch;
                     drop(st);
-                    inner.closed_in_order(shared.cid, epoch);
+                    crate::eager::closed_in_order(inner, shared.cid, epoch);
                     return true;
                 }
                 crate::eager::replicate_if_due(inner, shared, &mut st);
@@ -257,7 +257,7 @@ pub(crate) async fn reader_loop(
                 st.enter(Phase::Closed);
                 let epoch = st.epoch;
                 drop(st);
-                inner.closed_in_order(shared.cid, epoch);
+                crate::eager::closed_in_order(inner, shared.cid, epoch);
                 return true;
             }
             Frame::Msg(other) => break format!("unexpected {} in a session", other.name()),

@@ -7,7 +7,7 @@ use crate::framed::Out;
 use crate::movetrace::Role;
 use crate::origin::Fetch;
 use crate::peer;
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use mtcp_proto::takeover as core;
 use mtcp_proto::wire::{Migrate, RefuseCode, Resumed};
 use mtcp_proto::StateRecord;

@@ -7,7 +7,7 @@
 //! that connection's session has queued.
 
 use crate::framed::{self, FrameReader};
-use crate::server::ServerInner;
+use crate::registry::ServerInner;
 use crate::session::{refuse, BAD_TOKEN};
 use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{Msg, RefuseCode};

@@ -4,8 +4,8 @@
 use super::{claim_here, eager, push, MAX_OVERLAPPING, MAX_REPLICA_TAIL};
 use crate::config::ServerEntry;
 use crate::peer;
+use crate::registry::ServerInner;
 use crate::replica::Claimed;
-use crate::server::ServerInner;
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
 use mtcp_proto::wire::{Migrate, RefuseCode};
 use mtcp_proto::StateRecord;

@@ -1,0 +1,220 @@
+//! The server's table of connections and what every part of the runtime shares ([`ServerInner`]):
+//! lookup, status, hints to every connection, the caps and stores, and the sweep that forgets
+//! connections whose agent is gone.
+
+use crate::config::{Cluster, Limits};
+use crate::conn::Connection;
+use crate::conn_state::{Phase, Shared};
+use crate::gate::YieldAnswer;
+use mtcp_proto::custody::{GateEvent, Verdict};
+use mtcp_proto::wire::{HintReason, ServerStatus};
+use mtcp_proto::Cid;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+pub(crate) struct ServerInner {
+    pub id: String,
+    pub cluster: Cluster,
+    /// TLS on every port and to every peer, when the cluster file has `[tls]` (decision 45).
+    pub tls: Option<crate::tls::ServerTls>,
+    pub limits: Limits,
+    pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
+    pub draining: AtomicBool,
+    pub migrated_in: AtomicU64,
+    pub migrated_out: AtomicU64,
+    /// About how many detached connections that never carried data are kept (counted up at
+    /// each such detach, set exactly by each sweep; see [`sweep_detached`]).
+    pub(crate) empty_detached: std::sync::atomic::AtomicUsize,
+    /// Sessions open on the data port (see [`crate::admission`]).
+    pub(crate) sessions: crate::admission::Sessions,
+    /// Connections being handed over on the peer port: frozen and forgotten here, but their
+    /// state not yet acknowledged by the destination's kernel. Counted as connections, so a
+    /// drain does not report "none left" while a state record is still on its way.
+    pub handing_over: std::sync::atomic::AtomicU32,
+    /// Takeovers running (`Limits::max_takeovers`).
+    pub(crate) takeovers: crate::slots::Slots,
+    /// Hand-overs (FETCHes served) running (`Limits::max_handovers`).
+    pub(crate) handovers: crate::slots::Slots,
+    pub peer_pool: crate::peer_pool::PeerPool,
+    /// Eager mode: replicas of other servers' connections held here.
+    pub replicas: crate::replica::ReplicaStore,
+    /// Eager mode: connections handed over alive, kept until their destination confirms.
+    pub(crate) custody: crate::custody::CustodyStore,
+    /// Eager mode: per taken-over (cid, epoch), RESUMED, the agent's first frame or a yield.
+    pub(crate) gates: crate::gate::Gates,
+    /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
+    pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
+    pub(crate) accept_tx: mpsc::UnboundedSender<Connection>,
+    /// The fast path's fences: an origin fences a connection's flow before it freezes it
+    /// (created on first use; decision 54).
+    pub(crate) fences: mtcp_repair::LazyFences,
+}
+
+impl ServerInner {
+    /// The fast path's fences (the table is created on first use).
+    pub(crate) fn fences(&self) -> Result<Arc<mtcp_repair::Fences>, String> {
+        self.fences.get().map_err(|e| format!("fences: {e}"))
+    }
+
+    pub fn forget(&self, cid: Cid) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cid);
+    }
+
+    pub(crate) fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cid)
+            .cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<Shared>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn status(&self) -> ServerStatus {
+        let mut conns = self.all();
+        // A fenced connection kept only as its taker's keeper is not served here.
+        conns.retain(|c| c.lock().repl.taken.is_none());
+        let (mut detached, mut leaving) = (0u32, 0u32);
+        for c in &conns {
+            let st = c.lock();
+            if st.detached_at.is_some() {
+                if st.leaving {
+                    leaving += 1;
+                } else {
+                    detached += 1;
+                }
+            }
+        }
+        ServerStatus {
+            id: self.id.clone(),
+            connections: conns.len() as u32 - detached - leaving
+                + self.handing_over.load(Ordering::Relaxed),
+            detached,
+            leaving,
+            draining: self.draining.load(Ordering::Relaxed),
+            migrated_in: self.migrated_in.load(Ordering::Relaxed),
+            migrated_out: self.migrated_out.load(Ordering::Relaxed),
+            replicas_held: self.replicas.usage().0 as u32,
+        }
+    }
+
+    /// Hints every live connection away (drain).
+    pub fn hint_all(&self, reason: HintReason) {
+        for c in self.all() {
+            let mut st = c.lock();
+            if *st.phase() == Phase::Live {
+                c.hint(&mut st, reason);
+            }
+        }
+    }
+
+    /// Hints again the live connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`]
+    /// (a draining server, on each status request: a hint can be lost with a session that
+    /// breaks).
+    pub fn rehint_all(&self, reason: HintReason) {
+        let now = Instant::now();
+        for c in self.all() {
+            let mut st = c.lock();
+            if *st.phase() == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
+                c.hint(&mut st, reason);
+            }
+        }
+    }
+}
+
+/// Drops the state of connections whose agent is gone, as `mtcp_proto::bounds` rules: after
+/// `dead_session`, or soon and only so many when they never carried data. A fast-path
+/// connection is served without its agent and ends with its client: it is not swept.
+pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
+    use mtcp_proto::bounds::{detached_to_drop, Detached};
+    let mut conns = Vec::new();
+    let mut list = Vec::new();
+    for c in inner.all() {
+        let st = c.lock();
+        let Some(t) = st.detached_at.filter(|_| st.direct.is_none()) else {
+            continue;
+        };
+        if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
+            continue;
+        }
+        list.push(Detached {
+            age: now.duration_since(t),
+            carried_data: st.s.out_off() > 0 || st.s.up_recv() > 0,
+        });
+        drop(st);
+        conns.push(c);
+    }
+    let gone = detached_to_drop(&list, inner.limits.dead_session);
+    let mut empty = 0;
+    for &i in &gone {
+        let c = &conns[i];
+        let mut st = c.lock();
+        if st.detached_at.is_none() {
+            continue; // its agent came back meanwhile
+        }
+        if list[i].carried_data {
+            tracing::info!(target: "mtcp::server", cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
+        } else {
+            empty += 1;
+        }
+        st.abort("agent gone".into(), None);
+        drop(st);
+        inner.forget(c.cid);
+    }
+    if empty > 0 {
+        tracing::debug!(
+            target: "mtcp::server",
+            "dropped the state of {empty} detached connection(s) that never carried data"
+        );
+    }
+    let kept_empty = list.iter().filter(|d| !d.carried_data).count() - empty;
+    inner.empty_detached.store(kept_empty, Ordering::Relaxed);
+}
+
+impl ServerInner {
+    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
+    /// epoch up (another destination got the connection).
+    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
+        self.gates.settle(cid, epoch, GateEvent::Answer) == Verdict::Go
+    }
+
+    /// A keeper asks this server to give up `epoch` of `cid`: granted unless the agent has used
+    /// the epoch (spoken on the session its RESUMED went out on), and said apart when no
+    /// RESUMED for it went out. A connection built for that epoch whose agent never spoke is
+    /// let go: it never serves again.
+    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> YieldAnswer {
+        match self.gates.settle(cid, epoch, GateEvent::Yield) {
+            Verdict::Go => YieldAnswer::Unanswered,
+            Verdict::Refuse => YieldAnswer::Refused,
+            Verdict::LetGo => {
+                let Some(shared) = self.get(&cid) else {
+                    return YieldAnswer::LetGo;
+                };
+                {
+                    let mut st = shared.lock();
+                    if st.epoch != epoch {
+                        return YieldAnswer::LetGo;
+                    }
+                    tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
+                    st.enter(Phase::Migrated);
+                    st.repl.confirm = None;
+                    st.wake_all();
+                }
+                self.forget(cid);
+                YieldAnswer::LetGo
+            }
+        }
+    }
+}
