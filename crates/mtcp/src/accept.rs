@@ -59,7 +59,7 @@ async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
             .peer_addr()
             .map(|a| a.ip())
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        crate::admission::Sessions::admit(&inner, source)
+        inner.sessions.admit(&inner.limits, source)
     });
     let s = match &inner.tls {
         None => Stream::Tcp(s),
@@ -98,13 +98,13 @@ async fn secure(inner: &ServerInner, mut s: TcpStream, port: Port) -> Option<Str
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(s)).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
-            if let Some(suppressed) = crate::session::noisy_event_admitted() {
+            if let Some(suppressed) = crate::session_io::noisy_event_admitted() {
                 tracing::info!(%peer, suppressed, "{} port: TLS handshake failed: {e}", port.name());
             }
             None
         }
         Err(_) => {
-            if let Some(suppressed) = crate::session::noisy_event_admitted() {
+            if let Some(suppressed) = crate::session_io::noisy_event_admitted() {
                 tracing::info!(%peer, suppressed, "{} port: no TLS handshake within {HANDSHAKE_TIMEOUT:?}", port.name());
             }
             None
@@ -120,7 +120,7 @@ async fn refuse_plain(inner: &ServerInner, s: &mut TcpStream, port: Port) {
         inner.id,
         port.name()
     );
-    if let Some(suppressed) = crate::session::noisy_event_admitted() {
+    if let Some(suppressed) = crate::session_io::noisy_event_admitted() {
         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(%peer, suppressed, "{} port: a plain M-TCP client; refused", port.name());
     }

@@ -6,7 +6,7 @@
 //! that another server can restart the application from the snapshot and continue both streams
 //! exactly where the client is.
 
-use crate::conn_state::{ConnState, Phase, Shared, TraceOut, MAX_WRITE};
+use crate::conn_state::{Accepted, ConnState, Phase, Shared, TraceOut, MAX_WRITE};
 use crate::framed::Out;
 use crate::registry::ServerInner;
 use bytes::Bytes;
@@ -39,6 +39,15 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    /// The application's handle on a connection a session set up on `server`.
+    pub(crate) fn new(a: Accepted, server: Arc<ServerInner>) -> Self {
+        Connection {
+            shared: a.shared,
+            server,
+            start: a.start,
+        }
+    }
+
     /// `get_state`: whether this connection is new here or migrated, with its snapshot.
     pub fn start(&self) -> &Start {
         &self.start

@@ -288,6 +288,13 @@ impl ConnState {
     }
 }
 
+/// A connection set up by a session, on its way to the application
+/// ([`Server::accept`](crate::Server::accept) makes the [`Connection`](crate::Connection)).
+pub(crate) struct Accepted {
+    pub shared: Arc<Shared>,
+    pub start: Start,
+}
+
 /// Shared between the application's [`Connection`](crate::Connection), the session tasks and the server's table.
 pub(crate) struct Shared {
     pub cid: Cid,

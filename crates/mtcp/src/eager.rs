@@ -21,7 +21,7 @@ pub(crate) use claims::{protect_takeover, take_from_replica, Claims};
 pub(crate) use handover::{claim_here, fence_here, hand_over};
 
 use crate::conn_state::Confirm;
-use crate::conn_state::{ConnState, Phase, Shared};
+use crate::conn_state::{ConnState, Phase, Shared, StateError};
 use crate::framed::Out;
 use crate::peer;
 use crate::registry::ServerInner;
@@ -220,8 +220,7 @@ pub(crate) async fn push_durable(
     inner: &Arc<ServerInner>,
     shared: &Arc<Shared>,
     bound: Duration,
-) -> Result<(), crate::StateError> {
-    use crate::StateError;
+) -> Result<(), StateError> {
     let (rec, key, epoch) = {
         let st = shared.lock();
         st.ensure_live()?;

@@ -6,12 +6,9 @@
 //! path pays one relaxed add per read or write, nothing more. Every name is listed in
 //! `docs/operations.md`.
 
-use crate::conn_state::{ConnState, Phase};
-use crate::registry::ServerInner;
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 use mtcp_proto::wire::{HintReason, RefuseCode};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Weak;
 
 /// Connections by state (gauge, label `state`).
 pub const CONNECTIONS: &str = "mtcp_connections";
@@ -215,56 +212,11 @@ pub(crate) fn took_over(outcome: Option<(bool, std::time::Duration)>) {
     }
 }
 
-/// The states [`CONNECTIONS`] shows of a server's connections (besides `handing_over`).
-const SERVER_STATES: [&str; 5] = ["live", "closing", "detached", "leaving", "ending"];
-
-/// A connection's state: its index in [`SERVER_STATES`].
-fn state_index(st: &ConnState) -> usize {
-    if st.detached_at.is_some() {
-        // Detached by an agent that said it moves the connection (`Msg::Leaving`): its
-        // destination will fetch it, unlike a detached one, whose agent may be gone.
-        return if st.leaving { 3 } else { 2 };
-    }
-    match st.phase() {
-        Phase::Live => 0,
-        Phase::AppClosed => 1,
-        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 4,
-    }
-}
-
-/// Publishes a server's levels; does nothing once the server is gone.
-#[derive(Clone)]
-pub struct ServerSampler(pub(crate) Weak<ServerInner>);
-
-impl ServerSampler {
-    /// Sets every gauge (and the counters kept as atomics) to what the server holds now: one
-    /// short lock of each connection, as `mtcp drain`'s status does.
-    pub fn sample(&self) {
-        sample_bytes();
-        for (kind, name) in SESSION_KINDS {
-            let n = OPEN_SESSIONS[kind as usize].load(Ordering::Relaxed);
-            gauge!(SESSIONS, "state" => name).set(n as f64);
-        }
-        let Some(inner) = self.0.upgrade() else {
-            return;
-        };
-        let mut by_state = [0usize; SERVER_STATES.len()];
-        let mut kept = 0u64;
-        for c in inner.all() {
-            let st = c.lock();
-            by_state[state_index(&st)] += 1;
-            kept += st.s.kept_bytes();
-        }
-        for (name, n) in SERVER_STATES.iter().zip(by_state) {
-            gauge!(CONNECTIONS, "state" => *name).set(n as f64);
-        }
-        let handing = inner.handing_over.load(Ordering::Relaxed);
-        gauge!(CONNECTIONS, "state" => "handing_over").set(handing as f64);
-        gauge!(RETENTION_BYTES).set(kept as f64);
-        let (entries, bytes) = inner.replicas.usage();
-        gauge!(REPLICAS_HELD).set(entries as f64);
-        gauge!(REPLICA_BYTES).set(bytes as f64);
-        counter!(HANDOVERS).absolute(inner.migrated_out.load(Ordering::Relaxed));
+/// Sets the gauge of open data-port sockets by what they carry.
+pub(crate) fn sample_sessions() {
+    for (kind, name) in SESSION_KINDS {
+        let n = OPEN_SESSIONS[kind as usize].load(Ordering::Relaxed);
+        gauge!(SESSIONS, "state" => name).set(n as f64);
     }
 }
 

@@ -35,7 +35,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
     {
         Ok(x) => x,
         Err(e) => {
-            if let Some(suppressed) = crate::session::noisy_event_admitted() {
+            if let Some(suppressed) = crate::session_io::noisy_event_admitted() {
                 tracing::warn!(target: "mtcp::peer", peer = %addr, suppressed, "peer port: {e}; closing");
             }
             return;

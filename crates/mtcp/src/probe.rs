@@ -4,7 +4,7 @@
 use crate::conn_state::Phase;
 use crate::framed::{self, FrameReader};
 use crate::registry::ServerInner;
-use crate::session::refuse;
+use crate::session_io::refuse;
 use crate::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::Cid;

@@ -3,8 +3,7 @@
 //! connections whose agent is gone.
 
 use crate::config::{Cluster, Limits};
-use crate::conn::Connection;
-use crate::conn_state::{Phase, Shared};
+use crate::conn_state::{Accepted, Phase, Shared};
 use crate::gate::YieldAnswer;
 use mtcp_proto::custody::{GateEvent, Verdict};
 use mtcp_proto::wire::{HintReason, ServerStatus};
@@ -46,7 +45,7 @@ pub(crate) struct ServerInner {
     pub(crate) gates: crate::gate::Gates,
     /// Connections that ended in order lately: epoch and when (see `closed_in_order`).
     pub closed: Mutex<HashMap<Cid, (u64, Instant)>>,
-    pub(crate) accept_tx: mpsc::UnboundedSender<Connection>,
+    pub(crate) accept_tx: mpsc::UnboundedSender<Accepted>,
     /// The fast path's fences: an origin fences a connection's flow before it freezes it
     /// (created on first use; decision 54).
     pub(crate) fences: mtcp_repair::LazyFences,

@@ -6,14 +6,16 @@
 use crate::accept::{self, Port};
 use crate::config::{Cluster, ConfigError, Limits};
 use crate::conn::Connection;
-use crate::conn_state::Phase;
+use crate::conn_state::{Accepted, ConnState, Phase};
+use crate::metrics::{self, CONNECTIONS, HANDOVERS, REPLICAS_HELD, REPLICA_BYTES, RETENTION_BYTES};
 use crate::peer;
 use crate::probe::overload_loop;
 use crate::registry::{sweep_detached, ServerInner};
+use ::metrics::{counter, gauge};
 use mtcp_proto::wire::{HintReason, RefuseCode, ServerStatus};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -40,7 +42,7 @@ pub enum BindError {
 /// A server of an M-TCP cluster: accepts new and migrated connections.
 pub struct Server {
     inner: Arc<ServerInner>,
-    rx: mpsc::UnboundedReceiver<Connection>,
+    rx: mpsc::UnboundedReceiver<Accepted>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -48,6 +50,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        // Connections set up but never accepted end as if their application had dropped them;
+        // a session that finds the queue closed ends its own the same way.
+        self.rx.close();
+        while let Ok(a) = self.rx.try_recv() {
+            drop(Connection::new(a, self.inner.clone()));
         }
     }
 }
@@ -126,7 +134,8 @@ impl Server {
 
     /// The next connection, new or migrated here.
     pub async fn accept(&mut self) -> Option<Connection> {
-        self.rx.recv().await
+        let a = self.rx.recv().await?;
+        Some(Connection::new(a, self.inner.clone()))
     }
 
     /// Removes the fast path's fence table (the server is exiting).
@@ -144,8 +153,8 @@ impl Server {
 
     /// What publishes this server's levels to the metrics endpoint (holds no reference that
     /// keeps the server alive).
-    pub fn metrics(&self) -> crate::metrics::ServerSampler {
-        crate::metrics::ServerSampler(Arc::downgrade(&self.inner))
+    pub fn metrics(&self) -> ServerSampler {
+        ServerSampler(Arc::downgrade(&self.inner))
     }
 
     /// Refuses new connections and hints every connection to move elsewhere.
@@ -198,5 +207,55 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
             }
         }
         sweep_detached(&inner, now);
+    }
+}
+
+/// The states [`CONNECTIONS`](metrics::CONNECTIONS) shows of a server's connections (besides `handing_over`).
+const SERVER_STATES: [&str; 5] = ["live", "closing", "detached", "leaving", "ending"];
+
+/// A connection's state: its index in [`SERVER_STATES`].
+fn state_index(st: &ConnState) -> usize {
+    if st.detached_at.is_some() {
+        // Detached by an agent that said it moves the connection (`Msg::Leaving`): its
+        // destination will fetch it, unlike a detached one, whose agent may be gone.
+        return if st.leaving { 3 } else { 2 };
+    }
+    match st.phase() {
+        Phase::Live => 0,
+        Phase::AppClosed => 1,
+        Phase::Migrated | Phase::Aborted(_) | Phase::Closed => 4,
+    }
+}
+
+/// Publishes a server's levels; does nothing once the server is gone.
+#[derive(Clone)]
+pub struct ServerSampler(pub(crate) Weak<ServerInner>);
+
+impl ServerSampler {
+    /// Sets every gauge (and the counters kept as atomics) to what the server holds now: one
+    /// short lock of each connection, as `mtcp drain`'s status does.
+    pub fn sample(&self) {
+        metrics::sample_bytes();
+        metrics::sample_sessions();
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        let mut by_state = [0usize; SERVER_STATES.len()];
+        let mut kept = 0u64;
+        for c in inner.all() {
+            let st = c.lock();
+            by_state[state_index(&st)] += 1;
+            kept += st.s.kept_bytes();
+        }
+        for (name, n) in SERVER_STATES.iter().zip(by_state) {
+            gauge!(CONNECTIONS, "state" => *name).set(n as f64);
+        }
+        let handing = inner.handing_over.load(Ordering::Relaxed);
+        gauge!(CONNECTIONS, "state" => "handing_over").set(handing as f64);
+        gauge!(RETENTION_BYTES).set(kept as f64);
+        let (entries, bytes) = inner.replicas.usage();
+        gauge!(REPLICAS_HELD).set(entries as f64);
+        gauge!(REPLICA_BYTES).set(bytes as f64);
+        counter!(HANDOVERS).absolute(inner.migrated_out.load(Ordering::Relaxed));
     }
 }

@@ -2,24 +2,21 @@
 //! decides what it is; refusals; the names of messages for logs.
 
 use crate::conn::Connection;
-use crate::conn_state::{Phase, Shared, Start};
+use crate::conn_state::{Accepted, Phase, Shared, Start};
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::metrics::SessionKind;
 use crate::movetrace::Role;
 use crate::probe::{probe, set_pacing_rate};
 use crate::registry::ServerInner;
-use crate::session_io::{reader_loop, writer_loop};
-use crate::stream::{Stream, WriteHalf};
+use crate::session_io::{noisy_event_admitted, reader_loop, refuse, writer_loop};
+use crate::stream::Stream;
 use crate::takeover::{take_over, DirectSock};
 use mtcp_proto::wire::{self, Msg, RefuseCode, Welcome};
 use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-
-pub(crate) use mtcp_proto::takeover::BAD_TOKEN;
 
 /// Limit on the first message of a session, before the peer is known.
 pub(crate) const SETUP_FRAME: usize = 64 << 10;
@@ -27,27 +24,6 @@ pub(crate) const SETUP_FRAME: usize = 64 << 10;
 /// it): larger states are refused, and the agent resets that client connection.
 pub(crate) const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Least time between two BACKLOG reports of a session.
-pub(crate) const BACKLOG_EVERY: Duration = Duration::from_millis(200);
-/// Whether to log an event anyone can cause (a refused session, garbage on a port), at most 20
-/// lines a second: `Some(n)` with the number of such lines suppressed since the last one.
-pub(crate) fn noisy_event_admitted() -> Option<u64> {
-    use mtcp_proto::bounds::LogBudget;
-    static BUDGET: Mutex<LogBudget> = Mutex::new(LogBudget::new(Duration::from_secs(1), 20));
-    BUDGET
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .admit(Instant::now())
-}
-
-pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) {
-    crate::metrics::refused(code);
-    if let Some(suppressed) = noisy_event_admitted() {
-        tracing::info!(?code, suppressed, "refusing session: {reason}");
-    }
-    let _ = framed::write_msg(w, &Msg::Refused { code, reason }).await;
-    let _ = w.shutdown().await;
-}
 
 /// Serves a data-port session; `admitted` is its place under the session caps, taken at
 /// accept (or why it is over one).
@@ -355,12 +331,13 @@ pub(crate) async fn handle_session(
             return;
         }
     };
-    let conn = Connection {
+    let accepted = Accepted {
         shared: shared.clone(),
-        server: inner.clone(),
         start,
     };
-    if inner.accept_tx.send(conn).is_err() {
+    if let Err(e) = inner.accept_tx.send(accepted) {
+        // The server is gone: the connection ends as if its application had dropped it.
+        drop(Connection::new(e.0, inner.clone()));
         return;
     }
     let (buf_r, buf) = reader.into_inner();

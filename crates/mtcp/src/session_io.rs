@@ -1,15 +1,15 @@
 //! A session's two loops: the writer (data, snapshots, heartbeats, batched) and the reader
-//! (upstream data, ACKs, control).
+//! (upstream data, ACKs, control); refusing a session, and the budget of log lines for events
+//! anyone can cause.
 
 use crate::conn_state::{Phase, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::registry::{sweep_detached, ServerInner};
-use crate::session::BACKLOG_EVERY;
 use crate::stream::{ReadHalf, WriteHalf};
-use mtcp_proto::wire::{Frame, Msg};
+use mtcp_proto::wire::{Frame, Msg, RefuseCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -280,6 +280,29 @@ pub(crate) async fn reader_loop(
         }
     }
     false
+}
+
+/// Least time between two BACKLOG reports of a session.
+pub(crate) const BACKLOG_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether to log an event anyone can cause (a refused session, garbage on a port), at most 20
+/// lines a second: `Some(n)` with the number of such lines suppressed since the last one.
+pub(crate) fn noisy_event_admitted() -> Option<u64> {
+    use mtcp_proto::bounds::LogBudget;
+    static BUDGET: Mutex<LogBudget> = Mutex::new(LogBudget::new(Duration::from_secs(1), 20));
+    BUDGET
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .admit(Instant::now())
+}
+
+pub(crate) async fn refuse(w: &mut WriteHalf, code: RefuseCode, reason: String) {
+    crate::metrics::refused(code);
+    if let Some(suppressed) = noisy_event_admitted() {
+        tracing::info!(target: "mtcp::session", ?code, suppressed, "refusing session: {reason}");
+    }
+    let _ = framed::write_msg(w, &Msg::Refused { code, reason }).await;
+    let _ = w.shutdown().await;
 }
 
 #[cfg(test)]

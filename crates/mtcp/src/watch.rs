@@ -8,8 +8,9 @@
 
 use crate::framed::{self, FrameReader};
 use crate::registry::ServerInner;
-use crate::session::{refuse, BAD_TOKEN};
+use crate::session_io::refuse;
 use crate::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::takeover::BAD_TOKEN;
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::Frame;
 use mtcp_proto::{Cid, Token};
