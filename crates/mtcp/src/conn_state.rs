@@ -62,7 +62,8 @@ impl From<StateError> for io::Error {
     }
 }
 
-/// Whether an I/O error from a [`Connection`](crate::Connection) means "this connection migrated away".
+/// Whether an I/O error from a [`Connection`](crate::Connection) means "this connection migrated
+/// away".
 pub fn is_migrated(e: &io::Error) -> bool {
     e.get_ref().and_then(|i| i.downcast_ref::<StateError>()) == Some(&StateError::Migrated)
 }
@@ -295,7 +296,8 @@ pub(crate) struct Accepted {
     pub start: Start,
 }
 
-/// Shared between the application's [`Connection`](crate::Connection), the session tasks and the server's table.
+/// Shared between the application's [`Connection`](crate::Connection), the session tasks and the
+/// server's table.
 pub(crate) struct Shared {
     pub cid: Cid,
     pub st: Mutex<ConnState>,
