@@ -63,13 +63,25 @@ impl Pool {
     }
 
     /// Resets `be` (opened with `params`) and keeps it if `release` (the registry's consent)
-    /// says it is no longer registered; otherwise, or on any error, it is closed.
-    pub async fn put<F>(&self, params: &[(String, String)], mut be: Backend, release: F)
-    where
+    /// says it is no longer registered; otherwise, or on any error, it is closed. The release
+    /// comes after the reset, or before it when `release_first`: only for a backend with no
+    /// transaction open, whose session sends it nothing but the reset afterwards.
+    pub async fn put<F>(
+        &self,
+        params: &[(String, String)],
+        mut be: Backend,
+        release: F,
+        release_first: bool,
+    ) where
         F: std::future::Future<Output = bool>,
     {
         if self.held() >= self.max {
             // Full (or off): no reset and release for a backend that would be dropped.
+            let _ = be.send(&codec::terminate()).await;
+            return;
+        }
+        let mut release = std::pin::pin!(release);
+        if release_first && !release.as_mut().await {
             let _ = be.send(&codec::terminate()).await;
             return;
         }
@@ -81,7 +93,7 @@ impl Pool {
             be.collect(2).await
         };
         let ok = matches!(tokio::time::timeout(RESET_LIMIT, reset).await, Ok(Ok(_)));
-        if !ok || !release.await {
+        if !ok || (!release_first && !release.await) {
             let _ = be.send(&codec::terminate()).await;
             return;
         }

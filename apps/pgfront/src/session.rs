@@ -259,24 +259,15 @@ impl Session {
         if (r.is_ok() || migrated) && self.at_rest && self.pinned.is_none() {
             // Reset, out of the registry (unless a fence got it first), into the pool.
             let (front, pid, cid) = (self.front.clone(), self.be.pid, self.cid.clone());
-            if migrated && self.status == IDLE {
-                // Moved away between transactions: nothing to roll back, so out of the
-                // registry first — the destination's fence, a moment away, then leaves this
-                // backend alone instead of terminating it (a new backend costs the database a
-                // process start). Only a reset follows here, never a statement of the session.
-                let released = front.registry.release(pid, &cid).await;
-                let release = std::future::ready(released);
-                self.front
-                    .pool
-                    .put(&self.state.startup, self.be, release)
-                    .await;
-            } else {
-                let release = async move { front.registry.release(pid, &cid).await };
-                self.front
-                    .pool
-                    .put(&self.state.startup, self.be, release)
-                    .await;
-            }
+            let release = async move { front.registry.release(pid, &cid).await };
+            // Moved away between transactions: nothing to roll back, so out of the registry
+            // first — the destination's fence, a moment away, then leaves this backend alone
+            // instead of terminating it (a new backend costs the database a process start).
+            let first = migrated && self.status == IDLE;
+            self.front
+                .pool
+                .put(&self.state.startup, self.be, release, first)
+                .await;
         } else {
             let _ = self.be.send(&codec::terminate()).await;
             if !migrated {
