@@ -50,20 +50,36 @@ const REGISTER: &str = upsert_backend!();
 /// sees this connection's rows.) Backends are looked up one by one with
 /// `pg_stat_get_activity(pid)`, not in the `pg_stat_activity` view: it read every backend's
 /// entry and joined two catalogs, ~0.3 ms of the database's CPU per move.
+///
+/// Unless `$6` (force), a victim not running a statement (`idle`, `idle in transaction`) is
+/// spared and counted instead: its front-end, moved away from, is about to release it (see
+/// [`Registry::register_and_fence`]).
 const REGISTER_AND_FENCE: &str = concat!(
     "WITH victims AS (
     DELETE FROM mtcp.backends b
     WHERE b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
     AND EXISTS (SELECT 1 FROM pg_stat_get_activity(b.pid) a
-        WHERE a.backend_start = b.backend_start)
+        WHERE a.backend_start = b.backend_start AND ($6 OR a.state = 'active'))
     RETURNING b.pid),
+    spared AS (SELECT 1 FROM mtcp.backends b
+    WHERE b.cid = $2 AND b.epoch < $5 AND b.pid <> $1
+    AND EXISTS (SELECT 1 FROM pg_stat_get_activity(b.pid) a
+        WHERE a.backend_start = b.backend_start AND NOT ($6 OR a.state = 'active'))),
     mine AS (",
     upsert_backend!(),
     "
     RETURNING 1)
     SELECT (SELECT count(*) FROM mine),
-    ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid))"
+    ARRAY(SELECT pid FROM victims WHERE pg_terminate_backend(pid)),
+    (SELECT count(*) FROM spared)"
 );
+
+/// How many live backends are still registered for connection `$1` at an epoch older than `$2`
+/// (other than `$3`).
+const PENDING: &str = "SELECT count(*) FROM mtcp.backends b
+    WHERE b.cid = $1 AND b.epoch < $2 AND b.pid <> $3
+    AND EXISTS (SELECT 1 FROM pg_stat_get_activity(b.pid) a
+        WHERE a.backend_start = b.backend_start)";
 
 /// Takes backend `$1` out of the registry if it still serves connection `$2`.
 const RELEASE: &str = "DELETE FROM mtcp.backends WHERE pid = $1 AND cid = $2";
@@ -87,6 +103,7 @@ struct Control {
     client: Client,
     register: Statement,
     register_and_fence: Statement,
+    pending: Statement,
     release: Statement,
     alive: Statement,
     unregister: Statement,
@@ -102,6 +119,10 @@ impl std::ops::Deref for Control {
 
 /// How long a fence waits for each backend it terminates to exit.
 pub const FENCE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a fence waits for an idle backend's front-end to release it before terminating it
+/// (a new backend costs the database a process start and its catalog caches).
+pub const RELEASE_GRACE: Duration = Duration::from_millis(10);
 
 /// Control connections of one front-end: the registry's statements of concurrent sessions (a
 /// `migrate --all` restarts many at once) run side by side instead of queueing on one.
@@ -165,6 +186,7 @@ impl Registry {
         let control = Arc::new(Control {
             register: client.prepare(REGISTER).await?,
             register_and_fence: client.prepare(REGISTER_AND_FENCE).await?,
+            pending: client.prepare(PENDING).await?,
             release: client.prepare(RELEASE).await?,
             alive: client.prepare(ALIVE).await?,
             unregister: client.prepare(UNREGISTER).await?,
@@ -209,16 +231,39 @@ impl Registry {
         key: (i32, i32),
     ) -> Result<u32, RegistryError> {
         let c = self.client().await?;
-        let row = c
-            .query_one(
-                &c.register_and_fence,
-                &[&pid, &cid, &key.0, &key.1, &(epoch as i64)],
-            )
-            .await?;
-        if row.get::<_, i64>(0) != 1 {
-            return Err(RegistryError(format!("backend {pid} is not running")));
+        let fence = |force: bool| {
+            let c = c.clone();
+            async move {
+                let row = c
+                    .query_one(
+                        &c.register_and_fence,
+                        &[&pid, &cid, &key.0, &key.1, &(epoch as i64), &force],
+                    )
+                    .await?;
+                if row.get::<_, i64>(0) != 1 {
+                    return Err(RegistryError(format!("backend {pid} is not running")));
+                }
+                Ok::<_, RegistryError>((row.get::<_, Vec<i32>>(1), row.get::<_, i64>(2)))
+            }
+        };
+        let (mut pids, spared) = fence(false).await?;
+        if spared > 0 {
+            // An idle backend of an older epoch: its front-end, which this connection just
+            // left, releases it in a moment. Until then, or RELEASE_GRACE, this session does
+            // not start; then whatever is still registered is terminated as before.
+            let t0 = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let left: i64 = c
+                    .query_one(&c.pending, &[&cid, &(epoch as i64), &pid])
+                    .await?
+                    .get(0);
+                if left == 0 || t0.elapsed() >= RELEASE_GRACE {
+                    break;
+                }
+            }
+            pids.extend(fence(true).await?.0);
         }
-        let pids: Vec<i32> = row.get(1);
         if pids.is_empty() {
             return Ok(0);
         }

@@ -62,6 +62,10 @@ pub struct ServerArgs {
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
+    /// Fast path: do not take connections from servers on this host as sockets (`SCM_RIGHTS`);
+    /// they then move here with `TCP_REPAIR`, as across hosts.
+    #[arg(long)]
+    no_local_handoff: bool,
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.
     #[arg(long, default_value_t = 10)]
     lock_timeout_secs: u64,
@@ -160,6 +164,7 @@ pub async fn run(a: ServerArgs) -> Result<()> {
     let limits = Limits {
         dead_session: Duration::from_secs(a.dead_session_secs),
         lock_timeout: Duration::from_secs(a.lock_timeout_secs),
+        local_handoff: !a.no_local_handoff,
         max_unacked: a.max_unacked_mib << 20,
         ack_timeout: Duration::from_secs(a.ack_timeout_secs),
         session_idle: Duration::from_secs(a.session_idle_secs),

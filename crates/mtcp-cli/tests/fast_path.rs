@@ -11,12 +11,19 @@ use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn fast_cluster(dir: &TempDir) -> LocalCluster {
+/// `handoff`: servers take connections from each other as sockets (the default on one host,
+/// decision 56); otherwise every move freezes the socket with `TCP_REPAIR` and recreates it.
+fn fast_cluster(dir: &TempDir, handoff: bool) -> LocalCluster {
     let opts = LocalOptions {
         servers: 3,
         root: dir.path().join("www"),
         log: "info,mtcp=debug,mtcp_agent=debug".into(),
         agent_args: vec!["--fast-path".into()],
+        server_args: if handoff {
+            vec![]
+        } else {
+            vec!["--no-local-handoff".into()]
+        },
         ..Default::default()
     };
     LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster")
@@ -48,13 +55,43 @@ fn ready() -> bool {
 
 #[test]
 fn fast_path_download_survives_drain_manual_and_session_reset() {
+    download_survives_moves(true);
+}
+
+/// The same moves with `TCP_REPAIR` (the path across hosts): socket state frozen, fenced,
+/// recreated.
+#[test]
+fn fast_path_download_survives_moves_with_tcp_repair() {
+    download_survives_moves(false);
+}
+
+/// Moves logged by the servers of `dir`: (sockets handed over, sockets frozen and recreated).
+fn moves_by_kind(dir: &std::path::Path) -> (usize, usize) {
+    let (mut handed, mut frozen) = (0, 0);
+    for id in ["s1", "s2", "s3"] {
+        let log = std::fs::read_to_string(dir.join(format!("{id}.log"))).unwrap_or_default();
+        handed += log
+            .matches("fast-path connection handed over (its socket")
+            .count();
+        frozen += log
+            .matches("fast-path connection frozen and handed over")
+            .count();
+    }
+    (handed, frozen)
+}
+
+fn download_survives_moves(handoff: bool) {
     if !ready() {
         return;
     }
-    let dir = TempDir::new("fastpath");
+    let dir = TempDir::new(if handoff {
+        "fastpath-handoff"
+    } else {
+        "fastpath-repair"
+    });
     let size: u64 = 128 << 20;
     let want = file(&dir, "big.bin", size, 43);
-    let lc = fast_cluster(&dir);
+    let lc = fast_cluster(&dir, handoff);
     let agent_pid = lc.pid("agent").expect("agent");
     let server_pids: Vec<u32> = ["s1", "s2", "s3"]
         .iter()
@@ -85,6 +122,18 @@ fn fast_path_download_survives_drain_manual_and_session_reset() {
         reasons.iter().any(|r| r.contains("session with")),
         "{reasons:?}"
     );
+    let (handed, frozen) = moves_by_kind(dir.path());
+    if handoff {
+        assert!(
+            handed >= 3 && frozen == 0,
+            "handed {handed}, frozen {frozen}"
+        );
+    } else {
+        assert!(
+            frozen >= 3 && handed == 0,
+            "handed {handed}, frozen {frozen}"
+        );
+    }
     // Every fence is down (no table has a fenced flow: the agent's fenced the hand-overs, the
     // origins' the moves), and the tables go with their processes.
     let table = fence_table(agent_pid).expect("the agent's fence table");
@@ -116,7 +165,7 @@ fn fast_path_connection_ends_with_an_error_when_its_server_is_killed() {
     let dir = TempDir::new("fastpath-kill");
     let size: u64 = 64 << 20;
     file(&dir, "big.bin", size, 44);
-    let mut lc = fast_cluster(&dir);
+    let mut lc = fast_cluster(&dir, true);
     let out = dir.path().join("got.bin");
     let mut curl = spawn_curl(&lc, "big.bin", "20M", &out);
     wait_for("the download to start", Duration::from_secs(20), || {

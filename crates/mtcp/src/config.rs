@@ -377,6 +377,10 @@ pub struct Limits {
     /// How long a migration waits for a soft section ([`crate::Connection::soft_lock`]) to end
     /// before it splits it (decision 55).
     pub soft_wait: Duration,
+    /// Fast path: take connections handed over by servers on this host as the sockets
+    /// themselves (decision 56). Off: origins freeze them with `TCP_REPAIR` and the socket is
+    /// recreated here, as across hosts.
+    pub local_handoff: bool,
     /// How long state is kept for a connection whose agent went away.
     pub dead_session: Duration,
     /// How long a destination waits for the origin's state.
@@ -451,6 +455,7 @@ impl Default for Limits {
             max_sessions_per_source: 32_768,
             lock_timeout: Duration::from_secs(10),
             soft_wait: Duration::from_millis(10),
+            local_handoff: true,
             dead_session: Duration::from_secs(120),
             fetch_timeout: Duration::from_secs(3),
             max_record: 64 << 20,

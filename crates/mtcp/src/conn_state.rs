@@ -274,6 +274,20 @@ impl ConnState {
         down_sum: u64,
         max_record: usize,
     ) -> Result<StateRecord, (RefuseCode, String)> {
+        let rec = self.record(cid, down_recv, sum_from, down_sum, max_record)?;
+        self.enter(Phase::Migrated);
+        Ok(rec)
+    }
+
+    /// The record [`freeze`](Self::freeze) takes, with the connection left as it is.
+    pub fn record(
+        &self,
+        cid: Cid,
+        down_recv: u64,
+        sum_from: u64,
+        down_sum: u64,
+        max_record: usize,
+    ) -> Result<StateRecord, (RefuseCode, String)> {
         let rec = self
             .s
             .record(cid, self.epoch, down_recv, sum_from, down_sum)?;
@@ -284,7 +298,6 @@ impl ConnState {
                 format!("the connection's state record is too large to move: {e}"),
             ));
         }
-        self.enter(Phase::Migrated);
         Ok(rec)
     }
 }

@@ -55,6 +55,18 @@ const LINGER: Duration = Duration::from_secs(10);
 /// trim the output log.
 const TRIM_EVERY: u64 = 16 << 10;
 
+/// How a pump's client flow starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Fenced (an agent's hand-over of a new connection): output waits for KICK.
+    Fenced,
+    /// Recreated here and the origin's fence lifted: a window probe restarts the flow at once,
+    /// and another on KICK.
+    Lifted,
+    /// The socket itself was handed over (decision 56), or never left: nothing to restart.
+    Live,
+}
+
 /// What the socket did, in [`Pump::run`].
 enum Io {
     Wrote(std::io::Result<usize>),
@@ -161,21 +173,19 @@ pub(crate) fn write_inline(st: &mut ConnState, sock: &TcpStream, mut data: Bytes
 
 impl Pump {
     /// A pump for `sock`; the connection's [`FastOut`](crate::direct_state::FastOut) says where
-    /// its downstream stream is.
-    /// `released`: the client's flow is not fenced (a destination lifted the origin's fence),
-    /// so output need not wait for KICK; the client is sent a window probe at once, as KICK
-    /// would.
+    /// its downstream stream is, and `flow` whether the client's flow is fenced.
     pub fn new(
         sock: TcpStream,
         rx: mpsc::UnboundedReceiver<Out>,
         ctl: mpsc::UnboundedSender<Out>,
-        released: bool,
+        flow: Flow,
     ) -> Pump {
-        if released {
+        if flow == Flow::Lifted {
             if let Err(e) = mtcp_repair::window_probe(&sock) {
                 tracing::warn!("window probe: {e}");
             }
         }
+        let released = flow != Flow::Fenced;
         Pump {
             sock: Arc::new(sock),
             q: Queues {
@@ -186,6 +196,7 @@ impl Pump {
                 ctl: Some(ctl),
                 eof: false,
                 held: (!released).then(|| tokio::time::Instant::now() + HOLD_MAX),
+                live: flow == Flow::Live,
             },
         }
     }
@@ -303,6 +314,10 @@ impl Pump {
                 }
                 _ = kick.notified() => {
                     self.release(&shared);
+                    // A socket that never stopped existing needs no probe.
+                    if self.q.live {
+                        continue;
+                    }
                     if let Err(e) = mtcp_repair::window_probe(&sock) {
                         tracing::warn!(cid = %shared.cid, "window probe: {e}");
                     }
@@ -474,6 +489,34 @@ pub(crate) fn lift_fence(sock: &TcpStream, table: &str) -> bool {
             false
         }
     }
+}
+
+/// The client's socket an origin on this host handed over (decision 56), if it is a TCP
+/// connection to an address this cluster's fast path admits; returned nonblocking and
+/// registered with tokio.
+pub(crate) fn adopt_handed(
+    fd: std::os::fd::OwnedFd,
+    allowed: &[std::net::SocketAddr],
+) -> Result<TcpStream, String> {
+    let kind = socket2::SockRef::from(&fd)
+        .r#type()
+        .map_err(|e| format!("handed socket: {e}"))?;
+    if kind != socket2::Type::STREAM {
+        return Err("the handed descriptor is not a stream socket".into());
+    }
+    let sock = std::net::TcpStream::from(fd);
+    let (local, _) = sock
+        .local_addr()
+        .and_then(|l| sock.peer_addr().map(|r| (l, r)))
+        .map_err(|e| format!("the handed descriptor is not a connected TCP socket: {e}"))?;
+    if !allowed.contains(&local) {
+        return Err(format!(
+            "a connection to {local} is not one this cluster's fast path admits"
+        ));
+    }
+    sock.set_nonblocking(true)
+        .map_err(|e| format!("handed socket: {e}"))?;
+    TcpStream::from_std(sock).map_err(|e| format!("handed socket: {e}"))
 }
 
 /// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of

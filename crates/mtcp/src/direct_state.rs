@@ -104,6 +104,9 @@ pub(crate) struct Queues {
     /// the fence drops, and the sender would then stall until its retransmission timer (200 ms
     /// and more) — measured: a 512 MiB download at a third of its speed.
     pub(crate) held: Option<tokio::time::Instant>,
+    /// The socket never stopped existing (handed over, or a failed freeze): KICK sends no
+    /// window probe.
+    pub(crate) live: bool,
 }
 
 /// The agent only shows SNAP's offsets in its status, so at most one per this interval is

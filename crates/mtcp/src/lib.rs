@@ -17,6 +17,7 @@ mod direct_state;
 mod eager;
 pub mod framed;
 mod gate;
+mod handoff;
 pub mod memory;
 pub mod metrics;
 pub mod movetrace;

@@ -22,8 +22,13 @@ pub(crate) struct Fetch {
 impl ServerInner {
     /// Freezes local connection `cid` at `epoch` and takes its state record, waiting (bounded)
     /// for a `lock_state` section to end, and for a soft one a little (decision 55). A fast-path connection also gives its TCP
-    /// connection (an encoded `mtcp_repair::TcpState`).
-    pub async fn freeze_local(self: &Arc<Self>, f: &Fetch) -> Result<Frozen, (RefuseCode, String)> {
+    /// connection: its socket itself when destination `to` runs on this host (decision 56), or
+    /// else an encoded `mtcp_repair::TcpState`.
+    pub async fn freeze_local(
+        self: &Arc<Self>,
+        f: &Fetch,
+        to: &str,
+    ) -> Result<Frozen, (RefuseCode, String)> {
         let (cid, epoch) = (f.cid, f.epoch);
         let Some(shared) = self.get(&cid) else {
             let ended = self
@@ -115,7 +120,7 @@ impl ServerInner {
                 }
             }
             if let Some(h) = direct {
-                let r = self.freeze_direct(&shared, h, cid, epoch).await;
+                let r = self.freeze_direct(&shared, h, cid, epoch, to).await;
                 shared.lock().locked = false;
                 shared.unlocked.notify_waiters();
                 return r;
@@ -133,12 +138,28 @@ pub(crate) struct Frozen {
 }
 
 /// A frozen fast-path connection's TCP side.
-pub(crate) struct DirectTcp {
-    /// An encoded `mtcp_repair::TcpState`.
-    pub tcp: Vec<u8>,
-    /// The origin's fence table, where the client's flow is fenced until the destination lifts
-    /// it (decision 54).
-    pub fence: String,
+pub(crate) enum DirectTcp {
+    /// Frozen with `TCP_REPAIR`, to be recreated.
+    Repaired {
+        /// An encoded `mtcp_repair::TcpState`.
+        tcp: Vec<u8>,
+        /// The origin's fence table, where the client's flow is fenced until the destination
+        /// lifts it (decision 54).
+        fence: String,
+    },
+    /// The socket itself went to the destination's hand-over listener under `nonce`
+    /// (decision 56).
+    Handed { nonce: crate::handoff::Nonce },
+}
+
+impl DirectTcp {
+    /// Bytes it adds to the state that crosses the peer channel.
+    pub fn len(&self) -> usize {
+        match self {
+            DirectTcp::Repaired { tcp, .. } => tcp.len(),
+            DirectTcp::Handed { nonce } => nonce.len(),
+        }
+    }
 }
 
 /// `TCP_SYN_RECV` in `tcpi_state`: the only state other than established that is not closing.
@@ -159,6 +180,7 @@ impl ServerInner {
         h: crate::direct_state::DirectHandle,
         cid: Cid,
         epoch: u64,
+        to: &str,
     ) -> Result<Frozen, (RefuseCode, String)> {
         use crate::movetrace::{step, Role};
         step(Role::Origin, cid, "pump_stop");
@@ -179,6 +201,10 @@ impl ServerInner {
             .into_std()
             .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
         step(Role::Origin, cid, "pump_stopped");
+        let (std, restart) = match self.hand_off(shared, (std, restart), cid, written, to) {
+            Ok(r) => return r,
+            Err(back) => back,
+        };
         // The client's flow is fenced from just before the freeze until the destination
         // recreated the connection (decision 54): a packet the frozen socket took after its
         // queues were read would be lost, and one meeting no socket would reset the client. Not
@@ -245,7 +271,7 @@ impl ServerInner {
                 );
                 Ok(Frozen {
                     rec,
-                    tcp: Some(DirectTcp { tcp, fence }),
+                    tcp: Some(DirectTcp::Repaired { tcp, fence }),
                 })
             }
             Err(e) => {
@@ -257,5 +283,76 @@ impl ServerInner {
                 Err(e)
             }
         }
+    }
+}
+
+impl ServerInner {
+    /// Hands a stopped fast-path connection's socket itself to destination `to` when that
+    /// server runs on this host (decision 56): the record is for everything written (the
+    /// socket's queues stay in the kernel), and nothing is fenced or frozen. `Err` gives the
+    /// socket back when there is no local hand-over to `to`: the caller freezes it with
+    /// `TCP_REPAIR` instead.
+    #[allow(clippy::type_complexity)]
+    fn hand_off(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        (std, restart): (std::net::TcpStream, crate::direct_state::Queues),
+        cid: Cid,
+        written: u64,
+        to: &str,
+    ) -> Result<
+        Result<Frozen, (RefuseCode, String)>,
+        (std::net::TcpStream, crate::direct_state::Queues),
+    > {
+        use std::os::fd::AsFd;
+        if !self.handoff.listening.load(Ordering::Relaxed) {
+            return Err((std, restart));
+        }
+        let Some(peer) = self.cluster.server(to).map(|s| s.peer.clone()) else {
+            return Err((std, restart));
+        };
+        let u = match crate::handoff::connect(&peer) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%cid, to, "no local hand-over, freezing with TCP_REPAIR: {e}");
+                return Err((std, restart));
+            }
+        };
+        let nonce: crate::handoff::Nonce = rand::random();
+        let mut st = shared.lock();
+        let sum = mtcp_proto::sum::checksum(&[]);
+        let rec = match st.record(cid, written, written, sum, self.limits.max_record) {
+            Ok(rec) => rec,
+            Err(e) => {
+                drop(st);
+                restart.resume(std, shared, self);
+                return Ok(Err(e));
+            }
+        };
+        // Under the connection's lock: nothing changes it between its record and the move.
+        if let Err(e) = crate::handoff::give(&u, &nonce, std.as_fd()) {
+            drop(st);
+            tracing::warn!(%cid, to, "local hand-over failed, freezing with TCP_REPAIR: {e}");
+            return Err((std, restart));
+        }
+        st.enter(Phase::Migrated);
+        drop(st);
+        // Our descriptor only: the socket lives on in the destination's.
+        drop(std);
+        self.forget(cid);
+        self.migrated_out.fetch_add(1, Ordering::Relaxed);
+        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "handed");
+        tracing::info!(
+            %cid,
+            epoch = rec.epoch,
+            restart_at = rec.snap_out,
+            written,
+            to,
+            "fast-path connection handed over (its socket, on this host)"
+        );
+        Ok(Ok(Frozen {
+            rec,
+            tcp: Some(DirectTcp::Handed { nonce }),
+        }))
     }
 }

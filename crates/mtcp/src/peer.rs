@@ -195,7 +195,9 @@ pub(crate) async fn fetch(
     };
     match msg {
         Msg::State(b) if b.len() > inner.limits.max_record => Err(fits(b.len()).unwrap_err()),
-        Msg::DirectState { record, .. } if record.len() > inner.limits.max_record => {
+        Msg::DirectState { record, .. } | Msg::HandedState { record, .. }
+            if record.len() > inner.limits.max_record =>
+        {
             Err(fits(record.len()).unwrap_err())
         }
         Msg::State(b) => StateRecord::decode(&b)
@@ -207,10 +209,17 @@ pub(crate) async fn fetch(
                 (
                     Frozen {
                         rec,
-                        tcp: Some(crate::origin::DirectTcp { tcp, fence }),
+                        tcp: Some(crate::origin::DirectTcp::Repaired { tcp, fence }),
                     },
                     n,
                 )
+            })
+            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+        Msg::HandedState { record, nonce } => StateRecord::decode(&record)
+            .map(|rec| {
+                let n = (record.len() + nonce.len()) as u64;
+                let tcp = Some(crate::origin::DirectTcp::Handed { nonce });
+                (Frozen { rec, tcp }, n)
             })
             .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
         Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),

@@ -112,11 +112,18 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                             Ok(Frozen { rec, tcp: None }) => Msg::State(encode(rec)),
                             Ok(Frozen {
                                 rec,
-                                tcp: Some(crate::origin::DirectTcp { tcp, fence }),
+                                tcp: Some(crate::origin::DirectTcp::Repaired { tcp, fence }),
                             }) => Msg::DirectState {
                                 record: encode(rec),
                                 tcp,
                                 fence,
+                            },
+                            Ok(Frozen {
+                                rec,
+                                tcp: Some(crate::origin::DirectTcp::Handed { nonce }),
+                            }) => Msg::HandedState {
+                                record: encode(rec),
+                                nonce,
                             },
                             Err((code, reason)) => Msg::Refused { code, reason },
                         }
@@ -215,7 +222,9 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
         if w.write_msg(&reply).await.is_err() {
             return;
         }
-        if let (Some(cid), Msg::State(_) | Msg::DirectState { .. }) = (traced, &reply) {
+        if let (Some(cid), Msg::State(_) | Msg::DirectState { .. } | Msg::HandedState { .. }) =
+            (traced, &reply)
+        {
             crate::movetrace::finish(TraceRole::Origin, cid, "state_tx");
         }
         if handover.is_some() {

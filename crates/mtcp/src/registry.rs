@@ -49,6 +49,9 @@ pub(crate) struct ServerInner {
     /// The fast path's fences: an origin fences a connection's flow before it freezes it
     /// (created on first use; decision 54).
     pub(crate) fences: mtcp_repair::LazyFences,
+    /// The fast path's local hand-over: sockets other servers on this host gave this one
+    /// (decision 56).
+    pub(crate) handoff: Arc<crate::handoff::Handoff>,
 }
 
 impl ServerInner {

@@ -108,6 +108,7 @@ impl Server {
             gates: Default::default(),
             accept_tx,
             fences: Default::default(),
+            handoff: Default::default(),
         });
         if !inner.cluster.fast_path.is_empty() {
             // A fast-path cluster: the fence table is made now, not in a move's critical path
@@ -116,12 +117,23 @@ impl Server {
                 tracing::warn!("the fast path cannot move connections away from here: {e}");
             }
         }
-        let mut tasks = vec![
+        let mut tasks = vec![];
+        if !inner.cluster.fast_path.is_empty() && inner.limits.local_handoff {
+            // Servers on this host hand fast-path sockets over directly (decision 56).
+            match inner.handoff.listen(&me.peer) {
+                Ok(t) => tasks.push(t),
+                Err(e) => tracing::warn!(
+                    "no local hand-over (`{}`): fast-path connections move here with TCP_REPAIR only: {e}",
+                    crate::handoff::name(&me.peer)
+                ),
+            }
+        }
+        tasks.extend([
             tokio::spawn(accept::accept_loop(data, inner.clone(), Port::Data)),
             tokio::spawn(accept::accept_loop(peer_l, inner.clone(), Port::Peer)),
             tokio::spawn(accept::accept_loop(admin, inner.clone(), Port::Admin)),
             tokio::spawn(janitor(Arc::downgrade(&inner))),
-        ];
+        ]);
         for b in inner.cluster.backups(&inner.id) {
             tasks.push(tokio::spawn(peer::keep_warm(Arc::downgrade(&inner), b)));
         }

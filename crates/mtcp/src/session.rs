@@ -185,7 +185,7 @@ pub(crate) async fn handle_session(
                         let d = DirectSock {
                             sock,
                             written: 0,
-                            released: false,
+                            flow: crate::direct::Flow::Fenced,
                         };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }

@@ -124,7 +124,7 @@ pub(crate) async fn fetch_or_replica(
         // decision 52's `LateHandOut`).
         let waiting = || !peer::peer_closed(agent);
         let fr = crate::eager::hand_over(inner, f, &inner.id, &waiting).await?;
-        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, |d| d.tcp.len())) as u64;
+        let size = (fr.rec.encode().len() + fr.tcp.as_ref().map_or(0, |d| d.len())) as u64;
         return Ok((fr.rec, fr.tcp, size, None));
     }
     let answered = AtomicBool::new(false);
@@ -178,6 +178,10 @@ pub(crate) async fn fetch_or_replica(
     }
 }
 
+/// How long a destination waits for a socket its origin says it handed over (decision 56): the
+/// origin sent it before its answer, on this host, so it is normally there already.
+const HANDED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The rest of a takeover, once the record is known to fit: restart the connection here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn take_over_checked(
@@ -206,8 +210,30 @@ pub(crate) async fn take_over_checked(
         .map(Start::Migrated)
         .unwrap_or(Start::New);
     let sock = match tcp {
-        Some(d) => {
-            let sock = crate::direct::adopt(d.tcp, &inner.cluster.fast_path, None)
+        Some(crate::origin::DirectTcp::Handed { nonce }) => {
+            let fd = inner
+                .handoff
+                .take(&nonce, HANDED_WAIT)
+                .await
+                .ok_or_else(|| {
+                    (
+                        RefuseCode::Internal,
+                        format!("the origin's socket did not arrive within {HANDED_WAIT:?}"),
+                    )
+                })?;
+            let sock = crate::direct::adopt_handed(fd, &inner.cluster.fast_path).map_err(|e| {
+                tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
+                (RefuseCode::Internal, e)
+            })?;
+            crate::movetrace::step(Role::Destination, m.cid, "restored");
+            Some(DirectSock {
+                sock,
+                written: rec.client_down(),
+                flow: crate::direct::Flow::Live,
+            })
+        }
+        Some(crate::origin::DirectTcp::Repaired { tcp, fence }) => {
+            let sock = crate::direct::adopt(tcp, &inner.cluster.fast_path, None)
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
@@ -216,15 +242,19 @@ pub(crate) async fn take_over_checked(
             crate::movetrace::step(Role::Destination, m.cid, "restored");
             // The connection has a socket again: the origin's fence comes down, and the pump
             // restarts the flow at once (decision 54).
-            let lifted = crate::direct::lift_fence(&sock, &d.fence);
+            let lifted = crate::direct::lift_fence(&sock, &fence);
             crate::movetrace::step(Role::Destination, m.cid, "lifted");
             if !lifted {
-                tracing::warn!(cid = %m.cid, fence = %d.fence, "the origin's fence was not up; output waits for the agent's KICK");
+                tracing::warn!(cid = %m.cid, %fence, "the origin's fence was not up; output waits for the agent's KICK");
             }
             Some(DirectSock {
                 sock,
                 written: rec.client_down(),
-                released: lifted,
+                flow: if lifted {
+                    crate::direct::Flow::Lifted
+                } else {
+                    crate::direct::Flow::Fenced
+                },
             })
         }
         None => None,
@@ -258,8 +288,8 @@ pub(crate) struct DirectSock {
     pub(crate) sock: TcpStream,
     /// Downstream offset the socket continues at.
     pub(crate) written: u64,
-    /// The flow is unfenced already: output need not wait for KICK.
-    pub(crate) released: bool,
+    /// How its client flow starts.
+    pub(crate) flow: crate::direct::Flow,
 }
 
 impl DirectSock {
@@ -272,7 +302,7 @@ impl DirectSock {
     ) -> mpsc::UnboundedReceiver<Out> {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         shared.lock().fast = crate::direct_state::FastOut::at(self.written);
-        crate::direct_state::Pump::new(self.sock, rx, ctl_tx, self.released).start(shared, inner);
+        crate::direct_state::Pump::new(self.sock, rx, ctl_tx, self.flow).start(shared, inner);
         ctl_rx
     }
 }

@@ -388,6 +388,14 @@ pub enum Msg {
         by: String,
         label: u64,
     },
+    /// Origin → destination on one host: a fast-path connection's state record (encoded
+    /// [`crate::StateRecord`]); its TCP socket itself was handed to the destination's local
+    /// hand-over listener (`SCM_RIGHTS`) under `nonce` just before (decision 56).
+    HandedState {
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+        nonce: [u8; 16],
+    },
 }
 
 impl Msg {
@@ -437,6 +445,7 @@ impl Msg {
             Msg::WatchHint { .. } => "WatchHint",
             Msg::Leaving => "Leaving",
             Msg::Taken { .. } => "Taken",
+            Msg::HandedState { .. } => "HandedState",
         }
     }
 }

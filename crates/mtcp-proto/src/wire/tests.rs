@@ -127,6 +127,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 label: n[1],
             }
         }),
+        (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            any::<[u8; 16]>()
+        )
+            .prop_map(|(record, nonce)| Msg::HandedState { record, nonce }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
         Just(Msg::Working),

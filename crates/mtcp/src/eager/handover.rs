@@ -51,7 +51,7 @@ pub(crate) async fn hand_over(
     if !waiting() {
         return Err(gave_up(to));
     }
-    let rec = match inner.freeze_local(f).await {
+    let rec = match inner.freeze_local(f, to).await {
         Ok(rec) => rec,
         Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
             return rehand(inner, f, to, waiting)
