@@ -377,9 +377,8 @@ pub struct Limits {
     /// How long a migration waits for a soft section ([`crate::Connection::soft_lock`]) to end
     /// before it splits it (decision 55).
     pub soft_wait: Duration,
-    /// Fast path: take connections handed over by servers on this host as the sockets
-    /// themselves (decision 56). Off: origins freeze them with `TCP_REPAIR` and the socket is
-    /// recreated here, as across hosts.
+    /// Fast path: take connections from servers on this host as sockets (decision 56); off:
+    /// origins freeze them with `TCP_REPAIR`, as across hosts.
     pub local_handoff: bool,
     /// How long state is kept for a connection whose agent went away.
     pub dead_session: Duration,
