@@ -112,6 +112,9 @@ fn httpd(m: ArgMatches, ctx: ServerContext) -> Result<Arc<dyn mtcp::App>> {
     Ok(Arc::new(mtcp_httpd::Httpd(cfg)))
 }
 
+// The help texts' `[:PASSWORD]` and `[:N]` are not doc links (clap shows the doc comments as
+// written: escaping the brackets would show in `--help`).
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args, Debug)]
 struct PgfrontArgs {
     /// The PostgreSQL server every session is forwarded to, and the database holding the fence

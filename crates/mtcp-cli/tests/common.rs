@@ -335,7 +335,7 @@ pub async fn hello_from(
         mtcp::framed::FrameReader<mtcp::stream::ReadHalf>,
         mtcp::stream::WriteHalf,
     ),
-    (mtcp::proto::wire::RefuseCode, String),
+    mtcp::proto::stream::Refusal,
 > {
     use mtcp::framed::{self, FrameReader};
     use mtcp::proto::wire::Msg;
@@ -364,7 +364,7 @@ pub async fn hello_from(
         .unwrap()
     {
         Msg::Welcome(_) => Ok((r, w)),
-        Msg::Refused { code, reason } => Err((code, reason)),
+        Msg::Refused { code, reason } => Err(mtcp::proto::stream::Refusal::new(code, reason)),
         other => panic!("expected WELCOME or REFUSED, got {other:?}"),
     }
 }

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use mtcp::framed::{self, FrameReader};
+use mtcp::proto::stream::Refusal;
 use mtcp::proto::wire::{self, Frame, Migrate, Msg, RefuseCode};
 use mtcp::proto::{Cid, Token};
 use mtcp_agent::admin::{Request, Response};
@@ -50,21 +51,21 @@ async fn poke_on<S: AsyncReadExt + AsyncWriteExt + Unpin>(
 }
 
 /// A MIGRATE on the data port of `addr`; returns the refusal.
-async fn migrate_raw(addr: &str, m: Migrate) -> (RefuseCode, String) {
+async fn migrate_raw(addr: &str, m: Migrate) -> Refusal {
     let mut s = TcpStream::connect(addr).await.unwrap();
     framed::exchange_preamble(&mut s).await.unwrap();
     let (r, mut w) = s.into_split();
     framed::write_msg(&mut w, &Msg::Migrate(m)).await.unwrap();
     let mut r = FrameReader::new(r, 1 << 20);
     match r.next_msg(Duration::from_secs(10)).await.unwrap() {
-        Msg::Refused { code, reason } => (code, reason),
+        Msg::Refused { code, reason } => Refusal::new(code, reason),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
 /// A fast-path HELLO on the data port of `addr`, then (after WELCOME) `adopt` as the client's
 /// connection; returns the refusal.
-async fn hello_direct(addr: &str, adopt: Option<Vec<u8>>) -> (RefuseCode, String) {
+async fn hello_direct(addr: &str, adopt: Option<Vec<u8>>) -> Refusal {
     let (mut r, mut w) = fast_path_hello(addr).await;
     let mut m = r.next_msg(Duration::from_secs(10)).await.unwrap();
     if let Some(a) = adopt {
@@ -73,7 +74,7 @@ async fn hello_direct(addr: &str, adopt: Option<Vec<u8>>) -> (RefuseCode, String
         m = r.next_msg(Duration::from_secs(10)).await.unwrap();
     }
     let refusal = match m {
-        Msg::Refused { code, reason } => (code, reason),
+        Msg::Refused { code, reason } => Refusal::new(code, reason),
         other => panic!("expected a refusal, got {other:?}"),
     };
     // And the session is closed.
@@ -104,7 +105,7 @@ async fn fast_path_refuses_garbage_and_unadmitted_connections() {
     });
     let data = lc.servers[0].data.clone();
     let garbage: Vec<u8> = (0..3000).map(|i| (i * 31 % 253) as u8).collect();
-    let (code, why) = hello_direct(&data, Some(garbage)).await;
+    let Refusal { code, reason: why } = hello_direct(&data, Some(garbage)).await;
     assert_eq!(code, RefuseCode::Internal, "{why}");
     assert!(why.contains("TCP state"), "{why}");
     let planted = mtcp_repair::TcpState {
@@ -122,7 +123,7 @@ async fn fast_path_refuses_garbage_and_unadmitted_connections() {
         timestamp: 0,
         window: Default::default(),
     };
-    let (code, why) = hello_direct(&data, Some(planted.encode())).await;
+    let Refusal { code, reason: why } = hello_direct(&data, Some(planted.encode())).await;
     assert_eq!(code, RefuseCode::Internal, "{why}");
     assert!(
         why.contains("not one this cluster's fast path admits"),
@@ -186,7 +187,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
 
     // Wrong token: refused before anything of the connection is looked at, and the refusal
     // names nothing of it (no epoch, no position), whatever the MIGRATE claimed.
-    let (code, why) = migrate_raw(&addr(other).data, base.clone()).await;
+    let Refusal { code, reason: why } = migrate_raw(&addr(other).data, base.clone()).await;
     assert_eq!(code, RefuseCode::BadToken, "{why}");
     let probing = Migrate {
         epoch: 9,
@@ -196,7 +197,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         ..base.clone()
     };
     for to in [&origin, other] {
-        let (code, why) = migrate_raw(&addr(to).data, probing.clone()).await;
+        let Refusal { code, reason: why } = migrate_raw(&addr(to).data, probing.clone()).await;
         assert_eq!(code, RefuseCode::BadToken, "{why}");
         assert!(
             !why.contains(&cid.to_string()) && !why.chars().any(|c| c.is_ascii_digit()),
@@ -248,7 +249,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         .map(|s| s.id.clone())
         .find(|s| s != other && *s != origin)
         .unwrap();
-    let (code, why) = migrate_raw(&addr(&third).data, old).await;
+    let Refusal { code, reason: why } = migrate_raw(&addr(&third).data, old).await;
     assert_eq!(code, RefuseCode::StaleEpoch, "{why}");
     // An old token does not tell where the connection is now.
     assert!(
@@ -262,7 +263,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         origin: origin.clone(),
         ..base.clone()
     };
-    let (code, why) = migrate_raw(&addr(&third).data, wrong_origin).await;
+    let Refusal { code, reason: why } = migrate_raw(&addr(&third).data, wrong_origin).await;
     assert_eq!(code, RefuseCode::UnknownConnection, "{why}");
 
     // Garbage and oversized messages on every server port.
@@ -322,7 +323,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
     }
     // A fast-path HELLO to a cluster that admits no fast-path agent is refused, by name.
     for s in &lc.servers {
-        let (code, why) = hello_direct(&s.data, None).await;
+        let Refusal { code, reason: why } = hello_direct(&s.data, None).await;
         assert_eq!(code, RefuseCode::Unauthenticated, "{why}");
         assert!(why.contains("fast_path"), "{why}");
     }

@@ -512,7 +512,7 @@ async fn sessions_are_capped_per_source_and_in_all_and_existing_ones_go_on() {
     assert!(
         refused
             .iter()
-            .all(|(c, why)| *c == wire::RefuseCode::Busy && why.contains("from one address")),
+            .all(|r| r.code == wire::RefuseCode::Busy && r.reason.contains("from one address")),
         "{refused:?}"
     );
     // Other addresses fill the rest of the global cap (the agent holds a session and its watch
@@ -529,7 +529,7 @@ async fn sessions_are_capped_per_source_and_in_all_and_existing_ones_go_on() {
         !global.is_empty()
             && global
                 .iter()
-                .all(|(c, why)| *c == wire::RefuseCode::Busy && why.contains("maximum of 100")),
+                .all(|r| r.code == wire::RefuseCode::Busy && r.reason.contains("maximum of 100")),
         "{global:?}"
     );
     assert!(

@@ -300,7 +300,10 @@ async fn stalled_tls_handshakes_count_against_the_session_caps() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     match hello_from(&data, "127.0.0.2", Some(&tls)).await.map(drop) {
-        Err((mtcp::proto::wire::RefuseCode::Busy, why)) if why.contains("from one address") => {}
+        Err(mtcp::proto::stream::Refusal {
+            code: mtcp::proto::wire::RefuseCode::Busy,
+            reason,
+        }) if reason.contains("from one address") => {}
         other => panic!("expected Busy (per source) with 4 stalled handshakes: {other:?}"),
     }
     // Another address is not affected, nor is the agent's client.

@@ -63,13 +63,10 @@ impl Custody {
     /// else, or why the request is not for this state.
     pub fn successor(&self, epoch: u64) -> Result<u64, Refusal> {
         if epoch != self.epoch {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!(
-                    "the connection was handed over at epoch {}, not {epoch}",
-                    self.epoch
-                ),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "the connection was handed over at epoch {}, not {epoch}",
+                self.epoch
+            )));
         }
         Ok(self.label + 1)
     }
@@ -106,22 +103,16 @@ impl Custody {
             Fence::Refused(c) => Some(*c),
             _ => None,
         }) {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!(
-                    "epoch {next}, taken by {}, is claimed elsewhere or passed ({code:?}): the connection moved on",
-                    self.holder
-                ),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "epoch {next}, taken by {}, is claimed elsewhere or passed ({code:?}): the connection moved on",
+                self.holder
+            )));
         }
         if !unanswered && fences.iter().all(|f| *f == Fence::Unreachable) {
-            return Err((
-                RefuseCode::OriginUnreachable,
-                format!(
-                    "cannot fence epoch {next} of {}: none of its backups answered",
-                    self.holder
-                ),
-            ));
+            return Err(Refusal::origin_unreachable(format!(
+                "cannot fence epoch {next} of {}: none of its backups answered",
+                self.holder
+            )));
         }
         let newest = fences
             .iter()
@@ -352,7 +343,7 @@ mod tests {
     fn a_silent_holder_is_fenced_and_the_next_gets_the_state_one_epoch_up() {
         // s1 handed epoch 5 to s2 (which resumes at 6).
         let mut c = Custody::new(5, "s2");
-        assert_eq!(c.successor(4).unwrap_err().0, RefuseCode::StaleEpoch);
+        assert_eq!(c.successor(4).unwrap_err().code, RefuseCode::StaleEpoch);
         assert_eq!(c.successor(5).unwrap(), 6);
         // s2 stored nothing at 6 on its backup: s3 gets the kept point, labelled 6.
         assert_eq!(
@@ -399,13 +390,13 @@ mod tests {
                 true,
             )
             .unwrap_err();
-        assert_eq!(e.0, RefuseCode::StaleEpoch);
+        assert_eq!(e.code, RefuseCode::StaleEpoch);
         assert_eq!(c, Custody::new(2, "s2"));
         // No backup of the holder answered: it cannot be fenced, nothing is handed out.
         let e = c
             .supersede("s3", &[Fence::Unreachable, Fence::Unreachable], 0, false)
             .unwrap_err();
-        assert_eq!(e.0, RefuseCode::OriginUnreachable);
+        assert_eq!(e.code, RefuseCode::OriginUnreachable);
         assert_eq!(c, Custody::new(2, "s2"));
         assert!(c.supersede("s3", &[], 0, false).is_err());
     }

@@ -17,6 +17,7 @@ pub mod freeze;
 pub mod offsets;
 pub mod policy;
 pub mod record;
+pub mod refusal;
 pub mod replica;
 pub mod stream;
 pub mod sum;

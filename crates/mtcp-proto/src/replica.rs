@@ -94,7 +94,7 @@ pub enum HandError {
     #[error("changed hands meanwhile")]
     ChangedHands,
     /// The fence does not allow it (`Custody::supersede`).
-    #[error("{}", .0.1)]
+    #[error("{}", .0.reason)]
     Refused(Refusal),
     /// The claimer answered RESUMED and its epoch is not fenced (`Custody::pass`).
     #[error(transparent)]
@@ -105,7 +105,7 @@ impl HandError {
     pub fn code(&self) -> RefuseCode {
         match self {
             HandError::ChangedHands => RefuseCode::StaleEpoch,
-            HandError::Refused((c, _)) => *c,
+            HandError::Refused(r) => r.code,
             HandError::Pass(e) => e.code(),
         }
     }

@@ -7,12 +7,13 @@
 
 use crate::offsets::{ByteLog, Divergence, ReplayVerifier};
 use crate::record::StateRecord;
-use crate::wire::RefuseCode;
 use bytes::Bytes;
 use std::collections::VecDeque;
 
 mod records;
 
+/// Why a state record could not be built (sent to the destination as a refusal).
+pub use crate::refusal::Refusal;
 pub use records::replica_for_client;
 
 /// Most restart points kept per connection.
@@ -26,9 +27,6 @@ pub struct Snap {
     pub in_off: u64,
     pub out_off: u64,
 }
-
-/// Why a state record could not be built (sent to the destination as a refusal).
-pub type Refusal = (RefuseCode, String);
 
 /// One connection's streams at a server.
 #[derive(Debug, Clone)]

@@ -18,16 +18,19 @@ pub const BAD_TOKEN: &str = "the token does not match the connection and epoch n
 /// ranges are bounded. Checked before anything is waited for or fetched.
 pub fn admit(m: &Migrate, token_ok: bool, draining: bool, me: &str) -> Result<(), Refusal> {
     if !token_ok {
-        return Err((RefuseCode::BadToken, BAD_TOKEN.into()));
+        return Err(Refusal::new(RefuseCode::BadToken, BAD_TOKEN));
     }
     if draining {
-        return Err((RefuseCode::Draining, format!("server {me} is draining")));
+        return Err(Refusal::new(
+            RefuseCode::Draining,
+            format!("server {me} is draining"),
+        ));
     }
     if m.segs.len() > MAX_SEGS {
-        return Err((
-            RefuseCode::TooLarge,
-            format!("{} checksum ranges (at most {MAX_SEGS})", m.segs.len()),
-        ));
+        return Err(Refusal::too_large(format!(
+            "{} checksum ranges (at most {MAX_SEGS})",
+            m.segs.len()
+        )));
     }
     Ok(())
 }
@@ -57,13 +60,12 @@ pub fn restart_record(
 /// bytes).
 pub fn check_record(m: &Migrate, rec: &StateRecord, direct: bool) -> Result<(), Refusal> {
     if rec.cid != m.cid || rec.epoch < m.epoch {
-        return Err((
-            RefuseCode::Internal,
-            "origin sent the record of another connection".into(),
+        return Err(Refusal::internal(
+            "origin sent the record of another connection",
         ));
     }
     if !direct && m.up_sent < rec.up_recv() {
-        return Err((
+        return Err(Refusal::new(
             RefuseCode::Malformed,
             format!(
                 "agent says it sent {} upstream bytes but the origin received {}",
@@ -73,9 +75,8 @@ pub fn check_record(m: &Migrate, rec: &StateRecord, direct: bool) -> Result<(), 
         ));
     }
     if !direct && rec.client_down() != m.down_recv {
-        return Err((
-            RefuseCode::Internal,
-            "origin's record is for another downstream position".into(),
+        return Err(Refusal::internal(
+            "origin's record is for another downstream position",
         ));
     }
     Ok(())
@@ -157,14 +158,13 @@ mod tests {
     fn a_migrate_is_refused_for_its_token_a_drain_or_too_many_ranges_in_that_order() {
         let m = migrate(4, 0, 0);
         assert_eq!(
-            admit(&m, false, true, "s2").unwrap_err().0,
+            admit(&m, false, true, "s2").unwrap_err().code,
             RefuseCode::BadToken
         );
-        assert_eq!(admit(&m, false, false, "s2").unwrap_err().1, BAD_TOKEN);
-        let (code, why) = admit(&m, true, true, "s2").unwrap_err();
+        assert_eq!(admit(&m, false, false, "s2").unwrap_err().reason, BAD_TOKEN);
         assert_eq!(
-            (code, why.as_str()),
-            (RefuseCode::Draining, "server s2 is draining")
+            admit(&m, true, true, "s2").unwrap_err(),
+            Refusal::new(RefuseCode::Draining, "server s2 is draining")
         );
         let mut many = m.clone();
         many.segs = vec![
@@ -176,7 +176,7 @@ mod tests {
             MAX_SEGS + 1
         ];
         assert_eq!(
-            admit(&many, true, false, "s2").unwrap_err().0,
+            admit(&many, true, false, "s2").unwrap_err().code,
             RefuseCode::TooLarge
         );
         many.segs.pop();
@@ -193,7 +193,7 @@ mod tests {
         assert_eq!(
             check_record(&migrate(4, 20, 13), &other, false)
                 .unwrap_err()
-                .0,
+                .code,
             RefuseCode::Internal
         );
         assert!(check_record(&migrate(5, 20, 13), &rec, false).is_err());
@@ -201,7 +201,7 @@ mod tests {
         assert_eq!(
             check_record(&migrate(4, 20, 12), &rec, false)
                 .unwrap_err()
-                .0,
+                .code,
             RefuseCode::Malformed
         );
         // Another downstream position.

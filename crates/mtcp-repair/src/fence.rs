@@ -1,6 +1,6 @@
 //! Fencing a flow while no socket holds its connection.
 //!
-//! Between [`crate::Frozen::discard`] and [`crate::restore`] the connection has no socket: a
+//! Between [`crate::Frozen::discard`] and [`crate::restore()`] the connection has no socket: a
 //! packet from the peer then meets a listener or nothing and is answered with a reset, which
 //! ends the peer's connection. A [`Fence`] drops the peer's packets of that one flow in the
 //! meantime; the peer retransmits what it sent into the fence, and the new socket's window probe

@@ -1,4 +1,4 @@
-//! Freezing a socket: repair mode on, and the connection's state read out of it ([`freeze`],
+//! Freezing a socket: repair mode on, and the connection's state read out of it ([`freeze()`],
 //! [`try_freeze`], [`try_freeze_encoded`]); [`window_probe`].
 
 use crate::*;
@@ -44,7 +44,7 @@ pub fn freeze(sock: TcpStream) -> Result<Frozen, RepairError> {
     try_freeze(sock).map_err(|(e, _)| e)
 }
 
-/// [`freeze`], giving the socket back (out of repair mode, still serving) when it cannot.
+/// [`freeze()`], giving the socket back (out of repair mode, still serving) when it cannot.
 pub fn try_freeze(sock: TcpStream) -> Result<Frozen, (RepairError, TcpStream)> {
     let fd = OwnedFd::from(sock);
     let raw = fd.as_raw_fd();

@@ -1,12 +1,12 @@
 //! Moving an established TCP connection from one socket to another with Linux `TCP_REPAIR`.
 //!
 //! This is the first piece of M-TCP's kernel fast path (DESIGN §6): instead of relaying the
-//! client's bytes through the agent, the connection itself moves. [`freeze`] puts a socket in
+//! client's bytes through the agent, the connection itself moves. [`freeze()`] puts a socket in
 //! repair mode (nothing the application does reaches the peer any more — but the kernel may still
 //! transmit output already queued, unless the flow is fenced both ways: see `fence`) and reads out
 //! everything the kernel knows about the connection: sequence numbers, the unacknowledged and
 //! unsent output, input the application has not read, window, options and timestamp clock.
-//! [`Frozen::discard`] then closes the old socket silently, and [`restore`] — in this process or
+//! [`Frozen::discard`] then closes the old socket silently, and [`restore()`] — in this process or
 //! any other on the same host — recreates the connection from that [`TcpState`]: the peer keeps
 //! talking to the same address and port and never learns that the socket changed.
 //!
@@ -17,7 +17,7 @@
 //!
 //! Needs `CAP_NET_ADMIN` ([`RepairError::NotPermitted`] otherwise). The peer must not send to the
 //! connection while no socket holds it (between the [`Frozen`] socket being discarded and
-//! [`restore`] returning), or it gets a reset: the fast path fences the flow with an element of
+//! [`restore()`] returning), or it gets a reset: the fast path fences the flow with an element of
 //! an nftables set first ([`Fences`]).
 //!
 //! Modules: `state` (the [`TcpState`] and its encoding), `freeze`, `restore`, `fence` and `nfnl`
@@ -55,7 +55,7 @@ const TCPI_OPT_SACK: u8 = 2;
 const TCPI_OPT_WSCALE: u8 = 4;
 /// `TCP_ESTABLISHED` in `tcpi_state`.
 const TCP_ESTABLISHED: u8 = 1;
-/// How long [`restore`] waits for the old socket to leave the connection table.
+/// How long [`restore()`] waits for the old socket to leave the connection table.
 const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Largest queue accepted from a [`TcpState`]: more than any socket buffer this host allows.
 pub const MAX_QUEUE: usize = 64 << 20;

@@ -1,4 +1,4 @@
-//! Recreating a frozen connection in a new socket ([`restore`](crate::restore)).
+//! Recreating a frozen connection in a new socket ([`restore`](crate::restore())).
 
 use crate::*;
 use std::mem::size_of;

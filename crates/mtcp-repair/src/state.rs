@@ -87,7 +87,7 @@ impl TcpState {
         .map_err(ser)
     }
 
-    /// Reads a state [`TcpState::encode`] wrote, checking it as [`restore`](crate::restore) would: an unknown
+    /// Reads a state [`TcpState::encode`] wrote, checking it as [`restore`](crate::restore()) would: an unknown
     /// version, trailing bytes, oversized queues or inconsistent fields are errors.
     pub fn decode(bytes: &[u8]) -> Result<TcpState, RepairError> {
         let Some((&v, body)) = bytes.split_first() else {
@@ -113,7 +113,7 @@ impl TcpState {
         Ok(st)
     }
 
-    /// What [`restore`](crate::restore) requires of a state before it touches a socket.
+    /// What [`restore`](crate::restore()) requires of a state before it touches a socket.
     pub(crate) fn check(&self) -> Result<(), RepairError> {
         if self.send_queue.len() > MAX_QUEUE || self.recv_queue.len() > MAX_QUEUE {
             return Err(RepairError::Invalid(

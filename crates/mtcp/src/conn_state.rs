@@ -7,7 +7,7 @@ use crate::config::ServerEntry;
 use crate::framed::Out;
 use bytes::Bytes;
 use mtcp_proto::custody::Custody;
-use mtcp_proto::stream::ServerStream;
+use mtcp_proto::stream::{Refusal, ServerStream};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::{Cid, StateRecord};
 use std::io;
@@ -273,7 +273,7 @@ impl ConnState {
         sum_from: u64,
         down_sum: u64,
         max_record: usize,
-    ) -> Result<StateRecord, (RefuseCode, String)> {
+    ) -> Result<StateRecord, Refusal> {
         let rec = self.record(cid, down_recv, sum_from, down_sum, max_record)?;
         self.enter(Phase::Migrated);
         Ok(rec)
@@ -287,16 +287,15 @@ impl ConnState {
         sum_from: u64,
         down_sum: u64,
         max_record: usize,
-    ) -> Result<StateRecord, (RefuseCode, String)> {
+    ) -> Result<StateRecord, Refusal> {
         let rec = self
             .s
             .record(cid, self.epoch, down_recv, sum_from, down_sum)?;
         let len = rec.encoded_len_bound();
         if let Err(e) = mtcp_proto::bounds::record_fits(len, max_record) {
-            return Err((
-                RefuseCode::TooLarge,
-                format!("the connection's state record is too large to move: {e}"),
-            ));
+            return Err(Refusal::too_large(format!(
+                "the connection's state record is too large to move: {e}"
+            )));
         }
         Ok(rec)
     }
@@ -424,7 +423,7 @@ mod tests {
         st.s.receive(Bytes::from(vec![7u8; 3 << 20])).unwrap();
         let cid = Cid([1; 16]);
         let sum = mtcp_proto::sum::checksum(&[]);
-        let (code, why) = st.freeze(cid, 0, 0, sum, 1 << 20).unwrap_err();
+        let Refusal { code, reason: why } = st.freeze(cid, 0, 0, sum, 1 << 20).unwrap_err();
         assert_eq!(code, RefuseCode::TooLarge, "{why}");
         assert!(why.contains("over the 1048576-byte limit"), "{why}");
         assert_eq!(

@@ -6,7 +6,6 @@
 
 use mtcp_proto::custody::{Custody, Fence, Handout};
 use mtcp_proto::stream::Refusal;
-use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -163,18 +162,14 @@ impl CustodyStore {
     ) -> Result<StateRecord, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(k) = g.0.get_mut(&cid) else {
-            return Err((
-                RefuseCode::UnknownConnection,
-                format!(
-                    "connection {cid}: its handed-over state was confirmed or expired meanwhile"
-                ),
-            ));
+            return Err(Refusal::unknown_connection(format!(
+                "connection {cid}: its handed-over state was confirmed or expired meanwhile"
+            )));
         };
         if k.custody != *seen {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!("connection {cid} changed hands meanwhile"),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "connection {cid} changed hands meanwhile"
+            )));
         }
         let (what, label) = k.custody.supersede(by, &f.fences, f.floor, f.unanswered)?;
         if let Handout::Successor(i) = what {
@@ -187,10 +182,9 @@ impl CustodyStore {
             {
                 Some(Ok(r)) => k.rec = r,
                 _ => {
-                    return Err((
-                        RefuseCode::Internal,
-                        format!("connection {cid}: the fenced backup's record is unreadable"),
-                    ))
+                    return Err(Refusal::internal(format!(
+                        "connection {cid}: the fenced backup's record is unreadable"
+                    )))
                 }
             }
         }

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, Notify};
 /// Most client bytes the pump reads at once (after the application closed).
 const READ_BUF: usize = 64 << 10;
 /// A recreated socket sends nothing until the agent's KICK says the fence is down (see
-/// [`Pump::held`]), or at the latest after this long.
+/// [`Queues::held`]), or at the latest after this long.
 const HOLD_MAX: Duration = Duration::from_secs(2);
 /// After the application closed: how long the socket is kept to read the client's last bytes
 /// (closing with unread input would send the client a reset).

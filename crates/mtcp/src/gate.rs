@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A holder's answer to a keeper's YIELD ([`ServerInner::give_up`]).
+/// A holder's answer to a keeper's YIELD
+/// ([`ServerInner::give_up`](crate::registry::ServerInner::give_up)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum YieldAnswer {
     /// Given up before any RESUMED for the epoch went out from here: no agent holds its token.

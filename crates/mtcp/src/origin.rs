@@ -4,6 +4,7 @@
 use crate::conn_state::{Phase, Shared};
 use crate::registry::ServerInner;
 use mtcp_proto::freeze::{may_freeze, Freeze};
+use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
 use std::sync::atomic::Ordering;
@@ -24,11 +25,7 @@ impl ServerInner {
     /// for a `lock_state` section to end, and for a soft one a little (decision 55). A fast-path connection also gives its TCP
     /// connection: its socket itself when destination `to` runs on this host (decision 56), or
     /// else an encoded `mtcp_repair::TcpState`.
-    pub async fn freeze_local(
-        self: &Arc<Self>,
-        f: &Fetch,
-        to: &str,
-    ) -> Result<Frozen, (RefuseCode, String)> {
+    pub async fn freeze_local(self: &Arc<Self>, f: &Fetch, to: &str) -> Result<Frozen, Refusal> {
         let (cid, epoch) = (f.cid, f.epoch);
         let Some(shared) = self.get(&cid) else {
             let ended = self
@@ -38,15 +35,12 @@ impl ServerInner {
                 .get(&cid)
                 .is_some_and(|(e, _)| *e == epoch);
             return Err(if ended {
-                (
+                Refusal::new(
                     RefuseCode::Closed,
                     format!("connection {cid} ended in order; the client has every byte"),
                 )
             } else {
-                (
-                    RefuseCode::UnknownConnection,
-                    format!("server {} has no connection {cid}", self.id),
-                )
+                Refusal::unknown_connection(format!("server {} has no connection {cid}", self.id))
             });
         };
         let asked = tokio::time::Instant::now();
@@ -61,8 +55,7 @@ impl ServerInner {
             {
                 let mut st = shared.lock();
                 if st.epoch != epoch {
-                    return Err((
-                        RefuseCode::StaleEpoch,
+                    return Err(Refusal::stale_epoch(
                         // Not the current epoch: whoever holds an old token learns nothing
                         // of where the connection is now (issue 14).
                         format!(
@@ -71,10 +64,9 @@ impl ServerInner {
                     ));
                 }
                 if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
-                    return Err((
-                        RefuseCode::UnknownConnection,
-                        format!("connection {cid} is no longer served here"),
-                    ));
+                    return Err(Refusal::unknown_connection(format!(
+                        "connection {cid} is no longer served here"
+                    )));
                 }
                 // A relaying agent has stopped forwarding input by now: a soft section could
                 // not end (decision 55).
@@ -83,13 +75,10 @@ impl ServerInner {
                     Freeze::Now => None,
                     Freeze::Wait(d) => Some(d),
                     Freeze::Busy => {
-                        return Err((
-                            RefuseCode::Busy,
-                            format!(
-                                "connection stayed locked longer than {:?}",
-                                self.limits.lock_timeout
-                            ),
-                        ))
+                        return Err(Refusal::busy(format!(
+                            "connection stayed locked longer than {:?}",
+                            self.limits.lock_timeout
+                        )))
                     }
                 };
                 if wait.is_none() && st.direct.is_some() {
@@ -181,25 +170,24 @@ impl ServerInner {
         cid: Cid,
         epoch: u64,
         to: &str,
-    ) -> Result<Frozen, (RefuseCode, String)> {
+    ) -> Result<Frozen, Refusal> {
         use crate::movetrace::{step, Role};
         step(Role::Origin, cid, "pump_stop");
         let Some(pump) = h.stop().await else {
-            return Err((
+            return Err(Refusal::new(
                 RefuseCode::Closed,
                 format!("connection {cid} ended; nothing to move"),
             ));
         };
         let written = shared.lock().fast.written;
         let Some((sock, restart)) = pump.into_parts() else {
-            return Err((
-                RefuseCode::Internal,
-                format!("connection {cid}: its socket is still in use"),
-            ));
+            return Err(Refusal::internal(format!(
+                "connection {cid}: its socket is still in use"
+            )));
         };
         let std = sock
             .into_std()
-            .map_err(|e| (RefuseCode::Internal, format!("socket: {e}")))?;
+            .map_err(|e| Refusal::internal(format!("socket: {e}")))?;
         step(Role::Origin, cid, "pump_stopped");
         let (std, restart) = match self.hand_off(shared, (std, restart), cid, written, to) {
             Ok(r) => return r,
@@ -221,10 +209,7 @@ impl ServerInner {
             Ok(f) => f,
             Err(e) => {
                 restart.resume(std, shared, self);
-                return Err((
-                    RefuseCode::Internal,
-                    format!("cannot fence {cid}'s flow: {e}"),
-                ));
+                return Err(Refusal::internal(format!("cannot fence {cid}'s flow: {e}")));
             }
         };
         step(Role::Origin, cid, "fenced");
@@ -243,7 +228,10 @@ impl ServerInner {
                     mtcp_repair::RepairError::State(s) if s != TCP_SYN_RECV => RefuseCode::Closed,
                     _ => RefuseCode::Busy,
                 };
-                return Err((code, format!("cannot freeze the client's connection: {e}")));
+                return Err(Refusal::new(
+                    code,
+                    format!("cannot freeze the client's connection: {e}"),
+                ));
             }
         };
         let unsent = frozen.dropped as u64;
@@ -300,10 +288,7 @@ impl ServerInner {
         cid: Cid,
         written: u64,
         to: &str,
-    ) -> Result<
-        Result<Frozen, (RefuseCode, String)>,
-        (std::net::TcpStream, crate::direct_state::Queues),
-    > {
+    ) -> Result<Result<Frozen, Refusal>, (std::net::TcpStream, crate::direct_state::Queues)> {
         use std::os::fd::AsFd;
         if !self.handoff.listening.load(Ordering::Relaxed) {
             return Err((std, restart));

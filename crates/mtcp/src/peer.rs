@@ -25,6 +25,7 @@ use crate::origin::{Fetch, Frozen};
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::tls::ClientTls;
+use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, PortKind, StateRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,7 +163,7 @@ pub(crate) async fn fetch(
     origin: &ServerEntry,
     f: &Fetch,
     answered: &AtomicBool,
-) -> Result<(Frozen, u64), (RefuseCode, String)> {
+) -> Result<(Frozen, u64), Refusal> {
     let req = Msg::Fetch {
         cid: f.cid,
         epoch: f.epoch,
@@ -181,17 +182,14 @@ pub(crate) async fn fetch(
     )
     .await
     .map_err(|e| {
-        (
-            RefuseCode::OriginUnreachable,
-            format!("origin {} ({}): {e}", origin.id, origin.peer),
-        )
+        Refusal::origin_unreachable(format!("origin {} ({}): {e}", origin.id, origin.peer))
     })?;
     crate::movetrace::step(TraceRole::Destination, f.cid, "state_rx");
     // The frame was bounded before it was read; the record in it is held to max_record before
     // it is decoded (decoding costs about 1.6 times its size again).
     let fits = |len: usize| {
         mtcp_proto::bounds::record_fits(len, inner.limits.max_record)
-            .map_err(|e| (RefuseCode::TooLarge, format!("origin {}: {e}", origin.id)))
+            .map_err(|e| Refusal::too_large(format!("origin {}: {e}", origin.id)))
     };
     match msg {
         Msg::State(b) if b.len() > inner.limits.max_record => Err(fits(b.len()).unwrap_err()),
@@ -202,7 +200,7 @@ pub(crate) async fn fetch(
         }
         Msg::State(b) => StateRecord::decode(&b)
             .map(|rec| (Frozen { rec, tcp: None }, b.len() as u64))
-            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
         Msg::DirectState { record, tcp, fence } => StateRecord::decode(&record)
             .map(|rec| {
                 let n = (record.len() + tcp.len()) as u64;
@@ -214,19 +212,23 @@ pub(crate) async fn fetch(
                     n,
                 )
             })
-            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
+            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
         Msg::HandedState { record, nonce } => StateRecord::decode(&record)
             .map(|rec| {
                 let n = (record.len() + nonce.len()) as u64;
                 let tcp = Some(crate::origin::DirectTcp::Handed { nonce });
                 (Frozen { rec, tcp }, n)
             })
-            .map_err(|e| (RefuseCode::Internal, format!("origin {}: {e}", origin.id))),
-        Msg::Refused { code, reason } => Err((code, format!("origin {}: {reason}", origin.id))),
-        other => Err((
-            RefuseCode::Internal,
-            format!("origin {} answered {}", origin.id, other.name()),
+            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
+        Msg::Refused { code, reason } => Err(Refusal::new(
+            code,
+            format!("origin {}: {reason}", origin.id),
         )),
+        other => Err(Refusal::internal(format!(
+            "origin {} answered {}",
+            origin.id,
+            other.name()
+        ))),
     }
 }
 
@@ -296,7 +298,7 @@ pub(crate) async fn claim(
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
-) -> Result<Claimed, (RefuseCode, String)> {
+) -> Result<Claimed, Refusal> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
     claim_msg(inner, to, &Msg::ClaimReplica { cid, epoch }, t).await
 }
@@ -309,7 +311,7 @@ pub(crate) async fn fence(
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
-) -> Result<Claimed, (RefuseCode, String)> {
+) -> Result<Claimed, Refusal> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
     claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
 }
@@ -337,19 +339,22 @@ async fn claim_msg(
     to: &ServerEntry,
     m: &Msg,
     t: Duration,
-) -> Result<Claimed, (RefuseCode, String)> {
+) -> Result<Claimed, Refusal> {
     match call(inner, to, m, t, t).await {
         Ok(Msg::State(b)) if b.is_empty() => Ok(Claimed::Nothing),
         Ok(Msg::State(b)) => Ok(Claimed::Record(b)),
-        Ok(Msg::Refused { code, reason }) => Err((code, format!("backup {}: {reason}", to.id))),
-        Ok(other) => Err((
-            RefuseCode::Internal,
-            format!("backup {} answered {}", to.id, other.name()),
-        )),
-        Err(e) => Err((
-            RefuseCode::OriginUnreachable,
-            format!("backup {} ({}): {e}", to.id, to.peer),
-        )),
+        Ok(Msg::Refused { code, reason }) => {
+            Err(Refusal::new(code, format!("backup {}: {reason}", to.id)))
+        }
+        Ok(other) => Err(Refusal::internal(format!(
+            "backup {} answered {}",
+            to.id,
+            other.name()
+        ))),
+        Err(e) => Err(Refusal::origin_unreachable(format!(
+            "backup {} ({}): {e}",
+            to.id, to.peer
+        ))),
     }
 }
 

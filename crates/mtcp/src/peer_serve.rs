@@ -125,7 +125,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                                 record: encode(rec),
                                 nonce,
                             },
-                            Err((code, reason)) => Msg::Refused { code, reason },
+                            Err(r) => Msg::from(r),
                         }
                     }
                 }
@@ -145,9 +145,9 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                         label: c.label,
                     }
                 }
-                Err(((code, reason), None)) => {
-                    tracing::warn!(target: "mtcp::peer", peer = %from, "replica refused: {reason}");
-                    Msg::Refused { code, reason }
+                Err((r, None)) => {
+                    tracing::warn!(target: "mtcp::peer", peer = %from, "replica refused: {}", r.reason);
+                    Msg::from(r)
                 }
             },
             Ok(Msg::ClaimReplica { cid, epoch }) => {
@@ -157,7 +157,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                         Msg::State(b)
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err((code, reason)) => Msg::Refused { code, reason },
+                    Err(r) => Msg::from(r),
                 }
             }
             Ok(Msg::Yield { cid, epoch }) => match inner.give_up(cid, epoch) {
@@ -184,7 +184,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
                         Msg::State(b)
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err((code, reason)) => Msg::Refused { code, reason },
+                    Err(r) => Msg::from(r),
                 }
             }
             Ok(Msg::ReleaseClaim { cid, epoch }) => {

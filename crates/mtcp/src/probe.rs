@@ -85,8 +85,8 @@ pub(crate) async fn probe(
 }
 
 /// Overload: while more than `max` connections with an agent are live here, hints the newest
-/// away (`HINT{Overload}`), paced by [`OverloadPolicy`]. Idle while draining (every connection
-/// is hinted then anyway).
+/// away (`HINT{Overload}`), paced by [`OverloadPolicy`](mtcp_proto::policy::OverloadPolicy).
+/// Idle while draining (every connection is hinted then anyway).
 pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usize) {
     use mtcp_proto::policy::{LiveConn, OverloadConfig, OverloadPolicy};
     let mut policy = OverloadPolicy::new(OverloadConfig::new(max));

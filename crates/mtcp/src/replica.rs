@@ -60,7 +60,7 @@ impl ClaimError {
     #[cfg(test)]
     pub fn code(&self) -> RefuseCode {
         match self {
-            ClaimError::Refused((c, _)) => *c,
+            ClaimError::Refused(r) => r.code,
             ClaimError::Held(_) => RefuseCode::StaleEpoch,
         }
     }
@@ -140,16 +140,13 @@ impl ReplicaStore {
     /// snapshot `out_off` as stored.
     pub fn store(&self, from: &str, bytes: Vec<u8>) -> Result<(Cid, u64, u64), Refusal> {
         let rec = StateRecord::decode(&bytes)
-            .map_err(|e| (RefuseCode::Malformed, format!("replica: {e}")))?;
+            .map_err(|e| Refusal::new(RefuseCode::Malformed, format!("replica: {e}")))?;
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (map, used) = &mut *g;
         let cur = map.get(&rec.cid).map(|e| &e.slot);
         match Slot::check_store(cur, rec.epoch, rec.snap_out, rec.snap_in) {
             Err(m) => {
-                return Err((
-                    RefuseCode::StaleEpoch,
-                    format!("connection {} {m}", rec.cid),
-                ));
+                return Err(Refusal::stale_epoch(format!("connection {} {m}", rec.cid)));
             }
             Ok(Store::KeepNewer) => {
                 // A late, older update: keep the newer one.
@@ -167,13 +164,10 @@ impl ReplicaStore {
         let old = map.get(&rec.cid).map_or(0, Self::charge);
         let new_used = *used - old + Self::charge(&entry);
         if new_used > self.max_bytes {
-            return Err((
-                RefuseCode::Busy,
-                format!(
-                    "replica memory full ({} of {} bytes used)",
-                    *used, self.max_bytes
-                ),
-            ));
+            return Err(Refusal::busy(format!(
+                "replica memory full ({} of {} bytes used)",
+                *used, self.max_bytes
+            )));
         }
         *used = new_used;
         let out = (rec.cid, rec.epoch, rec.snap_out);
@@ -199,11 +193,11 @@ impl ReplicaStore {
         let from = cur.as_ref().map(|e| e.from.clone()).unwrap_or_default();
         match Slot::claim(cur.map(|e| &mut e.slot), epoch, by, supersede) {
             Err(rules::ClaimError::Held(c)) => Err(ClaimError::Held(c)),
-            Err(e @ rules::ClaimError::Past { .. }) => Err(ClaimError::Refused((
+            Err(e @ rules::ClaimError::Past { .. }) => Err(ClaimError::Refused(Refusal::new(
                 e.code(),
                 format!("connection {cid} {e}"),
             ))),
-            Err(e @ rules::ClaimError::Taken { .. }) => Err(ClaimError::Refused((
+            Err(e @ rules::ClaimError::Taken { .. }) => Err(ClaimError::Refused(Refusal::new(
                 e.code(),
                 format!("connection {cid} {e} ({from})"),
             ))),
@@ -233,15 +227,12 @@ impl ReplicaStore {
     /// The refusal of a supersede or pass the entry's rules did not allow.
     fn hand_refusal(cid: Cid, seen: &Custody, e: &Entry, err: rules::HandError) -> Refusal {
         match err {
-            rules::HandError::ChangedHands => (
-                RefuseCode::StaleEpoch,
-                format!(
-                    "connection {cid} at epoch {} changed hands meanwhile ({})",
-                    seen.epoch, e.from
-                ),
-            ),
+            rules::HandError::ChangedHands => Refusal::stale_epoch(format!(
+                "connection {cid} at epoch {} changed hands meanwhile ({})",
+                seen.epoch, e.from
+            )),
             rules::HandError::Refused(r) => r,
-            rules::HandError::Pass(p) => (p.code(), format!("connection {cid}: {p}")),
+            rules::HandError::Pass(p) => Refusal::new(p.code(), format!("connection {cid}: {p}")),
         }
     }
 
@@ -258,10 +249,9 @@ impl ReplicaStore {
     ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!("connection {cid}: its replica went away meanwhile"),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "connection {cid}: its replica went away meanwhile"
+            )));
         };
         let (what, label) = match e.slot.supersede(seen, by, &f.fences, f.floor, f.unanswered) {
             Ok(x) => x,
@@ -297,10 +287,9 @@ impl ReplicaStore {
     ) -> Result<Claimed, Refusal> {
         let mut g = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = g.0.get_mut(&cid) else {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!("connection {cid}: its replica went away meanwhile"),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "connection {cid}: its replica went away meanwhile"
+            )));
         };
         let label = match e.slot.pass(seen, by, gave_up) {
             Ok(l) => l,

@@ -222,7 +222,7 @@ async fn janitor(inner: std::sync::Weak<ServerInner>) {
     }
 }
 
-/// The states [`CONNECTIONS`](metrics::CONNECTIONS) shows of a server's connections (besides `handing_over`).
+/// The states [`CONNECTIONS`] shows of a server's connections (besides `handing_over`).
 const SERVER_STATES: [&str; 5] = ["live", "closing", "detached", "leaving", "ending"];
 
 /// A connection's state: its index in [`SERVER_STATES`].

@@ -11,6 +11,7 @@ use crate::registry::ServerInner;
 use crate::session_io::{noisy_event_admitted, reader_loop, refuse, writer_loop};
 use crate::stream::Stream;
 use crate::takeover::{take_over, DirectSock};
+use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{self, Msg, RefuseCode, Welcome};
 use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
@@ -268,9 +269,8 @@ pub(crate) async fn handle_session(
                         st.enter(Phase::Migrated);
                     }
                     inner.forget(m.cid);
-                    Err((
-                        RefuseCode::StaleEpoch,
-                        "the connection went to another server meanwhile".to_string(),
+                    Err(Refusal::stale_epoch(
+                        "the connection went to another server meanwhile",
                     ))
                 }
                 o => o,
@@ -301,9 +301,9 @@ pub(crate) async fn handle_session(
                     tracing::info!(cid = %m.cid, from = %m.origin, took = ?started.elapsed(), "connection migrated here");
                     (shared, start)
                 }
-                Err((code, reason)) => {
+                Err(r) => {
                     crate::metrics::took_over(None);
-                    refuse(&mut w, code, reason).await;
+                    refuse(&mut w, r.code, r.reason).await;
                     return;
                 }
             }

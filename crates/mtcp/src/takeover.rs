@@ -8,6 +8,7 @@ use crate::movetrace::Role;
 use crate::origin::Fetch;
 use crate::peer;
 use crate::registry::ServerInner;
+use mtcp_proto::stream::Refusal;
 use mtcp_proto::takeover as core;
 use mtcp_proto::wire::{Migrate, RefuseCode, Resumed};
 use mtcp_proto::StateRecord;
@@ -24,7 +25,7 @@ pub(crate) async fn take_over(
     m: &Migrate,
     tx: mpsc::UnboundedSender<Out>,
     agent: std::os::fd::RawFd,
-) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), Refusal> {
     let token_ok = inner.cluster.key.check_token(m.cid, m.epoch, &m.token);
     core::admit(
         m,
@@ -45,15 +46,15 @@ pub(crate) async fn take_over(
             mtcp_proto::bounds::admit_takeover,
         )
         .await
-        .map_err(|why| (RefuseCode::Busy, format!("server {}: {why}", inner.id)))?;
+        .map_err(|why| Refusal::busy(format!("server {}: {why}", inner.id)))?;
     crate::movetrace::step(Role::Destination, m.cid, "slot");
     let origin = inner
         .cluster
         .server(&m.origin)
-        .ok_or((
-            RefuseCode::UnknownConnection,
-            format!("origin {:?} is not in the cluster", m.origin),
-        ))?
+        .ok_or(Refusal::unknown_connection(format!(
+            "origin {:?} is not in the cluster",
+            m.origin
+        )))?
         .clone();
     let f = Fetch {
         cid: m.cid,
@@ -70,7 +71,7 @@ pub(crate) async fn take_over(
         Err(e) => {
             // A record that does not fit withdraws the claims made for it.
             if let Some(c) = claims {
-                tracing::warn!(cid = %m.cid, "takeover refused after claiming ({:?}: {}); releasing the claims", e.0, e.1);
+                tracing::warn!(cid = %m.cid, "takeover refused after claiming ({e}); releasing the claims");
                 c.release(inner).await;
             }
             return Err(e);
@@ -114,7 +115,7 @@ pub(crate) async fn fetch_or_replica(
         u64,
         Option<crate::eager::Claims>,
     ),
-    (RefuseCode, String),
+    Refusal,
 > {
     if origin.id == inner.id {
         // Local re-attach: nothing crosses the network; the size is what it would have been.
@@ -140,7 +141,10 @@ pub(crate) async fn fetch_or_replica(
     );
     let (why, pending) = match tokio::time::timeout(first, &mut fetch).await {
         Ok(Ok((fr, n))) => return Ok((fr.rec, fr.tcp, n, None)),
-        Ok(Err((RefuseCode::OriginUnreachable, why))) => (why, false),
+        Ok(Err(Refusal {
+            code: RefuseCode::OriginUnreachable,
+            reason: why,
+        })) => (why, false),
         Ok(Err(e)) => return Err(e),
         Err(_) if answered.load(Ordering::Relaxed) => {
             // WORKING came in time: the origin is alive (a lock_state section may delay it).
@@ -163,17 +167,20 @@ pub(crate) async fn fetch_or_replica(
     };
     let grace = mtcp_proto::timing::origin_grace(
         answered.load(Ordering::Relaxed),
-        e.0,
+        e.code,
         &inner.peer_pool.rtt(&origin.id),
         peer::fetch_bound(inner),
     );
-    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({:?}: {}); waiting up to {grace:?} more for origin {}'s answer", e.0, e.1, origin.id);
+    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({e}); waiting up to {grace:?} more for origin {}'s answer", origin.id);
     match tokio::time::timeout(grace, fetch).await {
         Ok(Ok((fr, n))) => {
             tracing::info!(cid = %m.cid, "origin {} answered after all", origin.id);
             Ok((fr.rec, fr.tcp, n, None))
         }
-        Ok(Err(o)) => Err((e.0, format!("{}; origin {}: {}", e.1, origin.id, o.1))),
+        Ok(Err(o)) => Err(Refusal::new(
+            e.code,
+            format!("{}; origin {}: {}", e.reason, origin.id, o.reason),
+        )),
         Err(_) => Err(e),
     }
 }
@@ -193,7 +200,7 @@ pub(crate) async fn take_over_checked(
     from_replica: bool,
     tx: mpsc::UnboundedSender<Out>,
     keepers: Confirm,
-) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), (RefuseCode, String)> {
+) -> Result<(Arc<Shared>, Start, Resumed, Option<DirectSock>), Refusal> {
     // One past the record's label: the MIGRATE's epoch + 1, or more when a silent holder was
     // superseded (its epoch is fenced).
     let epoch = core::next_epoch(&rec);
@@ -216,14 +223,13 @@ pub(crate) async fn take_over_checked(
                 .take(&nonce, HANDED_WAIT)
                 .await
                 .ok_or_else(|| {
-                    (
-                        RefuseCode::Internal,
-                        format!("the origin's socket did not arrive within {HANDED_WAIT:?}"),
-                    )
+                    Refusal::internal(format!(
+                        "the origin's socket did not arrive within {HANDED_WAIT:?}"
+                    ))
                 })?;
             let sock = crate::direct::adopt_handed(fd, &inner.cluster.fast_path).map_err(|e| {
                 tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
-                (RefuseCode::Internal, e)
+                Refusal::internal(e)
             })?;
             crate::movetrace::step(Role::Destination, m.cid, "restored");
             Some(DirectSock {
@@ -237,7 +243,7 @@ pub(crate) async fn take_over_checked(
                 .await
                 .map_err(|e| {
                     tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
-                    (RefuseCode::Internal, e)
+                    Refusal::internal(e)
                 })?;
             crate::movetrace::step(Role::Destination, m.cid, "restored");
             // The connection has a socket again: the origin's fence comes down, and the pump

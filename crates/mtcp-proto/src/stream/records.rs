@@ -6,7 +6,6 @@ use crate::auth::Cid;
 use crate::offsets::OffsetError;
 use crate::record::{Check, StateRecord};
 use crate::sum::checksum;
-use crate::wire::RefuseCode;
 use bytes::Bytes;
 
 impl ServerStream {
@@ -21,19 +20,17 @@ impl ServerStream {
         sum_from: u64,
         down_sum: u64,
     ) -> Result<StateRecord, Refusal> {
-        let internal = |e: OffsetError| (RefuseCode::Internal, format!("output log: {e}"));
+        let internal = |e: OffsetError| Refusal::internal(format!("output log: {e}"));
         if !self.migratable {
-            return Err((
-                RefuseCode::Busy,
-                "connection has no usable snapshot (output since it too large)".into(),
+            return Err(Refusal::busy(
+                "connection has no usable snapshot (output since it too large)",
             ));
         }
         let high = self.out_off().max(self.down_high);
         if down_recv > high || sum_from > down_recv {
-            return Err((
-                RefuseCode::Divergence,
-                format!("agent claims downstream [{sum_from}, {down_recv}) but only {high} bytes were sent"),
-            ));
+            return Err(Refusal::divergence(format!(
+                "agent claims downstream [{sum_from}, {down_recv}) but only {high} bytes were sent"
+            )));
         }
         // The client must hold exactly what was sent: compare the agent's checksum (hashed in
         // the log, not over a copy: a move's freeze waits on it).
@@ -43,10 +40,9 @@ impl ServerStream {
             crate::offsets::log_checksum(&self.out, sum_from, down_recv).map_err(internal)?
         };
         if ours != down_sum {
-            return Err((
-                RefuseCode::Divergence,
-                format!("the client received different bytes in [{sum_from}, {down_recv}) than this server sent"),
-            ));
+            return Err(Refusal::divergence(format!(
+                "the client received different bytes in [{sum_from}, {down_recv}) than this server sent"
+            )));
         }
         let base = |s: &Snap, tail: Bytes, checks: Vec<Check>| -> Result<StateRecord, Refusal> {
             Ok(StateRecord {
@@ -69,10 +65,9 @@ impl ServerStream {
             let (from, checks) = v.expected();
             let end = v.check_end();
             if down_recv != end {
-                return Err((
-                    RefuseCode::Internal,
-                    format!("client at {down_recv} while replay expects {end}"),
-                ));
+                return Err(Refusal::internal(format!(
+                    "client at {down_recv} while replay expects {end}"
+                )));
             }
             let s = self
                 .snaps
@@ -185,38 +180,31 @@ pub fn replica_for_client(
     up_base: u64,
 ) -> Result<StateRecord, Refusal> {
     if up_base > rec.snap_in {
-        return Err((
-            RefuseCode::Divergence,
-            format!(
-                "the agent no longer retains upstream from {} (it has from {up_base})",
-                rec.snap_in
-            ),
-        ));
+        return Err(Refusal::divergence(format!(
+            "the agent no longer retains upstream from {} (it has from {up_base})",
+            rec.snap_in
+        )));
     }
     rec.input = Bytes::new();
     rec.up_fin = None;
     if down < rec.snap_out {
         let tail_start = rec.snap_out - rec.tail.len() as u64;
         if down < tail_start {
-            return Err((
-                RefuseCode::Divergence,
-                format!(
-                    "the replica restarts at {} but the client is at {down} and the replica holds no bytes before {tail_start}",
-                    rec.snap_out
-                ),
-            ));
+            return Err(Refusal::divergence(format!(
+                "the replica restarts at {} but the client is at {down} and the replica holds no bytes before {tail_start}",
+                rec.snap_out
+            )));
         }
         rec.tail = rec.tail.slice((down - tail_start) as usize..);
         rec.checks = Vec::new();
     } else {
         rec.tail = Bytes::new();
-        rec.checks = crate::sum::checks_from(ranges, rec.snap_out, down).ok_or((
-            RefuseCode::Divergence,
-            format!(
+        rec.checks = crate::sum::checks_from(ranges, rec.snap_out, down).ok_or(
+            Refusal::divergence(format!(
                 "cannot check the client's bytes [{}, {down}): the agent has no checksum from the replica's restart point",
                 rec.snap_out
-            ),
-        ))?;
+            )),
+        )?;
     }
     Ok(rec)
 }

@@ -196,7 +196,7 @@ fn a_wrong_client_checksum_is_refused() {
     let e = st
         .record(Cid([1; 16]), 0, 11, 0, checksum(b"hello_world"))
         .unwrap_err();
-    assert_eq!(e.0, RefuseCode::Divergence);
+    assert_eq!(e.code, RefuseCode::Divergence);
     assert!(
         st.record(Cid([1; 16]), 0, 12, 0, 0).is_err(),
         "client ahead of what was sent"
@@ -216,7 +216,7 @@ fn over_the_log_limit_only_a_later_snapshot_is_a_restart_point() {
     assert_eq!(
         st.record(Cid([1; 16]), 0, 0, 0, checksum(&[]))
             .unwrap_err()
-            .0,
+            .code,
         RefuseCode::Busy
     );
     st.on_ack(200, 0);

@@ -60,7 +60,7 @@ pub(crate) async fn take_from_replica(
     match claim_and_build(inner, origin, m, &mut claims).await {
         Ok((rec, n)) => Ok((rec, n, claims)),
         Err(e) => {
-            tracing::warn!(target: "mtcp::eager", cid = %m.cid, epoch = m.epoch, "takeover from a replica failed ({:?}: {}); releasing its claims", e.0, e.1);
+            tracing::warn!(target: "mtcp::eager", cid = %m.cid, epoch = m.epoch, "takeover from a replica failed ({e}); releasing its claims");
             claims.release(inner).await;
             Err(e)
         }
@@ -88,13 +88,13 @@ async fn claim_and_build(
                 reached += 1;
                 claims.at.push(b.clone());
                 let rec = StateRecord::decode(&bytes)
-                    .map_err(|e| (RefuseCode::Internal, format!("replica at {}: {e}", b.id)))?;
+                    .map_err(|e| Refusal::internal(format!("replica at {}: {e}", b.id)))?;
                 // A record labelled past the MIGRATE's epoch: a silent holder was superseded.
                 if rec.cid != m.cid || rec.epoch < m.epoch {
-                    return Err((
-                        RefuseCode::Internal,
-                        format!("backup {} sent the replica of another connection", b.id),
-                    ));
+                    return Err(Refusal::internal(format!(
+                        "backup {} sent the replica of another connection",
+                        b.id
+                    )));
                 }
                 let newer = best.as_ref().is_none_or(|(r, _)| {
                     (rec.epoch, rec.snap_out, rec.snap_in) > (r.epoch, r.snap_out, r.snap_in)
@@ -107,7 +107,10 @@ async fn claim_and_build(
                 reached += 1;
                 claims.at.push(b.clone());
             }
-            Err((RefuseCode::OriginUnreachable, why)) => {
+            Err(Refusal {
+                code: RefuseCode::OriginUnreachable,
+                reason: why,
+            }) => {
                 // The claim may have been granted with its answer lost: withdraw it too.
                 claims.at.push(b.clone());
                 unreachable.push(why)
@@ -116,14 +119,11 @@ async fn claim_and_build(
         }
     }
     if reached == 0 {
-        return Err((
-            RefuseCode::OriginUnreachable,
-            format!(
-                "origin {} and its backups are unreachable: {}",
-                origin.id,
-                unreachable.join("; ")
-            ),
-        ));
+        return Err(Refusal::origin_unreachable(format!(
+            "origin {} and its backups are unreachable: {}",
+            origin.id,
+            unreachable.join("; ")
+        )));
     }
     let (rec, size) = match best {
         Some(x) => x,
@@ -214,10 +214,10 @@ pub(crate) async fn protect_takeover(
                 }
                 Ok(Err(e)) if e.fenced => {
                     tracing::warn!(target: "mtcp::eager", cid = %rec.cid, epoch, "a backup refuses the taken-over connection's new epoch (superseded): {}", e.why);
-                    return Err((
-                        RefuseCode::StaleEpoch,
-                        format!("epoch {epoch} was fenced by the next destination: {}", e.why),
-                    ));
+                    return Err(Refusal::stale_epoch(format!(
+                        "epoch {epoch} was fenced by the next destination: {}",
+                        e.why
+                    )));
                 }
                 Ok(Err(e)) => {
                     last = e.why;

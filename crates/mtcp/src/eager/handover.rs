@@ -25,7 +25,7 @@ fn adopt_taken(inner: &Arc<ServerInner>, f: &Fetch) -> Option<Result<(), Refusal
         st.s.record(f.cid, f.epoch, f.down_recv, f.sum_from, f.down_sum)
             .and_then(|rec| {
                 mtcp_proto::bounds::record_fits(rec.encoded_len_bound(), inner.limits.max_record)
-                    .map_err(|e| (RefuseCode::TooLarge, format!("state record too large: {e}")))?;
+                    .map_err(|e| Refusal::too_large(format!("state record too large: {e}")))?;
                 Ok(rec)
             });
     drop(st);
@@ -53,10 +53,8 @@ pub(crate) async fn hand_over(
     }
     let rec = match inner.freeze_local(f, to).await {
         Ok(rec) => rec,
-        Err((RefuseCode::UnknownConnection, why)) if eager(inner) => {
-            return rehand(inner, f, to, waiting)
-                .await
-                .unwrap_or(Err((RefuseCode::UnknownConnection, why)));
+        Err(e) if e.code == RefuseCode::UnknownConnection && eager(inner) => {
+            return rehand(inner, f, to, waiting).await.unwrap_or(Err(e));
         }
         Err(e) => return Err(e),
     };
@@ -90,15 +88,18 @@ pub(crate) async fn hand_over(
                 }
             }
             Ok(Claimed::Nothing) => {}
-            Err((RefuseCode::OriginUnreachable, why)) => {
+            Err(Refusal {
+                code: RefuseCode::OriginUnreachable,
+                reason: why,
+            }) => {
                 tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot fence backup: {why}");
             }
-            Err((code, why)) => {
-                tracing::warn!(target: "mtcp::eager", cid = %f.cid, "connection was taken over from a replica meanwhile: {why}");
+            Err(e) => {
+                tracing::warn!(target: "mtcp::eager", cid = %f.cid, "connection was taken over from a replica meanwhile: {}", e.reason);
                 if kept {
                     inner.custody.settle(f.cid, &custody, None);
                 }
-                return Err((code, why));
+                return Err(e);
             }
         }
     }
@@ -162,7 +163,7 @@ async fn rehand(
             tracing::info!(target: "mtcp::eager", cid = %f.cid, to, label = rec.epoch, restart_at = rec.snap_out, "connection handed over again from custody")
         }
         Err(e) => {
-            tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot hand the connection over again: {}", e.1)
+            tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot hand the connection over again: {}", e.reason)
         }
     }
     Some(r.map(|rec| crate::origin::Frozen { rec, tcp: None }))
@@ -170,10 +171,7 @@ async fn rehand(
 
 /// The refusal of a hand-out whose destination no longer waits for it.
 fn gave_up(to: &str) -> Refusal {
-    (
-        RefuseCode::Busy,
-        format!("{to} gave up on this FETCH before it was served"),
-    )
+    Refusal::busy(format!("{to} gave up on this FETCH before it was served"))
 }
 
 /// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
@@ -205,10 +203,9 @@ pub(crate) async fn ask_to_yield(
     match answer {
         YieldAnswer::Unanswered => Ok(true),
         YieldAnswer::LetGo => Ok(false),
-        YieldAnswer::Refused => Err((
-            RefuseCode::StaleEpoch,
-            format!("{holder} already resumed the connection at epoch {epoch}"),
-        )),
+        YieldAnswer::Refused => Err(Refusal::stale_epoch(format!(
+            "{holder} already resumed the connection at epoch {epoch}"
+        ))),
     }
 }
 
@@ -254,13 +251,10 @@ pub(crate) async fn fence_here(
             GaveUp::Answered(Box::pin(fence(inner, cid, next, &seen.holder)).await.fences)
         }
         Some(YieldAnswer::Refused) | None => {
-            return Err((
-                RefuseCode::StaleEpoch,
-                format!(
-                    "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
-                    seen.holder
-                ),
-            ));
+            return Err(Refusal::stale_epoch(format!(
+                "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
+                seen.holder
+            )));
         }
     };
     tracing::info!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "a fence found the epoch claimed by a candidate that gave it up; passing the claim over");
@@ -302,10 +296,13 @@ pub(crate) async fn fence(
                 }
                 Err(_) => (Fence::Refused(RefuseCode::Internal), None),
             },
-            Err((RefuseCode::OriginUnreachable, _)) => (Fence::Unreachable, None),
-            Err((code, why)) => {
-                tracing::warn!(target: "mtcp::eager", %cid, backup = %b.id, "fence of epoch {next} refused: {why}");
-                (Fence::Refused(code), None)
+            Err(Refusal {
+                code: RefuseCode::OriginUnreachable,
+                ..
+            }) => (Fence::Unreachable, None),
+            Err(e) => {
+                tracing::warn!(target: "mtcp::eager", %cid, backup = %b.id, "fence of epoch {next} refused: {}", e.reason);
+                (Fence::Refused(e.code), None)
             }
         };
         fences.push(f);

@@ -40,7 +40,7 @@ fn exactly_one_claim_wins_and_fences_older_updates() {
     );
     // The old origin wakes up and replicates again: refused.
     assert_eq!(
-        s.store("s1", rec(1, 3, 200)).unwrap_err().0,
+        s.store("s1", rec(1, 3, 200)).unwrap_err().code,
         RefuseCode::StaleEpoch
     );
     // The new owner's epoch replaces the fence.
@@ -259,7 +259,7 @@ fn a_fence_passes_a_failed_claimers_tombstone_over_one_epoch_up() {
     // to be fenced at its own backups first: unfenced, nothing passes.
     let unfenced = GaveUp::Answered(vec![Fence::Unreachable]);
     assert_eq!(
-        s.pass(cid, &seen, "s1", &unfenced).unwrap_err().0,
+        s.pass(cid, &seen, "s1", &unfenced).unwrap_err().code,
         RefuseCode::OriginUnreachable
     );
     // s3 gave 7 up: the claim passes to s1 as a plain claim labelled 7, and the answer
@@ -293,7 +293,7 @@ fn an_update_refused_because_a_destination_took_the_replica_names_it() {
     assert!(s.claim(cid, 2, "s3", true).is_ok());
     // The origin s2, slow but alive, pushes again: refused, naming the taker and its label.
     let (r, taken) = s.store_or_taken("s2", rec(5, 2, 200)).unwrap_err();
-    assert_eq!(r.0, RefuseCode::StaleEpoch);
+    assert_eq!(r.code, RefuseCode::StaleEpoch);
     assert_eq!(taken, Some((cid, Custody::new(2, "s3"))));
     // A plain claim (a keeper's fence) names nobody: the origin just lets go.
     let t = Cid([6; 16]);
@@ -310,7 +310,10 @@ fn memory_is_bounded_and_entries_expire() {
     let s = ReplicaStore::new(2 * one, Duration::from_millis(0));
     s.store("s1", rec(1, 0, 1)).unwrap();
     s.store("s1", rec(2, 0, 1)).unwrap();
-    assert_eq!(s.store("s1", rec(3, 0, 1)).unwrap_err().0, RefuseCode::Busy);
+    assert_eq!(
+        s.store("s1", rec(3, 0, 1)).unwrap_err().code,
+        RefuseCode::Busy
+    );
     // Replacing an entry does not need more room.
     s.store("s1", rec(2, 0, 2)).unwrap();
     s.drop_upto(Cid([1; 16]), 0, "s1");

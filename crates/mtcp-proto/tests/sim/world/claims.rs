@@ -245,7 +245,7 @@ impl World {
                 Ok(None)
             }
             Err(ClaimError::Held(seen)) => {
-                let next = seen.successor(epoch).map_err(|(c, _)| c)?;
+                let next = seen.successor(epoch).map_err(|e| e.code)?;
                 let holder = server_index(&seen.holder);
                 let y = self.ask_yield(holder, next);
                 if y == Yield::Refused {

@@ -5,14 +5,14 @@ use super::claims::Yield;
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
 use mtcp_proto::custody::{Fence, GateEvent, Handout, Step, Verdict};
-use mtcp_proto::stream::{replica_for_client, ServerStream};
+use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
 use mtcp_proto::takeover;
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp_proto::Token;
 use rand::Rng;
 
 /// What a FETCH got: the state, or the refusal the destination passes on.
-pub(super) type Got = Result<Fetched, (RefuseCode, &'static str)>;
+pub(super) type Got = Result<Fetched, Refusal>;
 
 /// How a move ended.
 pub(crate) enum Moved {
@@ -77,13 +77,12 @@ impl World {
                 continue;
             }
             let m = a.migrate.clone();
-            takeover::admit(&m, true, false, SERVERS[dest])
-                .map_err(|(c, why)| format!("{c:?}: {why}"))?;
+            takeover::admit(&m, true, false, SERVERS[dest]).map_err(|e| e.to_string())?;
             self.maybe_race(&m, dest, true)?;
             let f = match self.fetch(&m, dest)? {
                 Ok(f) => f,
-                Err((code, why)) => {
-                    plan.refused(&a.cand, &refuse(code, why));
+                Err(r) => {
+                    plan.refused(&a.cand, &refuse(r.code, &r.reason));
                     continue;
                 }
             };
@@ -123,8 +122,11 @@ impl World {
             claim_at,
         } = f;
         let kept = rec.clone();
-        let (rec, from_replica) = takeover::restart_record(m, rec, claimed, false)
-            .map_err(|(code, why)| format!("destination refused the record ({code:?}): {why}"))?;
+        let (rec, from_replica) = takeover::restart_record(m, rec, claimed, false).map_err(
+            |Refusal { code, reason }| {
+                format!("destination refused the record ({code:?}): {reason}")
+            },
+        )?;
         let epoch = takeover::next_epoch(&rec);
         if let Some((k, label)) = keeper {
             // Whoever gave the state out keeps it (right after the freeze) until the
@@ -233,7 +235,7 @@ impl World {
     /// holder that did not confirm).
     pub(super) fn fetch(&mut self, m: &Migrate, dest: usize) -> Result<Got, String> {
         let o = server_index(&m.origin);
-        let refused = |code, why: &'static str| Ok(Err((code, why)));
+        let refused = |code, why: &str| Ok(Err(Refusal::new(code, why)));
         if self.reachable(o) {
             let conn = self.servers[o].conn.as_ref();
             match conn.map(|h| (h.epoch, h.taken.is_some())) {
@@ -259,8 +261,8 @@ impl World {
                         }
                         label = label.max(f.label);
                     }
-                    let mut rec = rec.map_err(|(code, why)| {
-                        format!("origin refused the record ({code:?}): {why}")
+                    let mut rec = rec.map_err(|Refusal { code, reason }| {
+                        format!("origin refused the record ({code:?}): {reason}")
                     })?;
                     self.servers[o].conn = None;
                     rec.epoch = label;
@@ -278,8 +280,8 @@ impl World {
                     let rec = held
                         .stream
                         .record(m.cid, m.epoch, m.down_recv, m.sum_from, m.down_sum)
-                        .map_err(|(code, why)| {
-                            format!("fenced origin refused the record ({code:?}): {why}")
+                        .map_err(|Refusal { code, reason }| {
+                            format!("fenced origin refused the record ({code:?}): {reason}")
                         })?;
                     self.servers[o].custody = Some((held.taken.expect("taken"), rec));
                 }
@@ -296,7 +298,7 @@ impl World {
             let (mut custody, kept) = self.servers[o].custody.clone().expect("kept");
             let next = custody
                 .successor(m.epoch)
-                .map_err(|(c, why)| format!("custody: {c:?}: {why}"))?;
+                .map_err(|e| format!("custody: {e}"))?;
             let holder = server_index(&custody.holder);
             let y = self.ask_yield(holder, next);
             if y == Yield::Refused {
@@ -310,7 +312,7 @@ impl World {
                 y == Yield::Unanswered,
             ) {
                 Ok(x) => x,
-                Err((code, _)) => {
+                Err(Refusal { code, .. }) => {
                     self.unfenced |= y == Yield::LetGo && f.fence == Fence::Unreachable;
                     return refused(code, "custody: cannot supersede");
                 }
@@ -343,10 +345,12 @@ impl World {
         };
         let rec = match replica_for_client(raw, m.down_recv, &m.ranges(), m.up_base) {
             Ok(r) => r,
-            Err((code, why)) if self.two_fault.is_none() => {
-                return Err(format!("replica refused for the client ({code:?}): {why}"));
+            Err(Refusal { code, reason }) if self.two_fault.is_none() => {
+                return Err(format!(
+                    "replica refused for the client ({code:?}): {reason}"
+                ));
             }
-            Err((code, _)) => {
+            Err(Refusal { code, .. }) => {
                 self.release(b, m.epoch, dest);
                 return refused(code, "replica refused for the client");
             }
