@@ -303,6 +303,8 @@ impl ServerInner {
                 return Err((std, restart));
             }
         };
+        use crate::movetrace::{step, Role};
+        step(Role::Origin, cid, "handoff_connected");
         let nonce: crate::handoff::Nonce = rand::random();
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
@@ -314,6 +316,7 @@ impl ServerInner {
                 return Ok(Err(e));
             }
         };
+        step(Role::Origin, cid, "record_built");
         // Under the connection's lock: nothing changes it between its record and the move.
         if let Err(e) = crate::handoff::give(&u, &nonce, std.as_fd()) {
             drop(st);
@@ -326,7 +329,7 @@ impl ServerInner {
         drop(std);
         self.forget(cid);
         self.migrated_out.fetch_add(1, Ordering::Relaxed);
-        crate::movetrace::step(crate::movetrace::Role::Origin, cid, "handed");
+        step(Role::Origin, cid, "handed");
         tracing::info!(
             %cid,
             epoch = rec.epoch,

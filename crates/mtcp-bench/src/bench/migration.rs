@@ -142,7 +142,7 @@ fn print_migration(a: &BenchArgs, rep: &MigrationReport) -> Result<()> {
             a.mode, rep.migrations
         );
         if rep.fast_path {
-            println!("  kernel fast path: the agent sees no bytes; trigger -> RESUMED includes the nftables fence (up and down)");
+            println!("  kernel fast path: the agent sees no bytes; on one host the origin hands the socket itself over (decision 56), else it is fenced, frozen and recreated");
         } else {
             println!("  trigger -> first resumed byte at the agent: p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
                 rep.first_byte_us_p50 as f64 / 1e3, rep.first_byte_us_p90 as f64 / 1e3, rep.first_byte_us_p99 as f64 / 1e3, rep.first_byte_us_max as f64 / 1e3);

@@ -122,8 +122,15 @@ fn us(sorted_ns: &[u64], p: f64) -> f64 {
 /// The breakdown of the traced moves in `dir`'s logs.
 pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
     let ms = moves(dir)?;
-    let fast_path = ms.iter().any(|m| at(m, ("origin", "fenced")).is_some());
-    let (list, critical, end) = if fast_path {
+    let handed = ms.iter().any(|m| at(m, ("origin", "handed")).is_some());
+    let fast_path = handed || ms.iter().any(|m| at(m, ("origin", "fenced")).is_some());
+    let (list, critical, end) = if handed {
+        (
+            HANDED_SEGMENTS,
+            HANDED_CRITICAL,
+            ("destination", "resumed_ready"),
+        )
+    } else if fast_path {
         (
             FAST_SEGMENTS,
             FAST_CRITICAL,
@@ -133,7 +140,11 @@ pub fn analyse(dir: &Path, floor: Floor) -> Result<Breakdown> {
         (SEGMENTS, CRITICAL, ("agent", "first_byte_rx"))
     };
     let mut segments = Vec::new();
-    let inside: &[_] = if fast_path { FREEZE_SEGMENTS } else { &[] };
+    let inside: &[_] = if fast_path && !handed {
+        FREEZE_SEGMENTS
+    } else {
+        &[]
+    };
     for (name, a, b) in list.iter().chain(inside) {
         let mut v: Vec<u64> = ms.iter().filter_map(|m| span(m, *a, *b)).collect();
         v.sort_unstable();
@@ -291,7 +302,7 @@ pub fn print(b: &Breakdown) {
         f.connect_rr_us, f.rr_us, f.same_cpu_connect_rr_us, f.same_cpu_rr_us
     );
     let end = if b.fast_path {
-        "the destination's window probe (fast path: the client's flow restarts)"
+        "the destination's pump (fast path: the client's flow restarts)"
     } else {
         "first resumed byte"
     };
@@ -400,6 +411,34 @@ mod tests {
             (inside - 0.3).abs() < 1e-9,
             "the steps add up to the pump stop, fence and freeze"
         );
+    }
+
+    #[test]
+    fn a_handed_over_move_is_split_at_the_origins_hand_over() {
+        let cid = "ef".repeat(16);
+        let dir = logs(
+            "handed",
+            &format!("TRACE mtcp_breakdown: agent {cid} 0 trigger=0,migrate_tx_connect=600,resumed_rx=2000,kick_tx=2400\n"),
+            &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restored=1600,restarted=1700,resumed_ready=1750,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
+            &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,pump_stop=1010,pump_saw_stop=1030,pump_stopped=1040,handoff_connected=1060,record_built=1100,handed=1130,frozen=1140,encoded=1200,state_tx=1400\n"),
+        );
+        let f = Floor {
+            connect_rr_us: 1.0,
+            rr_us: 1.0,
+            same_cpu_connect_rr_us: 1.0,
+            same_cpu_rr_us: 1.0,
+        };
+        let b = analyse(&dir, f).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(b.fast_path);
+        assert_eq!(b.critical, HANDED_CRITICAL);
+        assert_eq!(b.segments.len(), HANDED_SEGMENTS.len());
+        assert_eq!(b.total_p50_us, 1.75);
+        assert!((b.critical_sum_p50_us - b.total_p50_us).abs() < 1e-9);
+        let seg = |n: &str| b.segments.iter().find(|s| s.name.starts_with(n)).unwrap();
+        assert_eq!(seg("origin: connect to the destination").p50_us, 0.02);
+        assert_eq!(seg("origin: send the socket").p50_us, 0.03);
+        assert_eq!(seg("destination: take the handed socket").p50_us, 0.05);
     }
 
     #[test]

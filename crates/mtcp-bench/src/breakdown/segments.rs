@@ -297,3 +297,59 @@ pub(super) const FREEZE_SEGMENTS: &[(&str, Point, Point)] = &[
         ("origin", "frozen"),
     ),
 ];
+
+/// The segments of a fast-path move on one host (decision 56): the origin stops the pump and
+/// hands the client's socket itself to the destination, which starts its pump on it. The
+/// same beside-segments as [`FAST_SEGMENTS`] follow.
+pub(super) const HANDED_SEGMENTS: &[(&str, Point, Point)] = &[
+    FAST_SEGMENTS[0],
+    FAST_SEGMENTS[1],
+    FAST_SEGMENTS[2],
+    FAST_SEGMENTS[3],
+    FAST_SEGMENTS[4],
+    (
+        "origin: stop the pump",
+        ("origin", "slot"),
+        ("origin", "pump_stopped"),
+    ),
+    (
+        "origin: connect to the destination's hand-over socket",
+        ("origin", "pump_stopped"),
+        ("origin", "handoff_connected"),
+    ),
+    (
+        "origin: the state record",
+        ("origin", "handoff_connected"),
+        ("origin", "record_built"),
+    ),
+    (
+        "origin: send the socket (SCM_RIGHTS)",
+        ("origin", "record_built"),
+        ("origin", "handed"),
+    ),
+    (
+        "origin: encode and write the record",
+        ("origin", "handed"),
+        ("origin", "state_tx"),
+    ),
+    FAST_SEGMENTS[8],
+    FAST_SEGMENTS[9],
+    (
+        "destination: take the handed socket",
+        ("destination", "record_checked"),
+        ("destination", "restored"),
+    ),
+    (
+        "destination: restart, pump started",
+        ("destination", "restored"),
+        ("destination", "resumed_ready"),
+    ),
+    FAST_SEGMENTS[13],
+    FAST_SEGMENTS[14],
+    FAST_SEGMENTS[15],
+    FAST_SEGMENTS[16],
+    FAST_SEGMENTS[17],
+];
+
+/// Critical-path segments of a handed-over move: all but the last five.
+pub(super) const HANDED_CRITICAL: usize = HANDED_SEGMENTS.len() - 5;
