@@ -110,9 +110,11 @@ impl Server {
             fences: Default::default(),
             handoff: Default::default(),
         });
-        if !inner.cluster.fast_path.is_empty() {
-            // A fast-path cluster: the fence table is made now, not in a move's critical path
-            // (creating it runs `nft`, tens of milliseconds).
+        if !inner.cluster.fast_path.is_empty() && !inner.limits.local_handoff {
+            // A fast-path cluster that moves with TCP_REPAIR: the fence table is made now, not
+            // in a move's critical path (creating it runs `nft`, tens of milliseconds). With the
+            // local hand-over it is made only if a move needs it (a destination on another
+            // host): its chains would otherwise look at every packet of the host for nothing.
             if let Err(e) = inner.fences() {
                 tracing::warn!("the fast path cannot move connections away from here: {e}");
             }
