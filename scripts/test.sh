@@ -10,13 +10,15 @@ cd "$(dirname "$0")/.."
 have() {
   case $1 in
     initdb | pg_ctl | pgbench | psql) compgen -G "/usr/lib/postgresql/*/bin/$1" >/dev/null ;;
+    # The system's, which tests run as another user (not a per-user install such as pyenv's).
+    python3) [[ -x /usr/bin/python3 ]] ;;
     *) command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]] ;;
   esac
 }
 need=()
 for pair in curl:curl wget:wget ss:iproute2 nft:nftables ping:iputils-ping \
   initdb:postgresql-15 pg_ctl:postgresql-15 pgbench:postgresql-15 psql:postgresql-client-15 \
-  pgbouncer:pgbouncer haproxy:haproxy socat:socat; do
+  pgbouncer:pgbouncer haproxy:haproxy socat:socat python3:python3; do
   pkg=${pair##*:}
   have "${pair%%:*}" || [[ " ${need[*]-} " == *" $pkg "* ]] || need+=("$pkg")
 done

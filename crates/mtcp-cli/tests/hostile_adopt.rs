@@ -1,7 +1,8 @@
 //! Issue 14, fast-path admission: a session that is not a local agent of a trusted uid cannot
 //! hand a server a TCP connection (ADOPT), and a trusted one can hand over only a connection to
 //! its own listening address that it held (no remote address of its choosing), with no output
-//! sent and at most 4 MiB of input. Each planted
+//! sent and at most 4 MiB of input; nor can another user hand a server a socket through its
+//! local hand-over socket (decision 56). Each planted
 //! ADOPT is refused by name and nothing is planted, while a live download through a fast-path
 //! agent (the client's connection itself served by the server) arrives byte-exact. Needs root
 //! (TCP_REPAIR, nftables, and `setpriv` to run the probe as uid 65534); without it the test
@@ -124,6 +125,34 @@ fn probe_as_nobody(dir: &std::path::Path, data: &str, local: &str) -> String {
         })
 }
 
+/// As uid 65534, hands a socket (one end of a fresh pair) under a made-up nonce to the
+/// hand-over socket of the server whose peer address is `peer`; what became of it, as text.
+fn handoff_as_nobody(peer: &str) -> String {
+    const SEND: &str = "import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect('\\0' + sys.argv[1])
+a, b = socket.socketpair()
+socket.send_fds(s, [b'n' * 16], [a.fileno()])
+s.settimeout(10)
+try:
+    print('CLOSED' if s.recv(16) == b'' else 'ANSWERED')
+except ConnectionResetError:
+    print('CLOSED (reset)')
+";
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", SEND])
+        .arg(format!("mtcp-handoff/{peer}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv python3");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A client program, killed (by PID) if the test ends before it does.
 struct Reaped(std::process::Child);
 
@@ -187,6 +216,19 @@ async fn a_planted_adopt_is_refused_and_nothing_is_planted() {
     let a = tokio::task::block_in_place(|| probe_as_nobody(dir.path(), &data, &lc.agent_listen));
     assert!(a.starts_with("REFUSED Unauthenticated"), "{a}");
     assert!(a.contains("uid 65534"), "{a}");
+
+    // Another local user at a server's hand-over socket (decision 56), which it can reach (an
+    // abstract name has no permissions): its socket is refused unread, and logged.
+    let a = tokio::task::block_in_place(|| handoff_as_nobody(&lc.servers[0].peer));
+    assert!(a.contains("CLOSED"), "{a}");
+    let log = dir.path().join(format!("{}.log", lc.servers[0].id));
+    tokio::task::block_in_place(|| {
+        wait_for("the refusal in the log", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("hand-over refused: from uid 65534")
+        })
+    });
 
     // A trusted uid (this test runs as root), but a connection the agent could not hand over:
     // one to its listener that it never accepted (the remote address chosen), output it sent, input over the bound, an address nobody listens on, an unlisted address.
