@@ -150,32 +150,40 @@ async fn hand_over(
             ));
         }
     };
-    let fence = match inner
-        .fences()
-        .and_then(|f| f.fence(local, peer).map_err(|e| e.to_string()))
-    {
-        Ok(f) => f,
-        Err(e) => {
-            reset(client);
-            return Err(format!("cannot fence the client's flow: {e}"));
+    let std = match client.into_std() {
+        Ok(s) => s,
+        Err(e) => return Err(format!("client socket: {e}")),
+    };
+    // On one host the socket itself goes to the server (decision 56); otherwise it is fenced,
+    // frozen and recreated there.
+    let (adopt, kept) = match hand_socket(&addr, &std).await {
+        Some(nonce) => (Msg::AdoptHanded { nonce }, Kept::Socket(std)),
+        None => {
+            let fence = match inner
+                .fences()
+                .and_then(|f| f.fence(local, peer).map_err(|e| e.to_string()))
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    reset_std(std);
+                    return Err(format!("cannot fence the client's flow: {e}"));
+                }
+            };
+            let frozen = match mtcp_repair::try_freeze(std) {
+                Ok(f) => f,
+                Err((e, std)) => {
+                    drop(fence);
+                    reset_std(std);
+                    return Err(format!("cannot freeze the client's connection: {e}"));
+                }
+            };
+            // The server's socket can only take the address pair once this one is gone.
+            let state = frozen.discard();
+            let adopt = Msg::Adopt(state.encode());
+            (adopt, Kept::State(Box::new((state, fence))))
         }
     };
-    let std = client
-        .into_std()
-        .map_err(|e| format!("client socket: {e}"))?;
-    let frozen = match mtcp_repair::try_freeze(std) {
-        Ok(f) => f,
-        Err((e, std)) => {
-            drop(fence);
-            if let Ok(s) = TcpStream::from_std(std) {
-                reset(s);
-            }
-            return Err(format!("cannot freeze the client's connection: {e}"));
-        }
-    };
-    // The server's socket can only take the address pair once this one is gone.
-    let state = frozen.discard();
-    let answer = match framed::write_msg(&mut w, &Msg::Adopt(state.encode())).await {
+    let answer = match framed::write_msg(&mut w, &adopt).await {
         Ok(()) => reader
             .next_msg(inner.cfg.connect_timeout)
             .await
@@ -193,15 +201,23 @@ async fn hand_over(
                 Ok(m) => format!("unexpected {m:?}"),
                 Err(e) => e,
             };
-            give_back(&state);
-            drop(fence);
+            match kept {
+                Kept::Socket(s) => reset_std(s),
+                Kept::State(kept) => {
+                    let (state, fence) = *kept;
+                    give_back(&state);
+                    drop(fence);
+                }
+            }
             return Err(format!(
                 "server {} did not take the client's connection: {why}; closing it",
                 wl.server
             ));
         }
     }
-    drop(fence);
+    // Handed: the server's descriptor holds the socket now; ours goes (no FIN: the socket
+    // lives on). Frozen: the fence comes down.
+    drop(kept);
     reader.set_max_frame(wire::MAX_SESSION_FRAME);
     let status = Arc::new(Mutex::new(ConnStatus::live(
         wl.cid.to_string(),
@@ -216,6 +232,49 @@ async fn hand_over(
         .want(at.alternates.iter().map(|a| a.data.as_str()));
     let conn = Conn { id, at, status };
     Ok(((reader, w), conn))
+}
+
+/// What the agent keeps of the client's connection until the server took it.
+enum Kept {
+    /// Handed over (decision 56): our own descriptor.
+    Socket(std::net::TcpStream),
+    /// Frozen and discarded: its state, to reset it if the server refuses, and its fence.
+    State(Box<(TcpState, mtcp_repair::Fence)>),
+}
+
+/// Resets the client's connection (its socket in this process).
+fn reset_std(s: std::net::TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+}
+
+/// Hands the client's socket to the server at data address `addr` over its local hand-over
+/// listener, if it has one on this host run by the uid that listens on `addr` (decision 56);
+/// the nonce to name it by in ADOPTHANDED. `None`: no such listener (another host,
+/// `--no-local-handoff`), and nothing was sent.
+async fn hand_socket(addr: &str, sock: &std::net::TcpStream) -> Option<mtcp::handoff::Nonce> {
+    let fd = sock.try_clone().ok()?;
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        let owner = mtcp::handoff::listener_uid(&addr)?;
+        let u = match mtcp::handoff::connect(&addr, owner) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(server = %addr, "no local hand-over, freezing the connection: {e}");
+                return None;
+            }
+        };
+        let nonce = mtcp::handoff::new_nonce();
+        match mtcp::handoff::give(&u, &nonce, std::os::fd::AsFd::as_fd(&fd)) {
+            Ok(()) => Some(nonce),
+            Err(e) => {
+                tracing::warn!(server = %addr, "local hand-over failed, freezing the connection: {e}");
+                None
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// A hand-over failed after our socket was discarded: recreate the connection here (still

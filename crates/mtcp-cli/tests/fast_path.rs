@@ -136,8 +136,21 @@ fn download_survives_moves(handoff: bool) {
     }
     // Every fence is down (no table has a fenced flow: the agent's fenced the hand-overs, the
     // origins' the moves), and the tables go with their processes.
-    let table = fence_table(agent_pid).expect("the agent's fence table");
-    assert!(!table.contains("elements"), "fences left up: {table}");
+    let table = fence_table(agent_pid);
+    if handoff {
+        // The agent handed the connection over as a socket too: it never needed a fence.
+        assert_eq!(table, None, "the agent made a fence table");
+        let logs = std::fs::read_to_string(dir.path().join("s1.log")).unwrap_or_default()
+            + &std::fs::read_to_string(dir.path().join("s2.log")).unwrap_or_default()
+            + &std::fs::read_to_string(dir.path().join("s3.log")).unwrap_or_default();
+        assert!(
+            logs.contains("the agent handed the client's socket over"),
+            "no server took the new connection as a socket"
+        );
+    } else {
+        let table = table.expect("the agent's fence table");
+        assert!(!table.contains("elements"), "fences left up: {table}");
+    }
     let origins: Vec<u32> = server_pids
         .iter()
         .copied()

@@ -50,14 +50,16 @@ fn planted(local: &str, send: usize, recv: usize) -> mtcp_repair::TcpState {
 /// HELLO with the fast-path capability on `addr`, then (after a WELCOME) `adopt`; the answer
 /// that ends the exchange, as text.
 async fn try_adopt(addr: &str, adopt: &[u8]) -> String {
+    try_adopt_msg(addr, Msg::Adopt(adopt.to_vec())).await
+}
+
+/// As [`try_adopt`], with any message in ADOPT's place.
+async fn try_adopt_msg(addr: &str, adopt: Msg) -> String {
     let (mut r, mut w) = fast_path_hello(addr).await;
     let m = r.next_msg(Duration::from_secs(10)).await;
     let m = match m {
         Ok(Msg::Welcome(_)) => {
-            if framed::write_msg(&mut w, &Msg::Adopt(adopt.to_vec()))
-                .await
-                .is_err()
-            {
+            if framed::write_msg(&mut w, &adopt).await.is_err() {
                 return "closed before ADOPT".into();
             }
             r.next_msg(Duration::from_secs(10)).await
@@ -126,8 +128,8 @@ fn probe_as_nobody(dir: &std::path::Path, data: &str, local: &str) -> String {
 }
 
 /// As uid 65534, hands a socket (one end of a fresh pair) under a made-up nonce to the
-/// hand-over socket of the server whose peer address is `peer`; what became of it, as text.
-fn handoff_as_nobody(peer: &str) -> String {
+/// hand-over socket of the server whose data address is `data`; what became of it, as text.
+fn handoff_as_nobody(data: &str) -> String {
     const SEND: &str = "import socket, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect('\\0' + sys.argv[1])
@@ -142,7 +144,7 @@ except ConnectionResetError:
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .args(["/usr/bin/python3", "-c", SEND])
-        .arg(format!("mtcp-handoff/{peer}"))
+        .arg(format!("mtcp-handoff/{data}"))
         .stdin(Stdio::null())
         .output()
         .expect("setpriv python3");
@@ -219,7 +221,7 @@ async fn a_planted_adopt_is_refused_and_nothing_is_planted() {
 
     // Another local user at a server's hand-over socket (decision 56), which it can reach (an
     // abstract name has no permissions): its socket is refused unread, and logged.
-    let a = tokio::task::block_in_place(|| handoff_as_nobody(&lc.servers[0].peer));
+    let a = tokio::task::block_in_place(|| handoff_as_nobody(&lc.servers[0].data));
     assert!(a.contains("CLOSED"), "{a}");
     let log = dir.path().join(format!("{}.log", lc.servers[0].id));
     tokio::task::block_in_place(|| {
@@ -264,6 +266,11 @@ async fn a_planted_adopt_is_refused_and_nothing_is_planted() {
         assert!(a.starts_with("REFUSED"), "{what}: {a}");
         assert!(a.contains(why), "{what}: {a}");
     }
+    // A hand-over by socket (decision 56) naming a nonce under which nothing was handed.
+    let a = try_adopt_msg(&data, Msg::AdoptHanded { nonce: [7; 16] }).await;
+    assert!(a.starts_with("REFUSED"), "{a}");
+    assert!(a.contains("did not arrive"), "{a}");
+
     // Larger than any ADOPT frame: the session is cut before the state is read.
     let a = try_adopt(&data, &planted(&lc.agent_listen, 0, 5 << 20).encode()).await;
     assert!(!a.starts_with("ANSWERED"), "{a}");

@@ -63,8 +63,12 @@ pub(crate) enum Flow {
     /// Recreated here and the origin's fence lifted: a window probe restarts the flow at once,
     /// and another on KICK.
     Lifted,
-    /// The socket itself was handed over (decision 56), or never left: nothing to restart.
+    /// The socket itself was handed over by an origin (decision 56): nothing to restart.
     Live,
+    /// The socket itself was handed over by the agent (a new connection): nothing to restart,
+    /// but output waits for KICK, which the agent sends once the connection is in its table
+    /// (so a client that got an answer finds its connection listed there).
+    Waiting,
 }
 
 /// What the socket did, in [`Pump::run`].
@@ -185,7 +189,7 @@ impl Pump {
                 tracing::warn!("window probe: {e}");
             }
         }
-        let released = flow != Flow::Fenced;
+        let released = matches!(flow, Flow::Lifted | Flow::Live);
         Pump {
             sock: Arc::new(sock),
             q: Queues {
@@ -196,7 +200,7 @@ impl Pump {
                 ctl: Some(ctl),
                 eof: false,
                 held: (!released).then(|| tokio::time::Instant::now() + HOLD_MAX),
-                live: flow == Flow::Live,
+                live: matches!(flow, Flow::Live | Flow::Waiting),
             },
         }
     }
@@ -489,34 +493,6 @@ pub(crate) fn lift_fence(sock: &TcpStream, table: &str) -> bool {
             false
         }
     }
-}
-
-/// The client's socket an origin on this host handed over (decision 56), if it is a TCP
-/// connection to an address this cluster's fast path admits; returned nonblocking and
-/// registered with tokio.
-pub(crate) fn adopt_handed(
-    fd: std::os::fd::OwnedFd,
-    allowed: &[std::net::SocketAddr],
-) -> Result<TcpStream, String> {
-    let kind = socket2::SockRef::from(&fd)
-        .r#type()
-        .map_err(|e| format!("handed socket: {e}"))?;
-    if kind != socket2::Type::STREAM {
-        return Err("the handed descriptor is not a stream socket".into());
-    }
-    let sock = std::net::TcpStream::from(fd);
-    let (local, _) = sock
-        .local_addr()
-        .and_then(|l| sock.peer_addr().map(|r| (l, r)))
-        .map_err(|e| format!("the handed descriptor is not a connected TCP socket: {e}"))?;
-    if !allowed.contains(&local) {
-        return Err(format!(
-            "a connection to {local} is not one this cluster's fast path admits"
-        ));
-    }
-    sock.set_nonblocking(true)
-        .map_err(|e| format!("handed socket: {e}"))?;
-    TcpStream::from_std(sock).map_err(|e| format!("handed socket: {e}"))
 }
 
 /// Recreates the connection in `tcp` (an encoded [`mtcp_repair::TcpState`]) in a new socket of

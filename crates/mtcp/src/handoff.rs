@@ -4,12 +4,14 @@
 //! sends meanwhile is dropped (no fence, no retransmission timer); its queues stay in the kernel
 //! and only the application's state record crosses the peer channel.
 //!
-//! Every fast-path server listens on an abstract Unix socket named after its peer address
+//! Every fast-path server listens on an abstract Unix socket named after its data address
 //! ([`name`]); abstract names live in the network namespace, like the TCP ports the fast path
-//! already shares. Either side admits the other only with this process's uid (`SO_PEERCRED`),
-//! and a received socket is kept only under a fresh random nonce that the origin then names in
-//! its answer on the authenticated peer channel ([`mtcp_proto::wire::Msg::HandedState`]); a
-//! socket nobody claims within [`KEEP`] is closed.
+//! already shares. A server takes sockets only from processes of its own uid or root
+//! (`SO_PEERCRED`, as fast-path sessions are admitted), and a sender checks the listener is the
+//! server's ([`connect`]). A received socket is kept only under a fresh random nonce that the
+//! sender then names on its authenticated channel ([`mtcp_proto::wire::Msg::HandedState`] from
+//! an origin, [`mtcp_proto::wire::Msg::AdoptHanded`] from an agent handing a new connection);
+//! a socket nobody claims within `KEEP` is closed.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,16 +24,16 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 /// A nonce naming one handed socket.
-pub(crate) type Nonce = [u8; 16];
+pub type Nonce = [u8; 16];
 
 /// How long a received socket waits for its destination's takeover to claim it.
 const KEEP: Duration = Duration::from_secs(5);
 /// Most sockets held unclaimed at once (each is a descriptor): more are closed at once.
 const MAX_HELD: usize = 1024;
 
-/// The abstract Unix socket name of the server whose peer address is `peer`.
-pub(crate) fn name(peer: &str) -> String {
-    format!("mtcp-handoff/{peer}")
+/// The abstract Unix socket name of the server whose data address is `data`.
+pub fn name(data: &str) -> String {
+    format!("mtcp-handoff/{data}")
 }
 
 /// Sockets handed to this server, by nonce, until its takeovers claim them.
@@ -49,10 +51,10 @@ fn uid() -> u32 {
 }
 
 impl Handoff {
-    /// Listens on [`name`]`(peer)` and keeps every socket handed to it (a task; ends with the
+    /// Listens on [`name`]`(data)` and keeps every socket handed to it (a task; ends with the
     /// server). An error if the name is taken (another process on this host uses it).
-    pub fn listen(self: &Arc<Self>, peer: &str) -> io::Result<tokio::task::JoinHandle<()>> {
-        let addr = UnixAddr::from_abstract_name(name(peer).as_bytes())?;
+    pub fn listen(self: &Arc<Self>, data: &str) -> io::Result<tokio::task::JoinHandle<()>> {
+        let addr = UnixAddr::from_abstract_name(name(data).as_bytes())?;
         let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
         l.set_nonblocking(true)?;
         let l = UnixListener::from_std(l)?;
@@ -78,9 +80,9 @@ impl Handoff {
     /// Reads one handed socket (a nonce and one descriptor) from `s`.
     async fn receive(&self, s: tokio::net::UnixStream) -> io::Result<()> {
         let who = s.peer_cred()?;
-        if who.uid() != uid() {
+        if mtcp_proto::adopt::admit_session(Some(who.uid()), uid()).is_err() {
             return Err(io::Error::other(format!(
-                "from uid {} (pid {:?}); only this server's uid may hand sockets over",
+                "from uid {} (pid {:?}); only root and this server's uid may hand sockets over",
                 who.uid(),
                 who.pid()
             )));
@@ -129,19 +131,36 @@ impl Handoff {
     }
 }
 
-/// Connects to the hand-over listener of the server at peer address `peer`, if it runs on this
-/// host with this process's uid.
-pub(crate) fn connect(peer: &str) -> io::Result<StdUnixStream> {
-    let addr = UnixAddr::from_abstract_name(name(peer).as_bytes())?;
+/// Connects to the hand-over listener of the server at data address `data`, if it runs on this
+/// host as uid `owner` (an origin: its own; an agent: the uid listening on `data`, see
+/// [`listener_uid`]).
+pub fn connect(data: &str, owner: u32) -> io::Result<StdUnixStream> {
+    let addr = UnixAddr::from_abstract_name(name(data).as_bytes())?;
     let s = StdUnixStream::connect_addr(&addr)?;
     let who = peer_uid(&s)?;
-    if who != uid() {
+    if who != owner {
         return Err(io::Error::other(format!(
-            "{} is held by uid {who}, not this server's",
-            name(peer)
+            "{} is held by uid {who}, not the server's ({owner})",
+            name(data)
         )));
     }
     Ok(s)
+}
+
+/// The uid of the process listening on TCP address `data` on this host, if any.
+pub fn listener_uid(data: &str) -> Option<u32> {
+    let a: std::net::SocketAddr = data.parse().ok()?;
+    crate::sockowner::listener_owner(a)
+}
+
+/// A fresh random nonce.
+pub fn new_nonce() -> Nonce {
+    rand::random()
+}
+
+/// This process's effective uid.
+pub fn own_uid() -> u32 {
+    uid()
 }
 
 fn peer_uid(s: &StdUnixStream) -> io::Result<u32> {
@@ -168,7 +187,7 @@ fn peer_uid(s: &StdUnixStream) -> io::Result<u32> {
 }
 
 /// Sends `fd` under `nonce` on `s` (from [`connect`]).
-pub(crate) fn give(s: &StdUnixStream, nonce: &Nonce, fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn give(s: &StdUnixStream, nonce: &Nonce, fd: BorrowedFd<'_>) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let fds = [fd.as_raw_fd()];
     let iov = [io::IoSlice::new(nonce)];
@@ -231,7 +250,7 @@ mod tests {
         let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
         let a = a.into_std().expect("std");
         let nonce: Nonce = rand::random();
-        let s = connect(&peer).expect("connect");
+        let s = connect(&peer, uid()).expect("connect");
         give(&s, &nonce, std::os::fd::AsFd::as_fd(&a)).expect("give");
         drop(a);
         let other: Nonce = rand::random();
@@ -258,13 +277,13 @@ mod tests {
         let h = Arc::new(Handoff::default());
         let task = h.listen(&peer).expect("listen");
         // No descriptor, wrong length, then silence: each refused, none kept.
-        let mut s = connect(&peer).expect("connect");
+        let mut s = connect(&peer, uid()).expect("connect");
         std::io::Write::write_all(&mut s, b"garbage").expect("write");
         drop(s);
-        let silent = connect(&peer).expect("connect");
+        let silent = connect(&peer, uid()).expect("connect");
         let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
         let nonce: Nonce = rand::random();
-        let s = connect(&peer).expect("connect");
+        let s = connect(&peer, uid()).expect("connect");
         give(&s, &nonce, std::os::fd::AsFd::as_fd(&a)).expect("give");
         assert!(h.take(&nonce, Duration::from_secs(3)).await.is_some());
         assert!(h.held.lock().unwrap().is_empty());

@@ -293,10 +293,10 @@ impl ServerInner {
         if !self.handoff.listening.load(Ordering::Relaxed) {
             return Err((std, restart));
         }
-        let Some(peer) = self.cluster.server(to).map(|s| s.peer.clone()) else {
+        let Some(data) = self.cluster.server(to).map(|s| s.data.clone()) else {
             return Err((std, restart));
         };
-        let u = match crate::handoff::connect(&peer) {
+        let u = match crate::handoff::connect(&data, crate::handoff::own_uid()) {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(%cid, to, "no local hand-over, freezing with TCP_REPAIR: {e}");
@@ -305,7 +305,7 @@ impl ServerInner {
         };
         use crate::movetrace::{step, Role};
         step(Role::Origin, cid, "handoff_connected");
-        let nonce: crate::handoff::Nonce = rand::random();
+        let nonce = crate::handoff::new_nonce();
         let mut st = shared.lock();
         let sum = mtcp_proto::sum::checksum(&[]);
         let rec = match st.record(cid, written, written, sum, self.limits.max_record) {

@@ -122,11 +122,11 @@ impl Server {
         let mut tasks = vec![];
         if !inner.cluster.fast_path.is_empty() && inner.limits.local_handoff {
             // Servers on this host hand fast-path sockets over directly (decision 56).
-            match inner.handoff.listen(&me.peer) {
+            match inner.handoff.listen(&me.data) {
                 Ok(t) => tasks.push(t),
                 Err(e) => tracing::warn!(
                     "no local hand-over (`{}`): fast-path connections move here with TCP_REPAIR only: {e}",
-                    crate::handoff::name(&me.peer)
+                    crate::handoff::name(&me.data)
                 ),
             }
         }

@@ -163,8 +163,9 @@ pub(crate) async fn handle_session(
                 // The client's connection itself comes next: its queues are what the agent's
                 // socket had received and not sent, bounded by ADOPT_FRAME.
                 reader.set_max_frame(ADOPT_FRAME);
-                let tcp = match reader.next_msg(SETUP_TIMEOUT).await {
-                    Ok(Msg::Adopt(tcp)) => tcp,
+                let handed = match reader.next_msg(SETUP_TIMEOUT).await {
+                    Ok(Msg::Adopt(tcp)) => Err(tcp),
+                    Ok(Msg::AdoptHanded { nonce }) => Ok(nonce),
                     Ok(other) => {
                         let why = format!("expected ADOPT, got {}", other.name());
                         refuse(&mut w, RefuseCode::Malformed, why).await;
@@ -175,18 +176,29 @@ pub(crate) async fn handle_session(
                         return;
                     }
                 };
-                match Box::pin(crate::direct::adopt(
-                    tcp,
-                    &inner.cluster.fast_path,
-                    agent.as_ref(),
-                ))
-                .await
-                {
+                // On one host the agent hands the socket itself over (decision 56): nothing was
+                // fenced, but output still waits for KICK (the agent lists the connection first).
+                let (adopted, flow) = match handed {
+                    Ok(nonce) => (
+                        crate::handed::adopt_from_agent(&inner, &nonce, agent.as_ref()).await,
+                        crate::direct::Flow::Waiting,
+                    ),
+                    Err(tcp) => (
+                        Box::pin(crate::direct::adopt(
+                            tcp,
+                            &inner.cluster.fast_path,
+                            agent.as_ref(),
+                        ))
+                        .await,
+                        crate::direct::Flow::Fenced,
+                    ),
+                };
+                match adopted {
                     Ok(sock) => {
                         let d = DirectSock {
                             sock,
                             written: 0,
-                            flow: crate::direct::Flow::Fenced,
+                            flow,
                         };
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }

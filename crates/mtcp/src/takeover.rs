@@ -227,7 +227,7 @@ pub(crate) async fn take_over_checked(
                         "the origin's socket did not arrive within {HANDED_WAIT:?}"
                     ))
                 })?;
-            let sock = crate::direct::adopt_handed(fd, &inner.cluster.fast_path).map_err(|e| {
+            let sock = crate::handed::adopt_handed(fd, &inner.cluster.fast_path).map_err(|e| {
                 tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
                 Refusal::internal(e)
             })?;

@@ -396,6 +396,12 @@ pub enum Msg {
         record: Vec<u8>,
         nonce: [u8; 16],
     },
+    /// Agent → server on one host, instead of [`Msg::Adopt`]: the client's TCP socket itself
+    /// was handed to the server's local hand-over listener (`SCM_RIGHTS`) under `nonce` just
+    /// before (decision 56). Answered `Adopted`; the agent keeps its own descriptor until then.
+    AdoptHanded {
+        nonce: [u8; 16],
+    },
 }
 
 impl Msg {
@@ -446,6 +452,7 @@ impl Msg {
             Msg::Leaving => "Leaving",
             Msg::Taken { .. } => "Taken",
             Msg::HandedState { .. } => "HandedState",
+            Msg::AdoptHanded { .. } => "AdoptHanded",
         }
     }
 }

@@ -132,6 +132,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             any::<[u8; 16]>()
         )
             .prop_map(|(record, nonce)| Msg::HandedState { record, nonce }),
+        any::<[u8; 16]>().prop_map(|nonce| Msg::AdoptHanded { nonce }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(in_off, out_off)| Msg::Committed { in_off, out_off }),
         Just(Msg::Working),
