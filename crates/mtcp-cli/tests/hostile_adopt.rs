@@ -134,12 +134,13 @@ fn handoff_as_nobody(data: &str) -> String {
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect('\\0' + sys.argv[1])
 a, b = socket.socketpair()
-socket.send_fds(s, [b'n' * 16], [a.fileno()])
 s.settimeout(10)
 try:
+    # The server may have closed it already, before this is sent (it checks the sender first).
+    socket.send_fds(s, [b'n' * 16], [a.fileno()])
     print('CLOSED' if s.recv(16) == b'' else 'ANSWERED')
-except ConnectionResetError:
-    print('CLOSED (reset)')
+except (ConnectionResetError, BrokenPipeError) as e:
+    print('CLOSED (' + type(e).__name__ + ')')
 ";
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
