@@ -62,8 +62,8 @@ pub struct ServerArgs {
     /// Most sessions open at once from one source address (default: --max-sessions).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_source: Option<u64>,
-    /// Fast path: do not take connections from servers on this host as sockets (`SCM_RIGHTS`);
-    /// they then move here with `TCP_REPAIR`, as across hosts.
+    /// Fast path: no local hand-over of sockets (`SCM_RIGHTS`) to or from this server;
+    /// connections then move with `TCP_REPAIR`, as across hosts.
     #[arg(long)]
     no_local_handoff: bool,
     /// Seconds a migration waits for a `lock_state` section to end before it is refused.

@@ -377,8 +377,8 @@ pub struct Limits {
     /// How long a migration waits for a soft section ([`crate::Connection::soft_lock`]) to end
     /// before it splits it (decision 55).
     pub soft_wait: Duration,
-    /// Fast path: take connections from servers on this host as sockets (decision 56); off:
-    /// origins freeze them with `TCP_REPAIR`, as across hosts.
+    /// Fast path: hand sockets to and take them from processes on this host (decision 56);
+    /// off: moves to and from this server freeze them with `TCP_REPAIR`, as across hosts.
     pub local_handoff: bool,
     /// How long state is kept for a connection whose agent went away.
     pub dead_session: Duration,
