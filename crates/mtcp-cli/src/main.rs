@@ -81,8 +81,9 @@ struct AgentArgs {
     /// own in this network namespace (root); removed on exit, replaced if left by a crash.
     #[arg(long, requires = "service")]
     transparent: bool,
-    /// Kernel fast path: hand each client connection itself to its server with TCP_REPAIR
-    /// instead of relaying its bytes (root; servers on this host; lazy clusters).
+    /// Kernel fast path: hand each client connection itself to its server instead of relaying
+    /// its bytes (servers on this host; lazy clusters). The socket is passed to the server
+    /// (SCM_RIGHTS; one uid, or root); a server that does not take it so needs TCP_REPAIR (root).
     #[arg(long, conflicts_with = "transparent")]
     fast_path: bool,
     /// Transparent mode: the service addresses client programs connect to (IPv4).
@@ -283,7 +284,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
     };
     // SAFETY: geteuid has no preconditions.
     if a.fast_path && unsafe { libc::geteuid() } != 0 {
-        bail!("--fast-path needs root (TCP_REPAIR needs CAP_NET_ADMIN, and the flow is fenced with nftables)");
+        tracing::warn!("--fast-path without root: connections go to servers on this host as sockets (decision 56); one whose server does not take them that way (another host, --no-local-handoff) needs TCP_REPAIR and a fence (CAP_NET_ADMIN) and is reset");
     }
     let l = tokio::net::TcpListener::bind(&a.listen)
         .await

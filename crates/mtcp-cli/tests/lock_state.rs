@@ -5,6 +5,11 @@
 //! `soft_lock` (decision 55): a fast-path migration waits for a soft section to end, but only
 //! for `Limits::soft_wait`; then it splits the section and the destination replays it. A relayed
 //! one does not wait.
+//!
+//! And the fast path on one host needs no privilege (decision 56): the same cluster, run as uid
+//! 65534, hands the client's socket over and moves it.
+
+mod common;
 
 use mtcp::{Cluster, Limits, Server, Start};
 use mtcp_agent::{Agent, AgentConfig};
@@ -357,4 +362,66 @@ async fn soft_lasts(fast_path: bool) {
     assert_eq!(s.ask("PING\n").await, "PONG s2\n");
     assert_eq!(s.agent.status()[0].migrations, 1);
     s.agent.close();
+}
+
+/// Run by [`fast_path_needs_no_root_on_one_host`] as uid 65534: the agent hands the client's
+/// socket to s1 and s1 hands it to s2 (decision 56) with no capability at all — a fence or
+/// `TCP_REPAIR` would fail here with EPERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by fast_path_needs_no_root_on_one_host as uid 65534"]
+async fn fast_path_unprivileged_child() {
+    if std::env::var("MTCP_UNPRIVILEGED_CHILD").is_err() {
+        return;
+    }
+    let mut s = setup(true, Limits::default()).await;
+    let results = tokio::time::timeout(Duration::from_secs(10), s.move_to_s2())
+        .await
+        .expect("the move did not finish")
+        .unwrap();
+    assert_eq!(results[0].1, Ok("s2".to_string()), "{results:?}");
+    s.origin_saw_migrated().await;
+    assert_eq!(s.ask("PING\n").await, "PONG s2\n");
+    let st = s.agent.status();
+    assert!(st[0].fast_path && st[0].migrations == 1, "{st:?}");
+    s.agent.close();
+    // SAFETY: geteuid has no preconditions.
+    println!("CHILD-OK uid {}", unsafe { libc::geteuid() });
+}
+
+#[test]
+fn fast_path_needs_no_root_on_one_host() {
+    if !common::is_root() {
+        eprintln!("!!! NOT ROOT: this test switches to uid 65534 with setpriv; the unprivileged fast path is NOT tested !!!");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::TempDir::new("unprivileged-fast-path");
+    let bin = dir.path().join("lock_state-nobody");
+    std::fs::copy(std::env::current_exe().unwrap(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args([
+            "--ignored",
+            "--exact",
+            "fast_path_unprivileged_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MTCP_UNPRIVILEGED_CHILD", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let done = common::wait_child(&mut c, "the unprivileged child", Duration::from_secs(60));
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        done && text.contains("CHILD-OK uid 65534"),
+        "the unprivileged fast path failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
