@@ -251,6 +251,7 @@ impl Registry {
             // An idle backend of an older epoch: its front-end, which this connection just
             // left, releases it in a moment. Until then, or RELEASE_GRACE, this session does
             // not start; then whatever is still registered is terminated as before.
+            // (Released in time: nothing is left to fence, as when none was found at first.)
             let t0 = std::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -258,11 +259,14 @@ impl Registry {
                     .query_one(&c.pending, &[&cid, &(epoch as i64), &pid])
                     .await?
                     .get(0);
-                if left == 0 || t0.elapsed() >= RELEASE_GRACE {
+                if left == 0 {
+                    break;
+                }
+                if t0.elapsed() >= RELEASE_GRACE {
+                    pids.extend(fence(true).await?.0);
                     break;
                 }
             }
-            pids.extend(fence(true).await?.0);
         }
         if pids.is_empty() {
             return Ok(0);

@@ -165,7 +165,7 @@ async fn hand_over(
             {
                 Ok(f) => f,
                 Err(e) => {
-                    reset_std(std);
+                    reset(std);
                     return Err(format!("cannot fence the client's flow: {e}"));
                 }
             };
@@ -173,7 +173,7 @@ async fn hand_over(
                 Ok(f) => f,
                 Err((e, std)) => {
                     drop(fence);
-                    reset_std(std);
+                    reset(std);
                     return Err(format!("cannot freeze the client's connection: {e}"));
                 }
             };
@@ -202,7 +202,7 @@ async fn hand_over(
                 Err(e) => e,
             };
             match kept {
-                Kept::Socket(s) => reset_std(s),
+                Kept::Socket(s) => reset(s),
                 Kept::State(kept) => {
                     let (state, fence) = *kept;
                     give_back(&state);
@@ -240,11 +240,6 @@ enum Kept {
     Socket(std::net::TcpStream),
     /// Frozen and discarded: its state, to reset it if the server refuses, and its fence.
     State(Box<(TcpState, mtcp_repair::Fence)>),
-}
-
-/// Resets the client's connection (its socket in this process).
-fn reset_std(s: std::net::TcpStream) {
-    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
 }
 
 /// Hands the client's socket to the server at data address `addr` over its local hand-over

@@ -221,8 +221,9 @@ fn queued_bytes(s: &Session) -> usize {
     }
 }
 
-/// Closes `s` with a reset so the client program sees an error, not a clean end.
-pub(crate) fn reset(s: TcpStream) {
+/// Closes `s` (a tokio or std socket) with a reset so the client program sees an error, not a
+/// clean end.
+pub(crate) fn reset<S: std::os::fd::AsFd>(s: S) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     drop(s);
 }

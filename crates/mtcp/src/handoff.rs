@@ -45,11 +45,6 @@ pub(crate) struct Handoff {
     pub listening: std::sync::atomic::AtomicBool,
 }
 
-fn uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 impl Handoff {
     /// Listens on [`name`]`(data)` and keeps every socket handed to it (a task; ends with the
     /// server). An error if the name is taken (another process on this host uses it).
@@ -80,7 +75,7 @@ impl Handoff {
     /// Reads one handed socket (a nonce and one descriptor) from `s`.
     async fn receive(&self, s: tokio::net::UnixStream) -> io::Result<()> {
         let who = s.peer_cred()?;
-        if mtcp_proto::adopt::admit_session(Some(who.uid()), uid()).is_err() {
+        if mtcp_proto::adopt::admit_session(Some(who.uid()), own_uid()).is_err() {
             return Err(io::Error::other(format!(
                 "from uid {} (pid {:?}); only root and this server's uid may hand sockets over",
                 who.uid(),
@@ -160,30 +155,15 @@ pub fn new_nonce() -> Nonce {
 
 /// This process's effective uid.
 pub fn own_uid() -> u32 {
-    uid()
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 fn peer_uid(s: &StdUnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes one `ucred` of `len` bytes into `cred`; `s` is a live socket.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    Ok(getsockopt(s, PeerCredentials)
+        .map_err(io::Error::from)?
+        .uid())
 }
 
 /// Sends `fd` under `nonce` on `s` (from [`connect`]).
@@ -250,7 +230,7 @@ mod tests {
         let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
         let a = a.into_std().expect("std");
         let nonce: Nonce = rand::random();
-        let s = connect(&peer, uid()).expect("connect");
+        let s = connect(&peer, own_uid()).expect("connect");
         give(&s, &nonce, std::os::fd::AsFd::as_fd(&a)).expect("give");
         drop(a);
         let other: Nonce = rand::random();
@@ -277,13 +257,13 @@ mod tests {
         let h = Arc::new(Handoff::default());
         let task = h.listen(&peer).expect("listen");
         // No descriptor, wrong length, then silence: each refused, none kept.
-        let mut s = connect(&peer, uid()).expect("connect");
+        let mut s = connect(&peer, own_uid()).expect("connect");
         std::io::Write::write_all(&mut s, b"garbage").expect("write");
         drop(s);
-        let silent = connect(&peer, uid()).expect("connect");
+        let silent = connect(&peer, own_uid()).expect("connect");
         let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
         let nonce: Nonce = rand::random();
-        let s = connect(&peer, uid()).expect("connect");
+        let s = connect(&peer, own_uid()).expect("connect");
         give(&s, &nonce, std::os::fd::AsFd::as_fd(&a)).expect("give");
         assert!(h.take(&nonce, Duration::from_secs(3)).await.is_some());
         assert!(h.held.lock().unwrap().is_empty());

@@ -95,8 +95,7 @@ impl ServerInner {
                         self.limits.max_record,
                     )?;
                     drop(st);
-                    self.forget(cid);
-                    self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                    self.moved_out(cid);
                     tracing::info!(
                         %cid,
                         epoch,
@@ -241,8 +240,7 @@ impl ServerInner {
         match st.freeze(cid, written, written, sum, self.limits.max_record) {
             Ok(rec) => {
                 drop(st);
-                self.forget(cid);
-                self.migrated_out.fetch_add(1, Ordering::Relaxed);
+                self.moved_out(cid);
                 // Nothing is sent to the client: its flow is fenced.
                 step(Role::Origin, cid, "record_built");
                 let tcp = frozen.discard();
@@ -327,8 +325,7 @@ impl ServerInner {
         drop(st);
         // Our descriptor only: the socket lives on in the destination's.
         drop(std);
-        self.forget(cid);
-        self.migrated_out.fetch_add(1, Ordering::Relaxed);
+        self.moved_out(cid);
         step(Role::Origin, cid, "handed");
         tracing::info!(
             %cid,

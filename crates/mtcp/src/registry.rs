@@ -60,6 +60,12 @@ impl ServerInner {
         self.fences.get().map_err(|e| format!("fences: {e}"))
     }
 
+    /// Connection `cid` left for another server: forgotten here and counted.
+    pub(crate) fn moved_out(&self, cid: Cid) {
+        self.forget(cid);
+        self.migrated_out.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn forget(&self, cid: Cid) {
         self.conns
             .lock()

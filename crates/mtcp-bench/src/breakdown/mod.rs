@@ -321,6 +321,14 @@ pub fn print(b: &Breakdown) {
 mod tests {
     use super::*;
 
+    /// A floor of 1 µs everywhere: the "x rr" column equals the p50.
+    const UNIT_FLOOR: Floor = Floor {
+        connect_rr_us: 1.0,
+        rr_us: 1.0,
+        same_cpu_connect_rr_us: 1.0,
+        same_cpu_rr_us: 1.0,
+    };
+
     /// A fresh directory holding the agent's, a destination's and an origin's log text.
     fn logs(name: &str, agent: &str, destination: &str, origin: &str) -> std::path::PathBuf {
         let dir =
@@ -377,13 +385,7 @@ mod tests {
             &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restored=1700,lifted=1750,restarted=1800,resumed_ready=1850,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
             &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,pump_stop=1010,pump_saw_stop=1030,pump_stopped=1040,fenced=1050,repair_on=1055,info_read=1060,recv_queue_read=1070,send_queue_read=1170,record_built=1200,discarded=1280,frozen=1300,encoded=1350,state_tx=1400\n"),
         );
-        let f = Floor {
-            connect_rr_us: 1.0,
-            rr_us: 1.0,
-            same_cpu_connect_rr_us: 1.0,
-            same_cpu_rr_us: 1.0,
-        };
-        let b = analyse(&dir, f).unwrap();
+        let b = analyse(&dir, UNIT_FLOOR).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(b.fast_path);
         assert_eq!(b.critical, FAST_CRITICAL);
@@ -422,13 +424,7 @@ mod tests {
             &format!("TRACE mtcp_breakdown: destination {cid} 0 migrate_rx=700,admitted=710,slot=720,fetch_call=800,state_rx=1500,record_checked=1550,restored=1600,restarted=1700,resumed_ready=1750,resumed_tx=1900,app_first_write=2500,first_new_byte_queued=2600\n"),
             &format!("TRACE mtcp_breakdown: origin {cid} 0 fetch_rx=900,working_tx=950,slot=1000,pump_stop=1010,pump_saw_stop=1030,pump_stopped=1040,handoff_connected=1060,record_built=1100,handed=1130,frozen=1140,encoded=1200,state_tx=1400\n"),
         );
-        let f = Floor {
-            connect_rr_us: 1.0,
-            rr_us: 1.0,
-            same_cpu_connect_rr_us: 1.0,
-            same_cpu_rr_us: 1.0,
-        };
-        let b = analyse(&dir, f).unwrap();
+        let b = analyse(&dir, UNIT_FLOOR).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(b.fast_path);
         assert_eq!(b.critical, HANDED_CRITICAL);
