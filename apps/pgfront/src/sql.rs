@@ -13,6 +13,7 @@
 //! to trust is the one in the backend's ReadyForQuery; an unterminated string or comment runs
 //! to the end of the text (PostgreSQL refuses such a query whole, so nothing in it runs).
 
+use smallvec::SmallVec;
 use std::borrow::Cow;
 
 /// What a statement's leading keywords say about transactions.
@@ -285,10 +286,12 @@ fn uescape(s: &[u8], i: usize) -> Option<u8> {
     }
 }
 
+/// Tokens of one query string: a typical statement's fit on the stack.
+type Toks<'a> = SmallVec<[Tok<'a>; 32]>;
+
 /// The tokens of `s`, strings and comments left out.
-fn lex(s: &[u8], scs: bool) -> Vec<Tok<'_>> {
-    // About one token per six bytes of SQL, so the vector rarely grows.
-    let mut toks = Vec::with_capacity(s.len() / 6 + 4);
+fn lex(s: &[u8], scs: bool) -> Toks<'_> {
+    let mut toks = Toks::new();
     let mut i = skip_blank(s, 0);
     while i < s.len() {
         let c = s[i];
@@ -337,8 +340,8 @@ fn is_routine(stmt: &[Tok]) -> bool {
 }
 
 /// The non-empty statements of `toks`.
-fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> Vec<&'t [Tok<'a>]> {
-    let mut out = Vec::new();
+fn statements<'t, 'a>(toks: &'t [Tok<'a>]) -> SmallVec<[&'t [Tok<'a>]; 2]> {
+    let mut out = SmallVec::new();
     let (mut start, mut parens, mut atomic) = (0, 0usize, 0usize);
     // Whether the statement from `start` is a routine (asked once per statement).
     let mut routine = is_routine(toks);

@@ -249,6 +249,8 @@ pub struct MovePlan {
     next: usize,
     migrate: Migrate,
     refusals: Vec<String>,
+    /// The codes of the candidates' REFUSED answers, in order.
+    codes: Vec<RefuseCode>,
 }
 
 /// The next MIGRATE of a move.
@@ -268,6 +270,7 @@ impl MovePlan {
             next: 0,
             migrate: at.migrate(pos),
             refusals: Vec::new(),
+            codes: Vec::new(),
         })
     }
 
@@ -302,6 +305,14 @@ impl MovePlan {
     /// `cand` did not take the connection.
     pub fn refused(&mut self, cand: &ServerInfo, e: &MoveError) {
         self.refusals.push(format!("{}: {e}", cand.id));
+        if let MoveError::Refused { code, .. } = e {
+            self.codes.push(*code);
+        }
+    }
+
+    /// The codes of the REFUSED answers so far, in order (other failures have none).
+    pub fn refuse_codes(&self) -> &[RefuseCode] {
+        &self.codes
     }
 
     /// What every candidate answered so far.

@@ -238,6 +238,13 @@ impl ReplayVerifier {
     /// The application wrote `data` at `position()`: checks the part the client already has and
     /// returns the part to send.
     pub fn on_write(&mut self, data: Bytes) -> Result<Bytes, Divergence> {
+        let skip = self.check_write(&data)?;
+        Ok(data.slice(skip..))
+    }
+
+    /// Like [`ReplayVerifier::on_write`], but returns how many leading bytes of `data` the client
+    /// already has (checked, not to be sent).
+    pub fn check_write(&mut self, data: &[u8]) -> Result<usize, Divergence> {
         let start = self.pos;
         let end = start + data.len() as u64;
         let mut p = start;
@@ -262,7 +269,7 @@ impl ReplayVerifier {
         }
         self.pos = end;
         let send_from = self.check_end().clamp(start, end);
-        Ok(data.slice((send_from - start) as usize..))
+        Ok((send_from - start) as usize)
     }
 }
 

@@ -198,9 +198,17 @@ impl ServerStream {
     /// output log over `max_log` bytes the connection stops being migratable until its next
     /// snapshot; the returned flag is true on the write that crossed the limit.
     pub fn write(&mut self, chunk: Bytes, max_log: u64) -> Result<(Bytes, bool), Divergence> {
-        let to_send = match self.verifier.as_mut() {
-            None => chunk.clone(),
-            Some(v) => v.on_write(chunk.clone())?,
+        let (skip, over) = self.log_write(chunk.clone(), max_log)?;
+        Ok((chunk.slice(skip..), over))
+    }
+
+    /// Like [`ServerStream::write`], without a second handle on `chunk`: returns how many of
+    /// its leading bytes the client already has (regenerated output, checked), and whether the
+    /// connection just became unmigratable. The caller sends the rest from its own copy.
+    pub fn log_write(&mut self, chunk: Bytes, max_log: u64) -> Result<(usize, bool), Divergence> {
+        let skip = match self.verifier.as_mut() {
+            None => 0,
+            Some(v) => v.check_write(&chunk)?,
         };
         if self.verifier.as_ref().is_some_and(|v| v.done()) {
             self.verifier = None;
@@ -216,7 +224,7 @@ impl ServerStream {
             let keep = self.snaps.len() - 1;
             self.snaps.drain(..keep);
         }
-        Ok((to_send, became_unmigratable))
+        Ok((skip, became_unmigratable))
     }
 
     /// `set_state`: a restart point at the current offsets. Returns the offsets to announce to

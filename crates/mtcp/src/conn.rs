@@ -298,8 +298,11 @@ impl AsyncWrite for Connection {
         }
         let n = data.len().min(MAX_WRITE);
         let chunk = Bytes::copy_from_slice(&data[..n]);
+        // A relayed session queues the logged bytes themselves; the fast path writes from
+        // `data` and copies only what its socket did not take.
+        let relayed = st.direct.is_none().then(|| chunk.clone());
         let max_log = self.server.limits.max_output_log;
-        let (to_send, over) = match st.s.write(chunk, max_log) {
+        let (skip, over) = match st.s.log_write(chunk, max_log) {
             Ok(x) => x,
             Err(d) => {
                 let reason = d.to_string();
@@ -316,19 +319,27 @@ impl AsyncWrite for Connection {
                 "application wrote over {max_log} bytes since its last snapshot; connection not migratable until the next one"
             );
         }
+        let unsent = &data[skip..n];
         if st.trace_out != TraceOut::Off {
-            trace_write(&mut st, self.shared.cid, !to_send.is_empty());
+            trace_write(&mut st, self.shared.cid, !unsent.is_empty());
+        }
+        if let Some(chunk) = relayed {
+            if skip < n {
+                st.send(Out::Data(chunk.slice(skip..)));
+            }
+            return Poll::Ready(Ok(n));
         }
         // On the fast path, with nothing queued before it and the agent's fence down, the
         // socket takes what it can at once.
-        let to_send = match st.direct.as_ref().map(|d| d.sock.clone()) {
-            Some(sock) if st.queued == 0 && !st.fast.held && !to_send.is_empty() => {
-                crate::direct::write_inline(&mut st, &sock, to_send)
+        let mut rest = unsent;
+        if let Some(sock) = st.direct.as_ref().map(|d| d.sock.clone()) {
+            if st.queued == 0 && !st.fast.held && !rest.is_empty() {
+                let took = crate::direct::write_inline(&mut st, &sock, rest);
+                rest = &rest[took..];
             }
-            _ => to_send,
-        };
-        if !to_send.is_empty() {
-            st.send(Out::Data(to_send));
+        }
+        if !rest.is_empty() {
+            st.send(Out::Data(Bytes::copy_from_slice(rest)));
         }
         Poll::Ready(Ok(n))
     }

@@ -162,16 +162,15 @@ fn recv_uninit(sock: &TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
 }
 
 /// The application's write of `data` to a fast-path connection with nothing queued before it:
-/// as much as the socket takes now. Returns the rest, for the pump.
-pub(crate) fn write_inline(st: &mut ConnState, sock: &TcpStream, mut data: Bytes) -> Bytes {
-    match sock.try_write(&data) {
+/// as much as the socket takes now. Returns how much it took; the pump writes the rest.
+pub(crate) fn write_inline(st: &mut ConnState, sock: &TcpStream, data: &[u8]) -> usize {
+    match sock.try_write(data) {
         Ok(n) => {
             wrote(st, sock, n);
-            data.advance(n);
-            data
+            n
         }
         // Full, or failed: the pump waits for room, or meets the error and ends the connection.
-        Err(_) => data,
+        Err(_) => 0,
     }
 }
 

@@ -38,6 +38,7 @@ mod app;
 mod world;
 
 use app::App;
+use mtcp_proto::wire::RefuseCode;
 use world::{Knobs, World, MAX_STEPS};
 
 /// What the faults of the runs did, summed.
@@ -114,7 +115,7 @@ fn run(seed: u64, eager: bool, knobs: Knobs) -> Result<Tally, String> {
     }
     let want = App::expected(&w.input);
     let mut lost = std::collections::BTreeMap::new();
-    if let Some((kind, why)) = &w.lost {
+    if let Some((kind, codes)) = &w.lost {
         // A documented two-fault loss: the client's connection is closed, but what it got
         // is still exactly the application's output so far.
         if !want.starts_with(&w.received) {
@@ -122,14 +123,16 @@ fn run(seed: u64, eager: bool, knobs: Knobs) -> Result<Tally, String> {
                 "lost after {kind:?} with a wrong byte in what was delivered"
             ));
         }
+        // Labelled by the refusals' codes (typed), in a fixed order.
         let code = [
-            "StaleEpoch",
-            "OriginUnreachable",
-            "UnknownConnection",
-            "Divergence",
+            RefuseCode::StaleEpoch,
+            RefuseCode::OriginUnreachable,
+            RefuseCode::UnknownConnection,
+            RefuseCode::Divergence,
         ]
         .into_iter()
-        .filter(|c| why.contains(c))
+        .filter(|c| codes.contains(c))
+        .map(|c| format!("{c:?}"))
         .collect::<Vec<_>>()
         .join("+");
         lost.insert(format!("{kind:?}: {code}"), 1);

@@ -161,7 +161,11 @@ impl World {
     /// No candidate took the connection. While a server is hung (or a crashed one may come
     /// back) the agent retries, as it does until its migrate timeout; after two faults the
     /// loss is counted; otherwise it is a failure of the run.
-    pub(super) fn move_failed(&mut self, why: String) -> Result<(), String> {
+    pub(super) fn move_failed(
+        &mut self,
+        why: String,
+        codes: Vec<RefuseCode>,
+    ) -> Result<(), String> {
         self.trace(format!("move failed: {why}"));
         let waiting = self.servers.iter().any(|s| s.hung_until.is_some());
         let since = *self.stalled_since.get_or_insert(self.now);
@@ -176,7 +180,7 @@ impl World {
             self.late_handout.then_some(TwoFault::LateHandOut)
         };
         if let Some(kind) = self.two_fault.or(single) {
-            self.lost = Some((kind, why));
+            self.lost = Some((kind, codes));
             self.done = true;
             return Ok(());
         }

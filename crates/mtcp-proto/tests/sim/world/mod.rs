@@ -14,7 +14,7 @@ use mtcp_proto::custody::{Gate, GateEvent, Verdict};
 use mtcp_proto::record::StateRecord;
 use mtcp_proto::replica::Slot;
 use mtcp_proto::stream::ServerStream;
-use mtcp_proto::wire::{Mode, Msg, ServerInfo, Welcome};
+use mtcp_proto::wire::{Mode, Msg, RefuseCode, ServerInfo, Welcome};
 use mtcp_proto::{Cid, Token};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -198,7 +198,7 @@ pub(crate) struct World {
     racing: bool,
     late_handout: bool,
     /// The documented loss a two-fault run ended in: the fault, and the refusals.
-    pub(crate) lost: Option<(TwoFault, String)>,
+    pub(crate) lost: Option<(TwoFault, Vec<RefuseCode>)>,
     pub(crate) hangs: usize,
     pub(crate) silences: usize,
     pub(crate) stalls: usize,

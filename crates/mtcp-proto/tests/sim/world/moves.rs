@@ -17,8 +17,8 @@ pub(super) type Got = Result<Fetched, Refusal>;
 /// How a move ended.
 pub(crate) enum Moved {
     Done,
-    /// No candidate took the connection: the refusals.
-    Failed(String),
+    /// No candidate took the connection: the refusals, and their codes.
+    Failed(String, Vec<RefuseCode>),
 }
 
 impl World {
@@ -38,7 +38,7 @@ impl World {
         self.retry_at = None;
         match self.try_move()? {
             Moved::Done => Ok(()),
-            Moved::Failed(why) => self.move_failed(why),
+            Moved::Failed(why, codes) => self.move_failed(why, codes),
         }
     }
 
@@ -101,7 +101,7 @@ impl World {
                 None => plan.refused(&a.cand, &refuse(RefuseCode::Internal, "protect refused")),
             }
         }
-        Ok(Moved::Failed(plan.failure()))
+        Ok(Moved::Failed(plan.failure(), plan.refuse_codes().to_vec()))
     }
 
     /// `dest` takes the connection over with what it fetched for `m`, and (`agent`) answers
