@@ -135,9 +135,9 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// A session that just started expects nothing until data moves either way. (The server
-    /// beats for [`BEAT_LINGER`] from its start too, but the agent's session may start later
-    /// than the server's by a loaded machine's scheduling delay: it does not count on those.)
+    /// A session that just started expects nothing until data moves either way; nor does the
+    /// server's side beat before then (a new or moved connection's session counts as having
+    /// had no data for [`BEAT_LINGER`]).
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
         Self {
             heartbeat,

@@ -26,7 +26,8 @@ pub(crate) async fn writer_loop(
     // fires early: the hot path (one turn per batch) never touches the timer wheel. It beats
     // only where someone waits (`trigger::beat_due`); otherwise it parks until input arrives.
     let mut last_write = tokio::time::Instant::now();
-    let mut last_data = last_write;
+    // No data yet: a session beats once someone waits for it (see `conn_state::long_ago`).
+    let mut last_data = crate::conn_state::long_ago();
     let mut inputs_at_data = 0u64;
     let mut parked = false;
     let quiet = tokio::time::sleep_until(last_write + hb);
