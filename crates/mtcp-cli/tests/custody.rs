@@ -143,9 +143,16 @@ fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
 #[test]
 fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     let dir = TempDir::new("custody-silent");
-    let mut lc = start(&dir, &["--hold-resumed-ms", "5000"]);
+    // Held longer than the agent's silence bound toward a candidate can grow on a loaded
+    // machine (it follows the measured RTT: a CI run once saw the agent wait out a 5 s hold).
+    let mut lc = start(&dir, &["--hold-resumed-ms", "15000"]);
     download_through(&dir, &mut lc, |lc| {
         lc.kill("s1").expect("kill -9 s1");
+    });
+    // s2 decides what to do with its held RESUMED when the hold ends.
+    wait_for("s2's hold to end", Duration::from_secs(30), || {
+        let s2 = log(&dir, "s2");
+        s2.contains("superseded before RESUMED went out") || s2.contains("migrated here")
     });
     let s2 = log(&dir, "s2");
     assert!(
