@@ -119,3 +119,52 @@ async fn idle_connections_get_no_heartbeats_and_a_hung_server_is_left_on_the_nex
     assert_eq!((r.status, r.digest.as_str()), (200, want.as_str()));
     get_all(&mut conns, &want).await;
 }
+
+/// A session that starts — a new connection's, or one moved in — beats only once someone
+/// waits for it (decision 57): before, every session beat every 100 ms for its first two
+/// seconds, which in a drain of 9 000 idle connections was ~20 frames per move each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_start_or_move_in_get_no_heartbeats_until_someone_waits() {
+    let dir = TempDir::new("idle-start");
+    let want = file(&dir, "f.bin", 64 << 10, 5);
+    let (lc, m1) = tokio::task::block_in_place(|| cluster_with_metrics_on_s1(&dir, 2, "lazy"));
+    let beats =
+        || tokio::task::block_in_place(|| metric(&m1, "mtcp_heartbeats_total{on=\"session\"}"));
+
+    // New connections on s1 that have sent nothing.
+    let before = beats();
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        conns.push(Client::connect(&lc.agent_listen).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        beats() - before,
+        0.0,
+        "new sessions beat before anyone waited"
+    );
+    get_all(&mut conns, &want).await;
+
+    // Moved away and back once idle: s1's new sessions for them beat no more than new ones.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let moved = lc.migrate(None, Some("s2")).await.expect("move to s2");
+    assert!(moved.len() >= CONNS, "{moved:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = beats();
+    let back = lc.migrate(None, Some("s1")).await.expect("move back to s1");
+    assert!(back.iter().all(|(_, s)| s == "s1"), "{back:?}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        beats() - before,
+        0.0,
+        "sessions moved in beat before anyone waited"
+    );
+    // They still answer, from s1.
+    get_all(&mut conns, &want).await;
+    let status = served(&lc);
+    assert_eq!(status.len(), CONNS);
+    assert!(
+        status.iter().all(|c| c.migrations == 2 && c.server == "s1"),
+        "{status:?}"
+    );
+}
