@@ -335,8 +335,9 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
     let r = poke(&m2, &[b'A'; 64 << 10]).await;
     assert!(r.starts_with("HTTP/1.1 431 "), "{r:?}");
     // A silent client does not hold up a scrape, and is closed after the read timeout.
-    let mut silent = TcpStream::connect(&m2).await.unwrap();
+    // (Timed from before the connect: the endpoint's read timeout starts at its accept.)
     let t0 = Instant::now();
+    let mut silent = TcpStream::connect(&m2).await.unwrap();
     scrape(&m2).await;
     let mut b = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut b))
