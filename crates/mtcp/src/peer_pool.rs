@@ -36,8 +36,9 @@ impl PeerPool {
             .sample(d);
     }
 
-    /// Channels kept per peer.
-    const MAX_IDLE: usize = 4;
+    /// Channels kept per peer: as many as takeovers may run at once, so a burst of moves (a
+    /// drain) reuses its channels instead of opening and authenticating one per move.
+    const MAX_IDLE: usize = mtcp_proto::bounds::MAX_TAKEOVERS;
 
     pub(crate) fn take(&self, id: &str) -> Option<Channel> {
         self.idle
