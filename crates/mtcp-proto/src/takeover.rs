@@ -240,6 +240,107 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_an_older_epoch_or_another_position_is_an_internal_refusal() {
+        let rec = record(4, 10, b"abc", 20);
+        assert_eq!(
+            check_record(&migrate(5, 20, 13), &rec, false),
+            Err(Refusal::internal(
+                "origin sent the record of another connection"
+            ))
+        );
+        assert_eq!(
+            check_record(&migrate(4, 21, 13), &rec, false),
+            Err(Refusal::internal(
+                "origin's record is for another downstream position"
+            ))
+        );
+        assert_eq!(
+            check_record(&migrate(4, 20, 12), &rec, false)
+                .unwrap_err()
+                .reason,
+            "agent says it sent 12 upstream bytes but the origin received 13"
+        );
+        // A newer label is the keeper's (decision 43), and more sent than received is in flight.
+        assert!(check_record(&migrate(3, 20, 99), &rec, false).is_ok());
+    }
+
+    #[test]
+    fn the_fast_path_still_checks_the_connection_and_epoch() {
+        let mut other = record(4, 10, b"abc", 20);
+        other.cid = Cid([9; 16]);
+        assert_eq!(
+            check_record(&migrate(4, 0, 0), &other, true)
+                .unwrap_err()
+                .code,
+            RefuseCode::Internal
+        );
+        assert!(check_record(&migrate(5, 0, 0), &record(4, 10, b"", 20), true).is_err());
+    }
+
+    #[test]
+    fn a_keepers_record_the_client_cannot_continue_from_is_divergence() {
+        // The agent no longer retains upstream from the record's restart point.
+        let mut m = migrate(5, 20, 30);
+        m.up_base = 11;
+        m.sum_from = 20;
+        m.down_sum = checksum(&[]);
+        let e = restart_record(&m, record(6, 10, b"", 20), false, false).unwrap_err();
+        assert_eq!(e.code, RefuseCode::Divergence);
+        assert!(
+            e.reason.contains("no longer retains upstream from 10"),
+            "{e}"
+        );
+        // The client is behind the restart point and the record holds no tail to reach it.
+        let m = migrate(5, 15, 30);
+        let e = restart_record(&m, record(6, 10, b"", 20), false, false).unwrap_err();
+        assert_eq!(e.code, RefuseCode::Divergence);
+        // The client is past it, but the agent has no checksum range from it.
+        let mut m = migrate(5, 25, 30);
+        m.sum_from = 22;
+        let e = restart_record(&m, record(6, 10, b"", 20), false, false).unwrap_err();
+        assert_eq!(e.code, RefuseCode::Divergence);
+    }
+
+    #[test]
+    fn a_keepers_record_for_a_client_behind_it_sends_the_missing_tail() {
+        let mut rec = record(6, 10, b"", 20);
+        rec.tail = Bytes::from_static(b"0123456789");
+        let (r, from_replica) = restart_record(&migrate(5, 14, 10), rec, false, false).unwrap();
+        assert!(from_replica);
+        assert_eq!(&r.tail[..], b"456789");
+        assert!(r.checks.is_empty());
+        assert_eq!(r.client_down(), 14);
+    }
+
+    #[test]
+    fn a_claimed_replica_is_taken_as_it_is_whatever_its_label() {
+        // A replica the destination claimed was already turned for the client's position.
+        let rec = record(7, 10, b"abc", 20);
+        let (r, from_replica) =
+            restart_record(&migrate(5, 20, 13), rec.clone(), true, false).unwrap();
+        assert_eq!(r, rec, "the input the record carries is kept");
+        assert!(from_replica);
+    }
+
+    #[test]
+    fn resumed_hands_the_agent_the_new_token_servers_and_heartbeat() {
+        let alts = vec![ServerInfo {
+            id: "s1".into(),
+            data: "a:1".into(),
+        }];
+        let at = Destination {
+            id: "s2",
+            alternates: alts.clone(),
+            heartbeat_ms: 250,
+        };
+        let r = resumed(&record(0, 0, b"", 0), at, Token([9; 32]), 0, false);
+        assert_eq!((r.epoch, r.token, r.up_from), (1, Token([9; 32]), 0));
+        assert_eq!((r.alternates, r.heartbeat_ms), (alts, 250));
+        assert!(!r.from_replica);
+        assert_eq!(next_epoch(&record(41, 0, b"", 0)), 42);
+    }
+
+    #[test]
     fn resumed_runs_one_epoch_past_the_record_from_its_restart_point() {
         let rec = record(6, 10, b"abc", 20);
         let at = Destination {

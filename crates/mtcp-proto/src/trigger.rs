@@ -249,6 +249,92 @@ mod tests {
         t0 + Duration::from_millis(ms)
     }
 
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_server_beats_only_where_someone_waits_and_always_on_the_fast_path() {
+        let quiet = BEAT_LINGER;
+        assert!(!beat_due(false, false, quiet, false), "idle: no beat");
+        assert!(beat_due(false, false, quiet, true), "fast path");
+        assert!(beat_due(true, false, quiet, false), "input unanswered");
+        assert!(beat_due(false, true, quiet, false), "data not acknowledged");
+        assert!(beat_due(false, false, quiet - MS, false), "data just now");
+        assert!(!beat_due(false, false, Duration::from_secs(3600), false));
+    }
+
+    #[test]
+    fn the_rto_is_never_below_linux_minimum_and_follows_the_variance() {
+        let mut r = Rtt::default();
+        assert_eq!((r.srtt(), r.rto()), (None, None));
+        r.sample(10 * MS);
+        assert_eq!(
+            r.rto(),
+            Some(MIN_RTO),
+            "10 ms + 4 x 5 ms is under the minimum"
+        );
+        let mut r = Rtt::default();
+        r.sample(100 * MS);
+        assert_eq!(r.rto(), Some(300 * MS), "first sample: rttvar = srtt / 2");
+        r.sample(200 * MS);
+        // rttvar = (3 x 50 + 100) / 4 = 62.5 ms, srtt = (7 x 100 + 200) / 8 = 112.5 ms.
+        assert_eq!(r.srtt(), Some(Duration::from_micros(112_500)));
+        assert_eq!(r.rto(), Some(Duration::from_micros(112_500 + 250_000)));
+    }
+
+    #[test]
+    fn the_unqueued_path_is_the_smallest_of_the_last_eight_samples() {
+        assert_eq!(Rtt::default().unqueued().srtt(), None);
+        let mut r = Rtt::default();
+        for ms in [100, 30, 80] {
+            r.sample(ms * MS);
+        }
+        let u = r.unqueued();
+        assert_eq!(u.srtt(), Some(30 * MS));
+        assert_eq!(u.rto(), Some(MIN_RTO));
+        // Eight later samples push the 30 ms one out of the window.
+        for _ in 0..8 {
+            r.sample(500 * MS);
+        }
+        assert_eq!(r.unqueued().srtt(), Some(500 * MS));
+        assert_eq!(r.unqueued().rto(), Some(1500 * MS), "500 + 4 x 250");
+    }
+
+    #[test]
+    fn a_new_heartbeat_interval_moves_the_silence_bound() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(t0, 100 * MS);
+        l.on_data_sent(t0);
+        assert_eq!(l.deadline(), Some(t0 + 700 * MS));
+        l.set_heartbeat(200 * MS);
+        assert_eq!(l.bound(), 1000 * MS, "3 x 200 ms + 2 x 200 ms");
+        assert_eq!(l.deadline(), Some(t0 + 1000 * MS));
+        assert!(!l.expired(t0 + 999 * MS));
+    }
+
+    #[test]
+    fn a_request_while_data_is_still_expected_keeps_the_running_clock() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(t0, 100 * MS);
+        l.on_data_received(t0);
+        // Within the window after data the clock already runs from t0: a request does not
+        // restart it (a server that hung mid-stream is not given a fresh bound).
+        l.on_data_sent(at(t0, 500));
+        assert_eq!(l.deadline(), Some(t0 + 700 * MS));
+        // The answer's data stops the wait; the window after it runs from there.
+        l.on_data_received(at(t0, 600));
+        assert_eq!(l.deadline(), Some(at(t0, 1_300)));
+    }
+
+    #[test]
+    fn a_new_session_expects_nothing_until_data_moves() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(t0, 100 * MS);
+        // Control frames are signs of life but arm nothing.
+        l.on_receive(at(t0, 50));
+        assert_eq!(l.deadline(), None);
+        assert!(!l.expired(at(t0, 100_000)));
+    }
+
     #[test]
     fn an_idle_connection_expects_nothing_and_a_request_starts_the_clock() {
         let t0 = Instant::now();

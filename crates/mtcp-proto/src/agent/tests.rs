@@ -430,3 +430,6 @@ proptest! {
         prop_assert_eq!(r.chunks.concat(), sent[from as usize..].to_vec());
     }
 }
+
+mod messages;
+mod relay;

@@ -358,6 +358,56 @@ mod tests {
         assert_eq!(fired, Some(10_000));
     }
 
+    #[test]
+    fn floor_at_exactly_the_floor_does_not_fire_and_one_byte_less_does() {
+        // 1 MB/s over 1 s of 100 ms intervals: 100 000 bytes each is exactly the floor.
+        let t0 = Instant::now();
+        let mut p = floor(1_000_000, 1000);
+        assert_eq!(run_floor(&mut p, t0, 40, 100, 100_000, 1, false), None);
+        let mut p = floor(1_000_000, 1000);
+        let mut d = 0;
+        let mut fire = None;
+        for i in 0..=10u32 {
+            fire = p.sample(t0 + MS * (i * 100), s(d, 1, false));
+            d += if i == 0 { 99_999 } else { 100_000 };
+        }
+        assert_eq!(
+            fire,
+            Some(FloorFire {
+                rate_bytes_per_s: 999_999,
+                over: MS * 1000
+            })
+        );
+        assert_eq!(p.evidence(), Duration::ZERO, "the evidence starts afresh");
+    }
+
+    #[test]
+    fn floor_counts_nothing_for_a_sample_at_the_same_instant() {
+        let t0 = Instant::now();
+        let mut p = floor(1_000_000, 300);
+        assert!(p.sample(t0, s(0, 1, false)).is_none());
+        assert!(p.sample(t0 + MS * 100, s(0, 1, false)).is_none());
+        assert!(p.sample(t0 + MS * 100, s(0, 1, false)).is_none());
+        assert_eq!(p.evidence(), MS * 100);
+        assert_eq!(p.config().floor_bytes_per_s, 1_000_000);
+    }
+
+    #[test]
+    fn floor_takes_a_delivered_count_that_goes_back_as_no_progress() {
+        // A counter that goes back (a new session's) neither underflows nor counts negative.
+        let t0 = Instant::now();
+        let mut p = floor(1_000, 200);
+        assert!(p.sample(t0, s(5_000, 1, false)).is_none());
+        assert!(p.sample(t0 + MS * 100, s(10, 1, false)).is_none());
+        assert_eq!(
+            p.sample(t0 + MS * 200, s(5_050, 1, false)),
+            Some(FloorFire {
+                rate_bytes_per_s: 250,
+                over: MS * 200
+            })
+        );
+    }
+
     proptest! {
         /// Delivering at or above the floor in every interval never fires, whatever the backlog,
         /// the client and the sampling do.

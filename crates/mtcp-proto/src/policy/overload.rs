@@ -160,6 +160,47 @@ mod tests {
         assert_eq!(p.poll(t0, &conns(t0, 5)), Vec::<u32>::new());
     }
 
+    #[test]
+    fn overload_breaks_arrival_ties_by_the_higher_key_and_hints_a_key_once() {
+        let t0 = Instant::now();
+        let mut p = OverloadPolicy::new(OverloadConfig {
+            burst: 5,
+            ..OverloadConfig::new(0)
+        });
+        let same = |key| LiveConn { key, arrived: t0 };
+        assert_eq!(p.poll(t0, &[same(1), same(3), same(2)]), vec![3, 2, 1]);
+        let mut p = OverloadPolicy::new(OverloadConfig {
+            burst: 5,
+            ..OverloadConfig::new(0)
+        });
+        assert_eq!(p.poll(t0, &[same(7), same(7)]), vec![7]);
+    }
+
+    #[test]
+    fn overload_with_no_burst_never_hints() {
+        let t0 = Instant::now();
+        let cfg = OverloadConfig {
+            burst: 0,
+            ..OverloadConfig::new(0)
+        };
+        let mut p = OverloadPolicy::new(cfg);
+        assert_eq!(p.config(), cfg);
+        for ms in [0, 1000, 60_000] {
+            assert_eq!(p.poll(t0 + MS * ms, &conns(t0, 10)), Vec::<u32>::new());
+        }
+    }
+
+    #[test]
+    fn overload_time_going_back_gives_no_tokens() {
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let mut p = OverloadPolicy::new(OverloadConfig::new(0));
+        let live = conns(t0, 10);
+        assert_eq!(p.poll(t0, &live).len(), 2);
+        assert_eq!(p.poll(t0 - MS * 5000, &live), Vec::<u32>::new());
+        // Still one token per 100 ms, counted from the latest time seen.
+        assert_eq!(p.poll(t0 + MS * 100, &live).len(), 1);
+    }
+
     proptest! {
         /// Never more than burst + rate × time hints, never below the limit, never a
         /// connection twice within the cooldown, and the same inputs give the same answers.

@@ -300,6 +300,96 @@ mod tests {
         assert_eq!(moves, vec![(10, "b".to_string())]);
     }
 
+    #[test]
+    fn rtt_picks_the_fastest_alternate_that_was_held_long_enough() {
+        let t0 = Instant::now();
+        let mut p = rtt_policy(5, 1000);
+        p.set_current("s1");
+        for ms in [0, 500] {
+            let now = t0 + MS * ms;
+            p.sample(now, "s1", MS * 40);
+            p.sample(now, "s2", MS * 20);
+            p.sample(now, "s3", MS * 10);
+            assert_eq!(p.poll(now), None);
+        }
+        // s4 is the fastest but better only since 1 s: not held yet.
+        let now = t0 + MS * 1000;
+        p.sample(now, "s4", MS);
+        assert_eq!(
+            p.poll(now),
+            Some(RttMove {
+                target: "s3".into(),
+                current_rtt: MS * 40,
+                target_rtt: MS * 10
+            })
+        );
+    }
+
+    #[test]
+    fn rtt_better_by_exactly_the_margin_is_not_better() {
+        let t0 = Instant::now();
+        let mut p = rtt_policy(5, 0);
+        p.set_current("s1");
+        p.sample(t0, "s1", MS * 40);
+        p.sample(t0, "s2", MS * 35);
+        assert_eq!(p.poll(t0), None);
+        p.paths.clear();
+        p.sample(t0, "s1", MS * 40);
+        p.sample(t0, "s2", MS * 34);
+        assert_eq!(p.poll(t0).map(|m| m.better_by()), Some(MS * 6));
+    }
+
+    #[test]
+    fn rtt_a_current_server_gone_quiet_clears_the_evidence() {
+        let t0 = Instant::now();
+        let mut p = rtt_policy(5, 1000);
+        p.set_current("s1");
+        p.sample(t0, "s1", MS * 40);
+        p.sample(t0, "s2", MS * 10);
+        assert_eq!(p.poll(t0), None);
+        // The current server's sample is stale at 3.5 s: no comparison, evidence dropped.
+        let t1 = t0 + MS * 3500;
+        p.sample(t1, "s2", MS * 10);
+        assert_eq!(p.poll(t1), None);
+        p.sample(t1, "s1", MS * 40);
+        assert_eq!(p.poll(t1), None, "the hold restarts at 3.5 s");
+        assert!(p.poll(t1 + MS * 1000).is_some());
+    }
+
+    #[test]
+    fn rtt_setting_the_same_current_server_keeps_the_evidence() {
+        let t0 = Instant::now();
+        let mut p = rtt_policy(5, 1000);
+        p.set_current("s1");
+        p.sample(t0, "s1", MS * 40);
+        p.sample(t0, "s2", MS * 10);
+        assert_eq!(p.poll(t0), None);
+        p.set_current("s1");
+        assert_eq!(p.current(), Some("s1"));
+        let t1 = t0 + MS * 1000;
+        p.sample(t1, "s1", MS * 40);
+        p.sample(t1, "s2", MS * 10);
+        assert_eq!(p.poll(t1).map(|m| m.target), Some("s2".into()));
+    }
+
+    #[test]
+    fn rtt_config_keeps_samples_fresh_for_three_probe_intervals() {
+        let c = RttConfig::new(MS * 5, MS * 2000, MS * 1000);
+        assert_eq!(
+            (c.margin, c.hold, c.max_age),
+            (MS * 5, MS * 2000, MS * 3000)
+        );
+        let t0 = Instant::now();
+        let mut p = RttPolicy::new(RttConfig::new(MS, Duration::ZERO, MS * 1000));
+        assert_eq!(p.config(), RttConfig::new(MS, Duration::ZERO, MS * 1000));
+        p.set_current("s1");
+        p.sample(t0, "s2", MS);
+        p.sample(t0 + MS * 3000, "s1", MS * 50);
+        assert!(p.poll(t0 + MS * 3000).is_some(), "exactly 3 intervals old");
+        p.sample(t0 + MS * 3001, "s1", MS * 50);
+        assert_eq!(p.poll(t0 + MS * 3001), None);
+    }
+
     proptest! {
         /// Whatever the samples, two decisions are at least `hold` apart, even when the agent
         /// follows each one.
