@@ -170,4 +170,40 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("at most"), "{e}");
     }
+
+    #[test]
+    fn a_handover_wrong_in_every_way_is_refused_for_the_first_rule_it_breaks() {
+        let mut h = Handover {
+            local_admitted: false,
+            listener_uid: None,
+            session_uid: 0,
+            held: false,
+            send_queue: 10,
+            unsent: 0,
+            recv_queue: MAX_ADOPT_QUEUE + 1,
+        };
+        let mut seen = Vec::new();
+        let fixes: [fn(&mut Handover); 5] = [
+            |h| h.local_admitted = true,
+            |h| h.listener_uid = Some(0),
+            |h| h.unsent = 10,
+            |h| h.recv_queue = 0,
+            |h| h.held = true,
+        ];
+        for fix in fixes {
+            seen.push(admit_handover(&h).unwrap_err());
+            fix(&mut h);
+        }
+        assert!(admit_handover(&h).is_ok());
+        let want = [
+            "fast_path",
+            "nothing listens",
+            "10 bytes of output sent",
+            "bytes of input queued",
+            "not one the session's agent held",
+        ];
+        for (e, w) in seen.iter().zip(want) {
+            assert!(e.contains(w), "{e} (wanted {w})");
+        }
+    }
 }

@@ -339,6 +339,8 @@ impl Lineage {
 mod tests {
     use super::*;
 
+    mod edges;
+
     #[test]
     fn a_silent_holder_is_fenced_and_the_next_gets_the_state_one_epoch_up() {
         // s1 handed epoch 5 to s2 (which resumes at 6).

@@ -116,4 +116,23 @@ mod tests {
         };
         assert_eq!(may_freeze(false, 3, true, Duration::ZERO, w), Freeze::Now);
     }
+
+    #[test]
+    fn no_lock_wait_configured_refuses_a_locked_freeze_at_once() {
+        let w = Waits {
+            lock: Duration::ZERO,
+            ..W
+        };
+        assert_eq!(may_freeze(true, 0, true, Duration::ZERO, w), Freeze::Busy);
+        assert_eq!(may_freeze(false, 0, true, Duration::ZERO, w), Freeze::Now);
+    }
+
+    #[test]
+    fn a_lock_is_waited_for_to_the_last_nanosecond() {
+        let almost = W.lock - Duration::from_nanos(1);
+        assert_eq!(
+            may_freeze(true, 0, false, almost, W),
+            Freeze::Wait(Duration::from_nanos(1))
+        );
+    }
 }

@@ -75,4 +75,26 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn each_short_form_carries_its_code() {
+        let cases = [
+            (Refusal::stale_epoch("r"), RefuseCode::StaleEpoch),
+            (
+                Refusal::unknown_connection("r"),
+                RefuseCode::UnknownConnection,
+            ),
+            (
+                Refusal::origin_unreachable("r"),
+                RefuseCode::OriginUnreachable,
+            ),
+            (Refusal::busy("r"), RefuseCode::Busy),
+            (Refusal::divergence("r"), RefuseCode::Divergence),
+            (Refusal::too_large("r"), RefuseCode::TooLarge),
+            (Refusal::internal("r"), RefuseCode::Internal),
+        ];
+        for (r, code) in cases {
+            assert_eq!(r, Refusal::new(code, "r"));
+        }
+    }
 }

@@ -204,3 +204,5 @@ proptest::proptest! {
         }
     }
 }
+
+mod edges;

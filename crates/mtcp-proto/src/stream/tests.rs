@@ -279,3 +279,5 @@ fn reads_wait_then_see_end_of_input() {
     assert_eq!(st.read(&mut b), Some(0));
     assert!(st.receive(Bytes::from_static(b"x")).is_err());
 }
+
+mod edges;

@@ -1,0 +1,207 @@
+//! A backup's claim rules at their edges: the origin's own claim, updates around an entry's
+//! epoch, refused supersedes, a released custody and the codes every refusal answers with.
+
+use super::*;
+
+#[test]
+fn the_origins_own_claim_is_a_plain_fence_not_a_custody() {
+    // The origin hands the connection over alive: it keeps the custody itself.
+    let mut e = Some(Slot::stored("s1", 3, 10, 5));
+    assert_eq!(
+        claim(&mut e, 3, "s1", true),
+        Ok(Granted::Entry { epoch: 3, label: 3 })
+    );
+    let s = e.as_ref().unwrap();
+    assert!(s.claimed() && !s.custody);
+    assert_eq!(s.taken(3, "s2"), None, "nobody to name as holder");
+    assert_eq!(
+        claim(&mut e, 3, "s2", true),
+        Err(ClaimError::Taken { epoch: 3 })
+    );
+}
+
+#[test]
+fn a_plain_tombstone_fences_its_epoch_without_a_custody() {
+    let mut e: Option<Slot> = None;
+    assert_eq!(claim(&mut e, 4, "s1", false), Ok(Granted::Tombstone));
+    assert_eq!(e, Some(Slot::tombstone(4, "s1", false)));
+    assert_eq!(
+        claim(&mut e, 4, "s2", true),
+        Err(ClaimError::Taken { epoch: 4 })
+    );
+    assert_eq!(
+        Slot::check_store(e.as_ref(), 4, 0, 0),
+        Err(MovedOn {
+            at: 4,
+            claimed: true,
+            epoch: 4
+        })
+    );
+    // An update of a later epoch replaces it.
+    assert_eq!(Slot::check_store(e.as_ref(), 5, 0, 0), Ok(Store::Replace));
+}
+
+#[test]
+fn updates_replace_older_or_equal_points_and_are_refused_below_the_entry() {
+    assert_eq!(Slot::check_store(None, 0, 0, 0), Ok(Store::Replace));
+    let e = Slot::stored("s1", 3, 100, 50);
+    // Same epoch: a newer or equal restart point replaces; compared by output, then input.
+    assert_eq!(Slot::check_store(Some(&e), 3, 100, 50), Ok(Store::Replace));
+    assert_eq!(Slot::check_store(Some(&e), 3, 101, 0), Ok(Store::Replace));
+    assert_eq!(
+        Slot::check_store(Some(&e), 3, 100, 49),
+        Ok(Store::KeepNewer)
+    );
+    let moved = Slot::check_store(Some(&e), 2, 500, 500).unwrap_err();
+    assert_eq!(
+        moved,
+        MovedOn {
+            at: 3,
+            claimed: false,
+            epoch: 2
+        }
+    );
+    assert_eq!(
+        moved.to_string(),
+        "moved on (epoch 3); update for epoch 2 refused"
+    );
+    let claimed = MovedOn {
+        claimed: true,
+        ..moved
+    };
+    assert_eq!(
+        claimed.to_string(),
+        "moved on (epoch 3, claimed); update for epoch 2 refused"
+    );
+}
+
+#[test]
+fn taken_names_the_custody_only_at_its_epoch() {
+    let mut e = Some(Slot::stored("s1", 5, 10, 5));
+    claim(&mut e, 5, "s2", true).unwrap();
+    let s = e.as_ref().unwrap();
+    assert_eq!(s.taken(5, "s1"), Some(Custody::new(5, "s2")));
+    assert_eq!(s.taken(4, "s1"), None);
+    assert_eq!(s.taken(6, "s1"), None);
+    assert_eq!(Slot::stored("s1", 5, 0, 0).taken(5, "s3"), None);
+}
+
+#[test]
+fn a_supersede_the_fence_refuses_changes_nothing() {
+    let mut e = Some(Slot::stored("s3", 5, 100, 50));
+    claim(&mut e, 5, "s1", true).unwrap();
+    let Err(ClaimError::Held(seen)) = claim(&mut e, 5, "s2", true) else {
+        panic!("held by s1")
+    };
+    let s = e.as_mut().unwrap();
+    let before = s.clone();
+    let err = s
+        .supersede(
+            &seen,
+            "s2",
+            &[Fence::Refused(RefuseCode::StaleEpoch)],
+            0,
+            true,
+        )
+        .unwrap_err();
+    assert!(matches!(&err, HandError::Refused(r) if r.code == RefuseCode::StaleEpoch));
+    assert_eq!(err.code(), RefuseCode::StaleEpoch);
+    assert_eq!(*s, before);
+    // Granted above a floor: the new holder's claim is a custody, labelled there.
+    assert_eq!(
+        s.supersede(&seen, "s2", &[Fence::Record(120, 60)], 9, false),
+        Ok((Handout::Successor(0), 9))
+    );
+    assert_eq!(
+        (s.claimer.as_deref(), s.label, s.custody),
+        (Some("s2"), 9, true)
+    );
+    assert_eq!(
+        claim(&mut e, 5, "s4", true),
+        Err(ClaimError::Held(Custody {
+            epoch: 5,
+            holder: "s2".into(),
+            label: 9
+        }))
+    );
+}
+
+#[test]
+fn a_released_custody_is_claimable_again_at_its_raised_label() {
+    let mut e = Some(Slot::stored("s3", 5, 100, 50));
+    claim(&mut e, 5, "s1", true).unwrap();
+    let s = e.as_mut().unwrap();
+    let seen = s.taken(5, "s3").unwrap();
+    s.supersede(&seen, "s2", &[Fence::Nothing], 0, false)
+        .unwrap();
+    assert!(s.release(5, "s2"));
+    assert_eq!(
+        claim(&mut e, 5, "s4", true),
+        Ok(Granted::Entry { epoch: 5, label: 6 })
+    );
+    assert_eq!(
+        e.as_ref().unwrap().taken(5, "s3"),
+        Some(Custody {
+            epoch: 5,
+            holder: "s4".into(),
+            label: 6
+        })
+    );
+}
+
+#[test]
+fn only_a_custody_is_passed_over_and_its_answer_is_checked() {
+    let mut e = Some(Slot::stored("s3", 5, 100, 50));
+    claim(&mut e, 5, "s1", true).unwrap();
+    let s = e.as_mut().unwrap();
+    let seen = s.taken(5, "s3").unwrap();
+    let moved = GaveUp::Answered(vec![Fence::Refused(RefuseCode::StaleEpoch)]);
+    let err = s.pass(&seen, "s2", &moved).unwrap_err();
+    assert_eq!(
+        err,
+        HandError::Pass(PassError::Moved {
+            epoch: 6,
+            code: RefuseCode::StaleEpoch
+        })
+    );
+    assert_eq!(err.code(), RefuseCode::StaleEpoch);
+    assert!(s.custody, "still s1's custody");
+    // A plain claim at the same epoch is never passed over, even seen right.
+    let mut plain = Slot::stored("s3", 5, 100, 50);
+    Slot::claim(Some(&mut plain), 5, "s1", false).unwrap();
+    let seen = Custody::new(5, "s1");
+    assert_eq!(
+        plain.pass(&seen, "s2", &GaveUp::Unanswered),
+        Err(HandError::ChangedHands)
+    );
+}
+
+#[test]
+fn every_claim_refusal_answers_stale_epoch() {
+    for e in [
+        ClaimError::Past { at: 4, epoch: 3 },
+        ClaimError::Taken { epoch: 3 },
+        ClaimError::Held(Custody::new(3, "s1")),
+    ] {
+        assert_eq!(e.code(), RefuseCode::StaleEpoch, "{e}");
+    }
+    assert_eq!(
+        ClaimError::Held(Custody::new(3, "s1")).to_string(),
+        "at epoch 3 is held by s1"
+    );
+    assert_eq!(HandError::ChangedHands.code(), RefuseCode::StaleEpoch);
+}
+
+#[test]
+fn a_confirmation_of_an_older_epoch_keeps_the_entry_and_a_strip_is_repeatable() {
+    let mut e = Some(Slot::stored("s1", 4, 100, 50));
+    claim(&mut e, 4, "s2", true).unwrap();
+    let s = e.as_mut().unwrap();
+    assert_eq!(s.drop_upto(3, "s2"), Dropped::Keep);
+    assert_eq!(s.drop_upto(5, "s2"), Dropped::Strip);
+    assert_eq!((s.in_off, s.out_off, s.custody), (0, 0, false));
+    assert_eq!(s.claimer.as_deref(), Some("s2"));
+    assert_eq!(s.drop_upto(4, "s2"), Dropped::Strip);
+    // A claim of a later epoch replaces the stripped tombstone.
+    assert_eq!(claim(&mut e, 5, "s3", true), Ok(Granted::Tombstone));
+}
