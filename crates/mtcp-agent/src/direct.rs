@@ -20,8 +20,8 @@
 use crate::channel::{resumed, welcome};
 use crate::metrics::{counted, Moving};
 use crate::relay::reset;
-use crate::{AgentInner, ConnStatus, MigrationEvent, MoveCause, MoveReason, MoveRequest};
-use mtcp::framed::{self, FrameReader};
+use crate::{AgentInner, ConnStatus, MigrationEvent, MoveReason, MoveRequest};
+use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::agent::{Control, MoveError, MovePlan, Placement, StreamPos};
@@ -330,7 +330,12 @@ async fn run(
                 }
                 Ok(Control::Nothing | Control::Pong(_) | Control::Stream(_)) => {}
                 Err(e) => {
-                    let reason = MoveReason::new(MoveCause::SessionBroke, format!("session with {} broke: {e}", conn.at.server));
+                    // The server beats whenever the session is quiet: a timeout is its silence,
+                    // named as the relay names it.
+                    let reason = match e {
+                        ChannelError::Timeout => MoveReason::silence(silent),
+                        e => MoveReason::session_broke(&conn.at.server, e),
+                    };
                     tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
                     return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
                 }

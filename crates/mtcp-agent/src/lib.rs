@@ -11,7 +11,6 @@ pub mod dialer;
 mod direct;
 pub mod metrics;
 pub mod policy;
-mod reason;
 mod relay;
 mod spare;
 pub mod transparent;
@@ -25,9 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+pub use mtcp_proto::agent::MoveCause;
+pub(crate) use mtcp_proto::agent::MoveReason;
 pub use policy::{PolicyConfig, RttPolicyConfig};
-pub use reason::MoveCause;
-pub(crate) use reason::MoveReason;
 
 /// Agent settings.
 #[derive(Debug, Clone)]

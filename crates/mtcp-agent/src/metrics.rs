@@ -2,8 +2,8 @@
 //! moves by cause and outcome and how long they took, the refusals candidates answered, and,
 //! when scraped, its connections by state and the upstream bytes it keeps for replays.
 
-use crate::reason::MoveCause;
 use crate::AgentInner;
+use crate::MoveCause;
 use ::metrics::{counter, gauge, histogram};
 use mtcp::metrics::{CONNECTIONS, MOVES, MOVE_SECONDS, RETENTION_BYTES};
 use std::future::Future;

@@ -15,7 +15,10 @@
 //! Drivers feed it messages and bytes, carry out what it returns, and keep the sockets, the
 //! timers and the status shown to operators. Errors are typed ([`MoveError`]).
 
+mod reason;
 pub mod stream;
+
+pub use reason::{MoveCause, MoveReason};
 
 use crate::custody::{Lineage, Step};
 use crate::sum::{checksum, SumSeg};

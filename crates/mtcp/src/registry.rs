@@ -73,6 +73,15 @@ impl ServerInner {
             .remove(&cid);
     }
 
+    /// Forgets `c` if the table still holds it under its cid, and not a newer connection that
+    /// took its place (a local re-attach builds a new one under the same cid).
+    pub(crate) fn forget_same(&self, c: &Arc<Shared>) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.get(&c.cid).is_some_and(|held| Arc::ptr_eq(held, c)) {
+            conns.remove(&c.cid);
+        }
+    }
+
     pub(crate) fn get(&self, cid: &Cid) -> Option<Arc<Shared>> {
         self.conns
             .lock()
@@ -169,8 +178,8 @@ pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
     for &i in &gone {
         let c = &conns[i];
         let mut st = c.lock();
-        if st.detached_at.is_none() {
-            continue; // its agent came back meanwhile
+        if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
+            continue; // moved, re-attached or ended meanwhile
         }
         if list[i].carried_data {
             tracing::info!(target: "mtcp::server", cid = %c.cid, "agent gone for {:?}; dropping the connection's state", inner.limits.dead_session);
@@ -179,7 +188,7 @@ pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
         }
         st.abort("agent gone".into(), None);
         drop(st);
-        inner.forget(c.cid);
+        inner.forget_same(c);
     }
     if empty > 0 {
         tracing::debug!(

@@ -3,7 +3,7 @@
 
 use super::{Conn, End, Session};
 use crate::watch::WatchEnd;
-use crate::{AgentInner, MoveCause, MoveReason, MoveRequest};
+use crate::{AgentInner, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, Out, Piece};
 use mtcp_proto::agent::stream::StreamStep;
@@ -97,10 +97,10 @@ pub(super) async fn run(
             }
             Some(req) = cmd.recv() => {
                 tracing::debug!(target: "mtcp_agent::relay", conn = conn.id, waited_us = req.at.elapsed().as_micros() as u64, "move request seen");
-                if let Some(t) = req.to.as_deref().filter(|t| !conn.at.alternates.iter().any(|a| a.id == *t)) {
+                if let Err(e) = conn.at.check_target(req.to.as_deref()) {
                     // Refuse before touching the session: a typo must not break a live connection.
                     if let Some(d) = req.done {
-                        let _ = d.send(Err(crate::NotMoved::Failed(format!("unknown server {t:?}"))));
+                        let _ = d.send(Err(crate::NotMoved::Failed(e.to_string())));
                     }
                     continue;
                 }
@@ -265,8 +265,7 @@ pub(super) async fn run(
                     silence.as_mut().reset(silence_due(&live));
                     continue;
                 }
-                let reason = MoveReason::new(MoveCause::Silence, format!("server silent for {:?}", live.bound()));
-                return End::Move { reason, to: None, done: None, at: None };
+                return End::Move { reason: MoveReason::silence(live.bound()), to: None, done: None, at: None };
             }
         }
     }
@@ -382,10 +381,7 @@ async fn on_msg(
 
 /// The session's TCP connection failed without an M-TCP close: move it.
 fn session_broke(conn: &Conn, why: &str) -> End {
-    let reason = MoveReason::new(
-        MoveCause::SessionBroke,
-        format!("session with {} broke: {why}", conn.at.server),
-    );
+    let reason = MoveReason::session_broke(&conn.at.server, why);
     tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "{reason}");
     End::Move {
         reason,

@@ -1,7 +1,8 @@
-//! Why a connection moves: a cause from a fixed set (the `reason` label of
+//! Why a connection moves (both agent drivers use these): a cause from a fixed set (the `reason` label of
 //! `mtcp_moves_total`) and the sentence the log and the timeline show.
 
-use mtcp_proto::wire::HintReason;
+use crate::wire::HintReason;
+use std::time::Duration;
 
 /// What triggered a move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,22 +66,68 @@ impl From<HintReason> for MoveCause {
 
 /// A move's cause and the sentence that explains it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MoveReason {
+pub struct MoveReason {
     pub cause: MoveCause,
     pub text: String,
 }
 
 impl MoveReason {
-    pub(crate) fn new(cause: MoveCause, text: impl Into<String>) -> Self {
+    pub fn new(cause: MoveCause, text: impl Into<String>) -> Self {
         MoveReason {
             cause,
             text: text.into(),
         }
+    }
+
+    /// The server said nothing for `bound` while the agent expected it to: the same cause and
+    /// words on the relay and the fast path.
+    pub fn silence(bound: Duration) -> Self {
+        MoveReason::new(MoveCause::Silence, format!("server silent for {bound:?}"))
+    }
+
+    /// The session with `server` failed without an M-TCP close (reset, EOF, bad frame).
+    pub fn session_broke(server: &str, why: impl std::fmt::Display) -> Self {
+        MoveReason::new(
+            MoveCause::SessionBroke,
+            format!("session with {server} broke: {why}"),
+        )
     }
 }
 
 impl std::fmt::Display for MoveReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_and_a_broken_session_are_told_apart() {
+        let r = MoveReason::silence(Duration::from_millis(1400));
+        assert_eq!(r.cause, MoveCause::Silence);
+        assert_eq!(r.cause.label(), "silence");
+        assert_eq!(r.to_string(), "server silent for 1.4s");
+        let r = MoveReason::session_broke("s2", "peer closed the connection");
+        assert_eq!(r.cause, MoveCause::SessionBroke);
+        assert_eq!(r.cause.label(), "session_broke");
+        assert_eq!(r.text, "session with s2 broke: peer closed the connection");
+    }
+
+    #[test]
+    fn every_hint_reason_has_its_own_cause() {
+        let causes = [HintReason::Drain, HintReason::Overload, HintReason::Balance]
+            .map(|h| MoveCause::from(h).label());
+        assert_eq!(causes, ["drain", "overload", "balance"]);
+        let mut labels: Vec<_> = MoveCause::ALL.iter().map(|c| c.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(
+            labels.len(),
+            MoveCause::ALL.len(),
+            "labels must be distinct"
+        );
     }
 }
