@@ -15,6 +15,7 @@ pub mod channel;
 pub mod custody;
 pub mod freeze;
 pub mod offsets;
+pub mod phase;
 pub mod policy;
 pub mod record;
 pub mod refusal;

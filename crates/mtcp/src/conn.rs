@@ -6,7 +6,7 @@
 //! that another server can restart the application from the snapshot and continue both streams
 //! exactly where the client is.
 
-use crate::conn_state::{Accepted, ConnState, Phase, Shared, TraceOut, MAX_WRITE};
+use crate::conn_state::{Accepted, ConnState, Phase, PhaseEvent, Shared, TraceOut, MAX_WRITE};
 use crate::framed::Out;
 use crate::registry::ServerInner;
 use bytes::Bytes;
@@ -183,13 +183,15 @@ impl Connection {
             return;
         }
         let down_total = st.s.out_off();
-        st.enter(Phase::AppClosed);
+        // CLOSED is queued first: with nothing left to deliver the connection is closed at
+        // once, and the writer flushes what is queued, then stops.
         st.send(Out::Msg(Msg::Closed { down_total }));
-        let done = st.s.acked() >= down_total;
-        if done {
-            // Nothing left to deliver: end the session (the writer flushes CLOSED, then stops).
-            st.enter(Phase::Closed);
-        }
+        let acked = st.s.acked();
+        st.apply(PhaseEvent::AppDone {
+            acked,
+            out: down_total,
+        });
+        let done = *st.phase() == Phase::Closed;
         let epoch = st.epoch;
         drop(st);
         if done {

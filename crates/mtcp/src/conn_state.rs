@@ -68,19 +68,11 @@ pub fn is_migrated(e: &io::Error) -> bool {
     e.get_ref().and_then(|i| i.downcast_ref::<StateError>()) == Some(&StateError::Migrated)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Phase {
-    Live,
-    /// The application is done; kept until the agent has every byte.
-    AppClosed,
-    Migrated,
-    Aborted(String),
-    Closed,
-}
+pub(crate) use mtcp_proto::phase::{Phase, PhaseEvent};
 
 pub(crate) struct ConnState {
     pub epoch: u64,
-    /// Changed only by [`ConnState::enter`].
+    /// Changed only by [`ConnState::apply`].
     phase: Phase,
     /// The byte streams, restart points and acknowledgements (sans-IO).
     pub s: ServerStream,
@@ -211,24 +203,30 @@ impl ConnState {
         &self.phase
     }
 
-    /// Every phase change of a connection happens here. Live → AppClosed (the application is
-    /// done, the agent still reading) → Closed; a live or closing connection may instead end
-    /// as Migrated (frozen for a destination, or given up to a keeper) or Aborted. Entering a
-    /// final phase drops the session's queue (its writer stops) and wakes every waiting call
-    /// of the application, which then sees the phase.
-    pub fn enter(&mut self, to: Phase) {
-        let done = !matches!(to, Phase::Live | Phase::AppClosed);
+    /// Every phase change of a connection happens here, as [`Phase::on`] rules; true if `ev`
+    /// changed the phase. Entering a final phase drops the session's queue (its writer stops
+    /// after what is queued) and wakes every waiting call of the application, which then sees
+    /// the phase.
+    pub fn apply(&mut self, ev: PhaseEvent) -> bool {
+        let Some(to) = self.phase.on(ev) else {
+            return false;
+        };
         self.phase = to;
-        if done {
+        if !self.phase.serves() {
             self.tx = None;
             self.wake_all();
         }
+        true
     }
 
-    /// Ends the connection here for `reason`: the agent hears REFUSED with `refusal` when one is
-    /// given, the session's writer stops, and the application's pending calls wake to the error.
-    /// The caller then forgets the connection (`ServerInner::forget`).
+    /// Ends the connection here for `reason`, unless it already ended: the agent hears REFUSED
+    /// with `refusal` when one is given, the session's writer stops, and the application's
+    /// pending calls wake to the error. The caller then forgets the connection
+    /// (`ServerInner::forget`).
     pub fn abort(&mut self, reason: String, refusal: Option<RefuseCode>) {
+        if !self.phase.serves() {
+            return;
+        }
         if let Some(code) = refusal {
             crate::metrics::refused(code);
             self.send(Out::Msg(Msg::Refused {
@@ -236,7 +234,7 @@ impl ConnState {
                 reason: reason.clone(),
             }));
         }
-        self.enter(Phase::Aborted(reason));
+        self.apply(PhaseEvent::Abort(reason));
     }
 
     /// The application's read waits: it is woken when input arrives or the connection ends.
@@ -275,7 +273,7 @@ impl ConnState {
         max_record: usize,
     ) -> Result<StateRecord, Refusal> {
         let rec = self.record(cid, down_recv, sum_from, down_sum, max_record)?;
-        self.enter(Phase::Migrated);
+        self.apply(PhaseEvent::LetGo);
         Ok(rec)
     }
 

@@ -28,7 +28,7 @@
 //!
 //! [`ServerStream`]: mtcp_proto::stream::ServerStream
 
-use crate::conn_state::{ConnState, Phase, Shared};
+use crate::conn_state::{ConnState, Phase, PhaseEvent, Shared};
 use crate::direct_state::{DirectHandle, Pump, Queues, MAX_TCP_STATE};
 use crate::framed::Out;
 use crate::registry::ServerInner;
@@ -404,8 +404,7 @@ impl Pump {
     fn closed(&mut self, shared: &Arc<Shared>, inner: &Arc<ServerInner>, m: Msg) {
         let _ = socket2::SockRef::from(&*self.sock).shutdown(std::net::Shutdown::Write);
         let mut st = shared.lock();
-        if *st.phase() == Phase::AppClosed {
-            st.enter(Phase::Closed);
+        if st.apply(PhaseEvent::OutputInKernel) {
             let epoch = st.epoch;
             drop(st);
             crate::eager::closed_in_order(inner, shared.cid, epoch);

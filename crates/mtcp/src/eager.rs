@@ -21,7 +21,7 @@ pub(crate) use claims::{protect_takeover, take_from_replica, Claims};
 pub(crate) use handover::{claim_here, fence_here, hand_over};
 
 use crate::conn_state::Confirm;
-use crate::conn_state::{ConnState, Phase, Shared, StateError};
+use crate::conn_state::{ConnState, Phase, PhaseEvent, Shared, StateError};
 use crate::framed::Out;
 use crate::peer;
 use crate::registry::ServerInner;
@@ -355,9 +355,8 @@ fn let_go_fenced(
     mut st: std::sync::MutexGuard<'_, ConnState>,
     taken: Option<Custody>,
 ) {
-    st.enter(Phase::Migrated);
+    st.apply(PhaseEvent::LetGo);
     st.repl.confirm = None;
-    st.wake_all();
     match taken.filter(|c| c.epoch == st.epoch) {
         Some(c) => {
             tracing::info!(%cid, epoch = c.epoch, holder = %c.holder, "keeping the fenced connection's state until its taker confirms");

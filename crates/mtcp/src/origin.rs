@@ -1,7 +1,7 @@
 //! The origin's side of a move: freezing a local connection (relayed or fast path) and taking its
 //! state record for the destination that asked (`Fetch`).
 
-use crate::conn_state::{Phase, Shared};
+use crate::conn_state::{Phase, PhaseEvent, Shared};
 use crate::registry::ServerInner;
 use mtcp_proto::freeze::{may_freeze, Freeze};
 use mtcp_proto::stream::Refusal;
@@ -321,7 +321,7 @@ impl ServerInner {
             tracing::warn!(%cid, to, "local hand-over failed, freezing with TCP_REPAIR: {e}");
             return Err((std, restart));
         }
-        st.enter(Phase::Migrated);
+        st.apply(PhaseEvent::LetGo);
         drop(st);
         // Our descriptor only: the socket lives on in the destination's.
         drop(std);

@@ -3,7 +3,7 @@
 //! connections whose agent is gone.
 
 use crate::config::{Cluster, Limits};
-use crate::conn_state::{Accepted, Phase, Shared};
+use crate::conn_state::{Accepted, Phase, PhaseEvent, Shared};
 use crate::gate::YieldAnswer;
 use mtcp_proto::custody::{GateEvent, Verdict};
 use mtcp_proto::wire::{HintReason, ServerStatus};
@@ -225,9 +225,8 @@ impl ServerInner {
                         return YieldAnswer::LetGo;
                     }
                     tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
-                    st.enter(Phase::Migrated);
+                    st.apply(PhaseEvent::LetGo);
                     st.repl.confirm = None;
-                    st.wake_all();
                 }
                 self.forget(cid);
                 YieldAnswer::LetGo

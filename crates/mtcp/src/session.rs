@@ -2,7 +2,7 @@
 //! decides what it is; refusals; the names of messages for logs.
 
 use crate::conn::Connection;
-use crate::conn_state::{Accepted, Phase, Shared, Start};
+use crate::conn_state::{Accepted, PhaseEvent, Shared, Start};
 use crate::framed::{self, ChannelError, FrameReader};
 use crate::metrics::SessionKind;
 use crate::movetrace::Role;
@@ -278,7 +278,7 @@ pub(crate) async fn handle_session(
                     tracing::warn!(cid = %m.cid, "superseded before RESUMED went out; letting the connection go");
                     {
                         let mut st = shared.lock();
-                        st.enter(Phase::Migrated);
+                        st.apply(PhaseEvent::LetGo);
                     }
                     inner.forget(m.cid);
                     Err(Refusal::stale_epoch(

@@ -2,7 +2,7 @@
 //! (upstream data, ACKs, control); refusing a session, and the budget of log lines for events
 //! anyone can cause.
 
-use crate::conn_state::{Phase, Shared};
+use crate::conn_state::{Phase, PhaseEvent, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::registry::{sweep_detached, ServerInner};
 use crate::stream::{ReadHalf, WriteHalf};
@@ -226,8 +226,8 @@ pub(crate) async fn reader_loop(
                         }
                     }
                 }
-                if *st.phase() == Phase::AppClosed && st.s.acked() >= st.s.out_off() {
-                    st.enter(Phase::Closed);
+                let (acked, out) = (st.s.acked(), st.s.out_off());
+                if st.apply(PhaseEvent::Acked { acked, out }) {
                     let epoch = st.epoch;
                     drop(st);
                     crate::eager::closed_in_order(inner, shared.cid, epoch);
@@ -255,10 +255,11 @@ pub(crate) async fn reader_loop(
                 break "the agent moves the connection elsewhere".into();
             }
             Frame::Msg(Msg::Close) => {
-                st.enter(Phase::Closed);
-                let epoch = st.epoch;
-                drop(st);
-                crate::eager::closed_in_order(inner, shared.cid, epoch);
+                if st.apply(PhaseEvent::AgentClose) {
+                    let epoch = st.epoch;
+                    drop(st);
+                    crate::eager::closed_in_order(inner, shared.cid, epoch);
+                }
                 return true;
             }
             Frame::Msg(other) => break format!("unexpected {} in a session", other.name()),
