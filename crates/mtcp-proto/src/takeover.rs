@@ -125,6 +125,8 @@ mod tests {
     use crate::sum::{checksum, SumSeg};
     use bytes::Bytes;
 
+    mod flow;
+
     fn migrate(epoch: u64, down_recv: u64, up_sent: u64) -> Migrate {
         Migrate {
             cid: Cid([3; 16]),
