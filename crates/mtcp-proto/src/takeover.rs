@@ -59,10 +59,16 @@ pub fn restart_record(
 /// (`direct`: a fast-path connection, whose position is the origin's own — the agent sees no
 /// bytes).
 pub fn check_record(m: &Migrate, rec: &StateRecord, direct: bool) -> Result<(), Refusal> {
-    if rec.cid != m.cid || rec.epoch < m.epoch {
+    if rec.cid != m.cid {
         return Err(Refusal::internal(
             "origin sent the record of another connection",
         ));
+    }
+    if rec.epoch < m.epoch {
+        return Err(Refusal::internal(format!(
+            "origin sent the record of epoch {} for a move from epoch {}",
+            rec.epoch, m.epoch
+        )));
     }
     if !direct && m.up_sent < rec.up_recv() {
         return Err(Refusal::new(
@@ -246,6 +252,16 @@ mod tests {
         let rec = record(4, 10, b"abc", 20);
         assert_eq!(
             check_record(&migrate(5, 20, 13), &rec, false),
+            Err(Refusal::internal(
+                "origin sent the record of epoch 4 for a move from epoch 5"
+            ))
+        );
+        let other = StateRecord {
+            cid: Cid([4; 16]),
+            ..rec.clone()
+        };
+        assert_eq!(
+            check_record(&migrate(4, 20, 13), &other, false),
             Err(Refusal::internal(
                 "origin sent the record of another connection"
             ))
