@@ -24,7 +24,7 @@ use crate::{AgentInner, ConnStatus, MigrationEvent, MoveReason, MoveRequest};
 use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, WriteHalf};
-use mtcp_proto::agent::{Control, MoveError, MovePlan, Placement, StreamPos};
+use mtcp_proto::agent::{AfterFailure, Control, MoveError, MovePlan, Placement, StreamPos};
 use mtcp_proto::custody::Lineage;
 use mtcp_proto::trigger::{silence_bound, Rtt};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
@@ -373,14 +373,15 @@ async fn migrate(
                 resumed = Some(s);
                 break;
             }
-            Err(e @ MoveError::Closed(_)) => {
-                tracing::info!(conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
-                return Ok(None);
-            }
-            Err(e) => {
-                tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
-                plan.refused(cand, &e);
-            }
+            Err(e) => match plan.failed(cand, &e) {
+                AfterFailure::Ended => {
+                    tracing::info!(conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
+                    return Ok(None);
+                }
+                AfterFailure::TryNext => {
+                    tracing::warn!(conn = conn.id, server = %cand.id, "migration refused: {e}");
+                }
+            },
         }
     }
     let ok = resumed.is_some();

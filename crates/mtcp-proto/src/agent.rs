@@ -241,6 +241,15 @@ impl Placement {
     }
 }
 
+/// What a failed MIGRATE leaves the move with ([`MovePlan::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// The connection had already ended in order: nothing to move.
+    Ended,
+    /// The candidate did not take it (noted in the plan): try the next.
+    TryNext,
+}
+
 /// One move: the candidates in order, each asked with the same MIGRATE, then — when nobody could
 /// take the connection at its epoch — the same candidates again from an unconfirmed earlier
 /// epoch (eager mode, decision 43): a destination that died before its backups held its epoch
@@ -303,6 +312,17 @@ impl MovePlan {
             migrate: self.migrate.clone(),
             fell_back,
         })
+    }
+
+    /// `cand` failed with `e`: the one rule of both agent drivers. A candidate that answers
+    /// CLOSED ends the move (the connection had ended in order, every byte delivered: nothing
+    /// to move); any other failure is noted and the next candidate is tried.
+    pub fn failed(&mut self, cand: &ServerInfo, e: &MoveError) -> AfterFailure {
+        if matches!(e, MoveError::Closed(_)) {
+            return AfterFailure::Ended;
+        }
+        self.refused(cand, e);
+        AfterFailure::TryNext
     }
 
     /// `cand` did not take the connection.

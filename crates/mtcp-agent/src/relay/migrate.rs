@@ -6,7 +6,7 @@ use crate::channel::{exchange_migrate, resumed};
 use crate::{AgentInner, MigrationEvent};
 use mtcp::framed::{self, Out};
 use mtcp::movetrace;
-use mtcp_proto::agent::{Attempt, MoveError, MovePlan};
+use mtcp_proto::agent::{AfterFailure, Attempt, MoveError, MovePlan};
 use mtcp_proto::custody::Step;
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo};
 use std::sync::Arc;
@@ -79,15 +79,16 @@ async fn attempt(
             tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, from = %from, to = %conn.at.server, us = resumed_us, "migrated");
             Some(Ok(Some(s)))
         }
-        Err(e @ MoveError::Closed(_)) => {
-            tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
-            Some(Ok(None))
-        }
-        Err(e) => {
-            tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, server = %cand.id, "migration refused: {e}");
-            plan.refused(cand, &e);
-            None
-        }
+        Err(e) => match plan.failed(cand, &e) {
+            AfterFailure::Ended => {
+                tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "not moved: {e}");
+                Some(Ok(None))
+            }
+            AfterFailure::TryNext => {
+                tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, server = %cand.id, "migration refused: {e}");
+                None
+            }
+        },
     }
 }
 

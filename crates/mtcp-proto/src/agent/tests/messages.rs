@@ -232,6 +232,27 @@ fn a_plan_keeps_the_codes_of_refused_answers_only_in_order() {
 }
 
 #[test]
+fn a_closed_answer_ends_the_move_and_any_other_failure_tries_the_next() {
+    let p = placement();
+    let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
+    let empty = crate::custody::Lineage::default();
+    let a = plan.next(&empty).expect("a candidate");
+    let busy = MoveError::Refused {
+        code: RefuseCode::Busy,
+        reason: "4 takeovers".into(),
+    };
+    assert_eq!(plan.failed(&a.cand, &busy), AfterFailure::TryNext);
+    let a = plan.next(&empty).expect("a second candidate");
+    assert_eq!(
+        plan.failed(&a.cand, &MoveError::Closed("ended in order".into())),
+        AfterFailure::Ended
+    );
+    // Only the refusal that passed the move on is noted.
+    assert_eq!(plan.refuse_codes(), [RefuseCode::Busy]);
+    assert_eq!(plan.refusals().len(), 1);
+}
+
+#[test]
 fn a_move_falls_back_one_unconfirmed_epoch_at_a_time_newest_first() {
     let mut p = placement();
     p.epoch = 9;
