@@ -10,9 +10,33 @@
 //!   socket until it freezes, but a relaying agent stops forwarding input once it moves a
 //!   connection, so a soft section there could not end and is not waited for.
 //!
-//! The runtime calls [`may_freeze`] whenever a section ends or a wait runs out.
+//! The runtime calls [`may_freeze`] whenever a section ends or a wait runs out. Before each
+//! decision (and after every await of a step that acts on a connection at an epoch) it checks
+//! with [`still_serves`] that the connection is still the one asked about.
 
+use crate::phase::Phase;
+use crate::refusal::Refusal;
+use crate::Cid;
 use std::time::Duration;
+
+/// Whether connection `cid`, now at epoch `cur_epoch` in phase `phase`, is still the one a
+/// request (or a step begun before an await) for `epoch` is about, and still serves here.
+/// * Another epoch: the connection moved on — refused `StaleEpoch`, and whoever holds an old
+///   token learns nothing of where the connection is now (issue 14).
+/// * Not serving (moved, aborted or closed): refused `UnknownConnection`.
+pub fn still_serves(cur_epoch: u64, phase: &Phase, epoch: u64, cid: Cid) -> Result<(), Refusal> {
+    if cur_epoch != epoch {
+        return Err(Refusal::stale_epoch(format!(
+            "connection {cid} has moved on since epoch {epoch}: the token is stale"
+        )));
+    }
+    if !phase.serves() {
+        return Err(Refusal::unknown_connection(format!(
+            "connection {cid} is no longer served here"
+        )));
+    }
+    Ok(())
+}
 
 /// What the origin does with a freeze request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +83,50 @@ pub fn may_freeze(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::RefuseCode;
+
+    const CID: Cid = Cid([7; 16]);
+
+    #[test]
+    fn a_serving_connection_at_the_asked_epoch_is_still_the_one() {
+        for p in [Phase::Live, Phase::AppClosed] {
+            assert_eq!(still_serves(3, &p, 3, CID), Ok(()));
+        }
+    }
+
+    #[test]
+    fn another_epoch_is_stale_whatever_the_phase() {
+        for p in [
+            Phase::Live,
+            Phase::AppClosed,
+            Phase::Migrated,
+            Phase::Closed,
+        ] {
+            for (cur, asked) in [(4, 3), (3, 4), (0, 1)] {
+                let r = still_serves(cur, &p, asked, CID).unwrap_err();
+                assert_eq!(r.code, RefuseCode::StaleEpoch, "{p:?} {cur} {asked}");
+                // It names the asked epoch only, never the current one.
+                assert_eq!(
+                    r.reason,
+                    format!(
+                        "connection {CID} has moved on since epoch {asked}: the token is stale"
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_that_no_longer_serves_is_unknown() {
+        for p in [Phase::Migrated, Phase::Aborted("x".into()), Phase::Closed] {
+            let r = still_serves(5, &p, 5, CID).unwrap_err();
+            assert_eq!(r.code, RefuseCode::UnknownConnection, "{p:?}");
+            assert_eq!(
+                r.reason,
+                format!("connection {CID} is no longer served here")
+            );
+        }
+    }
 
     const W: Waits = Waits {
         lock: Duration::from_secs(10),

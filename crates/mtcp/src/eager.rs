@@ -21,7 +21,7 @@ pub(crate) use claims::{protect_takeover, take_from_replica, Claims};
 pub(crate) use handover::{claim_here, fence_here, hand_over};
 
 use crate::conn_state::Confirm;
-use crate::conn_state::{ConnState, Phase, PhaseEvent, Shared, StateError};
+use crate::conn_state::{ConnState, PhaseEvent, Shared, StateError};
 use crate::framed::Out;
 use crate::peer;
 use crate::registry::ServerInner;
@@ -145,7 +145,7 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
 /// Starts pushing the connection's newest acknowledged restart point to the backups, if there
 /// is a newer one than they hold and no push is running. On success the agent hears COMMITTED.
 pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, st: &mut ConnState) {
-    if !eager(inner) || st.repl.busy || !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
+    if !eager(inner) || st.repl.busy || !st.phase().serves() {
         return;
     }
     if st.repl.retry_at.is_some_and(|t| Instant::now() < t) {
@@ -179,7 +179,8 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
         let r = push(&inner, rec).await;
         let mut st = shared.lock();
         st.repl.busy = false;
-        if st.epoch != epoch || !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
+        // Moved on or ended while the push ran: its answer is no longer this connection's.
+        if mtcp_proto::freeze::still_serves(st.epoch, st.phase(), epoch, shared.cid).is_err() {
             return;
         }
         match r {
@@ -240,6 +241,9 @@ pub(crate) async fn push_durable(
     let mut st = shared.lock();
     match r {
         Ok(Ok(())) => {
+            // The epoch only, not the phase: the backups do hold this restart point whatever
+            // became of the connection meanwhile, and `ensure_live` below tells the caller.
+            // (Another epoch's bookkeeping is not this record's.)
             if st.epoch == epoch && st.repl.committed.is_none_or(|c| c < key) {
                 st.repl.committed = Some(key);
                 st.repl.at = Some(Instant::now());
@@ -357,6 +361,8 @@ fn let_go_fenced(
 ) {
     st.apply(PhaseEvent::LetGo);
     st.repl.confirm = None;
+    // Not a re-check of the connection (it was just let go): the taker's custody is kept only
+    // for the epoch this connection is at — a custody of another epoch is not its state's.
     match taken.filter(|c| c.epoch == st.epoch) {
         Some(c) => {
             tracing::info!(%cid, epoch = c.epoch, holder = %c.holder, "keeping the fenced connection's state until its taker confirms");

@@ -1,9 +1,9 @@
 //! The origin's side of a move: freezing a local connection (relayed or fast path) and taking its
 //! state record for the destination that asked (`Fetch`).
 
-use crate::conn_state::{Phase, PhaseEvent, Shared};
+use crate::conn_state::{PhaseEvent, Shared};
 use crate::registry::ServerInner;
-use mtcp_proto::freeze::{may_freeze, Freeze};
+use mtcp_proto::freeze::{may_freeze, still_serves, Freeze};
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
 use mtcp_proto::{Cid, StateRecord};
@@ -54,20 +54,8 @@ impl ServerInner {
             let wait;
             {
                 let mut st = shared.lock();
-                if st.epoch != epoch {
-                    return Err(Refusal::stale_epoch(
-                        // Not the current epoch: whoever holds an old token learns nothing
-                        // of where the connection is now (issue 14).
-                        format!(
-                            "connection {cid} has moved on since epoch {epoch}: the token is stale"
-                        ),
-                    ));
-                }
-                if !matches!(st.phase(), Phase::Live | Phase::AppClosed) {
-                    return Err(Refusal::unknown_connection(format!(
-                        "connection {cid} is no longer served here"
-                    )));
-                }
+                // Checked again on every turn: a wait may have let it move on or end.
+                still_serves(st.epoch, st.phase(), epoch, cid)?;
                 // A relaying agent has stopped forwarding input by now: a soft section could
                 // not end (decision 55).
                 let flows = st.direct.is_some();

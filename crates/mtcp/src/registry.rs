@@ -221,6 +221,9 @@ impl ServerInner {
                 };
                 {
                     let mut st = shared.lock();
+                    // The epoch only: the gate let go of `epoch`, so only a connection built
+                    // for it is let go; one at another epoch is not that one. The phase needs
+                    // no check: `LetGo` changes nothing in a final phase.
                     if st.epoch != epoch {
                         return YieldAnswer::LetGo;
                     }

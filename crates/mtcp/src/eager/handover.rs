@@ -20,6 +20,9 @@ use std::sync::Arc;
 fn adopt_taken(inner: &Arc<ServerInner>, f: &Fetch) -> Option<Result<(), Refusal>> {
     let shared = inner.get(&f.cid)?;
     let st = shared.lock();
+    // Not `still_serves`: a fenced connection no longer serves by definition. The FETCH must be
+    // for the epoch its taker's custody is at; the phase needs no check (only a let-go
+    // connection has `taken`).
     let (c, _) = st.repl.taken.clone().filter(|(c, _)| c.epoch == f.epoch)?;
     let r =
         st.s.record(f.cid, f.epoch, f.down_recv, f.sum_from, f.down_sum)
