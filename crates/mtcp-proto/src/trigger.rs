@@ -102,6 +102,25 @@ pub fn beat_due(
     fast_path || input_unanswered || data_unacked || since_data < BEAT_LINGER
 }
 
+/// How long the server waits for the next frame of a session's agent before it counts the
+/// agent as gone (`None`: never). A relaying agent pings every second, so a relayed session
+/// silent for `session_idle` has no agent behind it; a fast-path agent's session is a quiet
+/// control channel (the client's bytes never cross it), silent for as long as nothing moves.
+pub fn agent_silence(fast_path: bool, session_idle: Duration) -> Option<Duration> {
+    (!fast_path).then_some(session_idle)
+}
+
+/// Least time between two BACKLOG reports of a session.
+pub const BACKLOG_EVERY: Duration = Duration::from_millis(200);
+
+/// Whether the server puts BACKLOG{queued} before a batch of `data` bytes it writes now, having
+/// last reported `since_last` ago (`None`: never): only when more output waits behind the batch
+/// (the application is ahead of the socket; the agent anchors the report at this point of the
+/// stream), and at most every [`BACKLOG_EVERY`]. A batch without data anchors nothing.
+pub fn backlog_due(since_last: Option<Duration>, queued: u64, data: u64) -> bool {
+    data > 0 && queued > data && since_last.is_none_or(|d| d >= BACKLOG_EVERY)
+}
+
 /// Heartbeat intervals a session may miss before its server counts as silent.
 pub const MISSED_BEATS: u32 = 3;
 
@@ -196,6 +215,28 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_relayed_sessions_agent_can_fall_silent() {
+        let idle = Duration::from_secs(30);
+        assert_eq!(agent_silence(false, idle), Some(idle));
+        assert_eq!(agent_silence(true, idle), None);
+    }
+
+    #[test]
+    fn backlog_is_reported_when_output_waits_behind_a_batch_at_most_every_200ms() {
+        let ms = Duration::from_millis;
+        // Never reported: at once, if more than the batch is queued.
+        assert!(backlog_due(None, 2_000, 1_000));
+        assert!(!backlog_due(None, 1_000, 1_000));
+        assert!(!backlog_due(None, 999, 1_000));
+        // Reported lately: not again before BACKLOG_EVERY.
+        assert!(!backlog_due(Some(ms(199)), 2_000, 1_000));
+        assert!(backlog_due(Some(ms(200)), 2_000, 1_000));
+        assert!(backlog_due(Some(ms(5_000)), 2_000, 1_000));
+        // A batch without data anchors nothing.
+        assert!(!backlog_due(None, 2_000, 0));
+    }
 
     #[test]
     fn rtt_converges_and_bounds_grow_with_it() {

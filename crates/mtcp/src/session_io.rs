@@ -6,6 +6,7 @@ use crate::conn_state::{Phase, PhaseEvent, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::registry::{sweep_detached, ServerInner};
 use crate::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::trigger::{agent_silence, backlog_due};
 use mtcp_proto::wire::{Frame, Msg, RefuseCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -72,12 +73,12 @@ pub(crate) async fn writer_loop(
             pending.push_back(o);
         }
         let (batch, data) = next_batch(&mut pending);
-        // BACKLOG: more waits behind this batch (the app is ahead of the socket). At most every
-        // BACKLOG_EVERY; the agent anchors it at this point of the stream.
+        // BACKLOG: more waits behind this batch (the app is ahead of the socket), as
+        // `trigger::backlog_due` rules; the agent anchors it at this point of the stream.
         let mut batch = batch;
         let inputs = if data > 0 {
             let st = shared.lock();
-            if reported.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) && st.queued > data {
+            if backlog_due(reported.map(|t| t.elapsed()), st.queued, data) {
                 batch.insert(0, Out::Msg(Msg::Backlog { queued: st.queued }));
                 reported = Some(Instant::now());
             }
@@ -169,13 +170,11 @@ pub(crate) async fn reader_loop(
             }
             consumed.await;
         }
-        // A relaying agent pings every second: a session silent for `session_idle` has no
-        // agent behind it (a fast-path agent's session is a quiet control channel).
-        let relayed = shared.lock().direct.is_none();
-        let next = if relayed {
-            tokio::time::timeout(inner.limits.session_idle, reader.next()).await
-        } else {
-            Ok(reader.next().await)
+        // When the agent counts as gone: `trigger::agent_silence`.
+        let fast_path = shared.lock().direct.is_some();
+        let next = match agent_silence(fast_path, inner.limits.session_idle) {
+            Some(idle) => tokio::time::timeout(idle, reader.next()).await,
+            None => Ok(reader.next().await),
         };
         let f = match next {
             Ok(Ok(f)) => f,
@@ -283,9 +282,6 @@ pub(crate) async fn reader_loop(
     }
     false
 }
-
-/// Least time between two BACKLOG reports of a session.
-pub(crate) const BACKLOG_EVERY: Duration = Duration::from_millis(200);
 
 /// Whether to log an event anyone can cause (a refused session, garbage on a port), at most 20
 /// lines a second: `Some(n)` with the number of such lines suppressed since the last one.
