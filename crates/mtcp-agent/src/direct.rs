@@ -91,7 +91,7 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                 broken,
             } => {
                 let _moving = Moving::new(&inner);
-                let moving = migrate(&inner, &mut conn, &reason.text, to.as_deref(), at);
+                let moving = migrate(&inner, &mut conn, &reason, to.as_deref(), at);
                 match counted(reason.cause, at, moving).await {
                     Ok(Some(s)) => {
                         session = s;
@@ -348,7 +348,7 @@ async fn run(
 async fn migrate(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
-    reason: &str,
+    reason: &MoveReason,
     to: Option<&str>,
     t0: Instant,
 ) -> Result<Option<Session>, String> {

@@ -94,6 +94,9 @@ pub struct MigrationEvent {
     /// Whether the destination took the state from a backup's replica (origin unreachable).
     #[serde(default)]
     pub from_replica: bool,
+    /// What triggered the move (`reason` says it in words).
+    #[serde(default)]
+    pub cause: Option<MoveCause>,
 }
 
 /// Now on CLOCK_MONOTONIC, in microseconds (the clock `std::time::Instant` uses on Linux).
@@ -262,12 +265,13 @@ pub const MAX_CONCURRENT_MOVES: usize = 64;
 
 impl MigrationEvent {
     /// A move triggered at `t0` (an agent started at `started`), not yet successful.
-    pub(crate) fn new(started: Instant, t0: Instant, from: String, reason: &str) -> Self {
+    pub(crate) fn new(started: Instant, t0: Instant, from: String, reason: &MoveReason) -> Self {
         MigrationEvent {
             at_ms: t0.duration_since(started).as_millis() as u64,
             from,
             to: None,
-            reason: reason.to_string(),
+            reason: reason.text.clone(),
+            cause: Some(reason.cause),
             ok: false,
             resumed_us: None,
             first_byte_us: None,
@@ -523,7 +527,12 @@ mod tests {
         let mut st = ConnStatus::live(String::new(), String::new(), 0, false);
         let mut last = 0;
         for i in 0..MAX_TIMELINE + 10 {
-            last = st.record(MigrationEvent::new(t0, t0, format!("s{i}"), "manual"));
+            last = st.record(MigrationEvent::new(
+                t0,
+                t0,
+                format!("s{i}"),
+                &MoveReason::new(MoveCause::Manual, "manual"),
+            ));
             assert_eq!(last, i as u64);
         }
         assert_eq!(st.timeline.len(), MAX_TIMELINE);

@@ -159,7 +159,7 @@ pub(crate) async fn relay(
                     tokio::spawn(async move { drop(session) });
                 }
                 movetrace::mark(&mut conn.trace, "old_closed");
-                let moving = migrate(&inner, &mut conn, &reason.text, to.as_deref(), at);
+                let moving = migrate(&inner, &mut conn, &reason, to.as_deref(), at);
                 match counted(reason.cause, at, moving).await {
                     Ok(Some(s)) => {
                         session = s;

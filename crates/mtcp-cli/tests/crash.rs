@@ -95,7 +95,9 @@ fn curl_and_wget_survive_kill_9_of_the_serving_server_and_then_the_next() {
         let moves: Vec<_> = c.timeline.iter().filter(|e| e.ok).collect();
         assert_eq!(moves.len(), 2, "{:?}", c.timeline);
         assert!(
-            moves.iter().all(|e| e.reason.contains("broke")),
+            moves
+                .iter()
+                .all(|e| e.cause == Some(mtcp_agent::MoveCause::SessionBroke)),
             "a kill -9 is seen as the session breaking: {:?}",
             c.timeline
         );

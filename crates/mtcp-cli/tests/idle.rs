@@ -110,7 +110,7 @@ async fn idle_connections_get_no_heartbeats_and_a_hung_server_is_left_on_the_nex
     assert_eq!(moved.len(), 1, "{status:?}");
     assert_eq!(moved[0].server, "s2");
     assert!(
-        moved[0].timeline[0].reason.starts_with("server silent"),
+        moved[0].timeline[0].cause == Some(mtcp_agent::MoveCause::Silence),
         "{:?}",
         moved[0].timeline
     );

@@ -66,7 +66,9 @@ fn a_stopped_server_is_detected_by_silence_and_the_connection_moves() {
         .collect();
     assert!(
         ev.iter()
-            .any(|e| e.reason.starts_with("server silent") && e.from == origin),
+            .any(|e| e.cause == Some(mtcp_agent::MoveCause::Silence)
+                && e.reason.starts_with("server silent")
+                && e.from == origin),
         "{ev:?}"
     );
     // The resumed origin holds nothing for the connection any more.

@@ -3,7 +3,7 @@
 
 use super::{watch_for, Conn, Session};
 use crate::channel::{exchange_migrate, resumed};
-use crate::{AgentInner, MigrationEvent};
+use crate::{AgentInner, MigrationEvent, MoveReason};
 use mtcp::framed::{self, Out};
 use mtcp::movetrace;
 use mtcp_proto::agent::{AfterFailure, Attempt, MoveError, MovePlan};
@@ -17,7 +17,7 @@ use std::time::Instant;
 pub(super) async fn migrate(
     inner: &Arc<AgentInner>,
     conn: &mut Conn,
-    reason: &str,
+    reason: &MoveReason,
     to: Option<&str>,
     t0: Instant,
 ) -> Result<Option<Session>, String> {
@@ -49,7 +49,7 @@ async fn attempt(
     conn: &mut Conn,
     a: &Attempt,
     from: &str,
-    reason: &str,
+    reason: &MoveReason,
     t0: Instant,
     plan: &mut MovePlan,
 ) -> Option<Result<Option<Session>, String>> {

@@ -1,6 +1,6 @@
 //! The demo's timeline: what it did and the agent's moves, grouped by event.
 
-use mtcp_agent::ConnStatus;
+use mtcp_agent::{ConnStatus, MigrationEvent, MoveCause};
 use std::collections::BTreeMap;
 
 /// Something the demo did, or a move the agent made, at `t` seconds since pgbench started.
@@ -28,8 +28,21 @@ impl Move {
     };
 }
 
-/// Which of the demo's events a move's trigger belongs to.
-fn kind(reason: &str) -> &'static str {
+/// Which of the demo's events a move's trigger belongs to: by its cause, or by its words in
+/// the timeline of an agent that did not name causes.
+fn kind(e: &MigrationEvent) -> &'static str {
+    match e.cause {
+        Some(MoveCause::Drain) => "drain",
+        Some(MoveCause::Manual) => "manual",
+        Some(MoveCause::Overload | MoveCause::Balance) => "other hint",
+        // The session or its watch connection broke, or the server went silent: the kill.
+        Some(MoveCause::SessionBroke | MoveCause::Silence) => "crash",
+        Some(_) => "policy",
+        None => kind_by_words(&e.reason),
+    }
+}
+
+fn kind_by_words(reason: &str) -> &'static str {
     if reason.contains("drain") {
         "drain"
     } else if reason == "manual" {
@@ -67,7 +80,7 @@ pub(super) fn agent_moves(
         }
         for e in &c.timeline {
             if e.ok {
-                *by_reason.entry(kind(&e.reason)).or_default() += 1;
+                *by_reason.entry(kind(e)).or_default() += 1;
                 from_replica += u32::from(e.from_replica);
             } else {
                 failed_moves += 1;
@@ -132,5 +145,43 @@ pub(super) fn agent_moves(
         failed_moves,
         from_replica,
         aborted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(reason: &str, cause: Option<MoveCause>) -> MigrationEvent {
+        MigrationEvent {
+            at_ms: 0,
+            from: "s1".into(),
+            to: Some("s2".into()),
+            reason: reason.into(),
+            ok: true,
+            resumed_us: None,
+            first_byte_us: None,
+            state_bytes: None,
+            refusals: Vec::new(),
+            trigger_mono_us: None,
+            from_replica: false,
+            cause,
+        }
+    }
+
+    #[test]
+    fn a_move_is_counted_by_its_cause_not_its_words() {
+        // Words that would mislead: a silent server whose text mentions a drain.
+        let e = event("server silent after drain", Some(MoveCause::Silence));
+        assert_eq!(kind(&e), "crash");
+        assert_eq!(kind(&event("x", Some(MoveCause::Drain))), "drain");
+        assert_eq!(kind(&event("x", Some(MoveCause::Manual))), "manual");
+        assert_eq!(kind(&event("x", Some(MoveCause::Overload))), "other hint");
+        assert_eq!(kind(&event("x", Some(MoveCause::SessionBroke))), "crash");
+        assert_eq!(kind(&event("x", Some(MoveCause::Floor))), "policy");
+        // An agent that names no cause is read by its words.
+        assert_eq!(kind(&event("hint (drain): s1 drains", None)), "drain");
+        assert_eq!(kind(&event("manual", None)), "manual");
+        assert_eq!(kind(&event("session with s1 broke: eof", None)), "crash");
     }
 }

@@ -5,7 +5,8 @@ use crate::wire::HintReason;
 use std::time::Duration;
 
 /// What triggered a move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum MoveCause {
     /// `mtcp migrate`, or `Agent::migrate`.
