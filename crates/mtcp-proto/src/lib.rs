@@ -14,6 +14,7 @@ pub mod bounds;
 pub mod channel;
 pub mod custody;
 pub mod freeze;
+pub mod hello;
 pub mod offsets;
 pub mod phase;
 pub mod policy;

@@ -100,48 +100,38 @@ pub(crate) async fn handle_session(
         Msg::Hello { caps, .. } => {
             gauge.set(SessionKind::Connection);
             let direct = caps & wire::CAP_DIRECT != 0;
-            if direct && inner.cluster.fast_path.is_empty() {
-                refuse(
-                    &mut w,
-                    RefuseCode::Unauthenticated,
-                    "this cluster admits no fast-path agents (list the agent's --listen address under `fast_path` in the cluster file)".into(),
-                )
-                .await;
-                return;
-            }
+            let listed = !inner.cluster.fast_path.is_empty();
             // Fast path: only a local agent of a trusted uid may hand connections over; its
             // end of this session is in this host's socket table (decision 39).
             // What it may hand over are the connections it holds on its listed addresses now,
             // while the client's connection is still its own (it freezes it after WELCOME).
-            let agent = if direct {
+            let (owner, held) = if mtcp_proto::hello::Hello::needs_owner(direct, listed) {
                 let listed = inner.cluster.fast_path.clone();
-                let (owner, held) = match ends {
+                match ends {
                     (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
                         crate::sockowner::session_view(peer, local, &listed)
                     })
                     .await
                     .unwrap_or_default(),
                     _ => (None, Vec::new()),
-                };
-                // SAFETY: geteuid has no preconditions.
-                let me = unsafe { libc::geteuid() };
-                if let Err(why) = mtcp_proto::adopt::admit_session(owner, me) {
-                    refuse(&mut w, RefuseCode::Unauthenticated, why).await;
-                    return;
                 }
-                owner.map(|uid| crate::direct::Adopter { uid, held })
             } else {
-                None
+                (None, Vec::new())
             };
-            if inner.draining.load(Ordering::Relaxed) {
-                refuse(
-                    &mut w,
-                    RefuseCode::Draining,
-                    format!("server {} is draining", inner.id),
-                )
-                .await;
+            let hello = mtcp_proto::hello::Hello {
+                fast_path: direct,
+                fast_path_listed: listed,
+                session_uid: owner,
+                // SAFETY: geteuid has no preconditions.
+                server_uid: unsafe { libc::geteuid() },
+                draining: inner.draining.load(Ordering::Relaxed),
+            };
+            if let Err(r) = mtcp_proto::hello::admit_hello(&hello, &inner.id) {
+                refuse(&mut w, r.code, r.reason).await;
                 return;
             }
+            // Only a fast-path agent's owner was looked up.
+            let agent = owner.map(|uid| crate::direct::Adopter { uid, held });
             let cid = Cid(rand::random());
             let shared = Shared::new_conn(cid, tx);
             let welcome = Welcome {
