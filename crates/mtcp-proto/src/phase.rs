@@ -41,6 +41,20 @@ impl Phase {
         matches!(self, Phase::Live | Phase::AppClosed)
     }
 
+    /// Whether a hint (drain, overload) may ask the agent to move the connection: only while
+    /// live — a closing connection's application is done, and one that no longer serves here
+    /// is not this server's to move.
+    pub fn hintable(&self) -> bool {
+        *self == Phase::Live
+    }
+
+    /// Whether an overloaded server may pick the connection to shed: hintable, and with its
+    /// agent attached (a detached connection carries no traffic to shed, and its hint would
+    /// reach nobody until the agent is back).
+    pub fn sheddable(&self, detached: bool) -> bool {
+        self.hintable() && !detached
+    }
+
     /// The phase `ev` leads to, or `None` when it changes nothing.
     pub fn on(&self, ev: PhaseEvent) -> Option<Phase> {
         use PhaseEvent as E;
@@ -100,6 +114,19 @@ mod tests {
             );
         }
         assert_eq!(Phase::AppClosed.on(E::AppDone { acked: 1, out: 1 }), None);
+    }
+
+    #[test]
+    fn only_a_live_connection_is_hinted_and_only_an_attached_one_shed() {
+        assert!(Phase::Live.hintable());
+        assert!(Phase::Live.sheddable(false));
+        assert!(!Phase::Live.sheddable(true));
+        for p in [Phase::AppClosed].into_iter().chain(finals()) {
+            assert!(!p.hintable(), "{p:?}");
+            for detached in [false, true] {
+                assert!(!p.sheddable(detached), "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! What a server watches besides its sessions: the agents' probe connections, the overload
 //! policy that hints connections away, and the pacing test hook.
 
-use crate::conn_state::Phase;
 use crate::framed::{self, FrameReader};
 use crate::registry::ServerInner;
 use crate::session_io::refuse;
@@ -103,10 +102,12 @@ pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usiz
             .iter()
             .filter_map(|c| {
                 let st = c.lock();
-                (*st.phase() == Phase::Live && st.detached_at.is_none()).then_some(LiveConn {
-                    key: c.cid,
-                    arrived: st.arrived,
-                })
+                st.phase()
+                    .sheddable(st.detached_at.is_some())
+                    .then_some(LiveConn {
+                        key: c.cid,
+                        arrived: st.arrived,
+                    })
             })
             .collect();
         for cid in policy.poll(Instant::now(), &live) {
@@ -114,7 +115,7 @@ pub(crate) async fn overload_loop(inner: std::sync::Weak<ServerInner>, max: usiz
                 continue;
             };
             let mut st = c.lock();
-            if *st.phase() == Phase::Live {
+            if st.phase().hintable() {
                 tracing::info!(%cid, live = live.len(), max, "overloaded: hinting the connection away");
                 c.hint(&mut st, HintReason::Overload);
             }

@@ -131,7 +131,7 @@ impl ServerInner {
     pub fn hint_all(&self, reason: HintReason) {
         for c in self.all() {
             let mut st = c.lock();
-            if *st.phase() == Phase::Live {
+            if st.phase().hintable() {
                 c.hint(&mut st, reason);
             }
         }
@@ -144,7 +144,7 @@ impl ServerInner {
         let now = Instant::now();
         for c in self.all() {
             let mut st = c.lock();
-            if *st.phase() == Phase::Live && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
+            if st.phase().hintable() && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
                 c.hint(&mut st, reason);
             }
         }
