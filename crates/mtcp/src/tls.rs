@@ -161,17 +161,21 @@ impl ClientTls {
     }
 }
 
-/// A hint for the commonest causes of a failed client handshake.
+/// A hint for the commonest causes of a failed client handshake, read from the rustls error
+/// inside the I/O error.
 fn hint(e: &std::io::Error) -> &'static str {
-    let text = e.to_string();
-    if text.contains("InvalidContentType") || text.contains("corrupt message") {
-        " (the server speaks plain M-TCP: is `[tls]` missing from its cluster file?)"
-    } else if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-        " (its certificate is not signed by this cluster's CA)"
-    } else if text.contains("NotValidForName") {
-        " (its certificate does not name this address or server id)"
-    } else {
-        ""
+    use rustls::{CertificateError as C, Error as E};
+    match e.get_ref().and_then(|i| i.downcast_ref::<E>()) {
+        Some(E::InvalidMessage(_)) => {
+            " (the server speaks plain M-TCP: is `[tls]` missing from its cluster file?)"
+        }
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+            " (its certificate is not signed by this cluster's CA)"
+        }
+        Some(E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+            " (its certificate does not name this address or server id)"
+        }
+        _ => "",
     }
 }
 
@@ -371,5 +375,29 @@ mod tests {
             .to_string();
         assert!(e.contains("nope.crt"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::hint;
+    use rustls::{CertificateError, Error, InvalidMessage};
+    use std::io;
+
+    fn wrapped(e: Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn a_failed_handshake_is_explained_by_its_rustls_error() {
+        let plain = wrapped(Error::InvalidMessage(InvalidMessage::InvalidContentType));
+        assert!(hint(&plain).contains("speaks plain M-TCP"));
+        let ca = wrapped(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(hint(&ca).contains("not signed by this cluster's CA"));
+        let name = wrapped(Error::InvalidCertificate(CertificateError::NotValidForName));
+        assert!(hint(&name).contains("does not name this address"));
+        // Anything else, and an error that is not rustls's, get no hint.
+        assert_eq!(hint(&wrapped(Error::HandshakeNotComplete)), "");
+        assert_eq!(hint(&io::Error::other("UnknownIssuer")), "");
     }
 }
