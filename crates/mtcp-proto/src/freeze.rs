@@ -16,8 +16,40 @@
 
 use crate::phase::Phase;
 use crate::refusal::Refusal;
+use crate::wire::RefuseCode;
 use crate::Cid;
 use std::time::Duration;
+
+/// Why a FETCH for `cid` at `epoch` finds no such connection here, given the epoch it ended in
+/// order at lately (`closed_epoch`, `None`: it did not): if it ended at that very epoch the
+/// client has every byte, and the move is answered `Closed` (the agent leaves it be); anything
+/// else is `UnknownConnection` — a connection that ended at another epoch is as unknown as one
+/// never seen.
+pub fn absent(closed_epoch: Option<u64>, epoch: u64, cid: Cid, server: &str) -> Refusal {
+    if closed_epoch == Some(epoch) {
+        Refusal::new(
+            RefuseCode::Closed,
+            format!("connection {cid} ended in order; the client has every byte"),
+        )
+    } else {
+        Refusal::unknown_connection(format!("server {server} has no connection {cid}"))
+    }
+}
+
+/// `TCP_SYN_RECV` in `tcpi_state`: the only state other than established that is not closing.
+pub const TCP_SYN_RECV: u8 = 3;
+
+/// The code a fast-path freeze that failed is refused with. `not_established`: the kernel's
+/// TCP state of a socket that could not freeze because it is not established (`None`: it failed
+/// otherwise). A closing socket (the client closed its side) ends here, as it would have
+/// wherever it was: `Closed`, not a failure to move elsewhere (the agent leaves it be). A
+/// connection still being set up, or any other failure, is `Busy`: the move may be retried.
+pub fn failure_code(not_established: Option<u8>) -> RefuseCode {
+    match not_established {
+        Some(s) if s != TCP_SYN_RECV => RefuseCode::Closed,
+        _ => RefuseCode::Busy,
+    }
+}
 
 /// Whether connection `cid`, now at epoch `cur_epoch` in phase `phase`, is still the one a
 /// request (or a step begun before an await) for `epoch` is about, and still serves here.
@@ -83,9 +115,39 @@ pub fn may_freeze(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::RefuseCode;
 
     const CID: Cid = Cid([7; 16]);
+
+    #[test]
+    fn an_absent_connection_that_ended_in_order_at_the_asked_epoch_is_closed() {
+        let r = absent(Some(4), 4, CID, "s1");
+        assert_eq!(r.code, RefuseCode::Closed);
+        assert_eq!(
+            r.reason,
+            format!("connection {CID} ended in order; the client has every byte")
+        );
+    }
+
+    #[test]
+    fn an_absent_connection_is_otherwise_unknown() {
+        for closed in [None, Some(3), Some(5)] {
+            let r = absent(closed, 4, CID, "s1");
+            assert_eq!(r.code, RefuseCode::UnknownConnection, "{closed:?}");
+            assert_eq!(r.reason, format!("server s1 has no connection {CID}"));
+        }
+    }
+
+    #[test]
+    fn a_freeze_that_meets_a_closing_socket_is_closed_and_anything_else_busy() {
+        // Closing states (FIN_WAIT1 .. CLOSING): the client is going; no retry elsewhere.
+        for s in [4, 5, 6, 7, 8, 9, 10, 11] {
+            assert_eq!(failure_code(Some(s)), RefuseCode::Closed, "state {s}");
+        }
+        // A connection still being set up may move once it is established.
+        assert_eq!(failure_code(Some(TCP_SYN_RECV)), RefuseCode::Busy);
+        // Any other failure (no permission, a syscall that failed): busy.
+        assert_eq!(failure_code(None), RefuseCode::Busy);
+    }
 
     #[test]
     fn a_serving_connection_at_the_asked_epoch_is_still_the_one() {

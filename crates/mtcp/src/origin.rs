@@ -28,20 +28,13 @@ impl ServerInner {
     pub async fn freeze_local(self: &Arc<Self>, f: &Fetch, to: &str) -> Result<Frozen, Refusal> {
         let (cid, epoch) = (f.cid, f.epoch);
         let Some(shared) = self.get(&cid) else {
-            let ended = self
+            let closed_at = self
                 .closed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&cid)
-                .is_some_and(|(e, _)| *e == epoch);
-            return Err(if ended {
-                Refusal::new(
-                    RefuseCode::Closed,
-                    format!("connection {cid} ended in order; the client has every byte"),
-                )
-            } else {
-                Refusal::unknown_connection(format!("server {} has no connection {cid}", self.id))
-            });
+                .map(|(e, _)| *e);
+            return Err(mtcp_proto::freeze::absent(closed_at, epoch, cid, &self.id));
         };
         let asked = tokio::time::Instant::now();
         let waits = mtcp_proto::freeze::Waits {
@@ -138,9 +131,6 @@ impl DirectTcp {
     }
 }
 
-/// `TCP_SYN_RECV` in `tcpi_state`: the only state other than established that is not closing.
-const TCP_SYN_RECV: u8 = 3;
-
 /// How long an origin's fence stays up if no destination lifts it (the destination died): then
 /// the kernel takes it down, and the client's next packet meets no socket and is reset, which
 /// ends its connection with an error instead of a hang.
@@ -208,13 +198,12 @@ impl ServerInner {
             Ok(f) => f,
             Err((e, std)) => {
                 restart.resume(std, shared, self);
-                // The client closed its side (or the connection is closing): it ends here, as
-                // it would have wherever it was. Not a failure to move elsewhere (`Closed`: the
-                // agent leaves it be).
-                let code = match e {
-                    mtcp_repair::RepairError::State(s) if s != TCP_SYN_RECV => RefuseCode::Closed,
-                    _ => RefuseCode::Busy,
-                };
+                // A closing connection ends here (`Closed`); anything else is `Busy`:
+                // `freeze::failure_code`.
+                let code = mtcp_proto::freeze::failure_code(match e {
+                    mtcp_repair::RepairError::State(s) => Some(s),
+                    _ => None,
+                });
                 return Err(Refusal::new(
                     code,
                     format!("cannot freeze the client's connection: {e}"),
