@@ -57,15 +57,15 @@ pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed,
         let r = async {
             let (mut reader, w) =
                 connect(addr, inner.cfg.connect_timeout, hello, &inner.dialer).await?;
-            match reader.next_msg(inner.cfg.connect_timeout).await? {
-                Msg::Welcome(wl) => Ok((reader, w, wl)),
-                Msg::Refused { code, reason } => {
-                    mtcp::metrics::refused(code);
-                    Err(ChannelError::Unexpected(format!(
-                        "refused ({code:?}): {reason}"
-                    )))
+            let m = reader.next_msg(inner.cfg.connect_timeout).await?;
+            match mtcp_proto::agent::welcome_answer(m) {
+                Ok(wl) => Ok((reader, w, wl)),
+                Err(e) => {
+                    if let Some(code) = e.refuse_code() {
+                        mtcp::metrics::refused(code);
+                    }
+                    Err(ChannelError::Unexpected(e.to_string()))
                 }
-                other => Err(ChannelError::Unexpected(format!("{other:?}"))),
             }
         }
         .await;

@@ -184,36 +184,30 @@ async fn hand_over(
         }
     };
     let answer = match framed::write_msg(&mut w, &adopt).await {
-        Ok(()) => reader
-            .next_msg(inner.cfg.connect_timeout)
-            .await
-            .map_err(|e| e.to_string()),
+        Ok(()) => match reader.next_msg(inner.cfg.connect_timeout).await {
+            Ok(m) => mtcp_proto::agent::adopt_answer(m).map_err(|e| {
+                if let Some(code) = e.refuse_code() {
+                    mtcp::metrics::refused(code);
+                }
+                e.to_string()
+            }),
+            Err(e) => Err(e.to_string()),
+        },
         Err(e) => Err(e.to_string()),
     };
-    match answer {
-        Ok(Msg::Adopted) => {}
-        other => {
-            let why = match other {
-                Ok(Msg::Refused { code, reason }) => {
-                    mtcp::metrics::refused(code);
-                    format!("refused ({code:?}): {reason}")
-                }
-                Ok(m) => format!("unexpected {m:?}"),
-                Err(e) => e,
-            };
-            match kept {
-                Kept::Socket(s) => reset(s),
-                Kept::State(kept) => {
-                    let (state, fence) = *kept;
-                    give_back(&state);
-                    drop(fence);
-                }
+    if let Err(why) = answer {
+        match kept {
+            Kept::Socket(s) => reset(s),
+            Kept::State(kept) => {
+                let (state, fence) = *kept;
+                give_back(&state);
+                drop(fence);
             }
-            return Err(format!(
-                "server {} did not take the client's connection: {why}; closing it",
-                wl.server
-            ));
         }
+        return Err(format!(
+            "server {} did not take the client's connection: {why}; closing it",
+            wl.server
+        ));
     }
     // Handed: the server's descriptor holds the socket now; ours goes (no FIN: the socket
     // lives on). Frozen: the fence comes down.

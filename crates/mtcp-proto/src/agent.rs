@@ -73,7 +73,49 @@ pub fn answer(msg: Msg) -> Result<Resumed, MoveError> {
             reason,
         } => Err(MoveError::Closed(reason)),
         Msg::Refused { code, reason } => Err(MoveError::Refused { code, reason }),
-        other => Err(MoveError::Unexpected(format!("{other:?}"))),
+        other => Err(MoveError::Unexpected(other.name().to_string())),
+    }
+}
+
+/// Why a session's opening (HELLO → WELCOME, ADOPT → ADOPTED) was not answered as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("refused ({code:?}): {reason}")]
+    Refused { code: RefuseCode, reason: String },
+    #[error("{0} instead of the answer")]
+    Unexpected(&'static str),
+}
+
+impl OpenError {
+    /// The server's refusal code, if it refused.
+    pub fn refuse_code(&self) -> Option<RefuseCode> {
+        match self {
+            OpenError::Refused { code, .. } => Some(*code),
+            OpenError::Unexpected(_) => None,
+        }
+    }
+}
+
+fn open_error(msg: Msg) -> OpenError {
+    match msg {
+        Msg::Refused { code, reason } => OpenError::Refused { code, reason },
+        other => OpenError::Unexpected(other.name()),
+    }
+}
+
+/// A server's answer to HELLO: WELCOME, or why not.
+pub fn welcome_answer(msg: Msg) -> Result<Welcome, OpenError> {
+    match msg {
+        Msg::Welcome(w) => Ok(w),
+        other => Err(open_error(other)),
+    }
+}
+
+/// A server's answer to ADOPT (a fast-path connection handed to it): ADOPTED, or why not.
+pub fn adopt_answer(msg: Msg) -> Result<(), OpenError> {
+    match msg {
+        Msg::Adopted => Ok(()),
+        other => Err(open_error(other)),
     }
 }
 

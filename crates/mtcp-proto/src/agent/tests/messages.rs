@@ -19,7 +19,7 @@ fn working_or_any_message_but_resumed_and_refused_is_an_unexpected_answer() {
             out_off: 0,
         },
     ] {
-        let name = format!("{m:?}");
+        let name = m.name().to_string();
         let e = answer(m).unwrap_err();
         assert_eq!(e, MoveError::Unexpected(name.clone()));
         assert_eq!(e.to_string(), format!("unexpected answer {name}"));
@@ -323,4 +323,28 @@ fn a_fallback_asks_with_the_keepers_token() {
     assert_eq!((a.cand.id.as_str(), a.migrate.epoch), ("s2", 1));
     assert_eq!(a.migrate.token, Token([0xab; 32]));
     assert_eq!(a.migrate.cid, p.cid);
+}
+
+#[test]
+fn a_session_opens_only_on_its_own_answer() {
+    let refused = || Msg::Refused {
+        code: RefuseCode::Busy,
+        reason: "too many sessions".into(),
+    };
+    let e = welcome_answer(refused()).unwrap_err();
+    assert_eq!(e.refuse_code(), Some(RefuseCode::Busy));
+    assert_eq!(e.to_string(), "refused (Busy): too many sessions");
+    let e = welcome_answer(Msg::Adopted).unwrap_err();
+    assert_eq!(e, OpenError::Unexpected("Adopted"));
+    assert_eq!(e.to_string(), "Adopted instead of the answer");
+    assert_eq!(e.refuse_code(), None);
+    assert_eq!(adopt_answer(Msg::Adopted), Ok(()));
+    assert_eq!(
+        adopt_answer(refused()).unwrap_err().refuse_code(),
+        Some(RefuseCode::Busy)
+    );
+    assert_eq!(
+        adopt_answer(Msg::Heartbeat),
+        Err(OpenError::Unexpected("Heartbeat"))
+    );
 }
