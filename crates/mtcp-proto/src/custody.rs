@@ -16,6 +16,9 @@ use crate::auth::Token;
 use crate::stream::Refusal;
 use crate::wire::RefuseCode;
 
+mod answer;
+pub use answer::read_fence;
+
 /// What a keeper knows of the state it handed out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Custody {

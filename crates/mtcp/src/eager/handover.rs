@@ -9,10 +9,9 @@ use crate::origin::Fetch;
 use crate::peer;
 use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
-use mtcp_proto::custody::{Custody, Fence, GaveUp};
+use mtcp_proto::custody::{read_fence, Custody, Fence, GaveUp};
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
-use mtcp_proto::StateRecord;
 use std::sync::Arc;
 /// A FETCH for `f.epoch` found the connection let go after a fence that named its taker: the
 /// stream becomes a custody (its record built for the agent's position in the FETCH), as if it
@@ -84,27 +83,33 @@ pub(crate) async fn hand_over(
         } else {
             peer::fence(inner, &b, f.cid, f.epoch).await
         };
-        match r {
-            Ok(Claimed::Record(bytes)) => {
-                if let Ok(r) = StateRecord::decode(&bytes) {
-                    label = label.max(r.epoch);
-                }
-            }
-            Ok(Claimed::Nothing) => {}
-            Err(Refusal {
-                code: RefuseCode::OriginUnreachable,
-                reason: why,
-            }) => {
+        let (fenced, seen) = read_fence(answer(&r));
+        label = label.max(seen.unwrap_or(label));
+        let e = match (fenced, r) {
+            (Fence::Nothing | Fence::Record(..), _) => continue,
+            (Fence::Unreachable, r) => {
+                let why = r.err().map(|e| e.reason).unwrap_or_default();
                 tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot fence backup: {why}");
+                continue;
             }
-            Err(e) => {
+            (Fence::Refused(_), Err(e)) => {
                 tracing::warn!(target: "mtcp::eager", cid = %f.cid, "connection was taken over from a replica meanwhile: {}", e.reason);
-                if kept {
-                    inner.custody.settle(f.cid, &custody, None);
-                }
-                return Err(e);
+                e
             }
+            // The label to hand out at is unknown (`read_fence`): not handed out.
+            (Fence::Refused(code), Ok(_)) => {
+                let e = Refusal::new(
+                    code,
+                    format!("backup {} answered the fence of epoch {} with a record that does not decode", b.id, f.epoch),
+                );
+                tracing::warn!(target: "mtcp::eager", cid = %f.cid, "{}", e.reason);
+                e
+            }
+        };
+        if kept {
+            inner.custody.settle(f.cid, &custody, None);
         }
+        return Err(e);
     }
     if label > f.epoch {
         tracing::info!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, label, "handing the connection over one past a failed candidate's epoch");
@@ -286,27 +291,15 @@ pub(crate) async fn fence(
         } else {
             peer::fence(inner, &b, cid, next).await
         };
-        let (f, rec) = match r {
-            Ok(Claimed::Nothing) => (Fence::Nothing, None),
-            Ok(Claimed::Record(bytes)) => match StateRecord::decode(&bytes) {
-                Ok(r) => {
-                    floor = floor.max(r.epoch);
-                    if is_start(&r) {
-                        (Fence::Nothing, None)
-                    } else {
-                        (Fence::Record(r.snap_out, r.snap_in), Some(bytes))
-                    }
-                }
-                Err(_) => (Fence::Refused(RefuseCode::Internal), None),
-            },
-            Err(Refusal {
-                code: RefuseCode::OriginUnreachable,
-                ..
-            }) => (Fence::Unreachable, None),
-            Err(e) => {
+        let (f, seen) = read_fence(answer(&r));
+        floor = floor.max(seen.unwrap_or(floor));
+        let rec = match (&f, r) {
+            (Fence::Record(..), Ok(Claimed::Record(bytes))) => Some(bytes),
+            (Fence::Refused(_), Err(e)) => {
                 tracing::warn!(target: "mtcp::eager", %cid, backup = %b.id, "fence of epoch {next} refused: {}", e.reason);
-                (Fence::Refused(e.code), None)
+                None
             }
+            _ => None,
         };
         fences.push(f);
         records.push(rec);
@@ -319,12 +312,13 @@ pub(crate) async fn fence(
     }
 }
 
-/// The implicit restart point of a new connection (what a relabelled tombstone hands out).
-fn is_start(r: &StateRecord) -> bool {
-    r.snapshot.is_none()
-        && (r.snap_out, r.snap_in) == (0, 0)
-        && r.input.is_empty()
-        && r.tail.is_empty()
+/// A backup's answer to a fence as `custody::read_fence` reads it.
+fn answer(r: &Result<Claimed, Refusal>) -> Result<Option<&[u8]>, RefuseCode> {
+    match r {
+        Ok(Claimed::Record(bytes)) => Ok(Some(bytes)),
+        Ok(Claimed::Nothing) => Ok(None),
+        Err(e) => Err(e.code),
+    }
 }
 
 /// A claim at this server's replica store by `by` (a destination taking a connection from a
