@@ -16,10 +16,21 @@ const REPLACE_AT: Duration = Duration::from_secs(2);
 /// How often spares are checked.
 const TICK: Duration = Duration::from_millis(500);
 
+/// A wanted server's spare.
+#[derive(Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// One is being opened: a burst of moves that finds the slot empty opens no more (each
+    /// extra would be a connect, an accept and a close for nothing).
+    Dialing,
+    Ready(Stream, Instant),
+}
+
 #[derive(Default)]
 pub(crate) struct Spares {
-    /// Servers (data addresses) to keep a spare for, and the spare if there is one.
-    by_addr: Mutex<HashMap<String, Option<(Stream, Instant)>>>,
+    /// Servers (data addresses) to keep a spare for, and their spare.
+    by_addr: Mutex<HashMap<String, Slot>>,
     /// How spares are opened (the socket mark, TLS: a spare's TLS handshake is done ahead too).
     dialer: Mutex<Dialer>,
 }
@@ -29,16 +40,21 @@ impl Spares {
     pub fn want<'a>(&self, addrs: impl IntoIterator<Item = &'a str>) {
         let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
         for a in addrs {
-            m.entry(a.to_string()).or_insert(None);
+            m.entry(a.to_string()).or_default();
         }
     }
 
-    /// A fresh spare to `addr`, if there is one; another is opened at once.
+    /// A fresh spare to `addr`, if there is one; another is opened at once unless one is
+    /// being opened already.
     pub fn take(self: &std::sync::Arc<Self>, addr: &str) -> Option<Stream> {
         let got = {
             let mut m = self.by_addr.lock().unwrap_or_else(|p| p.into_inner());
-            match m.get_mut(addr)?.take() {
-                Some((s, at)) if at.elapsed() < MAX_AGE => Some(s),
+            let slot = m.get_mut(addr)?;
+            if matches!(slot, Slot::Dialing) {
+                return None;
+            }
+            match std::mem::replace(slot, Slot::Dialing) {
+                Slot::Ready(s, at) if at.elapsed() < MAX_AGE => Some(s),
                 _ => None,
             }
         };
@@ -47,7 +63,7 @@ impl Spares {
         got
     }
 
-    /// Opens a spare to `addr` if it has none.
+    /// Opens a spare to `addr`, whose slot the caller set to [`Slot::Dialing`].
     async fn refill(this: &std::sync::Weak<Spares>, addr: &str) {
         let Some(dialer) = this
             .upgrade()
@@ -57,15 +73,13 @@ impl Spares {
         };
         let s = tokio::time::timeout(Duration::from_secs(1), dialer.dial(addr)).await;
         let Some(sp) = this.upgrade() else { return };
-        if let Ok(Ok(s)) = s {
-            if let Some(slot @ None) = sp
-                .by_addr
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(addr)
-            {
-                *slot = Some((s, Instant::now()));
-            }
+        let mut m = sp.by_addr.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot @ Slot::Dialing) = m.get_mut(addr) {
+            // A failed dial leaves the slot empty: the keeper tries again on its next tick.
+            *slot = match s {
+                Ok(Ok(s)) => Slot::Ready(s, Instant::now()),
+                _ => Slot::Empty,
+            };
         }
     }
 
@@ -82,10 +96,15 @@ impl Spares {
                 m.iter_mut()
                     .filter_map(|(a, s)| {
                         // Replace a spare before the server gives up on it.
-                        if s.as_ref().is_some_and(|(_, at)| at.elapsed() >= REPLACE_AT) {
-                            *s = None;
-                        }
-                        s.is_none().then(|| a.clone())
+                        let due = match s {
+                            Slot::Empty => true,
+                            Slot::Dialing => false,
+                            Slot::Ready(_, at) => at.elapsed() >= REPLACE_AT,
+                        };
+                        due.then(|| {
+                            *s = Slot::Dialing;
+                            a.clone()
+                        })
                     })
                     .collect()
             };
@@ -94,5 +113,43 @@ impl Spares {
                 Self::refill(&this, &a).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Accepts on a loopback listener for `for_`, counting connections.
+    async fn count_accepts(l: tokio::net::TcpListener, for_: Duration) -> usize {
+        let mut held = Vec::new();
+        let _ = tokio::time::timeout(for_, async {
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    held.push(s);
+                }
+            }
+        })
+        .await;
+        held.len()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_takes_opens_one_spare_not_one_each() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let sp = Arc::new(Spares::default());
+        sp.want([addr.as_str()]);
+        // Twenty moves find no spare at once: one is opened for them all.
+        for _ in 0..20 {
+            assert!(sp.take(&addr).is_none());
+        }
+        assert_eq!(count_accepts(l, Duration::from_millis(300)).await, 1);
+        // The next move gets it, and one more is opened behind it.
+        assert!(sp.take(&addr).is_some());
+        assert!(sp.take(&addr).is_none());
+        // An unwanted server gets no spare and no dial.
+        assert!(sp.take("127.0.0.1:1").is_none());
     }
 }
