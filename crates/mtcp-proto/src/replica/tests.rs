@@ -206,3 +206,33 @@ proptest::proptest! {
 }
 
 mod edges;
+
+/// A fence that finds an epoch held asks the holder to give up `Custody::successor`'s epoch, and
+/// the claim then passes to the fencer at exactly that epoch (`Custody::pass`): the epoch the
+/// fencer has the holder yield is the one it is given.
+#[test]
+fn a_held_claim_names_the_claimed_epoch_and_passes_at_its_successor() {
+    let mut e = Some(Slot::stored("s1", 5, 100, 50));
+    assert!(claim(&mut e, 5, "s2", true).is_ok());
+    let Err(ClaimError::Held(seen)) = claim(&mut e, 5, "s3", false) else {
+        panic!("held");
+    };
+    assert_eq!(seen.epoch, 5);
+    let next = seen.successor(5).unwrap();
+    assert_eq!(next, seen.label + 1);
+    let mut passed = seen.clone();
+    assert_eq!(passed.pass("s3", &GaveUp::Unanswered), Ok(next));
+    // Asked for another epoch, the held entry is not this fence's.
+    assert!(seen.successor(4).is_err());
+    assert!(seen.successor(6).is_err());
+    // Superseded, the entry is held one label up, still under the claimed epoch.
+    let s = e.as_mut().unwrap();
+    s.supersede(&seen, "s4", &[Fence::Nothing], 0, false)
+        .unwrap();
+    let Err(ClaimError::Held(raised)) = claim(&mut e, 5, "s3", false) else {
+        panic!("held");
+    };
+    assert_eq!((raised.epoch, raised.label), (5, 6));
+    assert_eq!(raised.successor(5), Ok(7));
+    assert_eq!(raised.clone().pass("s3", &GaveUp::Unanswered), Ok(7));
+}

@@ -235,7 +235,9 @@ pub(crate) async fn fence_here(
         Err(ClaimError::Refused(r)) => return Err(r),
         Err(ClaimError::Held(seen)) => seen,
     };
-    let next = seen.label + 1;
+    // The holder's successor epoch, as for a supersede: `Custody::pass` gives that very epoch
+    // to `by` (a held entry names the claimed epoch, so this is never refused).
+    let next = seen.successor(epoch)?;
     let answer = if seen.holder == inner.id {
         Some(inner.give_up(cid, next))
     } else {
