@@ -6,6 +6,7 @@
 use crate::registry::ServerInner;
 use crate::stream::Stream;
 use mtcp_proto::wire::{Msg, RefuseCode, MAGIC};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,9 +36,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, port: Port) {
     loop {
         match l.accept().await {
-            Ok((s, _)) => {
+            Ok((s, from)) => {
                 let _ = s.set_nodelay(true);
-                tokio::spawn(serve(inner.clone(), s, port));
+                tokio::spawn(serve(inner.clone(), s, from, port));
             }
             Err(e) => {
                 // EMFILE and the like: back off instead of spinning.
@@ -50,17 +51,11 @@ pub(crate) async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, port: P
 
 /// Both steps are boxed: the task then holds only the step it is in, and a live session's task
 /// carries no room for a handshake it finished long ago (issue 13: memory per idle connection).
-async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
+async fn serve(inner: Arc<ServerInner>, s: TcpStream, from: SocketAddr, port: Port) {
     // A data session counts against the caps from its accept, so connections that stall in
     // their TLS handshake are bounded by the caps too, not only by HANDSHAKE_TIMEOUT. One over
     // a cap still gets its handshake and preamble: its refusal names the cap.
-    let admitted = (port == Port::Data).then(|| {
-        let source = s
-            .peer_addr()
-            .map(|a| a.ip())
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        inner.sessions.admit(&inner.limits, source)
-    });
+    let admitted = (port == Port::Data).then(|| inner.sessions.admit(&inner.limits, from.ip()));
     let s = match &inner.tls {
         None => Stream::Tcp(s),
         Some(_) => match Box::pin(secure(&inner, s, port)).await {
@@ -71,10 +66,10 @@ async fn serve(inner: Arc<ServerInner>, s: TcpStream, port: Port) {
     match port {
         Port::Data => {
             let admitted = admitted.expect("admitted on the data port");
-            Box::pin(crate::session::handle_session(inner, s, admitted)).await
+            Box::pin(crate::session::handle_session(inner, s, from, admitted)).await
         }
-        Port::Peer => Box::pin(crate::peer_serve::serve_peer(inner, s)).await,
-        Port::Admin => Box::pin(crate::peer_serve::serve_admin(inner, s)).await,
+        Port::Peer => Box::pin(crate::peer_serve::serve_peer(inner, s, from)).await,
+        Port::Admin => Box::pin(crate::peer_serve::serve_admin(inner, s, from)).await,
     }
 }
 

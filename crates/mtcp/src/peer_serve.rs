@@ -14,16 +14,12 @@ use crate::replica::Claimed;
 use crate::stream::{Stream, WriteHalf};
 use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
 use mtcp_proto::{Cid, PortKind, StateRecord};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 /// Serves one connection on the peer port.
-pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream) {
-    let addr = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketAddr) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(s.tcp());
     let ((mut reader, mut w), from) = match accept_authenticated(
         s,
@@ -271,12 +267,7 @@ async fn acknowledged(w: &WriteHalf, limit: Duration) {
 }
 
 /// Serves one connection on the admin port.
-pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream) {
-    let addr = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: SocketAddr) {
     let ((mut reader, mut w), from) =
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Admin).await {
             Ok(x) => x,

@@ -26,20 +26,16 @@ pub(crate) const SETUP_FRAME: usize = 64 << 10;
 pub(crate) const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves a data-port session; `admitted` is its place under the session caps, taken at
+/// Serves a data-port session from `peer_addr`; `admitted` is its place under the session caps, taken at
 /// accept (or why it is over one).
 pub(crate) async fn handle_session(
     inner: Arc<ServerInner>,
     s: Stream,
+    peer_addr: std::net::SocketAddr,
     admitted: Result<crate::admission::Slot, String>,
 ) {
     let mut gauge = crate::metrics::SessionGauge::new();
-    let peer_addr = s
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let ends = (s.tcp().local_addr().ok(), s.tcp().peer_addr().ok());
+    let ends = (s.tcp().local_addr().ok(), Some(peer_addr));
     // Held for the session's life: counts it against the caps.
     let (_slot, over) = match admitted {
         Ok(slot) => (Some(slot), None),
