@@ -18,12 +18,13 @@ pub(crate) use auth::accept_authenticated;
 pub use auth::{connect_authenticated, Opener};
 
 use crate::config::ServerEntry;
-use crate::framed::ChannelError;
+use crate::framed::{ChannelError, FrameReader, MacWriter};
 use crate::gate::YieldAnswer;
 use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
+use crate::stream::{ReadHalf, WriteHalf};
 use crate::tls::ClientTls;
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Msg, RefuseCode, ServerStatus};
@@ -466,24 +467,63 @@ pub async fn admin_request_over(
     id: &str,
     req: Msg,
 ) -> Result<ServerStatus, AdminError> {
-    let err = |err: ChannelError| AdminError::Channel {
-        addr: addr.to_string(),
-        err,
-    };
-    let lim = Duration::from_secs(5);
-    let opener = Opener {
-        key,
-        from: "admin",
-        tls,
-    };
-    let (mut reader, mut w) =
-        connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, lim)
-            .await
-            .map_err(err)?;
-    w.write_msg(&req).await.map_err(|e| err(e.into()))?;
-    match reader.next_msg(lim).await.map_err(err)? {
-        Msg::AdminStatusReply(s) => Ok(s),
-        other => Err(err(ChannelError::Unexpected(other.name().to_string()))),
+    AdminChannel::open(addr, key, tls, id)
+        .await?
+        .request(&req)
+        .await
+}
+
+/// An authenticated admin channel to one server, for requests one after another (a drain's
+/// status polls), so that each costs the server no handshake.
+pub struct AdminChannel {
+    addr: String,
+    reader: FrameReader<ReadHalf>,
+    w: MacWriter<WriteHalf>,
+}
+
+impl AdminChannel {
+    /// Each request's and the opening's steps are bounded by this.
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// Opens the channel to the admin port `addr` of server `id` (over TLS when `tls` is
+    /// given).
+    pub async fn open(
+        addr: &str,
+        key: &ClusterKey,
+        tls: Option<&ClientTls>,
+        id: &str,
+    ) -> Result<Self, AdminError> {
+        let opener = Opener {
+            key,
+            from: "admin",
+            tls,
+        };
+        let (reader, w) =
+            connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, Self::LIMIT)
+                .await
+                .map_err(|err| AdminError::Channel {
+                    addr: addr.to_string(),
+                    err,
+                })?;
+        Ok(AdminChannel {
+            addr: addr.to_string(),
+            reader,
+            w,
+        })
+    }
+
+    /// One request (`AdminDrain`, `AdminUndrain`, `AdminStatus`) and the server's status after
+    /// it.
+    pub async fn request(&mut self, req: &Msg) -> Result<ServerStatus, AdminError> {
+        let err = |err: ChannelError| AdminError::Channel {
+            addr: self.addr.clone(),
+            err,
+        };
+        self.w.write_msg(req).await.map_err(|e| err(e.into()))?;
+        match self.reader.next_msg(Self::LIMIT).await.map_err(err)? {
+            Msg::AdminStatusReply(s) => Ok(s),
+            other => Err(err(ChannelError::Unexpected(other.name().to_string()))),
+        }
     }
 }
 

@@ -278,20 +278,25 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: Socket
         };
     reader.set_max_frame(ADMIN_FRAME);
     loop {
-        match reader.next_msg(IDLE).await {
+        let status = match reader.next_msg(IDLE).await {
             Ok(Msg::AdminDrain) => {
                 tracing::info!(target: "mtcp::peer", by = %from, "draining: hinting every connection away");
                 inner.draining.store(true, Ordering::Relaxed);
                 inner.hint_all(HintReason::Drain);
+                inner.status()
             }
-            Ok(Msg::AdminUndrain) => inner.draining.store(false, Ordering::Relaxed),
-            Ok(Msg::AdminStatus) => {
-                if inner.draining.load(Ordering::Relaxed) {
-                    // Hints can be lost with a session that breaks; repeat them (each at
-                    // most once a second).
-                    inner.rehint_all(HintReason::Drain);
-                }
+            Ok(Msg::AdminUndrain) => {
+                inner.draining.store(false, Ordering::Relaxed);
+                inner.status()
             }
+            // Hints can be lost with a session that breaks: a draining server repeats them
+            // (each at most once a second) in the pass that counts its connections.
+            Ok(Msg::AdminStatus) => inner.status_rehinting(
+                inner
+                    .draining
+                    .load(Ordering::Relaxed)
+                    .then_some(HintReason::Drain),
+            ),
             Ok(other) => {
                 tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: unexpected {}; closing", other.name());
                 return;
@@ -301,11 +306,8 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: Socket
                 tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: {e}; closing");
                 return;
             }
-        }
-        if w.write_msg(&Msg::AdminStatusReply(inner.status()))
-            .await
-            .is_err()
-        {
+        };
+        if w.write_msg(&Msg::AdminStatusReply(status)).await.is_err() {
             return;
         }
     }

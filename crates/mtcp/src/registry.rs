@@ -100,12 +100,22 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        let mut conns = self.all();
-        // A fenced connection kept only as its taker's keeper is not served here.
-        conns.retain(|c| c.lock().repl.taken.is_none());
-        let (mut detached, mut leaving) = (0u32, 0u32);
-        for c in &conns {
-            let st = c.lock();
+        self.status_rehinting(None)
+    }
+
+    /// [`status`](Self::status), in the same pass hinting again (`rehint`) the live
+    /// connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`] (a draining server, on
+    /// each status request: a hint can be lost with a session that breaks).
+    pub fn status_rehinting(&self, rehint: Option<HintReason>) -> ServerStatus {
+        let now = Instant::now();
+        let (mut served, mut detached, mut leaving) = (0u32, 0u32, 0u32);
+        for c in self.all() {
+            let mut st = c.lock();
+            // A fenced connection kept only as its taker's keeper is not served here.
+            if st.repl.taken.is_some() {
+                continue;
+            }
+            served += 1;
             if st.detached_at.is_some() {
                 if st.leaving {
                     leaving += 1;
@@ -113,11 +123,15 @@ impl ServerInner {
                     detached += 1;
                 }
             }
+            if let Some(reason) = rehint {
+                if st.phase().hintable() && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
+                    c.hint(&mut st, reason);
+                }
+            }
         }
         ServerStatus {
             id: self.id.clone(),
-            connections: conns.len() as u32 - detached - leaving
-                + self.handing_over.load(Ordering::Relaxed),
+            connections: served - detached - leaving + self.handing_over.load(Ordering::Relaxed),
             detached,
             leaving,
             draining: self.draining.load(Ordering::Relaxed),
@@ -132,19 +146,6 @@ impl ServerInner {
         for c in self.all() {
             let mut st = c.lock();
             if st.phase().hintable() {
-                c.hint(&mut st, reason);
-            }
-        }
-    }
-
-    /// Hints again the live connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`]
-    /// (a draining server, on each status request: a hint can be lost with a session that
-    /// breaks).
-    pub fn rehint_all(&self, reason: HintReason) {
-        let now = Instant::now();
-        for c in self.all() {
-            let mut st = c.lock();
-            if st.phase().hintable() && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
                 c.hint(&mut st, reason);
             }
         }

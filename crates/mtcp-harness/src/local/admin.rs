@@ -12,15 +12,15 @@ pub async fn drain_server(
     id: &str,
     timeout: Duration,
 ) -> Result<mtcp::proto::wire::ServerStatus> {
-    Ok(drain_until_empty(admin, key, tls, id, timeout).await?.1)
+    let mut ch = mtcp::peer::AdminChannel::open(admin, key, tls, id).await?;
+    Ok(drain_until_empty(&mut ch, id, timeout).await?.1)
 }
 
 /// Starts a drain and waits until no connection with an agent is left; the status when the
 /// drain began and at the end.
+/// Every request goes over one admin channel: a poll costs the draining server no handshake.
 async fn drain_until_empty(
-    admin: &str,
-    key: &mtcp::proto::ClusterKey,
-    tls: Option<&mtcp::tls::ClientTls>,
+    ch: &mut mtcp::peer::AdminChannel,
     id: &str,
     timeout: Duration,
 ) -> Result<(
@@ -29,7 +29,7 @@ async fn drain_until_empty(
 )> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let first = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminDrain).await?;
+    let first = ch.request(&Msg::AdminDrain).await?;
     let mut st = first.clone();
     while st.connections > 0 {
         if t0.elapsed() > timeout {
@@ -39,7 +39,7 @@ async fn drain_until_empty(
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        st = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminStatus).await?;
+        st = ch.request(&Msg::AdminStatus).await?;
     }
     Ok((first, st))
 }
@@ -79,7 +79,8 @@ pub async fn drain_server_report(
 ) -> Result<DrainReport> {
     use mtcp::proto::wire::Msg;
     let t0 = Instant::now();
-    let (first, mut st) = drain_until_empty(admin, key, tls, id, timeout).await?;
+    let mut ch = mtcp::peer::AdminChannel::open(admin, key, tls, id).await?;
+    let (first, mut st) = drain_until_empty(&mut ch, id, timeout).await?;
     let mut empty_after = (st.leaving == 0).then(|| t0.elapsed());
     let empty = Instant::now();
     let mut stable = Instant::now();
@@ -87,7 +88,7 @@ pub async fn drain_server_report(
         && t0.elapsed() < timeout
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let next = mtcp::peer::admin_request_over(admin, key, tls, id, Msg::AdminStatus).await?;
+        let next = ch.request(&Msg::AdminStatus).await?;
         if (
             next.detached,
             next.leaving,
