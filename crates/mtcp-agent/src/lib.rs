@@ -114,6 +114,21 @@ pub fn mono_us() -> u64 {
 pub const MAX_TIMELINE: usize = 1024;
 
 impl ConnStatus {
+    /// The connection is open (not ended, in order or not).
+    pub fn is_live(&self) -> bool {
+        self.state == "live"
+    }
+
+    /// The connection ended in order.
+    pub fn is_closed(&self) -> bool {
+        self.state == "closed"
+    }
+
+    /// Why the agent gave the connection up, if it did.
+    pub fn aborted(&self) -> Option<&str> {
+        self.state.strip_prefix("aborted: ")
+    }
+
     /// A connection just opened (or handed over) on `server` at `epoch`.
     pub(crate) fn live(cid: String, server: String, epoch: u64, fast_path: bool) -> Self {
         ConnStatus {
@@ -160,6 +175,8 @@ pub struct ConnStatus {
     pub migrations: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// `live`, `closed` (ended in order) or `aborted: <why>`; read it with
+    /// [`ConnStatus::is_live`], [`ConnStatus::is_closed`] and [`ConnStatus::aborted`].
     pub state: String,
     /// The newest [`MAX_TIMELINE`] migrations (older ones are counted in `timeline_dropped`).
     pub timeline: Vec<MigrationEvent>,
@@ -544,5 +561,16 @@ mod tests {
             Some(format!("s{}", MAX_TIMELINE + 9))
         );
         assert!(st.event_mut(3).is_none());
+    }
+
+    #[test]
+    fn a_status_says_whether_its_connection_is_live_closed_or_aborted_and_why() {
+        let mut st = ConnStatus::live("c".into(), "s1".into(), 1, false);
+        assert!(st.is_live() && !st.is_closed() && st.aborted().is_none());
+        st.state = "closed".into();
+        assert!(!st.is_live() && st.is_closed() && st.aborted().is_none());
+        st.state = "aborted: migration failed: no server to move to".into();
+        assert!(!st.is_live() && !st.is_closed());
+        assert_eq!(st.aborted(), Some("migration failed: no server to move to"));
     }
 }

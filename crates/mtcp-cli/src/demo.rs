@@ -269,7 +269,7 @@ async fn current_server(lc: &LocalCluster) -> Option<String> {
     match mtcp_agent::admin::request(&lc.agent_admin, &Request::Status).await {
         Ok(Response::Status { connections }) => connections
             .into_iter()
-            .find(|c| c.state == "live")
+            .find(|c| c.is_live())
             .map(|c| c.server),
         _ => None,
     }

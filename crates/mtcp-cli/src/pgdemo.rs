@@ -509,7 +509,7 @@ async fn placement(pl: &PgLocal) -> String {
     let mut count: BTreeMap<String, usize> =
         pl.lc.servers.iter().map(|s| (s.id.clone(), 0)).collect();
     if let Ok(st) = pl.lc.status_async().await {
-        for c in st.into_iter().filter(|c| c.state == "live") {
+        for c in st.into_iter().filter(|c| c.is_live()) {
             *count.entry(c.server).or_default() += 1;
         }
     }
@@ -524,7 +524,7 @@ async fn placement(pl: &PgLocal) -> String {
 async fn busiest(pl: &PgLocal) -> Option<String> {
     let st = pl.lc.status_async().await.ok()?;
     let mut count = BTreeMap::<String, usize>::new();
-    for c in st.into_iter().filter(|c| c.state == "live") {
+    for c in st.into_iter().filter(|c| c.is_live()) {
         *count.entry(c.server).or_default() += 1;
     }
     count.into_iter().max_by_key(|(_, n)| *n).map(|(s, _)| s)

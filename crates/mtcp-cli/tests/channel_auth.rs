@@ -70,7 +70,7 @@ async fn live_conn(lc: &LocalCluster) -> (Cid, String) {
             .await
             .unwrap()
             .into_iter()
-            .find(|c| c.state == "live" && c.bytes_down > 0)
+            .find(|c| c.is_live() && c.bytes_down > 0)
         {
             return (c.cid.parse().unwrap(), c.server);
         }

@@ -80,7 +80,7 @@ pub fn serving(lc: &LocalCluster) -> String {
     lc.status()
         .expect("agent status")
         .into_iter()
-        .find(|c| c.state == "live")
+        .find(|c| c.is_live())
         .expect("a live connection")
         .server
 }

@@ -30,7 +30,7 @@ fn serving_all(lc: &LocalCluster) -> Vec<String> {
     lc.status()
         .expect("agent status")
         .into_iter()
-        .filter(|c| c.state == "live")
+        .filter(|c| c.is_live())
         .map(|c| c.server)
         .collect()
 }

@@ -61,7 +61,7 @@ async fn an_idle_connection_is_not_migrated() {
     assert_eq!(c.request("GET", "/f.bin", &[]).await.unwrap().digest, want);
     tokio::time::sleep(Duration::from_secs(30)).await;
     let st = lc.status_async().await.unwrap();
-    let live = st.iter().find(|c| c.state == "live").expect("still open");
+    let live = st.iter().find(|c| c.is_live()).expect("still open");
     assert_eq!(
         live.migrations, 0,
         "an idle, healthy connection moved: {:?}",

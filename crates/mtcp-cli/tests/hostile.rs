@@ -162,7 +162,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
             .await
             .unwrap()
             .into_iter()
-            .find(|c| c.state == "live" && c.bytes_down > 0);
+            .find(|c| c.is_live() && c.bytes_down > 0);
         if live.is_some() {
             break;
         }

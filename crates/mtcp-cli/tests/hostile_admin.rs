@@ -28,10 +28,7 @@ async fn live_download(
         if let Ok(Response::Status { connections }) =
             request_with(admin, token, &Request::Status).await
         {
-            if connections
-                .iter()
-                .any(|c| c.state == "live" && c.bytes_down > 0)
-            {
+            if connections.iter().any(|c| c.is_live() && c.bytes_down > 0) {
                 return dl;
             }
         }

@@ -50,7 +50,7 @@ async fn live_download(
     let dl = tokio::spawn(async move { c.request("GET", "/f.bin", &[]).await });
     for _ in 0..500 {
         let st = lc.status_async().await.unwrap();
-        if st.iter().any(|c| c.state == "live" && c.bytes_down > 0) {
+        if st.iter().any(|c| c.is_live() && c.bytes_down > 0) {
             return dl;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -85,7 +85,7 @@ async fn two_moves_one_refused_busy(lc: &LocalCluster, want: &str, refusal: &str
         let st = lc.status_async().await.unwrap();
         if st
             .iter()
-            .filter(|c| c.state == "live" && c.bytes_down > 0 && c.server == "s1")
+            .filter(|c| c.is_live() && c.bytes_down > 0 && c.server == "s1")
             .count()
             == 2
         {
@@ -116,7 +116,7 @@ async fn two_moves_one_refused_busy(lc: &LocalCluster, want: &str, refusal: &str
     let st = lc.status_async().await.unwrap();
     let stayed = st
         .iter()
-        .find(|c| c.state == "live" && c.server == "s1")
+        .find(|c| c.is_live() && c.server == "s1")
         .expect("the refused connection is still live on s1");
     let ev = stayed.timeline.last().expect("its move");
     assert!(

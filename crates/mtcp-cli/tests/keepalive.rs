@@ -71,13 +71,7 @@ async fn keep_alive(fast_path: bool) {
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
     // The agent opens its session right after accepting; wait for it.
     for _ in 0..200 {
-        if lc
-            .status_async()
-            .await
-            .unwrap()
-            .iter()
-            .any(|c| c.state == "live")
-        {
+        if lc.status_async().await.unwrap().iter().any(|c| c.is_live()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -87,7 +81,7 @@ async fn keep_alive(fast_path: bool) {
     let json =
         tokio::task::block_in_place(|| lc.mtcp(&["status", "--agent", &admin, "--json"])).unwrap();
     let st: Vec<mtcp_agent::ConnStatus> = serde_json::from_str(&json).unwrap();
-    let live = st.iter().find(|c| c.state == "live").unwrap();
+    let live = st.iter().find(|c| c.is_live()).unwrap();
     let to = if live.server == "s2" { "s3" } else { "s2" };
     let out = tokio::task::block_in_place(|| {
         lc.mtcp(&[
@@ -167,7 +161,7 @@ async fn keep_alive(fast_path: bool) {
     let st = lc.status_async().await.unwrap();
     let live = st
         .iter()
-        .find(|c| c.state == "live")
+        .find(|c| c.is_live())
         .expect("the connection is still open");
     assert_eq!(
         live.migrations, moves,
@@ -196,7 +190,7 @@ async fn drain_summary_counts_what_moved() {
         clients.push(c);
     }
     let st = lc.status_async().await.unwrap();
-    let live: Vec<_> = st.iter().filter(|c| c.state == "live").collect();
+    let live: Vec<_> = st.iter().filter(|c| c.is_live()).collect();
     assert_eq!(live.len(), CONNS, "{st:?}");
     let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
     for c in &live {
@@ -223,7 +217,7 @@ async fn drain_summary_counts_what_moved() {
         assert_eq!(r.digest, sha256(&b_bytes), "body differs");
     }
     let st = lc.status_async().await.unwrap();
-    let live: Vec<_> = st.iter().filter(|c| c.state == "live").collect();
+    let live: Vec<_> = st.iter().filter(|c| c.is_live()).collect();
     assert_eq!(live.len(), CONNS);
     let left = live.iter().filter(|c| c.server == busiest).count();
     assert_eq!(left, 0, "live connections still on the drained {busiest}");

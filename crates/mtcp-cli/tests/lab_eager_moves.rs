@@ -159,7 +159,7 @@ fn eager_downloads_survive_their_new_server_killed_right_after_a_move_at_20_ms_r
                 if c.state != "live" {
                     // The server had sent everything before the kill (a slow move let curl
                     // catch up): nothing was left to move. curl's bytes are checked below.
-                    ended_in_order = c.state == "closed";
+                    ended_in_order = c.is_closed();
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -393,7 +393,7 @@ async fn move_the_session(pl: &PgLocal) -> Result<String, String> {
     let t0 = Instant::now();
     loop {
         let st = pl.lc.status_async().await.expect("agent status");
-        if st.iter().filter(|c| c.state == "live").count() == 1 {
+        if st.iter().filter(|c| c.is_live()).count() == 1 {
             break;
         }
         assert!(t0.elapsed() < PROMPT, "not one live connection: {st:?}");

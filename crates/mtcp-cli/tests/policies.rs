@@ -222,7 +222,7 @@ fn equal_rtts_never_move_a_connection() {
             .status()
             .unwrap()
             .iter()
-            .any(|c| c.state == "live" && c.rtt_ms.len() == 3);
+            .any(|c| c.is_live() && c.rtt_ms.len() == 3);
     }
     assert!(probed, "no RTT of every server after 5 s");
     wait_curl(&mut curl, Duration::from_secs(60));

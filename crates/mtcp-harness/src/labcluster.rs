@@ -336,7 +336,7 @@ impl LabCluster {
         Ok(self
             .status()?
             .into_iter()
-            .find(|c| c.state == "live" && c.bytes_down > 0)
+            .find(|c| c.is_live() && c.bytes_down > 0)
             .map(|c| c.server))
     }
 }

@@ -26,8 +26,8 @@ pub(crate) const SETUP_FRAME: usize = 64 << 10;
 pub(crate) const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves a data-port session from `peer_addr`; `admitted` is its place under the session caps, taken at
-/// accept (or why it is over one).
+/// Serves a data-port session from `peer_addr`; `admitted` is its place under the session
+/// caps, taken at accept (or why it is over one).
 pub(crate) async fn handle_session(
     inner: Arc<ServerInner>,
     s: Stream,

@@ -57,7 +57,7 @@ pub(super) async fn faults(a: &BenchArgs, dir: &std::path::Path, fault: Fault) -
         let st = lc.status_async().await?;
         let conn = st
             .iter()
-            .find(|c| c.state == "live" && c.bytes_down > 0)
+            .find(|c| c.is_live() && c.bytes_down > 0)
             .context("no live transfer")?;
         let victim = conn.server.clone();
         let seen = conn.timeline.len();
@@ -189,7 +189,7 @@ pub(super) async fn soak(a: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let st = lc.status_async().await?;
     let false_migrations: u64 = st
         .iter()
-        .filter(|c| c.state == "live")
+        .filter(|c| c.is_live())
         .map(|c| c.migrations)
         .sum();
     let mut ok = 0;

@@ -363,7 +363,7 @@ pub(super) async fn one_run(
             .status_async()
             .await?
             .into_iter()
-            .filter(|c| c.state == "live" && !seen.contains(&c.cid))
+            .filter(|c| c.is_live() && !seen.contains(&c.cid))
             .collect();
         // Nothing else connects to the agent: one new live connection is the client's.
         if new.len() == 1 {

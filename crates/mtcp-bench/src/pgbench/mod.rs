@@ -311,7 +311,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 }
                 move_request_us.extend(us);
                 for c in on.status_async().await? {
-                    if c.state.starts_with("aborted") && moves.aborted_at_agent.len() < 10 {
+                    if c.aborted().is_some() && moves.aborted_at_agent.len() < 10 {
                         moves
                             .aborted_at_agent
                             .push(format!("{}: {}", c.cid, c.state));

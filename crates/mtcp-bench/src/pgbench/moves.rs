@@ -131,7 +131,7 @@ pub(super) async fn agent_session(lc: &LocalCluster) -> Result<(tokio_postgres::
         .status_async()
         .await?
         .into_iter()
-        .find(|s| s.state == "live" && !before.contains(&s.cid))
+        .find(|s| s.is_live() && !before.contains(&s.cid))
         .context("the bench session is not at the agent")?
         .cid;
     Ok((c, cid))

@@ -75,7 +75,7 @@ pub(super) fn agent_moves(
     let mut aborted = Vec::new();
     let mut moves: Vec<Move> = Vec::new();
     for c in conns {
-        if c.state.starts_with("aborted") {
+        if c.aborted().is_some() {
             aborted.push(format!("{}: {}", c.cid, c.state));
         }
         for e in &c.timeline {
