@@ -35,7 +35,7 @@ pub(crate) async fn handle_session(
     admitted: Result<crate::admission::Slot, String>,
 ) {
     let mut gauge = crate::metrics::SessionGauge::new();
-    let ends = (s.tcp().local_addr().ok(), Some(peer_addr));
+    let local_addr = s.tcp().local_addr().ok();
     // Held for the session's life: counts it against the caps.
     let (_slot, over) = match admitted {
         Ok(slot) => (Some(slot), None),
@@ -103,13 +103,13 @@ pub(crate) async fn handle_session(
             // while the client's connection is still its own (it freezes it after WELCOME).
             let (owner, held) = if mtcp_proto::hello::Hello::needs_owner(direct, listed) {
                 let listed = inner.cluster.fast_path.clone();
-                match ends {
-                    (Some(local), Some(peer)) => tokio::task::spawn_blocking(move || {
-                        crate::sockowner::session_view(peer, local, &listed)
+                match local_addr {
+                    Some(local) => tokio::task::spawn_blocking(move || {
+                        crate::sockowner::session_view(peer_addr, local, &listed)
                     })
                     .await
                     .unwrap_or_default(),
-                    _ => (None, Vec::new()),
+                    None => (None, Vec::new()),
                 }
             } else {
                 (None, Vec::new())
