@@ -284,7 +284,7 @@ async fn run(
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
 ) -> End {
     // A fast-path server beats whenever the session is quiet for one interval
-    // (`trigger::beat_due`), so any silence beyond the bound means it is gone. No pings run
+    // (`trigger::beat_every`), so any silence beyond the bound means it is gone. No pings run
     // here: the bound of an unmeasured path.
     let silent = silence_bound(conn.at.heartbeat, &Rtt::default());
     loop {

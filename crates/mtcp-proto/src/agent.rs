@@ -186,6 +186,9 @@ pub struct Placement {
     pub alternates: Vec<ServerInfo>,
     /// The serving server's heartbeat interval.
     pub heartbeat: Duration,
+    /// How often a relaying agent pings the serving server while the connection is idle
+    /// ([`crate::trigger::ping_every`]).
+    pub idle_ping: Duration,
 }
 
 impl Placement {
@@ -198,6 +201,7 @@ impl Placement {
             token: wl.token,
             server: wl.server,
             heartbeat: heartbeat(wl.heartbeat_ms),
+            idle_ping: crate::trigger::ping_every(wl.idle_ms),
         }
     }
 
@@ -256,6 +260,7 @@ impl Placement {
         self.token = r.token;
         self.server = r.server.clone();
         self.heartbeat = heartbeat(r.heartbeat_ms);
+        self.idle_ping = crate::trigger::ping_every(r.idle_ms);
     }
 
     /// What a control message from the serving server asks.

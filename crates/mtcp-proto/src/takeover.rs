@@ -94,6 +94,8 @@ pub struct Destination<'a> {
     pub id: &'a str,
     pub alternates: Vec<ServerInfo>,
     pub heartbeat_ms: u32,
+    /// The server's bound on an agent's silence ([`Resumed::idle_ms`]).
+    pub idle_ms: u32,
 }
 
 /// The epoch a connection restarted from `rec` runs at: one past the record's label (the
@@ -118,6 +120,7 @@ pub fn resumed(
         up_from: rec.up_recv(),
         alternates: at.alternates,
         heartbeat_ms: at.heartbeat_ms,
+        idle_ms: at.idle_ms,
         state_bytes,
         restart_out: rec.snap_out,
         from_replica,
@@ -350,6 +353,7 @@ mod tests {
             id: "s2",
             alternates: alts.clone(),
             heartbeat_ms: 250,
+            idle_ms: 30_000,
         };
         let r = resumed(&record(0, 0, b"", 0), at, Token([9; 32]), 0, false);
         assert_eq!((r.epoch, r.token, r.up_from), (1, Token([9; 32]), 0));
@@ -365,6 +369,7 @@ mod tests {
             id: "s3",
             alternates: vec![],
             heartbeat_ms: 100,
+            idle_ms: 30_000,
         };
         let r = resumed(&rec, at, Token([7; 32]), 99, true);
         assert_eq!((r.epoch, r.up_from, r.restart_out), (7, 13, 20));

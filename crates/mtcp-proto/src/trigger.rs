@@ -75,39 +75,77 @@ pub const MIN_RTO: Duration = Duration::from_millis(200);
 /// outstanding) is caught within this window. See [`Liveness`].
 pub const EXPECT_AFTER_DATA: Duration = Duration::from_secs(1);
 
-/// How long a server keeps beating after the agent last got data from it ([`beat_due`]).
-/// Longer than [`EXPECT_AFTER_DATA`] plus a silence bound's usual size, so the agent never
-/// expects a beat the server no longer sends.
-pub const BEAT_LINGER: Duration = Duration::from_secs(2);
+/// How many heartbeat intervals apart a server beats where the agent only may still expect
+/// more data ([`beat_every`]): the agent's silence bound is three intervals plus two
+/// retransmission timeouts ([`silence_bound`]), so beats this far apart still leave one whole
+/// interval and a lost segment's retransmission of margin.
+pub const LINGER_APART: u32 = 2;
 
-/// Whether a server sends a heartbeat on a relayed session that has been quiet for one
-/// interval (issue 13: an idle session costs no frames). It beats only where someone may be
-/// waiting for it:
-/// - input arrived that no output has followed yet (`input_unanswered`: the client sent
-///   something, the agent expects an answer);
-/// - data it wrote is not acknowledged yet (`data_unacked`): the agent may still be reading
-///   it — a slow client leaves it in the socket buffers for seconds, and the agent expects
-///   more for a while after each piece it reads;
-/// - or data was written or acknowledged less than [`BEAT_LINGER`] ago (`since_data`): the
-///   agent got data recently (an acknowledgement comes after the agent read what it covers).
+/// How long a server keeps beating after the agent last got data from it ([`beat_every`]),
+/// with heartbeat interval `hb`: [`EXPECT_AFTER_DATA`] and two lingering beats more. The
+/// agent expects frames until one arrives [`EXPECT_AFTER_DATA`] after the last data it read,
+/// and the server's clock runs from the agent's acknowledgement, which left after that read:
+/// a beat sent past the window arrives past it, and the beats up to `linger` send one.
+pub fn linger(hb: Duration) -> Duration {
+    EXPECT_AFTER_DATA + hb * LINGER_APART * 2
+}
+
+/// How often a server beats on a relayed session that has been quiet, or `None` for not at
+/// all (issue 13: an idle session costs no frames). It beats only where someone may be waiting
+/// for it:
+/// - every `hb` where input arrived that no output has followed yet (`input_unanswered`: the
+///   client sent something, the agent expects an answer);
+/// - every [`LINGER_APART`] intervals where data it wrote is not acknowledged yet
+///   (`data_unacked`: the agent may still be reading it — a slow client leaves it in the
+///   socket buffers for seconds, and the agent expects more for a while after each piece it
+///   reads), or data was written or acknowledged less than [`linger`] ago (`since_data`: the
+///   agent got data recently; an acknowledgement comes after the agent read what it covers).
 ///
-/// A fast-path session always beats: its agent sees no data and bounds the session's silence
-/// as such.
-pub fn beat_due(
+/// A fast-path session always beats every `hb`: its agent sees no data and bounds the
+/// session's silence as such.
+pub fn beat_every(
     input_unanswered: bool,
     data_unacked: bool,
     since_data: Duration,
     fast_path: bool,
-) -> bool {
-    fast_path || input_unanswered || data_unacked || since_data < BEAT_LINGER
+    hb: Duration,
+) -> Option<Duration> {
+    if fast_path || input_unanswered {
+        Some(hb)
+    } else if data_unacked || since_data < linger(hb) {
+        Some(hb * LINGER_APART)
+    } else {
+        None
+    }
 }
 
 /// How long the server waits for the next frame of a session's agent before it counts the
-/// agent as gone (`None`: never). A relaying agent pings every second, so a relayed session
+/// agent as gone (`None`: never). A relaying agent pings at least [`PINGS_PER_IDLE`] times per
+/// `session_idle` ([`ping_every`]: the server tells it the bound), so a relayed session
 /// silent for `session_idle` has no agent behind it; a fast-path agent's session is a quiet
 /// control channel (the client's bytes never cross it), silent for as long as nothing moves.
 pub fn agent_silence(fast_path: bool, session_idle: Duration) -> Option<Duration> {
     (!fast_path).then_some(session_idle)
+}
+
+/// How often a relaying agent pings a session that moves data: each PONG is a round-trip
+/// sample ([`Rtt`]), and the tick acknowledges what arrived since the last.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// Pings a server may miss before it counts a relayed session's agent as gone.
+pub const PINGS_PER_IDLE: u32 = 3;
+
+/// How often a relaying agent pings a session that moved nothing since its last ping, when
+/// its server counts the agent as gone after `idle_ms` of silence (0: never, as the server's
+/// WELCOME or RESUMED says): [`PINGS_PER_IDLE`] pings per bound, never more often than
+/// [`PING_EVERY`]. Nine thousand idle connections pinged every second cost their agent and
+/// server almost half a core between them (issue 13); at the default 30 s bound, every 10 s.
+/// A server whose bound is unknown (0) gets [`PING_EVERY`].
+pub fn ping_every(idle_ms: u32) -> Duration {
+    match idle_ms {
+        0 => PING_EVERY,
+        ms => (Duration::from_millis(ms as u64) / PINGS_PER_IDLE).max(PING_EVERY),
+    }
 }
 
 /// Least time between two BACKLOG reports of a session.
@@ -127,7 +165,7 @@ pub const MISSED_BEATS: u32 = 3;
 /// How long a session with a server that beats every `heartbeat` may stay silent while the
 /// agent expects to hear from it: [`MISSED_BEATS`] beats plus two retransmission timeouts of
 /// the measured path (a lost segment stalls a TCP stream that long). The one bound of both the
-/// relay ([`Liveness`]) and the fast path, whose sessions always beat ([`beat_due`]).
+/// relay ([`Liveness`]) and the fast path, whose sessions always beat ([`beat_every`]).
 pub fn silence_bound(heartbeat: Duration, rtt: &Rtt) -> Duration {
     let rto = rtt.rto().unwrap_or(MIN_RTO);
     heartbeat * MISSED_BEATS + rto * 2
@@ -135,7 +173,7 @@ pub fn silence_bound(heartbeat: Duration, rtt: &Rtt) -> Duration {
 
 /// Fires when the server has been silent for too long while the agent expects to hear from it.
 ///
-/// Servers beat every `heartbeat` only where someone waits ([`beat_due`]), so the agent applies
+/// Servers beat only where someone waits ([`beat_every`]), so the agent applies
 /// its silence bound only then: from the first upstream bytes it sends after the last downstream
 /// data (a request is outstanding) until data comes back, and for [`EXPECT_AFTER_DATA`] past the
 /// bound after downstream data (a stream may go on). An idle connection is never taken for a
@@ -156,7 +194,7 @@ pub struct Liveness {
 impl Liveness {
     /// A session that just started expects nothing until data moves either way; nor does the
     /// server's side beat before then (a new or moved connection's session counts as having
-    /// had no data for [`BEAT_LINGER`]).
+    /// had no data for [`linger`]).
     pub fn new(now: Instant, heartbeat: Duration) -> Self {
         Self {
             heartbeat,
@@ -221,6 +259,19 @@ mod tests {
         let idle = Duration::from_secs(30);
         assert_eq!(agent_silence(false, idle), Some(idle));
         assert_eq!(agent_silence(true, idle), None);
+    }
+
+    #[test]
+    fn an_idle_session_is_pinged_three_times_per_bound_but_at_most_every_second() {
+        let s = Duration::from_secs;
+        assert_eq!(ping_every(30_000), s(10));
+        assert_eq!(ping_every(2_000), PING_EVERY, "a short bound: every second");
+        assert_eq!(ping_every(3_000), PING_EVERY);
+        assert_eq!(ping_every(0), PING_EVERY, "unknown bound: every second");
+        // The agent's pings always fit the bound that often.
+        for ms in [3_000u32, 4_500, 30_000, 600_000] {
+            assert!(ping_every(ms) * PINGS_PER_IDLE <= Duration::from_millis(ms as u64));
+        }
     }
 
     #[test]
@@ -294,13 +345,42 @@ mod tests {
 
     #[test]
     fn a_server_beats_only_where_someone_waits_and_always_on_the_fast_path() {
-        let quiet = BEAT_LINGER;
-        assert!(!beat_due(false, false, quiet, false), "idle: no beat");
-        assert!(beat_due(false, false, quiet, true), "fast path");
-        assert!(beat_due(true, false, quiet, false), "input unanswered");
-        assert!(beat_due(false, true, quiet, false), "data not acknowledged");
-        assert!(beat_due(false, false, quiet - MS, false), "data just now");
-        assert!(!beat_due(false, false, Duration::from_secs(3600), false));
+        let hb = Duration::from_millis(100);
+        let quiet = linger(hb);
+        assert_eq!(quiet, Duration::from_millis(1_400));
+        assert_eq!(
+            beat_every(false, false, quiet, false, hb),
+            None,
+            "idle: no beat"
+        );
+        assert_eq!(
+            beat_every(false, false, quiet, true, hb),
+            Some(hb),
+            "fast path"
+        );
+        assert_eq!(
+            beat_every(true, false, quiet, false, hb),
+            Some(hb),
+            "input unanswered"
+        );
+        let apart = Some(hb * LINGER_APART);
+        assert_eq!(
+            beat_every(false, true, quiet, false, hb),
+            apart,
+            "data not acknowledged"
+        );
+        assert_eq!(
+            beat_every(false, false, quiet - MS, false, hb),
+            apart,
+            "data just now"
+        );
+        assert_eq!(
+            beat_every(false, false, Duration::from_secs(3600), false, hb),
+            None
+        );
+        // Lingering beats fit the agent's bound with a whole interval and two RTOs to spare.
+        let bound = silence_bound(hb, &Rtt::default());
+        assert_eq!(bound - hb * LINGER_APART, hb + MIN_RTO * 2);
     }
 
     #[test]
@@ -402,7 +482,7 @@ mod tests {
         l.on_receive(t1 + Duration::from_millis(500));
         assert!(!l.expired(t1 + Duration::from_millis(1_100)));
         assert!(l.expired(t1 + Duration::from_millis(1_200)));
-        // The answer: the server beats on for BEAT_LINGER, the agent expects it a little less.
+        // The answer: the server beats on for `linger`, the agent expects it a little less.
         let t2 = t1 + Duration::from_millis(1_150);
         l.on_data_received(t2);
         assert!(!l.expired(t2 + Duration::from_millis(699)));
@@ -418,7 +498,8 @@ mod tests {
         // Downstream is one FIFO stream: an answer may wait in socket buffers behind a slow
         // client for up to `slow` ms more (heartbeats queue behind it too). The agent
         // acknowledges data it read after a random delay (its ACK_EVERY or its idle tick).
-        // The server beats by `beat_due` every 100 ms of quiet. The agent must never fire.
+        // The server beats by `beat_every` (every 100 or 200 ms of quiet). The agent must never
+        // fire.
         use proptest::prelude::*;
         let hb = Duration::from_millis(100);
         proptest!(ProptestConfig::with_cases(512), |(
@@ -484,8 +565,8 @@ mod tests {
                     unanswered = false;
                     last_arrival = last_arrival.max(now + d + slow);
                     down.push_back((last_arrival, Some((written, ack))));
-                } else if now >= last_beat_or_write + 100
-                    && beat_due(unanswered, acked < written, Duration::from_millis(now - last_data), false)
+                } else if beat_every(unanswered, acked < written, Duration::from_millis(now - last_data), false, hb)
+                    .is_some_and(|every| now >= last_beat_or_write + every.as_millis() as u64)
                 {
                     last_beat_or_write = now;
                     last_arrival = last_arrival.max(now + d);

@@ -365,8 +365,10 @@ pub struct Limits {
     /// How long the app's writes may wait on [`Limits::max_unacked`] with the agent attached but
     /// acknowledging nothing before the connection is aborted.
     pub ack_timeout: Duration,
-    /// A relayed session from which nothing arrives for this long is closed (its agent pings
-    /// every second); the connection's state is then kept as for any detached session.
+    /// A relayed session from which nothing arrives for this long is closed (its agent, told
+    /// this bound in WELCOME and RESUMED, pings three times as often, at most every second:
+    /// `mtcp_proto::trigger::ping_every`); the connection's state is then kept as for any
+    /// detached session.
     pub session_idle: Duration,
     /// Most sessions open on the data port at once (the newest over it is refused `Busy`).
     pub max_sessions: usize,
@@ -438,6 +440,13 @@ pub struct Limits {
     pub delay_takeover: Duration,
     /// Test hook: this server's RELEASECLAIMs are not sent, as if every one were lost.
     pub drop_releases: bool,
+}
+
+impl Limits {
+    /// [`Limits::session_idle`] as WELCOME and RESUMED carry it (milliseconds, at least 1).
+    pub fn idle_ms(&self) -> u32 {
+        self.session_idle.as_millis().clamp(1, u32::MAX as u128) as u32
+    }
 }
 
 impl Default for Limits {

@@ -103,7 +103,7 @@ pub(crate) struct ConnState {
     /// with its value at the last data it wrote to tell whether input awaits an answer.
     pub inputs: u64,
     /// When an acknowledgement last moved `s.acked()`: the agent had read data by then, and
-    /// may expect more for a while (`mtcp_proto::trigger::beat_due`).
+    /// may expect more for a while (`mtcp_proto::trigger::beat_every`).
     pub acked_at: tokio::time::Instant,
     /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
     /// and waits for [`Shared::beat`] instead of its timer.
@@ -409,14 +409,15 @@ pub(crate) struct Confirm {
     pub to: Vec<ServerEntry>,
 }
 
-/// A time far enough back that a session starting now has had no data for
-/// [`mtcp_proto::trigger::BEAT_LINGER`]: a new or moved connection's session beats only once
-/// someone waits (input, unacknowledged or fresh data). The agent's session starts expecting
-/// nothing too (`Liveness::new`), so the two seconds of beats every session used to send from
-/// its start cost a drain of 9 000 idle connections ~20 frames per move each way for nothing.
+/// A time far enough back that a session starting now has had no data for any
+/// [`mtcp_proto::trigger::linger`] (a minute; the heartbeat is at most 10 s): a new or moved
+/// connection's session beats only once someone waits (input, unacknowledged or fresh data).
+/// The agent's session starts expecting nothing too (`Liveness::new`), so the two seconds of
+/// beats every session used to send from its start cost a drain of 9 000 idle connections ~20
+/// frames per move each way for nothing.
 pub(crate) fn long_ago() -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
-    now.checked_sub(mtcp_proto::trigger::BEAT_LINGER)
+    now.checked_sub(std::time::Duration::from_secs(60))
         .unwrap_or(now)
 }
 

@@ -138,6 +138,7 @@ pub(crate) async fn handle_session(
                 alternates: inner.cluster.alternates(&inner.id),
                 mode: inner.cluster.mode,
                 heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+                idle_ms: inner.limits.idle_ms(),
             };
             if framed::write_msg(&mut w, &Msg::Welcome(welcome))
                 .await

@@ -25,7 +25,8 @@ pub(crate) async fn writer_loop(
     let mut reported: Option<Instant> = None;
     // One heartbeat timer, armed at "quiet since the last write + hb" and re-armed only when it
     // fires early: the hot path (one turn per batch) never touches the timer wheel. It beats
-    // only where someone waits (`trigger::beat_due`); otherwise it parks until input arrives.
+    // only where someone waits, as often as `trigger::beat_every` says; otherwise it parks until
+    // input arrives.
     let mut last_write = tokio::time::Instant::now();
     // No data yet: a session beats once someone waits for it (see `conn_state::long_ago`).
     let mut last_data = crate::conn_state::long_ago();
@@ -47,23 +48,23 @@ pub(crate) async fn writer_loop(
                 }
                 _ = &mut quiet, if !parked => {
                     let now = tokio::time::Instant::now();
-                    let due = last_write + hb;
-                    if now < due {
-                        quiet.as_mut().reset(due);
-                        continue;
-                    }
                     let mut st = shared.lock();
                     let unanswered = st.inputs != inputs_at_data;
                     let fast = st.direct.is_some();
                     let unacked = st.s.unacked() > 0;
                     let since = now - last_data.max(st.acked_at);
-                    if !mtcp_proto::trigger::beat_due(unanswered, unacked, since, fast) {
+                    let Some(every) = mtcp_proto::trigger::beat_every(unanswered, unacked, since, fast, hb) else {
                         // Nobody waits: no frames until input arrives (issue 13).
                         st.beat_parked = true;
                         parked = true;
                         continue;
-                    }
+                    };
                     drop(st);
+                    let due = last_write + every;
+                    if now < due {
+                        quiet.as_mut().reset(due);
+                        continue;
+                    }
                     crate::metrics::heartbeat_sent(false);
                     pending.push_back(Out::Msg(Msg::Heartbeat));
                 }
@@ -181,7 +182,7 @@ pub(crate) async fn reader_loop(
             Ok(Err(e)) => break e.to_string(),
             Err(_) => {
                 break format!(
-                    "nothing from the agent for {:?} (a relaying agent pings every second)",
+                    "nothing from the agent for {:?} (a relaying agent pings at least three times as often)",
                     inner.limits.session_idle
                 )
             }

@@ -208,6 +208,7 @@ pub(crate) async fn take_over_checked(
         id: &inner.id,
         alternates: inner.cluster.alternates(&inner.id),
         heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
+        idle_ms: inner.limits.idle_ms(),
     };
     let token = inner.cluster.key.token(m.cid, epoch);
     let resumed = core::resumed(&rec, at, token, state_bytes, from_replica);

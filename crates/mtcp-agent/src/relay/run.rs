@@ -8,14 +8,13 @@ use bytes::BytesMut;
 use mtcp::framed::{self, Out, Piece};
 use mtcp_proto::agent::stream::StreamStep;
 use mtcp_proto::agent::Control;
-use mtcp_proto::trigger::Liveness;
+use mtcp_proto::trigger::{Liveness, PING_EVERY};
 use mtcp_proto::wire::Msg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-const PING_EVERY: Duration = Duration::from_secs(1);
 /// Largest read from the client program.
 const CLIENT_READ: usize = 128 << 10;
 /// Smallest read from the client program: reads that fill it double the next one.
@@ -47,8 +46,12 @@ pub(super) async fn run(
         // Resent on this session after a move: input the new server may still have to answer.
         live.on_data_sent(Instant::now());
     }
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The ping tick: at once (the new server hears from the agent at once: decision 48), then
+    // every second while bytes move, and only as often as the server's bound on an agent's
+    // silence asks while none do (`trigger::ping_every`; issue 13).
+    let ping = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(ping);
+    let mut slow_tick = false;
     let mut flip = false;
     // `pend`: the part of the write buffer not yet taken by the client; `ready`: bytes read
     // into the other buffer, waiting their turn.
@@ -64,6 +67,12 @@ pub(super) async fn run(
     let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
     policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if slow_tick && conn.stream.down.received() + conn.stream.retained.end() != moved_at_tick {
+            // Bytes move again: the next tick acknowledges them within a second.
+            slow_tick = false;
+            ping.as_mut()
+                .reset(tokio::time::Instant::now() + PING_EVERY);
+        }
         if ready.is_some() {
             // Blocked on the client program: the throughput floor does not count this time.
             conn.policy.client_blocked();
@@ -122,11 +131,14 @@ pub(super) async fn run(
                     return End::Move { reason, to, done: None, at: None };
                 }
             }
-            _ = ping.tick() => {
+            _ = &mut ping => {
                 // Idle for a whole tick: give the buffers back (issue 13, memory per idle
                 // connection). A busy connection keeps them.
                 let moved = conn.stream.down.received() + conn.stream.retained.end();
-                if moved == moved_at_tick && pend.is_empty() && ready.is_none() {
+                slow_tick = moved == moved_at_tick && pend.is_empty() && ready.is_none();
+                let next = if slow_tick { conn.at.idle_ping } else { PING_EVERY };
+                ping.as_mut().reset(tokio::time::Instant::now() + next);
+                if slow_tick {
                     bufs[0] = Vec::new();
                     bufs[1] = Vec::new();
                     // Empty already; its position must not outlive the buffer (the write
@@ -138,7 +150,7 @@ pub(super) async fn run(
                 // Acknowledge what arrived since the last ACK, at most once a tick: the server
                 // drops its copy now rather than after ACK_EVERY more bytes that may never come,
                 // and learns that the agent read it (it beats on for a while after, in case more
-                // is expected: `trigger::beat_due`).
+                // is expected: `trigger::beat_every`).
                 if let Some(ack) = conn.stream.on_tick() {
                     if framed::write_msg(&mut s.w, &ack).await.is_err() {
                         return session_broke(conn, "write failed");

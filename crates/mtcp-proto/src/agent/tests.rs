@@ -34,6 +34,7 @@ fn placement() -> Placement {
             alternates: vec![server("s1"), server("s2"), server("s3")],
             mode: Mode::Lazy,
             heartbeat_ms: 0,
+            idle_ms: 30_000,
         },
         "reached-s1",
     )
@@ -47,6 +48,7 @@ fn resumed(server: &str, epoch: u64, up_from: u64, restart_out: u64) -> Resumed 
         up_from,
         alternates: servers(&["s1", "s2", "s3"]),
         heartbeat_ms: 250,
+        idle_ms: 30_000,
         state_bytes: 99,
         restart_out,
         from_replica: false,

@@ -143,6 +143,10 @@ pub struct Welcome {
     pub alternates: Vec<ServerInfo>,
     pub mode: Mode,
     pub heartbeat_ms: u32,
+    /// How long the server waits for a frame from the agent before it counts the agent as
+    /// gone (0: never): the agent's pings on an idle session need only be that frequent
+    /// ([`crate::trigger::ping_every`]).
+    pub idle_ms: u32,
 }
 
 /// The destination's answer to a successful MIGRATE.
@@ -155,6 +159,8 @@ pub struct Resumed {
     pub up_from: u64,
     pub alternates: Vec<ServerInfo>,
     pub heartbeat_ms: u32,
+    /// As in [`Welcome::idle_ms`].
+    pub idle_ms: u32,
     /// Size of the state record that was transferred (for measurements).
     pub state_bytes: u64,
     /// Downstream offset of the restart point the destination restarted from: the agent keeps

@@ -69,6 +69,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                     alternates,
                     mode: Mode::Lazy,
                     heartbeat_ms,
+                    idle_ms: heartbeat_ms.wrapping_mul(300),
                 })
             }),
         (
@@ -86,6 +87,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                     up_from,
                     alternates,
                     heartbeat_ms: 100,
+                    idle_ms: 30_000,
                     state_bytes: 7,
                     restart_out: up_from / 2,
                     from_replica: up_from % 2 == 0,

@@ -25,6 +25,7 @@ fn welcomed() -> Placement {
             alternates: vec![s("s1"), s("s2")],
             mode: Mode::Lazy,
             heartbeat_ms: 100,
+            idle_ms: 30_000,
         },
         "addr-s1",
     )
@@ -81,6 +82,7 @@ fn move_to_s2(
         id: "s2",
         alternates: at.alternates.clone(),
         heartbeat_ms: 50,
+        idle_ms: 30_000,
     };
     let r = resumed(&rec, dest_at, Token([2; 32]), 0, false);
     let r = answer(Msg::Resumed(r)).unwrap();

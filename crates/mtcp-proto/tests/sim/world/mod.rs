@@ -242,6 +242,7 @@ impl World {
                 alternates,
                 mode: if eager { Mode::Eager } else { Mode::Lazy },
                 heartbeat_ms: 100,
+                idle_ms: 30_000,
             },
             &format!("addr-{}", SERVERS[first]),
         );

@@ -187,6 +187,7 @@ impl World {
             id: SERVERS[dest],
             alternates: self.at.alternates.clone(),
             heartbeat_ms: 100,
+            idle_ms: 30_000,
         };
         let token = Token([epoch as u8; 32]);
         let resumed = takeover::resumed(&rec, at, token, 0, from_replica);
