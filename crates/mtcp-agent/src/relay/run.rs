@@ -24,6 +24,10 @@ const CLIENT_READ_MIN: usize = 4 << 10;
 const COPY_BELOW: usize = 4 << 10;
 /// Largest piece of downstream data read from the session and written to the client at once.
 const DOWN_READ: usize = 256 << 10;
+/// How soon after delivering data the agent acknowledges it when it acknowledged nothing for a
+/// second (a small answer on a quiet connection): the server's beats while its data is
+/// unacknowledged stop then (`trigger::beat_every`), rather than at the next tick.
+const ACK_SOON: Duration = Duration::from_millis(50);
 
 /// Relays until the session ends or must move.
 pub(super) async fn run(
@@ -46,12 +50,20 @@ pub(super) async fn run(
         // Resent on this session after a move: input the new server may still have to answer.
         live.on_data_sent(Instant::now());
     }
-    // The ping tick: at once (the new server hears from the agent at once: decision 48), then
-    // every second while bytes move, and only as often as the server's bound on an agent's
-    // silence asks while none do (`trigger::ping_every`; issue 13).
-    let ping = tokio::time::sleep_until(tokio::time::Instant::now());
+    // The tick: it acknowledges, pings and gives idle buffers back. A session after a move
+    // pings at once (the new server hears from the agent at once: decision 48); then every
+    // second while bytes move, and only as often as the server's bound on an agent's silence
+    // asks while none do (`trigger::ping_every`; issue 13). A new connection's session has its
+    // first tick a second in, or when its first data is acknowledged (`ACK_SOON`).
+    let now = tokio::time::Instant::now();
+    let ping = tokio::time::sleep_until(match conn.at.epoch {
+        0 => now + PING_EVERY,
+        _ => now,
+    });
     tokio::pin!(ping);
     let mut slow_tick = false;
+    let mut last_ping: Option<tokio::time::Instant> = None;
+    let mut last_ack = now.checked_sub(PING_EVERY).unwrap_or(now);
     let mut flip = false;
     // `pend`: the part of the write buffer not yet taken by the client; `ready`: bytes read
     // into the other buffer, waiting their turn.
@@ -70,8 +82,10 @@ pub(super) async fn run(
         if slow_tick && conn.stream.down.received() + conn.stream.retained.end() != moved_at_tick {
             // Bytes move again: the next tick acknowledges them within a second.
             slow_tick = false;
-            ping.as_mut()
-                .reset(tokio::time::Instant::now() + PING_EVERY);
+            let soon = tokio::time::Instant::now() + PING_EVERY;
+            if ping.deadline() > soon {
+                ping.as_mut().reset(soon);
+            }
         }
         if ready.is_some() {
             // Blocked on the client program: the throughput floor does not count this time.
@@ -134,10 +148,19 @@ pub(super) async fn run(
             _ = &mut ping => {
                 // Idle for a whole tick: give the buffers back (issue 13, memory per idle
                 // connection). A busy connection keeps them.
+                let now = tokio::time::Instant::now();
                 let moved = conn.stream.down.received() + conn.stream.retained.end();
                 slow_tick = moved == moved_at_tick && pend.is_empty() && ready.is_none();
-                let next = if slow_tick { conn.at.idle_ping } else { PING_EVERY };
-                ping.as_mut().reset(tokio::time::Instant::now() + next);
+                let every = if slow_tick { conn.at.idle_ping } else { PING_EVERY };
+                let ping_due = last_ping.is_none_or(|t| now >= t + every);
+                if ping_due {
+                    last_ping = Some(now);
+                }
+                let next = match (slow_tick, last_ping) {
+                    (true, Some(t)) => t + every,
+                    _ => now + PING_EVERY,
+                };
+                ping.as_mut().reset(next.max(now + ACK_SOON));
                 if slow_tick {
                     bufs[0] = Vec::new();
                     bufs[1] = Vec::new();
@@ -151,14 +174,17 @@ pub(super) async fn run(
                 // drops its copy now rather than after ACK_EVERY more bytes that may never come,
                 // and learns that the agent read it (it beats on for a while after, in case more
                 // is expected: `trigger::beat_every`).
+                let mut items = Vec::new();
                 if let Some(ack) = conn.stream.on_tick() {
-                    if framed::write_msg(&mut s.w, &ack).await.is_err() {
-                        return session_broke(conn, "write failed");
-                    }
+                    items.push(Out::Msg(ack));
+                    last_ack = now;
                 }
                 moved_at_tick = moved;
-                let t = inner.started.elapsed().as_micros() as u64;
-                if framed::write_msg(&mut s.w, &Msg::Ping { t }).await.is_err() {
+                if ping_due {
+                    let t = inner.started.elapsed().as_micros() as u64;
+                    items.push(Out::Msg(Msg::Ping { t }));
+                }
+                if !items.is_empty() && framed::write_frames(&mut s.w, &items).await.is_err() {
                     return session_broke(conn, "write failed");
                 }
             }
@@ -167,6 +193,13 @@ pub(super) async fn run(
                     let d = &wbuf[pend.start..pend.start + k];
                     if let Err(e) = on_delivered(conn, s, d, &mut live).await {
                         return e;
+                    }
+                    if conn.stream.unacked() && last_ack.elapsed() >= PING_EVERY {
+                        // A quiet connection's answer: acknowledged soon, not at the next tick.
+                        let soon = tokio::time::Instant::now() + ACK_SOON;
+                        if ping.deadline() > soon {
+                            ping.as_mut().reset(soon);
+                        }
                     }
                     pend.start += k;
                     if pend.is_empty() {

@@ -138,7 +138,12 @@ impl RelayStream {
     /// The periodic tick: acknowledge what arrived since the last ACK (the server drops its
     /// copy now rather than after [`ACK_EVERY`] more bytes that may never come).
     pub fn on_tick(&mut self) -> Option<Msg> {
-        (self.down.received() > self.acked).then(|| self.ack())
+        self.unacked().then(|| self.ack())
+    }
+
+    /// Whether bytes were delivered that no ACK covers yet.
+    pub fn unacked(&self) -> bool {
+        self.down.received() > self.acked
     }
 
     fn ack(&mut self) -> Msg {
