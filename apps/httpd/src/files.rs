@@ -1,4 +1,9 @@
-//! File access on the blocking pool: opening under the root and reading body chunks.
+//! File access: opening under the root and reading body chunks.
+//!
+//! Opening and a response's first chunk, when the page cache holds it, run on the calling
+//! thread; the rest of a body is read on the blocking pool. A hop to the pool and back is two
+//! wake-ups across CPUs (~100–150 µs on the project's 2-vCPU machines), more than a cached
+//! lookup or copy; for a small file it was two hops per GET (issue 13: the connection rate).
 //!
 //! Chunks are read with positional reads into buffers the caller owns, so the server can read
 //! chunk `n + 1` while it writes chunk `n`, with no seek state and no copy beyond the read itself.
@@ -13,16 +18,17 @@ use crate::snapshot::Body;
 
 /// Opens the regular file `rel` (normalized, relative) under `root`; `None` when there is no
 /// such readable regular file (answered with 404). Symlinks are followed.
-pub(crate) async fn open(root: &Path, rel: &str) -> io::Result<Option<(File, u64)>> {
+///
+/// Runs inline, as [`reopen`] does: opening is a metadata operation.
+pub(crate) fn open(root: &Path, rel: &str) -> Option<(File, u64)> {
     let path = root.join(rel);
-    blocking(move || match open_regular(&path) {
-        Ok(opened) => Ok(Some(opened)),
+    match open_regular(&path) {
+        Ok(opened) => Some(opened),
         Err(e) => {
             tracing::debug!(path = %path.display(), error = %e, "cannot serve file");
-            Ok(None)
+            None
         }
-    })
-    .await
+    }
 }
 
 /// Reopens the file of a body being resumed from a snapshot. Its length must be the one the
@@ -110,11 +116,11 @@ fn pool_read(file: File, mut buf: Vec<u8>, size: usize, at: usize, offset: u64) 
 /// [`spawn_read`], but what the page cache holds is read at once on this thread (`preadv2` with
 /// `RWF_NOWAIT`, which never waits for the disk), and only the rest on the blocking pool.
 ///
-/// For the first chunk of a resumed response: the resumed connection's first byte waits for it,
-/// and a hop to the blocking pool and back is two wake-ups across CPUs (~100–150 µs on the
-/// project's 2-vCPU machines, `mtcp bench migration --breakdown`), more than copying a cached
-/// chunk. Only that chunk: read inline every time, a busy response would keep this thread from
-/// its connection's writer and every other connection.
+/// For the first chunk of a response (a new one, or one resumed after a move): its first byte
+/// waits for it, and a hop to the blocking pool and back is two wake-ups across CPUs
+/// (~100–150 µs on the project's 2-vCPU machines, `mtcp bench migration --breakdown`), more
+/// than copying a cached chunk. Only that chunk: read inline every time, a busy response would
+/// keep this thread from its connection's writer and every other connection.
 pub(crate) fn read_cached_first(
     file: File,
     mut buf: Vec<u8>,
@@ -193,10 +199,4 @@ fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> io::Result<()>
 /// Turns a failed blocking task into an I/O error.
 pub(crate) fn join_error(e: tokio::task::JoinError) -> io::Error {
     io::Error::other(format!("file task failed: {e}"))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(join_error)?
 }

@@ -56,7 +56,7 @@ where
                     tracing::debug!(path = %body.path, sent = body.sent, "resuming a body");
                     let file = files::reopen(&self.cfg.root, &body)?;
                     let connection = body.connection;
-                    Box::pin(self.send_body(body, file, true)).await?;
+                    Box::pin(self.send_body(body, file)).await?;
                     if !self.end_response(connection).await? {
                         return self.close().await;
                     }
@@ -224,7 +224,7 @@ where
                 return Ok(connection);
             }
         };
-        let Some((file, file_len)) = files::open(&self.cfg.root, &path).await? else {
+        let Some((file, file_len)) = files::open(&self.cfg.root, &path) else {
             tracing::debug!(%path, "404");
             self.conn.write_all(&simple(Status::NotFound, None)).await?;
             return Ok(connection);
@@ -260,17 +260,16 @@ where
             body: body.clone(),
             leftover: self.input.clone(),
         })?;
-        self.send_body(body, file, false).await?;
+        self.send_body(body, file).await?;
         Ok(connection)
     }
 
     /// Sends the rest of `body` (and its head first when `body.sent == 0`), taking a Body
     /// snapshot each time `sent` reaches a multiple of `snapshot_every`.
     ///
-    /// The next chunk is read from the file while the current one is being written.
-    /// `resumed`: the body of a connection restarted here from a snapshot (its first chunk is
-    /// read at once when cached, see [`files::read_cached_first`]).
-    async fn send_body(&mut self, mut body: Body, file: File, resumed: bool) -> io::Result<()> {
+    /// The next chunk is read from the file while the current one is being written; the first
+    /// is read at once when cached ([`files::read_cached_first`]).
+    async fn send_body(&mut self, mut body: Body, file: File) -> io::Result<()> {
         let total = body.len();
         let chunk = self.cfg.chunk_size.max(1) as u64;
         let every = self.cfg.snapshot_every;
@@ -293,12 +292,7 @@ where
         let prefix = first.len();
         let mut head_len = prefix;
         let mut len = chunk_at(body.sent);
-        let read_first = if resumed {
-            files::read_cached_first
-        } else {
-            files::spawn_read
-        };
-        let mut task = read_first(file, first, prefix, body.start + body.sent, len);
+        let mut task = files::read_cached_first(file, first, prefix, body.start + body.sent, len);
         loop {
             let (file, buf, result) = task.done().await?;
             result?;
