@@ -12,6 +12,7 @@ pub mod agent;
 pub mod auth;
 pub mod bounds;
 pub mod channel;
+pub mod commit;
 pub mod custody;
 pub mod freeze;
 pub mod hello;

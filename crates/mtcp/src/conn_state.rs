@@ -376,22 +376,18 @@ impl Shared {
 /// Replication bookkeeping of one connection at its server.
 #[derive(Debug, Default)]
 pub(crate) struct Repl {
-    /// `(out_off, in_off)` of the restart point the backups hold.
-    pub committed: Option<(u64, u64)>,
+    /// What the backups hold, and when the agent is told so and the keepers may forget
+    /// (`mtcp_proto::commit`).
+    pub commit: mtcp_proto::commit::Commit,
     pub busy: bool,
     pub retry_at: Option<Instant>,
     /// A deferred push is scheduled (see `eager`'s `PUSH_GAP`).
     pub deferred: bool,
     /// When the backups were last updated (refreshed well within their TTL).
     pub at: Option<Instant>,
-    /// A taken-over connection's keepers, to be told they may forget the previous epoch once
-    /// the backups hold the new one *and* the agent has spoken on the new session (so it has
-    /// the new epoch: until then it may come back with the old one) (decision 43).
+    /// A taken-over connection's keepers, told they may forget the previous epoch when
+    /// `commit` says so (decision 43).
     pub confirm: Option<Confirm>,
-    /// The agent has sent something on this session.
-    pub heard: bool,
-    /// A COMMITTED held back until the agent speaks on the session ([`tell_committed`](crate::eager::tell_committed)).
-    pub withheld: Option<(u64, u64)>,
     /// Fenced: a destination took the connection over from a backup's replica of this epoch
     /// (the custody it would hand out, and since when). The connection is let go but its stream
     /// is kept for a while, so that this server can act as that destination's keeper

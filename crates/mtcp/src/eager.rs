@@ -58,40 +58,47 @@ pub(crate) fn agent_heard(
     cid: mtcp_proto::Cid,
     st: &mut ConnState,
 ) -> bool {
-    if st.repl.heard {
+    if !st.repl.commit.waits_for_agent() {
         return true;
     }
-    if st.repl.confirm.is_some()
-        && inner
-            .gates
-            .settle(cid, st.epoch, mtcp_proto::custody::GateEvent::Hear)
-            == mtcp_proto::custody::Verdict::Refuse
+    if inner
+        .gates
+        .settle(cid, st.epoch, mtcp_proto::custody::GateEvent::Hear)
+        == mtcp_proto::custody::Verdict::Refuse
     {
         tracing::warn!(%cid, epoch = st.epoch, "the agent spoke on a session whose epoch was given up; ending it");
         return false;
     }
-    st.repl.heard = true;
-    if let Some((out_off, in_off)) = st.repl.withheld.take() {
-        st.send(Out::Msg(Msg::Committed { in_off, out_off }));
-    }
-    if st.repl.committed.is_some() {
-        if let Some(c) = st.repl.confirm.take() {
-            c.send(inner);
-        }
-    }
+    let step = st.repl.commit.on_heard();
+    apply_commit(inner, st, step);
     true
 }
 
-/// Tells the agent that the backups hold `(out_off, in_off)` (COMMITTED: it may trim upstream
-/// before it and forget its fallbacks). On a taken-over connection only once the agent has
-/// spoken on the session (decision 48): until then a keeper may still have this server give
-/// the epoch up, and the agent must then still be able to fall back to the previous epoch.
-pub(crate) fn tell_committed(st: &mut ConnState, (out_off, in_off): (u64, u64)) {
-    if st.repl.confirm.is_some() && !st.repl.heard {
-        st.repl.withheld = Some((out_off, in_off));
-        return;
+/// The backups stored `key` (`(out_off, in_off)`): COMMITTED and the keepers' confirmation as
+/// `mtcp_proto::commit` rules (decisions 43, 48).
+pub(crate) fn stored(inner: &Arc<ServerInner>, st: &mut ConnState, key: (u64, u64)) {
+    st.repl.at = Some(Instant::now());
+    let step = st.repl.commit.stored(key);
+    apply_commit(inner, st, step);
+}
+
+/// Does what a [`mtcp_proto::commit::CommitStep`] says: COMMITTED to the agent (it may trim
+/// upstream before that point and forget its fallbacks), and the keepers told they may forget
+/// the previous epoch.
+pub(crate) fn apply_commit(
+    inner: &Arc<ServerInner>,
+    st: &mut ConnState,
+    step: mtcp_proto::commit::CommitStep,
+) {
+    if let Some((out_off, in_off)) = step.tell {
+        st.send(Out::Msg(Msg::Committed { in_off, out_off }));
     }
-    st.send(Out::Msg(Msg::Committed { in_off, out_off }));
+    if step.confirm {
+        if let Some(c) = st.repl.confirm.take() {
+            tracing::info!(cid = ?c.cid, epoch = st.epoch, "the new epoch is on the backups; its keepers may forget the previous one");
+            c.send(inner);
+        }
+    }
 }
 
 /// Why a push failed.
@@ -151,12 +158,12 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
     if st.repl.retry_at.is_some_and(|t| Instant::now() < t) {
         return;
     }
-    let Some(snap) = st.s.replicable(st.repl.committed) else {
+    let Some(snap) = st.s.replicable(st.repl.commit.committed()) else {
         return;
     };
     let key = (snap.out_off, snap.in_off);
     let since = st.repl.at.map(|t| t.elapsed());
-    let ahead = key.0 - st.repl.committed.map_or(0, |c| c.0);
+    let ahead = key.0 - st.repl.commit.committed().map_or(0, |c| c.0);
     if since.is_some_and(|d| d < PUSH_GAP) && ahead < PUSH_BYTES {
         if !st.repl.deferred {
             st.repl.deferred = true;
@@ -185,16 +192,8 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
         }
         match r {
             Ok(()) => {
-                st.repl.committed = Some(key);
-                st.repl.at = Some(Instant::now());
                 st.repl.retry_at = None;
-                if st.repl.heard {
-                    if let Some(c) = st.repl.confirm.take() {
-                        tracing::info!(cid = %shared.cid, epoch, "the new epoch is on the backups; its keepers may forget the previous one");
-                        c.send(&inner);
-                    }
-                }
-                tell_committed(&mut st, key);
+                stored(&inner, &mut st, key);
                 replicate_if_due(&inner, &shared, &mut st);
             }
             Err(e) if e.fenced => {
@@ -244,10 +243,8 @@ pub(crate) async fn push_durable(
             // The epoch only, not the phase: the backups do hold this restart point whatever
             // became of the connection meanwhile, and `ensure_live` below tells the caller.
             // (Another epoch's bookkeeping is not this record's.)
-            if st.epoch == epoch && st.repl.committed.is_none_or(|c| c < key) {
-                st.repl.committed = Some(key);
-                st.repl.at = Some(Instant::now());
-                tell_committed(&mut st, key);
+            if st.epoch == epoch && st.repl.commit.committed().is_none_or(|c| c < key) {
+                stored(inner, &mut st, key);
             }
             st.ensure_live()
         }
@@ -286,7 +283,7 @@ pub(crate) fn tend(inner: &Arc<ServerInner>, shared: &Arc<Shared>, now: Instant)
         .is_some_and(|t| now.duration_since(t) > inner.limits.replica_ttl / 3)
     {
         // Push the newest restart point again even if it is the one they hold.
-        st.repl.committed = None;
+        st.repl.commit.push_again();
     }
     replicate_if_due(inner, shared, &mut st);
 }
@@ -361,6 +358,7 @@ fn let_go_fenced(
 ) {
     st.apply(PhaseEvent::LetGo);
     st.repl.confirm = None;
+    st.repl.commit.let_go();
     // Not a re-check of the connection (it was just let go): the taker's custody is kept only
     // for the epoch this connection is at — a custody of another epoch is not its state's.
     match taken.filter(|c| c.epoch == st.epoch) {

@@ -231,6 +231,7 @@ impl ServerInner {
                     tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
                     st.apply(PhaseEvent::LetGo);
                     st.repl.confirm = None;
+                    st.repl.commit.let_go();
                 }
                 self.forget(cid);
                 YieldAnswer::LetGo

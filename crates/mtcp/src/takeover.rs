@@ -270,16 +270,13 @@ pub(crate) async fn take_over_checked(
     let shared = Shared::from_record(rec, epoch, tx);
     if crate::eager::eager(inner) {
         let mut st = shared.lock();
-        if let Some((out_off, in_off)) = protected {
-            st.repl.committed = Some((out_off, in_off));
+        if protected.is_some() {
             st.repl.at = Some(Instant::now());
         }
-        // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`).
+        // Told once the backups hold the epoch and the agent has it (`eager::agent_heard`);
+        // COMMITTED is held back until the agent speaks on the new session (decision 48).
         st.repl.confirm = Some(keepers);
-        if let Some(key) = protected {
-            // Held back until the agent speaks on the new session (decision 48).
-            crate::eager::tell_committed(&mut st, key);
-        }
+        st.repl.commit = mtcp_proto::commit::Commit::taken_over(protected);
     }
     inner
         .conns

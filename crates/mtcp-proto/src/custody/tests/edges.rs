@@ -154,14 +154,6 @@ fn a_yielded_or_abandoned_gate_never_commits() {
     }
 }
 
-fn step(server: &str, epoch: u64) -> Step {
-    Step {
-        server: server.into(),
-        epoch,
-        token: Token([epoch as u8; 32]),
-    }
-}
-
 #[test]
 fn the_lineage_forgets_the_oldest_unconfirmed_moves_first() {
     let mut l = Lineage::default();

@@ -49,12 +49,20 @@ impl World {
     pub(super) fn heard(&mut self, holder: usize) {
         let now = self.now + self.link.delay;
         let h = self.servers[holder].conn.as_mut().expect("held");
-        h.heard = true;
+        let step = h.commit.on_heard();
         let epoch = h.epoch;
-        if let Some((out_off, in_off)) = h.committed {
+        self.commit_step(holder, epoch, step, now);
+    }
+
+    /// What `mtcp_proto::commit` says after an event, done: COMMITTED down the link, the
+    /// keepers told.
+    fn commit_step(&mut self, holder: usize, epoch: u64, step: CommitStep, now: usize) {
+        if let Some((out_off, in_off)) = step.tell {
             self.link
                 .down
                 .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
+        }
+        if step.confirm {
             self.confirmed(holder, epoch);
         }
     }
@@ -108,7 +116,7 @@ impl World {
         let Some(h) = self.servers[serving].conn.as_ref().filter(|h| h.attached) else {
             return;
         };
-        let Some(snap) = h.stream.replicable(h.committed).cloned() else {
+        let Some(snap) = h.stream.replicable(h.commit.committed()).cloned() else {
             return;
         };
         let rec = ServerStream::replica_record(cid, h.epoch, &snap);
@@ -117,13 +125,8 @@ impl World {
             return;
         }
         let h = self.servers[serving].conn.as_mut().expect("checked");
-        h.committed = Some((snap.out_off, snap.in_off));
-        if h.heard {
-            let (in_off, out_off, epoch) = (snap.in_off, snap.out_off, h.epoch);
-            self.link
-                .down
-                .push_back((now, Down::Msg(Msg::Committed { in_off, out_off })));
-            self.confirmed(serving, epoch);
-        }
+        let step = h.commit.stored((snap.out_off, snap.in_off));
+        let epoch = h.epoch;
+        self.commit_step(serving, epoch, step, now);
     }
 }

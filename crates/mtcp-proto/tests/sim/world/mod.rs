@@ -9,6 +9,7 @@ use crate::app::App;
 use bytes::Bytes;
 use mtcp_proto::agent::stream::{RelayStream, StreamStep};
 use mtcp_proto::agent::Placement;
+use mtcp_proto::commit::{Commit, CommitStep};
 use mtcp_proto::custody::Custody;
 use mtcp_proto::custody::{Gate, GateEvent, Verdict};
 use mtcp_proto::record::StateRecord;
@@ -70,10 +71,9 @@ struct Held {
     attached: bool,
     /// The epoch it serves at.
     epoch: u64,
-    /// Eager mode: the restart point its backup holds (`(out_off, in_off)`).
-    committed: Option<(u64, u64)>,
-    /// The agent spoke on the session (its gate is `Heard`): COMMITTED may go out.
-    heard: bool,
+    /// Eager mode: the restart point its backup holds, and whether COMMITTED and the keepers'
+    /// confirmation wait for the agent (`mtcp_proto::commit`, as the runtime's).
+    commit: Commit,
     /// Its push was refused because a destination took the connection over from the replica:
     /// it serves no more, but keeps the stream as that destination's keeper (decision 48).
     taken: Option<Custody>,
@@ -87,8 +87,7 @@ impl Held {
             finished: false,
             attached: true,
             epoch,
-            committed: None,
-            heard: true,
+            commit: Commit::default(),
             taken: None,
         }
     }
@@ -425,7 +424,7 @@ impl World {
                 .conn
                 .as_ref()
                 .ok_or("the serving server does not hold the connection")?;
-            if !h.heard {
+            if h.commit.waits_for_agent() {
                 // The agent's first frame on the new session settles the gate.
                 let epoch = h.epoch;
                 if self.settle(serving, epoch, GateEvent::Hear) != Verdict::Go {

@@ -92,7 +92,7 @@ impl World {
                     self.trace(format!(
                         "moved: MIGRATE epoch {} origin {} -> {} at epoch {epoch} (protected {}, lineage {:?})",
                         m.epoch, m.origin, SERVERS[dest],
-                        self.servers[dest].conn.as_ref().is_some_and(|h| h.committed.is_some()),
+                        self.servers[dest].conn.as_ref().is_some_and(|h| h.commit.committed().is_some()),
                         self.stream.lineage
                     ));
                     self.maybe_race(&m, dest, false)?;
@@ -171,9 +171,8 @@ impl World {
         }
         let (stream, tail) = ServerStream::restart(&rec);
         let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
-        held.committed = committed;
+        held.commit = Commit::taken_over(committed);
         held.attached = agent;
-        held.heard = false;
         if !agent {
             self.servers[dest].conn = Some(held);
             self.races_resumed += 1;
