@@ -105,7 +105,7 @@ pub(crate) struct ConnState {
     /// When an acknowledgement last moved `s.acked()`: the agent had read data by then, and
     /// may expect more for a while (`mtcp_proto::trigger::beat_every`).
     pub acked_at: tokio::time::Instant,
-    /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_due`)
+    /// The session's writer sends no heartbeats (nobody waits, `mtcp_proto::trigger::beat_every`)
     /// and waits for [`Shared::beat`] instead of its timer.
     pub beat_parked: bool,
     /// The agent closed the session to move the connection (`Msg::Leaving`): detached, but

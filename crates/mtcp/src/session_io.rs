@@ -48,6 +48,12 @@ pub(crate) async fn writer_loop(
                 }
                 _ = &mut quiet, if !parked => {
                     let now = tokio::time::Instant::now();
+                    // No beat is ever due sooner than `hb` after a write: an early fire (right
+                    // after a batch) is re-armed without touching the connection's lock.
+                    if now < last_write + hb {
+                        quiet.as_mut().reset(last_write + hb);
+                        continue;
+                    }
                     let mut st = shared.lock();
                     let unanswered = st.inputs != inputs_at_data;
                     let fast = st.direct.is_some();

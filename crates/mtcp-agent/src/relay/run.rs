@@ -79,7 +79,7 @@ pub(super) async fn run(
     let mut policy_tick = tokio::time::interval(crate::policy::POLICY_TICK);
     policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if slow_tick && conn.stream.down.received() + conn.stream.retained.end() != moved_at_tick {
+        if slow_tick && moved(conn) != moved_at_tick {
             // Bytes move again: the next tick acknowledges them within a second.
             slow_tick = false;
             let soon = tokio::time::Instant::now() + PING_EVERY;
@@ -149,7 +149,7 @@ pub(super) async fn run(
                 // Idle for a whole tick: give the buffers back (issue 13, memory per idle
                 // connection). A busy connection keeps them.
                 let now = tokio::time::Instant::now();
-                let moved = conn.stream.down.received() + conn.stream.retained.end();
+                let moved = moved(conn);
                 slow_tick = moved == moved_at_tick && pend.is_empty() && ready.is_none();
                 let every = if slow_tick { conn.at.idle_ping } else { PING_EVERY };
                 let ping_due = last_ping.is_none_or(|t| now >= t + every);
@@ -314,6 +314,12 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// Bytes moved either way so far: a tick that sees the same count as the last saw an idle
+/// connection.
+fn moved(conn: &Conn) -> u64 {
+    conn.stream.down.received() + conn.stream.retained.end()
 }
 
 /// When the silence timer is due: the liveness deadline, or far away while the agent expects
