@@ -2,6 +2,10 @@
 //! connections with 64 concurrent openers (each connect + one small GET), measures the rate and
 //! every process's resident memory per connection, drains the server(s) holding them, and
 //! checks that every connection answers one more GET with the right body.
+//!
+//! The cluster's processes log warnings to files in the run's scratch directory; set
+//! `MTCP_BENCH_LOG` to another `RUST_LOG` filter (e.g. `warn,mtcp_breakdown=trace` for every
+//! move's trace) to see more.
 
 use crate::args::BenchArgs;
 use crate::stats::pct;
@@ -225,7 +229,7 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
     let opts = LocalOptions {
         servers: 3,
         root: dir.join("www"),
-        log: "warn".into(),
+        log: std::env::var("MTCP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         mode: a.mode.clone(),
         ..Default::default()
     };

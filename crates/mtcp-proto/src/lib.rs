@@ -14,6 +14,7 @@ pub mod bounds;
 pub mod channel;
 pub mod commit;
 pub mod custody;
+pub mod drain;
 pub mod freeze;
 pub mod hello;
 pub mod offsets;

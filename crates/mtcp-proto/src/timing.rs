@@ -36,8 +36,9 @@ pub fn frame_deadline(received: usize) -> Duration {
 }
 
 /// How often a draining server repeats its HINT to a connection still here (a hint can be lost
-/// with a session that breaks). Repeating every connection's hint on each status poll (every
-/// 20 ms from `mtcp drain`) made a drain quadratic in the number of connections.
+/// with a session that breaks; see [`crate::drain`]). Repeating every connection's hint on each
+/// status poll (every 20 ms from `mtcp drain`) made a drain quadratic in the number of
+/// connections.
 pub const REHINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether a connection last hinted at `last` (never: `None`) is due for its hint again at

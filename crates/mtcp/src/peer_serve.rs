@@ -12,7 +12,7 @@ use crate::peer::{
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::stream::{Stream, WriteHalf};
-use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
+use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::{Cid, PortKind, StateRecord};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -281,22 +281,14 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: Socket
         let status = match reader.next_msg(IDLE).await {
             Ok(Msg::AdminDrain) => {
                 tracing::info!(target: "mtcp::peer", by = %from, "draining: hinting every connection away");
-                inner.draining.store(true, Ordering::Relaxed);
-                inner.hint_all(HintReason::Drain);
+                inner.drain();
                 inner.status()
             }
             Ok(Msg::AdminUndrain) => {
-                inner.draining.store(false, Ordering::Relaxed);
+                inner.undrain();
                 inner.status()
             }
-            // Hints can be lost with a session that breaks: a draining server repeats them
-            // (each at most once a second) in the pass that counts its connections.
-            Ok(Msg::AdminStatus) => inner.status_rehinting(
-                inner
-                    .draining
-                    .load(Ordering::Relaxed)
-                    .then_some(HintReason::Drain),
-            ),
+            Ok(Msg::AdminStatus) => inner.status(),
             Ok(other) => {
                 tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: unexpected {}; closing", other.name());
                 return;

@@ -100,17 +100,9 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        self.status_rehinting(None)
-    }
-
-    /// [`status`](Self::status), in the same pass hinting again (`rehint`) the live
-    /// connections not hinted for [`mtcp_proto::timing::REHINT_EVERY`] (a draining server, on
-    /// each status request: a hint can be lost with a session that breaks).
-    pub fn status_rehinting(&self, rehint: Option<HintReason>) -> ServerStatus {
-        let now = Instant::now();
         let (mut served, mut detached, mut leaving) = (0u32, 0u32, 0u32);
         for c in self.all() {
-            let mut st = c.lock();
+            let st = c.lock();
             // A fenced connection kept only as its taker's keeper is not served here.
             if st.repl.taken.is_some() {
                 continue;
@@ -121,11 +113,6 @@ impl ServerInner {
                     leaving += 1;
                 } else {
                     detached += 1;
-                }
-            }
-            if let Some(reason) = rehint {
-                if st.phase().hintable() && mtcp_proto::timing::rehint_due(st.hinted_at, now) {
-                    c.hint(&mut st, reason);
                 }
             }
         }
@@ -142,11 +129,68 @@ impl ServerInner {
     }
 
     /// Hints every live connection away (drain).
-    pub fn hint_all(&self, reason: HintReason) {
-        for c in self.all() {
-            let mut st = c.lock();
-            if st.phase().hintable() {
-                c.hint(&mut st, reason);
+    /// Starts draining: refuses new connections and hints the connections here away, a window
+    /// at a time ([`mtcp_proto::drain`], decision 61), until [`undrain`](Self::undrain).
+    pub fn drain(self: &Arc<Self>) {
+        if self.draining.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut d = mtcp_proto::drain::Drain::new(mtcp_proto::drain::DRAIN_WINDOW);
+        // The first window goes out before the drain request is answered.
+        self.drain_pass(&mut d, Instant::now());
+        let inner = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(mtcp_proto::drain::DRAIN_EVERY).await;
+                let Some(inner) = inner.upgrade() else { return };
+                if !inner.draining.load(Ordering::Relaxed) {
+                    return;
+                }
+                inner.drain_pass(&mut d, Instant::now());
+            }
+        });
+    }
+
+    /// Stops draining: new connections are taken again, no more hints.
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::Relaxed);
+    }
+
+    fn drain_pass(&self, d: &mut mtcp_proto::drain::Drain<Cid>, now: Instant) {
+        use mtcp_proto::drain::Here;
+        if d.refill_due(now) {
+            let all: Vec<Cid> = self
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect();
+            d.refill(now, all);
+        }
+        let mut found = HashMap::new();
+        let hint = d.poll(now, |cid| {
+            let Some(c) = self.get(cid) else {
+                return Here::Gone;
+            };
+            let st = c.lock();
+            let here = if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
+                Here::Gone
+            } else if st.detached_at.is_some() {
+                Here::Detached
+            } else {
+                Here::Hintable
+            };
+            drop(st);
+            found.insert(*cid, c);
+            here
+        });
+        for cid in hint {
+            if let Some(c) = found.get(&cid) {
+                let mut st = c.lock();
+                if st.phase().hintable() {
+                    c.hint(&mut st, HintReason::Drain);
+                }
             }
         }
     }

@@ -12,7 +12,7 @@ use crate::peer;
 use crate::probe::overload_loop;
 use crate::registry::{sweep_detached, ServerInner};
 use ::metrics::{counter, gauge};
-use mtcp_proto::wire::{HintReason, RefuseCode, ServerStatus};
+use mtcp_proto::wire::{RefuseCode, ServerStatus};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -173,8 +173,7 @@ impl Server {
 
     /// Refuses new connections and hints every connection to move elsewhere.
     pub fn drain(&self) {
-        self.inner.draining.store(true, Ordering::Relaxed);
-        self.inner.hint_all(HintReason::Drain);
+        self.inner.drain();
     }
 }
 
