@@ -110,15 +110,9 @@ impl<K: Clone + Eq + Hash> Drain<K> {
             }
         };
         self.stuck.retain_mut(|h| keep(h, &mut hint));
-        let mut flight = std::mem::take(&mut self.flight);
-        flight.retain_mut(|h| keep(h, &mut hint));
-        for h in flight {
-            if now.saturating_duration_since(h.first) >= STUCK_AFTER {
-                self.stuck.push(h);
-            } else {
-                self.flight.push(h);
-            }
-        }
+        self.flight.retain_mut(|h| keep(h, &mut hint));
+        let stuck = |h: &mut Hinted<K>| now.saturating_duration_since(h.first) >= STUCK_AFTER;
+        self.stuck.extend(self.flight.extract_if(.., stuck));
         while self.flight.len() < self.window {
             let Some(key) = self.queue.pop_front() else {
                 break;

@@ -168,25 +168,23 @@ impl ServerInner {
                 .collect();
             d.refill(now, all);
         }
-        let mut found = HashMap::new();
+        // Only the few connections to hint are looked up twice: a map of every one seen here
+        // cost more in the allocator than the pass itself.
         let hint = d.poll(now, |cid| {
             let Some(c) = self.get(cid) else {
                 return Here::Gone;
             };
             let st = c.lock();
-            let here = if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
+            if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
                 Here::Gone
             } else if st.detached_at.is_some() {
                 Here::Detached
             } else {
                 Here::Hintable
-            };
-            drop(st);
-            found.insert(*cid, c);
-            here
+            }
         });
         for cid in hint {
-            if let Some(c) = found.get(&cid) {
+            if let Some(c) = self.get(&cid) {
                 let mut st = c.lock();
                 if st.phase().hintable() {
                     c.hint(&mut st, HintReason::Drain);
