@@ -9,7 +9,7 @@
 //!
 //! [`Drain`] keeps at most [`DRAIN_WINDOW`] connections hinted and not yet gone, tops the window
 //! up every [`DRAIN_EVERY`], repeats a hint still unanswered after
-//! [`REHINT_EVERY`](crate::timing::REHINT_EVERY) (a hint can be lost with a session that breaks),
+//! [`REHINT_EVERY`] (a hint can be lost with a session that breaks),
 //! and stops counting a connection that stayed past [`STUCK_AFTER`] against the window, so
 //! connections that cannot move (no other server for their agent) never hold up the rest.
 
