@@ -177,7 +177,10 @@ impl ServerInner {
             let st = c.lock();
             if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
                 Here::Gone
-            } else if st.detached_at.is_some() {
+            } else if st.detached_at.is_some() && st.direct.is_none() {
+                // A relayed connection without its session: its agent is gone or already
+                // moving it. A fast-path one is still served, and its agent hears the hint
+                // through its watch of this server.
                 Here::Detached
             } else {
                 Here::Hintable
