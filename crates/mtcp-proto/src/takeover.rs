@@ -3,6 +3,8 @@
 //! the RESUMED it answers with. The runtime (`mtcp/src/takeover.rs`) does the waiting — the
 //! takeover slot, the FETCH to the origin or a backup's replica, the claims — around these.
 
+pub mod pick;
+
 use crate::auth::Token;
 use crate::record::StateRecord;
 use crate::stream::{replica_for_client, Refusal};

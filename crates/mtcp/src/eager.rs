@@ -26,6 +26,7 @@ use crate::framed::Out;
 use crate::peer;
 use crate::registry::ServerInner;
 use mtcp_proto::custody::Custody;
+use mtcp_proto::push::RETRY;
 use mtcp_proto::stream::ServerStream;
 use mtcp_proto::wire::{Mode, Msg, RefuseCode};
 use std::sync::Arc;
@@ -34,16 +35,6 @@ use std::time::{Duration, Instant};
 /// Largest output tail a replica carries (a takeover whose restart point lies past the client;
 /// larger ones are not replicated and the connection waits for its next snapshot).
 pub const MAX_REPLICA_TAIL: usize = 4 << 20;
-/// After a failed push, wait this long before trying again.
-const RETRY: Duration = Duration::from_millis(250);
-/// At most this many pushes of a taken-over connection's new epoch run at once (see
-/// [`protect_takeover`]).
-const MAX_OVERLAPPING: usize = 3;
-/// Pushes are spaced: a newer restart point is pushed at once when it is this many output
-/// bytes past the one the backups hold, otherwise after [`PUSH_GAP`] since the last push. With
-/// snapshots every few KiB this bounds the replication work without letting replicas lag.
-const PUSH_BYTES: u64 = 1 << 20;
-const PUSH_GAP: Duration = Duration::from_millis(2);
 
 pub(crate) fn eager(inner: &ServerInner) -> bool {
     inner.cluster.mode == Mode::Eager
@@ -152,10 +143,10 @@ pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), P
 /// Starts pushing the connection's newest acknowledged restart point to the backups, if there
 /// is a newer one than they hold and no push is running. On success the agent hears COMMITTED.
 pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, st: &mut ConnState) {
-    if !eager(inner) || st.repl.busy || !st.phase().serves() {
+    if !eager(inner) || !st.phase().serves() {
         return;
     }
-    if st.repl.retry_at.is_some_and(|t| Instant::now() < t) {
+    if !mtcp_proto::push::may_push(st.repl.busy, st.repl.retry_at, Instant::now()) {
         return;
     }
     let Some(snap) = st.s.replicable(st.repl.commit.committed()) else {
@@ -164,10 +155,9 @@ pub(crate) fn replicate_if_due(inner: &Arc<ServerInner>, shared: &Arc<Shared>, s
     let key = (snap.out_off, snap.in_off);
     let since = st.repl.at.map(|t| t.elapsed());
     let ahead = key.0 - st.repl.commit.committed().map_or(0, |c| c.0);
-    if since.is_some_and(|d| d < PUSH_GAP) && ahead < PUSH_BYTES {
+    if let Some(wait) = mtcp_proto::push::push_after(since, ahead) {
         if !st.repl.deferred {
             st.repl.deferred = true;
-            let wait = PUSH_GAP - since.unwrap_or_default();
             let (inner, shared) = (inner.clone(), shared.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;

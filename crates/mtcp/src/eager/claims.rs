@@ -1,16 +1,18 @@
 //! Eager mode, a destination that cannot reach the origin: claims at the backups, the record
 //! built from the newest replica, and the protection of the new epoch until the backups hold it.
 
-use super::{claim_here, eager, push, MAX_OVERLAPPING, MAX_REPLICA_TAIL};
+use super::{claim_here, eager, push, MAX_REPLICA_TAIL};
 use crate::config::ServerEntry;
 use crate::peer;
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
-use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream, Snap};
+use mtcp_proto::push::{Attempt, Protect, ProtectStep, Protected};
+use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
+use mtcp_proto::takeover::pick::Pick;
 use mtcp_proto::wire::{Migrate, RefuseCode};
 use mtcp_proto::StateRecord;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 /// Claims this destination made (or may have made: the answer was lost) at backups during a
 /// takeover from a replica. Until the takeover is sure to succeed they are released on every
 /// failure ([`Claims::release`]), so the next candidate can claim the connection (decision 32).
@@ -73,11 +75,8 @@ async fn claim_and_build(
     m: &Migrate,
     claims: &mut Claims,
 ) -> Result<(StateRecord, u64), Refusal> {
-    let backups = inner.cluster.backups(&origin.id);
-    let mut best: Option<(StateRecord, u64)> = None;
-    let mut reached = 0;
-    let mut unreachable = Vec::new();
-    for b in &backups {
+    let mut pick = Pick::new(m.cid, m.epoch);
+    for b in &inner.cluster.backups(&origin.id) {
         let r = if b.id == inner.id {
             claim_here(inner, m.cid, m.epoch, &inner.id).await
         } else {
@@ -85,27 +84,14 @@ async fn claim_and_build(
         };
         match r {
             Ok(Claimed::Record(bytes)) => {
-                reached += 1;
                 claims.at.push(b.clone());
                 let rec = StateRecord::decode(&bytes)
                     .map_err(|e| Refusal::internal(format!("replica at {}: {e}", b.id)))?;
-                // A record labelled past the MIGRATE's epoch: a silent holder was superseded.
-                if rec.cid != m.cid || rec.epoch < m.epoch {
-                    return Err(Refusal::internal(format!(
-                        "backup {} sent the replica of another connection",
-                        b.id
-                    )));
-                }
-                let newer = best.as_ref().is_none_or(|(r, _)| {
-                    (rec.epoch, rec.snap_out, rec.snap_in) > (r.epoch, r.snap_out, r.snap_in)
-                });
-                if newer {
-                    best = Some((rec, bytes.len() as u64));
-                }
+                pick.granted(&b.id, rec, bytes.len() as u64)?;
             }
             Ok(Claimed::Nothing) => {
-                reached += 1;
                 claims.at.push(b.clone());
+                pick.granted_nothing();
             }
             Err(Refusal {
                 code: RefuseCode::OriginUnreachable,
@@ -113,32 +99,12 @@ async fn claim_and_build(
             }) => {
                 // The claim may have been granted with its answer lost: withdraw it too.
                 claims.at.push(b.clone());
-                unreachable.push(why)
+                pick.unreachable(why);
             }
             Err(e) => return Err(e),
         }
     }
-    if reached == 0 {
-        return Err(Refusal::origin_unreachable(format!(
-            "origin {} and its backups are unreachable: {}",
-            origin.id,
-            unreachable.join("; ")
-        )));
-    }
-    let (rec, size) = match best {
-        Some(x) => x,
-        None => {
-            // No snapshot was ever committed: the implicit restart point of a new connection.
-            let start = Snap {
-                state: None,
-                in_off: 0,
-                out_off: 0,
-            };
-            let rec = ServerStream::replica_record(m.cid, m.epoch, &start);
-            let n = rec.encode().len() as u64;
-            (rec, n)
-        }
-    };
+    let (rec, size) = pick.finish(&origin.id)?;
     let rec = replica_for_client(rec, m.down_recv, &m.ranges(), m.up_base)?;
     Ok((rec, size))
 }
@@ -172,77 +138,69 @@ pub(crate) async fn protect_takeover(
         .map(|b| inner.peer_pool.rtt(&b.id))
         .max_by_key(mtcp_proto::timing::answer_bound)
         .unwrap_or_default();
-    let bound = mtcp_proto::timing::protect_bound(&slowest);
-    let attempt =
-        (mtcp_proto::timing::answer_bound(&slowest) * 2).max(mtcp_proto::timing::UNMEASURED);
-    // Attempts overlap instead of replacing each other: an attempt that outlives `attempt` keeps
+    // Attempts overlap instead of replacing each other: an attempt that outlives its bound keeps
     // running (a lost SYN is retransmitted after 1 s, a record on a lossy path may need several
-    // retransmission timeouts) while a fresh one starts beside it. The first to succeed wins.
+    // retransmission timeouts) while a fresh one starts beside it. The first to succeed wins
+    // (`mtcp_proto::push::Protect`).
     let t0 = Instant::now();
-    let mut tries = 0;
+    let mut p = Protect::new(t0, &slowest);
+    let bound = p.bound();
     let mut last = String::new();
-    // Attempts that found every failing backup down (its peer port refused).
-    let mut found_down = 0;
     let mut inflight = tokio::task::JoinSet::new();
-    let mut next_try = t0;
     loop {
-        let left = bound.saturating_sub(t0.elapsed());
-        if left.is_zero() {
-            break;
-        }
-        let now = Instant::now();
-        let room = inflight.len() < MAX_OVERLAPPING;
-        if room && now >= next_try {
-            tries += 1;
-            let (inner, bytes) = (inner.clone(), bytes.clone());
-            inflight.spawn(async move { push(&inner, bytes).await });
-            next_try = now + attempt;
-            continue;
-        }
-        let wake = if room {
-            next_try.saturating_duration_since(now).min(left)
-        } else {
-            left
+        let wake = match p.poll(Instant::now()) {
+            ProtectStep::GiveUp => break,
+            ProtectStep::Start => {
+                let (inner, bytes) = (inner.clone(), bytes.clone());
+                inflight.spawn(async move { push(&inner, bytes).await });
+                continue;
+            }
+            ProtectStep::Wait(d) => d,
         };
         tokio::select! {
-            Some(r) = inflight.join_next(), if !inflight.is_empty() => match r {
-                Ok(Ok(())) => {
-                    if tries > 1 {
-                        tracing::info!(target: "mtcp::eager", cid = %rec.cid, tries, took = ?t0.elapsed(), "taken-over connection protected on its backups");
+            Some(r) = inflight.join_next(), if !inflight.is_empty() => {
+                let attempt = match r {
+                    Ok(Ok(())) => Attempt::Stored,
+                    Ok(Err(e)) if e.fenced => {
+                        last = e.why;
+                        Attempt::Fenced
                     }
-                    return Ok(Some((rec.snap_out, rec.snap_in)));
-                }
-                Ok(Err(e)) if e.fenced => {
-                    tracing::warn!(target: "mtcp::eager", cid = %rec.cid, epoch, "a backup refuses the taken-over connection's new epoch (superseded): {}", e.why);
-                    return Err(Refusal::stale_epoch(format!(
-                        "epoch {epoch} was fenced by the next destination: {}",
-                        e.why
-                    )));
-                }
-                Ok(Err(e)) => {
-                    last = e.why;
-                    found_down += u32::from(e.down);
-                    if found_down >= DOWN_TRIES {
-                        // No process listens at a backup: waiting out the bound (seconds on a
-                        // lossy path) protects nothing; the keepers and the agent keep the
-                        // previous restart point meanwhile (decision 48).
-                        break;
+                    Ok(Err(e)) => {
+                        last = e.why;
+                        Attempt::Failed { down: e.down }
                     }
-                    next_try = next_try.min(Instant::now() + Duration::from_millis(20));
+                    Err(e) => {
+                        last = format!("push task: {e}");
+                        Attempt::Lost
+                    }
+                };
+                match p.on_attempt(Instant::now(), attempt) {
+                    Some(Protected::Stored) => {
+                        if p.tries() > 1 {
+                            tracing::info!(target: "mtcp::eager", cid = %rec.cid, tries = p.tries(), took = ?t0.elapsed(), "taken-over connection protected on its backups");
+                        }
+                        return Ok(Some((rec.snap_out, rec.snap_in)));
+                    }
+                    Some(Protected::Fenced) => {
+                        tracing::warn!(target: "mtcp::eager", cid = %rec.cid, epoch, "a backup refuses the taken-over connection's new epoch (superseded): {last}");
+                        return Err(Refusal::stale_epoch(format!(
+                            "epoch {epoch} was fenced by the next destination: {last}"
+                        )));
+                    }
+                    // No process listens at a backup: waiting out the bound (seconds on a
+                    // lossy path) protects nothing; the keepers and the agent keep the
+                    // previous restart point meanwhile (decision 48).
+                    Some(Protected::Down) => break,
+                    None => {}
                 }
-                Err(e) => last = format!("push task: {e}"),
             },
             _ = tokio::time::sleep(wake) => {}
         }
     }
+    let tries = p.tries();
     if last.is_empty() {
         last = format!("{tries} overlapping attempt(s) unanswered");
     }
     tracing::warn!(target: "mtcp::eager", cid = %rec.cid, tries, "backups did not store the taken-over connection within {bound:?} ({last}); resuming unconfirmed (its keepers and the agent keep the previous restart point) until a push reaches them");
     Ok(None)
 }
-
-/// Attempts that must find the backups down (their peer ports refusing connections; others
-/// may have timed out on a lossy path meanwhile) before a takeover stops waiting for them and
-/// resumes unconfirmed.
-const DOWN_TRIES: u32 = 2;
