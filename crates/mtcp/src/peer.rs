@@ -18,13 +18,12 @@ pub(crate) use auth::accept_authenticated;
 pub use auth::{connect_authenticated, Opener};
 
 use crate::config::ServerEntry;
-use crate::framed::{ChannelError, FrameReader, MacWriter};
+use crate::framed::ChannelError;
 use crate::gate::YieldAnswer;
 use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
-use crate::stream::{ReadHalf, WriteHalf};
 use crate::tls::ClientTls;
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Msg, RefuseCode, ServerStatus};
@@ -477,8 +476,7 @@ pub async fn admin_request_over(
 /// status polls), so that each costs the server no handshake.
 pub struct AdminChannel {
     addr: String,
-    reader: FrameReader<ReadHalf>,
-    w: MacWriter<WriteHalf>,
+    ch: Channel,
 }
 
 impl AdminChannel {
@@ -498,17 +496,15 @@ impl AdminChannel {
             from: "admin",
             tls,
         };
-        let (reader, w) =
-            connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, Self::LIMIT)
-                .await
-                .map_err(|err| AdminError::Channel {
-                    addr: addr.to_string(),
-                    err,
-                })?;
+        let ch = connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, Self::LIMIT)
+            .await
+            .map_err(|err| AdminError::Channel {
+                addr: addr.to_string(),
+                err,
+            })?;
         Ok(AdminChannel {
             addr: addr.to_string(),
-            reader,
-            w,
+            ch,
         })
     }
 
@@ -519,8 +515,9 @@ impl AdminChannel {
             addr: self.addr.clone(),
             err,
         };
-        self.w.write_msg(req).await.map_err(|e| err(e.into()))?;
-        match self.reader.next_msg(Self::LIMIT).await.map_err(err)? {
+        let (reader, w) = &mut self.ch;
+        w.write_msg(req).await.map_err(|e| err(e.into()))?;
+        match reader.next_msg(Self::LIMIT).await.map_err(err)? {
             Msg::AdminStatusReply(s) => Ok(s),
             other => Err(err(ChannelError::Unexpected(other.name().to_string()))),
         }
