@@ -21,6 +21,8 @@ pub(crate) struct ServerInner {
     pub limits: Limits,
     pub conns: Mutex<HashMap<Cid, Arc<Shared>>>,
     pub draining: AtomicBool,
+    /// Drains started: each one's pacer runs while it is the latest (`drain`).
+    pub(crate) drains: AtomicU64,
     pub migrated_in: AtomicU64,
     pub migrated_out: AtomicU64,
     /// About how many detached connections that never carried data are kept (counted up at
@@ -135,6 +137,8 @@ impl ServerInner {
         if self.draining.swap(true, Ordering::Relaxed) {
             return;
         }
+        // A drain started again soon after an undrain gets its own pacer; the old one stops.
+        let drain = self.drains.fetch_add(1, Ordering::Relaxed) + 1;
         let mut d = mtcp_proto::drain::Drain::new(mtcp_proto::drain::DRAIN_WINDOW);
         // The first window goes out before the drain request is answered.
         self.drain_pass(&mut d, Instant::now());
@@ -143,7 +147,9 @@ impl ServerInner {
             loop {
                 tokio::time::sleep(mtcp_proto::drain::DRAIN_EVERY).await;
                 let Some(inner) = inner.upgrade() else { return };
-                if !inner.draining.load(Ordering::Relaxed) {
+                if !inner.draining.load(Ordering::Relaxed)
+                    || inner.drains.load(Ordering::Relaxed) != drain
+                {
                     return;
                 }
                 inner.drain_pass(&mut d, Instant::now());

@@ -94,6 +94,7 @@ impl Server {
             limits,
             conns: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
+            drains: AtomicU64::new(0),
             migrated_in: AtomicU64::new(0),
             migrated_out: AtomicU64::new(0),
             empty_detached: Default::default(),
@@ -171,7 +172,8 @@ impl Server {
         ServerSampler(Arc::downgrade(&self.inner))
     }
 
-    /// Refuses new connections and hints every connection to move elsewhere.
+    /// Refuses new connections and hints every connection to move elsewhere, a window at a time
+    /// (decision 61). Called from within the server's tokio runtime (it starts the pacing task).
     pub fn drain(&self) {
         self.inner.drain();
     }
