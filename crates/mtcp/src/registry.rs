@@ -1,5 +1,5 @@
 //! The server's table of connections and what every part of the runtime shares ([`ServerInner`]):
-//! lookup, status, hints to every connection, the caps and stores, and the sweep that forgets
+//! lookup, status, a drain's pacing of its hints, the caps and stores, and the sweep that forgets
 //! connections whose agent is gone.
 
 use crate::config::{Cluster, Limits};
@@ -130,7 +130,6 @@ impl ServerInner {
         }
     }
 
-    /// Hints every live connection away (drain).
     /// Starts draining: refuses new connections and hints the connections here away, a window
     /// at a time ([`mtcp_proto::drain`], decision 61), until [`undrain`](Self::undrain).
     pub fn drain(self: &Arc<Self>) {
