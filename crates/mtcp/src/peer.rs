@@ -373,6 +373,10 @@ pub(crate) async fn release(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid
 
 /// Eager mode: tells backup `to` the connection ended (best effort).
 pub(crate) async fn drop_replica(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid, epoch: u64) {
+    // Best effort and in the background: a burst of them (a drain's confirmations) takes turns
+    // on a few pooled channels instead of dialling one each (`PeerPool::background`).
+    let turns = inner.peer_pool.background(&to.id);
+    let _turn = turns.acquire().await;
     let t = inner.limits.fetch_timeout;
     if let Err(e) = call(inner, to, &Msg::DropReplica { cid, epoch }, t, t).await {
         tracing::debug!(%cid, backup = %to.id, "could not drop the replica: {e}");
