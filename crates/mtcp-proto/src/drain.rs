@@ -9,11 +9,11 @@
 //!
 //! [`Drain`] keeps at most [`DRAIN_WINDOW`] connections hinted and not yet gone, tops the window
 //! up every [`DRAIN_EVERY`], repeats a hint still unanswered after
-//! [`REHINT_EVERY`] (a hint can be lost with a session that breaks),
+//! [`REHINT_EVERY`](crate::timing::REHINT_EVERY) (a hint can be lost with a session that breaks),
 //! and stops counting a connection that stayed past [`STUCK_AFTER`] against the window, so
 //! connections that cannot move (no other server for their agent) never hold up the rest.
 
-use crate::timing::REHINT_EVERY;
+use crate::timing::rehint_due;
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
@@ -78,7 +78,7 @@ impl<K: Clone + Eq + Hash> Drain<K> {
     /// Whether the server's connections should be listed again with [`refill`](Self::refill)
     /// (at the start, then every `REHINT_EVERY`: a detached connection whose agent came back).
     pub fn refill_due(&self, now: Instant) -> bool {
-        crate::timing::rehint_due(self.refilled, now)
+        rehint_due(self.refilled, now)
     }
 
     /// The server's connections now: those neither hinted nor queued join the queue.
@@ -102,7 +102,7 @@ impl<K: Clone + Eq + Hash> Drain<K> {
                 false
             }
             Here::Hintable => {
-                if now.saturating_duration_since(h.last) >= REHINT_EVERY {
+                if rehint_due(Some(h.last), now) {
                     h.last = now;
                     hint.push(h.key.clone());
                 }
@@ -145,6 +145,7 @@ impl<K: Clone + Eq + Hash> Drain<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timing::REHINT_EVERY;
     use std::collections::HashMap;
 
     fn world(n: u32) -> HashMap<u32, Here> {

@@ -97,8 +97,6 @@ pub(crate) struct ConnState {
     pub direct: Option<crate::direct_state::DirectHandle>,
     /// Kernel fast path: what the application's own socket calls and the pump share.
     pub fast: crate::direct_state::FastOut,
-    /// When the connection was last hinted away (a drain repeats hints at most this often).
-    pub hinted_at: Option<Instant>,
     /// Input frames (data, its end) received from the agent: the session's writer compares it
     /// with its value at the last data it wrote to tell whether input awaits an answer.
     pub inputs: u64,
@@ -148,7 +146,6 @@ impl ConnState {
             trace_out: TraceOut::Off,
             direct: None,
             fast: Default::default(),
-            hinted_at: None,
             inputs: 0,
             acked_at: long_ago(),
             beat_parked: false,
@@ -362,7 +359,6 @@ impl Shared {
             target: None,
         };
         st.send(Out::Msg(m));
-        st.hinted_at = Some(Instant::now());
         crate::metrics::hinted(reason);
         if let Some(tx) = &*self.watch.lock().unwrap_or_else(|p| p.into_inner()) {
             let _ = tx.send(Msg::WatchHint {
