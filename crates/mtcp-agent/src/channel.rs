@@ -8,6 +8,8 @@ use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp::movetrace::{self, Trace};
 use mtcp::stream::{ReadHalf, Stream, WriteHalf};
 use mtcp_proto::agent::{self, MoveError};
+use mtcp_proto::timing;
+use mtcp_proto::trigger::Rtt;
 use mtcp_proto::wire::{Migrate, Msg, ServerInfo};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,18 +123,22 @@ pub(crate) fn resumed(msg: Msg) -> Result<mtcp_proto::wire::Resumed, MoveError> 
 /// Sends MIGRATE to `cand` and reads its answer: on a spare connection if a fresh one is kept
 /// (it saves the TCP handshake: MIGRATE leaves at once), else on a new connection. A spare the
 /// server closed meanwhile fails before the server saw MIGRATE, so a fresh connection is safe
-/// then. Both agents (relay and fast path) move through this.
+/// then. Both agents (relay and fast path) move through this. The candidate counts as silent
+/// after `timing::candidate_silence` of its path ([`toward`]); `session` is the current
+/// session's round trip, used while no handshake to the candidate was timed.
 pub(crate) async fn exchange_migrate(
     inner: &Arc<AgentInner>,
     cand: &ServerInfo,
     m: &Migrate,
-    silence: Duration,
+    session: &Rtt,
+    heartbeat: Duration,
     trace: &mut Option<Trace>,
 ) -> Result<(FrameReader<ReadHalf>, WriteHalf, Msg), MoveError> {
     let first = Msg::Migrate(m.clone());
     if let Some(s) = inner.spares.take(&cand.data) {
         if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
             movetrace::mark(trace, "migrate_tx_spare");
+            let silence = toward(inner, cand, session, heartbeat);
             match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
                 Ok(m) => return Ok((reader, w, m)),
                 Err(ChannelError::Closed | ChannelError::Io(_)) => {}
@@ -144,8 +150,17 @@ pub(crate) async fn exchange_migrate(
         .await
         .map_err(|e| MoveError::Channel(e.to_string()))?;
     movetrace::mark(trace, "migrate_tx_connect");
+    let silence = toward(inner, cand, session, heartbeat);
     let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
         .await
         .map_err(|e| silent(e, silence))?;
     Ok((reader, w, m))
+}
+
+/// How long `cand` may stay silent: one beat plus an answer bound of its path, timed by the
+/// handshakes to it (`Dialer::paths`), not of the current session, whose PONGs may wait behind
+/// seconds of data a slow reader left queued (decision 62).
+fn toward(inner: &AgentInner, cand: &ServerInfo, session: &Rtt, heartbeat: Duration) -> Duration {
+    let path = timing::toward_candidate(inner.dialer.paths.get(&cand.data), session);
+    timing::candidate_silence(&path, heartbeat)
 }

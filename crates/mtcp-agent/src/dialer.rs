@@ -1,10 +1,15 @@
 //! How the agent connects to servers: in transparent mode with its socket mark (so nftables
 //! does not redirect its own connections back to it), and with TLS when it was given the
 //! cluster's CA (`--tls-ca`, decision 45), checking each server's certificate against the
-//! address it dials.
+//! address it dials. Every TCP handshake is also a sample of the path to that server
+//! ([`Paths`]): no queued data delays it, unlike a session's PING/PONG.
 
 use mtcp::stream::Stream;
 use mtcp::tls::ClientTls;
+use mtcp_proto::trigger::Rtt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Default)]
@@ -13,12 +18,45 @@ pub struct Dialer {
     pub mark: bool,
     /// TLS to every server, trusting the cluster CA only.
     pub tls: Option<ClientTls>,
+    /// The round trip to each server, from the handshakes made here.
+    pub paths: Paths,
+}
+
+/// The round trip to each server address the agent dialled, one sample per TCP handshake (the
+/// time `connect` took). A handshake is answered by the server's kernel, so it measures the
+/// path without the queues a busy session puts in front of its PONGs.
+#[derive(Debug, Clone, Default)]
+pub struct Paths(Arc<Mutex<HashMap<String, Rtt>>>);
+
+/// Addresses remembered at most: the servers of a cluster are far fewer; past it the map
+/// starts again rather than grow with addresses that come and go.
+const MAX_PATHS: usize = 4096;
+
+impl Paths {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Rtt>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn sample(&self, addr: &str, took: Duration) {
+        let mut m = self.lock();
+        if m.len() >= MAX_PATHS && !m.contains_key(addr) {
+            m.clear();
+        }
+        m.entry(addr.to_string()).or_default().sample(took);
+    }
+
+    /// The estimate toward `addr`, if a handshake to it was timed.
+    pub fn get(&self, addr: &str) -> Option<Rtt> {
+        self.lock().get(addr).copied()
+    }
 }
 
 impl Dialer {
     /// Connects to `addr` (TCP, then the TLS handshake when configured).
     pub async fn dial(&self, addr: &str) -> std::io::Result<Stream> {
+        let t = Instant::now();
         let s = self.tcp(addr).await?;
+        self.paths.sample(addr, t.elapsed());
         let _ = s.set_nodelay(true);
         match &self.tls {
             None => Ok(Stream::Tcp(s)),

@@ -419,10 +419,11 @@ async fn try_resume(
     m: &Migrate,
     trace: &mut Option<Trace>,
 ) -> Result<(Session, u64), MoveError> {
-    // No RTT is measured on the fast path (no pings): the silence bound of an unmeasured path.
-    let silence = mtcp_proto::timing::candidate_silence(&Rtt::default(), conn.at.heartbeat);
+    // No session RTT is measured on the fast path (no pings): the candidate's handshakes, else
+    // the silence bound of an unmeasured path.
     let (mut reader, w, msg) =
-        crate::channel::exchange_migrate(inner, cand, m, silence, trace).await?;
+        crate::channel::exchange_migrate(inner, cand, m, &Rtt::default(), conn.at.heartbeat, trace)
+            .await?;
     movetrace::mark(trace, "resumed_rx");
     let r = resumed(msg)?;
     reader.set_max_frame(wire::MAX_SESSION_FRAME);

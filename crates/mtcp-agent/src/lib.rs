@@ -353,6 +353,7 @@ impl Agent {
         let dialer = dialer::Dialer {
             mark: cfg.transparent,
             tls: cfg.tls.clone(),
+            paths: Default::default(),
         };
         let prober = cfg.policy.rtt.map(|r| {
             Arc::new(policy::Prober::new(

@@ -143,8 +143,10 @@ fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
 #[test]
 fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     let dir = TempDir::new("custody-silent");
-    // Held longer than the agent's silence bound toward a candidate can grow on a loaded
-    // machine (it follows the measured RTT: a CI run once saw the agent wait out a 5 s hold).
+    // Held far longer than the agent's silence bound toward a candidate (~0.5 s here: it follows
+    // the handshakes to the candidate, decision 62). When it followed the session's PONGs, which
+    // wait behind this rate-limited download's queued data, the agent once waited out a 15 s
+    // hold on a fresh CI machine.
     let mut lc = start(&dir, &["--hold-resumed-ms", "15000"]);
     download_through(&dir, &mut lc, |lc| {
         lc.kill("s1").expect("kill -9 s1");

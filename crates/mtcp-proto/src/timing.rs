@@ -68,6 +68,18 @@ pub fn candidate_silence(rtt: &Rtt, heartbeat: Duration) -> Duration {
     heartbeat + measured_answer(&rtt.unqueued()).unwrap_or(MIN_RTO * 2)
 }
 
+/// The round trip a silence bound toward a candidate follows ([`candidate_silence`]): the
+/// candidate's own path, timed by the agent's TCP handshakes to it (`handshakes`), once there
+/// is one; else the current session's (`session`, its PING/PONG). A session whose reader is
+/// slow keeps seconds of data ahead of every PONG, so even its smallest recent sample can be
+/// seconds, while a handshake is answered by the candidate's kernel at once.
+pub fn toward_candidate(handshakes: Option<Rtt>, session: &Rtt) -> Rtt {
+    match handshakes {
+        Some(h) if h.srtt().is_some() => h,
+        _ => *session,
+    }
+}
+
 /// How long a destination waits for the origin's first answer (WORKING) before it counts as
 /// unreachable and a replica is used: the configured `origin_wait`, but never less than the
 /// measured round trip to the origin plus a margin — on a long path a healthy origin would
@@ -187,6 +199,30 @@ mod tests {
             r.sample(Duration::from_millis(2500));
         }
         assert!(candidate_silence(&r, hb) > Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_candidate_s_handshakes_outweigh_a_backlogged_session() {
+        let hb = Duration::from_millis(100);
+        let mut session = Rtt::default();
+        for _ in 0..8 {
+            session.sample(Duration::from_millis(2500));
+        }
+        let mut handshakes = Rtt::default();
+        handshakes.sample(Duration::from_micros(80));
+        let b = candidate_silence(&toward_candidate(Some(handshakes), &session), hb);
+        // Loopback: one beat and two minimum RTOs.
+        assert!(
+            b >= Duration::from_millis(500) && b < Duration::from_millis(501),
+            "{b:?}"
+        );
+        // No handshake timed yet (or an empty estimate): the session's.
+        let s = candidate_silence(&toward_candidate(None, &session), hb);
+        assert!(s > Duration::from_secs(5), "{s:?}");
+        assert_eq!(
+            candidate_silence(&toward_candidate(Some(Rtt::default()), &session), hb),
+            s
+        );
     }
 
     #[test]

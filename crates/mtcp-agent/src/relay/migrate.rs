@@ -99,10 +99,16 @@ async fn try_resume(
     m: &Migrate,
 ) -> Result<Session, MoveError> {
     // The candidate says WORKING every heartbeat until it answers: silence beyond an RTT-derived
-    // bound means it is dead, hung or cut off, and the next candidate is tried (decision 32).
-    let silence = mtcp_proto::timing::candidate_silence(&conn.rtt, conn.at.heartbeat);
-    let (mut reader, mut w, msg) =
-        exchange_migrate(inner, cand, m, silence, &mut conn.trace).await?;
+    // bound means it is dead, hung or cut off, and the next candidate is tried (decisions 32, 62).
+    let (mut reader, mut w, msg) = exchange_migrate(
+        inner,
+        cand,
+        m,
+        &conn.rtt,
+        conn.at.heartbeat,
+        &mut conn.trace,
+    )
+    .await?;
     movetrace::mark(&mut conn.trace, "resumed_rx");
     let r = resumed(msg)?;
     // Until the new server confirms, its keeper can hand the state out again (eager mode).
