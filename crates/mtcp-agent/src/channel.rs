@@ -35,11 +35,14 @@ async fn open_on(
     limit: Duration,
     first: &Msg,
 ) -> Result<(FrameReader<ReadHalf>, WriteHalf), ChannelError> {
-    tokio::time::timeout(limit, framed::open_with(&mut s, first))
+    tokio::time::timeout(limit, framed::send_preamble_with(&mut s, first))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let (r, w) = s.into_split();
-    Ok((FrameReader::new(r, SETUP_FRAME), w))
+    // The server's preamble, read with what follows it: one read, not two.
+    let mut reader = FrameReader::new(r, SETUP_FRAME);
+    reader.preamble(limit).await?;
+    Ok((reader, w))
 }
 
 /// HELLO to the configured servers in order.

@@ -42,6 +42,27 @@ pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     check_preamble(s).await
 }
 
+/// Sends our preamble alone (a server, before it reads the peer's with
+/// [`FrameReader::preamble`]).
+pub async fn send_preamble<S: AsyncWrite + Unpin>(s: &mut S) -> Result<(), ChannelError> {
+    s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+/// Sends `first` in the same write as our preamble (saving a round trip); the peer's preamble
+/// is read with [`FrameReader::preamble`].
+pub async fn send_preamble_with<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    first: &Msg,
+) -> Result<(), ChannelError> {
+    let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
+    out.extend_from_slice(&first.to_frame());
+    s.write_all(&out).await?;
+    s.flush().await?;
+    Ok(())
+}
+
 /// Opens a channel and sends `first` in the same write as our preamble (saving a round trip),
 /// then checks the peer's preamble.
 pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
@@ -374,5 +395,39 @@ mod tests {
         });
         let e = exchange_preamble(&mut a).await.unwrap_err();
         assert!(e.to_string().contains("version mismatch"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_preamble_and_the_frame_sent_with_it_are_read_through_one_buffer() {
+        let (a, mut b) = tokio::io::duplex(4096);
+        send_preamble_with(&mut b, &Msg::Working).await.unwrap();
+        let mut r = FrameReader::new(a, 1 << 16);
+        r.preamble(Duration::from_secs(1)).await.unwrap();
+        let m = r.next_msg(Duration::from_secs(1)).await.unwrap();
+        assert!(matches!(m, Msg::Working), "{m:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_preamble_a_wrong_version_an_early_close_and_silence_are_named() {
+        async fn read(sent: &'static [u8], close: bool) -> ChannelError {
+            let (a, mut b) = tokio::io::duplex(4096);
+            b.write_all(sent).await.unwrap();
+            let _keep = if close {
+                drop(b);
+                None
+            } else {
+                Some(b)
+            };
+            let mut r = FrameReader::new(a, 1 << 16);
+            r.preamble(Duration::from_millis(50)).await.unwrap_err()
+        }
+        let e = read(b"GET / HTTP/1.1\r\n", false).await;
+        assert!(matches!(e, ChannelError::Wire(WireError::BadMagic)), "{e}");
+        let e = read(b"MTCP\x00\x09", false).await;
+        assert!(e.to_string().contains("version mismatch"), "{e}");
+        let e = read(b"MTC", true).await;
+        assert!(matches!(e, ChannelError::Closed), "{e}");
+        let e = read(b"MTC", false).await;
+        assert!(matches!(e, ChannelError::Timeout), "{e}");
     }
 }

@@ -44,11 +44,16 @@ pub(crate) async fn handle_session(
     if let Some(rate) = inner.limits.pacing_rate {
         set_pacing_rate(s.tcp(), rate);
     }
-    let mut s = s;
-    match tokio::time::timeout(SETUP_TIMEOUT, framed::exchange_preamble(&mut s)).await {
+    let (r, mut w) = s.into_split();
+    let mut reader = FrameReader::new(r, SETUP_FRAME);
+    // The agent's preamble comes with its first message: one read takes both.
+    let setup = async {
+        framed::send_preamble(&mut w).await?;
+        reader.preamble(SETUP_TIMEOUT).await
+    };
+    match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
         Ok(Ok(())) => {}
         Ok(Err(ChannelError::Wire(e @ wire::WireError::Version { .. }))) => {
-            let (_, mut w) = s.into_split();
             refuse(&mut w, RefuseCode::VersionMismatch, e.to_string()).await;
             return;
         }
@@ -57,25 +62,23 @@ pub(crate) async fn handle_session(
             tracing::debug!(peer = %peer_addr, "data port: closed before the preamble");
             return;
         }
+        Ok(Err(ChannelError::Timeout)) | Err(_) => {
+            if let Some(suppressed) = noisy_event_admitted() {
+                tracing::info!(peer = %peer_addr, suppressed, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
+            }
+            return;
+        }
         Ok(Err(e)) => {
             if let Some(suppressed) = noisy_event_admitted() {
                 tracing::info!(peer = %peer_addr, suppressed, "data port: {e}; closing");
             }
             return;
         }
-        Err(_) => {
-            if let Some(suppressed) = noisy_event_admitted() {
-                tracing::info!(peer = %peer_addr, suppressed, "data port: no preamble within {SETUP_TIMEOUT:?}; closing");
-            }
-            return;
-        }
     }
-    let (r, mut w) = s.into_split();
     if let Some(why) = over {
         refuse(&mut w, RefuseCode::Busy, why).await;
         return;
     }
-    let mut reader = FrameReader::new(r, SETUP_FRAME);
     let first = match reader.next_msg(SETUP_TIMEOUT).await {
         Ok(m) => m,
         Err(e) => {

@@ -234,6 +234,36 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Reads and checks the peer's preamble (magic and version) through this reader's buffer,
+    /// within `limit`: what the peer sent with it (its first message) stays buffered for
+    /// [`next`](Self::next), so a preamble and the frame written with it cost one read, not an
+    /// exact six-byte read and then another (and a read that finds nothing: a read that fills
+    /// its buffer leaves the socket marked readable).
+    pub async fn preamble(&mut self, limit: Duration) -> Result<(), ChannelError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.buf.len() < wire::PREAMBLE_LEN {
+            self.make_room(MIN_READ);
+            let n = tokio::time::timeout_at(deadline, self.r.read_buf(&mut self.buf))
+                .await
+                .map_err(|_| ChannelError::Timeout)??;
+            if n == 0 {
+                return Err(ChannelError::Closed);
+            }
+        }
+        let mut p = [0u8; wire::PREAMBLE_LEN];
+        p.copy_from_slice(&self.buf[..wire::PREAMBLE_LEN]);
+        let theirs = wire::parse_preamble(&p)?;
+        self.buf.advance(wire::PREAMBLE_LEN);
+        if theirs != mtcp_proto::PROTOCOL_VERSION {
+            return Err(WireError::Version {
+                ours: mtcp_proto::PROTOCOL_VERSION,
+                theirs,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Changes the frame size limit (raised once a peer is authenticated).
     pub fn set_max_frame(&mut self, max_frame: usize) {
         self.dec = FrameDecoder::new(max_frame);
