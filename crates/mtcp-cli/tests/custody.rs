@@ -183,10 +183,11 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
         &dir,
         &[
             // The agent gives up on a silent candidate after one heartbeat plus srtt + 2 × RTO
-            // of its session's PING/PONG: ~0.5 s idle, but this download is rate-limited, the
-            // PONGs wait behind seconds of queued data, and the bound grew past a fixed 3 s hold
-            // in 2 of 5 runs here. So s2 holds until the agent has left, and writes RESUMED then
-            // (s3 starts 4.5 s after the agent came to it, well after that).
+            // of its path to it (its handshakes there, decision 62): ~0.5 s here. When it
+            // followed the session's PONGs, which wait behind this rate-limited download's
+            // queued data, it grew past a fixed 3 s hold in 2 of 5 runs. So s2 holds until the
+            // agent has left, whatever the bound, and writes RESUMED then (s3 starts 4.5 s after
+            // the agent came to it, well after that).
             (
                 "s2",
                 &["--hold-resumed-ms", "20000", "--hold-resumed-until-left"],
