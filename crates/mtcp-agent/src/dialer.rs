@@ -39,7 +39,12 @@ impl Paths {
 
     pub fn sample(&self, addr: &str, took: Duration) {
         let mut m = self.lock();
-        if m.len() >= MAX_PATHS && !m.contains_key(addr) {
+        // Allocates the key only for a new address: this runs on every dial.
+        if let Some(r) = m.get_mut(addr) {
+            r.sample(took);
+            return;
+        }
+        if m.len() >= MAX_PATHS {
             m.clear();
         }
         m.entry(addr.to_string()).or_default().sample(took);

@@ -37,8 +37,7 @@ pub enum ChannelError {
 pub async fn exchange_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
 ) -> Result<(), ChannelError> {
-    s.write_all(&wire::preamble(PROTOCOL_VERSION)).await?;
-    s.flush().await?;
+    send_preamble(s).await?;
     check_preamble(s).await
 }
 
@@ -69,10 +68,7 @@ pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     first: &Msg,
 ) -> Result<(), ChannelError> {
-    let mut out = wire::preamble(PROTOCOL_VERSION).to_vec();
-    out.extend_from_slice(&first.to_frame());
-    s.write_all(&out).await?;
-    s.flush().await?;
+    send_preamble_with(s, first).await?;
     check_preamble(s).await
 }
 
@@ -80,7 +76,12 @@ pub async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
 async fn check_preamble<S: AsyncRead + Unpin>(s: &mut S) -> Result<(), ChannelError> {
     let mut p = [0u8; PREAMBLE_LEN];
     s.read_exact(&mut p).await.map_err(eof_is_closed)?;
-    let theirs = wire::parse_preamble(&p)?;
+    ours(&p)
+}
+
+/// Whether preamble `p` is ours: our magic and our version, or an error naming both versions.
+fn ours(p: &[u8; PREAMBLE_LEN]) -> Result<(), ChannelError> {
+    let theirs = wire::parse_preamble(p)?;
     if theirs != PROTOCOL_VERSION {
         return Err(WireError::Version {
             ours: PROTOCOL_VERSION,

@@ -252,16 +252,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let mut p = [0u8; wire::PREAMBLE_LEN];
         p.copy_from_slice(&self.buf[..wire::PREAMBLE_LEN]);
-        let theirs = wire::parse_preamble(&p)?;
         self.buf.advance(wire::PREAMBLE_LEN);
-        if theirs != mtcp_proto::PROTOCOL_VERSION {
-            return Err(WireError::Version {
-                ours: mtcp_proto::PROTOCOL_VERSION,
-                theirs,
-            }
-            .into());
-        }
-        Ok(())
+        super::ours(&p)
     }
 
     /// Changes the frame size limit (raised once a peer is authenticated).
