@@ -143,8 +143,15 @@ pub(crate) fn read_inline(
 /// One `recv` into the unfilled part of `buf` (its filled part grows by what arrived), without
 /// zeroing that part first as `ReadBuf::initialize_unfilled` would: the application's buffer
 /// is often kilobytes larger than a request.
+///
+/// A read shorter than the room it had drained the socket, so it also clears the socket's read
+/// readiness, as tokio's own `poll_read` does; otherwise the next read would find nothing and
+/// cost a wasted `recv`. The clear happens inside the same `try_io` call, which clears with the
+/// readiness tick it saw before the `recv`: data arriving after the `recv` has a newer tick and
+/// stays ready, so no wake-up is lost.
 fn recv_uninit(sock: &TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
-    let n = sock.try_io(tokio::io::Interest::READABLE, || {
+    let mut short = None;
+    let got = sock.try_io(tokio::io::Interest::READABLE, || {
         // SAFETY: nothing de-initializes bytes of `dst`: `recv` only writes into it, at most
         // `dst.len()` bytes, and reads none of them.
         let dst = unsafe { buf.unfilled_mut() };
@@ -153,8 +160,17 @@ fn recv_uninit(sock: &TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(r as usize)
-    })?;
+        let r = r as usize;
+        if r > 0 && r < dst.len() {
+            short = Some(r);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(r)
+    });
+    let n = match (got, short) {
+        (_, Some(n)) => n,
+        (got, None) => got?,
+    };
     // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
     unsafe { buf.assume_init(n) };
     buf.advance(n);
@@ -551,4 +567,42 @@ pub(crate) async fn adopt(
         .map_err(|e| format!("restore: {e}"))?;
     let _ = sock.set_nodelay(true);
     TcpStream::from_std(sock).map_err(|e| format!("restore: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recv_uninit;
+    use std::time::Duration;
+    use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A short read clears the read readiness (the next read is not tried until the socket
+    /// signals again), and data that arrives afterwards signals again: no wasted `recv`, no
+    /// lost wake-up.
+    #[tokio::test]
+    async fn a_short_read_clears_readiness_and_later_data_wakes_the_reader() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (sock, _) = l.accept().await.unwrap();
+        let mut mem = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut got = Vec::new();
+        for piece in [&b"first"[..], b"second piece"] {
+            peer.write_all(piece).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), sock.readable())
+                .await
+                .expect("the reader is woken by data that arrived after a short read")
+                .unwrap();
+            let mut buf = ReadBuf::uninit(&mut mem);
+            let n = recv_uninit(&sock, &mut buf).unwrap();
+            assert_eq!(buf.filled(), piece);
+            assert_eq!(n, piece.len());
+            got.extend_from_slice(buf.filled());
+            // Readiness is cleared: `try_io` answers WouldBlock without trying a read.
+            let tried = sock.try_io(Interest::READABLE, || -> std::io::Result<()> {
+                panic!("a read was tried on a socket drained by a short read")
+            });
+            assert_eq!(tried.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        }
+        assert_eq!(got, b"firstsecond piece");
+    }
 }
