@@ -432,3 +432,36 @@ fn frames_injected_into_authenticated_channels_are_refused() {
     let done = st.iter().find(|c| c.cid == cid.to_string()).unwrap();
     assert_eq!((done.migrations, &done.server), (0, &origin), "{done:?}");
 }
+
+/// A fence made for a server the cluster does not have (FENCEEPOCH's `by`, decision 63) is
+/// refused by name, on an authenticated peer channel that stays usable; one made for a member
+/// is answered (nothing held for an unknown connection: an empty STATE).
+#[test]
+fn a_fence_for_a_server_not_in_the_cluster_is_refused() {
+    let dir = TempDir::new("fence-by");
+    let lc = cluster_mode(&dir, 3, None, &[], "eager");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ch = open(&lc, "s1", PortKind::Peer, "s2").await;
+        let cid = Cid([9; 16]);
+        let fence = |by: &str| Msg::FenceEpoch {
+            cid,
+            epoch: 4,
+            by: by.into(),
+        };
+        ch.1.write_msg(&fence("s9")).await.unwrap();
+        match ch.0.next_msg(Duration::from_secs(5)).await.unwrap() {
+            Msg::Refused { code, reason } => {
+                assert_eq!(code, RefuseCode::Internal);
+                assert!(reason.contains("not a server of the cluster"), "{reason}");
+            }
+            other => panic!("answered {}", other.name()),
+        }
+        ping(&mut ch, 7).await;
+        ch.1.write_msg(&fence("s3")).await.unwrap();
+        assert_eq!(
+            ch.0.next_msg(Duration::from_secs(5)).await.unwrap(),
+            Msg::State(Vec::new())
+        );
+    });
+}

@@ -34,6 +34,12 @@ pub struct Slot {
     /// The claim is a destination's takeover (not the origin's hand-over fence, nor a keeper's
     /// fence): this backup keeps the custody, and the claim can be superseded.
     pub custody: bool,
+    /// A plain claim of a later epoch than the entry's, and who made it: a fence of a holder's
+    /// successor epoch at a backup that is also a backup of the entry's epoch (two backups or
+    /// more per server). The later epoch is claimed as a tombstone would claim it — no update
+    /// up to it is stored, a second claim of it is refused — while the entry stays claimable
+    /// at its own epoch: replacing it would refuse every later takeover of that epoch here.
+    pub fenced: Option<(u64, String)>,
 }
 
 /// What storing an update does.
@@ -63,6 +69,10 @@ pub enum Granted {
     Entry { epoch: u64, label: u64 },
     /// No entry at that epoch: the caller leaves [`Slot::tombstone`] (no record) in its place.
     Tombstone,
+    /// A plain claim of a later epoch than the entry's: noted in the entry ([`Slot::fenced`]),
+    /// which stays as it is; or a takeover's claim of an earlier epoch than one its claimer
+    /// already fenced here. Nothing to hand out at that epoch.
+    Fenced,
 }
 
 /// Why a claim was not granted.
@@ -133,6 +143,7 @@ impl Slot {
             origin: from.to_string(),
             label: epoch,
             custody: false,
+            fenced: None,
         }
     }
 
@@ -146,6 +157,7 @@ impl Slot {
             origin: String::new(),
             label: epoch,
             custody: supersede,
+            fenced: None,
         }
     }
 
@@ -164,6 +176,13 @@ impl Slot {
         let Some(e) = cur else {
             return Ok(Store::Replace);
         };
+        if let Some((at, _)) = e.fenced.as_ref().filter(|(at, _)| epoch <= *at) {
+            return Err(MovedOn {
+                at: *at,
+                claimed: true,
+                epoch,
+            });
+        }
         if e.epoch > epoch || (e.epoch == epoch && e.claimed()) {
             return Err(MovedOn {
                 at: e.epoch,
@@ -201,12 +220,39 @@ impl Slot {
             return Ok(Granted::Tombstone);
         };
         if e.epoch > epoch {
+            if supersede && !e.custody && e.claimer.as_deref() == Some(by) {
+                // A takeover of `epoch` by the one whose fence already holds the later epoch
+                // here (it superseded a holder whose newer record this backup kept, at
+                // another backup of the origin): nothing more to hand out, nobody else's.
+                return Ok(Granted::Fenced);
+            }
             return Err(ClaimError::Past { at: e.epoch, epoch });
         }
         if e.epoch < epoch {
-            return Ok(Granted::Tombstone);
+            // Past the entry: judged as the tombstone of its fence would judge it.
+            match e.fenced.as_ref() {
+                Some((at, _)) if *at > epoch => return Err(ClaimError::Past { at: *at, epoch }),
+                // The same fencer again (one takeover superseding at each backup of the
+                // origin fences the holder's successor once per backup): already done.
+                Some((at, who)) if *at == epoch && who == by && !supersede => {
+                    return Ok(Granted::Fenced)
+                }
+                Some((at, _)) if *at == epoch => return Err(ClaimError::Taken { epoch }),
+                _ if !supersede => {
+                    e.fenced = Some((epoch, by.to_string()));
+                    return Ok(Granted::Fenced);
+                }
+                _ => return Ok(Granted::Tombstone),
+            }
         }
         match &e.claimer {
+            // A tombstone a plain claim by the same fencer left: fenced already.
+            Some(c) if c == by && !e.custody && !supersede && e.origin.is_empty() => {
+                Ok(Granted::Entry {
+                    epoch: e.epoch,
+                    label: e.label,
+                })
+            }
             Some(holder) if e.custody => Err(ClaimError::Held(Custody {
                 epoch,
                 holder: holder.clone(),
@@ -292,7 +338,8 @@ impl Slot {
     /// then only its record goes: the claim stays as a plain tombstone, so the epoch stays
     /// claimed (a racing or late claim of it must not find it free: decision 48).
     pub fn drop_upto(&mut self, epoch: u64, by: &str) -> Dropped {
-        if self.epoch > epoch {
+        if self.epoch > epoch || self.fenced.as_ref().is_some_and(|(at, _)| *at > epoch) {
+            // Newer here, or a fence of a later epoch that must outlive it.
             return Dropped::Keep;
         }
         match self.claimer.as_deref() {

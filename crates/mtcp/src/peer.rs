@@ -311,9 +311,11 @@ pub(crate) async fn fence(
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
+    by: &str,
 ) -> Result<Claimed, Refusal> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
-    claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch }, t).await
+    let by = by.to_string();
+    claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch, by }, t).await
 }
 
 /// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` (see

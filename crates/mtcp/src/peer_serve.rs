@@ -173,10 +173,18 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     ),
                 },
             },
-            Ok(Msg::FenceEpoch { cid, epoch }) => {
-                match crate::eager::fence_here(&inner, cid, epoch, &from).await {
+            Ok(Msg::FenceEpoch { cid, epoch, ref by }) if inner.cluster.server(by).is_none() => {
+                Msg::Refused {
+                    code: RefuseCode::Internal,
+                    reason: format!(
+                        "fence of epoch {epoch} of {cid} for {by:?}, not a server of the cluster"
+                    ),
+                }
+            }
+            Ok(Msg::FenceEpoch { cid, epoch, by }) => {
+                match crate::eager::fence_here(&inner, cid, epoch, &by).await {
                     Ok(Claimed::Record(b)) => {
-                        tracing::info!(target: "mtcp::peer", %cid, epoch, by = %from, "epoch fenced (its replica handed to the keeper)");
+                        tracing::info!(target: "mtcp::peer", %cid, epoch, by = %by, from = %from, "epoch fenced (its replica handed to the fencer)");
                         Msg::State(b)
                     }
                     Ok(Claimed::Nothing) => Msg::State(Vec::new()),

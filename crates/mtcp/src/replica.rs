@@ -221,6 +221,14 @@ impl ReplicaStore {
                 map.insert(cid, t);
                 Ok(Claimed::Nothing)
             }
+            Ok(Granted::Fenced) => {
+                // A later epoch fenced over an entry that stays claimable at its own epoch
+                // (`Slot::fenced`): nothing to hand out at that epoch.
+                if let Some(e) = map.get_mut(&cid) {
+                    e.updated = Instant::now();
+                }
+                Ok(Claimed::Nothing)
+            }
         }
     }
 

@@ -164,10 +164,20 @@ proptest::proptest! {
         for o in ops {
             match o {
                 Op::Claim(b, ep, sup) => {
-                    if claim(&mut e, ep, names[b as usize], sup).is_ok() {
-                        proptest::prop_assert!(holder[ep as usize].is_none(), "{ep} claimed twice");
-                        // A claim of a newer epoch replaces the entry: the older ones are past.
-                        holder = [None; 3];
+                    if let Ok(g) = claim(&mut e, ep, names[b as usize], sup) {
+                        if sup && g == Granted::Fenced {
+                            // Its claimer already fenced a later epoch here: nothing granted.
+                            continue;
+                        }
+                        // The same fencer's plain claim again is no second claim.
+                        let again = !sup && holder[ep as usize] == Some(names[b as usize]);
+                        proptest::prop_assert!(holder[ep as usize].is_none() || again, "{ep} claimed twice");
+                        // A claim of a newer epoch replaces the entry, and the older ones are
+                        // past — unless it is a plain fence noted beside the entry, which
+                        // stays claimable at its own epoch.
+                        if g != Granted::Fenced {
+                            holder = [None; 3];
+                        }
                         holder[ep as usize] = Some(names[b as usize]);
                     }
                 }

@@ -361,10 +361,15 @@ pub enum Msg {
     /// dead destination would resume at, so it can never store or serve it
     /// (`mtcp_proto::custody`). Answered as CLAIMREPLICA; unlike it, the claim is plain (never
     /// a custody). A destination holding that epoch there is passed over only if it gives its
-    /// successor up; the answer's record is then labelled past it (decision 48).
+    /// successor up; the answer's record is then labelled past it (decision 48). `by`: the
+    /// server the claim is made for — the sender, or the destination whose takeover fences a
+    /// superseded holder's successor at each backup of the origin (one claimer, so the same
+    /// takeover's fence of the same epoch at a backup shared by two roles is not refused,
+    /// decision 63). A server of the cluster, or the fence is refused.
     FenceEpoch {
         cid: Cid,
         epoch: u64,
+        by: String,
     },
     /// Keeper → holder (eager mode): give up epoch `epoch` of `cid` unless the agent has used
     /// it (spoken on the session its RESUMED went out on); answered STATE when given up —

@@ -119,7 +119,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ClaimReplica { cid, epoch }),
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::DropReplica { cid, epoch }),
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
-        (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::FenceEpoch { cid, epoch }),
+        (cid.clone(), any::<u64>(), "[a-z0-9]{0,8}").prop_map(|(cid, epoch, by)| Msg::FenceEpoch {
+            cid,
+            epoch,
+            by
+        }),
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::Yield { cid, epoch }),
         (cid.clone(), any::<[u64; 2]>(), "[a-z0-9]{0,12}").prop_map(|(cid, n, by)| {
             Msg::Taken {

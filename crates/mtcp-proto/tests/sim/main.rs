@@ -32,7 +32,8 @@
 //!
 //! Not simulated: the runtime's timers themselves (WORKING beats, `candidate_silence`: a
 //! candidate the agent gives up on is played as a `Busy` refusal), a restarted server that
-//! knows no gates being asked to yield, more than one backup per server.
+//! knows no gates being asked to yield. Each server has one backup (the next server), or two
+//! (`replicas = 2`: every other server, in `ten_thousand_seeded_eager_runs_with_two_backups_each`).
 
 mod app;
 mod world;
@@ -240,6 +241,7 @@ fn a_pass_over_a_holder_whose_resumed_the_agent_read_never_makes_two_owners() {
         protect: 0.9,
         hang_after_pass: 0.5,
         crash_soon: 0.5,
+        replicas: 1,
     };
     let (count, t) = runs(true, 0x9a55_0000, knobs, 15_000);
     if count > 1 {
@@ -248,5 +250,21 @@ fn a_pass_over_a_holder_whose_resumed_the_agent_read_never_makes_two_owners() {
             "only {} such passes",
             t.passes_of_agents
         );
+    }
+}
+
+/// `replicas = 2`: every other server is a backup of each (the runtime's `Cluster::backups`),
+/// pushes go to both, fences reach both, a takeover claims at both and restarts from the newest
+/// record granted (`takeover::pick::Pick`). Checks the same as the runs with one backup.
+#[test]
+fn ten_thousand_seeded_eager_runs_with_two_backups_each() {
+    let knobs = Knobs {
+        replicas: 2,
+        ..Knobs::DEFAULT
+    };
+    let (count, t) = runs(true, 0x2b0b_0000, knobs, 10_000);
+    if count > 1 {
+        assert!(t.moves > count, "only {} moves in {count} runs", t.moves);
+        assert!(t.crashes > count / 10, "only {} crashes", t.crashes);
     }
 }

@@ -81,7 +81,7 @@ pub(crate) async fn hand_over(
         let r = if b.id == inner.id {
             fence_here(inner, f.cid, f.epoch, &inner.id).await
         } else {
-            peer::fence(inner, &b, f.cid, f.epoch).await
+            peer::fence(inner, &b, f.cid, f.epoch, &inner.id).await
         };
         let (fenced, seen) = read_fence(answer(&r));
         label = label.max(seen.unwrap_or(label));
@@ -163,7 +163,7 @@ async fn rehand(
     };
     let fenced = Fenced {
         unanswered,
-        ..fence(inner, f.cid, next, &seen.holder).await
+        ..fence(inner, f.cid, next, &seen.holder, &inner.id).await
     };
     let r = inner.custody.supersede(f.cid, &seen, to, &fenced);
     match &r {
@@ -257,9 +257,11 @@ pub(crate) async fn fence_here(
         // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
         // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
         // question, settled by the simulation).
-        Some(YieldAnswer::LetGo) => {
-            GaveUp::Answered(Box::pin(fence(inner, cid, next, &seen.holder)).await.fences)
-        }
+        Some(YieldAnswer::LetGo) => GaveUp::Answered(
+            Box::pin(fence(inner, cid, next, &seen.holder, by))
+                .await
+                .fences,
+        ),
         Some(YieldAnswer::Refused) | None => {
             return Err(Refusal::stale_epoch(format!(
                 "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
@@ -271,7 +273,8 @@ pub(crate) async fn fence_here(
     inner.replicas.pass(cid, &seen, by, &gave_up)
 }
 
-/// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim by this server), so
+/// Fences epoch `next` of `cid` at every backup of `holder` (a plain claim for `by`: this
+/// server, or the destination whose takeover supersedes `holder`), so
 /// `holder` can never store it — and so never confirm or serve it: a destination answers the
 /// agent only once its backups hold its epoch. Returns each backup's answer, with the record
 /// it had at that epoch, and the highest epoch label an answer carried (past `next` when a
@@ -283,15 +286,16 @@ pub(crate) async fn fence(
     cid: mtcp_proto::Cid,
     next: u64,
     holder: &str,
+    by: &str,
 ) -> Fenced {
     let mut fences = Vec::new();
     let mut records = Vec::new();
     let mut floor = next;
     for b in inner.cluster.backups(holder) {
         let r = if b.id == inner.id {
-            fence_here(inner, cid, next, &inner.id).await
+            fence_here(inner, cid, next, by).await
         } else {
-            peer::fence(inner, &b, cid, next).await
+            peer::fence(inner, &b, cid, next, by).await
         };
         let (f, seen) = read_fence(answer(&r));
         floor = floor.max(seen.unwrap_or(floor));
@@ -340,9 +344,11 @@ pub(crate) async fn claim_here(
             let next = seen.successor(epoch)?;
             tracing::warn!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
             let unanswered = ask_to_yield(inner, &seen.holder, cid, next).await?;
+            // Fenced for `by`: its claims at the origin's other backups fence the same epoch
+            // again (a backup of both), which must not refuse its own takeover (decision 63).
             let fenced = Fenced {
                 unanswered,
-                ..fence(inner, cid, next, &seen.holder).await
+                ..fence(inner, cid, next, &seen.holder, by).await
             };
             inner.replicas.supersede(cid, &seen, by, &fenced)
         }

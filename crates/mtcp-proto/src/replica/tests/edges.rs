@@ -205,3 +205,98 @@ fn a_confirmation_of_an_older_epoch_keeps_the_entry_and_a_strip_is_repeatable() 
     // A claim of a later epoch replaces the stripped tombstone.
     assert_eq!(claim(&mut e, 5, "s3", true), Ok(Granted::Tombstone));
 }
+
+/// Decision 63: with two backups per server a backup of the origin's epoch is also a backup
+/// of a later holder. A fence of that holder's successor epoch is noted beside the entry: the
+/// entry stays claimable at its own epoch, and the later epoch is judged as a tombstone would.
+#[test]
+fn a_fence_of_a_later_epoch_keeps_the_entry_claimable_at_its_own() {
+    let mut e = Some(Slot::stored("s1", 3, 100, 50));
+    assert_eq!(claim(&mut e, 4, "s2", false), Ok(Granted::Fenced));
+    let s = e.as_ref().unwrap();
+    assert_eq!((s.epoch, s.claimed()), (3, false), "the entry is unchanged");
+    assert_eq!(s.fenced, Some((4, "s2".to_string())));
+    // Epoch 4 is fenced: no update up to it, a second claimer refused, an earlier one past.
+    assert_eq!(
+        Slot::check_store(e.as_ref(), 4, 0, 0),
+        Err(MovedOn {
+            at: 4,
+            claimed: true,
+            epoch: 4
+        })
+    );
+    assert_eq!(
+        Slot::check_store(e.as_ref(), 3, 200, 100),
+        Err(MovedOn {
+            at: 4,
+            claimed: true,
+            epoch: 3
+        })
+    );
+    assert_eq!(
+        claim(&mut e, 4, "s3", false),
+        Err(ClaimError::Taken { epoch: 4 })
+    );
+    assert_eq!(
+        claim(&mut e, 4, "s3", true),
+        Err(ClaimError::Taken { epoch: 4 })
+    );
+    // The same fencer again (one takeover superseding at each backup): already fenced.
+    assert_eq!(claim(&mut e, 4, "s2", false), Ok(Granted::Fenced));
+    // The entry's own epoch is still claimed once, as before.
+    assert_eq!(
+        claim(&mut e, 3, "s3", true),
+        Ok(Granted::Entry { epoch: 3, label: 3 })
+    );
+    assert_eq!(
+        claim(&mut e, 3, "s1", true),
+        Err(ClaimError::Held(Custody::new(3, "s3")))
+    );
+    // A confirmation of epoch 3 leaves the newer fence standing.
+    assert_eq!(e.as_mut().unwrap().drop_upto(3, "s3"), Dropped::Keep);
+    // A later epoch than the fence is claimed as before: the entry is replaced.
+    assert_eq!(claim(&mut e, 5, "s1", true), Ok(Granted::Tombstone));
+    assert_eq!(e, Some(Slot::tombstone(5, "s1", true)));
+}
+
+#[test]
+fn the_same_fencer_again_is_granted_a_tombstone_it_left_another_is_not() {
+    let mut e: Option<Slot> = None;
+    assert_eq!(claim(&mut e, 4, "s2", false), Ok(Granted::Tombstone));
+    assert_eq!(
+        claim(&mut e, 4, "s2", false),
+        Ok(Granted::Entry { epoch: 4, label: 4 })
+    );
+    assert_eq!(
+        claim(&mut e, 4, "s3", false),
+        Err(ClaimError::Taken { epoch: 4 })
+    );
+    // A takeover's claim is never the fencer's repeat.
+    assert_eq!(
+        claim(&mut e, 4, "s2", true),
+        Err(ClaimError::Taken { epoch: 4 })
+    );
+    // The origin's own fence of a stored entry is not repeated either.
+    let mut e = Some(Slot::stored("s1", 3, 10, 5));
+    claim(&mut e, 3, "s1", false).unwrap();
+    assert_eq!(
+        claim(&mut e, 3, "s1", false),
+        Err(ClaimError::Taken { epoch: 3 })
+    );
+}
+
+#[test]
+fn a_takeover_by_the_claimer_of_a_later_epoch_here_gets_nothing_others_are_past() {
+    // s2's fence took the newer entry (epoch 4) here; its claim of epoch 3 is no refusal.
+    let mut e = Some(Slot::stored("s3", 4, 10, 5));
+    claim(&mut e, 4, "s2", false).unwrap();
+    assert_eq!(claim(&mut e, 3, "s2", true), Ok(Granted::Fenced));
+    assert_eq!(
+        claim(&mut e, 3, "s1", true),
+        Err(ClaimError::Past { at: 4, epoch: 3 })
+    );
+    assert_eq!(
+        claim(&mut e, 3, "s2", false),
+        Err(ClaimError::Past { at: 4, epoch: 3 })
+    );
+}

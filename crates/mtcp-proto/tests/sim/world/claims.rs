@@ -21,6 +21,22 @@ pub(super) enum Yield {
     Refused,
 }
 
+/// What the fences at every backup of a holder found (the runtime's `custody::Fenced`).
+pub(super) struct Fences {
+    pub fences: Vec<Fence>,
+    /// Each backup's record (labelled), in the same order.
+    pub recs: Vec<Option<StateRecord>>,
+    /// The highest epoch label a fence reached.
+    pub floor: u64,
+}
+
+impl Fences {
+    /// No backup of the holder could be reached: its epoch is not fenced anywhere.
+    pub fn unreached(&self) -> bool {
+        self.fences.iter().all(|f| *f == Fence::Unreachable)
+    }
+}
+
 /// What one backup's fence found, with the record it hands back (labelled).
 pub(super) struct Fenced {
     pub fence: Fence,
@@ -101,6 +117,9 @@ impl World {
                         SERVERS[from], rec.epoch, SERVERS[b]
                     ));
                 }
+                self.shared_overwrite |= e.as_ref().is_some_and(|(s, _)| {
+                    s.custody && s.claimer.as_deref() == Some(SERVERS[from]) && s.epoch < rec.epoch
+                });
                 self.taken_at.retain(|&(x, e)| x != b || e > rec.epoch);
                 let slot = Slot::stored(SERVERS[from], rec.epoch, rec.snap_out, rec.snap_in);
                 *e = Some((slot, Some(rec)));
@@ -141,6 +160,13 @@ impl World {
                 self.servers[b].entry = Some((Slot::tombstone(epoch, SERVERS[by], false), None));
                 epoch
             }
+            Ok(Granted::Fenced) => {
+                return Fenced {
+                    fence: Fence::Nothing,
+                    rec: None,
+                    label: epoch,
+                }
+            }
             Err(ClaimError::Held(seen)) => {
                 let holder = server_index(&seen.holder);
                 // Whether the agent read the holder's RESUMED (it is the agent's server now).
@@ -173,13 +199,15 @@ impl World {
                             GaveUp::Unanswered
                         } else {
                             // The epoch it answered for is fenced at its backups first.
-                            let f = self.fence_holder(holder, seen.label + 1, by);
-                            GaveUp::Answered(vec![f.fence])
+                            let fs = self.fence_holder(holder, seen.label + 1, by);
+                            GaveUp::Answered(fs.fences)
                         }
                     }
                     _ => return refused(RefuseCode::StaleEpoch),
                 };
-                let slot = &mut self.servers[b].entry.as_mut().expect("held").0;
+                let Some((slot, _)) = self.servers[b].entry.as_mut() else {
+                    return refused(RefuseCode::StaleEpoch);
+                };
                 let Ok(label) = slot.pass(&seen, SERVERS[by], &gave_up) else {
                     return refused(RefuseCode::StaleEpoch);
                 };
@@ -206,10 +234,29 @@ impl World {
         }
     }
 
-    /// Fences `holder`'s successor epoch `next` at its backup, on behalf of `by`.
-    pub(super) fn fence_holder(&mut self, holder: usize, next: u64, by: usize) -> Fenced {
-        let b = (holder + 1) % SERVERS.len();
-        self.fence_at(b, next, by)
+    /// The backups of server `s`: the next `replicas` servers in order (the runtime's
+    /// `Cluster::backups`).
+    pub(super) fn backups(&self, s: usize) -> Vec<usize> {
+        (1..=self.knobs.replicas)
+            .map(|i| (s + i) % SERVERS.len())
+            .collect()
+    }
+
+    /// Fences `holder`'s successor epoch `next` at every backup of it, on behalf of `by` (the
+    /// runtime's `eager::fence`).
+    pub(super) fn fence_holder(&mut self, holder: usize, next: u64, by: usize) -> Fences {
+        let mut out = Fences {
+            fences: Vec::new(),
+            recs: Vec::new(),
+            floor: next,
+        };
+        for b in self.backups(holder) {
+            let f = self.fence_at(b, next, by);
+            out.floor = out.floor.max(f.label);
+            out.fences.push(f.fence);
+            out.recs.push(f.rec);
+        }
+        out
     }
 
     /// Destination `dest` claims the connection at `epoch` from backup `b`'s replica (the
@@ -244,6 +291,7 @@ impl World {
                 self.servers[b].entry = Some((Slot::tombstone(epoch, SERVERS[dest], true), None));
                 Ok(None)
             }
+            Ok(Granted::Fenced) => Ok(None),
             Err(ClaimError::Held(seen)) => {
                 let next = seen.successor(epoch).map_err(|e| e.code)?;
                 let holder = server_index(&seen.holder);
@@ -251,15 +299,20 @@ impl World {
                 if y == Yield::Refused {
                     return Err(RefuseCode::StaleEpoch);
                 }
-                let f = self.fence_holder(holder, next, b);
-                let unfenced = y == Yield::LetGo && f.fence == Fence::Unreachable;
-                let slot = &mut self.servers[b].entry.as_mut().expect("held").0;
+                // Fenced on behalf of the destination: its claims at the origin's other
+                // backups fence the same epoch again, which must not refuse it.
+                let f = self.fence_holder(holder, next, dest);
+                let unfenced = y == Yield::LetGo && f.unreached();
+                let Some((slot, _)) = self.servers[b].entry.as_mut() else {
+                    // A fence of the holder's own backups reached this store and changed it.
+                    return Err(RefuseCode::StaleEpoch);
+                };
                 let (what, label) = slot
                     .supersede(
                         &seen,
                         SERVERS[dest],
-                        &[f.fence],
-                        f.label,
+                        &f.fences,
+                        f.floor,
                         y == Yield::Unanswered,
                     )
                     .map_err(|e| {
@@ -269,7 +322,7 @@ impl World {
                 self.supersedes += 1;
                 Ok(match what {
                     Handout::Kept => self.labelled(b, label),
-                    Handout::Successor(_) => f.rec.map(|mut r| {
+                    Handout::Successor(i) => f.recs[i].clone().map(|mut r| {
                         r.epoch = label;
                         r
                     }),

@@ -15,14 +15,13 @@ impl World {
         let Some(h) = self.servers[serving].conn.as_ref() else {
             return false;
         };
-        let b = (serving + 1) % SERVERS.len();
-        if !self.reachable(b) {
-            return false;
-        }
-        let stored = self.servers[b]
-            .entry
-            .as_ref()
-            .is_some_and(|(s, r)| s.epoch == h.epoch && !s.claimed() && r.is_some());
+        let stored = self.backups(serving).into_iter().any(|b| {
+            self.reachable(b)
+                && self.servers[b]
+                    .entry
+                    .as_ref()
+                    .is_some_and(|(s, r)| s.epoch == h.epoch && !s.claimed() && r.is_some())
+        });
         let me = SERVERS[serving];
         let kept = (0..SERVERS.len()).any(|k| {
             k != serving
@@ -33,10 +32,10 @@ impl World {
                     .is_some_and(|(c, _)| c.holder == me && c.label + 1 == h.epoch)
         });
         let claimed = (0..SERVERS.len()).any(|k| {
-            let o = (k + SERVERS.len() - 1) % SERVERS.len();
             k != serving
                 && self.reachable(k)
-                && self.servers[o].down_until.is_some()
+                && (0..SERVERS.len())
+                    .any(|o| self.servers[o].down_until.is_some() && self.backups(o).contains(&k))
                 && self.servers[k].entry.as_ref().is_some_and(|(s, _)| {
                     s.custody && s.claimer.as_deref() == Some(me) && s.label + 1 == h.epoch
                 })
@@ -89,14 +88,21 @@ impl World {
             };
             let epoch = h.epoch;
             let rec = ServerStream::replica_record(cid, epoch, &snap);
-            let b = (s + 1) % SERVERS.len();
-            if self.store_at(b, s, rec).is_err() && self.reachable(b) {
-                // Refused: it lets go; if a destination took it over from the replica at its
-                // epoch (TAKEN), it keeps the stream as that destination's keeper.
-                let taken = self.servers[b]
-                    .entry
-                    .as_ref()
-                    .and_then(|(slot, _)| slot.taken(epoch, id));
+            // Refused by a backup: it lets go; if a destination took it over from the replica
+            // at its epoch (TAKEN), it keeps the stream as that destination's keeper.
+            let mut refused_at = Vec::new();
+            for b in self.backups(s) {
+                if self.store_at(b, s, rec.clone()).is_err() && self.reachable(b) {
+                    refused_at.push(b);
+                }
+            }
+            if !refused_at.is_empty() {
+                let taken = refused_at.iter().find_map(|&b| {
+                    self.servers[b]
+                        .entry
+                        .as_ref()
+                        .and_then(|(slot, _)| slot.taken(epoch, id))
+                });
                 self.trace(format!(
                     "{}'s push refused: it lets go (taken: {taken:?})",
                     SERVERS[s]
@@ -120,8 +126,12 @@ impl World {
             return;
         };
         let rec = ServerStream::replica_record(cid, h.epoch, &snap);
-        let b = (serving + 1) % SERVERS.len();
-        if self.store_at(b, serving, rec).is_err() {
+        // Every backup must store it (each is tried, as the runtime's `push` does).
+        let mut all = true;
+        for b in self.backups(serving) {
+            all &= self.store_at(b, serving, rec.clone()).is_ok();
+        }
+        if !all {
             return;
         }
         let h = self.servers[serving].conn.as_mut().expect("checked");

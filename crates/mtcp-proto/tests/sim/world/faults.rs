@@ -33,6 +33,13 @@ pub(crate) enum TwoFault {
     /// superseded the holder the agent had just read RESUMED from (decision 50, "left open";
     /// the keeper's own re-attach is checked since decision 52). Counted, not failed.
     LateHandOut,
+    /// Not given (two backups per server): a destination that took the connection over from
+    /// the replicas stores its new epoch at its own backups, one of which is also a backup of
+    /// the epoch it took over; the store replaces the entry that recorded its custody claim
+    /// of that epoch there, and when that destination is then given up on, the next
+    /// candidate's claim of the old epoch at that backup is refused (the entry is past it).
+    /// Counted, not failed; see decision 63.
+    SharedBackup,
 }
 
 impl World {
@@ -84,7 +91,7 @@ impl World {
         if !self.eager || roll < 0.99 || !self.quiet() {
             return Ok(None);
         }
-        let b = (serving + 1) % SERVERS.len();
+        let b = self.backups(serving)[0];
         let second = self.two_fault.is_none() && self.rng.gen_bool(0.15);
         if !second {
             if !self.recoverable() {
@@ -177,7 +184,9 @@ impl World {
         let single = if self.unfenced {
             Some(TwoFault::UnfencedLetGo)
         } else {
-            self.late_handout.then_some(TwoFault::LateHandOut)
+            self.late_handout
+                .then_some(TwoFault::LateHandOut)
+                .or(self.shared_overwrite.then_some(TwoFault::SharedBackup))
         };
         if let Some(kind) = self.two_fault.or(single) {
             self.lost = Some((kind, codes));
@@ -254,7 +263,7 @@ impl World {
             // A stale MIGRATE's position no longer fits what the origin has: refused.
             Ok(Err(_)) | Err(_) => return Ok(()),
         };
-        let kept = f.claim_at;
+        let kept = f.claim_at.clone();
         match self.take_over(m, r, f, false) {
             Ok(Some(_)) => {
                 // A keeper's own late re-attach now holds a newer epoch, to nobody: its answer
@@ -264,7 +273,7 @@ impl World {
             }
             Ok(None) => Ok(()),
             Err(_) => {
-                if let Some(b) = kept {
+                for b in kept {
                     self.release(b, m.epoch, r);
                 }
                 Ok(())

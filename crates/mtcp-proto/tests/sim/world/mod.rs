@@ -57,8 +57,8 @@ struct Fetched {
     /// Who keeps the state it gave out until the destination confirms (eager mode), and the
     /// label it was handed out as.
     keeper: Option<(usize, u64)>,
-    /// The backup whose replica the destination claimed.
-    claim_at: Option<usize>,
+    /// The backups whose replicas the destination claimed (to release if it fails).
+    claim_at: Vec<usize>,
 }
 
 /// The connection at one server.
@@ -132,6 +132,8 @@ pub(crate) struct Knobs {
     /// A new holder crashes within a few steps of its RESUMED (before the agent spoke on its
     /// session, or just after), when that is survivable.
     pub crash_soon: f64,
+    /// Backups per server (the cluster's `replicas`): the next one or two servers in order.
+    pub replicas: usize,
 }
 
 /// Passes over a claimer that answered RESUMED without fencing its epoch, as before issue 15's
@@ -147,6 +149,7 @@ impl Knobs {
         protect: 0.6,
         hang_after_pass: 0.0,
         crash_soon: 0.0,
+        replicas: 1,
     };
 }
 
@@ -196,6 +199,9 @@ pub(crate) struct World {
     /// A racer's hand-out is being played, and one superseded the agent's holder.
     racing: bool,
     late_handout: bool,
+    /// A holder's new epoch was stored over its own custody claim of the epoch before it at
+    /// a backup shared with that epoch's origin (see `TwoFault::SharedBackup`).
+    shared_overwrite: bool,
     /// The documented loss a two-fault run ended in: the fault, and the refusals.
     pub(crate) lost: Option<(TwoFault, Vec<RefuseCode>)>,
     pub(crate) hangs: usize,
@@ -298,6 +304,7 @@ impl World {
             unfenced: false,
             racing: false,
             late_handout: false,
+            shared_overwrite: false,
             lost: None,
             hangs: 0,
             silences: 0,

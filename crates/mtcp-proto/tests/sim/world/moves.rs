@@ -6,7 +6,7 @@ use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
 use mtcp_proto::custody::{Fence, GateEvent, Handout, Step, Verdict};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
-use mtcp_proto::takeover;
+use mtcp_proto::takeover::{self, pick::Pick};
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp_proto::Token;
 use rand::Rng;
@@ -139,17 +139,22 @@ impl World {
             // `protect_takeover`). Refused there (fenced): the takeover is refused. Down or
             // timed out (the other 40 %): it resumes unconfirmed — the keeper's custody and the
             // agent's lineage cover it until a later push.
-            let b = (dest + 1) % SERVERS.len();
             let replica = ServerStream::restarted_replica(&rec, epoch);
-            match self.store_at(b, dest, replica) {
-                Ok(()) => committed = Some((rec.snap_out, rec.snap_in)),
-                Err(()) if self.reachable(b) => {
-                    if let Some(cb) = claim_at {
-                        self.release(cb, m.epoch, dest);
-                    }
-                    return Ok(None);
+            let (mut stored, mut fenced) = (true, false);
+            for b in self.backups(dest) {
+                if self.store_at(b, dest, replica.clone()).is_err() {
+                    stored = false;
+                    fenced |= self.reachable(b);
                 }
-                Err(()) => {}
+            }
+            if fenced {
+                for cb in claim_at {
+                    self.release(cb, m.epoch, dest);
+                }
+                return Ok(None);
+            }
+            if stored {
+                committed = Some((rec.snap_out, rec.snap_in));
             }
         }
         if self.settle(dest, epoch, GateEvent::Answer) != Verdict::Go {
@@ -252,14 +257,18 @@ impl World {
                     );
                     let mut label = m.epoch;
                     if self.eager {
-                        let b = (o + 1) % SERVERS.len();
-                        let f = self.fence_at(b, m.epoch, o);
-                        if let Fence::Refused(_) = f.fence {
-                            // Taken over from the replica meanwhile: the origin lets go.
-                            self.servers[o].conn = None;
-                            return refused(RefuseCode::StaleEpoch, "taken over from the replica");
+                        for b in self.backups(o) {
+                            let f = self.fence_at(b, m.epoch, o);
+                            if let Fence::Refused(_) = f.fence {
+                                // Taken over from a replica meanwhile: the origin lets go.
+                                self.servers[o].conn = None;
+                                return refused(
+                                    RefuseCode::StaleEpoch,
+                                    "taken over from the replica",
+                                );
+                            }
+                            label = label.max(f.label);
                         }
-                        label = label.max(f.label);
                     }
                     let mut rec = rec.map_err(|Refusal { code, reason }| {
                         format!("origin refused the record ({code:?}): {reason}")
@@ -270,7 +279,7 @@ impl World {
                         rec,
                         claimed: false,
                         keeper: self.eager.then_some((o, label)),
-                        claim_at: None,
+                        claim_at: Vec::new(),
                     }));
                 }
                 Some((e, true)) if e == m.epoch => {
@@ -307,19 +316,19 @@ impl World {
             let f = self.fence_holder(holder, next, o);
             let (handout, label) = match custody.supersede(
                 SERVERS[dest],
-                std::slice::from_ref(&f.fence),
-                f.label,
+                &f.fences,
+                f.floor,
                 y == Yield::Unanswered,
             ) {
                 Ok(x) => x,
                 Err(Refusal { code, .. }) => {
-                    self.unfenced |= y == Yield::LetGo && f.fence == Fence::Unreachable;
+                    self.unfenced |= y == Yield::LetGo && f.unreached();
                     return refused(code, "custody: cannot supersede");
                 }
             };
             let mut rec = match handout {
                 Handout::Kept => kept.clone(),
-                Handout::Successor(_) => f.rec.clone().expect("fenced record"),
+                Handout::Successor(i) => f.recs[i].clone().expect("fenced record"),
             };
             rec.epoch = label;
             self.servers[o].custody = Some((custody, kept));
@@ -328,20 +337,49 @@ impl World {
                 rec,
                 claimed: false,
                 keeper: None,
-                claim_at: None,
+                claim_at: Vec::new(),
             }));
         }
         if !self.eager {
             return refused(RefuseCode::OriginUnreachable, "origin unreachable");
         }
-        let b = (o + 1) % SERVERS.len();
-        let raw = match self.claim_at(b, m.epoch, dest) {
-            Err(code) => return refused(code, "replica claim refused"),
-            Ok(None) => {
-                self.release(b, m.epoch, dest);
+        // Claimed at every backup of the origin; the newest record granted wins (the
+        // runtime's `claim_and_build`, `takeover::pick::Pick`).
+        let mut pick = Pick::new(m.cid, m.epoch);
+        let (mut at, mut any) = (Vec::new(), false);
+        for b in self.backups(o) {
+            match self.claim_at(b, m.epoch, dest) {
+                Ok(Some(raw)) => {
+                    at.push(b);
+                    any = true;
+                    if let Err(e) = pick.granted(SERVERS[b], raw, 0) {
+                        return Err(format!("replica at {}: {}", SERVERS[b], e.reason));
+                    }
+                }
+                Ok(None) => {
+                    at.push(b);
+                    pick.granted_nothing();
+                }
+                Err(RefuseCode::OriginUnreachable) => pick.unreachable(SERVERS[b].into()),
+                Err(code) => {
+                    for b in at {
+                        self.release(b, m.epoch, dest);
+                    }
+                    return refused(code, "replica claim refused");
+                }
+            }
+        }
+        let picked = pick.finish(SERVERS[o]).map(|(r, _)| r);
+        let raw = match picked {
+            Ok(raw) if any => raw,
+            // No backup answered, or none holds a record (the simulation does not restart a
+            // connection from its beginning).
+            _ => {
+                for b in at {
+                    self.release(b, m.epoch, dest);
+                }
                 return refused(RefuseCode::OriginUnreachable, "no origin, no replica");
             }
-            Ok(Some(raw)) => raw,
         };
         let rec = match replica_for_client(raw, m.down_recv, &m.ranges(), m.up_base) {
             Ok(r) => r,
@@ -351,7 +389,9 @@ impl World {
                 ));
             }
             Err(Refusal { code, .. }) => {
-                self.release(b, m.epoch, dest);
+                for &b in &at {
+                    self.release(b, m.epoch, dest);
+                }
                 return refused(code, "replica refused for the client");
             }
         };
@@ -359,7 +399,7 @@ impl World {
             rec,
             claimed: true,
             keeper: None,
-            claim_at: Some(b),
+            claim_at: at,
         }))
     }
 }
