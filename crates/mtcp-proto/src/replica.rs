@@ -40,6 +40,11 @@ pub struct Slot {
     /// up to it is stored, a second claim of it is refused — while the entry stays claimable
     /// at its own epoch: replacing it would refuse every later takeover of that epoch here.
     pub fenced: Option<(u64, String)>,
+    /// The custody claim of an earlier epoch that this entry's origin held here when it stored
+    /// this entry — its own new epoch, after a takeover from the replicas — at a backup that
+    /// is also a backup of the epoch it took over (two backups or more per server). Claims of
+    /// that epoch still meet the claim ([`ClaimError::Held`]) instead of finding it past.
+    pub took: Option<Custody>,
 }
 
 /// What storing an update does.
@@ -144,6 +149,33 @@ impl Slot {
             label: epoch,
             custody: false,
             fenced: None,
+            took: None,
+        }
+    }
+
+    /// The entry an update from `from` at `epoch` leaves after [`Store::Replace`] over `cur`:
+    /// [`Slot::stored`], keeping the custody claim `from` held here of the epoch before its
+    /// own (its takeover's new epoch stored at a backup of the old one: decision 63), or
+    /// carried over on a refresh of the same epoch.
+    pub fn stored_over(
+        cur: Option<&Slot>,
+        from: &str,
+        epoch: u64,
+        out_off: u64,
+        in_off: u64,
+    ) -> Slot {
+        let took = cur.and_then(|c| {
+            if c.epoch == epoch {
+                c.took.clone()
+            } else if c.custody && c.claimer.as_deref() == Some(from) && c.label + 1 == epoch {
+                Some(c.custody())
+            } else {
+                None
+            }
+        });
+        Slot {
+            took,
+            ..Slot::stored(from, epoch, out_off, in_off)
         }
     }
 
@@ -158,6 +190,7 @@ impl Slot {
             label: epoch,
             custody: supersede,
             fenced: None,
+            took: None,
         }
     }
 
@@ -199,6 +232,13 @@ impl Slot {
     /// The custody an update from `from` at `epoch` was refused for: a destination took the
     /// connection over from this replica at that epoch (the updater becomes its keeper).
     pub fn taken(&self, epoch: u64, from: &str) -> Option<Custody> {
+        if let Some(t) = self
+            .took
+            .as_ref()
+            .filter(|t| t.epoch == epoch && t.holder != from)
+        {
+            return Some(t.clone());
+        }
         let holder = self.claimer.clone()?;
         (self.epoch == epoch && self.custody && holder != from).then_some(Custody {
             epoch,
@@ -220,6 +260,10 @@ impl Slot {
             return Ok(Granted::Tombstone);
         };
         if e.epoch > epoch {
+            if let Some(t) = e.took.as_ref().filter(|t| t.epoch == epoch) {
+                // The claim of that epoch its holder made here, before it stored its own.
+                return Err(ClaimError::Held(t.clone()));
+            }
             if supersede && !e.custody && e.claimer.as_deref() == Some(by) {
                 // A takeover of `epoch` by the one whose fence already holds the later epoch
                 // here (it superseded a holder whose newer record this backup kept, at
@@ -246,13 +290,12 @@ impl Slot {
             }
         }
         match &e.claimer {
-            // A tombstone a plain claim by the same fencer left: fenced already.
-            Some(c) if c == by && !e.custody && !supersede && e.origin.is_empty() => {
-                Ok(Granted::Entry {
-                    epoch: e.epoch,
-                    label: e.label,
-                })
-            }
+            // The same fencer's plain claim again: fenced already (a fence never makes an
+            // owner; supersedes and passes decide that, each checking the claim they saw).
+            Some(c) if c == by && !e.custody && !supersede => Ok(Granted::Entry {
+                epoch: e.epoch,
+                label: e.label,
+            }),
             Some(holder) if e.custody => Err(ClaimError::Held(Custody {
                 epoch,
                 holder: holder.clone(),
@@ -292,6 +335,12 @@ impl Slot {
         floor: u64,
         unanswered: bool,
     ) -> Result<(Handout, u64), HandError> {
+        if let Some(t) = self.took.as_mut().filter(|t| *t == seen) {
+            let r = t
+                .supersede(by, fences, floor, unanswered)
+                .map_err(HandError::Refused)?;
+            return Ok(r);
+        }
         let mut c = self.custody();
         if c != *seen {
             return Err(HandError::ChangedHands);
@@ -309,6 +358,12 @@ impl Slot {
     /// (`Custody::pass`, decision 48); returns that label. Refused if the entry is no longer
     /// held as `seen`, or the holder had answered RESUMED and its epoch is not fenced.
     pub fn pass(&mut self, seen: &Custody, by: &str, gave_up: &GaveUp) -> Result<u64, HandError> {
+        if let Some(t) = self.took.as_mut().filter(|t| *t == seen) {
+            // Passed as a plain claim: the epoch is `by`'s; later claims of it find it past.
+            let label = t.pass(by, gave_up)?;
+            self.took = None;
+            return Ok(label);
+        }
         let mut c = self.custody();
         if c != *seen || !self.custody {
             return Err(HandError::ChangedHands);
@@ -338,6 +393,14 @@ impl Slot {
     /// then only its record goes: the claim stays as a plain tombstone, so the epoch stays
     /// claimed (a racing or late claim of it must not find it free: decision 48).
     pub fn drop_upto(&mut self, epoch: u64, by: &str) -> Dropped {
+        if self
+            .took
+            .as_ref()
+            .is_some_and(|t| t.epoch == epoch && t.holder == by)
+        {
+            // Its holder confirmed: the newer entry here already says the epoch is past.
+            self.took = None;
+        }
         if self.epoch > epoch || self.fenced.as_ref().is_some_and(|(at, _)| *at > epoch) {
             // Newer here, or a fence of a later epoch that must outlive it.
             return Dropped::Keep;

@@ -155,8 +155,15 @@ impl ReplicaStore {
             }
             Ok(Store::Replace) => {}
         }
+        let cur_slot = map.get(&rec.cid).map(|e| e.slot.clone());
         let entry = Entry {
-            slot: Slot::stored(from, rec.epoch, rec.snap_out, rec.snap_in),
+            slot: Slot::stored_over(
+                cur_slot.as_ref(),
+                from,
+                rec.epoch,
+                rec.snap_out,
+                rec.snap_in,
+            ),
             rec: bytes,
             from: from.to_string(),
             updated: Instant::now(),

@@ -260,7 +260,7 @@ fn a_fence_of_a_later_epoch_keeps_the_entry_claimable_at_its_own() {
 }
 
 #[test]
-fn the_same_fencer_again_is_granted_a_tombstone_it_left_another_is_not() {
+fn the_same_fencer_again_is_granted_another_is_not() {
     let mut e: Option<Slot> = None;
     assert_eq!(claim(&mut e, 4, "s2", false), Ok(Granted::Tombstone));
     assert_eq!(
@@ -276,13 +276,67 @@ fn the_same_fencer_again_is_granted_a_tombstone_it_left_another_is_not() {
         claim(&mut e, 4, "s2", true),
         Err(ClaimError::Taken { epoch: 4 })
     );
-    // The origin's own fence of a stored entry is not repeated either.
-    let mut e = Some(Slot::stored("s1", 3, 10, 5));
+    // Nor over a stored entry: the same fencer again is granted, another is refused.
+    let mut e = Some(Slot::stored("s3", 3, 10, 5));
     claim(&mut e, 3, "s1", false).unwrap();
     assert_eq!(
         claim(&mut e, 3, "s1", false),
+        Ok(Granted::Entry { epoch: 3, label: 3 })
+    );
+    assert_eq!(
+        claim(&mut e, 3, "s2", false),
         Err(ClaimError::Taken { epoch: 3 })
     );
+}
+
+/// Decision 63: a destination that took epoch 3 over here (custody) stores its own epoch 4 at
+/// this backup, which is one of its own backups too. The claim of epoch 3 stays: a later
+/// candidate meets it (Held) and supersedes it, instead of finding epoch 3 past.
+#[test]
+fn a_holders_new_epoch_stored_over_its_claim_keeps_the_claim() {
+    let mut e = Some(Slot::stored("s1", 3, 100, 50));
+    claim(&mut e, 3, "s2", true).unwrap();
+    assert_eq!(
+        Slot::check_store(e.as_ref(), 4, 100, 50),
+        Ok(Store::Replace)
+    );
+    e = Some(Slot::stored_over(e.as_ref(), "s2", 4, 100, 50));
+    let held = Custody::new(3, "s2");
+    assert_eq!(e.as_ref().unwrap().took, Some(held.clone()));
+    // A refresh of epoch 4 keeps it; a woken origin's update of 3 names the holder (TAKEN).
+    e = Some(Slot::stored_over(e.as_ref(), "s2", 4, 120, 60));
+    assert_eq!(e.as_ref().unwrap().taken(3, "s1"), Some(held.clone()));
+    assert_eq!(
+        claim(&mut e, 3, "s3", true),
+        Err(ClaimError::Held(held.clone()))
+    );
+    // s2 gave epoch 4 up and is fenced (here too: a plain claim of 4 by s3).
+    assert_eq!(
+        claim(&mut e, 4, "s3", false),
+        Ok(Granted::Entry { epoch: 4, label: 4 })
+    );
+    let s = e.as_mut().unwrap();
+    let (what, label) = s
+        .supersede(&held, "s3", &[Fence::Record(120, 60)], 4, false)
+        .unwrap();
+    assert_eq!((what, label), (Handout::Successor(0), 4));
+    let now = Custody {
+        epoch: 3,
+        holder: "s3".into(),
+        label: 4,
+    };
+    assert_eq!(s.took, Some(now));
+    // s3 confirms (DROPREPLICA at the epoch it took over): the claim goes, the entry stays.
+    assert_eq!(s.drop_upto(3, "s3"), Dropped::Keep);
+    assert_eq!(s.took, None);
+    assert_eq!(
+        claim(&mut e, 3, "s1", true),
+        Err(ClaimError::Past { at: 4, epoch: 3 })
+    );
+    // Another server's new epoch over a claim is no such case.
+    let mut e = Some(Slot::stored("s1", 3, 100, 50));
+    claim(&mut e, 3, "s2", true).unwrap();
+    assert_eq!(Slot::stored_over(e.as_ref(), "s3", 4, 0, 0).took, None);
 }
 
 #[test]

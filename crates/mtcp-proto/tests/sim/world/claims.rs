@@ -117,11 +117,10 @@ impl World {
                         SERVERS[from], rec.epoch, SERVERS[b]
                     ));
                 }
-                self.shared_overwrite |= e.as_ref().is_some_and(|(s, _)| {
-                    s.custody && s.claimer.as_deref() == Some(SERVERS[from]) && s.epoch < rec.epoch
-                });
                 self.taken_at.retain(|&(x, e)| x != b || e > rec.epoch);
-                let slot = Slot::stored(SERVERS[from], rec.epoch, rec.snap_out, rec.snap_in);
+                let cur = e.as_ref().map(|(s, _)| s);
+                let slot =
+                    Slot::stored_over(cur, SERVERS[from], rec.epoch, rec.snap_out, rec.snap_in);
                 *e = Some((slot, Some(rec)));
                 Ok(())
             }

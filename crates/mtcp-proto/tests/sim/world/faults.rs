@@ -33,13 +33,6 @@ pub(crate) enum TwoFault {
     /// superseded the holder the agent had just read RESUMED from (decision 50, "left open";
     /// the keeper's own re-attach is checked since decision 52). Counted, not failed.
     LateHandOut,
-    /// Not given (two backups per server): a destination that took the connection over from
-    /// the replicas stores its new epoch at its own backups, one of which is also a backup of
-    /// the epoch it took over; the store replaces the entry that recorded its custody claim
-    /// of that epoch there, and when that destination is then given up on, the next
-    /// candidate's claim of the old epoch at that backup is refused (the entry is past it).
-    /// Counted, not failed; see decision 63.
-    SharedBackup,
 }
 
 impl World {
@@ -184,9 +177,7 @@ impl World {
         let single = if self.unfenced {
             Some(TwoFault::UnfencedLetGo)
         } else {
-            self.late_handout
-                .then_some(TwoFault::LateHandOut)
-                .or(self.shared_overwrite.then_some(TwoFault::SharedBackup))
+            self.late_handout.then_some(TwoFault::LateHandOut)
         };
         if let Some(kind) = self.two_fault.or(single) {
             self.lost = Some((kind, codes));

@@ -199,9 +199,6 @@ pub(crate) struct World {
     /// A racer's hand-out is being played, and one superseded the agent's holder.
     racing: bool,
     late_handout: bool,
-    /// A holder's new epoch was stored over its own custody claim of the epoch before it at
-    /// a backup shared with that epoch's origin (see `TwoFault::SharedBackup`).
-    shared_overwrite: bool,
     /// The documented loss a two-fault run ended in: the fault, and the refusals.
     pub(crate) lost: Option<(TwoFault, Vec<RefuseCode>)>,
     pub(crate) hangs: usize,
@@ -304,7 +301,6 @@ impl World {
             unfenced: false,
             racing: false,
             late_handout: false,
-            shared_overwrite: false,
             lost: None,
             hangs: 0,
             silences: 0,
