@@ -37,6 +37,22 @@ fn randomized_faults_never_corrupt_or_break_a_connection() {
         ],
         "100",
     );
+    // Decision 63: three servers with two backups each, every server a backup of both others
+    // (the most overlap of roles at one backup there can be).
+    chaos(
+        seed,
+        &[
+            "--runs",
+            "30",
+            "--min-runs",
+            "30",
+            "--servers",
+            "3",
+            "--replicas",
+            "2",
+        ],
+        "30",
+    );
     // Issue 15: 20 ms and 2 % loss between the servers (emulated), moves followed 0–500 ms
     // later by a kill or stop of the new server, among kills and manual moves.
     chaos(
