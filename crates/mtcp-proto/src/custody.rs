@@ -17,7 +17,9 @@ use crate::stream::Refusal;
 use crate::wire::RefuseCode;
 
 mod answer;
+mod own;
 pub use answer::read_fence;
+pub use own::{prefenced, rehands_own};
 
 /// What a keeper knows of the state it handed out.
 #[derive(Clone, Debug, PartialEq, Eq)]

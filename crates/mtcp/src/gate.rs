@@ -36,6 +36,12 @@ impl Gates {
         Gate::settle(slot, event)
     }
 
+    /// The gate of (`cid`, `epoch`) as it stands, settling nothing.
+    pub(crate) fn peek(&self, cid: Cid, epoch: u64) -> Option<Gate> {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&(cid, epoch)).and_then(|(gate, _)| *gate)
+    }
+
     /// Forgets gates older than `ttl` (a keeper keeps what it could ask about that long).
     pub(crate) fn expire(&self, now: Instant, ttl: Duration) {
         self.0

@@ -67,6 +67,8 @@ struct Tally {
     same_epoch: u64,
     let_gos: u64,
     stale_refused: u64,
+    /// Keepers that handed their own unheard newer epoch out again (decision 64).
+    own_rehands: u64,
     /// Runs given two faults: the connection survived, or was lost (by fault).
     two_fault_runs: u64,
     two_fault_survived: u64,
@@ -91,6 +93,7 @@ impl Tally {
         self.same_epoch += t.same_epoch;
         self.let_gos += t.let_gos;
         self.stale_refused += t.stale_refused;
+        self.own_rehands += t.own_rehands;
         self.two_fault_runs += t.two_fault_runs;
         self.two_fault_survived += t.two_fault_survived;
         for (k, v) in t.lost {
@@ -167,6 +170,7 @@ fn run(seed: u64, eager: bool, knobs: Knobs) -> Result<Tally, String> {
         same_epoch: w.same_epoch as u64,
         let_gos: w.let_gos as u64,
         stale_refused: w.stale_refused as u64,
+        own_rehands: w.own_rehands as u64,
         two_fault_runs: w.two_fault.is_some() as u64,
         two_fault_survived: (w.two_fault.is_some() && w.lost.is_none()) as u64,
         lost,

@@ -58,6 +58,11 @@ pub(crate) async fn hand_over(
         Err(e) if e.code == RefuseCode::UnknownConnection && eager(inner) => {
             return rehand(inner, f, to, waiting).await.unwrap_or(Err(e));
         }
+        // Its own re-hand to itself, to nobody, took the holder the agent had just read
+        // RESUMED from; the agent comes back for the kept epoch (decision 64).
+        Err(e) if e.code == RefuseCode::StaleEpoch && eager(inner) && holds_own(inner, f) => {
+            return rehand(inner, f, to, waiting).await.unwrap_or(Err(e));
+        }
         Err(e) => return Err(e),
     };
     if !eager(inner) {
@@ -127,6 +132,21 @@ pub(crate) async fn hand_over(
     Ok(rec)
 }
 
+/// This keeper holds the connection itself, detached and unheard, one epoch past its custody
+/// of `f.epoch`: a re-hand to itself of a MIGRATE the agent had given up on
+/// (`custody::rehands_own`, decision 64).
+fn holds_own(inner: &Arc<ServerInner>, f: &Fetch) -> bool {
+    let (Some(c), Some(shared)) = (inner.custody.get(f.cid), inner.get(&f.cid)) else {
+        return false;
+    };
+    let (serving, detached) = {
+        let st = shared.lock();
+        (st.epoch, st.detached_at.is_some() && st.phase().serves())
+    };
+    let gate = inner.gates.peek(f.cid, serving);
+    mtcp_proto::custody::rehands_own(&c, &inner.id, f.epoch, serving, gate, detached)
+}
+
 /// A FETCH for a connection this origin no longer serves: if it handed the connection over at
 /// that epoch and keeps it in custody, fence the holder's successor epoch and hand the state
 /// to `to` one epoch up. `None`: no custody here.
@@ -157,6 +177,18 @@ async fn rehand(
         Err(e) => return Some(Err(e)),
     };
     tracing::warn!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
+    if holds_own(inner, f) {
+        // The holder is this server: its epoch is fenced before its copy is given up, and a
+        // fence that lands nowhere keeps the copy (decision 64). The fence below repeats it
+        // for the same claimer, which is granted.
+        let pre = fence(inner, f.cid, next, &inner.id, &inner.id).await;
+        if !mtcp_proto::custody::prefenced(&pre.fences) {
+            return Some(Err(Refusal::stale_epoch(format!(
+                "connection {} is held here at epoch {next}, whose fence reached no backup: kept",
+                f.cid
+            ))));
+        }
+    }
     let unanswered = match ask_to_yield(inner, &seen.holder, f.cid, next).await {
         Ok(u) => u,
         Err(e) => return Some(Err(e)),

@@ -31,7 +31,8 @@ pub(crate) enum TwoFault {
     /// Not given: a hand-out for a MIGRATE the agent had given up on (a late re-attach at the
     /// keeper itself, or a remote destination, whose close the keeper had not seen yet)
     /// superseded the holder the agent had just read RESUMED from (decision 50, "left open";
-    /// the keeper's own re-attach is checked since decision 52). Counted, not failed.
+    /// the keeper's own re-attach is checked since decision 52; a keeper holding its own
+    /// such re-hand, detached, hands it out again since decision 64). Counted, not failed.
     LateHandOut,
 }
 

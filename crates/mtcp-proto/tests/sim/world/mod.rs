@@ -199,6 +199,8 @@ pub(crate) struct World {
     /// A racer's hand-out is being played, and one superseded the agent's holder.
     racing: bool,
     late_handout: bool,
+    /// Keepers that handed out again a newer epoch they held themselves, unheard (decision 64).
+    pub(crate) own_rehands: usize,
     /// The documented loss a two-fault run ended in: the fault, and the refusals.
     pub(crate) lost: Option<(TwoFault, Vec<RefuseCode>)>,
     pub(crate) hangs: usize,
@@ -301,6 +303,7 @@ impl World {
             unfenced: false,
             racing: false,
             late_handout: false,
+            own_rehands: 0,
             lost: None,
             hangs: 0,
             silences: 0,

@@ -4,7 +4,7 @@
 use super::claims::Yield;
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
-use mtcp_proto::custody::{Fence, GateEvent, Handout, Step, Verdict};
+use mtcp_proto::custody::{self, Fence, GateEvent, Handout, Step, Verdict};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
 use mtcp_proto::takeover::{self, pick::Pick};
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
@@ -230,6 +230,17 @@ impl World {
         Ok(Some(epoch))
     }
 
+    /// Server `o`, asked for `epoch`, serves the connection itself at `serving` as the holder
+    /// of its own custody of that epoch, unheard (`custody::rehands_own`).
+    fn own_newer(&self, o: usize, epoch: u64, serving: u64) -> bool {
+        let Some((c, _)) = self.servers[o].custody.as_ref() else {
+            return false;
+        };
+        let gate = self.servers[o].gates.get(&serving).copied().flatten();
+        let detached = self.servers[o].conn.as_ref().is_some_and(|h| !h.attached);
+        custody::rehands_own(c, SERVERS[o], epoch, serving, gate, detached)
+    }
+
     /// A destination gets the state for MIGRATE `m` from its origin (the FETCH goes there):
     /// the live connection, which the origin freezes after fencing its epoch at its backup (a
     /// plain claim; in eager mode it keeps the state until the destination confirms); or the
@@ -293,6 +304,19 @@ impl World {
                             format!("fenced origin refused the record ({code:?}): {reason}")
                         })?;
                     self.servers[o].custody = Some((held.taken.expect("taken"), rec));
+                }
+                Some((e, false)) if self.eager && self.own_newer(o, m.epoch, e) => {
+                    // A keeper that re-handed the kept state to itself (a late re-attach)
+                    // and resumed to nobody: it fences its own epoch first, then lets its copy
+                    // go, and the custody path below hands the state out (decision 64).
+                    let f = self.fence_holder(o, e, o);
+                    if !custody::prefenced(&f.fences) {
+                        return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
+                    }
+                    if self.ask_yield(o, e) == Yield::Refused {
+                        return refused(RefuseCode::StaleEpoch, "origin's own epoch is heard");
+                    }
+                    self.own_rehands += 1;
                 }
                 Some(_) => return refused(RefuseCode::StaleEpoch, "origin at another epoch"),
                 None => {}
