@@ -331,15 +331,18 @@ impl World {
         }
     }
 
-    /// `dest`'s takeover from `b`'s replica failed after its claim: it releases the claim
-    /// (RELEASECLAIM), which is lost sometimes — then the claim stands until a fence passes it.
-    pub(super) fn release(&mut self, b: usize, epoch: u64, dest: usize) {
-        if !self.reachable(b) || self.rng.gen_bool(0.3) {
-            return;
-        }
-        if let Some((slot, _)) = self.servers[b].entry.as_mut() {
-            if slot.release(epoch, SERVERS[dest]) {
-                self.taken_at.remove(&(b, epoch));
+    /// `dest`'s takeover from the replicas failed after it claimed at backups `at`: it
+    /// releases each claim (RELEASECLAIM, the runtime's `Claims::release`), which is lost
+    /// sometimes — then that claim stands until a fence passes it.
+    pub(super) fn release(&mut self, at: &[usize], epoch: u64, dest: usize) {
+        for &b in at {
+            if !self.reachable(b) || self.rng.gen_bool(0.3) {
+                continue;
+            }
+            if let Some((slot, _)) = self.servers[b].entry.as_mut() {
+                if slot.release(epoch, SERVERS[dest]) {
+                    self.taken_at.remove(&(b, epoch));
+                }
             }
         }
     }

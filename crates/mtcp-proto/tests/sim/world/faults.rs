@@ -265,9 +265,7 @@ impl World {
             }
             Ok(None) => Ok(()),
             Err(_) => {
-                for b in kept {
-                    self.release(b, m.epoch, r);
-                }
+                self.release(&kept, m.epoch, r);
                 Ok(())
             }
         }

@@ -148,9 +148,7 @@ impl World {
                 }
             }
             if fenced {
-                for cb in claim_at {
-                    self.release(cb, m.epoch, dest);
-                }
+                self.release(&claim_at, m.epoch, dest);
                 return Ok(None);
             }
             if stored {
@@ -386,9 +384,7 @@ impl World {
                 }
                 Err(RefuseCode::OriginUnreachable) => pick.unreachable(SERVERS[b].into()),
                 Err(code) => {
-                    for b in at {
-                        self.release(b, m.epoch, dest);
-                    }
+                    self.release(&at, m.epoch, dest);
                     return refused(code, "replica claim refused");
                 }
             }
@@ -399,9 +395,7 @@ impl World {
             // No backup answered, or none holds a record (the simulation does not restart a
             // connection from its beginning).
             _ => {
-                for b in at {
-                    self.release(b, m.epoch, dest);
-                }
+                self.release(&at, m.epoch, dest);
                 return refused(RefuseCode::OriginUnreachable, "no origin, no replica");
             }
         };
@@ -413,9 +407,7 @@ impl World {
                 ));
             }
             Err(Refusal { code, .. }) => {
-                for &b in &at {
-                    self.release(b, m.epoch, dest);
-                }
+                self.release(&at, m.epoch, dest);
                 return refused(code, "replica refused for the client");
             }
         };
