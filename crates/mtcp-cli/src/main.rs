@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mtcp::Cluster;
 use mtcp_agent::admin::{Request, Response};
-use mtcp_cli::process::{raise_open_files_limit, tune_allocator, Interrupted};
+use mtcp_cli::process::{huge_heap, raise_open_files_limit, tune_allocator, Interrupted};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -179,6 +179,9 @@ impl TokenArgs {
 fn main() {
     tune_allocator();
     let cli = parse_cli();
+    if matches!(cli.cmd, Cmd::Server(_)) {
+        huge_heap();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,6 +1,38 @@
 //! Process set-up of the `mtcp` command: the allocator, the open-files limit, and the error a
 //! command ended by a signal returns.
 
+/// A server's heap on transparent huge pages: when the process is killed, the kernel tears its
+/// address space down *before* it closes its sockets (`do_exit`: `exit_mm`, then
+/// `exit_files`), so every 4 KiB page of heap delays the FIN that tells agents the server is
+/// gone. On 2 MiB pages that teardown is a few entries instead of thousands (decision 65).
+/// glibc reads its tunables only at start, so a process started without `GLIBC_TUNABLES`
+/// executes itself again — same PID, same arguments — with
+/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. One started with `GLIBC_TUNABLES` set is left
+/// alone: its owner tunes glibc (`glibc.malloc.hugetlb=0` opts out; glibc cuts the variable at
+/// the first tunable's end once it has read it, so the rest cannot be read back and extended
+/// here). Nor is anything done when the kernel has transparent huge pages off. Returns only
+/// if it did not (or could not) execute itself again.
+pub fn huge_heap() {
+    if !cfg!(all(target_os = "linux", target_env = "gnu"))
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if thp.is_ok_and(|t| t.contains("[never]")) {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_default();
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+        .exec();
+    eprintln!("mtcp: could not re-execute with the heap on huge pages ({e}); going on without");
+}
+
 /// Big, short-lived buffers (output chunks, frames) would otherwise go back to the kernel and be
 /// faulted in again on every use: keep them in the heap.
 pub fn tune_allocator() {

@@ -148,3 +148,95 @@ fn wrong_key_is_refused_and_unreachable_service_closes_the_client() {
         "{logged}"
     );
 }
+
+/// A server puts its heap on transparent huge pages (decision 65): started without
+/// `GLIBC_TUNABLES`, it executes itself again — same PID, same arguments — with
+/// `glibc.malloc.hugetlb=1`; one started with `GLIBC_TUNABLES` set (here the opt-out) is left
+/// as it is.
+#[test]
+fn a_server_puts_its_heap_on_huge_pages_unless_told_not_to() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!(
+            "!!! a_server_puts_its_heap_on_huge_pages_unless_told_not_to NOT TESTED: \
+             transparent huge pages are off on this machine ({thp:?}), so servers do not ask \
+             for them"
+        );
+        return;
+    }
+    let dir = TempDir::new("huge-heap");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for (given, want) in [
+        (None, "glibc.malloc.hugetlb=1"),
+        (Some("glibc.malloc.hugetlb=0"), "glibc.malloc.hugetlb=0"),
+    ] {
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let cluster = dir.path().join("c.toml");
+        std::fs::write(
+            &cluster,
+            format!(
+                "key = \"{}\"\n[[server]]\nid = \"s1\"\ndata = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\n",
+                "cd".repeat(32),
+                ports[0],
+                ports[1],
+                ports[2]
+            ),
+        )
+        .unwrap();
+        let args = [
+            "server",
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "--id",
+            "s1",
+            "httpd",
+            "--root",
+            root.to_str().unwrap(),
+        ];
+        let mut cmd = Command::new(exe());
+        match given {
+            Some(v) => cmd.env("GLIBC_TUNABLES", v),
+            None => cmd.env_remove("GLIBC_TUNABLES"),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let listening = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_ok()
+        });
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listening, "the server (pid {pid}) never listened");
+        let tunables: Vec<String> = environ
+            .split(|&b| b == 0)
+            .filter_map(|v| v.strip_prefix(b"GLIBC_TUNABLES="))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert_eq!(tunables, [want], "GLIBC_TUNABLES of the server's process");
+        let argv: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .skip(1)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(argv, args, "the server's arguments");
+    }
+}
