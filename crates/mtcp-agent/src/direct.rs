@@ -356,7 +356,7 @@ async fn migrate(
     let mut resumed = None;
     // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): one round.
     let no_lineage = Lineage::default();
-    while let Some(a) = plan.next(&no_lineage) {
+    while let Some(a) = plan.next(&no_lineage, &mut conn.at.migrates) {
         let cand = &a.cand;
         if let Some(t) = trace.as_mut() {
             t.set_epoch(a.migrate.epoch);

@@ -158,6 +158,7 @@ async fn relay(
             down_recv: 0,
             sum_from: 0,
             down_sum: mtcp::proto::sum::checksum(&[]),
+            holding: Default::default(),
         },
         PortKind::Admin => Msg::AdminDrain,
     };
@@ -328,6 +329,7 @@ fn frames_injected_into_authenticated_channels_are_refused() {
             down_recv: 0,
             sum_from: 0,
             down_sum: mtcp::proto::sum::checksum(&[]),
+            holding: Default::default(),
         };
         // 1. A FETCH of the live connection, injected with a made-up tag.
         let mut ch = open(&lc, &origin, PortKind::Peer, other).await;
@@ -448,6 +450,7 @@ fn a_fence_for_a_server_not_in_the_cluster_is_refused() {
             cid,
             epoch: 4,
             by: by.into(),
+            holding: Default::default(),
         };
         ch.1.write_msg(&fence("s9")).await.unwrap();
         match ch.0.next_msg(Duration::from_secs(5)).await.unwrap() {

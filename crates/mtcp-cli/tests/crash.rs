@@ -254,6 +254,7 @@ async fn race(lc: &mut LocalCluster, hang_origin: bool) -> [(Msg, bool); 2] {
         up_sent: 0,
         up_base: 0,
         segs: vec![],
+        holding: Default::default(),
     };
     let one = |to: String, m: Migrate| async move {
         let mut s = TcpStream::connect(to).await.unwrap();
@@ -414,6 +415,7 @@ async fn moving_a_connection_that_just_ended_is_answered_closed() {
         up_sent: req.len() as u64,
         up_base: 0,
         segs: vec![],
+        holding: Default::default(),
     };
     let mut s2 = TcpStream::connect(data("s2")).await.unwrap();
     framed::open_with(&mut s2, &Msg::Migrate(m)).await.unwrap();

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use mtcp::proto::wire::{Msg, RefuseCode};
 use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -36,8 +37,13 @@ fn start_with(dir: &TempDir, hooks: &[(&str, &[&str])]) -> LocalCluster {
 
 /// `mtcp migrate --all --to s2`, in the background (it returns once the move is over).
 fn move_to_s2(lc: &LocalCluster) -> Child {
+    move_to(lc, "s2")
+}
+
+/// `mtcp migrate --all --to ID`, in the background.
+fn move_to(lc: &LocalCluster, id: &str) -> Child {
     Command::new(&lc.exe)
-        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", "s2"])
+        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", id])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -204,8 +210,84 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
         s2.contains("giving up an epoch whose RESUMED the agent never used"),
         "s2 did not give its unused epoch up"
     );
-    assert!(log(&dir, "s1").contains("connection handed over again from custody"));
+    let s1 = log(&dir, "s1");
+    assert!(s1.contains("connection handed over again from custody"));
+    // s3's MIGRATE (the agent's second) says the agent holds only epoch 0, and s2 took epoch
+    // 1 over for the first: no agent will use epoch 1 (decision 66).
+    assert!(
+        s1.contains("the holder let go of an epoch the agent's word rules out"),
+        "the keeper did not read the agent's word"
+    );
     assert!(log(&dir, "agent").contains("to=s3"), "not moved to s3");
+}
+
+/// The agent's word (decision 66): s3 took the connection over for the agent's second MIGRATE.
+/// A YIELD of s3's epoch made for the first — what a destination still serving a MIGRATE the
+/// agent had given up on would send — is refused by that rule (s3's log says which), and the
+/// download goes on from s3, byte-exact.
+#[test]
+fn a_yield_for_a_migrate_the_agent_abandoned_is_refused() {
+    let dir = TempDir::new("custody-stale-yield");
+    let mut lc = start_with(&dir, &[]);
+    download_through(&dir, &mut lc, |lc| {
+        for id in ["s2", "s3"] {
+            let mut mv = move_to(lc, id);
+            assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
+        }
+        let st = lc.status().unwrap();
+        let c = st.iter().find(|c| c.is_live()).expect("the download");
+        assert_eq!((c.server.as_str(), c.migrations), ("s3", 2), "{c:?}");
+        let cid: mtcp::proto::Cid = c.cid.parse().unwrap();
+        let s3 = lc
+            .servers
+            .iter()
+            .find(|s| s.id == "s3")
+            .unwrap()
+            .peer
+            .clone();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let answer = rt.block_on(async {
+            let opener = mtcp::peer::Opener {
+                key: &lc.key,
+                from: "s1",
+                tls: lc.tls.as_ref(),
+            };
+            let kind = mtcp::proto::PortKind::Peer;
+            let (mut r, mut w) = mtcp::peer::connect_authenticated(
+                &s3,
+                opener,
+                "s3",
+                kind,
+                1 << 20,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            let y = Msg::Yield {
+                cid,
+                epoch: c.epoch,
+                attempt: 1,
+            };
+            w.write_msg(&y).await.unwrap();
+            r.next_msg(Duration::from_secs(5)).await.unwrap()
+        });
+        assert!(
+            matches!(
+                answer,
+                Msg::Refused {
+                    code: RefuseCode::StaleEpoch,
+                    ..
+                }
+            ),
+            "answered {answer:?}"
+        );
+    });
+    assert_eq!(
+        log(&dir, "s3")
+            .matches("refusing to give up an epoch taken over for a later MIGRATE")
+            .count(),
+        1
+    );
 }
 
 /// s2 resumes unconfirmed (its pushes fail) and is killed. Every candidate for s2's epoch

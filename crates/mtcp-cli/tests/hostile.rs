@@ -183,6 +183,7 @@ async fn bad_tokens_and_garbage_leave_live_connections_and_servers_unaffected() 
         up_sent: live.bytes_up,
         up_base: 0,
         segs: vec![],
+        holding: Default::default(),
     };
 
     // Wrong token: refused before anything of the connection is looked at, and the refusal

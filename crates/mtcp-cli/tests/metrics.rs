@@ -238,6 +238,7 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
         up_sent: 0,
         up_base: 0,
         segs: vec![],
+        holding: Default::default(),
     };
     mtcp::framed::write_msg(&mut w, &Msg::Migrate(forged))
         .await

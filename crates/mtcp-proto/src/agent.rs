@@ -22,7 +22,7 @@ pub use reason::{MoveCause, MoveReason};
 
 use crate::custody::{Lineage, Step};
 use crate::sum::{checksum, SumSeg};
-use crate::wire::{HintReason, Migrate, Msg, RefuseCode, Resumed, ServerInfo, Welcome};
+use crate::wire::{HintReason, Holding, Migrate, Msg, RefuseCode, Resumed, ServerInfo, Welcome};
 use crate::{Cid, Token};
 use std::time::Duration;
 
@@ -189,6 +189,8 @@ pub struct Placement {
     /// How often a relaying agent pings the serving server while the connection is idle
     /// ([`crate::trigger::ping_every`]).
     pub idle_ping: Duration,
+    /// The connection's MIGRATEs so far ([`MovePlan::next`] numbers each, decision 66).
+    pub migrates: u64,
 }
 
 impl Placement {
@@ -202,6 +204,7 @@ impl Placement {
             server: wl.server,
             heartbeat: heartbeat(wl.heartbeat_ms),
             idle_ping: crate::trigger::ping_every(wl.idle_ms),
+            migrates: 0,
         }
     }
 
@@ -249,6 +252,7 @@ impl Placement {
             up_sent: pos.up_sent,
             up_base: pos.up_base,
             segs: pos.segs,
+            holding: Holding::default(),
         }
     }
 
@@ -306,6 +310,8 @@ pub enum AfterFailure {
 pub struct MovePlan {
     cands: Vec<ServerInfo>,
     next: usize,
+    /// The agent's epoch when the move began (it holds its token throughout the move).
+    current: u64,
     migrate: Migrate,
     refusals: Vec<String>,
     /// The codes of the candidates' REFUSED answers, in order.
@@ -327,6 +333,7 @@ impl MovePlan {
         Ok(MovePlan {
             cands: at.candidates(to)?,
             next: 0,
+            current: at.epoch,
             migrate: at.migrate(pos),
             refusals: Vec::new(),
             codes: Vec::new(),
@@ -334,8 +341,9 @@ impl MovePlan {
     }
 
     /// The next candidate to ask, or `None` once every candidate was asked at every epoch
-    /// `lineage` still offers.
-    pub fn next(&mut self, lineage: &Lineage) -> Option<Attempt> {
+    /// `lineage` still offers. `attempts` counts the connection's MIGRATEs (the agent's, one at
+    /// a time): each one carries its number and the epochs the agent holds (decision 66).
+    pub fn next(&mut self, lineage: &Lineage, attempts: &mut u64) -> Option<Attempt> {
         let mut fell_back = None;
         if self.next == self.cands.len() {
             let fb = lineage.fallback(self.migrate.epoch)?.clone();
@@ -354,9 +362,15 @@ impl MovePlan {
         }
         let cand = self.cands.get(self.next)?.clone();
         self.next += 1;
+        *attempts += 1;
+        let mut migrate = self.migrate.clone();
+        migrate.holding = Holding {
+            attempt: *attempts,
+            epochs: lineage.held(self.current),
+        };
         Some(Attempt {
             cand,
-            migrate: self.migrate.clone(),
+            migrate,
             fell_back,
         })
     }

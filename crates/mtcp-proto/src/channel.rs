@@ -243,6 +243,7 @@ mod tests {
             down_recv: 2,
             sum_from: 0,
             down_sum: 4,
+            holding: Default::default(),
         });
         let tag = s.seal(&f);
         for i in 0..f.len() {

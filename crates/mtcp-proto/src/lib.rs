@@ -37,4 +37,4 @@ pub use record::StateRecord;
 pub use wire::{Frame, FrameDecoder, Msg};
 
 /// Version of the wire protocol and of the state record. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;

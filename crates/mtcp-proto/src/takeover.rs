@@ -34,6 +34,13 @@ pub fn admit(m: &Migrate, token_ok: bool, draining: bool, me: &str) -> Result<()
             m.segs.len()
         )));
     }
+    if m.holding.epochs.len() > crate::custody::MAX_LINEAGE + 1 {
+        return Err(Refusal::too_large(format!(
+            "{} epochs held (at most {})",
+            m.holding.epochs.len(),
+            crate::custody::MAX_LINEAGE + 1
+        )));
+    }
     Ok(())
 }
 
@@ -150,6 +157,7 @@ mod tests {
             up_sent,
             up_base: 0,
             segs: Vec::new(),
+            holding: Default::default(),
         }
     }
 

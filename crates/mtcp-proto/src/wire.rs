@@ -11,8 +11,8 @@ mod msg;
 pub use crate::sum::SumSeg;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use msg::{
-    HintReason, Migrate, Mode, Msg, RefuseCode, Resumed, ServerInfo, ServerStatus, Welcome,
-    CAP_DIRECT,
+    HintReason, Holding, Migrate, Mode, Msg, RefuseCode, Resumed, ServerInfo, ServerStatus,
+    Welcome, CAP_DIRECT,
 };
 
 /// Magic bytes every M-TCP connection starts with.

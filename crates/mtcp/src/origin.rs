@@ -11,13 +11,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What a destination asks of the origin.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Fetch {
     pub cid: Cid,
     pub epoch: u64,
     pub down_recv: u64,
     pub sum_from: u64,
     pub down_sum: u64,
+    /// The agent's word in its MIGRATE (decision 66).
+    pub holding: mtcp_proto::wire::Holding,
 }
 
 impl ServerInner {

@@ -26,7 +26,7 @@ use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::tls::ClientTls;
 use mtcp_proto::stream::Refusal;
-use mtcp_proto::wire::{Msg, RefuseCode, ServerStatus};
+use mtcp_proto::wire::{Holding, Msg, RefuseCode, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, PortKind, StateRecord};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -170,6 +170,7 @@ pub(crate) async fn fetch(
         down_recv: f.down_recv,
         sum_from: f.sum_from,
         down_sum: f.down_sum,
+        holding: f.holding.clone(),
     };
     crate::movetrace::step(TraceRole::Destination, f.cid, "fetch_call");
     let msg = call_noting(
@@ -298,9 +299,16 @@ pub(crate) async fn claim(
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
+    holding: &Holding,
 ) -> Result<Claimed, Refusal> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
-    claim_msg(inner, to, &Msg::ClaimReplica { cid, epoch }, t).await
+    let holding = holding.clone();
+    let m = Msg::ClaimReplica {
+        cid,
+        epoch,
+        holding,
+    };
+    claim_msg(inner, to, &m, t).await
 }
 
 /// Eager mode: fences epoch `epoch` of `cid` at backup `to`: a plain claim (see
@@ -312,24 +320,45 @@ pub(crate) async fn fence(
     cid: Cid,
     epoch: u64,
     by: &str,
+    holding: &Holding,
 ) -> Result<Claimed, Refusal> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id)) * 2;
-    let by = by.to_string();
-    claim_msg(inner, to, &Msg::FenceEpoch { cid, epoch, by }, t).await
+    let (by, holding) = (by.to_string(), holding.clone());
+    let m = Msg::FenceEpoch {
+        cid,
+        epoch,
+        by,
+        holding,
+    };
+    claim_msg(inner, to, &m, t).await
 }
 
-/// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` (see
-/// [`crate::eager::handover::ask_to_yield`]). An error: not reached.
+/// Eager mode: asks `to`, the holder of a connection's state, to give up `epoch` for a request
+/// made under the agent's word `attempt` (see [`crate::eager::handover::ask_to_yield`]). An
+/// error: not reached.
 pub(crate) async fn ask_yield(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     cid: Cid,
     epoch: u64,
+    attempt: u64,
 ) -> Result<YieldAnswer, String> {
     let t = mtcp_proto::timing::answer_bound(&inner.peer_pool.rtt(&to.id));
-    match call(inner, to, &Msg::Yield { cid, epoch }, t, t).await {
+    match call(
+        inner,
+        to,
+        &Msg::Yield {
+            cid,
+            epoch,
+            attempt,
+        },
+        t,
+        t,
+    )
+    .await
+    {
         Ok(Msg::State(b)) if b.is_empty() => Ok(YieldAnswer::Unanswered),
-        Ok(Msg::State(_)) => Ok(YieldAnswer::LetGo),
+        Ok(Msg::State(b)) => Ok(YieldAnswer::LetGo(crate::gate::let_go_attempt(&b))),
         Ok(Msg::Refused { .. }) => Ok(YieldAnswer::Refused),
         Ok(other) => Err(format!("answered {}", other.name())),
         Err(e) => Err(e.to_string()),

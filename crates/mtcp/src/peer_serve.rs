@@ -55,6 +55,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                 down_recv,
                 sum_from,
                 down_sum,
+                holding,
             }) => {
                 handover = Some(HandingOver::new(&inner));
                 crate::movetrace::open(TraceRole::Origin, cid, epoch, "fetch_rx");
@@ -71,6 +72,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     down_recv,
                     sum_from,
                     down_sum,
+                    holding,
                 };
                 // At most `max_handovers` connections frozen and encoded at once (each record
                 // may be up to `max_record`); over the cap, refused after a short wait and the
@@ -146,8 +148,12 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     Msg::from(r)
                 }
             },
-            Ok(Msg::ClaimReplica { cid, epoch }) => {
-                match crate::eager::claim_here(&inner, cid, epoch, &from).await {
+            Ok(Msg::ClaimReplica {
+                cid,
+                epoch,
+                holding,
+            }) => {
+                match crate::eager::claim_here(&inner, cid, epoch, &from, &holding).await {
                     Ok(Claimed::Record(b)) => {
                         tracing::info!(target: "mtcp::peer", %cid, epoch, by = %from, "replica claimed");
                         Msg::State(b)
@@ -156,24 +162,30 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     Err(r) => Msg::from(r),
                 }
             }
-            Ok(Msg::Yield { cid, epoch }) => match inner.give_up(cid, epoch) {
+            Ok(Msg::Yield {
+                cid,
+                epoch,
+                attempt,
+            }) => match inner.give_up(cid, epoch, attempt) {
                 YieldAnswer::Unanswered => {
                     tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
                     Msg::State(Vec::new())
                 }
-                YieldAnswer::LetGo => {
+                YieldAnswer::LetGo(served) => {
                     tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up after RESUMED went out (the agent never used it)");
-                    Msg::State(vec![1])
+                    Msg::State(crate::gate::let_go_answer(served))
                 }
                 YieldAnswer::Refused => Msg::Refused {
                     code: RefuseCode::StaleEpoch,
                     reason: format!(
-                        "server {} already answered the agent for epoch {epoch} of {cid}",
+                        "server {} already answered the agent for epoch {epoch} of {cid}, or took it over for a later MIGRATE",
                         inner.id
                     ),
                 },
             },
-            Ok(Msg::FenceEpoch { cid, epoch, ref by }) if inner.cluster.server(by).is_none() => {
+            Ok(Msg::FenceEpoch {
+                cid, epoch, ref by, ..
+            }) if inner.cluster.server(by).is_none() => {
                 Msg::Refused {
                     code: RefuseCode::Internal,
                     reason: format!(
@@ -181,8 +193,13 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     ),
                 }
             }
-            Ok(Msg::FenceEpoch { cid, epoch, by }) => {
-                match crate::eager::fence_here(&inner, cid, epoch, &by).await {
+            Ok(Msg::FenceEpoch {
+                cid,
+                epoch,
+                by,
+                holding,
+            }) => {
+                match crate::eager::fence_here(&inner, cid, epoch, &by, &holding).await {
                     Ok(Claimed::Record(b)) => {
                         tracing::info!(target: "mtcp::peer", %cid, epoch, by = %by, from = %from, "epoch fenced (its replica handed to the fencer)");
                         Msg::State(b)

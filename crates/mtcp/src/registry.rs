@@ -5,7 +5,7 @@
 use crate::config::{Cluster, Limits};
 use crate::conn_state::{Accepted, Phase, PhaseEvent, Shared};
 use crate::gate::YieldAnswer;
-use mtcp_proto::custody::{GateEvent, Verdict};
+use mtcp_proto::custody::Verdict;
 use mtcp_proto::wire::{HintReason, ServerStatus};
 use mtcp_proto::Cid;
 use std::collections::HashMap;
@@ -252,23 +252,30 @@ pub(crate) fn sweep_detached(inner: &ServerInner, now: Instant) {
 }
 
 impl ServerInner {
-    /// About to answer RESUMED for `cid` at `epoch`: false if a keeper had this server give that
-    /// epoch up (another destination got the connection).
-    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64) -> bool {
-        self.gates.settle(cid, epoch, GateEvent::Answer) == Verdict::Go
+    /// About to answer RESUMED for `cid` at `epoch`, taken over for the agent's MIGRATE number
+    /// `attempt`: false if a keeper had this server give that epoch up (another destination got
+    /// the connection).
+    pub(crate) fn may_answer(&self, cid: Cid, epoch: u64, attempt: u64) -> bool {
+        self.gates.answer(cid, epoch, attempt) == Verdict::Go
     }
 
-    /// A keeper asks this server to give up `epoch` of `cid`: granted unless the agent has used
-    /// the epoch (spoken on the session its RESUMED went out on), and said apart when no
-    /// RESUMED for it went out. A connection built for that epoch whose agent never spoke is
-    /// let go: it never serves again.
-    pub(crate) fn give_up(&self, cid: Cid, epoch: u64) -> YieldAnswer {
-        match self.gates.settle(cid, epoch, GateEvent::Yield) {
+    /// A keeper asks this server to give up `epoch` of `cid`, for a request made under the
+    /// agent's MIGRATE number `asker`: granted unless the agent has used the epoch (spoken on
+    /// the session its RESUMED went out on) or the epoch was taken over for a later MIGRATE
+    /// than the asker's (decision 66), and said apart when no RESUMED for it went out. A
+    /// connection built for that epoch whose agent never spoke is let go: it never serves
+    /// again.
+    pub(crate) fn give_up(&self, cid: Cid, epoch: u64, asker: u64) -> YieldAnswer {
+        let Some((verdict, served)) = self.gates.yield_for(cid, epoch, asker) else {
+            tracing::info!(target: "mtcp::gate", %cid, epoch, asker, "refusing to give up an epoch taken over for a later MIGRATE than the asker's");
+            return YieldAnswer::Refused;
+        };
+        match verdict {
             Verdict::Go => YieldAnswer::Unanswered,
             Verdict::Refuse => YieldAnswer::Refused,
             Verdict::LetGo => {
                 let Some(shared) = self.get(&cid) else {
-                    return YieldAnswer::LetGo;
+                    return YieldAnswer::LetGo(served);
                 };
                 {
                     let mut st = shared.lock();
@@ -276,7 +283,7 @@ impl ServerInner {
                     // for it is let go; one at another epoch is not that one. The phase needs
                     // no check: `LetGo` changes nothing in a final phase.
                     if st.epoch != epoch {
-                        return YieldAnswer::LetGo;
+                        return YieldAnswer::LetGo(served);
                     }
                     tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
                     st.apply(PhaseEvent::LetGo);
@@ -284,7 +291,7 @@ impl ServerInner {
                     st.repl.commit.let_go();
                 }
                 self.forget(cid);
-                YieldAnswer::LetGo
+                YieldAnswer::LetGo(served)
             }
         }
     }

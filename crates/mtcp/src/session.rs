@@ -261,7 +261,7 @@ pub(crate) async fn handle_session(
             let outcome = match outcome {
                 Ok((shared, ..))
                     if crate::eager::eager(&inner)
-                        && !inner.may_answer(m.cid, shared.lock().epoch) =>
+                        && !inner.may_answer(m.cid, shared.lock().epoch, m.holding.attempt) =>
                 {
                     // A keeper superseded this takeover (the agent gave up on us): another
                     // destination has the connection one epoch up.

@@ -62,6 +62,7 @@ pub(crate) async fn take_over(
         down_recv: m.down_recv,
         sum_from: m.sum_from,
         down_sum: m.down_sum,
+        holding: m.holding.clone(),
     };
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f, agent).await?;
     // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):

@@ -25,7 +25,7 @@ pub(super) async fn migrate(
     let mut plan =
         MovePlan::new(&conn.at, conn.stream.position(), to).map_err(|e| e.to_string())?;
     tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, from = %from, "migrating: {reason}");
-    while let Some(a) = plan.next(&conn.stream.lineage) {
+    while let Some(a) = plan.next(&conn.stream.lineage, &mut conn.at.migrates) {
         if let Some((left, fb)) = &a.fell_back {
             tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, epoch = left, "no server could take the connection at its epoch; retrying from epoch {} (unconfirmed move from {})", fb.epoch, fb.server);
         }

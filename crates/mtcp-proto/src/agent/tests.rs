@@ -118,7 +118,7 @@ fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
     });
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), Some("s3")).unwrap();
     let mut asked = Vec::new();
-    while let Some(a) = plan.next(&lineage) {
+    while let Some(a) = plan.next(&lineage, &mut 0) {
         if a.cand.id == "s3" && a.migrate.epoch == 7 {
             assert_eq!(a.fell_back, None);
         }
@@ -145,9 +145,48 @@ fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
     // Without a lineage a move ends after one round; an unknown target never starts.
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
     let empty = crate::custody::Lineage::default();
-    assert_eq!(std::iter::from_fn(|| plan.next(&empty)).count(), 3);
+    assert_eq!(std::iter::from_fn(|| plan.next(&empty, &mut 0)).count(), 3);
     assert_eq!(plan.failure(), "no server to move to");
     assert!(MovePlan::new(&p, StreamPos::unseen(), Some("s9")).is_err());
+}
+
+/// Each MIGRATE carries its number among the connection's MIGRATEs, counted across moves, and
+/// the epochs whose tokens the agent holds: its current one and those it may fall back to —
+/// the current one too while it falls back (decision 66).
+#[test]
+fn each_migrate_carries_its_number_and_the_epochs_the_agent_holds() {
+    let mut p = placement();
+    p.epoch = 5;
+    let mut lineage = crate::custody::Lineage::default();
+    lineage.moved(crate::custody::Step {
+        server: "s3".into(),
+        epoch: 4,
+        token: Token([4; 32]),
+    });
+    let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
+    let holding = |attempt, epochs: &[u64]| Holding {
+        attempt,
+        epochs: epochs.to_vec(),
+    };
+    for n in 1..=3 {
+        let a = plan.next(&lineage, &mut p.migrates).unwrap();
+        assert_eq!(
+            (a.migrate.epoch, a.migrate.holding),
+            (5, holding(n, &[4, 5]))
+        );
+    }
+    // Every candidate refused epoch 5: the fall-back to epoch 4 still holds 5.
+    let a = plan.next(&lineage, &mut p.migrates).unwrap();
+    assert_eq!(
+        (a.migrate.epoch, a.migrate.holding),
+        (4, holding(4, &[4, 5]))
+    );
+    // The next move goes on counting; with no fall-back left only the current epoch is held.
+    let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
+    let none = crate::custody::Lineage::default();
+    let a = plan.next(&none, &mut p.migrates).unwrap();
+    assert_eq!(a.migrate.holding, holding(5, &[5]));
+    assert_eq!(p.migrates, 5);
 }
 
 #[test]

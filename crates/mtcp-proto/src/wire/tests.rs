@@ -44,6 +44,10 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                     end: n[2],
                     sum: n[3]
                 }],
+                holding: Holding {
+                    attempt: n[2],
+                    epochs: vec![n[0], n[3]],
+                },
             })),
         (any::<u64>(), any::<u64>()).prop_map(|(down_recv, sum_from)| Msg::Ack {
             down_recv,
@@ -107,7 +111,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             epoch: n[0],
             down_recv: n[1],
             sum_from: n[2],
-            down_sum: n[3]
+            down_sum: n[3],
+            holding: Holding {
+                attempt: n[1],
+                epochs: vec![n[0]],
+            },
         }),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::State),
         proptest::collection::vec(any::<u8>(), 0..300).prop_map(Msg::Replicate),
@@ -116,15 +124,27 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             epoch: n[0],
             out_off: n[1]
         }),
-        (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ClaimReplica { cid, epoch }),
+        (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ClaimReplica {
+            cid,
+            epoch,
+            holding: Holding {
+                attempt: epoch / 2,
+                epochs: vec![epoch, 1],
+            },
+        }),
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::DropReplica { cid, epoch }),
         (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::ReleaseClaim { cid, epoch }),
         (cid.clone(), any::<u64>(), "[a-z0-9]{0,8}").prop_map(|(cid, epoch, by)| Msg::FenceEpoch {
             cid,
             epoch,
-            by
+            by,
+            holding: Holding::default(),
         }),
-        (cid.clone(), any::<u64>()).prop_map(|(cid, epoch)| Msg::Yield { cid, epoch }),
+        (cid.clone(), any::<[u64; 2]>()).prop_map(|(cid, n)| Msg::Yield {
+            cid,
+            epoch: n[0],
+            attempt: n[1],
+        }),
         (cid.clone(), any::<[u64; 2]>(), "[a-z0-9]{0,12}").prop_map(|(cid, n, by)| {
             Msg::Taken {
                 cid,

@@ -28,7 +28,8 @@
 //! serving a session the agent left. A failure names its seed; replay one with
 //! `MTCP_SIM_SEED=<seed> cargo test --release -p mtcp-proto --test sim` (and `MTCP_SIM_TRACE=1`
 //! to see its moves, crashes, hangs, racers and passes; `MTCP_SIM_SHOW=1` lists the seeds of
-//! the rare outcomes — passes over the agent's holder, losses by kind).
+//! the rare outcomes — passes over the agent's holder, losses by kind). The agent's MIGRATEs
+//! carry its word (their number, the epochs it holds: decision 66), as the runtime's do.
 //!
 //! Not simulated: the runtime's timers themselves (WORKING beats, `candidate_silence`: a
 //! candidate the agent gives up on is played as a `Busy` refusal), a restarted server that
@@ -69,6 +70,11 @@ struct Tally {
     stale_refused: u64,
     /// Keepers that handed their own unheard newer epoch out again (decision 64).
     own_rehands: u64,
+    /// Holders let go after RESUMED without a fence: the agent's word ruled their epoch out
+    /// (decision 66).
+    disowned: u64,
+    /// YIELDs a holder refused: asked for an older MIGRATE than its own (decision 66).
+    stale_yields: u64,
     /// Runs given two faults: the connection survived, or was lost (by fault).
     two_fault_runs: u64,
     two_fault_survived: u64,
@@ -94,6 +100,8 @@ impl Tally {
         self.let_gos += t.let_gos;
         self.stale_refused += t.stale_refused;
         self.own_rehands += t.own_rehands;
+        self.disowned += t.disowned;
+        self.stale_yields += t.stale_yields;
         self.two_fault_runs += t.two_fault_runs;
         self.two_fault_survived += t.two_fault_survived;
         for (k, v) in t.lost {
@@ -171,6 +179,8 @@ fn run(seed: u64, eager: bool, knobs: Knobs) -> Result<Tally, String> {
         let_gos: w.let_gos as u64,
         stale_refused: w.stale_refused as u64,
         own_rehands: w.own_rehands as u64,
+        disowned: w.disowned as u64,
+        stale_yields: w.stale_yields as u64,
         two_fault_runs: w.two_fault.is_some() as u64,
         two_fault_survived: (w.two_fault.is_some() && w.lost.is_none()) as u64,
         lost,
@@ -237,22 +247,50 @@ fn ten_thousand_seeded_eager_runs_survive_crashes_of_the_serving_server() {
 /// RESUMED's token. Biased toward it: most moves race a candidate the agent gave up on, most
 /// destinations protect their epoch before RESUMED (so their backup holds what the agent could
 /// take), and the passed-over candidate hangs half of the time (so the agent's MIGRATE at its
-/// epoch goes to its backup). Checks that no two servers the agent spoke to ever own one epoch.
+/// epoch goes to its backup). Checks that no two servers the agent spoke to ever own one epoch —
+/// with MIGRATEs that carry no word of the agent (the fence before the pass is what guards it)
+/// and with the agent's word (decision 66), which must then save the candidates that let go
+/// and could not be fenced (`UnfencedLetGo`).
 #[test]
 fn a_pass_over_a_holder_whose_resumed_the_agent_read_never_makes_two_owners() {
-    let knobs = Knobs {
+    let biased = Knobs {
         race: 0.9,
         protect: 0.9,
         hang_after_pass: 0.5,
         crash_soon: 0.5,
         replicas: 1,
+        words: false,
     };
-    let (count, t) = runs(true, 0x9a55_0000, knobs, 15_000);
+    let (count, mute) = runs(true, 0x9a55_0000, biased, 15_000);
+    let words = Knobs {
+        words: true,
+        ..biased
+    };
+    let (_, said) = runs(true, 0x9a55_0000, words, 15_000);
     if count > 1 {
         assert!(
-            t.passes_of_agents > 10,
+            mute.passes_of_agents > 10,
             "only {} such passes",
-            t.passes_of_agents
+            mute.passes_of_agents
+        );
+        let unfenced = |t: &Tally| {
+            t.lost
+                .iter()
+                .filter(|(k, _)| k.starts_with("UnfencedLetGo"))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        assert!(
+            unfenced(&mute) > 100 && unfenced(&said) * 20 <= unfenced(&mute),
+            "runs lost to a holder that let go unfenced: {} without the agent's word, {} with it",
+            unfenced(&mute),
+            unfenced(&said)
+        );
+        assert!(
+            said.disowned > 100 && said.stale_yields > 100,
+            "the word ruled out {} epochs and refused {} yields",
+            said.disowned,
+            said.stale_yields
         );
     }
 }

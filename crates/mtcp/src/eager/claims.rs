@@ -78,9 +78,9 @@ async fn claim_and_build(
     let mut pick = Pick::new(m.cid, m.epoch);
     for b in &inner.cluster.backups(&origin.id) {
         let r = if b.id == inner.id {
-            claim_here(inner, m.cid, m.epoch, &inner.id).await
+            claim_here(inner, m.cid, m.epoch, &inner.id, &m.holding).await
         } else {
-            peer::claim(inner, b, m.cid, m.epoch).await
+            peer::claim(inner, b, m.cid, m.epoch, &m.holding).await
         };
         match r {
             Ok(Claimed::Record(bytes)) => {

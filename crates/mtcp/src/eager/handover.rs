@@ -11,7 +11,7 @@ use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
 use mtcp_proto::custody::{read_fence, Custody, Fence, GaveUp};
 use mtcp_proto::stream::Refusal;
-use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::wire::{Holding, RefuseCode};
 use std::sync::Arc;
 /// A FETCH for `f.epoch` found the connection let go after a fence that named its taker: the
 /// stream becomes a custody (its record built for the agent's position in the FETCH), as if it
@@ -84,9 +84,9 @@ pub(crate) async fn hand_over(
     for b in inner.cluster.backups(&inner.id) {
         // A plain fence: this origin keeps the custody itself.
         let r = if b.id == inner.id {
-            fence_here(inner, f.cid, f.epoch, &inner.id).await
+            fence_here(inner, f.cid, f.epoch, &inner.id, &f.holding).await
         } else {
-            peer::fence(inner, &b, f.cid, f.epoch, &inner.id).await
+            peer::fence(inner, &b, f.cid, f.epoch, &inner.id, &f.holding).await
         };
         let (fenced, seen) = read_fence(answer(&r));
         label = label.max(seen.unwrap_or(label));
@@ -181,7 +181,7 @@ async fn rehand(
         // The holder is this server: its epoch is fenced before its copy is given up, and a
         // fence that lands nowhere keeps the copy (decision 64). The fence below repeats it
         // for the same claimer, which is granted.
-        let pre = fence(inner, f.cid, next, &inner.id, &inner.id).await;
+        let pre = fence(inner, f.cid, next, &inner.id, &inner.id, &f.holding).await;
         if !mtcp_proto::custody::prefenced(&pre.fences) {
             return Some(Err(Refusal::stale_epoch(format!(
                 "connection {} is held here at epoch {next}, whose fence reached no backup: kept",
@@ -189,13 +189,13 @@ async fn rehand(
             ))));
         }
     }
-    let unanswered = match ask_to_yield(inner, &seen.holder, f.cid, next).await {
+    let unanswered = match ask_to_yield(inner, &seen.holder, f.cid, next, &f.holding).await {
         Ok(u) => u,
         Err(e) => return Some(Err(e)),
     };
     let fenced = Fenced {
         unanswered,
-        ..fence(inner, f.cid, next, &seen.holder, &inner.id).await
+        ..fence(inner, f.cid, next, &seen.holder, &inner.id, &f.holding).await
     };
     let r = inner.custody.supersede(f.cid, &seen, to, &fenced);
     match &r {
@@ -214,25 +214,28 @@ fn gave_up(to: &str) -> Refusal {
     Refusal::busy(format!("{to} gave up on this FETCH before it was served"))
 }
 
-/// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at). Refused if
-/// the agent has used that epoch (spoken on the session its RESUMED went out on: whoever asks
-/// for the older one is not the agent's current move). A holder that cannot be reached is left
-/// to the fence: dead, or cut off from everyone, so it serves no one. `Ok(true)`: the holder
-/// gave the epoch up before any RESUMED for it went out — no agent holds its token, so the
-/// fence is not needed (`Custody::supersede`'s `unanswered`).
+/// Before superseding `holder`: asks it to give up `epoch` (the one it resumes at), for a
+/// request under the agent's word `word`. Refused if the agent has used that epoch (spoken on
+/// the session its RESUMED went out on: whoever asks for the older one is not the agent's
+/// current move), or if the holder resumed for a later MIGRATE than the word's (decision 66).
+/// A holder that cannot be reached is left to the fence: dead, or cut off from everyone, so it
+/// serves no one. `Ok(true)`: no agent will ever use the epoch — the holder gave it up before
+/// any RESUMED for it went out, or after, for a MIGRATE the word rules out (decision 66) — so
+/// the fence is not needed (`Custody::supersede`'s `unanswered`).
 pub(crate) async fn ask_to_yield(
     inner: &Arc<ServerInner>,
     holder: &str,
     cid: mtcp_proto::Cid,
     epoch: u64,
+    word: &Holding,
 ) -> Result<bool, Refusal> {
     let answer = if holder == inner.id {
-        inner.give_up(cid, epoch)
+        inner.give_up(cid, epoch, word.attempt)
     } else {
         let Some(to) = inner.cluster.server(holder).cloned() else {
             return Ok(false);
         };
-        match peer::ask_yield(inner, &to, cid, epoch).await {
+        match peer::ask_yield(inner, &to, cid, epoch, word.attempt).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::info!(target: "mtcp::eager", %cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
@@ -242,7 +245,11 @@ pub(crate) async fn ask_to_yield(
     };
     match answer {
         YieldAnswer::Unanswered => Ok(true),
-        YieldAnswer::LetGo => Ok(false),
+        YieldAnswer::LetGo(a) if word.rules_out(a, epoch) => {
+            tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
+            Ok(true)
+        }
+        YieldAnswer::LetGo(_) => Ok(false),
         YieldAnswer::Refused => Err(Refusal::stale_epoch(format!(
             "{holder} already resumed the connection at epoch {epoch}"
         ))),
@@ -261,6 +268,7 @@ pub(crate) async fn fence_here(
     cid: mtcp_proto::Cid,
     epoch: u64,
     by: &str,
+    word: &Holding,
 ) -> Result<Claimed, Refusal> {
     let seen = match inner.replicas.claim(cid, epoch, by, false) {
         Ok(c) => return Ok(c),
@@ -271,10 +279,10 @@ pub(crate) async fn fence_here(
     // to `by` (a held entry names the claimed epoch, so this is never refused).
     let next = seen.successor(epoch)?;
     let answer = if seen.holder == inner.id {
-        Some(inner.give_up(cid, next))
+        Some(inner.give_up(cid, next, word.attempt))
     } else {
         match inner.cluster.server(&seen.holder).cloned() {
-            Some(h) => match peer::ask_yield(inner, &h, cid, next).await {
+            Some(h) => match peer::ask_yield(inner, &h, cid, next, word.attempt).await {
                 Ok(y) => Some(y),
                 Err(e) => {
                     tracing::warn!(target: "mtcp::eager", %cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
@@ -286,11 +294,13 @@ pub(crate) async fn fence_here(
     };
     let gave_up = match answer {
         Some(YieldAnswer::Unanswered) => GaveUp::Unanswered,
+        // It answered RESUMED for a MIGRATE the agent's word rules out (decision 66).
+        Some(YieldAnswer::LetGo(a)) if word.rules_out(a, next) => GaveUp::Unanswered,
         // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
         // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
         // question, settled by the simulation).
-        Some(YieldAnswer::LetGo) => GaveUp::Answered(
-            Box::pin(fence(inner, cid, next, &seen.holder, by))
+        Some(YieldAnswer::LetGo(_)) => GaveUp::Answered(
+            Box::pin(fence(inner, cid, next, &seen.holder, by, word))
                 .await
                 .fences,
         ),
@@ -319,15 +329,16 @@ pub(crate) async fn fence(
     next: u64,
     holder: &str,
     by: &str,
+    word: &Holding,
 ) -> Fenced {
     let mut fences = Vec::new();
     let mut records = Vec::new();
     let mut floor = next;
     for b in inner.cluster.backups(holder) {
         let r = if b.id == inner.id {
-            fence_here(inner, cid, next, by).await
+            fence_here(inner, cid, next, by, word).await
         } else {
-            peer::fence(inner, &b, cid, next, by).await
+            peer::fence(inner, &b, cid, next, by, word).await
         };
         let (f, seen) = read_fence(answer(&r));
         floor = floor.max(seen.unwrap_or(floor));
@@ -368,6 +379,7 @@ pub(crate) async fn claim_here(
     cid: mtcp_proto::Cid,
     epoch: u64,
     by: &str,
+    word: &Holding,
 ) -> Result<Claimed, Refusal> {
     match inner.replicas.claim(cid, epoch, by, true) {
         Ok(c) => Ok(c),
@@ -375,12 +387,12 @@ pub(crate) async fn claim_here(
         Err(ClaimError::Held(seen)) => {
             let next = seen.successor(epoch)?;
             tracing::warn!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "replica held by a destination that has not confirmed: fencing its epoch {next}");
-            let unanswered = ask_to_yield(inner, &seen.holder, cid, next).await?;
+            let unanswered = ask_to_yield(inner, &seen.holder, cid, next, word).await?;
             // Fenced for `by`: its claims at the origin's other backups fence the same epoch
             // again (a backup of both), which must not refuse its own takeover (decision 63).
             let fenced = Fenced {
                 unanswered,
-                ..fence(inner, cid, next, &seen.holder, by).await
+                ..fence(inner, cid, next, &seen.holder, by, word).await
             };
             inner.replicas.supersede(cid, &seen, by, &fenced)
         }

@@ -216,10 +216,10 @@ fn a_plan_keeps_the_codes_of_refused_answers_only_in_order() {
         },
     ];
     for e in &failures {
-        let a = plan.next(&empty).expect("three candidates");
+        let a = plan.next(&empty, &mut 0).expect("three candidates");
         plan.refused(&a.cand, e);
     }
-    assert!(plan.next(&empty).is_none());
+    assert!(plan.next(&empty, &mut 0).is_none());
     assert_eq!(
         plan.refuse_codes(),
         [RefuseCode::Busy, RefuseCode::StaleEpoch]
@@ -236,13 +236,13 @@ fn a_closed_answer_ends_the_move_and_any_other_failure_tries_the_next() {
     let p = placement();
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
     let empty = crate::custody::Lineage::default();
-    let a = plan.next(&empty).expect("a candidate");
+    let a = plan.next(&empty, &mut 0).expect("a candidate");
     let busy = MoveError::Refused {
         code: RefuseCode::Busy,
         reason: "4 takeovers".into(),
     };
     assert_eq!(plan.failed(&a.cand, &busy), AfterFailure::TryNext);
-    let a = plan.next(&empty).expect("a second candidate");
+    let a = plan.next(&empty, &mut 0).expect("a second candidate");
     assert_eq!(
         plan.failed(&a.cand, &MoveError::Closed("ended in order".into())),
         AfterFailure::Ended
@@ -270,7 +270,7 @@ fn a_move_falls_back_one_unconfirmed_epoch_at_a_time_newest_first() {
     let pos = s.position();
     let mut plan = MovePlan::new(&p, pos.clone(), None).unwrap();
     let mut rounds = Vec::new();
-    while let Some(a) = plan.next(&lineage) {
+    while let Some(a) = plan.next(&lineage, &mut 0) {
         let m = &a.migrate;
         // Every attempt claims the same stream position; only the credentials change.
         assert_eq!(
@@ -316,10 +316,10 @@ fn a_fallback_asks_with_the_keepers_token() {
     });
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), Some("s2")).unwrap();
     for _ in 0..3 {
-        let a = plan.next(&lineage).unwrap();
+        let a = plan.next(&lineage, &mut 0).unwrap();
         assert_eq!(a.migrate.token, p.token);
     }
-    let a = plan.next(&lineage).unwrap();
+    let a = plan.next(&lineage, &mut 0).unwrap();
     assert_eq!((a.cand.id.as_str(), a.migrate.epoch), ("s2", 1));
     assert_eq!(a.migrate.token, Token([0xab; 32]));
     assert_eq!(a.migrate.cid, p.cid);

@@ -64,7 +64,7 @@ fn move_to_s2(
 ) -> (ServerStream, Vec<u8>, Placement) {
     let mut at = welcomed();
     let mut plan = MovePlan::new(&at, agent.position(), Some("s2")).unwrap();
-    let a = plan.next(&Lineage::default()).unwrap();
+    let a = plan.next(&Lineage::default(), &mut 0).unwrap();
     assert_eq!(a.cand.id, "s2");
     let m = a.migrate;
     admit(&m, true, false, "s2").unwrap();

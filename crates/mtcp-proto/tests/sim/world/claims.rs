@@ -5,7 +5,7 @@
 use super::*;
 use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict};
 use mtcp_proto::replica::{ClaimError, Dropped, Granted, Slot, Store};
-use mtcp_proto::wire::RefuseCode;
+use mtcp_proto::wire::{Holding, RefuseCode};
 use rand::Rng;
 
 /// A holder's answer to YIELD.
@@ -15,8 +15,9 @@ pub(super) enum Yield {
     Unreached,
     /// Given up before any RESUMED for it went out.
     Unanswered,
-    /// Given up after RESUMED went out: the connection built for it is let go.
-    LetGo,
+    /// Given up after RESUMED went out: the connection built for it is let go. With the
+    /// agent's MIGRATE number it had resumed for (0: not known).
+    LetGo(u64),
     /// The agent uses the epoch.
     Refused,
 }
@@ -50,6 +51,20 @@ impl World {
         self.servers[s].down_until.is_none() && self.servers[s].hung_until.is_none()
     }
 
+    /// Whether a holder's answer `y` to YIELD for `epoch` makes a fence of it needless: it
+    /// gave the epoch up before answering, or after, at an epoch the agent's word `word`
+    /// rules out (decision 66).
+    pub(super) fn unanswered(&mut self, y: Yield, word: &Holding, epoch: u64) -> bool {
+        match y {
+            Yield::Unanswered => true,
+            Yield::LetGo(a) if word.rules_out(a, epoch) => {
+                self.disowned += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// `s`'s gate for `epoch` meets `e`.
     pub(super) fn settle(&mut self, s: usize, epoch: u64, e: GateEvent) -> Verdict {
         let v = Gate::settle(self.servers[s].gates.entry(epoch).or_default(), e);
@@ -67,14 +82,25 @@ impl World {
     }
 
     /// A keeper asks `holder` to give `epoch` up (YIELD).
-    pub(super) fn ask_yield(&mut self, holder: usize, epoch: u64) -> Yield {
+    pub(super) fn ask_yield(&mut self, holder: usize, epoch: u64, word: &Holding) -> Yield {
         if !self.reachable(holder) {
             return Yield::Unreached;
+        }
+        let served = self.servers[holder]
+            .served
+            .get(&epoch)
+            .copied()
+            .unwrap_or(0);
+        if word.stale_for(served) {
+            // Asked for a MIGRATE older than the one it resumed for (decision 66).
+            self.stale_yields += 1;
+            return Yield::Refused;
         }
         match self.settle(holder, epoch, GateEvent::Yield) {
             Verdict::Go => Yield::Unanswered,
             Verdict::Refuse => Yield::Refused,
             Verdict::LetGo => {
+                let attempt = served;
                 if self.servers[holder]
                     .conn
                     .as_ref()
@@ -89,7 +115,7 @@ impl World {
                     }
                 }
                 self.let_gos += 1;
-                Yield::LetGo
+                Yield::LetGo(attempt)
             }
         }
     }
@@ -139,7 +165,7 @@ impl World {
     /// A fence of `epoch` by `by` at backup `b` (FENCEEPOCH; the runtime's `fence_here`): a
     /// plain claim; a candidate holding that epoch is asked to give its successor up, and if it
     /// does the claim passes to `by` one epoch up (`Slot::pass`).
-    pub(super) fn fence_at(&mut self, b: usize, epoch: u64, by: usize) -> Fenced {
+    pub(super) fn fence_at(&mut self, b: usize, epoch: u64, by: usize, word: &Holding) -> Fenced {
         let refused = |c| Fenced {
             fence: Fence::Refused(c),
             rec: None,
@@ -174,9 +200,13 @@ impl World {
                         .conn
                         .as_ref()
                         .is_some_and(|h| h.epoch == seen.label + 1);
-                let gave_up = match self.ask_yield(holder, seen.label + 1) {
+                let gave_up = match self.ask_yield(holder, seen.label + 1, word) {
                     Yield::Unanswered => GaveUp::Unanswered,
-                    Yield::LetGo => {
+                    Yield::LetGo(a) if word.rules_out(a, seen.label + 1) => {
+                        self.disowned += 1;
+                        GaveUp::Unanswered
+                    }
+                    Yield::LetGo(_) => {
                         self.passes_answered += 1;
                         if agents {
                             // Issue 15's question: the agent holds this RESUMED's token and
@@ -198,7 +228,7 @@ impl World {
                             GaveUp::Unanswered
                         } else {
                             // The epoch it answered for is fenced at its backups first.
-                            let fs = self.fence_holder(holder, seen.label + 1, by);
+                            let fs = self.fence_holder(holder, seen.label + 1, by, word);
                             GaveUp::Answered(fs.fences)
                         }
                     }
@@ -243,14 +273,20 @@ impl World {
 
     /// Fences `holder`'s successor epoch `next` at every backup of it, on behalf of `by` (the
     /// runtime's `eager::fence`).
-    pub(super) fn fence_holder(&mut self, holder: usize, next: u64, by: usize) -> Fences {
+    pub(super) fn fence_holder(
+        &mut self,
+        holder: usize,
+        next: u64,
+        by: usize,
+        word: &Holding,
+    ) -> Fences {
         let mut out = Fences {
             fences: Vec::new(),
             recs: Vec::new(),
             floor: next,
         };
         for b in self.backups(holder) {
-            let f = self.fence_at(b, next, by);
+            let f = self.fence_at(b, next, by, word);
             out.floor = out.floor.max(f.label);
             out.fences.push(f.fence);
             out.recs.push(f.rec);
@@ -266,11 +302,12 @@ impl World {
         b: usize,
         epoch: u64,
         dest: usize,
+        word: &Holding,
     ) -> Result<Option<StateRecord>, RefuseCode> {
         if !self.reachable(b) {
             return Err(RefuseCode::OriginUnreachable);
         }
-        let got = self.claim_rules(b, epoch, dest);
+        let got = self.claim_rules(b, epoch, dest, word);
         if got.is_ok() {
             self.taken_at.insert((b, epoch));
         }
@@ -282,6 +319,7 @@ impl World {
         b: usize,
         epoch: u64,
         dest: usize,
+        word: &Holding,
     ) -> Result<Option<StateRecord>, RefuseCode> {
         let cur = self.servers[b].entry.as_mut().map(|(s, _)| s);
         match Slot::claim(cur, epoch, SERVERS[dest], true) {
@@ -294,26 +332,21 @@ impl World {
             Err(ClaimError::Held(seen)) => {
                 let next = seen.successor(epoch).map_err(|e| e.code)?;
                 let holder = server_index(&seen.holder);
-                let y = self.ask_yield(holder, next);
+                let y = self.ask_yield(holder, next, word);
                 if y == Yield::Refused {
                     return Err(RefuseCode::StaleEpoch);
                 }
                 // Fenced on behalf of the destination: its claims at the origin's other
                 // backups fence the same epoch again, which must not refuse it.
-                let f = self.fence_holder(holder, next, dest);
-                let unfenced = y == Yield::LetGo && f.unreached();
+                let f = self.fence_holder(holder, next, dest, word);
+                let unanswered = self.unanswered(y, word, next);
+                let unfenced = matches!(y, Yield::LetGo(_)) && !unanswered && f.unreached();
                 let Some((slot, _)) = self.servers[b].entry.as_mut() else {
                     // A fence of the holder's own backups reached this store and changed it.
                     return Err(RefuseCode::StaleEpoch);
                 };
                 let (what, label) = slot
-                    .supersede(
-                        &seen,
-                        SERVERS[dest],
-                        &f.fences,
-                        f.floor,
-                        y == Yield::Unanswered,
-                    )
+                    .supersede(&seen, SERVERS[dest], &f.fences, f.floor, unanswered)
                     .map_err(|e| {
                         self.unfenced |= unfenced;
                         e.code()

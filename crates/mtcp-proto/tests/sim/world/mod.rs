@@ -108,6 +108,8 @@ struct Server {
     custody: Option<(Custody, StateRecord)>,
     /// The gates of the epochs it took over (lost in a crash).
     gates: BTreeMap<u64, Option<Gate>>,
+    /// The agent's MIGRATE number each of those epochs was taken over for (decision 66).
+    served: BTreeMap<u64, u64>,
     /// The epochs the agent spoke at here.
     heard: BTreeSet<u64>,
 }
@@ -134,6 +136,9 @@ pub(crate) struct Knobs {
     pub crash_soon: f64,
     /// Backups per server (the cluster's `replicas`): the next one or two servers in order.
     pub replicas: usize,
+    /// The agent's MIGRATEs carry its word (their number, the epochs it holds: decision 66);
+    /// `false` plays an agent whose word says nothing, as before it.
+    pub words: bool,
 }
 
 /// Passes over a claimer that answered RESUMED without fencing its epoch, as before issue 15's
@@ -150,6 +155,7 @@ impl Knobs {
         hang_after_pass: 0.0,
         crash_soon: 0.0,
         replicas: 1,
+        words: true,
     };
 }
 
@@ -191,6 +197,10 @@ pub(crate) struct World {
     taken_at: BTreeSet<(usize, u64)>,
     /// MIGRATEs the agent sent in earlier moves (a late one may still be served: a racer).
     attempts: Vec<(mtcp_proto::wire::Migrate, usize)>,
+    /// Holders that let go after RESUMED whose epoch the agent's word ruled out (no fence).
+    pub(crate) disowned: usize,
+    /// YIELDs refused because they served an older MIGRATE than the holder's (decision 66).
+    pub(crate) stale_yields: usize,
     /// A racer's takeover due at a step: the MIGRATE and the server.
     racer: Option<(usize, mtcp_proto::wire::Migrate, usize)>,
     pub(crate) two_fault: Option<TwoFault>,
@@ -260,6 +270,7 @@ impl World {
                 hung_until: None,
                 custody: None,
                 gates: BTreeMap::new(),
+                served: BTreeMap::new(),
                 heard: BTreeSet::new(),
             })
             .collect();
@@ -298,6 +309,8 @@ impl World {
             two_owners: None,
             taken_at: BTreeSet::new(),
             attempts: Vec::new(),
+            disowned: 0,
+            stale_yields: 0,
             racer: None,
             two_fault: None,
             unfenced: false,

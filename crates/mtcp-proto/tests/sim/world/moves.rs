@@ -52,7 +52,10 @@ impl World {
         let cands = self.at.candidates(to).map_err(|e| e.to_string())?;
         let mut tried = 0;
         let lineage = self.stream.lineage.clone();
-        while let Some(a) = plan.next(&lineage) {
+        while let Some(mut a) = plan.next(&lineage, &mut self.at.migrates) {
+            if !self.knobs.words {
+                a.migrate.holding = Default::default();
+            }
             tried += 1;
             let dest = server_index(&a.cand.id);
             let refuse = |code, why: &str| MoveError::Refused {
@@ -172,6 +175,7 @@ impl World {
                 SERVERS[dest], SERVERS[o]
             ));
         }
+        self.servers[dest].served.insert(epoch, m.holding.attempt);
         let (stream, tail) = ServerStream::restart(&rec);
         let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
         held.commit = Commit::taken_over(committed);
@@ -267,7 +271,7 @@ impl World {
                     let mut label = m.epoch;
                     if self.eager {
                         for b in self.backups(o) {
-                            let f = self.fence_at(b, m.epoch, o);
+                            let f = self.fence_at(b, m.epoch, o, &m.holding);
                             if let Fence::Refused(_) = f.fence {
                                 // Taken over from a replica meanwhile: the origin lets go.
                                 self.servers[o].conn = None;
@@ -307,11 +311,11 @@ impl World {
                     // A keeper that re-handed the kept state to itself (a late re-attach)
                     // and resumed to nobody: it fences its own epoch first, then lets its copy
                     // go, and the custody path below hands the state out (decision 64).
-                    let f = self.fence_holder(o, e, o);
+                    let f = self.fence_holder(o, e, o, &m.holding);
                     if !custody::prefenced(&f.fences) {
                         return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
                     }
-                    if self.ask_yield(o, e) == Yield::Refused {
+                    if self.ask_yield(o, e, &m.holding) == Yield::Refused {
                         return refused(RefuseCode::StaleEpoch, "origin's own epoch is heard");
                     }
                     self.own_rehands += 1;
@@ -331,23 +335,21 @@ impl World {
                 .successor(m.epoch)
                 .map_err(|e| format!("custody: {e}"))?;
             let holder = server_index(&custody.holder);
-            let y = self.ask_yield(holder, next);
+            let y = self.ask_yield(holder, next, &m.holding);
             if y == Yield::Refused {
                 return refused(RefuseCode::StaleEpoch, "holder refused to yield");
             }
-            let f = self.fence_holder(holder, next, o);
-            let (handout, label) = match custody.supersede(
-                SERVERS[dest],
-                &f.fences,
-                f.floor,
-                y == Yield::Unanswered,
-            ) {
-                Ok(x) => x,
-                Err(Refusal { code, .. }) => {
-                    self.unfenced |= y == Yield::LetGo && f.unreached();
-                    return refused(code, "custody: cannot supersede");
-                }
-            };
+            let f = self.fence_holder(holder, next, o, &m.holding);
+            let unanswered = self.unanswered(y, &m.holding, next);
+            let (handout, label) =
+                match custody.supersede(SERVERS[dest], &f.fences, f.floor, unanswered) {
+                    Ok(x) => x,
+                    Err(Refusal { code, .. }) => {
+                        self.unfenced |=
+                            matches!(y, Yield::LetGo(_)) && !unanswered && f.unreached();
+                        return refused(code, "custody: cannot supersede");
+                    }
+                };
             let mut rec = match handout {
                 Handout::Kept => kept.clone(),
                 Handout::Successor(i) => f.recs[i].clone().expect("fenced record"),
@@ -370,7 +372,7 @@ impl World {
         let mut pick = Pick::new(m.cid, m.epoch);
         let (mut at, mut any) = (Vec::new(), false);
         for b in self.backups(o) {
-            match self.claim_at(b, m.epoch, dest) {
+            match self.claim_at(b, m.epoch, dest, &m.holding) {
                 Ok(Some(raw)) => {
                     at.push(b);
                     any = true;
