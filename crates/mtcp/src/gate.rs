@@ -84,6 +84,12 @@ impl Gates {
         Some((Gate::settle(slot, GateEvent::Yield), *served))
     }
 
+    /// The agent's MIGRATE number (`cid`, `epoch`) was answered for (0: not known).
+    pub(crate) fn served(&self, cid: Cid, epoch: u64) -> u64 {
+        let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&(cid, epoch)).map_or(0, |(_, _, a)| *a)
+    }
+
     /// The gate of (`cid`, `epoch`) as it stands, settling nothing.
     pub(crate) fn peek(&self, cid: Cid, epoch: u64) -> Option<Gate> {
         let g = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -111,6 +117,7 @@ mod tests {
         let g = Gates::default();
         let cid = Cid([1; 16]);
         assert_eq!(g.answer(cid, 4, 7), Verdict::Go);
+        assert_eq!((g.served(cid, 4), g.served(cid, 3)), (7, 0));
         assert_eq!(
             g.yield_for(cid, 4, 6),
             None,

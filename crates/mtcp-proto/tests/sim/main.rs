@@ -218,6 +218,15 @@ fn runs(eager: bool, first: u64, knobs: Knobs, count: u64) -> (u64, Tally) {
     (count, sum)
 }
 
+/// Runs lost to a single fault (`UnfencedLetGo`, `LateHandOut`): none since decision 66.
+fn single_fault_losses(t: &Tally) -> u64 {
+    t.lost
+        .iter()
+        .filter(|(k, _)| k.starts_with("UnfencedLetGo") || k.starts_with("LateHandOut"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 #[test]
 fn ten_thousand_seeded_lazy_runs_deliver_exactly_the_applications_output() {
     let (count, t) = runs(false, 0x5eed_0000, Knobs::DEFAULT, 10_000);
@@ -238,6 +247,12 @@ fn ten_thousand_seeded_eager_runs_survive_crashes_of_the_serving_server() {
             t.fallbacks > count / 100,
             "only {} takeovers through a keeper",
             t.fallbacks
+        );
+        assert_eq!(
+            single_fault_losses(&t),
+            0,
+            "lost to one fault: {:?}",
+            t.lost
         );
     }
 }
@@ -292,6 +307,12 @@ fn a_pass_over_a_holder_whose_resumed_the_agent_read_never_makes_two_owners() {
             said.disowned,
             said.stale_yields
         );
+        assert_eq!(
+            single_fault_losses(&said),
+            0,
+            "lost to one fault: {:?}",
+            said.lost
+        );
     }
 }
 
@@ -308,5 +329,11 @@ fn ten_thousand_seeded_eager_runs_with_two_backups_each() {
     if count > 1 {
         assert!(t.moves > count, "only {} moves in {count} runs", t.moves);
         assert!(t.crashes > count / 10, "only {} crashes", t.crashes);
+        assert_eq!(
+            single_fault_losses(&t),
+            0,
+            "lost to one fault: {:?}",
+            t.lost
+        );
     }
 }

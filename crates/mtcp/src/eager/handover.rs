@@ -177,9 +177,11 @@ async fn rehand(
         Err(e) => return Some(Err(e)),
     };
     tracing::warn!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
-    if holds_own(inner, f) {
+    let own = inner.gates.served(f.cid, next);
+    if holds_own(inner, f) && !f.holding.rules_out(own, next) {
         // The holder is this server: its epoch is fenced before its copy is given up, and a
-        // fence that lands nowhere keeps the copy (decision 64). The fence below repeats it
+        // fence that lands nowhere keeps the copy (decision 64) — unless the agent's word
+        // rules that epoch out: no agent will use it (decision 66). The fence below repeats it
         // for the same claimer, which is granted.
         let pre = fence(inner, f.cid, next, &inner.id, &inner.id, &f.holding).await;
         if !mtcp_proto::custody::prefenced(&pre.fences) {

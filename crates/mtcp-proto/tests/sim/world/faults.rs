@@ -26,16 +26,16 @@ pub(crate) enum TwoFault {
     /// Not given: one crash, and a candidate the agent gave up on had resumed (to nobody)
     /// unconfirmed, its only backup the crashed server. Asked to yield it lets go, but it had
     /// answered RESUMED, so its successor must be fenced — at the crashed backup: refused
-    /// (decision 48's rule), and the connection is lost. Counted, not failed; see the report.
-    /// Since decision 66 only where the agent's word in the MIGRATE does not rule that epoch
-    /// out (none in the default runs).
+    /// (decision 48's rule), and the connection was lost. Since decision 66 the agent's word
+    /// in the MIGRATE rules that epoch out; counted, and the eager tests fail on any.
     UnfencedLetGo,
     /// Not given: a hand-out for a MIGRATE the agent had given up on (a late re-attach at the
     /// keeper itself, or a remote destination, whose close the keeper had not seen yet)
     /// superseded the holder the agent had just read RESUMED from (decision 50, "left open";
     /// the keeper's own re-attach is checked since decision 52; a keeper holding its own
     /// such re-hand, detached, hands it out again since decision 64; a holder refuses to yield
-    /// to a request for an older MIGRATE than its own since decision 66). Counted, not failed.
+    /// to a request for an older MIGRATE than its own since decision 66). Counted, and the
+    /// eager tests fail on any.
     LateHandOut,
 }
 

@@ -310,10 +310,14 @@ impl World {
                 Some((e, false)) if self.eager && self.own_newer(o, m.epoch, e) => {
                     // A keeper that re-handed the kept state to itself (a late re-attach)
                     // and resumed to nobody: it fences its own epoch first, then lets its copy
-                    // go, and the custody path below hands the state out (decision 64).
-                    let f = self.fence_holder(o, e, o, &m.holding);
-                    if !custody::prefenced(&f.fences) {
-                        return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
+                    // go, and the custody path below hands the state out (decision 64) — no
+                    // need to, when the agent's word rules that epoch out (decision 66).
+                    let own = self.servers[o].served.get(&e).copied().unwrap_or(0);
+                    if !m.holding.rules_out(own, e) {
+                        let f = self.fence_holder(o, e, o, &m.holding);
+                        if !custody::prefenced(&f.fences) {
+                            return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
+                        }
                     }
                     if self.ask_yield(o, e, &m.holding) == Yield::Refused {
                         return refused(RefuseCode::StaleEpoch, "origin's own epoch is heard");
