@@ -386,11 +386,16 @@ mod tests {
         );
     }
 
+    /// A preamble of the next protocol version (so never ours).
+    fn other_version() -> [u8; PREAMBLE_LEN] {
+        wire::preamble(mtcp_proto::PROTOCOL_VERSION + 1)
+    }
+
     #[tokio::test]
     async fn preamble_mismatch_is_reported() {
         let (mut a, mut b) = tokio::io::duplex(100);
         tokio::spawn(async move {
-            b.write_all(b"MTCP\x00\x09").await.unwrap();
+            b.write_all(&other_version()).await.unwrap();
             let mut x = [0u8; 6];
             let _ = b.read_exact(&mut x).await;
         });
@@ -410,7 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_preamble_a_wrong_version_an_early_close_and_silence_are_named() {
-        async fn read(sent: &'static [u8], close: bool) -> ChannelError {
+        async fn read(sent: &[u8], close: bool) -> ChannelError {
             let (a, mut b) = tokio::io::duplex(4096);
             b.write_all(sent).await.unwrap();
             let _keep = if close {
@@ -424,7 +429,7 @@ mod tests {
         }
         let e = read(b"GET / HTTP/1.1\r\n", false).await;
         assert!(matches!(e, ChannelError::Wire(WireError::BadMagic)), "{e}");
-        let e = read(b"MTCP\x00\x09", false).await;
+        let e = read(&other_version(), false).await;
         assert!(e.to_string().contains("version mismatch"), "{e}");
         let e = read(b"MTC", true).await;
         assert!(matches!(e, ChannelError::Closed), "{e}");
