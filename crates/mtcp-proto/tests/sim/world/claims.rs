@@ -22,6 +22,14 @@ pub(super) enum Yield {
     Refused,
 }
 
+/// What a push to every backup of a server did.
+pub(super) struct Pushed {
+    /// Every backup stored it.
+    pub stored: bool,
+    /// The backups that answered and refused it (fenced, or taken over there).
+    pub refused_at: Vec<usize>,
+}
+
 /// What the fences at every backup of a holder found (the runtime's `custody::Fenced`).
 pub(super) struct Fences {
     pub fences: Vec<Fence>,
@@ -120,8 +128,25 @@ impl World {
         }
     }
 
+    /// `from` pushes `rec` to every backup of it, each tried (the runtime's `eager::push`).
+    pub(super) fn push(&mut self, from: usize, rec: &StateRecord) -> Pushed {
+        let mut out = Pushed {
+            stored: true,
+            refused_at: Vec::new(),
+        };
+        for b in self.backups(from) {
+            if self.store_at(b, from, rec.clone()).is_err() {
+                out.stored = false;
+                if self.reachable(b) {
+                    out.refused_at.push(b);
+                }
+            }
+        }
+        out
+    }
+
     /// `from` stores `rec` at backup `b` (REPLICATE).
-    pub(super) fn store_at(&mut self, b: usize, from: usize, rec: StateRecord) -> Result<(), ()> {
+    fn store_at(&mut self, b: usize, from: usize, rec: StateRecord) -> Result<(), ()> {
         if !self.reachable(b) {
             return Err(());
         }

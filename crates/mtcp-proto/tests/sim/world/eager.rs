@@ -90,12 +90,7 @@ impl World {
             let rec = ServerStream::replica_record(cid, epoch, &snap);
             // Refused by a backup: it lets go; if a destination took it over from the replica
             // at its epoch (TAKEN), it keeps the stream as that destination's keeper.
-            let mut refused_at = Vec::new();
-            for b in self.backups(s) {
-                if self.store_at(b, s, rec.clone()).is_err() && self.reachable(b) {
-                    refused_at.push(b);
-                }
-            }
+            let refused_at = self.push(s, &rec).refused_at;
             if !refused_at.is_empty() {
                 let taken = refused_at.iter().find_map(|&b| {
                     self.servers[b]
@@ -126,12 +121,8 @@ impl World {
             return;
         };
         let rec = ServerStream::replica_record(cid, h.epoch, &snap);
-        // Every backup must store it (each is tried, as the runtime's `push` does).
-        let mut all = true;
-        for b in self.backups(serving) {
-            all &= self.store_at(b, serving, rec.clone()).is_ok();
-        }
-        if !all {
+        // Every backup must store it.
+        if !self.push(serving, &rec).stored {
             return;
         }
         let h = self.servers[serving].conn.as_mut().expect("checked");

@@ -143,18 +143,12 @@ impl World {
             // timed out (the other 40 %): it resumes unconfirmed — the keeper's custody and the
             // agent's lineage cover it until a later push.
             let replica = ServerStream::restarted_replica(&rec, epoch);
-            let (mut stored, mut fenced) = (true, false);
-            for b in self.backups(dest) {
-                if self.store_at(b, dest, replica.clone()).is_err() {
-                    stored = false;
-                    fenced |= self.reachable(b);
-                }
-            }
-            if fenced {
+            let pushed = self.push(dest, &replica);
+            if !pushed.refused_at.is_empty() {
                 self.release(&claim_at, m.epoch, dest);
                 return Ok(None);
             }
-            if stored {
+            if pushed.stored {
                 committed = Some((rec.snap_out, rec.snap_in));
             }
         }
