@@ -163,14 +163,17 @@ async fn rehand(
     if !waiting() {
         return Some(Err(gave_up(to)));
     }
+    // A stream kept for the taker of this very epoch (decision 48) comes before a custody of
+    // another epoch: that one is an older move's, still unconfirmed because this server took
+    // the connection back itself and went on from there (the simulation's `fetch` does the
+    // same; a lab run lost the connection to the older custody's `StaleEpoch`).
     let seen = match inner.custody.get(f.cid) {
-        Some(c) => c,
-        None => {
-            if let Err(e) = adopt_taken(inner, f)? {
-                return Some(Err(e));
-            }
-            inner.custody.get(f.cid)?
-        }
+        Some(c) if c.epoch == f.epoch => c,
+        kept => match adopt_taken(inner, f) {
+            Some(Err(e)) => return Some(Err(e)),
+            Some(Ok(())) => inner.custody.get(f.cid)?,
+            None => kept?,
+        },
     };
     let next = match seen.successor(f.epoch) {
         Ok(n) => n,
