@@ -176,7 +176,7 @@ mod tests {
     }
 
     #[test]
-    fn a_migrate_is_refused_for_its_token_a_drain_or_too_many_ranges_in_that_order() {
+    fn a_migrate_is_refused_for_its_token_a_drain_or_too_many_ranges_or_epochs_in_that_order() {
         let m = migrate(4, 0, 0);
         assert_eq!(
             admit(&m, false, true, "s2").unwrap_err().code,
@@ -202,6 +202,15 @@ mod tests {
         );
         many.segs.pop();
         assert!(admit(&many, true, false, "s2").is_ok());
+        // The agent's word holds at most its current epoch and a full lineage (decision 66).
+        let mut word = m.clone();
+        word.holding.epochs = (0..=crate::custody::MAX_LINEAGE as u64 + 1).collect();
+        assert_eq!(
+            admit(&word, true, false, "s2").unwrap_err().code,
+            RefuseCode::TooLarge
+        );
+        word.holding.epochs.pop();
+        assert!(admit(&word, true, false, "s2").is_ok());
     }
 
     #[test]
