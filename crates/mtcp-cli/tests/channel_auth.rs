@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use mtcp::framed::{self, FrameReader};
-use mtcp::peer::connect_authenticated;
 use mtcp::proto::wire::{Msg, RefuseCode};
 use mtcp::proto::{ChannelContext, Cid, ClusterKey, PortKind};
 use mtcp_harness::local::{strip_ansi, LocalCluster, LocalOptions};
@@ -280,22 +279,6 @@ fn relayed_handshakes_are_refused_on_peer_and_admin_ports() {
 }
 
 /// Opens an authenticated channel to `id`'s `kind` port as `from`, with the real key.
-async fn open(lc: &LocalCluster, id: &str, kind: PortKind, from: &str) -> mtcp::peer::Channel {
-    let s = lc.servers.iter().find(|s| s.id == id).unwrap();
-    let addr = match kind {
-        PortKind::Peer => &s.peer,
-        PortKind::Admin => &s.admin,
-    };
-    let opener = mtcp::peer::Opener {
-        key: &lc.key,
-        from,
-        tls: lc.tls.as_ref(),
-    };
-    connect_authenticated(addr, opener, id, kind, 1 << 20, Duration::from_secs(5))
-        .await
-        .unwrap()
-}
-
 /// A channel that works: a sealed PING is answered.
 async fn ping(ch: &mut mtcp::peer::Channel, t: u64) {
     ch.1.write_msg(&Msg::Ping { t }).await.unwrap();

@@ -368,3 +368,27 @@ pub async fn hello_from(
         other => panic!("expected WELCOME or REFUSED, got {other:?}"),
     }
 }
+
+/// An authenticated channel to server `id`'s port of kind `kind`, opened as server `from` with
+/// the cluster's key.
+pub async fn open(
+    lc: &LocalCluster,
+    id: &str,
+    kind: mtcp::proto::PortKind,
+    from: &str,
+) -> mtcp::peer::Channel {
+    let s = lc.servers.iter().find(|s| s.id == id).unwrap();
+    let addr = match kind {
+        mtcp::proto::PortKind::Peer => &s.peer,
+        mtcp::proto::PortKind::Admin => &s.admin,
+    };
+    let opener = mtcp::peer::Opener {
+        key: &lc.key,
+        from,
+        tls: lc.tls.as_ref(),
+    };
+    let t = std::time::Duration::from_secs(5);
+    mtcp::peer::connect_authenticated(addr, opener, id, kind, 1 << 20, t)
+        .await
+        .unwrap()
+}

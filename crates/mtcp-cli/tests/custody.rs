@@ -238,31 +238,9 @@ fn a_yield_for_a_migrate_the_agent_abandoned_is_refused() {
         let c = st.iter().find(|c| c.is_live()).expect("the download");
         assert_eq!((c.server.as_str(), c.migrations), ("s3", 2), "{c:?}");
         let cid: mtcp::proto::Cid = c.cid.parse().unwrap();
-        let s3 = lc
-            .servers
-            .iter()
-            .find(|s| s.id == "s3")
-            .unwrap()
-            .peer
-            .clone();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let answer = rt.block_on(async {
-            let opener = mtcp::peer::Opener {
-                key: &lc.key,
-                from: "s1",
-                tls: lc.tls.as_ref(),
-            };
-            let kind = mtcp::proto::PortKind::Peer;
-            let (mut r, mut w) = mtcp::peer::connect_authenticated(
-                &s3,
-                opener,
-                "s3",
-                kind,
-                1 << 20,
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
+            let (mut r, mut w) = open(lc, "s3", mtcp::proto::PortKind::Peer, "s1").await;
             let y = Msg::Yield {
                 cid,
                 epoch: c.epoch,

@@ -234,30 +234,54 @@ pub(crate) async fn ask_to_yield(
     epoch: u64,
     word: &Holding,
 ) -> Result<bool, Refusal> {
-    let answer = if holder == inner.id {
-        inner.give_up(cid, epoch, word.attempt)
-    } else {
-        let Some(to) = inner.cluster.server(holder).cloned() else {
-            return Ok(false);
-        };
-        match peer::ask_yield(inner, &to, cid, epoch, word.attempt).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::info!(target: "mtcp::eager", %cid, holder, "holder not reached ({e}); fencing its epoch {epoch}");
-                return Ok(false);
-            }
-        }
-    };
-    match answer {
-        YieldAnswer::Unanswered => Ok(true),
-        YieldAnswer::LetGo(a) if word.rules_out(a, epoch) => {
-            tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
-            Ok(true)
-        }
-        YieldAnswer::LetGo(_) => Ok(false),
-        YieldAnswer::Refused => Err(Refusal::stale_epoch(format!(
+    match ask_holder(inner, holder, cid, epoch, word).await {
+        None => Ok(false),
+        Some(YieldAnswer::Refused) => Err(Refusal::stale_epoch(format!(
             "{holder} already resumed the connection at epoch {epoch}"
         ))),
+        Some(a) => Ok(needs_no_fence(a, word, cid, holder, epoch)),
+    }
+}
+
+/// YIELD of `epoch` of `cid` to `holder` (this server, or over a peer channel), for a request
+/// under the agent's word `word`. `None`: not reached (down, cut off, not in the cluster).
+async fn ask_holder(
+    inner: &Arc<ServerInner>,
+    holder: &str,
+    cid: mtcp_proto::Cid,
+    epoch: u64,
+    word: &Holding,
+) -> Option<YieldAnswer> {
+    if holder == inner.id {
+        return Some(inner.give_up(cid, epoch, word.attempt));
+    }
+    let to = inner.cluster.server(holder).cloned()?;
+    match peer::ask_yield(inner, &to, cid, epoch, word.attempt).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::info!(target: "mtcp::eager", %cid, holder, "holder not reached ({e}) when asked to give epoch {epoch} up");
+            None
+        }
+    }
+}
+
+/// Whether a holder's answer to YIELD makes a fence of `epoch` needless: no agent will ever
+/// use it — given up before any RESUMED for it went out, or after, for a MIGRATE the agent's
+/// word rules out (decision 66).
+fn needs_no_fence(
+    answer: YieldAnswer,
+    word: &Holding,
+    cid: mtcp_proto::Cid,
+    holder: &str,
+    epoch: u64,
+) -> bool {
+    match answer {
+        YieldAnswer::Unanswered => true,
+        YieldAnswer::LetGo(a) if word.rules_out(a, epoch) => {
+            tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
+            true
+        }
+        YieldAnswer::LetGo(_) | YieldAnswer::Refused => false,
     }
 }
 
@@ -283,38 +307,22 @@ pub(crate) async fn fence_here(
     // The holder's successor epoch, as for a supersede: `Custody::pass` gives that very epoch
     // to `by` (a held entry names the claimed epoch, so this is never refused).
     let next = seen.successor(epoch)?;
-    let answer = if seen.holder == inner.id {
-        Some(inner.give_up(cid, next, word.attempt))
-    } else {
-        match inner.cluster.server(&seen.holder).cloned() {
-            Some(h) => match peer::ask_yield(inner, &h, cid, next, word.attempt).await {
-                Ok(y) => Some(y),
-                Err(e) => {
-                    tracing::warn!(target: "mtcp::eager", %cid, holder = %seen.holder, "cannot ask the claimer to give epoch {next} up: {e}");
-                    None
-                }
-            },
-            None => None,
-        }
-    };
-    let gave_up = match answer {
-        Some(YieldAnswer::Unanswered) => GaveUp::Unanswered,
-        // It answered RESUMED for a MIGRATE the agent's word rules out (decision 66).
-        Some(YieldAnswer::LetGo(a)) if word.rules_out(a, next) => GaveUp::Unanswered,
-        // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
-        // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
-        // question, settled by the simulation).
-        Some(YieldAnswer::LetGo(_)) => GaveUp::Answered(
-            Box::pin(fence(inner, cid, next, &seen.holder, by, word))
-                .await
-                .fences,
-        ),
-        Some(YieldAnswer::Refused) | None => {
+    let gave_up = match ask_holder(inner, &seen.holder, cid, next, word).await {
+        None | Some(YieldAnswer::Refused) => {
             return Err(Refusal::stale_epoch(format!(
                 "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
                 seen.holder
             )));
         }
+        Some(a) if needs_no_fence(a, word, cid, &seen.holder, next) => GaveUp::Unanswered,
+        // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
+        // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
+        // question, settled by the simulation).
+        Some(_) => GaveUp::Answered(
+            Box::pin(fence(inner, cid, next, &seen.holder, by, word))
+                .await
+                .fences,
+        ),
     };
     tracing::info!(target: "mtcp::eager", %cid, epoch, holder = %seen.holder, by, "a fence found the epoch claimed by a candidate that gave it up; passing the claim over");
     inner.replicas.pass(cid, &seen, by, &gave_up)

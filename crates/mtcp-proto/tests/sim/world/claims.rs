@@ -225,12 +225,9 @@ impl World {
                         .conn
                         .as_ref()
                         .is_some_and(|h| h.epoch == seen.label + 1);
-                let gave_up = match self.ask_yield(holder, seen.label + 1, word) {
-                    Yield::Unanswered => GaveUp::Unanswered,
-                    Yield::LetGo(a) if word.rules_out(a, seen.label + 1) => {
-                        self.disowned += 1;
-                        GaveUp::Unanswered
-                    }
+                let y = self.ask_yield(holder, seen.label + 1, word);
+                let gave_up = match y {
+                    _ if self.unanswered(y, word, seen.label + 1) => GaveUp::Unanswered,
                     Yield::LetGo(_) => {
                         self.passes_answered += 1;
                         if agents {
