@@ -24,6 +24,7 @@ pub mod push;
 pub mod record;
 pub mod refusal;
 pub mod replica;
+pub mod session;
 pub mod stream;
 pub mod sum;
 pub mod takeover;

@@ -4,6 +4,7 @@
 //! takeover slot, the FETCH to the origin or a backup's replica, the claims — around these.
 
 pub mod pick;
+pub mod wait;
 
 use crate::auth::Token;
 use crate::record::StateRecord;

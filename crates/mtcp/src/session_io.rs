@@ -2,12 +2,13 @@
 //! (upstream data, ACKs, control); refusing a session, and the budget of log lines for events
 //! anyone can cause.
 
-use crate::conn_state::{Phase, PhaseEvent, Shared};
+use crate::conn_state::{Phase, Shared};
 use crate::framed::{self, FrameReader, Out};
 use crate::registry::{sweep_detached, ServerInner};
 use crate::stream::{ReadHalf, WriteHalf};
+use mtcp_proto::session::{self, Detach, Then};
 use mtcp_proto::trigger::{agent_silence, backlog_due};
-use mtcp_proto::wire::{Frame, Msg, RefuseCode};
+use mtcp_proto::wire::{Msg, RefuseCode};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -194,81 +195,64 @@ pub(crate) async fn reader_loop(
             }
         };
         let mut st = shared.lock();
-        if matches!(
-            st.phase(),
-            Phase::Migrated | Phase::Aborted(_) | Phase::Closed
-        ) {
-            return *st.phase() != Phase::Migrated;
+        if let Some(in_order) = session::ended(st.phase()) {
+            return in_order;
         }
         if !crate::eager::agent_heard(inner, shared.cid, &mut st) {
             return false;
         }
-        match f {
-            Frame::Data(b) => {
-                crate::metrics::add_up(b.len());
-                // Once the application is done, late input is dropped.
-                if *st.phase() == Phase::Live {
-                    st.on_input(&shared.beat);
-                    if let Err(why) = st.s.receive(b) {
-                        break why.into();
-                    }
-                    if let Some(w) = st.read_waker.take() {
-                        w.wake();
-                    }
-                }
+        let phase = st.phase().clone();
+        let r = session::on_frame(&phase, &mut st.s, f, inner.limits.max_unacked);
+        if r.up_bytes > 0 {
+            crate::metrics::add_up(r.up_bytes);
+        }
+        if r.heard {
+            st.on_input(&shared.beat);
+        }
+        if r.wake_reader {
+            if let Some(w) = st.read_waker.take() {
+                w.wake();
             }
-            Frame::Msg(Msg::Ack {
-                down_recv,
-                sum_from,
-            }) => {
-                let before = st.s.acked();
-                st.s.on_ack(down_recv, sum_from);
-                if st.s.acked() > before {
-                    st.ack_wait = None;
-                    st.acked_at = tokio::time::Instant::now();
-                    if st.s.unacked() < inner.limits.max_unacked {
-                        if let Some(w) = st.write_waker.take() {
-                            w.wake();
-                        }
-                    }
-                }
-                let (acked, out) = (st.s.acked(), st.s.out_off());
-                if st.apply(PhaseEvent::Acked { acked, out }) {
+        }
+        if r.acked {
+            st.ack_wait = None;
+            st.acked_at = tokio::time::Instant::now();
+        }
+        if r.wake_writer {
+            if let Some(w) = st.write_waker.take() {
+                w.wake();
+            }
+        }
+        if let Some(m) = r.reply {
+            st.send(Out::Msg(m));
+        }
+        if r.kick {
+            if let Some(d) = &st.direct {
+                d.kick();
+            }
+        }
+        match r.then {
+            Then::Read => {}
+            Then::Apply { event, ends } => {
+                if st.apply(event) {
                     let epoch = st.epoch;
                     drop(st);
                     crate::eager::closed_in_order(inner, shared.cid, epoch);
                     return true;
                 }
-                crate::eager::replicate_if_due(inner, shared, &mut st);
-            }
-            Frame::Msg(Msg::Ping { t }) => st.send(Out::Msg(Msg::Pong { t })),
-            Frame::Msg(Msg::Kick) => {
-                if let Some(d) = &st.direct {
-                    d.kick();
+                if ends {
+                    return true;
                 }
             }
-            Frame::Msg(Msg::UpFin { up_total }) => {
-                st.on_input(&shared.beat);
-                if let Err(why) = st.s.finish_input(up_total) {
-                    break why;
+            Then::Detach(d) => {
+                if d == Detach::Leaving {
+                    st.leaving = true;
                 }
-                if let Some(w) = st.read_waker.take() {
-                    w.wake();
-                }
+                break d.to_string();
             }
-            Frame::Msg(Msg::Leaving) => {
-                st.leaving = true;
-                break "the agent moves the connection elsewhere".into();
-            }
-            Frame::Msg(Msg::Close) => {
-                if st.apply(PhaseEvent::AgentClose) {
-                    let epoch = st.epoch;
-                    drop(st);
-                    crate::eager::closed_in_order(inner, shared.cid, epoch);
-                }
-                return true;
-            }
-            Frame::Msg(other) => break format!("unexpected {} in a session", other.name()),
+        }
+        if r.replicate {
+            crate::eager::replicate_if_due(inner, shared, &mut st);
         }
     };
     let mut st = shared.lock();

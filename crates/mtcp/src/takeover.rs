@@ -10,6 +10,7 @@ use crate::peer;
 use crate::registry::ServerInner;
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::takeover as core;
+use mtcp_proto::takeover::wait::{Event, Outcome, StateWait, Wait};
 use mtcp_proto::wire::{Migrate, RefuseCode, Resumed};
 use mtcp_proto::StateRecord;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +103,8 @@ pub(crate) async fn take_over(
 /// may have frozen the connection, fenced its backups and sent the state with a segment lost
 /// on the way — the connection then exists only in that answer. So when the replica cannot
 /// be had, the destination keeps reading the origin's answer
-/// ([`mtcp_proto::timing::origin_grace`]).
+/// ([`mtcp_proto::timing::origin_grace`]). The order and every bound are
+/// [`StateWait`]'s; this function only waits and reports.
 pub(crate) async fn fetch_or_replica(
     inner: &Arc<ServerInner>,
     origin: &crate::config::ServerEntry,
@@ -131,58 +133,68 @@ pub(crate) async fn fetch_or_replica(
     }
     let answered = AtomicBool::new(false);
     let fetch = peer::fetch(inner, origin, f, &answered);
-    if !crate::eager::eager(inner) {
-        let (fr, n) = fetch.await?;
-        return Ok((fr.rec, fr.tcp, n, None));
-    }
     tokio::pin!(fetch);
-    let first = mtcp_proto::timing::origin_wait(
-        inner.cluster.origin_wait,
-        &inner.peer_pool.rtt(&origin.id),
-    );
-    let (why, pending) = match tokio::time::timeout(first, &mut fetch).await {
-        Ok(Ok((fr, n))) => return Ok((fr.rec, fr.tcp, n, None)),
-        Ok(Err(Refusal {
-            code: RefuseCode::OriginUnreachable,
-            reason: why,
-        })) => (why, false),
-        Ok(Err(e)) => return Err(e),
-        Err(_) if answered.load(Ordering::Relaxed) => {
-            // WORKING came in time: the origin is alive (a lock_state section may delay it).
-            let (fr, n) = fetch.await?;
-            return Ok((fr.rec, fr.tcp, n, None));
+    let to_origin = inner.peer_pool.rtt(&origin.id);
+    let first = mtcp_proto::timing::origin_wait(inner.cluster.origin_wait, &to_origin);
+    let eager = crate::eager::eager(inner);
+    let mut plan = StateWait::new(eager, first, to_origin, peer::fetch_bound(inner));
+    // What the origin and the replica answered; the plan says which one ends the takeover.
+    let mut from_origin = None;
+    let mut from_replica = None;
+    loop {
+        let working = || answered.load(Ordering::Relaxed);
+        match plan.wait() {
+            Wait::Origin(bound) => {
+                let got = match bound {
+                    Some(b) => tokio::time::timeout(b, &mut fetch).await.ok(),
+                    None => Some((&mut fetch).await),
+                };
+                let ev = match &got {
+                    None => Event::Timeout,
+                    Some(r) => Event::Origin {
+                        ok: r.is_ok(),
+                        unreachable: matches!(r, Err(e) if e.code == RefuseCode::OriginUnreachable),
+                    },
+                };
+                if got.is_some() && from_replica.is_some() {
+                    tracing::info!(cid = %m.cid, "origin {} answered after all", origin.id);
+                }
+                from_origin = got;
+                plan.on(ev, working());
+            }
+            Wait::Replica => {
+                let why = match &from_origin {
+                    Some(Err(e)) => e.reason.clone(),
+                    _ => format!(
+                        "origin {} ({}): no answer within {first:?}",
+                        origin.id, origin.peer
+                    ),
+                };
+                tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
+                let got = crate::eager::take_from_replica(inner, origin, m).await;
+                let ev = Event::Replica(got.as_ref().err().map(|e| e.code));
+                from_replica = Some(got);
+                plan.on(ev, working());
+                if let (Wait::Origin(Some(grace)), Some(Err(e))) = (plan.wait(), &from_replica) {
+                    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({e}); waiting up to {grace:?} more for origin {}'s answer", origin.id);
+                }
+            }
+            Wait::Done(outcome) => {
+                let missing = || Refusal::new(RefuseCode::Internal, "takeover: no answer kept");
+                return match (outcome, from_origin, from_replica) {
+                    (Outcome::Origin, Some(r), _) => r.map(|(fr, n)| (fr.rec, fr.tcp, n, None)),
+                    (Outcome::Replica, _, Some(Ok((rec, n, claims)))) => {
+                        Ok((rec, None, n, Some(claims)))
+                    }
+                    (Outcome::ReplicaRefused, _, Some(Err(e))) => Err(e),
+                    (Outcome::BothRefused, Some(Err(o)), Some(Err(e))) => Err(Refusal::new(
+                        e.code,
+                        format!("{}; origin {}: {}", e.reason, origin.id, o.reason),
+                    )),
+                    _ => Err(missing()),
+                };
+            }
         }
-        Err(_) => (
-            format!(
-                "origin {} ({}): no answer within {first:?}",
-                origin.id, origin.peer
-            ),
-            true,
-        ),
-    };
-    tracing::warn!(cid = %m.cid, "{why}; taking the connection over from a replica");
-    let e = match crate::eager::take_from_replica(inner, origin, m).await {
-        Ok((rec, n, claims)) => return Ok((rec, None, n, Some(claims))),
-        Err(e) if pending => e,
-        Err(e) => return Err(e),
-    };
-    let grace = mtcp_proto::timing::origin_grace(
-        answered.load(Ordering::Relaxed),
-        e.code,
-        &inner.peer_pool.rtt(&origin.id),
-        peer::fetch_bound(inner),
-    );
-    tracing::warn!(cid = %m.cid, "takeover from a replica failed ({e}); waiting up to {grace:?} more for origin {}'s answer", origin.id);
-    match tokio::time::timeout(grace, fetch).await {
-        Ok(Ok((fr, n))) => {
-            tracing::info!(cid = %m.cid, "origin {} answered after all", origin.id);
-            Ok((fr.rec, fr.tcp, n, None))
-        }
-        Ok(Err(o)) => Err(Refusal::new(
-            e.code,
-            format!("{}; origin {}: {}", e.reason, origin.id, o.reason),
-        )),
-        Err(_) => Err(e),
     }
 }
 
