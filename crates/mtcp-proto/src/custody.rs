@@ -19,9 +19,11 @@ mod answer;
 mod lineage;
 mod own;
 mod word;
+mod yielding;
 pub use answer::read_fence;
 pub use lineage::{Lineage, Step, MAX_LINEAGE};
 pub use own::{prefenced, rehands_own};
+pub use yielding::{NotAnAnswer, YieldAnswer};
 
 /// What a keeper knows of the state it handed out.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 
 pub mod adopt;
 pub mod agent;
+pub mod answers;
 pub mod auth;
 pub mod bounds;
 pub mod channel;

@@ -11,39 +11,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A holder's answer to a keeper's YIELD
-/// ([`ServerInner::give_up`](crate::registry::ServerInner::give_up)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum YieldAnswer {
-    /// Given up before any RESUMED for the epoch went out from here: no agent holds its token.
-    Unanswered,
-    /// Given up after RESUMED went out (the connection built for it is let go): the agent
-    /// never spoke on that session, but may hold the epoch's token — unless the asker's word
-    /// rules that out (decision 66): with the agent's MIGRATE number it resumed for (0: not
-    /// known).
-    LetGo(u64),
-    /// Refused: the agent uses the epoch.
-    Refused,
-}
-
 /// A gate, when it was made (forgotten after `replica_ttl`), and the agent's MIGRATE number the
 /// epoch was taken over for (0 until RESUMED is about to go out).
 type Slot = (Option<Gate>, Instant, u64);
-
-/// The MIGRATE number in a holder's STATE answer to YIELD after RESUMED went out: one byte,
-/// then the number (8 bytes, little-endian; 0 if absent).
-pub(crate) fn let_go_attempt(b: &[u8]) -> u64 {
-    b.get(1..9)
-        .and_then(|n| n.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
-}
-
-/// That answer for MIGRATE number `attempt`.
-pub(crate) fn let_go_answer(attempt: u64) -> Vec<u8> {
-    let mut b = vec![1];
-    b.extend_from_slice(&attempt.to_le_bytes());
-    b
-}
 
 #[derive(Default)]
 pub(crate) struct Gates(Mutex<HashMap<(Cid, u64), Slot>>);
@@ -135,8 +105,5 @@ mod tests {
             Verdict::Refuse,
             "given up before answering"
         );
-        // The answer's encoding: one byte, then the number; an old one-byte answer reads 0.
-        assert_eq!(let_go_attempt(&let_go_answer(7)), 7);
-        assert_eq!(let_go_attempt(&[1]), 0);
     }
 }

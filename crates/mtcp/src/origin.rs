@@ -6,7 +6,7 @@ use crate::registry::ServerInner;
 use mtcp_proto::freeze::{may_freeze, still_serves, Freeze};
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::RefuseCode;
-use mtcp_proto::{Cid, StateRecord};
+use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -102,36 +102,7 @@ impl ServerInner {
     }
 }
 
-/// A frozen connection: its state record and, for a fast-path connection, its TCP connection.
-pub(crate) struct Frozen {
-    pub rec: StateRecord,
-    pub tcp: Option<DirectTcp>,
-}
-
-/// A frozen fast-path connection's TCP side.
-pub(crate) enum DirectTcp {
-    /// Frozen with `TCP_REPAIR`, to be recreated.
-    Repaired {
-        /// An encoded `mtcp_repair::TcpState`.
-        tcp: Vec<u8>,
-        /// The origin's fence table, where the client's flow is fenced until the destination
-        /// lifts it (decision 54).
-        fence: String,
-    },
-    /// The socket itself went to the destination's hand-over listener under `nonce`
-    /// (decision 56).
-    Handed { nonce: crate::handoff::Nonce },
-}
-
-impl DirectTcp {
-    /// Bytes it adds to the state that crosses the peer channel.
-    pub fn len(&self) -> usize {
-        match self {
-            DirectTcp::Repaired { tcp, .. } => tcp.len(),
-            DirectTcp::Handed { nonce } => nonce.len(),
-        }
-    }
-}
+pub(crate) use mtcp_proto::answers::{DirectTcp, Frozen};
 
 /// How long an origin's fence stays up if no destination lifts it (the destination died): then
 /// the kernel takes it down, and the client's next packet meets no socket and is reset, which

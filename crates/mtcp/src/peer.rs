@@ -19,15 +19,16 @@ pub use auth::{connect_authenticated, Opener};
 
 use crate::config::ServerEntry;
 use crate::framed::ChannelError;
-use crate::gate::YieldAnswer;
 use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::tls::ClientTls;
+use mtcp_proto::answers;
+use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Holding, Msg, RefuseCode, ServerStatus};
-use mtcp_proto::{Cid, ClusterKey, PortKind, StateRecord};
+use mtcp_proto::{Cid, ClusterKey, PortKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,51 +187,7 @@ pub(crate) async fn fetch(
         Refusal::origin_unreachable(format!("origin {} ({}): {e}", origin.id, origin.peer))
     })?;
     crate::movetrace::step(TraceRole::Destination, f.cid, "state_rx");
-    // The frame was bounded before it was read; the record in it is held to max_record before
-    // it is decoded (decoding costs about 1.6 times its size again).
-    let fits = |len: usize| {
-        mtcp_proto::bounds::record_fits(len, inner.limits.max_record)
-            .map_err(|e| Refusal::too_large(format!("origin {}: {e}", origin.id)))
-    };
-    match msg {
-        Msg::State(b) if b.len() > inner.limits.max_record => Err(fits(b.len()).unwrap_err()),
-        Msg::DirectState { record, .. } | Msg::HandedState { record, .. }
-            if record.len() > inner.limits.max_record =>
-        {
-            Err(fits(record.len()).unwrap_err())
-        }
-        Msg::State(b) => StateRecord::decode(&b)
-            .map(|rec| (Frozen { rec, tcp: None }, b.len() as u64))
-            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
-        Msg::DirectState { record, tcp, fence } => StateRecord::decode(&record)
-            .map(|rec| {
-                let n = (record.len() + tcp.len()) as u64;
-                (
-                    Frozen {
-                        rec,
-                        tcp: Some(crate::origin::DirectTcp::Repaired { tcp, fence }),
-                    },
-                    n,
-                )
-            })
-            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
-        Msg::HandedState { record, nonce } => StateRecord::decode(&record)
-            .map(|rec| {
-                let n = (record.len() + nonce.len()) as u64;
-                let tcp = Some(crate::origin::DirectTcp::Handed { nonce });
-                (Frozen { rec, tcp }, n)
-            })
-            .map_err(|e| Refusal::internal(format!("origin {}: {e}", origin.id))),
-        Msg::Refused { code, reason } => Err(Refusal::new(
-            code,
-            format!("origin {}: {reason}", origin.id),
-        )),
-        other => Err(Refusal::internal(format!(
-            "origin {} answered {}",
-            origin.id,
-            other.name()
-        ))),
-    }
+    answers::read_state(&origin.id, msg, inner.limits.max_record)
 }
 
 /// Eager mode: stores an encoded record at backup `to`.
@@ -240,40 +197,18 @@ pub(crate) async fn replicate(
     rec: Vec<u8>,
 ) -> Result<(), ReplicateError> {
     let t = inner.limits.fetch_timeout;
-    let err = |code, why| ReplicateError {
-        code,
-        why,
-        taken: None,
-        down: false,
-    };
     match call(inner, to, &Msg::Replicate(rec), t, t).await {
-        Ok(Msg::ReplicaStored { .. }) => Ok(()),
-        Ok(Msg::Taken {
-            cid,
-            epoch,
-            by,
-            label,
-        }) => Err(ReplicateError {
-            code: Some(RefuseCode::StaleEpoch),
-            why: format!(
-                "{}: connection {cid} at epoch {epoch} was taken over by {by}",
-                to.id
-            ),
-            taken: Some(mtcp_proto::custody::Custody {
-                epoch,
-                holder: by,
-                label,
-            }),
+        Ok(reply) => answers::read_replicated(&to.id, reply).map_err(|n| ReplicateError {
+            code: n.code,
+            why: n.why,
+            taken: n.taken,
             down: false,
         }),
-        Ok(Msg::Refused { code, reason }) => Err(err(
-            Some(code),
-            format!("{} refused ({code:?}): {reason}", to.id),
-        )),
-        Ok(other) => Err(err(None, format!("{} answered {}", to.id, other.name()))),
         Err(e) => Err(ReplicateError {
+            code: None,
+            why: format!("{} ({}): {e}", to.id, to.peer),
+            taken: None,
             down: matches!(&e, ChannelError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused),
-            ..err(None, format!("{} ({}): {e}", to.id, to.peer))
         }),
     }
 }
@@ -357,10 +292,7 @@ pub(crate) async fn ask_yield(
     )
     .await
     {
-        Ok(Msg::State(b)) if b.is_empty() => Ok(YieldAnswer::Unanswered),
-        Ok(Msg::State(b)) => Ok(YieldAnswer::LetGo(crate::gate::let_go_attempt(&b))),
-        Ok(Msg::Refused { .. }) => Ok(YieldAnswer::Refused),
-        Ok(other) => Err(format!("answered {}", other.name())),
+        Ok(reply) => YieldAnswer::read(&reply).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -372,16 +304,10 @@ async fn claim_msg(
     t: Duration,
 ) -> Result<Claimed, Refusal> {
     match call(inner, to, m, t, t).await {
-        Ok(Msg::State(b)) if b.is_empty() => Ok(Claimed::Nothing),
-        Ok(Msg::State(b)) => Ok(Claimed::Record(b)),
-        Ok(Msg::Refused { code, reason }) => {
-            Err(Refusal::new(code, format!("backup {}: {reason}", to.id)))
-        }
-        Ok(other) => Err(Refusal::internal(format!(
-            "backup {} answered {}",
-            to.id,
-            other.name()
-        ))),
+        Ok(reply) => Ok(match answers::read_claimed(&to.id, reply)? {
+            Some(b) => Claimed::Record(b),
+            None => Claimed::Nothing,
+        }),
         Err(e) => Err(Refusal::origin_unreachable(format!(
             "backup {} ({}): {e}",
             to.id, to.peer
@@ -394,9 +320,10 @@ async fn claim_msg(
 pub(crate) async fn release(inner: &Arc<ServerInner>, to: &ServerEntry, cid: Cid, epoch: u64) {
     let t = inner.limits.fetch_timeout;
     match call(inner, to, &Msg::ReleaseClaim { cid, epoch }, t, t).await {
-        Ok(Msg::ReplicaStored { .. }) => {}
-        Ok(other) => {
-            tracing::warn!(%cid, backup = %to.id, "releasing the claim: answered {}", other.name())
+        Ok(reply) => {
+            if let Err(name) = answers::read_released(&reply) {
+                tracing::warn!(%cid, backup = %to.id, "releasing the claim: answered {name}")
+            }
         }
         Err(e) => tracing::warn!(%cid, backup = %to.id, "could not release the claim: {e}"),
     }

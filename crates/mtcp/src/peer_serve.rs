@@ -3,7 +3,6 @@
 //! authenticated.
 
 use crate::framed::ChannelError;
-use crate::gate::YieldAnswer;
 use crate::movetrace::Role as TraceRole;
 use crate::origin::{Fetch, Frozen};
 use crate::peer::{
@@ -12,6 +11,8 @@ use crate::peer::{
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::stream::{Stream, WriteHalf};
+use mtcp_proto::answers;
+use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::{Cid, PortKind, StateRecord};
 use std::net::SocketAddr;
@@ -107,22 +108,7 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                             b
                         };
                         match r {
-                            Ok(Frozen { rec, tcp: None }) => Msg::State(encode(rec)),
-                            Ok(Frozen {
-                                rec,
-                                tcp: Some(crate::origin::DirectTcp::Repaired { tcp, fence }),
-                            }) => Msg::DirectState {
-                                record: encode(rec),
-                                tcp,
-                                fence,
-                            },
-                            Ok(Frozen {
-                                rec,
-                                tcp: Some(crate::origin::DirectTcp::Handed { nonce }),
-                            }) => Msg::HandedState {
-                                record: encode(rec),
-                                nonce,
-                            },
+                            Ok(Frozen { rec, tcp }) => answers::state_msg(encode(rec), tcp),
                             Err(r) => Msg::from(r),
                         }
                     }
@@ -152,62 +138,52 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                 cid,
                 epoch,
                 holding,
-            }) => {
-                match crate::eager::claim_here(&inner, cid, epoch, &from, &holding).await {
-                    Ok(Claimed::Record(b)) => {
-                        tracing::info!(target: "mtcp::peer", %cid, epoch, by = %from, "replica claimed");
-                        Msg::State(b)
-                    }
-                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err(r) => Msg::from(r),
+            }) => match crate::eager::claim_here(&inner, cid, epoch, &from, &holding).await {
+                Ok(Claimed::Record(b)) => {
+                    tracing::info!(target: "mtcp::peer", %cid, epoch, by = %from, "replica claimed");
+                    Msg::State(b)
                 }
-            }
+                Ok(Claimed::Nothing) => Msg::State(Vec::new()),
+                Err(r) => Msg::from(r),
+            },
             Ok(Msg::Yield {
                 cid,
                 epoch,
                 attempt,
-            }) => match inner.give_up(cid, epoch, attempt) {
-                YieldAnswer::Unanswered => {
-                    tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
-                    Msg::State(Vec::new())
+            }) => {
+                let answer = inner.give_up(cid, epoch, attempt);
+                match answer {
+                    YieldAnswer::Unanswered => {
+                        tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up before RESUMED went out");
+                    }
+                    YieldAnswer::LetGo(_) => {
+                        tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up after RESUMED went out (the agent never used it)");
+                    }
+                    YieldAnswer::Refused => {}
                 }
-                YieldAnswer::LetGo(served) => {
-                    tracing::info!(target: "mtcp::peer", %cid, epoch, keeper = %from, "epoch given up after RESUMED went out (the agent never used it)");
-                    Msg::State(crate::gate::let_go_answer(served))
-                }
-                YieldAnswer::Refused => Msg::Refused {
-                    code: RefuseCode::StaleEpoch,
-                    reason: format!(
-                        "server {} already answered the agent for epoch {epoch} of {cid}, or took it over for a later MIGRATE",
-                        inner.id
-                    ),
-                },
-            },
+                answer.to_msg(&inner.id, cid, epoch)
+            }
             Ok(Msg::FenceEpoch {
                 cid, epoch, ref by, ..
-            }) if inner.cluster.server(by).is_none() => {
-                Msg::Refused {
-                    code: RefuseCode::Internal,
-                    reason: format!(
-                        "fence of epoch {epoch} of {cid} for {by:?}, not a server of the cluster"
-                    ),
-                }
-            }
+            }) if inner.cluster.server(by).is_none() => Msg::Refused {
+                code: RefuseCode::Internal,
+                reason: format!(
+                    "fence of epoch {epoch} of {cid} for {by:?}, not a server of the cluster"
+                ),
+            },
             Ok(Msg::FenceEpoch {
                 cid,
                 epoch,
                 by,
                 holding,
-            }) => {
-                match crate::eager::fence_here(&inner, cid, epoch, &by, &holding).await {
-                    Ok(Claimed::Record(b)) => {
-                        tracing::info!(target: "mtcp::peer", %cid, epoch, by = %by, from = %from, "epoch fenced (its replica handed to the fencer)");
-                        Msg::State(b)
-                    }
-                    Ok(Claimed::Nothing) => Msg::State(Vec::new()),
-                    Err(r) => Msg::from(r),
+            }) => match crate::eager::fence_here(&inner, cid, epoch, &by, &holding).await {
+                Ok(Claimed::Record(b)) => {
+                    tracing::info!(target: "mtcp::peer", %cid, epoch, by = %by, from = %from, "epoch fenced (its replica handed to the fencer)");
+                    Msg::State(b)
                 }
-            }
+                Ok(Claimed::Nothing) => Msg::State(Vec::new()),
+                Err(r) => Msg::from(r),
+            },
             Ok(Msg::ReleaseClaim { cid, epoch }) => {
                 if inner.replicas.release(cid, epoch, &from) {
                     tracing::info!(target: "mtcp::peer", %cid, epoch, by = %from, "claim released (the takeover failed)");

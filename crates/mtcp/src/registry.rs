@@ -4,8 +4,8 @@
 
 use crate::config::{Cluster, Limits};
 use crate::conn_state::{Accepted, Phase, PhaseEvent, Shared};
-use crate::gate::YieldAnswer;
 use mtcp_proto::custody::Verdict;
+use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::wire::{HintReason, ServerStatus};
 use mtcp_proto::Cid;
 use std::collections::HashMap;
@@ -266,33 +266,26 @@ impl ServerInner {
     /// connection built for that epoch whose agent never spoke is let go: it never serves
     /// again.
     pub(crate) fn give_up(&self, cid: Cid, epoch: u64, asker: u64) -> YieldAnswer {
-        let Some((verdict, served)) = self.gates.yield_for(cid, epoch, asker) else {
+        let verdict = self.gates.yield_for(cid, epoch, asker);
+        let answer = YieldAnswer::of(verdict.map(|(v, _)| v), verdict.map_or(0, |(_, s)| s));
+        if verdict.is_none() {
             tracing::info!(target: "mtcp::gate", %cid, epoch, asker, "refusing to give up an epoch taken over for a later MIGRATE than the asker's");
-            return YieldAnswer::Refused;
-        };
-        match verdict {
-            Verdict::Go => YieldAnswer::Unanswered,
-            Verdict::Refuse => YieldAnswer::Refused,
-            Verdict::LetGo => {
-                let Some(shared) = self.get(&cid) else {
-                    return YieldAnswer::LetGo(served);
-                };
-                {
-                    let mut st = shared.lock();
-                    // The epoch only: the gate let go of `epoch`, so only a connection built
-                    // for it is let go; one at another epoch is not that one. The phase needs
-                    // no check: `LetGo` changes nothing in a final phase.
-                    if st.epoch != epoch {
-                        return YieldAnswer::LetGo(served);
-                    }
-                    tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
-                    st.apply(PhaseEvent::LetGo);
-                    st.repl.confirm = None;
-                    st.repl.commit.let_go();
-                }
-                self.forget(cid);
-                YieldAnswer::LetGo(served)
-            }
         }
+        let Some(shared) = self.get(&cid) else {
+            return answer;
+        };
+        {
+            let mut st = shared.lock();
+            // The phase needs no check: `LetGo` changes nothing in a final phase.
+            if !answer.lets_go(st.epoch, epoch) {
+                return answer;
+            }
+            tracing::warn!(target: "mtcp::gate", %cid, epoch, "giving up an epoch whose RESUMED the agent never used (it had moved on); letting the connection go");
+            st.apply(PhaseEvent::LetGo);
+            st.repl.confirm = None;
+            st.repl.commit.let_go();
+        }
+        self.forget(cid);
+        answer
     }
 }

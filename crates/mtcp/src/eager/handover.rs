@@ -4,11 +4,11 @@
 
 use super::eager;
 use crate::custody::Fenced;
-use crate::gate::YieldAnswer;
 use crate::origin::Fetch;
 use crate::peer;
 use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
+use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::custody::{read_fence, Custody, Fence, GaveUp};
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Holding, RefuseCode};
@@ -275,14 +275,11 @@ fn needs_no_fence(
     holder: &str,
     epoch: u64,
 ) -> bool {
-    match answer {
-        YieldAnswer::Unanswered => true,
-        YieldAnswer::LetGo(a) if word.rules_out(a, epoch) => {
-            tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
-            true
-        }
-        YieldAnswer::LetGo(_) | YieldAnswer::Refused => false,
+    let needless = answer.needs_no_fence(word, epoch);
+    if needless && matches!(answer, YieldAnswer::LetGo(_)) {
+        tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
     }
+    needless
 }
 
 /// A fence of `epoch` of `cid` for `by` at this server's replica store (FENCEEPOCH, or this

@@ -3,24 +3,14 @@
 //! `fence_here`, `claim_here` and `ask_to_yield`, played in one step.
 
 use super::*;
-use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict};
+use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict, YieldAnswer};
 use mtcp_proto::replica::{ClaimError, Dropped, Granted, Slot, Store};
 use mtcp_proto::wire::{Holding, RefuseCode};
 use rand::Rng;
 
-/// A holder's answer to YIELD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Yield {
-    /// Not reached (down or hung).
-    Unreached,
-    /// Given up before any RESUMED for it went out.
-    Unanswered,
-    /// Given up after RESUMED went out: the connection built for it is let go. With the
-    /// agent's MIGRATE number it had resumed for (0: not known).
-    LetGo(u64),
-    /// The agent uses the epoch.
-    Refused,
-}
+/// A holder's answer to YIELD (the runtime's, `custody::YieldAnswer`), or `None`: not reached
+/// (down or hung).
+pub(super) type Yield = Option<YieldAnswer>;
 
 /// What a push to every backup of a server did.
 pub(super) struct Pushed {
@@ -63,14 +53,11 @@ impl World {
     /// gave the epoch up before answering, or after, at an epoch the agent's word `word`
     /// rules out (decision 66).
     pub(super) fn unanswered(&mut self, y: Yield, word: &Holding, epoch: u64) -> bool {
-        match y {
-            Yield::Unanswered => true,
-            Yield::LetGo(a) if word.rules_out(a, epoch) => {
-                self.disowned += 1;
-                true
-            }
-            _ => false,
+        let needless = y.is_some_and(|a| a.needs_no_fence(word, epoch));
+        if needless && matches!(y, Some(YieldAnswer::LetGo(_))) {
+            self.disowned += 1;
         }
+        needless
     }
 
     /// `s`'s gate for `epoch` meets `e`.
@@ -92,7 +79,7 @@ impl World {
     /// A keeper asks `holder` to give `epoch` up (YIELD).
     pub(super) fn ask_yield(&mut self, holder: usize, epoch: u64, word: &Holding) -> Yield {
         if !self.reachable(holder) {
-            return Yield::Unreached;
+            return None;
         }
         let served = self.servers[holder]
             .served
@@ -102,18 +89,14 @@ impl World {
         if word.stale_for(served) {
             // Asked for a MIGRATE older than the one it resumed for (decision 66).
             self.stale_yields += 1;
-            return Yield::Refused;
+            return Some(YieldAnswer::Refused);
         }
-        match self.settle(holder, epoch, GateEvent::Yield) {
-            Verdict::Go => Yield::Unanswered,
-            Verdict::Refuse => Yield::Refused,
-            Verdict::LetGo => {
-                let attempt = served;
-                if self.servers[holder]
-                    .conn
-                    .as_ref()
-                    .is_some_and(|h| h.epoch == epoch)
-                {
+        let answer = YieldAnswer::of(Some(self.settle(holder, epoch, GateEvent::Yield)), served);
+        match answer {
+            YieldAnswer::Unanswered | YieldAnswer::Refused => {}
+            YieldAnswer::LetGo(_) => {
+                let serving = self.servers[holder].conn.as_ref().map(|h| h.epoch);
+                if serving.is_some_and(|e| answer.lets_go(e, epoch)) {
                     self.servers[holder].conn = None;
                     self.trace(format!("{} lets epoch {epoch} go", SERVERS[holder]));
                     if self.serving == holder {
@@ -123,9 +106,9 @@ impl World {
                     }
                 }
                 self.let_gos += 1;
-                Yield::LetGo(attempt)
             }
         }
+        Some(answer)
     }
 
     /// `from` pushes `rec` to every backup of it, each tried (the runtime's `eager::push`).
@@ -228,7 +211,7 @@ impl World {
                 let y = self.ask_yield(holder, seen.label + 1, word);
                 let gave_up = match y {
                     _ if self.unanswered(y, word, seen.label + 1) => GaveUp::Unanswered,
-                    Yield::LetGo(_) => {
+                    Some(YieldAnswer::LetGo(_)) => {
                         self.passes_answered += 1;
                         if agents {
                             // Issue 15's question: the agent holds this RESUMED's token and
@@ -355,14 +338,15 @@ impl World {
                 let next = seen.successor(epoch).map_err(|e| e.code)?;
                 let holder = server_index(&seen.holder);
                 let y = self.ask_yield(holder, next, word);
-                if y == Yield::Refused {
+                if y == Some(YieldAnswer::Refused) {
                     return Err(RefuseCode::StaleEpoch);
                 }
                 // Fenced on behalf of the destination: its claims at the origin's other
                 // backups fence the same epoch again, which must not refuse it.
                 let f = self.fence_holder(holder, next, dest, word);
                 let unanswered = self.unanswered(y, word, next);
-                let unfenced = matches!(y, Yield::LetGo(_)) && !unanswered && f.unreached();
+                let unfenced =
+                    matches!(y, Some(YieldAnswer::LetGo(_))) && !unanswered && f.unreached();
                 let Some((slot, _)) = self.servers[b].entry.as_mut() else {
                     // A fence of the holder's own backups reached this store and changed it.
                     return Err(RefuseCode::StaleEpoch);

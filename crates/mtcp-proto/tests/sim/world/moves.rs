@@ -1,9 +1,9 @@
 //! A move: the agent's plan, the destination's takeover, the FETCH (from the origin, a
 //! keeper's custody or a backup's replica).
 
-use super::claims::Yield;
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
+use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::custody::{self, Fence, GateEvent, Handout, Step, Verdict};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
 use mtcp_proto::takeover::{self, pick::Pick};
@@ -313,7 +313,7 @@ impl World {
                             return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
                         }
                     }
-                    if self.ask_yield(o, e, &m.holding) == Yield::Refused {
+                    if self.ask_yield(o, e, &m.holding) == Some(YieldAnswer::Refused) {
                         return refused(RefuseCode::StaleEpoch, "origin's own epoch is heard");
                     }
                     self.own_rehands += 1;
@@ -334,7 +334,7 @@ impl World {
                 .map_err(|e| format!("custody: {e}"))?;
             let holder = server_index(&custody.holder);
             let y = self.ask_yield(holder, next, &m.holding);
-            if y == Yield::Refused {
+            if y == Some(YieldAnswer::Refused) {
                 return refused(RefuseCode::StaleEpoch, "holder refused to yield");
             }
             let f = self.fence_holder(holder, next, o, &m.holding);
@@ -343,8 +343,9 @@ impl World {
                 match custody.supersede(SERVERS[dest], &f.fences, f.floor, unanswered) {
                     Ok(x) => x,
                     Err(Refusal { code, .. }) => {
-                        self.unfenced |=
-                            matches!(y, Yield::LetGo(_)) && !unanswered && f.unreached();
+                        self.unfenced |= matches!(y, Some(YieldAnswer::LetGo(_)))
+                            && !unanswered
+                            && f.unreached();
                         return refused(code, "custody: cannot supersede");
                     }
                 };

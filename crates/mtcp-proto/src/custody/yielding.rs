@@ -1,0 +1,189 @@
+//! A holder's answer to a keeper's YIELD (decisions 48 and 66): what the holder answers, how it
+//! goes on the wire, how the keeper reads it, and whether the keeper still needs to fence the
+//! epoch afterwards. The runtime's holder (`mtcp/src/registry.rs`, `give_up`) and keeper
+//! (`mtcp/src/eager/handover.rs`, `ask_holder`) only carry these out.
+
+use super::Verdict;
+use crate::wire::{Holding, Msg, RefuseCode};
+use crate::Cid;
+
+/// A holder's answer to YIELD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum YieldAnswer {
+    /// Given up before any RESUMED for the epoch went out: no agent holds its token.
+    Unanswered,
+    /// Given up after RESUMED went out (the connection built for it is let go): the agent
+    /// never spoke on that session, but may hold the epoch's token — unless the asker's word
+    /// rules that out (decision 66): with the agent's MIGRATE number it resumed for (0: not
+    /// known).
+    LetGo(u64),
+    /// Refused: the agent uses the epoch, or the request is for an older MIGRATE than the one
+    /// the holder resumed for.
+    Refused,
+}
+
+/// A reply to YIELD that is none of the answers.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("answered {0}")]
+pub struct NotAnAnswer(pub &'static str);
+
+impl YieldAnswer {
+    /// The holder's answer, from its gate's verdict on the yield (`None`: refused before the
+    /// gate, the request being for an older MIGRATE, [`Holding::stale_for`]) and the MIGRATE
+    /// number the epoch was served for.
+    pub fn of(verdict: Option<Verdict>, served: u64) -> Self {
+        match verdict {
+            Some(Verdict::Go) => YieldAnswer::Unanswered,
+            Some(Verdict::LetGo) => YieldAnswer::LetGo(served),
+            Some(Verdict::Refuse) | None => YieldAnswer::Refused,
+        }
+    }
+
+    /// Whether a holder giving `epoch` up lets go of its connection, which it serves at
+    /// `serving`: only after RESUMED went out, and only the connection built for that epoch (one
+    /// at another epoch is not that one).
+    pub fn lets_go(self, serving: u64, epoch: u64) -> bool {
+        matches!(self, YieldAnswer::LetGo(_)) && serving == epoch
+    }
+
+    /// The answer on the wire, from server `me` for `epoch` of `cid`: STATE with nothing
+    /// (unanswered), STATE with one byte and the MIGRATE number (8 bytes, little-endian: let
+    /// go), or REFUSED `StaleEpoch`.
+    pub fn to_msg(self, me: &str, cid: Cid, epoch: u64) -> Msg {
+        match self {
+            YieldAnswer::Unanswered => Msg::State(Vec::new()),
+            YieldAnswer::LetGo(attempt) => {
+                let mut b = vec![1];
+                b.extend_from_slice(&attempt.to_le_bytes());
+                Msg::State(b)
+            }
+            YieldAnswer::Refused => Msg::Refused {
+                code: RefuseCode::StaleEpoch,
+                reason: format!(
+                    "server {me} already answered the agent for epoch {epoch} of {cid}, or took it over for a later MIGRATE"
+                ),
+            },
+        }
+    }
+
+    /// The keeper reads a holder's reply. A STATE too short to carry the MIGRATE number
+    /// (an older holder's) reads as let go for an unknown one (0), which rules nothing out.
+    pub fn read(reply: &Msg) -> Result<Self, NotAnAnswer> {
+        match reply {
+            Msg::State(b) if b.is_empty() => Ok(YieldAnswer::Unanswered),
+            Msg::State(b) => Ok(YieldAnswer::LetGo(
+                b.get(1..9)
+                    .and_then(|n| n.try_into().ok())
+                    .map_or(0, u64::from_le_bytes),
+            )),
+            Msg::Refused { .. } => Ok(YieldAnswer::Refused),
+            other => Err(NotAnAnswer(other.name())),
+        }
+    }
+
+    /// Whether, after this answer, a fence of `epoch` is needless: no agent will ever use it —
+    /// given up before any RESUMED for it went out, or after, for a MIGRATE the agent's word
+    /// rules out ([`Holding::rules_out`]).
+    pub fn needs_no_fence(self, word: &Holding, epoch: u64) -> bool {
+        match self {
+            YieldAnswer::Unanswered => true,
+            YieldAnswer::LetGo(attempt) => word.rules_out(attempt, epoch),
+            YieldAnswer::Refused => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid() -> Cid {
+        Cid([7; 16])
+    }
+
+    #[test]
+    fn the_gate_s_verdict_becomes_the_answer_and_a_stale_request_is_refused() {
+        assert_eq!(
+            YieldAnswer::of(Some(Verdict::Go), 4),
+            YieldAnswer::Unanswered
+        );
+        assert_eq!(
+            YieldAnswer::of(Some(Verdict::LetGo), 4),
+            YieldAnswer::LetGo(4)
+        );
+        assert_eq!(
+            YieldAnswer::of(Some(Verdict::Refuse), 4),
+            YieldAnswer::Refused
+        );
+        assert_eq!(YieldAnswer::of(None, 4), YieldAnswer::Refused);
+    }
+
+    #[test]
+    fn only_a_let_go_lets_go_and_only_the_connection_built_for_that_epoch() {
+        assert!(YieldAnswer::LetGo(1).lets_go(3, 3));
+        assert!(!YieldAnswer::LetGo(1).lets_go(4, 3));
+        assert!(!YieldAnswer::Unanswered.lets_go(3, 3));
+        assert!(!YieldAnswer::Refused.lets_go(3, 3));
+    }
+
+    #[test]
+    fn every_answer_reads_back_as_itself() {
+        for a in [
+            YieldAnswer::Unanswered,
+            YieldAnswer::LetGo(0),
+            YieldAnswer::LetGo(7),
+            YieldAnswer::LetGo(u64::MAX),
+            YieldAnswer::Refused,
+        ] {
+            let m = a.to_msg("s2", cid(), 5);
+            let mut buf = bytes::BytesMut::new();
+            m.encode(&mut buf);
+            let Some(crate::Frame::Msg(back)) =
+                crate::FrameDecoder::new(1 << 20).decode(&mut buf).unwrap()
+            else {
+                panic!("{m:?} did not decode as a message")
+            };
+            assert_eq!(YieldAnswer::read(&back), Ok(a), "{m:?}");
+        }
+        let Msg::Refused { code, reason } = YieldAnswer::Refused.to_msg("s2", cid(), 5) else {
+            panic!()
+        };
+        assert_eq!(code, RefuseCode::StaleEpoch);
+        assert!(
+            reason.contains("server s2") && reason.contains("epoch 5"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_short_let_go_names_no_migrate_and_other_replies_are_not_answers() {
+        assert_eq!(
+            YieldAnswer::read(&Msg::State(vec![1])),
+            Ok(YieldAnswer::LetGo(0))
+        );
+        assert_eq!(
+            YieldAnswer::read(&Msg::State(vec![1, 2, 3])),
+            Ok(YieldAnswer::LetGo(0))
+        );
+        let e = YieldAnswer::read(&Msg::Pong { t: 1 }).unwrap_err();
+        assert_eq!(e.to_string(), "answered Pong");
+    }
+
+    #[test]
+    fn a_fence_is_needless_after_an_unanswered_epoch_or_a_let_go_the_word_rules_out() {
+        let word = Holding {
+            attempt: 3,
+            epochs: vec![6],
+        };
+        assert!(YieldAnswer::Unanswered.needs_no_fence(&word, 5));
+        // Let go after RESUMED for MIGRATE 2, epoch 5 not held: the agent cannot use it.
+        assert!(YieldAnswer::LetGo(2).needs_no_fence(&word, 5));
+        // Held still, or served for this MIGRATE or a later one, or for an unknown one: fence.
+        assert!(!YieldAnswer::LetGo(2).needs_no_fence(&word, 6));
+        assert!(!YieldAnswer::LetGo(3).needs_no_fence(&word, 5));
+        assert!(!YieldAnswer::LetGo(0).needs_no_fence(&word, 5));
+        assert!(!YieldAnswer::Refused.needs_no_fence(&word, 5));
+        // A word that says nothing rules nothing out.
+        assert!(!YieldAnswer::LetGo(2).needs_no_fence(&Holding::default(), 5));
+    }
+}
