@@ -94,6 +94,9 @@ pub struct NotStored {
     pub why: String,
     /// A destination took the connection over from that backup's replica (TAKEN).
     pub taken: Option<Custody>,
+    /// The backup's peer port refused the connection: no server process runs there (set by
+    /// the runtime, which sees the connection fail; never by a reply).
+    pub down: bool,
 }
 
 /// Reads backup `to`'s reply to REPLICATE: stored, or why not.
@@ -102,6 +105,7 @@ pub fn read_replicated(to: &str, reply: Msg) -> Result<(), NotStored> {
         code,
         why,
         taken: None,
+        down: false,
     };
     match reply {
         Msg::ReplicaStored { .. } => Ok(()),
@@ -118,6 +122,7 @@ pub fn read_replicated(to: &str, reply: Msg) -> Result<(), NotStored> {
                 holder: by,
                 label,
             }),
+            down: false,
         }),
         Msg::Refused { code, reason } => Err(not(
             Some(code),

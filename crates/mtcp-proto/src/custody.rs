@@ -16,11 +16,13 @@ use crate::stream::Refusal;
 use crate::wire::RefuseCode;
 
 mod answer;
+mod handout;
 mod lineage;
 mod own;
 mod word;
 mod yielding;
 pub use answer::read_fence;
+pub use handout::{rehand_from, OwnFence, OwnFences, RehandFrom};
 pub use lineage::{Lineage, Step, MAX_LINEAGE};
 pub use own::{prefenced, rehands_own};
 pub use yielding::{NotAnAnswer, YieldAnswer};

@@ -3,8 +3,10 @@
 //! process of a trusted uid ([`crate::adopt::admit_session`], decision 39), and a draining
 //! server takes no new connection at all.
 
+use crate::auth::{Cid, Token};
 use crate::refusal::Refusal;
-use crate::wire::RefuseCode;
+use crate::takeover::Destination;
+use crate::wire::{Migrate, Mode, Msg, RefuseCode, Welcome, CAP_DIRECT};
 
 /// What the server knows when a HELLO arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,74 @@ pub fn admit_hello(h: &Hello, server: &str) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+/// What a session opens with: its first message, sorted (a server's data port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// HELLO: a new connection; `fast_path` when the agent asks for the kernel fast path
+    /// (`CAP_DIRECT`: the client's connection itself follows WELCOME).
+    Hello { fast_path: bool },
+    /// MIGRATE: a connection moving here.
+    Migrate(Migrate),
+    /// WATCH: an agent watches its connections here.
+    Watch { cid: Cid, epoch: u64, token: Token },
+    /// PROBE: an agent measures the path to this server.
+    Probe { t: u64 },
+}
+
+/// Sorts a session's first message; anything else is refused as malformed.
+pub fn opening(first: Msg) -> Result<Opening, Refusal> {
+    match first {
+        Msg::Hello { caps, .. } => Ok(Opening::Hello {
+            fast_path: caps & CAP_DIRECT != 0,
+        }),
+        Msg::Migrate(m) => Ok(Opening::Migrate(m)),
+        Msg::Watch { cid, epoch, token } => Ok(Opening::Watch { cid, epoch, token }),
+        Msg::Probe { t } => Ok(Opening::Probe { t }),
+        other => Err(Refusal::new(
+            RefuseCode::Malformed,
+            format!(
+                "expected HELLO, MIGRATE, WATCH or PROBE, got {}",
+                other.name()
+            ),
+        )),
+    }
+}
+
+/// The WELCOME for new connection `cid`, at epoch 0 with its token, from server `at`.
+pub fn welcome(at: Destination<'_>, cid: Cid, token: Token, mode: Mode) -> Welcome {
+    Welcome {
+        server: at.id.to_string(),
+        cid,
+        epoch: 0,
+        token,
+        alternates: at.alternates,
+        mode,
+        heartbeat_ms: at.heartbeat_ms,
+        idle_ms: at.idle_ms,
+    }
+}
+
+/// How a fast-path agent passes the client's connection after WELCOME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// ADOPT: frozen with `TCP_REPAIR` (an encoded `mtcp_repair::TcpState`), to be recreated.
+    Repaired(Vec<u8>),
+    /// ADOPTHANDED: the socket itself, handed to this host's hand-over listener under a nonce.
+    Handed([u8; 16]),
+}
+
+/// Reads what follows WELCOME on a fast-path session; anything else is refused as malformed.
+pub fn adoption(next: Msg) -> Result<Adoption, Refusal> {
+    match next {
+        Msg::Adopt(tcp) => Ok(Adoption::Repaired(tcp)),
+        Msg::AdoptHanded { nonce } => Ok(Adoption::Handed(nonce)),
+        other => Err(Refusal::new(
+            RefuseCode::Malformed,
+            format!("expected ADOPT, got {}", other.name()),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -166,5 +236,73 @@ mod tests {
         assert!(Hello::needs_owner(true, true));
         assert!(!Hello::needs_owner(true, false));
         assert!(!Hello::needs_owner(false, true));
+    }
+
+    #[test]
+    fn a_session_opens_with_hello_migrate_watch_or_probe_and_nothing_else() {
+        let hello = |caps| Msg::Hello {
+            caps,
+            orig_dst: None,
+        };
+        assert_eq!(opening(hello(0)), Ok(Opening::Hello { fast_path: false }));
+        assert_eq!(
+            opening(hello(CAP_DIRECT | 0x100)),
+            Ok(Opening::Hello { fast_path: true })
+        );
+        assert_eq!(opening(Msg::Probe { t: 5 }), Ok(Opening::Probe { t: 5 }));
+        let (cid, token) = (Cid([2; 16]), Token([3; 32]));
+        assert_eq!(
+            opening(Msg::Watch {
+                cid,
+                epoch: 4,
+                token
+            }),
+            Ok(Opening::Watch {
+                cid,
+                epoch: 4,
+                token
+            })
+        );
+        for m in [Msg::Kick, Msg::Ping { t: 1 }, Msg::Adopted] {
+            let name = m.name();
+            let r = opening(m).unwrap_err();
+            assert_eq!(r.code, RefuseCode::Malformed);
+            assert_eq!(
+                r.reason,
+                format!("expected HELLO, MIGRATE, WATCH or PROBE, got {name}")
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_connection_is_welcomed_at_epoch_zero_with_the_server_s_settings() {
+        let at = Destination {
+            id: "s2",
+            alternates: vec![],
+            heartbeat_ms: 250,
+            idle_ms: 30_000,
+        };
+        let (cid, token) = (Cid([2; 16]), Token([3; 32]));
+        let w = welcome(at, cid, token, Mode::Eager);
+        assert_eq!((w.server.as_str(), w.cid, w.epoch), ("s2", cid, 0));
+        assert_eq!((w.token, w.mode), (token, Mode::Eager));
+        assert_eq!((w.heartbeat_ms, w.idle_ms), (250, 30_000));
+    }
+
+    #[test]
+    fn a_fast_path_agent_follows_welcome_with_its_client_s_connection_only() {
+        assert_eq!(
+            adoption(Msg::Adopt(vec![1, 2])),
+            Ok(Adoption::Repaired(vec![1, 2]))
+        );
+        assert_eq!(
+            adoption(Msg::AdoptHanded { nonce: [9; 16] }),
+            Ok(Adoption::Handed([9; 16]))
+        );
+        let r = adoption(Msg::Kick).unwrap_err();
+        assert_eq!(
+            (r.code, r.reason.as_str()),
+            (RefuseCode::Malformed, "expected ADOPT, got Kick")
+        );
     }
 }

@@ -17,6 +17,7 @@ pub mod commit;
 pub mod custody;
 pub mod drain;
 pub mod freeze;
+pub mod handshake;
 pub mod hello;
 pub mod offsets;
 pub mod phase;

@@ -4,8 +4,11 @@
 //! attempts within an RTT-derived bound; decisions 32 and 48). The runtime (`mtcp::eager`)
 //! sends the pushes and arms the timers these rules ask for.
 
+use crate::answers::NotStored;
+use crate::custody::Custody;
 use crate::timing::{answer_bound, protect_bound, UNMEASURED};
 use crate::trigger::Rtt;
+use crate::wire::RefuseCode;
 use std::time::{Duration, Instant};
 
 /// After a failed push, wait this long before trying again.
@@ -42,6 +45,57 @@ pub const DOWN_TRIES: u32 = 2;
 
 /// After a failed attempt, the next one starts at most this much later.
 pub const AFTER_FAILURE: Duration = Duration::from_millis(20);
+
+/// Why a push of one restart point to every backup failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushFailed {
+    /// A backup says the connection moved on (it was taken over elsewhere): the server must
+    /// let it go.
+    pub fenced: bool,
+    /// Every backup's reason, joined.
+    pub why: String,
+    /// Who took it over from a backup's replica (TAKEN), if a backup said so.
+    pub taken: Option<Custody>,
+    /// Every backup that failed refused the connection: their processes are not running.
+    pub down: bool,
+}
+
+/// What a push came to, from the backups that did not store it (all must): stored when none
+/// failed; otherwise fenced if any refused the epoch, down only if all of them are down.
+pub fn outcome(failures: Vec<NotStored>) -> Result<(), PushFailed> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(PushFailed {
+        fenced: failures
+            .iter()
+            .any(|f| f.code == Some(RefuseCode::StaleEpoch)),
+        down: failures.iter().all(|f| f.down),
+        why: failures
+            .iter()
+            .map(|f| f.why.as_str())
+            .collect::<Vec<_>>()
+            .join("; "),
+        taken: failures.into_iter().find_map(|f| f.taken),
+    })
+}
+
+impl PushFailed {
+    /// A protecting destination's attempt that failed so.
+    pub fn attempt(&self) -> Attempt {
+        match self.fenced {
+            true => Attempt::Fenced,
+            false => Attempt::Failed { down: self.down },
+        }
+    }
+}
+
+/// A connection let go because its push was fenced, at `epoch`: the custody it keeps for the
+/// destination that took it over from a backup's replica (decision 48) — only one named at its
+/// own epoch (another epoch's custody is not this state's). `None`: it is forgotten.
+pub fn keeps_for(taken: Option<Custody>, epoch: u64) -> Option<Custody> {
+    taken.filter(|c| c.epoch == epoch)
+}
 
 /// What a protecting destination does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,5 +292,63 @@ mod tests {
         let mut p = Protect::new(t0, &lan());
         assert_eq!(p.poll(t0), ProtectStep::Start);
         assert_eq!(p.on_attempt(t0, Attempt::Fenced), Some(Protected::Fenced));
+    }
+
+    fn failed(code: Option<RefuseCode>, why: &str, down: bool) -> NotStored {
+        NotStored {
+            code,
+            why: why.into(),
+            taken: None,
+            down,
+        }
+    }
+
+    #[test]
+    fn a_push_is_stored_only_when_no_backup_failed() {
+        assert_eq!(outcome(vec![]), Ok(()));
+        let e = outcome(vec![failed(Some(RefuseCode::Internal), "s3: full", false)]).unwrap_err();
+        assert!(!e.fenced && !e.down);
+        assert_eq!(e.attempt(), Attempt::Failed { down: false });
+    }
+
+    #[test]
+    fn one_backup_refusing_the_epoch_fences_and_names_the_taker_it_knows() {
+        let taker = Custody {
+            epoch: 4,
+            holder: "s2".into(),
+            label: 4,
+        };
+        let e = outcome(vec![
+            failed(None, "s3: timed out", false),
+            NotStored {
+                taken: Some(taker.clone()),
+                ..failed(Some(RefuseCode::StaleEpoch), "s4: taken over by s2", false)
+            },
+        ])
+        .unwrap_err();
+        assert!(e.fenced && !e.down);
+        assert_eq!(e.taken, Some(taker));
+        assert_eq!(e.why, "s3: timed out; s4: taken over by s2");
+        assert_eq!(e.attempt(), Attempt::Fenced);
+    }
+
+    #[test]
+    fn backups_count_as_down_only_when_every_failing_one_is() {
+        let both = outcome(vec![failed(None, "a", true), failed(None, "b", true)]).unwrap_err();
+        assert_eq!(both.attempt(), Attempt::Failed { down: true });
+        let one = outcome(vec![failed(None, "a", true), failed(None, "b", false)]).unwrap_err();
+        assert_eq!(one.attempt(), Attempt::Failed { down: false });
+    }
+
+    #[test]
+    fn a_fenced_connection_keeps_a_custody_only_for_its_own_epoch() {
+        let c = Custody {
+            epoch: 4,
+            holder: "s2".into(),
+            label: 4,
+        };
+        assert_eq!(keeps_for(Some(c.clone()), 4), Some(c.clone()));
+        assert_eq!(keeps_for(Some(c), 5), None);
+        assert_eq!(keeps_for(None, 4), None);
     }
 }

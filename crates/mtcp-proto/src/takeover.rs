@@ -45,6 +45,25 @@ pub fn admit(m: &Migrate, token_ok: bool, draining: bool, me: &str) -> Result<()
     Ok(())
 }
 
+/// The origin MIGRATE `m` names, if it is a server of the cluster (`origin`, as the cluster
+/// file has it): otherwise there is nothing to fetch the connection from. Checked once the
+/// takeover has its slot.
+pub fn check_origin<T>(m: &Migrate, origin: Option<T>) -> Result<T, Refusal> {
+    match origin {
+        Some(o) => Ok(o),
+        None => Err(Refusal::unknown_connection(format!(
+            "origin {:?} is not in the cluster",
+            m.origin
+        ))),
+    }
+}
+
+/// The refusal of a takeover that a keeper superseded before its RESUMED went out (the agent
+/// had given up on this destination; another one has the connection one epoch up).
+pub fn superseded() -> Refusal {
+    Refusal::stale_epoch("the connection went to another server meanwhile")
+}
+
 /// The record to restart from, given the one fetched. A record labelled past the MIGRATE's
 /// epoch without claims came from a keeper's custody (decision 43): like a replica, it is a
 /// restart point, turned into one for the client's position now. Returns it and whether it is
@@ -174,6 +193,17 @@ mod tests {
             tail: Bytes::new(),
             checks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn an_origin_outside_the_cluster_has_nothing_to_fetch_and_a_superseded_takeover_is_stale() {
+        let mut m = migrate(1, 0, 0);
+        m.origin = "s9".into();
+        assert_eq!(check_origin(&m, Some(3)), Ok(3));
+        let r = check_origin(&m, None::<u8>).unwrap_err();
+        assert_eq!(r.code, RefuseCode::UnknownConnection);
+        assert_eq!(r.reason, "origin \"s9\" is not in the cluster");
+        assert_eq!(superseded().code, RefuseCode::StaleEpoch);
     }
 
     #[test]

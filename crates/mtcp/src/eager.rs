@@ -26,9 +26,9 @@ use crate::framed::Out;
 use crate::peer;
 use crate::registry::ServerInner;
 use mtcp_proto::custody::Custody;
-use mtcp_proto::push::RETRY;
+use mtcp_proto::push::{PushFailed, RETRY};
 use mtcp_proto::stream::ServerStream;
-use mtcp_proto::wire::{Mode, Msg, RefuseCode};
+use mtcp_proto::wire::{Mode, Msg};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,52 +92,24 @@ pub(crate) fn apply_commit(
     }
 }
 
-/// Why a push failed.
-pub(crate) struct PushError {
-    /// A backup says the connection moved on (it was taken over elsewhere): this server must
-    /// let it go.
-    pub fenced: bool,
-    pub why: String,
-    /// Who took it over from a backup's replica (TAKEN), if a backup said so.
-    pub taken: Option<Custody>,
-    /// Every backup that failed refused the connection: their processes are not running.
-    pub down: bool,
-}
-
 /// Pushes an encoded record to every backup of this server; all must store it.
-pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), PushError> {
+pub(crate) async fn push(inner: &Arc<ServerInner>, rec: Vec<u8>) -> Result<(), PushFailed> {
     if inner.limits.drop_pushes {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        return Err(PushError {
+        return Err(PushFailed {
             fenced: false,
             why: "test hook: pushes are dropped".into(),
             taken: None,
             down: false,
         });
     }
-    let backups = inner.cluster.backups(&inner.id);
-    let mut errs = Vec::new();
-    let mut fenced = false;
-    let mut taken = None;
-    let mut down = true;
-    for b in &backups {
+    let mut failures = Vec::new();
+    for b in &inner.cluster.backups(&inner.id) {
         if let Err(e) = peer::replicate(inner, b, rec.clone()).await {
-            fenced |= e.code == Some(RefuseCode::StaleEpoch);
-            taken = taken.or(e.taken);
-            down &= e.down;
-            errs.push(e.why);
+            failures.push(e);
         }
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(PushError {
-            fenced,
-            why: errs.join("; "),
-            taken,
-            down,
-        })
-    }
+    mtcp_proto::push::outcome(failures)
 }
 
 /// Starts pushing the connection's newest acknowledged restart point to the backups, if there
@@ -351,7 +323,7 @@ fn let_go_fenced(
     st.repl.commit.let_go();
     // Not a re-check of the connection (it was just let go): the taker's custody is kept only
     // for the epoch this connection is at — a custody of another epoch is not its state's.
-    match taken.filter(|c| c.epoch == st.epoch) {
+    match mtcp_proto::push::keeps_for(taken, st.epoch) {
         Some(c) => {
             tracing::info!(%cid, epoch = c.epoch, holder = %c.holder, "keeping the fenced connection's state until its taker confirms");
             st.repl.taken = Some((c, Instant::now()));

@@ -24,10 +24,10 @@ use crate::origin::{Fetch, Frozen};
 use crate::registry::ServerInner;
 use crate::replica::Claimed;
 use crate::tls::ClientTls;
-use mtcp_proto::answers;
+use mtcp_proto::answers::{self, NotStored};
 use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::stream::Refusal;
-use mtcp_proto::wire::{Holding, Msg, RefuseCode, ServerStatus};
+use mtcp_proto::wire::{Holding, Msg, ServerStatus};
 use mtcp_proto::{Cid, ClusterKey, PortKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -195,32 +195,17 @@ pub(crate) async fn replicate(
     inner: &Arc<ServerInner>,
     to: &ServerEntry,
     rec: Vec<u8>,
-) -> Result<(), ReplicateError> {
+) -> Result<(), NotStored> {
     let t = inner.limits.fetch_timeout;
     match call(inner, to, &Msg::Replicate(rec), t, t).await {
-        Ok(reply) => answers::read_replicated(&to.id, reply).map_err(|n| ReplicateError {
-            code: n.code,
-            why: n.why,
-            taken: n.taken,
-            down: false,
-        }),
-        Err(e) => Err(ReplicateError {
+        Ok(reply) => answers::read_replicated(&to.id, reply),
+        Err(e) => Err(NotStored {
             code: None,
             why: format!("{} ({}): {e}", to.id, to.peer),
             taken: None,
             down: matches!(&e, ChannelError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused),
         }),
     }
-}
-
-/// Why a REPLICATE failed.
-pub(crate) struct ReplicateError {
-    pub code: Option<RefuseCode>,
-    pub why: String,
-    /// A destination took the connection over from that backup's replica (TAKEN).
-    pub taken: Option<mtcp_proto::custody::Custody>,
-    /// The backup's peer port refused the connection: no server process runs there.
-    pub down: bool,
 }
 
 /// Eager mode: claims connection `cid` at `epoch` at backup `to` (see [`crate::replica`]).

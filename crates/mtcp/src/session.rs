@@ -11,8 +11,9 @@ use crate::registry::ServerInner;
 use crate::session_io::{noisy_event_admitted, reader_loop, refuse, writer_loop};
 use crate::stream::Stream;
 use crate::takeover::{take_over, DirectSock};
-use mtcp_proto::stream::Refusal;
-use mtcp_proto::wire::{self, Msg, RefuseCode, Welcome};
+use mtcp_proto::hello::{self, Adoption, Opening};
+use mtcp_proto::takeover::Destination;
+use mtcp_proto::wire::{self, Msg, RefuseCode};
 use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -79,8 +80,12 @@ pub(crate) async fn handle_session(
         refuse(&mut w, RefuseCode::Busy, why).await;
         return;
     }
-    let first = match reader.next_msg(SETUP_TIMEOUT).await {
-        Ok(m) => m,
+    let first = match reader.next_msg(SETUP_TIMEOUT).await.map(hello::opening) {
+        Ok(Ok(o)) => o,
+        Ok(Err(r)) => {
+            refuse(&mut w, r.code, r.reason).await;
+            return;
+        }
         Err(e) => {
             refuse(
                 &mut w,
@@ -96,9 +101,8 @@ pub(crate) async fn handle_session(
     // what its pump passes on.
     let mut rx = Some(rx);
     let (shared, start) = match first {
-        Msg::Hello { caps, .. } => {
+        Opening::Hello { fast_path: direct } => {
             gauge.set(SessionKind::Connection);
-            let direct = caps & wire::CAP_DIRECT != 0;
             let listed = !inner.cluster.fast_path.is_empty();
             // Fast path: only a local agent of a trusted uid may hand connections over; its
             // end of this session is in this host's socket table (decision 39).
@@ -133,16 +137,14 @@ pub(crate) async fn handle_session(
             let agent = owner.map(|uid| crate::direct::Adopter { uid, held });
             let cid = Cid(rand::random());
             let shared = Shared::new_conn(cid, tx);
-            let welcome = Welcome {
-                server: inner.id.clone(),
-                cid,
-                epoch: 0,
-                token: inner.cluster.key.token(cid, 0),
+            let at = Destination {
+                id: &inner.id,
                 alternates: inner.cluster.alternates(&inner.id),
-                mode: inner.cluster.mode,
                 heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
                 idle_ms: inner.limits.idle_ms(),
             };
+            let token = inner.cluster.key.token(cid, 0);
+            let welcome = hello::welcome(at, cid, token, inner.cluster.mode);
             if framed::write_msg(&mut w, &Msg::Welcome(welcome))
                 .await
                 .is_err()
@@ -153,12 +155,11 @@ pub(crate) async fn handle_session(
                 // The client's connection itself comes next: its queues are what the agent's
                 // socket had received and not sent, bounded by ADOPT_FRAME.
                 reader.set_max_frame(ADOPT_FRAME);
-                let handed = match reader.next_msg(SETUP_TIMEOUT).await {
-                    Ok(Msg::Adopt(tcp)) => Err(tcp),
-                    Ok(Msg::AdoptHanded { nonce }) => Ok(nonce),
-                    Ok(other) => {
-                        let why = format!("expected ADOPT, got {}", other.name());
-                        refuse(&mut w, RefuseCode::Malformed, why).await;
+                let handed = match reader.next_msg(SETUP_TIMEOUT).await.map(hello::adoption) {
+                    Ok(Ok(Adoption::Repaired(tcp))) => Err(tcp),
+                    Ok(Ok(Adoption::Handed(nonce))) => Ok(nonce),
+                    Ok(Err(r)) => {
+                        refuse(&mut w, r.code, r.reason).await;
                         return;
                     }
                     Err(e) => {
@@ -209,7 +210,7 @@ pub(crate) async fn handle_session(
             tracing::debug!(%cid, peer = %peer_addr, "new connection");
             (shared, Start::New)
         }
-        Msg::Migrate(m) => {
+        Opening::Migrate(m) => {
             gauge.set(SessionKind::Connection);
             let started = Instant::now();
             crate::movetrace::open(Role::Destination, m.cid, m.epoch, "migrate_rx");
@@ -271,9 +272,7 @@ pub(crate) async fn handle_session(
                         st.apply(PhaseEvent::LetGo);
                     }
                     inner.forget(m.cid);
-                    Err(Refusal::stale_epoch(
-                        "the connection went to another server meanwhile",
-                    ))
+                    Err(mtcp_proto::takeover::superseded())
                 }
                 o => o,
             };
@@ -310,26 +309,14 @@ pub(crate) async fn handle_session(
                 }
             }
         }
-        Msg::Watch { cid, epoch, token } => {
+        Opening::Watch { cid, epoch, token } => {
             gauge.set(SessionKind::Watch);
             Box::pin(crate::watch::serve(&inner, reader, w, cid, epoch, token)).await;
             return;
         }
-        Msg::Probe { t } => {
+        Opening::Probe { t } => {
             gauge.set(SessionKind::Probe);
             Box::pin(probe(&inner, reader, w, t)).await;
-            return;
-        }
-        other => {
-            refuse(
-                &mut w,
-                RefuseCode::Malformed,
-                format!(
-                    "expected HELLO, MIGRATE, WATCH or PROBE, got {}",
-                    other.name()
-                ),
-            )
-            .await;
             return;
         }
     };

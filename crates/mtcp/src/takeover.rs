@@ -49,14 +49,7 @@ pub(crate) async fn take_over(
         .await
         .map_err(|why| Refusal::busy(format!("server {}: {why}", inner.id)))?;
     crate::movetrace::step(Role::Destination, m.cid, "slot");
-    let origin = inner
-        .cluster
-        .server(&m.origin)
-        .ok_or(Refusal::unknown_connection(format!(
-            "origin {:?} is not in the cluster",
-            m.origin
-        )))?
-        .clone();
+    let origin = core::check_origin(m, inner.cluster.server(&m.origin).cloned())?;
     let f = Fetch {
         cid: m.cid,
         epoch: m.epoch,

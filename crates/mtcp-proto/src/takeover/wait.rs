@@ -7,7 +7,7 @@
 //! first, for [`timing::origin_wait`](crate::timing::origin_wait); if it said WORKING by then it
 //! is alive and is waited for to the end. If it is silent or unreachable, a backup's replica.
 //! If that fails too while the FETCH is still out, the origin once more, for
-//! [`timing::origin_grace`]: the origin may have frozen the connection and sent it with a
+//! [`timing::origin_grace`](crate::timing::origin_grace): the origin may have frozen the connection and sent it with a
 //! segment lost on the way, and then the connection exists only in that answer.
 
 use crate::timing::origin_grace;

@@ -161,13 +161,10 @@ pub(crate) async fn protect_takeover(
             Some(r) = inflight.join_next(), if !inflight.is_empty() => {
                 let attempt = match r {
                     Ok(Ok(())) => Attempt::Stored,
-                    Ok(Err(e)) if e.fenced => {
-                        last = e.why;
-                        Attempt::Fenced
-                    }
                     Ok(Err(e)) => {
+                        let a = e.attempt();
                         last = e.why;
-                        Attempt::Failed { down: e.down }
+                        a
                     }
                     Err(e) => {
                         last = format!("push task: {e}");

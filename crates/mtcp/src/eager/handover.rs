@@ -9,7 +9,9 @@ use crate::peer;
 use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
 use mtcp_proto::custody::YieldAnswer;
-use mtcp_proto::custody::{read_fence, Custody, Fence, GaveUp};
+use mtcp_proto::custody::{
+    read_fence, rehand_from, Custody, Fence, GaveUp, OwnFence, OwnFences, RehandFrom,
+};
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Holding, RefuseCode};
 use std::sync::Arc;
@@ -80,7 +82,7 @@ pub(crate) async fn hand_over(
     // A fence that had to pass a failed candidate's claim over returns the epoch it reached:
     // the destination then resumes past it (decision 48).
     let mut rec = rec;
-    let mut label = f.epoch;
+    let mut fences = OwnFences::new(f.epoch);
     for b in inner.cluster.backups(&inner.id) {
         // A plain fence: this origin keeps the custody itself.
         let r = if b.id == inner.id {
@@ -89,20 +91,19 @@ pub(crate) async fn hand_over(
             peer::fence(inner, &b, f.cid, f.epoch, &inner.id, &f.holding).await
         };
         let (fenced, seen) = read_fence(answer(&r));
-        label = label.max(seen.unwrap_or(label));
-        let e = match (fenced, r) {
-            (Fence::Nothing | Fence::Record(..), _) => continue,
-            (Fence::Unreachable, r) => {
+        let e = match (fences.on(&fenced, seen), r) {
+            (OwnFence::Fenced, _) => continue,
+            (OwnFence::Unreached, r) => {
                 let why = r.err().map(|e| e.reason).unwrap_or_default();
                 tracing::warn!(target: "mtcp::eager", cid = %f.cid, "cannot fence backup: {why}");
                 continue;
             }
-            (Fence::Refused(_), Err(e)) => {
+            (OwnFence::Stop(_), Err(e)) => {
                 tracing::warn!(target: "mtcp::eager", cid = %f.cid, "connection was taken over from a replica meanwhile: {}", e.reason);
                 e
             }
             // The label to hand out at is unknown (`read_fence`): not handed out.
-            (Fence::Refused(code), Ok(_)) => {
+            (OwnFence::Stop(code), Ok(_)) => {
                 let e = Refusal::new(
                     code,
                     format!("backup {} answered the fence of epoch {} with a record that does not decode", b.id, f.epoch),
@@ -116,7 +117,8 @@ pub(crate) async fn hand_over(
         }
         return Err(e);
     }
-    if label > f.epoch {
+    if fences.raised() {
+        let label = fences.label();
         tracing::info!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, label, "handing the connection over one past a failed candidate's epoch");
         rec.rec.epoch = label;
         if kept {
@@ -167,11 +169,18 @@ async fn rehand(
     // another epoch: that one is an older move's, still unconfirmed because this server took
     // the connection back itself and went on from there (the simulation's `fetch` does the
     // same; a lab run lost the connection to the older custody's `StaleEpoch`).
-    let seen = match inner.custody.get(f.cid) {
-        Some(c) if c.epoch == f.epoch => c,
-        kept => match adopt_taken(inner, f) {
+    let kept = inner.custody.get(f.cid);
+    let taken = inner.get(&f.cid).and_then(|s| {
+        let st = s.lock();
+        st.repl.taken.as_ref().map(|(c, _)| c.epoch)
+    });
+    let seen = match rehand_from(kept.as_ref().map(|c| c.epoch), taken, f.epoch) {
+        RehandFrom::Nothing => return None,
+        RehandFrom::Custody => kept?,
+        RehandFrom::Taken => match adopt_taken(inner, f) {
             Some(Err(e)) => return Some(Err(e)),
             Some(Ok(())) => inner.custody.get(f.cid)?,
+            // Gone meanwhile (another hand-out took it): as if it never was.
             None => kept?,
         },
     };

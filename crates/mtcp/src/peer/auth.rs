@@ -5,8 +5,8 @@ use crate::framed::{self, ChannelError, FrameReader, MacWriter};
 use crate::peer_pool::Channel;
 use crate::stream::Stream;
 use crate::tls::ClientTls;
-use mtcp_proto::wire::{Msg, RefuseCode};
-use mtcp_proto::{ChannelContext, ClusterKey, PortKind, Role};
+use mtcp_proto::handshake::{Acceptor, HandshakeError, Opener as HandshakeOpener};
+use mtcp_proto::{ClusterKey, PortKind};
 use std::time::Duration;
 use tokio::net::TcpStream;
 pub(crate) const AUTH_FRAME: usize = 4 << 10;
@@ -28,45 +28,36 @@ pub(crate) async fn accept_authenticated(
         .map_err(|_| ChannelError::Timeout)??;
     let (r, mut w) = s.into_split();
     let mut reader = FrameReader::new(r, AUTH_FRAME);
-    let nonce: [u8; 16] = rand::random();
-    framed::write_msg(&mut w, &Msg::PeerChallenge { nonce }).await?;
-    let (from, to, theirs, proof) = match reader.next_msg(AUTH_TIMEOUT).await? {
-        Msg::PeerAuth {
-            from,
-            to,
-            nonce,
-            proof,
-        } => (from, to, nonce, proof),
-        other => {
-            return Err(ChannelError::Unexpected(format!(
-                "expected authentication, got {}",
-                other.name()
-            )))
+    let acceptor = Acceptor {
+        kind,
+        me,
+        nonce: rand::random(),
+    };
+    framed::write_msg(&mut w, &acceptor.challenge()).await?;
+    let answer = reader.next_msg(AUTH_TIMEOUT).await?;
+    let admitted = match acceptor.on_auth(key, answer) {
+        Ok(a) => a,
+        Err(e) => {
+            if let Some(m) = e.reply() {
+                let _ = framed::write_msg(&mut w, &m).await;
+            }
+            return Err(channel_error(e));
         }
     };
-    let ctx = ChannelContext {
-        kind,
-        opener: &from,
-        acceptor: me,
-        acceptor_nonce: nonce,
-        opener_nonce: theirs,
-    };
-    if let Err(e) = key.verify_opener(&ctx, &to, &proof) {
-        let _ = framed::write_msg(
-            &mut w,
-            &Msg::Refused {
-                code: RefuseCode::Unauthenticated,
-                reason: e.to_string(),
-            },
-        )
-        .await;
-        return Err(ChannelError::Auth(e));
+    framed::write_msg(&mut w, &admitted.accept).await?;
+    reader.set_mac(admitted.keys.recv);
+    Ok((
+        (reader, MacWriter::new(w, admitted.keys.send)),
+        admitted.from,
+    ))
+}
+
+/// A failed handshake as the channel's error.
+fn channel_error(e: HandshakeError) -> ChannelError {
+    match e {
+        HandshakeError::Auth(e) => ChannelError::Auth(e),
+        e => ChannelError::Unexpected(e.to_string()),
     }
-    let proof = key.peer_accept_proof(&ctx);
-    framed::write_msg(&mut w, &Msg::PeerAccept { proof }).await?;
-    let (send, recv) = key.channel_macs(&ctx, Role::Acceptor);
-    reader.set_mac(recv);
-    Ok(((reader, MacWriter::new(w, send)), from))
 }
 
 /// Who opens a peer or admin channel: the cluster key, the id it authenticates as and, in a
@@ -110,52 +101,21 @@ pub async fn connect_authenticated(
         .map_err(|_| ChannelError::Timeout)??;
     let (r, mut w) = s.into_split();
     let mut reader = FrameReader::new(r, AUTH_FRAME);
-    let theirs = match reader.next_msg(limit).await? {
-        Msg::PeerChallenge { nonce } => nonce,
-        // E.g. a TLS port's answer to a plain client.
-        Msg::Refused { reason, .. } => {
-            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
-        }
-        _ => return Err(ChannelError::Unexpected("expected a challenge".into())),
-    };
-    let nonce: [u8; 16] = rand::random();
-    let ctx = ChannelContext {
+    let me = HandshakeOpener {
         kind,
-        opener: from,
-        acceptor: to,
-        acceptor_nonce: theirs,
-        opener_nonce: nonce,
+        from,
+        to,
+        addr,
+        nonce: rand::random(),
     };
-    let proof = key.peer_proof(&ctx);
-    framed::write_msg(
-        &mut w,
-        &Msg::PeerAuth {
-            from: from.to_string(),
-            to: to.to_string(),
-            nonce,
-            proof,
-        },
-    )
-    .await?;
-    match reader.next_msg(limit).await? {
-        Msg::PeerAccept { proof } if key.check_peer_accept_proof(&ctx, &proof) => {}
-        Msg::PeerAccept { .. } => {
-            return Err(ChannelError::Unexpected(format!(
-                "{addr} failed to prove the cluster key as the {kind} port of {to}"
-            )))
-        }
-        Msg::Refused { reason, .. } => {
-            return Err(ChannelError::Unexpected(format!("refused: {reason}")))
-        }
-        other => {
-            return Err(ChannelError::Unexpected(format!(
-                "expected acceptance, got {}",
-                other.name()
-            )))
-        }
-    }
+    let first = reader.next_msg(limit).await?;
+    let (challenge, auth) = me.on_challenge(key, first).map_err(channel_error)?;
+    framed::write_msg(&mut w, &auth).await?;
+    let answer = reader.next_msg(limit).await?;
+    let keys = me
+        .on_accept(key, challenge, answer)
+        .map_err(channel_error)?;
     reader.set_max_frame(max_frame);
-    let (send, recv) = key.channel_macs(&ctx, Role::Opener);
-    reader.set_mac(recv);
-    Ok((reader, MacWriter::new(w, send)))
+    reader.set_mac(keys.recv);
+    Ok((reader, MacWriter::new(w, keys.send)))
 }

@@ -3,8 +3,7 @@
 
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
-use mtcp_proto::custody::YieldAnswer;
-use mtcp_proto::custody::{self, Fence, GateEvent, Handout, Step, Verdict};
+use mtcp_proto::custody::{self, GateEvent, Handout, OwnFence, Step, Verdict, YieldAnswer};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
 use mtcp_proto::takeover::{self, pick::Pick};
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
@@ -262,11 +261,11 @@ impl World {
                         m.sum_from,
                         m.down_sum,
                     );
-                    let mut label = m.epoch;
+                    let mut fences = custody::OwnFences::new(m.epoch);
                     if self.eager {
                         for b in self.backups(o) {
                             let f = self.fence_at(b, m.epoch, o, &m.holding);
-                            if let Fence::Refused(_) = f.fence {
+                            if let OwnFence::Stop(_) = fences.on(&f.fence, Some(f.label)) {
                                 // Taken over from a replica meanwhile: the origin lets go.
                                 self.servers[o].conn = None;
                                 return refused(
@@ -274,9 +273,9 @@ impl World {
                                     "taken over from the replica",
                                 );
                             }
-                            label = label.max(f.label);
                         }
                     }
+                    let label = fences.label();
                     let mut rec = rec.map_err(|Refusal { code, reason }| {
                         format!("origin refused the record ({code:?}): {reason}")
                     })?;
