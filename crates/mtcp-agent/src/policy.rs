@@ -6,7 +6,7 @@ use crate::{MoveCause, MoveReason};
 use mtcp::framed::{self, FrameReader};
 use mtcp::stream::{ReadHalf, WriteHalf};
 pub use mtcp_proto::policy::FloorConfig;
-use mtcp_proto::policy::{Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
+use mtcp_proto::policy::{probe_answer, Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
 use mtcp_proto::wire::{Msg, ServerInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -204,10 +204,12 @@ async fn probe_once(
         }
     }
     let (r, _) = conn.as_mut().expect("set above");
-    match r.next().await.map_err(|e| e.to_string())? {
-        mtcp_proto::Frame::Msg(Msg::ProbeReply { t: back }) if back == t => Ok(t0.elapsed()),
-        other => Err(format!("unexpected answer {other:?}")),
-    }
+    let answer = r.next().await.map_err(|e| e.to_string())?;
+    let rtt = match &answer {
+        mtcp_proto::Frame::Msg(m) => probe_answer(t, t0, Instant::now(), m),
+        mtcp_proto::Frame::Data(_) => None,
+    };
+    rtt.ok_or_else(|| format!("unexpected answer {answer:?}"))
 }
 
 /// One connection's policies.

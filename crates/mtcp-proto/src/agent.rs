@@ -5,6 +5,7 @@
 //! - the MIGRATE it sends ([`Placement::migrate`]; the fast path's agent sees no bytes:
 //!   [`StreamPos::unseen`]), and a move's attempts in order, falling back to an unconfirmed
 //!   earlier epoch when nobody can take the current one ([`MovePlan`]);
+//! - how long a candidate may take to answer MIGRATE, WORKING aside ([`CandidateWait`]);
 //! - how a candidate's answer reads ([`answer`]) and what RESUMED changes
 //!   ([`Placement::resumed`], and for the relayed stream [`stream::RelayStream::resume`]);
 //! - what a control message from the serving server asks ([`Placement::on_control`]: one reading
@@ -17,8 +18,10 @@
 
 mod reason;
 pub mod stream;
+mod wait;
 
 pub use reason::{MoveCause, MoveReason};
+pub use wait::{CandidateWait, Waited};
 
 use crate::custody::{Lineage, Step};
 use crate::sum::{checksum, SumSeg};

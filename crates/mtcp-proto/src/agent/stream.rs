@@ -34,8 +34,14 @@ pub enum StreamStep {
 /// restart point, and the end of upstream if the client program had closed its side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resend {
+    /// The retained upstream bytes from the destination's restart point, in order.
     pub chunks: Vec<Bytes>,
+    /// The end of upstream (UPFIN's `up_total`), if the client program had closed its side.
     pub up_fin: Option<u64>,
+    /// Speak at once on the new session, before the resent bytes (a PING: eager mode). Until
+    /// the destination hears the agent there, a keeper may still have it give the epoch up
+    /// (the agent might have moved on), and it holds COMMITTED back (decision 48).
+    pub speak_first: bool,
 }
 
 /// One relayed connection's stream.
@@ -233,6 +239,7 @@ impl RelayStream {
         Ok(Resend {
             chunks,
             up_fin: self.client_eof.then(|| self.retained.end()),
+            speak_first: self.eager,
         })
     }
 }
