@@ -7,7 +7,7 @@ use crate::AgentInner;
 use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp::movetrace::{self, Trace};
 use mtcp::stream::{ReadHalf, Stream, WriteHalf};
-use mtcp_proto::agent::{self, CandidateWait, MoveError, Waited};
+use mtcp_proto::agent::{self, CandidateWait, MoveError, ReadFault, Waited};
 use mtcp_proto::timing;
 use mtcp_proto::trigger::Rtt;
 use mtcp_proto::wire::{Migrate, Msg, ServerInfo};
@@ -99,6 +99,14 @@ pub(crate) async fn answer_to_migrate(
             Waited::Skip => continue,
             Waited::Answer(m) => return Ok(m),
         }
+    }
+}
+
+/// A failed read, as the core's rules tell failures apart: a timeout, or anything else.
+pub(crate) fn fault(e: ChannelError) -> ReadFault {
+    match e {
+        ChannelError::Timeout => ReadFault::TimedOut,
+        e => ReadFault::Failed(e.to_string()),
     }
 }
 

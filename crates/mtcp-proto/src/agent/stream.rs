@@ -3,7 +3,7 @@
 //! the end of the stream. The relay feeds it what it reads and delivers; it answers with the
 //! frames to send.
 
-use super::{MoveError, StreamPos};
+use super::{on_closed, Closing, MoveError, StreamPos};
 use crate::custody::{Lineage, Step};
 use crate::offsets::ByteLog;
 use crate::sum::DownTracker;
@@ -180,14 +180,17 @@ impl RelayStream {
             }
             Msg::Closed { down_total } => {
                 let recv = self.down.received();
-                if down_total < recv {
-                    return StreamStep::Abort(format!(
-                        "server {server} closed the stream at {down_total} but {recv} bytes were already delivered"
-                    ));
-                }
-                self.closed_at = Some(down_total);
-                if recv == down_total {
-                    return StreamStep::Finish(self.ack());
+                match on_closed(down_total, Some(recv)) {
+                    Closing::Short => {
+                        return StreamStep::Abort(format!(
+                            "server {server} closed the stream at {down_total} but {recv} bytes were already delivered"
+                        ));
+                    }
+                    Closing::Done => {
+                        self.closed_at = Some(down_total);
+                        return StreamStep::Finish(self.ack());
+                    }
+                    Closing::Pending => self.closed_at = Some(down_total),
                 }
             }
             _ => {}
