@@ -7,12 +7,16 @@
 //! * [`RttPolicy`] (agent): an alternate server's smoothed RTT has been better than the current
 //!   one's by a margin for long enough.
 //! * [`OverloadPolicy`] (server): over a connection count, which connections to hint away now.
+//! * [`ConnPolicy`] (agent): one connection's floor and RTT policies fed by one tick (the floor
+//!   first; at most one fires), with the evidence reset by a new session.
 //! * [`probe_answer`] (agent): whether a PROBE's answer is its own echo, and the RTT it gives.
 
+mod conn;
 mod floor;
 mod overload;
 mod rtt;
 
+pub use conn::{ConnPolicy, PolicyMove, PolicyTick};
 pub use floor::{FloorConfig, FloorFire, FloorPolicy, FloorSample};
 pub use overload::{LiveConn, OverloadConfig, OverloadPolicy};
 pub use rtt::{RttConfig, RttMove, RttPolicy};
