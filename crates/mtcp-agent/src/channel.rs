@@ -7,7 +7,7 @@ use crate::AgentInner;
 use mtcp::framed::{self, ChannelError, FrameReader};
 use mtcp::movetrace::{self, Trace};
 use mtcp::stream::{ReadHalf, Stream, WriteHalf};
-use mtcp_proto::agent::{self, MoveError};
+use mtcp_proto::agent::{self, CandidateWait, MoveError, ReadFault, Waited};
 use mtcp_proto::timing;
 use mtcp_proto::trigger::Rtt;
 use mtcp_proto::wire::{Migrate, Msg, ServerInfo};
@@ -85,31 +85,35 @@ pub(crate) async fn welcome(inner: &AgentInner, hello: &Msg) -> Result<Welcomed,
     Err(errs.join("; "))
 }
 
-/// Reads a candidate's answer to MIGRATE. WORKING (sent every heartbeat while the
-/// takeover runs) only shows the candidate is alive; silence longer than `silence`, or no
-/// answer within `total`, is a timeout.
+/// Reads a candidate's answer to MIGRATE, waiting as `wait` says ([`CandidateWait`]: WORKING,
+/// sent every heartbeat while the takeover runs, only shows the candidate is alive).
 pub(crate) async fn answer_to_migrate(
     reader: &mut FrameReader<ReadHalf>,
-    silence: Duration,
-    total: Duration,
+    wait: &CandidateWait,
 ) -> Result<Msg, ChannelError> {
-    let deadline = Instant::now() + total;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ChannelError::Timeout);
-        }
-        match reader.next_msg(silence.min(left)).await? {
-            Msg::Working => continue,
-            m => return Ok(m),
+        let gap = wait
+            .next_read(Instant::now())
+            .ok_or(ChannelError::Timeout)?;
+        match wait.on_msg(reader.next_msg(gap).await?) {
+            Waited::Skip => continue,
+            Waited::Answer(m) => return Ok(m),
         }
     }
 }
 
-/// How a failed wait for a candidate's answer is reported.
-pub(crate) fn silent(e: ChannelError, silence: Duration) -> MoveError {
+/// A failed read, as the core's rules tell failures apart: a timeout, or anything else.
+pub(crate) fn fault(e: ChannelError) -> ReadFault {
     match e {
-        ChannelError::Timeout => MoveError::Silent(silence),
+        ChannelError::Timeout => ReadFault::TimedOut,
+        e => ReadFault::Failed(e.to_string()),
+    }
+}
+
+/// How a failed wait for a candidate's answer is reported: a timeout is its silence.
+pub(crate) fn silent(e: ChannelError, wait: &CandidateWait) -> MoveError {
+    match e {
+        ChannelError::Timeout => wait.timeout(),
         e => MoveError::Channel(e.to_string()),
     }
 }
@@ -141,11 +145,11 @@ pub(crate) async fn exchange_migrate(
     if let Some(s) = inner.spares.take(&cand.data) {
         if let Ok((mut reader, w)) = open_on(s, inner.cfg.connect_timeout, &first).await {
             movetrace::mark(trace, "migrate_tx_spare");
-            let silence = toward(inner, cand, session, heartbeat);
-            match answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout).await {
+            let wait = waiting(inner, cand, session, heartbeat);
+            match answer_to_migrate(&mut reader, &wait).await {
                 Ok(m) => return Ok((reader, w, m)),
                 Err(ChannelError::Closed | ChannelError::Io(_)) => {}
-                Err(e) => return Err(silent(e, silence)),
+                Err(e) => return Err(silent(e, &wait)),
             }
         }
     }
@@ -153,10 +157,10 @@ pub(crate) async fn exchange_migrate(
         .await
         .map_err(|e| MoveError::Channel(e.to_string()))?;
     movetrace::mark(trace, "migrate_tx_connect");
-    let silence = toward(inner, cand, session, heartbeat);
-    let m = answer_to_migrate(&mut reader, silence, inner.cfg.migrate_timeout)
+    let wait = waiting(inner, cand, session, heartbeat);
+    let m = answer_to_migrate(&mut reader, &wait)
         .await
-        .map_err(|e| silent(e, silence))?;
+        .map_err(|e| silent(e, &wait))?;
     Ok((reader, w, m))
 }
 
@@ -166,4 +170,16 @@ pub(crate) async fn exchange_migrate(
 fn toward(inner: &AgentInner, cand: &ServerInfo, session: &Rtt, heartbeat: Duration) -> Duration {
     let path = timing::toward_candidate(inner.dialer.paths.get(&cand.data), session);
     timing::candidate_silence(&path, heartbeat)
+}
+
+/// The wait for `cand`'s answer, starting now: gaps of [`toward`], an answer within the
+/// agent's `migrate_timeout`.
+fn waiting(
+    inner: &AgentInner,
+    cand: &ServerInfo,
+    session: &Rtt,
+    heartbeat: Duration,
+) -> CandidateWait {
+    let silence = toward(inner, cand, session, heartbeat);
+    CandidateWait::new(Instant::now(), silence, inner.cfg.migrate_timeout)
 }

@@ -21,10 +21,13 @@ use crate::channel::{resumed, welcome};
 use crate::metrics::{counted, Moving};
 use crate::relay::reset;
 use crate::{AgentInner, ConnStatus, MigrationEvent, MoveReason, MoveRequest};
-use mtcp::framed::{self, ChannelError, FrameReader};
+use mtcp::framed::{self, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, WriteHalf};
-use mtcp_proto::agent::{AfterFailure, Control, MoveError, MovePlan, Placement, StreamPos};
+use mtcp_proto::agent::{
+    on_closed, on_session_error, AfterFailure, AfterFault, Closing, Control, MoveError, MovePlan,
+    Placement, SessionFault, StreamPos,
+};
 use mtcp_proto::custody::Lineage;
 use mtcp_proto::trigger::{silence_bound, Rtt};
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
@@ -316,7 +319,10 @@ async fn run(
                 }
                 Ok(Control::Stream(Msg::Closed { down_total })) => {
                     conn.status.lock().unwrap_or_else(|p| p.into_inner()).bytes_down = down_total;
-                    return End::Done;
+                    // The agent sees none of the bytes: the kernel's socket carried them all.
+                    if on_closed(down_total, None) == Closing::Done {
+                        return End::Done;
+                    }
                 }
                 Ok(Control::Refused { code, why }) => {
                     mtcp::metrics::refused(code);
@@ -325,13 +331,16 @@ async fn run(
                 Ok(Control::Nothing | Control::Pong(_) | Control::Stream(_)) => {}
                 Err(e) => {
                     // The server beats whenever the session is quiet: a timeout is its silence,
-                    // named as the relay names it.
-                    let reason = match e {
-                        ChannelError::Timeout => MoveReason::silence(silent),
-                        e => MoveReason::session_broke(&conn.at.server, e),
-                    };
-                    tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
-                    return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
+                    // named as the relay names it. No close is passed: the fast path ended at
+                    // CLOSED itself.
+                    let fault = SessionFault::read(crate::channel::fault(e), silent);
+                    match on_session_error(&conn.at.server, fault, None, 0) {
+                        AfterFault::Move(reason) => {
+                            tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");
+                            return End::Move { reason, to: None, done: None, at: Instant::now(), broken: true };
+                        }
+                        AfterFault::Done => return End::Done,
+                    }
                 }
             },
         }

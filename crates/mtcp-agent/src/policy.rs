@@ -1,14 +1,15 @@
 //! The agent's trigger policies at work: the settings, an agent-wide prober that measures the
 //! RTT to every server of the service, and the per-connection glue that feeds the sans-IO
-//! policies of `mtcp_proto::policy` and turns their decisions into moves.
+//! `mtcp_proto::policy::ConnPolicy` the prober's samples and shows its smoothed RTTs (which
+//! policy fires, and why, is the core's).
 
-use crate::{MoveCause, MoveReason};
+use crate::MoveReason;
 use mtcp::framed::{self, FrameReader};
 use mtcp::stream::{ReadHalf, WriteHalf};
 pub use mtcp_proto::policy::FloorConfig;
-use mtcp_proto::policy::{Backlog, FloorPolicy, FloorSample, RttConfig, RttPolicy};
+use mtcp_proto::policy::{self, probe_answer, RttConfig};
 use mtcp_proto::wire::{Msg, ServerInfo};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -204,42 +205,33 @@ async fn probe_once(
         }
     }
     let (r, _) = conn.as_mut().expect("set above");
-    match r.next().await.map_err(|e| e.to_string())? {
-        mtcp_proto::Frame::Msg(Msg::ProbeReply { t: back }) if back == t => Ok(t0.elapsed()),
-        other => Err(format!("unexpected answer {other:?}")),
-    }
+    let answer = r.next().await.map_err(|e| e.to_string())?;
+    let rtt = match &answer {
+        mtcp_proto::Frame::Msg(m) => probe_answer(t, t0, Instant::now(), m),
+        mtcp_proto::Frame::Data(_) => None,
+    };
+    rtt.ok_or_else(|| format!("unexpected answer {answer:?}"))
 }
 
-/// One connection's policies.
+/// One connection's policies: the core's [`policy::ConnPolicy`] decides; this feeds it the
+/// prober's samples, has every known server probed, and shows the smoothed RTTs.
 pub(crate) struct ConnPolicy {
-    floor: Option<FloorPolicy>,
-    rtt: Option<RttPolicy>,
-    backlog: Backlog,
-    /// The agent was blocked on the client program since the last tick.
-    blocked: bool,
-    /// Probe samples already fed, by server id.
-    seen: HashMap<String, u64>,
-    /// Smoothed RTTs last shown in the status.
-    shown: BTreeMap<String, f64>,
+    core: policy::ConnPolicy,
 }
 
 impl ConnPolicy {
     pub fn new(cfg: &PolicyConfig) -> Self {
+        let rtt = cfg
+            .rtt
+            .map(|r| RttConfig::new(r.margin, r.hold, r.probe_every));
         Self {
-            floor: cfg.floor.map(FloorPolicy::new),
-            rtt: cfg
-                .rtt
-                .map(|r| RttPolicy::new(RttConfig::new(r.margin, r.hold, r.probe_every))),
-            backlog: Backlog::default(),
-            blocked: false,
-            seen: HashMap::new(),
-            shown: BTreeMap::new(),
+            core: policy::ConnPolicy::new(cfg.floor, rtt),
         }
     }
 
     /// Whether any policy runs (the relay ticks only then).
     pub fn active(&self) -> bool {
-        self.floor.is_some() || self.rtt.is_some()
+        self.core.active()
     }
 
     /// A new session with `current` (opened or moved): the evidence starts afresh, and every
@@ -250,29 +242,20 @@ impl ConnPolicy {
         current: &str,
         known: &[ServerInfo],
     ) {
-        self.backlog = Backlog::default();
-        self.blocked = false;
-        if let Some(f) = &mut self.floor {
-            f.reset();
-        }
-        if let Some(r) = &mut self.rtt {
-            r.set_current(current);
-            let ids: Vec<&str> = known.iter().map(|s| s.id.as_str()).collect();
-            r.retain(&ids);
-            if let Some(p) = prober {
-                p.want(known.iter().map(|s| s.data.as_str()));
-            }
+        self.core.new_session(current, known);
+        if let (true, Some(p)) = (self.core.probes(), prober) {
+            p.want(known.iter().map(|s| s.data.as_str()));
         }
     }
 
     /// BACKLOG{queued} read when `arrived` downstream bytes had arrived.
     pub fn on_backlog(&mut self, arrived: u64, queued: u64) {
-        self.backlog.on_report(arrived, queued);
+        self.core.on_backlog(arrived, queued);
     }
 
     /// The agent is blocked on the client program right now.
     pub fn client_blocked(&mut self) {
-        self.blocked = true;
+        self.core.client_blocked();
     }
 
     /// Evaluates the policies: `delivered` bytes went to the client program, `arrived` came
@@ -289,62 +272,16 @@ impl ConnPolicy {
         known: &[ServerInfo],
         status: &Mutex<crate::ConnStatus>,
     ) -> Option<(MoveReason, Option<String>)> {
-        let client_limited = std::mem::replace(&mut self.blocked, blocked) || blocked;
-        if let Some(f) = &mut self.floor {
-            let s = FloorSample {
-                delivered,
-                backlog: self.backlog.waiting(arrived),
-                client_limited,
-            };
-            tracing::trace!(?s, evidence = ?f.evidence(), "floor sample");
-            if let Some(fire) = f.sample(now, s) {
-                let cfg = f.config();
-                return Some((
-                    MoveReason::new(MoveCause::Floor, format!(
-                        "policy: throughput floor ({:.2} Mbit/s under {:.2} Mbit/s for {:.1} s with data waiting)",
-                        fire.rate_bytes_per_s as f64 * 8e-6,
-                        cfg.floor_bytes_per_s as f64 * 8e-6,
-                        fire.over.as_secs_f64()
-                    )),
-                    None,
-                ));
-            }
+        let latest = prober.map(|p| move |addr: &str| p.latest(addr));
+        let tick = self
+            .core
+            .tick(now, delivered, arrived, blocked, known, latest);
+        if let Some((s, evidence)) = tick.floor {
+            tracing::trace!(?s, ?evidence, "floor sample");
         }
-        if let (Some(r), Some(p)) = (&mut self.rtt, prober) {
-            let mut fed = false;
-            for s in known {
-                if let Some((seq, rtt)) = p.latest(&s.data) {
-                    if self.seen.get(&s.id) != Some(&seq) {
-                        self.seen.insert(s.id.clone(), seq);
-                        r.sample(now, &s.id, rtt);
-                        fed = true;
-                    }
-                }
-            }
-            if fed {
-                let srtts: BTreeMap<String, f64> = r
-                    .srtts()
-                    .map(|(id, d)| (id.to_string(), d.as_secs_f64() * 1e3))
-                    .collect();
-                if srtts != self.shown {
-                    status.lock().unwrap_or_else(|p| p.into_inner()).rtt_ms = srtts.clone();
-                    self.shown = srtts;
-                }
-            }
-            if let Some(m) = r.poll(now) {
-                return Some((
-                    MoveReason::new(
-                        MoveCause::Rtt,
-                        format!(
-                            "policy: rtt ({} better by {:.1} ms)",
-                            m.target,
-                            m.better_by().as_secs_f64() * 1e3
-                        ),
-                    ),
-                    Some(m.target),
-                ));
-            }
+        if let Some(srtts) = tick.srtts {
+            status.lock().unwrap_or_else(|p| p.into_inner()).rtt_ms = srtts;
         }
-        None
+        tick.fired.map(|m| (m.reason, m.to))
     }
 }

@@ -6,9 +6,11 @@
 //! [`WatchEnd::Hint`]. The connection to the server closes when the last [`Watch`] on it is
 //! dropped.
 
-use crate::channel::connect;
+use crate::channel::{connect, fault};
 use crate::dialer::Dialer;
-use mtcp::framed::ChannelError;
+use mtcp_proto::agent::{
+    watch_msg, watch_opening, watch_silence, WatchGone, WatchOpening, WatchStep,
+};
 use mtcp_proto::wire::Msg;
 use mtcp_proto::{Cid, Token};
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Why a connection's watch ended.
 pub(crate) enum WatchEnd {
     /// The server process is gone or hung.
-    Gone(String),
+    Gone(WatchGone),
     /// The server hinted the connection away (drain, overload): the HINT came on the watch
     /// connection, where no data is queued ahead of it.
     Hint(Msg),
@@ -74,14 +76,6 @@ pub(crate) struct Watches {
     next: std::sync::atomic::AtomicU64,
 }
 
-/// How long the watch connection may stay without a heartbeat before the server counts as
-/// hung: three beats, and at least one beat plus two of TCP's minimum retransmission timeouts
-/// (200 ms each), so one lost heartbeat — retransmitted after 200 ms, with the beats behind it
-/// queued — is never taken for a hang.
-fn silence(heartbeat: Duration) -> Duration {
-    (heartbeat * 3).max(heartbeat + Duration::from_millis(400)) + Duration::from_millis(20)
-}
-
 impl Watches {
     /// Puts the connection `cid` at `epoch` on the watch connection to the server at `addr`,
     /// opening it if there is none (or the last one ended).
@@ -128,7 +122,7 @@ fn open(addr: String, limit: Duration, heartbeat: Duration, dialer: Dialer) -> A
     Arc::new_cyclic(|me: &Weak<Pair>| {
         let me = me.clone();
         let task = tokio::spawn(async move {
-            let why = run(&addr, limit, silence(heartbeat), &dialer, add_rx, &me).await;
+            let why = run(&addr, limit, watch_silence(heartbeat), &dialer, add_rx, &me).await;
             // None: no watch could be opened. The sessions alone tell when the server is gone;
             // the connections on this one keep their senders, so none takes this for a death,
             // and the next connection to this server tries to open a new one.
@@ -150,7 +144,8 @@ fn open(addr: String, limit: Duration, heartbeat: Duration, dialer: Dialer) -> A
 }
 
 /// Reads the watch connection until it ends: `Some(why)` when the server is gone or hung,
-/// `None` when no watch could be opened.
+/// `None` when no watch could be opened. What each answer, timeout and failure means is the
+/// core's ([`watch_opening`], [`watch_msg`]).
 async fn run(
     addr: &str,
     limit: Duration,
@@ -158,59 +153,52 @@ async fn run(
     dialer: &Dialer,
     mut add: mpsc::UnboundedReceiver<Msg>,
     me: &Weak<Pair>,
-) -> Option<String> {
+) -> Option<WatchGone> {
     let first = add.recv().await?;
     let opened = match connect(addr, limit, &first, dialer).await {
         Ok((mut r, w)) => r.next_msg(limit).await.map(|m| (m, r, w)),
         Err(e) => Err(e),
     };
     let (mut r, mut w) = match opened {
-        Ok((Msg::Heartbeat, r, w)) => (r, w),
-        Ok((other, _, _)) => {
-            tracing::debug!(server = %addr, "watch not accepted: {other:?}");
-            return None;
+        Ok((m, r, w)) => {
+            let shown = format!("{m:?}");
+            match watch_opening(Ok(m), limit) {
+                WatchOpening::Watching => (r, w),
+                _ => {
+                    tracing::debug!(server = %addr, "watch not accepted: {shown}");
+                    return None;
+                }
+            }
         }
-        Err(e) => return opening_failed(addr, limit, e),
+        Err(e) => {
+            let shown = e.to_string();
+            return match watch_opening(Err(fault(e)), limit) {
+                WatchOpening::Gone(why) => Some(why),
+                _ => {
+                    tracing::debug!(server = %addr, "cannot open a watch connection: {shown}");
+                    None
+                }
+            };
+        }
     };
     loop {
         tokio::select! {
             m = add.recv() => {
                 let m = m?;
                 if mtcp::framed::write_msg(&mut w, &m).await.is_err() {
-                    return Some("its watch connection broke: server process gone".into());
+                    return Some(WatchGone::WriteFailed);
                 }
             }
-            m = r.next_msg(silence) => match m {
-                Ok(Msg::Heartbeat) => {}
-                Ok(Msg::WatchHint { cid, reason }) => {
+            m = r.next_msg(silence) => match watch_msg(m.map_err(fault), silence) {
+                WatchStep::Alive => {}
+                WatchStep::Hint(cid, hint) => {
                     let tx = me.upgrade().and_then(|p| p.lock().remove(&cid));
                     if let Some((_, tx)) = tx {
-                        let _ = tx.send(WatchEnd::Hint(Msg::Hint { reason, target: None }));
+                        let _ = tx.send(WatchEnd::Hint(hint));
                     }
                 }
-                Err(ChannelError::Timeout) => {
-                    return Some(format!("server silent on its watch connection for {silence:?}"));
-                }
-                Err(e) => {
-                    return Some(format!("its watch connection ended ({e}): server process gone"));
-                }
-                Ok(other) => return Some(format!("unexpected {other:?} on the watch connection")),
+                WatchStep::Gone(why) => return Some(why),
             }
         }
     }
-}
-
-/// What a watch connection that could not be opened says about its server: one that does not
-/// answer within `limit` is taken for hung (it may have stopped right after a connection moved
-/// to it, before any of that connection's data), so idle connections on it still move — their
-/// sessions expect nothing (decision 46). Any other failure (a process that died closes the
-/// sessions too) leaves the sessions alone to tell.
-fn opening_failed(addr: &str, limit: Duration, e: ChannelError) -> Option<String> {
-    if let ChannelError::Timeout = e {
-        return Some(format!(
-            "server silent: its watch connection was not answered within {limit:?}"
-        ));
-    }
-    tracing::debug!(server = %addr, "cannot open a watch connection: {e}");
-    None
 }

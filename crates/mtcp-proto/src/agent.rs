@@ -5,20 +5,31 @@
 //! - the MIGRATE it sends ([`Placement::migrate`]; the fast path's agent sees no bytes:
 //!   [`StreamPos::unseen`]), and a move's attempts in order, falling back to an unconfirmed
 //!   earlier epoch when nobody can take the current one ([`MovePlan`]);
+//! - how long a candidate may take to answer MIGRATE, WORKING aside ([`CandidateWait`]);
 //! - how a candidate's answer reads ([`answer`]) and what RESUMED changes
 //!   ([`Placement::resumed`], and for the relayed stream [`stream::RelayStream::resume`]);
 //! - what a control message from the serving server asks ([`Placement::on_control`]: one reading
 //!   of HINT and of a refusal for both drivers);
+//! - how a session ends: the server's CLOSED ([`on_closed`]), and a session that stops without
+//!   one — silent, broken, or its server's watch connection gone — moves the connection or had
+//!   ended in order ([`on_session_error`]);
+//! - what the eager watch connection says ([`watch_opening`], [`watch_msg`]);
 //! - (relay) the upstream bytes it retains and the downstream it acknowledges
 //!   ([`stream::RelayStream`]).
 //!
 //! Drivers feed it messages and bytes, carry out what it returns, and keep the sockets, the
 //! timers and the status shown to operators. Errors are typed ([`MoveError`]).
 
+mod ending;
 mod reason;
 pub mod stream;
+mod wait;
+mod watch;
 
+pub use ending::{on_closed, on_session_error, AfterFault, Closing, ReadFault, SessionFault};
 pub use reason::{MoveCause, MoveReason};
+pub use wait::{CandidateWait, Waited};
+pub use watch::{watch_msg, watch_opening, watch_silence, WatchGone, WatchOpening, WatchStep};
 
 use crate::custody::{Lineage, Step};
 use crate::sum::{checksum, SumSeg};

@@ -130,10 +130,10 @@ async fn try_resume(
     conn.last_state_bytes = r.state_bytes;
     conn.last_from_replica = r.from_replica;
     let mut items: Vec<Out> = Vec::with_capacity(resend.chunks.len() + 2);
-    if conn.stream.eager() {
-        // Speak at once on the new session: until the destination hears the agent there, a
-        // keeper may still have it give the epoch up (the agent might have moved on), and it
-        // holds COMMITTED back (decision 48).
+    if resend.speak_first {
+        // Speak at once on the new session (eager): until the destination hears the agent
+        // there, a keeper may still have it give the epoch up (the agent might have moved on),
+        // and it holds COMMITTED back (decision 48).
         let t = inner.started.elapsed().as_micros() as u64;
         items.push(Out::Msg(Msg::Ping { t }));
     }

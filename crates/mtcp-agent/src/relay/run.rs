@@ -7,7 +7,7 @@ use crate::{AgentInner, MoveReason, MoveRequest};
 use bytes::BytesMut;
 use mtcp::framed::{self, Out, Piece};
 use mtcp_proto::agent::stream::StreamStep;
-use mtcp_proto::agent::Control;
+use mtcp_proto::agent::{on_session_error, AfterFault, Control, SessionFault};
 use mtcp_proto::trigger::{Liveness, PING_EVERY};
 use mtcp_proto::wire::Msg;
 use std::sync::Arc;
@@ -108,7 +108,7 @@ pub(super) async fn run(
             biased;
             why = async { (&mut s.watch.as_mut().expect("checked").ended).await }, if s.watch.is_some() => {
                 match why {
-                    Ok(WatchEnd::Gone(why)) => return session_broke(conn, &why),
+                    Ok(WatchEnd::Gone(why)) => return broke(conn, SessionFault::Watch(why)),
                     Ok(WatchEnd::Hint(m)) => {
                         if let Some(end) = on_msg(inner, conn, s, m, &mut live).await {
                             return end;
@@ -185,7 +185,7 @@ pub(super) async fn run(
                     items.push(Out::Msg(Msg::Ping { t }));
                 }
                 if !items.is_empty() && framed::write_frames(&mut s.w, &items).await.is_err() {
-                    return session_broke(conn, "write failed");
+                    return broke(conn, SessionFault::Write);
                 }
             }
             w = cw.write(&wbuf[pend.clone()]), if !pend.is_empty() => match w {
@@ -234,7 +234,7 @@ pub(super) async fn run(
                     // the server application decides what to do with it.
                     let fin = conn.stream.on_client_eof();
                     if framed::write_msg(&mut s.w, &fin).await.is_err() {
-                        return session_broke(conn, "write failed");
+                        return broke(conn, SessionFault::Write);
                     }
                     live.on_data_sent(Instant::now());
                 }
@@ -248,7 +248,7 @@ pub(super) async fn run(
                     };
                     conn.stream.on_upstream(chunk.clone());
                     if framed::write_frames(&mut s.w, &[Out::Data(chunk)]).await.is_err() {
-                        return session_broke(conn, "write failed");
+                        return broke(conn, SessionFault::Write);
                     }
                     live.on_data_sent(Instant::now());
                     mtcp::metrics::add_up(n);
@@ -281,8 +281,11 @@ pub(super) async fn run(
                         }
                     }
                     Err(e) => {
-                        if let Some(t) = conn.stream.closed_at() {
-                            if conn.stream.down.received() + pend.len() as u64 + ready.unwrap_or(0) as u64 >= t {
+                        let arrived = conn.stream.down.received() + pend.len() as u64 + ready.unwrap_or(0) as u64;
+                        let fault = SessionFault::Read(e.to_string());
+                        match on_session_error(&conn.at.server, fault, conn.stream.closed_at(), arrived) {
+                            AfterFault::Move(reason) => return moves(conn, reason),
+                            AfterFault::Done => {
                                 // Everything arrived; deliver it before ending.
                                 if let Err(e) = cw.write_all(&wbuf[pend.clone()]).await {
                                     return End::Abort(format!("client program closed its connection: {e}"));
@@ -299,7 +302,6 @@ pub(super) async fn run(
                                 return End::Done;
                             }
                         }
-                        return session_broke(conn, &e.to_string());
                     }
                 }
             },
@@ -310,7 +312,11 @@ pub(super) async fn run(
                     silence.as_mut().reset(silence_due(&live));
                     continue;
                 }
-                return End::Move { reason: MoveReason::silence(live.bound()), to: None, done: None, at: None };
+                let silent = SessionFault::Silent(live.bound());
+                return match on_session_error(&conn.at.server, silent, None, 0) {
+                    AfterFault::Move(reason) => End::Move { reason, to: None, done: None, at: None },
+                    AfterFault::Done => End::Done,
+                };
             }
         }
     }
@@ -365,7 +371,7 @@ async fn on_delivered(
     live.on_receive(Instant::now());
     if let Some(ack) = conn.stream.on_delivered(d) {
         if framed::write_msg(&mut s.w, &ack).await.is_err() && !conn.stream.complete() {
-            return Err(session_broke(conn, "write failed"));
+            return Err(broke(conn, SessionFault::Write));
         }
     }
     // The status follows every delivery (an uncontended lock), not only the ACKs.
@@ -414,7 +420,7 @@ async fn on_msg(
                 StreamStep::Continue => {}
                 StreamStep::Send(ack) => {
                     if framed::write_msg(&mut s.w, &ack).await.is_err() {
-                        return Some(session_broke(conn, "write failed"));
+                        return Some(broke(conn, SessionFault::Write));
                     }
                 }
                 StreamStep::Finish(ack) => {
@@ -430,9 +436,18 @@ async fn on_msg(
     None
 }
 
-/// The session's TCP connection failed without an M-TCP close: move it.
-fn session_broke(conn: &Conn, why: &str) -> End {
-    let reason = MoveReason::session_broke(&conn.at.server, why);
+/// The session stopped carrying the connection without an M-TCP close (`fault`): the core's
+/// rule says it moves (a write or the watch connection failing never ends it in order).
+fn broke(conn: &Conn, fault: SessionFault) -> End {
+    let closed = conn.stream.closed_at();
+    match on_session_error(&conn.at.server, fault, closed, conn.stream.down.received()) {
+        AfterFault::Move(reason) => moves(conn, reason),
+        AfterFault::Done => End::Done,
+    }
+}
+
+/// The session broke: move the connection, saying why.
+fn moves(conn: &Conn, reason: MoveReason) -> End {
     tracing::info!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "{reason}");
     End::Move {
         reason,

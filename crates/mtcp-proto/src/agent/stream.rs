@@ -3,7 +3,7 @@
 //! the end of the stream. The relay feeds it what it reads and delivers; it answers with the
 //! frames to send.
 
-use super::{MoveError, StreamPos};
+use super::{on_closed, Closing, MoveError, StreamPos};
 use crate::custody::{Lineage, Step};
 use crate::offsets::ByteLog;
 use crate::sum::DownTracker;
@@ -34,8 +34,14 @@ pub enum StreamStep {
 /// restart point, and the end of upstream if the client program had closed its side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resend {
+    /// The retained upstream bytes from the destination's restart point, in order.
     pub chunks: Vec<Bytes>,
+    /// The end of upstream (UPFIN's `up_total`), if the client program had closed its side.
     pub up_fin: Option<u64>,
+    /// Speak at once on the new session, before the resent bytes (a PING: eager mode). Until
+    /// the destination hears the agent there, a keeper may still have it give the epoch up
+    /// (the agent might have moved on), and it holds COMMITTED back (decision 48).
+    pub speak_first: bool,
 }
 
 /// One relayed connection's stream.
@@ -174,14 +180,17 @@ impl RelayStream {
             }
             Msg::Closed { down_total } => {
                 let recv = self.down.received();
-                if down_total < recv {
-                    return StreamStep::Abort(format!(
-                        "server {server} closed the stream at {down_total} but {recv} bytes were already delivered"
-                    ));
-                }
-                self.closed_at = Some(down_total);
-                if recv == down_total {
-                    return StreamStep::Finish(self.ack());
+                match on_closed(down_total, Some(recv)) {
+                    Closing::Short => {
+                        return StreamStep::Abort(format!(
+                            "server {server} closed the stream at {down_total} but {recv} bytes were already delivered"
+                        ));
+                    }
+                    Closing::Done => {
+                        self.closed_at = Some(down_total);
+                        return StreamStep::Finish(self.ack());
+                    }
+                    Closing::Pending => self.closed_at = Some(down_total),
                 }
             }
             _ => {}
@@ -233,6 +242,7 @@ impl RelayStream {
         Ok(Resend {
             chunks,
             up_fin: self.client_eof.then(|| self.retained.end()),
+            speak_first: self.eager,
         })
     }
 }

@@ -316,8 +316,11 @@ fn lazy_snap_trims_upstream_and_eager_waits_for_committed() {
 fn an_eager_resume_keeps_the_epoch_moved_from_until_committed() {
     for eager in [false, true] {
         let mut s = RelayStream::new(eager);
-        s.resume(&resumed("s2", 1, 0, 0), step()).unwrap();
+        let r = s.resume(&resumed("s2", 1, 0, 0), step()).unwrap();
         assert_eq!(s.lineage.fallback(1).is_some(), eager);
+        // Eager: the agent speaks at once on the new session, so the destination hears it
+        // before a keeper could have it give the epoch up (decision 48).
+        assert_eq!(r.speak_first, eager);
     }
 }
 
@@ -423,9 +426,14 @@ fn resume_resends_from_the_restart_point_or_refuses_one_not_retained() {
     );
     assert!(s.resume(&resumed("s2", 1, 7, 0), step()).is_err());
     s.on_delivered(b"0123");
-    let Resend { chunks, up_fin } = s.resume(&resumed("s2", 1, 3, 0), step()).unwrap();
+    let Resend {
+        chunks,
+        up_fin,
+        speak_first,
+    } = s.resume(&resumed("s2", 1, 3, 0), step()).unwrap();
     assert_eq!(chunks.concat(), b"def");
     assert_eq!(up_fin, None);
+    assert!(!speak_first, "a lazy agent waits for its own data or tick");
     // Lazy: the destination checked up to here; the checksum restarts at the position.
     assert_eq!(s.down.sum_from(), 4);
     assert_eq!(s.down.received(), 4);

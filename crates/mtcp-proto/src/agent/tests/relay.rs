@@ -211,7 +211,8 @@ fn the_client_ending_its_input_is_remembered_for_every_later_session() {
         s.resume(&resumed("s2", 1, 0, 0), step()).unwrap(),
         Resend {
             chunks: vec![Bytes::from_static(b"last")],
-            up_fin: Some(4)
+            up_fin: Some(4),
+            speak_first: false,
         }
     );
     assert!(!RelayStream::new(false).eager() && RelayStream::new(true).eager());
