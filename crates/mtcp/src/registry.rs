@@ -162,7 +162,6 @@ impl ServerInner {
     }
 
     fn drain_pass(&self, d: &mut mtcp_proto::drain::Drain<Cid>, now: Instant) {
-        use mtcp_proto::drain::Here;
         if d.refill_due(now) {
             let all: Vec<Cid> = self
                 .conns
@@ -177,19 +176,16 @@ impl ServerInner {
         // cost more in the allocator than the pass itself.
         let hint = d.poll(now, |cid| {
             let Some(c) = self.get(cid) else {
-                return Here::Gone;
+                return mtcp_proto::drain::Here::Gone;
             };
             let st = c.lock();
-            if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
-                Here::Gone
-            } else if st.detached_at.is_some() && st.direct.is_none() {
-                // A relayed connection without its session: its agent is gone or already
-                // moving it. A fast-path one is still served, and its agent hears the hint
-                // through its watch of this server.
-                Here::Detached
-            } else {
-                Here::Hintable
-            }
+            mtcp_proto::drain::here(
+                st.phase(),
+                st.repl.taken.is_some(),
+                st.leaving,
+                st.detached_at.is_some(),
+                st.direct.is_some(),
+            )
         });
         for cid in hint {
             if let Some(c) = self.get(&cid) {
