@@ -30,6 +30,7 @@ pub mod sum;
 pub mod takeover;
 pub mod timing;
 pub mod trigger;
+pub mod watch;
 pub mod wire;
 
 pub use auth::{ChannelContext, Cid, ClusterKey, PortKind, Role, Token};
