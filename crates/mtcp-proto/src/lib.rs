@@ -20,6 +20,7 @@ pub mod hello;
 pub mod offsets;
 pub mod phase;
 pub mod policy;
+pub mod probe;
 pub mod push;
 pub mod record;
 pub mod refusal;
