@@ -34,10 +34,10 @@ pub(crate) async fn serve(
     let (tx, mut hints) = mpsc::unbounded_channel::<Msg>();
     let mut watched = Watched::new(inner.limits.dead_session);
     let ok = inner.cluster.key.check_token(cid, epoch, &token);
-    if watched.add(Instant::now(), cid, epoch, ok, || {
+    let first = watched.add(Instant::now(), cid, epoch, ok, || {
         attach(inner, &tx, cid, epoch)
-    }) == Added::Refused
-    {
+    });
+    if first == Added::Refused {
         refuse(&mut w, RefuseCode::BadToken, BAD_TOKEN.into()).await;
         return;
     }
