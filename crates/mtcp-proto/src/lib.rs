@@ -7,6 +7,7 @@
 //! verification at the server), the agent's liveness trigger and the trigger policies
 //! (throughput floor, RTT, server overload).
 
+pub mod admin;
 pub mod adopt;
 pub mod agent;
 pub mod auth;

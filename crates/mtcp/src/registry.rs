@@ -102,27 +102,20 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        let (mut served, mut detached, mut leaving) = (0u32, 0u32, 0u32);
+        let mut tally = mtcp_proto::admin::Tally::default();
         for c in self.all() {
             let st = c.lock();
-            // A fenced connection kept only as its taker's keeper is not served here.
-            if st.repl.taken.is_some() {
-                continue;
-            }
-            served += 1;
-            if st.detached_at.is_some() {
-                if st.leaving {
-                    leaving += 1;
-                } else {
-                    detached += 1;
-                }
-            }
+            tally.add(
+                st.repl.taken.is_some(),
+                st.detached_at.is_some(),
+                st.leaving,
+            );
         }
         ServerStatus {
             id: self.id.clone(),
-            connections: served - detached - leaving + self.handing_over.load(Ordering::Relaxed),
-            detached,
-            leaving,
+            connections: tally.connections(self.handing_over.load(Ordering::Relaxed)),
+            detached: tally.detached,
+            leaving: tally.leaving,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
