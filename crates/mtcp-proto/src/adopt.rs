@@ -89,121 +89,142 @@ pub fn admit_handover(h: &Handover) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Who handed a socket over on this host (decision 56): the agent of a session (ADOPTHANDED)
+/// or an origin (HANDEDSTATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hander {
+    /// The other end of a session; `fast_path`: a fast-path agent's session, admitted by
+    /// [`admit_session`].
+    Agent {
+        /// Whether the session is a fast-path agent's.
+        fast_path: bool,
+    },
+    /// An origin on this host handing a connection it served over to this destination.
+    Origin,
+}
 
-    #[test]
-    fn only_local_processes_of_trusted_uids_open_fast_path_sessions() {
-        assert!(admit_session(Some(0), 0).is_ok());
-        assert!(admit_session(Some(1000), 1000).is_ok());
-        assert!(admit_session(Some(0), 1000).is_ok());
-        let e = admit_session(Some(65534), 0).unwrap_err();
-        assert!(e.contains("uid 65534"), "{e}");
-        let e = admit_session(None, 0).unwrap_err();
-        assert!(e.contains("not come from a process on this host"), "{e}");
-    }
+/// Why a socket handed over on this host is not taken into service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandedRefusal {
+    /// ADOPTHANDED on a session that is not a fast-path agent's.
+    #[error("a handed socket from a session that is not a fast-path agent's")]
+    NotFastPath,
+    /// A connection to an address the cluster's `fast_path` does not list.
+    #[error("a connection to {local} is not one this cluster's fast path admits")]
+    NotListed {
+        /// The connection's local address.
+        local: std::net::SocketAddr,
+    },
+    /// From an agent: a connection its socket did not hold when the session began.
+    #[error("the handed connection {remote} -> {local} is not one the agent held when the session began")]
+    NotHeld {
+        /// The connection's local address.
+        local: std::net::SocketAddr,
+        /// The connection's remote address (the client's).
+        remote: std::net::SocketAddr,
+    },
+}
 
-    fn ok() -> Handover {
-        Handover {
-            local_admitted: true,
-            listener_uid: Some(0),
-            session_uid: 0,
-            held: true,
-            send_queue: 0,
-            unsent: 0,
-            recv_queue: 100,
-        }
-    }
+/// A socket handed over on this host, as the server checks it.
+#[derive(Debug, Clone, Copy)]
+pub struct Handed {
+    /// Who handed it over.
+    pub from: Hander,
+    /// Its local address (the agent's listening address).
+    pub local: std::net::SocketAddr,
+    /// Its remote address.
+    pub remote: std::net::SocketAddr,
+    /// Whether `local` is listed under `fast_path` in the cluster file.
+    pub listed: bool,
+    /// From an agent: whether its socket held this very connection when the session began
+    /// (ignored for an origin).
+    pub held: bool,
+}
 
-    #[test]
-    fn a_handover_names_the_agents_own_listener_and_small_input_only() {
-        assert!(admit_handover(&ok()).is_ok());
-        let e = admit_handover(&Handover {
-            local_admitted: false,
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("fast_path"), "{e}");
-        let e = admit_handover(&Handover {
-            listener_uid: None,
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("nothing listens"), "{e}");
-        let e = admit_handover(&Handover {
-            listener_uid: Some(7),
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("uid 7"), "{e}");
-        let e = admit_handover(&Handover {
-            send_queue: 10,
-            unsent: 4,
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("never writes"), "{e}");
-        // A connection the agent did not hold (a remote address of its choosing).
-        let e = admit_handover(&Handover {
-            held: false,
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("accepted"), "{e}");
-        // Unsent output is dropped before the restore: allowed.
-        assert!(admit_handover(&Handover {
-            send_queue: 10,
-            unsent: 10,
-            ..ok()
-        })
-        .is_ok());
-        assert!(admit_handover(&Handover {
-            recv_queue: MAX_ADOPT_QUEUE,
-            ..ok()
-        })
-        .is_ok());
-        let e = admit_handover(&Handover {
-            recv_queue: MAX_ADOPT_QUEUE + 1,
-            ..ok()
-        })
-        .unwrap_err();
-        assert!(e.contains("at most"), "{e}");
-    }
-
-    #[test]
-    fn a_handover_wrong_in_every_way_is_refused_for_the_first_rule_it_breaks() {
-        let mut h = Handover {
-            local_admitted: false,
-            listener_uid: None,
-            session_uid: 0,
-            held: false,
-            send_queue: 10,
-            unsent: 0,
-            recv_queue: MAX_ADOPT_QUEUE + 1,
-        };
-        let mut seen = Vec::new();
-        let fixes: [fn(&mut Handover); 5] = [
-            |h| h.local_admitted = true,
-            |h| h.listener_uid = Some(0),
-            |h| h.unsent = 10,
-            |h| h.recv_queue = 0,
-            |h| h.held = true,
-        ];
-        for fix in fixes {
-            seen.push(admit_handover(&h).unwrap_err());
-            fix(&mut h);
-        }
-        assert!(admit_handover(&h).is_ok());
-        let want = [
-            "fast_path",
-            "nothing listens",
-            "10 bytes of output sent",
-            "bytes of input queued",
-            "not one the session's agent held",
-        ];
-        for (e, w) in seen.iter().zip(want) {
-            assert!(e.contains(w), "{e} (wanted {w})");
-        }
+/// Whether the server may wait for the socket an ADOPTHANDED names: only on a fast-path
+/// agent's session (an origin's is always awaited).
+pub fn may_take_handed(from: Hander) -> Result<(), HandedRefusal> {
+    match from {
+        Hander::Agent { fast_path: false } => Err(HandedRefusal::NotFastPath),
+        _ => Ok(()),
     }
 }
+
+/// Whether the server may serve a socket handed over on this host: handed by a fast-path
+/// agent or an origin, to a listed address, and from an agent one it held — refused for the
+/// first rule it breaks, in that order. The socket's kind (a connected TCP socket) is the
+/// runtime's to check before.
+pub fn admit_handed(h: &Handed) -> Result<(), HandedRefusal> {
+    may_take_handed(h.from)?;
+    if !h.listed {
+        return Err(HandedRefusal::NotListed { local: h.local });
+    }
+    if matches!(h.from, Hander::Agent { .. }) && !h.held {
+        return Err(HandedRefusal::NotHeld {
+            local: h.local,
+            remote: h.remote,
+        });
+    }
+    Ok(())
+}
+
+/// How long a destination waits for the socket an origin on this host handed over before its
+/// HANDEDSTATE: the origin sent it before its answer, so it is normally there already.
+pub const HANDED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The refusal of a takeover whose handed socket did not come within [`HANDED_WAIT`].
+pub fn handed_late() -> crate::refusal::Refusal {
+    crate::refusal::Refusal::internal(format!(
+        "the origin's socket did not arrive within {HANDED_WAIT:?}"
+    ))
+}
+
+/// How a fast-path connection's socket came to be served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recreated {
+    /// An agent's ADOPT: recreated from its state, the flow fenced by the agent.
+    AgentRepaired,
+    /// An agent's ADOPTHANDED: the socket itself, nothing fenced.
+    AgentHanded,
+    /// An origin's HANDEDSTATE: the socket itself, live.
+    OriginHanded,
+    /// An origin's DIRECTSTATE: recreated from its state; whether the origin's fence around the
+    /// flow came down here.
+    OriginRepaired {
+        /// The destination took the origin's fence down.
+        fence_lifted: bool,
+    },
+}
+
+/// How a fast-path connection's client flow starts (decisions 54 and 56).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Fenced (an agent's hand-over of a new connection, or an origin's fence that was not
+    /// up here): output waits for KICK.
+    Fenced,
+    /// Recreated here and the origin's fence lifted: a window probe restarts the flow at once,
+    /// and another on KICK.
+    Lifted,
+    /// The socket itself was handed over by an origin (decision 56): nothing to restart.
+    Live,
+    /// The socket itself was handed over by the agent (a new connection): nothing to restart,
+    /// but output waits for KICK, which the agent sends once the connection is in its table
+    /// (so a client that got an answer finds its connection listed there).
+    Waiting,
+}
+
+/// The flow a connection recreated as `r` starts with.
+pub fn flow(r: Recreated) -> Flow {
+    match r {
+        Recreated::AgentRepaired => Flow::Fenced,
+        Recreated::AgentHanded => Flow::Waiting,
+        Recreated::OriginHanded => Flow::Live,
+        Recreated::OriginRepaired { fence_lifted: true } => Flow::Lifted,
+        Recreated::OriginRepaired {
+            fence_lifted: false,
+        } => Flow::Fenced,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -316,6 +316,20 @@ mod tests {
     }
 
     #[test]
+    fn an_origin_hands_over_at_most_its_cap_of_connections_at_once() {
+        assert!(admit_handover(0, 1).is_ok());
+        assert!(admit_handover(MAX_HANDOVERS - 1, MAX_HANDOVERS).is_ok());
+        let e = admit_handover(MAX_HANDOVERS, MAX_HANDOVERS).unwrap_err();
+        assert!(
+            e.contains("already handing over its maximum of 32 connections"),
+            "{e}"
+        );
+        assert!(admit_handover(MAX_HANDOVERS + 1, MAX_HANDOVERS).is_err());
+        // A cap of zero hands nothing over.
+        assert!(admit_handover(0, 0).is_err());
+    }
+
+    #[test]
     fn sessions_are_capped_in_all_and_per_source() {
         assert!(admit(0, 0, 10, 4).is_ok());
         assert!(admit(9, 3, 10, 4).is_ok());

@@ -13,6 +13,7 @@
 //! and stops counting a connection that stayed past [`STUCK_AFTER`] against the window, so
 //! connections that cannot move (no other server for their agent) never hold up the rest.
 
+use crate::phase::Phase;
 use crate::timing::rehint_due;
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
@@ -38,6 +39,21 @@ pub enum Here {
     Detached,
     /// Moved away, ended, or moving (the agent said it is leaving).
     Gone,
+}
+
+/// Where a connection stands for a drain: gone when a destination took it over (`taken`),
+/// when it no longer is [`Phase::hintable`], or when its agent said it is `leaving`; detached
+/// when its agent's session ended (`detached`) on a relayed connection; hintable otherwise. A
+/// detached fast-path (`direct`) connection is still served without its agent, which hears the
+/// hint through its watch of this server: it stays hintable.
+pub fn here(phase: &Phase, taken: bool, leaving: bool, detached: bool, direct: bool) -> Here {
+    if taken || !phase.hintable() || leaving {
+        Here::Gone
+    } else if detached && !direct {
+        Here::Detached
+    } else {
+        Here::Hintable
+    }
 }
 
 /// One hinted connection.
@@ -200,6 +216,45 @@ mod tests {
         assert_eq!(d.hinted(), 4);
         let t = t + REHINT_EVERY;
         assert_eq!(d.poll(t, |k| w[k]), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_connection_taken_closing_or_leaving_is_gone_whatever_its_session() {
+        for (detached, direct) in [(false, false), (true, false), (false, true), (true, true)] {
+            assert_eq!(
+                here(&Phase::Live, true, false, detached, direct),
+                Here::Gone
+            );
+            assert_eq!(
+                here(&Phase::Live, false, true, detached, direct),
+                Here::Gone
+            );
+            for p in [
+                Phase::AppClosed,
+                Phase::Migrated,
+                Phase::Closed,
+                Phase::Aborted("x".into()),
+            ] {
+                assert_eq!(here(&p, false, false, detached, direct), Here::Gone);
+            }
+        }
+    }
+
+    #[test]
+    fn a_live_relayed_connection_without_its_session_waits_and_a_fast_path_one_is_hinted() {
+        assert_eq!(
+            here(&Phase::Live, false, false, false, false),
+            Here::Hintable
+        );
+        assert_eq!(
+            here(&Phase::Live, false, false, true, false),
+            Here::Detached
+        );
+        assert_eq!(here(&Phase::Live, false, false, true, true), Here::Hintable);
+        assert_eq!(
+            here(&Phase::Live, false, false, false, true),
+            Here::Hintable
+        );
     }
 
     #[test]

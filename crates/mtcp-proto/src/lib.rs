@@ -7,6 +7,7 @@
 //! verification at the server), the agent's liveness trigger and the trigger policies
 //! (throughput floor, RTT, server overload).
 
+pub mod admin;
 pub mod adopt;
 pub mod agent;
 pub mod answers;
@@ -22,6 +23,7 @@ pub mod hello;
 pub mod offsets;
 pub mod phase;
 pub mod policy;
+pub mod probe;
 pub mod push;
 pub mod record;
 pub mod refusal;
@@ -32,6 +34,7 @@ pub mod sum;
 pub mod takeover;
 pub mod timing;
 pub mod trigger;
+pub mod watch;
 pub mod wire;
 
 pub use auth::{ChannelContext, Cid, ClusterKey, PortKind, Role, Token};

@@ -55,21 +55,8 @@ const LINGER: Duration = Duration::from_secs(10);
 /// trim the output log.
 const TRIM_EVERY: u64 = 16 << 10;
 
-/// How a pump's client flow starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Flow {
-    /// Fenced (an agent's hand-over of a new connection): output waits for KICK.
-    Fenced,
-    /// Recreated here and the origin's fence lifted: a window probe restarts the flow at once,
-    /// and another on KICK.
-    Lifted,
-    /// The socket itself was handed over by an origin (decision 56): nothing to restart.
-    Live,
-    /// The socket itself was handed over by the agent (a new connection): nothing to restart,
-    /// but output waits for KICK, which the agent sends once the connection is in its table
-    /// (so a client that got an answer finds its connection listed there).
-    Waiting,
-}
+/// How a pump's client flow starts, as [`mtcp_proto::adopt::flow`] rules.
+pub(crate) use mtcp_proto::adopt::Flow;
 
 /// What the socket did, in [`Pump::run`].
 enum Io {

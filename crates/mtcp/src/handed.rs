@@ -1,7 +1,10 @@
 //! Taking a socket handed over on this host (decision 56) into service: checks that it is a
-//! connection the fast path may serve, and, from an agent, one it held.
+//! connection the fast path may serve, and, from an agent, one it held, as
+//! [`mtcp_proto::adopt::admit_handed`] rules.
 
 use crate::registry::ServerInner;
+use mtcp_proto::adopt::{self, Handed, Hander};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -14,36 +17,31 @@ pub(crate) async fn adopt_from_agent(
     nonce: &crate::handoff::Nonce,
     agent: Option<&crate::direct::Adopter>,
 ) -> Result<TcpStream, String> {
-    let Some(agent) = agent else {
-        return Err("a handed socket from a session that is not a fast-path agent's".into());
+    let from = Hander::Agent {
+        fast_path: agent.is_some(),
     };
+    adopt::may_take_handed(from).map_err(|e| e.to_string())?;
     let fd = inner
         .handoff
         .take(nonce, Duration::from_secs(1))
         .await
         .ok_or("the agent's socket did not arrive within 1s")?;
-    let sock = adopt_handed(fd, &inner.cluster.fast_path)?;
-    let named = match (sock.local_addr(), sock.peer_addr()) {
-        (Ok(l), Ok(r)) => (crate::sockowner::norm(l), crate::sockowner::norm(r)),
-        _ => return Err("the handed socket has no addresses".into()),
-    };
-    if !agent.held.contains(&named) {
-        return Err(format!(
-            "the handed connection {} -> {} is not one the agent held when the session began",
-            named.1, named.0
-        ));
-    }
-    tracing::info!(client = %named.1, "fast path: the agent handed the client's socket over");
+    let held = agent.map_or(&[][..], |a| &a.held[..]);
+    let (sock, client) = adopt_handed(fd, &inner.cluster.fast_path, from, held)?;
+    tracing::info!(%client, "fast path: the agent handed the client's socket over");
     Ok(sock)
 }
 
-/// The client's socket an origin on this host handed over (decision 56), if it is a TCP
-/// connection to an address this cluster's fast path admits; returned nonblocking and
-/// registered with tokio.
+/// The client's socket handed over on this host by `from` (decision 56), if it is a TCP
+/// connection that [`adopt::admit_handed`] admits: to an address this cluster's fast path
+/// lists (`allowed`) and, from an agent, one of those it `held`. Returned nonblocking and
+/// registered with tokio, with its client's address.
 pub(crate) fn adopt_handed(
     fd: std::os::fd::OwnedFd,
-    allowed: &[std::net::SocketAddr],
-) -> Result<TcpStream, String> {
+    allowed: &[SocketAddr],
+    from: Hander,
+    held: &[(SocketAddr, SocketAddr)],
+) -> Result<(TcpStream, SocketAddr), String> {
     let kind = socket2::SockRef::from(&fd)
         .r#type()
         .map_err(|e| format!("handed socket: {e}"))?;
@@ -51,16 +49,24 @@ pub(crate) fn adopt_handed(
         return Err("the handed descriptor is not a stream socket".into());
     }
     let sock = std::net::TcpStream::from(fd);
-    let (local, _) = sock
+    let (local, remote) = sock
         .local_addr()
         .and_then(|l| sock.peer_addr().map(|r| (l, r)))
         .map_err(|e| format!("the handed descriptor is not a connected TCP socket: {e}"))?;
-    if !allowed.contains(&local) {
-        return Err(format!(
-            "a connection to {local} is not one this cluster's fast path admits"
-        ));
-    }
+    let named = (
+        crate::sockowner::norm(local),
+        crate::sockowner::norm(remote),
+    );
+    adopt::admit_handed(&Handed {
+        from,
+        local: named.0,
+        remote: named.1,
+        listed: allowed.contains(&local),
+        held: held.contains(&named),
+    })
+    .map_err(|e| e.to_string())?;
     sock.set_nonblocking(true)
         .map_err(|e| format!("handed socket: {e}"))?;
-    TcpStream::from_std(sock).map_err(|e| format!("handed socket: {e}"))
+    let sock = TcpStream::from_std(sock).map_err(|e| format!("handed socket: {e}"))?;
+    Ok((sock, named.1))
 }

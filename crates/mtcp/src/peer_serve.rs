@@ -269,6 +269,7 @@ async fn acknowledged(w: &WriteHalf, limit: Duration) {
 
 /// Serves one connection on the admin port.
 pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: SocketAddr) {
+    use mtcp_proto::admin::Request;
     let ((mut reader, mut w), from) =
         match accept_authenticated(s, &inner.cluster.key, &inner.id, PortKind::Admin).await {
             Ok(x) => x,
@@ -279,28 +280,30 @@ pub(crate) async fn serve_admin(inner: Arc<ServerInner>, s: Stream, addr: Socket
         };
     reader.set_max_frame(ADMIN_FRAME);
     loop {
-        let status = match reader.next_msg(IDLE).await {
-            Ok(Msg::AdminDrain) => {
-                tracing::info!(target: "mtcp::peer", by = %from, "draining: hinting every connection away");
-                inner.drain();
-                inner.status()
-            }
-            Ok(Msg::AdminUndrain) => {
-                inner.undrain();
-                inner.status()
-            }
-            Ok(Msg::AdminStatus) => inner.status(),
-            Ok(other) => {
-                tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: unexpected {}; closing", other.name());
-                return;
-            }
+        let request = match reader.next_msg(IDLE).await {
+            Ok(m) => mtcp_proto::admin::request(&m),
             Err(ChannelError::Closed) => return,
             Err(e) => {
                 tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: {e}; closing");
                 return;
             }
         };
-        if w.write_msg(&Msg::AdminStatusReply(status)).await.is_err() {
+        match request {
+            Ok(Request::Drain) => {
+                tracing::info!(target: "mtcp::peer", by = %from, "draining: hinting every connection away");
+                inner.drain();
+            }
+            Ok(Request::Undrain) => inner.undrain(),
+            Ok(Request::Status) => {}
+            Err(e) => {
+                tracing::warn!(target: "mtcp::peer", peer = %addr, "admin port: {e}; closing");
+                return;
+            }
+        }
+        if w.write_msg(&Msg::AdminStatusReply(inner.status()))
+            .await
+            .is_err()
+        {
             return;
         }
     }

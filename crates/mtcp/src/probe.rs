@@ -5,7 +5,7 @@ use crate::framed::{self, FrameReader};
 use crate::registry::ServerInner;
 use crate::session_io::refuse;
 use crate::stream::{ReadHalf, WriteHalf};
-use mtcp_proto::wire::{HintReason, Msg, RefuseCode};
+use mtcp_proto::wire::{HintReason, Msg};
 use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,11 +14,7 @@ use tokio::net::TcpStream;
 
 /// How often the overload policy looks at the connections.
 const OVERLOAD_EVERY: Duration = Duration::from_millis(100);
-/// Probe connections: closed after this long without a probe, or when probes come faster than
-/// one per `PROBE_MIN_GAP`; at most `MAX_PROBE_CONNS` at once per process.
-const PROBE_IDLE: Duration = Duration::from_secs(10);
-const PROBE_MIN_GAP: Duration = Duration::from_millis(250);
-const MAX_PROBE_CONNS: usize = 4096;
+/// Probe connections served now ([`mtcp_proto::probe::MAX_PROBE_CONNS`] at most).
 static PROBE_CONNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Test hook (`Limits::pacing_rate`): caps the socket's send rate at `rate` bytes per second.
 pub(crate) fn set_pacing_rate(s: &TcpStream, rate: u64) {
@@ -40,14 +36,16 @@ pub(crate) fn set_pacing_rate(s: &TcpStream, rate: u64) {
 }
 
 /// A probe connection: answers each `PROBE{t}` with `PROBE_REPLY{t}` (after
-/// `Limits::probe_delay`, a test hook), until the agent closes it, stays quiet for
-/// `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends anything else.
+/// `Limits::probe_delay`, a test hook) until [`mtcp_proto::probe`] closes it: the agent closes
+/// it, stays quiet for `PROBE_IDLE`, probes faster than one per `PROBE_MIN_GAP`, or sends
+/// anything else. At most `MAX_PROBE_CONNS` at once; more are refused `Busy`.
 pub(crate) async fn probe(
     inner: &Arc<ServerInner>,
     mut reader: FrameReader<ReadHalf>,
     mut w: WriteHalf,
-    mut t: u64,
+    t: u64,
 ) {
+    use mtcp_proto::probe::{next, open, Step, PROBE_IDLE};
     struct Slot;
     impl Drop for Slot {
         fn drop(&mut self) {
@@ -55,17 +53,14 @@ pub(crate) async fn probe(
         }
     }
     let _slot = Slot;
-    if PROBE_CONNS.fetch_add(1, Ordering::Relaxed) >= MAX_PROBE_CONNS {
-        refuse(
-            &mut w,
-            RefuseCode::Busy,
-            "too many probe connections".into(),
-        )
-        .await;
+    let mut step = open(PROBE_CONNS.fetch_add(1, Ordering::Relaxed), t);
+    if let Step::Busy(r) = step {
+        refuse(&mut w, r.code, r.reason).await;
         return;
     }
     tracing::debug!(server = %inner.id, "probe connection");
     loop {
+        let Step::Reply { t } = step else { return };
         let at = Instant::now();
         if !inner.limits.probe_delay.is_zero() {
             tokio::time::sleep(inner.limits.probe_delay).await;
@@ -76,10 +71,8 @@ pub(crate) async fn probe(
         {
             return;
         }
-        match reader.next_msg(PROBE_IDLE).await {
-            Ok(Msg::Probe { t: next }) if at.elapsed() >= PROBE_MIN_GAP => t = next,
-            _ => return,
-        }
+        let msg = reader.next_msg(PROBE_IDLE).await.ok();
+        step = next(at.elapsed(), msg.as_ref());
     }
 }
 

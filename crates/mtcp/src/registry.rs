@@ -102,27 +102,20 @@ impl ServerInner {
     }
 
     pub fn status(&self) -> ServerStatus {
-        let (mut served, mut detached, mut leaving) = (0u32, 0u32, 0u32);
+        let mut tally = mtcp_proto::admin::Tally::default();
         for c in self.all() {
             let st = c.lock();
-            // A fenced connection kept only as its taker's keeper is not served here.
-            if st.repl.taken.is_some() {
-                continue;
-            }
-            served += 1;
-            if st.detached_at.is_some() {
-                if st.leaving {
-                    leaving += 1;
-                } else {
-                    detached += 1;
-                }
-            }
+            tally.add(
+                st.repl.taken.is_some(),
+                st.detached_at.is_some(),
+                st.leaving,
+            );
         }
         ServerStatus {
             id: self.id.clone(),
-            connections: served - detached - leaving + self.handing_over.load(Ordering::Relaxed),
-            detached,
-            leaving,
+            connections: tally.connections(self.handing_over.load(Ordering::Relaxed)),
+            detached: tally.detached,
+            leaving: tally.leaving,
             draining: self.draining.load(Ordering::Relaxed),
             migrated_in: self.migrated_in.load(Ordering::Relaxed),
             migrated_out: self.migrated_out.load(Ordering::Relaxed),
@@ -162,7 +155,6 @@ impl ServerInner {
     }
 
     fn drain_pass(&self, d: &mut mtcp_proto::drain::Drain<Cid>, now: Instant) {
-        use mtcp_proto::drain::Here;
         if d.refill_due(now) {
             let all: Vec<Cid> = self
                 .conns
@@ -177,19 +169,16 @@ impl ServerInner {
         // cost more in the allocator than the pass itself.
         let hint = d.poll(now, |cid| {
             let Some(c) = self.get(cid) else {
-                return Here::Gone;
+                return mtcp_proto::drain::Here::Gone;
             };
             let st = c.lock();
-            if st.repl.taken.is_some() || !st.phase().hintable() || st.leaving {
-                Here::Gone
-            } else if st.detached_at.is_some() && st.direct.is_none() {
-                // A relayed connection without its session: its agent is gone or already
-                // moving it. A fast-path one is still served, and its agent hears the hint
-                // through its watch of this server.
-                Here::Detached
-            } else {
-                Here::Hintable
-            }
+            mtcp_proto::drain::here(
+                st.phase(),
+                st.repl.taken.is_some(),
+                st.leaving,
+                st.detached_at.is_some(),
+                st.direct.is_some(),
+            )
         });
         for cid in hint {
             if let Some(c) = self.get(&cid) {

@@ -167,12 +167,13 @@ pub(crate) async fn handle_session(
                         return;
                     }
                 };
+                use mtcp_proto::adopt::{flow, Recreated};
                 // On one host the agent hands the socket itself over (decision 56): nothing was
                 // fenced, but output still waits for KICK (the agent lists the connection first).
                 let (adopted, flow) = match handed {
                     Ok(nonce) => (
                         crate::handed::adopt_from_agent(&inner, &nonce, agent.as_ref()).await,
-                        crate::direct::Flow::Waiting,
+                        flow(Recreated::AgentHanded),
                     ),
                     Err(tcp) => (
                         Box::pin(crate::direct::adopt(
@@ -181,7 +182,7 @@ pub(crate) async fn handle_session(
                             agent.as_ref(),
                         ))
                         .await,
-                        crate::direct::Flow::Fenced,
+                        flow(Recreated::AgentRepaired),
                     ),
                 };
                 match adopted {

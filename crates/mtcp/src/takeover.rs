@@ -191,10 +191,6 @@ pub(crate) async fn fetch_or_replica(
     }
 }
 
-/// How long a destination waits for a socket its origin says it handed over (decision 56): the
-/// origin sent it before its answer, on this host, so it is normally there already.
-const HANDED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// The rest of a takeover, once the record is known to fit: restart the connection here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn take_over_checked(
@@ -223,18 +219,21 @@ pub(crate) async fn take_over_checked(
         .clone()
         .map(Start::Migrated)
         .unwrap_or(Start::New);
+    use mtcp_proto::adopt;
     let sock = match tcp {
         Some(crate::origin::DirectTcp::Handed { nonce }) => {
             let fd = inner
                 .handoff
-                .take(&nonce, HANDED_WAIT)
+                .take(&nonce, adopt::HANDED_WAIT)
                 .await
-                .ok_or_else(|| {
-                    Refusal::internal(format!(
-                        "the origin's socket did not arrive within {HANDED_WAIT:?}"
-                    ))
-                })?;
-            let sock = crate::handed::adopt_handed(fd, &inner.cluster.fast_path).map_err(|e| {
+                .ok_or_else(adopt::handed_late)?;
+            let (sock, _) = crate::handed::adopt_handed(
+                fd,
+                &inner.cluster.fast_path,
+                adopt::Hander::Origin,
+                &[],
+            )
+            .map_err(|e| {
                 tracing::error!(cid = %m.cid, "fast-path connection lost: {e}");
                 Refusal::internal(e)
             })?;
@@ -242,7 +241,7 @@ pub(crate) async fn take_over_checked(
             Some(DirectSock {
                 sock,
                 written: rec.client_down(),
-                flow: crate::direct::Flow::Live,
+                flow: adopt::flow(adopt::Recreated::OriginHanded),
             })
         }
         Some(crate::origin::DirectTcp::Repaired { tcp, fence }) => {
@@ -263,11 +262,9 @@ pub(crate) async fn take_over_checked(
             Some(DirectSock {
                 sock,
                 written: rec.client_down(),
-                flow: if lifted {
-                    crate::direct::Flow::Lifted
-                } else {
-                    crate::direct::Flow::Fenced
-                },
+                flow: adopt::flow(adopt::Recreated::OriginRepaired {
+                    fence_lifted: lifted,
+                }),
             })
         }
         None => None,
