@@ -25,8 +25,8 @@ use mtcp::framed::{self, FrameReader};
 use mtcp::movetrace::{self, Role as TraceRole, Trace};
 use mtcp::stream::{ReadHalf, WriteHalf};
 use mtcp_proto::agent::{
-    on_closed, on_session_error, AfterFailure, AfterFault, Closing, Control, MoveError, MovePlan,
-    Placement, SessionFault, StreamPos,
+    after_failed_move, on_closed, on_session_error, AfterFailedMove, AfterFailure, AfterFault,
+    Closing, Control, MoveError, MovePlan, Placement, SessionFault, StreamPos,
 };
 use mtcp_proto::custody::Lineage;
 use mtcp_proto::trigger::{silence_bound, Rtt};
@@ -114,7 +114,8 @@ pub(crate) async fn direct(inner: Arc<AgentInner>, id: u64, client: TcpStream) {
                         }
                         // Refused before any origin let go: the connection is still served where
                         // it was (its flow was fenced meanwhile, so kick it).
-                        if !broken && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
+                        let stay = after_failed_move(!broken) == AfterFailedMove::Stay;
+                        if stay && framed::write_msg(&mut session.1, &Msg::Kick).await.is_ok() {
                             tracing::warn!(conn = id, cid = %conn.at.cid, "not moved ({e}); still on {}", conn.at.server);
                             continue;
                         }

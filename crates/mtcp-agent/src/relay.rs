@@ -177,6 +177,8 @@ pub(crate) async fn relay(
                         if let Some(d) = done {
                             let _ = d.send(Err(crate::NotMoved::Failed(e.clone())));
                         }
+                        // Its session was left with LEAVING before the MIGRATE: nothing to
+                        // stay on (`agent::after_failed_move(false)`), so it is given up.
                         break Err(format!("migration failed: {e}"));
                     }
                 }

@@ -168,8 +168,9 @@ pub fn admit_handed(h: &Handed) -> Result<(), HandedRefusal> {
     Ok(())
 }
 
-/// How long a destination waits for the socket an origin on this host handed over before its
-/// HANDEDSTATE: the origin sent it before its answer, so it is normally there already.
+/// How long a server waits for a socket handed over on this host: an origin's, before its
+/// HANDEDSTATE, or a fast-path agent's, before its ADOPTHANDED. Each sends the socket before
+/// its message, so it is normally there already.
 pub const HANDED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The refusal of a takeover whose handed socket did not come within [`HANDED_WAIT`].

@@ -26,7 +26,10 @@ pub mod stream;
 mod wait;
 mod watch;
 
-pub use ending::{on_closed, on_session_error, AfterFault, Closing, ReadFault, SessionFault};
+pub use ending::{
+    after_failed_move, on_closed, on_session_error, AfterFailedMove, AfterFault, Closing,
+    ReadFault, SessionFault,
+};
 pub use reason::{MoveCause, MoveReason};
 pub use wait::{CandidateWait, Waited};
 pub use watch::{watch_msg, watch_opening, watch_silence, WatchGone, WatchOpening, WatchStep};

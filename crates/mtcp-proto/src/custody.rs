@@ -25,7 +25,7 @@ pub use answer::read_fence;
 pub use handout::{rehand_from, OwnFence, OwnFences, RehandFrom};
 pub use lineage::{Lineage, Step, MAX_LINEAGE};
 pub use own::{prefenced, rehands_own};
-pub use yielding::{NotAnAnswer, YieldAnswer};
+pub use yielding::{before_pass, before_supersede, AfterYield, NotAnAnswer, YieldAnswer};
 
 /// What a keeper knows of the state it handed out.
 #[derive(Clone, Debug, PartialEq, Eq)]

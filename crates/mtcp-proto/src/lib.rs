@@ -21,6 +21,7 @@ pub mod freeze;
 pub mod handshake;
 pub mod hello;
 pub mod offsets;
+pub mod peering;
 pub mod phase;
 pub mod policy;
 pub mod probe;

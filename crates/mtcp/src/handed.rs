@@ -5,7 +5,6 @@
 use crate::registry::ServerInner;
 use mtcp_proto::adopt::{self, Handed, Hander};
 use std::net::SocketAddr;
-use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The client's socket a fast-path agent handed over under `nonce` (decision 56): taken from
@@ -23,9 +22,14 @@ pub(crate) async fn adopt_from_agent(
     adopt::may_take_handed(from).map_err(|e| e.to_string())?;
     let fd = inner
         .handoff
-        .take(nonce, Duration::from_secs(1))
+        .take(nonce, adopt::HANDED_WAIT)
         .await
-        .ok_or("the agent's socket did not arrive within 1s")?;
+        .ok_or_else(|| {
+            format!(
+                "the agent's socket did not arrive within {:?}",
+                adopt::HANDED_WAIT
+            )
+        })?;
     let held = agent.map_or(&[][..], |a| &a.held[..]);
     let (sock, client) = adopt_handed(fd, &inner.cluster.fast_path, from, held)?;
     tracing::info!(%client, "fast path: the agent handed the client's socket over");

@@ -13,6 +13,7 @@ use crate::replica::Claimed;
 use crate::stream::{Stream, WriteHalf};
 use mtcp_proto::answers;
 use mtcp_proto::custody::YieldAnswer;
+use mtcp_proto::peering::{self, Screened};
 use mtcp_proto::wire::{Msg, RefuseCode};
 use mtcp_proto::{Cid, PortKind, StateRecord};
 use std::net::SocketAddr;
@@ -38,8 +39,8 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
             return;
         }
     };
-    if inner.cluster.server(&from).is_none() {
-        tracing::warn!(target: "mtcp::peer", peer = %addr, "peer port: {from:?} is not a server of the cluster; closing");
+    if let Err(e) = peering::admit_opener(&from, inner.cluster.server(&from).is_some()) {
+        tracing::warn!(target: "mtcp::peer", peer = %addr, "peer port: {e}; closing");
         return;
     }
     // Replicas carry a snapshot and at most a small output tail.
@@ -49,7 +50,25 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
         let mut handover: Option<HandingOver> = None;
         // The connection a FETCH here is moving, for its trace (`crate::movetrace`).
         let mut traced: Option<Cid> = None;
-        let reply = match reader.next_msg(IDLE).await {
+        let msg = match reader.next_msg(IDLE).await {
+            Ok(m) => m,
+            Err(ChannelError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(target: "mtcp::peer", peer = %from, "peer port: {e}; closing");
+                return;
+            }
+        };
+        let is_server = |id: &str| inner.cluster.server(id).is_some();
+        let msg = match peering::screen(&msg, is_server) {
+            Ok(Screened::Serve) => Ok(msg),
+            Ok(Screened::Refuse(r)) => Err(Msg::from(r)),
+            Err(e) => {
+                tracing::warn!(target: "mtcp::peer", peer = %from, "peer port: {e}; closing");
+                return;
+            }
+        };
+        let reply = match msg {
+            Err(refused) => refused,
             Ok(Msg::Fetch {
                 cid,
                 epoch,
@@ -164,14 +183,6 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                 answer.to_msg(&inner.id, cid, epoch)
             }
             Ok(Msg::FenceEpoch {
-                cid, epoch, ref by, ..
-            }) if inner.cluster.server(by).is_none() => Msg::Refused {
-                code: RefuseCode::Internal,
-                reason: format!(
-                    "fence of epoch {epoch} of {cid} for {by:?}, not a server of the cluster"
-                ),
-            },
-            Ok(Msg::FenceEpoch {
                 cid,
                 epoch,
                 by,
@@ -205,13 +216,9 @@ pub(crate) async fn serve_peer(inner: Arc<ServerInner>, s: Stream, addr: SocketA
                     out_off: 0,
                 }
             }
+            // Screened out above.
             Ok(other) => {
                 tracing::warn!(target: "mtcp::peer", peer = %from, "peer port: unexpected {}; closing", other.name());
-                return;
-            }
-            Err(ChannelError::Closed) => return,
-            Err(e) => {
-                tracing::warn!(target: "mtcp::peer", peer = %from, "peer port: {e}; closing");
                 return;
             }
         };

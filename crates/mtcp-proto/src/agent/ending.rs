@@ -95,6 +95,27 @@ pub fn on_closed(down_total: u64, delivered: Option<u64>) -> Closing {
     }
 }
 
+/// What a connection does after a move of it failed (every candidate refused or silent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailedMove {
+    /// It stays on its server, on the session it had (the fast path KICKs the fenced flow
+    /// there); if that session cannot be written either, it is given up.
+    Stay,
+    /// It is given up: the client's connection is ended.
+    GiveUp,
+}
+
+/// After a failed move: a connection stays where it was only if its old session is still
+/// open — the fast path keeps it through a move unless the session broke, while the relay
+/// said LEAVING on it before the MIGRATE (its server detached the connection) and so has no
+/// session to stay on.
+pub fn after_failed_move(session_kept: bool) -> AfterFailedMove {
+    match session_kept {
+        true => AfterFailedMove::Stay,
+        false => AfterFailedMove::GiveUp,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +208,13 @@ mod tests {
         assert_eq!(on_closed(6, Some(6)), Closing::Done);
         assert_eq!(on_closed(6, Some(4)), Closing::Pending);
         assert_eq!(on_closed(3, Some(4)), Closing::Short);
+    }
+
+    #[test]
+    fn a_failed_move_keeps_the_connection_only_on_a_session_still_open() {
+        // Fast path, session intact: stays and is kicked.
+        assert_eq!(after_failed_move(true), AfterFailedMove::Stay);
+        // Fast path with a broken session, or the relay after LEAVING: given up.
+        assert_eq!(after_failed_move(false), AfterFailedMove::GiveUp);
     }
 }

@@ -93,6 +93,44 @@ impl YieldAnswer {
     }
 }
 
+/// What a fencer does after asking a holder to give its epoch up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterYield {
+    /// The holder keeps the epoch (the agent uses it): refused.
+    Keeps,
+    /// No agent will ever use the epoch ([`YieldAnswer::needs_no_fence`]): a fence need not
+    /// land.
+    Unanswered,
+    /// The epoch must be fenced at the holder's backups, and the fence must land.
+    Fence,
+}
+
+/// A backup whose claim a fence found held by a candidate (`fence_here`, decision 48), after
+/// asking that holder to yield `epoch` (`None`: not reached): a holder not reached keeps the
+/// epoch — it may be serving the agent, cut off only from this backup — as does one that
+/// refuses; one that gave the epoch up is passed over, after a fence of its backups unless no
+/// agent will use the epoch.
+pub fn before_pass(answer: Option<YieldAnswer>, word: &Holding, epoch: u64) -> AfterYield {
+    match answer {
+        None | Some(YieldAnswer::Refused) => AfterYield::Keeps,
+        Some(a) if a.needs_no_fence(word, epoch) => AfterYield::Unanswered,
+        Some(_) => AfterYield::Fence,
+    }
+}
+
+/// A keeper handing a connection out again (`rehand`), after asking the holder it supersedes
+/// to yield `epoch` (`None`: not reached): only a refusal keeps it. A holder not reached is
+/// dead, or cut off from everyone, and serves no one once its backups are fenced. (The keeper
+/// fences in every case, for the holder's newer restart point; [`AfterYield::Unanswered`]
+/// says that fence need not land.)
+pub fn before_supersede(answer: Option<YieldAnswer>, word: &Holding, epoch: u64) -> AfterYield {
+    match answer {
+        Some(YieldAnswer::Refused) => AfterYield::Keeps,
+        Some(a) if a.needs_no_fence(word, epoch) => AfterYield::Unanswered,
+        None | Some(_) => AfterYield::Fence,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +223,42 @@ mod tests {
         assert!(!YieldAnswer::Refused.needs_no_fence(&word, 5));
         // A word that says nothing rules nothing out.
         assert!(!YieldAnswer::LetGo(2).needs_no_fence(&Holding::default(), 5));
+    }
+
+    #[test]
+    fn a_pass_keeps_an_unreached_or_refusing_holder_and_a_supersede_only_a_refusing_one() {
+        let word = Holding {
+            attempt: 3,
+            epochs: vec![6],
+        };
+        let cases = [
+            (None, AfterYield::Keeps, AfterYield::Fence),
+            (
+                Some(YieldAnswer::Refused),
+                AfterYield::Keeps,
+                AfterYield::Keeps,
+            ),
+            (
+                Some(YieldAnswer::Unanswered),
+                AfterYield::Unanswered,
+                AfterYield::Unanswered,
+            ),
+            // Let go for an earlier MIGRATE at an epoch not held: no agent will use it.
+            (
+                Some(YieldAnswer::LetGo(2)),
+                AfterYield::Unanswered,
+                AfterYield::Unanswered,
+            ),
+            // Let go at an epoch the agent may hold: fenced first.
+            (
+                Some(YieldAnswer::LetGo(3)),
+                AfterYield::Fence,
+                AfterYield::Fence,
+            ),
+        ];
+        for (answer, pass, supersede) in cases {
+            assert_eq!(before_pass(answer, &word, 5), pass, "{answer:?}");
+            assert_eq!(before_supersede(answer, &word, 5), supersede, "{answer:?}");
+        }
     }
 }

@@ -10,7 +10,8 @@ use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
 use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::custody::{
-    read_fence, rehand_from, Custody, Fence, GaveUp, OwnFence, OwnFences, RehandFrom,
+    before_pass, before_supersede, read_fence, rehand_from, AfterYield, Custody, Fence, GaveUp,
+    OwnFence, OwnFences, RehandFrom,
 };
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Holding, RefuseCode};
@@ -243,12 +244,19 @@ pub(crate) async fn ask_to_yield(
     epoch: u64,
     word: &Holding,
 ) -> Result<bool, Refusal> {
-    match ask_holder(inner, holder, cid, epoch, word).await {
-        None => Ok(false),
-        Some(YieldAnswer::Refused) => Err(Refusal::stale_epoch(format!(
+    let answer = ask_holder(inner, holder, cid, epoch, word).await;
+    match noted(
+        before_supersede(answer, word, epoch),
+        answer,
+        cid,
+        holder,
+        epoch,
+    ) {
+        AfterYield::Keeps => Err(Refusal::stale_epoch(format!(
             "{holder} already resumed the connection at epoch {epoch}"
         ))),
-        Some(a) => Ok(needs_no_fence(a, word, cid, holder, epoch)),
+        AfterYield::Unanswered => Ok(true),
+        AfterYield::Fence => Ok(false),
     }
 }
 
@@ -274,21 +282,19 @@ async fn ask_holder(
     }
 }
 
-/// Whether a holder's answer to YIELD makes a fence of `epoch` needless: no agent will ever
-/// use it — given up before any RESUMED for it went out, or after, for a MIGRATE the agent's
-/// word rules out (decision 66).
-fn needs_no_fence(
-    answer: YieldAnswer,
-    word: &Holding,
+/// A holder's answer to YIELD with what the fencer does next, logged when the agent's word
+/// made a fence of `epoch` needless (decision 66).
+fn noted(
+    then: AfterYield,
+    answer: Option<YieldAnswer>,
     cid: mtcp_proto::Cid,
     holder: &str,
     epoch: u64,
-) -> bool {
-    let needless = answer.needs_no_fence(word, epoch);
-    if needless && matches!(answer, YieldAnswer::LetGo(_)) {
+) -> AfterYield {
+    if then == AfterYield::Unanswered && matches!(answer, Some(YieldAnswer::LetGo(_))) {
         tracing::info!(target: "mtcp::eager", %cid, holder, epoch, "the holder let go of an epoch the agent's word rules out: no fence needed");
     }
-    needless
+    then
 }
 
 /// A fence of `epoch` of `cid` for `by` at this server's replica store (FENCEEPOCH, or this
@@ -313,18 +319,25 @@ pub(crate) async fn fence_here(
     // The holder's successor epoch, as for a supersede: `Custody::pass` gives that very epoch
     // to `by` (a held entry names the claimed epoch, so this is never refused).
     let next = seen.successor(epoch)?;
-    let gave_up = match ask_holder(inner, &seen.holder, cid, next, word).await {
-        None | Some(YieldAnswer::Refused) => {
+    let answer = ask_holder(inner, &seen.holder, cid, next, word).await;
+    let gave_up = match noted(
+        before_pass(answer, word, next),
+        answer,
+        cid,
+        &seen.holder,
+        next,
+    ) {
+        AfterYield::Keeps => {
             return Err(Refusal::stale_epoch(format!(
                 "epoch {epoch} of {cid} is held by {} (resuming at {next}), which keeps it",
                 seen.holder
             )));
         }
-        Some(a) if needs_no_fence(a, word, cid, &seen.holder, next) => GaveUp::Unanswered,
+        AfterYield::Unanswered => GaveUp::Unanswered,
         // It answered RESUMED for `next` (the agent may hold that token): the epoch is fenced
         // at its own backups before the claim passes over (`Custody::pass`; issue 15's open
         // question, settled by the simulation).
-        Some(_) => GaveUp::Answered(
+        AfterYield::Fence => GaveUp::Answered(
             Box::pin(fence(inner, cid, next, &seen.holder, by, word))
                 .await
                 .fences,

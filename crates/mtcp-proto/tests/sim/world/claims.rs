@@ -3,7 +3,9 @@
 //! `fence_here`, `claim_here` and `ask_to_yield`, played in one step.
 
 use super::*;
-use mtcp_proto::custody::{Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict, YieldAnswer};
+use mtcp_proto::custody::{
+    self, AfterYield, Custody, Fence, Gate, GateEvent, GaveUp, Handout, Verdict, YieldAnswer,
+};
 use mtcp_proto::replica::{ClaimError, Dropped, Granted, Slot, Store};
 use mtcp_proto::wire::{Holding, RefuseCode};
 use rand::Rng;
@@ -49,15 +51,13 @@ impl World {
         self.servers[s].down_until.is_none() && self.servers[s].hung_until.is_none()
     }
 
-    /// Whether a holder's answer `y` to YIELD for `epoch` makes a fence of it needless: it
-    /// gave the epoch up before answering, or after, at an epoch the agent's word `word`
-    /// rules out (decision 66).
-    pub(super) fn unanswered(&mut self, y: Yield, word: &Holding, epoch: u64) -> bool {
-        let needless = y.is_some_and(|a| a.needs_no_fence(word, epoch));
-        if needless && matches!(y, Some(YieldAnswer::LetGo(_))) {
+    /// What the fencer does after the holder's answer `y` (`custody::before_pass` or
+    /// `before_supersede`), counting the epochs the agent's word ruled out (decision 66).
+    pub(super) fn noted(&mut self, then: AfterYield, y: Yield) -> AfterYield {
+        if then == AfterYield::Unanswered && matches!(y, Some(YieldAnswer::LetGo(_))) {
             self.disowned += 1;
         }
-        needless
+        then
     }
 
     /// `s`'s gate for `epoch` meets `e`.
@@ -209,9 +209,10 @@ impl World {
                         .as_ref()
                         .is_some_and(|h| h.epoch == seen.label + 1);
                 let y = self.ask_yield(holder, seen.label + 1, word);
-                let gave_up = match y {
-                    _ if self.unanswered(y, word, seen.label + 1) => GaveUp::Unanswered,
-                    Some(YieldAnswer::LetGo(_)) => {
+                let then = custody::before_pass(y, word, seen.label + 1);
+                let gave_up = match self.noted(then, y) {
+                    AfterYield::Unanswered => GaveUp::Unanswered,
+                    AfterYield::Fence => {
                         self.passes_answered += 1;
                         if agents {
                             // Issue 15's question: the agent holds this RESUMED's token and
@@ -237,7 +238,7 @@ impl World {
                             GaveUp::Answered(fs.fences)
                         }
                     }
-                    _ => return refused(RefuseCode::StaleEpoch),
+                    AfterYield::Keeps => return refused(RefuseCode::StaleEpoch),
                 };
                 let Some((slot, _)) = self.servers[b].entry.as_mut() else {
                     return refused(RefuseCode::StaleEpoch);
@@ -338,13 +339,14 @@ impl World {
                 let next = seen.successor(epoch).map_err(|e| e.code)?;
                 let holder = server_index(&seen.holder);
                 let y = self.ask_yield(holder, next, word);
-                if y == Some(YieldAnswer::Refused) {
+                let then = custody::before_supersede(y, word, next);
+                if then == AfterYield::Keeps {
                     return Err(RefuseCode::StaleEpoch);
                 }
                 // Fenced on behalf of the destination: its claims at the origin's other
                 // backups fence the same epoch again, which must not refuse it.
                 let f = self.fence_holder(holder, next, dest, word);
-                let unanswered = self.unanswered(y, word, next);
+                let unanswered = self.noted(then, y) == AfterYield::Unanswered;
                 let unfenced =
                     matches!(y, Some(YieldAnswer::LetGo(_))) && !unanswered && f.unreached();
                 let Some((slot, _)) = self.servers[b].entry.as_mut() else {

@@ -3,7 +3,9 @@
 
 use super::*;
 use mtcp_proto::agent::{self, MoveError, MovePlan};
-use mtcp_proto::custody::{self, GateEvent, Handout, OwnFence, Step, Verdict, YieldAnswer};
+use mtcp_proto::custody::{
+    self, AfterYield, GateEvent, Handout, OwnFence, Step, Verdict, YieldAnswer,
+};
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
 use mtcp_proto::takeover::{self, pick::Pick};
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
@@ -333,11 +335,12 @@ impl World {
                 .map_err(|e| format!("custody: {e}"))?;
             let holder = server_index(&custody.holder);
             let y = self.ask_yield(holder, next, &m.holding);
-            if y == Some(YieldAnswer::Refused) {
+            let then = custody::before_supersede(y, &m.holding, next);
+            if then == AfterYield::Keeps {
                 return refused(RefuseCode::StaleEpoch, "holder refused to yield");
             }
             let f = self.fence_holder(holder, next, o, &m.holding);
-            let unanswered = self.unanswered(y, &m.holding, next);
+            let unanswered = self.noted(then, y) == AfterYield::Unanswered;
             let (handout, label) =
                 match custody.supersede(SERVERS[dest], &f.fences, f.floor, unanswered) {
                     Ok(x) => x,
