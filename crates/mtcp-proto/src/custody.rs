@@ -70,6 +70,14 @@ impl Custody {
         }
     }
 
+    /// Whether `by`'s word that its backups hold the epoch after `epoch` (DROPREPLICA) ends
+    /// this custody: `by` is still the holder, and the custody is of that epoch or an older one
+    /// (a confirmation of a later move by the same holder covers it too). A confirmation from
+    /// a holder superseded since is not for the state kept now.
+    pub fn confirmed_by(&self, epoch: u64, by: &str) -> bool {
+        self.epoch <= epoch && self.holder == by
+    }
+
     /// The epoch to fence at the holder's backups before `epoch`'s state may go to anyone
     /// else, or why the request is not for this state.
     pub fn successor(&self, epoch: u64) -> Result<u64, Refusal> {

@@ -201,7 +201,7 @@ impl CustodyStore {
         let (map, used) = &mut *g;
         if map
             .get(&cid)
-            .is_some_and(|k| k.custody.epoch <= epoch && k.custody.holder == by)
+            .is_some_and(|k| k.custody.confirmed_by(epoch, by))
         {
             let k = map.remove(&cid).expect("present");
             *used -= k.bytes;

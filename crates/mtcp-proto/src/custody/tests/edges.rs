@@ -176,3 +176,16 @@ fn a_second_move_from_the_same_epoch_replaces_the_first() {
     assert_eq!(l.fallback(3), None);
     assert!(!l.is_empty());
 }
+
+#[test]
+fn a_custody_ends_only_with_its_holder_s_confirmation_of_its_epoch_or_a_later_one() {
+    let c = Custody {
+        epoch: 4,
+        holder: "s2".into(),
+        label: 4,
+    };
+    assert!(c.confirmed_by(4, "s2"));
+    assert!(c.confirmed_by(6, "s2"), "a later move by the same holder");
+    assert!(!c.confirmed_by(3, "s2"), "an older epoch's confirmation");
+    assert!(!c.confirmed_by(4, "s3"), "a holder superseded since");
+}
