@@ -22,7 +22,9 @@ mod own;
 mod word;
 mod yielding;
 pub use answer::read_fence;
-pub use handout::{rehand_from, OwnFence, OwnFences, RehandFrom};
+pub use handout::{
+    after_freeze, prefence_own, rehand_from, AfterFreeze, OwnFence, OwnFences, RehandFrom,
+};
 pub use lineage::{Lineage, Step, MAX_LINEAGE};
 pub use own::{prefenced, rehands_own};
 pub use yielding::{before_pass, before_supersede, AfterYield, NotAnAnswer, YieldAnswer};

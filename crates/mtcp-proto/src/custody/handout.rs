@@ -87,6 +87,39 @@ pub fn rehand_from(custody: Option<u64>, taken: Option<u64>, epoch: u64) -> Reha
     }
 }
 
+/// Where an origin's FETCH goes after it tried to freeze the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFreeze {
+    /// Frozen here: hand it over (eager: after fencing its epoch, [`OwnFences`]).
+    HandOver,
+    /// Hand it out again from custody ([`rehand_from`]).
+    Rehand,
+    /// Refuse with the freeze's own refusal.
+    Refuse,
+}
+
+/// Where a FETCH goes, given the freeze's refusal code (`None`: frozen). In eager mode a
+/// connection this server no longer serves (`UnknownConnection`) may be in its custody; and one
+/// at another epoch (`StaleEpoch`) is handed out again when this keeper holds its own re-hand,
+/// detached and unheard (`holds_own`: [`super::rehands_own`], decision 64). Lazy servers keep no
+/// custody.
+pub fn after_freeze(refused: Option<RefuseCode>, eager: bool, holds_own: bool) -> AfterFreeze {
+    match refused {
+        None => AfterFreeze::HandOver,
+        Some(RefuseCode::UnknownConnection) if eager => AfterFreeze::Rehand,
+        Some(RefuseCode::StaleEpoch) if eager && holds_own => AfterFreeze::Rehand,
+        Some(_) => AfterFreeze::Refuse,
+    }
+}
+
+/// Whether a keeper re-handing a connection it holds itself at `own_epoch` (`holds_own`) fences
+/// that epoch at its backups first (decision 64): unless the agent's word rules it out
+/// (`ruled_out`: [`crate::wire::Holding::rules_out`] for the MIGRATE that epoch was served
+/// for, decision 66) — no agent will use it.
+pub fn prefence_own(holds_own: bool, ruled_out: bool) -> bool {
+    holds_own && !ruled_out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +157,33 @@ mod tests {
         assert_eq!(rehand_from(Some(2), None, 4), Custody);
         assert_eq!(rehand_from(None, Some(3), 4), Nothing);
         assert_eq!(rehand_from(None, None, 4), Nothing);
+    }
+
+    #[test]
+    fn a_fetch_is_handed_over_re_handed_from_custody_or_refused() {
+        use AfterFreeze::*;
+        assert_eq!(after_freeze(None, false, false), HandOver);
+        assert_eq!(after_freeze(None, true, true), HandOver);
+        let unknown = Some(RefuseCode::UnknownConnection);
+        assert_eq!(after_freeze(unknown, true, false), Rehand);
+        assert_eq!(
+            after_freeze(unknown, false, false),
+            Refuse,
+            "lazy: no custody"
+        );
+        let stale = Some(RefuseCode::StaleEpoch);
+        assert_eq!(after_freeze(stale, true, true), Rehand);
+        assert_eq!(after_freeze(stale, true, false), Refuse);
+        assert_eq!(after_freeze(stale, false, true), Refuse);
+        for code in [RefuseCode::Busy, RefuseCode::Divergence, RefuseCode::Closed] {
+            assert_eq!(after_freeze(Some(code), true, true), Refuse, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_keeper_fences_its_own_copy_first_unless_the_word_rules_it_out() {
+        assert!(prefence_own(true, false));
+        assert!(!prefence_own(true, true));
+        assert!(!prefence_own(false, false));
     }
 }

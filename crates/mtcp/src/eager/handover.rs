@@ -10,8 +10,8 @@ use crate::registry::ServerInner;
 use crate::replica::{ClaimError, Claimed};
 use mtcp_proto::custody::YieldAnswer;
 use mtcp_proto::custody::{
-    before_pass, before_supersede, read_fence, rehand_from, AfterYield, Custody, Fence, GaveUp,
-    OwnFence, OwnFences, RehandFrom,
+    after_freeze, before_pass, before_supersede, prefence_own, read_fence, rehand_from,
+    AfterFreeze, AfterYield, Custody, Fence, GaveUp, OwnFence, OwnFences, RehandFrom,
 };
 use mtcp_proto::stream::Refusal;
 use mtcp_proto::wire::{Holding, RefuseCode};
@@ -58,15 +58,15 @@ pub(crate) async fn hand_over(
     }
     let rec = match inner.freeze_local(f, to).await {
         Ok(rec) => rec,
-        Err(e) if e.code == RefuseCode::UnknownConnection && eager(inner) => {
-            return rehand(inner, f, to, waiting).await.unwrap_or(Err(e));
+        // Not served here any more: maybe in custody. Or its own re-hand to itself, to nobody,
+        // took the holder the agent had just read RESUMED from, and the agent comes back for
+        // the kept epoch (decision 64).
+        Err(e) => {
+            return match after_freeze(Some(e.code), eager(inner), holds_own(inner, f)) {
+                AfterFreeze::Rehand => rehand(inner, f, to, waiting).await.unwrap_or(Err(e)),
+                AfterFreeze::HandOver | AfterFreeze::Refuse => Err(e),
+            };
         }
-        // Its own re-hand to itself, to nobody, took the holder the agent had just read
-        // RESUMED from; the agent comes back for the kept epoch (decision 64).
-        Err(e) if e.code == RefuseCode::StaleEpoch && eager(inner) && holds_own(inner, f) => {
-            return rehand(inner, f, to, waiting).await.unwrap_or(Err(e));
-        }
-        Err(e) => return Err(e),
     };
     if !eager(inner) {
         return Ok(rec);
@@ -191,7 +191,7 @@ async fn rehand(
     };
     tracing::warn!(target: "mtcp::eager", cid = %f.cid, epoch = f.epoch, holder = %seen.holder, "the connection's state is asked for again: fencing epoch {next} at {}'s backups", seen.holder);
     let own = inner.gates.served(f.cid, next);
-    if holds_own(inner, f) && !f.holding.rules_out(own, next) {
+    if prefence_own(holds_own(inner, f), f.holding.rules_out(own, next)) {
         // The holder is this server: its epoch is fenced before its copy is given up, and a
         // fence that lands nowhere keeps the copy (decision 64) — unless the agent's word
         // rules that epoch out: no agent will use it (decision 66). The fence below repeats it

@@ -308,7 +308,7 @@ impl World {
                     // go, and the custody path below hands the state out (decision 64) — no
                     // need to, when the agent's word rules that epoch out (decision 66).
                     let own = self.servers[o].served.get(&e).copied().unwrap_or(0);
-                    if !m.holding.rules_out(own, e) {
+                    if custody::prefence_own(true, m.holding.rules_out(own, e)) {
                         let f = self.fence_holder(o, e, o, &m.holding);
                         if !custody::prefenced(&f.fences) {
                             return refused(RefuseCode::StaleEpoch, "origin keeps its own epoch");
