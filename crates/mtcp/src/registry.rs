@@ -101,6 +101,17 @@ impl ServerInner {
             .collect()
     }
 
+    /// This server as it introduces itself to an agent, in WELCOME and in RESUMED: its id, the
+    /// other servers, its heartbeat and its bound on an agent's silence.
+    pub(crate) fn destination(&self) -> mtcp_proto::takeover::Destination<'_> {
+        mtcp_proto::takeover::Destination {
+            id: &self.id,
+            alternates: self.cluster.alternates(&self.id),
+            heartbeat_ms: self.cluster.heartbeat.as_millis() as u32,
+            idle_ms: self.limits.idle_ms(),
+        }
+    }
+
     pub fn status(&self) -> ServerStatus {
         let mut tally = mtcp_proto::admin::Tally::default();
         for c in self.all() {

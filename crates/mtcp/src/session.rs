@@ -12,7 +12,6 @@ use crate::session_io::{noisy_event_admitted, reader_loop, refuse, writer_loop};
 use crate::stream::Stream;
 use crate::takeover::{take_over, DirectSock};
 use mtcp_proto::hello::{self, Adoption, Opening};
-use mtcp_proto::takeover::Destination;
 use mtcp_proto::wire::{self, Msg, RefuseCode};
 use mtcp_proto::Cid;
 use std::sync::atomic::Ordering;
@@ -137,14 +136,8 @@ pub(crate) async fn handle_session(
             let agent = owner.map(|uid| crate::direct::Adopter { uid, held });
             let cid = Cid(rand::random());
             let shared = Shared::new_conn(cid, tx);
-            let at = Destination {
-                id: &inner.id,
-                alternates: inner.cluster.alternates(&inner.id),
-                heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
-                idle_ms: inner.limits.idle_ms(),
-            };
             let token = inner.cluster.key.token(cid, 0);
-            let welcome = hello::welcome(at, cid, token, inner.cluster.mode);
+            let welcome = hello::welcome(inner.destination(), cid, token, inner.cluster.mode);
             if framed::write_msg(&mut w, &Msg::Welcome(welcome))
                 .await
                 .is_err()

@@ -206,12 +206,7 @@ pub(crate) async fn take_over_checked(
     // One past the record's label: the MIGRATE's epoch + 1, or more when a silent holder was
     // superseded (its epoch is fenced).
     let epoch = core::next_epoch(&rec);
-    let at = core::Destination {
-        id: &inner.id,
-        alternates: inner.cluster.alternates(&inner.id),
-        heartbeat_ms: inner.cluster.heartbeat.as_millis() as u32,
-        idle_ms: inner.limits.idle_ms(),
-    };
+    let at = inner.destination();
     let token = inner.cluster.key.token(m.cid, epoch);
     let resumed = core::resumed(&rec, at, token, state_bytes, from_replica);
     let start = rec
