@@ -88,16 +88,17 @@ pub fn ended(phase: &Phase) -> Option<bool> {
     (!phase.serves()).then(|| *phase != Phase::Migrated)
 }
 
-/// What frame `f` from the agent does to a serving connection in `phase` with stream `s`:
+/// What frame `f` from the agent does to a serving connection with stream `s`, `live` while
+/// its application still runs ([`Phase::Live`]; otherwise it is closing, [`Phase::AppClosed`]):
 /// `s` takes the input and acknowledgements, the rest is for the driver. `max_unacked` is the
 /// bound on output not yet acknowledged, above which the application's writes wait.
-pub fn on_frame(phase: &Phase, s: &mut ServerStream, f: Frame, max_unacked: u64) -> Reaction {
+pub fn on_frame(live: bool, s: &mut ServerStream, f: Frame, max_unacked: u64) -> Reaction {
     match f {
         Frame::Data(b) => {
             let mut r = Reaction::read();
             r.up_bytes = b.len();
             // Once the application is done, late input is dropped.
-            if *phase != Phase::Live {
+            if !live {
                 return r;
             }
             if let Err(why) = s.receive(b) {
@@ -162,6 +163,10 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// A connection whose application runs, and one whose application is done.
+    const LIVE: bool = true;
+    const CLOSING: bool = false;
+
     fn data(n: usize) -> Frame {
         Frame::Data(Bytes::from(vec![1u8; n]))
     }
@@ -176,7 +181,7 @@ mod tests {
     #[test]
     fn input_reaches_a_live_connection_and_wakes_its_reader() {
         let mut s = ServerStream::new();
-        let r = on_frame(&Phase::Live, &mut s, data(5), 100);
+        let r = on_frame(LIVE, &mut s, data(5), 100);
         assert_eq!((r.up_bytes, r.heard, r.wake_reader), (5, true, true));
         assert_eq!(r.then, Then::Read);
         assert_eq!(s.unread(), 5);
@@ -185,7 +190,7 @@ mod tests {
     #[test]
     fn input_after_the_application_closed_is_counted_and_dropped() {
         let mut s = ServerStream::new();
-        let r = on_frame(&Phase::AppClosed, &mut s, data(5), 100);
+        let r = on_frame(CLOSING, &mut s, data(5), 100);
         assert_eq!((r.up_bytes, r.heard, r.wake_reader), (5, false, false));
         assert_eq!(r.then, Then::Read);
         assert_eq!(s.up_recv(), 0);
@@ -194,14 +199,9 @@ mod tests {
     #[test]
     fn input_after_the_end_of_input_detaches_the_session() {
         let mut s = ServerStream::new();
-        let r = on_frame(
-            &Phase::Live,
-            &mut s,
-            Frame::Msg(Msg::UpFin { up_total: 0 }),
-            9,
-        );
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::UpFin { up_total: 0 }), 9);
         assert_eq!((r.heard, r.wake_reader, r.then), (true, true, Then::Read));
-        let r = on_frame(&Phase::Live, &mut s, data(1), 9);
+        let r = on_frame(LIVE, &mut s, data(1), 9);
         assert_eq!(
             r.then,
             Then::Detach(Detach::Input("data after end of input"))
@@ -212,13 +212,8 @@ mod tests {
     #[test]
     fn an_end_of_input_that_does_not_match_detaches_the_session() {
         let mut s = ServerStream::new();
-        on_frame(&Phase::Live, &mut s, data(3), 9);
-        let r = on_frame(
-            &Phase::Live,
-            &mut s,
-            Frame::Msg(Msg::UpFin { up_total: 4 }),
-            9,
-        );
+        on_frame(LIVE, &mut s, data(3), 9);
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::UpFin { up_total: 4 }), 9);
         let Then::Detach(d) = &r.then else {
             panic!("{r:?}")
         };
@@ -236,7 +231,7 @@ mod tests {
             })
         };
         // 60 still unacknowledged, bound 50: the writer keeps waiting.
-        let r = on_frame(&Phase::Live, &mut s, ack(40), 50);
+        let r = on_frame(LIVE, &mut s, ack(40), 50);
         assert!(r.acked && !r.wake_writer && r.replicate);
         let ev = PhaseEvent::Acked {
             acked: 40,
@@ -249,15 +244,15 @@ mod tests {
                 ends: false
             }
         );
-        let r = on_frame(&Phase::Live, &mut s, ack(60), 50);
+        let r = on_frame(LIVE, &mut s, ack(60), 50);
         assert!(r.acked && r.wake_writer);
         // The same ACK again, or an older one: nothing moves, nobody wakes.
         for old in [60, 10] {
-            let r = on_frame(&Phase::Live, &mut s, ack(old), 50);
+            let r = on_frame(LIVE, &mut s, ack(old), 50);
             assert!(!r.acked && !r.wake_writer);
         }
         // An ACK beyond what was written counts only up to the output.
-        on_frame(&Phase::Live, &mut s, ack(1_000), 50);
+        on_frame(LIVE, &mut s, ack(1_000), 50);
         assert_eq!(s.acked(), 100);
     }
 
@@ -265,7 +260,7 @@ mod tests {
     fn the_last_ack_of_a_closing_connection_ends_its_session_in_order() {
         let mut s = written(10);
         let r = on_frame(
-            &Phase::AppClosed,
+            CLOSING,
             &mut s,
             Frame::Msg(Msg::Ack {
                 down_recv: 10,
@@ -284,10 +279,10 @@ mod tests {
     #[test]
     fn ping_is_answered_with_its_own_time_and_kick_looks_at_the_socket() {
         let mut s = ServerStream::new();
-        let r = on_frame(&Phase::Live, &mut s, Frame::Msg(Msg::Ping { t: 77 }), 9);
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::Ping { t: 77 }), 9);
         assert_eq!(r.reply, Some(Msg::Pong { t: 77 }));
         assert_eq!((r.heard, r.then), (false, Then::Read));
-        let r = on_frame(&Phase::Live, &mut s, Frame::Msg(Msg::Kick), 9);
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::Kick), 9);
         assert!(r.kick && r.reply.is_none());
         assert_eq!(r.then, Then::Read);
     }
@@ -295,9 +290,9 @@ mod tests {
     #[test]
     fn leaving_detaches_and_close_ends_the_session_whatever_the_phase_does() {
         let mut s = ServerStream::new();
-        let r = on_frame(&Phase::Live, &mut s, Frame::Msg(Msg::Leaving), 9);
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::Leaving), 9);
         assert_eq!(r.then, Then::Detach(Detach::Leaving));
-        let r = on_frame(&Phase::AppClosed, &mut s, Frame::Msg(Msg::Close), 9);
+        let r = on_frame(CLOSING, &mut s, Frame::Msg(Msg::Close), 9);
         assert_eq!(
             r.then,
             Then::Apply {
@@ -310,7 +305,7 @@ mod tests {
     #[test]
     fn a_message_that_belongs_to_no_session_detaches_it_by_name() {
         let mut s = ServerStream::new();
-        let r = on_frame(&Phase::Live, &mut s, Frame::Msg(Msg::Pong { t: 1 }), 9);
+        let r = on_frame(LIVE, &mut s, Frame::Msg(Msg::Pong { t: 1 }), 9);
         let Then::Detach(d) = r.then else {
             panic!("{r:?}")
         };

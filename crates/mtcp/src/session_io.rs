@@ -201,8 +201,8 @@ pub(crate) async fn reader_loop(
         if !crate::eager::agent_heard(inner, shared.cid, &mut st) {
             return false;
         }
-        let phase = st.phase().clone();
-        let r = session::on_frame(&phase, &mut st.s, f, inner.limits.max_unacked);
+        let live = *st.phase() == Phase::Live;
+        let r = session::on_frame(live, &mut st.s, f, inner.limits.max_unacked);
         if r.up_bytes > 0 {
             crate::metrics::add_up(r.up_bytes);
         }
