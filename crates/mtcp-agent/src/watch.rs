@@ -160,19 +160,16 @@ async fn run(
         Err(e) => Err(e),
     };
     let (mut r, mut w) = match opened {
-        Ok((m, r, w)) => {
-            let shown = format!("{m:?}");
-            match watch_opening(Ok(m), limit) {
-                WatchOpening::Watching => (r, w),
-                _ => {
-                    tracing::debug!(server = %addr, "watch not accepted: {shown}");
-                    return None;
-                }
+        Ok((m, r, w)) => match watch_opening(Ok(&m), limit) {
+            WatchOpening::Watching => (r, w),
+            _ => {
+                tracing::debug!(server = %addr, "watch not accepted: {m:?}");
+                return None;
             }
-        }
+        },
         Err(e) => {
             let shown = e.to_string();
-            return match watch_opening(Err(fault(e)), limit) {
+            return match watch_opening(Err(&fault(e)), limit) {
                 WatchOpening::Gone(why) => Some(why),
                 _ => {
                     tracing::debug!(server = %addr, "cannot open a watch connection: {shown}");

@@ -58,7 +58,7 @@ pub enum WatchOpening {
 
 /// The first answer to the opening WATCH (or why none came), read within `limit`: only a
 /// HEARTBEAT opens the watch.
-pub fn watch_opening(first: Result<Msg, ReadFault>, limit: Duration) -> WatchOpening {
+pub fn watch_opening(first: Result<&Msg, &ReadFault>, limit: Duration) -> WatchOpening {
     match first {
         Ok(Msg::Heartbeat) => WatchOpening::Watching,
         Ok(_) | Err(ReadFault::Failed(_)) => WatchOpening::NotWatched,
@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn only_a_heartbeat_opens_the_watch_and_only_a_timeout_while_opening_counts_as_gone() {
         assert_eq!(
-            watch_opening(Ok(Msg::Heartbeat), 500 * MS),
+            watch_opening(Ok(&Msg::Heartbeat), 500 * MS),
             WatchOpening::Watching
         );
         let refused = Msg::Refused {
@@ -110,21 +110,21 @@ mod tests {
             reason: "no such connection".into(),
         };
         assert_eq!(
-            watch_opening(Ok(refused), 500 * MS),
+            watch_opening(Ok(&refused), 500 * MS),
             WatchOpening::NotWatched
         );
         assert_eq!(
-            watch_opening(Ok(Msg::Pong { t: 1 }), 500 * MS),
+            watch_opening(Ok(&Msg::Pong { t: 1 }), 500 * MS),
             WatchOpening::NotWatched
         );
         assert_eq!(
             watch_opening(
-                Err(ReadFault::Failed("connection refused".into())),
+                Err(&ReadFault::Failed("connection refused".into())),
                 500 * MS
             ),
             WatchOpening::NotWatched
         );
-        let gone = watch_opening(Err(ReadFault::TimedOut), 500 * MS);
+        let gone = watch_opening(Err(&ReadFault::TimedOut), 500 * MS);
         assert_eq!(gone, WatchOpening::Gone(WatchGone::Unanswered(500 * MS)));
         let WatchOpening::Gone(g) = gone else {
             unreachable!()
