@@ -267,7 +267,7 @@ impl ServerInner {
     /// again.
     pub(crate) fn give_up(&self, cid: Cid, epoch: u64, asker: u64) -> YieldAnswer {
         let verdict = self.gates.yield_for(cid, epoch, asker);
-        let answer = YieldAnswer::of(verdict.map(|(v, _)| v), verdict.map_or(0, |(_, s)| s));
+        let answer = YieldAnswer::of(verdict);
         if verdict.is_none() {
             tracing::info!(target: "mtcp::gate", %cid, epoch, asker, "refusing to give up an epoch taken over for a later MIGRATE than the asker's");
         }

@@ -28,14 +28,14 @@ pub enum YieldAnswer {
 pub struct NotAnAnswer(pub &'static str);
 
 impl YieldAnswer {
-    /// The holder's answer, from its gate's verdict on the yield (`None`: refused before the
-    /// gate, the request being for an older MIGRATE, [`Holding::stale_for`]) and the MIGRATE
-    /// number the epoch was served for.
-    pub fn of(verdict: Option<Verdict>, served: u64) -> Self {
-        match verdict {
-            Some(Verdict::Go) => YieldAnswer::Unanswered,
-            Some(Verdict::LetGo) => YieldAnswer::LetGo(served),
-            Some(Verdict::Refuse) | None => YieldAnswer::Refused,
+    /// The holder's answer, from its gate's verdict on the yield and the MIGRATE number the
+    /// epoch was served for (`None`: refused before the gate, the request being for an older
+    /// MIGRATE, [`Holding::stale_for`]).
+    pub fn of(gate: Option<(Verdict, u64)>) -> Self {
+        match gate {
+            Some((Verdict::Go, _)) => YieldAnswer::Unanswered,
+            Some((Verdict::LetGo, served)) => YieldAnswer::LetGo(served),
+            Some((Verdict::Refuse, _)) | None => YieldAnswer::Refused,
         }
     }
 
@@ -142,18 +142,18 @@ mod tests {
     #[test]
     fn the_gate_s_verdict_becomes_the_answer_and_a_stale_request_is_refused() {
         assert_eq!(
-            YieldAnswer::of(Some(Verdict::Go), 4),
+            YieldAnswer::of(Some((Verdict::Go, 4))),
             YieldAnswer::Unanswered
         );
         assert_eq!(
-            YieldAnswer::of(Some(Verdict::LetGo), 4),
+            YieldAnswer::of(Some((Verdict::LetGo, 4))),
             YieldAnswer::LetGo(4)
         );
         assert_eq!(
-            YieldAnswer::of(Some(Verdict::Refuse), 4),
+            YieldAnswer::of(Some((Verdict::Refuse, 4))),
             YieldAnswer::Refused
         );
-        assert_eq!(YieldAnswer::of(None, 4), YieldAnswer::Refused);
+        assert_eq!(YieldAnswer::of(None), YieldAnswer::Refused);
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl World {
             self.stale_yields += 1;
             return Some(YieldAnswer::Refused);
         }
-        let answer = YieldAnswer::of(Some(self.settle(holder, epoch, GateEvent::Yield)), served);
+        let answer = YieldAnswer::of(Some((self.settle(holder, epoch, GateEvent::Yield), served)));
         match answer {
             YieldAnswer::Unanswered | YieldAnswer::Refused => {}
             YieldAnswer::LetGo(_) => {
