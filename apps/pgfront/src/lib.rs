@@ -79,6 +79,9 @@ pub struct Front {
     pub registry: Registry,
     /// Commit through PREPARE TRANSACTION / COMMIT PREPARED (crash-safe commit point).
     pub two_phase: bool,
+    /// Answer a plain BEGIN at once and send it with the transaction's first statement
+    /// (decision 68).
+    pub defer_begin: bool,
     /// Largest protocol message accepted.
     pub max_message: usize,
     /// Test hook: die (SIGKILL) at this step of the n-th commit path of the process.
@@ -100,6 +103,8 @@ pub struct Options {
     pub orphan_after: std::time::Duration,
     /// Most idle backends kept warm (0: every session opens its own).
     pub pool: usize,
+    /// Answer a plain BEGIN at once and send it with the transaction's first statement.
+    pub defer_begin: bool,
 }
 
 impl Default for Options {
@@ -109,6 +114,7 @@ impl Default for Options {
             crash_at: None,
             orphan_after: std::time::Duration::from_secs(60),
             pool: 16,
+            defer_begin: true,
         }
     }
 }
@@ -121,6 +127,7 @@ impl Front {
             target,
             registry,
             two_phase: opts.two_phase,
+            defer_begin: opts.defer_begin,
             max_message: codec::MAX_MESSAGE,
             crash_at: opts.crash_at,
             pool: pool::Pool::new(opts.pool),

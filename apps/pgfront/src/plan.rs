@@ -4,6 +4,8 @@
 
 use crate::sql::{Classified, TxnControl};
 
+pub mod begin;
+
 /// What to do with one unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -20,6 +20,7 @@ use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod begin;
 mod commit;
 mod exchange;
 mod input;
@@ -96,6 +97,8 @@ pub struct Session {
     /// Held while a unit runs or a transaction is open: a move waits a little for the
     /// transaction's end (decision 55) rather than replay it on a new backend.
     soft: Option<mtcp::SoftGuard>,
+    /// A plain BEGIN already answered, sent with the next unit (see [`begin`]).
+    begin: Option<begin::Deferred>,
 }
 
 /// Runs one connection of the front-end to its end.
@@ -246,6 +249,7 @@ impl Session {
             notify: false,
             at_rest: false,
             soft: None,
+            begin: None,
         };
         for p in s.state.prepared.iter().filter(|p| !p.from_sql) {
             s.stmts.insert(p.name.clone(), classify(&p.sql));
@@ -323,6 +327,12 @@ impl Session {
                     let FrontMsg::Query { sql } = codec::parse_front(&f)? else {
                         unreachable!("a Query unit holds a Query");
                     };
+                    if self.status == IDLE && self.front.defer_begin {
+                        if let Some(tag) = crate::sql::plain_begin(sql) {
+                            self.defer_begin(f, tag);
+                            continue;
+                        }
+                    }
                     let c = classify(sql);
                     self.note(&c);
                     let mode = plan::decide(self.status, &[Some(&c)], self.points());

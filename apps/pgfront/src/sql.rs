@@ -505,5 +505,31 @@ fn copy(st: &[Tok]) -> Option<bool> {
     None
 }
 
+/// The command tag of `sql` if it is a plain `BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION` or
+/// `START TRANSACTION` (any case, surrounding white space, one optional `;`, nothing else: no
+/// comment, no transaction mode): a statement PostgreSQL runs without fail at Idle, so the
+/// front-end may answer it before it runs (decision 68).
+pub fn plain_begin(sql: &[u8]) -> Option<&'static str> {
+    let s = std::str::from_utf8(sql).ok()?.trim();
+    let s = s.strip_suffix(';').unwrap_or(s);
+    let mut words = s.split_ascii_whitespace();
+    let tag = match (words.next(), words.next(), words.next()) {
+        (Some(a), None, None) if a.eq_ignore_ascii_case("begin") => "BEGIN",
+        (Some(a), Some(b), None)
+            if a.eq_ignore_ascii_case("begin")
+                && (b.eq_ignore_ascii_case("work") || b.eq_ignore_ascii_case("transaction")) =>
+        {
+            "BEGIN"
+        }
+        (Some(a), Some(b), None)
+            if a.eq_ignore_ascii_case("start") && b.eq_ignore_ascii_case("transaction") =>
+        {
+            "START TRANSACTION"
+        }
+        _ => return None,
+    };
+    Some(tag)
+}
+
 #[cfg(test)]
 mod tests;

@@ -140,6 +140,10 @@ struct PgfrontArgs {
     /// its own.
     #[arg(long, default_value_t = 16)]
     pool: usize,
+    /// Answer a plain BEGIN at once and send it to PostgreSQL with the transaction's first
+    /// statement (one round trip less per transaction). `off`: every BEGIN runs when it comes.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    defer_begin: String,
 }
 
 fn build_pgfront(m: ArgMatches, _ctx: ServerContext) -> Building {
@@ -165,6 +169,7 @@ async fn pgfront(m: ArgMatches) -> Result<Arc<dyn mtcp::App>> {
         crash_at,
         orphan_after: std::time::Duration::from_secs(a.orphan_after_secs),
         pool: a.pool,
+        defer_begin: a.defer_begin == "on",
     };
     let front = mtcp_pgfront::Front::new(target, opts)
         .await

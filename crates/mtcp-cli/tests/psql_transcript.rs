@@ -88,6 +88,15 @@ SELECT ratio FROM items ORDER BY id;
 COMMIT;
 SHOW extra_float_digits;
 BEGIN;
+\! $MOVE
+INSERT INTO log VALUES (15, 'begun before a move');
+COMMIT;
+START TRANSACTION;
+\! $MOVE
+COMMIT;
+begin work;
+ROLLBACK;
+BEGIN;
 DECLARE c CURSOR FOR SELECT id, name, qty FROM items ORDER BY id;
 FETCH 2 FROM c;
 \! $MOVE

@@ -154,6 +154,25 @@ pub fn parse(name: &[u8], sql: &[u8], types: &[u32]) -> Bytes {
     })
 }
 
+/// Bind (`B`) of the unnamed statement to the unnamed portal: no parameters, text results.
+pub fn bind_unnamed() -> Bytes {
+    message(b'B', |b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_u16(0);
+        b.put_u16(0);
+        b.put_u16(0);
+    })
+}
+
+/// Execute (`E`) of the unnamed portal, every row.
+pub fn execute_unnamed() -> Bytes {
+    message(b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    })
+}
+
 /// Sync (`S`).
 pub fn sync() -> Bytes {
     message(b'S', |_| {})

@@ -14,15 +14,19 @@ impl Session {
         tracing::trace!(cid = %self.cid, ?mode, status = %(self.status as char), "unit");
         // Whether the restart point after the unit was already taken (inside a lock).
         let mut taken = false;
+        if !matches!(mode, Mode::Forward | Mode::Locked) {
+            // The commit path sends queries of its own first.
+            self.begin_alone().await?;
+        }
         match mode {
             Mode::Forward => {
-                self.send_all(frames).await?;
+                self.send_unit(frames).await?;
                 self.status = self.pump(false).await?;
                 self.flush().await?;
             }
             Mode::Locked => {
                 let guard = self.conn.lock_state().await?;
-                self.send_all(frames).await?;
+                self.send_unit(frames).await?;
                 self.status = self.pump(false).await?;
                 self.flush().await?;
                 if self.status == IDLE {

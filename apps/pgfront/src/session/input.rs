@@ -72,6 +72,7 @@ impl Session {
                     FrontMsg::Flush => {
                         // The client waits for answers before its Sync: send what it has.
                         self.at_rest = false;
+                        self.begin_alone().await?;
                         for m in batch.drain(..) {
                             self.be.send(&m.raw).await?;
                         }

@@ -339,3 +339,47 @@ proptest! {
                         [any(0), any(1), any(2), any(3)]);
     }
 }
+
+#[test]
+fn plain_begins_and_what_is_not_one() {
+    for (sql, tag) in [
+        ("BEGIN", "BEGIN"),
+        ("begin;", "BEGIN"),
+        ("  Begin Work ;\n", "BEGIN"),
+        ("BEGIN TRANSACTION", "BEGIN"),
+        ("start\ttransaction;", "START TRANSACTION"),
+    ] {
+        assert_eq!(plain_begin(sql.as_bytes()), Some(tag), "{sql:?}");
+    }
+    for sql in [
+        "",
+        ";",
+        "BEGIN;;",
+        "BEGIN; SELECT 1",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        "BEGIN READ ONLY",
+        "BEGIN -- why",
+        "/* c */ BEGIN",
+        "START",
+        "START TRANSACTION READ WRITE",
+        "BEGINS",
+        "COMMIT",
+        "begin work transaction",
+    ] {
+        assert_eq!(plain_begin(sql.as_bytes()), None, "{sql:?}");
+    }
+    assert_eq!(plain_begin(b"BEGIN\xff"), None);
+}
+
+proptest! {
+    /// Whatever `plain_begin` accepts, the classifier sees as one statement starting a
+    /// transaction.
+    #[test]
+    fn a_plain_begin_is_one_begin(sql in "[ \t\n]{0,2}(?i:begin|start)( (?i:work|transaction))?[ ]{0,2};?[ \n]{0,2}") {
+        if plain_begin(sql.as_bytes()).is_some() {
+            let c = classify(sql.as_bytes());
+            prop_assert_eq!(c.statements, 1);
+            prop_assert_eq!(c.first, TxnControl::Begin);
+        }
+    }
+}
