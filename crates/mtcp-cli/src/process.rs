@@ -13,9 +13,11 @@
 /// here). Nor is anything done when the kernel has transparent huge pages off. Returns only
 /// if it did not (or could not) execute itself again.
 pub fn huge_heap() {
-    if !cfg!(all(target_os = "linux", target_env = "gnu"))
-        || std::env::var_os("GLIBC_TUNABLES").is_some()
-    {
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return;
+    }
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        keep_name();
         return;
     }
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
@@ -31,6 +33,29 @@ pub fn huge_heap() {
         .env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         .exec();
     eprintln!("mtcp: could not re-execute with the heap on huge pages ({e}); going on without");
+}
+
+/// A process executed through `/proc/self/exe` is named `exe` (in `ps`, `top`, `pgrep`): the
+/// re-executed server takes back the name it was started with, the file name of its `argv[0]`
+/// (as the kernel would have set it, at most 15 bytes).
+fn keep_name() {
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    if comm.trim_end() != "exe" {
+        return;
+    }
+    let Some(arg0) = std::env::args_os().next() else {
+        return;
+    };
+    let path = std::path::Path::new(&arg0);
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = [0u8; 16];
+    let n = name.as_bytes().len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `buf`.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
 /// Big, short-lived buffers (output chunks, frames) would otherwise go back to the kernel and be

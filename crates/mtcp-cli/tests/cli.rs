@@ -151,8 +151,8 @@ fn wrong_key_is_refused_and_unreachable_service_closes_the_client() {
 
 /// A server puts its heap on transparent huge pages (decision 65): started without
 /// `GLIBC_TUNABLES`, it executes itself again — same PID, same arguments — with
-/// `glibc.malloc.hugetlb=1`; one started with `GLIBC_TUNABLES` set (here the opt-out) is left
-/// as it is.
+/// `glibc.malloc.hugetlb=1`, under the name it was started with; one started with
+/// `GLIBC_TUNABLES` set (here the opt-out) is left as it is.
 #[test]
 fn a_server_puts_its_heap_on_huge_pages_unless_told_not_to() {
     let thp =
@@ -222,6 +222,7 @@ fn a_server_puts_its_heap_on_huge_pages_unless_told_not_to() {
         });
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let _ = child.kill();
         let _ = child.wait();
         assert!(listening, "the server (pid {pid}) never listened");
@@ -238,5 +239,8 @@ fn a_server_puts_its_heap_on_huge_pages_unless_told_not_to() {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         assert_eq!(argv, args, "the server's arguments");
+        // Not `exe` (from `/proc/self/exe`): the name `ps` and `pgrep` show.
+        let name = exe().file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(comm.trim_end(), &name[..name.len().min(15)], "the server's name");
     }
 }
