@@ -241,6 +241,10 @@ fn a_server_puts_its_heap_on_huge_pages_unless_told_not_to() {
         assert_eq!(argv, args, "the server's arguments");
         // Not `exe` (from `/proc/self/exe`): the name `ps` and `pgrep` show.
         let name = exe().file_name().unwrap().to_string_lossy().into_owned();
-        assert_eq!(comm.trim_end(), &name[..name.len().min(15)], "the server's name");
+        assert_eq!(
+            comm.trim_end(),
+            &name[..name.len().min(15)],
+            "the server's name"
+        );
     }
 }

@@ -32,6 +32,7 @@ use crate::conn_state::{ConnState, Phase, PhaseEvent, Shared};
 use crate::direct_state::{DirectHandle, Pump, Queues, MAX_TCP_STATE};
 use crate::framed::Out;
 use crate::registry::ServerInner;
+use crate::sockread::recv_uninit;
 use bytes::{Buf, Bytes};
 use mtcp_proto::wire::Msg;
 use std::collections::VecDeque;
@@ -125,43 +126,6 @@ pub(crate) fn read_inline(
     }
     st.park_reader(cx);
     Poll::Pending
-}
-
-/// One `recv` into the unfilled part of `buf` (its filled part grows by what arrived), without
-/// zeroing that part first as `ReadBuf::initialize_unfilled` would: the application's buffer
-/// is often kilobytes larger than a request.
-///
-/// A read shorter than the room it had drained the socket, so it also clears the socket's read
-/// readiness, as tokio's own `poll_read` does; otherwise the next read would find nothing and
-/// cost a wasted `recv`. The clear happens inside the same `try_io` call, which clears with the
-/// readiness tick it saw before the `recv`: data arriving after the `recv` has a newer tick and
-/// stays ready, so no wake-up is lost.
-fn recv_uninit(sock: &TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<usize> {
-    let mut short = None;
-    let got = sock.try_io(tokio::io::Interest::READABLE, || {
-        // SAFETY: nothing de-initializes bytes of `dst`: `recv` only writes into it, at most
-        // `dst.len()` bytes, and reads none of them.
-        let dst = unsafe { buf.unfilled_mut() };
-        let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
-        let r = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), dst.len(), 0) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let r = r as usize;
-        if r > 0 && r < dst.len() {
-            short = Some(r);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(r)
-    });
-    let n = match (got, short) {
-        (_, Some(n)) => n,
-        (got, None) => got?,
-    };
-    // SAFETY: `recv` initialized the first `n` bytes of the unfilled part.
-    unsafe { buf.assume_init(n) };
-    buf.advance(n);
-    Ok(n)
 }
 
 /// The application's write of `data` to a fast-path connection with nothing queued before it:
@@ -555,6 +519,3 @@ pub(crate) async fn adopt(
     let _ = sock.set_nodelay(true);
     TcpStream::from_std(sock).map_err(|e| format!("restore: {e}"))
 }
-
-#[cfg(test)]
-mod tests;

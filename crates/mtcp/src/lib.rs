@@ -34,6 +34,7 @@ mod session;
 mod session_io;
 mod slots;
 mod sockowner;
+pub mod sockread;
 pub mod stream;
 mod takeover;
 pub mod tls;

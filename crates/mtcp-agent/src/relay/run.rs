@@ -222,7 +222,8 @@ pub(super) async fn run(
                     buf.reserve(up_want);
                 }
                 let spare = buf.capacity() - buf.len();
-                let n = cr.try_read_buf(&mut buf)?;
+                // A short read clears the readiness: no `recv` that finds nothing after each request.
+                let n = mtcp::sockread::try_read_buf(cr.as_ref(), &mut buf)?;
                 if n >= spare {
                     up_want = (up_want * 2).min(CLIENT_READ);
                 }

@@ -1,6 +1,6 @@
-//! The fast path's own reads of the client's socket.
+//! Reads that clear the readiness after a short read.
 
-use super::recv_uninit;
+use super::{recv_uninit, try_read_buf};
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,4 +33,32 @@ async fn a_short_read_clears_readiness_and_later_data_wakes_the_reader() {
         assert_eq!(tried.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
     }
     assert_eq!(got, b"firstsecond piece");
+}
+
+/// The same through a `BytesMut`, as the relay agent reads its client: what arrived is
+/// appended, a short read clears the readiness, and the peer's end reads as 0.
+#[tokio::test]
+async fn a_short_read_into_bytes_appends_and_clears_readiness() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = l.accept().await.unwrap();
+    let mut buf = bytes::BytesMut::from(&b"kept:"[..]);
+    peer.write_all(b"request").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sock.readable())
+        .await
+        .expect("data wakes the reader")
+        .unwrap();
+    assert_eq!(try_read_buf(&sock, &mut buf).unwrap(), 7);
+    assert_eq!(&buf[..], b"kept:request");
+    let tried = sock.try_io(Interest::READABLE, || -> std::io::Result<()> {
+        panic!("a read was tried on a socket drained by a short read")
+    });
+    assert_eq!(tried.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    let mut empty = bytes::BytesMut::new();
+    drop(peer);
+    tokio::time::timeout(Duration::from_secs(5), sock.readable())
+        .await
+        .expect("the peer's end wakes the reader")
+        .unwrap();
+    assert_eq!(try_read_buf(&sock, &mut empty).unwrap(), 0, "end of stream");
 }
