@@ -7,7 +7,10 @@
 //! frame; the same bytes fed in pieces must give the same frames and the same end. Nothing is
 //! consumed on `Ok(None)` or an error, frames are cut where their length field says and are
 //! within the limit, and messages the codec can encode re-encode to their exact bytes. The
-//! whole input is also classified as SQL, both string-escaping modes.
+//! whole input is also classified as SQL, both string-escaping modes, and read as a plain BEGIN
+//! (`sql::plain_begin`: what it accepts the classifier sees as one BEGIN). Every backend frame is
+//! also judged as the answer to a deferred BEGIN (`plan::begin::judge`): only the messages that
+//! can end that answer end it.
 #![no_main]
 
 use bytes::BytesMut;
@@ -43,7 +46,38 @@ fuzz_target!(|data: &[u8]| {
         assert!(c.statements <= data.len());
         assert!(c.first == sql::TxnControl::None || c.has_txn_control);
     }
+    if let Some(tag) = sql::plain_begin(data) {
+        assert!(tag == "BEGIN" || tag == "START TRANSACTION");
+        for scs in [true, false] {
+            let c = sql::classify_with(data, scs);
+            assert_eq!(c.statements, 1, "a plain BEGIN that is not one statement");
+            assert_eq!(c.first, sql::TxnControl::Begin, "a plain BEGIN that is not a BEGIN");
+        }
+    }
 });
+
+/// A backend message judged as (part of) the answer to a deferred BEGIN.
+fn check_judge(msg: &BackMsg<'_>) {
+    use mtcp_pgfront::plan::begin::{judge, Sent, Step};
+    for sent in [Sent::Extended, Sent::Query] {
+        for tagged in [false, true] {
+            match judge(msg, sent, "BEGIN", tagged) {
+                Step::Done => assert!(
+                    matches!(
+                        (msg, sent),
+                        (BackMsg::CommandComplete { tag: b"BEGIN" }, Sent::Extended)
+                            | (BackMsg::ReadyForQuery { status: b'T' }, Sent::Query)
+                    ),
+                    "{msg:?} ended a deferred BEGIN's answer"
+                ),
+                Step::Failed { code, .. } => {
+                    assert!(matches!(msg, BackMsg::ErrorResponse { .. }) && !code.is_empty())
+                }
+                Step::Next { .. } | Step::Pass | Step::Unexpected => {}
+            }
+        }
+    }
+}
 
 /// Splits `wire`, fed in pieces whose sizes cycle through `cuts`, into frames; returns them and
 /// how it ended: an error, or the number of bytes left over (an incomplete frame).
@@ -113,6 +147,9 @@ fn check_frame(f: &Frame, max: usize) {
     };
     if let Some(again) = again {
         assert_eq!(again, f.raw, "client message does not re-encode");
+    }
+    if let Ok(m) = codec::parse_back(f) {
+        check_judge(&m);
     }
     let again = match codec::parse_back(f) {
         Ok(BackMsg::ParameterStatus { name, value }) => Some(codec::parameter_status(name, value)),
