@@ -99,6 +99,8 @@ pub struct Session {
     soft: Option<mtcp::SoftGuard>,
     /// A plain BEGIN already answered, sent with the next unit (see [`begin`]).
     begin: Option<begin::Deferred>,
+    /// Named statements that are a plain BEGIN, with its tag.
+    begin_stmts: HashMap<Vec<u8>, &'static str>,
 }
 
 /// Runs one connection of the front-end to its end.
@@ -250,9 +252,13 @@ impl Session {
             at_rest: false,
             soft: None,
             begin: None,
+            begin_stmts: HashMap::new(),
         };
         for p in s.state.prepared.iter().filter(|p| !p.from_sql) {
             s.stmts.insert(p.name.clone(), classify(&p.sql));
+            if let Some(tag) = crate::sql::plain_begin(&p.sql) {
+                s.begin_stmts.insert(p.name.clone(), tag);
+            }
         }
         s
     }
@@ -329,7 +335,12 @@ impl Session {
                     };
                     if self.status == IDLE && self.front.defer_begin {
                         if let Some(tag) = crate::sql::plain_begin(sql) {
-                            self.defer_begin(f, tag);
+                            let answer = [
+                                &codec::command_complete(tag)[..],
+                                &codec::ready_for_query(IN_TXN)[..],
+                            ]
+                            .concat();
+                            self.defer_begin(vec![f], &answer, tag);
                             continue;
                         }
                     }
@@ -341,6 +352,13 @@ impl Session {
                 }
                 Unit::Batch(frames) => {
                     let execs = self.batch_execs(&frames)?;
+                    if self.status == IDLE && self.front.defer_begin {
+                        let named = |n: &[u8]| self.begin_stmts.get(n).copied();
+                        if let Some((answer, tag)) = plan::begin::batch_begin(&frames, named) {
+                            self.defer_begin(frames, &answer, tag);
+                            continue;
+                        }
+                    }
                     let copy_in = execs
                         .iter()
                         .any(|c| c.as_ref().is_some_and(|c| c.copy == Some(true)));

@@ -148,4 +148,7 @@ pub struct PgArgs {
     /// timed; the move latencies are measured only with agent-2pc-on. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub configs: Vec<String>,
+    /// pgbench's query protocol, `-M` (pg).
+    #[arg(long, default_value = "simple", value_parser = ["simple", "extended", "prepared"])]
+    pub protocol: String,
 }

@@ -1,8 +1,9 @@
 //! A plain BEGIN is answered by the front-end at once and runs on PostgreSQL with the
 //! transaction's first statement (decision 68): the backend stays idle until that statement
 //! comes, which then runs inside the transaction — sent as a simple Query, an extended-protocol
-//! batch, or a COMMIT right after the BEGIN — and `--defer-begin off` runs every BEGIN when it
-//! comes. Each case checks the table's rows directly on PostgreSQL.
+//! batch, or a COMMIT right after the BEGIN; the BEGIN itself sent as a simple Query or by the
+//! extended protocol (unnamed, or a prepared statement) — and `--defer-begin off` runs every
+//! BEGIN when it comes. Each case checks the table's rows directly on PostgreSQL.
 
 mod common;
 
@@ -131,6 +132,43 @@ async fn a_begin_runs_with_the_transactions_first_statement() {
     );
     // The session is still whole.
     assert_eq!(value(&c, "SELECT 40 + 2").await, "42");
+
+    // By the extended protocol, unnamed: Parse/Bind/Describe/Execute/Sync in one batch.
+    c.query_typed("BEGIN", &[]).await.expect("extended BEGIN");
+    assert_eq!(
+        blocking(|| state(&pl, &pid)),
+        "idle",
+        "extended BEGIN ran at once"
+    );
+    c.query_typed("INSERT INTO b VALUES (5)", &[])
+        .await
+        .expect("extended INSERT");
+    assert_eq!(blocking(|| state(&pl, &pid)), "idle in transaction");
+    c.simple_query("ROLLBACK").await.expect("ROLLBACK");
+    // Named (as pgbench -M prepared): Bind/Execute/Sync of a statement prepared before.
+    let begin = c.prepare("START TRANSACTION").await.expect("prepare");
+    let ins = c
+        .prepare("INSERT INTO b VALUES ($1)")
+        .await
+        .expect("prepare");
+    c.execute(&begin, &[]).await.expect("prepared BEGIN");
+    assert_eq!(
+        blocking(|| state(&pl, &pid)),
+        "idle",
+        "prepared BEGIN ran at once"
+    );
+    c.execute(&ins, &[&6i32]).await.expect("prepared INSERT");
+    assert_eq!(
+        blocking(|| sql(&pl, "SELECT count(*) FROM b WHERE x = 6")),
+        "0",
+        "visible before COMMIT"
+    );
+    c.simple_query("COMMIT").await.expect("COMMIT");
+    assert_eq!(
+        blocking(|| sql(&pl, "SELECT string_agg(x::text, ',' ORDER BY x) FROM b")),
+        "2,3,6",
+        "the rolled-back 5 is not there, the committed 6 is"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,15 +1,15 @@
 //! A plain BEGIN answered at once and sent with the transaction's first statement (decision
 //! 68): one round trip to PostgreSQL less per explicit transaction.
 //!
-//! At Idle, a unit that is exactly a plain `BEGIN` ([`crate::sql::plain_begin`]) is answered
-//! with the reply PostgreSQL gives it (CommandComplete, ReadyForQuery `T`) and kept. The next
-//! unit takes it along:
-//! - a simple Query: in the same write, as an extended-protocol Parse/Bind/Execute of the
-//!   client's BEGIN text with no Sync, then the Query. If the BEGIN fails, PostgreSQL skips
-//!   everything up to a Sync, so the Query never runs outside a transaction; the front-end then
-//!   sends the Sync and ends the session with the error (the client was told BEGIN succeeded).
-//! - anything else (extended-protocol batches, a Flush, the commit path's own queries): the
-//!   client's BEGIN Query by itself first, its answer checked, then the unit as before.
+//! At Idle, a unit that is exactly a plain `BEGIN` — a simple Query
+//! ([`crate::sql::plain_begin`]) or an extended-protocol batch that runs nothing else
+//! ([`crate::plan::begin::batch_begin`]) — is answered with the reply PostgreSQL gives it and
+//! kept. The next unit the backend runs takes it along in the same write, as extended-protocol
+//! messages with no Sync (a Query's text as Parse/Bind/Execute, a batch less its Sync), then the
+//! unit. If the BEGIN fails, PostgreSQL skips everything up to a Sync, so the unit never runs
+//! outside a transaction; the front-end ends the session with the error (the client was told
+//! BEGIN succeeded). Before a Flush inside a batch and before the commit path's own queries
+//! (an empty transaction's COMMIT) the BEGIN runs by itself first.
 //!
 //! A restart point is taken only at Idle, so the BEGIN is in the input a restart replays;
 //! replayed, it is answered the same way with the same bytes.
@@ -19,46 +19,50 @@ use crate::plan::begin::{judge, Sent, Step};
 
 /// A BEGIN the client was told succeeded and the backend has not run yet.
 pub(super) struct Deferred {
-    /// The client's Query message.
-    query: Frame,
+    /// The client's messages: its Query, or its extended-protocol batch up to its Sync.
+    frames: Vec<Frame>,
     /// Its command tag.
     tag: &'static str,
 }
 
 impl Session {
-    /// Answers the client's plain BEGIN (`tag`) at once and keeps it for the next unit.
-    pub(super) fn defer_begin(&mut self, query: Frame, tag: &'static str) {
-        self.out.extend_from_slice(&codec::command_complete(tag));
-        self.out.extend_from_slice(&codec::ready_for_query(IN_TXN));
+    /// Answers the client's plain BEGIN (`frames`, tagged `tag`) with `answer`, what
+    /// PostgreSQL would send, and keeps it for the next unit.
+    pub(super) fn defer_begin(&mut self, frames: Vec<Frame>, answer: &[u8], tag: &'static str) {
+        self.out.extend_from_slice(answer);
         self.status = IN_TXN;
-        self.begin = Some(Deferred { query, tag });
+        self.begin = Some(Deferred { frames, tag });
     }
 
-    /// Sends a unit's messages, preceded by a deferred BEGIN if there is one (in the same write
-    /// when the unit is one simple Query), whose answer is read and checked here.
+    /// Sends a unit's messages (one Query, or a batch ending with Sync), preceded in the same
+    /// write by a deferred BEGIN if there is one, whose answer is read and checked here. The
+    /// BEGIN goes as extended-protocol messages with no Sync: a Query as Parse/Bind/Execute of
+    /// its text, a batch as its own messages less its Sync. If it fails, PostgreSQL skips the
+    /// unit up to the next Sync — the unit's own, or one sent after a Query.
     pub(super) async fn send_unit(&mut self, frames: &[Frame]) -> Result<()> {
-        match (&self.begin, frames) {
-            (None, _) => self.send_all(frames).await,
-            (Some(_), [q]) if q.tag() == b'Q' => {
-                let Some(d) = self.begin.take() else {
-                    unreachable!("matched Some");
+        let Some(d) = self.begin.take() else {
+            return self.send_all(frames).await;
+        };
+        let mut b =
+            BytesMut::with_capacity(128 + frames.iter().map(|f| f.raw.len()).sum::<usize>());
+        match &d.frames[..] {
+            [q] if q.tag() == b'Q' => {
+                let FrontMsg::Query { sql } = codec::parse_front(q)? else {
+                    unreachable!("a Query frame holds a Query");
                 };
-                let FrontMsg::Query { sql } = codec::parse_front(&d.query)? else {
-                    unreachable!("a deferred BEGIN is a Query");
-                };
-                let mut b = BytesMut::with_capacity(64 + q.raw.len());
                 b.extend_from_slice(&codec::parse(b"", sql, &[]));
                 b.extend_from_slice(&codec::bind_unnamed());
                 b.extend_from_slice(&codec::execute_unnamed());
-                b.extend_from_slice(&q.raw);
-                self.be.send(&b).await?;
-                self.begin_answer(d.tag, Sent::Extended).await
             }
-            (Some(_), _) => {
-                self.begin_alone().await?;
-                self.send_all(frames).await
-            }
+            [batch @ .., _sync] => batch.iter().for_each(|f| b.extend_from_slice(&f.raw)),
+            [] => unreachable!("a deferred BEGIN has messages"),
         }
+        for f in frames {
+            b.extend_from_slice(&f.raw);
+        }
+        self.be.send(&b).await?;
+        let synced = frames.last().is_some_and(|f| f.tag() == b'S');
+        self.begin_answer(d.tag, Sent::Extended, synced).await
     }
 
     /// Runs a deferred BEGIN by itself, if there is one, and checks its answer.
@@ -66,13 +70,17 @@ impl Session {
         let Some(d) = self.begin.take() else {
             return Ok(());
         };
-        self.be.send(&d.query.raw).await?;
-        self.begin_answer(d.tag, Sent::Query).await
+        for f in &d.frames {
+            self.be.send(&f.raw).await?;
+        }
+        self.begin_answer(d.tag, Sent::Query, true).await
     }
 
     /// Reads the answer to a deferred BEGIN, as [`plan::begin::judge`] says: passes on what
     /// PostgreSQL may send at any time, ends the session on anything but the expected answer.
-    async fn begin_answer(&mut self, tag: &'static str, sent: Sent) -> Result<()> {
+    /// `synced`: a Sync (or the Query's end) follows the BEGIN, so a failed one is followed by
+    /// ReadyForQuery without one more Sync.
+    async fn begin_answer(&mut self, tag: &'static str, sent: Sent, synced: bool) -> Result<()> {
         let mut tagged = false;
         loop {
             let f = self.be.frame().await?;
@@ -82,7 +90,7 @@ impl Session {
                 Step::Done => return Ok(()),
                 Step::Failed { code, message } => {
                     // Bring the backend to ReadyForQuery before the session ends.
-                    if sent == Sent::Extended {
+                    if !synced {
                         self.be.send(&codec::sync()).await?;
                     }
                     while !matches!(

@@ -28,6 +28,10 @@ impl Session {
                     } else {
                         self.dirty = true;
                         self.stmts.insert(name.to_vec(), c);
+                        match crate::sql::plain_begin(sql) {
+                            Some(tag) => self.begin_stmts.insert(name.to_vec(), tag),
+                            None => self.begin_stmts.remove(name),
+                        };
                     }
                 }
                 FrontMsg::Bind { portal, statement } => {
@@ -41,7 +45,10 @@ impl Session {
                 FrontMsg::Execute { portal, .. } => {
                     execs.push(self.portals.get(portal).cloned().flatten());
                 }
-                FrontMsg::Close { kind: b'S', .. } => self.dirty = true,
+                FrontMsg::Close { kind: b'S', name } => {
+                    self.dirty = true;
+                    self.begin_stmts.remove(name);
+                }
                 _ => {}
             }
         }

@@ -252,7 +252,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
     for c in all.iter().filter(|c| !c.moving()) {
         progress(format!("warm-up: {} ({warm} s)", c.name()));
         let (h, port) = addr(*c);
-        pgbench(&h, port, p.clients, threads, warm).await?;
+        pgbench(&h, port, (p.clients, threads), &p.protocol, warm).await?;
     }
 
     let n = all.len();
@@ -292,7 +292,8 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                     Duration::from_secs(p.seconds + 120),
                     stop.clone(),
                 ));
-                let r = match pgbench(&h, port, p.clients, threads, p.seconds).await {
+                let r = match pgbench(&h, port, (p.clients, threads), &p.protocol, p.seconds).await
+                {
                     Err(e) => Err(e.context(db_view(&pg)).context(agent_view(on).await)),
                     r => r,
                 };
@@ -329,7 +330,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
                 ));
                 r?
             } else {
-                let r = pgbench(&h, port, p.clients, threads, p.seconds).await;
+                let r = pgbench(&h, port, (p.clients, threads), &p.protocol, p.seconds).await;
                 match (r, probe.cluster) {
                     (Err(e), Some(lc)) => {
                         return Err(e.context(db_view(&pg)).context(agent_view(lc).await))
@@ -457,6 +458,7 @@ async fn bench(a: &BenchArgs, dir: &Path) -> Result<()> {
             || (m.failed == 0 && m.errors == 0 && m.moved > 0 && m.aborted_at_agent.is_empty())
     });
     let rep = PgReport {
+        protocol: p.protocol.clone(),
         scale: p.scale,
         clients: p.clients,
         threads,

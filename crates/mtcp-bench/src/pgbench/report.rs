@@ -5,6 +5,8 @@ use super::*;
 
 #[derive(Serialize, Debug)]
 pub struct PgReport {
+    /// pgbench's `-M`: simple, extended or prepared.
+    pub protocol: String,
     pub scale: u32,
     pub clients: u32,
     pub threads: u32,

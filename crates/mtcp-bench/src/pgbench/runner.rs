@@ -22,18 +22,21 @@ pub(super) fn pgbench_cmd(host: &str, port: u16) -> Result<tokio::process::Comma
     Ok(c)
 }
 
-/// Runs pgbench (TPC-B, simple protocol) against `host:port`, database [`DB`], bounded in time.
+/// Runs pgbench (TPC-B, query protocol `protocol`) against `host:port`, database [`DB`],
+/// bounded in time.
 pub(super) async fn pgbench(
     host: &str,
     port: u16,
-    clients: u32,
-    threads: u32,
+    (clients, threads): (u32, u32),
+    protocol: &str,
     secs: u64,
 ) -> Result<Run> {
     let mut c = pgbench_cmd(host, port)?;
     c.args(["-c", &clients.to_string(), "-j", &threads.to_string()])
+        .args(["-M", protocol])
         .args(["-T", &secs.to_string(), "-r", DB]);
-    let what = format!("pgbench -c {clients} -j {threads} -T {secs} on {host}:{port}");
+    let what =
+        format!("pgbench -c {clients} -j {threads} -M {protocol} -T {secs} on {host}:{port}");
     let out = tokio::time::timeout(Duration::from_secs(secs + 120), c.output())
         .await
         .with_context(|| format!("{what} did not finish"))?

@@ -5,7 +5,8 @@ use super::*;
 pub(super) fn print_table(r: &PgReport) {
     let ms = |us: u64| us as f64 / 1e3;
     println!(
-        "PostgreSQL front-end: pgbench TPC-B (simple protocol), scale {}, -c {} -j {}, {} s runs, {} rounds (order rotated), fsync {}, loopback",
+        "PostgreSQL front-end: pgbench TPC-B ({} protocol), scale {}, -c {} -j {}, {} s runs, {} rounds (order rotated), fsync {}, loopback",
+        r.protocol,
         r.scale,
         r.clients,
         r.threads,
