@@ -70,9 +70,7 @@ impl Session {
         let Some(d) = self.begin.take() else {
             return Ok(());
         };
-        for f in &d.frames {
-            self.be.send(&f.raw).await?;
-        }
+        self.send_all(&d.frames).await?;
         self.begin_answer(d.tag, Sent::Query, true).await
     }
 

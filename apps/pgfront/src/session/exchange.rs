@@ -4,9 +4,17 @@
 use super::*;
 
 impl Session {
+    /// Sends a unit's messages in one write: an extended-protocol batch is several small
+    /// messages, and one write each would wake PostgreSQL for each.
     pub(super) async fn send_all(&mut self, frames: &[Frame]) -> Result<()> {
-        for f in frames {
-            self.be.send(&f.raw).await?;
+        match frames {
+            [] => {}
+            [f] => self.be.send(&f.raw).await?,
+            _ => {
+                let mut b = BytesMut::with_capacity(frames.iter().map(|f| f.raw.len()).sum());
+                frames.iter().for_each(|f| b.extend_from_slice(&f.raw));
+                self.be.send(&b).await?;
+            }
         }
         Ok(())
     }

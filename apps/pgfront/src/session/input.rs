@@ -80,10 +80,9 @@ impl Session {
                         // The client waits for answers before its Sync: send what it has.
                         self.at_rest = false;
                         self.begin_alone().await?;
-                        for m in batch.drain(..) {
-                            self.be.send(&m.raw).await?;
-                        }
-                        self.be.send(&f.raw).await?;
+                        batch.push(f);
+                        self.send_all(&batch).await?;
+                        batch.clear();
                     }
                     FrontMsg::CopyData | FrontMsg::CopyDone | FrontMsg::CopyFail { .. } => {
                         // Outside COPY the server ignores these too.
