@@ -10,7 +10,8 @@
 //! whole input is also classified as SQL, both string-escaping modes, and read as a plain BEGIN
 //! (`sql::plain_begin`: what it accepts the classifier sees as one BEGIN). Every backend frame is
 //! also judged as the answer to a deferred BEGIN (`plan::begin::judge`): only the messages that
-//! can end that answer end it.
+//! can end that answer end it. The frames are also offered as a batch that might run only a
+//! plain BEGIN (`plan::begin::batch_begin`): an answer it makes is whole messages.
 #![no_main]
 
 use bytes::BytesMut;
@@ -35,6 +36,18 @@ fuzz_target!(|data: &[u8]| {
     for f in &whole {
         check_frame(f, max);
     }
+    // The frames as a batch that might run only a plain BEGIN: if they are taken for one, the
+    // answer is whole messages ending with ReadyForQuery `T`.
+    let known = |n: &[u8]| (n == b"b").then_some("BEGIN");
+    if let Some((answer, tag)) = mtcp_pgfront::plan::begin::batch_begin(&whole, known) {
+        assert!(tag == "BEGIN" || tag == "START TRANSACTION");
+        assert!(answer.ends_with(&codec::ready_for_query(b'T')));
+        let mut b = BytesMut::from(&answer[..]);
+        while !b.is_empty() {
+            let f = codec::split_frame(&mut b, max.max(64)).expect("answer frames");
+            assert!(f.is_some(), "the answer ends with a cut message");
+        }
+    }
     assert_eq!(
         frames(rest, max, &cuts),
         (whole, whole_end),
@@ -51,7 +64,11 @@ fuzz_target!(|data: &[u8]| {
         for scs in [true, false] {
             let c = sql::classify_with(data, scs);
             assert_eq!(c.statements, 1, "a plain BEGIN that is not one statement");
-            assert_eq!(c.first, sql::TxnControl::Begin, "a plain BEGIN that is not a BEGIN");
+            assert_eq!(
+                c.first,
+                sql::TxnControl::Begin,
+                "a plain BEGIN that is not a BEGIN"
+            );
         }
     }
 });

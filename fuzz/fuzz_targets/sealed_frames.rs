@@ -57,7 +57,11 @@ fn run(max: usize, wire: &[u8], cuts: &[usize]) -> (Vec<Frame>, End) {
             let seq = mac.next_seq();
             match decode_sealed(&dec, &mut mac, &mut buf) {
                 Ok(Some(f)) => {
-                    assert_eq!(mac.next_seq(), seq + 1, "a frame consumed no sequence number");
+                    assert_eq!(
+                        mac.next_seq(),
+                        seq + 1,
+                        "a frame consumed no sequence number"
+                    );
                     out.push(f);
                 }
                 Ok(None) => {
@@ -147,7 +151,11 @@ fuzz_target!(|data: &[u8]| {
             s[at] ^= 1 << (op / 4 % 8);
             let i = frame_at(at);
             let (got, end) = both(max, &s, &cuts);
-            assert_eq!(got, frames[..i], "a flipped bit in frame {i} went unnoticed");
+            assert_eq!(
+                got,
+                frames[..i],
+                "a flipped bit in frame {i} went unnoticed"
+            );
             if at - starts[i] >= sealed[i].len() - TAG_LEN {
                 // In the tag (its sequence number or its MAC).
                 assert_eq!(

@@ -11,6 +11,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(st.unsent as usize <= st.send_queue.len());
         assert!(st.send_queue.len() <= mtcp_repair::MAX_QUEUE);
         assert_eq!(st.local.is_ipv4(), st.remote.is_ipv4());
-        assert_eq!(TcpState::decode(&st.encode()).expect("re-encoded state decodes"), st);
+        assert_eq!(
+            TcpState::decode(&st.encode()).expect("re-encoded state decodes"),
+            st
+        );
     }
 });
