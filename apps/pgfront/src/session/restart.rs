@@ -97,8 +97,8 @@ impl Session {
     }
 
     /// Recreates the session's settings and prepared statements on the new backend, all sent
-    /// at once; `last` is one more query sent along, whose rows come back as the last result
-    /// set.
+    /// at once in one write; `last` is one more query sent along, whose rows come back as the
+    /// last result set.
     async fn restore(&mut self, last: &str) -> Result<Vec<crate::backend::Rows>> {
         let mut sql = String::new();
         for (name, value) in &self.state.gucs {
@@ -110,9 +110,11 @@ impl Session {
             };
             sql += &format!("SELECT set_config({n}, {v}, false);");
         }
+        // All of it in one write.
+        let mut out = BytesMut::new();
         let mut answers = 0;
         if !sql.is_empty() {
-            self.be.send(&codec::query(&sql)).await?;
+            out.extend_from_slice(&codec::query(&sql));
             answers += 1;
         }
         // Each SQL PREPARE in a query string of its own, after the settings (its
@@ -122,19 +124,17 @@ impl Session {
         let mut seen = std::collections::HashSet::new();
         for p in self.state.prepared.iter().filter(|p| p.from_sql) {
             if seen.insert(p.sql.clone()) {
-                let q = codec::query(&String::from_utf8_lossy(&p.sql));
-                self.be.send(&q).await?;
+                out.extend_from_slice(&codec::query(&String::from_utf8_lossy(&p.sql)));
                 answers += 1;
             }
         }
         for p in self.state.prepared.iter().filter(|p| !p.from_sql) {
-            self.be
-                .send(&codec::parse(&p.name, &p.sql, &p.types))
-                .await?;
-            self.be.send(&codec::sync()).await?;
+            out.extend_from_slice(&codec::parse(&p.name, &p.sql, &p.types));
+            out.extend_from_slice(&codec::sync());
             answers += 1;
         }
-        self.be.send(&codec::query(last)).await?;
+        out.extend_from_slice(&codec::query(last));
+        self.be.send(&out).await?;
         Ok(self.be.collect(answers + 1).await?)
     }
 
