@@ -334,12 +334,7 @@ impl Session {
                         unreachable!("a Query unit holds a Query");
                     };
                     if self.status == IDLE && self.front.defer_begin {
-                        if let Some(tag) = crate::sql::plain_begin(sql) {
-                            let answer = [
-                                &codec::command_complete(tag)[..],
-                                &codec::ready_for_query(IN_TXN)[..],
-                            ]
-                            .concat();
+                        if let Some((answer, tag)) = plan::begin::query_begin(sql) {
                             self.defer_begin(vec![f], &answer, tag);
                             continue;
                         }

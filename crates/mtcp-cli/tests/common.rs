@@ -392,3 +392,41 @@ pub async fn open(
         .await
         .unwrap()
 }
+
+/// One value from PostgreSQL directly (not through the front-ends).
+pub fn sql(pl: &mtcp_harness::pglocal::PgLocal, q: &str) -> String {
+    pl.pg
+        .psql("postgres", q)
+        .unwrap_or_else(|e| panic!("{q}: {e:#}"))
+}
+
+/// A tokio-postgres connection's task: it ends with the error of a FATAL message that came
+/// while no query was waiting.
+pub type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// A tokio-postgres session through the agent, and its connection task.
+pub async fn connect(pl: &mtcp_harness::pglocal::PgLocal) -> (tokio_postgres::Client, ConnTask) {
+    let (host, port) = pl.agent_addr();
+    let conf = format!("host={host} port={port} user=postgres dbname=postgres");
+    let (client, conn) = tokio_postgres::connect(&conf, tokio_postgres::NoTls)
+        .await
+        .expect("connect through the agent");
+    (client, tokio::spawn(conn))
+}
+
+/// The first column of the first row of a simple query's answer.
+pub async fn value(c: &tokio_postgres::Client, q: &str) -> Result<String, tokio_postgres::Error> {
+    let rows = c.simple_query(q).await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// A blocking call (psql, the mtcp CLI) from a test on the multi-threaded runtime.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}

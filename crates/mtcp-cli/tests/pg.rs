@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_postgres::{error::SqlState, Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{error::SqlState, NoTls};
 
 const MOVE_EVERY: Duration = Duration::from_millis(200);
 /// How long a client may wait for an answer that must come promptly (an error, a close).
@@ -27,13 +27,6 @@ const PROMPT: Duration = Duration::from_secs(5);
 /// A throwaway PostgreSQL, three lazy front-ends and an agent, logs in `dir`.
 fn start(dir: &TempDir) -> PgLocal {
     PgLocal::start(&exe(), dir.path(), &PgLocalOptions::default()).expect("start PG + front-ends")
-}
-
-/// One value from PostgreSQL directly (not through the front-ends).
-fn sql(pl: &PgLocal, q: &str) -> String {
-    pl.pg
-        .psql("postgres", q)
-        .unwrap_or_else(|e| panic!("{q}: {e:#}"))
 }
 
 /// `mtcp migrate --agent ADMIN --all`, killed after 10 s: its stdout, or why it failed.
@@ -361,32 +354,6 @@ fn exactly_once_ledger() {
     pl.lc.check_alive().expect("every mtcp process still runs");
 }
 
-/// A tokio-postgres connection's task: it ends with the error of a FATAL message that came
-/// while no query was waiting.
-type ConnTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
-
-/// A tokio-postgres session through the agent, and its connection task.
-async fn connect(pl: &PgLocal) -> (Client, ConnTask) {
-    let (host, port) = pl.agent_addr();
-    let conf = format!("host={host} port={port} user=postgres dbname=postgres");
-    let (client, conn) = tokio_postgres::connect(&conf, NoTls)
-        .await
-        .expect("connect through the agent");
-    (client, tokio::spawn(conn))
-}
-
-/// The first column of the first row of a simple query's answer.
-async fn value(c: &Client, q: &str) -> Result<String, tokio_postgres::Error> {
-    let rows = c.simple_query(q).await?;
-    Ok(rows
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap_or_default())
-}
-
 /// Moves a test's one session: waits until it is the agent's only live connection (a cancel
 /// request's or a garbage connection may still be closing), then `mtcp migrate --all`.
 async fn move_the_session(pl: &PgLocal) -> Result<String, String> {
@@ -400,11 +367,6 @@ async fn move_the_session(pl: &PgLocal) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     blocking(|| move_all(pl))
-}
-
-/// A blocking call (psql, the mtcp CLI) from a test on the multi-threaded runtime.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use mtcp_harness::pglocal::{PgLocal, PgLocalOptions};
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 fn start(dir: &TempDir, defer: bool) -> PgLocal {
     let opts = PgLocalOptions {
@@ -24,25 +24,6 @@ fn start(dir: &TempDir, defer: bool) -> PgLocal {
     PgLocal::start(&exe(), dir.path(), &opts).expect("start PG + a front-end")
 }
 
-fn sql(pl: &PgLocal, q: &str) -> String {
-    pl.pg
-        .psql("postgres", q)
-        .unwrap_or_else(|e| panic!("{q}: {e:#}"))
-}
-
-async fn value(c: &Client, q: &str) -> String {
-    let rows = c
-        .simple_query(q)
-        .await
-        .unwrap_or_else(|e| panic!("{q}: {e}"));
-    rows.iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
 /// The session's backend as PostgreSQL sees it: `state` of pg_stat_activity.
 fn state(pl: &PgLocal, pid: &str) -> String {
     sql(
@@ -51,19 +32,11 @@ fn state(pl: &PgLocal, pid: &str) -> String {
     )
 }
 
+/// A session through the agent and its backend's pid.
 async fn session(pl: &PgLocal) -> (Client, String) {
-    let (host, port) = pl.agent_addr();
-    let conf = format!("host={host} port={port} user=postgres dbname=postgres");
-    let (c, conn) = tokio_postgres::connect(&conf, NoTls)
-        .await
-        .expect("connect through the agent");
-    tokio::spawn(conn);
-    let pid = value(&c, "SELECT pg_backend_pid()").await;
+    let (c, _task) = connect(pl).await;
+    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
     (c, pid)
-}
-
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +93,7 @@ async fn a_begin_runs_with_the_transactions_first_statement() {
         .expect("BEGIN RR");
     assert_eq!(blocking(|| state(&pl, &pid)), "idle in transaction");
     assert_eq!(
-        value(&c, "SHOW transaction_isolation").await,
+        value(&c, "SHOW transaction_isolation").await.unwrap(),
         "repeatable read"
     );
     c.simple_query("INSERT INTO b VALUES (3); COMMIT")
@@ -131,7 +104,7 @@ async fn a_begin_runs_with_the_transactions_first_statement() {
         "2,3"
     );
     // The session is still whole.
-    assert_eq!(value(&c, "SELECT 40 + 2").await, "42");
+    assert_eq!(value(&c, "SELECT 40 + 2").await.unwrap(), "42");
 
     // By the extended protocol, unnamed: Parse/Bind/Describe/Execute/Sync in one batch.
     c.query_typed("BEGIN", &[]).await.expect("extended BEGIN");

@@ -15,6 +15,21 @@ pub enum Sent {
     Query,
 }
 
+/// If the simple Query `sql` is a plain BEGIN, the answer PostgreSQL gives it (CommandComplete,
+/// ReadyForQuery `T`) and its tag.
+pub fn query_begin(sql: &[u8]) -> Option<(Vec<u8>, &'static str)> {
+    let tag = plain_begin(sql)?;
+    let mut out = Vec::new();
+    end_answer(&mut out, tag);
+    Some((out, tag))
+}
+
+/// The end of every deferred BEGIN's answer: its CommandComplete and ReadyForQuery `T`.
+fn end_answer(out: &mut Vec<u8>, tag: &str) {
+    out.extend_from_slice(&codec::command_complete(tag));
+    out.extend_from_slice(&codec::ready_for_query(IN_TXN));
+}
+
 /// If the extended-protocol batch `frames` (ending with its Sync) runs nothing but a plain
 /// BEGIN, the answer PostgreSQL gives it and the BEGIN's tag. Its shape must be exactly:
 /// an optional Parse of the unnamed statement with a plain BEGIN and no parameter types, a
@@ -69,11 +84,10 @@ pub fn batch_begin(
         Some(FrontMsg::Execute { portal: p, .. }) if p == portal => {}
         _ => return None,
     }
-    out.extend_from_slice(&codec::command_complete(tag));
     if !(matches!(msgs.get(at + 1), Some(FrontMsg::Sync)) && msgs.len() == at + 2) {
         return None;
     }
-    out.extend_from_slice(&codec::ready_for_query(IN_TXN));
+    end_answer(&mut out, tag);
     Some((out, tag))
 }
 
@@ -313,6 +327,20 @@ mod tests {
             codec::sync(),
         ]);
         assert!(batch_begin(&b, none).is_some());
+    }
+
+    #[test]
+    fn a_plain_begin_query_is_answered_as_postgresql_would() {
+        let want = [
+            &codec::command_complete("START TRANSACTION")[..],
+            &codec::ready_for_query(IN_TXN),
+        ]
+        .concat();
+        assert_eq!(
+            query_begin(b"start transaction;"),
+            Some((want, "START TRANSACTION"))
+        );
+        assert_eq!(query_begin(b"BEGIN READ ONLY"), None);
     }
 
     #[test]
