@@ -29,7 +29,7 @@ use mtcp_proto::agent::{
     Closing, Control, MoveError, MovePlan, Placement, SessionFault, StreamPos,
 };
 use mtcp_proto::custody::Lineage;
-use mtcp_proto::trigger::{silence_bound, Rtt};
+use mtcp_proto::trigger::Rtt;
 use mtcp_proto::wire::{self, Migrate, Msg, ServerInfo, CAP_DIRECT};
 use mtcp_repair::TcpState;
 use std::net::SocketAddr;
@@ -287,10 +287,11 @@ async fn run(
     s: &mut Session,
     cmd: &mut mpsc::UnboundedReceiver<MoveRequest>,
 ) -> End {
-    // A fast-path server beats whenever the session is quiet for one interval
-    // (`trigger::beat_every`), so any silence beyond the bound means it is gone. No pings run
-    // here: the bound of an unmeasured path.
-    let silent = silence_bound(conn.at.heartbeat, &Rtt::default());
+    // A fast-path server does not beat (`trigger::beat_every`, decision 69) and no pings run
+    // here: the session is quiet for as long as nothing moves. Its end (EOF, reset) is the
+    // server's. A hung server keeps its client's connection, which no other server could take
+    // without it, so its silence is no reason to act.
+    let unbounded = Duration::MAX;
     loop {
         tokio::select! {
             biased;
@@ -303,7 +304,7 @@ async fn run(
                 }
                 return End::Move { reason: req.reason, to: req.to, done: req.done, at: req.at, broken: false };
             }
-            m = s.0.next_msg(silent) => match m.map(|m| conn.at.on_control(m)) {
+            m = s.0.next_msg(unbounded) => match m.map(|m| conn.at.on_control(m)) {
                 Ok(Control::Move(h)) => {
                     return End::Move {
                         reason: MoveReason::new(h.reason.into(), h.text),
@@ -331,10 +332,8 @@ async fn run(
                 }
                 Ok(Control::Nothing | Control::Pong(_) | Control::Stream(_)) => {}
                 Err(e) => {
-                    // The server beats whenever the session is quiet: a timeout is its silence,
-                    // named as the relay names it. No close is passed: the fast path ended at
-                    // CLOSED itself.
-                    let fault = SessionFault::read(crate::channel::fault(e), silent);
+                    // No close is passed: the fast path ended at CLOSED itself.
+                    let fault = SessionFault::read(crate::channel::fault(e), unbounded);
                     match on_session_error(&conn.at.server, fault, None, 0) {
                         AfterFault::Move(reason) => {
                             tracing::info!(conn = conn.id, cid = %conn.at.cid, "{reason}");

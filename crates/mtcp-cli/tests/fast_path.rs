@@ -207,3 +207,51 @@ fn fast_path_connection_ends_with_an_error_when_its_server_is_killed() {
         lc.status().unwrap().iter().any(|c| c.aborted().is_some())
     });
 }
+
+/// A fast-path connection lives in its server process, so a hung server is not a reason to
+/// move it (decision 69: no heartbeats on a fast-path session, no silence trigger): a server
+/// stopped with `SIGSTOP` for several times the relay's silence bound keeps the connection,
+/// and after `SIGCONT` the download completes with every byte intact, no move attempted.
+#[test]
+fn fast_path_connection_waits_out_a_stopped_server() {
+    if !ready() {
+        return;
+    }
+    let dir = TempDir::new("fastpath-stop");
+    let size: u64 = 48 << 20;
+    let want = file(&dir, "big.bin", size, 45);
+    let mut lc = fast_cluster(&dir, true);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(&lc, "big.bin", "16M", &out);
+    wait_for("the download to start", Duration::from_secs(20), || {
+        len(&out) > 4 << 20
+    });
+    let s = serving(&lc);
+    lc.sigstop(&s).unwrap();
+    // The relay's silence bound at the default heartbeat is 3 × 100 ms + 2 × 200 ms.
+    std::thread::sleep(Duration::from_millis(2_000));
+    let during = lc.status().unwrap();
+    lc.sigcont(&s).unwrap();
+    assert!(
+        wait_child(&mut curl, "curl", Duration::from_secs(60)),
+        "curl failed after the server went on"
+    );
+    assert_eq!(
+        mtcp_harness::local::sha256_file(&out).unwrap(),
+        want,
+        "downloaded bytes differ from the file"
+    );
+    for conns in [during, lc.status().unwrap()] {
+        assert!(
+            conns
+                .iter()
+                .all(|c| c.aborted().is_none() && c.timeline.is_empty()),
+            "the agent acted on a stopped fast-path server: {conns:?}"
+        );
+    }
+    let agent_log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    assert!(
+        !agent_log.contains("migrating (fast path)"),
+        "the agent tried to move the connection:\n{agent_log}"
+    );
+}

@@ -101,8 +101,10 @@ pub fn linger(hb: Duration) -> Duration {
 ///   reads), or data was written or acknowledged less than [`linger`] ago (`since_data`: the
 ///   agent got data recently; an acknowledgement comes after the agent read what it covers).
 ///
-/// A fast-path session always beats every `hb`: its agent sees no data and bounds the
-/// session's silence as such.
+/// A fast-path session never beats (decision 69): its client's connection lives in the
+/// server process, so only the server can move it and nothing the agent could do about a
+/// silent server would save it; a crashed server's session ends at once (EOF or reset), which
+/// is all its agent needs to know.
 pub fn beat_every(
     input_unanswered: bool,
     data_unacked: bool,
@@ -110,7 +112,9 @@ pub fn beat_every(
     fast_path: bool,
     hb: Duration,
 ) -> Option<Duration> {
-    if fast_path || input_unanswered {
+    if fast_path {
+        None
+    } else if input_unanswered {
         Some(hb)
     } else if data_unacked || since_data < linger(hb) {
         Some(hb * LINGER_APART)
@@ -344,7 +348,7 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
-    fn a_server_beats_only_where_someone_waits_and_always_on_the_fast_path() {
+    fn a_server_beats_only_where_someone_waits_and_never_on_the_fast_path() {
         let hb = Duration::from_millis(100);
         let quiet = linger(hb);
         assert_eq!(quiet, Duration::from_millis(1_400));
@@ -353,11 +357,13 @@ mod tests {
             None,
             "idle: no beat"
         );
-        assert_eq!(
-            beat_every(false, false, quiet, true, hb),
-            Some(hb),
-            "fast path"
-        );
+        for (unanswered, unacked, since) in [(false, false, quiet), (true, true, MS)] {
+            assert_eq!(
+                beat_every(unanswered, unacked, since, true, hb),
+                None,
+                "fast path"
+            );
+        }
         assert_eq!(
             beat_every(true, false, quiet, false, hb),
             Some(hb),
