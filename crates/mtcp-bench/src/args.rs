@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub builtin_client: bool,
     /// Kernel fast path (root). Throughput: also time a second agent with `--fast-path`.
-    /// Migration and drain: the agent uses the fast path instead of relaying.
+    /// Migration, drain and scale: the agent uses the fast path instead of relaying.
     #[arg(long)]
     pub fast_path: bool,
     /// Migration: also trace every move in the agent, the destination and the origin and print

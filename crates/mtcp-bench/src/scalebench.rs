@@ -231,6 +231,10 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
         root: dir.join("www"),
         log: std::env::var("MTCP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
         mode: a.mode.clone(),
+        agent_args: match a.fast_path {
+            true => vec!["--fast-path".into()],
+            false => Vec::new(),
+        },
         ..Default::default()
     };
     let lc = tokio::task::block_in_place(|| LocalCluster::start(&exe, dir, &opts))?;
@@ -248,8 +252,9 @@ pub async fn measure(a: &BenchArgs, dir: &std::path::Path) -> Result<ScaleReport
     let quiet = a.json;
     if !quiet {
         eprintln!(
-            "opening {n} connections through the agent ({OPENERS} openers, {} mode)",
-            a.mode
+            "opening {n} connections through the agent ({OPENERS} openers, {} mode{})",
+            a.mode,
+            if a.fast_path { ", fast path" } else { "" }
         );
     }
 

@@ -33,6 +33,7 @@ pub mod server;
 mod session;
 mod session_io;
 mod slots;
+pub mod sockdiag;
 mod sockowner;
 pub mod sockread;
 pub mod stream;

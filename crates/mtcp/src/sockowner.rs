@@ -1,6 +1,7 @@
-//! Who owns a TCP socket of this network namespace, from the kernel's socket tables
-//! (`/proc/net/tcp`, `/proc/net/tcp6`): the fast path's stand-in for `SO_PEERCRED`, which
-//! Unix sockets have and TCP does not (see `mtcp_proto::adopt`).
+//! Who owns a TCP socket of this network namespace, from the kernel's socket tables (over
+//! netlink, [`crate::sockdiag`]; `/proc/net/tcp` and `tcp6` where that fails): the fast path's
+//! stand-in for `SO_PEERCRED`, which Unix sockets have and TCP does not (see
+//! `mtcp_proto::adopt`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -9,7 +10,7 @@ const LISTEN: u8 = 0x0A;
 
 /// One row of a socket table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Row {
+pub struct Row {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: u8,
@@ -56,12 +57,20 @@ pub(crate) fn parse_table(text: &str) -> Vec<Row> {
         .collect()
 }
 
-fn rows() -> Vec<Row> {
-    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .flat_map(|t| parse_table(&t))
-        .collect()
+/// The sockets in `states` (a [`crate::sockdiag`] mask). Over netlink; if that fails, from
+/// `/proc`, which lists every state and costs a lock per hash bucket (milliseconds).
+fn rows(states: u32) -> Vec<Row> {
+    match crate::sockdiag::tables(states) {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!("sock_diag: {e}; reading /proc/net/tcp instead");
+            ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .flat_map(|t| parse_table(&t))
+                .collect()
+        }
+    }
 }
 
 /// A fast-path session's view of the socket tables when it begins: the owner of its other end
@@ -72,7 +81,7 @@ pub(crate) fn session_view(
     remote: SocketAddr,
     listed: &[SocketAddr],
 ) -> (Option<u32>, Vec<(SocketAddr, SocketAddr)>) {
-    let rows = rows();
+    let rows = rows(crate::sockdiag::CONNECTED);
     let Some(owner) = owner_in(&rows, local, remote) else {
         return (None, Vec::new());
     };
@@ -100,7 +109,7 @@ pub(crate) fn norm(a: SocketAddr) -> SocketAddr {
 
 /// Owner of the socket listening on `addr` (or on the wildcard address of its port).
 pub(crate) fn listener_owner(addr: SocketAddr) -> Option<u32> {
-    listener_in(&rows(), addr)
+    listener_in(&rows(crate::sockdiag::LISTENING), addr)
 }
 
 fn owner_in(rows: &[Row], local: SocketAddr, remote: SocketAddr) -> Option<u32> {
