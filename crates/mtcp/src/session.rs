@@ -109,9 +109,10 @@ pub(crate) async fn handle_session(
             // while the client's connection is still its own (it freezes it after WELCOME).
             let (owner, held) = if mtcp_proto::hello::Hello::needs_owner(direct, listed) {
                 let listed = inner.cluster.fast_path.clone();
+                let since = std::time::Instant::now();
                 match local_addr {
                     Some(local) => tokio::task::spawn_blocking(move || {
-                        crate::sockowner::session_view(peer_addr, local, &listed)
+                        crate::sockowner::session_view(since, peer_addr, local, &listed)
                     })
                     .await
                     .unwrap_or_default(),

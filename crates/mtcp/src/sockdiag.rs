@@ -11,10 +11,18 @@
 //! The request ([`request`]) and the reading of the replies ([`parse`]) are plain functions of
 //! bytes, tested here and fuzzed (`fuzz/fuzz_targets/sock_diag.rs`); [`dump`] only moves them.
 
-use crate::sockowner::Row;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One row of a socket table: a TCP socket's addresses, state (`TCP_*`) and owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub uid: u32,
+}
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -109,11 +117,14 @@ pub fn parse(buf: &[u8], seq: u32) -> Result<(Vec<Row>, bool), String> {
         match kind {
             NLMSG_DONE => return Ok((rows, true)),
             NLMSG_ERROR => {
+                // A negative errno; anything else (i32::MIN has no negation) is named as is.
                 let code = u32_at(body, 0).map_or(0, |c| c as i32);
-                return Err(format!(
-                    "sock_diag: {}",
-                    io::Error::from_raw_os_error(-code)
-                ));
+                return Err(match code.checked_neg() {
+                    Some(errno) if errno > 0 => {
+                        format!("sock_diag: {}", io::Error::from_raw_os_error(errno))
+                    }
+                    _ => format!("sock_diag: error reply with code {code}"),
+                });
             }
             SOCK_DIAG_BY_FAMILY => rows.push(row(body).ok_or("malformed inet_diag_msg")?),
             k => return Err(format!("unexpected message type {k}")),
@@ -267,6 +278,9 @@ mod tests {
     fn errors_other_requests_and_malformed_replies_are_errors() {
         let err = msg(3, NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes());
         assert!(parse(&err, 3).unwrap_err().contains("sock_diag"));
+        // Found by the fuzzer: an error code with no negation.
+        let odd = msg(3, NLMSG_ERROR, &i32::MIN.to_ne_bytes());
+        assert!(parse(&odd, 3).unwrap_err().contains(&i32::MIN.to_string()));
         let done = msg(4, NLMSG_DONE, &[0; 4]);
         assert!(parse(&done, 3).unwrap_err().contains("request 4"));
         let short = msg(3, SOCK_DIAG_BY_FAMILY, &[2, 1, 0]);
@@ -283,7 +297,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let at = l.local_addr().unwrap();
         let c = std::net::TcpStream::connect(at).unwrap();
-        let me = crate::handoff::own_uid();
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
         let listening = tables(LISTENING).unwrap();
         assert!(
             listening.iter().any(|r| r.local == at && r.uid == me),

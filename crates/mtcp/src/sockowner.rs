@@ -4,18 +4,13 @@
 //! `mtcp_proto::adopt`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// `TCP_LISTEN` in the tables' `st` column.
 const LISTEN: u8 = 0x0A;
 
-/// One row of a socket table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Row {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub state: u8,
-    pub uid: u32,
-}
+pub(crate) use crate::sockdiag::Row;
 
 /// An address as the tables print it: the IP's 32-bit words in hex, each in the host's byte
 /// order, then `:` and the port in hex.
@@ -73,15 +68,36 @@ fn rows(states: u32) -> Vec<Row> {
     }
 }
 
-/// A fast-path session's view of the socket tables when it begins: the owner of its other end
-/// (at `local`, connected to `remote`), and the connections that owner holds on the addresses
-/// in `listed` — the only ones it may hand over (its clients' connections, accepted by then).
+/// The last table of connected sockets: when its dump began, and its rows.
+static CONNECTED_DUMP: Mutex<Option<(Instant, Arc<Vec<Row>>)>> = Mutex::new(None);
+
+/// The connected sockets as of a moment after `since`: the rows of a dump that began after it.
+/// Callers that asked before a dump began share it, so a burst of sessions opening costs one
+/// dump per dump's duration rather than one each (a dump lists every connection on the host).
+fn connected_since(since: Instant) -> Arc<Vec<Row>> {
+    let mut last = CONNECTED_DUMP.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((began, rows)) = last.as_ref() {
+        if *began >= since {
+            return rows.clone();
+        }
+    }
+    let began = Instant::now();
+    let fresh = Arc::new(rows(crate::sockdiag::CONNECTED));
+    *last = Some((began, fresh.clone()));
+    fresh
+}
+
+/// A fast-path session's view of the socket tables when it begins (at a moment after `since`,
+/// when its HELLO arrived): the owner of its other end (at `local`, connected to `remote`), and
+/// the connections that owner holds on the addresses in `listed` — the only ones it may hand
+/// over (its clients' connections, accepted by then).
 pub(crate) fn session_view(
+    since: Instant,
     local: SocketAddr,
     remote: SocketAddr,
     listed: &[SocketAddr],
 ) -> (Option<u32>, Vec<(SocketAddr, SocketAddr)>) {
-    let rows = rows(crate::sockdiag::CONNECTED);
+    let rows = connected_since(since);
     let Some(owner) = owner_in(&rows, local, remote) else {
         return (None, Vec::new());
     };
@@ -179,6 +195,7 @@ mod tests {
         assert_eq!(listener_owner(l.local_addr().unwrap()), Some(me));
         // The client end's owner, and the accepted connection on the listed address.
         let (owner, held) = session_view(
+            Instant::now(),
             c.local_addr().unwrap(),
             c.peer_addr().unwrap(),
             &[l.local_addr().unwrap()],
@@ -191,5 +208,25 @@ mod tests {
             )),
             "{held:?}"
         );
+        // A view asked after that dump began never comes from it: a connection opened since
+        // is in it.
+        let asked = Instant::now();
+        let c2 = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted2, _) = l.accept().unwrap();
+        let (_, held) = session_view(
+            Instant::now(),
+            c2.local_addr().unwrap(),
+            c2.peer_addr().unwrap(),
+            &[l.local_addr().unwrap()],
+        );
+        assert!(held.contains(&(
+            accepted2.local_addr().unwrap(),
+            accepted2.peer_addr().unwrap()
+        )));
+        // One asked before the last dump began shares it.
+        assert!(Arc::ptr_eq(
+            &connected_since(asked),
+            &connected_since(asked)
+        ));
     }
 }
