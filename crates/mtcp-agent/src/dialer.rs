@@ -9,7 +9,7 @@ use mtcp::tls::ClientTls;
 use mtcp_proto::trigger::Rtt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Default)]
@@ -59,9 +59,11 @@ impl Paths {
 impl Dialer {
     /// Connects to `addr` (TCP, then the TLS handshake when configured).
     pub async fn dial(&self, addr: &str) -> std::io::Result<Stream> {
-        let t = Instant::now();
-        let s = self.tcp(addr).await?;
-        self.paths.sample(addr, t.elapsed());
+        // A handshake unanswered for a few round trips (a lost SYN or SYN-ACK, retransmitted
+        // only after a second) gets a second one beside it (decision 71).
+        let hedge = mtcp_proto::timing::hedge_after(&self.paths.get(addr).unwrap_or_default());
+        let (s, took) = mtcp::hedged::race(|| self.tcp(addr), hedge).await?;
+        self.paths.sample(addr, took);
         let _ = s.set_nodelay(true);
         match &self.tls {
             None => Ok(Stream::Tcp(s)),

@@ -363,10 +363,15 @@ async fn migrate(
     // destination lifts it once the socket is recreated (decision 54).
     let mut state_bytes = None;
     let mut resumed = None;
-    // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): one round.
+    // The fast path's agent tracks no unconfirmed moves (no COMMITTED reaches it): no fallback
+    // to an earlier epoch within a round.
     let no_lineage = Lineage::default();
     while let Some(a) = plan.next(&no_lineage, &mut conn.at.migrates) {
         let cand = &a.cand;
+        if let Some((round, pause)) = a.again {
+            tracing::warn!(conn = conn.id, cid = %conn.at.cid, "no server took the connection, some for a reason that may pass; round {round} of the move in {pause:?}");
+            tokio::time::sleep(pause).await;
+        }
         if let Some(t) = trace.as_mut() {
             t.set_epoch(a.migrate.epoch);
         }

@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Round-trip times the client's link adds, ms (lab-rtt).
     #[arg(long, value_delimiter = ',', default_value = "0,10,40")]
     pub rtts: Vec<u32>,
+    /// Packets every server's link drops each way, percent (lab-rtt): moves on a lossy path.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_pct: f64,
     /// Rate of every server's link, Mbit/s (lab-throughput, degrade).
     #[arg(long, default_value_t = 1000.0)]
     pub link_mbit: f64,
@@ -70,7 +73,7 @@ pub struct BenchArgs {
     /// Connections to open (scale).
     #[arg(long, default_value_t = 1000)]
     pub conns: u32,
-    /// The `mtcp` binary the cluster's processes run (scale, pg; default: this one), e.g. an
+    /// The `mtcp` binary the cluster's processes run (scale, pg, lab-rtt; default: this one), e.g. an
     /// older build to compare against.
     #[arg(long)]
     pub exe: Option<std::path::PathBuf>,

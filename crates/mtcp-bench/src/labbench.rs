@@ -60,6 +60,7 @@ pub struct RttRow {
     pub migrations: usize,
     pub first_byte_us_p50: u64,
     pub first_byte_us_p90: u64,
+    pub first_byte_us_p99: u64,
     pub first_byte_us_max: u64,
     pub resumed_us_p50: u64,
     /// One client RTT + one server↔server RTT + 2 ms.
@@ -80,12 +81,14 @@ pub async fn rtt(a: &BenchArgs, dir: &Path) -> Result<()> {
         let row = tokio::task::block_in_place(|| rtt_one(a, &d, dir, ms, size, &want))?;
         if !a.json {
             println!(
-                "  +{:>3} ms RTT (measured client {:.2} ms, server-server {:.2} ms): first byte p50 {:.2} ms  p90 {:.2} ms  max {:.2} ms  RESUMED p50 {:.2} ms  target {:.2} ms  sha256 {}",
+                "  +{:>3} ms RTT (measured client {:.2} ms, server-server {:.2} ms): {} moves, first byte p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  RESUMED p50 {:.2} ms  target {:.2} ms  sha256 {}",
                 row.added_rtt_ms,
                 row.client_rtt_us as f64 / 1e3,
                 row.server_rtt_us as f64 / 1e3,
+                row.migrations,
                 row.first_byte_us_p50 as f64 / 1e3,
                 row.first_byte_us_p90 as f64 / 1e3,
+                row.first_byte_us_p99 as f64 / 1e3,
                 row.first_byte_us_max as f64 / 1e3,
                 row.resumed_us_p50 as f64 / 1e3,
                 row.target_us as f64 / 1e3,
@@ -104,8 +107,12 @@ pub async fn rtt(a: &BenchArgs, dir: &Path) -> Result<()> {
 }
 
 fn rtt_one(a: &BenchArgs, d: &Path, root: &Path, ms: u32, size: u64, want: &str) -> Result<RttRow> {
+    let exe = match &a.exe {
+        Some(e) => e.clone(),
+        None => exe()?,
+    };
     let lc = LabCluster::start(
-        &exe()?,
+        &exe,
         d,
         &LabClusterOptions {
             tag: "brtt".into(),
@@ -113,6 +120,10 @@ fn rtt_one(a: &BenchArgs, d: &Path, root: &Path, ms: u32, size: u64, want: &str)
             root: root.join("www"),
             client_link: Impairment {
                 delay_ms: ms,
+                ..Default::default()
+            },
+            servers_link: Impairment {
+                loss_pct: a.loss_pct,
                 ..Default::default()
             },
             log: "warn".into(),
@@ -169,6 +180,7 @@ fn rtt_one(a: &BenchArgs, d: &Path, root: &Path, ms: u32, size: u64, want: &str)
         migrations: ev.len(),
         first_byte_us_p50: pct(&fb, 0.5),
         first_byte_us_p90: pct(&fb, 0.9),
+        first_byte_us_p99: pct(&fb, 0.99),
         first_byte_us_max: fb.last().copied().unwrap_or(0),
         resumed_us_p50: pct(&rs, 0.5),
         target_us: client_rtt_us + server_rtt_us + 2000,

@@ -386,6 +386,7 @@ pub async fn open(
         key: &lc.key,
         from,
         tls: lc.tls.as_ref(),
+        hedge: mtcp::proto::trigger::MIN_RTO,
     };
     let t = std::time::Duration::from_secs(5);
     mtcp::peer::connect_authenticated(addr, opener, id, kind, 1 << 20, t)

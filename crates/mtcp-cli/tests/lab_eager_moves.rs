@@ -4,7 +4,8 @@
 //! Three eager servers (one backup each), a forward agent in the client host, `curl
 //! --limit-rate` downloading through it; cycles of: a manual move, then `kill -9` of the new
 //! server 0–50 ms after the agent saw RESUMED (the move's answer), then the server restarted.
-//! Every download's SHA-256 must equal the file's. Seeds: `MTCP_FAULT_SEEDS=1,2,3` (the
+//! Every download's SHA-256 must equal the file's. `MTCP_PEER_LOSS_PERMILLE` sets the extra loss
+//! (default 100 ‰). Seeds: `MTCP_FAULT_SEEDS=1,2,3` (the
 //! default), one download each. `MTCP_EXE` runs another build of `mtcp` (e.g. an older one, to
 //! see the test fail there). The lab leaves no namespace or process behind. Needs root (network
 //! namespaces, nftables).
@@ -37,6 +38,13 @@ fn draw(seed: u64, n: u64) -> u64 {
 
 /// Loss on the server-to-server paths only, per mille, on top of the links' own loss.
 const PEER_LOSS_PERMILLE: u32 = 100;
+
+/// [`PEER_LOSS_PERMILLE`], or `MTCP_PEER_LOSS_PERMILLE` to try a harsher path.
+fn peer_loss() -> u32 {
+    std::env::var("MTCP_PEER_LOSS_PERMILLE")
+        .map(|v| v.parse().expect("MTCP_PEER_LOSS_PERMILLE: a number"))
+        .unwrap_or(PEER_LOSS_PERMILLE)
+}
 
 /// Drops `permille` ‰ of the packets the router forwards from one server's link to another's
 /// (an nftables table in the router's namespace, removed with the lab). The delay lines hand
@@ -100,7 +108,7 @@ fn eager_downloads_survive_their_new_server_killed_right_after_a_move_at_20_ms_r
         ..Default::default()
     };
     let lc = LabCluster::start(&exe, dir.path(), &opts).expect("lab cluster");
-    lose_between_servers(&lc, PEER_LOSS_PERMILLE);
+    lose_between_servers(&lc, peer_loss());
     let url = format!("http://{}/f.bin", lc.service);
     let t_all = Instant::now();
     let mut faults = 0;
@@ -276,7 +284,7 @@ fn eager_downloads_survive_their_new_server_killed_before_its_resumed_at_20_ms_r
         ..Default::default()
     };
     let lc = LabCluster::start(&exe, dir.path(), &opts).expect("lab cluster");
-    lose_between_servers(&lc, PEER_LOSS_PERMILLE);
+    lose_between_servers(&lc, peer_loss());
     let url = format!("http://{}/f.bin", lc.service);
     let t_all = Instant::now();
     let mut faults = 0;

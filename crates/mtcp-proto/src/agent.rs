@@ -68,6 +68,22 @@ pub enum MoveError {
 }
 
 impl MoveError {
+    /// Whether the same MIGRATE might succeed if asked again a moment later: the candidate
+    /// could not reach the origin or a backup in time (`OriginUnreachable`), was busy, or was
+    /// silent (hung, or its path lost what it sent). Not a refused or broken channel (a dead
+    /// candidate stays dead), and not an answer about the connection itself (its epoch moved
+    /// on, a bad token, divergence): asking again would get the same answer.
+    pub fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            MoveError::Silent(_)
+                | MoveError::Refused {
+                    code: RefuseCode::OriginUnreachable | RefuseCode::Busy,
+                    ..
+                }
+        )
+    }
+
     /// The refusal code a candidate sent, for the refusal counters.
     pub fn refuse_code(&self) -> Option<RefuseCode> {
         match self {
@@ -319,17 +335,36 @@ pub enum AfterFailure {
 /// take the connection at its epoch — the same candidates again from an unconfirmed earlier
 /// epoch (eager mode, decision 43): a destination that died before its backups held its epoch
 /// left the connection with its keeper, which fences the dead epoch and hands the state out
-/// again. Refusals are collected for the timeline and the error.
+/// again. When all of that failed and some failure may pass ([`MoveError::may_pass`]: an
+/// origin or backup not reached in time, a busy or silent candidate), the whole round is
+/// tried again after a pause, up to [`MOVE_ROUNDS`] rounds (decision 71): on a lossy path a
+/// round's peers were alive but one lost segment away. Refusals are collected for the timeline
+/// and the error.
 #[derive(Debug, Clone)]
 pub struct MovePlan {
     cands: Vec<ServerInfo>,
     next: usize,
     /// The agent's epoch when the move began (it holds its token throughout the move).
     current: u64,
+    /// The MIGRATE each round starts from (the current epoch).
+    start: Migrate,
     migrate: Migrate,
     refusals: Vec<String>,
     /// The codes of the candidates' REFUSED answers, in order.
     codes: Vec<RefuseCode>,
+    /// Rounds begun, the one under way included.
+    round: u32,
+    /// Whether a failure of this round may pass if the round is tried again.
+    passing: bool,
+}
+
+/// Rounds a move is tried at most ([`MovePlan`]).
+pub const MOVE_ROUNDS: u32 = 3;
+
+/// The pause before round `round` (2, 3, …) of a move: a retransmission timeout per round
+/// already failed, so a lost segment or SYN of the last round has landed or been given up.
+pub fn round_pause(round: u32) -> Duration {
+    crate::trigger::MIN_RTO * round.saturating_sub(1)
 }
 
 /// The next MIGRATE of a move.
@@ -339,18 +374,25 @@ pub struct Attempt {
     pub migrate: Migrate,
     /// Set on the first attempt from an earlier epoch: the epoch left, and the keeper asked.
     pub fell_back: Option<(u64, Step)>,
+    /// Set on the first attempt of a round after the first: its number, and how long the
+    /// driver pauses before this MIGRATE ([`round_pause`]).
+    pub again: Option<(u32, Duration)>,
 }
 
 impl MovePlan {
     /// A move of the connection at `at`, whose stream stands at `pos`, toward `to` if named.
     pub fn new(at: &Placement, pos: StreamPos, to: Option<&str>) -> Result<Self, MoveError> {
+        let migrate = at.migrate(pos);
         Ok(MovePlan {
             cands: at.candidates(to)?,
             next: 0,
             current: at.epoch,
-            migrate: at.migrate(pos),
+            start: migrate.clone(),
+            migrate,
             refusals: Vec::new(),
             codes: Vec::new(),
+            round: 1,
+            passing: false,
         })
     }
 
@@ -358,20 +400,33 @@ impl MovePlan {
     /// `lineage` still offers. `attempts` counts the connection's MIGRATEs (the agent's, one at
     /// a time): each one carries its number and the epochs the agent holds (decision 66).
     pub fn next(&mut self, lineage: &Lineage, attempts: &mut u64) -> Option<Attempt> {
-        let mut fell_back = None;
+        let (mut fell_back, mut again) = (None, None);
+        if self.cands.is_empty() {
+            return None;
+        }
         if self.next == self.cands.len() {
-            let fb = lineage.fallback(self.migrate.epoch)?.clone();
-            if self.cands.is_empty() {
-                return None;
+            match lineage.fallback(self.migrate.epoch) {
+                Some(fb) => {
+                    self.refusals.push(format!(
+                        "falling back to epoch {} of {}",
+                        fb.epoch, fb.server
+                    ));
+                    fell_back = Some((self.migrate.epoch, fb.clone()));
+                    self.migrate.epoch = fb.epoch;
+                    self.migrate.token = fb.token;
+                    self.migrate.origin = fb.server.clone();
+                }
+                None if self.passing && self.round < MOVE_ROUNDS => {
+                    self.round += 1;
+                    self.passing = false;
+                    let pause = round_pause(self.round);
+                    self.refusals
+                        .push(format!("round {} after {pause:?}", self.round));
+                    again = Some((self.round, pause));
+                    self.migrate = self.start.clone();
+                }
+                None => return None,
             }
-            self.refusals.push(format!(
-                "falling back to epoch {} of {}",
-                fb.epoch, fb.server
-            ));
-            fell_back = Some((self.migrate.epoch, fb.clone()));
-            self.migrate.epoch = fb.epoch;
-            self.migrate.token = fb.token;
-            self.migrate.origin = fb.server;
             self.next = 0;
         }
         let cand = self.cands.get(self.next)?.clone();
@@ -386,6 +441,7 @@ impl MovePlan {
             cand,
             migrate,
             fell_back,
+            again,
         })
     }
 
@@ -403,6 +459,7 @@ impl MovePlan {
     /// `cand` did not take the connection.
     pub fn refused(&mut self, cand: &ServerInfo, e: &MoveError) {
         self.refusals.push(format!("{}: {e}", cand.id));
+        self.passing |= e.may_pass();
         if let MoveError::Refused { code, .. } = e {
             self.codes.push(*code);
         }

@@ -47,6 +47,20 @@ pub fn rehint_due(last: Option<std::time::Instant>, now: std::time::Instant) -> 
     last.is_none_or(|t| now.saturating_duration_since(t) >= REHINT_EVERY)
 }
 
+/// The shortest wait before a TCP connect is doubled ([`hedge_after`]).
+pub const HEDGE_MIN: Duration = Duration::from_millis(50);
+
+/// How long a TCP connect waits for its handshake before a second one is started beside it
+/// (decision 71). A handshake answered at all is answered within a round trip, but Linux
+/// retransmits a lost SYN, and a server its lost SYN-ACK, only after a full second: on a path
+/// losing a few percent, that second went into every bound of a move and made them miss. Three
+/// round trips of the path to that party, at least [`HEDGE_MIN`] (a busy host's accept) and at
+/// most [`MIN_RTO`]; [`MIN_RTO`] before a round trip was measured.
+pub fn hedge_after(rtt: &Rtt) -> Duration {
+    rtt.srtt()
+        .map_or(MIN_RTO, |s| (s * 3).clamp(HEDGE_MIN, MIN_RTO))
+}
+
 /// How long to wait for an answer the other party sends at once: one round trip plus two
 /// retransmission timeouts (each at least [`MIN_RTO`]).
 pub fn answer_bound(rtt: &Rtt) -> Duration {
@@ -128,6 +142,20 @@ pub fn protect_bound(to_backup: &Rtt) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connect_is_doubled_after_three_round_trips_within_bounds() {
+        let mut r = Rtt::default();
+        assert_eq!(hedge_after(&r), MIN_RTO);
+        r.sample(Duration::from_micros(40));
+        assert_eq!(hedge_after(&r), HEDGE_MIN);
+        let mut r = Rtt::default();
+        r.sample(Duration::from_millis(20));
+        assert_eq!(hedge_after(&r), Duration::from_millis(60));
+        let mut r = Rtt::default();
+        r.sample(Duration::from_millis(300));
+        assert_eq!(hedge_after(&r), MIN_RTO);
+    }
 
     #[test]
     fn a_connection_is_hinted_again_once_a_second_at_most() {

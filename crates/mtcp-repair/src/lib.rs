@@ -25,8 +25,10 @@
 
 mod fence;
 mod freeze;
+mod netlink;
 pub mod nfnl;
 mod restore;
+pub mod sockdiag;
 mod state;
 pub use fence::{lift, Fence, Fences, LazyFences, TABLE_PREFIX};
 pub use freeze::{freeze, try_freeze, try_freeze_encoded, window_probe, Frozen, FrozenEncoded};

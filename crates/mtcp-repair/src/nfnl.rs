@@ -14,9 +14,10 @@
 //! inet_service`, or the IPv6 one): each field in network order, padded to 4 bytes (nftables'
 //! register size), so 16 bytes for IPv4 and 40 for IPv6.
 
+use crate::netlink::{self, u16_at, u32_at, NLMSG_HDRLEN};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 // nf_tables.h attribute numbers (stable kernel ABI, not in the libc crate).
@@ -30,7 +31,6 @@ const NFTA_DATA_VALUE: u16 = 1;
 /// `NLMSGERR_ATTR_MSG`: the kernel's text for an error (extended ACK).
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
-const NLMSG_HDRLEN: usize = 16;
 /// Longest reply read at once; an ACK is 36 bytes, an error with its request and text < 1 KiB.
 const RECV_BUF: usize = 8 << 10;
 /// Replies read for one change before it counts as lost (stale replies of timed-out changes).
@@ -183,14 +183,6 @@ pub struct Ack {
     pub text: Option<String>,
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// Reads the `NLMSG_ERROR` messages (ACKs and errors) of one datagram from the kernel; other
 /// messages are skipped. A malformed datagram is an error, never a panic.
 pub fn acks(buf: &[u8]) -> Result<Vec<Ack>, String> {
@@ -259,44 +251,18 @@ pub struct Netlink {
 impl Netlink {
     /// Opens the socket (needs CAP_NET_ADMIN for changes, not for opening).
     pub fn open() -> io::Result<Netlink> {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = netlink::open(libc::SOCK_RAW, libc::NETLINK_NETFILTER, RECV_TIMEOUT)?;
         let on: libc::c_int = 1;
-        let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: valid pointers to values of the sizes given. Extended ACKs are best effort
-        // (their text only improves error messages); the receive timeout bounds every wait.
+        // SAFETY: a valid pointer to an int of the size given. Extended ACKs are best effort
+        // (their text only improves error messages).
         unsafe {
             libc::setsockopt(
-                raw,
+                fd.as_raw_fd(),
                 libc::SOL_NETLINK,
                 libc::NETLINK_EXT_ACK,
                 (&on as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
-            if libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
         }
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -324,34 +290,16 @@ impl Netlink {
         self.seq = self.seq.wrapping_add(3);
         let msg = encode_change(op, table, set, key, timeout_ms, seq);
         let want = seq.wrapping_add(1);
-        // SAFETY: `msg` is a valid buffer of its length; an unconnected netlink socket sends
-        // to the kernel.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        netlink::send(&self.fd, &msg)?;
         for _ in 0..MAX_REPLIES {
-            // SAFETY: `buf` is a valid, writable buffer of its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(io::Error::new(
+            let n = netlink::recv(&self.fd, &mut self.buf).map_err(|e| {
+                io::Error::new(
                     e.kind(),
                     format!("no answer from the kernel's nftables: {e}"),
-                ));
-            }
-            let replies = acks(&self.buf[..n as usize])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                )
+            })?;
+            let replies =
+                acks(&self.buf[..n]).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             // Replies to other sequence numbers belong to changes that timed out: skipped.
             if let Some(a) = replies.into_iter().find(|a| a.seq == want) {
                 if a.error == 0 {

@@ -90,6 +90,7 @@ async fn dial(
         key: &inner.cluster.key,
         from: &inner.id,
         tls: inner.tls.as_ref().map(|t| &t.client),
+        hedge: mtcp_proto::timing::hedge_after(&inner.peer_pool.rtt(&to.id)),
     };
     connect_authenticated(
         &to.peer,
@@ -442,6 +443,7 @@ impl AdminChannel {
             key,
             from: "admin",
             tls,
+            hedge: mtcp_proto::trigger::MIN_RTO,
         };
         let ch = connect_authenticated(addr, opener, id, PortKind::Admin, ADMIN_FRAME, Self::LIMIT)
             .await

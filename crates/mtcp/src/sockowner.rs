@@ -1,5 +1,5 @@
 //! Who owns a TCP socket of this network namespace, from the kernel's socket tables (over
-//! netlink, [`crate::sockdiag`]; `/proc/net/tcp` and `tcp6` where that fails): the fast path's
+//! netlink, [`mtcp_repair::sockdiag`]; `/proc/net/tcp` and `tcp6` where that fails): the fast path's
 //! stand-in for `SO_PEERCRED`, which Unix sockets have and TCP does not (see
 //! `mtcp_proto::adopt`).
 
@@ -10,7 +10,7 @@ use std::time::Instant;
 /// `TCP_LISTEN` in the tables' `st` column.
 const LISTEN: u8 = 0x0A;
 
-pub(crate) use crate::sockdiag::Row;
+pub(crate) use mtcp_repair::sockdiag::Row;
 
 /// An address as the tables print it: the IP's 32-bit words in hex, each in the host's byte
 /// order, then `:` and the port in hex.
@@ -52,10 +52,10 @@ pub(crate) fn parse_table(text: &str) -> Vec<Row> {
         .collect()
 }
 
-/// The sockets in `states` (a [`crate::sockdiag`] mask). Over netlink; if that fails, from
+/// The sockets in `states` (a [`mtcp_repair::sockdiag`] mask). Over netlink; if that fails, from
 /// `/proc`, which lists every state and costs a lock per hash bucket (milliseconds).
 fn rows(states: u32) -> Vec<Row> {
-    match crate::sockdiag::tables(states) {
+    match mtcp_repair::sockdiag::tables(states) {
         Ok(rows) => rows,
         Err(e) => {
             tracing::debug!("sock_diag: {e}; reading /proc/net/tcp instead");
@@ -82,7 +82,7 @@ fn connected_since(since: Instant) -> Arc<Vec<Row>> {
         }
     }
     let began = Instant::now();
-    let fresh = Arc::new(rows(crate::sockdiag::CONNECTED));
+    let fresh = Arc::new(rows(mtcp_repair::sockdiag::CONNECTED));
     *last = Some((began, fresh.clone()));
     fresh
 }
@@ -125,7 +125,7 @@ pub(crate) fn norm(a: SocketAddr) -> SocketAddr {
 
 /// Owner of the socket listening on `addr` (or on the wildcard address of its port).
 pub(crate) fn listener_owner(addr: SocketAddr) -> Option<u32> {
-    listener_in(&rows(crate::sockdiag::LISTENING), addr)
+    listener_in(&rows(mtcp_repair::sockdiag::LISTENING), addr)
 }
 
 fn owner_in(rows: &[Row], local: SocketAddr, remote: SocketAddr) -> Option<u32> {

@@ -29,6 +29,10 @@ pub(super) async fn migrate(
         if let Some((left, fb)) = &a.fell_back {
             tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, epoch = left, "no server could take the connection at its epoch; retrying from epoch {} (unconfirmed move from {})", fb.epoch, fb.server);
         }
+        if let Some((round, pause)) = a.again {
+            tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "no server took the connection, some for a reason that may pass; round {round} of the move in {pause:?}");
+            tokio::time::sleep(pause).await;
+        }
         if let Some(r) = attempt(inner, conn, &a, &from, reason, t0, &mut plan).await {
             return r;
         }

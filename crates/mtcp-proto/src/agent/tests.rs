@@ -126,7 +126,8 @@ fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
             assert_eq!((*left, keeper.epoch, keeper.server.as_str()), (7, 5, "s3"));
         }
         asked.push((a.cand.id.clone(), a.migrate.epoch, a.migrate.origin.clone()));
-        plan.refused(&a.cand, &MoveError::Silent(Duration::from_millis(1)));
+        // A failure that does not pass: one round.
+        plan.refused(&a.cand, &MoveError::Channel("connection refused".into()));
     }
     let want: Vec<(String, u64, String)> = [
         ("s3", 7, "s1"),
@@ -148,6 +149,85 @@ fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
     assert_eq!(std::iter::from_fn(|| plan.next(&empty, &mut 0)).count(), 3);
     assert_eq!(plan.failure(), "no server to move to");
     assert!(MovePlan::new(&p, StreamPos::unseen(), Some("s9")).is_err());
+}
+
+/// A round in which some candidate failed for a reason that may pass (a backup or origin not
+/// reached in time, busy, silent) is tried again whole — from the current epoch, after a
+/// growing pause — up to `MOVE_ROUNDS` rounds (decision 71); a round whose failures are all
+/// final ends the move.
+#[test]
+fn a_move_whose_failures_may_pass_is_tried_again_from_its_epoch() {
+    let mut p = placement();
+    p.epoch = 7;
+    let mut lineage = crate::custody::Lineage::default();
+    lineage.moved(crate::custody::Step {
+        server: "s3".into(),
+        epoch: 5,
+        token: Token([5; 32]),
+    });
+    let unreachable = MoveError::Refused {
+        code: RefuseCode::OriginUnreachable,
+        reason: "cannot fence".into(),
+    };
+    let dead = MoveError::Channel("connection refused".into());
+    let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while let Some(a) = plan.next(&lineage, &mut n) {
+        seen.push((a.migrate.epoch, a.again));
+        // Only the serving server's keeper, asked at the dead epoch, cannot reach a backup.
+        let e = match (a.cand.id.as_str(), a.migrate.epoch) {
+            ("s1", 7) => &unreachable,
+            _ => &dead,
+        };
+        plan.refused(&a.cand, e);
+    }
+    let rounds = MOVE_ROUNDS as usize;
+    assert_eq!(
+        seen.len(),
+        6 * rounds,
+        "three candidates at two epochs, each round"
+    );
+    assert_eq!(n, 6 * MOVE_ROUNDS as u64, "every MIGRATE numbered");
+    for (r, round) in seen.chunks(6).enumerate() {
+        let again = (r > 0).then(|| (r as u32 + 1, round_pause(r as u32 + 1)));
+        assert_eq!(
+            round[0],
+            (7, again),
+            "round {} starts at the current epoch",
+            r + 1
+        );
+        assert!(round[1..3].iter().all(|a| *a == (7, None)));
+        assert!(round[3..].iter().all(|a| *a == (5, None)));
+    }
+    assert_eq!(round_pause(2), crate::trigger::MIN_RTO);
+    assert!(round_pause(3) > round_pause(2));
+    assert!(plan.failure().contains("round 3 after"));
+    // Every failure final (dead candidates, the epoch moved on): one round.
+    let stale = MoveError::Refused {
+        code: RefuseCode::StaleEpoch,
+        reason: "moved on".into(),
+    };
+    for e in [&dead, &stale] {
+        let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
+        let mut k = 0;
+        while let Some(a) = plan.next(&lineage, &mut 0) {
+            plan.refused(&a.cand, e);
+            k += 1;
+        }
+        assert_eq!(k, 6, "{e}");
+    }
+    // Which failures may pass.
+    assert!(MoveError::Silent(Duration::from_millis(1)).may_pass());
+    assert!(unreachable.may_pass());
+    let busy = MoveError::Refused {
+        code: RefuseCode::Busy,
+        reason: String::new(),
+    };
+    assert!(busy.may_pass());
+    for e in [dead, stale, MoveError::Closed(String::new())] {
+        assert!(!e.may_pass(), "{e}");
+    }
 }
 
 /// Each MIGRATE carries its number among the connection's MIGRATEs, counted across moves, and

@@ -8,7 +8,6 @@ use crate::tls::ClientTls;
 use mtcp_proto::handshake::{Acceptor, HandshakeError, Opener as HandshakeOpener};
 use mtcp_proto::{ClusterKey, PortKind};
 use std::time::Duration;
-use tokio::net::TcpStream;
 pub(crate) const AUTH_FRAME: usize = 4 << 10;
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,6 +66,9 @@ pub struct Opener<'a> {
     pub key: &'a ClusterKey,
     pub from: &'a str,
     pub tls: Option<&'a ClientTls>,
+    /// How long the TCP handshake may go unanswered before a second is started beside it
+    /// ([`crate::hedged`]; [`mtcp_proto::timing::hedge_after`]).
+    pub hedge: Duration,
 }
 
 /// Opener side: connects to `addr`, the `kind` port of server `to`, and authenticates as
@@ -82,7 +84,7 @@ pub async fn connect_authenticated(
     limit: Duration,
 ) -> Result<Channel, ChannelError> {
     let (key, from) = (opener.key, opener.from);
-    let s = tokio::time::timeout(limit, TcpStream::connect(addr))
+    let (s, _) = tokio::time::timeout(limit, crate::hedged::connect(addr, opener.hedge))
         .await
         .map_err(|_| ChannelError::Timeout)??;
     let _ = s.set_nodelay(true);

@@ -204,12 +204,13 @@ fn a_plan_keeps_the_codes_of_refused_answers_only_in_order() {
     let p = placement();
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
     let empty = crate::custody::Lineage::default();
+    // Final failures (none may pass): one round.
     let failures = [
         MoveError::Refused {
-            code: RefuseCode::Busy,
-            reason: "4 takeovers".into(),
+            code: RefuseCode::Draining,
+            reason: "draining".into(),
         },
-        MoveError::Silent(Duration::from_secs(2)),
+        MoveError::Channel("connection refused".into()),
         MoveError::Refused {
             code: RefuseCode::StaleEpoch,
             reason: "old".into(),
@@ -222,12 +223,11 @@ fn a_plan_keeps_the_codes_of_refused_answers_only_in_order() {
     assert!(plan.next(&empty, &mut 0).is_none());
     assert_eq!(
         plan.refuse_codes(),
-        [RefuseCode::Busy, RefuseCode::StaleEpoch]
+        [RefuseCode::Draining, RefuseCode::StaleEpoch]
     );
     assert_eq!(
         plan.failure(),
-        "s2: Busy: 4 takeovers; s3: candidate silent for 2s (or no answer in time); \
-         s1: StaleEpoch: old"
+        "s2: Draining: draining; s3: connection refused; s1: StaleEpoch: old"
     );
 }
 
@@ -284,7 +284,8 @@ fn a_move_falls_back_one_unconfirmed_epoch_at_a_time_newest_first() {
         assert_eq!(m.token, token);
         let fb = a.fell_back.as_ref().map(|(left, k)| (*left, k.epoch));
         rounds.push((m.epoch, m.origin.clone(), fb));
-        plan.refused(&a.cand, &MoveError::Silent(Duration::from_millis(1)));
+        // Final failures: one round (a failure that may pass repeats it, decision 71).
+        plan.refused(&a.cand, &MoveError::Channel("connection refused".into()));
     }
     let e = |epoch: u64, origin: &str, fb: Option<(u64, u64)>| (epoch, origin.to_string(), fb);
     assert_eq!(

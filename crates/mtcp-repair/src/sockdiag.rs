@@ -1,6 +1,6 @@
 //! The kernel's TCP socket tables read over netlink (`NETLINK_SOCK_DIAG`, what `ss` reads)
 //! instead of `/proc/net/tcp`: the fast path's check of who owns a socket, at every connection
-//! it opens (`crate::sockowner`).
+//! it opens (`mtcp`'s `sockowner`).
 //!
 //! Reading `/proc/net/tcp` takes the lock of every bucket of the established-connection hash
 //! table, empty or not: ~4.5 ms per read on this machine's 262 144 buckets, twice (IPv4 and
@@ -9,11 +9,13 @@
 //! kernel skips empty buckets without locking them.
 //!
 //! The request ([`request`]) and the reading of the replies ([`parse`]) are plain functions of
-//! bytes, tested here and fuzzed (`fuzz/fuzz_targets/sock_diag.rs`); [`dump`] only moves them.
+//! bytes, tested here and fuzzed (`fuzz/fuzz_targets/sock_diag.rs`); [`dump`] only moves them,
+//! on a socket whose every wait for the kernel ends after [`DUMP_TIMEOUT`].
 
+use crate::netlink::{self, u16_at, u32_at, NLMSG_HDRLEN as HDR};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 /// One row of a socket table: a TCP socket's addresses, state (`TCP_*`) and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,14 +26,15 @@ pub struct Row {
     pub uid: u32,
 }
 
-const NETLINK_SOCK_DIAG: libc::c_int = 4;
+/// `sock_diag.h`'s request type (not in the libc crate).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-/// `struct nlmsghdr`.
-const HDR: usize = 16;
+const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
+const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
+const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
+const NLM_F_DUMP: u16 = libc::NLM_F_DUMP as u16;
+/// How long one `recv` of a dump waits for the kernel (it answers in microseconds; this bounds
+/// a bug, and the callers then read `/proc`).
+pub const DUMP_TIMEOUT: Duration = Duration::from_secs(2);
 /// `struct inet_diag_req_v2`.
 const REQ: usize = 56;
 /// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte `inet_diag_sockid`,
@@ -57,14 +60,6 @@ pub fn request(family: u8, states: u32, seq: u32) -> Vec<u8> {
     b.extend_from_slice(&states.to_ne_bytes());
     b.resize(HDR + REQ, 0);
     b
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
 /// An address of an `inet_diag_sockid`: the port in network order, the address as 16 bytes of
@@ -137,45 +132,20 @@ pub fn parse(buf: &[u8], seq: u32) -> Result<(Vec<Row>, bool), String> {
 
 /// The TCP sockets of `family` in `states`, from the kernel.
 pub fn dump(family: u8, states: u32) -> io::Result<Vec<Row>> {
-    // SAFETY: socket(2) has no memory preconditions; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = netlink::open(libc::SOCK_DGRAM, libc::NETLINK_SOCK_DIAG, DUMP_TIMEOUT)?;
     let seq = 1;
-    let req = request(family, states, seq);
-    // SAFETY: `req` is valid for its length; a null address sends to the kernel (bound by
-    // netlink's autobind).
-    let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    netlink::send(&fd, &request(family, states, seq))?;
     let mut rows = Vec::new();
     let mut buf = vec![0u8; 32 << 10];
     loop {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let n = netlink::recv(&fd, &mut buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("sock_diag: {e}")))?;
         if n == 0 {
             return Err(io::Error::other(
                 "sock_diag: the dump ended without NLMSG_DONE",
             ));
         }
-        let (more, done) = parse(&buf[..n as usize], seq).map_err(io::Error::other)?;
+        let (more, done) = parse(&buf[..n], seq).map_err(io::Error::other)?;
         rows.extend(more);
         if done {
             return Ok(rows);
