@@ -64,7 +64,7 @@ impl Dialer {
         let hedge = mtcp_proto::timing::hedge_after(&self.paths.get(addr).unwrap_or_default());
         let (s, took) = mtcp::hedged::race(|| self.tcp(addr), hedge).await?;
         self.paths.sample(addr, took);
-        let _ = s.set_nodelay(true);
+        mtcp::tcpopt::internal(&s);
         match &self.tls {
             None => Ok(Stream::Tcp(s)),
             Some(tls) => {

@@ -47,6 +47,16 @@ pub fn rehint_due(last: Option<std::time::Instant>, now: std::time::Instant) -> 
     last.is_none_or(|t| now.saturating_duration_since(t) >= REHINT_EVERY)
 }
 
+/// The floor of the kernel's retransmission timeout on the connections between M-TCP's own
+/// parties — agent to server, server to server — where Linux allows one per socket
+/// (`TCP_RTO_MIN_US`, Linux 6.15 and later; decision 72). Linux's default floor is 200 ms, and a
+/// request that is the only segment in flight is not tail-loss-probed sooner either, so one
+/// lost MIGRATE, FETCH or RESUMED cost a move 200 ms on any path. The kernel's timeout stays
+/// its estimate (the round trip plus four deviations) above this floor: a floor of 40 ms, as
+/// long as the longest delayed ACK, retransmits spuriously only after a 40 ms stall of the
+/// receiver. Client connections keep the system's default: they are the client's network.
+pub const RTO_FLOOR: Duration = Duration::from_millis(40);
+
 /// The shortest wait before a TCP connect is doubled ([`hedge_after`]).
 pub const HEDGE_MIN: Duration = Duration::from_millis(50);
 

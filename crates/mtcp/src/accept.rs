@@ -37,7 +37,7 @@ pub(crate) async fn accept_loop(l: TcpListener, inner: Arc<ServerInner>, port: P
     loop {
         match l.accept().await {
             Ok((s, from)) => {
-                let _ = s.set_nodelay(true);
+                crate::tcpopt::internal(&s);
                 tokio::spawn(serve(inner.clone(), s, from, port));
             }
             Err(e) => {

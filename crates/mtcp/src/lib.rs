@@ -38,6 +38,7 @@ mod sockowner;
 pub mod sockread;
 pub mod stream;
 mod takeover;
+pub mod tcpopt;
 pub mod tls;
 mod watch;
 

@@ -87,7 +87,7 @@ pub async fn connect_authenticated(
     let (s, _) = tokio::time::timeout(limit, crate::hedged::connect(addr, opener.hedge))
         .await
         .map_err(|_| ChannelError::Timeout)??;
-    let _ = s.set_nodelay(true);
+    crate::tcpopt::internal(&s);
     let mut s = match opener.tls {
         None => Stream::Tcp(s),
         Some(tls) => {
