@@ -370,6 +370,7 @@ async fn migrate(
         let cand = &a.cand;
         if let Some((round, pause)) = a.again {
             tracing::warn!(conn = conn.id, cid = %conn.at.cid, "no server took the connection, some for a reason that may pass; round {round} of the move in {pause:?}");
+            ::metrics::counter!(mtcp::metrics::MOVE_ROUNDS).increment(1);
             tokio::time::sleep(pause).await;
         }
         if let Some(t) = trace.as_mut() {

@@ -123,6 +123,13 @@ fn a_hedged_connect_does_not_wait_a_second_for_a_lost_syn() {
         assert!(*t >= Duration::from_millis(900), "plain connect in {t:?}");
         assert!(ok, "plain connection's bytes");
     }
+    // Each hedged connect started a second handshake, and counted it
+    // (`mtcp_connect_hedges_total`).
+    assert!(
+        mtcp::hedged::hedges() >= CONNECTS as u64,
+        "hedges counted: {}",
+        mtcp::hedged::hedges()
+    );
     // A hedged connect is answered after the hedge, its own handshake a lab round trip.
     for (t, took, ok) in &hedged {
         assert!(

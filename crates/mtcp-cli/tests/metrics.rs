@@ -186,6 +186,15 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
         "{}",
         a.text
     );
+    // Decision 71's counters are shown before their first event too (the hedges' value is not
+    // asserted: on loopback a handshake is answered within the hedge, but a loaded machine may
+    // still start one).
+    assert_eq!(a.get("mtcp_move_rounds_total", &[]), 0.0);
+    assert!(
+        a.text.contains("# TYPE mtcp_connect_hedges_total counter"),
+        "{}",
+        a.text
+    );
 
     // One keep-alive connection: opened on s1 (first of --connect), then moved by hand to s2.
     let mut c = Client::connect(&lc.agent_listen).await.unwrap();
@@ -287,6 +296,11 @@ async fn metrics_follow_moves_refusals_and_a_drain_and_survive_garbage() {
 
     // s1: opened the connection, took it over once, handed it over twice, hinted it away once.
     let s = scrape(&m1).await;
+    assert!(
+        s.text.contains("# TYPE mtcp_connect_hedges_total counter"),
+        "{}",
+        s.text
+    );
     assert_eq!(
         s.get("mtcp_takeovers_total", &[("outcome", "from_origin")]),
         1.0

@@ -13,12 +13,21 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// Connects under way at once at most, the first included.
 pub const MAX_ATTEMPTS: usize = 3;
+
+static HEDGES: AtomicU64 = AtomicU64::new(0);
+
+/// Attempts started beside an unanswered one, in this process so far
+/// (`mtcp_connect_hedges_total`).
+pub fn hedges() -> u64 {
+    HEDGES.load(Ordering::Relaxed)
+}
 
 /// Runs `start()` and, each time `hedge` passes with none of the attempts done, one more
 /// (up to [`MAX_ATTEMPTS`]); returns the first to finish, with how long that attempt took from
@@ -36,6 +45,7 @@ where
     if let Ok(r) = tokio::time::timeout(hedge, first.as_mut()).await {
         return r.map(|s| (s, t0.elapsed()));
     }
+    HEDGES.fetch_add(1, Ordering::Relaxed);
     let mut more: Vec<(Instant, Pin<Box<Fut>>)> = vec![(Instant::now(), Box::pin(start()))];
     let mut next = pin!(tokio::time::sleep(hedge));
     poll_fn(|cx| loop {
@@ -50,6 +60,7 @@ where
         if 1 + more.len() >= MAX_ATTEMPTS || next.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
+        HEDGES.fetch_add(1, Ordering::Relaxed);
         more.push((Instant::now(), Box::pin(start())));
         next.as_mut().reset(Instant::now() + hedge);
     })
@@ -100,6 +111,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connect_stuck_on_a_lost_syn_is_overtaken_by_the_next() {
+        // Other tests run beside this one: the count only grows, by at least this test's.
+        let before = hedges();
         // The first waits out the kernel's 1 s retransmission; the second, started after the
         // 100 ms hedge, is answered 10 ms later, well before a third would start.
         let (r, n) = run(&[1000, 10, 10], &[], 100).await;
@@ -109,6 +122,10 @@ mod tests {
         assert_eq!((r.unwrap(), n), (2, 3));
         let (r, n) = run(&[1000, 1000, 1000], &[], 100).await;
         assert_eq!((r.unwrap(), n), (0, MAX_ATTEMPTS));
+        assert!(
+            hedges() >= before + 1 + 2 + 2,
+            "every attempt after the first is counted"
+        );
     }
 
     #[tokio::test]

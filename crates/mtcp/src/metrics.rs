@@ -39,6 +39,11 @@ pub const RETENTION_BYTES: &str = "mtcp_retention_bytes";
 
 /// Heartbeats a server wrote (counter, label `on`: `session`, `watch`).
 pub const HEARTBEATS: &str = "mtcp_heartbeats_total";
+/// TCP handshakes started beside one not answered in time (counter; decision 71).
+pub const CONNECT_HEDGES: &str = "mtcp_connect_hedges_total";
+/// The agent's moves tried again whole after a round whose failures may pass (counter, one per
+/// round after the first; decision 71).
+pub const MOVE_ROUNDS: &str = "mtcp_move_rounds_total";
 
 /// Buckets of both duration histograms, seconds: a move on loopback takes about a millisecond,
 /// a takeover from a replica a few, one that waits out a `lock_state` section up to seconds.
@@ -76,6 +81,7 @@ pub fn sample_bytes() {
     counter!(BYTES, "direction" => "down").absolute(BYTES_DOWN.load(Ordering::Relaxed));
     counter!(HEARTBEATS, "on" => "session").absolute(BEATS_SESSION.load(Ordering::Relaxed));
     counter!(HEARTBEATS, "on" => "watch").absolute(BEATS_WATCH.load(Ordering::Relaxed));
+    counter!(CONNECT_HEDGES).absolute(crate::hedged::hedges());
 }
 
 /// A refusal with `code` was sent (server) or received (agent).
@@ -144,6 +150,15 @@ pub fn describe() {
         Unit::Bytes,
         "Bytes kept only to restart or replay connections (server: input and output logs and snapshots; agent: upstream not yet covered)"
     );
+    describe_counter!(
+        CONNECT_HEDGES,
+        "TCP handshakes started beside one not answered within a few round trips (a lost SYN or SYN-ACK)"
+    );
+    describe_counter!(
+        MOVE_ROUNDS,
+        "Agent: moves tried again whole after every candidate failed for a reason that may pass"
+    );
+    counter!(MOVE_ROUNDS).increment(0);
     for c in RefuseCode::ALL {
         counter!(REFUSALS, "code" => c.name()).increment(0);
     }

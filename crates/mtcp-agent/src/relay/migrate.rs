@@ -31,6 +31,7 @@ pub(super) async fn migrate(
         }
         if let Some((round, pause)) = a.again {
             tracing::warn!(target: "mtcp_agent::relay", conn = conn.id, cid = %conn.at.cid, "no server took the connection, some for a reason that may pass; round {round} of the move in {pause:?}");
+            ::metrics::counter!(mtcp::metrics::MOVE_ROUNDS).increment(1);
             tokio::time::sleep(pause).await;
         }
         if let Some(r) = attempt(inner, conn, &a, &from, reason, t0, &mut plan).await {
