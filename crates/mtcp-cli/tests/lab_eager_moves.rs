@@ -22,7 +22,6 @@ mod common;
 use common::*;
 use mtcp_harness::labcluster::{LabCluster, LabClusterOptions};
 use mtcp_lab::{Host, Impairment};
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -54,19 +53,9 @@ fn lose_between_servers(lc: &LabCluster, permille: u32) {
         "table inet mtcp_lab_peer_loss {{\n\tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
          \t\tiifname \"rs*\" oifname \"rs*\" numgen random mod 1000 < {permille} drop\n\t}}\n}}\n"
     );
-    let mut nft = lc
-        .lab
-        .command(Host::Router, "nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft");
-    nft.stdin
-        .take()
-        .expect("nft's stdin")
-        .write_all(script.as_bytes())
-        .expect("nft script");
-    assert!(nft.wait().expect("nft").success(), "nft: {script}");
+    lc.lab
+        .nft(Host::Router, &script)
+        .unwrap_or_else(|e| panic!("{e}: {script}"));
 }
 
 #[test]

@@ -9,7 +9,6 @@ use mtcp_lab::{Host, Lab, LabOptions};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 7400;
@@ -22,18 +21,9 @@ fn drop_every_other_syn(lab: &Lab, to: std::net::Ipv4Addr) {
         "table inet mtcp_lab_hedge {{\n\tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
          \t\tip daddr {to} tcp dport {PORT} tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 drop\n\t}}\n}}\n"
     );
-    let mut nft = lab
-        .command(Host::Router, "nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft");
-    nft.stdin
-        .take()
-        .expect("nft's stdin")
-        .write_all(script.as_bytes())
-        .expect("nft script");
-    assert!(nft.wait().expect("nft").success(), "nft: {script}");
+    lab
+        .nft(Host::Router, &script)
+        .unwrap_or_else(|e| panic!("{e}: {script}"));
 }
 
 /// Echoes whatever each accepted connection sends until it closes.

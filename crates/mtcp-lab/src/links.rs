@@ -13,6 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 impl Lab {
+    /// Loads the nftables `script` (one transaction, `nft -f -`) inside `host`'s namespace:
+    /// a test's own filtering beside the lab's impairments. Its tables go with the namespace
+    /// at `down`.
+    pub fn nft(&self, host: Host, script: &str) -> Result<()> {
+        self.check_host(host)?;
+        self.tools.nft(&self.netns(host), script)
+    }
+
     /// The impairments of `host`'s link.
     pub fn impairment(&self, host: Host) -> Result<Impairment> {
         self.lock()

@@ -42,6 +42,7 @@ pub fn rto_floor(s: &impl AsFd, floor: std::time::Duration) -> std::io::Result<(
 }
 
 /// The floor set on `s`, as the kernel keeps it (rounded up to its clock's ticks).
+#[cfg(test)]
 pub fn rto_floor_of(s: &impl AsFd) -> std::io::Result<std::time::Duration> {
     use std::os::fd::AsRawFd;
     let mut us: libc::c_int = 0;

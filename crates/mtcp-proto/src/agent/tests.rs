@@ -40,6 +40,20 @@ fn placement() -> Placement {
     )
 }
 
+/// The serving placement at `epoch`, and a lineage that still holds epoch `kept` at s3 (the
+/// unconfirmed epoch a move may fall back to).
+fn moved_on(epoch: u64, kept: u64) -> (Placement, crate::custody::Lineage) {
+    let mut p = placement();
+    p.epoch = epoch;
+    let mut lineage = crate::custody::Lineage::default();
+    lineage.moved(crate::custody::Step {
+        server: "s3".into(),
+        epoch: kept,
+        token: Token([kept as u8; 32]),
+    });
+    (p, lineage)
+}
+
 fn resumed(server: &str, epoch: u64, up_from: u64, restart_out: u64) -> Resumed {
     Resumed {
         server: server.into(),
@@ -108,14 +122,7 @@ fn migrate_carries_the_placement_and_the_stream_position() {
 
 #[test]
 fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
-    let mut p = placement();
-    p.epoch = 7;
-    let mut lineage = crate::custody::Lineage::default();
-    lineage.moved(crate::custody::Step {
-        server: "s3".into(),
-        epoch: 5,
-        token: Token([5; 32]),
-    });
+    let (p, lineage) = moved_on(7, 5);
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), Some("s3")).unwrap();
     let mut asked = Vec::new();
     while let Some(a) = plan.next(&lineage, &mut 0) {
@@ -157,14 +164,7 @@ fn a_move_asks_every_candidate_then_falls_back_to_an_unconfirmed_epoch() {
 /// final ends the move.
 #[test]
 fn a_move_whose_failures_may_pass_is_tried_again_from_its_epoch() {
-    let mut p = placement();
-    p.epoch = 7;
-    let mut lineage = crate::custody::Lineage::default();
-    lineage.moved(crate::custody::Step {
-        server: "s3".into(),
-        epoch: 5,
-        token: Token([5; 32]),
-    });
+    let (p, lineage) = moved_on(7, 5);
     let unreachable = MoveError::Refused {
         code: RefuseCode::OriginUnreachable,
         reason: "cannot fence".into(),
@@ -235,14 +235,7 @@ fn a_move_whose_failures_may_pass_is_tried_again_from_its_epoch() {
 /// the current one too while it falls back (decision 66).
 #[test]
 fn each_migrate_carries_its_number_and_the_epochs_the_agent_holds() {
-    let mut p = placement();
-    p.epoch = 5;
-    let mut lineage = crate::custody::Lineage::default();
-    lineage.moved(crate::custody::Step {
-        server: "s3".into(),
-        epoch: 4,
-        token: Token([4; 32]),
-    });
+    let (mut p, lineage) = moved_on(5, 4);
     let mut plan = MovePlan::new(&p, StreamPos::unseen(), None).unwrap();
     let holding = |attempt, epochs: &[u64]| Holding {
         attempt,
