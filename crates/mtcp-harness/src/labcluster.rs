@@ -40,6 +40,9 @@ pub struct LabClusterOptions {
     pub server_args: Vec<String>,
     /// Extra `httpd` arguments.
     pub app_args: Vec<String>,
+    /// Another application and its arguments instead of `httpd --root ROOT` and `app_args`
+    /// (e.g. `pgfront --backend URL`).
+    pub app: Option<Vec<String>>,
     /// Extra `mtcp agent` arguments.
     pub agent_args: Vec<String>,
     /// `RUST_LOG` of the processes.
@@ -62,6 +65,7 @@ impl Default for LabClusterOptions {
             root: PathBuf::from("www"),
             server_args: Vec::new(),
             app_args: Vec::new(),
+            app: None,
             agent_args: Vec::new(),
             log: "info".into(),
             plain: false,
@@ -96,6 +100,8 @@ fn server_host(id: &str) -> Result<Host> {
 }
 
 impl LabCluster {
+    /// Makes the lab (`opts.tag`, its links impaired as `opts` says), then starts the cluster
+    /// in it ([`LabCluster::on`]).
     pub fn start(exe: &Path, dir: &Path, opts: &LabClusterOptions) -> Result<Self> {
         let lab = Lab::up(LabOptions {
             tag: opts.tag.clone(),
@@ -106,6 +112,22 @@ impl LabCluster {
             ..Default::default()
         })
         .context("lab up")?;
+        Self::on(lab, exe, dir, opts)
+    }
+
+    /// Starts the servers and the agent in `lab`, made by the caller (with `opts.servers`
+    /// servers; its links are left as they are), which may have started something the
+    /// servers need first — a database in the router's namespace. The cluster owns the lab
+    /// from here: dropping it (or an error here) tears the lab down.
+    pub fn on(lab: Lab, exe: &Path, dir: &Path, opts: &LabClusterOptions) -> Result<Self> {
+        if lab.servers() < opts.servers {
+            bail!(
+                "lab {:?} has {} server hosts, the cluster needs {}",
+                lab.tag(),
+                lab.servers(),
+                opts.servers
+            );
+        }
         let key: [u8; 32] = rand::random();
         let mut text = format!(
             "key = \"{}\"\nmode = \"{}\"\nheartbeat_ms = 100\n",
@@ -195,12 +217,17 @@ impl LabCluster {
             id.into(),
         ];
         args.extend(self.opts.server_args.iter().cloned());
-        args.extend([
-            "httpd".into(),
-            "--root".into(),
-            self.opts.root.display().to_string(),
-        ]);
-        args.extend(self.opts.app_args.iter().cloned());
+        match &self.opts.app {
+            Some(app) => args.extend(app.iter().cloned()),
+            None => {
+                args.extend([
+                    "httpd".into(),
+                    "--root".into(),
+                    self.opts.root.display().to_string(),
+                ]);
+                args.extend(self.opts.app_args.iter().cloned());
+            }
+        }
         if self.opts.plain {
             args.extend(["--plain".into(), format!("{}:{PLAIN_PORT}", host.addr())]);
         }

@@ -21,16 +21,23 @@ pub struct PgOptions {
     pub fsync: bool,
     /// More server settings, `(name, value)`: written to `postgresql.conf`, the value quoted.
     pub extra: Vec<(String, String)>,
+    /// Addresses to listen on besides 127.0.0.1 (e.g. a network namespace's own; the cluster
+    /// must be started inside that namespace).
+    pub listen_also: Vec<String>,
+    /// Networks (CIDR) whose clients are trusted too (`host all all CIDR trust`); only
+    /// loopback is, by default.
+    pub trust_from: Vec<String>,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        let extra = Vec::new();
         PgOptions {
             max_connections: 100,
             max_prepared_transactions: 100,
             fsync: false,
-            extra,
+            extra: Vec::new(),
+            listen_also: Vec::new(),
+            trust_from: Vec::new(),
         }
     }
 }
@@ -77,8 +84,12 @@ impl PgCluster {
         run(&mut c, "initdb")?;
         let fsync = if opts.fsync { "on" } else { "off" };
         let mpt = opts.max_prepared_transactions;
+        let listen = std::iter::once(HOST)
+            .chain(opts.listen_also.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut conf = format!(
-            "\n# mtcp-pgtmp\nlisten_addresses = '{HOST}'\nunix_socket_directories = '{}'\n\
+            "\n# mtcp-pgtmp\nlisten_addresses = '{listen}'\nunix_socket_directories = '{}'\n\
              max_connections = {max_connections}\nmax_prepared_transactions = {mpt}\nfsync = {fsync}\n",
             sock.display()
         );
@@ -91,6 +102,19 @@ impl PgCluster {
             .open(&conf_path)
             .and_then(|mut f| f.write_all(conf.as_bytes()))
             .with_context(|| format!("writing {}", conf_path.display()))?;
+        if !opts.trust_from.is_empty() {
+            let hba: String = opts
+                .trust_from
+                .iter()
+                .map(|net| format!("host all all {net} trust\n"))
+                .collect();
+            let hba_path = pg.data().join("pg_hba.conf");
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&hba_path)
+                .and_then(|mut f| f.write_all(hba.as_bytes()))
+                .with_context(|| format!("writing {}", hba_path.display()))?;
+        }
         let t_init = t0.elapsed();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port()?;
