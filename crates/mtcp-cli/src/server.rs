@@ -107,6 +107,9 @@ pub struct ServerArgs {
     /// Test hook: that hold ends as soon as the agent closes the MIGRATE's connection.
     #[arg(long, hide = true)]
     hold_resumed_until_left: bool,
+    /// Test hook: that hold applies to this server's first takeover only.
+    #[arg(long, hide = true)]
+    hold_resumed_once: bool,
     /// Test hook: this server's pushes to its backups fail (its backups are cut off from it).
     #[arg(long, hide = true)]
     drop_pushes: bool,
@@ -194,6 +197,7 @@ pub async fn run(a: ServerArgs) -> Result<()> {
         peer_delay: Duration::from_millis(a.peer_delay_ms.unwrap_or(0)),
         hold_resumed: Duration::from_millis(a.hold_resumed_ms.unwrap_or(0)),
         hold_resumed_until_left: a.hold_resumed_until_left,
+        hold_resumed_once: a.hold_resumed_once,
         hold_handover: Duration::from_millis(a.hold_handover_ms.unwrap_or(0)),
         drop_pushes: a.drop_pushes,
         delay_takeover: Duration::from_millis(a.delay_takeover_ms.unwrap_or(0)),

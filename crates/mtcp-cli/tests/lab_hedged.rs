@@ -21,8 +21,7 @@ fn drop_every_other_syn(lab: &Lab, to: std::net::Ipv4Addr) {
         "table inet mtcp_lab_hedge {{\n\tchain forward {{\n\t\ttype filter hook forward priority 0; policy accept;\n\
          \t\tip daddr {to} tcp dport {PORT} tcp flags & (syn | ack) == syn numgen inc mod 2 == 0 drop\n\t}}\n}}\n"
     );
-    lab
-        .nft(Host::Router, &script)
+    lab.nft(Host::Router, &script)
         .unwrap_or_else(|e| panic!("{e}: {script}"));
 }
 

@@ -8,6 +8,7 @@
 //! connection moved every 200 ms. Eager: the serving front-end `kill -9`ed every 3 s and once
 //! stopped and continued. Then pgbench's own counts and PostgreSQL's sums must agree (no lost,
 //! doubled or wrong transaction), and no prepared transaction may be left.
+//! `MTCP_PG_LAB_LOSS_PCT` sets another loss on every link, to try a harsher network.
 
 mod common;
 
@@ -25,6 +26,13 @@ use std::time::{Duration, Instant};
 /// is reached over their own links, the router being their gateway).
 const DB_ADDR: &str = "198.18.1.1";
 
+/// Loss on each link, percent: 1, or `MTCP_PG_LAB_LOSS_PCT`.
+fn loss_pct() -> f64 {
+    std::env::var("MTCP_PG_LAB_LOSS_PCT")
+        .map(|v| v.parse().expect("MTCP_PG_LAB_LOSS_PCT: a number"))
+        .unwrap_or(1.0)
+}
+
 /// A database in the router's namespace and a front-end cluster in the lab. The database is
 /// stopped first (field order), then the cluster and the lab.
 struct PgLab {
@@ -39,12 +47,12 @@ impl PgLab {
             servers: 3,
             client_link: Impairment {
                 delay_ms: 20,
-                loss_pct: 1.0,
+                loss_pct: loss_pct(),
                 ..Default::default()
             },
             servers_link: Impairment {
                 delay_ms: 2,
-                loss_pct: 1.0,
+                loss_pct: loss_pct(),
                 ..Default::default()
             },
             log_dir: Some(dir.path().to_path_buf()),
@@ -98,7 +106,12 @@ impl PgLab {
         let out = std::fs::File::create(dir.path().join("pgbench.out")).expect("output file");
         let svc = self.lc.service;
         self.lc
-            .client_command(mtcp_pgtmp::bin("pgbench").expect("pgbench").to_str().unwrap())
+            .client_command(
+                mtcp_pgtmp::bin("pgbench")
+                    .expect("pgbench")
+                    .to_str()
+                    .unwrap(),
+            )
             .args(["-h", &svc.ip().to_string(), "-p", &svc.port().to_string()])
             .args(["-U", "postgres", "-f"])
             .arg(&script)

@@ -58,6 +58,41 @@ pub fn check_origin<T>(m: &Migrate, origin: Option<T>) -> Result<T, Refusal> {
     }
 }
 
+/// What a connection restarted by a takeover was resumed for: the agent's MIGRATE number and
+/// the epoch that MIGRATE moved it from (zeros for a new connection).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumedFor {
+    pub attempt: u64,
+    pub from: u64,
+}
+
+/// Lazy mode: whether a MIGRATE `m` (its token checked) is served by this server's own copy
+/// of the connection — frozen here and restarted one epoch up, as for a MIGRATE to the serving
+/// server — instead of by a FETCH from the origin it names. That is so when this server holds
+/// the connection (`serves`, at `serving`) because it resumed it for an earlier MIGRATE of the
+/// agent from `m`'s very epoch (`resumed`), and the agent never read that RESUMED: its word
+/// holds `m.epoch` and not `serving` ([`Holding::rules_out`](crate::wire::Holding::rules_out)).
+/// The agent gave up on this server (silent past its bound on a lossy path) while the takeover
+/// went on; the origin forgot the connection once it handed it over, so every candidate was
+/// refused and the connection lost (decision 73). In lazy mode the origin hands an epoch over
+/// once, so this copy is the only one descended from `m.epoch`, however often it was re-attached
+/// here for nobody. Eager mode keeps the origin's custody for this case, which makes such a
+/// holder yield (decision 48).
+pub fn reattaches_own(
+    m: &Migrate,
+    eager: bool,
+    serving: u64,
+    serves: bool,
+    resumed: ResumedFor,
+) -> bool {
+    !eager
+        && serves
+        && resumed.from == m.epoch
+        && serving > m.epoch
+        && m.holding.epochs.contains(&m.epoch)
+        && m.holding.rules_out(resumed.attempt, serving)
+}
+
 /// The refusal of a takeover that a keeper superseded before its RESUMED went out (the agent
 /// had given up on this destination; another one has the connection one epoch up).
 pub fn superseded() -> Refusal {
@@ -164,6 +199,66 @@ mod tests {
     use bytes::Bytes;
 
     mod flow;
+
+    /// A lazy destination the agent gave up on, which finished the takeover anyway, serves the
+    /// agent's next MIGRATE from that same epoch with its own copy; nothing else does.
+    #[test]
+    fn a_takeover_the_agent_gave_up_on_serves_its_next_migrate_from_that_epoch() {
+        let mut m = migrate(7, 0, 0);
+        m.holding = crate::wire::Holding {
+            attempt: 5,
+            epochs: vec![7],
+        };
+        let r = |attempt, from| ResumedFor { attempt, from };
+        assert!(reattaches_own(&m, false, 8, true, r(4, 7)));
+        assert!(
+            reattaches_own(&m, false, 9, true, r(4, 7)),
+            "re-attached here before, for nobody too"
+        );
+        assert!(
+            !reattaches_own(&m, true, 8, true, r(4, 7)),
+            "eager: the custody's yield"
+        );
+        assert!(
+            !reattaches_own(&m, false, 8, false, r(4, 7)),
+            "no longer served here"
+        );
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(4, 6)),
+            "not taken from this epoch"
+        );
+        assert!(
+            !reattaches_own(&m, false, 7, true, r(4, 7)),
+            "the epoch asked for itself"
+        );
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(5, 7)),
+            "resumed for this MIGRATE"
+        );
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(6, 7)),
+            "resumed for a later one"
+        );
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(0, 0)),
+            "a new connection"
+        );
+        m.holding.epochs = vec![7, 8];
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(4, 7)),
+            "the agent read that RESUMED"
+        );
+        m.holding.epochs = vec![6];
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(4, 7)),
+            "a word not for this epoch"
+        );
+        m.holding = crate::wire::Holding::default();
+        assert!(
+            !reattaches_own(&m, false, 8, true, r(4, 7)),
+            "a word that says nothing"
+        );
+    }
 
     fn migrate(epoch: u64, down_recv: u64, up_sent: u64) -> Migrate {
         Migrate {

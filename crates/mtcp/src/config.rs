@@ -429,6 +429,8 @@ pub struct Limits {
     /// whatever the agent's silence bound (it follows the agent's RTT estimate, which a
     /// rate-limited download's queue inflates to seconds).
     pub hold_resumed_until_left: bool,
+    /// Test hook: `hold_resumed` holds this server's first takeover only.
+    pub hold_resumed_once: bool,
     /// Test hook: an origin holds each hand-over's slot this long before freezing the
     /// connection (so that a test can fill `max_handovers`).
     pub hold_handover: Duration,
@@ -483,6 +485,7 @@ impl Default for Limits {
             peer_loss: 0.0,
             hold_resumed: Duration::ZERO,
             hold_resumed_until_left: false,
+            hold_resumed_once: false,
             hold_handover: Duration::ZERO,
             drop_pushes: false,
             delay_takeover: Duration::ZERO,

@@ -82,6 +82,9 @@ pub(crate) struct ConnState {
     pub tx: Option<mpsc::UnboundedSender<Out>>,
     pub queued: u64,
     pub detached_at: Option<Instant>,
+    /// The agent's MIGRATE this epoch was resumed for here (see
+    /// [`mtcp_proto::takeover::reattaches_own`]).
+    pub resumed_for: mtcp_proto::takeover::ResumedFor,
     /// Since when the app's writes wait for the agent to acknowledge output
     /// (`Limits::max_unacked`); cleared when an acknowledgement arrives.
     pub ack_wait: Option<Instant>,
@@ -138,6 +141,7 @@ impl ConnState {
             tx: Some(tx),
             queued: 0,
             detached_at: None,
+            resumed_for: Default::default(),
             ack_wait: None,
             read_waker: None,
             write_waker: None,

@@ -26,6 +26,13 @@ pub(crate) const SETUP_FRAME: usize = 64 << 10;
 pub(crate) const ADOPT_FRAME: usize = mtcp_proto::adopt::MAX_ADOPT_QUEUE + (64 << 10);
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Test hook `hold_resumed_once`: whether this server's first hold was had already (then
+/// this takeover answers at once).
+fn held_once(inner: &ServerInner) -> bool {
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    inner.limits.hold_resumed_once && HELD.swap(true, Ordering::Relaxed)
+}
+
 /// Serves a data-port session from `peer_addr`; `admitted` is its place under the session
 /// caps, taken at accept (or why it is over one).
 pub(crate) async fn handle_session(
@@ -236,7 +243,7 @@ pub(crate) async fn handle_session(
                     }
                 }
             };
-            if outcome.is_ok() && !inner.limits.hold_resumed.is_zero() {
+            if outcome.is_ok() && !inner.limits.hold_resumed.is_zero() && !held_once(&inner) {
                 // Test hook: the moment between a finished takeover and RESUMED (a kill -9
                 // here), silent to the agent (no WORKING: it gives up on this candidate).
                 tracing::info!(cid = %m.cid, "test hook: holding RESUMED for {:?}", inner.limits.hold_resumed);
@@ -279,6 +286,10 @@ pub(crate) async fn handle_session(
                     if let Some(d) = sock {
                         rx = rx.take().map(|rx| d.start(rx, &shared, &inner));
                     }
+                    shared.lock().resumed_for = mtcp_proto::takeover::ResumedFor {
+                        attempt: m.holding.attempt,
+                        from: m.epoch,
+                    };
                     crate::movetrace::step(Role::Destination, m.cid, "resumed_ready");
                     let sent = framed::write_msg(&mut w, &Msg::Resumed(resumed)).await;
                     if sent.is_ok() && crate::movetrace::enabled() {

@@ -49,10 +49,19 @@ pub(crate) async fn take_over(
         .await
         .map_err(|why| Refusal::busy(format!("server {}: {why}", inner.id)))?;
     crate::movetrace::step(Role::Destination, m.cid, "slot");
-    let origin = core::check_origin(m, inner.cluster.server(&m.origin).cloned())?;
+    // Our own copy, taken over for a MIGRATE the agent gave up on (decision 73)?
+    let own = own_successor(inner, m);
+    let origin_id = match own {
+        Some(serving) => {
+            tracing::info!(cid = %m.cid, epoch = m.epoch, serving, "the agent comes back for the epoch this server took the connection over from, resumed to nobody: re-attaching it here");
+            &inner.id
+        }
+        None => &m.origin,
+    };
+    let origin = core::check_origin(m, inner.cluster.server(origin_id).cloned())?;
     let f = Fetch {
         cid: m.cid,
-        epoch: m.epoch,
+        epoch: own.unwrap_or(m.epoch),
         down_recv: m.down_recv,
         sum_from: m.sum_from,
         down_sum: m.down_sum,
@@ -88,6 +97,16 @@ pub(crate) async fn take_over(
         }
     }
     r
+}
+
+/// The epoch this server serves `m`'s connection at, when [`core::reattaches_own`] says its
+/// own copy serves the MIGRATE.
+fn own_successor(inner: &Arc<ServerInner>, m: &Migrate) -> Option<u64> {
+    let shared = inner.get(&m.cid)?;
+    let st = shared.lock();
+    let eager = crate::eager::eager(inner);
+    core::reattaches_own(m, eager, st.epoch, st.phase().serves(), st.resumed_for)
+        .then_some(st.epoch)
 }
 
 /// The state record of the connection for the MIGRATE `m`: from the origin, or in eager mode,
