@@ -113,6 +113,52 @@ fn a_crash_at_each_commit_step() {
     }
 }
 
+/// A statement prepared inside the transaction whose commit the front-end dies in is still
+/// there for the rest of the session on the server that finished the commit: the commit point
+/// carries the session's prepared statements as they are then (`lab_pg` found pgbench's
+/// `-M prepared` clients told "prepared statement P_1 does not exist" after a crash in their
+/// first transaction's commit).
+#[test]
+fn a_statement_prepared_in_a_transaction_outlives_a_crash_in_its_commit() {
+    if !mtcp_pgtmp::require("a_statement_prepared_in_a_transaction_outlives_a_crash_in_its_commit")
+    {
+        return;
+    }
+    for (two_phase, step) in [(true, "durable"), (true, "committed"), (false, "committed")] {
+        let dir = TempDir::new(&format!("pgcrash-prepared-{step}-{two_phase}"));
+        let hook = vec![(
+            "s1".to_string(),
+            vec!["--crash-at".to_string(), step.to_string()],
+        )];
+        let mut pl = PgLocal::start(&exe(), dir.path(), &eager(two_phase, hook)).expect("start");
+        q(&pl, "CREATE TABLE t (id int PRIMARY KEY)");
+        let (ok, out) = psql_agent(
+            &pl,
+            &[
+                "BEGIN",
+                "PREPARE p AS SELECT 41 + $1",
+                "SET application_name = 'moved'",
+                "INSERT INTO t VALUES (1)",
+                "COMMIT",
+                "EXECUTE p(1)",
+                "SHOW application_name",
+            ],
+        );
+        let died = pl.lc.reap_exited().iter().any(|(n, _)| n == "s1");
+        assert!(
+            died,
+            "{step}/{two_phase}: s1 did not die at its crash point: {out}"
+        );
+        assert!(ok, "{step}/{two_phase}: {out}");
+        assert!(out.contains("42"), "{step}/{two_phase}: EXECUTE p: {out}");
+        assert!(
+            out.contains("moved"),
+            "{step}/{two_phase}: the setting: {out}"
+        );
+        assert_eq!(q(&pl, "SELECT count(*) FROM t"), "1", "{step}/{two_phase}");
+    }
+}
+
 /// pgbench (TPC-B, prepared) while the serving front-end is killed every 3 s and restarted, and
 /// one front-end is stopped for 2 s: no failed transaction, and the database adds up.
 #[test]

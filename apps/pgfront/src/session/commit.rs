@@ -143,6 +143,16 @@ impl Session {
                 }
             }
         };
+        // The commit point is a restart point: a restart from it finishes the commit and
+        // serves on with the session it carries. Settings and prepared statements changed in
+        // this transaction (a first `pgbench -M prepared` transaction parses every statement)
+        // are read back now, or a restart would serve on without them (found by `lab_pg`:
+        // "prepared statement P_1 does not exist"). Read again at the next Idle point, which
+        // also sees what a failed commit undid.
+        if self.dirty {
+            self.refresh().await?;
+            self.dirty = true;
+        }
         let wrapped = client.is_empty();
         // A wrapped statement's reply: its withheld CommandComplete (`done`), ReadyForQuery.
         let wrapped_reply = [&done[..], &codec::ready_for_query(IDLE)[..]].concat();

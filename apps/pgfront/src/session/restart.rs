@@ -177,7 +177,7 @@ impl Session {
     }
 
     /// Reads the session's settings and prepared statements back from the backend.
-    async fn refresh(&mut self) -> Result<()> {
+    pub(super) async fn refresh(&mut self) -> Result<()> {
         let sets = self
             .be
             .simple(
