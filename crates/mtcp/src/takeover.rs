@@ -59,18 +59,32 @@ pub(crate) async fn take_over(
         None => &m.origin,
     };
     let origin = core::check_origin(m, inner.cluster.server(origin_id).cloned())?;
+    // Our own copy's log need not reach back to where the agent's checksum range starts (its
+    // stream began at that takeover, and the agent, which never read its RESUMED, kept its
+    // range): the claim over that range is the one this copy was checked against when it was
+    // made (the same position and sums: the agent received nothing since), so only the
+    // position is checked again here.
+    let (sum_from, down_sum) = match own {
+        Some(_) => (m.down_recv, mtcp_proto::sum::checksum(&[])),
+        None => (m.sum_from, m.down_sum),
+    };
     let f = Fetch {
         cid: m.cid,
         epoch: own.unwrap_or(m.epoch),
         down_recv: m.down_recv,
-        sum_from: m.sum_from,
-        down_sum: m.down_sum,
+        sum_from,
+        down_sum,
         holding: m.holding.clone(),
     };
     let (rec, tcp, state_bytes, claims) = fetch_or_replica(inner, &origin, m, &f, agent).await?;
     // A record labelled past the MIGRATE's epoch came from a keeper's custody (decision 43):
-    // a restart point, as from a replica, for the client's position now.
-    let (rec, from_replica) = match core::restart_record(m, rec, claims.is_some(), tcp.is_some()) {
+    // a restart point, as from a replica, for the client's position now — unless it is our own
+    // copy's, frozen here just now at the client's position: exact, as for any re-attach.
+    let restart = match own {
+        Some(_) => core::check_record(m, &rec, tcp.is_some()).map(|()| (rec, false)),
+        None => core::restart_record(m, rec, claims.is_some(), tcp.is_some()),
+    };
+    let (rec, from_replica) = match restart {
         Ok(x) => x,
         Err(e) => {
             // A record that does not fit withdraws the claims made for it.
