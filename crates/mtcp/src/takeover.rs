@@ -179,7 +179,7 @@ pub(crate) async fn fetch_or_replica(
                     None => Event::Timeout,
                     Some(r) => Event::Origin {
                         ok: r.is_ok(),
-                        unreachable: matches!(r, Err(e) if e.code == RefuseCode::OriginUnreachable),
+                        unreachable: matches!(r, Err(e) if mtcp_proto::takeover::wait::origin_lost(e.code)),
                     },
                 };
                 if got.is_some() && from_replica.is_some() {

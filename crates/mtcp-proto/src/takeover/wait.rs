@@ -40,6 +40,21 @@ pub enum Outcome {
     BothRefused,
 }
 
+/// Whether an origin's refusal of a FETCH (`code`) means it lost the connection, so that in
+/// eager mode a backup's replica is tried as for an origin that cannot be reached: the origin
+/// was not reached (`OriginUnreachable`), or it answered that it has no such connection at all
+/// (`UnknownConnection`) — a server killed and restarted in the meantime answers so, its state
+/// gone, while its backups still hold the epoch (found by `lab_pg`: a kill, a restart 0.5 s
+/// later, and a MIGRATE slowed by loss behind it). Taking the replica stays safe when the
+/// origin did hand the epoch on, or the connection ended: the backups then refuse the claim
+/// (fenced, or holding a newer epoch).
+pub fn origin_lost(code: RefuseCode) -> bool {
+    matches!(
+        code,
+        RefuseCode::OriginUnreachable | RefuseCode::UnknownConnection
+    )
+}
+
 /// What the driver saw while waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -195,6 +210,20 @@ mod tests {
                 Wait::Done(Outcome::Origin)
             ]
         );
+    }
+
+    #[test]
+    fn an_origin_that_lost_the_connection_sends_the_destination_to_the_replica() {
+        assert!(origin_lost(RefuseCode::OriginUnreachable));
+        assert!(origin_lost(RefuseCode::UnknownConnection));
+        for c in [
+            RefuseCode::StaleEpoch,
+            RefuseCode::Busy,
+            RefuseCode::Closed,
+            RefuseCode::Divergence,
+        ] {
+            assert!(!origin_lost(c), "{c:?}");
+        }
     }
 
     #[test]
