@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What every application may use of the server it runs in.
 pub struct ServerContext {
@@ -144,6 +145,10 @@ struct PgfrontArgs {
     /// statement (one round trip less per transaction). `off`: every BEGIN runs when it comes.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     defer_begin: String,
+    /// At start, keep trying to reach the database this long (a database restarting, a lossy
+    /// path) before giving up; each failed attempt is logged.
+    #[arg(long, default_value_t = 15)]
+    connect_wait_secs: u64,
 }
 
 fn build_pgfront(m: ArgMatches, _ctx: ServerContext) -> Building {
@@ -171,8 +176,22 @@ async fn pgfront(m: ArgMatches) -> Result<Arc<dyn mtcp::App>> {
         pool: a.pool,
         defer_begin: a.defer_begin == "on",
     };
-    let front = mtcp_pgfront::Front::new(target, opts)
-        .await
-        .with_context(|| format!("cannot reach the database at {}", a.backend))?;
-    Ok(front)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.connect_wait_secs);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match mtcp_pgfront::Front::new(target.clone(), opts).await {
+            Ok(front) => return Ok(front),
+            Err(e) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(backend = %a.backend, "cannot reach the database yet ({e}); trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot reach the database at {} (tried for {} s)",
+                    a.backend, a.connect_wait_secs
+                )))
+            }
+        }
+    }
 }
