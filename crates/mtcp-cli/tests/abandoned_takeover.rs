@@ -7,16 +7,8 @@
 mod common;
 
 use common::*;
-use mtcp_harness::local::{strip_ansi, LocalCluster, LocalOptions};
-use std::process::{Command, Stdio};
+use mtcp_harness::local::{LocalCluster, LocalOptions};
 use std::time::Duration;
-
-const SIZE: u64 = 32 << 20;
-
-fn log(dir: &TempDir, name: &str) -> String {
-    let raw = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
-    raw.lines().map(strip_ansi).collect::<Vec<_>>().join("\n")
-}
 
 #[test]
 fn a_takeover_the_agent_gave_up_on_is_re_attached_by_the_next_round() {
@@ -41,34 +33,11 @@ fn a_takeover_the_agent_gave_up_on_is_re_attached_by_the_next_round() {
         )],
         ..Default::default()
     };
-    let lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
-    let want = file(&dir, "big.bin", SIZE, 73);
-    let out = dir.path().join("got.bin");
-    let mut curl = spawn_curl(&lc, "big.bin", "4M", &out);
-    wait_for("download progress", Duration::from_secs(60), || {
-        len(&out) > SIZE / 4
+    let mut lc = LocalCluster::start(&exe(), dir.path(), &opts).expect("start local cluster");
+    download_through(&dir, &mut lc, 32 << 20, 73, |lc| {
+        let mut mv = move_to(lc, "s2");
+        assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
     });
-    assert_eq!(serving(&lc), "s1", "the download starts on s1");
-    let mut mv = Command::new(&lc.exe)
-        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", "s2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mtcp migrate");
-    assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
-    let ok = wait_child(&mut curl, "curl", Duration::from_secs(90));
-    let agent = log(&dir, "agent");
-    let tail: Vec<&str> = agent.lines().rev().take(30).collect();
-    assert!(
-        ok,
-        "curl failed\n--- agent log tail (newest first):\n{tail:#?}"
-    );
-    assert_eq!(
-        mtcp_harness::local::sha256_file(&out).unwrap(),
-        want,
-        "the bytes differ"
-    );
     let s2 = log(&dir, "s2");
     assert!(
         s2.contains("test hook: the agent left"),
@@ -78,5 +47,5 @@ fn a_takeover_the_agent_gave_up_on_is_re_attached_by_the_next_round() {
         s2.contains("re-attaching it here"),
         "s2 did not re-attach its own copy"
     );
-    assert!(agent.contains("to=s2"), "not moved to s2");
+    assert!(log(&dir, "agent").contains("to=s2"), "not moved to s2");
 }

@@ -431,3 +431,94 @@ pub async fn value(c: &tokio_postgres::Client, q: &str) -> Result<String, tokio_
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
+
+/// `mtcp migrate --all --to ID` through `lc`'s agent, in the background (it returns once the
+/// move is over).
+pub fn move_to(lc: &LocalCluster, id: &str) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    Command::new(&lc.exe)
+        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mtcp migrate")
+}
+
+/// The log of process `name` (`agent`, `s1`, …) in `dir`, colours stripped.
+pub fn log(dir: &TempDir, name: &str) -> String {
+    let raw = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+    raw.lines()
+        .map(local::strip_ansi)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The last 40 lines of `s`.
+pub fn tail(s: &str) -> String {
+    let lines: Vec<_> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Downloads a `size`-byte file (made from `seed`) with curl through `lc`'s agent, from s1;
+/// once a quarter is in, runs `fault`, then checks that curl got every byte (SHA-256).
+pub fn download_through(
+    dir: &TempDir,
+    lc: &mut LocalCluster,
+    size: u64,
+    seed: u64,
+    fault: impl FnOnce(&mut LocalCluster),
+) {
+    use std::time::Duration;
+    let want = file(dir, "big.bin", size, seed);
+    let out = dir.path().join("got.bin");
+    let mut curl = spawn_curl(lc, "big.bin", "4M", &out);
+    wait_for("download progress", Duration::from_secs(60), || {
+        len(&out) > size / 4
+    });
+    assert_eq!(serving(lc), "s1", "the download starts on s1");
+    fault(lc);
+    let ok = wait_child(&mut curl, "curl", Duration::from_secs(90));
+    assert!(
+        ok,
+        "curl failed\n--- agent log tail:\n{}",
+        tail(&log(dir, "agent"))
+    );
+    assert_eq!(local::sha256_file(&out).unwrap(), want, "the bytes differ");
+}
+
+/// A pgbench TPC-B run's output (`out`) against the database it ran on (`sql`: one query's
+/// `psql -At` output): no client aborted, 0 failed transactions, one `pgbench_history` row per
+/// transaction pgbench counted, Σ abalance = Σ tbalance = Σ bbalance = Σ delta. Returns the
+/// transactions counted and the sums as read.
+pub fn assert_tpcb_consistent(
+    out: &str,
+    what: &str,
+    sql: impl Fn(&str) -> String,
+) -> (u64, String) {
+    assert!(!out.contains("aborted"), "{what}: a client aborted:\n{out}");
+    assert!(
+        out.contains("number of failed transactions: 0 "),
+        "{what}:\n{out}"
+    );
+    let processed: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no count in pgbench's output:\n{out}"));
+    let sums = sql(
+        "SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts),
+                (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches),
+                (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+    );
+    let v: Vec<i64> = sums.split('|').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(
+        v[0] as u64, processed,
+        "{what}: history rows = transactions pgbench counted ({sums})"
+    );
+    assert!(
+        v[1] == v[2] && v[2] == v[3] && v[3] == v[4],
+        "{what}: balances disagree: {sums}"
+    );
+    (processed, sums)
+}

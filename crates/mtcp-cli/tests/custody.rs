@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use mtcp::proto::wire::{Msg, RefuseCode};
 use mtcp_harness::local::{LocalCluster, LocalOptions};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 const SIZE: u64 = 48 << 20;
@@ -40,54 +40,6 @@ fn move_to_s2(lc: &LocalCluster) -> Child {
     move_to(lc, "s2")
 }
 
-/// `mtcp migrate --all --to ID`, in the background.
-fn move_to(lc: &LocalCluster, id: &str) -> Child {
-    Command::new(&lc.exe)
-        .args(["migrate", "--agent", &lc.agent_admin, "--all", "--to", id])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mtcp migrate")
-}
-
-fn log(dir: &TempDir, name: &str) -> String {
-    let raw = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
-    raw.lines()
-        .map(mtcp_harness::local::strip_ansi)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Downloads through the agent; once a quarter is in, runs `fault` (which kills s2 at its
-/// moment), then checks that curl got every byte.
-fn download_through(dir: &TempDir, lc: &mut LocalCluster, fault: impl FnOnce(&mut LocalCluster)) {
-    let want = file(dir, "big.bin", SIZE, 15);
-    let out = dir.path().join("got.bin");
-    let mut curl = spawn_curl(lc, "big.bin", "4M", &out);
-    wait_for("download progress", Duration::from_secs(60), || {
-        len(&out) > SIZE / 4
-    });
-    assert_eq!(serving(lc), "s1", "the download starts on s1");
-    fault(lc);
-    let ok = wait_child(&mut curl, "curl", Duration::from_secs(90));
-    assert!(
-        ok,
-        "curl failed\n--- agent log tail:\n{}",
-        tail(&log(dir, "agent"))
-    );
-    assert_eq!(
-        mtcp_harness::local::sha256_file(&out).unwrap(),
-        want,
-        "the bytes differ"
-    );
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<_> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
 /// The destination took the connection over (and stored it on its backup) but is killed
 /// before its RESUMED reaches the agent: the agent retries the old epoch at the next
 /// candidate, whose FETCH finds the origin's custody; the origin fences s2's epoch and hands
@@ -97,7 +49,7 @@ fn tail(s: &str) -> String {
 fn a_destination_killed_before_its_resumed_reaches_the_agent_loses_nothing() {
     let dir = TempDir::new("custody-resumed");
     let mut lc = start(&dir, &["--hold-resumed-ms", "5000"]);
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         let mut mv = move_to_s2(lc);
         wait_for("s2 to finish its takeover", Duration::from_secs(20), || {
             log(&dir, "s2").contains("test hook: holding RESUMED")
@@ -122,7 +74,7 @@ fn a_destination_killed_before_its_resumed_reaches_the_agent_loses_nothing() {
 fn a_destination_that_resumed_unconfirmed_and_dies_loses_nothing() {
     let dir = TempDir::new("custody-unconfirmed");
     let mut lc = start(&dir, &["--drop-pushes"]);
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         let mut mv = move_to_s2(lc);
         assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
         assert_eq!(serving(lc), "s2", "moved to s2, unconfirmed");
@@ -154,7 +106,7 @@ fn a_silent_candidate_whose_claim_stands_does_not_block_the_next() {
     // wait behind this rate-limited download's queued data, the agent once waited out a 15 s
     // hold on a fresh CI machine.
     let mut lc = start(&dir, &["--hold-resumed-ms", "15000"]);
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         lc.kill("s1").expect("kill -9 s1");
     });
     // s2 decides what to do with its held RESUMED when the hold ends.
@@ -201,7 +153,7 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
             ("s3", &["--delay-takeover-ms", "4500"]),
         ],
     );
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         let mut mv = move_to_s2(lc);
         assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
     });
@@ -229,7 +181,7 @@ fn a_holder_whose_resumed_the_agent_never_used_yields_it() {
 fn a_yield_for_a_migrate_the_agent_abandoned_is_refused() {
     let dir = TempDir::new("custody-stale-yield");
     let mut lc = start_with(&dir, &[]);
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         for id in ["s2", "s3"] {
             let mut mv = move_to(lc, id);
             assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
@@ -286,7 +238,7 @@ fn a_failed_takeover_whose_release_is_lost_does_not_block_the_fence() {
             ("s3", &["--drop-releases"]),
         ],
     );
-    download_through(&dir, &mut lc, |lc| {
+    download_through(&dir, &mut lc, SIZE, 15, |lc| {
         let mut mv = move_to_s2(lc);
         assert!(wait_child(&mut mv, "mtcp migrate", Duration::from_secs(30)));
         assert_eq!(serving(lc), "s2", "moved to s2, unconfirmed");

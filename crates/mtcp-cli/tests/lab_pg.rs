@@ -134,31 +134,8 @@ impl PgLab {
         let ok = wait_child(&mut bench, "pgbench", Duration::from_secs(90));
         let out = std::fs::read_to_string(dir.path().join("pgbench.out")).unwrap_or_default();
         assert!(ok, "{what}: pgbench failed or hung:\n{out}");
-        assert!(!out.contains("aborted"), "{what}: a client aborted:\n{out}");
-        assert!(
-            out.contains("number of failed transactions: 0 "),
-            "{what}:\n{out}"
-        );
-        let processed: u64 = out
-            .lines()
-            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-            .and_then(|n| n.split_whitespace().next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{what}: no count in pgbench's output:\n{out}"));
+        let (processed, sums) = assert_tpcb_consistent(&out, what, |q| self.sql(q));
         assert!(processed > 0, "{what}:\n{out}");
-        let sums = self.sql(
-            "SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts),
-                    (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT sum(bbalance) FROM pgbench_branches),
-                    (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
-        );
-        let v: Vec<i64> = sums.split('|').map(|x| x.parse().unwrap()).collect();
-        assert_eq!(
-            v[0] as u64, processed,
-            "{what}: history rows = transactions pgbench counted ({sums})"
-        );
-        assert!(
-            v[1] == v[2] && v[2] == v[3] && v[3] == v[4],
-            "{what}: balances disagree: {sums}"
-        );
         wait_for(
             "no prepared transaction left",
             Duration::from_secs(10),

@@ -49,28 +49,29 @@ pub(crate) async fn take_over(
         .await
         .map_err(|why| Refusal::busy(format!("server {}: {why}", inner.id)))?;
     crate::movetrace::step(Role::Destination, m.cid, "slot");
-    // Our own copy, taken over for a MIGRATE the agent gave up on (decision 73)?
+    // Our own copy, taken over for a MIGRATE the agent gave up on (decision 73)? It is then
+    // frozen here, at the epoch it is served at. Its log need not reach back to where the
+    // agent's checksum range starts (its stream began at that takeover, and the agent, which
+    // never read its RESUMED, kept its range): the claim over that range is the one this copy
+    // was checked against when it was made (the same position and sums: the agent received
+    // nothing since), so only the position is checked again here.
     let own = own_successor(inner, m);
-    let origin_id = match own {
+    let (origin_id, epoch, sum_from, down_sum) = match own {
         Some(serving) => {
             tracing::info!(cid = %m.cid, epoch = m.epoch, serving, "the agent comes back for the epoch this server took the connection over from, resumed to nobody: re-attaching it here");
-            &inner.id
+            (
+                &inner.id,
+                serving,
+                m.down_recv,
+                mtcp_proto::sum::checksum(&[]),
+            )
         }
-        None => &m.origin,
+        None => (&m.origin, m.epoch, m.sum_from, m.down_sum),
     };
     let origin = core::check_origin(m, inner.cluster.server(origin_id).cloned())?;
-    // Our own copy's log need not reach back to where the agent's checksum range starts (its
-    // stream began at that takeover, and the agent, which never read its RESUMED, kept its
-    // range): the claim over that range is the one this copy was checked against when it was
-    // made (the same position and sums: the agent received nothing since), so only the
-    // position is checked again here.
-    let (sum_from, down_sum) = match own {
-        Some(_) => (m.down_recv, mtcp_proto::sum::checksum(&[])),
-        None => (m.sum_from, m.down_sum),
-    };
     let f = Fetch {
         cid: m.cid,
-        epoch: own.unwrap_or(m.epoch),
+        epoch,
         down_recv: m.down_recv,
         sum_from,
         down_sum,
