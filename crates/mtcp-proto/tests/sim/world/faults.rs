@@ -37,6 +37,11 @@ pub(crate) enum TwoFault {
     /// to a request for an older MIGRATE than its own since decision 66). Counted, and the
     /// eager tests fail on any.
     LateHandOut,
+    /// Not given by a crash: lazy mode, a candidate the agent gave up on took the connection
+    /// from the origin first (the origin forgot it: the racer's is the only copy), and the
+    /// agent gave that server up again in every later round of the move, as it would after
+    /// that many silences in a row. Counted; the lazy test fails on any other loss.
+    SilentEveryRound,
 }
 
 impl World {
@@ -181,6 +186,8 @@ impl World {
         }
         let single = if self.unfenced {
             Some(TwoFault::UnfencedLetGo)
+        } else if self.silent_every_round {
+            Some(TwoFault::SilentEveryRound)
         } else {
             self.late_handout.then_some(TwoFault::LateHandOut)
         };
@@ -211,7 +218,7 @@ impl World {
         dest: usize,
         before: bool,
     ) -> Result<(), String> {
-        if !self.eager || self.racer.is_some() || !self.rng.gen_bool(self.knobs.race) {
+        if self.racer.is_some() || !self.rng.gen_bool(self.knobs.race) {
             return Ok(());
         }
         let pick: Vec<_> = self
@@ -244,11 +251,13 @@ impl World {
             "racer {} serves MIGRATE epoch {} origin {}",
             SERVERS[r], m.epoch, m.origin
         ));
-        // A keeper sees that the one it would hand the connection to left — a remote
+        // Eager: a keeper sees that the one it would hand the connection to left — a remote
         // destination's peer channel closed (decision 50), or, for its own re-attach, the
         // agent's MIGRATE session closed (decision 52) — and refuses, mostly: the close may not
-        // have arrived yet.
-        if self.rng.gen_bool(0.8) {
+        // have arrived yet. Lazy: the origin hands the connection to the first FETCH with the
+        // token, and forgets it; the agent's next MIGRATE to this racer brings it back
+        // (decision 73).
+        if self.eager && self.rng.gen_bool(0.8) {
             return Ok(());
         }
         self.racing = true;

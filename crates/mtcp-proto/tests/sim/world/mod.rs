@@ -15,6 +15,7 @@ use mtcp_proto::custody::{Gate, GateEvent, Verdict};
 use mtcp_proto::record::StateRecord;
 use mtcp_proto::replica::Slot;
 use mtcp_proto::stream::ServerStream;
+use mtcp_proto::takeover::ResumedFor;
 use mtcp_proto::wire::{Mode, Msg, RefuseCode, ServerInfo, Welcome};
 use mtcp_proto::{Cid, Token};
 use rand::rngs::StdRng;
@@ -59,6 +60,9 @@ struct Fetched {
     keeper: Option<(usize, u64)>,
     /// The backups whose replicas the destination claimed (to release if it fails).
     claim_at: Vec<usize>,
+    /// The destination's own copy, frozen here for a MIGRATE from the epoch it was taken over
+    /// from (lazy mode, decision 73): exact, checked but not turned into a restart point.
+    own: bool,
 }
 
 /// The connection at one server.
@@ -77,6 +81,8 @@ struct Held {
     /// Its push was refused because a destination took the connection over from the replica:
     /// it serves no more, but keeps the stream as that destination's keeper (decision 48).
     taken: Option<Custody>,
+    /// The MIGRATE it was taken over for (the runtime's `ConnState::resumed_for`).
+    resumed_for: ResumedFor,
 }
 
 impl Held {
@@ -89,6 +95,7 @@ impl Held {
             epoch,
             commit: Commit::default(),
             taken: None,
+            resumed_for: ResumedFor::default(),
         }
     }
 }
@@ -218,6 +225,11 @@ pub(crate) struct World {
     pub(crate) stalls: usize,
     pub(crate) races: usize,
     pub(crate) races_resumed: usize,
+    /// Lazy destinations that served the agent's later MIGRATE with their own copy, taken over
+    /// for one it had given up on (decision 73).
+    pub(crate) own_reattaches: usize,
+    /// The last failed move gave up on the server holding its own copy in every round.
+    silent_every_round: bool,
     pub(crate) supersedes: usize,
     pub(crate) passes: usize,
     /// Passes over a claimer that had answered RESUMED, and of those, one the agent had read.
@@ -323,6 +335,8 @@ impl World {
             stalls: 0,
             races: 0,
             races_resumed: 0,
+            own_reattaches: 0,
+            silent_every_round: false,
             supersedes: 0,
             passes: 0,
             passes_answered: 0,

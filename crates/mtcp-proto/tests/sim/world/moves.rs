@@ -7,7 +7,8 @@ use mtcp_proto::custody::{
     self, AfterYield, GateEvent, Handout, OwnFence, Step, Verdict, YieldAnswer,
 };
 use mtcp_proto::stream::{replica_for_client, Refusal, ServerStream};
-use mtcp_proto::takeover::{self, pick::Pick};
+use mtcp_proto::sum::checksum;
+use mtcp_proto::takeover::{self, pick::Pick, ResumedFor};
 use mtcp_proto::wire::{Migrate, Msg, RefuseCode};
 use mtcp_proto::Token;
 use rand::Rng;
@@ -52,6 +53,9 @@ impl World {
             MovePlan::new(&self.at, self.stream.position(), to).map_err(|e| e.to_string())?;
         let cands = self.at.candidates(to).map_err(|e| e.to_string())?;
         let mut tried = 0;
+        // Rounds in which the agent gave up on the one server holding its own copy (asked, it
+        // would have re-attached it: so at a failure, every round since the copy was made).
+        let mut own_silent = 0;
         let lineage = self.stream.lineage.clone();
         while let Some(mut a) = plan.next(&lineage, &mut self.at.migrates) {
             if !self.knobs.words {
@@ -76,6 +80,7 @@ impl World {
                 .iter()
                 .any(|c| self.reachable(server_index(&c.id)));
             if later_live && self.rng.gen_bool(0.2) {
+                own_silent += self.would_reattach(&a.migrate, dest) as u32;
                 self.gave_up_on(&a.migrate, dest);
                 plan.refused(&a.cand, &refuse(RefuseCode::Busy, "busy"));
                 continue;
@@ -83,7 +88,8 @@ impl World {
             let m = a.migrate.clone();
             takeover::admit(&m, true, false, SERVERS[dest]).map_err(|e| e.to_string())?;
             self.maybe_race(&m, dest, true)?;
-            let f = match self.fetch(&m, dest)? {
+            let own = self.own_copy(&m, dest)?;
+            let f = match own.map_or_else(|| self.fetch(&m, dest), |f| Ok(Ok(f)))? {
                 Ok(f) => f,
                 Err(r) => {
                     plan.refused(&a.cand, &refuse(r.code, &r.reason));
@@ -105,6 +111,7 @@ impl World {
                 None => plan.refused(&a.cand, &refuse(RefuseCode::Internal, "protect refused")),
             }
         }
+        self.silent_every_round = own_silent > 0;
         Ok(Moved::Failed(plan.failure(), plan.refuse_codes().to_vec()))
     }
 
@@ -124,13 +131,19 @@ impl World {
             claimed,
             keeper,
             claim_at,
+            own,
         } = f;
         let kept = rec.clone();
-        let (rec, from_replica) = takeover::restart_record(m, rec, claimed, false).map_err(
-            |Refusal { code, reason }| {
-                format!("destination refused the record ({code:?}): {reason}")
-            },
-        )?;
+        let refused = |Refusal { code, reason }| {
+            format!("destination refused the record ({code:?}): {reason}")
+        };
+        let (rec, from_replica) = match own {
+            // Its own copy, frozen at the client's position: exact, as for any re-attach.
+            true => takeover::check_record(m, &rec, false)
+                .map(|()| (rec, false))
+                .map_err(refused)?,
+            false => takeover::restart_record(m, rec, claimed, false).map_err(refused)?,
+        };
         let epoch = takeover::next_epoch(&rec);
         if let Some((k, label)) = keeper {
             // Whoever gave the state out keeps it (right after the freeze) until the
@@ -175,6 +188,10 @@ impl World {
         let mut held = Held::new(stream, App::restore(rec.snapshot.as_ref()), epoch);
         held.commit = Commit::taken_over(committed);
         held.attached = agent;
+        held.resumed_for = ResumedFor {
+            attempt: m.holding.attempt,
+            from: m.epoch,
+        };
         if !agent {
             self.servers[dest].conn = Some(held);
             self.races_resumed += 1;
@@ -225,6 +242,44 @@ impl World {
             self.send_up(Up::Fin(total));
         }
         Ok(Some(epoch))
+    }
+
+    /// Lazy mode: `dest` serves MIGRATE `m` with its own copy of the connection when it took it
+    /// over for an earlier MIGRATE of the agent from `m`'s epoch, which the agent gave up on
+    /// (`takeover::reattaches_own`, decision 73): the copy is frozen here at the client's
+    /// position, as the runtime's re-attach does (its checksum range starts there: the agent
+    /// received nothing since it left the origin).
+    fn own_copy(&mut self, m: &Migrate, dest: usize) -> Result<Option<Fetched>, String> {
+        if !self.would_reattach(m, dest) {
+            return Ok(None);
+        }
+        let h = self.servers[dest].conn.as_ref().expect("checked");
+        let rec = h
+            .stream
+            .record(m.cid, h.epoch, m.down_recv, m.down_recv, checksum(&[]))
+            .map_err(|Refusal { code, reason }| {
+                format!("own copy refused the record ({code:?}): {reason}")
+            })?;
+        self.trace(format!(
+            "{} re-attaches its own copy at epoch {} for MIGRATE epoch {}",
+            SERVERS[dest], h.epoch, m.epoch
+        ));
+        self.servers[dest].conn = None;
+        self.own_reattaches += 1;
+        Ok(Some(Fetched {
+            rec,
+            claimed: false,
+            keeper: None,
+            claim_at: Vec::new(),
+            own: true,
+        }))
+    }
+
+    /// Whether `dest` would serve `m` with its own copy ([`World::own_copy`]).
+    fn would_reattach(&self, m: &Migrate, dest: usize) -> bool {
+        self.servers[dest].conn.as_ref().is_some_and(|h| {
+            takeover::reattaches_own(m, self.eager, h.epoch, h.taken.is_none(), h.resumed_for)
+        })
     }
 
     /// Server `o`, asked for `epoch`, serves the connection itself at `serving` as the holder
@@ -288,6 +343,7 @@ impl World {
                         claimed: false,
                         keeper: self.eager.then_some((o, label)),
                         claim_at: Vec::new(),
+                        own: false,
                     }));
                 }
                 Some((e, true)) if e == m.epoch => {
@@ -363,6 +419,7 @@ impl World {
                 claimed: false,
                 keeper: None,
                 claim_at: Vec::new(),
+                own: false,
             }));
         }
         if !self.eager {
@@ -419,6 +476,7 @@ impl World {
             claimed: true,
             keeper: None,
             claim_at: at,
+            own: false,
         }))
     }
 }
