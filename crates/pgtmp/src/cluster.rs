@@ -96,24 +96,14 @@ impl PgCluster {
         for (k, v) in &opts.extra {
             conf += &format!("{k} = '{}'\n", v.replace('\\', "\\\\").replace('\'', "''"));
         }
-        let conf_path = pg.data().join("postgresql.conf");
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&conf_path)
-            .and_then(|mut f| f.write_all(conf.as_bytes()))
-            .with_context(|| format!("writing {}", conf_path.display()))?;
+        append(&pg.data().join("postgresql.conf"), &conf)?;
         if !opts.trust_from.is_empty() {
             let hba: String = opts
                 .trust_from
                 .iter()
                 .map(|net| format!("host all all {net} trust\n"))
                 .collect();
-            let hba_path = pg.data().join("pg_hba.conf");
-            fs::OpenOptions::new()
-                .append(true)
-                .open(&hba_path)
-                .and_then(|mut f| f.write_all(hba.as_bytes()))
-                .with_context(|| format!("writing {}", hba_path.display()))?;
+            append(&pg.data().join("pg_hba.conf"), &hba)?;
         }
         let t_init = t0.elapsed();
         for attempt in 1..=START_ATTEMPTS {
@@ -290,4 +280,13 @@ impl Drop for PgCluster {
             tracing::debug!(target: "mtcp_pgtmp", "{e:#}");
         }
     }
+}
+
+/// Appends `text` to the configuration file at `path`.
+fn append(path: &Path, text: &str) -> Result<()> {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
 }
