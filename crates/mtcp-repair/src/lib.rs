@@ -93,6 +93,17 @@ fn set_int(
     v: libc::c_int,
     what: &'static str,
 ) -> Result<(), RepairError> {
+    setsockopt_int(fd, level, opt, v).map_err(|_| sys(what))
+}
+
+/// `setsockopt` of an `int` option, for the options the libc and socket2 crates do not name
+/// (`TCP_REPAIR*`, `TCP_RTO_MIN_US`).
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `v` outlives the call and its size is passed.
     let r = unsafe {
         libc::setsockopt(
@@ -103,10 +114,10 @@ fn set_int(
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if r < 0 {
-        return Err(sys(what));
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
-    Ok(())
 }
 
 /// Turns repair mode on or off (off sends a window probe, so the peer answers at once).

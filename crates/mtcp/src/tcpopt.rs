@@ -25,20 +25,7 @@ pub fn internal(s: &tokio::net::TcpStream) {
 pub fn rto_floor(s: &impl AsFd, floor: std::time::Duration) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let us = libc::c_int::try_from(floor.as_micros()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid pointer to an int of the size given, on a descriptor `s` owns.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_fd().as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_RTO_MIN_US,
-            (&us as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    match r {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
+    mtcp_repair::setsockopt_int(s.as_fd().as_raw_fd(), libc::IPPROTO_TCP, TCP_RTO_MIN_US, us)
 }
 
 /// The floor set on `s`, as the kernel keeps it (rounded up to its clock's ticks).
