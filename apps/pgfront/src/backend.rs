@@ -83,8 +83,13 @@ impl Backend {
         params: &[(String, String)],
         max: usize,
     ) -> Result<Self, BackendError> {
-        let sock = TcpStream::connect((t.host.as_str(), t.port)).await?;
-        sock.set_nodelay(true)?;
+        // A lost SYN or SYN-ACK would hold a takeover's new backend up for a second (or two):
+        // hedged as M-TCP's own connects are, and lost segments retransmitted after the RTO
+        // floor rather than Linux's 200 ms (decisions 71, 72, 76).
+        let hedge = mtcp::proto::timing::hedge_after(&Default::default());
+        let connect = || TcpStream::connect((t.host.as_str(), t.port));
+        let (sock, _) = mtcp::hedged::race(connect, hedge).await?;
+        mtcp::tcpopt::internal(&sock);
         let mut be = Backend {
             sock,
             rbuf: BytesMut::with_capacity(16 << 10),
