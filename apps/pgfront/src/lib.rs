@@ -82,6 +82,8 @@ pub struct Front {
     /// Answer a plain BEGIN at once and send it with the transaction's first statement
     /// (decision 68).
     pub defer_begin: bool,
+    /// See [`Options::replay_lock_timeout`].
+    pub replay_lock_timeout: std::time::Duration,
     /// Largest protocol message accepted.
     pub max_message: usize,
     /// Test hook: die (SIGKILL) at this step of the n-th commit path of the process.
@@ -105,6 +107,9 @@ pub struct Options {
     pub pool: usize,
     /// Answer a plain BEGIN at once and send it with the transaction's first statement.
     pub defer_begin: bool,
+    /// A session restarted here waits at most this long for a row or table lock while it
+    /// replays what its client was already answered (decision 76).
+    pub replay_lock_timeout: std::time::Duration,
 }
 
 impl Default for Options {
@@ -115,6 +120,7 @@ impl Default for Options {
             orphan_after: std::time::Duration::from_secs(60),
             pool: 16,
             defer_begin: true,
+            replay_lock_timeout: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -128,6 +134,7 @@ impl Front {
             registry,
             two_phase: opts.two_phase,
             defer_begin: opts.defer_begin,
+            replay_lock_timeout: opts.replay_lock_timeout,
             max_message: codec::MAX_MESSAGE,
             crash_at: opts.crash_at,
             pool: pool::Pool::new(opts.pool),

@@ -101,6 +101,10 @@ pub struct Session {
     begin: Option<begin::Deferred>,
     /// Named statements that are a plain BEGIN, with its tag.
     begin_stmts: HashMap<Vec<u8>, &'static str>,
+    /// Set while this session, restarted here, replays what its client was already answered:
+    /// the backend's `lock_timeout` is bounded meanwhile (decision 76); holds the client's own
+    /// value of it (`None`: the default), put back when the replay is over.
+    replay_locks: Option<Option<String>>,
 }
 
 /// Runs one connection of the front-end to its end.
@@ -253,6 +257,7 @@ impl Session {
             soft: None,
             begin: None,
             begin_stmts: HashMap::new(),
+            replay_locks: None,
         };
         for p in s.state.prepared.iter().filter(|p| !p.from_sql) {
             s.stmts.insert(p.name.clone(), classify(&p.sql));
@@ -321,6 +326,7 @@ impl Session {
     async fn serve(&mut self) -> Result<()> {
         loop {
             let unit = self.next_unit().await?;
+            self.end_replay_bound().await?;
             if !matches!(unit, Unit::End) {
                 self.at_rest = false;
                 if self.soft.is_none() {

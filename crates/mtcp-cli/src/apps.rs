@@ -145,6 +145,13 @@ struct PgfrontArgs {
     /// statement (one round trip less per transaction). `off`: every BEGIN runs when it comes.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     defer_begin: String,
+    /// A session that moved here waits at most this long for a lock while it replays the
+    /// statements its client was already answered (its open transaction). Past it the replay
+    /// cannot give the same answers, and the client's connection is closed: a transaction
+    /// that could wait for that client forever (the client blocked on this very session)
+    /// ends instead of hanging. 0: no bound.
+    #[arg(long, default_value_t = 5000)]
+    replay_lock_timeout_ms: u64,
     /// At start, keep trying to reach the database this long (a database restarting, a lossy
     /// path) before giving up; each failed attempt is logged.
     #[arg(long, default_value_t = 15)]
@@ -175,6 +182,7 @@ async fn pgfront(m: ArgMatches) -> Result<Arc<dyn mtcp::App>> {
         orphan_after: std::time::Duration::from_secs(a.orphan_after_secs),
         pool: a.pool,
         defer_begin: a.defer_begin == "on",
+        replay_lock_timeout: Duration::from_millis(a.replay_lock_timeout_ms),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.connect_wait_secs);
     let mut pause = Duration::from_millis(200);

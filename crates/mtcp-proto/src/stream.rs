@@ -202,6 +202,12 @@ impl ServerStream {
         Ok((chunk.slice(skip..), over))
     }
 
+    /// Whether a restarted application is still regenerating output the client already has
+    /// (its input so far is, in part, input it was answered for before the move).
+    pub fn replaying(&self) -> bool {
+        self.verifier.is_some()
+    }
+
     /// Like [`ServerStream::write`], without a second handle on `chunk`: returns how many of
     /// its leading bytes the client already has (regenerated output, checked), and whether the
     /// connection just became unmigratable. The caller sends the rest from its own copy.

@@ -171,6 +171,14 @@ impl Connection {
         })
     }
 
+    /// Whether this connection, restarted here by a move, is still regenerating output its
+    /// client already has: the input being served was answered before (by the server it moved
+    /// from). `false` once the regenerated output reached the client's position, and for a
+    /// connection that did not move.
+    pub fn replaying(&self) -> bool {
+        self.shared.lock().s.replaying()
+    }
+
     /// Bytes read and written so far (upstream, downstream offsets).
     pub fn offsets(&self) -> (u64, u64) {
         let st = self.shared.lock();

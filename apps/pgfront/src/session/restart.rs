@@ -93,7 +93,58 @@ impl Session {
                 .simple(&format!("ROLLBACK PREPARED '{gid}'"))
                 .await?;
         }
+        self.bound_replay().await?;
         self.serve().await
+    }
+
+    /// Before a replay of statements the client was already answered (its open transaction,
+    /// rebuilt on this backend): the backend waits at most `replay_lock_timeout` for a lock.
+    /// The fence released the old backend's locks, and a session that was waiting for one may
+    /// have taken it before this replay got there — a session whose client may be blocked on
+    /// this one (pgbench's `PQprepare` waits for this session while its thread holds the other
+    /// transaction open): no party could break that wait. Past the bound the replay's answer
+    /// differs from the one the client has, and the runtime closes the client's connection —
+    /// the transaction never committed, and nobody hangs (decision 76).
+    async fn bound_replay(&mut self) -> Result<()> {
+        let bound = self.front.replay_lock_timeout;
+        if bound.is_zero() || !self.conn.replaying() {
+            return Ok(());
+        }
+        let own = self.client_setting("lock_timeout");
+        self.be
+            .simple(&format!("SET lock_timeout = {}", bound.as_millis().max(1)))
+            .await?;
+        self.replay_locks = Some(own);
+        Ok(())
+    }
+
+    /// Once the replay is over (everything the client had is regenerated), the client's own
+    /// `lock_timeout` is put back before its next statement runs.
+    pub(super) async fn end_replay_bound(&mut self) -> Result<()> {
+        if self.replay_locks.is_none() || self.conn.replaying() {
+            return Ok(());
+        }
+        let sql = match self.replay_locks.take().flatten().as_deref().map(literal) {
+            Some(Some(v)) => format!("SELECT set_config('lock_timeout', {v}, false)"),
+            Some(None) => {
+                return Err(SessionError::Fatal(
+                    "57P01",
+                    "cannot restore setting lock_timeout".into(),
+                ))
+            }
+            None => "RESET lock_timeout".into(),
+        };
+        self.be.simple(&sql).await?;
+        Ok(())
+    }
+
+    /// The client's value of a setting, as the session's state holds it.
+    fn client_setting(&self, name: &str) -> Option<String> {
+        self.state
+            .gucs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
 
     /// Recreates the session's settings and prepared statements on the new backend, all sent
@@ -191,6 +242,14 @@ impl Session {
         self.state.gucs = sets.first().map_or(Vec::new(), |rows| {
             rows.iter().map(|r| (get(r, 0), get(r, 1))).collect()
         });
+        if let Some(own) = &self.replay_locks {
+            // The replay's bound is not the client's setting: the client's value stays.
+            self.state.gucs.retain(|(n, _)| n != "lock_timeout");
+            if let Some(v) = own {
+                self.state.gucs.push(("lock_timeout".into(), v.clone()));
+                self.state.gucs.sort();
+            }
+        }
         self.state.prepared = sets.get(1).map_or(Vec::new(), |rows| {
             rows.iter()
                 .map(|r| Prepared {
