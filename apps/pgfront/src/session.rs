@@ -101,10 +101,9 @@ pub struct Session {
     begin: Option<begin::Deferred>,
     /// Named statements that are a plain BEGIN, with its tag.
     begin_stmts: HashMap<Vec<u8>, &'static str>,
-    /// Set while this session, restarted here, replays what its client was already answered:
-    /// the backend's `lock_timeout` is bounded meanwhile (decision 76); holds the client's own
-    /// value of it (`None`: the default), put back when the replay is over.
-    replay_locks: Option<Option<String>>,
+    /// Set while the backend's `lock_timeout` is the replay's bound (decision 76, see
+    /// [`restart`]).
+    replay_locks: Option<restart::ReplayBound>,
 }
 
 /// Runs one connection of the front-end to its end.

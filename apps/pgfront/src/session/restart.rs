@@ -5,6 +5,14 @@
 use super::commit::not_committed;
 use super::*;
 
+/// The replay's bound on lock waits, set for the session (decision 76).
+pub(super) struct ReplayBound {
+    /// The client's own `lock_timeout` (`None`: the default), put back at the next Idle.
+    own: Option<String>,
+    /// The replay is over: inside the transaction it ran in, the client's value holds again.
+    lifted: bool,
+}
+
 impl Session {
     /// A session that moved here: fence the old backend, rebuild the session, finish a commit
     /// that was under way or roll back one that was not yet safe, then serve.
@@ -104,7 +112,8 @@ impl Session {
     /// this one (pgbench's `PQprepare` waits for this session while its thread holds the other
     /// transaction open): no party could break that wait. Past the bound the replay's answer
     /// differs from the one the client has, and the runtime closes the client's connection —
-    /// the transaction never committed, and nobody hangs (decision 76).
+    /// the transaction never committed, and nobody hangs (decision 76). Set for the session,
+    /// here at Idle (a `SET` inside a transaction that rolls back would be undone).
     async fn bound_replay(&mut self) -> Result<()> {
         let bound = self.front.replay_lock_timeout;
         if bound.is_zero() || !self.conn.replaying() {
@@ -114,27 +123,52 @@ impl Session {
         self.be
             .simple(&format!("SET lock_timeout = {}", bound.as_millis().max(1)))
             .await?;
-        self.replay_locks = Some(own);
+        self.replay_locks = Some(ReplayBound { own, lifted: false });
         Ok(())
     }
 
-    /// Once the replay is over (everything the client had is regenerated), the client's own
-    /// `lock_timeout` is put back before its next statement runs.
+    /// Once the replay is over (everything the client had is regenerated), before the first
+    /// statement the client was not answered for: inside a transaction the client's own value
+    /// holds for its rest (`SET LOCAL`; nothing to do in a failed one, whose statements all
+    /// fail at once); with the backend idle, the client's value is put back for the session.
     pub(super) async fn end_replay_bound(&mut self) -> Result<()> {
-        if self.replay_locks.is_none() || self.conn.replaying() {
+        let Some(b) = &self.replay_locks else {
+            return Ok(());
+        };
+        if !b.lifted && self.conn.replaying() {
             return Ok(());
         }
-        let sql = match self.replay_locks.take().flatten().as_deref().map(literal) {
-            Some(Some(v)) => format!("SELECT set_config('lock_timeout', {v}, false)"),
+        let value = match b.own.as_deref().map(literal) {
+            Some(Some(v)) => Some(v),
             Some(None) => {
                 return Err(SessionError::Fatal(
                     "57P01",
                     "cannot restore setting lock_timeout".into(),
                 ))
             }
-            None => "RESET lock_timeout".into(),
+            None => None,
         };
-        self.be.simple(&sql).await?;
+        // The backend is idle at Idle, and before a deferred BEGIN was sent.
+        if self.status == IDLE || self.begin.is_some() {
+            let sql = match value {
+                Some(v) => format!("SELECT set_config('lock_timeout', {v}, false)"),
+                None => "RESET lock_timeout".into(),
+            };
+            self.be.simple(&sql).await?;
+            self.replay_locks = None;
+        } else if !b.lifted {
+            if self.status == IN_TXN {
+                let sql = match value {
+                    Some(v) => format!("SELECT set_config('lock_timeout', {v}, true)"),
+                    None => "SET LOCAL lock_timeout TO DEFAULT".into(),
+                };
+                self.be.simple(&sql).await?;
+            }
+            self.replay_locks = Some(ReplayBound {
+                own: b.own.clone(),
+                lifted: true,
+            });
+        }
         Ok(())
     }
 
@@ -242,7 +276,7 @@ impl Session {
         self.state.gucs = sets.first().map_or(Vec::new(), |rows| {
             rows.iter().map(|r| (get(r, 0), get(r, 1))).collect()
         });
-        if let Some(own) = &self.replay_locks {
+        if let Some(ReplayBound { own, .. }) = &self.replay_locks {
             // The replay's bound is not the client's setting: the client's value stays.
             self.state.gucs.retain(|(n, _)| n != "lock_timeout");
             if let Some(v) = own {
