@@ -1,5 +1,6 @@
 //! Socket options of the connections between M-TCP's own parties (agent–server sessions, MIGRATE
-//! connections, spares and watches, peer and admin channels): no Nagle delay, and a
+//! connections, spares and watches, peer and admin channels; also pgfront's backend
+//! connections, decision 76): no Nagle delay, and a
 //! retransmission timeout floor of [`mtcp_proto::timing::RTO_FLOOR`] instead of Linux's 200 ms
 //! where the kernel offers it per socket (decision 72).
 
@@ -16,7 +17,7 @@ pub fn internal(s: &tokio::net::TcpStream) {
     if let Err(e) = rto_floor(s, mtcp_proto::timing::RTO_FLOOR) {
         static SAID: AtomicBool = AtomicBool::new(false);
         if !SAID.swap(true, Ordering::Relaxed) {
-            tracing::info!("TCP_RTO_MIN_US not set ({e}): lost segments between agent and servers wait for the kernel's 200 ms retransmission floor");
+            tracing::info!("TCP_RTO_MIN_US not set ({e}): lost segments on M-TCP's own connections (and a front-end's to its database) wait for the kernel's 200 ms retransmission floor");
         }
     }
 }

@@ -110,10 +110,13 @@ proptest! {
         client.extend_from_slice(&tail);
         let mut p = restart;
         while p < len {
+            // Replaying exactly while the regenerated output is short of what the client has.
+            prop_assert_eq!(dest.replaying(), p < recv);
             let e = (p + rchunk).min(len);
             client.extend_from_slice(&dest.write(Bytes::copy_from_slice(&data[p..e]), NO_LIMIT).unwrap().0);
             p = e;
         }
+        prop_assert!(!dest.replaying());
         prop_assert_eq!(client, data);
     }
 }
