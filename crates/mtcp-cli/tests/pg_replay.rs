@@ -15,6 +15,17 @@ use std::time::{Duration, Instant};
 /// The replay's bound in this test (`--replay-lock-timeout-ms`).
 const BOUND_MS: u64 = 1000;
 
+/// PostgreSQL and two lazy front-ends (two-phase commit off), each given `args`.
+fn start(dir: &TempDir, args: Vec<String>) -> PgLocal {
+    let opts = PgLocalOptions {
+        servers: 2,
+        two_phase: false,
+        app_args_for: vec![("s1".into(), args.clone()), ("s2".into(), args)],
+        ..Default::default()
+    };
+    blocking(|| PgLocal::start(&exe(), dir.path(), &opts)).expect("start")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_blocked_by_a_session_waiting_for_its_client_ends_instead_of_hanging() {
     let test = "a_replay_blocked_by_a_session_waiting_for_its_client_ends_instead_of_hanging";
@@ -23,13 +34,7 @@ async fn a_replay_blocked_by_a_session_waiting_for_its_client_ends_instead_of_ha
     }
     let dir = TempDir::new("pg-replay");
     let bound = vec!["--replay-lock-timeout-ms".to_string(), BOUND_MS.to_string()];
-    let opts = PgLocalOptions {
-        servers: 2,
-        two_phase: false,
-        app_args_for: vec![("s1".into(), bound.clone()), ("s2".into(), bound)],
-        ..Default::default()
-    };
-    let pl = blocking(|| PgLocal::start(&exe(), dir.path(), &opts)).expect("start");
+    let pl = start(&dir, bound);
     blocking(|| {
         sql(
             &pl,
@@ -133,12 +138,7 @@ async fn the_replays_lock_bound_leaves_the_clients_setting_alone() {
         return;
     }
     let dir = TempDir::new("pg-replay-setting");
-    let opts = PgLocalOptions {
-        servers: 2,
-        two_phase: false,
-        ..Default::default()
-    };
-    let pl = blocking(|| PgLocal::start(&exe(), dir.path(), &opts)).expect("start");
+    let pl = start(&dir, Vec::new());
     blocking(|| sql(&pl, "CREATE TABLE s (x int)"));
     let default = blocking(|| sql(&pl, "SHOW lock_timeout"));
     let mut moves = 0;

@@ -79,7 +79,11 @@ pub enum RepairError {
 }
 
 fn sys(what: &'static str) -> RepairError {
-    let source = io::Error::last_os_error();
+    sys_error(what, io::Error::last_os_error())
+}
+
+/// `source`, the error of the system call `what`, as a [`RepairError`].
+fn sys_error(what: &'static str, source: io::Error) -> RepairError {
     if source.raw_os_error() == Some(libc::EPERM) {
         return RepairError::NotPermitted;
     }
@@ -93,7 +97,7 @@ fn set_int(
     v: libc::c_int,
     what: &'static str,
 ) -> Result<(), RepairError> {
-    setsockopt_int(fd, level, opt, v).map_err(|_| sys(what))
+    setsockopt_int(fd, level, opt, v).map_err(|e| sys_error(what, e))
 }
 
 /// `setsockopt` of an `int` option, for the options the libc and socket2 crates do not name

@@ -138,36 +138,25 @@ impl Session {
         if !b.lifted && self.conn.replaying() {
             return Ok(());
         }
-        let value = match b.own.as_deref().map(literal) {
-            Some(Some(v)) => Some(v),
-            Some(None) => {
-                return Err(SessionError::Fatal(
-                    "57P01",
-                    "cannot restore setting lock_timeout".into(),
-                ))
-            }
-            None => None,
-        };
         // The backend is idle at Idle, and before a deferred BEGIN was sent.
         if self.status == IDLE || self.begin.is_some() {
-            let sql = match value {
-                Some(v) => format!("SELECT set_config('lock_timeout', {v}, false)"),
+            let sql = match &b.own {
+                Some(v) => set_config("lock_timeout", v, false)?,
                 None => "RESET lock_timeout".into(),
             };
             self.be.simple(&sql).await?;
             self.replay_locks = None;
         } else if !b.lifted {
             if self.status == IN_TXN {
-                let sql = match value {
-                    Some(v) => format!("SELECT set_config('lock_timeout', {v}, true)"),
+                let sql = match &b.own {
+                    Some(v) => set_config("lock_timeout", v, true)?,
                     None => "SET LOCAL lock_timeout TO DEFAULT".into(),
                 };
                 self.be.simple(&sql).await?;
             }
-            self.replay_locks = Some(ReplayBound {
-                own: b.own.clone(),
-                lifted: true,
-            });
+            if let Some(b) = &mut self.replay_locks {
+                b.lifted = true;
+            }
         }
         Ok(())
     }
@@ -187,13 +176,8 @@ impl Session {
     async fn restore(&mut self, last: &str) -> Result<Vec<crate::backend::Rows>> {
         let mut sql = String::new();
         for (name, value) in &self.state.gucs {
-            let (Some(n), Some(v)) = (literal(name), literal(value)) else {
-                return Err(SessionError::Fatal(
-                    "57P01",
-                    format!("cannot restore setting {name}"),
-                ));
-            };
-            sql += &format!("SELECT set_config({n}, {v}, false);");
+            sql += &set_config(name, value, false)?;
+            sql.push(';');
         }
         // All of it in one write.
         let mut out = BytesMut::new();
@@ -310,4 +294,16 @@ impl Session {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// `SELECT set_config(name, value, local)`, both quoted as literals; a FATAL error when one
+/// cannot be.
+fn set_config(name: &str, value: &str, local: bool) -> Result<String> {
+    let (Some(n), Some(v)) = (literal(name), literal(value)) else {
+        return Err(SessionError::Fatal(
+            "57P01",
+            format!("cannot restore setting {name}"),
+        ));
+    };
+    Ok(format!("SELECT set_config({n}, {v}, {local})"))
 }
